@@ -1,0 +1,53 @@
+"""herd: the Llama family in plain PyTorch, with the transformers API.
+
+The public names are spelled as transformers spells them, so code written for transformers
+runs with only the import changed.
+"""
+
+__version__ = "0.1.0"
+
+from .auto import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+from .cache import Cache, DynamicCache, StaticCache
+from .configuration import PretrainedConfig, PreTrainedConfig
+from .loading import CheckpointError, UnsafeCheckpointError
+from .modeling_utils import PreTrainedModel
+from .models.llama import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForQuestionAnswering,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaModel,
+    LlamaPreTrainedModel,
+)
+
+__all__ = [
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "Cache",
+    "CheckpointError",
+    "DynamicCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaForQuestionAnswering",
+    "LlamaForSequenceClassification",
+    "LlamaForTokenClassification",
+    "LlamaModel",
+    "LlamaPreTrainedModel",
+    "PreTrainedConfig",
+    "PreTrainedModel",
+    "PretrainedConfig",
+    "StaticCache",
+    "UnsafeCheckpointError",
+]

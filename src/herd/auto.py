@@ -1,0 +1,120 @@
+"""model_type -> classes. A new family plugs in with one line per table.
+
+Classes are named as "module:Class" strings and imported on first use, so importing herd stays
+cheap and a family's modules load only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from .configuration import PretrainedConfig, pop_hub_kwargs
+
+CONFIG_CLASSES = {
+    "llama": "herd.models.llama:LlamaConfig",
+}
+
+MODEL_CLASSES = {
+    "llama": "herd.models.llama:LlamaModel",
+}
+CAUSAL_LM_CLASSES = {
+    "llama": "herd.models.llama:LlamaForCausalLM",
+}
+SEQUENCE_CLASSIFICATION_CLASSES = {
+    "llama": "herd.models.llama:LlamaForSequenceClassification",
+}
+QUESTION_ANSWERING_CLASSES = {
+    "llama": "herd.models.llama:LlamaForQuestionAnswering",
+}
+TOKEN_CLASSIFICATION_CLASSES = {
+    "llama": "herd.models.llama:LlamaForTokenClassification",
+}
+
+
+def _import(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _lookup(table: dict[str, str], model_type: str, what: str) -> Any:
+    if model_type not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise ValueError(f"unsupported model_type {model_type!r} for {what}; herd supports: {known}")
+    return _import(table[model_type])
+
+
+class AutoConfig:
+    def __init__(self) -> None:
+        raise OSError("AutoConfig is not instantiated: use AutoConfig.from_pretrained(...) or AutoConfig.for_model(...)")
+
+    @staticmethod
+    def for_model(model_type: str, **kwargs: Any) -> PretrainedConfig:
+        return _lookup(CONFIG_CLASSES, model_type, "AutoConfig")(**kwargs)
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        config_dict = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        model_type = config_dict.get("model_type")
+        if not model_type:
+            raise ValueError(f"config.json of {pretrained_model_name_or_path} has no model_type")
+        config_class = _lookup(CONFIG_CLASSES, model_type, "AutoConfig")
+        return config_class.from_dict(config_dict, **kwargs)
+
+    @staticmethod
+    def register(model_type: str, config_class: type, exist_ok: bool = False) -> None:
+        if model_type in CONFIG_CLASSES and not exist_ok:
+            raise ValueError(f"model_type {model_type!r} is already registered")
+        CONFIG_CLASSES[model_type] = f"{config_class.__module__}:{config_class.__qualname__}"
+
+
+class _AutoModel:
+    _table: dict[str, str] = {}
+
+    def __init__(self) -> None:
+        raise OSError(f"{type(self).__name__} is not instantiated: use .from_pretrained(...) or .from_config(...)")
+
+    @classmethod
+    def _class_for(cls, config: PretrainedConfig) -> Any:
+        return _lookup(cls._table, config.model_type, cls.__name__)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, **kwargs: Any):
+        return cls._class_for(config).from_config(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        config = kwargs.pop("config", None)
+        if config is None:
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        return cls._class_for(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+
+    @classmethod
+    def register(cls, config_class: type, model_class: type, exist_ok: bool = False) -> None:
+        model_type = config_class.model_type
+        if model_type in cls._table and not exist_ok:
+            raise ValueError(f"{cls.__name__} already has a class for {model_type!r}")
+        cls._table[model_type] = f"{model_class.__module__}:{model_class.__qualname__}"
+
+
+class AutoModel(_AutoModel):
+    _table = MODEL_CLASSES
+
+
+class AutoModelForCausalLM(_AutoModel):
+    _table = CAUSAL_LM_CLASSES
+
+
+class AutoModelForSequenceClassification(_AutoModel):
+    _table = SEQUENCE_CLASSIFICATION_CLASSES
+
+
+class AutoModelForQuestionAnswering(_AutoModel):
+    _table = QUESTION_ANSWERING_CLASSES
+
+
+class AutoModelForTokenClassification(_AutoModel):
+    _table = TOKEN_CLASSIFICATION_CLASSES

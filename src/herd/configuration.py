@@ -1,0 +1,191 @@
+"""The config base class: reading and writing config.json as transformers does.
+
+Each model family's config subclasses `PretrainedConfig`, declares its own fields in `__init__`
+with the reference's names and defaults, and passes the rest here. Keys we do not know are kept
+as attributes and written back, so a config survives a load/save round trip unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import hub
+
+# Fields every config has, with the reference's defaults.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "return_dict": True,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "dtype": None,
+    "architectures": None,
+    "problem_type": None,
+    "tie_word_embeddings": True,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+# Keys of config.json that describe the file, not the model.
+_IGNORED_KEYS = {"transformers_version", "herd_version", "_name_or_path", "_commit_hash", "model_type"}
+_VALID_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+def dtype_from_name(value: str | torch.dtype | None) -> torch.dtype | None:
+    """"bfloat16" / "torch.bfloat16" / torch.bfloat16 -> torch.bfloat16."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
+    return dtype
+
+
+class PretrainedConfig:
+    model_type: str = ""
+    # Sub-configs (name -> class) for composite models such as Mllama and Llama 4.
+    sub_configs: dict[str, type[PretrainedConfig]] = {}
+
+    def __init__(self, **kwargs: Any):
+        # `torch_dtype` is the pre-5.0 spelling of `dtype`.
+        if "torch_dtype" in kwargs:
+            torch_dtype = kwargs.pop("torch_dtype")
+            kwargs.setdefault("dtype", torch_dtype)
+        for key, default in _COMMON_DEFAULTS.items():
+            setattr(self, key, kwargs.pop(key, default))
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+
+        id2label = kwargs.pop("id2label", None)
+        label2id = kwargs.pop("label2id", None)
+        num_labels = kwargs.pop("num_labels", None)
+        if id2label is None:
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels if num_labels is not None else 2)}
+        elif num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} labels")
+        self.id2label = {int(k): v for k, v in id2label.items()}
+        self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in self.id2label.items()}
+        if self.problem_type not in _VALID_PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {_VALID_PROBLEM_TYPES}, got {self.problem_type!r}")
+
+        # Which attention backend the model runs; chosen at load, never saved.
+        self._attn_implementation = kwargs.pop("attn_implementation", None)
+        self.name_or_path = kwargs.pop("_name_or_path", kwargs.pop("name_or_path", ""))
+        for key in _IGNORED_KEYS:
+            kwargs.pop(key, None)
+        # Unknown keys: kept for the round trip.
+        self._extra_keys = sorted(kwargs)
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    # --- labels -----------------------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        if value != len(self.id2label):
+            self.id2label = {i: f"LABEL_{i}" for i in range(value)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def torch_dtype(self):
+        return self.dtype
+
+    # --- composite configs ---------------------------------------------------------------------
+    def get_text_config(self, decoder: bool = False) -> PretrainedConfig:
+        return getattr(self, "text_config", None) or self
+
+    # --- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if key.startswith("_") or key == "name_or_path":
+                continue
+            if isinstance(value, PretrainedConfig):
+                value = value.to_dict()
+            elif isinstance(value, torch.dtype):
+                value = str(value).removeprefix("torch.")
+            out[key] = copy.deepcopy(value)
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["model_type"] = self.model_type
+        from . import __version__
+
+        out["herd_version"] = __version__
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_json_string())
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.to_json_file(folder / hub.CONFIG_NAME)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
+        merged = {**config_dict, **kwargs}
+        model_type = merged.get("model_type")
+        if cls.model_type and model_type and model_type != cls.model_type:
+            # Loading a composite checkpoint's text part (e.g. llama4 -> llama4_text) is the
+            # subclass's job; anything else is a user error worth naming.
+            raise ValueError(
+                f"config has model_type {model_type!r}, but {cls.__name__} expects {cls.model_type!r}"
+            )
+        return cls(**merged)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
+        folder = hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
+        path = folder / hub.CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {hub.CONFIG_NAME} in {folder}: a Hugging Face model folder needs one "
+                "(it names the architecture and its sizes)"
+            )
+        try:
+            config_dict = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{path} must hold a JSON object, found {type(config_dict).__name__}")
+        config_dict.setdefault("_name_or_path", str(pretrained_model_name_or_path))
+        return config_dict
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        config_dict = cls.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        return cls.from_dict(config_dict, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+# transformers 5 spells the base class with a capital C; both names work.
+PreTrainedConfig = PretrainedConfig
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+
+
+def pop_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the arguments meant for hub.resolve out of a from_pretrained call's kwargs."""
+    hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+    # Accepted for compatibility; huggingface_hub decides these itself.
+    for key in ("force_download", "proxies", "trust_remote_code", "use_safetensors", "resume_download"):
+        kwargs.pop(key, None)
+    return hub_kwargs

@@ -1,0 +1,302 @@
+"""The model base class: building on the meta device, from_pretrained, save_pretrained.
+
+A model family subclasses `PreTrainedModel`, sets `config_class` and `base_model_prefix`, and
+writes its modules. Loading lives in `loading.py`; this file decides dtype, device and attention
+backend, and which loading problems are errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import hub, loading
+from .configuration import PretrainedConfig, dtype_from_name, pop_hub_kwargs
+from .layers.attention import check_attn_implementation
+from .layers.norm import RMSNorm
+
+logger = logging.getLogger("herd")
+
+# from_pretrained arguments of the reference that herd accepts and has no use for.
+_IGNORED_LOAD_KWARGS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init", "use_flash_attention_2", "key_mapping")
+_UNSUPPORTED_LOAD_KWARGS = ("quantization_config", "load_in_8bit", "load_in_4bit", "tp_plan", "gguf_file", "offload_folder")
+# Keys some older checkpoints carry that are derived from the config, never loaded.
+_DERIVED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+def resolve_device(device_map: Any) -> torch.device:
+    """device_map: None / "cpu" / "cuda" / "cuda:1" / "auto" / int / torch.device / {"": device}."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise NotImplementedError(
+                "device_map splitting a model across several devices is not supported yet; "
+                "pass one device (e.g. 'cuda' or 'auto')"
+            )
+        return resolve_device(devices.pop())
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    if device_map in ("auto", "balanced", "sequential"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device_map)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device_map={device_map!r} asks for CUDA, but torch sees no CUDA device")
+    return device
+
+
+class PreTrainedModel(nn.Module):
+    config_class: type[PretrainedConfig] = PretrainedConfig
+    base_model_prefix = "model"
+    # Parameter name -> the parameter it shares storage with when config.tie_word_embeddings.
+    _tied_weights_keys: dict[str, str] = {}
+    # Parameters of a task head: when a checkpoint lacks them (a causal-LM checkpoint loaded for
+    # classification) they are initialised with a warning, as in the reference.
+    _head_weights: tuple[str, ...] = ()
+
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any):
+        super().__init__()
+        if not isinstance(config, PretrainedConfig):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        config._attn_implementation = check_attn_implementation(config._attn_implementation)
+        self.config = config
+        self.name_or_path = config.name_or_path
+
+    # --- basics -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.get_default_dtype()
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        for parameter in self.parameters():
+            if id(parameter) in seen or id(parameter) in embeddings or (only_trainable and not parameter.requires_grad):
+                continue
+            seen.add(id(parameter))
+            total += parameter.numel()
+        return total
+
+    def get_input_embeddings(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix).get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        getattr(self, self.base_model_prefix).set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None
+
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        self.config._attn_implementation = check_attn_implementation(attn_implementation)
+
+    # --- weights ------------------------------------------------------------------------------
+    def post_init(self) -> None:
+        """Initialise weights (unless built on the meta device, to be filled from a checkpoint) and tie."""
+        if any(p.device.type != "meta" for p in self.parameters()):
+            self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        with torch.no_grad():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def tie_weights(self) -> None:
+        if not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+            return
+        for name, source in self._tied_weights_keys.items():
+            owner_name, _, leaf = name.rpartition(".")
+            setattr(self.get_submodule(owner_name), leaf, self.get_parameter(source))
+
+    def _tied_names(self) -> set[str]:
+        if not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+            return set()
+        return set(self._tied_weights_keys)
+
+    def _checkpoint_key_to_module_key(self, key: str, module_keys: set[str]) -> str | None:
+        """Map a checkpoint key to ours: exact, or with the base-model prefix added or removed."""
+        if _DERIVED_KEYS.match(key):
+            return None
+        if key in module_keys:
+            return key
+        prefixed = f"{self.base_model_prefix}.{key}"
+        if prefixed in module_keys:  # a bare base-model checkpoint loaded into a model with a head
+            return prefixed
+        for prefix in ("model.", "transformer."):  # a checkpoint with a head loaded into the bare model / another head
+            if key.startswith(prefix):
+                for candidate in (key[len(prefix):], f"{self.base_model_prefix}.{key[len(prefix):]}"):
+                    if candidate in module_keys:
+                        return candidate
+        if self._is_other_head_key(key):
+            return None
+        return key
+
+    @staticmethod
+    def _is_other_head_key(key: str) -> bool:
+        """Weights of another task head (lm_head, score, qa_outputs): not ours to load, not an error."""
+        return key.split(".")[0] in ("lm_head", "score", "qa_outputs", "classifier")
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def _prepare_config(cls, config: PretrainedConfig, attn_implementation: str | None) -> PretrainedConfig:
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        config._attn_implementation = check_attn_implementation(config._attn_implementation)
+        return config
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, *, dtype: Any = None, attn_implementation: str | None = None, **kwargs):
+        config = cls._prepare_config(config, attn_implementation or kwargs.pop("_attn_implementation", None))
+        dtype = dtype_from_name(dtype or kwargs.pop("torch_dtype", None))
+        if kwargs:
+            raise TypeError(f"from_config got unexpected arguments: {', '.join(kwargs)}")
+        model = cls(config)
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: PretrainedConfig | str | os.PathLike | None = None,
+        dtype: Any = "auto",
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        progress: bool = True,
+        **kwargs: Any,
+    ):
+        if model_args:
+            raise TypeError("from_pretrained takes no positional arguments besides the model folder or id")
+        if "torch_dtype" in kwargs:
+            dtype = kwargs.pop("torch_dtype")
+        for key in _UNSUPPORTED_LOAD_KWARGS:
+            if kwargs.get(key) is not None:
+                raise NotImplementedError(f"from_pretrained({key}=...) is not supported by herd yet")
+            kwargs.pop(key, None)
+        for key in _IGNORED_LOAD_KWARGS:
+            kwargs.pop(key, None)
+        if "device" in kwargs and device_map is None:
+            device_map = kwargs.pop("device")
+        hub_kwargs = pop_hub_kwargs(kwargs)
+        folder = hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
+
+        if config is None or isinstance(config, (str, os.PathLike)):
+            config = cls.config_class.from_pretrained(config or folder)
+        config.name_or_path = str(pretrained_model_name_or_path)
+        _apply_config_overrides(config, kwargs)
+        config = cls._prepare_config(config, attn_implementation)
+
+        files = loading.find_checkpoint_files(folder)
+        if dtype == "auto" or dtype is None:
+            torch_dtype = dtype_from_name(config.dtype) or loading.checkpoint_dtype(files) or torch.float32
+        else:
+            torch_dtype = dtype_from_name(dtype)
+        device = resolve_device(device_map)
+
+        with torch.device("meta"):
+            model = cls(config)
+        module_keys = set(model.state_dict().keys())
+        report = loading.load_checkpoint(
+            model,
+            files,
+            rename=lambda key: model._checkpoint_key_to_module_key(key, module_keys),
+            dtype=torch_dtype,
+            device=device,
+            progress=progress,
+        )
+        tied = model._tied_names()
+        report.missing = [name for name in report.missing if name not in tied]
+        model._initialise_missing_heads(report, device, torch_dtype)
+        report.raise_if_any(str(folder), cls.__name__)
+        model.tie_weights()
+        # Buffers derived from the config (rotary frequencies) were built on the CPU in float32.
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
+        model.config.dtype = str(torch_dtype).removeprefix("torch.")
+        model.eval()
+        model._after_load(folder)
+        return model
+
+    def _after_load(self, folder: Path) -> None:
+        """A hook for what a model reads beside its weights (generation_config.json, later)."""
+
+    def _initialise_missing_heads(self, report: loading.LoadReport, device: torch.device, dtype: torch.dtype) -> None:
+        heads = [name for name in report.missing if name.split(".")[0] in self._head_weights]
+        if not heads:
+            return
+        logger.warning(
+            "%s: the checkpoint has no weights for the task head (%s); they are newly initialised "
+            "and must be trained before the outputs mean anything.",
+            type(self).__name__,
+            ", ".join(heads),
+        )
+        for name in heads:
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            module._parameters[leaf] = nn.Parameter(torch.empty_like(module._parameters[leaf], device=device, dtype=dtype))
+            self._init_weights(module) if leaf == "weight" else module._parameters[leaf].data.zero_()
+        report.missing = [name for name in report.missing if name not in heads]
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not safe_serialization:
+            raise ValueError("herd writes safetensors only (safe_serialization=False would write a pickle)")
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            tied = self._tied_names()
+            state_dict = {k: v for k, v in self.state_dict().items() if k not in tied}
+        self.config.architectures = [type(self).__name__]
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
+        self.config.save_pretrained(folder)
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(folder)
+        loading.save_checkpoint(state_dict, folder, max_shard_size)
+
+
+def _apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
+    """from_pretrained(..., num_labels=3, output_hidden_states=True): keyword arguments that name
+    config fields update the config; anything else is a mistake worth naming."""
+    unknown = []
+    for key, value in overrides.items():
+        if key == "num_labels" or hasattr(config, key):
+            setattr(config, key, value)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise TypeError(f"from_pretrained got arguments that are neither loading options nor config fields: {', '.join(unknown)}")
