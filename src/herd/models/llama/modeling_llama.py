@@ -178,7 +178,7 @@ class LlamaModel(LlamaPreTrainedModel):
             past_length=past_length,
             kv_length=kv_length,
             position_ids=position_ids,
-            has_cache=past_key_values is not None and past_length > 0,
+            has_cache=past_key_values is not None,
         )
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # cos, sin: (batch, seq, head_dim)
 

@@ -1,0 +1,269 @@
+"""Checkpoint loading and saving: shards, dtypes, devices, and one clear error per problem."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import herd
+from herd.loading import CheckpointError, UnsafeCheckpointError, parse_size
+from herd.modeling_utils import resolve_device
+from tests.conftest import max_abs_diff, reference_llama, save_reference
+
+TOL = 1e-4
+
+
+def _ids():
+    return torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_sharded_checkpoint_loads_same_as_single(tmp_path):
+    reference = reference_llama()
+    folder = save_reference(reference, tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 3 and (folder / "model.safetensors.index.json").is_file()
+    model = herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+    with torch.no_grad():
+        assert max_abs_diff(model(_ids()).logits, reference(_ids()).logits) < TOL
+
+
+def test_dtype_auto_takes_checkpoint_dtype(tmp_path):
+    reference = reference_llama().to(torch.bfloat16)
+    folder = save_reference(reference, tmp_path / "bf16")
+    assert herd.LlamaForCausalLM.from_pretrained(folder, progress=False).dtype == torch.bfloat16
+    assert herd.LlamaForCausalLM.from_pretrained(folder, dtype="auto", progress=False).dtype == torch.bfloat16
+    assert herd.LlamaForCausalLM.from_pretrained(folder, dtype="float32", progress=False).dtype == torch.float32
+    assert herd.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float16, progress=False).dtype == torch.float16
+    # without a dtype entry in config.json, the tensors decide
+    config = json.loads((folder / "config.json").read_text())
+    del config["dtype"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert herd.LlamaForCausalLM.from_pretrained(folder, progress=False).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device_map", [None, "cpu", torch.device("cpu"), "auto", {"": "cpu"}])
+def test_device_map_on_cpu(tmp_path, device_map):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    model = herd.LlamaForCausalLM.from_pretrained(folder, device_map=device_map, progress=False)
+    expected = "cuda" if device_map == "auto" and torch.cuda.is_available() else "cpu"
+    assert {p.device.type for p in model.parameters()} == {expected}
+    assert model.model.rotary_emb.inv_freq.device.type == expected
+
+
+def test_device_map_errors():
+    with pytest.raises(NotImplementedError, match="several devices"):
+        resolve_device({"model.layers.0": "cpu", "lm_head": "cuda:0"})
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loads_straight_to_cuda(tmp_path):
+    reference = reference_llama()
+    folder = save_reference(reference, tmp_path / "ckpt")
+    model = herd.LlamaForCausalLM.from_pretrained(folder, device_map="cuda", progress=False)
+    assert model.device.type == "cuda"
+    with torch.no_grad():
+        assert max_abs_diff(model(_ids().cuda()).logits.cpu(), reference(_ids()).logits) < 1e-3
+
+
+def test_tied_embeddings_share_storage_and_save_once(tmp_path):
+    reference = reference_llama(tie_word_embeddings=True)
+    folder = save_reference(reference, tmp_path / "tied")
+    model = herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification",
+                                      "LlamaForQuestionAnswering", "LlamaForTokenClassification"])
+def test_save_pretrained_loads_back_in_transformers(tmp_path, cls_name):
+    import transformers
+
+    reference = reference_llama(cls_name, num_labels=3, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0})
+    folder = save_reference(reference, tmp_path / "ref")
+    ours = getattr(herd, cls_name).from_pretrained(folder, progress=False)
+    ours.save_pretrained(tmp_path / "ours", max_shard_size="30KB")
+    assert (tmp_path / "ours" / "model.safetensors.index.json").is_file()
+    back = getattr(transformers, cls_name).from_pretrained(tmp_path / "ours").eval()
+    ids = _ids()
+    with torch.no_grad():
+        expected, got = reference(ids), back(ids)
+    for key in ("logits", "last_hidden_state", "start_logits"):
+        if key in expected:
+            assert max_abs_diff(got[key], expected[key]) == 0, key
+    # and herd reads its own output again
+    again = getattr(herd, cls_name).from_pretrained(tmp_path / "ours", progress=False)
+    assert again.config.to_dict() == ours.config.to_dict()
+
+
+def test_save_pretrained_refuses_pickle():
+    model = herd.LlamaForCausalLM(herd.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                                                   num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained("/tmp/never", safe_serialization=False)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _rewrite_weights(folder, edit):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_weights_are_listed(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    _rewrite_weights(folder, lambda t: (t.pop("model.layers.1.mlp.up_proj.weight"), t.pop("model.norm.weight")))
+    with pytest.raises(CheckpointError, match=r"missing weights \(2\): model.layers.1.mlp.up_proj.weight, model.norm.weight"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_missing_untied_lm_head_is_an_error(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    _rewrite_weights(folder, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match="missing weights.*lm_head.weight"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_unexpected_weights_are_listed(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    _rewrite_weights(folder, lambda t: t.update({"model.layers.7.mlp.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected weights \(1\): model.layers.7.mlp.extra.weight"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_derived_rotary_buffers_in_old_checkpoints_are_ignored(tmp_path):
+    reference = reference_llama()
+    folder = save_reference(reference, tmp_path / "ckpt")
+    _rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
+    model = herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+    with torch.no_grad():
+        assert max_abs_diff(model(_ids()).logits, reference(_ids()).logits) < TOL
+
+
+def test_shape_mismatch_names_expected_and_found(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    _rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 32)}))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for model.layers.0.self_attn.k_proj.weight: "
+                                              r"the model expects \[16, 32\], the checkpoint has \[32, 32\]"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_config_disagreeing_with_weights(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 100
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model.embed_tokens.weight: the model expects \[100, 32\]"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "truncated_data"])
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, damage):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "truncated_data":
+        path.write_bytes(data[:-100])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64 + data[64:])
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="truncated|not a safetensors"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_index_naming_absent_shard(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt", max_shard_size="20KB")
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"names shards that are not there: {victim.name}"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    # A pickle that would create a file if it were ever unpickled.
+    canary = tmp_path / "unpickled"
+    payload = f"cos\nsystem\n(S'touch {canary}'\ntR."
+    (folder / "pytorch_model.bin").write_bytes(payload.encode())
+    with pytest.raises(UnsafeCheckpointError, match="pytorch_model.bin.*never unpickles.*safetensors"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+    assert not canary.exists()
+
+
+def test_no_weights_at_all(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model weights"):
+        herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_unknown_arguments_and_unsupported_options(tmp_path):
+    folder = save_reference(reference_llama(), tmp_path / "ckpt")
+    with pytest.raises(TypeError, match="neither loading options nor config fields: colour"):
+        herd.LlamaForCausalLM.from_pretrained(folder, colour="red", progress=False)
+    with pytest.raises(NotImplementedError, match="quantization_config"):
+        herd.LlamaForCausalLM.from_pretrained(folder, quantization_config={"bits": 4}, progress=False)
+    with pytest.raises(ValueError, match="unknown attn_implementation 'flash'"):
+        herd.LlamaForCausalLM.from_pretrained(folder, attn_implementation="flash", progress=False)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        herd.LlamaForCausalLM.from_pretrained(folder, dtype="float99", progress=False)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5_000_000_000
+    assert parse_size("10KiB") == 10 * 1024
+    assert parse_size("200MB") == 200_000_000
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def test_sharded_load_peaks_well_under_twice_the_model_size(tmp_path):
+    """Loading streams tensors: peak resident memory grows by about the model, not twice it."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536,
+                                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+    with torch.device("meta"):
+        meta_model = transformers.LlamaForCausalLM(config)
+    # Random tensors written straight to shards (building the model for real would cost the memory we measure).
+    state = {name: torch.randn(p.shape) * 0.02 for name, p in meta_model.state_dict().items()}
+    model_bytes = sum(t.numel() * 4 for t in state.values())
+    folder = tmp_path / "big"
+    folder.mkdir()
+    herd.loading.save_checkpoint(state, folder, max_shard_size="20MB")
+    config.save_pretrained(folder)
+    del state
+    script = textwrap.dedent(f"""
+        import resource, torch, herd
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model = herd.LlamaForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32, progress=False)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) * 1024)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    peak_growth = int(result.stdout.strip().splitlines()[-1])
+    assert model_bytes > 80_000_000
+    assert peak_growth < 1.5 * model_bytes, f"peak grew {peak_growth / 1e6:.0f} MB for a {model_bytes / 1e6:.0f} MB model"
