@@ -1,0 +1,79 @@
+"""On CUDA: loading straight to the GPU, every backend, caches, bf16. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from herd.cache import StaticCache
+from tests.conftest import max_abs_diff, reference_llama, save_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    reference = reference_llama(num_hidden_layers=3, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0})
+    return save_reference(reference, tmp_path_factory.mktemp("gpu") / "ckpt"), reference
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _batch():
+    ids = torch.randint(1, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_float32_on_cuda_matches_cpu_reference(checkpoint, attn):
+    folder, reference = checkpoint
+    model = herd.LlamaForCausalLM.from_pretrained(folder, device_map="cuda", attn_implementation=attn, progress=False)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    ids, mask = _batch()
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        got = model(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+    assert max_abs_diff(got[mask.bool()], expected[mask.bool()]) < 1e-4
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_incremental_decoding_on_cuda(checkpoint, cache_kind):
+    folder, _ = checkpoint
+    model = herd.LlamaForCausalLM.from_pretrained(folder, device_map="cuda", progress=False)
+    ids, mask = (t.cuda() for t in _batch())
+    cache = None if cache_kind == "dynamic" else StaticCache(model.config, max_cache_len=24)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        out = model(ids[:, :12], attention_mask=mask[:, :12], past_key_values=cache, use_cache=True)
+        steps = [out.logits]
+        for t in range(12, 20):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    stepped = torch.cat(steps, dim=1)
+    assert max_abs_diff(stepped[mask.bool()], full[mask.bool()]) < 1e-4
+
+
+def test_bfloat16_on_cuda_matches_reference_on_cuda(checkpoint):
+    import transformers
+
+    folder, _ = checkpoint
+    reference = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
+    model = herd.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda", progress=False)
+    ids, mask = (t.cuda() for t in _batch())
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask).logits
+    assert got.dtype == torch.bfloat16
+    assert max_abs_diff(got[mask.bool()], expected[mask.bool()]) < 2e-2
