@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    reference = reference_llama(num_hidden_layers=3, rope_parameters={
+    reference = reference_llama(num_hidden_layers=3, head_dim=16, rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16, "rope_theta": 500000.0})
     return save_reference(reference, tmp_path_factory.mktemp("gpu") / "ckpt"), reference

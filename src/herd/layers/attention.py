@@ -210,14 +210,15 @@ def flex_attention(query, key, value, mask: AttentionMask, scaling: float, dropo
 
     block_mask = mask.block_mask(query.shape[0], query.device)
     enable_gqa = query.shape[1] != key.shape[1]
-    if query.device.type == "cuda":
-        # Flex attention is only fused when compiled; compile it once per process.
+    if query.device.type == "cuda" and query.shape[-1] >= 16:
+        # Flex attention is only fused when compiled (and its kernel wants head_dim >= 16);
+        # compile it once per process.
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex, dynamic=False)
         output = _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa)
     else:
         with warnings.catch_warnings():
-            # On the CPU the unfused implementation is what we want: no compiler needed.
+            # On the CPU (and for tiny heads) the unfused implementation: no compiler needed.
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             output = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa)
     return output.transpose(1, 2).contiguous(), None
