@@ -68,6 +68,10 @@ class PreTrainedModel(nn.Module):
         config._attn_implementation = check_attn_implementation(config._attn_implementation)
         self.config = config
         self.name_or_path = config.name_or_path
+        if getattr(self, "can_generate", None) is not None:
+            from .generation import GenerationConfig
+
+            self.generation_config = GenerationConfig.from_model_config(config)
 
     # --- basics -------------------------------------------------------------------------------
     @property
@@ -243,7 +247,11 @@ class PreTrainedModel(nn.Module):
         return model
 
     def _after_load(self, folder: Path) -> None:
-        """A hook for what a model reads beside its weights (generation_config.json, later)."""
+        """Read what a model keeps beside its weights: generation_config.json."""
+        if getattr(self, "generation_config", None) is not None and (folder / hub.GENERATION_CONFIG_NAME).is_file():
+            from .generation import GenerationConfig
+
+            self.generation_config = GenerationConfig.from_pretrained(folder)
 
     def _initialise_missing_heads(self, report: loading.LoadReport, device: torch.device, dtype: torch.dtype) -> None:
         heads = [name for name in report.missing if name.split(".")[0] in self._head_weights]

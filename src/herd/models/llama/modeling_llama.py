@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...cache import Cache, DynamicCache, as_cache
+from ...generation import GenerationMixin
 from ...layers.attention import AttentionMask, attention, build_attention_mask
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
@@ -231,7 +232,7 @@ def _backbone_call(model: PreTrainedModel, **kwargs: Any) -> BaseModelOutputWith
     return getattr(model, model.base_model_prefix)(**kwargs)
 
 
-class LlamaForCausalLM(LlamaPreTrainedModel):
+class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LlamaConfig):

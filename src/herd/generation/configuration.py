@@ -1,0 +1,178 @@
+"""GenerationConfig: the knobs of `generate()`, read from generation_config.json.
+
+Fields left unset (None) fall back, in order, to the model's generation_config.json and then to
+the reference's global defaults (max_length 20, top_k 50, ...), exactly as transformers 5 does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import hub
+
+# The reference's defaults for fields nobody set.
+GLOBAL_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "use_cache": True,
+    "early_stopping": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "return_dict_in_generate": False,
+}
+
+# Every field generate() understands (others in a file are kept for the round trip).
+FIELDS = (
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "do_sample", "num_beams",
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "length_penalty", "num_return_sequences",
+    "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
+    "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
+)
+# Sampling and beam options herd does not implement: refused rather than silently ignored.
+UNSUPPORTED = (
+    "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size", "bad_words_ids", "force_words_ids",
+    "constraints", "sequence_bias", "guidance_scale", "num_beam_groups", "diversity_penalty", "penalty_alpha",
+    "top_h", "watermarking_config", "assistant_model", "prompt_lookup_num_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "exponential_decay_length_penalty",
+)
+# Values of unsupported fields that mean "off", as written in many generation_config.json files.
+_OFF_VALUES = (None, 0, 0.0, 1.0, False, [], "")
+
+
+class GenerationConfig:
+    def __init__(self, **kwargs: Any):
+        for name in FIELDS:
+            setattr(self, name, kwargs.pop(name, None))
+        kwargs.pop("transformers_version", None)
+        kwargs.pop("herd_version", None)
+        self._from_model_config = kwargs.pop("_from_model_config", False)
+        # Unknown entries are kept (and written back) but not used.
+        self._extra = kwargs
+
+    def __getattr__(self, name: str) -> Any:
+        extra = self.__dict__.get("_extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
+
+    # --- building -----------------------------------------------------------------------------
+    @classmethod
+    def from_model_config(cls, config: Any) -> GenerationConfig:
+        text_config = config.get_text_config()
+        return cls(
+            bos_token_id=getattr(text_config, "bos_token_id", None),
+            eos_token_id=getattr(text_config, "eos_token_id", None),
+            pad_token_id=getattr(text_config, "pad_token_id", None),
+            _from_model_config=True,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, config_file_name: str | None = None,
+                        **kwargs: Any) -> GenerationConfig:
+        folder = hub.resolve(pretrained_model_name_or_path, **{k: kwargs.pop(k) for k in list(kwargs)
+                                                                if k in ("revision", "cache_dir", "token", "local_files_only", "subfolder")})
+        path = folder / (config_file_name or hub.GENERATION_CONFIG_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"no {path.name} in {folder}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        return cls(**{**values, **kwargs})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
+        out.update(copy.deepcopy(self._extra))
+        if self._from_model_config:
+            out["_from_model_config"] = True
+        return dict(sorted(out.items()))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None, **kwargs: Any) -> None:
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / (config_file_name or hub.GENERATION_CONFIG_NAME)).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the fields named in kwargs; return the kwargs that are not generation fields."""
+        unused = {}
+        for key, value in kwargs.items():
+            if key in FIELDS:
+                setattr(self, key, value)
+            elif key in UNSUPPORTED:
+                if value not in _OFF_VALUES:
+                    raise NotImplementedError(f"generate({key}=...) is not supported by herd")
+            else:
+                unused[key] = value
+        return unused
+
+    def merged_with(self, fallback: GenerationConfig | None) -> GenerationConfig:
+        """A copy where fields this config leaves unset come from `fallback`, then from the global defaults."""
+        merged = copy.deepcopy(self)
+        for name in FIELDS:
+            if getattr(merged, name) is None and fallback is not None:
+                setattr(merged, name, getattr(fallback, name))
+            if getattr(merged, name) is None and name in GLOBAL_DEFAULTS:
+                setattr(merged, name, GLOBAL_DEFAULTS[name])
+        return merged
+
+    # --- checks -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Clear errors for values generate() cannot honour."""
+        for key, value in self._extra.items():
+            if key in UNSUPPORTED and value not in _OFF_VALUES:
+                raise NotImplementedError(f"generation option {key}={value!r} is not supported by herd")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        for name in ("min_new_tokens", "min_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
+        if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            raise ValueError(
+                "greedy decoding gives one sequence per prompt: num_return_sequences > 1 needs do_sample=True or num_beams > 1"
+            )
+        if self.num_return_sequences > self.num_beams > 1:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.length_penalty is not None and not isinstance(self.length_penalty, (int, float)):
+            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        if self.do_sample:
+            if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r} (use do_sample=False for greedy)")
+            if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+                raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+            if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+                raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.cache_implementation not in (None, "dynamic", "static", "hybrid"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}")
+
+    def __repr__(self) -> str:
+        return f"GenerationConfig {json.dumps(self.to_dict(), indent=2)}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GenerationConfig) and self.to_dict() == other.to_dict()

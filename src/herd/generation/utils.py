@@ -1,0 +1,375 @@
+"""`generate()`: one decoding loop for greedy and sampled decoding, and beam search.
+
+The loop calls `_decode_step(tokens, attention_mask, cache)`: the plain forward today; the GPU fast
+path replaces that one function with a compiled, graph-captured step. Everything else (logits
+processing, choosing tokens, stopping, streaming) is shared.
+
+What we match in the reference, token for token: the order of logits processors, padding of
+finished rows with pad_token_id (eos when there is none), position ids from the attention mask
+(so left-padded rows get what they would get alone), and the beam search's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import Cache, DynamicCache, StaticCache
+from ..modeling_outputs import ModelOutput
+from .configuration import GenerationConfig
+from .logits_process import apply_processors, build_logits_processors
+from .stopping import StopStrings, ends_with_eos
+
+logger = logging.getLogger("herd")
+
+
+@dataclass(repr=False)
+class GenerateDecoderOnlyOutput(ModelOutput):
+    sequences: torch.LongTensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass(repr=False)
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    sequences: torch.LongTensor | None = None
+    sequences_scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.LongTensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: Cache | None = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token among its row's real tokens; padding gets 1 (it is masked anyway)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+class GenerationMixin:
+    """Adds `generate()` to a causal language model."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    # --- the step the fast path replaces ---------------------------------------------------------
+    def _decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, **forward_kwargs: Any):
+        """Run the model on `tokens` (batch, new) given everything before them in `cache`."""
+        positions = positions_from_mask(attention_mask)[:, -tokens.shape[1] :]
+        return self(
+            input_ids=tokens,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            return_dict=True,
+            **forward_kwargs,
+        )
+
+    # --- set-up -----------------------------------------------------------------------------
+    def _generation_setup(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):
+        base = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+        model_kwargs = base.update(**kwargs)
+        config = base.merged_with(getattr(self, "generation_config", None))
+        if config.cache_implementation == "hybrid":
+            config.cache_implementation = None
+        config.validate()
+        return config, model_kwargs
+
+    def _check_lengths(self, config: GenerationConfig, prompt_length: int) -> int:
+        """The final length (prompt + new tokens), refused when the model cannot see that far."""
+        if config.max_new_tokens is not None:
+            max_length = prompt_length + config.max_new_tokens
+        else:
+            max_length = config.max_length
+            if max_length <= prompt_length:
+                raise ValueError(
+                    f"the prompt has {prompt_length} tokens and max_length is {max_length}: nothing is left to "
+                    "generate; set max_new_tokens instead"
+                )
+        text_config = self.config.get_text_config()
+        context = getattr(text_config, "max_position_embeddings", None)
+        rope_type = getattr(text_config, "rope_parameters", {}).get("rope_type")
+        if context is not None and rope_type != "dynamic" and max_length > context:
+            raise ValueError(
+                f"prompt ({prompt_length} tokens) + max_new_tokens ({max_length - prompt_length}) = {max_length} "
+                f"exceeds the model's context of {context} positions (max_position_embeddings); "
+                f"shorten the prompt or ask for at most {context - prompt_length} new tokens"
+            )
+        if config.min_new_tokens and config.min_new_tokens > max_length - prompt_length:
+            raise ValueError(f"min_new_tokens ({config.min_new_tokens}) exceeds the number of new tokens allowed ({max_length - prompt_length})")
+        return max_length
+
+    def _make_cache(self, config: GenerationConfig, batch_size: int, max_length: int, past_key_values: Any) -> Cache:
+        if past_key_values is not None:
+            if not isinstance(past_key_values, Cache):
+                raise TypeError("past_key_values passed to generate() must be a herd Cache")
+            return past_key_values
+        if config.cache_implementation == "static":
+            return StaticCache(self.config, max_cache_len=max_length, max_batch_size=batch_size)
+        return DynamicCache(self.config)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer: Any = None,
+        tokenizer: Any = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ):
+        """Generate continuations of `inputs` (batch, prompt) and return prompt + new tokens.
+
+        Arguments and outputs follow transformers' `generate`; `generator` (a seeded
+        torch.Generator) makes sampling reproducible without touching the global seed.
+        """
+        config, model_kwargs = self._generation_setup(generation_config, kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (the prompt tokens)")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        input_ids = input_ids.to(self.device)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        past_key_values = model_kwargs.pop("past_key_values", None)
+        for key in ("use_cache", "output_attentions", "output_hidden_states", "return_dict"):
+            model_kwargs.pop(key, None)
+        if model_kwargs:
+            raise TypeError(f"generate() got arguments it does not know: {', '.join(sorted(model_kwargs))}")
+
+        eos_ids = _as_id_tensor(config.eos_token_id, input_ids.device)
+        pad_token_id = config.pad_token_id
+        if pad_token_id is None and eos_ids is not None:
+            pad_token_id = int(eos_ids[0])
+        if attention_mask is None:
+            has_padding = config.pad_token_id is not None and bool((input_ids == config.pad_token_id).any())
+            pad_is_eos = eos_ids is not None and config.pad_token_id is not None and config.pad_token_id in eos_ids.tolist()
+            attention_mask = (input_ids != config.pad_token_id).long() if has_padding and not pad_is_eos else torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(input_ids.device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+
+        stop_strings = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
+        max_length = self._check_lengths(config, input_ids.shape[1])
+        if config.num_beams > 1:
+            if streamer is not None:
+                raise ValueError("streamers work with greedy and sampled decoding, not beam search")
+            return self._beam_search(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length,
+                                     stop_strings, past_key_values, generator)
+        if config.num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+        return self._sample(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+                            past_key_values, streamer, generator)
+
+    # --- greedy and sampling ------------------------------------------------------------------
+    def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+                past_key_values, streamer, generator):
+        prompt_length = input_ids.shape[1]
+        processors = build_logits_processors(config, eos_ids, prompt_length)
+        cache = self._make_cache(config, input_ids.shape[0], max_length, past_key_values)
+        want = config.return_dict_in_generate
+        scores, raw_logits, attentions, hidden_states = [], [], [], []
+        forward_kwargs = {}
+        if want and config.output_attentions:
+            forward_kwargs["output_attentions"] = True
+        if want and config.output_hidden_states:
+            forward_kwargs["output_hidden_states"] = True
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        # Tokens the cache has not seen yet: the whole prompt first, then one token per step.
+        pending = input_ids[:, cache.get_seq_length() :]
+        while True:
+            outputs = self._decode_step(pending, attention_mask, cache, **forward_kwargs)
+            logits = outputs.logits[:, -1, :].to(torch.float32)  # (batch, vocab)
+            next_scores = apply_processors(processors, input_ids, logits)
+            if config.do_sample:
+                probs = nn.functional.softmax(next_scores, dim=-1)
+                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            else:
+                next_tokens = next_scores.argmax(dim=-1)
+            if pad_token_id is not None:
+                next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
+            if want:
+                scores.append(next_scores) if config.output_scores else None
+                raw_logits.append(logits) if config.output_logits else None
+                attentions.append(outputs.attentions) if config.output_attentions else None
+                hidden_states.append(outputs.hidden_states) if config.output_hidden_states else None
+
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            done = ends_with_eos(input_ids, eos_ids)
+            if stop_strings is not None:
+                done |= stop_strings(input_ids)
+            unfinished &= ~done
+            if input_ids.shape[1] >= max_length or not bool(unfinished.any()):
+                break
+            pending = next_tokens[:, None]
+
+        if streamer is not None:
+            streamer.end()
+        if not want:
+            return input_ids
+        return GenerateDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=tuple(scores) if config.output_scores else None,
+            logits=tuple(raw_logits) if config.output_logits else None,
+            attentions=tuple(attentions) if config.output_attentions else None,
+            hidden_states=tuple(hidden_states) if config.output_hidden_states else None,
+            past_key_values=cache,
+        )
+
+    # --- beam search --------------------------------------------------------------------------
+    def _beam_search(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+                     past_key_values, generator):
+        """Beam search with the reference's bookkeeping, so it returns the same beams.
+
+        Each step keeps the best `beams_to_keep` = max(2, 1 + #eos) * num_beams continuations of all
+        beams; the best `num_beams` that did not stop continue; those that stopped compete, with
+        their length-penalised scores, for the `num_beams` finished slots.
+        """
+        num_beams, length_penalty, early_stopping = config.num_beams, config.length_penalty, config.early_stopping
+        batch_size, prompt_length = input_ids.shape
+        vocab_size = self.config.get_text_config().vocab_size
+        device = input_ids.device
+        beams_to_keep = max(2, 1 + (len(eos_ids) if eos_ids is not None else 0)) * num_beams
+        is_top_beam = torch.arange(beams_to_keep, device=device) < num_beams  # (beams_to_keep,)
+        processors = build_logits_processors(config, eos_ids, prompt_length)
+        # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
+        fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
+
+        flat_ids = input_ids.repeat_interleave(num_beams, dim=0)  # (batch * beams, prompt)
+        attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+        cache = self._make_cache(config, batch_size * num_beams, max_length, past_key_values)
+
+        running = torch.full((batch_size, num_beams, max_length), fill_value, dtype=torch.long, device=device)
+        running[:, :, :prompt_length] = flat_ids.view(batch_size, num_beams, -1)
+        finished = running.clone()
+        running_scores = torch.zeros(batch_size, num_beams, device=device)
+        running_scores[:, 1:] = -1e9  # all beams start equal: only the first may expand at step one
+        finished_scores = torch.full((batch_size, num_beams), -1e9, device=device)
+        is_finished = torch.zeros(batch_size, num_beams, dtype=torch.bool, device=device)
+        can_improve = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+        running_origin = torch.full((batch_size, num_beams, max_length - prompt_length), -1, dtype=torch.long, device=device)
+        finished_origin = running_origin.clone()
+        all_scores, raw_logits = [], []
+
+        cur_len = prompt_length
+        pending = flat_ids
+        while True:
+            outputs = self._decode_step(pending, attention_mask, cache)
+            logits = outputs.logits[:, -1, :].to(torch.float32)
+            log_probs = nn.functional.log_softmax(logits, dim=-1)
+            flat_running = running[:, :, :cur_len].reshape(batch_size * num_beams, cur_len)
+            log_probs = apply_processors(processors, flat_running, log_probs)
+            if config.return_dict_in_generate:
+                all_scores.append(log_probs) if config.output_scores else None
+                raw_logits.append(logits) if config.output_logits else None
+            # (batch, beams * vocab): every continuation of every beam, with its running score
+            candidates = (log_probs.view(batch_size, num_beams, vocab_size) + running_scores[:, :, None]).view(batch_size, -1)
+            if config.do_sample:
+                picked = torch.multinomial(nn.functional.softmax(candidates, dim=-1), beams_to_keep, generator=generator)
+                picked_scores = candidates.gather(1, picked)
+            else:
+                picked_scores, picked = torch.topk(candidates, beams_to_keep)
+            source_beam = picked // vocab_size  # (batch, beams_to_keep)
+            token = picked % vocab_size
+            picked_sequences = _gather(running, source_beam)
+            picked_sequences[:, :, cur_len] = token
+            picked_origin = _gather(running_origin, source_beam)
+            picked_origin[:, :, cur_len - prompt_length] = source_beam + torch.arange(batch_size, device=device)[:, None] * num_beams
+
+            flat_picked = picked_sequences[:, :, : cur_len + 1].reshape(-1, cur_len + 1)
+            stops = ends_with_eos(flat_picked, eos_ids)
+            if stop_strings is not None:
+                stops |= stop_strings(flat_picked)
+            if cur_len + 1 >= max_length:
+                stops[:] = True
+            stops = stops.view(batch_size, beams_to_keep)
+
+            # The best continuations that did not stop keep running.
+            open_scores = picked_scores + stops.float() * -1e9
+            keep = torch.topk(open_scores, num_beams)[1]
+            running, running_scores, running_origin = _gather(picked_sequences, keep), _gather(open_scores, keep), _gather(picked_origin, keep)
+
+            # Those among the top num_beams that stopped compete for the finished slots.
+            just_finished = stops & is_top_beam[None, :]
+            penalised = picked_scores / ((cur_len + 1 - prompt_length) ** length_penalty)
+            batch_full = is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
+            penalised = penalised + batch_full.float() * -1e9 + (~can_improve).float() * -1e9 + (~just_finished).float() * -1e9
+            merged_scores = torch.cat([finished_scores, penalised], dim=1)
+            best = torch.topk(merged_scores, num_beams)[1]
+            finished = _gather(torch.cat([finished, picked_sequences], dim=1), best)
+            finished_scores = _gather(merged_scores, best)
+            finished_origin = _gather(torch.cat([finished_origin, picked_origin], dim=1), best)
+            is_finished = _gather(torch.cat([is_finished, just_finished], dim=1), best)
+
+            cache.reorder_cache(running_origin[:, :, cur_len - prompt_length].reshape(-1))
+            cur_len += 1
+            can_improve = _can_still_improve(can_improve, running_scores, finished_scores, is_finished, cur_len,
+                                             max_length, prompt_length, early_stopping, length_penalty)
+            exists_open_beam = not (bool(is_finished.all()) and early_stopping is True)
+            if not bool(can_improve.any()) or not exists_open_beam or bool(stops.all()):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
+            pending = running[:, :, cur_len - 1 : cur_len].reshape(-1, 1)
+
+        keep_n = config.num_return_sequences
+        sequences = finished[:, :keep_n].reshape(batch_size * keep_n, -1)
+        sequence_scores = finished_scores[:, :keep_n].reshape(-1)
+        origin = finished_origin[:, :keep_n].reshape(batch_size * keep_n, -1)
+        generated = int((origin >= 0).sum(dim=1).max())
+        sequences, origin = sequences[:, : prompt_length + generated], origin[:, :generated]
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=sequences,
+            sequences_scores=sequence_scores if config.output_scores else None,
+            scores=tuple(all_scores) if config.output_scores else None,
+            logits=tuple(raw_logits) if config.output_logits else None,
+            beam_indices=origin,
+            past_key_values=cache,
+        )
+
+
+def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Pick beams: tensor (batch, beams, ...) at indices (batch, k) -> (batch, k, ...)."""
+    while indices.dim() < tensor.dim():
+        indices = indices.unsqueeze(-1)
+    return tensor.gather(1, indices.expand(*indices.shape[:2], *tensor.shape[2:]))
+
+
+def _can_still_improve(can_improve, running_scores, finished_scores, is_finished, cur_len, max_length,
+                       prompt_length, early_stopping, length_penalty):
+    """Could the best running beam still beat the worst finished one? (the reference's heuristic)"""
+    if early_stopping == "never" and length_penalty > 0.0:
+        best_length = max_length - prompt_length
+    else:
+        best_length = cur_len - prompt_length
+    best_running = running_scores[:, :1] / (best_length**length_penalty)
+    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+    return can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
+
+
+def _as_id_tensor(ids: int | list[int] | None, device: torch.device) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
