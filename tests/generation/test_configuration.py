@@ -1,0 +1,58 @@
+"""GenerationConfig: files, defaults, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from herd.generation import GenerationConfig
+
+
+def test_reads_llama3_generation_config(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009],
+        "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.45.0.dev0"}))
+    config = GenerationConfig.from_pretrained(tmp_path)
+    assert config.eos_token_id == [128001, 128008, 128009] and config.do_sample and config.temperature == 0.6
+    merged = config.merged_with(None)
+    assert merged.top_k == 50 and merged.max_length == 20 and merged.top_p == 0.9
+    config.save_pretrained(tmp_path / "out")
+    assert GenerationConfig.from_pretrained(tmp_path / "out") == config
+
+
+def test_user_values_win_over_model_defaults():
+    model_defaults = GenerationConfig(temperature=0.6, max_new_tokens=100)
+    call = GenerationConfig()
+    unused = call.update(temperature=0.9, foo=1)
+    assert unused == {"foo": 1}
+    merged = call.merged_with(model_defaults)
+    assert merged.temperature == 0.9 and merged.max_new_tokens == 100
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
+    (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+    (dict(do_sample=True, top_p=1.5), "top_p must be in"),
+    (dict(do_sample=True, top_p=0.0), "top_p must be in"),
+    (dict(do_sample=True, top_k=-1), "top_k must be a non-negative"),
+    (dict(do_sample=True, min_p=2.0), "min_p must be in"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(num_return_sequences=2), "num_return_sequences > 1 needs"),
+    (dict(num_beams=2, num_return_sequences=3), "cannot exceed num_beams"),
+    (dict(num_beams=0), "num_beams must be a positive"),
+    (dict(cache_implementation="paged"), "cache_implementation"),
+    (dict(early_stopping="sometimes"), "early_stopping"),
+])
+def test_bad_values_are_clear_errors(kwargs, message):
+    config = GenerationConfig()
+    config.update(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        config.merged_with(None).validate()
+
+
+def test_unsupported_options_are_refused_not_ignored():
+    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
+        GenerationConfig().update(no_repeat_ngram_size=3)
+    GenerationConfig().update(no_repeat_ngram_size=0)  # "off" is fine

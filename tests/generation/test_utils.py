@@ -1,0 +1,227 @@
+"""generate() returns exactly the reference's tokens on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from herd.generation import GenerationConfig
+from tests.conftest import max_abs_diff, reference_llama, save_reference
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    # A larger vocabulary than the other tests' so that greedy paths differ between prompts.
+    reference = reference_llama(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128, seed=7)
+    folder = save_reference(reference, tmp_path_factory.mktemp("gen") / "ckpt")
+    return reference, herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+
+
+def _prompts(lengths=(9, 5, 2), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(1, 256, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def _both(pair, ids, mask, seed=None, **kwargs):
+    reference, ours = pair
+    outputs = []
+    for model in (reference, ours):
+        if seed is not None:
+            torch.manual_seed(seed)
+        outputs.append(model.generate(ids, attention_mask=mask, pad_token_id=PAD, **kwargs))
+    return outputs
+
+
+def test_greedy_single_prompt(pair):
+    ids, mask = _prompts((6,))
+    expected, got = _both(pair, ids, mask, max_new_tokens=15)
+    assert got.shape == (1, 21) and torch.equal(got, expected)
+
+
+def test_greedy_left_padded_batch_rows_equal_rows_alone(pair):
+    _, ours = pair
+    ids, mask = _prompts()
+    expected, got = _both(pair, ids, mask, max_new_tokens=12)
+    assert torch.equal(got, expected)
+    for row in range(3):
+        alone = ids[row : row + 1, mask[row].bool()]
+        single = ours.generate(alone, max_new_tokens=12, pad_token_id=PAD)
+        assert torch.equal(single[0, alone.shape[1] :], got[row, ids.shape[1] :])
+
+
+def test_eos_inside_the_batch_pads_finished_rows(pair):
+    reference, _ = pair
+    ids, mask = _prompts()
+    free = reference.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
+    eos = int(free[1, ids.shape[1] + 3])  # row 1 emits this fourth: make it an eos
+    expected, got = _both(pair, ids, mask, max_new_tokens=10, eos_token_id=[eos, 255])
+    assert torch.equal(got, expected)
+    new = got[1, ids.shape[1] :].tolist()
+    stop = new.index(eos)
+    assert all(t == PAD for t in new[stop + 1 :])
+
+
+def test_max_length_min_new_tokens_and_all_rows_stopping(pair):
+    ids, mask = _prompts()
+    for kwargs in (dict(max_length=14), dict(max_new_tokens=6, min_new_tokens=4, eos_token_id=[5, 6, 7]),
+                   dict(max_new_tokens=8, min_length=12, eos_token_id=9)):
+        expected, got = _both(pair, ids, mask, **kwargs)
+        assert torch.equal(got, expected), kwargs
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_cache_implementations_give_same_tokens(pair, cache_implementation):
+    _, ours = pair
+    ids, mask = _prompts()
+    expected = pair[0].generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, cache_implementation=cache_implementation)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(top_k=10),
+    dict(temperature=0.7, top_p=0.9),
+    dict(top_k=0, min_p=0.1, temperature=1.3),
+    dict(repetition_penalty=1.5, top_k=20),
+    dict(num_return_sequences=3, top_p=0.8),
+])
+def test_sampling_with_the_same_seed_gives_the_reference_tokens(pair, kwargs):
+    ids, mask = _prompts()
+    expected, got = _both(pair, ids, mask, seed=11, do_sample=True, max_new_tokens=10, **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_seeded_generator_is_reproducible_and_independent_of_global_seed(pair):
+    _, ours = pair
+    ids, mask = _prompts()
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        generator = torch.Generator().manual_seed(5)
+        runs.append(ours.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, pad_token_id=PAD,
+                                  generator=generator))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_repetition_penalty_greedy(pair):
+    ids, mask = _prompts()
+    expected, got = _both(pair, ids, mask, max_new_tokens=12, repetition_penalty=2.0)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_beams=2),
+    dict(num_beams=3, num_return_sequences=3),
+    dict(num_beams=4, length_penalty=0.3, num_return_sequences=2),
+    dict(num_beams=3, length_penalty=2.0, early_stopping=True),
+    dict(num_beams=3, early_stopping="never", eos_token_id=[7, 11]),
+])
+def test_beam_search_matches_reference(pair, kwargs):
+    ids, mask = _prompts()
+    kwargs.setdefault("eos_token_id", None)
+    if kwargs["eos_token_id"] is None:
+        # Pick an eos that the beams do produce, so that beams finish early.
+        free = pair[0].generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=PAD)
+        kwargs["eos_token_id"] = int(free[0, -3])
+    expected, got = _both(pair, ids, mask, max_new_tokens=9, **kwargs)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_beam_search_scores_and_beam_sampling(pair):
+    ids, mask = _prompts((5, 3))
+    expected, got = _both(pair, ids, mask, num_beams=3, max_new_tokens=6, return_dict_in_generate=True,
+                          output_scores=True, output_logits=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max_abs_diff(got.sequences_scores, expected.sequences_scores) < 1e-4
+    assert torch.equal(got.beam_indices, expected.beam_indices)
+    assert len(got.scores) == len(expected.scores)
+    assert all(max_abs_diff(a, b) < 1e-4 for a, b in zip(got.scores, expected.scores))
+    expected, got = _both(pair, ids, mask, seed=3, num_beams=2, do_sample=True, top_k=20, max_new_tokens=6)
+    assert torch.equal(got, expected)
+
+
+def test_return_dict_scores_and_logits_match_reference(pair):
+    ids, mask = _prompts()
+    expected, got = _both(pair, ids, mask, max_new_tokens=5, return_dict_in_generate=True, output_scores=True,
+                          output_logits=True, do_sample=True, top_k=5, seed=0)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.scores) == len(got.logits) == 5
+    for mine, theirs in zip(got.scores, expected.scores):
+        assert torch.equal(torch.isinf(mine), torch.isinf(theirs))
+        finite = torch.isfinite(theirs)
+        assert max_abs_diff(mine[finite], theirs[finite]) < 1e-4
+    for mine, theirs in zip(got.logits, expected.logits):
+        assert max_abs_diff(mine, theirs) < 1e-4
+    assert isinstance(got.past_key_values, herd.Cache)
+
+
+def test_generation_config_from_file_is_used(tmp_path):
+    reference = reference_llama(max_position_embeddings=128)
+    folder = save_reference(reference, tmp_path / "ckpt")
+    GenerationConfig(max_new_tokens=3, eos_token_id=[2, 3], pad_token_id=PAD).save_pretrained(folder)
+    model = herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+    assert model.generation_config.eos_token_id == [2, 3]
+    out = model.generate(torch.tensor([[5, 6, 7]]))
+    assert out.shape[1] <= 6
+    # a per-call value wins, and a passed GenerationConfig too
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=1).shape == (1, 4)
+    assert model.generate(torch.tensor([[5, 6, 7]]), generation_config=GenerationConfig(max_new_tokens=2)).shape[1] <= 5
+
+
+@pytest.fixture(scope="module")
+def spm_pair(tmp_path_factory):
+    """A tiny model over the real 32k SentencePiece-style vocabulary, with its tokenizer."""
+    import transformers
+
+    from tests.conftest import SHARED_DATA
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "spm-llama-style")
+    tokenizer.pad_token = tokenizer.unk_token  # id 0, the PAD of these tests
+    reference = reference_llama(vocab_size=32000, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                num_key_value_heads=1, max_position_embeddings=128, seed=3)
+    folder = save_reference(reference, tmp_path_factory.mktemp("spm") / "ckpt")
+    return reference, herd.LlamaForCausalLM.from_pretrained(folder, progress=False), tokenizer
+
+
+def test_stop_strings_match_reference(spm_pair):
+    reference, ours, tokenizer = spm_pair
+    ids = tokenizer(["Hello there, my friend", "Hi"], return_tensors="pt", padding=True)
+    free = reference.generate(**ids, max_new_tokens=12, pad_token_id=PAD)
+    new_text = tokenizer.decode(free[0, ids.input_ids.shape[1]:])
+    middle = len(new_text) // 2
+    stops = [new_text[middle : middle + 3], new_text[middle - 1 : middle + 1], [new_text[-4:-1], "zzzz"], "never-there"]
+    for stop in stops:
+        expected = reference.generate(**ids, max_new_tokens=12, pad_token_id=PAD, stop_strings=stop, tokenizer=tokenizer)
+        got = ours.generate(**ids, max_new_tokens=12, pad_token_id=PAD, stop_strings=stop, tokenizer=tokenizer)
+        assert torch.equal(got, expected), stop
+        stopped_early = got.shape[1] < free.shape[1] or not torch.equal(got, free)
+        assert stopped_early == (stop != "never-there"), stop
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        ours.generate(**ids, max_new_tokens=3, stop_strings="x")
+
+
+def test_generate_errors(pair):
+    _, ours = pair
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="exceeds the model's context of 128"):
+        ours.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=20)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        ours.generate(ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ours.generate(ids, do_sample=True, temperature=-1.0)
+    with pytest.raises(ValueError, match="nothing is left to generate"):
+        ours.generate(torch.ones(1, 25, dtype=torch.long), max_length=20)
+    with pytest.raises(TypeError, match="does not know: colour"):
+        ours.generate(ids, colour="red")
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        ours.generate(torch.tensor([[1, 999]]), max_new_tokens=2)
