@@ -77,3 +77,20 @@ def test_bfloat16_on_cuda_matches_reference_on_cuda(checkpoint):
         got = model(ids, attention_mask=mask).logits
     assert got.dtype == torch.bfloat16
     assert max_abs_diff(got[mask.bool()], expected[mask.bool()]) < 2e-2
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_greedy_generation_on_cuda_matches_reference(checkpoint, cache_implementation):
+    import transformers
+
+    folder, _ = checkpoint
+    reference = transformers.LlamaForCausalLM.from_pretrained(folder, device_map="cuda").eval()
+    model = herd.LlamaForCausalLM.from_pretrained(folder, device_map="cuda", progress=False)
+    ids, mask = (t.cuda() for t in _batch())
+    ids = ids.masked_fill(mask == 0, 0)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         cache_implementation=cache_implementation)
+    assert torch.equal(got, expected)
+    beams_expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, pad_token_id=0)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, pad_token_id=0), beams_expected)

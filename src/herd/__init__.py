@@ -16,6 +16,14 @@ from .auto import (
 )
 from .cache import Cache, DynamicCache, StaticCache
 from .configuration import PretrainedConfig, PreTrainedConfig
+from .generation import (
+    GenerateBeamDecoderOnlyOutput,
+    GenerateDecoderOnlyOutput,
+    GenerationConfig,
+    GenerationMixin,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 from .loading import CheckpointError, UnsafeCheckpointError
 from .modeling_utils import PreTrainedModel
 from .models.llama import (
@@ -27,6 +35,7 @@ from .models.llama import (
     LlamaModel,
     LlamaPreTrainedModel,
 )
+from .pipelines import TextGenerationPipeline, pipeline
 
 __all__ = [
     "AutoConfig",
@@ -38,6 +47,10 @@ __all__ = [
     "Cache",
     "CheckpointError",
     "DynamicCache",
+    "GenerateBeamDecoderOnlyOutput",
+    "GenerateDecoderOnlyOutput",
+    "GenerationConfig",
+    "GenerationMixin",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",
@@ -49,5 +62,9 @@ __all__ = [
     "PreTrainedModel",
     "PretrainedConfig",
     "StaticCache",
+    "TextGenerationPipeline",
+    "TextIteratorStreamer",
+    "TextStreamer",
     "UnsafeCheckpointError",
+    "pipeline",
 ]
