@@ -36,6 +36,7 @@ from .models.llama import (
     LlamaPreTrainedModel,
 )
 from .pipelines import TextGenerationPipeline, pipeline
+from .tokenization import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
 __all__ = [
     "AutoConfig",
@@ -44,6 +45,8 @@ __all__ = [
     "AutoModelForQuestionAnswering",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
+    "AutoTokenizer",
+    "BatchEncoding",
     "Cache",
     "CheckpointError",
     "DynamicCache",
@@ -58,8 +61,11 @@ __all__ = [
     "LlamaForTokenClassification",
     "LlamaModel",
     "LlamaPreTrainedModel",
+    "LlamaTokenizer",
+    "LlamaTokenizerFast",
     "PreTrainedConfig",
     "PreTrainedModel",
+    "PreTrainedTokenizerFast",
     "PretrainedConfig",
     "StaticCache",
     "TextGenerationPipeline",

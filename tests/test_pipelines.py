@@ -1,0 +1,79 @@
+"""pipeline("text-generation") returns what the reference pipeline returns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from tests.conftest import SHARED_DATA, reference_llama, save_reference
+
+LLAMA31 = SHARED_DATA / "tokenizers" / "llama3.1"
+
+
+@pytest.fixture(scope="module")
+def chat_model_folder(tmp_path_factory):
+    """A tiny random Llama over the real Llama 3.1 vocabulary, saved with its tokenizer and chat template."""
+    import transformers
+
+    reference = reference_llama(vocab_size=128256, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                num_key_value_heads=1, max_position_embeddings=512, seed=2,
+                                bos_token_id=128000, eos_token_id=[128001, 128009], pad_token_id=None)
+    folder = save_reference(reference, tmp_path_factory.mktemp("pipe") / "ckpt")
+    transformers.AutoTokenizer.from_pretrained(LLAMA31).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipes(chat_model_folder):
+    import transformers
+
+    reference = transformers.pipeline("text-generation", model=str(chat_model_folder), dtype=torch.float32)
+    ours = herd.pipeline("text-generation", model=str(chat_model_folder), dtype=torch.float32)
+    return reference, ours
+
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a planet."}]
+CHAT2 = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count to 3"}]
+
+
+@pytest.mark.parametrize("inputs", ["The capital of France is", ["Hello", "A much longer prompt about the sea"], CHAT, [CHAT, CHAT2]],
+                         ids=["string", "strings", "chat", "chats"])
+@pytest.mark.parametrize("return_full_text", [True, False])
+def test_matches_reference_pipeline(pipes, inputs, return_full_text):
+    reference, ours = pipes
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_full_text=return_full_text)
+    assert ours(inputs, **kwargs) == reference(inputs, **kwargs)
+
+
+def test_batched_rows_equal_rows_alone(pipes):
+    _, ours = pipes
+    prompts = ["Hello", "A much longer prompt about the sea", "x"]
+    assert ours(prompts, max_new_tokens=6, batch_size=3) == ours(prompts, max_new_tokens=6, batch_size=1)
+
+
+def test_continue_final_message_and_num_return_sequences(pipes):
+    reference, ours = pipes
+    partial = CHAT + [{"role": "assistant", "content": "It is"}]
+    assert ours(partial, max_new_tokens=5, do_sample=False) == reference(partial, max_new_tokens=5, do_sample=False)
+    torch.manual_seed(0)
+    sampled = ours("Hello", max_new_tokens=4, do_sample=True, num_return_sequences=3)
+    assert len(sampled) == 3 and all(r["generated_text"].startswith("Hello") for r in sampled)
+
+
+def test_pipeline_from_a_loaded_model(chat_model_folder):
+    model = herd.AutoModelForCausalLM.from_pretrained(chat_model_folder, progress=False)
+    tokenizer = herd.AutoTokenizer.from_pretrained(chat_model_folder)
+    pipe = herd.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = pipe("Hello", max_new_tokens=3)
+    assert isinstance(out, list) and out[0]["generated_text"].startswith("Hello")
+
+
+def test_pipeline_errors(chat_model_folder, pipes):
+    _, ours = pipes
+    with pytest.raises(ValueError, match="unsupported pipeline task"):
+        herd.pipeline("summarization", model=str(chat_model_folder))
+    with pytest.raises(ValueError, match="must be a string or a chat"):
+        ours([42])
+    with pytest.raises(ValueError, match="role"):
+        ours([{"content": "no role"}], max_new_tokens=2)
