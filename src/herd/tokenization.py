@@ -1,0 +1,1805 @@
+"""Tokenizers with the transformers API, built on the Hugging Face `tokenizers` library.
+
+One class, `PreTrainedTokenizerFast` (also reachable as `LlamaTokenizer`, `LlamaTokenizerFast` and
+through `AutoTokenizer`), wraps a `tokenizers.Tokenizer` loaded from a `tokenizer.json`. The BPE,
+normalization, pre-tokenization, special-token templates, padding and truncation all run in the
+`tokenizers` library; this module decides which options to hand it, so that ids, strings and
+chat prompts come out exactly as transformers 5.17 makes them.
+
+Chat templates are rendered with jinja2 in an immutable sandbox, with the helpers chat templates
+expect (`raise_exception`, `strftime_now`, a `tojson` filter that does not escape HTML or
+non-ASCII text).
+
+Only `tokenizer.json` tokenizers are read. A folder with a lone SentencePiece `tokenizer.model` is
+refused with an explanation; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+import logging
+import os
+import re
+import types
+import typing
+import warnings
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Encoding, Tokenizer, processors
+
+from . import hub
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AddedToken",
+    "AutoTokenizer",
+    "BatchEncoding",
+    "LlamaTokenizer",
+    "LlamaTokenizerFast",
+    "PreTrainedTokenizerFast",
+]
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+# What a tokenizer may read from a Hub repository (no weights).
+_TOKENIZER_PATTERNS = [
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    CHAT_TEMPLATE_FILE,
+    CHAT_TEMPLATE_JSON_FILE,
+    f"{CHAT_TEMPLATE_DIR}/*.jinja",
+    "config.json",
+    SENTENCEPIECE_FILE,
+]
+
+# transformers' stand-in for "no limit" (model_max_length of 1e30); anything above 1e20 counts as
+# "no maximum" when a padding or truncation length has to be guessed.
+VERY_LARGE_INTEGER = int(1e30)
+LARGE_INTEGER = int(1e20)
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
+TRUNCATION_STRATEGIES = ("only_first", "only_second", "longest_first", "do_not_truncate")
+
+# Keys of tokenizer_config.json that describe where files were, or which transformers backend
+# loaded them: meaningless once loaded, and never written back.
+_CONFIG_KEYS_NOT_SAVED = {
+    "added_tokens_decoder",
+    "add_bos_token",
+    "add_eos_token",
+    "backend",
+    "chat_template",
+    "fast_tokenizer_files",
+    "files_loaded",
+    "init_inputs",
+    "is_local",
+    "local_files_only",
+    "name_or_path",
+    "special_tokens_map_file",
+    "tokenizer_file",
+    "vocab_file",
+    "merges_file",
+}
+
+# from_pretrained arguments meant for hub.resolve, and those accepted and ignored for compatibility.
+_HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+_IGNORED_ARGUMENTS = (
+    "force_download",
+    "proxies",
+    "resume_download",
+    "trust_remote_code",
+    "use_fast",
+    "_from_auto",
+    "_commit_hash",
+    "_from_pipeline",
+    "config",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchEncoding
+# ----------------------------------------------------------------------------------------------
+
+
+def _nested_is_empty(value: Any) -> bool:
+    """True for [], [[]], [[], []]...: lists with no scalar anywhere inside."""
+    if isinstance(value, (list, tuple)):
+        return all(_nested_is_empty(item) for item in value)
+    return False
+
+
+def _tensor_type_name(tensor_type: Any) -> str | None:
+    """'pt', 'np' or None, from a string or an enum with a string value (transformers' TensorType)."""
+    if tensor_type is None:
+        return None
+    name = getattr(tensor_type, "value", tensor_type)
+    if name not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {tensor_type!r}")
+    return name
+
+
+def _as_torch(value: Any):
+    import torch
+
+    if torch.is_tensor(value):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if _nested_is_empty(value):
+        return torch.tensor(value, dtype=torch.int64)
+    return torch.tensor(value)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if _nested_is_empty(value):
+        return np.asarray(value, dtype=np.int64)
+    rows_are_sequences = isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray))
+    if rows_are_sequences and len({len(row) for row in value}) > 1:
+        # Ragged rows: like transformers, numpy gets an object array of 1-D arrays.
+        ragged = np.empty(len(value), dtype=object)
+        ragged[:] = [np.asarray(row) for row in value]
+        return ragged
+    return np.asarray(value)
+
+
+class BatchEncoding(dict):
+    """The output of a tokenizer call: a dict ("input_ids", "attention_mask", ...) with attribute access.
+
+    `enc.input_ids` is `enc["input_ids"]`; `enc[0]` is the `tokenizers.Encoding` of the first sequence
+    (offsets, word ids...); `enc.to(device)` moves torch tensors.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any] | None = None,
+        encoding: Encoding | list[Encoding] | None = None,
+        tensor_type: str | None = None,
+        prepend_batch_axis: bool = False,
+        n_sequences: int | None = None,
+    ):
+        super().__init__(data or {})
+        if isinstance(encoding, Encoding):
+            encoding = [encoding]
+        self._encodings = encoding
+        if n_sequences is None and encoding:
+            n_sequences = encoding[0].n_sequences
+        self._n_sequences = n_sequences
+        self.convert_to_tensors(tensor_type=tensor_type, prepend_batch_axis=prepend_batch_axis)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when ordinary attribute lookup fails: fall back to the dict's keys.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no attribute or key {name!r}") from None
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return dict.__getitem__(self, key)
+        if isinstance(key, int) and self._encodings is not None:
+            return self._encodings[key]
+        if isinstance(key, slice):
+            return {name: value[key] for name, value in self.items()}
+        raise KeyError(f"BatchEncoding keys are field names (str), slices, or batch indices (int); got {key!r}")
+
+    @property
+    def encodings(self) -> list[Encoding] | None:
+        return self._encodings
+
+    @property
+    def n_sequences(self) -> int | None:
+        return self._n_sequences
+
+    @property
+    def is_fast(self) -> bool:
+        return self._encodings is not None
+
+    def _encoding(self, batch_index: int) -> Encoding:
+        if self._encodings is None:
+            raise ValueError("this BatchEncoding was not made by a tokenizer call, so it has no token alignment")
+        return self._encodings[batch_index]
+
+    def tokens(self, batch_index: int = 0) -> list[str]:
+        return self._encoding(batch_index).tokens
+
+    def word_ids(self, batch_index: int = 0) -> list[int | None]:
+        return self._encoding(batch_index).word_ids
+
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        return self._encoding(batch_index).sequence_ids
+
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0):
+        if char_index is None:
+            batch_index, char_index = 0, batch_or_char_index
+        else:
+            batch_index = batch_or_char_index
+        return self._encoding(batch_index).char_to_token(char_index, sequence_index)
+
+    def convert_to_tensors(self, tensor_type: str | None = None, prepend_batch_axis: bool = False) -> BatchEncoding:
+        """Turn every value into a torch tensor ('pt') or a numpy array ('np'), in place."""
+        name = _tensor_type_name(tensor_type)
+        if name is None:
+            return self
+        convert = _as_torch if name == "pt" else _as_numpy
+        for key, value in self.items():
+            if prepend_batch_axis:
+                value = [value]
+            try:
+                self[key] = convert(value)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"Unable to create a tensor from `{key}`: its rows have different lengths. Pass padding=True "
+                    "(and truncation=True if needed) to get batched tensors of one length."
+                ) from error
+        return self
+
+    def to(self, device: Any, *, non_blocking: bool = False) -> BatchEncoding:
+        """Move every torch tensor to `device` (other values are left as they are); returns self."""
+        import torch
+
+        if not isinstance(device, (str, int, torch.device)):
+            # Mirrors transformers: a dtype here (model.half() style code) is not applied to token ids.
+            logger.warning("BatchEncoding.to() takes a device, not %r; nothing was moved", device)
+            return self
+        for key, value in list(self.items()):
+            if torch.is_tensor(value):
+                self[key] = value.to(device=device, non_blocking=non_blocking)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding and truncation options
+# ----------------------------------------------------------------------------------------------
+
+
+def _padding_strategy(padding: Any) -> str:
+    if padding is False or padding is None:
+        return "do_not_pad"
+    if padding is True:
+        return "longest"
+    name = getattr(padding, "value", padding)
+    if name not in PADDING_STRATEGIES:
+        raise ValueError(f"padding must be True, False or one of {PADDING_STRATEGIES}, got {padding!r}")
+    return name
+
+
+def _truncation_strategy(truncation: Any) -> str:
+    if truncation is False or truncation is None:
+        return "do_not_truncate"
+    if truncation is True:
+        return "longest_first"
+    name = getattr(truncation, "value", truncation)
+    if name not in TRUNCATION_STRATEGIES:
+        raise ValueError(f"truncation must be True, False or one of {TRUNCATION_STRATEGIES}, got {truncation!r}")
+    return name
+
+
+def _is_text_input(text: Any) -> bool:
+    """A string, a list of strings, or (pre-tokenized) lists of lists of strings."""
+    if isinstance(text, str):
+        return True
+    if not isinstance(text, (list, tuple)):
+        return False
+    if len(text) == 0 or isinstance(text[0], str):
+        return True
+    if isinstance(text[0], (list, tuple)):
+        return len(text[0]) == 0 or isinstance(text[0][0], (str, list, tuple))
+    return False
+
+
+def _to_python(value: Any) -> Any:
+    """Token ids given as torch tensors, numpy arrays or numpy scalars, as plain Python ints and lists."""
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {key: _to_python(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_python(item) for item in value]
+    return value
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from a config value: a string, an AddedToken, or its serialized dict."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, AddedToken):
+        return value.content
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"a special token must be a string or an AddedToken, got {value!r}")
+
+
+def _added_token_from_dict(entry: Mapping[str, Any]) -> AddedToken:
+    fields = {key: entry[key] for key in ("single_word", "lstrip", "rstrip", "normalized", "special") if key in entry}
+    return AddedToken(entry["content"], **fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat templates
+# ----------------------------------------------------------------------------------------------
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """Accepts `{% generation %}...{% endgeneration %}` (used to mark assistant text) and renders the body.
+
+    Templates written for assistant-token masks use this tag; without the extension they would not
+    even compile. herd renders the body unchanged and does not compute the mask.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    def _render_body(self, caller):
+        return caller()
+
+
+def _raise_template_error(message: str):
+    """`raise_exception(...)` inside a template: the template's own way of rejecting a conversation."""
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False):
+    # jinja2's own tojson escapes <, >, & and ' for HTML, which would change the prompt; chat
+    # templates expect plain json.dumps (with its indent/separators/sort_keys options) and UTF-8 text.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(date_format: str) -> str:
+    return datetime.now().strftime(date_format)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_chat_template(source: str) -> jinja2.Template:
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_template_error
+    environment.globals["strftime_now"] = _strftime_now
+    return environment.from_string(source)
+
+
+_TOOL_ROLES = ("tool", "ipython", "function")
+
+
+def _check_content(content: Any, role: str, where: str) -> None:
+    if isinstance(content, str):
+        return
+    if role in _TOOL_ROLES and isinstance(content, (Mapping, list, tuple, int, float, bool)):
+        return  # tool results may be structured; templates serialize them (e.g. with tojson)
+    if isinstance(content, (list, tuple)):
+        for position, item in enumerate(content):
+            if not isinstance(item, Mapping):
+                raise ValueError(
+                    f"{where}: content item {position} is a {type(item).__name__}; a list content holds dicts "
+                    'such as {"type": "text", "text": "..."}'
+                )
+        return
+    raise ValueError(
+        f"{where}: content must be a string or a list of content dicts such as "
+        f'{{"type": "text", "text": "..."}}, got {type(content).__name__}'
+    )
+
+
+def _check_message(message: Any, where: str) -> None:
+    if not isinstance(message, Mapping):
+        raise ValueError(f"{where} is a {type(message).__name__}, not a dict with 'role' and 'content' keys")
+    if "role" not in message:
+        raise ValueError(f"{where} has no 'role' key (keys: {sorted(message)})")
+    role = message["role"]
+    if not isinstance(role, str):
+        raise ValueError(f"{where}: 'role' must be a string, got {type(role).__name__}")
+    if "content" not in message or message["content"] is None:
+        if message.get("tool_calls"):
+            return  # an assistant turn that only calls tools
+        raise ValueError(f"{where} (role {role!r}) has no 'content'")
+    _check_content(message["content"], role, where)
+
+
+def _messages_of(conversation: Any) -> Any:
+    # transformers' pipelines wrap conversations in objects with a `.messages` list.
+    return conversation.messages if hasattr(conversation, "messages") else conversation
+
+
+def _check_conversation(conversation: Any, label: str) -> None:
+    if not isinstance(conversation, (list, tuple)):
+        raise ValueError(
+            f"{label} must be a list of messages (dicts with 'role' and 'content'), got {type(conversation).__name__}"
+        )
+    if len(conversation) == 0:
+        raise ValueError(f"Cannot apply a chat template to an empty conversation ({label}): give at least one message")
+    for index, message in enumerate(conversation):
+        _check_message(message, f"{label}, message {index}")
+
+
+def _split_batch(conversation: Any) -> tuple[list[Any], bool]:
+    """(list of conversations, whether the input was a batch)."""
+    if isinstance(conversation, (list, tuple)) and conversation:
+        first = conversation[0]
+        if isinstance(first, (list, tuple)) or hasattr(first, "messages"):
+            return [_messages_of(item) for item in conversation], True
+    return [_messages_of(conversation)], False
+
+
+# Appended to the message being continued, so that its end can be found in the rendered text.
+_CONTINUATION_MARK = "HERD_CONTINUE_FINAL_MESSAGE_MARK "
+
+
+def _mark_final_message(messages: list, field: str, template_source: str) -> tuple[list, str]:
+    """A copy of `messages` with the mark after the text of the last message, and that text."""
+    messages = copy.deepcopy(list(messages))
+    final = messages[-1].get(field)
+    if final is None:
+        raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue')
+    if field not in template_source:
+        raise ValueError(f'continue_final_message is set to "{field}", which the chat template never uses')
+    if isinstance(final, (list, tuple)):
+        # Continue the last text block of a multi-part content.
+        for block in reversed(final):
+            if "text" in block:
+                text = block["text"]
+                block["text"] = text + _CONTINUATION_MARK
+                return messages, text
+        raise ValueError("continue_final_message is set but the final message has no text block to continue")
+    messages[-1] = {**messages[-1], field: final + _CONTINUATION_MARK}
+    return messages, final
+
+
+def _cut_at_mark(rendered: str, final_text: str) -> str:
+    """Everything before the mark: the prompt ends inside the final message, open for the model to continue."""
+    mark = _CONTINUATION_MARK.strip()
+    if final_text.strip() not in rendered or mark not in rendered:
+        raise ValueError(
+            "continue_final_message is set but the final message does not appear in the rendered chat; the "
+            "template changes or drops it, so it cannot be continued.\n"
+            f"Final message: {final_text.strip()}\nRendered chat:\n{rendered}"
+        )
+    position = rendered.rindex(mark)
+    if rendered[position : position + len(_CONTINUATION_MARK)] == _CONTINUATION_MARK:
+        return rendered[:position]
+    # The template trimmed the message's trailing whitespace (and the mark's space with it): trim ours too.
+    return rendered[:position].rstrip()
+
+
+# -- tools given as Python functions: JSON schema from type hints and a Google-style docstring --
+
+_BASIC_JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}
+
+
+def _json_schema_for_type(hint: Any) -> dict:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is None:
+        if hint is typing.Any:
+            return {}
+        if hint in _BASIC_JSON_TYPES:
+            return {"type": _BASIC_JSON_TYPES[hint]}
+        if hint is list or hint is tuple:
+            return {"type": "array"}
+        return {"type": "object"}  # dicts and other classes, as transformers maps them
+    if origin is typing.Union or origin is types.UnionType:
+        members = [_json_schema_for_type(arg) for arg in args if arg is not type(None)]
+        if len(members) == 1:
+            schema = members[0]
+        elif all(isinstance(member.get("type"), str) for member in members):
+            schema = {"type": sorted(member["type"] for member in members)}
+        else:
+            schema = {"anyOf": members}
+        if type(None) in args:
+            schema["nullable"] = True
+        return schema
+    if origin is typing.Literal:
+        kinds = []
+        for value in args:
+            kind = _BASIC_JSON_TYPES.get(type(value))
+            if kind is None:
+                raise ValueError(f"Literal values must be str, int, float, bool or None, got {value!r}")
+            if kind not in kinds:
+                kinds.append(kind)
+        return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": list(args)}
+    if origin is list:
+        return {"type": "array", "items": _json_schema_for_type(args[0])} if args else {"type": "array"}
+    if origin is tuple:
+        if len(args) == 1 or Ellipsis in args:
+            raise ValueError(f"cannot describe {hint} in a tool schema: use list[...] for variable-length inputs")
+        return {"type": "array", "prefixItems": [_json_schema_for_type(arg) for arg in args]}
+    if origin is dict:
+        schema = {"type": "object"}
+        if len(args) == 2:
+            schema["additionalProperties"] = _json_schema_for_type(args[1])
+        return schema
+    raise NotImplementedError(f"herd cannot turn the type hint {hint} into a tool schema; pass a JSON schema dict")
+
+
+_SECTION_HEADERS = ("Args:", "Returns:", "Raises:")
+
+
+def _docstring_sections(doc: str) -> tuple[str, list[str], list[str]]:
+    """(description, lines of the Args block, lines of the Returns block) of a Google-style docstring."""
+    sections: dict[str, list[str]] = {"description": [], "Args:": [], "Returns:": [], "Raises:": []}
+    current = "description"
+    for line in doc.splitlines():
+        if line.strip() in _SECTION_HEADERS:
+            current = line.strip()
+            continue
+        sections[current].append(line)
+    return "\n".join(sections["description"]).strip(), sections["Args:"], sections["Returns:"]
+
+
+def _argument_descriptions(lines: list[str]) -> dict[str, str]:
+    """`name: text` entries; continuation lines join the entry above with single spaces."""
+    descriptions: dict[str, list[str]] = {}
+    current = None
+    for line in lines:
+        if not line.strip():
+            continue
+        match = re.match(r"\s*(\w+):\s*(.*)$", line)
+        if match:
+            current = match.group(1)
+            descriptions[current] = [match.group(2).strip()]
+        elif current is not None:
+            descriptions[current].append(line.strip())
+    return {name: " ".join(part for part in parts if part) for name, parts in descriptions.items()}
+
+
+def _function_tool_schema(function: Any) -> dict:
+    """The JSON schema chat templates expect for a Python function offered as a tool."""
+    name = getattr(function, "__name__", "operation")
+    doc = inspect.getdoc(function)
+    if not doc:
+        raise ValueError(f"Cannot describe the tool {name}: it has no docstring (Google style, with an Args: block)")
+    description, argument_lines, return_lines = _docstring_sections(doc.strip())
+    argument_docs = _argument_descriptions(argument_lines)
+    parameters = list(inspect.signature(function).parameters.values())
+    # A method's receiver (self/cls without a hint) is not an argument of the tool.
+    if parameters and parameters[0].name in ("self", "cls") and parameters[0].annotation is inspect.Parameter.empty:
+        parameters = parameters[1:]
+    for parameter in parameters:
+        if parameter.annotation is inspect.Parameter.empty:
+            raise ValueError(f"Cannot describe the tool {name}: argument {parameter.name} has no type hint")
+    hints = typing.get_type_hints(function)
+    properties = {arg: _json_schema_for_type(hint) for arg, hint in hints.items()}
+    return_schema = properties.pop("return", None)
+    for arg, schema in properties.items():
+        if arg not in argument_docs:
+            raise ValueError(f"Cannot describe the tool {name}: its docstring does not describe the argument {arg!r}")
+        text = argument_docs[arg]
+        choices = re.search(r"\(choices:\s*(.*?)\)\s*$", text, flags=re.IGNORECASE)
+        if choices:
+            schema["enum"] = [c.strip() if isinstance(c, str) else c for c in json.loads(choices.group(1))]
+            text = text[: choices.start()].strip()
+        schema["description"] = text
+    parameters_schema: dict[str, Any] = {"type": "object", "properties": properties}
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty]
+    if required:
+        parameters_schema["required"] = required
+    described: dict[str, Any] = {"name": name, "description": description, "parameters": parameters_schema}
+    if return_schema is not None:
+        returns_text = "\n".join(return_lines).strip()
+        if returns_text:
+            return_schema["description"] = returns_text
+        described["return"] = return_schema
+    return {"type": "function", "function": described}
+
+
+def _tool_schemas(tools: Any) -> list[dict] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list of JSON schema dicts (or functions), got {type(tools).__name__}")
+    schemas = []
+    for tool in tools:
+        if isinstance(tool, Mapping):
+            schemas.append(tool)
+        elif inspect.isfunction(tool) or inspect.ismethod(tool):
+            schemas.append(_function_tool_schema(tool))
+        else:
+            raise ValueError(
+                "each tool must be a JSON schema dict or a Python function with type hints and a Google-style "
+                f"docstring, got {type(tool).__name__}"
+            )
+    return schemas
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a tokenizer folder
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def _read_json_object(path: Path) -> dict:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def _read_chat_templates(folder: Path, config: dict) -> str | dict | None:
+    """The chat template(s) of a folder, as transformers 5.17 picks them.
+
+    chat_template.jinja and additional_chat_templates/*.jinja win over the config's
+    "chat_template"; several templates make a {name: template} dict ("default" for the main one).
+    chat_template.json (the processors' older format) is used only when nothing else is there.
+    """
+    templates: dict[str, str] = {}
+    main = folder / CHAT_TEMPLATE_FILE
+    if main.is_file():
+        templates["default"] = main.read_text(encoding="utf-8")
+    extra_dir = folder / CHAT_TEMPLATE_DIR
+    if extra_dir.is_dir():
+        for path in sorted(extra_dir.glob("*.jinja")):
+            templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+    if list(templates) == ["default"]:
+        return templates["default"]
+    if templates:
+        return templates
+    if config.get("chat_template") is not None:
+        return config["chat_template"]
+    legacy = folder / CHAT_TEMPLATE_JSON_FILE
+    if legacy.is_file():
+        return _read_json_object(legacy).get("chat_template")
+    return None
+
+
+def _normalize_chat_template(template: Any) -> str | dict | None:
+    """Templates are stored as a string, or as a list of {"name", "template"} dicts for several."""
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, Mapping):
+        return dict(template)
+    if isinstance(template, (list, tuple)):
+        try:
+            return {entry["name"]: entry["template"] for entry in template}
+        except (TypeError, KeyError) as error:
+            raise ValueError('a list of chat templates must hold {"name": ..., "template": ...} dicts') from error
+    raise ValueError(f"chat_template must be a string, a dict or a list of named templates, got {type(template).__name__}")
+
+
+def _is_llama_class(tokenizer_class: str | None) -> bool:
+    return tokenizer_class is not None and tokenizer_class.removesuffix("Fast") == "LlamaTokenizer"
+
+
+def _rebuild_like_llama_tokenizer(tokenizer_json: dict, legacy: bool, add_prefix_space: bool) -> dict:
+    """The pipeline transformers' LlamaTokenizer builds around the vocabulary and merges of tokenizer.json.
+
+    transformers 5.17 does not trust the normalizer, pre-tokenizer and decoder of a folder whose
+    tokenizer_class is LlamaTokenizer: it keeps the BPE vocabulary, merges, added tokens and
+    post-processor, and rebuilds the rest: no normalizer, a Metaspace pre-tokenizer ("▁" for spaces,
+    prefixed to every piece when `legacy`, to the first piece only otherwise, never without
+    `add_prefix_space`), byte fallback in the model and a matching decoder. The ids follow from that
+    pipeline, so herd builds the same one.
+    """
+    rebuilt = dict(tokenizer_json)
+    rebuilt["model"] = {
+        **tokenizer_json["model"],
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": True,
+        "byte_fallback": True,
+        "ignore_merges": False,
+    }
+    rebuilt["normalizer"] = None
+    prepend_scheme = ("always" if legacy else "first") if add_prefix_space else "never"
+    rebuilt["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend_scheme, "split": False}
+    decoders = [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if add_prefix_space:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    rebuilt["decoder"] = {"type": "Sequence", "decoders": decoders}
+    return rebuilt
+
+
+def _load_backend(path: Path, llama_options: tuple[bool, bool] | None) -> Tokenizer:
+    """The tokenizers.Tokenizer of tokenizer.json, rebuilt like LlamaTokenizer when `llama_options` is given."""
+    try:
+        if llama_options is None:
+            return Tokenizer.from_file(str(path))
+        data = _read_json_object(path)
+        if not isinstance(data.get("model"), dict) or data["model"].get("type") != "BPE":
+            return Tokenizer.from_str(json.dumps(data))  # the rebuild only applies to BPE vocabularies
+        return Tokenizer.from_str(json.dumps(_rebuild_like_llama_tokenizer(data, *llama_options)))
+    except ValueError:
+        raise
+    except Exception as error:  # the tokenizers library raises plain Exceptions on bad files
+        raise ValueError(f"{path} is not a valid tokenizers file: {error}") from error
+
+
+def _split_from_pretrained_arguments(kwargs: dict) -> tuple[dict, dict]:
+    """(arguments for hub.resolve, tokenizer settings) from a from_pretrained call's kwargs."""
+    hub_arguments = {key: kwargs.pop(key) for key in _HUB_ARGUMENTS if key in kwargs}
+    for key in _IGNORED_ARGUMENTS:
+        kwargs.pop(key, None)
+    if kwargs.get("gguf_file"):
+        raise NotImplementedError("herd does not read tokenizers from GGUF files; use a folder with tokenizer.json")
+    if hub_arguments.get("subfolder") is None:
+        hub_arguments.pop("subfolder", None)
+    return hub_arguments, kwargs
+
+
+def _tokenizer_folder(name_or_path: str | os.PathLike, hub_arguments: dict) -> Path:
+    folder = hub.resolve(name_or_path, allow_patterns=_TOKENIZER_PATTERNS, **hub_arguments)
+    if not (folder / TOKENIZER_FILE).is_file():
+        if (folder / SENTENCEPIECE_FILE).is_file():
+            raise FileNotFoundError(
+                f"{folder} has a SentencePiece {SENTENCEPIECE_FILE} but no {TOKENIZER_FILE}: herd only supports "
+                f"tokenizer.json-based tokenizers (the `tokenizers` library format). Convert it once, e.g. with "
+                f"transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)."
+            )
+        raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE}; herd only supports tokenizer.json-based tokenizers")
+    return folder
+
+
+def _folder_settings(folder: Path, user_settings: dict) -> dict:
+    """Tokenizer settings of a folder, as transformers 5.17 gathers them, with the caller's on top."""
+    config_path = folder / TOKENIZER_CONFIG_FILE
+    settings = _read_json_object(config_path) if config_path.is_file() else {}
+    # With a tokenizer.json, 5.17 ignores the config's add_bos_token/add_eos_token: the post-processor
+    # in tokenizer.json decides which tokens are added. Only explicit arguments override it.
+    settings.pop("add_bos_token", None)
+    settings.pop("add_eos_token", None)
+    if "tokenizer_class" not in settings and (folder / "config.json").is_file():
+        model_config = _read_json_object(folder / "config.json")
+        if isinstance(model_config.get("tokenizer_class"), str):
+            settings["tokenizer_class"] = model_config["tokenizer_class"]
+    templates = _read_chat_templates(folder, settings)
+    if templates is not None:
+        settings["chat_template"] = templates
+    special_map_path = folder / SPECIAL_TOKENS_MAP_FILE
+    # Older folders list their special tokens in special_tokens_map.json; transformers reads it only
+    # when the config has no added_tokens_decoder, and then it wins over the config.
+    if "added_tokens_decoder" not in settings and special_map_path.is_file():
+        for key, value in _read_json_object(special_map_path).items():
+            if key in ("additional_special_tokens", "extra_special_tokens"):
+                existing = [_token_content(t) for t in settings.get("extra_special_tokens") or []]
+                settings["extra_special_tokens"] = existing + [
+                    _token_content(t) for t in value if _token_content(t) not in existing
+                ]
+            else:
+                settings[key] = value
+    settings.update(user_settings)
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def _special_token_property(name: str) -> property:
+    def get(self) -> str | None:
+        return self._special_tokens.get(name)
+
+    def set(self, value: Any) -> None:
+        if value is not None and not isinstance(value, (str, AddedToken)):
+            raise ValueError(f"{name} must be a string (or an AddedToken), got {type(value).__name__}")
+        self._special_tokens[name] = _token_content(value)
+
+    return property(get, set, doc=f"The {name.replace('_', ' ')} (a string), or None.")
+
+
+def _special_token_id_property(name: str) -> property:
+    def get(self) -> int | None:
+        token = self._special_tokens.get(name)
+        return None if token is None else self.convert_tokens_to_ids(token)
+
+    def set(self, value: int | None) -> None:
+        self._special_tokens[name] = None if value is None else self.convert_ids_to_tokens(int(value))
+
+    return property(get, set, doc=f"The id of the {name.replace('_', ' ')}, or None.")
+
+
+class PreTrainedTokenizerFast:
+    """A `tokenizers.Tokenizer` with the transformers tokenizer API (call, encode, decode, pad, chat templates).
+
+    Load one with `from_pretrained(folder_or_hub_id)`, or build one from a `tokenizers.Tokenizer`
+    (`tokenizer_object=`) or a `tokenizer_file=` path, with settings as keyword arguments
+    (bos_token="<s>", padding_side="left", chat_template=..., ...).
+    """
+
+    model_input_names = ["input_ids", "attention_mask"]
+    # Defaults when the config does not say; transformers' LlamaTokenizer class pads on the left.
+    default_padding_side = "right"
+    default_llama_padding_side = "left"
+    default_truncation_side = "right"
+
+    bos_token = _special_token_property("bos_token")
+    eos_token = _special_token_property("eos_token")
+    unk_token = _special_token_property("unk_token")
+    sep_token = _special_token_property("sep_token")
+    pad_token = _special_token_property("pad_token")
+    cls_token = _special_token_property("cls_token")
+    mask_token = _special_token_property("mask_token")
+    bos_token_id = _special_token_id_property("bos_token")
+    eos_token_id = _special_token_id_property("eos_token")
+    unk_token_id = _special_token_id_property("unk_token")
+    sep_token_id = _special_token_id_property("sep_token")
+    pad_token_id = _special_token_id_property("pad_token")
+    cls_token_id = _special_token_id_property("cls_token")
+    mask_token_id = _special_token_id_property("mask_token")
+
+    def __init__(self, tokenizer_object: Tokenizer | None = None, tokenizer_file: str | os.PathLike | None = None, **kwargs):
+        if tokenizer_object is not None:
+            # A copy, so that the padding/truncation settings made per call do not leak to the caller's object.
+            backend = Tokenizer.from_str(tokenizer_object.to_str())
+        elif tokenizer_file is not None:
+            backend = _load_backend(Path(tokenizer_file), None)
+        else:
+            raise ValueError("PreTrainedTokenizerFast needs tokenizer_object= or tokenizer_file=, or use from_pretrained()")
+        self._setup(backend, kwargs, llama_style=False)
+
+    # -- construction --
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *inputs: Any, **kwargs: Any):
+        """Load the tokenizer of a local folder or a Hub repository id (tokenizer.json + tokenizer_config.json).
+
+        Keyword arguments: revision, cache_dir, token, local_files_only, subfolder (where to find it),
+        and any tokenizer setting (padding_side="left", pad_token=..., add_bos_token=..., chat_template=...).
+        """
+        if inputs:
+            raise TypeError("from_pretrained takes the folder or Hub id, then keyword arguments only")
+        hub_arguments, user_settings = _split_from_pretrained_arguments(dict(kwargs))
+        folder = _tokenizer_folder(pretrained_model_name_or_path, hub_arguments)
+        settings = _folder_settings(folder, user_settings)
+        llama_options = None
+        if _is_llama_class(settings.get("tokenizer_class")):
+            # LlamaTokenizer's defaults: no "legacy" key means legacy=False; no add_prefix_space means True.
+            add_prefix_space = settings.get("add_prefix_space")
+            llama_options = (bool(settings.get("legacy", False)), True if add_prefix_space is None else bool(add_prefix_space))
+        backend = _load_backend(folder / TOKENIZER_FILE, llama_options)
+        settings["name_or_path"] = str(pretrained_model_name_or_path)
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup(backend, settings, llama_style=llama_options is not None)
+        return tokenizer
+
+    def _setup(self, backend: Tokenizer, settings: dict, llama_style: bool) -> None:
+        """Apply settings (tokenizer_config.json keys and constructor arguments) to a fresh backend.
+
+        `llama_style`: the backend was rebuilt like transformers' LlamaTokenizer (see from_pretrained).
+        """
+        settings = dict(settings)
+        self._tokenizer = backend
+        self.name_or_path = str(settings.pop("name_or_path", ""))
+        settings.pop("tokenizer_class", None)
+        self._llama_style = llama_style
+
+        # Padding/truncation stored in tokenizer.json only provide defaults: each call sets its own.
+        if backend.padding is not None:
+            settings.setdefault("pad_token", backend.padding["pad_token"])
+            settings.setdefault("padding_side", backend.padding["direction"])
+            backend.no_padding()
+        if backend.truncation is not None:
+            settings.setdefault("truncation_side", backend.truncation["direction"])
+            backend.no_truncation()
+
+        self._special_tokens = dict.fromkeys(SPECIAL_TOKEN_NAMES)
+        for name in SPECIAL_TOKEN_NAMES:
+            self._special_tokens[name] = _token_content(settings.pop(name, None))
+        extra = settings.pop("extra_special_tokens", None)
+        legacy_extra = settings.pop("additional_special_tokens", None)
+        if extra is None:
+            extra = legacy_extra
+        self._extra_special_tokens: list[str] = []
+        if isinstance(extra, Mapping):
+            # Named model-specific tokens ({"image_token": "<|image|>"}) behave like bos_token & co.
+            for name, token in extra.items():
+                self._special_tokens[name] = _token_content(token)
+        elif extra:
+            self._extra_special_tokens = [_token_content(token) for token in extra]
+        # Any other "<something>_token" string setting is a named model-specific token too.
+        for key in [k for k, v in settings.items() if k.endswith("_token") and isinstance(v, (str, AddedToken))]:
+            self._special_tokens[key] = _token_content(settings.pop(key))
+
+        model_max_length = settings.pop("model_max_length", settings.pop("max_len", None))
+        self.model_max_length = VERY_LARGE_INTEGER if model_max_length is None else int(model_max_length)
+        default_padding_side = self.default_llama_padding_side if llama_style else self.default_padding_side
+        self.padding_side = settings.pop("padding_side", default_padding_side)
+        self.truncation_side = settings.pop("truncation_side", self.default_truncation_side)
+        self.model_input_names = list(settings.pop("model_input_names", type(self).model_input_names))
+        self.clean_up_tokenization_spaces = bool(settings.pop("clean_up_tokenization_spaces", False))
+        self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = bool(
+            settings.pop("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+        )
+        self.split_special_tokens = bool(settings.pop("split_special_tokens", False))
+        self.chat_template = _normalize_chat_template(settings.pop("chat_template", None))
+        self.verbose = bool(settings.pop("verbose", False))
+
+        explicit_bos_eos = "add_bos_token" in settings or "add_eos_token" in settings
+        self._add_bos_token = bool(settings.pop("add_bos_token", False))
+        self._add_eos_token = bool(settings.pop("add_eos_token", False))
+
+        self._add_missing_added_tokens(settings.pop("added_tokens_decoder", None) or {})
+        self._tokenizer.encode_special_tokens = self.split_special_tokens
+        if explicit_bos_eos or self._tokenizer.post_processor is None:
+            self.update_post_processor()
+
+        # Everything else is kept as given and written back by save_pretrained (e.g. "legacy").
+        self._other_settings = {k: v for k, v in settings.items() if k not in _CONFIG_KEYS_NOT_SAVED}
+        self._warned_too_long = False
+
+    def _add_missing_added_tokens(self, config_added_tokens: Mapping) -> None:
+        """Register the config's added tokens and the special tokens the backend does not know as added tokens.
+
+        As in transformers: a named special token that is only in the BPE vocabulary (not an added
+        token) becomes one, so that its literal text is matched as a whole from then on.
+        """
+        known = {repr(token) for token in self._tokenizer.get_added_tokens_decoder().values()}
+        from_config = []
+        for _, entry in sorted(((int(i), e) for i, e in config_added_tokens.items()), key=lambda pair: pair[0]):
+            token = _added_token_from_dict(entry) if isinstance(entry, Mapping) else entry
+            if repr(token) not in known:
+                from_config.append(token)
+        added_contents = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
+        added_contents.update(t.content for t in from_config)
+        missing = []
+        for token in [*self._special_tokens.values(), *self._extra_special_tokens]:
+            if token is not None and token not in added_contents:
+                missing.append(AddedToken(token, special=True, normalized=False))
+                added_contents.add(token)
+        if from_config or missing:
+            self._tokenizer.add_tokens(from_config + missing)
+
+    # -- plain attributes --
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, value: str) -> None:
+        if value not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {value!r}")
+        self._padding_side = value
+
+    @property
+    def truncation_side(self) -> str:
+        return self._truncation_side
+
+    @truncation_side.setter
+    def truncation_side(self, value: str) -> None:
+        if value not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {value!r}")
+        self._truncation_side = value
+
+    def __getattr__(self, name: str) -> Any:
+        # Named model-specific special tokens (image_token, image_token_id...) read like bos_token.
+        special = self.__dict__.get("_special_tokens", {})
+        if name in special:
+            return special[name]
+        if name.endswith("_id") and name.removesuffix("_id") in special:
+            token = special[name.removesuffix("_id")]
+            return None if token is None else self.convert_tokens_to_ids(token)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def is_fast(self) -> bool:
+        return True
+
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        """The `tokenizers.Tokenizer` doing the work."""
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base vocabulary, without added tokens."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        """Size of the whole vocabulary, added tokens included."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __bool__(self) -> bool:
+        return True  # never "empty", whatever __len__ says
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.get_vocab()
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, AddedToken]:
+        return self._tokenizer.get_added_tokens_decoder()
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        return {token.content: index for index, token in sorted(self.added_tokens_decoder.items())}
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return self.added_tokens_encoder
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set, e.g. {"bos_token": "<s>", "eos_token": "</s>"}."""
+        return {name: token for name, token in self._special_tokens.items() if token is not None}
+
+    @property
+    def extra_special_tokens(self) -> list[str]:
+        return list(self._extra_special_tokens)
+
+    @extra_special_tokens.setter
+    def extra_special_tokens(self, tokens: list[str] | None) -> None:
+        self._extra_special_tokens = [_token_content(token) for token in tokens or []]
+
+    additional_special_tokens = extra_special_tokens
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """Named special tokens, then extra ones, each once."""
+        tokens = [t for t in self._special_tokens.values() if t is not None] + self._extra_special_tokens
+        return list(dict.fromkeys(tokens))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    @property
+    def pad_token_type_id(self) -> int:
+        return 0
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether herd's own post-processor adds BOS. False unless set: tokenizer.json's post-processor decides."""
+        return self._add_bos_token
+
+    @add_bos_token.setter
+    def add_bos_token(self, value: bool) -> None:
+        self._add_bos_token = bool(value)
+        self.update_post_processor()
+
+    @property
+    def add_eos_token(self) -> bool:
+        return self._add_eos_token
+
+    @add_eos_token.setter
+    def add_eos_token(self, value: bool) -> None:
+        self._add_eos_token = bool(value)
+        self.update_post_processor()
+
+    def update_post_processor(self) -> None:
+        """Replace the post-processor with one adding BOS and/or EOS as add_bos_token/add_eos_token say."""
+        if self.bos_token is None:
+            self._add_bos_token = False
+        if self.eos_token is None:
+            self._add_eos_token = False
+        bos, eos = self.bos_token, self.eos_token
+        single = " ".join(
+            ([f"{bos}:0"] if self._add_bos_token else []) + ["$A:0"] + ([f"{eos}:0"] if self._add_eos_token else [])
+        )
+        pair = " ".join(
+            [single]
+            + ([f"{bos}:1"] if self._add_bos_token else [])
+            + ["$B:1"]
+            + ([f"{eos}:1"] if self._add_eos_token else [])
+        )
+        special = []
+        if self._add_bos_token:
+            special.append((bos, self.bos_token_id))
+        if self._add_eos_token:
+            special.append((eos, self.eos_token_id))
+        self._tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+            f"model_max_length={self.model_max_length}, padding_side={self.padding_side!r}, "
+            f"truncation_side={self.truncation_side!r}, special_tokens={self.special_tokens_map})"
+        )
+
+    # -- vocabulary --
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        """Id of a token (or ids of a list of tokens); unknown tokens give unk_token_id (None without one)."""
+        if isinstance(tokens, str):
+            return self._token_to_id(tokens)
+        return [self._token_to_id(token) for token in tokens]
+
+    def _token_to_id(self, token: str) -> int | None:
+        index = self._tokenizer.token_to_id(token)
+        if index is not None:
+            return index
+        unk = self._special_tokens.get("unk_token")
+        return None if unk is None else self._tokenizer.token_to_id(unk)
+
+    def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | None | list[str]:
+        ids = _to_python(ids)
+        if isinstance(ids, int):
+            return self._tokenizer.id_to_token(ids)
+        skipped = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._tokenizer.id_to_token(int(i)) for i in ids if int(i) not in skipped]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        decoder = self._tokenizer.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return self._tokenizer.num_special_tokens_to_add(pair)
+
+    def get_special_tokens_mask(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        """1 where an id is a special token, 0 elsewhere, for ids that already hold their special tokens.
+
+        As in transformers 5.17, ids without their special tokens are not supported: ask the call for
+        them instead (`tokenizer(text, return_special_tokens_mask=True)`).
+        """
+        if not already_has_special_tokens:
+            raise NotImplementedError(
+                "get_special_tokens_mask needs already_has_special_tokens=True; for text, call the tokenizer "
+                "with return_special_tokens_mask=True"
+            )
+        if token_ids_1 is not None:
+            raise ValueError("with already_has_special_tokens=True, pass one sequence only (it already holds the pair)")
+        special = set(self.all_special_ids)
+        return [1 if int(i) in special else 0 for i in _to_python(token_ids_0)]
+
+    def add_tokens(self, new_tokens: str | AddedToken | list[str | AddedToken], special_tokens: bool = False) -> int:
+        """Add tokens to the vocabulary (at its end, when new); returns how many were new."""
+        if not new_tokens:
+            return 0
+        if not isinstance(new_tokens, (list, tuple)):
+            new_tokens = [new_tokens]
+        if special_tokens:
+            return self._tokenizer.add_special_tokens(list(new_tokens))
+        return self._tokenizer.add_tokens(list(new_tokens))
+
+    def add_special_tokens(self, special_tokens_dict: Mapping[str, Any], replace_extra_special_tokens: bool = True) -> int:
+        """Set named special tokens ({"pad_token": "<pad>"}) and extra ones, adding them to the vocabulary if new."""
+        if not special_tokens_dict:
+            return 0
+        tokens = dict(special_tokens_dict)
+        if "additional_special_tokens" in tokens:
+            tokens.setdefault("extra_special_tokens", tokens.pop("additional_special_tokens"))
+        to_add: list[AddedToken] = []
+        for key, value in tokens.items():
+            if key == "extra_special_tokens":
+                if not isinstance(value, (list, tuple)) or not all(isinstance(t, (str, AddedToken)) for t in value):
+                    raise ValueError("extra_special_tokens must be a list of strings or AddedTokens")
+                new = [self._as_special_added_token(t) for t in value]
+                if not replace_extra_special_tokens:
+                    new = [t for t in new if t.content not in self._extra_special_tokens]
+                    self._extra_special_tokens += [t.content for t in new]
+                elif new:
+                    self._extra_special_tokens = [t.content for t in new]
+                to_add += new
+            elif key in self._special_tokens or key in SPECIAL_TOKEN_NAMES:
+                if not isinstance(value, (str, AddedToken)):
+                    raise ValueError(f"{key} must be a string or an AddedToken, got {type(value).__name__}")
+                token = self._as_special_added_token(value)
+                self._special_tokens[key] = token.content
+                to_add.append(token)
+            else:
+                valid = sorted(set(SPECIAL_TOKEN_NAMES) | {"extra_special_tokens"})
+                raise ValueError(f"{key!r} is not a special token name; use one of {valid}")
+        return self._tokenizer.add_special_tokens(to_add)
+
+    @staticmethod
+    def _as_special_added_token(token: str | AddedToken) -> AddedToken:
+        if isinstance(token, AddedToken):
+            return token
+        return AddedToken(token, rstrip=False, lstrip=False, normalized=False, special=True)
+
+    # -- encoding --
+
+    def _resolve_strategies(
+        self, padding: Any, truncation: Any, max_length: int | None, pad_to_multiple_of: int | None, verbose: bool = True
+    ) -> tuple[str, str, int | None]:
+        """(padding strategy, truncation strategy, max_length) with transformers' defaults filled in."""
+        if max_length is not None and padding is False and truncation is None:
+            truncation = "longest_first"  # a bare max_length means: truncate to it
+        if padding is True and verbose and max_length is not None and truncation in (None, False, "do_not_truncate"):
+            warnings.warn(
+                "`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
+                "To pad to max length, use `padding='max_length'`."
+            )
+        padding_strategy = _padding_strategy(padding)
+        truncation_strategy = _truncation_strategy(truncation)
+        if max_length is None:
+            # Fall back on model_max_length, unless it is the "no limit" placeholder.
+            unlimited = self.model_max_length > LARGE_INTEGER
+            if padding_strategy == "max_length":
+                if unlimited:
+                    padding_strategy = "do_not_pad"
+                else:
+                    max_length = self.model_max_length
+            if truncation_strategy != "do_not_truncate":
+                if unlimited:
+                    truncation_strategy = "do_not_truncate"
+                else:
+                    max_length = self.model_max_length
+        pad_id = self.pad_token_id
+        if padding_strategy != "do_not_pad" and (pad_id is None or pad_id < 0):
+            raise ValueError(
+                "Asking to pad but the tokenizer does not have a padding token. Set one, e.g. "
+                "`tokenizer.pad_token = tokenizer.eos_token`, or add one with "
+                "`tokenizer.add_special_tokens({'pad_token': '[PAD]'})`."
+            )
+        if (
+            truncation_strategy != "do_not_truncate"
+            and padding_strategy != "do_not_pad"
+            and pad_to_multiple_of is not None
+            and max_length is not None
+            and max_length % pad_to_multiple_of != 0
+        ):
+            raise ValueError(
+                f"Truncation and padding are both on but the truncation length ({max_length}) is not a multiple "
+                f"of pad_to_multiple_of ({pad_to_multiple_of})."
+            )
+        return padding_strategy, truncation_strategy, max_length
+
+    def _configure_backend(
+        self,
+        padding_strategy: str,
+        truncation_strategy: str,
+        max_length: int | None,
+        stride: int,
+        pad_to_multiple_of: int | None,
+        padding_side: str | None,
+    ) -> None:
+        """Set the backend's truncation and padding for one call (the backend keeps them until the next)."""
+        backend = self._tokenizer
+        if truncation_strategy == "do_not_truncate":
+            if backend.truncation is not None:
+                backend.no_truncation()
+        else:
+            wanted = {"max_length": max_length, "stride": stride, "strategy": truncation_strategy, "direction": self.truncation_side}
+            current = backend.truncation
+            if current is None or {key: current.get(key) for key in wanted} != wanted:
+                backend.enable_truncation(**wanted)
+        if padding_strategy == "do_not_pad":
+            if backend.padding is not None:
+                backend.no_padding()
+        else:
+            side = padding_side if padding_side is not None else self.padding_side
+            if side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+            wanted = {
+                "length": max_length if padding_strategy == "max_length" else None,
+                "direction": side,
+                "pad_id": self.pad_token_id,
+                "pad_token": self.pad_token,
+                "pad_type_id": self.pad_token_type_id,
+                "pad_to_multiple_of": pad_to_multiple_of,
+            }
+            if backend.padding != wanted:
+                backend.enable_padding(**wanted)
+
+    def _encodings_to_dict(
+        self,
+        encodings: list[Encoding],
+        return_token_type_ids: bool | None,
+        return_attention_mask: bool | None,
+        return_overflowing_tokens: bool,
+        return_special_tokens_mask: bool,
+        return_offsets_mapping: bool,
+        return_length: bool,
+    ) -> tuple[dict[str, list], list[Encoding]]:
+        if return_token_type_ids is None:
+            return_token_type_ids = "token_type_ids" in self.model_input_names
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        fields: dict[str, list] = {"input_ids": []}
+        if return_token_type_ids:
+            fields["token_type_ids"] = []
+        if return_attention_mask:
+            fields["attention_mask"] = []
+        if return_special_tokens_mask:
+            fields["special_tokens_mask"] = []
+        if return_offsets_mapping:
+            fields["offset_mapping"] = []
+        if return_length:
+            fields["length"] = []
+        flat: list[Encoding] = []
+        sample_of_row: list[int] = []
+        for sample, encoding in enumerate(encodings):
+            # With return_overflowing_tokens, what truncation cut off comes back as extra rows.
+            rows = [encoding] + (list(encoding.overflowing) if return_overflowing_tokens else [])
+            for row in rows:
+                flat.append(row)
+                sample_of_row.append(sample)
+                fields["input_ids"].append(row.ids)
+                if return_token_type_ids:
+                    fields["token_type_ids"].append(row.type_ids)
+                if return_attention_mask:
+                    fields["attention_mask"].append(row.attention_mask)
+                if return_special_tokens_mask:
+                    fields["special_tokens_mask"].append(row.special_tokens_mask)
+                if return_offsets_mapping:
+                    fields["offset_mapping"].append(row.offsets)
+                if return_length:
+                    fields["length"].append(len(row.ids))
+        if return_overflowing_tokens:
+            fields["overflow_to_sample_mapping"] = sample_of_row
+        return fields, flat
+
+    def _warn_if_too_long(self, ids_rows: list[list[int]], max_length: int | None, verbose: bool) -> None:
+        if max_length is not None or not verbose or self._warned_too_long or self.model_max_length == 0:
+            return
+        longest = max((len(ids) for ids in ids_rows), default=0)
+        if longest > self.model_max_length:
+            logger.warning(
+                "Token indices sequence length is longer than the specified maximum sequence length for this "
+                "model (%d > %d). Running this sequence through the model will result in indexing errors",
+                longest,
+                self.model_max_length,
+            )
+            self._warned_too_long = True
+
+    def __call__(
+        self,
+        text: str | list[str] | list[list[str]] | None = None,
+        text_pair: str | list[str] | list[list[str]] | None = None,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        is_split_into_words: bool = False,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_overflowing_tokens: bool = False,
+        return_special_tokens_mask: bool = False,
+        return_offsets_mapping: bool = False,
+        return_length: bool = False,
+        verbose: bool = True,
+        split_special_tokens: bool | None = None,
+    ) -> BatchEncoding:
+        """Tokenize a string (or a pair) or a batch of them, with optional padding, truncation and tensors."""
+        if text is None:
+            raise ValueError("You need to specify `text`: a string or a list of strings")
+        for value, name in ((text, "text"), (text_pair, "text_pair")):
+            if value is not None and not _is_text_input(value):
+                raise ValueError(
+                    f"{name} must be a string, a list of strings (a batch, or one pre-tokenized text with "
+                    f"is_split_into_words=True) or a list of lists of strings, got {type(value).__name__}"
+                )
+        if is_split_into_words:
+            is_batched = isinstance(text, (list, tuple)) and bool(text) and isinstance(text[0], (list, tuple))
+        else:
+            is_batched = isinstance(text, (list, tuple))
+        if is_batched:
+            if isinstance(text_pair, str):
+                raise TypeError("when tokenizing a batch, text_pair must be a list as long as text")
+            if text_pair is not None and len(text) != len(text_pair):
+                raise ValueError(f"batch length of text ({len(text)}) does not match that of text_pair ({len(text_pair)})")
+            batch = list(zip(text, text_pair)) if text_pair is not None else list(text)
+        else:
+            # As in transformers, an empty text_pair counts as no pair.
+            batch = [(text, text_pair)] if text_pair else [text]
+
+        padding_strategy, truncation_strategy, max_length = self._resolve_strategies(
+            padding, truncation, max_length, pad_to_multiple_of, verbose
+        )
+        self._configure_backend(padding_strategy, truncation_strategy, max_length, stride, pad_to_multiple_of, padding_side)
+        split = self.split_special_tokens if split_special_tokens is None else bool(split_special_tokens)
+        if self._tokenizer.encode_special_tokens != split:
+            self._tokenizer.encode_special_tokens = split
+        encodings = self._tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens, is_pretokenized=is_split_into_words)
+
+        fields, flat = self._encodings_to_dict(
+            encodings,
+            return_token_type_ids,
+            return_attention_mask,
+            return_overflowing_tokens,
+            return_special_tokens_mask,
+            return_offsets_mapping,
+            return_length,
+        )
+        self._warn_if_too_long(fields["input_ids"], max_length, verbose)
+        if not is_batched and return_tensors is None and not return_overflowing_tokens:
+            # One text in, one row out: drop the batch dimension.
+            fields = {key: (value[0] if value and isinstance(value[0], list) else value) for key, value in fields.items()}
+        return BatchEncoding(fields, flat, tensor_type=return_tensors)
+
+    def encode(
+        self,
+        text: str | list[str],
+        text_pair: str | list[str] | None = None,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The input_ids of a text (a list of ints, or a tensor with return_tensors)."""
+        return self(
+            text,
+            text_pair=text_pair,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            stride=stride,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            **kwargs,
+        )["input_ids"]
+
+    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+        """The token strings of a text (no special tokens unless asked for)."""
+        return self(text, text_pair=pair, add_special_tokens=add_special_tokens, **kwargs).tokens()
+
+    # -- padding already-tokenized inputs --
+
+    def pad(
+        self,
+        encoded_inputs: Any,
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+        verbose: bool = True,
+    ) -> BatchEncoding:
+        """Pad one encoding or a batch (a list of encodings, or a dict of lists) to a common length."""
+        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
+            encoded_inputs = {key: [example[key] for example in encoded_inputs] for key in encoded_inputs[0]}
+        if not isinstance(encoded_inputs, Mapping):
+            raise ValueError("pad() takes an encoding (a dict of lists) or a list of encodings")
+        encoded_inputs = dict(encoded_inputs)
+        main = self.model_input_names[0]
+        if main not in encoded_inputs:
+            raise ValueError(f"pad() needs encodings with {main!r}; got the keys {list(encoded_inputs)}")
+        required = encoded_inputs[main]
+        if required is None or (hasattr(required, "__len__") and len(required) == 0):
+            if return_attention_mask:
+                encoded_inputs["attention_mask"] = []
+            return BatchEncoding(encoded_inputs)
+
+        # Tensors in, tensors of the same kind out (unless return_tensors says otherwise).
+        first = required[0]
+        if isinstance(first, (list, tuple)):
+            first = next((row[0] for row in required if len(row)), first)
+        if not isinstance(first, (int, list, tuple)):
+            if isinstance(first, np.ndarray) or isinstance(first, np.generic):
+                return_tensors = return_tensors or "np"
+            elif type(first).__module__.startswith("torch"):
+                return_tensors = return_tensors or "pt"
+            else:
+                raise ValueError(f"cannot pad values of type {type(first).__name__}: give ints, numpy arrays or torch tensors")
+            encoded_inputs = {key: _to_python(value) for key, value in encoded_inputs.items()}
+
+        padding_strategy, _, max_length = self._resolve_strategies(padding, None, max_length, None, verbose)
+        rows = encoded_inputs[main]
+        if rows and not isinstance(rows[0], (list, tuple)):
+            padded = self._pad_one(encoded_inputs, max_length, padding_strategy, pad_to_multiple_of, padding_side, return_attention_mask)
+            return BatchEncoding(padded, tensor_type=return_tensors)
+        if any(len(values) != len(rows) for values in encoded_inputs.values()):
+            raise ValueError("every field of the encodings must have one entry per sequence of the batch")
+        if padding_strategy == "longest":
+            max_length = max(len(row) for row in rows)
+            padding_strategy = "max_length"
+        batch: dict[str, list] = {}
+        for index in range(len(rows)):
+            example = {key: values[index] for key, values in encoded_inputs.items()}
+            padded = self._pad_one(example, max_length, padding_strategy, pad_to_multiple_of, padding_side, return_attention_mask)
+            for key, value in padded.items():
+                batch.setdefault(key, []).append(value)
+        return BatchEncoding(batch, tensor_type=return_tensors)
+
+    def _pad_one(
+        self,
+        example: dict[str, list],
+        max_length: int | None,
+        padding_strategy: str,
+        pad_to_multiple_of: int | None,
+        padding_side: str | None,
+        return_attention_mask: bool | None,
+    ) -> dict[str, list]:
+        """Pad the fields of one sequence (ids with pad_token_id, attention mask with 0)."""
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        example = dict(example)
+        main = self.model_input_names[0]
+        ids = list(example[main])
+        if padding_strategy == "longest":
+            max_length = len(ids)
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        if return_attention_mask and "attention_mask" not in example:
+            example["attention_mask"] = [1] * len(ids)
+        if padding_strategy == "do_not_pad" or max_length is None or len(ids) >= max_length:
+            return example
+        missing = max_length - len(ids)
+        side = padding_side if padding_side is not None else self.padding_side
+        fillers = {main: self.pad_token_id, "token_type_ids": self.pad_token_type_id, "special_tokens_mask": 1}
+        if return_attention_mask:
+            fillers["attention_mask"] = 0
+        for key, filler in fillers.items():
+            if key not in example:
+                continue
+            values = list(example[key])
+            if side == "right":
+                example[key] = values + [filler] * missing
+            elif side == "left":
+                example[key] = [filler] * missing + values
+            else:
+                raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        return example
+
+    # -- decoding --
+
+    def decode(
+        self,
+        token_ids: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs: Any,
+    ) -> str | list[str]:
+        """The text of a sequence of ids (ints, a list, a tensor or an array); a batch gives a list of texts."""
+        kwargs.pop("use_source_tokenizer", None)
+        if kwargs:
+            raise TypeError(f"decode() got unexpected arguments {sorted(kwargs)}")
+        token_ids = _to_python(token_ids)
+        if isinstance(token_ids, Mapping):
+            token_ids = token_ids["input_ids"]
+        if isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple)):
+            return [self._decode_one(row, skip_special_tokens, clean_up_tokenization_spaces) for row in token_ids]
+        return self._decode_one(token_ids, skip_special_tokens, clean_up_tokenization_spaces)
+
+    def _decode_one(self, ids: Any, skip_special_tokens: bool, clean_up_tokenization_spaces: bool | None) -> str:
+        if isinstance(ids, int):
+            ids = [ids]
+        text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        clean_up = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        # transformers 5.17 skips this clean-up for BPE vocabularies (all Llama ones): it was written
+        # for WordPiece and would delete real spaces before punctuation.
+        is_bpe = type(self._tokenizer.model).__name__ == "BPE"
+        if clean_up and (not is_bpe or self.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output):
+            text = self.clean_up_tokenization(text)
+        return text
+
+    @staticmethod
+    def clean_up_tokenization(text: str) -> str:
+        """Remove the spaces that WordPiece-style decoding leaves before punctuation and contractions."""
+        for spaced, joined in (
+            (" .", "."),
+            (" ?", "?"),
+            (" !", "!"),
+            (" ,", ","),
+            (" ' ", "'"),
+            (" n't", "n't"),
+            (" 'm", "'m"),
+            (" 's", "'s"),
+            (" 've", "'ve"),
+            (" 're", "'re"),
+        ):
+            text = text.replace(spaced, joined)
+        return text
+
+    def batch_decode(
+        self, sequences: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None, **kwargs: Any
+    ) -> list[str]:
+        decoded = self.decode(sequences, skip_special_tokens, clean_up_tokenization_spaces, **kwargs)
+        return [decoded] if isinstance(decoded, str) else decoded
+
+    # -- chat templates --
+
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        """The template to render: the argument (a template or the name of one), else the tokenizer's own."""
+        if isinstance(self.chat_template, dict):
+            templates = self.chat_template
+            if chat_template is not None and chat_template in templates:
+                return templates[chat_template]
+            if chat_template is None:
+                if tools is not None and "tool_use" in templates:
+                    return templates["tool_use"]
+                if "default" in templates:
+                    return templates["default"]
+                raise ValueError(
+                    "This tokenizer has several chat templates and none is the default: pass one, or the name of "
+                    f"one, as chat_template=. Names: {sorted(templates)}"
+                )
+            return chat_template
+        if chat_template is not None:
+            return chat_template
+        if self.chat_template is None:
+            raise ValueError(
+                "This tokenizer has no chat template (tokenizer.chat_template is None). Pass a Jinja template "
+                "string as chat_template=..., or set tokenizer.chat_template."
+            )
+        return self.chat_template
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        **template_kwargs: Any,
+    ) -> Any:
+        """Render a conversation (or a batch) with the chat template, and tokenize it unless tokenize=False.
+
+        As in transformers 5.17, a tokenized result is a BatchEncoding (input_ids, attention_mask)
+        unless return_dict=False, which gives the ids alone. The rendered text already holds its
+        special tokens (BOS included), so it is tokenized with add_special_tokens=False. Extra
+        keyword arguments (date_string=..., tools_in_user_message=...) become template variables.
+        """
+        if return_assistant_tokens_mask:
+            raise NotImplementedError("herd does not compute assistant token masks (return_assistant_tokens_mask)")
+        if not tokenize:
+            return_dict = False
+        if continue_final_message and add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt are not compatible: continue_final_message "
+                "leaves the final message open for the model to continue, add_generation_prompt starts a new "
+                "assistant message."
+            )
+        template = self.get_chat_template(chat_template, tools)
+        conversations, is_batched = _split_batch(conversation)
+        for index, messages in enumerate(conversations):
+            _check_conversation(messages, f"conversation {index}" if is_batched else "the conversation")
+        tool_schemas = _tool_schemas(tools)
+        if documents is not None and not all(isinstance(document, Mapping) for document in documents):
+            raise TypeError("documents must be a list of dicts (with 'title' and 'text' keys)")
+
+        compiled = _compile_chat_template(template)
+        variables = {**self.special_tokens_map, **template_kwargs}  # explicit kwargs win over special tokens
+        continued_field = (continue_final_message if isinstance(continue_final_message, str) else "content") if continue_final_message else None
+        rendered = []
+        for messages in conversations:
+            final_text = None
+            if continued_field is not None:
+                messages, final_text = _mark_final_message(messages, continued_field, template)
+            text = compiled.render(
+                messages=messages, tools=tool_schemas, documents=documents, add_generation_prompt=add_generation_prompt, **variables
+            )
+            rendered.append(_cut_at_mark(text, final_text) if final_text is not None else text)
+        prompt = rendered if is_batched else rendered[0]
+        if not tokenize:
+            return prompt
+        encoded = self(
+            prompt,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            add_special_tokens=False,
+            return_tensors=return_tensors,
+            **(tokenizer_kwargs or {}),
+        )
+        return encoded if return_dict else encoded["input_ids"]
+
+    # -- saving --
+
+    def _config_to_save(self) -> dict:
+        config = copy.deepcopy(self._other_settings)
+        for name, token in self._special_tokens.items():
+            if token is not None:
+                config[name] = token
+        if self._extra_special_tokens:
+            config["extra_special_tokens"] = list(self._extra_special_tokens)
+        config.update(
+            model_max_length=self.model_max_length,
+            padding_side=self.padding_side,
+            truncation_side=self.truncation_side,
+            model_input_names=list(self.model_input_names),
+            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
+            # PreTrainedTokenizerFast loads in transformers 4.x and 5.x alike; LlamaTokenizer folders keep
+            # their class so that the same pipeline is rebuilt on loading.
+            tokenizer_class="LlamaTokenizer" if self._llama_style else "PreTrainedTokenizerFast",
+        )
+        if self.split_special_tokens:
+            config["split_special_tokens"] = True
+        # Settings such as "legacy" stay in _other_settings and are written back: transformers drops
+        # "legacy" when it saves a LlamaTokenizer, so its own reload of such a folder tokenizes
+        # differently ("▁" before the first piece only); keeping it makes the folder round-trip.
+        return config
+
+    def _save_chat_templates(self, folder: Path, prefix: str) -> list[Path]:
+        if self.chat_template is None:
+            return []
+        templates = {"default": self.chat_template} if isinstance(self.chat_template, str) else self.chat_template
+        written = []
+        for name, template in templates.items():
+            if name == "default":
+                path = folder / f"{prefix}{CHAT_TEMPLATE_FILE}"
+            else:
+                directory = folder / f"{prefix}{CHAT_TEMPLATE_DIR}"
+                path = directory / f"{name}.jinja"
+                if path.resolve().parent != directory.resolve():  # a name like "../x" must not escape
+                    raise ValueError(f"invalid chat template name {name!r}")
+                directory.mkdir(exist_ok=True)
+            path.write_text(template, encoding="utf-8")
+            written.append(path)
+        return written
+
+    def save_pretrained(self, save_directory: str | os.PathLike, filename_prefix: str | None = None, **kwargs: Any) -> tuple[str, ...]:
+        """Write tokenizer.json, tokenizer_config.json and the chat template(s) (chat_template.jinja)."""
+        if kwargs.pop("push_to_hub", False):
+            raise NotImplementedError("herd does not push to the Hub; upload the saved folder with huggingface_hub")
+        kwargs.pop("legacy_format", None)
+        kwargs.pop("save_jinja_files", None)
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected arguments {sorted(kwargs)}")
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"{folder} is a file; save_pretrained needs a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        config_path = folder / f"{prefix}{TOKENIZER_CONFIG_FILE}"
+        config_text = json.dumps(self._config_to_save(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        config_path.write_text(config_text, encoding="utf-8")
+        template_paths = self._save_chat_templates(folder, prefix)
+        tokenizer_path = folder / f"{prefix}{TOKENIZER_FILE}"
+        # The backend still holds the padding/truncation of the last call; saved, they would turn
+        # into defaults (a pad token, a padding side) on loading. Each call sets its own anyway.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._tokenizer.save(str(tokenizer_path))
+        return tuple(str(path) for path in (config_path, *template_paths, tokenizer_path))
+
+
+# transformers' names for the same tokenizer. Which pipeline a folder gets is decided by its
+# tokenizer_config.json ("tokenizer_class"), not by the alias used to load it.
+LlamaTokenizer = PreTrainedTokenizerFast
+LlamaTokenizerFast = PreTrainedTokenizerFast
+
+
+class AutoTokenizer:
+    """`AutoTokenizer.from_pretrained(folder_or_hub_id, **kwargs)` loads the tokenizer of a folder or Hub repository."""
+
+    def __init__(self) -> None:
+        raise OSError("AutoTokenizer is not instantiated: use AutoTokenizer.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *inputs: Any, **kwargs: Any) -> PreTrainedTokenizerFast:
+        return PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, *inputs, **kwargs)
