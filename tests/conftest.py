@@ -61,30 +61,11 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
-SMOLLM2_GGUF = SHARED_DATA / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory):
-    """SmolLM2-135M-Instruct (real trained Llama weights) as a Hugging Face folder, float32.
+    """SmolLM2-135M-Instruct (real trained Llama weights) as a Hugging Face folder, float32 (temp only)."""
+    from scripts.make_smollm2_checkpoint import GGUF, build
 
-    transformers (with the gguf package) dequantizes the GGUF file from ../shared; the weights are
-    copied into a plain LlamaForCausalLM and saved with the tokenizer (about 540 MB, temp only).
-    """
-    if not SMOLLM2_GGUF.is_file():
-        pytest.skip(f"{SMOLLM2_GGUF} is not there")
-    import transformers
-
-    folder = tmp_path_factory.mktemp("smollm2") / "model"
-    source, name = str(SMOLLM2_GGUF.parent), SMOLLM2_GGUF.name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=name)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
-    config_dict = quantized.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = transformers.LlamaConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")})
-    plain = transformers.LlamaForCausalLM(config)
-    plain.load_state_dict(quantized.state_dict(), strict=False)
-    plain.tie_weights()
-    plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    if not GGUF.is_file():
+        pytest.skip(f"{GGUF} is not there")
+    return build(tmp_path_factory.mktemp("smollm2") / "model")

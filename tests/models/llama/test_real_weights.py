@@ -73,3 +73,39 @@ def test_left_padded_batch_on_real_weights(models):
     real = mask.bool()
     assert max_abs_diff(got[real], expected[real]) < 1e-4
     assert max_abs_diff(got[1][real[1]], alone) < 1e-4
+
+
+def test_herd_tokenizer_and_generate_answer_like_reference(models, smollm2_folder):
+    reference, ours, reference_tokenizer = models
+    tokenizer = herd.AutoTokenizer.from_pretrained(smollm2_folder)
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "What color is the sky?"}]]
+    for chat in chats:
+        ours_inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ref_inputs = reference_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        assert torch.equal(ours_inputs["input_ids"], ref_inputs["input_ids"])
+        expected = reference.generate(**ref_inputs, max_new_tokens=20, do_sample=False)
+        got = ours.generate(**ours_inputs, max_new_tokens=20, do_sample=False)
+        assert torch.equal(got, expected)
+    answer = tokenizer.decode(got[0, ours_inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer.strip() != ""
+    first = ours.generate(**tokenizer.apply_chat_template(chats[0], add_generation_prompt=True, return_tensors="pt",
+                                                          return_dict=True), max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(first[0])
+
+
+def test_left_padded_batch_generation_on_real_weights(models, smollm2_folder):
+    _, ours, _ = models
+    tokenizer = herd.AutoTokenizer.from_pretrained(smollm2_folder)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chats = [[{"role": "user", "content": "What is the capital of France?"}], [{"role": "user", "content": "Say hi."}]]
+    batch = tokenizer.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True)
+    together = ours.generate(**batch, max_new_tokens=10, do_sample=False)
+    for row, chat in enumerate(chats):
+        alone = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        single = ours.generate(**alone, max_new_tokens=10, do_sample=False)
+        new_alone = single[0, alone["input_ids"].shape[1]:].tolist()
+        new_batched = together[row, batch["input_ids"].shape[1]:].tolist()[: len(new_alone)]
+        assert new_batched == new_alone
