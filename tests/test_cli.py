@@ -57,3 +57,28 @@ def test_chat_keeps_history_resets_and_exits(chat_model_folder):  # noqa: F811
 def test_errors_are_reported_without_traceback(tmp_path):
     result = _herd("generate", tmp_path, "hi")
     assert result.returncode == 2 and "herd: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(chat_model_folder, monkeypatch, capsys):  # noqa: F811
+    import io
+
+    from herd import cli
+
+    model = herd.AutoModelForCausalLM.from_pretrained(chat_model_folder, progress=False)
+    tokenizer = herd.AutoTokenizer.from_pretrained(chat_model_folder)
+    real_generate = model.generate
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            kwargs["streamer"].put(torch.tensor([[1]]))
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the first answer
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(cli, "_load", lambda args: (model, tokenizer))
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n/exit\n"))
+    assert cli.main(["chat", str(chat_model_folder), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "(stopped)" in out and len(calls) == 2
