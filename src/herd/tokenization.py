@@ -368,7 +368,9 @@ def _raise_template_error(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False):
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+):
     # jinja2's own tojson escapes <, >, & and ' for HTML, which would change the prompt; chat
     # templates expect plain json.dumps (with its indent/separators/sort_keys options) and UTF-8 text.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -687,7 +689,9 @@ def _normalize_chat_template(template: Any) -> str | dict | None:
             return {entry["name"]: entry["template"] for entry in template}
         except (TypeError, KeyError) as error:
             raise ValueError('a list of chat templates must hold {"name": ..., "template": ...} dicts') from error
-    raise ValueError(f"chat_template must be a string, a dict or a list of named templates, got {type(template).__name__}")
+    raise ValueError(
+        f"chat_template must be a string, a dict or a list of named templates, got {type(template).__name__}"
+    )
 
 
 def _is_llama_class(tokenizer_class: str | None) -> bool:
@@ -717,7 +721,12 @@ def _rebuild_like_llama_tokenizer(tokenizer_json: dict, legacy: bool, add_prefix
     }
     rebuilt["normalizer"] = None
     prepend_scheme = ("always" if legacy else "first") if add_prefix_space else "never"
-    rebuilt["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend_scheme, "split": False}
+    rebuilt["pre_tokenizer"] = {
+        "type": "Metaspace",
+        "replacement": "▁",
+        "prepend_scheme": prepend_scheme,
+        "split": False,
+    }
     decoders = [
         {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
         {"type": "ByteFallback"},
@@ -857,14 +866,18 @@ class PreTrainedTokenizerFast:
     cls_token_id = _special_token_id_property("cls_token")
     mask_token_id = _special_token_id_property("mask_token")
 
-    def __init__(self, tokenizer_object: Tokenizer | None = None, tokenizer_file: str | os.PathLike | None = None, **kwargs):
+    def __init__(
+        self, tokenizer_object: Tokenizer | None = None, tokenizer_file: str | os.PathLike | None = None, **kwargs
+    ):
         if tokenizer_object is not None:
             # A copy, so that the padding/truncation settings made per call do not leak to the caller's object.
             backend = Tokenizer.from_str(tokenizer_object.to_str())
         elif tokenizer_file is not None:
             backend = _load_backend(Path(tokenizer_file), None)
         else:
-            raise ValueError("PreTrainedTokenizerFast needs tokenizer_object= or tokenizer_file=, or use from_pretrained()")
+            raise ValueError(
+                "PreTrainedTokenizerFast needs tokenizer_object= or tokenizer_file=, or use from_pretrained()"
+            )
         self._setup(backend, kwargs, llama_style=False)
 
     # -- construction --
@@ -885,7 +898,10 @@ class PreTrainedTokenizerFast:
         if _is_llama_class(settings.get("tokenizer_class")):
             # LlamaTokenizer's defaults: no "legacy" key means legacy=False; no add_prefix_space means True.
             add_prefix_space = settings.get("add_prefix_space")
-            llama_options = (bool(settings.get("legacy", False)), True if add_prefix_space is None else bool(add_prefix_space))
+            llama_options = (
+                bool(settings.get("legacy", False)),
+                True if add_prefix_space is None else bool(add_prefix_space),
+            )
         backend = _load_backend(folder / TOKENIZER_FILE, llama_options)
         settings["name_or_path"] = str(pretrained_model_name_or_path)
         tokenizer = cls.__new__(cls)
@@ -920,15 +936,19 @@ class PreTrainedTokenizerFast:
         if extra is None:
             extra = legacy_extra
         self._extra_special_tokens: list[str] = []
-        if isinstance(extra, Mapping):
-            # Named model-specific tokens ({"image_token": "<|image|>"}) behave like bos_token & co.
-            for name, token in extra.items():
-                self._special_tokens[name] = _token_content(token)
-        elif extra:
-            self._extra_special_tokens = [_token_content(token) for token in extra]
-        # Any other "<something>_token" string setting is a named model-specific token too.
+        # Named model-specific tokens behave like bos_token & co: any other "<name>_token" string
+        # setting ("image_token": "<|image|>"), then those of an extra_special_tokens dict. The order
+        # matters: it is the order in which missing ones are added to the vocabulary.
         for key in [k for k, v in settings.items() if k.endswith("_token") and isinstance(v, (str, AddedToken))]:
             self._special_tokens[key] = _token_content(settings.pop(key))
+        # transformers writes the named ones again under "model_specific_special_tokens".
+        named = dict(settings.pop("model_specific_special_tokens", None) or {})
+        if isinstance(extra, Mapping):
+            named.update(extra)
+        for name, token in named.items():
+            self._special_tokens[name] = _token_content(token)
+        if extra and not isinstance(extra, Mapping):
+            self._extra_special_tokens = [_token_content(token) for token in extra]
 
         model_max_length = settings.pop("model_max_length", settings.pop("max_len", None))
         self.model_max_length = VERY_LARGE_INTEGER if model_max_length is None else int(model_max_length)
@@ -1185,7 +1205,9 @@ class PreTrainedTokenizerFast:
             return self._tokenizer.add_special_tokens(list(new_tokens))
         return self._tokenizer.add_tokens(list(new_tokens))
 
-    def add_special_tokens(self, special_tokens_dict: Mapping[str, Any], replace_extra_special_tokens: bool = True) -> int:
+    def add_special_tokens(
+        self, special_tokens_dict: Mapping[str, Any], replace_extra_special_tokens: bool = True
+    ) -> int:
         """Set named special tokens ({"pad_token": "<pad>"}) and extra ones, adding them to the vocabulary if new."""
         if not special_tokens_dict:
             return 0
@@ -1224,7 +1246,12 @@ class PreTrainedTokenizerFast:
     # -- encoding --
 
     def _resolve_strategies(
-        self, padding: Any, truncation: Any, max_length: int | None, pad_to_multiple_of: int | None, verbose: bool = True
+        self,
+        padding: Any,
+        truncation: Any,
+        max_length: int | None,
+        pad_to_multiple_of: int | None,
+        verbose: bool = True,
     ) -> tuple[str, str, int | None]:
         """(padding strategy, truncation strategy, max_length) with transformers' defaults filled in."""
         if max_length is not None and padding is False and truncation is None:
@@ -1232,7 +1259,8 @@ class PreTrainedTokenizerFast:
         if padding is True and verbose and max_length is not None and truncation in (None, False, "do_not_truncate"):
             warnings.warn(
                 "`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
-                "To pad to max length, use `padding='max_length'`."
+                "To pad to max length, use `padding='max_length'`.",
+                stacklevel=3,  # point at the user's tokenizer call
             )
         padding_strategy = _padding_strategy(padding)
         truncation_strategy = _truncation_strategy(truncation)
@@ -1284,7 +1312,12 @@ class PreTrainedTokenizerFast:
             if backend.truncation is not None:
                 backend.no_truncation()
         else:
-            wanted = {"max_length": max_length, "stride": stride, "strategy": truncation_strategy, "direction": self.truncation_side}
+            wanted = {
+                "max_length": max_length,
+                "stride": stride,
+                "strategy": truncation_strategy,
+                "direction": self.truncation_side,
+            }
             current = backend.truncation
             if current is None or {key: current.get(key) for key in wanted} != wanted:
                 backend.enable_truncation(**wanted)
@@ -1406,7 +1439,9 @@ class PreTrainedTokenizerFast:
             if isinstance(text_pair, str):
                 raise TypeError("when tokenizing a batch, text_pair must be a list as long as text")
             if text_pair is not None and len(text) != len(text_pair):
-                raise ValueError(f"batch length of text ({len(text)}) does not match that of text_pair ({len(text_pair)})")
+                raise ValueError(
+                    f"batch length of text ({len(text)}) does not match that of text_pair ({len(text_pair)})"
+                )
             batch = list(zip(text, text_pair)) if text_pair is not None else list(text)
         else:
             # As in transformers, an empty text_pair counts as no pair.
@@ -1415,11 +1450,18 @@ class PreTrainedTokenizerFast:
         padding_strategy, truncation_strategy, max_length = self._resolve_strategies(
             padding, truncation, max_length, pad_to_multiple_of, verbose
         )
-        self._configure_backend(padding_strategy, truncation_strategy, max_length, stride, pad_to_multiple_of, padding_side)
+        self._configure_backend(
+            padding_strategy, truncation_strategy, max_length, stride, pad_to_multiple_of, padding_side
+        )
         split = self.split_special_tokens if split_special_tokens is None else bool(split_special_tokens)
         if self._tokenizer.encode_special_tokens != split:
             self._tokenizer.encode_special_tokens = split
-        encodings = self._tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens, is_pretokenized=is_split_into_words)
+        try:
+            encodings = self._tokenizer.encode_batch(
+                batch, add_special_tokens=add_special_tokens, is_pretokenized=is_split_into_words
+            )
+        except Exception as error:  # tokenizers raises bare Exceptions (e.g. impossible truncation)
+            raise ValueError(f"tokenization failed: {error}") from error
 
         fields, flat = self._encodings_to_dict(
             encodings,
@@ -1433,7 +1475,9 @@ class PreTrainedTokenizerFast:
         self._warn_if_too_long(fields["input_ids"], max_length, verbose)
         if not is_batched and return_tensors is None and not return_overflowing_tokens:
             # One text in, one row out: drop the batch dimension.
-            fields = {key: (value[0] if value and isinstance(value[0], list) else value) for key, value in fields.items()}
+            fields = {
+                key: (value[0] if value and isinstance(value[0], list) else value) for key, value in fields.items()
+            }
         return BatchEncoding(fields, flat, tensor_type=return_tensors)
 
     def encode(
@@ -1463,7 +1507,9 @@ class PreTrainedTokenizerFast:
             **kwargs,
         )["input_ids"]
 
-    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+    def tokenize(
+        self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any
+    ) -> list[str]:
         """The token strings of a text (no special tokens unless asked for)."""
         return self(text, text_pair=pair, add_special_tokens=add_special_tokens, **kwargs).tokens()
 
@@ -1505,13 +1551,17 @@ class PreTrainedTokenizerFast:
             elif type(first).__module__.startswith("torch"):
                 return_tensors = return_tensors or "pt"
             else:
-                raise ValueError(f"cannot pad values of type {type(first).__name__}: give ints, numpy arrays or torch tensors")
+                raise ValueError(
+                    f"cannot pad values of type {type(first).__name__}: give ints, numpy arrays or torch tensors"
+                )
             encoded_inputs = {key: _to_python(value) for key, value in encoded_inputs.items()}
 
         padding_strategy, _, max_length = self._resolve_strategies(padding, None, max_length, None, verbose)
         rows = encoded_inputs[main]
         if rows and not isinstance(rows[0], (list, tuple)):
-            padded = self._pad_one(encoded_inputs, max_length, padding_strategy, pad_to_multiple_of, padding_side, return_attention_mask)
+            padded = self._pad_one(
+                encoded_inputs, max_length, padding_strategy, pad_to_multiple_of, padding_side, return_attention_mask
+            )
             return BatchEncoding(padded, tensor_type=return_tensors)
         if any(len(values) != len(rows) for values in encoded_inputs.values()):
             raise ValueError("every field of the encodings must have one entry per sequence of the batch")
@@ -1521,7 +1571,9 @@ class PreTrainedTokenizerFast:
         batch: dict[str, list] = {}
         for index in range(len(rows)):
             example = {key: values[index] for key, values in encoded_inputs.items()}
-            padded = self._pad_one(example, max_length, padding_strategy, pad_to_multiple_of, padding_side, return_attention_mask)
+            padded = self._pad_one(
+                example, max_length, padding_strategy, pad_to_multiple_of, padding_side, return_attention_mask
+            )
             for key, value in padded.items():
                 batch.setdefault(key, []).append(value)
         return BatchEncoding(batch, tensor_type=return_tensors)
@@ -1590,7 +1642,9 @@ class PreTrainedTokenizerFast:
         if isinstance(ids, int):
             ids = [ids]
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        clean_up = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean_up = (
+            self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        )
         # transformers 5.17 skips this clean-up for BPE vocabularies (all Llama ones): it was written
         # for WordPiece and would delete real spaces before punctuation.
         is_bpe = type(self._tokenizer.model).__name__ == "BPE"
@@ -1617,7 +1671,11 @@ class PreTrainedTokenizerFast:
         return text
 
     def batch_decode(
-        self, sequences: Any, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None, **kwargs: Any
+        self,
+        sequences: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs: Any,
     ) -> list[str]:
         decoded = self.decode(sequences, skip_special_tokens, clean_up_tokenization_spaces, **kwargs)
         return [decoded] if isinstance(decoded, str) else decoded
@@ -1694,14 +1752,22 @@ class PreTrainedTokenizerFast:
 
         compiled = _compile_chat_template(template)
         variables = {**self.special_tokens_map, **template_kwargs}  # explicit kwargs win over special tokens
-        continued_field = (continue_final_message if isinstance(continue_final_message, str) else "content") if continue_final_message else None
+        continued_field = (
+            (continue_final_message if isinstance(continue_final_message, str) else "content")
+            if continue_final_message
+            else None
+        )
         rendered = []
         for messages in conversations:
             final_text = None
             if continued_field is not None:
                 messages, final_text = _mark_final_message(messages, continued_field, template)
             text = compiled.render(
-                messages=messages, tools=tool_schemas, documents=documents, add_generation_prompt=add_generation_prompt, **variables
+                messages=messages,
+                tools=tool_schemas,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
             )
             rendered.append(_cut_at_mark(text, final_text) if final_text is not None else text)
         prompt = rendered if is_batched else rendered[0]
@@ -1762,7 +1828,9 @@ class PreTrainedTokenizerFast:
             written.append(path)
         return written
 
-    def save_pretrained(self, save_directory: str | os.PathLike, filename_prefix: str | None = None, **kwargs: Any) -> tuple[str, ...]:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, filename_prefix: str | None = None, **kwargs: Any
+    ) -> tuple[str, ...]:
         """Write tokenizer.json, tokenizer_config.json and the chat template(s) (chat_template.jinja)."""
         if kwargs.pop("push_to_hub", False):
             raise NotImplementedError("herd does not push to the Hub; upload the saved folder with huggingface_hub")
@@ -1801,5 +1869,7 @@ class AutoTokenizer:
         raise OSError("AutoTokenizer is not instantiated: use AutoTokenizer.from_pretrained(...)")
 
     @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *inputs: Any, **kwargs: Any) -> PreTrainedTokenizerFast:
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike, *inputs: Any, **kwargs: Any
+    ) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, *inputs, **kwargs)
