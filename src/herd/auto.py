@@ -10,7 +10,7 @@ import importlib
 import os
 from typing import Any
 
-from .configuration import PretrainedConfig, pop_hub_kwargs
+from .configuration import HUB_KWARGS, PretrainedConfig, pop_hub_kwargs
 
 CONFIG_CLASSES = {
     "llama": "herd.models.llama:LlamaConfig",
@@ -88,7 +88,7 @@ class _AutoModel:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         config = kwargs.pop("config", None)
         if config is None:
-            hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+            hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         return cls._class_for(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 

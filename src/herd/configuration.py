@@ -179,12 +179,12 @@ class PretrainedConfig:
 # transformers 5 spells the base class with a capital C; both names work.
 PreTrainedConfig = PretrainedConfig
 
-_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
 
 
 def pop_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take the arguments meant for hub.resolve out of a from_pretrained call's kwargs."""
-    hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+    hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
     # Accepted for compatibility; huggingface_hub decides these itself.
     for key in ("force_download", "proxies", "trust_remote_code", "use_safetensors", "resume_download"):
         kwargs.pop(key, None)

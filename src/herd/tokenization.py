@@ -39,6 +39,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Encoding, Tokenizer, processors
 
 from . import hub
+from .configuration import pop_hub_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ _CONFIG_KEYS_NOT_SAVED = {
     "merges_file",
 }
 
-# from_pretrained arguments meant for hub.resolve, and those accepted and ignored for compatibility.
-_HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+# from_pretrained arguments accepted and ignored for compatibility (hub ones go to hub.resolve).
 _IGNORED_ARGUMENTS = (
     "force_download",
     "proxies",
@@ -755,7 +755,7 @@ def _load_backend(path: Path, llama_options: tuple[bool, bool] | None) -> Tokeni
 
 def _split_from_pretrained_arguments(kwargs: dict) -> tuple[dict, dict]:
     """(arguments for hub.resolve, tokenizer settings) from a from_pretrained call's kwargs."""
-    hub_arguments = {key: kwargs.pop(key) for key in _HUB_ARGUMENTS if key in kwargs}
+    hub_arguments = pop_hub_kwargs(kwargs)
     for key in _IGNORED_ARGUMENTS:
         kwargs.pop(key, None)
     if kwargs.get("gguf_file"):

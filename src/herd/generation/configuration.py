@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import hub
+from ..configuration import pop_hub_kwargs
 
 # The reference's defaults for fields nobody set.
 GLOBAL_DEFAULTS: dict[str, Any] = {
@@ -83,8 +84,7 @@ class GenerationConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, config_file_name: str | None = None,
                         **kwargs: Any) -> GenerationConfig:
-        folder = hub.resolve(pretrained_model_name_or_path, **{k: kwargs.pop(k) for k in list(kwargs)
-                                                                if k in ("revision", "cache_dir", "token", "local_files_only", "subfolder")})
+        folder = hub.resolve(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
         path = folder / (config_file_name or hub.GENERATION_CONFIG_NAME)
         if not path.is_file():
             raise FileNotFoundError(f"no {path.name} in {folder}")
