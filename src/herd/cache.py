@@ -8,8 +8,13 @@ asks which kind of cache it holds.
 - `StaticCache` is preallocated to `max_cache_len`, with fixed shapes so that a decode step can
   be compiled and graph-captured once; keys past what was written are hidden by the causal mask.
 
-Later kinds (Llama 4's bounded chunk ring, Mllama's cross-attention cache, a paged cache) plug
-in by implementing the same four methods.
+Layers of chunked local attention (Llama 4: 3 of every 4 layers) only ever attend within a chunk
+of `attention_chunk_size` positions, so both kinds keep just the last `attention_chunk_size`
+positions for them (what the reference calls a hybrid cache); full layers keep everything.
+`kv_offset` says which position the first key returned holds.
+
+Later kinds (Mllama's cross-attention cache, a paged cache) plug in by implementing the same
+methods.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class Cache:
         """How many key positions attention will see once `query_length` new ones are stored."""
         return self.get_seq_length(layer_idx) + query_length
 
+    def kv_offset(self, layer_idx: int) -> int:
+        """The position held by the first key the next update returns (0 unless a window dropped some)."""
+        return 0
+
     # Generation helpers, shared by every kind that stores per-row tensors.
     def _tensors(self) -> list[list[torch.Tensor]]:
         return [self.key_cache, self.value_cache]
@@ -68,36 +77,76 @@ class Cache:
                     store[i] = tensor[indices]
 
 
+def layer_windows(config: Any) -> list[int | None]:
+    """Per layer: how many recent positions it can attend to (None: all of them)."""
+    if config is None:
+        return []
+    text_config = config.get_text_config()
+    layer_types = getattr(text_config, "layer_types", None)
+    chunk_size = getattr(text_config, "attention_chunk_size", None)
+    if layer_types is None:
+        return [None] * getattr(text_config, "num_hidden_layers", 0)
+    return [chunk_size if kind == "chunked_attention" else None for kind in layer_types]
+
+
 class DynamicCache(Cache):
-    """A cache that grows by one concatenation per step; holds every position of every layer."""
+    """A cache that grows by one concatenation per step.
+
+    Full-attention layers hold every position; chunked layers hold only the last
+    `attention_chunk_size` (their window), however long the sequence grows.
+    """
 
     def __init__(self, config: Any = None, **kwargs: Any):
         self.key_cache: list[torch.Tensor] = []
         self.value_cache: list[torch.Tensor] = []
+        self.windows = layer_windows(config)
+        self._seen: list[int] = []
+
+    def _window(self, layer_idx: int) -> int | None:
+        return self.windows[layer_idx] if layer_idx < len(self.windows) else None
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if layer_idx > len(self.key_cache):
-            raise ValueError(f"cache layers must be filled in order: got layer {layer_idx} after {len(self.key_cache)}")
-        if layer_idx == len(self.key_cache):
-            self.key_cache.append(key_states)
-            self.value_cache.append(value_states)
+        while len(self.key_cache) <= layer_idx:
+            self.key_cache.append(None)
+            self.value_cache.append(None)
+            self._seen.append(0)
+        if self.key_cache[layer_idx] is None:
+            keys, values = key_states, value_states
         else:
-            self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key_states], dim=-2)
-            self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], value_states], dim=-2)
-        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+            keys = torch.cat([self.key_cache[layer_idx], key_states], dim=-2)
+            values = torch.cat([self.value_cache[layer_idx], value_states], dim=-2)
+        self._seen[layer_idx] += key_states.shape[-2]
+        window = self._window(layer_idx)
+        # A windowed layer keeps only what a later query can still see; this call's queries
+        # still get everything, since a long prefill needs keys older than the window.
+        self.key_cache[layer_idx] = keys[..., -window:, :] if window else keys
+        self.value_cache[layer_idx] = values[..., -window:, :] if window else values
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        if layer_idx >= len(self.key_cache):
+        return self._seen[layer_idx] if layer_idx < len(self._seen) else 0
+
+    def stored_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.key_cache) or self.key_cache[layer_idx] is None:
             return 0
         return self.key_cache[layer_idx].shape[-2]
 
+    def kv_length(self, layer_idx: int, query_length: int) -> int:
+        return self.stored_length(layer_idx) + query_length
+
+    def kv_offset(self, layer_idx: int) -> int:
+        return self.get_seq_length(layer_idx) - self.stored_length(layer_idx)
+
     def crop(self, max_length: int) -> None:
         """Keep only the first `max_length` positions (negative: drop that many from the end)."""
+        if any(self.windows):
+            raise NotImplementedError("crop() cannot bring back positions a windowed (chunked) layer dropped")
         if max_length < 0:
             max_length = self.get_seq_length() + max_length
         for store in self._tensors():
             for i, tensor in enumerate(store):
                 store[i] = tensor[..., :max_length, :]
+        self._seen = [min(seen, max_length) for seen in self._seen]
 
     # The tuple-of-(key, value)-per-layer format older code passes around.
     def __len__(self) -> int:
@@ -114,7 +163,7 @@ class DynamicCache(Cache):
 
     @classmethod
     def from_legacy_cache(cls, past_key_values) -> DynamicCache:
-        cache = cls()
+        cache = cls()  # no config: every layer is a full layer
         for layer_idx, (keys, values) in enumerate(past_key_values or ()):
             cache.update(keys, values, layer_idx)
         return cache
@@ -149,6 +198,13 @@ class StaticCache(Cache):
         self.key_cache: list[torch.Tensor | None] = [None] * num_layers
         self.value_cache: list[torch.Tensor | None] = [None] * num_layers
         self._seen: list[int] = [0] * num_layers
+        # Chunked layers keep their bounded window in a dynamic cache of their own.
+        # TODO(fast path): a fixed-shape ring buffer, so that these layers can be graph-captured too.
+        self.windows = layer_windows(config)
+        self._windowed = DynamicCache(config)
+
+    def _is_windowed(self, layer_idx: int) -> bool:
+        return layer_idx < len(self.windows) and self.windows[layer_idx] is not None
 
     def _allocate(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         while len(self.key_cache) <= layer_idx:
@@ -165,6 +221,8 @@ class StaticCache(Cache):
         self.value_cache[layer_idx] = torch.zeros(*shape, value_states.shape[-1], device=device, dtype=dtype)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if self._is_windowed(layer_idx):
+            return self._windowed.update(key_states, value_states, layer_idx, cache_kwargs)
         if layer_idx >= len(self.key_cache) or self.key_cache[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         keys, values = self.key_cache[layer_idx], self.value_cache[layer_idx]
@@ -184,13 +242,32 @@ class StaticCache(Cache):
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self._is_windowed(layer_idx):
+            return self._windowed.get_seq_length(layer_idx)
         return self._seen[layer_idx] if layer_idx < len(self._seen) else 0
 
     def get_max_cache_shape(self) -> int:
         return self.max_cache_len
 
     def kv_length(self, layer_idx: int, query_length: int) -> int:
+        if self._is_windowed(layer_idx):
+            return self._windowed.kv_length(layer_idx, query_length)
         return self.max_cache_len
+
+    def kv_offset(self, layer_idx: int) -> int:
+        return self._windowed.kv_offset(layer_idx) if self._is_windowed(layer_idx) else 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._windowed.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._windowed.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._windowed.batch_select_indices(indices)
 
     def reset(self) -> None:
         for store in self._tensors():
@@ -198,6 +275,8 @@ class StaticCache(Cache):
                 if tensor is not None:
                     tensor.zero_()
         self._seen = [0] * len(self._seen)
+        self._windowed = DynamicCache()
+        self._windowed.windows = self.windows
 
 
 def as_cache(past_key_values: Any) -> Cache | None:

@@ -43,10 +43,14 @@ def check_attn_implementation(name: str | None) -> str:
 class AttentionMask:
     """What a self-attention mask is, independent of any backend.
 
-    Query i (0 <= i < query_length) sits at key index `query_offset + i`. Causal attention lets
-    it see key indices <= that. `padding_mask` (batch, kv_length), True for real tokens, hides
-    padded key columns. `sequence_ids` (batch, query_length) keeps packed sequences apart.
-    `custom` is a user-given 4D mask (boolean, or additive float), used as is.
+    Positions are absolute (0 = the first token the cache has seen). Query i sits at position
+    `query_offset + i`; key column j holds position `kv_offset + j` (kv_offset > 0 only for a
+    cache that keeps a window). Causal attention lets a query see positions <= its own.
+    `padding_mask` (batch, kv_offset + kv_length), True for real tokens, hides padded positions.
+    `chunk_size` (Llama 4's local layers) further limits a query to keys of its own chunk of
+    positions, chunks counted from each row's first real token (`left_padding`, (batch,)).
+    `sequence_ids` (batch, query_length) keeps packed sequences apart. `custom` is a user-given
+    4D mask (boolean, or additive float), used as is.
     """
 
     query_length: int
@@ -56,6 +60,9 @@ class AttentionMask:
     sequence_ids: torch.Tensor | None = None
     custom: torch.Tensor | None = None
     causal: bool = True
+    kv_offset: int = 0
+    chunk_size: int | None = None
+    left_padding: torch.Tensor | None = None
     _realised: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -66,6 +73,8 @@ class AttentionMask:
             and self.padding_mask is None
             and self.sequence_ids is None
             and self.custom is None
+            and self.chunk_size is None
+            and self.kv_offset == 0
             and self.query_offset + self.query_length == self.kv_length
         )
 
@@ -74,15 +83,22 @@ class AttentionMask:
         if self.custom is not None:
             return self.custom
         if "boolean" not in self._realised:
-            query_index = torch.arange(self.query_length, device=device) + self.query_offset
-            key_index = torch.arange(self.kv_length, device=device)
+            query_position = torch.arange(self.query_length, device=device) + self.query_offset
+            key_position = torch.arange(self.kv_length, device=device) + self.kv_offset
             if self.causal:
-                allowed = key_index[None, :] <= query_index[:, None]  # (q, kv)
+                allowed = key_position[None, :] <= query_position[:, None]  # (q, kv)
             else:
                 allowed = torch.ones(self.query_length, self.kv_length, dtype=torch.bool, device=device)
             allowed = allowed[None, None]  # (1, 1, q, kv)
+            if self.chunk_size is not None:
+                # (batch, 1, 1 or q, 1 or kv): chunk number of each position, per row
+                shift = (self.left_padding if self.left_padding is not None else torch.zeros(1, dtype=torch.long)).to(device)
+                query_chunk = (query_position[None, :] - shift[:, None]).div(self.chunk_size, rounding_mode="floor")
+                key_chunk = (key_position[None, :] - shift[:, None]).div(self.chunk_size, rounding_mode="floor")
+                allowed = allowed & (query_chunk[:, None, :, None] == key_chunk[:, None, None, :])
             if self.padding_mask is not None:
-                allowed = allowed & self.padding_mask[:, None, None, :].to(device)
+                columns = self.padding_mask[:, self.kv_offset : self.kv_offset + self.kv_length]
+                allowed = allowed & columns[:, None, None, :].to(device)
             if self.sequence_ids is not None:
                 same = self.sequence_ids[:, :, None] == self.sequence_ids[:, None, :]  # (batch, q, kv) with q == kv
                 allowed = allowed & same[:, None].to(device)
@@ -117,8 +133,14 @@ def build_attention_mask(
     kv_length: int,
     position_ids: torch.Tensor | None = None,
     has_cache: bool = False,
+    kv_offset: int = 0,
+    chunk_size: int | None = None,
 ) -> AttentionMask:
-    """Describe the causal mask of one forward from the user's 2D (or 4D) attention_mask."""
+    """Describe the causal mask of one forward from the user's 2D (or 4D) attention_mask.
+
+    `kv_offset`: the position of the first key the cache returns (a windowed cache drops older
+    ones). `chunk_size`: chunked local attention (Llama 4).
+    """
     if attention_mask is not None and attention_mask.dim() == 4:
         expected = (query_length, kv_length)
         if tuple(attention_mask.shape[-2:]) != expected:
@@ -138,10 +160,14 @@ def build_attention_mask(
                 f"positions and {query_length} new tokens were given (expected {past_length + query_length})"
             )
         padding_mask = attention_mask.bool()
-        if kv_length > padding_mask.shape[1]:  # a static cache: columns not yet written are not real tokens
-            padding_mask = nn.functional.pad(padding_mask, (0, kv_length - padding_mask.shape[1]), value=False)
+        if kv_offset + kv_length > padding_mask.shape[1]:  # a static cache: columns not yet written are not real tokens
+            padding_mask = nn.functional.pad(padding_mask, (0, kv_offset + kv_length - padding_mask.shape[1]), value=False)
         if bool(padding_mask.all()):
             padding_mask = None
+    left_padding = None
+    if chunk_size is not None and attention_mask is not None:
+        # Chunks start at each row's first real token: count the leading padding.
+        left_padding = (attention_mask.long().cumsum(dim=-1) == 0).sum(dim=-1)
 
     # Packed sequences: position ids that restart inside a row start a new sequence. Only
     # meaningful when the whole sequence is in this call (no cache, no padding mask).
@@ -151,7 +177,8 @@ def build_attention_mask(
         starts = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1
         if bool(starts[:, 1:].any()):
             sequence_ids = starts.cumsum(-1)
-    return AttentionMask(query_length, kv_length, past_length, padding_mask=padding_mask, sequence_ids=sequence_ids)
+    return AttentionMask(query_length, kv_length, past_length, padding_mask=padding_mask, sequence_ids=sequence_ids,
+                         kv_offset=kv_offset, chunk_size=chunk_size, left_padding=left_padding)
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
