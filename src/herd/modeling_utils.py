@@ -308,3 +308,37 @@ def _apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any])
             unknown.append(key)
     if unknown:
         raise TypeError(f"from_pretrained got arguments that are neither loading options nor config fields: {', '.join(unknown)}")
+
+
+# --- helpers every model family's forward uses ------------------------------------------------------
+
+
+def flag(value: bool | None, default: bool) -> bool:
+    """A forward argument left as None takes the config's value."""
+    return default if value is None else value
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty: give at least one token")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"input_ids must hold integers, got {input_ids.dtype}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise IndexError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def reject_unknown_kwargs(kwargs: dict[str, Any]) -> None:
+    # num_items_in_batch is passed by trainers for the loss; harmless to ignore here.
+    unknown = [key for key in kwargs if key not in ("num_items_in_batch",)]
+    if unknown:
+        raise TypeError(f"forward() got unexpected arguments: {', '.join(unknown)}")
+
+
+def backbone_call(model: PreTrainedModel, **kwargs: Any):
+    """Run a head model's backbone (self.model / self.transformer), always as a ModelOutput."""
+    kwargs["return_dict"] = True
+    return getattr(model, model.base_model_prefix)(**kwargs)

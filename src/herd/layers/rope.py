@@ -217,3 +217,30 @@ def apply_rotary(
     """query/key (batch, heads, seq, head_dim); cos/sin (batch, seq, head_dim)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+class ComplexRotaryEmbedding(RotaryEmbedding):
+    """Rotary embeddings as complex numbers over adjacent pairs (Llama 4's layout).
+
+    Llama 1-3 rotate dimension i with i + head_dim/2 (`rotate_half`); Llama 4 rotates dimension
+    2i with 2i + 1, written as a multiplication by e^(i * angle) in complex float32.
+    """
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """position_ids (batch, seq) -> complex64 (batch, seq, head_dim // 2)."""
+        inv_freq, scaling = self._inv_freq_for(position_ids)
+        angles = position_ids[..., None].float() * inv_freq.float()
+        return torch.polar(torch.ones_like(angles), angles) * scaling
+
+
+def apply_complex_rotary(
+    query: torch.Tensor, key: torch.Tensor, freqs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query/key (batch, seq, heads, head_dim); freqs complex (batch, seq, head_dim // 2)."""
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (batch, seq, heads, head_dim // 2)
+        return torch.view_as_real(pairs * freqs[:, :, None, :]).flatten(3).type_as(x)
+
+    return rotate(query), rotate(key)

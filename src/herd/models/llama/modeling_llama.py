@@ -30,7 +30,7 @@ from ...modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
-from ...modeling_utils import PreTrainedModel
+from ...modeling_utils import PreTrainedModel, backbone_call, check_input_ids, flag, reject_unknown_kwargs
 from .configuration_llama import LlamaConfig
 
 
@@ -106,10 +106,6 @@ class LlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
 
 
-def _flag(value: bool | None, default: bool) -> bool:
-    return default if value is None else value
-
-
 class LlamaModel(LlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -142,12 +138,12 @@ class LlamaModel(LlamaPreTrainedModel):
         cache_position: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
-        _reject_unknown_kwargs(kwargs)
+        reject_unknown_kwargs(kwargs)
         config = self.config
-        output_attentions = _flag(output_attentions, config.output_attentions)
-        output_hidden_states = _flag(output_hidden_states, config.output_hidden_states)
-        use_cache = _flag(use_cache, config.use_cache)
-        return_dict = _flag(return_dict, config.return_dict)
+        output_attentions = flag(output_attentions, config.output_attentions)
+        output_hidden_states = flag(output_hidden_states, config.output_hidden_states)
+        use_cache = flag(use_cache, config.use_cache)
+        return_dict = flag(return_dict, config.return_dict)
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -207,31 +203,6 @@ class LlamaModel(LlamaPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    if input_ids.numel() == 0:
-        raise ValueError("input_ids is empty: give at least one token")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"input_ids must hold integers, got {input_ids.dtype}")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise IndexError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-
-
-def _reject_unknown_kwargs(kwargs: dict[str, Any]) -> None:
-    # num_items_in_batch is passed by trainers for the loss; harmless to ignore here.
-    unknown = [key for key in kwargs if key not in ("num_items_in_batch",)]
-    if unknown:
-        raise TypeError(f"forward() got unexpected arguments: {', '.join(unknown)}")
-
-
-def _backbone_call(model: PreTrainedModel, **kwargs: Any) -> BaseModelOutputWithPast:
-    kwargs["return_dict"] = True
-    return getattr(model, model.base_model_prefix)(**kwargs)
-
-
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -264,8 +235,8 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        _reject_unknown_kwargs(kwargs)
-        outputs = _backbone_call(
+        reject_unknown_kwargs(kwargs)
+        outputs = backbone_call(
             self,
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -289,7 +260,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
 
 
 class LlamaForSequenceClassification(LlamaPreTrainedModel):
@@ -316,8 +287,8 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutputWithPast | tuple:
-        _reject_unknown_kwargs(kwargs)
-        outputs = _backbone_call(
+        reject_unknown_kwargs(kwargs)
+        outputs = backbone_call(
             self,
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -350,7 +321,7 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
 
 
 class LlamaForQuestionAnswering(LlamaPreTrainedModel):
@@ -378,8 +349,8 @@ class LlamaForQuestionAnswering(LlamaPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> QuestionAnsweringModelOutput | tuple:
-        _reject_unknown_kwargs(kwargs)
-        outputs = _backbone_call(
+        reject_unknown_kwargs(kwargs)
+        outputs = backbone_call(
             self,
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -402,7 +373,7 @@ class LlamaForQuestionAnswering(LlamaPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
 
 
 class LlamaForTokenClassification(LlamaPreTrainedModel):
@@ -433,8 +404,8 @@ class LlamaForTokenClassification(LlamaPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> TokenClassifierOutput | tuple:
-        _reject_unknown_kwargs(kwargs)
-        outputs = _backbone_call(
+        reject_unknown_kwargs(kwargs)
+        outputs = backbone_call(
             self,
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -450,7 +421,7 @@ class LlamaForTokenClassification(LlamaPreTrainedModel):
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if _flag(return_dict, self.config.return_dict) else output.to_tuple()
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
 
 
 __all__ = [
