@@ -35,6 +35,14 @@ from .models.llama import (
     LlamaModel,
     LlamaPreTrainedModel,
 )
+from .models.llama4 import (
+    Llama4Config,
+    Llama4ForCausalLM,
+    Llama4PreTrainedModel,
+    Llama4TextConfig,
+    Llama4TextModel,
+    Llama4VisionConfig,
+)
 from .pipelines import TextGenerationPipeline, pipeline
 from .tokenization import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
@@ -54,6 +62,12 @@ __all__ = [
     "GenerateDecoderOnlyOutput",
     "GenerationConfig",
     "GenerationMixin",
+    "Llama4Config",
+    "Llama4ForCausalLM",
+    "Llama4PreTrainedModel",
+    "Llama4TextConfig",
+    "Llama4TextModel",
+    "Llama4VisionConfig",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

@@ -14,13 +14,18 @@ from .configuration import HUB_KWARGS, PretrainedConfig, pop_hub_kwargs
 
 CONFIG_CLASSES = {
     "llama": "herd.models.llama:LlamaConfig",
+    "llama4": "herd.models.llama4:Llama4Config",
+    "llama4_text": "herd.models.llama4:Llama4TextConfig",
 }
 
 MODEL_CLASSES = {
     "llama": "herd.models.llama:LlamaModel",
+    "llama4_text": "herd.models.llama4:Llama4TextModel",
 }
 CAUSAL_LM_CLASSES = {
     "llama": "herd.models.llama:LlamaForCausalLM",
+    "llama4": "herd.models.llama4:Llama4ForCausalLM",  # the text model of a multimodal checkpoint
+    "llama4_text": "herd.models.llama4:Llama4ForCausalLM",
 }
 SEQUENCE_CLASSIFICATION_CLASSES = {
     "llama": "herd.models.llama:LlamaForSequenceClassification",

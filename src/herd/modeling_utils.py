@@ -209,6 +209,8 @@ class PreTrainedModel(nn.Module):
 
         if config is None or isinstance(config, (str, os.PathLike)):
             config = cls.config_class.from_pretrained(config or folder)
+        if not isinstance(config, cls.config_class) and isinstance(config.get_text_config(), cls.config_class):
+            config = config.get_text_config()  # e.g. the text model of a multimodal checkpoint
         config.name_or_path = str(pretrained_model_name_or_path)
         _apply_config_overrides(config, kwargs)
         config = cls._prepare_config(config, attn_implementation)

@@ -1,0 +1,379 @@
+"""Llama 4 text (Scout, Maverick): a decoder of mixture-of-experts blocks and two kinds of attention.
+
+What is special here:
+- Mixture of experts: a sigmoid router picks `num_experts_per_tok` of `num_local_experts`
+  experts per token; the router's score scales the expert's *input* (not its output), and a
+  shared expert runs on every token. Only the routed experts' weights are read: tokens are
+  grouped by expert and each expert multiplies its own group. Maverick interleaves dense
+  layers (`moe_layers`).
+- Chunked local attention on the rope layers: a token sees only earlier tokens of its own chunk
+  of `attention_chunk_size` positions, so the cache keeps just the last chunk for those layers.
+  Every `no_rope_layer_interval`-th layer is a global NoPE layer: no rotary embedding, full
+  causal attention, and (attn_temperature_tuning) queries scaled up with the position so that
+  long contexts stay sharp.
+- Rope on adjacent pairs of dimensions (complex multiplication), then an L2 norm of queries and
+  keys (use_qk_norm) on the rope layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...cache import Cache, DynamicCache, as_cache
+from ...generation import GenerationMixin
+from ...layers.activations import get_activation
+from ...layers.attention import AttentionMask, attention, build_attention_mask
+from ...layers.mlp import GatedMLP
+from ...layers.norm import RMSNorm
+from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary
+from ...losses import causal_lm_loss
+from ...modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from ...modeling_utils import PreTrainedModel, backbone_call, check_input_ids, flag, reject_unknown_kwargs
+from .configuration_llama4 import Llama4Config, Llama4TextConfig
+
+
+class Llama4TextExperts(nn.Module):
+    """All experts' weights, stored as real checkpoints store them:
+    gate_up_proj (experts, hidden, 2 * intermediate), down_proj (experts, intermediate, hidden)."""
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, 2 * self.intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_size, self.hidden_size))
+        self.act_fn = get_activation(config.hidden_act)
+
+    def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens (tokens, hidden); reads only this expert's weights."""
+        gate, up = (hidden_states @ self.gate_up_proj[expert]).chunk(2, dim=-1)  # (tokens, intermediate) each
+        return (up * self.act_fn(gate)) @ self.down_proj[expert]
+
+    def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, expert_scores: torch.Tensor) -> torch.Tensor:
+        """hidden_states (tokens, hidden); expert_ids / expert_scores (tokens, top_k) -> (tokens, hidden).
+
+        Each (token, expert) pair's input is scaled by its router score, the pairs are sorted by
+        expert, and every expert with tokens runs once on its group.
+        """
+        tokens, top_k = expert_ids.shape
+        flat_experts = expert_ids.reshape(-1)  # (tokens * top_k,)
+        order = torch.argsort(flat_experts, stable=True)
+        token_of_pair = torch.arange(tokens, device=hidden_states.device).repeat_interleave(top_k)[order]
+        routed_in = hidden_states[token_of_pair] * expert_scores.reshape(-1, 1)[order]  # (pairs, hidden)
+        group_sizes = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        outputs, start = [], 0
+        for expert, size in enumerate(group_sizes):
+            if size:
+                outputs.append(self.expert_forward(expert, routed_in[start : start + size]))
+                start += size
+        routed_out = torch.cat(outputs, dim=0)  # (pairs, hidden), sorted by expert
+        return torch.zeros_like(hidden_states).index_add_(0, token_of_pair, routed_out)
+
+
+class Llama4Router(nn.Linear):
+    """Scores every expert, keeps the top k, and squashes their scores with a sigmoid."""
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config.hidden_size, config.num_local_experts, bias=False)
+        self.top_k = config.num_experts_per_tok
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, hidden) -> expert ids (tokens, k), their scores (tokens, k), all logits (tokens, experts)."""
+        router_logits = super().forward(hidden_states)
+        top_logits, expert_ids = torch.topk(router_logits, self.top_k, dim=-1)
+        expert_scores = torch.sigmoid(top_logits.float()).to(hidden_states.dtype)
+        return expert_ids, expert_scores, router_logits
+
+
+class Llama4TextMoe(nn.Module):
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.experts = Llama4TextExperts(config)
+        self.router = Llama4Router(config)
+        self.shared_expert = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, self.hidden_size)  # (tokens, hidden)
+        expert_ids, expert_scores, _ = self.router(flat)
+        output = self.shared_expert(flat) + self.experts(flat, expert_ids, expert_scores)
+        return output.view(shape)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight, in float32 (Llama 4's query/key norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class Llama4TextAttention(nn.Module):
+    def __init__(self, config: Llama4TextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.uses_rope = bool(config.no_rope_layers[layer_idx])
+        self.uses_qk_norm = config.use_qk_norm and self.uses_rope
+        self.uses_temperature_tuning = config.attn_temperature_tuning and not self.uses_rope
+        self.eps = config.rms_norm_eps
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def _temperature(self, past_length: int, seq: int, device: torch.device) -> torch.Tensor:
+        """(seq,) query scale: 1 + attn_scale * log(1 + floor((position + 1) / floor_scale))."""
+        positions = torch.arange(seq, device=device, dtype=torch.float32) + past_length
+        return torch.log1p(torch.floor((positions + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
+
+    def forward(self, hidden_states, freqs, mask: AttentionMask, past_key_values=None, cache_position=None,
+                output_attentions=False):
+        batch, seq, _ = hidden_states.shape
+        # (batch, seq, heads, head_dim): rope, norm and temperature act in this layout
+        query = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim)
+        key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)
+        value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        if self.uses_rope:
+            query, key = apply_complex_rotary(query, key, freqs)
+        if self.uses_qk_norm:
+            query, key = l2_norm(query, self.eps), l2_norm(key, self.eps)
+        if self.uses_temperature_tuning:
+            # Positions count from the cache's start (padding included), as in the reference.
+            past_length = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+            scale = self._temperature(past_length, seq, hidden_states.device).view(1, seq, 1, 1)
+            query = (query * scale).to(query.dtype)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
+        output, weights = attention(
+            self.config._attn_implementation, query, key, value, mask, self.scaling,
+            dropout=self.attention_dropout, training=self.training, output_attentions=output_attentions,
+        )
+        return self.o_proj(output.reshape(batch, seq, -1)), weights
+
+
+class Llama4TextDecoderLayer(nn.Module):
+    def __init__(self, config: Llama4TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Llama4TextAttention(config, layer_idx)
+        self.is_moe_layer = layer_idx in config.moe_layers
+        self.uses_chunked_attention = config.layer_types[layer_idx] == "chunked_attention"
+        if self.is_moe_layer:
+            self.feed_forward = Llama4TextMoe(config)
+        else:
+            self.feed_forward = GatedMLP(config.hidden_size, config.intermediate_size_mlp, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, freqs, mask, past_key_values=None, cache_position=None, output_attentions=False):
+        attended, weights = self.self_attn(
+            self.input_layernorm(hidden_states), freqs, mask, past_key_values, cache_position, output_attentions
+        )
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.feed_forward(self.post_attention_layernorm(hidden_states))
+        return hidden_states, weights
+
+
+class Llama4PreTrainedModel(PreTrainedModel):
+    config_class = Llama4TextConfig
+    base_model_prefix = "model"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Llama4TextExperts):
+            std = self.config.get_text_config().initializer_range
+            with torch.no_grad():
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+
+    def _checkpoint_key_to_module_key(self, key: str, module_keys: set[str]) -> str | None:
+        # A full Llama4ForConditionalGeneration checkpoint: keep the language model, never read
+        # the vision tower or the projector.
+        if key.startswith(("vision_model.", "multi_modal_projector.")):
+            return None
+        if key.startswith("language_model."):
+            key = key[len("language_model.") :]
+        return super()._checkpoint_key_to_module_key(key, module_keys)
+
+
+class Llama4TextModel(Llama4PreTrainedModel):
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        with torch.device("cpu"):  # derived from the config: real even when the model is built on meta
+            self.rotary_emb = ComplexRotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
+        # The first layer of each attention kind: where the cache is asked for that kind's sizes.
+        self.first_layer_of_kind = {}
+        for index, layer in enumerate(self.layers):
+            self.first_layer_of_kind.setdefault(layer.uses_chunked_attention, index)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _masks(self, attention_mask, batch, seq, past_length, past_key_values, position_ids):
+        """One mask description per attention kind present: {uses_chunked_attention: AttentionMask}."""
+        masks = {}
+        for chunked, layer_idx in self.first_layer_of_kind.items():
+            if past_key_values is not None:
+                kv_length, kv_offset = past_key_values.kv_length(layer_idx, seq), past_key_values.kv_offset(layer_idx)
+            else:
+                kv_length, kv_offset = seq, 0
+            masks[chunked] = build_attention_mask(
+                attention_mask,
+                batch_size=batch,
+                query_length=seq,
+                past_length=past_length,
+                kv_length=kv_length,
+                kv_offset=kv_offset,
+                chunk_size=self.config.attention_chunk_size if chunked else None,
+                position_ids=position_ids,
+                has_cache=past_key_values is not None,
+            )
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        reject_unknown_kwargs(kwargs)
+        config = self.config
+        output_attentions = flag(output_attentions, config.output_attentions)
+        output_hidden_states = flag(output_hidden_states, config.output_hidden_states)
+        use_cache = flag(use_cache, config.use_cache)
+        return_dict = flag(return_dict, config.return_dict)
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds must be (batch, seq, {config.hidden_size}), got {tuple(inputs_embeds.shape)}")
+        batch, seq, _ = inputs_embeds.shape
+
+        past_key_values = as_cache(past_key_values)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)  # (1, seq)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+
+        masks = self._masks(attention_mask, batch, seq, past_length, past_key_values, position_ids)
+        freqs = self.rotary_emb(position_ids)  # complex (batch or 1, seq, head_dim // 2)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states, weights = layer(
+                hidden_states, freqs, masks[layer.uses_chunked_attention], past_key_values, cache_position,
+                output_attentions,
+            )
+            if all_attentions is not None:
+                all_attentions.append(weights)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            attentions=tuple(all_attentions) if all_attentions is not None else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Llama4TextConfig):
+        if isinstance(config, Llama4Config):
+            config = config.text_config
+        super().__init__(config)
+        self.model = Llama4TextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        reject_unknown_kwargs(kwargs)
+        outputs = backbone_call(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (batch, kept, vocab)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
+
+
+__all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
