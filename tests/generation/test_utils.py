@@ -225,3 +225,19 @@ def test_generate_errors(pair):
         ours.generate(ids, colour="red")
     with pytest.raises(IndexError, match="outside the vocabulary"):
         ours.generate(torch.tensor([[1, 999]]), max_new_tokens=2)
+
+
+def test_explicit_none_eos_disables_the_models_eos(pair):
+    reference, ours = pair
+    ids, mask = _prompts()
+    free = reference.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD)
+    ours.generation_config.eos_token_id = int(free[0, ids.shape[1] + 2])  # the model's eos appears early
+    reference.generation_config.eos_token_id = ours.generation_config.eos_token_id
+    try:
+        stopped = ours.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD)
+        unstopped = ours.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD, eos_token_id=None)
+        assert torch.equal(unstopped, reference.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD,
+                                                         eos_token_id=None))
+        assert torch.equal(unstopped, free) and not torch.equal(stopped, free)
+    finally:
+        ours.generation_config.eos_token_id = reference.generation_config.eos_token_id = 2

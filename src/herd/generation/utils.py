@@ -81,8 +81,10 @@ class GenerationMixin:
     # --- set-up -----------------------------------------------------------------------------
     def _generation_setup(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):
         base = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
-        model_kwargs = base.update(**kwargs)
         config = base.merged_with(getattr(self, "generation_config", None))
+        # Per-call arguments win last, an explicit None included (eos_token_id=None: never stop early).
+        model_kwargs = config.update(**kwargs)
+        config = config.merged_with(None)
         if config.cache_implementation == "hybrid":
             config.cache_implementation = None
         config.validate()
