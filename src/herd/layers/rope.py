@@ -62,8 +62,9 @@ def standardize_rope_parameters(
         raise ValueError(f"rope_type {rope_type!r} needs {', '.join(missing)} in rope_parameters / rope_scaling")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not used by any Llama model and is not supported")
-    if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
-        raise ValueError("llama3 rope needs high_freq_factor > low_freq_factor")
+    if rope_type == "llama3" and params["high_freq_factor"] < params["low_freq_factor"]:
+        # Equal factors are fine (Llama 4 Scout ships 1.0 and 1.0): no frequency is "medium" then.
+        raise ValueError("llama3 rope needs high_freq_factor >= low_freq_factor")
     if rope_type == "longrope" and head_dim is not None:
         for key in ("short_factor", "long_factor"):
             if len(params[key]) != head_dim // 2:
