@@ -94,3 +94,25 @@ def test_greedy_generation_on_cuda_matches_reference(checkpoint, cache_implement
     assert torch.equal(got, expected)
     beams_expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, pad_token_id=0)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, pad_token_id=0), beams_expected)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_llama4_on_cuda_matches_reference(tmp_path, attn):
+    import transformers
+
+    from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+    reference = reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, head_dim=16, floor_scale=4)
+    reference.save_pretrained(tmp_path / "l4")
+    model = herd.Llama4ForCausalLM.from_pretrained(tmp_path / "l4", device_map="cuda", attn_implementation=attn, progress=False)
+    ids, mask = _batch()
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        got = model(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+    assert max_abs_diff(got[mask.bool()], expected[mask.bool()]) < 1e-4
+    on_gpu = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "l4", device_map="cuda").eval()
+    ids, mask = ids.cuda().masked_fill(mask.cuda() == 0, 0), mask.cuda()
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = on_gpu.generate(ids, **kwargs)
+    for cache_implementation in ("dynamic", "static", "hybrid"):
+        assert torch.equal(model.generate(ids, cache_implementation=cache_implementation, **kwargs), expected)
