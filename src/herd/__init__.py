@@ -10,6 +10,7 @@ from .auto import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -43,6 +44,17 @@ from .models.llama4 import (
     Llama4TextModel,
     Llama4VisionConfig,
 )
+from .models.mllama import (
+    MllamaConfig,
+    MllamaForCausalLM,
+    MllamaForConditionalGeneration,
+    MllamaModel,
+    MllamaPreTrainedModel,
+    MllamaTextConfig,
+    MllamaTextModel,
+    MllamaVisionConfig,
+    MllamaVisionModel,
+)
 from .pipelines import TextGenerationPipeline, pipeline
 from .tokenization import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
@@ -50,6 +62,7 @@ __all__ = [
     "AutoConfig",
     "AutoModel",
     "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
     "AutoModelForQuestionAnswering",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
@@ -77,6 +90,15 @@ __all__ = [
     "LlamaPreTrainedModel",
     "LlamaTokenizer",
     "LlamaTokenizerFast",
+    "MllamaConfig",
+    "MllamaForCausalLM",
+    "MllamaForConditionalGeneration",
+    "MllamaModel",
+    "MllamaPreTrainedModel",
+    "MllamaTextConfig",
+    "MllamaTextModel",
+    "MllamaVisionConfig",
+    "MllamaVisionModel",
     "PreTrainedConfig",
     "PreTrainedModel",
     "PreTrainedTokenizerFast",

@@ -16,16 +16,27 @@ CONFIG_CLASSES = {
     "llama": "herd.models.llama:LlamaConfig",
     "llama4": "herd.models.llama4:Llama4Config",
     "llama4_text": "herd.models.llama4:Llama4TextConfig",
+    "mllama": "herd.models.mllama:MllamaConfig",
+    "mllama_text_model": "herd.models.mllama:MllamaTextConfig",
+    "mllama_vision_model": "herd.models.mllama:MllamaVisionConfig",
 }
 
 MODEL_CLASSES = {
     "llama": "herd.models.llama:LlamaModel",
     "llama4_text": "herd.models.llama4:Llama4TextModel",
+    "mllama": "herd.models.mllama:MllamaModel",
+    "mllama_text_model": "herd.models.mllama:MllamaTextModel",
+    "mllama_vision_model": "herd.models.mllama:MllamaVisionModel",
 }
 CAUSAL_LM_CLASSES = {
     "llama": "herd.models.llama:LlamaForCausalLM",
     "llama4": "herd.models.llama4:Llama4ForCausalLM",  # the text model of a multimodal checkpoint
     "llama4_text": "herd.models.llama4:Llama4ForCausalLM",
+    "mllama": "herd.models.mllama:MllamaForCausalLM",  # the text model of a vision checkpoint, as in the reference
+    "mllama_text_model": "herd.models.mllama:MllamaForCausalLM",
+}
+IMAGE_TEXT_TO_TEXT_CLASSES = {
+    "mllama": "herd.models.mllama:MllamaForConditionalGeneration",
 }
 SEQUENCE_CLASSIFICATION_CLASSES = {
     "llama": "herd.models.llama:LlamaForSequenceClassification",
@@ -111,6 +122,10 @@ class AutoModel(_AutoModel):
 
 class AutoModelForCausalLM(_AutoModel):
     _table = CAUSAL_LM_CLASSES
+
+
+class AutoModelForImageTextToText(_AutoModel):
+    _table = IMAGE_TEXT_TO_TEXT_CLASSES
 
 
 class AutoModelForSequenceClassification(_AutoModel):

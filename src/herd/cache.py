@@ -57,12 +57,21 @@ class Cache:
     def _tensors(self) -> list[list[torch.Tensor]]:
         return [self.key_cache, self.value_cache]
 
+    # Cross-attention keys/values (Mllama): computed once from the image at prefill, then reused.
+    def cross_attention_cache(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        if not hasattr(self, "_cross_key_values"):
+            self._cross_key_values = {}
+        return self._cross_key_values
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder batch rows (beam search)."""
         for store in self._tensors():
             for i, tensor in enumerate(store):
                 if tensor is not None and tensor.numel():
                     store[i] = tensor.index_select(0, beam_idx.to(tensor.device))
+        cross = self.cross_attention_cache()
+        for layer, (keys, values) in cross.items():
+            cross[layer] = (keys.index_select(0, beam_idx.to(keys.device)), values.index_select(0, beam_idx.to(values.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for store in self._tensors():

@@ -176,6 +176,17 @@ class PretrainedConfig:
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
+def sub_config(config_class: type[PretrainedConfig], value: Any) -> PretrainedConfig:
+    """A composite config's part (text_config, vision_config) from None (defaults), a dict or a config."""
+    if value is None:
+        return config_class()
+    if isinstance(value, dict):
+        return config_class(**{k: v for k, v in value.items() if k != "model_type"})
+    if isinstance(value, config_class):
+        return value
+    raise TypeError(f"expected a {config_class.__name__} or a dict, got {type(value).__name__}")
+
+
 # transformers 5 spells the base class with a capital C; both names work.
 PreTrainedConfig = PretrainedConfig
 

@@ -47,6 +47,13 @@ class ModelOutput:
 
 
 @dataclass(repr=False)
+class BaseModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(repr=False)
 class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     past_key_values: Any = None

@@ -140,10 +140,22 @@ class PreTrainedModel(nn.Module):
             return set()
         return set(self._tied_weights_keys)
 
+    # Checkpoint layouts that differ from the module tree: (checkpoint prefix, module prefix or
+    # None to skip without reading), tried in order on load; `_save_key_renames` writes the
+    # published layout back.
+    _load_key_renames: tuple[tuple[str, str | None], ...] = ()
+    _save_key_renames: tuple[tuple[str, str], ...] = ()
+
     def _checkpoint_key_to_module_key(self, key: str, module_keys: set[str]) -> str | None:
-        """Map a checkpoint key to ours: exact, or with the base-model prefix added or removed."""
+        """Map a checkpoint key to ours: renamed, exact, or with the base-model prefix added or removed."""
         if _DERIVED_KEYS.match(key):
             return None
+        for old, new in self._load_key_renames:
+            if key.startswith(old):
+                if new is None:
+                    return None
+                key = new + key[len(old) :]
+                break
         if key in module_keys:
             return key
         prefixed = f"{self.base_model_prefix}.{key}"
@@ -290,6 +302,7 @@ class PreTrainedModel(nn.Module):
         if state_dict is None:
             tied = self._tied_names()
             state_dict = {k: v for k, v in self.state_dict().items() if k not in tied}
+            state_dict = {_rename_prefix(k, self._save_key_renames): v for k, v in state_dict.items()}
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         self.config.save_pretrained(folder)
@@ -297,6 +310,13 @@ class PreTrainedModel(nn.Module):
         if generation_config is not None:
             generation_config.save_pretrained(folder)
         loading.save_checkpoint(state_dict, folder, max_shard_size)
+
+
+def _rename_prefix(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def _apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:

@@ -59,9 +59,17 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class GenerationMixin:
     """Adds `generate()` to a causal language model."""
 
+    # Inputs besides the tokens that generate() passes on to the model (a multimodal model's images).
+    _generation_input_names: tuple[str, ...] = ()
+
     @classmethod
     def can_generate(cls) -> bool:
         return True
+
+    def _inputs_for_step(self, extra: dict[str, Any], first_step: bool, total_length: int) -> dict[str, Any]:
+        """What of `extra` the model gets at a step: by default everything at prefill, nothing after
+        (the cache already holds what it produced)."""
+        return dict(extra) if first_step else {}
 
     # --- the step the fast path replaces ---------------------------------------------------------
     def _decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, **forward_kwargs: Any):
@@ -147,6 +155,9 @@ class GenerationMixin:
         input_ids = input_ids.to(self.device)
         attention_mask = model_kwargs.pop("attention_mask", None)
         past_key_values = model_kwargs.pop("past_key_values", None)
+        extra = {name: model_kwargs.pop(name) for name in self._generation_input_names if model_kwargs.get(name) is not None}
+        for name in self._generation_input_names:
+            model_kwargs.pop(name, None)
         for key in ("use_cache", "output_attentions", "output_hidden_states", "return_dict"):
             model_kwargs.pop(key, None)
         if model_kwargs:
@@ -169,17 +180,19 @@ class GenerationMixin:
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("streamers work with greedy and sampled decoding, not beam search")
+            extra = _expand_rows(extra, input_ids.shape[0], config.num_beams)
             return self._beam_search(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length,
-                                     stop_strings, past_key_values, generator)
+                                     stop_strings, past_key_values, generator, extra)
         if config.num_return_sequences > 1:
+            extra = _expand_rows(extra, input_ids.shape[0], config.num_return_sequences)
             input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         return self._sample(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
-                            past_key_values, streamer, generator)
+                            past_key_values, streamer, generator, extra)
 
     # --- greedy and sampling ------------------------------------------------------------------
     def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
-                past_key_values, streamer, generator):
+                past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
         processors = build_logits_processors(config, eos_ids, prompt_length)
         cache = self._make_cache(config, input_ids.shape[0], max_length, past_key_values)
@@ -196,8 +209,11 @@ class GenerationMixin:
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         # Tokens the cache has not seen yet: the whole prompt first, then one token per step.
         pending = input_ids[:, cache.get_seq_length() :]
+        first_step = True
         while True:
-            outputs = self._decode_step(pending, attention_mask, cache, **forward_kwargs)
+            step_inputs = self._inputs_for_step(extra, first_step, attention_mask.shape[1])
+            outputs = self._decode_step(pending, attention_mask, cache, **step_inputs, **forward_kwargs)
+            first_step = False
             logits = outputs.logits[:, -1, :].to(torch.float32)  # (batch, vocab)
             next_scores = apply_processors(processors, input_ids, logits)
             if config.do_sample:
@@ -240,7 +256,7 @@ class GenerationMixin:
 
     # --- beam search --------------------------------------------------------------------------
     def _beam_search(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
-                     past_key_values, generator):
+                     past_key_values, generator, extra):
         """Beam search with the reference's bookkeeping, so it returns the same beams.
 
         Each step keeps the best `beams_to_keep` = max(2, 1 + #eos) * num_beams continuations of all
@@ -276,7 +292,8 @@ class GenerationMixin:
         cur_len = prompt_length
         pending = flat_ids
         while True:
-            outputs = self._decode_step(pending, attention_mask, cache)
+            step_inputs = self._inputs_for_step(extra, cur_len == prompt_length, attention_mask.shape[1])
+            outputs = self._decode_step(pending, attention_mask, cache, **step_inputs)
             logits = outputs.logits[:, -1, :].to(torch.float32)
             log_probs = nn.functional.log_softmax(logits, dim=-1)
             flat_running = running[:, :, :cur_len].reshape(batch_size * num_beams, cur_len)
@@ -368,6 +385,14 @@ def _can_still_improve(can_improve, running_scores, finished_scores, is_finished
     best_running = running_scores[:, :1] / (best_length**length_penalty)
     worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
     return can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
+
+
+def _expand_rows(extra: dict[str, Any], batch_size: int, repeats: int) -> dict[str, Any]:
+    """Repeat per-row inputs (images, masks) for each returned sequence or beam of a row."""
+    return {
+        name: value.repeat_interleave(repeats, dim=0) if torch.is_tensor(value) and value.shape[0] == batch_size else value
+        for name, value in extra.items()
+    }
 
 
 def _as_id_tensor(ids: int | list[int] | None, device: torch.device) -> torch.Tensor | None:

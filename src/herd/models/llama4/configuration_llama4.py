@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...configuration import PretrainedConfig
+from ...configuration import PretrainedConfig, sub_config
 from ...layers.rope import standardize_rope_parameters
 
 LAYER_TYPES = ("chunked_attention", "full_attention")
@@ -222,8 +222,8 @@ class Llama4Config(PretrainedConfig):
         tie_word_embeddings: bool = False,
         **kwargs: Any,
     ):
-        self.vision_config = _sub_config(Llama4VisionConfig, vision_config)
-        self.text_config = _sub_config(Llama4TextConfig, text_config)
+        self.vision_config = sub_config(Llama4VisionConfig, vision_config)
+        self.text_config = sub_config(Llama4TextConfig, text_config)
         self.boi_token_index = boi_token_index
         self.eoi_token_index = eoi_token_index
         self.image_token_index = image_token_index
@@ -234,12 +234,3 @@ class Llama4Config(PretrainedConfig):
     boi_token_id = property(lambda self: self.boi_token_index)
     eoi_token_id = property(lambda self: self.eoi_token_index)
 
-
-def _sub_config(config_class: type[PretrainedConfig], value: Any) -> PretrainedConfig:
-    if value is None:
-        return config_class()
-    if isinstance(value, dict):
-        return config_class(**{k: v for k, v in value.items() if k != "model_type"})
-    if isinstance(value, config_class):
-        return value
-    raise TypeError(f"expected a {config_class.__name__} or a dict, got {type(value).__name__}")

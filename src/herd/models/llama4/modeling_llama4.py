@@ -194,14 +194,9 @@ class Llama4PreTrainedModel(PreTrainedModel):
                 module.gate_up_proj.normal_(0.0, std)
                 module.down_proj.normal_(0.0, std)
 
-    def _checkpoint_key_to_module_key(self, key: str, module_keys: set[str]) -> str | None:
-        # A full Llama4ForConditionalGeneration checkpoint: keep the language model, never read
-        # the vision tower or the projector.
-        if key.startswith(("vision_model.", "multi_modal_projector.")):
-            return None
-        if key.startswith("language_model."):
-            key = key[len("language_model.") :]
-        return super()._checkpoint_key_to_module_key(key, module_keys)
+    # A full Llama4ForConditionalGeneration checkpoint: keep the language model, never read the
+    # vision tower or the projector.
+    _load_key_renames = (("vision_model.", None), ("multi_modal_projector.", None), ("language_model.", ""))
 
 
 class Llama4TextModel(Llama4PreTrainedModel):
