@@ -50,6 +50,8 @@ class PretrainedConfig:
     model_type: str = ""
     # Sub-configs (name -> class) for composite models such as Mllama and Llama 4.
     sub_configs: dict[str, type[PretrainedConfig]] = {}
+    # For a sub-config class: its key in the composite config ("text_config", "vision_config").
+    base_config_key: str = ""
 
     def __init__(self, **kwargs: Any):
         # `torch_dtype` is the pre-5.0 spelling of `dtype`.
@@ -137,6 +139,11 @@ class PretrainedConfig:
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
         merged = {**config_dict, **kwargs}
         model_type = merged.get("model_type")
+        if cls.base_config_key and model_type != cls.model_type and isinstance(merged.get(cls.base_config_key), dict):
+            # A composite config.json (llama4, mllama) loaded for one of its parts: take that part.
+            part = dict(merged[cls.base_config_key])
+            part.setdefault("_name_or_path", merged.get("_name_or_path", ""))
+            merged, model_type = part, part.get("model_type")
         if cls.model_type and model_type and model_type != cls.model_type:
             # Loading a composite checkpoint's text part (e.g. llama4 -> llama4_text) is the
             # subclass's job; anything else is a user error worth naming.

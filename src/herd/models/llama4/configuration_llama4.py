@@ -13,6 +13,7 @@ LAYER_TYPES = ("chunked_attention", "full_attention")
 
 class Llama4TextConfig(PretrainedConfig):
     model_type = "llama4_text"
+    base_config_key = "text_config"
 
     def __init__(
         self,
@@ -145,18 +146,11 @@ class Llama4TextConfig(PretrainedConfig):
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Llama4TextConfig:
-        # A full Llama 4 (multimodal) config.json: take its text part.
-        if config_dict.get("model_type") == "llama4":
-            text = dict(config_dict.get("text_config") or {})
-            text.setdefault("_name_or_path", config_dict.get("_name_or_path", ""))
-            config_dict = text
-        return super().from_dict(config_dict, **kwargs)
 
 
 class Llama4VisionConfig(PretrainedConfig):
     model_type = "llama4_vision_model"
+    base_config_key = "vision_config"
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1],
 
 class MllamaVisionConfig(PretrainedConfig):
     model_type = "mllama_vision_model"
+    base_config_key = "vision_config"
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class MllamaVisionConfig(PretrainedConfig):
 
 class MllamaTextConfig(PretrainedConfig):
     model_type = "mllama_text_model"
+    base_config_key = "text_config"
 
     def __init__(
         self,
@@ -138,14 +140,6 @@ class MllamaTextConfig(PretrainedConfig):
     mlp_bias = property(lambda self: False)
     attention_dropout = property(lambda self: self.dropout)
 
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> MllamaTextConfig:
-        # A full Mllama config.json: take its text part (MllamaForCausalLM never loads the vision tower).
-        if config_dict.get("model_type") == "mllama":
-            text = dict(config_dict.get("text_config") or {})
-            text.setdefault("_name_or_path", config_dict.get("_name_or_path", ""))
-            config_dict = text
-        return super().from_dict(config_dict, **kwargs)
 
 
 class MllamaConfig(PretrainedConfig):

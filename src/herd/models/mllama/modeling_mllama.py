@@ -9,8 +9,9 @@ What is special here:
 - Text tokens read image features only in the `cross_attention_layers`, through tanh-gated
   residuals. Keys/values of those layers are computed once from the image and cached.
 - `cross_attention_mask` says which text tokens see which image's tiles. Rows that see no
-  image (tokens before the first `<|image|>`) get a zero cross-attention mask (so no NaN) and their
-  cross-layer MLP output is multiplied by zero, as in the reference.
+  image (tokens before the first `<|image|>`) get a zero cross-attention mask (so no NaN), and
+  both their cross-attention and cross-layer MLP outputs are zeroed: they learn nothing of the
+  image. That is Meta's behaviour; transformers 5.17 zeroes only the MLP part (see the layer).
 - The input embedding has 8 extra rows (the `<|image|>` token is id 128256, one past the
   lm_head's vocabulary).
 """
@@ -319,6 +320,12 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
 
     def forward(self, hidden_states, keys, values, cross_mask, rows_seeing_images, output_attentions=False):
         attended, weights = self.cross_attn(self.input_layernorm(hidden_states), keys, values, cross_mask, output_attentions)
+        if rows_seeing_images is not None:
+            # A row that sees no image attends uniformly to every image token (its mask row is all
+            # zeros, to avoid NaN); Meta's implementation zeroes that output, so text before the
+            # first <|image|> learns nothing of the image. transformers 5.17 does not (it leaks an
+            # average of the image into those rows); herd follows Meta here.
+            attended = rows_seeing_images[:, 0] * attended
         hidden_states = hidden_states + self.cross_attn_attn_gate.tanh() * attended
         fed = self.mlp(self.post_attention_layernorm(hidden_states))
         if rows_seeing_images is not None:

@@ -1,0 +1,250 @@
+"""Mllama models against transformers on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from herd.models.mllama import (
+    MllamaForCausalLM,
+    MllamaForConditionalGeneration,
+    MllamaModel,
+    MllamaTextModel,
+    MllamaVisionModel,
+)
+from tests.conftest import max_abs_diff
+
+TOL = 1e-4
+IMAGE = 128  # the <|image|> id of the tiny vocabulary (one past the lm_head, as 128256 is for the real one)
+TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+            num_key_value_heads=2, cross_attention_layers=[1, 3], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            max_position_embeddings=256)
+VISION = dict(hidden_size=16, num_hidden_layers=3, num_global_layers=2, attention_heads=2, intermediate_size=32,
+              vision_output_dim=48, image_size=28, patch_size=14, intermediate_layers_indices=[0, 2], max_num_tiles=4)
+
+
+def _reference(seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
+        text_config=TEXT, vision_config=VISION, image_token_index=IMAGE))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "gate" in name:  # gates start at 0 (cross) or pi/4: make every path count
+                parameter.uniform_(-1.0, 1.0)
+            elif name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    reference = _reference()
+    folder = tmp_path_factory.mktemp("mllama") / "ckpt"
+    reference.save_pretrained(folder)
+    return reference, MllamaForConditionalGeneration.from_pretrained(folder, progress=False), folder
+
+
+def _images(batch_images, seed=0):
+    """batch_images: per row, the tile counts of its images. -> pixel_values, aspect ratio ids / mask."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, most = len(batch_images), max(1, max(len(row) for row in batch_images))
+    pixel_values = torch.randn(batch, most, 4, 3, 28, 28, generator=generator)
+    tiles_to_id = {1: 1, 2: 2, 3: 3, 4: 6}  # ids of (1x1), (1x2), (1x3), (2x2) in the default ratio list
+    ids = torch.zeros(batch, most, dtype=torch.long)
+    mask = torch.zeros(batch, most, 4, dtype=torch.long)
+    for row, tiles in enumerate(batch_images):
+        for image, count in enumerate(tiles):
+            ids[row, image] = tiles_to_id[count]
+            mask[row, image, :count] = 1
+    return pixel_values, ids, mask
+
+
+def _text(batch_images, length=12, image_at=(0, 5), seed=1):
+    """Token ids with <|image|> at the given positions, and the cross-attention mask the processor builds."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, most = len(batch_images), max(1, max(len(row) for row in batch_images))
+    ids = torch.randint(3, 128, (batch, length), generator=generator)
+    cross = torch.zeros(batch, length, most, 4, dtype=torch.long)
+    for row, tiles in enumerate(batch_images):
+        for image, count in enumerate(tiles):
+            ids[row, image_at[image]] = IMAGE
+            cross[row, image_at[image] :, image, :count] = 1
+    return ids, cross
+
+
+def _inputs(batch_images, **text_kwargs):
+    pixel_values, ids, mask = _images(batch_images)
+    input_ids, cross = _text(batch_images, **text_kwargs)
+    return dict(input_ids=input_ids, pixel_values=pixel_values, aspect_ratio_ids=ids, aspect_ratio_mask=mask,
+                cross_attention_mask=cross)
+
+
+@pytest.mark.parametrize("batch_images", [[[4]], [[1, 2]], [[4, 1], [2]], [[3], [4, 2]]], ids=str)
+def test_vision_model_matches_reference(pair, batch_images):
+    reference, ours, _ = pair
+    pixel_values, ids, mask = _images(batch_images)
+    with torch.no_grad():
+        expected = reference.model.vision_model(pixel_values=pixel_values, aspect_ratio_ids=ids, aspect_ratio_mask=mask)
+        got = ours.model.vision_model(pixel_values, ids, mask)
+    assert got.last_hidden_state.shape == expected.last_hidden_state.shape  # (batch, images, tiles, 5, 48)
+    assert max_abs_diff(got.last_hidden_state, expected.last_hidden_state) < TOL
+
+
+@pytest.mark.parametrize("batch_images", [[[4]], [[1, 2]], [[4, 1], [2]]], ids=str)
+def test_logits_match_reference_when_the_prompt_starts_with_an_image(pair, batch_images):
+    reference, ours, _ = pair
+    inputs = _inputs(batch_images)
+    labels = inputs["input_ids"].clone()
+    with torch.no_grad():
+        # herd ignores labels on image tokens itself; the reference fails on them (id past its vocabulary)
+        expected = reference(**inputs, labels=labels.masked_fill(labels == IMAGE, -100))
+        got = ours(**inputs, labels=labels)
+    assert max_abs_diff(got.logits, expected.logits) < TOL
+    assert abs(got.loss.item() - expected.loss.item()) < TOL
+
+
+def test_text_before_the_first_image_learns_nothing_of_it(pair):
+    reference, ours, _ = pair
+    inputs = _inputs([[4]], image_at=(4,))
+    other = dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"]))
+    with torch.no_grad():
+        ours_a, ours_b = ours(**inputs).logits, ours(**other).logits
+        ref_a, ref_b = reference(**inputs).logits, reference(**other).logits
+    assert max_abs_diff(ours_a[:, :4], ours_b[:, :4]) == 0  # herd: no leak
+    assert max_abs_diff(ref_a[:, :4], ref_b[:, :4]) > 1e-4  # transformers 5.17 leaks an average of the image
+    assert max_abs_diff(ours_a[:, 4:], ours_b[:, 4:]) > 1e-4  # tokens after it do see the image
+    assert torch.isfinite(ours_a).all()
+
+
+def test_equals_reference_with_metas_row_masking(pair):
+    """With text before the image, herd equals transformers plus Meta's zeroing of rows that see no image."""
+    reference, ours, _ = pair
+    inputs = _inputs([[4, 2], [1]], image_at=(3, 7))
+    rows = inputs["cross_attention_mask"].flatten(2).any(-1).float()  # (batch, seq): 1 where a token sees an image
+    hooks = [layer.cross_attn.register_forward_hook(lambda module, args, out: (out[0] * rows[..., None], out[1]))
+             for layer in reference.model.language_model.layers if hasattr(layer, "cross_attn")]
+    try:
+        with torch.no_grad():
+            expected = reference(**inputs).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        assert max_abs_diff(ours(**inputs).logits, expected) < TOL
+
+
+def test_text_only_prompt_through_the_full_model(pair):
+    reference, ours, _ = pair
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert max_abs_diff(ours(input_ids=ids).logits, reference(input_ids=ids).logits) < TOL
+    expected = reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
+
+
+@pytest.mark.parametrize("batch_images", [[[4]], [[2, 1]], [[4, 1], [2]]], ids=str)
+def test_greedy_generation_with_images_matches_reference(pair, batch_images):
+    reference, ours, _ = pair
+    inputs = _inputs(batch_images)
+    expected = reference.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = ours.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_beam_search_with_an_image_matches_reference(pair):
+    reference, ours, _ = pair
+    inputs = _inputs([[4], [2]])
+    expected = reference.generate(**inputs, max_new_tokens=6, num_beams=3, pad_token_id=0)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=6, num_beams=3, pad_token_id=0), expected)
+
+
+def test_image_encoded_once_and_cross_keys_cached(pair, monkeypatch):
+    _, ours, _ = pair
+    calls = []
+    original = MllamaVisionModel.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MllamaVisionModel, "forward", counting)
+    out = ours.generate(**_inputs([[4]]), max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert len(calls) == 1
+    cross = out.past_key_values.cross_attention_cache()
+    assert sorted(cross) == [1, 3]
+    keys, values = cross[1]
+    assert keys.shape == (1, 2, 4 * 5, 8)  # (batch, kv heads, tiles x (patches + class token), head_dim)
+
+
+def test_causal_lm_reads_only_the_text_weights(pair, monkeypatch):
+    import transformers
+
+    import herd.loading
+
+    _, _, folder = pair
+    read = []
+    original = herd.loading._load_shard
+
+    def spy(reader, *args, **kwargs):
+        class Recording:
+            def __getattr__(self, name):
+                return getattr(reader, name)
+
+            def get_tensor(self, key):
+                read.append(key)
+                return reader.get_tensor(key)
+
+        return original(Recording(), *args, **kwargs)
+
+    monkeypatch.setattr(herd.loading, "_load_shard", spy)
+    ours = herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+    assert isinstance(ours, MllamaForCausalLM)
+    assert read and not any(k.startswith(("vision_model", "multi_modal_projector")) for k in read)
+    reference = transformers.MllamaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        got, expected = ours(ids), reference(ids)
+    assert got.logits.dtype == torch.float32 and max_abs_diff(got.logits, expected.logits) < TOL
+
+
+def test_base_text_and_vision_classes_load_from_the_full_checkpoint(pair):
+    reference, ours, folder = pair
+    inputs = _inputs([[4, 1], [2]])
+    model = MllamaModel.from_pretrained(folder, progress=False)
+    text = MllamaTextModel.from_pretrained(folder, progress=False)
+    vision = MllamaVisionModel.from_pretrained(folder, progress=False)
+    with torch.no_grad():
+        expected = reference.model(**inputs).last_hidden_state
+        assert max_abs_diff(model(**inputs).last_hidden_state, expected) < TOL
+        ids = torch.randint(3, 128, (1, 6))
+        assert max_abs_diff(text(ids).last_hidden_state, reference.model.language_model(ids).last_hidden_state) < TOL
+        pixel_values, aspect_ids, aspect_mask = (inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"))
+        assert max_abs_diff(vision(pixel_values, aspect_ids, aspect_mask).last_hidden_state,
+                            reference.model.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ids,
+                                                         aspect_ratio_mask=aspect_mask).last_hidden_state) < TOL
+    assert model.language_model.embed_tokens.num_embeddings == 128 + 8  # the extra image-token rows
+
+
+def test_save_pretrained_writes_the_published_layout(pair, tmp_path):
+    import transformers
+
+    reference, ours, _ = pair
+    ours.save_pretrained(tmp_path / "out")
+    back = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    inputs = _inputs([[4]])
+    with torch.no_grad():
+        assert max_abs_diff(back(**inputs).logits, reference(**inputs).logits) == 0
+
+
+def test_errors(pair):
+    _, ours, _ = pair
+    inputs = _inputs([[4]])
+    with pytest.raises(ValueError, match="aspect_ratio_ids"):
+        ours(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    with pytest.raises(ValueError, match=r"pixel_values must be \(batch, images, tiles"):
+        ours.model.vision_model(inputs["pixel_values"][0], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    with pytest.raises(ValueError, match="tiles per image"):
+        ours.model.vision_model(inputs["pixel_values"][:, :, :2], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
