@@ -104,6 +104,57 @@ class PreTrainedModel(nn.Module):
     def get_output_embeddings(self) -> nn.Module | None:
         return None
 
+    # --- resizing the vocabulary -----------------------------------------------------------------
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Grow or shrink the input embeddings (and a tied lm_head with them); new rows get the mean embedding."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None:
+            new_num_tokens = old.num_embeddings
+        if pad_to_multiple_of is not None:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        new = self._get_resized_embeddings(old, new_num_tokens, mean_resizing=mean_resizing)
+        self.set_input_embeddings(new)
+        text_config = self.config.get_text_config()
+        text_config.vocab_size = new_num_tokens
+        if getattr(text_config, "tie_word_embeddings", False) and self.get_output_embeddings() is not None:
+            self.set_output_embeddings(self._get_resized_lm_head(self.get_output_embeddings(), new_num_tokens,
+                                                                  mean_resizing=mean_resizing))
+            self.tie_weights()
+        if hasattr(self, "vocab_size"):
+            self.vocab_size = new_num_tokens
+        return new
+
+    @staticmethod
+    def _resized_rows(weight: torch.Tensor, new_rows: int, mean_resizing: bool) -> torch.Tensor:
+        kept = min(weight.shape[0], new_rows)
+        fill = weight.float().mean(0) if mean_resizing else torch.zeros(weight.shape[1])
+        resized = fill.to(weight.dtype).to(weight.device).expand(new_rows, -1).clone()
+        resized[:kept] = weight[:kept]
+        return resized
+
+    def _get_resized_embeddings(self, old: nn.Embedding, new_num_tokens: int, mean_resizing: bool = True) -> nn.Embedding:
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, old.padding_idx, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(self._resized_rows(old.weight, new_num_tokens, mean_resizing))
+        return new
+
+    def _get_resized_lm_head(self, old: nn.Linear, new_num_tokens: int | None = None, transposed: bool = False,
+                             mean_resizing: bool = True) -> nn.Linear:
+        """A new lm_head with `new_num_tokens` output rows; added rows get the mean row (as the reference's mean resizing)."""
+        if new_num_tokens is None or new_num_tokens == old.out_features:
+            return old
+        new = nn.Linear(old.in_features, new_num_tokens, bias=old.bias is not None, device=old.weight.device,
+                        dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(self._resized_rows(old.weight, new_num_tokens, mean_resizing))
+            if old.bias is not None:
+                new.bias.copy_(self._resized_rows(old.bias[:, None], new_num_tokens, mean_resizing)[:, 0])
+        return new
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no output embeddings")
+
     def set_attn_implementation(self, attn_implementation: str) -> None:
         self.config._attn_implementation = check_attn_implementation(attn_implementation)
 

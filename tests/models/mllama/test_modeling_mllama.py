@@ -248,3 +248,39 @@ def test_errors(pair):
         ours.model.vision_model(inputs["pixel_values"][0], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
     with pytest.raises(ValueError, match="tiles per image"):
         ours.model.vision_model(inputs["pixel_values"][:, :, :2], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+
+
+def test_documented_lm_head_expansion_and_resizing(pair):
+    _, _, folder = pair
+    model = MllamaForConditionalGeneration.from_pretrained(folder, progress=False)
+    inputs = _inputs([[4]])
+    with torch.no_grad():
+        before = model(**inputs).logits
+    # the docs' recipe, verbatim
+    old_embeddings = model.get_output_embeddings()
+    num_tokens = model.vocab_size + 1
+    resized_embeddings = model._get_resized_lm_head(old_embeddings, new_num_tokens=num_tokens, mean_resizing=True)
+    resized_embeddings.requires_grad_(old_embeddings.weight.requires_grad)
+    model.set_output_embeddings(resized_embeddings)
+    with torch.no_grad():
+        after = model(**inputs, labels=inputs["input_ids"]).logits
+    assert after.shape[-1] == 129 and max_abs_diff(after[..., :128], before) == 0
+    new_row = model.lm_head.weight[128]
+    assert torch.allclose(new_row, old_embeddings.weight.mean(0))
+    # resize_token_embeddings grows the input embeddings (136 -> 140), old rows kept
+    embed = model.resize_token_embeddings(140)
+    assert embed.num_embeddings == 140 and model.config.text_config.vocab_size == 140
+
+
+def test_resize_token_embeddings_on_a_tied_llama():
+    config = herd.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, tie_word_embeddings=True)
+    model = herd.LlamaForCausalLM(config)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        before = model(ids).logits
+    model.resize_token_embeddings(70, pad_to_multiple_of=8)
+    assert model.get_input_embeddings().num_embeddings == 72 and model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert max_abs_diff(model(ids).logits[..., :64], before) < 1e-6
+    assert model(torch.tensor([[71]])).logits.shape == (1, 1, 72)

@@ -501,7 +501,7 @@ class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         # The reference returns float32 logits for this class.
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :]).float()
-        loss = causal_lm_loss(logits, _ignore_image_tokens(labels, self.vocab_size)) if labels is not None else None
+        loss = causal_lm_loss(logits, _ignore_image_tokens(labels, self.lm_head.out_features)) if labels is not None else None
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                         hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
@@ -602,6 +602,7 @@ class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MllamaConfig):
         super().__init__(config)
+        self.vocab_size = config.text_config.vocab_size
         self.model = MllamaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
@@ -643,7 +644,7 @@ class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
-        vocab_size = self.config.text_config.vocab_size
+        vocab_size = self.lm_head.out_features
         loss = causal_lm_loss(logits, _ignore_image_tokens(labels, vocab_size)) if labels is not None else None
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                         hidden_states=outputs.hidden_states, attentions=outputs.attentions)
