@@ -116,3 +116,22 @@ def test_llama4_on_cuda_matches_reference(tmp_path, attn):
     expected = on_gpu.generate(ids, **kwargs)
     for cache_implementation in ("dynamic", "static", "hybrid"):
         assert torch.equal(model.generate(ids, cache_implementation=cache_implementation, **kwargs), expected)
+
+
+def test_mllama_on_cuda_matches_reference(tmp_path):
+    import transformers
+
+    from tests.models.mllama.test_modeling_mllama import _inputs, _reference
+
+    reference = _reference()
+    reference.save_pretrained(tmp_path / "mllama")
+    model = herd.MllamaForConditionalGeneration.from_pretrained(tmp_path / "mllama", device_map="cuda", progress=False)
+    inputs = _inputs([[4, 1], [2]])
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        got = model(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
+    assert max_abs_diff(got, expected) < 1e-4
+    on_gpu = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "mllama", device_map="cuda").eval()
+    cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**cuda_inputs, **kwargs), on_gpu.generate(**cuda_inputs, **kwargs))
