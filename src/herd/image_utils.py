@@ -34,9 +34,9 @@ CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 
 __all__ = [
-    "BatchFeature",
     "CHANNELS_FIRST",
     "CHANNELS_LAST",
+    "BatchFeature",
     "channel_format_of",
     "convert_to_rgb",
     "fetch_images",
@@ -372,11 +372,12 @@ def _to_torch(value: Any):
 def _to_numpy(value: Any) -> np.ndarray:
     if _is_torch_tensor(value):
         return _tensor_to_numpy(value)
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray)):
-        if len({len(row) for row in value}) > 1:
-            ragged = np.empty(len(value), dtype=object)
-            ragged[:] = [np.asarray(row) for row in value]
-            return ragged
+    rows = isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray))
+    if rows and len({len(row) for row in value}) > 1:
+        # Rows of different lengths: an object array of 1-D arrays, as transformers gives.
+        ragged = np.empty(len(value), dtype=object)
+        ragged[:] = [np.asarray(row) for row in value]
+        return ragged
     return np.asarray(value)
 
 

@@ -1,4 +1,5 @@
 from .configuration_mllama import MllamaConfig, MllamaTextConfig, MllamaVisionConfig
+from .image_processing_mllama import MllamaImageProcessor, MllamaImageProcessorPil
 from .modeling_mllama import (
     MllamaForCausalLM,
     MllamaForConditionalGeneration,
@@ -7,3 +8,4 @@ from .modeling_mllama import (
     MllamaTextModel,
     MllamaVisionModel,
 )
+from .processing_mllama import MllamaProcessor

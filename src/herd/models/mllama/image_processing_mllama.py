@@ -24,7 +24,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -87,7 +87,9 @@ def get_optimal_tiled_canvas(
     largest scale wins: the least downscaling. Ties go to the smallest canvas area, then to the
     first arrangement in the supported order.
     """
-    canvases = [(rows * tile_size, columns * tile_size) for rows, columns in get_all_supported_aspect_ratios(max_image_tiles)]
+    canvases = [
+        (rows * tile_size, columns * tile_size) for rows, columns in get_all_supported_aspect_ratios(max_image_tiles)
+    ]
     scales = [min(height / image_height, width / image_width) for height, width in canvases]
     upscales = [scale for scale in scales if scale >= 1]
     chosen_scale = min(upscales) if upscales else max(scales)
@@ -264,7 +266,7 @@ def build_aspect_ratio_mask(aspect_ratios: list[list[tuple[int, int]]], max_imag
 def _size_dict(size: Any) -> dict[str, int]:
     """{"height": h, "width": w} from a dict, an int (a square) or a (height, width) pair."""
     if isinstance(size, dict) or hasattr(size, "keys"):
-        size = {key: size[key] for key in size.keys() if size[key] is not None}
+        size = {key: size[key] for key in size if size[key] is not None}
         if set(size) != {"height", "width"}:
             raise ValueError(f"size must be a dict with keys 'height' and 'width' (the tile size), got {size}")
         return {"height": int(size["height"]), "width": int(size["width"])}
@@ -277,9 +279,13 @@ def _size_dict(size: Any) -> dict[str, int]:
 
 def _check_settings(do_resize: Any, size: dict, do_pad: Any, max_image_tiles: Any) -> None:
     if not do_pad:
-        raise ValueError("MllamaImageProcessor doesn't support `do_pad=False` mode: images are always padded to their tile canvas.")
+        raise ValueError(
+            "MllamaImageProcessor doesn't support `do_pad=False` mode: images are always padded to their tile canvas."
+        )
     if not do_resize:
-        raise ValueError("MllamaImageProcessor doesn't support `do_resize=False` mode: images are always resized to their tile canvas.")
+        raise ValueError(
+            "MllamaImageProcessor doesn't support `do_resize=False` mode: images are always resized to their tile canvas."
+        )
     if isinstance(max_image_tiles, bool) or not isinstance(max_image_tiles, (int, np.integer)) or max_image_tiles <= 0:
         raise ValueError(f"MllamaImageProcessor `max_image_tiles` must be a positive integer, got {max_image_tiles!r}.")
     if not (size.get("height") and size.get("width")):
@@ -290,7 +296,9 @@ def _check_settings(do_resize: Any, size: dict, do_pad: Any, max_image_tiles: An
 
 def _resample_filter(resample: Any) -> int:
     if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)):
-        raise ValueError(f"resample must be a PIL resampling filter (e.g. PIL.Image.Resampling.BILINEAR), got {resample!r}")
+        raise TypeError(
+            f"resample must be a PIL resampling filter (e.g. PIL.Image.Resampling.BILINEAR), got {resample!r}"
+        )
     return int(resample)
 
 
@@ -321,7 +329,7 @@ class MllamaImageProcessor:
     list per sample).
     """
 
-    model_input_names = ["pixel_values", "num_tiles", "aspect_ratio_ids", "aspect_ratio_mask"]
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "num_tiles", "aspect_ratio_ids", "aspect_ratio_mask"]
     # The names preprocess() takes, used by the processor to route keyword arguments.
     valid_kwargs = (
         "do_convert_rgb",
@@ -460,8 +468,17 @@ class MllamaImageProcessor:
         settings = {
             name: getattr(self, name)
             for name in (
-                "do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor",
-                "do_normalize", "image_mean", "image_std", "do_pad", "max_image_tiles",
+                "do_convert_rgb",
+                "do_resize",
+                "size",
+                "resample",
+                "do_rescale",
+                "rescale_factor",
+                "do_normalize",
+                "image_mean",
+                "image_std",
+                "do_pad",
+                "max_image_tiles",
             )
         }
         settings.update({key: value for key, value in kwargs.items() if value is not None})
@@ -515,15 +532,26 @@ class MllamaImageProcessor:
         """
         settings = self._settings_for_call(
             dict(
-                do_convert_rgb=do_convert_rgb, do_resize=do_resize, size=size, resample=resample,
-                do_rescale=do_rescale, rescale_factor=rescale_factor, do_normalize=do_normalize,
-                image_mean=image_mean, image_std=image_std, do_pad=do_pad, max_image_tiles=max_image_tiles,
-                input_data_format=input_data_format, **kwargs,
+                do_convert_rgb=do_convert_rgb,
+                do_resize=do_resize,
+                size=size,
+                resample=resample,
+                do_rescale=do_rescale,
+                rescale_factor=rescale_factor,
+                do_normalize=do_normalize,
+                image_mean=image_mean,
+                image_std=image_std,
+                do_pad=do_pad,
+                max_image_tiles=max_image_tiles,
+                input_data_format=input_data_format,
+                **kwargs,
             )
         )
         data_format = normalize_channel_format(settings.get("data_format"))
         if data_format not in (None, CHANNELS_FIRST):
-            raise ValueError("MllamaImageProcessor only returns channels-first pixel values (data_format='channels_first')")
+            raise ValueError(
+                "MllamaImageProcessor only returns channels-first pixel values (data_format='channels_first')"
+            )
         batch = make_nested_list_of_images(self.fetch_images(images))
         if not any(batch):
             raise ValueError("no images were given: every sample of the batch has an empty list of images")
@@ -544,7 +572,7 @@ class MllamaImageProcessor:
             },
             tensor_type=return_tensors,
         )
-        if settings.get("device") is not None and return_tensors in ("pt", getattr(return_tensors, "value", None)):
+        if settings.get("device") is not None and getattr(return_tensors, "value", return_tensors) == "pt":
             features.to(settings["device"])
         features["num_tiles"] = num_tiles
         return features
@@ -667,9 +695,9 @@ def _channels_first_output(array: np.ndarray, data_format: str, as_tensor: bool)
     return array
 
 
-# transformers 5 names the torchvision-backed processor MllamaImageProcessor (alias ...Fast) and
-# the PIL one MllamaImageProcessorPil; herd has one implementation, equal to the PIL one.
-MllamaImageProcessorFast = MllamaImageProcessor
+# transformers 5 has a torchvision-backed MllamaImageProcessor and a PIL one, MllamaImageProcessorPil
+# (what MllamaImageProcessor falls back to without torchvision); herd has one implementation,
+# equal to the PIL one, under both names.
 MllamaImageProcessorPil = MllamaImageProcessor
 
-__all__ = ["MllamaImageProcessor", "MllamaImageProcessorFast", "MllamaImageProcessorPil"]
+__all__ = ["MllamaImageProcessor", "MllamaImageProcessorPil"]
