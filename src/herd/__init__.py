@@ -8,12 +8,14 @@ __version__ = "0.1.0"
 
 from .auto import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    AutoProcessor,
 )
 from .cache import Cache, DynamicCache, StaticCache
 from .configuration import PretrainedConfig, PreTrainedConfig
@@ -64,12 +66,14 @@ from .tokenization import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTok
 
 __all__ = [
     "AutoConfig",
+    "AutoImageProcessor",
     "AutoModel",
     "AutoModelForCausalLM",
     "AutoModelForImageTextToText",
     "AutoModelForQuestionAnswering",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
+    "AutoProcessor",
     "AutoTokenizer",
     "BatchEncoding",
     "BatchFeature",

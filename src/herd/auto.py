@@ -35,6 +35,19 @@ CAUSAL_LM_CLASSES = {
     "mllama": "herd.models.mllama:MllamaForCausalLM",  # the text model of a vision checkpoint, as in the reference
     "mllama_text_model": "herd.models.mllama:MllamaForCausalLM",
 }
+PROCESSOR_CLASSES = {
+    "mllama": "herd.models.mllama:MllamaProcessor",
+}
+IMAGE_PROCESSOR_CLASSES = {
+    "mllama": "herd.models.mllama:MllamaImageProcessor",
+}
+# Class names written in preprocessor/processor configs -> model_type.
+_PROCESSOR_NAMES = {
+    "MllamaProcessor": "mllama",
+    "MllamaImageProcessor": "mllama",
+    "MllamaImageProcessorFast": "mllama",
+    "MllamaImageProcessorPil": "mllama",
+}
 IMAGE_TEXT_TO_TEXT_CLASSES = {
     "mllama": "herd.models.mllama:MllamaForConditionalGeneration",
 }
@@ -138,3 +151,55 @@ class AutoModelForQuestionAnswering(_AutoModel):
 
 class AutoModelForTokenClassification(_AutoModel):
     _table = TOKEN_CLASSIFICATION_CLASSES
+
+
+def _processor_model_type(pretrained_model_name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> str:
+    """model_type from config.json, else from the class names a preprocessor/processor config records."""
+    import json
+
+    from . import hub
+
+    folder = hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        if model_type:
+            return model_type
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if path.is_file():
+            values = json.loads(path.read_text())
+            for key in ("processor_class", "image_processor_type"):
+                if values.get(key) in _PROCESSOR_NAMES:
+                    return _PROCESSOR_NAMES[values[key]]
+    raise ValueError(f"cannot tell which processor {pretrained_model_name_or_path} needs: no config.json model_type and "
+                     "no known processor_class in its preprocessor/processor config")
+
+
+class AutoProcessor:
+    def __init__(self) -> None:
+        raise OSError("AutoProcessor is not instantiated: use AutoProcessor.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        model_type = _processor_model_type(pretrained_model_name_or_path, hub_kwargs)
+        if model_type not in PROCESSOR_CLASSES:
+            # Text-only models: the tokenizer is their processor, as in the reference.
+            from .tokenization import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return _import(PROCESSOR_CLASSES[model_type]).from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+class AutoImageProcessor:
+    def __init__(self) -> None:
+        raise OSError("AutoImageProcessor is not instantiated: use AutoImageProcessor.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        model_type = _processor_model_type(pretrained_model_name_or_path, hub_kwargs)
+        return _lookup(IMAGE_PROCESSOR_CLASSES, model_type, "AutoImageProcessor").from_pretrained(
+            pretrained_model_name_or_path, **kwargs
+        )
