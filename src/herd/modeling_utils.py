@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +385,84 @@ def _apply_config_overrides(config: PretrainedConfig, overrides: dict[str, Any])
 
 
 # --- helpers every model family's forward uses ------------------------------------------------------
+
+
+@dataclass
+class DecoderStep:
+    """What a decoder's forward works with once its arguments are resolved."""
+
+    inputs_embeds: torch.Tensor  # (batch, seq, hidden)
+    past_key_values: Any  # a Cache, or None without caching
+    past_length: int  # positions the cache has seen before this call
+    cache_position: torch.Tensor  # (seq,) cache indices of this call's tokens
+    position_ids: torch.Tensor  # (batch or 1, seq)
+    use_cache: bool
+    output_attentions: bool
+    output_hidden_states: bool
+    return_dict: bool
+
+    @property
+    def batch(self) -> int:
+        return self.inputs_embeds.shape[0]
+
+    @property
+    def seq(self) -> int:
+        return self.inputs_embeds.shape[1]
+
+
+def prepare_decoder_step(model: nn.Module, embed_tokens: nn.Embedding, *, input_ids, inputs_embeds, past_key_values,
+                         use_cache, position_ids, cache_position, output_attentions, output_hidden_states,
+                         return_dict) -> DecoderStep:
+    """Resolve a text decoder's forward arguments: config defaults, input checks, embeddings,
+    the cache (a DynamicCache when caching and none given), cache positions and position ids."""
+    from .cache import DynamicCache, as_cache
+
+    config = model.config
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        check_input_ids(input_ids, embed_tokens.num_embeddings)
+        inputs_embeds = embed_tokens(input_ids)
+    elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(f"inputs_embeds must be (batch, seq, {config.hidden_size}), got {tuple(inputs_embeds.shape)}")
+    seq = inputs_embeds.shape[1]
+    use_cache = flag(use_cache, config.use_cache)
+    past_key_values = as_cache(past_key_values)
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache(config)
+    past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if cache_position is None:
+        cache_position = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)
+    if position_ids is None:
+        position_ids = cache_position.unsqueeze(0)  # (1, seq)
+    elif position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.shape[-1] != seq:
+        raise ValueError(f"position_ids has {position_ids.shape[-1]} positions for {seq} tokens")
+    return DecoderStep(
+        inputs_embeds=inputs_embeds,
+        past_key_values=past_key_values,
+        past_length=past_length,
+        cache_position=cache_position,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        output_attentions=flag(output_attentions, config.output_attentions),
+        output_hidden_states=flag(output_hidden_states, config.output_hidden_states),
+        return_dict=flag(return_dict, config.return_dict),
+    )
+
+
+def decoder_output(step: DecoderStep, last_hidden_state: torch.Tensor, hidden_states: list | None, attentions: list | None):
+    """The BaseModelOutputWithPast of a decoder (or its tuple form)."""
+    from .modeling_outputs import BaseModelOutputWithPast
+
+    output = BaseModelOutputWithPast(
+        last_hidden_state=last_hidden_state,
+        past_key_values=step.past_key_values if step.use_cache else None,
+        hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+        attentions=tuple(attentions) if attentions is not None else None,
+    )
+    return output if step.return_dict else output.to_tuple()
 
 
 def flag(value: bool | None, default: bool) -> bool:

@@ -37,7 +37,6 @@ def model_folder(processor_folder):  # noqa: F811
 def _meta_row_masking(model, cross_attention_mask):
     """Hooks giving transformers Meta's behaviour: text that sees no image gets no cross-attention output."""
     rows = cross_attention_mask.flatten(2).any(-1).float()  # (batch, seq)
-    state = {"step": 0}
 
     def hook(module, args, output):
         seq = output[0].shape[1]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...cache import Cache, DynamicCache, as_cache
+from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
 from ...layers.attention import AttentionMask, attention, build_attention_mask
@@ -31,7 +31,7 @@ from ...layers.norm import RMSNorm
 from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary
 from ...losses import causal_lm_loss
 from ...modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from ...modeling_utils import PreTrainedModel, backbone_call, check_input_ids, flag, reject_unknown_kwargs
+from ...modeling_utils import PreTrainedModel, backbone_call, decoder_output, flag, prepare_decoder_step, reject_unknown_kwargs
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 
 
@@ -257,58 +257,32 @@ class Llama4TextModel(Llama4PreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         reject_unknown_kwargs(kwargs)
-        config = self.config
-        output_attentions = flag(output_attentions, config.output_attentions)
-        output_hidden_states = flag(output_hidden_states, config.output_hidden_states)
-        use_cache = flag(use_cache, config.use_cache)
-        return_dict = flag(return_dict, config.return_dict)
-
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.embed_tokens.num_embeddings)
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(f"inputs_embeds must be (batch, seq, {config.hidden_size}), got {tuple(inputs_embeds.shape)}")
-        batch, seq, _ = inputs_embeds.shape
-
-        past_key_values = as_cache(past_key_values)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if cache_position is None:
-            cache_position = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)
-        if position_ids is None:
-            position_ids = cache_position.unsqueeze(0)  # (1, seq)
-        elif position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
-
+        step = prepare_decoder_step(
+            self, self.embed_tokens, input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+            use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        batch, seq = step.batch, step.seq
+        past_key_values, past_length, position_ids = step.past_key_values, step.past_length, step.position_ids
         masks = self._masks(attention_mask, batch, seq, past_length, past_key_values, position_ids)
         freqs = self.rotary_emb(position_ids)  # complex (batch or 1, seq, head_dim // 2)
 
-        hidden_states = inputs_embeds
-        all_hidden_states = [] if output_hidden_states else None
-        all_attentions = [] if output_attentions else None
+        hidden_states = step.inputs_embeds
+        all_hidden_states = [] if step.output_hidden_states else None
+        all_attentions = [] if step.output_attentions else None
         for layer in self.layers:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
             hidden_states, weights = layer(
-                hidden_states, freqs, masks[layer.uses_chunked_attention], past_key_values, cache_position,
-                output_attentions,
+                hidden_states, freqs, masks[layer.uses_chunked_attention], past_key_values, step.cache_position,
+                step.output_attentions,
             )
             if all_attentions is not None:
                 all_attentions.append(weights)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
-
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-            attentions=tuple(all_attentions) if all_attentions is not None else None,
-        )
-        return output if return_dict else output.to_tuple()
+        return decoder_output(step, hidden_states, all_hidden_states, all_attentions)
 
 
 class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):

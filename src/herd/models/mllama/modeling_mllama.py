@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...cache import Cache, DynamicCache, as_cache
+from ...cache import Cache, as_cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
 from ...layers.attention import AttentionMask, attention, build_attention_mask
@@ -33,7 +33,7 @@ from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding
 from ...losses import causal_lm_loss
 from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast
-from ...modeling_utils import PreTrainedModel, check_input_ids, flag, reject_unknown_kwargs
+from ...modeling_utils import PreTrainedModel, decoder_output, flag, prepare_decoder_step, reject_unknown_kwargs
 from ..llama.modeling_llama import LlamaDecoderLayer
 from .configuration_mllama import MllamaConfig, MllamaTextConfig, MllamaVisionConfig
 
@@ -396,39 +396,25 @@ class MllamaTextModel(MllamaPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         """`cross_attention_mask` here is the prepared additive mask (batch, 1, seq, image tokens)."""
         reject_unknown_kwargs(kwargs)
-        config = self.config
-        output_attentions = flag(output_attentions, config.output_attentions)
-        output_hidden_states = flag(output_hidden_states, config.output_hidden_states)
-        use_cache = flag(use_cache, config.use_cache)
-        return_dict = flag(return_dict, config.return_dict)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.embed_tokens.num_embeddings)
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, seq, _ = inputs_embeds.shape
-
-        past_key_values = as_cache(past_key_values)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if cache_position is None:
-            cache_position = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)
-        if position_ids is None:
-            position_ids = cache_position.unsqueeze(0)
-        elif position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
+        step = prepare_decoder_step(
+            self, self.embed_tokens, input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+            use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        batch, seq = step.batch, step.seq
+        past_key_values, past_length, position_ids = step.past_key_values, step.past_length, step.position_ids
         kv_length = past_key_values.kv_length(0, seq) if past_key_values is not None else seq
         mask = build_attention_mask(attention_mask, batch_size=batch, query_length=seq, past_length=past_length,
                                     kv_length=kv_length, position_ids=position_ids, has_cache=past_key_values is not None)
         cross_mask = None
         if cross_attention_mask is not None:
             cross_mask = AttentionMask(seq, cross_attention_mask.shape[-1], causal=False, custom=cross_attention_mask)
-        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        position_embeddings = self.rotary_emb(position_ids, step.inputs_embeds.dtype)
         cross_cache = past_key_values.cross_attention_cache() if past_key_values is not None else {}
+        output_attentions = step.output_attentions
 
-        hidden_states = inputs_embeds
-        all_hidden_states = [] if output_hidden_states else None
+        hidden_states = step.inputs_embeds
+        all_hidden_states = [] if step.output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for index, layer in enumerate(self.layers):
             if isinstance(layer, MllamaCrossAttentionDecoderLayer):
@@ -447,20 +433,14 @@ class MllamaTextModel(MllamaPreTrainedModel):
             else:
                 if all_hidden_states is not None:
                     all_hidden_states.append(hidden_states)
-                hidden_states, weights = layer(hidden_states, position_embeddings, mask, past_key_values, cache_position,
-                                               output_attentions)
+                hidden_states, weights = layer(hidden_states, position_embeddings, mask, past_key_values,
+                                               step.cache_position, output_attentions)
             if all_attentions is not None:
                 all_attentions.append(weights)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-            attentions=tuple(all_attentions) if all_attentions is not None else None,
-        )
-        return output if return_dict else output.to_tuple()
+        return decoder_output(step, hidden_states, all_hidden_states, all_attentions)
 
 
 class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
