@@ -494,3 +494,24 @@ def backbone_call(model: PreTrainedModel, **kwargs: Any):
     """Run a head model's backbone (self.model / self.transformer), always as a ModelOutput."""
     kwargs["return_dict"] = True
     return getattr(model, model.base_model_prefix)(**kwargs)
+
+
+def language_model_output(model: nn.Module, outputs: Any, labels: torch.Tensor | None, logits_to_keep: int | torch.Tensor,
+                          return_dict: bool | None, *, float_logits: bool = False, ignore_labels_past_vocab: bool = False):
+    """The lm_head over the kept positions, the next-token loss, and a CausalLMOutputWithPast."""
+    from .losses import causal_lm_loss
+    from .modeling_outputs import CausalLMOutputWithPast
+
+    # Only the positions asked for go through the (large) vocabulary projection.
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = model.lm_head(outputs.last_hidden_state[:, keep, :])  # (batch, kept, vocab)
+    if float_logits:
+        logits = logits.float()
+    loss = None
+    if labels is not None:
+        if ignore_labels_past_vocab:  # Mllama: labels on image tokens (past the lm_head) are ignored
+            labels = labels.masked_fill(labels >= logits.shape[-1], -100)
+        loss = causal_lm_loss(logits, labels)
+    output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return output if flag(return_dict, model.config.return_dict) else output.to_tuple()

@@ -22,7 +22,7 @@ from ...layers.attention import AttentionMask, attention, build_attention_mask
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding, apply_rotary
-from ...losses import causal_lm_loss, question_answering_loss, sequence_classification_loss, token_classification_loss
+from ...losses import question_answering_loss, sequence_classification_loss, token_classification_loss
 from ...modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -30,7 +30,15 @@ from ...modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
-from ...modeling_utils import PreTrainedModel, backbone_call, decoder_output, flag, prepare_decoder_step, reject_unknown_kwargs
+from ...modeling_utils import (
+    PreTrainedModel,
+    backbone_call,
+    decoder_output,
+    flag,
+    language_model_output,
+    prepare_decoder_step,
+    reject_unknown_kwargs,
+)
 from .configuration_llama import LlamaConfig
 
 
@@ -220,19 +228,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             cache_position=cache_position,
         )
-        hidden_states = outputs.last_hidden_state
-        # Only the positions asked for go through the (large) vocabulary projection.
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (batch, kept, vocab)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
-        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
+        return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
 
 class LlamaForSequenceClassification(LlamaPreTrainedModel):

@@ -29,9 +29,15 @@ from ...layers.attention import AttentionMask, attention, build_attention_mask
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary
-from ...losses import causal_lm_loss
 from ...modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from ...modeling_utils import PreTrainedModel, backbone_call, decoder_output, flag, prepare_decoder_step, reject_unknown_kwargs
+from ...modeling_utils import (
+    PreTrainedModel,
+    backbone_call,
+    decoder_output,
+    language_model_output,
+    prepare_decoder_step,
+    reject_unknown_kwargs,
+)
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 
 
@@ -332,17 +338,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             cache_position=cache_position,
         )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (batch, kept, vocab)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
-        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
+        return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
 
 __all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]

@@ -31,9 +31,15 @@ from ...layers.attention import AttentionMask, attention, build_attention_mask
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding
-from ...losses import causal_lm_loss
 from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast
-from ...modeling_utils import PreTrainedModel, decoder_output, flag, prepare_decoder_step, reject_unknown_kwargs
+from ...modeling_utils import (
+    PreTrainedModel,
+    decoder_output,
+    flag,
+    language_model_output,
+    prepare_decoder_step,
+    reject_unknown_kwargs,
+)
 from ..llama.modeling_llama import LlamaDecoderLayer
 from .configuration_mllama import MllamaConfig, MllamaTextConfig, MllamaVisionConfig
 
@@ -478,18 +484,9 @@ class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, cache_position=cache_position, return_dict=True,
         )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         # The reference returns float32 logits for this class.
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :]).float()
-        loss = causal_lm_loss(logits, _ignore_image_tokens(labels, self.lm_head.out_features)) if labels is not None else None
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
-
-
-def _ignore_image_tokens(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Labels on image tokens (ids past the lm_head's vocabulary) are ignored."""
-    return labels.masked_fill(labels >= vocab_size, -100)
+        return language_model_output(self, outputs, labels, logits_to_keep, return_dict, float_logits=True,
+                                     ignore_labels_past_vocab=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -622,13 +619,8 @@ class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, cache_position=cache_position, return_dict=True,
         )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
-        vocab_size = self.lm_head.out_features
-        loss = causal_lm_loss(logits, _ignore_image_tokens(labels, vocab_size)) if labels is not None else None
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
+        return language_model_output(self, outputs, labels, logits_to_keep, return_dict, ignore_labels_past_vocab=True)
+
 
     def _inputs_for_step(self, extra: dict[str, Any], first_step: bool, total_length: int) -> dict[str, Any]:
         """The image is encoded once, at prefill; later steps reuse the cached cross keys/values.
