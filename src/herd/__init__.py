@@ -41,10 +41,12 @@ from .models.llama import (
 from .models.llama4 import (
     Llama4Config,
     Llama4ForCausalLM,
+    Llama4ForConditionalGeneration,
     Llama4PreTrainedModel,
     Llama4TextConfig,
     Llama4TextModel,
     Llama4VisionConfig,
+    Llama4VisionModel,
 )
 from .image_utils import BatchFeature
 from .models.mllama import (
@@ -86,10 +88,12 @@ __all__ = [
     "GenerationMixin",
     "Llama4Config",
     "Llama4ForCausalLM",
+    "Llama4ForConditionalGeneration",
     "Llama4PreTrainedModel",
     "Llama4TextConfig",
     "Llama4TextModel",
     "Llama4VisionConfig",
+    "Llama4VisionModel",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

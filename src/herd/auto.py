@@ -16,6 +16,7 @@ CONFIG_CLASSES = {
     "llama": "herd.models.llama:LlamaConfig",
     "llama4": "herd.models.llama4:Llama4Config",
     "llama4_text": "herd.models.llama4:Llama4TextConfig",
+    "llama4_vision_model": "herd.models.llama4:Llama4VisionConfig",
     "mllama": "herd.models.mllama:MllamaConfig",
     "mllama_text_model": "herd.models.mllama:MllamaTextConfig",
     "mllama_vision_model": "herd.models.mllama:MllamaVisionConfig",
@@ -24,6 +25,7 @@ CONFIG_CLASSES = {
 MODEL_CLASSES = {
     "llama": "herd.models.llama:LlamaModel",
     "llama4_text": "herd.models.llama4:Llama4TextModel",
+    "llama4_vision_model": "herd.models.llama4:Llama4VisionModel",
     "mllama": "herd.models.mllama:MllamaModel",
     "mllama_text_model": "herd.models.mllama:MllamaTextModel",
     "mllama_vision_model": "herd.models.mllama:MllamaVisionModel",
@@ -49,6 +51,7 @@ _PROCESSOR_NAMES = {
     "MllamaImageProcessorPil": "mllama",
 }
 IMAGE_TEXT_TO_TEXT_CLASSES = {
+    "llama4": "herd.models.llama4:Llama4ForConditionalGeneration",
     "mllama": "herd.models.mllama:MllamaForConditionalGeneration",
 }
 SEQUENCE_CLASSIFICATION_CLASSES = {

@@ -17,6 +17,8 @@ What is special here:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,16 +31,28 @@ from ...layers.attention import AttentionMask, attention, build_attention_mask
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary
-from ...modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from ...modeling_utils import (
     PreTrainedModel,
     backbone_call,
     decoder_output,
     language_model_output,
     prepare_decoder_step,
+    check_input_ids,
+    flag,
     reject_unknown_kwargs,
 )
-from .configuration_llama4 import Llama4Config, Llama4TextConfig
+from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
+
+
+@dataclass(repr=False)
+class Llama4CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
 
 
 class Llama4TextExperts(nn.Module):
@@ -342,3 +356,289 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
 
 
 __all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision encoder and the multimodal model
+# ------------------------------------------------------------------------------------------------
+
+
+def vision_rotary_frequencies(config: Llama4VisionConfig) -> torch.Tensor:
+    """2D rotary frequencies of the patch grid, complex64 (patches + 1, head_dim // 2).
+
+    Half of each head's dimensions rotate with the patch's column, half with its row (positions
+    counted from 1); the class token, last in the sequence, is not rotated.
+    """
+    side = config.image_size // config.patch_size
+    head_dim = config.hidden_size // config.num_attention_heads
+    freq_dim = head_dim // 2
+    index = torch.arange(side * side + 1)
+    column, row = (index % side + 1).float(), (index // side + 1).float()  # (patches + 1,)
+    inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, freq_dim, 2)[: freq_dim // 2].float() / freq_dim))
+    # (patches + 1, head_dim // 2): x angles then y angles, each frequency used for one complex pair
+    angles = torch.cat([column[:, None] * inv_freq, row[:, None] * inv_freq], dim=-1)
+    angles[-1] = 0.0  # the class token
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+class Llama4UnfoldConvolution(nn.Module):
+    """Patchify as unfold + linear (the checkpoint stores `patch_embedding.linear.weight`)."""
+
+    def __init__(self, config: Llama4VisionConfig):
+        super().__init__()
+        self.unfold = nn.Unfold(kernel_size=config.patch_size, stride=config.patch_size)
+        self.linear = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # (tiles, channels, h, w) -> (tiles, channels * p * p, patches) -> (tiles, patches, hidden)
+        return self.linear(self.unfold(pixel_values).permute(0, 2, 1))
+
+
+class Llama4VisionAttention(nn.Module):
+    def __init__(self, config: Llama4VisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.attention_dropout = config.attention_dropout
+        width = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=True)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor, freqs: torch.Tensor, output_attentions: bool = False):
+        tiles, patches, _ = hidden_states.shape
+        # (tiles, patches, heads, head_dim): the 2D rope acts in this layout
+        query, key, value = (
+            proj(hidden_states).view(tiles, patches, self.num_heads, self.head_dim)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        query, key = apply_complex_rotary(query, key, freqs[None])
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        mask = AttentionMask(patches, patches, causal=False)  # every patch sees every patch of its tile
+        implementation = "sdpa" if self.config._attn_implementation == "flex_attention" else self.config._attn_implementation
+        output, weights = attention(implementation, query, key, value, mask, self.head_dim**-0.5,
+                                    dropout=self.attention_dropout, training=self.training,
+                                    output_attentions=output_attentions)
+        return self.o_proj(output.reshape(tiles, patches, -1)), weights
+
+
+class Llama4VisionMLP(nn.Module):
+    def __init__(self, config: Llama4VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(hidden_states)))
+
+
+class Llama4VisionEncoderLayer(nn.Module):
+    def __init__(self, config: Llama4VisionConfig):
+        super().__init__()
+        self.self_attn = Llama4VisionAttention(config)
+        self.mlp = Llama4VisionMLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, freqs: torch.Tensor, output_attentions: bool = False):
+        attended, weights = self.self_attn(self.input_layernorm(hidden_states), freqs, output_attentions)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), weights
+
+
+class Llama4VisionEncoder(nn.Module):
+    def __init__(self, config: Llama4VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Llama4VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+def pixel_shuffle(features: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(tiles, patches, channels) -> (tiles, patches * ratio^2, channels / ratio^2): merge neighbouring
+    patches into fewer, wider tokens (ratio 0.5: each 2x2 block of patches becomes one token)."""
+    tiles, patches, channels = features.shape
+    side = int(math.isqrt(patches))
+    grid = features.view(tiles, side, side, channels)
+    grid = grid.view(tiles, side, int(side * ratio), int(channels / ratio)).permute(0, 2, 1, 3).contiguous()
+    grid = grid.view(tiles, int(side * ratio), int(side * ratio), int(channels / ratio**2)).permute(0, 2, 1, 3).contiguous()
+    return grid.view(tiles, -1, grid.shape[-1])
+
+
+class Llama4VisionMLP2(nn.Module):
+    def __init__(self, config: Llama4VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.intermediate_size, config.projector_input_dim, bias=False)
+        self.fc2 = nn.Linear(config.projector_output_dim, config.projector_output_dim, bias=False)
+        self.dropout = config.projector_dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = nn.functional.gelu(self.fc1(hidden_states))
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        return nn.functional.gelu(self.fc2(hidden_states))
+
+
+class Llama4VisionPixelShuffleMLP(nn.Module):
+    def __init__(self, config: Llama4VisionConfig):
+        super().__init__()
+        self.pixel_shuffle_ratio = config.pixel_shuffle_ratio
+        self.mlp = Llama4VisionMLP2(config)
+
+    def forward(self, encoded_patches: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pixel_shuffle(encoded_patches, self.pixel_shuffle_ratio))
+
+
+class Llama4VisionModel(Llama4PreTrainedModel):
+    config_class = Llama4VisionConfig
+    base_model_prefix = "vision_model"
+    _load_key_renames = (("vision_model.", ""), ("language_model.", None), ("multi_modal_projector.", None))
+
+    def __init__(self, config: Llama4VisionConfig):
+        if isinstance(config, Llama4Config):
+            config = config.vision_config
+        super().__init__(config)
+        self.hidden_size = config.hidden_size
+        self.num_patches = (config.image_size // config.patch_size) ** 2 + 1  # + the class token
+        scale = config.hidden_size**-0.5
+        self.patch_embedding = Llama4UnfoldConvolution(config)
+        self.class_embedding = nn.Parameter(scale * torch.randn(self.hidden_size))
+        self.positional_embedding_vlm = nn.Parameter(scale * torch.randn(self.num_patches, self.hidden_size))
+        with torch.device("cpu"):  # derived from the config: real even when the model is built on meta
+            self.register_buffer("rotary_frequencies", vision_rotary_frequencies(config), persistent=False)
+        self.layernorm_pre = nn.LayerNorm(self.hidden_size)
+        self.layernorm_post = nn.LayerNorm(self.hidden_size)
+        self.model = Llama4VisionEncoder(config)
+        self.vision_adapter = Llama4VisionPixelShuffleMLP(config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        with torch.no_grad():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embedding
+
+    def forward(self, pixel_values: torch.Tensor, attention_mask=None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs: Any):
+        """pixel_values (tiles, channels, height, width) -> (tiles, patches * ratio^2, projector_output_dim)."""
+        kwargs.pop("vision_feature_select_strategy", None)
+        reject_unknown_kwargs(kwargs)
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (tiles, channels, height, width), got {tuple(pixel_values.shape)}")
+        output_attentions = flag(output_attentions, self.config.output_attentions)
+        output_hidden_states = flag(output_hidden_states, self.config.output_hidden_states)
+        weight = self.patch_embedding.linear.weight
+        # The image processor may hand bfloat16 pixels to a float32 model: use the tower's dtype.
+        hidden = self.patch_embedding(pixel_values.to(weight.device, weight.dtype))  # (tiles, patches, hidden)
+        hidden = torch.cat([hidden, self.class_embedding.expand(hidden.shape[0], 1, -1)], dim=1)  # class token last
+        hidden = self.layernorm_pre(hidden + self.positional_embedding_vlm.to(hidden.dtype))
+        all_hidden, all_attentions = [], []
+        for layer in self.model.layers:
+            all_hidden.append(hidden)
+            hidden, weights = layer(hidden, self.rotary_frequencies, output_attentions)
+            all_attentions.append(weights)
+        all_hidden.append(hidden)
+        hidden = self.layernorm_post(hidden)[:, :-1, :]  # drop the class token
+        output = BaseModelOutput(
+            last_hidden_state=self.vision_adapter(hidden),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
+
+
+class Llama4MultiModalProjector(nn.Module):
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.vision_output_dim, config.text_config.hidden_size, bias=False)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(image_features)
+
+
+class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
+    """Early fusion: image features replace the embeddings of the `<|image|>` placeholder tokens."""
+
+    config_class = Llama4Config
+    base_model_prefix = "model"
+    _load_key_renames = ()  # the module tree is the checkpoint's layout
+    _generation_input_names = ("pixel_values",)
+
+    def __init__(self, config: Llama4Config):
+        super().__init__(config)
+        self.vision_model = Llama4VisionModel(config.vision_config)
+        self.multi_modal_projector = Llama4MultiModalProjector(config)
+        self.language_model = Llama4ForCausalLM(config.text_config)
+        self.vocab_size = config.text_config.vocab_size
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, vision_feature_select_strategy: str | None = None,
+                           **kwargs: Any):
+        """The vision tower's output (before the projector), as the reference returns it."""
+        return self.vision_model(pixel_values, return_dict=True, **kwargs)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, 1) True at image placeholder tokens; their count must match the image feature rows."""
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_index, device=inputs_embeds.device))
+            placeholders = (inputs_embeds == image_embedding).all(-1)
+        else:
+            placeholders = input_ids == self.config.image_token_index
+        count = int(placeholders.sum())
+        rows = image_features.numel() // inputs_embeds.shape[-1]
+        if count * inputs_embeds.shape[-1] != image_features.numel():
+            raise ValueError(
+                f"the prompt has {count} image placeholder tokens but the images give {rows} feature rows; "
+                "build the prompt with the processor so that each image expands to its tokens"
+            )
+        return placeholders.unsqueeze(-1)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, vision_feature_select_strategy=None, labels=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any):
+        reject_unknown_kwargs(kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and inputs_embeds is not None:
+            raise ValueError("pass pixel_values with input_ids, not with inputs_embeds")
+        image_features = None
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.get_input_embeddings().num_embeddings)
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (batch, seq, hidden)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values).last_hidden_state
+            projected = self.multi_modal_projector(image_features.view(-1, image_features.shape[-1]))
+            projected = projected.to(inputs_embeds.device, inputs_embeds.dtype)  # (image tokens, hidden)
+            placeholders = self.get_placeholder_mask(input_ids, inputs_embeds, projected)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholders, projected)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, labels=labels, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, cache_position=cache_position, logits_to_keep=logits_to_keep,
+            return_dict=True,
+        )
+        output = Llama4CausalLMOutputWithPast(
+            loss=outputs.loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, image_hidden_states=image_features,
+        )
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
+
+
+__all__ = __all__ + ["Llama4VisionModel", "Llama4ForConditionalGeneration"]
