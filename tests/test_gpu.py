@@ -135,3 +135,24 @@ def test_mllama_on_cuda_matches_reference(tmp_path):
     cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**cuda_inputs, **kwargs), on_gpu.generate(**cuda_inputs, **kwargs))
+
+
+def test_llama4_multimodal_on_cuda_matches_reference(tmp_path):
+    import transformers
+
+    from tests.models.llama4.test_modeling_llama4_multimodal import IMAGE, TEXT, VISION, _prompt
+
+    torch.manual_seed(0)
+    reference = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=TEXT, vision_config=VISION, image_token_index=IMAGE)).eval()
+    reference.save_pretrained(tmp_path / "l4mm")
+    model = herd.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "l4mm", device_map="cuda", progress=False)
+    ids, pixels = _prompt([2, 1])
+    with torch.no_grad():
+        expected = reference(input_ids=ids, pixel_values=pixels).logits
+        got = model(input_ids=ids.cuda(), pixel_values=pixels.cuda()).logits.cpu()
+    assert max_abs_diff(got, expected) < 1e-4
+    on_gpu = transformers.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "l4mm", device_map="cuda").eval()
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(ids.cuda(), pixel_values=pixels.cuda(), **kwargs),
+                       on_gpu.generate(ids.cuda(), pixel_values=pixels.cuda(), **kwargs))
