@@ -1,3 +1,4 @@
+from .image_processing_llama4 import Llama4ImageProcessor, Llama4ImageProcessorFast
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .modeling_llama4 import (
     Llama4ForCausalLM,
@@ -11,6 +12,8 @@ __all__ = [
     "Llama4Config",
     "Llama4ForCausalLM",
     "Llama4ForConditionalGeneration",
+    "Llama4ImageProcessor",
+    "Llama4ImageProcessorFast",
     "Llama4PreTrainedModel",
     "Llama4TextConfig",
     "Llama4TextModel",
