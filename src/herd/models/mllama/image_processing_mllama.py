@@ -33,6 +33,7 @@ from ... import hub
 from ...configuration import pop_hub_kwargs
 from ...image_utils import (
     CHANNELS_FIRST,
+    IMAGE_PROCESSOR_FILE,
     CHANNELS_LAST,
     BatchFeature,
     channel_format_of,
@@ -40,11 +41,11 @@ from ...image_utils import (
     fetch_images,
     make_nested_list_of_images,
     normalize_channel_format,
+    read_image_processor_config,
+    read_image_processor_config_file,
     to_channels_first_array,
 )
 
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
-PROCESSOR_FILE = "processor_config.json"
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
@@ -638,38 +639,6 @@ class MllamaImageProcessor:
             folder = hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
             config = read_image_processor_config(folder)
         return cls.from_dict(config, **kwargs)
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise OSError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise OSError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def read_image_processor_config_file(path: Path) -> dict:
-    config = _read_json_object(path)
-    # A processor_config.json nests the image processor's settings.
-    return dict(config["image_processor"]) if isinstance(config.get("image_processor"), dict) else config
-
-
-def read_image_processor_config(folder: Path) -> dict:
-    """The image processor settings of a folder, found where transformers 5.17 looks first."""
-    processor_file = folder / PROCESSOR_FILE
-    if processor_file.is_file():
-        nested = _read_json_object(processor_file).get("image_processor")
-        if isinstance(nested, dict):
-            return dict(nested)
-    image_processor_file = folder / IMAGE_PROCESSOR_FILE
-    if image_processor_file.is_file():
-        return _read_json_object(image_processor_file)
-    raise OSError(
-        f"{folder} has no image processor config: expected {IMAGE_PROCESSOR_FILE}, or {PROCESSOR_FILE} with an "
-        "'image_processor' entry"
-    )
 
 
 def _channels_first_input(image: Any, input_data_format: Any) -> tuple[np.ndarray, str, bool]:
