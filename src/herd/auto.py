@@ -38,14 +38,19 @@ CAUSAL_LM_CLASSES = {
     "mllama_text_model": "herd.models.mllama:MllamaForCausalLM",
 }
 PROCESSOR_CLASSES = {
+    "llama4": "herd.models.llama4:Llama4Processor",
     "mllama": "herd.models.mllama:MllamaProcessor",
 }
 IMAGE_PROCESSOR_CLASSES = {
+    "llama4": "herd.models.llama4:Llama4ImageProcessorFast",
     "mllama": "herd.models.mllama:MllamaImageProcessor",
 }
 # Class names written in preprocessor/processor configs -> model_type.
 _PROCESSOR_NAMES = {
     "MllamaProcessor": "mllama",
+    "Llama4Processor": "llama4",
+    "Llama4ImageProcessor": "llama4",
+    "Llama4ImageProcessorFast": "llama4",
     "MllamaImageProcessor": "mllama",
     "MllamaImageProcessorFast": "mllama",
     "MllamaImageProcessorPil": "mllama",

@@ -1,4 +1,5 @@
 from .image_processing_llama4 import Llama4ImageProcessor, Llama4ImageProcessorFast
+from .processing_llama4 import Llama4Processor
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .modeling_llama4 import (
     Llama4ForCausalLM,
@@ -15,6 +16,7 @@ __all__ = [
     "Llama4ImageProcessor",
     "Llama4ImageProcessorFast",
     "Llama4PreTrainedModel",
+    "Llama4Processor",
     "Llama4TextConfig",
     "Llama4TextModel",
     "Llama4VisionConfig",

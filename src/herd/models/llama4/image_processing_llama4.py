@@ -84,6 +84,8 @@ def split_to_tiles(image: torch.Tensor, rows: int, columns: int) -> torch.Tensor
 
 class Llama4ImageProcessorFast:
     model_input_names = ["pixel_values"]
+    valid_kwargs = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                    "image_std", "do_convert_rgb", "max_patches", "resize_to_max_canvas", "return_tensors")
 
     def __init__(self, do_resize: bool = True, size: dict[str, int] | None = None, resample: Any = 2,
                  do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
@@ -114,6 +116,10 @@ class Llama4ImageProcessorFast:
         if not path.is_file():
             raise FileNotFoundError(f"no {IMAGE_PROCESSOR_FILE} in {folder}")
         return cls(**{**json.loads(path.read_text()), **kwargs})
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], **kwargs: Any) -> Llama4ImageProcessorFast:
+        return cls(**{**config, **kwargs})
 
     def to_dict(self) -> dict[str, Any]:
         return {

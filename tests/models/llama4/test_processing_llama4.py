@@ -1,0 +1,150 @@
+"""Llama4Processor: the image token layout and ids against transformers' own layout function.
+
+transformers' Llama4Processor cannot be built on this CPU machine (its image processor needs
+torchvision), so its pieces are used directly: the layout function `_prompt_split_image` and the
+tokenizer; herd's image processor is checked bit for bit separately (test_image_processing_llama4).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import herd
+from herd.models.llama4 import Llama4ImageProcessorFast, Llama4Processor
+from tests.conftest import SHARED_DATA, max_abs_diff
+
+LLAMA4_TOKENS = ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>",
+                 "<|tile_y_separator|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|python_start|>",
+                 "<|python_end|>"]
+PHOTOS = {p.stem: p for p in sorted((SHARED_DATA / "images").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A Llama 4-like processor folder: the Llama 3.1 vocabulary plus Llama 4's special tokens and chat template."""
+    import transformers
+    from transformers.models.llama4 import processing_llama4
+
+    path = tmp_path_factory.mktemp("llama4_processor")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})
+    tokenizer.pad_token = "<|end_of_text|>"
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(processing_llama4.chat_template)
+    Llama4ImageProcessorFast(size={"height": 56, "width": 56}, max_patches=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def processor(folder):
+    return herd.AutoProcessor.from_pretrained(folder)
+
+
+def _reference_layout(aspect_ratio, tokens_per_tile):
+    from transformers.models.llama4.processing_llama4 import Llama4Processor as Reference
+
+    return Reference._prompt_split_image(None, aspect_ratio, tokens_per_tile)
+
+
+@pytest.mark.parametrize("aspect_ratio", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 4), (1, 16)])
+@pytest.mark.parametrize("tokens_per_tile", [4, 144])
+def test_layout_matches_reference(processor, aspect_ratio, tokens_per_tile):
+    assert processor.image_layout(aspect_ratio, tokens_per_tile) == _reference_layout(aspect_ratio, tokens_per_tile)
+
+
+@pytest.mark.parametrize("names", [["astronaut"], ["chelsea", "camera"], []], ids=str)
+def test_ids_and_pixels_match_reference_pieces(folder, processor, names):
+    import transformers
+
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    images = [Image.open(PHOTOS[name]) for name in names]
+    text = "Look" + "".join(" <|image|> and" for _ in names) + " tell me."
+    got = processor(images=images or None, text=text, return_tensors="pt")
+    expected_text = text
+    if images:
+        pixels = Llama4ImageProcessorFast(size={"height": 56, "width": 56}, max_patches=4)(images, return_tensors="pt")
+        assert torch.equal(got["pixel_values"], pixels["pixel_values"])
+        for ratio in pixels["aspect_ratios"].tolist():  # 56-pixel tiles: 16 patches / 4 = 4 tokens each
+            expected_text = expected_text.replace("<|image|>", _reference_layout(tuple(ratio), 4).replace("<|image|>", "\0"), 1)
+        expected_text = expected_text.replace("\0", "<|image|>")
+    expected = reference_tokenizer(expected_text, return_tensors="pt")
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert torch.equal(got["attention_mask"], expected["attention_mask"])
+
+
+def test_chat_template_with_images(folder, processor):
+    import transformers
+
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(PHOTOS["coffee"])},
+                                             {"type": "text", "text": "What is in this image?"}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == reference_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    patch_id = processor.tokenizer.convert_tokens_to_ids("<|patch|>")
+    tiles = inputs["pixel_values"].shape[0]
+    assert int((inputs["input_ids"] == patch_id).sum()) == tiles * 4
+    assert int((inputs["input_ids"] == processor.tokenizer.bos_token_id).sum()) == 1  # no double BOS
+
+
+def test_left_padding_by_default_and_batches(processor):
+    out = processor(images=[Image.open(PHOTOS["astronaut"])], text=["<|image|> short", "a much longer text without images here"],
+                    padding=True, return_tensors="pt")
+    lengths = out["attention_mask"].sum(-1).tolist()
+    shorter = 0 if lengths[0] < lengths[1] else 1
+    assert out["attention_mask"][shorter, 0] == 0 and out["attention_mask"][shorter, -1] == 1  # padded on the left
+
+
+def test_errors(processor):
+    image = Image.open(PHOTOS["astronaut"])
+    with pytest.raises(ValueError, match="Found 2 <\\|image\\|> placeholders across the batch, but 1 images"):
+        processor(images=[image], text="<|image|><|image|>")
+    with pytest.raises(ValueError, match="needs text"):
+        processor(images=[image])
+
+
+MESSAGES = {
+    "one_image": [{"role": "user", "content": [{"type": "image", "path": str(PHOTOS["chelsea"])},
+                                               {"type": "text", "text": "Describe it."}]}],
+    "two_images": [{"role": "user", "content": [{"type": "image", "path": str(PHOTOS["chelsea"])},
+                                                {"type": "image", "path": str(PHOTOS["rocket"])},
+                                                {"type": "text", "text": "What do these have in common?"}]}],
+    "text_only": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+}
+
+
+@pytest.mark.parametrize("conversation", list(MESSAGES))
+def test_processor_and_model_end_to_end(folder, processor, tmp_path, conversation):
+    """The processor's output runs through Llama4ForConditionalGeneration like the reference model's."""
+    import transformers
+
+    from tests.models.llama4.test_modeling_llama4_multimodal import TEXT, VISION
+
+    patch_id = processor.tokenizer.convert_tokens_to_ids("<|patch|>")
+    text_config = {**TEXT, "vocab_size": len(processor.tokenizer)}
+    torch.manual_seed(0)
+    reference = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=text_config, vision_config=VISION, image_token_index=patch_id)).eval()
+    reference.save_pretrained(tmp_path / "model")
+    ours = herd.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "model", progress=False)
+    inputs = processor.apply_chat_template(MESSAGES[conversation], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    if "pixel_values" not in inputs:  # text-only chat through the multimodal class
+        with torch.no_grad():
+            assert max_abs_diff(ours(**inputs).logits, reference(**inputs).logits) < 1e-4
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(ours.generate(**inputs, **kwargs), reference.generate(**inputs, **kwargs))
+        return
+    # The processor gives bfloat16 pixels: herd casts them to the tower's dtype, the reference fails on them
+    # ("expected m1 and m2 to have the same dtype"), so it gets them cast by hand.
+    assert inputs["pixel_values"].dtype == torch.bfloat16
+    reference_inputs = {**inputs, "pixel_values": inputs["pixel_values"].float()}
+    with torch.no_grad():
+        expected = reference(**reference_inputs).logits
+        got = ours(**inputs).logits
+    assert max_abs_diff(got, expected) < 1e-4
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours.generate(**inputs, **kwargs), reference.generate(**reference_inputs, **kwargs))
