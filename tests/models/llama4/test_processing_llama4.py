@@ -148,3 +148,45 @@ def test_processor_and_model_end_to_end(folder, processor, tmp_path, conversatio
     assert max_abs_diff(got, expected) < 1e-4
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours.generate(**inputs, **kwargs), reference.generate(**reference_inputs, **kwargs))
+
+
+# --- against the whole reference processor, recorded on the GPU machine --------------------------
+
+
+
+def _recorded_cases():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    spec = importlib.util.spec_from_file_location("make", root / "scripts" / "make_llama4_processor_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, root / "tests" / "fixtures" / "llama4_processor.safetensors"
+
+
+@pytest.mark.parametrize("name", ["one_image", "two_images", "batch", "chat", "chat_two"])
+def test_matches_the_recorded_reference_processor(folder, name):
+    """`folder` is built as the recording script builds its folder (same tokens, template and tile settings)."""
+    import json
+
+    from safetensors import safe_open
+
+    module, fixtures = _recorded_cases()
+    processor = herd.AutoProcessor.from_pretrained(folder)
+    case = module.cases(None)[name]
+    if "chat" in case:
+        chat = json.loads(json.dumps(case["chat"]))
+        for message in chat:
+            for item in message["content"] if isinstance(message["content"], list) else []:
+                if item.get("type") == "image":
+                    item["path"] = str(PHOTOS[item["path"].rsplit(".", 1)[0]])
+        out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt")
+    else:
+        images = [Image.open(PHOTOS[p.rsplit(".", 1)[0]]) for p in case["images"]]
+        out = processor(text=case["text"], images=images, return_tensors="pt",
+                        **{k: v for k, v in case.items() if k not in ("text", "images")})
+    recorded = safe_open(str(fixtures), "pt")
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(torch.as_tensor(out[key]), recorded.get_tensor(f"{name}/{key}")), key
