@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import herd
-from herd.models.llama4 import Llama4ImageProcessorFast, Llama4Processor
+from herd.models.llama4 import Llama4ImageProcessorFast, Llama4Processor  # noqa: F401  (public name)
 from tests.conftest import SHARED_DATA, max_abs_diff
 
 LLAMA4_TOKENS = ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>",
