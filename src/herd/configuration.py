@@ -183,6 +183,21 @@ class PretrainedConfig:
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
+def check_attention_sizes(config: Any, size_fields: tuple[str, ...]) -> None:
+    """Positive integer sizes, and attention heads that split evenly into key/value groups."""
+    for name in size_fields:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads ({config.num_attention_heads}) must be a multiple of "
+            f"num_key_value_heads ({config.num_key_value_heads})"
+        )
+    if config.head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {config.head_dim}")
+
+
 def sub_config(config_class: type[PretrainedConfig], value: Any) -> PretrainedConfig:
     """A composite config's part (text_config, vision_config) from None (defaults), a dict or a config."""
     if value is None:

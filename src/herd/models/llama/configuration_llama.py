@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...configuration import PretrainedConfig
+from ...configuration import PretrainedConfig, check_attention_sizes
 from ...layers.rope import standardize_rope_parameters
 
 
@@ -72,18 +72,8 @@ class LlamaConfig(PretrainedConfig):
         )
 
     def _check_sizes(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        check_attention_sizes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"))
 
     @property
     def rope_theta(self) -> float:

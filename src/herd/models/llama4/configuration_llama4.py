@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...configuration import PretrainedConfig, sub_config
+from ...configuration import PretrainedConfig, check_attention_sizes, sub_config
 from ...layers.rope import standardize_rope_parameters
 
 LAYER_TYPES = ("chunked_attention", "full_attention")
@@ -116,16 +116,9 @@ class Llama4TextConfig(PretrainedConfig):
         )
 
     def _check(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
+        check_attention_sizes(self, ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp",
+                                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                     "num_local_experts", "num_experts_per_tok"))
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_local_experts ({self.num_local_experts})"
@@ -143,8 +136,6 @@ class Llama4TextConfig(PretrainedConfig):
             raise ValueError(f"layer_types must list one of {LAYER_TYPES} per layer, got {self.layer_types}")
         if "chunked_attention" in self.layer_types and self.attention_chunk_size is None:
             raise ValueError("layer_types has chunked_attention layers but attention_chunk_size is None")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
 
 
