@@ -24,6 +24,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from .tokenization import tensor_type_name
+
 logger = logging.getLogger(__name__)
 
 # Seconds to wait for an http(s) image when the caller gives no timeout.
@@ -348,15 +350,6 @@ def _expand_array_batch(image: Any) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tensor_type_name(tensor_type: Any) -> str | None:
-    if tensor_type is None:
-        return None
-    name = getattr(tensor_type, "value", tensor_type)
-    if name not in ("pt", "np"):
-        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {tensor_type!r}")
-    return name
-
-
 def _to_torch(value: Any):
     import torch
 
@@ -409,7 +402,7 @@ class BatchFeature(dict):
 
     def convert_to_tensors(self, tensor_type: Any = None) -> BatchFeature:
         """Turn every value into a torch tensor ('pt') or a numpy array ('np'), in place."""
-        name = _tensor_type_name(tensor_type)
+        name = tensor_type_name(tensor_type)
         if name is None:
             return self
         convert = _to_torch if name == "pt" else _to_numpy

@@ -128,7 +128,7 @@ def _nested_is_empty(value: Any) -> bool:
     return False
 
 
-def _tensor_type_name(tensor_type: Any) -> str | None:
+def tensor_type_name(tensor_type: Any) -> str | None:
     """'pt', 'np' or None, from a string or an enum with a string value (transformers' TensorType)."""
     if tensor_type is None:
         return None
@@ -241,7 +241,7 @@ class BatchEncoding(dict):
 
     def convert_to_tensors(self, tensor_type: str | None = None, prepend_batch_axis: bool = False) -> BatchEncoding:
         """Turn every value into a torch tensor ('pt') or a numpy array ('np'), in place."""
-        name = _tensor_type_name(tensor_type)
+        name = tensor_type_name(tensor_type)
         if name is None:
             return self
         convert = _as_torch if name == "pt" else _as_numpy
