@@ -24,7 +24,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from .tokenization import tensor_type_name
+from .tokenization import as_numpy_array, tensor_type_name
 
 logger = logging.getLogger(__name__)
 
@@ -367,13 +367,7 @@ def _to_torch(value: Any):
 def _to_numpy(value: Any) -> np.ndarray:
     if _is_torch_tensor(value):
         return _tensor_to_numpy(value)
-    rows = isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray))
-    if rows and len({len(row) for row in value}) > 1:
-        # Rows of different lengths: an object array of 1-D arrays, as transformers gives.
-        ragged = np.empty(len(value), dtype=object)
-        ragged[:] = [np.asarray(row) for row in value]
-        return ragged
-    return np.asarray(value)
+    return as_numpy_array(value)
 
 
 class BatchFeature(dict):

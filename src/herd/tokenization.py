@@ -150,7 +150,8 @@ def _as_torch(value: Any):
     return torch.tensor(value)
 
 
-def _as_numpy(value: Any) -> np.ndarray:
+def as_numpy_array(value: Any) -> np.ndarray:
+    """Nested lists / arrays as one numpy array; rows of different lengths as an object array of rows."""
     if isinstance(value, np.ndarray):
         return value
     if _nested_is_empty(value):
@@ -244,7 +245,7 @@ class BatchEncoding(dict):
         name = tensor_type_name(tensor_type)
         if name is None:
             return self
-        convert = _as_torch if name == "pt" else _as_numpy
+        convert = _as_torch if name == "pt" else as_numpy_array
         for key, value in self.items():
             if prepend_batch_axis:
                 value = [value]
