@@ -217,7 +217,10 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], folder: Path, max_shard
         if shards[-1] and shard_bytes + size > limit:
             shards.append({})
             shard_bytes = 0
-        shards[-1][name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().nbytes() != size:  # a view into a larger tensor (fused weights)
+            tensor = tensor.clone()
+        shards[-1][name] = tensor
         shard_bytes += size
 
     for old in list(folder.glob("model*.safetensors")) + [folder / hub.SAFE_WEIGHTS_INDEX_NAME]:

@@ -34,6 +34,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "output_attentions": False,
     "output_hidden_states": False,
     "return_dict_in_generate": False,
+    "disable_compile": False,
 }
 
 # Every field generate() understands (others in a file are kept for the round trip).
@@ -42,6 +43,7 @@ FIELDS = (
     "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
+    "disable_compile",
 )
 # Sampling and beam options herd does not implement: refused rather than silently ignored.
 UNSUPPORTED = (

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..cache import Cache, DynamicCache, StaticCache
 from ..modeling_outputs import ModelOutput
+from . import fast
 from .configuration import GenerationConfig
 from .logits_process import apply_processors, build_logits_processors
 from .stopping import StopStrings, ends_with_eos
@@ -195,7 +196,6 @@ class GenerationMixin:
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
         processors = build_logits_processors(config, eos_ids, prompt_length)
-        cache = self._make_cache(config, input_ids.shape[0], max_length, past_key_values)
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
         forward_kwargs = {}
@@ -203,18 +203,43 @@ class GenerationMixin:
             forward_kwargs["output_attentions"] = True
         if want and config.output_hidden_states:
             forward_kwargs["output_hidden_states"] = True
+        why_not_fast = fast.fast_path_unsupported(self, config, past_key_values=past_key_values, streamer=streamer,
+                                                  extra_outputs=bool(forward_kwargs))
+        decoder = None
+        if why_not_fast is None:
+            decoder = fast.fast_decoder(self)
+            cache = decoder.start(input_ids.shape[0], max_length)
+        else:
+            if self.device.type == "cuda":
+                logger.info("generate(): plain decoding, not the fast path: %s", why_not_fast)
+            cache = self._make_cache(config, input_ids.shape[0], max_length, past_key_values)
+        # The host asks "is every row done?" only every few tokens on the fast path (each question
+        # waits for the device); rows that finished meanwhile get padding, trimmed off at the end.
+        sync_interval = fast.SYNC_INTERVAL if decoder is not None and stop_strings is None and streamer is None else 1
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        any_unfinished = []  # per new token: was some row still running after it? (device scalars)
         # Tokens the cache has not seen yet: the whole prompt first, then one token per step.
         pending = input_ids[:, cache.get_seq_length() :]
+        positions = None
         first_step = True
         while True:
-            step_inputs = self._inputs_for_step(extra, first_step, attention_mask.shape[1])
-            outputs = self._decode_step(pending, attention_mask, cache, **step_inputs, **forward_kwargs)
+            if decoder is not None and not first_step:
+                positions = positions + 1
+                logits = decoder.step(pending[:, 0], positions, input_ids.shape[1] - 1)  # (batch, vocab)
+                outputs = None
+            else:
+                step_inputs = self._inputs_for_step(extra, first_step, attention_mask.shape[1])
+                if decoder is not None:
+                    outputs = self._prefill(pending, attention_mask, cache, step_inputs)
+                    cache.buffers.mark_prompt(attention_mask)
+                    positions = positions_from_mask(attention_mask)[:, -1]
+                else:
+                    outputs = self._decode_step(pending, attention_mask, cache, **step_inputs, **forward_kwargs)
+                logits = outputs.logits[:, -1, :].to(torch.float32)  # (batch, vocab)
             first_step = False
-            logits = outputs.logits[:, -1, :].to(torch.float32)  # (batch, vocab)
             next_scores = apply_processors(processors, input_ids, logits)
             if config.do_sample:
                 probs = nn.functional.softmax(next_scores, dim=-1)
@@ -237,10 +262,20 @@ class GenerationMixin:
             if stop_strings is not None:
                 done |= stop_strings(input_ids)
             unfinished &= ~done
-            if input_ids.shape[1] >= max_length or not bool(unfinished.any()):
+            any_unfinished.append(unfinished.any())
+            new_tokens = input_ids.shape[1] - prompt_length
+            if input_ids.shape[1] >= max_length:
+                break
+            if new_tokens % sync_interval == 0 and not bool(any_unfinished[-1]):
                 break
             pending = next_tokens[:, None]
 
+        # Tokens made after every row had finished (between two host checks) are dropped.
+        if sync_interval > 1:
+            still_running = torch.stack(any_unfinished).tolist()
+            kept = still_running.index(False) + 1 if False in still_running else len(still_running)
+            input_ids = input_ids[:, : prompt_length + kept]
+            scores, raw_logits = scores[:kept], raw_logits[:kept]
         if streamer is not None:
             streamer.end()
         if not want:
@@ -253,6 +288,18 @@ class GenerationMixin:
             hidden_states=tuple(hidden_states) if config.output_hidden_states else None,
             past_key_values=cache,
         )
+
+    def _prefill(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, step_inputs: dict[str, Any]):
+        """The prompt through the ordinary forward, in pieces of fast.PREFILL_CHUNK tokens when long
+        (bounded activation memory; each piece attends to the cache and itself)."""
+        chunk = fast.PREFILL_CHUNK
+        if step_inputs or tokens.shape[1] <= chunk:  # images go in with the whole prompt
+            return self._decode_step(tokens, attention_mask, cache, **step_inputs)
+        past = cache.get_seq_length()
+        for start in range(0, tokens.shape[1], chunk):
+            end = min(start + chunk, tokens.shape[1])
+            outputs = self._decode_step(tokens[:, start:end], attention_mask[:, : past + end], cache)
+        return outputs
 
     # --- beam search --------------------------------------------------------------------------
     def _beam_search(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,

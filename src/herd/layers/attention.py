@@ -251,6 +251,23 @@ def flex_attention(query, key, value, mask: AttentionMask, scaling: float, dropo
     return output.transpose(1, 2).contiguous(), None
 
 
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """One query per row over a preallocated cache, reading each cached key/value once.
+
+    query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots).
+    Returns (batch, heads * dim). The query heads that share a kv head are rows of one matmul, so
+    grouped-query attention never copies the cache.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (batch, kv_heads, group, dim)
+    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scaling  # (batch, kv_heads, group, slots)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    weights = nn.functional.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(weights, values).reshape(batch, heads * dim)
+
+
 _BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention}
 
 

@@ -235,6 +235,22 @@ class ComplexRotaryEmbedding(RotaryEmbedding):
         return torch.polar(torch.ones_like(angles), angles) * scaling
 
 
+def complex_rotary_cos_sin(rotary: ComplexRotaryEmbedding, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real and imaginary parts of `rotary(position_ids)`, float32 (batch, seq, head_dim // 2) each:
+    the same rotation in real arithmetic, which compilers fuse (complex tensors they do not)."""
+    inv_freq, scaling = rotary._inv_freq_for(position_ids)
+    angles = position_ids[..., None].float() * inv_freq.float()
+    return angles.cos() * scaling, angles.sin() * scaling
+
+
+def apply_pair_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_complex_rotary` for one tensor x (..., head_dim), given cos/sin broadcastable to (..., head_dim // 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
 def apply_complex_rotary(
     query: torch.Tensor, key: torch.Tensor, freqs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

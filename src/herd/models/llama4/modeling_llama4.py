@@ -27,10 +27,11 @@ from torch import nn
 from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
-from ...layers.attention import AttentionMask, attention, build_attention_mask
+from ...layers.attention import AttentionMask, attention, build_attention_mask, decode_attention
+from ...layers.fused import fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
-from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary
+from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary, apply_pair_rotary, complex_rotary_cos_sin
 from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from ...modeling_utils import (
     PreTrainedModel,
@@ -93,6 +94,30 @@ class Llama4TextExperts(nn.Module):
         routed_out = torch.cat(outputs, dim=0)  # (pairs, hidden), sorted by expert
         return torch.zeros_like(hidden_states).index_add_(0, token_of_pair, routed_out)
 
+    def routed_forward(self, routed_in: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Each row of routed_in (pairs, hidden) through its own expert expert_ids (pairs,), with no
+        host sync (the fast path's decode step).
+
+        On a GPU with grouped matmuls: rows sorted by expert, one grouped matmul per projection,
+        reading only the experts that have rows. Elsewhere each row's expert weights are gathered
+        (a copy per row: fine for the few rows of a decode step).
+        """
+        if uses_grouped_mm(routed_in):
+            order = torch.argsort(expert_ids, stable=True)
+            # (experts,): where each expert's rows end in the sorted order
+            rows_per_expert = (expert_ids[:, None] == torch.arange(self.num_experts, device=expert_ids.device)).sum(0)
+            ends = rows_per_expert.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(routed_in[order], self.gate_up_proj, offs=ends).chunk(2, dim=-1)
+            sorted_out = torch._grouped_mm(up * self.act_fn(gate), self.down_proj, offs=ends)  # (pairs, hidden)
+            return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
+        gate, up = torch.bmm(routed_in[:, None, :], self.gate_up_proj[expert_ids]).chunk(2, dim=-1)  # (pairs, 1, inter)
+        return torch.bmm(up * self.act_fn(gate), self.down_proj[expert_ids]).squeeze(1)  # (pairs, hidden)
+
+
+def uses_grouped_mm(x: torch.Tensor) -> bool:
+    """torch's grouped matmul (CUTLASS on Hopper) takes bf16 rows on CUDA."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
 
 class Llama4Router(nn.Linear):
     """Scores every expert, keeps the top k, and squashes their scores with a sigmoid."""
@@ -123,6 +148,20 @@ class Llama4TextMoe(nn.Module):
         expert_ids, expert_scores, _ = self.router(flat)
         output = self.shared_expert(flat) + self.experts(flat, expert_ids, expert_scores)
         return output.view(shape)
+
+    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """forward() for (batch, hidden) without host syncs: the fast path's decode step."""
+        batch, hidden = hidden_states.shape
+        expert_ids, expert_scores, _ = self.router(hidden_states)  # (batch, top_k) each
+        routed_in = (hidden_states[:, None, :] * expert_scores[..., None]).reshape(-1, hidden)  # (batch * top_k, hidden)
+        routed_out = self.experts.routed_forward(routed_in, expert_ids.reshape(-1)).view(batch, -1, hidden)
+        return gated_mlp_decode(self.shared_expert, hidden_states) + routed_out.sum(dim=1)
+
+
+def gated_mlp_decode(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
+    """GatedMLP with gate and up as one matmul (fused by prepare_decode_step)."""
+    gate, up = fused_linear(x, mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -179,6 +218,23 @@ class Llama4TextAttention(nn.Module):
         )
         return self.o_proj(output.reshape(batch, seq, -1)), weights
 
+    def decode(self, hidden_states, cos, sin, cache, cache_position):
+        """forward() for one token per row, hidden_states (batch, hidden), on the fast path's cache."""
+        batch = hidden_states.shape[0]
+        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
+        qkv = fused_linear(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        # (batch, heads + 2 * kv_heads, head_dim) -> query (batch, heads, head_dim), key/value (batch, kv_heads, head_dim)
+        query, key, value = qkv.view(batch, -1, self.head_dim).split([heads, kv_heads, kv_heads], dim=1)
+        if self.uses_rope:
+            query, key = apply_pair_rotary(query, cos, sin), apply_pair_rotary(key, cos, sin)
+        if self.uses_qk_norm:
+            query, key = l2_norm(query, self.eps), l2_norm(key, self.eps)
+        if self.uses_temperature_tuning:
+            scale = torch.log1p(torch.floor((cache_position.float() + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
+            query = (query * scale).to(query.dtype)
+        keys, values, allowed = cache.update(self.layer_idx, key[:, :, None], value[:, :, None])
+        return self.o_proj(decode_attention(query[:, :, None], keys, values, allowed, self.scaling))
+
 
 class Llama4TextDecoderLayer(nn.Module):
     def __init__(self, config: Llama4TextConfig, layer_idx: int):
@@ -200,6 +256,20 @@ class Llama4TextDecoderLayer(nn.Module):
         hidden_states = hidden_states + attended
         hidden_states = hidden_states + self.feed_forward(self.post_attention_layernorm(hidden_states))
         return hidden_states, weights
+
+    def decode(self, hidden_states, cos, sin, cache, cache_position):
+        """forward() for one token per row (batch, hidden) on the fast path."""
+        hidden_states = hidden_states + self.self_attn.decode(self.input_layernorm(hidden_states), cos, sin, cache, cache_position)
+        normed = self.post_attention_layernorm(hidden_states)
+        if self.is_moe_layer:
+            return hidden_states + self.feed_forward.decode(normed)
+        return hidden_states + gated_mlp_decode(self.feed_forward, normed)
+
+    def prepare_decode(self) -> None:
+        attn = self.self_attn
+        fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        mlp = self.feed_forward.shared_expert if self.is_moe_layer else self.feed_forward
+        fuse_linears(mlp.gate_proj, mlp.up_proj)
 
 
 class Llama4PreTrainedModel(PreTrainedModel):
@@ -353,6 +423,24 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             cache_position=cache_position,
         )
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
+
+    # --- generate()'s GPU fast path (generation/fast.py) ----------------------------------------
+    def prepare_decode_step(self) -> None:
+        """Fuse q/k/v and gate/up (dense and shared-expert MLPs) into one weight each, in place."""
+        for layer in self.model.layers:
+            layer.prepare_decode()
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).
+
+        forward() for a single token with no host sync: routed experts by grouped matmul, the
+        chunked layers' keys in a ring (cache.update), temperature from the cache position.
+        """
+        hidden_states = self.model.embed_tokens(tokens)  # (batch, hidden)
+        cos, sin = complex_rotary_cos_sin(self.model.rotary_emb, positions[:, None])  # (batch, 1, head_dim // 2)
+        for layer in self.model.layers:
+            hidden_states = layer.decode(hidden_states, cos, sin, cache, cache.cache_position)
+        return self.lm_head(self.model.norm(hidden_states))
 
 
 __all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
@@ -586,6 +674,13 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.language_model.set_output_embeddings(value)
+
+    # The fast path decodes text only: images went in with the prompt (prefill).
+    def prepare_decode_step(self) -> None:
+        self.language_model.prepare_decode_step()
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        return self.language_model.decode_step(tokens, positions, cache)
 
     def get_image_features(self, pixel_values: torch.Tensor, vision_feature_select_strategy: str | None = None,
                            **kwargs: Any):

@@ -1,0 +1,352 @@
+"""The GPU fast path of `generate()`: a static cache and a decode step captured once.
+
+Decoding one token at small batch is bound by launch overhead long before it is bound by
+memory: the plain forward launches hundreds of small kernels and syncs with the host. Here:
+
+- The cache is preallocated (`DecodeBuffers`): full-attention layers get `cache_length`
+  positions, rounded up to a bucket (`cache_bucket`) so that other prompt lengths and other
+  max_new_tokens reuse the same shapes; chunked-attention layers (Llama 4) get a ring of
+  `attention_chunk_size` slots, slot = position % chunk.
+- The prompt goes through the ordinary forward (sdpa, fused attention), in chunks when long,
+  writing into those buffers through `FastCache`, the same Cache interface every model uses.
+- Each later token goes through the model's `decode_step(tokens, positions, cache)`, a pure
+  function of fixed-shape tensors. It is compiled once per batch size (torch.compile; the cache
+  length is a dynamic dimension, so buckets do not recompile) and captured as one CUDA graph per
+  (batch, bucket), which is replayed for every token.
+- Choosing the token stays in the shared loop (generation/utils.py), on the device, and the loop
+  asks the host whether every row is done only every `SYNC_INTERVAL` tokens.
+
+`FastDecoder` keeps one set of buffers and one graph (the latest batch size and bucket): a graph
+is bound to the addresses of the buffers it was captured on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..cache import Cache, layer_windows
+
+logger = logging.getLogger("herd")
+
+SYNC_INTERVAL = 16  # tokens between host checks of "is every row done?"
+SMALLEST_BUCKET = 256
+LARGEST_POWER_OF_TWO_BUCKET = 4096
+PREFILL_CHUNK = 4096  # longer prompts are prefilled in pieces of this many tokens
+# Devices on which generate() takes the fast path by default (tests add "cpu" to run it uncaptured).
+FAST_DEVICES = ("cuda",)
+
+
+def cache_bucket(length: int) -> int:
+    """The cache length used for `length` positions: a power of two from 256 up to 4096, then a
+    multiple of 4096. Few distinct shapes, at most twice the memory needed (below 4096)."""
+    if length <= LARGEST_POWER_OF_TWO_BUCKET:
+        size = SMALLEST_BUCKET
+        while size < length:
+            size *= 2
+        return size
+    return -(-length // LARGEST_POWER_OF_TWO_BUCKET) * LARGEST_POWER_OF_TWO_BUCKET
+
+
+@dataclass
+class DecodeBuffers:
+    """Everything a decode step reads and writes besides the weights, preallocated.
+
+    keys/values[layer]: (batch, kv_heads, cache_length or ring_length, head_dim).
+    key_real (batch, cache_length): True where a full layer's slot holds a real (non-padding) token.
+    ring_positions (ring_length,): the position each ring slot holds (-1: none yet).
+    ring_real (batch, ring_length): True where a ring slot holds a real token.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    windows: tuple[int | None, ...]
+    key_real: torch.Tensor
+    ring_positions: torch.Tensor | None = None
+    ring_real: torch.Tensor | None = None
+
+    @property
+    def ring_length(self) -> int | None:
+        return None if self.ring_positions is None else self.ring_positions.shape[0]
+
+    def reset(self) -> None:
+        self.key_real.zero_()
+        if self.ring_positions is not None:
+            self.ring_positions.fill_(-1)
+            self.ring_real.zero_()
+
+    def mark_prompt(self, attention_mask: torch.Tensor) -> None:
+        """After prefill: which of the prompt's positions are real tokens, for the full layers and the rings."""
+        prompt_length = attention_mask.shape[1]
+        real = attention_mask.bool()
+        self.key_real[:, :prompt_length] = real
+        if self.ring_positions is not None:
+            ring = self.ring_length
+            written = torch.arange(max(0, prompt_length - ring), prompt_length, device=real.device)
+            self.ring_positions[written % ring] = written
+            self.ring_real[:, written % ring] = real[:, written]
+
+
+class DecodeCache:
+    """What one decode step sees of the buffers: where the new token goes and which keys it may see.
+
+    Built inside the captured step, so everything here is tensor arithmetic: the new token's
+    slot is marked real, and the masks of both attention kinds are computed once for all layers.
+    """
+
+    def __init__(self, buffers: DecodeBuffers, cache_position: torch.Tensor, positions: torch.Tensor):
+        self.buffers = buffers
+        self.cache_position = cache_position  # (1,): the new token's slot in full layers
+        buffers.key_real[:, cache_position] = True
+        self.full_allowed = buffers.key_real  # (batch, cache_length)
+        if buffers.ring_positions is not None:
+            ring = buffers.ring_length
+            self.ring_slot = cache_position % ring  # (1,)
+            buffers.ring_positions[self.ring_slot] = cache_position
+            buffers.ring_real[:, self.ring_slot] = True
+            # A chunk starts at each row's first real token: the query's chunk began
+            # (its position % ring) slots ago.
+            chunk_start = cache_position - positions % ring  # (batch,)
+            held = buffers.ring_positions[None, :]  # (1, ring)
+            self.ring_allowed = buffers.ring_real & (held >= chunk_start[:, None]) & (held <= cache_position)
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        """Store the new token's key/value (batch, kv_heads, 1, head_dim); return the layer's
+        keys, values (batch, kv_heads, slots, head_dim) and which slots it may attend to (batch, slots)."""
+        keys, values = self.buffers.keys[layer_idx], self.buffers.values[layer_idx]
+        if self.buffers.windows[layer_idx] is None:
+            slot, allowed = self.cache_position, self.full_allowed
+        else:
+            slot, allowed = self.ring_slot, self.ring_allowed
+        keys[:, :, slot] = key.to(keys.dtype)
+        values[:, :, slot] = value.to(values.dtype)
+        return keys, values, allowed
+
+
+class FastCache(Cache):
+    """The same buffers through the ordinary Cache interface, for the eager forwards (prefill).
+
+    Full layers return the written prefix of their buffer, so an unpadded prefill stays plain
+    causal attention (sdpa's fused kernels). Ring layers return what is left of the current
+    window followed by the new keys, and keep the newest `ring_length` of them.
+    """
+
+    def __init__(self, buffers: DecodeBuffers):
+        self.buffers = buffers
+        self._seen = [0] * len(buffers.keys)
+
+    def _window(self, layer_idx: int) -> int | None:
+        return self.buffers.windows[layer_idx]
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        keys, values = self.buffers.keys[layer_idx], self.buffers.values[layer_idx]
+        start, new = self._seen[layer_idx], key_states.shape[-2]
+        window = self._window(layer_idx)
+        if window is None:
+            if start + new > keys.shape[2]:
+                raise ValueError(f"the fast path's cache holds {keys.shape[2]} positions; {start + new} were asked for")
+            keys[:, :, start : start + new] = key_states
+            values[:, :, start : start + new] = value_states
+            self._seen[layer_idx] = start + new
+            return keys[:, :, : start + new], values[:, :, : start + new]
+        device = keys.device
+        kept = torch.arange(max(0, start - window), start, device=device)  # positions still in the ring
+        all_keys = torch.cat([keys[:, :, kept % window], key_states], dim=2)
+        all_values = torch.cat([values[:, :, kept % window], value_states], dim=2)
+        written = torch.arange(max(start, start + new - window), start + new, device=device)
+        keys[:, :, written % window] = key_states[:, :, written - start]
+        values[:, :, written % window] = value_states[:, :, written - start]
+        self._seen[layer_idx] = start + new
+        return all_keys, all_values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen[layer_idx]
+
+    def get_max_cache_shape(self) -> int:
+        return self.buffers.key_real.shape[1]
+
+    def _stored(self, layer_idx: int) -> int:
+        window = self._window(layer_idx)
+        return self._seen[layer_idx] if window is None else min(self._seen[layer_idx], window)
+
+    def kv_length(self, layer_idx: int, query_length: int) -> int:
+        return self._stored(layer_idx) + query_length
+
+    def kv_offset(self, layer_idx: int) -> int:
+        return self._seen[layer_idx] - self._stored(layer_idx)
+
+    def _tensors(self):
+        return [self.buffers.keys, self.buffers.values]
+
+
+def _decode(model, tokens, positions, cache_position, keys, values, windows, key_real, ring_positions, ring_real):
+    """The captured function: rebuild the cache view from flat tensors and run the model's step."""
+    buffers = DecodeBuffers(keys, values, windows, key_real, ring_positions, ring_real)
+    cache = DecodeCache(buffers, cache_position, positions)
+    return model.decode_step(tokens, positions, cache).float()  # (batch, vocab)
+
+
+def fast_path_unsupported(model, config, *, past_key_values, streamer, extra_outputs: bool) -> str | None:
+    """Why generate() cannot take the fast path here, or None when it can."""
+    device = model.device
+    if config.disable_compile:
+        return "disable_compile=True"
+    if os.environ.get("HERD_DISABLE_FAST_PATH"):
+        return "HERD_DISABLE_FAST_PATH is set"
+    if device.type not in FAST_DEVICES:
+        return f"the model is on {device.type}"
+    if not hasattr(model, "decode_step"):
+        return f"{type(model).__name__} has no decode_step"
+    if past_key_values is not None:
+        return "a cache was passed in"
+    if extra_outputs:
+        return "attentions or hidden states were asked for"
+    if model.training:
+        return "the model is in training mode"
+    if config.cache_implementation not in (None, "static", "hybrid"):
+        return f"cache_implementation={config.cache_implementation!r}"
+    text_config = model.config.get_text_config()
+    rope_type = getattr(text_config, "rope_parameters", {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        return f"rope_type {rope_type!r} depends on the sequence length"
+    return None
+
+
+@dataclass
+class _Entry:
+    """Buffers and graph for one (batch, cache length, dtype, device)."""
+
+    key: tuple
+    buffers: DecodeBuffers
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    cache_position: torch.Tensor
+    graph: Any = None
+    logits: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class FastDecoder:
+    """One per model: the compiled step, and buffers + graph for the latest shape."""
+
+    def __init__(self, model, compile: bool | None = None, capture: bool | None = None):
+        self.model = model
+        # None: decided per call from the device (compile and capture on CUDA, neither elsewhere).
+        self.compile_override, self.capture_override = compile, capture
+        self.use_compile = self.capture = False
+        self._compiled = None
+        self.entry: _Entry | None = None
+        self.captures = 0  # graphs captured so far (a new shape re-captures, it does not recompile)
+        text_config = model.config.get_text_config()
+        self.windows = tuple(layer_windows(model.config))
+        self.num_layers = text_config.num_hidden_layers
+        self.kv_heads = text_config.num_key_value_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+    def _allocate(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> DecodeBuffers:
+        keys, values = [], []
+        for window in self.windows:
+            shape = (batch, self.kv_heads, window or length, self.head_dim)
+            keys.append(torch.zeros(shape, dtype=dtype, device=device))
+            values.append(torch.zeros(shape, dtype=dtype, device=device))
+        ring = next((w for w in self.windows if w is not None), None)
+        return DecodeBuffers(
+            keys,
+            values,
+            self.windows,
+            key_real=torch.zeros(batch, length, dtype=torch.bool, device=device),
+            ring_positions=None if ring is None else torch.full((ring,), -1, dtype=torch.long, device=device),
+            ring_real=None if ring is None else torch.zeros(batch, ring, dtype=torch.bool, device=device),
+        )
+
+    def start(self, batch: int, max_length: int) -> FastCache:
+        """A fresh cache for one generate() call of `batch` rows and up to `max_length` positions."""
+        self.model.prepare_decode_step()
+        dtype, device = self.model.dtype, self.model.device
+        is_cuda = device.type == "cuda"
+        self.use_compile = is_cuda and not os.environ.get("HERD_FAST_PATH_NO_COMPILE") if self.compile_override is None else self.compile_override
+        self.capture = is_cuda if self.capture_override is None else self.capture_override
+        length = cache_bucket(max_length)
+        key = (batch, length, dtype, device)
+        if self.entry is None or self.entry.key != key:
+            self.entry = None  # free the old buffers and graph before allocating new ones
+            self.entry = _Entry(
+                key=key,
+                buffers=self._allocate(batch, length, dtype, device),
+                tokens=torch.zeros(batch, dtype=torch.long, device=device),
+                positions=torch.zeros(batch, dtype=torch.long, device=device),
+                cache_position=torch.zeros(1, dtype=torch.long, device=device),
+            )
+        self.entry.buffers.reset()
+        return FastCache(self.entry.buffers)
+
+    @property
+    def step_function(self):
+        if not self.use_compile:
+            return _decode
+        if self._compiled is None:
+            self._compiled = torch.compile(_decode, fullgraph=True, dynamic=False)
+        return self._compiled
+
+    def _arguments(self) -> tuple:
+        entry = self.entry
+        buffers = entry.buffers
+        return (self.model, entry.tokens, entry.positions, entry.cache_position, buffers.keys, buffers.values,
+                buffers.windows, buffers.key_real, buffers.ring_positions, buffers.ring_real)
+
+    def _mark_dynamic(self) -> None:
+        # The cache length is a dynamic dimension: a new bucket re-captures but does not recompile.
+        if self.use_compile:
+            buffers = self.entry.buffers
+            for tensor in buffers.keys + buffers.values:
+                if tensor.shape[2] == buffers.key_real.shape[1]:
+                    torch._dynamo.mark_dynamic(tensor, 2)
+            torch._dynamo.mark_dynamic(buffers.key_real, 1)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache_position: int) -> torch.Tensor:
+        """Logits (batch, vocab), float32, for `tokens` (batch,) at `positions` (batch,), written
+        at slot `cache_position`. The result is a fresh tensor (the graph's output is copied)."""
+        entry = self.entry
+        entry.tokens.copy_(tokens)
+        entry.positions.copy_(positions)
+        entry.cache_position.fill_(cache_position)
+        if not self.capture:
+            self._mark_dynamic()
+            return self.step_function(*self._arguments())
+        if entry.graph is None:
+            self._capture()
+        entry.graph.replay()
+        return entry.logits.clone()
+
+    def _capture(self) -> None:
+        """Warm up (compiling on the first call) and capture the step as one CUDA graph.
+
+        Warm-up runs execute the real step: writing the same key/value to the same slot twice
+        leaves the cache as one run would.
+        """
+        entry = self.entry
+        self._mark_dynamic()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step_function(*self._arguments())
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            entry.logits = self.step_function(*self._arguments())
+        entry.graph = graph
+        self.captures += 1
+
+
+def fast_decoder(model) -> FastDecoder:
+    """The model's FastDecoder, made on first use (kept outside the module tree: not a submodule)."""
+    decoder = model.__dict__.get("_fast_decoder")
+    if decoder is None or decoder.model is not model:
+        decoder = FastDecoder(model)
+        model.__dict__["_fast_decoder"] = decoder
+    return decoder
