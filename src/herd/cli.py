@@ -1,4 +1,4 @@
-"""The `herd` command line: generate, chat, info."""
+"""The `herd` command line: generate, chat, info, bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .bench import add_arguments as add_bench_arguments
+from .bench import main as run_bench_command
 from .generation import TextStreamer
 
 
@@ -166,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(info)
     info.add_argument("--ids", default=None, help="comma-separated token ids to run one forward on")
     info.set_defaults(handler=_cmd_info)
+
+    bench = commands.add_parser("bench", help="decode and prefill speed on the GPU, optionally against transformers")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=run_bench_command)
     return parser
 
 

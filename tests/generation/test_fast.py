@@ -1,0 +1,285 @@
+"""The fast path of generate() (generation/fast.py).
+
+On the CPU the same code runs uncompiled and uncaptured (FAST_DEVICES is widened for the test):
+its tokens and logits must equal the plain path's. On CUDA (skipped without it): compiled and
+captured, greedy tokens equal the plain path's in float32, bf16 logits agree within a stated
+tolerance, and new prompt lengths / max_new_tokens do not recompile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from herd.generation import fast
+from herd.generation.utils import positions_from_mask
+from tests.conftest import max_abs_diff, reference_llama, save_reference
+from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def fast_on_cpu(monkeypatch):
+    monkeypatch.setattr(fast, "FAST_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    reference = reference_llama(num_hidden_layers=3, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
+    return save_reference(reference, tmp_path_factory.mktemp("fast") / "llama")
+
+
+@pytest.fixture(scope="module")
+def llama4_folder(tmp_path_factory):
+    # 4 layers: MoE every other layer, the 4th a global NoPE layer; chunks of 8 tokens
+    reference = reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, head_dim=16, floor_scale=4,
+                                 num_hidden_layers=4, attention_chunk_size=8)
+    folder = tmp_path_factory.mktemp("fast") / "llama4"
+    reference.save_pretrained(folder)
+    return folder
+
+
+def _prompts(batch: int, length: int, vocab: int = 128, seed: int = 0):
+    ids = torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):  # left padding of different lengths
+        mask[row, : (row * 3) % length] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _generate_both(model, ids, mask, **kwargs):
+    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None, **kwargs)
+    fast_out = model.generate(ids, **kwargs)
+    plain_out = model.generate(ids, disable_compile=True, **kwargs)
+    return fast_out, plain_out
+
+
+# --- buckets and the cache's bookkeeping ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("length, bucket", [(1, 256), (256, 256), (257, 512), (4096, 4096), (4097, 8192), (9000, 12288)])
+def test_cache_buckets(length, bucket):
+    assert fast.cache_bucket(length) == bucket
+
+
+def test_fast_cache_ring_keeps_the_last_window_and_returns_window_plus_new():
+    window = 4
+    keys = [torch.zeros(1, 1, window, 1)]
+    buffers = fast.DecodeBuffers(keys, [torch.zeros(1, 1, window, 1)], (window,), key_real=torch.zeros(1, 16, dtype=torch.bool),
+                                 ring_positions=torch.full((window,), -1), ring_real=torch.zeros(1, window, dtype=torch.bool))
+    cache = fast.FastCache(buffers)
+    new = torch.arange(6.0).view(1, 1, 6, 1)  # positions 0..5 hold values 0..5
+    returned, _ = cache.update(new, new, 0)
+    assert returned.flatten().tolist() == [0, 1, 2, 3, 4, 5]
+    # slots hold positions 2..5 at slot = position % 4
+    assert keys[0].flatten().tolist() == [4, 5, 2, 3]
+    assert cache.kv_length(0, 3) == 7 and cache.kv_offset(0) == 2
+    returned, _ = cache.update(torch.full((1, 1, 3, 1), 9.0), torch.zeros(1, 1, 3, 1), 0)
+    assert returned.flatten().tolist() == [2, 3, 4, 5, 9, 9, 9]
+    buffers.mark_prompt(torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1]]))
+    assert buffers.ring_positions.tolist() == [8, 5, 6, 7]
+
+
+def test_decode_cache_masks_chunks_from_each_rows_first_real_token():
+    window, length = 4, 16
+    buffers = fast.DecodeBuffers([torch.zeros(2, 1, window, 1)], [torch.zeros(2, 1, window, 1)], (window,),
+                                 key_real=torch.zeros(2, length, dtype=torch.bool),
+                                 ring_positions=torch.full((window,), -1), ring_real=torch.zeros(2, window, dtype=torch.bool))
+    # row 0: 6 real tokens (positions 0..5); row 1: 1 padding then 5 real tokens (positions 0..4)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    buffers.mark_prompt(mask)
+    cache = fast.DecodeCache(buffers, torch.tensor([6]), positions=torch.tensor([6, 5]))
+    held = buffers.ring_positions.tolist()  # slot -> cache position
+    allowed = {row: sorted(held[s] for s in range(window) if cache.ring_allowed[row, s]) for row in range(2)}
+    # row 0's token is position 6: its chunk (4..7) began at cache slot 4; row 1's token is
+    # position 5 at cache slot 6: its chunk (4..7) began at cache slot 5.
+    assert allowed == {0: [4, 5, 6], 1: [5, 6]}
+    assert cache.full_allowed[1].tolist() == [False] + [True] * 6 + [False] * 9
+
+
+# --- the fast path on the CPU (uncompiled, uncaptured) equals the plain path -------------------------
+
+
+@pytest.mark.parametrize("batch, length, new", [(1, 5, 12), (3, 9, 20), (2, 1, 6)])
+def test_llama_fast_path_tokens_equal_plain_path(fast_on_cpu, llama_folder, batch, length, new):
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    ids, mask = _prompts(batch, length)
+    fast_out, plain_out = _generate_both(model, ids, mask, max_new_tokens=new)
+    assert torch.equal(fast_out, plain_out)
+    assert fast.fast_decoder(model).entry is not None  # the fast path really ran
+
+
+def test_llama_fast_path_logits_equal_plain_path(fast_on_cpu, llama_folder):
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    ids, mask = _prompts(3, 7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  output_logits=True, output_scores=True, return_dict_in_generate=True)
+    got = model.generate(ids, **kwargs)
+    expected = model.generate(ids, disable_compile=True, **kwargs)
+    assert len(got.logits) == len(expected.logits) == 10
+    assert max(max_abs_diff(a, b) for a, b in zip(got.logits, expected.logits)) < 1e-5
+
+
+def test_fused_weights_keep_the_checkpoint_layout(fast_on_cpu, llama_folder, tmp_path):
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    memory = sum(p.numel() for p in model.parameters())
+    model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3)
+    attn = model.model.layers[0].self_attn
+    # q/k/v now live in one tensor, and still read as before
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+    assert sum(p.numel() for p in model.parameters()) == memory
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    model.save_pretrained(tmp_path / "saved")
+    again = herd.LlamaForCausalLM.from_pretrained(tmp_path / "saved", progress=False)
+    assert all(torch.equal(before[name], tensor) for name, tensor in again.state_dict().items())
+
+
+def test_stopping_at_eos_trims_what_was_made_after_every_row_finished(fast_on_cpu, llama_folder, monkeypatch):
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    ids, mask = _prompts(3, 6)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, disable_compile=True)
+    # make the token row 0 produces 4th the eos: rows stop at different steps
+    eos = int(free[0, 6 + 3])
+    for interval in (1, 4, 16):
+        monkeypatch.setattr(fast, "SYNC_INTERVAL", interval)
+        kwargs = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        got = model.generate(ids, **kwargs)
+        expected = model.generate(ids, disable_compile=True, **kwargs)
+        assert torch.equal(got, expected), interval
+
+
+def test_sampling_with_a_seeded_generator_equals_the_plain_path(fast_on_cpu, llama_folder):
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    ids, mask = _prompts(2, 5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
+                  repetition_penalty=1.3, pad_token_id=0, eos_token_id=None)
+    got = model.generate(ids, generator=torch.Generator().manual_seed(3), **kwargs)
+    expected = model.generate(ids, generator=torch.Generator().manual_seed(3), disable_compile=True, **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_long_prompts_are_prefilled_in_chunks(fast_on_cpu, llama_folder, monkeypatch):
+    monkeypatch.setattr(fast, "PREFILL_CHUNK", 8)
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    calls = []
+    original = model._decode_step
+    monkeypatch.setattr(model, "_decode_step", lambda tokens, *a, **k: calls.append(tokens.shape[1]) or original(tokens, *a, **k))
+    ids, mask = _prompts(2, 21)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert calls == [8, 8, 5]
+    monkeypatch.setattr(model, "_decode_step", original)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                              eos_token_id=None, disable_compile=True)
+    assert torch.equal(got, expected)
+
+
+def test_the_fast_path_is_skipped_where_it_does_not_apply(fast_on_cpu, llama_folder, monkeypatch):
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    config = herd.GenerationConfig(max_new_tokens=3)
+    check = lambda **kw: fast.fast_path_unsupported(model, config, past_key_values=kw.get("cache"), streamer=None,
+                                                    extra_outputs=kw.get("extra", False))
+    assert check() is None
+    assert "cache" in check(cache=object())
+    assert "attentions" in check(extra=True)
+    config.disable_compile = True
+    assert "disable_compile" in check()
+    config.disable_compile = False
+    monkeypatch.setenv("HERD_DISABLE_FAST_PATH", "1")
+    assert "HERD_DISABLE_FAST_PATH" in check()
+    monkeypatch.delenv("HERD_DISABLE_FAST_PATH")
+    monkeypatch.setattr(fast, "FAST_DEVICES", ("cuda",))
+    assert "cpu" in check()
+
+
+def test_llama4_fast_path_tokens_and_logits_equal_plain_path(fast_on_cpu, llama4_folder):
+    model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
+    ids, mask = _prompts(3, 11)
+    # 25 new tokens cross several chunk boundaries of 8 positions
+    kwargs = dict(attention_mask=mask, max_new_tokens=25, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  output_logits=True, return_dict_in_generate=True)
+    got = model.generate(ids, **kwargs)
+    expected = model.generate(ids, disable_compile=True, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(got.logits, expected.logits)) < 1e-5
+
+
+def test_llama4_long_prompt_chunked_prefill_fills_the_ring(fast_on_cpu, llama4_folder, monkeypatch):
+    monkeypatch.setattr(fast, "PREFILL_CHUNK", 5)
+    model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
+    ids, mask = _prompts(2, 19)
+    fast_out, plain_out = _generate_both(model, ids, mask, max_new_tokens=10)
+    assert torch.equal(fast_out, plain_out)
+
+
+def test_routed_forward_equals_the_expert_loop(llama4_folder):
+    model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
+    experts = model.model.layers[1].feed_forward.experts
+    rows = torch.randn(6, experts.hidden_size)
+    expert_ids = torch.tensor([3, 0, 3, 1, 2, 0])
+    expected = torch.stack([experts.expert_forward(int(e), r[None])[0] for e, r in zip(expert_ids, rows)])
+    assert max_abs_diff(experts.routed_forward(rows, expert_ids), expected) < 1e-5
+
+
+# --- on the GPU: compiled and captured ------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_fast_path_greedy_equals_plain_path_float32(llama_folder, llama4_folder, batch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for cls, folder in ((herd.LlamaForCausalLM, llama_folder), (herd.Llama4ForCausalLM, llama4_folder)):
+        model = cls.from_pretrained(folder, device_map="cuda", progress=False)
+        ids, mask = _prompts(batch, 11)
+        fast_out, plain_out = _generate_both(model, ids.cuda(), mask.cuda(), max_new_tokens=30)
+        assert torch.equal(fast_out, plain_out), cls.__name__
+        assert fast.fast_decoder(model).captures >= 1
+
+
+# Stated tolerance for bf16: the fast path's logits vs the plain path's, |diff| <= 0.02 * max |logit| + 0.05.
+# Both round to bf16 at different points (fused matmuls, attention softmax in float32 on the scores).
+BF16_TOLERANCE = (0.02, 0.05)
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_cuda_fast_path_bf16_logits_within_tolerance(llama_folder, llama4_folder, family):
+    cls, folder = (herd.LlamaForCausalLM, llama_folder) if family == "llama" else (herd.Llama4ForCausalLM, llama4_folder)
+    model = cls.from_pretrained(folder, device_map="cuda", dtype=torch.bfloat16, progress=False)
+    ids, mask = _prompts(3, 11)
+    # Force the same tokens on both paths (the plain path's), so the logits compare position by position.
+    plain = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=None, disable_compile=True, output_logits=True, return_dict_in_generate=True)
+    decoder = fast.fast_decoder(model)
+    cache = decoder.start(3, 64)
+    with torch.no_grad():
+        full_mask = torch.cat([mask.cuda(), torch.ones(3, 12, dtype=torch.long, device="cuda")], dim=1)
+        out = model._prefill(plain.sequences[:, :11], full_mask[:, :11], cache, {})
+        cache.buffers.mark_prompt(full_mask[:, :11])
+        got = [out.logits[:, -1].float()]
+        positions = positions_from_mask(full_mask)
+        for step in range(11, 22):
+            got.append(decoder.step(plain.sequences[:, step], positions[:, step], step))
+    scale, offset = BF16_TOLERANCE
+    for a, b in zip(got, plain.logits):
+        assert max_abs_diff(a, b) <= scale * float(b.abs().max()) + offset
+    print("bf16 max diff", max(max_abs_diff(a, b) for a, b in zip(got, plain.logits)))
+
+
+@needs_cuda
+def test_cuda_other_prompt_lengths_and_max_new_tokens_do_not_recompile(llama_folder):
+    import torch._dynamo
+
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, device_map="cuda", progress=False)
+    ids, mask = _prompts(1, 9)
+    model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=5, do_sample=False)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert compiled >= 1
+    for length, new in ((23, 40), (70, 200), (300, 100)):  # the last one moves to the 512 bucket
+        ids, mask = _prompts(1, length, seed=length)
+        model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, do_sample=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+    assert fast.fast_decoder(model).captures == 2  # one graph per bucket, no recompile
