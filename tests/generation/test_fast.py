@@ -27,7 +27,8 @@ def fast_on_cpu(monkeypatch):
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    reference = reference_llama(num_hidden_layers=3, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
+    reference = reference_llama(num_hidden_layers=3, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=1024)
     return save_reference(reference, tmp_path_factory.mktemp("fast") / "llama")
 
 

@@ -114,17 +114,13 @@ class DecodeCache:
             held = buffers.ring_positions[None, :]  # (1, ring)
             self.ring_allowed = buffers.ring_real & (held >= chunk_start[:, None]) & (held <= cache_position)
 
-    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-        """Store the new token's key/value (batch, kv_heads, 1, head_dim); return the layer's
-        keys, values (batch, kv_heads, slots, head_dim) and which slots it may attend to (batch, slots)."""
+    def layer(self, layer_idx: int):
+        """The layer's keys and values (batch, kv_heads, slots, head_dim), the slot (1,) where its
+        new key/value goes, and which slots the new token may attend to (batch, slots)."""
         keys, values = self.buffers.keys[layer_idx], self.buffers.values[layer_idx]
         if self.buffers.windows[layer_idx] is None:
-            slot, allowed = self.cache_position, self.full_allowed
-        else:
-            slot, allowed = self.ring_slot, self.ring_allowed
-        keys[:, :, slot] = key.to(keys.dtype)
-        values[:, :, slot] = value.to(values.dtype)
-        return keys, values, allowed
+            return keys, values, self.cache_position, self.full_allowed
+        return keys, values, self.ring_slot, self.ring_allowed
 
 
 class FastCache(Cache):
@@ -238,7 +234,6 @@ class FastDecoder:
         # None: decided per call from the device (compile and capture on CUDA, neither elsewhere).
         self.compile_override, self.capture_override = compile, capture
         self.use_compile = self.capture = False
-        self._compiled = None
         self.entry: _Entry | None = None
         self.captures = 0  # graphs captured so far (a new shape re-captures, it does not recompile)
         text_config = model.config.get_text_config()
@@ -265,11 +260,13 @@ class FastDecoder:
 
     def start(self, batch: int, max_length: int) -> FastCache:
         """A fresh cache for one generate() call of `batch` rows and up to `max_length` positions."""
-        self.model.prepare_decode_step()
+        layers = self.model.prepare_decode_step()
         dtype, device = self.model.dtype, self.model.device
         is_cuda = device.type == "cuda"
         self.use_compile = is_cuda and not os.environ.get("HERD_FAST_PATH_NO_COMPILE") if self.compile_override is None else self.compile_override
         self.capture = is_cuda if self.capture_override is None else self.capture_override
+        if self.use_compile:
+            self._compile_layers(layers)
         length = cache_bucket(max_length)
         key = (batch, length, dtype, device)
         if self.entry is None or self.entry.key != key:
@@ -284,13 +281,16 @@ class FastDecoder:
         self.entry.buffers.reset()
         return FastCache(self.entry.buffers)
 
-    @property
-    def step_function(self):
-        if not self.use_compile:
-            return _decode
-        if self._compiled is None:
-            self._compiled = torch.compile(_decode, fullgraph=True, dynamic=False)
-        return self._compiled
+    def _compile_layers(self, layers) -> None:
+        """Compile each layer's `decode` (regional compilation): layers of one structure share the
+        compiled code (their weights are inputs, not constants), so compile time does not grow
+        with depth. Embedding, final norm and head stay eager; the CUDA graph captures them all alike."""
+        for layer in layers:
+            if "decode" not in layer.__dict__:  # not compiled yet
+                # Coordinate-descent tuning picks better tiles for the norms and softmax (a decode
+                # step is many small reductions); affordable since one layer is compiled, not all.
+                layer.decode = torch.compile(layer.decode, fullgraph=True, dynamic=False,
+                                             options={"coordinate_descent_tuning": True})
 
     def _arguments(self) -> tuple:
         entry = self.entry
@@ -316,7 +316,7 @@ class FastDecoder:
         entry.cache_position.fill_(cache_position)
         if not self.capture:
             self._mark_dynamic()
-            return self.step_function(*self._arguments())
+            return _decode(*self._arguments())
         if entry.graph is None:
             self._capture()
         entry.graph.replay()
@@ -334,11 +334,11 @@ class FastDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step_function(*self._arguments())
+                _decode(*self._arguments())
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            entry.logits = self.step_function(*self._arguments())
+            entry.logits = _decode(*self._arguments())
         entry.graph = graph
         self.captures += 1
 

@@ -268,6 +268,14 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return torch.matmul(weights, values).reshape(batch, heads * dim)
 
 
+def store_and_attend(keys, values, slot, allowed, query, key, value, scaling: float) -> torch.Tensor:
+    """Write the new key/value (batch, kv_heads, 1, head_dim) at `slot` and attend over the cache:
+    query (batch, heads, 1, head_dim) -> (batch, heads * head_dim)."""
+    keys[:, :, slot] = key.to(keys.dtype)
+    values[:, :, slot] = value.to(values.dtype)
+    return decode_attention(query, keys, values, allowed, scaling)
+
+
 _BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention}
 
 

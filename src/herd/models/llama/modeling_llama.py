@@ -18,7 +18,7 @@ from torch import nn
 
 from ...cache import Cache
 from ...generation import GenerationMixin
-from ...layers.attention import AttentionMask, attention, build_attention_mask, decode_attention
+from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
 from ...layers.fused import fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
@@ -109,9 +109,10 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, weights
 
-    def decode(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+    def decode(self, hidden_states, cos, sin, keys, values, slot, allowed) -> torch.Tensor:
         """forward() for one token per row, hidden_states (batch, hidden), on the fast path's
-        fixed-shape cache: q/k/v and gate/up each as one matmul."""
+        fixed-shape cache (keys/values, the new token's slot, the slots it may see: see
+        generation/fast.py). q/k/v and gate/up each run as one matmul."""
         attn, mlp = self.self_attn, self.mlp
         batch = hidden_states.shape[0]
         qkv = fused_linear(self.input_layernorm(hidden_states), attn.q_proj, attn.k_proj, attn.v_proj)
@@ -120,8 +121,8 @@ class LlamaDecoderLayer(nn.Module):
             [attn.num_heads, attn.num_key_value_heads, attn.num_key_value_heads], dim=1
         )
         query, key = apply_rotary(query, key, cos, sin)
-        keys, values, allowed = cache.update(attn.layer_idx, key, value)
-        hidden_states = hidden_states + attn.o_proj(decode_attention(query, keys, values, allowed, attn.scaling))
+        attended = store_and_attend(keys, values, slot, allowed, query, key, value, attn.scaling)  # (batch, heads * head_dim)
+        hidden_states = hidden_states + attn.o_proj(attended)
         gate, up = fused_linear(self.post_attention_layernorm(hidden_states), mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
         return hidden_states + mlp.down_proj(mlp.act_fn(gate) * up)
 
@@ -248,11 +249,13 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
     # --- generate()'s GPU fast path (generation/fast.py) ----------------------------------------
-    def prepare_decode_step(self) -> None:
-        """Fuse q/k/v and gate/up into one weight each (in place: no extra memory)."""
+    def prepare_decode_step(self) -> nn.ModuleList:
+        """Fuse q/k/v and gate/up into one weight each (in place: no extra memory); return the
+        layers whose `decode` the fast path runs."""
         for layer in self.model.layers:
             fuse_linears(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
             fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
+        return self.model.layers
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).
@@ -263,7 +266,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         hidden_states = self.model.embed_tokens(tokens)  # (batch, hidden)
         cos, sin = self.model.rotary_emb(positions[:, None], hidden_states.dtype)  # (batch, 1, head_dim) each
         for layer in self.model.layers:
-            hidden_states = layer.decode(hidden_states, cos, sin, cache)
+            hidden_states = layer.decode(hidden_states, cos, sin, *cache.layer(layer.self_attn.layer_idx))
         return self.lm_head(self.model.norm(hidden_states))
 
 

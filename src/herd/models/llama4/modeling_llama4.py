@@ -27,7 +27,7 @@ from torch import nn
 from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
-from ...layers.attention import AttentionMask, attention, build_attention_mask, decode_attention
+from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
 from ...layers.fused import fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
@@ -218,7 +218,7 @@ class Llama4TextAttention(nn.Module):
         )
         return self.o_proj(output.reshape(batch, seq, -1)), weights
 
-    def decode(self, hidden_states, cos, sin, cache, cache_position):
+    def decode(self, hidden_states, cos, sin, keys, values, slot, allowed, cache_position):
         """forward() for one token per row, hidden_states (batch, hidden), on the fast path's cache."""
         batch = hidden_states.shape[0]
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
@@ -232,8 +232,9 @@ class Llama4TextAttention(nn.Module):
         if self.uses_temperature_tuning:
             scale = torch.log1p(torch.floor((cache_position.float() + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
             query = (query * scale).to(query.dtype)
-        keys, values, allowed = cache.update(self.layer_idx, key[:, :, None], value[:, :, None])
-        return self.o_proj(decode_attention(query[:, :, None], keys, values, allowed, self.scaling))
+        attended = store_and_attend(keys, values, slot, allowed, query[:, :, None], key[:, :, None], value[:, :, None],
+                                    self.scaling)  # (batch, heads * head_dim)
+        return self.o_proj(attended)
 
 
 class Llama4TextDecoderLayer(nn.Module):
@@ -257,9 +258,10 @@ class Llama4TextDecoderLayer(nn.Module):
         hidden_states = hidden_states + self.feed_forward(self.post_attention_layernorm(hidden_states))
         return hidden_states, weights
 
-    def decode(self, hidden_states, cos, sin, cache, cache_position):
+    def decode(self, hidden_states, cos, sin, keys, values, slot, allowed, cache_position):
         """forward() for one token per row (batch, hidden) on the fast path."""
-        hidden_states = hidden_states + self.self_attn.decode(self.input_layernorm(hidden_states), cos, sin, cache, cache_position)
+        attended = self.self_attn.decode(self.input_layernorm(hidden_states), cos, sin, keys, values, slot, allowed, cache_position)
+        hidden_states = hidden_states + attended
         normed = self.post_attention_layernorm(hidden_states)
         if self.is_moe_layer:
             return hidden_states + self.feed_forward.decode(normed)
@@ -425,10 +427,12 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
     # --- generate()'s GPU fast path (generation/fast.py) ----------------------------------------
-    def prepare_decode_step(self) -> None:
-        """Fuse q/k/v and gate/up (dense and shared-expert MLPs) into one weight each, in place."""
+    def prepare_decode_step(self) -> nn.ModuleList:
+        """Fuse q/k/v and gate/up (dense and shared-expert MLPs) into one weight each, in place;
+        return the layers whose `decode` the fast path runs."""
         for layer in self.model.layers:
             layer.prepare_decode()
+        return self.model.layers
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).
@@ -439,7 +443,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         hidden_states = self.model.embed_tokens(tokens)  # (batch, hidden)
         cos, sin = complex_rotary_cos_sin(self.model.rotary_emb, positions[:, None])  # (batch, 1, head_dim // 2)
         for layer in self.model.layers:
-            hidden_states = layer.decode(hidden_states, cos, sin, cache, cache.cache_position)
+            hidden_states = layer.decode(hidden_states, cos, sin, *cache.layer(layer.self_attn.layer_idx), cache.cache_position)
         return self.lm_head(self.model.norm(hidden_states))
 
 
@@ -676,8 +680,8 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     # The fast path decodes text only: images went in with the prompt (prefill).
-    def prepare_decode_step(self) -> None:
-        self.language_model.prepare_decode_step()
+    def prepare_decode_step(self) -> nn.ModuleList:
+        return self.language_model.prepare_decode_step()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         return self.language_model.decode_step(tokens, positions, cache)
