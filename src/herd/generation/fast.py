@@ -101,13 +101,15 @@ class DecodeCache:
     def __init__(self, buffers: DecodeBuffers, cache_position: torch.Tensor, positions: torch.Tensor):
         self.buffers = buffers
         self.cache_position = cache_position  # (1,): the new token's slot in full layers
-        buffers.key_real[:, cache_position] = True
+        # index_fill_/index_copy_ with tensors only: a Python value assigned by indexing would be a
+        # host-to-device copy, which graph capture refuses.
+        buffers.key_real.index_fill_(1, cache_position, True)
         self.full_allowed = buffers.key_real  # (batch, cache_length)
         if buffers.ring_positions is not None:
             ring = buffers.ring_length
             self.ring_slot = cache_position % ring  # (1,)
-            buffers.ring_positions[self.ring_slot] = cache_position
-            buffers.ring_real[:, self.ring_slot] = True
+            buffers.ring_positions.index_copy_(0, self.ring_slot, cache_position)
+            buffers.ring_real.index_fill_(1, self.ring_slot, True)
             # A chunk starts at each row's first real token: the query's chunk began
             # (its position % ring) slots ago.
             chunk_start = cache_position - positions % ring  # (batch,)
