@@ -287,6 +287,9 @@ class FastDecoder:
         """Compile each layer's `decode` (regional compilation): layers of one structure share the
         compiled code (their weights are inputs, not constants), so compile time does not grow
         with depth. Embedding, final norm and head stay eager; the CUDA graph captures them all alike."""
+        # Each (model shape, dtype, batch size, layer kind) adds an entry to the shared code's
+        # cache; dynamo's default limit of 8 is soon reached by a process that runs a few models.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in layers:
             if "decode" not in layer.__dict__:  # not compiled yet
                 # Coordinate-descent tuning picks better tiles for the norms and softmax (a decode
