@@ -75,7 +75,7 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers:
         config, cls = Llama4TextConfig(**fields), Llama4ForCausalLM
     with torch.device("meta"):
         model = cls(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # allocated once, in the final dtype
     model.tie_weights()  # to_empty gives tied weights separate storage
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

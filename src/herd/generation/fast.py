@@ -292,10 +292,7 @@ class FastDecoder:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in layers:
             if "decode" not in layer.__dict__:  # not compiled yet
-                # Coordinate-descent tuning picks better tiles for the norms and softmax (a decode
-                # step is many small reductions); affordable since one layer is compiled, not all.
-                layer.decode = torch.compile(layer.decode, fullgraph=True, dynamic=False,
-                                             options={"coordinate_descent_tuning": True})
+                layer.decode = torch.compile(layer.decode, fullgraph=True, dynamic=False)
 
     def _arguments(self) -> tuple:
         entry = self.entry
