@@ -77,6 +77,8 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers:
         model = cls(config)
     model = model.to(dtype).to_empty(device=device)  # allocated once, in the final dtype
     model.tie_weights()  # to_empty gives tied weights separate storage
+    if device.type == "meta":  # shapes only (sizes, byte counts)
+        return model.eval()
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
