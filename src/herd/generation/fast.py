@@ -10,9 +10,10 @@ memory: the plain forward launches hundreds of small kernels and syncs with the 
 - The prompt goes through the ordinary forward (sdpa, fused attention), in chunks when long,
   writing into those buffers through `FastCache`, the same Cache interface every model uses.
 - Each later token goes through the model's `decode_step(tokens, positions, cache)`, a pure
-  function of fixed-shape tensors. It is compiled once per batch size (torch.compile; the cache
-  length is a dynamic dimension, so buckets do not recompile) and captured as one CUDA graph per
-  (batch, bucket), which is replayed for every token.
+  function of fixed-shape tensors. Each decoder layer's `decode` is compiled with torch.compile
+  (regional compilation: layers of one structure share the compiled code, so compile time does
+  not grow with depth; the cache length is a dynamic dimension, so buckets do not recompile),
+  and the whole step is captured as one CUDA graph per (batch, bucket), replayed for every token.
 - Choosing the token stays in the shared loop (generation/utils.py), on the device, and the loop
   asks the host whether every row is done only every `SYNC_INTERVAL` tokens.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -225,7 +226,6 @@ class _Entry:
     cache_position: torch.Tensor
     graph: Any = None
     logits: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class FastDecoder:
