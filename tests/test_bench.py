@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.compare import transformers_reference
 from herd import bench, cli
 from tests.conftest import max_abs_diff
 
@@ -11,7 +12,7 @@ from tests.conftest import max_abs_diff
 def test_named_architecture_matches_the_reference_on_the_same_weights():
     model = bench.build_model("llama3.2-1b", torch.float32, torch.device("cpu"), num_layers=1)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as published
-    reference = bench.reference_model(model, torch.float32)
+    reference = transformers_reference(model, torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert max_abs_diff(model(ids).logits, reference(ids).logits) < 1e-4
@@ -40,3 +41,10 @@ def test_bench_without_cuda_says_so(capsys):
         return
     assert cli.main(["bench", "llama3.2-1b"]) == 2
     assert "needs CUDA" in capsys.readouterr().out
+
+
+def test_compare_with_an_unregistered_reference_points_to_the_script(capsys, monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.main(["bench", "llama3.2-1b", "--compare", "vllm"]) == 2
+    assert "bench/compare.py" in capsys.readouterr().out

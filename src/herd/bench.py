@@ -1,7 +1,8 @@
 """`herd bench`: decode and prefill speed of a real architecture, against the bandwidth floor and,
 optionally, against transformers on the same weights in the same process.
 
-    herd bench llama3.1-8b --batch-sizes 1,16,64 --compare transformers
+    herd bench llama3.1-8b --batch-sizes 1,16,64
+    python bench/compare.py llama3.1-8b --batch-sizes 1,16,64 --compare transformers
 
 A named architecture is built at its real widths with random bf16 weights (no download; slices
 keep the first few layers of models too large for one GPU); a path loads that checkpoint.
@@ -93,31 +94,10 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers:
     return model.eval()
 
 
-def reference_model(model, dtype: torch.dtype):
-    """The transformers class of the same architecture, sharing herd's weight tensors (no copy)."""
-    import transformers
-
-    config = model.config
-    if type(model).__name__ == "LlamaForCausalLM":
-        ref_config = transformers.LlamaConfig(**config.to_dict())
-        cls = transformers.LlamaForCausalLM
-    else:
-        ref_config = transformers.Llama4TextConfig(**config.to_dict())
-        cls = transformers.Llama4ForCausalLM
-    ref_config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        reference = cls(ref_config)
-    state = dict(model.state_dict())
-    missing = reference.load_state_dict(state, strict=False, assign=True)
-    if missing.missing_keys:
-        raise RuntimeError(f"reference lacks weights for {missing.missing_keys[:5]}")
-    device = model.device
-    for module in reference.modules():  # non-persistent buffers (rotary frequencies) stayed on meta
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            type(module).__init__(module, module.config)
-    if getattr(config, "tie_word_embeddings", False):
-        reference.lm_head.weight = reference.model.embed_tokens.weight
-    return reference.to(device=device, dtype=dtype).eval()
+# Reference libraries that `--compare NAME` can run, registered by the benchmark scripts outside
+# the package (bench/compare.py registers transformers): herd itself never imports them.
+# NAME -> (build(model, dtype) -> a model sharing herd's weights, version() -> str)
+REFERENCES: dict[str, tuple[Any, Any]] = {}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -225,8 +205,9 @@ def run_bench(args: argparse.Namespace) -> str:
     vocab = model.config.get_text_config().vocab_size
     bandwidth = copy_bandwidth(device)
     libraries = {"herd": model}
-    if args.compare == "transformers":
-        libraries["transformers"] = reference_model(model, dtype)
+    if args.compare:
+        build, _ = REFERENCES[args.compare]
+        libraries[args.compare] = build(model, dtype)
 
     def generate_with(lib_model, plain: bool):
         def generate(prompt, mask, n):
@@ -259,26 +240,17 @@ def run_bench(args: argparse.Namespace) -> str:
     return report(args, model, bandwidth, rows, prefill_rows)
 
 
-def _transformers_version() -> str:
-    try:
-        import transformers
-
-        return transformers.__version__
-    except ImportError:
-        return "not installed"
-
-
 def report(args, model, bandwidth, rows, prefill_rows) -> str:
     import herd
 
+    reference_version = f"{args.compare} {REFERENCES[args.compare][1]()}, " if args.compare else ""
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     lines = [
         f"### `{args.model}` ({'plain path' if args.plain else 'fast path'}), {args.dtype}, prompt {args.prompt_length}, "
         f"{args.new_tokens} new tokens",
         "",
         f"- device: {torch.cuda.get_device_name()} ({bandwidth / 1e9:.0f} GB/s copy bandwidth measured), "
-        f"torch {torch.__version__}, herd {herd.__version__}, transformers {_transformers_version()}, "
-        f"python {platform.python_version()}",
+        f"torch {torch.__version__}, herd {herd.__version__}, {reference_version}python {platform.python_version()}",
         f"- weights {weight_gb:.2f} GB; layers {model.config.num_hidden_layers}",
         "",
         "| library | batch | decode ms/step | tokens/s | floor ms | share of floor | first call s | peak GiB |",
@@ -314,13 +286,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers of a named architecture")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--compare", choices=["transformers"], default=None, help="also run the reference on the same weights")
+    parser.add_argument("--compare", default=None,
+                        help="also run a reference library on the same weights (python bench/compare.py ... --compare transformers)")
     parser.add_argument("--plain", action="store_true", help="herd's plain path (disable_compile=True) instead of the fast path")
 
 
 def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("herd bench measures GPU speed and needs CUDA", flush=True)
+        return 2
+    if args.compare and args.compare not in REFERENCES:
+        print(f"herd bench: no reference {args.compare!r} is registered; herd never imports other libraries: run "
+              f"`python bench/compare.py {args.model} --compare {args.compare} ...` from the repository instead", flush=True)
         return 2
     if args.new_tokens < 4:
         raise SystemExit("--new-tokens must be at least 4")
