@@ -181,7 +181,7 @@ def test_long_prompts_are_prefilled_in_chunks(fast_on_cpu, llama_folder, monkeyp
 def test_the_fast_path_is_skipped_where_it_does_not_apply(fast_on_cpu, llama_folder, monkeypatch):
     model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
     config = herd.GenerationConfig(max_new_tokens=3)
-    check = lambda **kw: fast.fast_path_unsupported(model, config, past_key_values=kw.get("cache"), streamer=None,
+    check = lambda **kw: fast.fast_path_unsupported(model, config, past_key_values=kw.get("cache"),
                                                     extra_outputs=kw.get("extra", False))
     assert check() is None
     assert "cache" in check(cache=object())

@@ -189,7 +189,7 @@ def _decode(model, tokens, positions, cache_position, keys, values, windows, key
     return model.decode_step(tokens, positions, cache).float()  # (batch, vocab)
 
 
-def fast_path_unsupported(model, config, *, past_key_values, streamer, extra_outputs: bool) -> str | None:
+def fast_path_unsupported(model, config, *, past_key_values, extra_outputs: bool) -> str | None:
     """Why generate() cannot take the fast path here, or None when it can."""
     device = model.device
     if config.disable_compile:

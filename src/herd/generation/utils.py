@@ -203,7 +203,7 @@ class GenerationMixin:
             forward_kwargs["output_attentions"] = True
         if want and config.output_hidden_states:
             forward_kwargs["output_hidden_states"] = True
-        why_not_fast = fast.fast_path_unsupported(self, config, past_key_values=past_key_values, streamer=streamer,
+        why_not_fast = fast.fast_path_unsupported(self, config, past_key_values=past_key_values,
                                                   extra_outputs=bool(forward_kwargs))
         decoder = None
         if why_not_fast is None:

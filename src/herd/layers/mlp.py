@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from .activations import get_activation
+from .fused import fused_linear
 
 
 class GatedMLP(nn.Module):
@@ -16,3 +17,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() with gate and up as one matmul (once `fuse_linears(gate_proj, up_proj)` ran)."""
+        gate, up = fused_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)

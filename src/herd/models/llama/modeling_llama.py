@@ -123,8 +123,7 @@ class LlamaDecoderLayer(nn.Module):
         query, key = apply_rotary(query, key, cos, sin)
         attended = store_and_attend(keys, values, slot, allowed, query, key, value, attn.scaling)  # (batch, heads * head_dim)
         hidden_states = hidden_states + attn.o_proj(attended)
-        gate, up = fused_linear(self.post_attention_layernorm(hidden_states), mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
-        return hidden_states + mlp.down_proj(mlp.act_fn(gate) * up)
+        return hidden_states + mlp.fused_forward(self.post_attention_layernorm(hidden_states))
 
 
 class LlamaPreTrainedModel(PreTrainedModel):

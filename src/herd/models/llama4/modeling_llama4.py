@@ -155,13 +155,8 @@ class Llama4TextMoe(nn.Module):
         expert_ids, expert_scores, _ = self.router(hidden_states)  # (batch, top_k) each
         routed_in = (hidden_states[:, None, :] * expert_scores[..., None]).reshape(-1, hidden)  # (batch * top_k, hidden)
         routed_out = self.experts.routed_forward(routed_in, expert_ids.reshape(-1)).view(batch, -1, hidden)
-        return gated_mlp_decode(self.shared_expert, hidden_states) + routed_out.sum(dim=1)
+        return self.shared_expert.fused_forward(hidden_states) + routed_out.sum(dim=1)
 
-
-def gated_mlp_decode(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
-    """GatedMLP with gate and up as one matmul (fused by prepare_decode_step)."""
-    gate, up = fused_linear(x, mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -265,7 +260,7 @@ class Llama4TextDecoderLayer(nn.Module):
         normed = self.post_attention_layernorm(hidden_states)
         if self.is_moe_layer:
             return hidden_states + self.feed_forward.decode(normed)
-        return hidden_states + gated_mlp_decode(self.feed_forward, normed)
+        return hidden_states + self.feed_forward.fused_forward(normed)
 
     def prepare_decode(self) -> None:
         attn = self.self_attn
