@@ -42,6 +42,16 @@ def llama4_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def llama4_long_chunk_folder(tmp_path_factory):
+    # chunks of 1024 positions: longer than the 256 and 512 buckets, so the ring is as long as the cache
+    reference = reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=1, head_dim=16, floor_scale=4,
+                                 num_hidden_layers=4, attention_chunk_size=1024, max_position_embeddings=2048)
+    folder = tmp_path_factory.mktemp("fast") / "llama4-long-chunk"
+    reference.save_pretrained(folder)
+    return folder
+
+
 def _prompts(batch: int, length: int, vocab: int = 128, seed: int = 0):
     ids = torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
@@ -216,6 +226,27 @@ def test_llama4_long_prompt_chunked_prefill_fills_the_ring(fast_on_cpu, llama4_f
     assert torch.equal(fast_out, plain_out)
 
 
+def test_llama4_ring_longer_than_the_cache_is_cut_to_the_cache(fast_on_cpu, llama4_long_chunk_folder):
+    model = herd.Llama4ForCausalLM.from_pretrained(llama4_long_chunk_folder, progress=False)
+    ids, mask = _prompts(3, 13)
+    fast_out, plain_out = _generate_both(model, ids, mask, max_new_tokens=15)
+    assert torch.equal(fast_out, plain_out)
+    buffers = fast.fast_decoder(model).entry.buffers
+    assert buffers.ring_length == 256 and buffers.chunk == 1024  # the 256-position bucket, not the chunk
+    chunked = [keys.shape[2] for keys, window in zip(buffers.keys, buffers.windows) if window is not None]
+    assert chunked and set(chunked) == {256}
+
+
+def test_a_ring_shorter_than_its_chunk_refuses_to_wrap():
+    buffers = fast.DecodeBuffers([torch.zeros(1, 1, 4, 1)], [torch.zeros(1, 1, 4, 1)], (8,),
+                                 key_real=torch.zeros(1, 4, dtype=torch.bool),
+                                 ring_positions=torch.full((4,), -1), ring_real=torch.zeros(1, 4, dtype=torch.bool))
+    cache = fast.FastCache(buffers)
+    cache.update(torch.zeros(1, 1, 3, 1), torch.zeros(1, 1, 3, 1), 0)
+    with pytest.raises(ValueError, match="ring holds 4 positions; 5"):
+        cache.update(torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1), 0)
+
+
 def test_routed_forward_equals_the_expert_loop(llama4_folder):
     model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
     experts = model.model.layers[1].feed_forward.experts
@@ -261,9 +292,9 @@ def test_cuda_fast_path_bf16_logits_within_tolerance(llama_folder, llama4_folder
         out = model._prefill(plain.sequences[:, :11], full_mask[:, :11], cache, {})
         cache.buffers.mark_prompt(full_mask[:, :11])
         got = [out.logits[:, -1].float()]
-        positions = positions_from_mask(full_mask)
+        decoder.begin(positions_from_mask(full_mask)[:, 11], 11)
         for step in range(11, 22):
-            got.append(decoder.step(plain.sequences[:, step], positions[:, step], step))
+            got.append(decoder.step(plain.sequences[:, step]))
     scale, offset = BF16_TOLERANCE
     for a, b in zip(got, plain.logits):
         assert max_abs_diff(a, b) <= scale * float(b.abs().max()) + offset
@@ -271,15 +302,18 @@ def test_cuda_fast_path_bf16_logits_within_tolerance(llama_folder, llama4_folder
 
 
 @needs_cuda
-def test_cuda_other_prompt_lengths_and_max_new_tokens_do_not_recompile(llama_folder):
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_cuda_other_prompt_lengths_and_max_new_tokens_do_not_recompile(llama_folder, llama4_long_chunk_folder, family):
     import torch._dynamo
 
-    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, device_map="cuda", progress=False)
-    ids, mask = _prompts(1, 9)
+    cls, folder = (herd.LlamaForCausalLM, llama_folder) if family == "llama" else (herd.Llama4ForCausalLM, llama4_long_chunk_folder)
+    model = cls.from_pretrained(folder, device_map="cuda", progress=False)
+    # The first call compiles the decode step and the prefill's fused kernels (prompts of 64+ tokens).
+    ids, mask = _prompts(1, 70)
     model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=5, do_sample=False)
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled >= 1
-    for length, new in ((23, 40), (70, 200), (300, 100)):  # the last one moves to the 512 bucket
+    for length, new in ((23, 40), (90, 100), (300, 100)):  # the last one moves to the 512 bucket
         ids, mask = _prompts(1, length, seed=length)
         model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, do_sample=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled

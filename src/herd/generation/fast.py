@@ -10,10 +10,11 @@ memory: the plain forward launches hundreds of small kernels and syncs with the 
 - The prompt goes through the ordinary forward (sdpa, fused attention), in chunks when long,
   writing into those buffers through `FastCache`, the same Cache interface every model uses.
 - Each later token goes through the model's `decode_step(tokens, positions, cache)`, a pure
-  function of fixed-shape tensors. Each decoder layer's `decode` is compiled with torch.compile
-  (regional compilation: layers of one structure share the compiled code, so compile time does
-  not grow with depth; the cache length is a dynamic dimension, so buckets do not recompile),
-  and the whole step is captured as one CUDA graph per (batch, bucket), replayed for every token.
+  function of fixed-shape tensors. Its pieces (embedding, each decoder layer's `decode`, the
+  head) are compiled with torch.compile (regional compilation: layers of one structure share the
+  compiled code, so compile time does not grow with depth; the cache length is a dynamic
+  dimension, so buckets do not recompile), and the whole step is captured as one CUDA graph per
+  (batch, bucket), replayed for every token.
 - Choosing the token stays in the shared loop (generation/utils.py), on the device, and the loop
   asks the host whether every row is done only every `SYNC_INTERVAL` tokens.
 
@@ -61,6 +62,9 @@ class DecodeBuffers:
     key_real (batch, cache_length): True where a full layer's slot holds a real (non-padding) token.
     ring_positions (ring_length,): the position each ring slot holds (-1: none yet).
     ring_real (batch, ring_length): True where a ring slot holds a real token.
+    The ring holds min(chunk, cache_length) slots: a chunk longer than the whole generation
+    (Llama 4's 8192 against a few hundred positions) never wraps, and its attention reads only
+    the slots that can be filled.
     """
 
     keys: list[torch.Tensor]
@@ -73,6 +77,11 @@ class DecodeBuffers:
     @property
     def ring_length(self) -> int | None:
         return None if self.ring_positions is None else self.ring_positions.shape[0]
+
+    @property
+    def chunk(self) -> int | None:
+        """The chunked layers' attention_chunk_size."""
+        return next((window for window in self.windows if window is not None), None)
 
     def reset(self) -> None:
         self.key_real.zero_()
@@ -92,30 +101,41 @@ class DecodeBuffers:
             self.ring_real[:, written % ring] = real[:, written]
 
 
-class DecodeCache:
-    """What one decode step sees of the buffers: where the new token goes and which keys it may see.
+def step_masks(key_real, ring_positions, ring_real, cache_position, positions, chunk: int | None):
+    """Mark the new token's slot real and say which slots it may attend to in the chunked layers.
 
-    Built inside the captured step, so everything here is tensor arithmetic: the new token's
-    slot is marked real, and the masks of both attention kinds are computed once for all layers.
+    key_real (batch, cache_length), ring_positions (ring,) and ring_real (batch, ring) are
+    updated in place; cache_position (1,) is the new token's slot in full layers, positions
+    (batch,) its position in each row. Returns the ring slot (1,) and the chunked layers' mask
+    (batch, ring), or (None, None) for a model without chunked layers. Tensor arithmetic only
+    (index_fill_/index_copy_: a Python value assigned by indexing would be a host-to-device
+    copy, which graph capture refuses), so it compiles into the captured step.
     """
+    key_real.index_fill_(1, cache_position, True)
+    if ring_positions is None:
+        return None, None
+    ring_slot = cache_position % ring_positions.shape[0]  # (1,)
+    ring_positions.index_copy_(0, ring_slot, cache_position)
+    ring_real.index_fill_(1, ring_slot, True)
+    # A chunk starts at each row's first real token: the query's chunk began (its position %
+    # chunk) slots ago.
+    chunk_start = cache_position - positions % chunk  # (batch,)
+    held = ring_positions[None, :]  # (1, ring)
+    ring_allowed = ring_real & (held >= chunk_start[:, None]) & (held <= cache_position)
+    return ring_slot, ring_allowed
 
-    def __init__(self, buffers: DecodeBuffers, cache_position: torch.Tensor, positions: torch.Tensor):
+
+class DecodeCache:
+    """What one decode step sees of the buffers: where the new token goes and which keys it may
+    see (`step_masks`, computed once for all layers)."""
+
+    def __init__(self, buffers: DecodeBuffers, cache_position: torch.Tensor, positions: torch.Tensor,
+                 masks=step_masks):
         self.buffers = buffers
         self.cache_position = cache_position  # (1,): the new token's slot in full layers
-        # index_fill_/index_copy_ with tensors only: a Python value assigned by indexing would be a
-        # host-to-device copy, which graph capture refuses.
-        buffers.key_real.index_fill_(1, cache_position, True)
+        self.ring_slot, self.ring_allowed = masks(buffers.key_real, buffers.ring_positions, buffers.ring_real,
+                                                  cache_position, positions, buffers.chunk)
         self.full_allowed = buffers.key_real  # (batch, cache_length)
-        if buffers.ring_positions is not None:
-            ring = buffers.ring_length
-            self.ring_slot = cache_position % ring  # (1,)
-            buffers.ring_positions.index_copy_(0, self.ring_slot, cache_position)
-            buffers.ring_real.index_fill_(1, self.ring_slot, True)
-            # A chunk starts at each row's first real token: the query's chunk began
-            # (its position % ring) slots ago.
-            chunk_start = cache_position - positions % ring  # (batch,)
-            held = buffers.ring_positions[None, :]  # (1, ring)
-            self.ring_allowed = buffers.ring_real & (held >= chunk_start[:, None]) & (held <= cache_position)
 
     def layer(self, layer_idx: int):
         """The layer's keys and values (batch, kv_heads, slots, head_dim), the slot (1,) where its
@@ -152,13 +172,15 @@ class FastCache(Cache):
             values[:, :, start : start + new] = value_states
             self._seen[layer_idx] = start + new
             return keys[:, :, : start + new], values[:, :, : start + new]
-        device = keys.device
-        kept = torch.arange(max(0, start - window), start, device=device)  # positions still in the ring
-        all_keys = torch.cat([keys[:, :, kept % window], key_states], dim=2)
-        all_values = torch.cat([values[:, :, kept % window], value_states], dim=2)
-        written = torch.arange(max(start, start + new - window), start + new, device=device)
-        keys[:, :, written % window] = key_states[:, :, written - start]
-        values[:, :, written % window] = value_states[:, :, written - start]
+        device, ring = keys.device, keys.shape[2]
+        if ring < window and start + new > ring:  # a ring shorter than the chunk must never wrap
+            raise ValueError(f"the fast path's ring holds {ring} positions; {start + new} were asked for")
+        kept = torch.arange(max(0, start - window), start, device=device)  # positions of this window so far
+        all_keys = torch.cat([keys[:, :, kept % ring], key_states], dim=2)
+        all_values = torch.cat([values[:, :, kept % ring], value_states], dim=2)
+        written = torch.arange(max(start, start + new - ring), start + new, device=device)
+        keys[:, :, written % ring] = key_states[:, :, written - start]
+        values[:, :, written % ring] = value_states[:, :, written - start]
         self._seen[layer_idx] = start + new
         return all_keys, all_values
 
@@ -182,11 +204,15 @@ class FastCache(Cache):
         return [self.buffers.keys, self.buffers.values]
 
 
-def _decode(model, tokens, positions, cache_position, keys, values, windows, key_real, ring_positions, ring_real):
-    """The captured function: rebuild the cache view from flat tensors and run the model's step."""
+def _decode(model, masks, tokens, positions, cache_position, keys, values, windows, key_real, ring_positions, ring_real):
+    """The captured function: rebuild the cache view from flat tensors, run the model's step, and
+    move positions and cache_position on to the next token (in place: the graph's inputs)."""
     buffers = DecodeBuffers(keys, values, windows, key_real, ring_positions, ring_real)
-    cache = DecodeCache(buffers, cache_position, positions)
-    return model.decode_step(tokens, positions, cache).float()  # (batch, vocab)
+    cache = DecodeCache(buffers, cache_position, positions, masks)
+    logits = model.decode_step(tokens, positions, cache).float()  # (batch, vocab)
+    positions.add_(1)
+    cache_position.add_(1)
+    return logits
 
 
 def fast_path_unsupported(model, config, *, past_key_values, extra_outputs: bool) -> str | None:
@@ -237,6 +263,7 @@ class FastDecoder:
         self.compile_override, self.capture_override = compile, capture
         self.use_compile = self.capture = False
         self.entry: _Entry | None = None
+        self.masks = step_masks
         self.captures = 0  # graphs captured so far (a new shape re-captures, it does not recompile)
         text_config = model.config.get_text_config()
         self.windows = tuple(layer_windows(model.config))
@@ -245,12 +272,13 @@ class FastDecoder:
         self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
     def _allocate(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> DecodeBuffers:
+        chunk = next((w for w in self.windows if w is not None), None)
+        ring = None if chunk is None else min(chunk, length)
         keys, values = [], []
         for window in self.windows:
-            shape = (batch, self.kv_heads, window or length, self.head_dim)
+            shape = (batch, self.kv_heads, length if window is None else ring, self.head_dim)
             keys.append(torch.zeros(shape, dtype=dtype, device=device))
             values.append(torch.zeros(shape, dtype=dtype, device=device))
-        ring = next((w for w in self.windows if w is not None), None)
         return DecodeBuffers(
             keys,
             values,
@@ -262,13 +290,14 @@ class FastDecoder:
 
     def start(self, batch: int, max_length: int) -> FastCache:
         """A fresh cache for one generate() call of `batch` rows and up to `max_length` positions."""
-        layers = self.model.prepare_decode_step()
+        units = self.model.prepare_decode_step()
         dtype, device = self.model.dtype, self.model.device
         is_cuda = device.type == "cuda"
         self.use_compile = is_cuda and not os.environ.get("HERD_FAST_PATH_NO_COMPILE") if self.compile_override is None else self.compile_override
         self.capture = is_cuda if self.capture_override is None else self.capture_override
         if self.use_compile:
-            self._compile_layers(layers)
+            self._compile(units)
+        self.masks = compiled_step_masks() if self.use_compile else step_masks
         length = cache_bucket(max_length)
         key = (batch, length, dtype, device)
         if self.entry is None or self.entry.key != key:
@@ -283,66 +312,98 @@ class FastDecoder:
         self.entry.buffers.reset()
         return FastCache(self.entry.buffers)
 
-    def _compile_layers(self, layers) -> None:
-        """Compile each layer's `decode` (regional compilation): layers of one structure share the
-        compiled code (their weights are inputs, not constants), so compile time does not grow
-        with depth. Embedding, final norm and head stay eager; the CUDA graph captures them all alike."""
+    def _compile(self, units) -> None:
+        """Compile each piece of the step, (owner, method name), in place (regional compilation):
+        layers of one structure share the compiled code (their weights are inputs, not
+        constants), so compile time does not grow with depth.
+
+        Coordinate-descent tuning is what makes inductor decompose one-row matmuls into its own
+        reductions (matrix-vector products at full bandwidth, with the norm before them and the
+        residual add or activation after them fused in, and routed experts read by index in
+        place); HERD_FAST_PATH_NO_TUNING=1 leaves them to cuBLAS and compiles faster.
+        """
         # Each (model shape, dtype, batch size, layer kind) adds an entry to the shared code's
         # cache; dynamo's default limit of 8 is soon reached by a process that runs a few models.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in layers:
-            if "decode" not in layer.__dict__:  # not compiled yet
-                layer.decode = torch.compile(layer.decode, fullgraph=True, dynamic=False)
+        options = {"coordinate_descent_tuning": not os.environ.get("HERD_FAST_PATH_NO_TUNING")}
+        for owner, name in units:
+            if name not in owner.__dict__:  # not compiled yet
+                setattr(owner, name, torch.compile(getattr(owner, name), fullgraph=True, dynamic=False, options=options))
 
     def _arguments(self) -> tuple:
         entry = self.entry
         buffers = entry.buffers
-        return (self.model, entry.tokens, entry.positions, entry.cache_position, buffers.keys, buffers.values,
-                buffers.windows, buffers.key_real, buffers.ring_positions, buffers.ring_real)
+        return (self.model, self.masks, entry.tokens, entry.positions, entry.cache_position, buffers.keys,
+                buffers.values, buffers.windows, buffers.key_real, buffers.ring_positions, buffers.ring_real)
 
     def _mark_dynamic(self) -> None:
         # The cache length is a dynamic dimension: a new bucket re-captures but does not recompile.
         if self.use_compile:
             buffers = self.entry.buffers
+            length = buffers.key_real.shape[1]
             for tensor in buffers.keys + buffers.values:
-                if tensor.shape[2] == buffers.key_real.shape[1]:
+                if tensor.shape[2] == length:
                     torch._dynamo.mark_dynamic(tensor, 2)
             torch._dynamo.mark_dynamic(buffers.key_real, 1)
+            if buffers.ring_length == length:  # a ring as long as the cache grows with it
+                torch._dynamo.mark_dynamic(buffers.ring_positions, 0)
+                torch._dynamo.mark_dynamic(buffers.ring_real, 1)
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache_position: int) -> torch.Tensor:
-        """Logits (batch, vocab), float32, for `tokens` (batch,) at `positions` (batch,), written
-        at slot `cache_position`. The result is a fresh tensor (the graph's output is copied)."""
+    def begin(self, positions: torch.Tensor, cache_position: int) -> None:
+        """After prefill: the first decode step is for positions (batch,), at slot cache_position.
+        Each step moves both on by one itself."""
+        self.entry.positions.copy_(positions)
+        self.entry.cache_position.fill_(cache_position)
+
+    def step(self, tokens: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """Logits (batch, vocab), float32, for `tokens` (batch,) at the current positions. With
+        copy=False the result is the graph's own output, overwritten by the next step."""
         entry = self.entry
         entry.tokens.copy_(tokens)
-        entry.positions.copy_(positions)
-        entry.cache_position.fill_(cache_position)
         if not self.capture:
             self._mark_dynamic()
             return _decode(*self._arguments())
         if entry.graph is None:
             self._capture()
         entry.graph.replay()
-        return entry.logits.clone()
+        return entry.logits.clone() if copy else entry.logits
 
     def _capture(self) -> None:
         """Warm up (compiling on the first call) and capture the step as one CUDA graph.
 
-        Warm-up runs execute the real step: writing the same key/value to the same slot twice
-        leaves the cache as one run would.
+        Each warm-up run is the real first step (positions reset before it): writing the same
+        key/value to the same slot twice leaves the cache as one run would. Capture itself runs
+        nothing; the first replay takes the step.
         """
         entry = self.entry
         self._mark_dynamic()
+        positions, cache_position = entry.positions.clone(), entry.cache_position.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
+                entry.positions.copy_(positions)
+                entry.cache_position.copy_(cache_position)
                 _decode(*self._arguments())
+            entry.positions.copy_(positions)
+            entry.cache_position.copy_(cache_position)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             entry.logits = _decode(*self._arguments())
         entry.graph = graph
         self.captures += 1
+
+
+_compiled_step_masks = None
+
+
+def compiled_step_masks():
+    """step_masks compiled once per process (it holds no weights: every model shares it)."""
+    global _compiled_step_masks
+    if _compiled_step_masks is None:
+        _compiled_step_masks = torch.compile(step_masks, fullgraph=True, dynamic=False)
+    return _compiled_step_masks
 
 
 def fast_decoder(model) -> FastDecoder:

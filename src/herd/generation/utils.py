@@ -11,6 +11,7 @@ finished rows with pad_token_id (eos when there is none), position ids from the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..cache import Cache, DynamicCache, StaticCache
+from ..layers import kernels
 from ..modeling_outputs import ModelOutput
 from . import fast
 from .configuration import GenerationConfig
@@ -178,6 +180,13 @@ class GenerationMixin:
 
         stop_strings = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
         max_length = self._check_lengths(config, input_ids.shape[1])
+        # disable_compile: nothing is compiled, neither the fast path nor the forward's fused kernels.
+        with kernels.disabled() if config.disable_compile else contextlib.nullcontext():
+            return self._generate(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+                                  past_key_values, streamer, generator, extra)
+
+    def _generate(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+                  past_key_values, streamer, generator, extra):
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("streamers work with greedy and sampled decoding, not beam search")
@@ -219,23 +228,26 @@ class GenerationMixin:
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
+        can_finish = eos_ids is not None or stop_strings is not None  # else every row runs to max_length
+        # The fast path's logits live in the graph's output until the next step; keep a copy only
+        # where they outlive it.
+        keep_logits = want and (config.output_scores or config.output_logits)
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         any_unfinished = []  # per new token: was some row still running after it? (device scalars)
         # Tokens the cache has not seen yet: the whole prompt first, then one token per step.
         pending = input_ids[:, cache.get_seq_length() :]
-        positions = None
         first_step = True
         while True:
             if decoder is not None and not first_step:
-                positions = positions + 1
-                logits = decoder.step(pending[:, 0], positions, input_ids.shape[1] - 1)  # (batch, vocab)
+                logits = decoder.step(pending[:, 0], copy=keep_logits)  # (batch, vocab)
                 outputs = None
             else:
                 step_inputs = self._inputs_for_step(extra, first_step, attention_mask.shape[1])
                 if decoder is not None:
                     outputs = self._prefill(pending, attention_mask, cache, step_inputs)
                     cache.buffers.mark_prompt(attention_mask)
-                    positions = positions_from_mask(attention_mask)[:, -1]
+                    # the first new token: one past each row's last position, at the next slot
+                    decoder.begin(positions_from_mask(attention_mask)[:, -1] + 1, input_ids.shape[1])
                 else:
                     outputs = self._decode_step(pending, attention_mask, cache, **step_inputs, **forward_kwargs)
                 logits = outputs.logits[:, -1, :].to(torch.float32)  # (batch, vocab)
@@ -246,7 +258,7 @@ class GenerationMixin:
                 next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
             else:
                 next_tokens = next_scores.argmax(dim=-1)
-            if pad_token_id is not None:
+            if pad_token_id is not None and can_finish:
                 next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
             if want:
                 scores.append(next_scores) if config.output_scores else None
@@ -255,23 +267,25 @@ class GenerationMixin:
                 hidden_states.append(outputs.hidden_states) if config.output_hidden_states else None
 
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
+            if decoder is None:  # the fast path's buffers keep their own mask
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
-            done = ends_with_eos(input_ids, eos_ids)
-            if stop_strings is not None:
-                done |= stop_strings(input_ids)
-            unfinished &= ~done
-            any_unfinished.append(unfinished.any())
+            if can_finish:
+                done = ends_with_eos(input_ids, eos_ids)
+                if stop_strings is not None:
+                    done |= stop_strings(input_ids)
+                unfinished &= ~done
+                any_unfinished.append(unfinished.any())
             new_tokens = input_ids.shape[1] - prompt_length
             if input_ids.shape[1] >= max_length:
                 break
-            if new_tokens % sync_interval == 0 and not bool(any_unfinished[-1]):
+            if can_finish and new_tokens % sync_interval == 0 and not bool(any_unfinished[-1]):
                 break
             pending = next_tokens[:, None]
 
         # Tokens made after every row had finished (between two host checks) are dropped.
-        if sync_interval > 1:
+        if sync_interval > 1 and can_finish:
             still_running = torch.stack(any_unfinished).tolist()
             kept = still_running.index(False) + 1 if False in still_running else len(still_running)
             input_ids = input_ids[:, : prompt_length + kept]

@@ -9,13 +9,16 @@ falls back to one matmul per layer until fused again).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 _ATTRIBUTE = "_fused_with_following"
 
 
-def _is_fused(linears: tuple[nn.Linear, ...]) -> bool:
+def is_fused(*linears: nn.Linear) -> bool:
+    """True while the layers' weights are still the blocks of one fused tensor."""
     fused = getattr(linears[0], _ATTRIBUTE, None)
     if fused is None:
         return False
@@ -25,7 +28,7 @@ def _is_fused(linears: tuple[nn.Linear, ...]) -> bool:
 
 @torch.no_grad()
 def fuse_linears(*linears: nn.Linear) -> None:
-    if _is_fused(linears):
+    if is_fused(*linears):
         return
     in_features = {layer.in_features for layer in linears}
     has_bias = {layer.bias is not None for layer in linears}
@@ -48,7 +51,30 @@ def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
     """x (..., in) -> the layers' outputs side by side (..., sum of out features)."""
     fused = getattr(linears[0], _ATTRIBUTE, None)
     # Inside a compiled step the check ran just before (FastDecoder.start); pointers cannot be traced.
-    if fused is not None and (torch.compiler.is_compiling() or _is_fused(linears)):
+    if fused is not None and (torch.compiler.is_compiling() or is_fused(*linears)):
         weight, bias, _ = fused
         return nn.functional.linear(x, weight, bias)
     return torch.cat([layer(x) for layer in linears], dim=-1)
+
+
+# --- matmuls the compiler leaves to the library ---------------------------------------------------
+@torch.library.custom_op("herd::library_linear", mutates_args=())
+def library_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through cuBLAS, opaque to torch.compile (which would otherwise turn a
+    one-row product into its own reduction kernel)."""
+    return nn.functional.linear(x, weight)
+
+
+@library_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+LIBRARY_MATMULS = set(filter(None, os.environ.get("HERD_DECODE_LIBRARY_MATMUL", "").split(",")))
+
+
+def decode_linear(x: torch.Tensor, layer: nn.Linear, role: str) -> torch.Tensor:
+    if role not in LIBRARY_MATMULS:
+        return layer(x)
+    out = library_linear(x, layer.weight)
+    return out if layer.bias is None else out + layer.bias

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import kernels
+
 DEFAULT_ROPE_THETA = 10_000.0
 
 # rope_type -> keys it cannot do without (after standardisation).
@@ -212,12 +214,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def _rotate(query, key, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (batch, 1, seq, head_dim)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
 def apply_rotary(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query/key (batch, heads, seq, head_dim); cos/sin (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+    # The sequence varies between calls (one compiled kernel serves every prompt length).
+    return kernels.fused(_rotate, (query, key, cos, sin), dynamic=[(2,), (2,), (1,), (1,)])
 
 
 class ComplexRotaryEmbedding(RotaryEmbedding):

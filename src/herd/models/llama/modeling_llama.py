@@ -19,7 +19,7 @@ from torch import nn
 from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
-from ...layers.fused import fuse_linears, fused_linear
+from ...layers.fused import decode_linear, fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding, apply_rotary
@@ -122,7 +122,7 @@ class LlamaDecoderLayer(nn.Module):
         )
         query, key = apply_rotary(query, key, cos, sin)
         attended = store_and_attend(keys, values, slot, allowed, query, key, value, attn.scaling)  # (batch, heads * head_dim)
-        hidden_states = hidden_states + attn.o_proj(attended)
+        hidden_states = hidden_states + decode_linear(attended, attn.o_proj, "o")
         return hidden_states + mlp.fused_forward(self.post_attention_layernorm(hidden_states))
 
 
@@ -248,13 +248,23 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
     # --- generate()'s GPU fast path (generation/fast.py) ----------------------------------------
-    def prepare_decode_step(self) -> nn.ModuleList:
+    def prepare_decode_step(self) -> list[tuple[object, str]]:
         """Fuse q/k/v and gate/up into one weight each (in place: no extra memory); return the
-        layers whose `decode` the fast path runs."""
+        pieces of the step that the fast path compiles, as (owner, method name)."""
         for layer in self.model.layers:
             fuse_linears(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
             fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
-        return self.model.layers
+        return [(self, "decode_embed"), *((layer, "decode") for layer in self.model.layers), (self, "decode_head")]
+
+    def decode_embed(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """tokens, positions (batch,) -> hidden (batch, hidden), cos/sin (batch, 1, head_dim)."""
+        hidden_states = self.model.embed_tokens(tokens)
+        cos, sin = self.model.rotary_emb(positions[:, None], hidden_states.dtype)
+        return hidden_states, cos, sin
+
+    def decode_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden) -> float32 logits (batch, vocab)."""
+        return self.lm_head(self.model.norm(hidden_states)).float()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).
@@ -262,11 +272,10 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         The arithmetic of forward() for a single token, with no Python decision that depends on
         the data, so that it can be compiled and captured once as a CUDA graph.
         """
-        hidden_states = self.model.embed_tokens(tokens)  # (batch, hidden)
-        cos, sin = self.model.rotary_emb(positions[:, None], hidden_states.dtype)  # (batch, 1, head_dim) each
+        hidden_states, cos, sin = self.decode_embed(tokens, positions)
         for layer in self.model.layers:
             hidden_states = layer.decode(hidden_states, cos, sin, *cache.layer(layer.self_attn.layer_idx))
-        return self.lm_head(self.model.norm(hidden_states))
+        return self.decode_head(hidden_states)
 
 
 class LlamaForSequenceClassification(LlamaPreTrainedModel):

@@ -28,7 +28,7 @@ from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
 from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
-from ...layers.fused import fuse_linears, fused_linear
+from ...layers.fused import decode_linear, fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary, apply_pair_rotary, complex_rotary_cos_sin
@@ -98,11 +98,13 @@ class Llama4TextExperts(nn.Module):
         """Each row of routed_in (pairs, hidden) through its own expert expert_ids (pairs,), with no
         host sync (the fast path's decode step).
 
-        On a GPU with grouped matmuls: rows sorted by expert, one grouped matmul per projection,
-        reading only the experts that have rows. Elsewhere each row's expert weights are gathered
-        (a copy per row: fine for the few rows of a decode step).
+        Up to GATHERED_ROWS rows (batch 1 to 4 of a top-1 model), and wherever grouped matmuls are
+        missing: each row's expert weights are picked by index and multiplied as a batched
+        matrix-vector product, which the compiled decode step turns into one kernel per
+        projection that reads the picked experts in place. More rows on a GPU: rows sorted by
+        expert, one grouped matmul per projection, each expert's weights read once.
         """
-        if uses_grouped_mm(routed_in):
+        if uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS:
             order = torch.argsort(expert_ids, stable=True)
             # (experts,): where each expert's rows end in the sorted order
             rows_per_expert = (expert_ids[:, None] == torch.arange(self.num_experts, device=expert_ids.device)).sum(0)
@@ -112,6 +114,11 @@ class Llama4TextExperts(nn.Module):
             return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
         gate, up = torch.bmm(routed_in[:, None, :], self.gate_up_proj[expert_ids]).chunk(2, dim=-1)  # (pairs, 1, inter)
         return torch.bmm(up * self.act_fn(gate), self.down_proj[expert_ids]).squeeze(1)  # (pairs, hidden)
+
+
+# Above this many (token, expert) rows in a decode step, grouped matmuls (each expert read once)
+# beat reading each row's expert by index (an expert read once per row that picked it).
+GATHERED_ROWS = 4
 
 
 def uses_grouped_mm(x: torch.Tensor) -> bool:
@@ -129,7 +136,12 @@ class Llama4Router(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, hidden) -> expert ids (tokens, k), their scores (tokens, k), all logits (tokens, experts)."""
         router_logits = super().forward(hidden_states)
-        top_logits, expert_ids = torch.topk(router_logits, self.top_k, dim=-1)
+        if self.top_k == 1 and torch.compiler.is_compiling():
+            # The compiled decode step: a max fuses into the kernel after the router, where topk
+            # would be a library call of its own (both pick the largest logit).
+            top_logits, expert_ids = router_logits.max(dim=-1, keepdim=True)
+        else:
+            top_logits, expert_ids = torch.topk(router_logits, self.top_k, dim=-1)
         expert_scores = torch.sigmoid(top_logits.float()).to(hidden_states.dtype)
         return expert_ids, expert_scores, router_logits
 
@@ -229,7 +241,7 @@ class Llama4TextAttention(nn.Module):
             query = (query * scale).to(query.dtype)
         attended = store_and_attend(keys, values, slot, allowed, query[:, :, None], key[:, :, None], value[:, :, None],
                                     self.scaling)  # (batch, heads * head_dim)
-        return self.o_proj(attended)
+        return decode_linear(attended, self.o_proj, "o")
 
 
 class Llama4TextDecoderLayer(nn.Module):
@@ -422,24 +434,33 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
     # --- generate()'s GPU fast path (generation/fast.py) ----------------------------------------
-    def prepare_decode_step(self) -> nn.ModuleList:
+    def prepare_decode_step(self) -> list[tuple[object, str]]:
         """Fuse q/k/v and gate/up (dense and shared-expert MLPs) into one weight each, in place;
-        return the layers whose `decode` the fast path runs."""
+        return the pieces of the step that the fast path compiles, as (owner, method name)."""
         for layer in self.model.layers:
             layer.prepare_decode()
-        return self.model.layers
+        return [(self, "decode_embed"), *((layer, "decode") for layer in self.model.layers), (self, "decode_head")]
+
+    def decode_embed(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """tokens, positions (batch,) -> hidden (batch, hidden), cos/sin (batch, 1, head_dim // 2)."""
+        hidden_states = self.model.embed_tokens(tokens)
+        cos, sin = complex_rotary_cos_sin(self.model.rotary_emb, positions[:, None])
+        return hidden_states, cos, sin
+
+    def decode_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden) -> float32 logits (batch, vocab)."""
+        return self.lm_head(self.model.norm(hidden_states)).float()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).
 
-        forward() for a single token with no host sync: routed experts by grouped matmul, the
-        chunked layers' keys in a ring (cache.update), temperature from the cache position.
+        forward() for a single token with no host sync: routed experts read by index, the
+        chunked layers' keys in a ring, temperature from the cache position.
         """
-        hidden_states = self.model.embed_tokens(tokens)  # (batch, hidden)
-        cos, sin = complex_rotary_cos_sin(self.model.rotary_emb, positions[:, None])  # (batch, 1, head_dim // 2)
+        hidden_states, cos, sin = self.decode_embed(tokens, positions)
         for layer in self.model.layers:
             hidden_states = layer.decode(hidden_states, cos, sin, *cache.layer(layer.self_attn.layer_idx), cache.cache_position)
-        return self.lm_head(self.model.norm(hidden_states))
+        return self.decode_head(hidden_states)
 
 
 __all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
@@ -675,7 +696,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     # The fast path decodes text only: images went in with the prompt (prefill).
-    def prepare_decode_step(self) -> nn.ModuleList:
+    def prepare_decode_step(self) -> list[tuple[object, str]]:
         return self.language_model.prepare_decode_step()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
