@@ -13,7 +13,6 @@ weights, so the other backends fall back to it for a call that asks for them) an
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -263,13 +262,6 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     batch, heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (batch, kv_heads, group, dim)
-    if torch.compiler.is_compiling() and os.environ.get("HERD_DECODE_ATTENTION") == "reduce":
-        # (batch, kv_heads, group, slots): the compiler's own reduction kernels, rotary fused in
-        scores = (grouped[:, :, :, None, :].float() * keys[:, :, None].float()).sum(-1) * scaling
-        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-        weights = nn.functional.softmax(scores, dim=-1)
-        output = (weights[..., None] * values[:, :, None].float()).sum(-2)  # (batch, kv_heads, group, dim)
-        return output.to(query.dtype).reshape(batch, heads * dim)
     scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scaling  # (batch, kv_heads, group, slots)
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     weights = nn.functional.softmax(scores, dim=-1).to(values.dtype)

@@ -9,8 +9,6 @@ falls back to one matmul per layer until fused again).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -56,25 +54,3 @@ def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
         return nn.functional.linear(x, weight, bias)
     return torch.cat([layer(x) for layer in linears], dim=-1)
 
-
-# --- matmuls the compiler leaves to the library ---------------------------------------------------
-@torch.library.custom_op("herd::library_linear", mutates_args=())
-def library_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T through cuBLAS, opaque to torch.compile (which would otherwise turn a
-    one-row product into its own reduction kernel)."""
-    return nn.functional.linear(x, weight)
-
-
-@library_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-LIBRARY_MATMULS = set(filter(None, os.environ.get("HERD_DECODE_LIBRARY_MATMUL", "").split(",")))
-
-
-def decode_linear(x: torch.Tensor, layer: nn.Linear, role: str) -> torch.Tensor:
-    if role not in LIBRARY_MATMULS:
-        return layer(x)
-    out = library_linear(x, layer.weight)
-    return out if layer.bias is None else out + layer.bias

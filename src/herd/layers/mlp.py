@@ -3,7 +3,7 @@ from torch import nn
 
 from . import kernels
 from .activations import get_activation
-from .fused import decode_linear, fused_linear, is_fused
+from .fused import fused_linear, is_fused
 
 
 def activation_product(gate: torch.Tensor, up: torch.Tensor, act_fn) -> torch.Tensor:
@@ -34,4 +34,4 @@ class GatedMLP(nn.Module):
         """forward() with gate and up as one matmul (once `fuse_linears(gate_proj, up_proj)` ran):
         the arithmetic the fast path's decode step compiles."""
         gate, up = fused_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)
-        return decode_linear(activation_product(gate, up, self.act_fn), self.down_proj, "down")
+        return self.down_proj(activation_product(gate, up, self.act_fn))

@@ -19,7 +19,7 @@ from torch import nn
 from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
-from ...layers.fused import decode_linear, fuse_linears, fused_linear
+from ...layers.fused import fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding, apply_rotary
@@ -122,7 +122,7 @@ class LlamaDecoderLayer(nn.Module):
         )
         query, key = apply_rotary(query, key, cos, sin)
         attended = store_and_attend(keys, values, slot, allowed, query, key, value, attn.scaling)  # (batch, heads * head_dim)
-        hidden_states = hidden_states + decode_linear(attended, attn.o_proj, "o")
+        hidden_states = hidden_states + attn.o_proj(attended)
         return hidden_states + mlp.fused_forward(self.post_attention_layernorm(hidden_states))
 
 

@@ -28,7 +28,7 @@ from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
 from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
-from ...layers.fused import decode_linear, fuse_linears, fused_linear
+from ...layers.fused import fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary, apply_pair_rotary, complex_rotary_cos_sin
@@ -241,7 +241,7 @@ class Llama4TextAttention(nn.Module):
             query = (query * scale).to(query.dtype)
         attended = store_and_attend(keys, values, slot, allowed, query[:, :, None], key[:, :, None], value[:, :, None],
                                     self.scaling)  # (batch, heads * head_dim)
-        return decode_linear(attended, self.o_proj, "o")
+        return self.o_proj(attended)
 
 
 class Llama4TextDecoderLayer(nn.Module):
