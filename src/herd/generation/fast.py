@@ -209,10 +209,16 @@ def _decode(model, masks, tokens, positions, cache_position, keys, values, windo
     move positions and cache_position on to the next token (in place: the graph's inputs)."""
     buffers = DecodeBuffers(keys, values, windows, key_real, ring_positions, ring_real)
     cache = DecodeCache(buffers, cache_position, positions, masks)
-    logits = model.decode_step(tokens, positions, cache).float()  # (batch, vocab)
+    logits = model.decode_step(tokens, positions, cache)  # (batch, vocab), float32
     positions.add_(1)
     cache_position.add_(1)
     return logits
+
+
+def compile_units(model, layers) -> list[tuple[object, str]]:
+    """The pieces of a decode step the fast path compiles, as (owner, method name): the model's
+    `decode_embed`, each layer's `decode`, the model's `decode_head`."""
+    return [(model, "decode_embed"), *((layer, "decode") for layer in layers), (model, "decode_head")]
 
 
 def fast_path_unsupported(model, config, *, past_key_values, extra_outputs: bool) -> str | None:

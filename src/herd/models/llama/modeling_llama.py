@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...cache import Cache
-from ...generation import GenerationMixin
+from ...generation import GenerationMixin, fast
 from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
 from ...layers.fused import fuse_linears, fused_linear
 from ...layers.mlp import GatedMLP
@@ -254,7 +254,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         for layer in self.model.layers:
             fuse_linears(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
             fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
-        return [(self, "decode_embed"), *((layer, "decode") for layer in self.model.layers), (self, "decode_head")]
+        return fast.compile_units(self, self.model.layers)
 
     def decode_embed(self, tokens: torch.Tensor, positions: torch.Tensor):
         """tokens, positions (batch,) -> hidden (batch, hidden), cos/sin (batch, 1, head_dim)."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...cache import Cache
-from ...generation import GenerationMixin
+from ...generation import GenerationMixin, fast
 from ...layers.activations import get_activation
 from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
 from ...layers.fused import fuse_linears, fused_linear
@@ -439,7 +439,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         return the pieces of the step that the fast path compiles, as (owner, method name)."""
         for layer in self.model.layers:
             layer.prepare_decode()
-        return [(self, "decode_embed"), *((layer, "decode") for layer in self.model.layers), (self, "decode_head")]
+        return fast.compile_units(self, self.model.layers)
 
     def decode_embed(self, tokens: torch.Tensor, positions: torch.Tensor):
         """tokens, positions (batch,) -> hidden (batch, hidden), cos/sin (batch, 1, head_dim // 2)."""
