@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import decode_attention as decode_kernels
+
 ATTENTION_BACKENDS = ("sdpa", "eager", "flex_attention")
 
 
@@ -259,6 +261,9 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     Returns (batch, heads * dim). The query heads that share a kv head are rows of one matmul, so
     grouped-query attention never copies the cache.
     """
+    attended = decode_kernels.attend(query, keys, values, allowed, scaling)
+    if attended is not None:
+        return attended
     batch, heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (batch, kv_heads, group, dim)

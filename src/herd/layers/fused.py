@@ -45,12 +45,25 @@ def fuse_linears(*linears: nn.Linear) -> None:
     setattr(linears[0], _ATTRIBUTE, (weight, bias, tuple(layer.weight.data_ptr() for layer in linears)))
 
 
-def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
-    """x (..., in) -> the layers' outputs side by side (..., sum of out features)."""
+def fused_weight(*linears: nn.Linear) -> torch.Tensor | None:
+    """The layers' weights as one (sum of out features, in) tensor, without copying: the fused
+    weight, or the one layer's own weight. None when they are not fused."""
+    if len(linears) == 1:
+        return linears[0].weight
     fused = getattr(linears[0], _ATTRIBUTE, None)
     # Inside a compiled step the check ran just before (FastDecoder.start); pointers cannot be traced.
     if fused is not None and (torch.compiler.is_compiling() or is_fused(*linears)):
-        weight, bias, _ = fused
+        return fused[0]
+    return None
+
+
+def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+    """x (..., in) -> the layers' outputs side by side (..., sum of out features)."""
+    if len(linears) == 1:
+        return linears[0](x)
+    weight = fused_weight(*linears)
+    if weight is not None:
+        bias = getattr(linears[0], _ATTRIBUTE)[1]
         return nn.functional.linear(x, weight, bias)
     return torch.cat([layer(x) for layer in linears], dim=-1)
 

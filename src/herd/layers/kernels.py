@@ -38,12 +38,16 @@ def disabled():
         _disabled_depth -= 1
 
 
+def enabled() -> bool:
+    """False inside `disabled()` or with HERD_DISABLE_FUSED_KERNELS=1 (also read by layers/gemv.py)."""
+    return _disabled_depth == 0 and not os.environ.get("HERD_DISABLE_FUSED_KERNELS")
+
+
 def _wants_compiled(args: Sequence, dynamic: Sequence[tuple[int, ...]]) -> bool:
     return (
         args[0].is_cuda
         and all(args[i].shape[dim] >= MIN_ROWS for i, dims in enumerate(dynamic) for dim in dims)
-        and _disabled_depth == 0
-        and not os.environ.get("HERD_DISABLE_FUSED_KERNELS")
+        and enabled()
         and not torch.compiler.is_compiling()
     )
 

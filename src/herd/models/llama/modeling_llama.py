@@ -19,7 +19,8 @@ from torch import nn
 from ...cache import Cache
 from ...generation import GenerationMixin, fast
 from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
-from ...layers.fused import fuse_linears, fused_linear
+from ...layers import gemv
+from ...layers.fused import fuse_linears
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding, apply_rotary
@@ -115,15 +116,16 @@ class LlamaDecoderLayer(nn.Module):
         generation/fast.py). q/k/v and gate/up each run as one matmul."""
         attn, mlp = self.self_attn, self.mlp
         batch = hidden_states.shape[0]
-        qkv = fused_linear(self.input_layernorm(hidden_states), attn.q_proj, attn.k_proj, attn.v_proj)
+        qkv = gemv.norm_linear(hidden_states, self.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj)
         # (batch, heads + 2 * kv_heads, 1, head_dim) -> query (batch, heads, 1, head_dim), key/value (batch, kv_heads, 1, head_dim)
         query, key, value = qkv.view(batch, -1, 1, attn.head_dim).split(
             [attn.num_heads, attn.num_key_value_heads, attn.num_key_value_heads], dim=1
         )
         query, key = apply_rotary(query, key, cos, sin)
         attended = store_and_attend(keys, values, slot, allowed, query, key, value, attn.scaling)  # (batch, heads * head_dim)
-        hidden_states = hidden_states + attn.o_proj(attended)
-        return hidden_states + mlp.fused_forward(self.post_attention_layernorm(hidden_states))
+        hidden_states = gemv.linear_add(attended, attn.o_proj, hidden_states)
+        activated = gemv.norm_gated_activation(hidden_states, self.post_attention_layernorm, mlp)  # (batch, intermediate)
+        return gemv.linear_add(activated, mlp.down_proj, hidden_states)
 
 
 class LlamaPreTrainedModel(PreTrainedModel):
@@ -264,7 +266,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
 
     def decode_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) -> float32 logits (batch, vocab)."""
-        return self.lm_head(self.model.norm(hidden_states)).float()
+        return gemv.norm_linear(hidden_states, self.model.norm, self.lm_head, out_dtype=torch.float32)
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).

@@ -1,0 +1,180 @@
+"""The decode step's attention over the preallocated cache as Triton kernels (flash decoding).
+
+One new query per row attends over every slot of the cache. Written as two batched matmuls and
+a softmax, that is three kernels per layer, each tiny at batch 1. Here the slots are split
+into `splits` ranges: one program per (row, kv head, range) reads its keys and values once for
+all the query heads that share them (grouped-query attention without copying the cache) and
+keeps a running softmax; a second kernel merges the ranges. With a single range the first
+kernel writes the output itself.
+
+`attend(...)` runs the kernels for CUDA tensors when Triton is installed and the head size is a
+power of two, and otherwise returns None (the caller then runs the torch arithmetic). Rounding
+follows the torch version where it matters: scores are rounded to the cache dtype before the
+scaling, as a bf16 matmul's output would be. The softmax weights are not normalised before the
+product with the values (they are divided out at the end), which moves bf16 results by a unit
+in the last place at most.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK_SLOTS = 64  # keys read per loop step
+TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the grid is this large
+
+
+def plan_splits(batch: int, kv_heads: int, slots: int) -> int:
+    """How many slot ranges: enough programs to keep the SMs reading, each at least BLOCK_SLOTS long."""
+    blocks = triton.cdiv(slots, BLOCK_SLOTS) if triton is not None else 1
+    wanted = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
+    return max(1, min(blocks, wanted))
+
+
+def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
+    dim = keys.shape[-1]
+    return (
+        triton is not None
+        and query.is_cuda
+        and kernels.enabled()
+        and dim & (dim - 1) == 0
+        and query.dtype == keys.dtype
+        and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
+
+
+def attend(query, keys, values, allowed, scaling: float):
+    """query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots)
+    -> (batch, heads * dim), or None where the kernels do not apply."""
+    if not applies(query, keys):
+        return None
+    batch, heads, _, dim = query.shape
+    return torch.ops.herd.decode_attention(query.reshape(batch, heads * dim), keys, values, allowed, scaling)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_range_kernel(
+        q_ptr,  # (batch, heads * DIM)
+        k_ptr,  # (batch, kv_heads, slots, DIM)
+        v_ptr,
+        allowed_ptr,  # (batch, slots), bool
+        out_ptr,  # (batch, heads * DIM) when SPLITS == 1
+        part_out_ptr,  # (batch, heads, SPLITS, DIM) float32: unnormalised sums of weights * values
+        part_max_ptr,  # (batch, heads, SPLITS) float32: the range's largest score
+        part_sum_ptr,  # (batch, heads, SPLITS) float32: the range's sum of exp(score - max)
+        kv_heads,
+        slots,
+        slots_per_split,
+        scaling,
+        GROUP: tl.constexpr,  # query heads per kv head
+        GROUP_PAD: tl.constexpr,  # at least 16: the rows of a tensor-core product
+        DIM: tl.constexpr,
+        SPLITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        dtype = k_ptr.dtype.element_ty
+        row_head = tl.program_id(0)  # row * kv_heads + kv head
+        split = tl.program_id(1)
+        row = row_head // kv_heads
+        kv_head = row_head % kv_heads
+        heads = kv_heads * GROUP
+
+        g = tl.arange(0, GROUP_PAD)
+        g_ok = g < GROUP
+        d = tl.arange(0, DIM)
+        q_offsets = (row * heads + kv_head * GROUP + g)[:, None] * DIM + d[None, :]
+        query = tl.load(q_ptr + q_offsets, mask=g_ok[:, None], other=0.0)  # (GROUP_PAD, DIM)
+
+        cache_base = row_head.to(tl.int64) * slots * DIM
+        start = split * slots_per_split
+        end = tl.minimum(start + slots_per_split, slots)
+        running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        running_sum = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
+        for block_start in range(start, end, BLOCK):
+            s = block_start + tl.arange(0, BLOCK)
+            s_ok = s < end
+            kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
+            key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0)  # (BLOCK, DIM)
+            scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)  # (GROUP_PAD, BLOCK)
+            scores = scores.to(dtype).to(tl.float32) * scaling
+            visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
+            scores = tl.where(visible[None, :], scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a range with nothing visible yet
+            weights = tl.exp(scores - shift[:, None])
+            rescale = tl.exp(running_max - shift)
+            running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+            value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(weights.to(dtype), value, input_precision=PRECISION)
+            running_max = new_max
+
+        head = kv_head * GROUP + g  # (GROUP_PAD,)
+        if SPLITS == 1:
+            out = acc / running_sum[:, None]
+            tl.store(out_ptr + q_offsets, out.to(dtype), mask=g_ok[:, None])
+        else:
+            part = (row * heads + head) * SPLITS + split  # (GROUP_PAD,)
+            tl.store(part_out_ptr + part[:, None] * DIM + d[None, :], acc, mask=g_ok[:, None])
+            tl.store(part_max_ptr + part, running_max, mask=g_ok)
+            tl.store(part_sum_ptr + part, running_sum, mask=g_ok)
+
+    @triton.jit
+    def _merge_ranges_kernel(
+        part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+        SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr,
+    ):  # fmt: skip
+        row_head = tl.program_id(0)  # row * heads + head
+        p = tl.arange(0, SPLITS_PAD)
+        p_ok = p < SPLITS
+        d = tl.arange(0, DIM)
+        range_max = tl.load(part_max_ptr + row_head * SPLITS + p, mask=p_ok, other=float("-inf"))
+        overall = tl.max(range_max, axis=0)
+        scale = tl.where(range_max == float("-inf"), 0.0, tl.exp(range_max - overall))  # (SPLITS_PAD,)
+        total = tl.sum(tl.load(part_sum_ptr + row_head * SPLITS + p, mask=p_ok, other=0.0) * scale, axis=0)
+        parts = tl.load(part_out_ptr + (row_head * SPLITS + p)[:, None] * DIM + d[None, :], mask=p_ok[:, None], other=0.0)
+        out = tl.sum(parts * scale[:, None], axis=0) / total  # (DIM,)
+        tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
+
+    def launch(query, keys, values, allowed, scaling: float, splits: int | None = None, wrap: bool = False):
+        """query (batch, heads * dim) -> (batch, heads * dim). `wrap` lets torch.compile place the
+        kernels in its graph; unwrapped they also run in Triton's interpreter (the CPU tests)."""
+        batch, kv_heads, slots, dim = keys.shape
+        heads = query.shape[1] // dim
+        group = heads // kv_heads
+        splits = splits or plan_splits(batch, kv_heads, slots)
+        slots_per_split = triton.cdiv(triton.cdiv(slots, splits), BLOCK_SLOTS) * BLOCK_SLOTS
+        splits = triton.cdiv(slots, slots_per_split)
+        out = torch.empty_like(query)
+        part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
+        part_max = query.new_empty((batch, heads, splits), dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        wrapped = torch.library.wrap_triton if wrap else (lambda kernel: kernel)
+        wrapped(_attend_range_kernel)[(batch * kv_heads, splits)](
+            query, keys, values, allowed, out, part_out, part_max, part_sum,
+            kv_heads, slots, slots_per_split, scaling,
+            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=BLOCK_SLOTS,
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            num_warps=4, num_stages=2,
+        )  # fmt: skip
+        if splits > 1:
+            wrapped(_merge_ranges_kernel)[(batch * heads,)](
+                part_out, part_max, part_sum, out,
+                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, num_warps=4,
+            )  # fmt: skip
+        return out
+
+    @torch.library.triton_op("herd::decode_attention", mutates_args=())
+    def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                          scaling: float) -> torch.Tensor:
+        return launch(query.contiguous(), keys, values, allowed, scaling, wrap=True)

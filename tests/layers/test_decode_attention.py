@@ -1,0 +1,99 @@
+"""layers/decode_attention.py: the split decode attention kernels against the torch arithmetic.
+
+On CPU the kernels run in Triton's interpreter (float32 and float16: it has no bfloat16 products)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd.layers import decode_attention, kernels
+from herd.layers.attention import decode_attention as attention_over_cache
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(decode_attention.triton is None, reason="needs Triton")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _case(batch, heads, kv_heads, slots, dim, dtype, seed=0, visible=0.7):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    values = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    allowed = torch.rand(batch, slots, generator=generator) < visible
+    allowed[:, 0] = True  # every query sees at least its own slot
+    to = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    return to(query), to(keys), to(values), allowed.to(DEVICE)
+
+
+def _torch_result(query, keys, values, allowed, scaling):
+    with kernels.disabled():
+        return attention_over_cache(query, keys, values, allowed, scaling)
+
+
+def _check(out, query, keys, values, allowed, scaling):
+    expected = _torch_result(query, keys, values, allowed, scaling)
+    if query.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:  # weights rounded before normalising, partial sums in float32: within a few units in the last place
+        exact = _torch_result(query.double(), keys.double(), values.double(), allowed, scaling)
+        kernel_error = (out.double() - exact).abs().max().item()
+        torch_error = (expected.double() - exact).abs().max().item()
+        assert kernel_error <= 2 * torch_error + 2e-3, (kernel_error, torch_error)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,slots,dim,splits",
+    [
+        (1, 4, 1, 64, 16, 1),  # one range: the first kernel writes the output
+        (2, 8, 2, 200, 32, 3),  # ranges of unequal fill, slots not a multiple of the block
+        (1, 5, 1, 130, 16, 2),  # a group of 5 query heads (Llama 4 Scout's 40 / 8)
+        (3, 6, 6, 64, 64, None),  # no grouping (Llama 2 7B)
+        (1, 32, 8, 256, 64, None),  # Llama-3.2-1B's heads
+        (2, 4, 2, 70, 16, 8),  # more ranges asked for than blocks exist
+    ],
+)
+def test_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
+    query, keys, values, allowed = _case(batch, heads, kv_heads, slots, dim, dtype)
+    out = decode_attention.launch(query.reshape(batch, -1).contiguous(), keys, values, allowed, dim**-0.5, splits=splits)
+    assert out.shape == (batch, heads * dim)
+    _check(out, query, keys, values, allowed, dim**-0.5)
+
+
+@needs_triton
+def test_a_range_with_nothing_visible_does_not_poison_the_merge():
+    """Only the first slots are visible: the later ranges hold no allowed key at all."""
+    query, keys, values, allowed = _case(1, 4, 2, 256, 16, torch.float32)
+    allowed[:, 10:] = False
+    out = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, 0.25, splits=4)
+    assert torch.isfinite(out).all()
+    _check(out, query, keys, values, allowed, 0.25)
+
+
+@needs_triton
+def test_masked_slots_are_ignored_whatever_they_hold():
+    query, keys, values, allowed = _case(1, 4, 2, 128, 16, torch.float32)
+    expected = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, 0.25)
+    keys[:, :, ~allowed[0]] = 1e4
+    values[:, :, ~allowed[0]] = -1e4
+    out = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, 0.25)
+    torch.testing.assert_close(out, expected)
+
+
+@needs_triton
+def test_plan_splits():
+    assert decode_attention.plan_splits(1, 8, 256) == 4  # bounded by the blocks of 64 slots
+    assert decode_attention.plan_splits(1, 8, 8192) == 16  # about one program per SM
+    assert decode_attention.plan_splits(64, 8, 8192) == 1  # the batch fills the GPU already
+    assert decode_attention.plan_splits(1, 8, 10) == 1
+
+
+def test_applies():
+    query, keys, _, _ = _case(1, 4, 2, 64, 16, torch.float32)
+    assert decode_attention.applies(query, keys) == (decode_attention.triton is not None and DEVICE == "cuda")
+    odd = torch.zeros(1, 2, 64, 24, device=DEVICE)
+    assert not decode_attention.applies(torch.zeros(1, 4, 1, 24, device=DEVICE), odd)  # head size not a power of two
+    with kernels.disabled():
+        assert not decode_attention.applies(query, keys)

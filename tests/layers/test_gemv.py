@@ -1,0 +1,169 @@
+"""layers/gemv.py: the few-row matmul kernel against the torch arithmetic it replaces.
+
+On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), on a GPU
+compiled; the public functions' torch fallback is checked on CPU tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from herd.layers import gemv, kernels
+from herd.layers.fused import fuse_linears
+from herd.layers.mlp import GatedMLP
+from herd.layers.norm import RMSNorm, rms_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(gemv.triton is None, reason="needs Triton")
+SMALL_CONFIG = (8, 32, 4, 1)
+# Triton's interpreter has no bfloat16 arithmetic of its own (NumPy has none): bf16 on the GPU only
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # several programs and loop steps even at these small widths
+
+
+def _inputs(rows, out_features, in_features, dtype, gated=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=generator).to(DEVICE, dtype)
+    norm_weight = (1 + 0.2 * torch.randn(in_features, generator=generator)).to(DEVICE, dtype)
+    weight = (torch.randn(out_features * (2 if gated else 1), in_features, generator=generator) / in_features**0.5).to(DEVICE, dtype)
+    residual = torch.randn(rows, out_features, generator=generator).to(DEVICE, dtype)
+    return x, norm_weight, weight, residual
+
+
+def _close(actual, expected, dtype, exact=None):
+    """float32: equal to rounding. 16-bit: summation order differs from the library matmul, so compare
+    errors: the kernel's largest distance from the float64 result (`exact`) stays within twice
+    torch's own (`expected`'s)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        return
+    exact = exact.double()
+    kernel_error = (actual.double() - exact).abs().max().item()
+    torch_error = (expected.double() - exact).abs().max().item()
+    assert kernel_error <= 2 * torch_error + 1e-3, (kernel_error, torch_error)
+
+
+def _f64(*tensors):
+    return [t.double() for t in tensors]
+
+
+SHAPES = [(1, 24, 40), (2, 64, 128), (3, 33, 300), (4, 40, 96)]  # rows, out, in: tails in both dimensions
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
+class TestKernel:
+    def test_norm_then_linear(self, dtype, rows, out_features, in_features):
+        x, norm_weight, weight, _ = _inputs(rows, out_features, in_features, dtype)
+        out = gemv.launch(x, weight, x.new_empty(rows, out_features), norm_weight=norm_weight, eps=1e-5, config=SMALL_CONFIG)
+        reference = lambda x, norm_weight, weight: nn.functional.linear(rms_norm(x, norm_weight, 1e-5), weight)  # noqa: E731
+        _close(out, reference(x, norm_weight, weight), dtype, reference(*_f64(x, norm_weight, weight)))
+
+    def test_float32_output(self, dtype, rows, out_features, in_features):
+        x, norm_weight, weight, _ = _inputs(rows, out_features, in_features, dtype)
+        out = gemv.launch(x, weight, x.new_empty(rows, out_features, dtype=torch.float32), norm_weight=norm_weight,
+                          eps=1e-6, config=SMALL_CONFIG)
+        assert out.dtype == torch.float32
+        reference = lambda x, norm_weight, weight: nn.functional.linear(rms_norm(x, norm_weight, 1e-6), weight)  # noqa: E731
+        _close(out, reference(x, norm_weight, weight).float(), dtype, reference(*_f64(x, norm_weight, weight)))
+
+    def test_norm_then_swiglu(self, dtype, rows, out_features, in_features):
+        x, norm_weight, weight, _ = _inputs(rows, out_features, in_features, dtype, gated=True)
+        out = gemv.launch(x, weight, x.new_empty(rows, out_features), norm_weight=norm_weight, eps=1e-5, gated=True,
+                          config=SMALL_CONFIG)
+        def reference(x, norm_weight, weight):
+            gate, up = nn.functional.linear(rms_norm(x, norm_weight, 1e-5), weight).chunk(2, dim=-1)
+            return nn.functional.silu(gate) * up
+
+        _close(out, reference(x, norm_weight, weight), dtype, reference(*_f64(x, norm_weight, weight)))
+
+    def test_linear_plus_residual(self, dtype, rows, out_features, in_features):
+        x, _, weight, residual = _inputs(rows, out_features, in_features, dtype)
+        out = gemv.launch(x, weight, torch.empty_like(residual), residual=residual, config=SMALL_CONFIG)
+        reference = lambda x, weight, residual: residual + nn.functional.linear(x, weight)  # noqa: E731
+        _close(out, reference(x, weight, residual), dtype, reference(*_f64(x, weight, residual)))
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [(2, 16, 1, 1), (4, 64, 2, 2), (16, 128, 4, 3), None])
+def test_every_configuration_computes_the_same(config):
+    x, norm_weight, weight, _ = _inputs(2, 70, 200, torch.float32, gated=True)
+    out = gemv.launch(x, weight, x.new_empty(2, 70), norm_weight=norm_weight, eps=1e-5, gated=True, config=config)
+    gate, up = nn.functional.linear(rms_norm(x, norm_weight, 1e-5), weight).chunk(2, dim=-1)
+    _close(out, nn.functional.silu(gate) * up, torch.float32)
+
+
+def test_default_configuration_is_valid():
+    for out_features, in_features in [(3072, 2048), (128256, 4096), (14336, 4096), (4096, 14336), (5, 3)]:
+        for gated in (False, True):
+            block_n, block_k, warps, stages = gemv._config(out_features, in_features, gated)
+            for power_of_two in (block_n, block_k, warps):
+                assert power_of_two & (power_of_two - 1) == 0
+            assert stages >= 1
+
+
+def _layers(bias=False, act="silu"):
+    torch.manual_seed(0)
+    norm = RMSNorm(32, eps=1e-5)
+    nn.init.normal_(norm.weight, 1.0, 0.2)
+    q, k, v = nn.Linear(32, 32, bias=bias), nn.Linear(32, 16, bias=bias), nn.Linear(32, 16, bias=bias)
+    mlp = GatedMLP(32, 48, act, bias=bias)
+    fuse_linears(q, k, v)
+    fuse_linears(mlp.gate_proj, mlp.up_proj)
+    return norm, (q, k, v), mlp
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_public_functions_compute_the_layers(bias):
+    """Kernel or not (CPU tensors take the torch arithmetic), the functions compute what the layers do."""
+    norm, qkv, mlp = _layers(bias)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gemv.norm_linear(x, norm, *qkv), torch.cat([layer(norm(x)) for layer in qkv], -1))
+        logits = gemv.norm_linear(x, norm, qkv[0], out_dtype=torch.float32)
+        torch.testing.assert_close(logits, qkv[0](norm(x)).float())
+        expected = nn.functional.silu(mlp.gate_proj(norm(x))) * mlp.up_proj(norm(x))
+        torch.testing.assert_close(gemv.norm_gated_activation(x, norm, mlp), expected)
+        residual = torch.randn(3, 32)
+        torch.testing.assert_close(gemv.linear_add(expected, mlp.down_proj, residual), residual + mlp.down_proj(expected))
+
+
+def test_kernel_applies_only_where_it_can():
+    norm, qkv, mlp = _layers()
+    x = torch.randn(2, 32)
+    assert not gemv._kernel_applies(x, norm, *qkv)  # CPU tensors: torch
+    if gemv.triton is None or not torch.cuda.is_available():
+        return
+    norm, mlp = norm.cuda(), mlp.cuda()
+    x = x.cuda()
+    assert gemv._kernel_applies(x, norm, mlp.gate_proj, mlp.up_proj)
+    assert not gemv._kernel_applies(torch.randn(gemv.MAX_ROWS + 1, 32, device="cuda"), norm, mlp.down_proj)
+    assert not gemv._kernel_applies(x.half(), norm, mlp.down_proj)  # dtypes disagree
+    with kernels.disabled():
+        assert not gemv._kernel_applies(x, norm, mlp.down_proj)
+    biased = nn.Linear(32, 32).cuda()
+    assert not gemv._kernel_applies(x, None, biased)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or gemv.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_ops_match_eager_on_gpu(dtype):
+    """The ops inside torch.compile (how the decode step runs them) equal the torch arithmetic."""
+    norm, qkv, mlp = _layers()
+    norm, mlp = norm.to("cuda", dtype), mlp.to("cuda", dtype)
+    fuse_linears(mlp.gate_proj, mlp.up_proj)
+    x = torch.randn(2, 32, device="cuda", dtype=dtype)
+
+    def block(x):
+        activated = gemv.norm_gated_activation(x, norm, mlp)
+        return gemv.linear_add(activated, mlp.down_proj, x)
+
+    with torch.no_grad():
+        compiled = torch.compile(block, fullgraph=True)(x)
+        with kernels.disabled():
+            expected = block(x)
+    if dtype == torch.float32:
+        _close(compiled, expected, dtype)
+    else:
+        torch.testing.assert_close(compiled, expected, rtol=2**-6, atol=2**-6)
