@@ -27,9 +27,9 @@ ARCHS = {  # hidden, intermediate, heads, kv heads, head dim, vocab, layers
     "llama3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32),
     "llama4-scout": (5120, 8192, 40, 8, 128, 202048, 8),
 }
-TILES = [(2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (16, 128), (16, 256), (32, 128)]
-WARPS = [2, 4, 8]
-STAGES = [1, 2, 3]
+TILES = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (2, 2048), (2, 4096), (4, 512), (4, 1024), (4, 2048), (8, 512)]
+WARPS = [4, 8, 16]
+STAGES = [1]
 
 
 def projections(arch: str):
@@ -44,7 +44,7 @@ def projections(arch: str):
 def time_config(x, weights, outs, norm_weight, residual, mode, config, reps=20) -> float:
     def step():
         for weight, out in zip(weights, outs):
-            gemv.launch(x, weight, out, norm_weight=norm_weight if mode != "residual" else None, eps=1e-5,
+            gemv.launch(x, weight, out, norm_weight=norm_weight if mode in ("norm", "gated") else None, eps=1e-5,
                         residual=residual if mode == "residual" else None, gated=mode == "gated", config=config)
 
     step()  # compile
