@@ -33,6 +33,7 @@ STAGES = [1]
 
 
 def projections(arch: str):
+    """(name, out features, in features, mode, layers): mode says what the kernel fuses."""
     hidden, inter, heads, kv_heads, dim, vocab, layers = ARCHS[arch]
     yield "qkv", (heads + 2 * kv_heads) * dim, hidden, "norm", layers
     yield "o", hidden, heads * dim, "residual", layers
@@ -41,11 +42,26 @@ def projections(arch: str):
     yield "head", vocab, hidden, "head", 1
 
 
-def time_config(x, weights, outs, norm_weight, residual, mode, config, reps=20) -> float:
+def launch_arguments(mode: str, rows: int, out_features: int, in_features: int, copies: int, dtype=torch.bfloat16):
+    """Weights (distinct copies, so that they come from HBM), outputs and keyword arguments for gemv.launch."""
+    weight_rows = out_features * (2 if mode == "gated" else 1)
+    weights = [torch.randn(weight_rows, in_features, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+    outs = [torch.empty(rows, out_features, device="cuda", dtype=torch.float32 if mode == "head" else dtype)
+            for _ in range(copies)]
+    x = torch.randn(rows, in_features, device="cuda", dtype=dtype)
+    kwargs = {"gated": mode == "gated"}
+    if mode in ("norm", "gated", "head"):
+        kwargs.update(norm_weight=torch.randn(in_features, device="cuda", dtype=dtype), eps=1e-5)
+    if mode == "residual":
+        kwargs["residual"] = torch.randn(rows, out_features, device="cuda", dtype=dtype)
+    return x, weights, outs, kwargs, weight_rows * in_features * 2
+
+
+def time_config(x, weights, outs, kwargs, config, reps=20) -> float:
+    """Microseconds per launch, one launch per weight copy, replayed from a CUDA graph."""
     def step():
         for weight, out in zip(weights, outs):
-            gemv.launch(x, weight, out, norm_weight=norm_weight if mode in ("norm", "gated") else None, eps=1e-5,
-                        residual=residual if mode == "residual" else None, gated=mode == "gated", config=config)
+            gemv.launch(x, weight, out, config=config, **kwargs)
 
     step()  # compile
     torch.cuda.synchronize()
@@ -59,7 +75,26 @@ def time_config(x, weights, outs, norm_weight, residual, mode, config, reps=20) 
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / len(weights) * 1e3  # us per launch
+    return start.elapsed_time(end) / reps / len(weights) * 1e3
+
+
+def sweep(label: str, mode: str, rows: int, out_features: int, in_features: int, copies: int, configs, top: int):
+    x, weights, outs, kwargs, nbytes = launch_arguments(mode, rows, out_features, in_features, copies)
+    results = []
+    for config in configs:
+        try:
+            results.append((time_config(x, weights, outs, kwargs, config), config))
+        except Exception as error:  # a configuration the compiler refuses (registers, shared memory)
+            print(f"  {config}: {type(error).__name__}")
+    results.sort()
+    chosen = gemv._config(out_features, in_features, mode == "gated")
+    chosen_us = next((us for us, config in results if config == chosen), float("nan"))
+    print(f"{label} ({mode}, {out_features}x{in_features}, {nbytes / 1e6:.1f} MB, rows {rows}): "
+          f"default {chosen} {chosen_us:.1f} us = {nbytes / chosen_us / 1e3:.0f} GB/s", flush=True)
+    for us, config in results[:top]:
+        print(f"    {config}: {us:.1f} us = {nbytes / us / 1e3:.0f} GB/s")
+    del weights, outs
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -69,38 +104,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=6)
     args = parser.parse_args()
     torch.manual_seed(0)
-    dtype = torch.bfloat16
+    configs = list(itertools.product(TILES, WARPS, STAGES))
+    configs = [(block_n, block_k, warps, stages) for (block_n, block_k), warps, stages in configs]
     for arch in args.archs.split(","):
         for name, out_features, in_features, mode, layers in projections(arch):
-            copies = max(layers, -(-400_000_000 // (out_features * in_features * 2)))  # over 50 MB of L2
-            copies = min(copies, 64)
-            weight_rows = out_features * (2 if mode == "gated" else 1)
-            weights = [torch.randn(weight_rows, in_features, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
-            out_dtype = torch.float32 if mode == "head" else dtype
-            outs = [torch.empty(args.rows, out_features, device="cuda", dtype=out_dtype) for _ in range(copies)]
-            x = torch.randn(args.rows, in_features, device="cuda", dtype=dtype)
-            norm_weight = torch.randn(in_features, device="cuda", dtype=dtype)
-            residual = torch.randn(args.rows, out_features, device="cuda", dtype=dtype)
-            kind = "gated" if mode == "gated" else ("norm" if mode in ("norm", "head") else "residual")
-            nbytes = weight_rows * in_features * 2
-            results = []
-            for (block_n, block_k), warps, stages in itertools.product(TILES, WARPS, STAGES):
-                config = (block_n, block_k, warps, stages)
-                try:
-                    us = time_config(x, weights, outs, norm_weight, residual, kind, config)
-                except Exception as error:  # a configuration the compiler refuses (registers, shared memory)
-                    print(f"  {config}: {type(error).__name__}")
-                    continue
-                results.append((us, config))
-            results.sort()
-            chosen = gemv._config(out_features, in_features, mode == "gated")
-            chosen_us = next((us for us, config in results if config == chosen), float("nan"))
-            print(f"{arch} {name} ({weight_rows}x{in_features}, {nbytes / 1e6:.1f} MB, rows {args.rows}): "
-                  f"default {chosen} {chosen_us:.1f} us = {nbytes / chosen_us / 1e3:.0f} GB/s")
-            for us, config in results[: args.top]:
-                print(f"    {config}: {us:.1f} us = {nbytes / us / 1e3:.0f} GB/s")
-            del weights, outs
-            torch.cuda.empty_cache()
+            copies = min(64, max(layers, -(-400_000_000 // (out_features * in_features * 2))))  # over 50 MB of L2
+            sweep(f"{arch} {name}", mode, args.rows, out_features, in_features, copies, configs, args.top)
 
 
 if __name__ == "__main__":

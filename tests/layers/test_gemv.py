@@ -123,10 +123,9 @@ def test_public_functions_compute_the_layers(bias):
         torch.testing.assert_close(gemv.norm_linear(x, norm, *qkv), torch.cat([layer(norm(x)) for layer in qkv], -1))
         logits = gemv.norm_linear(x, norm, qkv[0], out_dtype=torch.float32)
         torch.testing.assert_close(logits, qkv[0](norm(x)).float())
-        expected = nn.functional.silu(mlp.gate_proj(norm(x))) * mlp.up_proj(norm(x))
-        torch.testing.assert_close(gemv.norm_gated_activation(x, norm, mlp), expected)
-        residual = torch.randn(3, 32)
-        torch.testing.assert_close(gemv.linear_add(expected, mlp.down_proj, residual), residual + mlp.down_proj(expected))
+        torch.testing.assert_close(gemv.norm_mlp_add(x, norm, mlp), x + mlp(norm(x)))
+        residual = torch.randn(3, 48)
+        torch.testing.assert_close(gemv.linear_add(x, mlp.gate_proj, residual), residual + mlp.gate_proj(x))
 
 
 def test_kernel_applies_only_where_it_can():
@@ -156,8 +155,7 @@ def test_compiled_ops_match_eager_on_gpu(dtype):
     x = torch.randn(2, 32, device="cuda", dtype=dtype)
 
     def block(x):
-        activated = gemv.norm_gated_activation(x, norm, mlp)
-        return gemv.linear_add(activated, mlp.down_proj, x)
+        return gemv.norm_mlp_add(x, norm, mlp)
 
     with torch.no_grad():
         compiled = torch.compile(block, fullgraph=True)(x)

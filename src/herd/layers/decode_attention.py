@@ -105,9 +105,9 @@ if triton is not None:
             s = block_start + tl.arange(0, BLOCK)
             s_ok = s < end
             kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
-            key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0)  # (BLOCK, DIM)
+            key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")  # (BLOCK, DIM)
             scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)  # (GROUP_PAD, BLOCK)
-            scores = scores.to(dtype).to(tl.float32) * scaling
+            scores = (scores.to(dtype).to(tl.float32) * scaling).to(tl.float32)  # compile passes floats as float64
             visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
             scores = tl.where(visible[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -115,7 +115,7 @@ if triton is not None:
             weights = tl.exp(scores - shift[:, None])
             rescale = tl.exp(running_max - shift)
             running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-            value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0)
+            value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
             acc = acc * rescale[:, None] + tl.dot(weights.to(dtype), value, input_precision=PRECISION)
             running_max = new_max
 

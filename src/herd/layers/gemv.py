@@ -64,14 +64,20 @@ def norm_linear(x: torch.Tensor, norm: RMSNorm, *linears: nn.Linear, out_dtype: 
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def norm_gated_activation(x: torch.Tensor, norm: RMSNorm, mlp: GatedMLP) -> torch.Tensor:
-    """x (rows, hidden) -> act(gate(n)) * up(n), n = norm(x): (rows, intermediate), what the MLP's
-    down projection reads. One kernel for SiLU (every Llama)."""
+def norm_mlp_add(x: torch.Tensor, norm: RMSNorm, mlp: GatedMLP) -> torch.Tensor:
+    """x + mlp(norm(x)) for x (rows, hidden): two kernels for SiLU (every Llama), the SwiGLU product
+    formed in gate/up's (measured against forming it in down's from gate/up's output: equal within
+    1 us at the 8B's widths; bench/gemv_sweep.py)."""
     weight = fused_weight(mlp.gate_proj, mlp.up_proj)
-    if weight is not None and mlp.act_fn is nn.functional.silu and _kernel_applies(x, norm, mlp.gate_proj, mlp.up_proj):
-        return torch.ops.herd.norm_swiglu(x, norm.weight, norm.eps, weight)
+    if weight is not None and mlp.act_fn is nn.functional.silu and _kernel_applies(x, norm, *mlp_linears(mlp)):
+        activated = torch.ops.herd.norm_swiglu(x, norm.weight, norm.eps, weight)  # (rows, intermediate)
+        return torch.ops.herd.linear_add(activated, mlp.down_proj.weight, x)
     gate, up = fused_linear(rms_norm(x, norm.weight, norm.eps), mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
-    return activation_product(gate, up, mlp.act_fn)
+    return x + mlp.down_proj(activation_product(gate, up, mlp.act_fn))
+
+
+def mlp_linears(mlp: GatedMLP) -> tuple[nn.Linear, ...]:
+    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
 
 def linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
@@ -89,9 +95,10 @@ def _config(out_features: int, in_features: int, gated: bool) -> tuple[int, int,
 
     Measured on an H100 with bench/gemv_sweep.py at the Llama widths (1B to 70B, Scout): enough
     programs to keep every SM's loads in flight, rows long enough to read in wide vectors."""
-    block_k = 512 if in_features >= 4096 else 256
-    block_n = 4 if gated else 8
-    return block_n, block_k, 4, 2
+    if triton is None:
+        return 4, 1024, 4, 1
+    block_k = min(1024, triton.next_power_of_2(in_features))
+    return (2 if gated or out_features <= 2048 else 4), block_k, 4, 1
 
 
 if triton is not None:
@@ -126,10 +133,12 @@ if triton is not None:
             square_sums = tl.zeros((ROWS, BLOCK_K), tl.float32)
             for start in range(0, K, BLOCK_K):
                 k = start + cols
-                xv = tl.load(x_ptr + r[:, None] * K + k[None, :], mask=r_ok[:, None] & (k < K)[None, :], other=0.0)
+                xv = tl.load(x_ptr + r[:, None] * K + k[None, :], mask=r_ok[:, None] & (k < K)[None, :], other=0.0,
+                             eviction_policy="evict_last")
                 xf = xv.to(tl.float32)
                 square_sums += xf * xf
-            inv_rms = tl.rsqrt(tl.sum(square_sums, axis=1) / K + eps)  # (ROWS,)
+            # (ROWS,); the cast: torch.compile passes Python floats as float64
+            inv_rms = tl.rsqrt((tl.sum(square_sums, axis=1) / K + eps).to(tl.float32))
 
         # per-column products summed once at the end: (ROWS, BLOCK_N, BLOCK_K)
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), tl.float32)
@@ -138,17 +147,20 @@ if triton is not None:
         for start in range(0, K, BLOCK_K):
             k = start + cols
             k_ok = k < K
-            xv = tl.load(x_ptr + r[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            # x and the norm's weight are read by every program: kept in L2; the weight streams through
+            xv = tl.load(x_ptr + r[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0,
+                         eviction_policy="evict_last")
             if NORM:
-                norm_w = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                norm_w = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
                 xv = (xv.to(tl.float32) * inv_rms[:, None]).to(dtype)
                 xv = (xv.to(tl.float32) * norm_w[None, :]).to(dtype)
             xf = xv.to(tl.float32)[:, None, :]
             w_mask = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
+            w = tl.load(w_ptr + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
             acc += xf * w.to(tl.float32)[None, :, :]
             if GATED:
-                w_up = tl.load(w_ptr + N * K + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
+                w_up = tl.load(w_ptr + N * K + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0,
+                               eviction_policy="evict_first")
                 acc_up += xf * w_up.to(tl.float32)[None, :, :]
 
         y = tl.sum(acc, axis=2).to(dtype).to(tl.float32)  # (ROWS, BLOCK_N), rounded as the matmul's output
@@ -166,7 +178,7 @@ if triton is not None:
         """out (rows, N) from x (rows, K) and weight ((2 if gated else 1) * N, K). `wrap` lets
         torch.compile place the kernel in its graph (and so in the CUDA graph); unwrapped, it also
         runs in Triton's interpreter (the CPU tests use that)."""
-        rows, in_features = x.shape
+        rows, in_features = x.shape[0], weight.shape[1]
         out_features = out.shape[1]
         block_n, block_k, warps, stages = config or _config(out_features, in_features, gated)
         kernel = torch.library.wrap_triton(_few_row_linear_kernel) if wrap else _few_row_linear_kernel

@@ -124,8 +124,7 @@ class LlamaDecoderLayer(nn.Module):
         query, key = apply_rotary(query, key, cos, sin)
         attended = store_and_attend(keys, values, slot, allowed, query, key, value, attn.scaling)  # (batch, heads * head_dim)
         hidden_states = gemv.linear_add(attended, attn.o_proj, hidden_states)
-        activated = gemv.norm_gated_activation(hidden_states, self.post_attention_layernorm, mlp)  # (batch, intermediate)
-        return gemv.linear_add(activated, mlp.down_proj, hidden_states)
+        return gemv.norm_mlp_add(hidden_states, self.post_attention_layernorm, mlp)
 
 
 class LlamaPreTrainedModel(PreTrainedModel):
