@@ -323,15 +323,18 @@ class FastDecoder:
         layers of one structure share the compiled code (their weights are inputs, not
         constants), so compile time does not grow with depth.
 
-        Coordinate-descent tuning is what makes inductor decompose one-row matmuls into its own
-        reductions (matrix-vector products at full bandwidth, with the norm before them and the
-        residual add or activation after them fused in, and routed experts read by index in
-        place); HERD_FAST_PATH_NO_TUNING=1 leaves them to cuBLAS and compiles faster.
+        At batch 1 to 4, Llama's projections run layers/gemv.py's kernels. Elsewhere (larger batches,
+        Llama 4's layers) coordinate-descent tuning is what makes inductor decompose one-row
+        matmuls into its own reductions (with the norm before them and the residual add or
+        activation after them fused in, and routed experts read by index in place);
+        HERD_FAST_PATH_NO_TUNING=1 leaves them to cuBLAS and compiles faster.
         """
         # Each (model shape, dtype, batch size, layer kind) adds an entry to the shared code's
         # cache; dynamo's default limit of 8 is soon reached by a process that runs a few models.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        options = {"coordinate_descent_tuning": not os.environ.get("HERD_FAST_PATH_NO_TUNING")}
+        # combo_kernels: the small independent kernels of a layer (rotary of q, rotary + cache
+        # write of k, cache write of v) launch as one
+        options = {"coordinate_descent_tuning": not os.environ.get("HERD_FAST_PATH_NO_TUNING"), "combo_kernels": True}
         for owner, name in units:
             if name not in owner.__dict__:  # not compiled yet
                 setattr(owner, name, torch.compile(getattr(owner, name), fullgraph=True, dynamic=False, options=options))
