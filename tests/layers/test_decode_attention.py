@@ -52,7 +52,8 @@ def _check(out, query, keys, values, allowed, scaling):
         (1, 5, 1, 130, 16, 2),  # a group of 5 query heads (Llama 4 Scout's 40 / 8)
         (3, 6, 6, 64, 64, None),  # no grouping (Llama 2 7B)
         (1, 32, 8, 256, 64, None),  # Llama-3.2-1B's heads
-        (2, 4, 2, 70, 16, 8),  # more ranges asked for than blocks exist
+        (2, 4, 2, 70, 16, 8),  # more ranges than blocks: the later ranges are empty
+        (1, 8, 2, 300, 16, None),  # the default plan: 64 ranges, most of them empty
     ],
 )
 def test_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
@@ -84,10 +85,9 @@ def test_masked_slots_are_ignored_whatever_they_hold():
 
 @needs_triton
 def test_plan_splits():
-    assert decode_attention.plan_splits(1, 8, 256) == 4  # bounded by the blocks of 64 slots
-    assert decode_attention.plan_splits(1, 8, 8192) == 16  # about one program per SM
-    assert decode_attention.plan_splits(64, 8, 8192) == 1  # the batch fills the GPU already
-    assert decode_attention.plan_splits(1, 8, 10) == 1
+    assert decode_attention.plan_splits(1, 8) == 16  # about one program per SM
+    assert decode_attention.plan_splits(4, 8) == 4
+    assert decode_attention.plan_splits(64, 8) == 1  # the batch fills the GPU already
 
 
 def test_applies():
@@ -95,5 +95,7 @@ def test_applies():
     assert decode_attention.applies(query, keys) == (decode_attention.triton is not None and DEVICE == "cuda")
     odd = torch.zeros(1, 2, 64, 24, device=DEVICE)
     assert not decode_attention.applies(torch.zeros(1, 4, 1, 24, device=DEVICE), odd)  # head size not a power of two
+    small = torch.zeros(1, 2, 64, 8, device=DEVICE)
+    assert not decode_attention.applies(torch.zeros(1, 4, 1, 8, device=DEVICE), small)  # below the products' 16
     with kernels.disabled():
         assert not decode_attention.applies(query, keys)

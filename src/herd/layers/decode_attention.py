@@ -31,11 +31,11 @@ BLOCK_SLOTS = 64  # keys read per loop step
 TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the grid is this large
 
 
-def plan_splits(batch: int, kv_heads: int, slots: int) -> int:
-    """How many slot ranges: enough programs to keep the SMs reading, each at least BLOCK_SLOTS long."""
-    blocks = triton.cdiv(slots, BLOCK_SLOTS) if triton is not None else 1
-    wanted = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
-    return max(1, min(blocks, wanted))
+def plan_splits(batch: int, kv_heads: int) -> int:
+    """How many slot ranges: enough programs to keep the SMs reading. It does not depend on the
+    number of slots, so that a longer cache (the next length bucket) reuses the compiled step;
+    ranges past the filled slots are empty and cost a launch of a program that exits."""
+    return max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
 
 
 def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -45,6 +45,7 @@ def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
         and query.is_cuda
         and kernels.enabled()
         and dim & (dim - 1) == 0
+        and dim >= 16  # the tensor-core products need 16 along the reduced dimension
         and query.dtype == keys.dtype
         and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
@@ -152,9 +153,8 @@ if triton is not None:
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
         group = heads // kv_heads
-        splits = splits or plan_splits(batch, kv_heads, slots)
-        slots_per_split = triton.cdiv(triton.cdiv(slots, splits), BLOCK_SLOTS) * BLOCK_SLOTS
-        splits = triton.cdiv(slots, slots_per_split)
+        splits = splits or plan_splits(batch, kv_heads)
+        slots_per_split = (slots + splits * BLOCK_SLOTS - 1) // (splits * BLOCK_SLOTS) * BLOCK_SLOTS
         out = torch.empty_like(query)
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
         part_max = query.new_empty((batch, heads, splits), dtype=torch.float32)
