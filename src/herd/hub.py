@@ -67,3 +67,15 @@ def resolve(
         folder = snapshot_download(**kwargs, token=token)
     folder = Path(folder)
     return folder / subfolder if subfolder else folder
+
+
+def save_folder(save_directory: str | os.PathLike, kwargs: dict) -> Path:
+    """The folder a save_pretrained() writes into, created if needed; refuses push_to_hub
+    (popped from kwargs) and a path that is a file."""
+    if kwargs.pop("push_to_hub", False):
+        raise NotImplementedError("herd does not push to the Hub; upload the saved folder with huggingface_hub")
+    folder = Path(save_directory)
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; save_pretrained needs a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

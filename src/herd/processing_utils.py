@@ -285,12 +285,7 @@ class ProcessorMixin:
         processor_config.json holds the image processor settings under "image_processor";
         transformers' AutoProcessor and herd's from_pretrained both read it.
         """
-        if kwargs.pop("push_to_hub", False):
-            raise NotImplementedError("herd does not push to the Hub; upload the saved folder with huggingface_hub")
-        folder = Path(save_directory)
-        if folder.is_file():
-            raise ValueError(f"{folder} is a file; save_pretrained needs a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = hub.save_folder(save_directory, kwargs)
         self.tokenizer.save_pretrained(folder)
         written = []
         templates = self.chat_template

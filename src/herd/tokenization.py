@@ -1833,16 +1833,12 @@ class PreTrainedTokenizerFast:
         self, save_directory: str | os.PathLike, filename_prefix: str | None = None, **kwargs: Any
     ) -> tuple[str, ...]:
         """Write tokenizer.json, tokenizer_config.json and the chat template(s) (chat_template.jinja)."""
-        if kwargs.pop("push_to_hub", False):
-            raise NotImplementedError("herd does not push to the Hub; upload the saved folder with huggingface_hub")
         kwargs.pop("legacy_format", None)
         kwargs.pop("save_jinja_files", None)
-        if kwargs:
-            raise TypeError(f"save_pretrained() got unexpected arguments {sorted(kwargs)}")
-        folder = Path(save_directory)
-        if folder.is_file():
-            raise ValueError(f"{folder} is a file; save_pretrained needs a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        unexpected = sorted(set(kwargs) - {"push_to_hub"})
+        if unexpected:
+            raise TypeError(f"save_pretrained() got unexpected arguments {unexpected}")
+        folder = hub.save_folder(save_directory, kwargs)
         prefix = f"{filename_prefix}-" if filename_prefix else ""
         config_path = folder / f"{prefix}{TOKENIZER_CONFIG_FILE}"
         config_text = json.dumps(self._config_to_save(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -604,12 +604,7 @@ class MllamaImageProcessor:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         """Write preprocessor_config.json into `save_directory` (created if needed)."""
-        if kwargs.pop("push_to_hub", False):
-            raise NotImplementedError("herd does not push to the Hub; upload the saved folder with huggingface_hub")
-        folder = Path(save_directory)
-        if folder.is_file():
-            raise ValueError(f"{folder} is a file; save_pretrained needs a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = hub.save_folder(save_directory, kwargs)
         path = folder / IMAGE_PROCESSOR_FILE
         path.write_text(self.to_json_string(), encoding="utf-8")
         return [str(path)]
