@@ -4,7 +4,7 @@
 
 For each projection (q/k/v with the norm, gate/up with the norm and SwiGLU, o and down with the
 residual, the head) it times every configuration (rows of the weight per program, columns per
-step, warps, stages) the way a decode step meets it: one launch per layer over as many distinct
+step, the first read's width, warps) the way a decode step meets it: one launch per layer over as many distinct
 weight copies as the model has layers, captured in a CUDA graph, so the weights come from HBM
 and not from L2. Prints GB/s per configuration (best first) and the one `_config` picks today.
 """
@@ -27,9 +27,21 @@ ARCHS = {  # hidden, intermediate, heads, kv heads, head dim, vocab, layers
     "llama3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32),
     "llama4-scout": (5120, 8192, 40, 8, 128, 202048, 8),
 }
-TILES = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (2, 2048), (2, 4096), (4, 512), (4, 1024), (4, 2048), (8, 512)]
-WARPS = [4, 8, 16]
-STAGES = [1]
+BLOCK_N = [1, 2, 4]
+BLOCK_K = [512, 1024, 2048]
+FIRST_K = [None, 2048, 4096, 8192]  # None: the first read is one loop step
+WARPS = [4, 8]
+
+
+def candidate_configs(in_features: int) -> list[gemv.GemvConfig]:
+    """Every combination, less those that read the same columns the same way."""
+    widest = 1 << (in_features - 1).bit_length()
+    configs = set()
+    for block_n, block_k, first_k, warps in itertools.product(BLOCK_N, BLOCK_K, FIRST_K, WARPS):
+        block_k = min(block_k, widest)
+        first_k = None if first_k is None or min(first_k, widest) <= block_k else min(first_k, widest)
+        configs.add(gemv.GemvConfig(block_n, block_k, warps, 1, first_k))
+    return sorted(configs, key=lambda c: (c.block_n, c.block_k, c.first_k or 0, c.warps))
 
 
 def projections(arch: str):
@@ -87,7 +99,7 @@ def sweep(label: str, mode: str, rows: int, out_features: int, in_features: int,
         except Exception as error:  # a configuration the compiler refuses (registers, shared memory)
             print(f"  {config}: {type(error).__name__}")
     results.sort()
-    chosen = gemv._config(out_features, in_features, mode == "gated")
+    chosen = gemv.GemvConfig(*gemv._config(out_features, in_features, mode == "gated"))
     chosen_us = next((us for us, config in results if config == chosen), float("nan"))
     print(f"{label} ({mode}, {out_features}x{in_features}, {nbytes / 1e6:.1f} MB, rows {rows}): "
           f"default {chosen} {chosen_us:.1f} us = {nbytes / chosen_us / 1e3:.0f} GB/s", flush=True)
@@ -102,14 +114,16 @@ def main() -> None:
     parser.add_argument("--archs", default="llama3.2-1b,llama3.1-8b")
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--only", default="", help="comma-separated projections (qkv,o,gate_up,down,head)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    configs = list(itertools.product(TILES, WARPS, STAGES))
-    configs = [(block_n, block_k, warps, stages) for (block_n, block_k), warps, stages in configs]
     for arch in args.archs.split(","):
         for name, out_features, in_features, mode, layers in projections(arch):
+            if args.only and name not in args.only.split(","):
+                continue
             copies = min(64, max(layers, -(-400_000_000 // (out_features * in_features * 2))))  # over 50 MB of L2
-            sweep(f"{arch} {name}", mode, args.rows, out_features, in_features, copies, configs, args.top)
+            sweep(f"{arch} {name}", mode, args.rows, out_features, in_features, copies,
+                  candidate_configs(in_features), args.top)
 
 
 if __name__ == "__main__":

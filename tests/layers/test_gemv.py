@@ -86,7 +86,7 @@ class TestKernel:
 
 
 @needs_triton
-@pytest.mark.parametrize("config", [(2, 16, 1, 1), (4, 64, 2, 2), (16, 128, 4, 3), None])
+@pytest.mark.parametrize("config", [(2, 16, 1, 1), (4, 64, 2, 2), (16, 128, 4, 3), (2, 16, 1, 1, 64), (4, 32, 4, 1, 256), None])
 def test_every_configuration_computes_the_same(config):
     x, norm_weight, weight, _ = _inputs(2, 70, 200, torch.float32, gated=True)
     out = gemv.launch(x, weight, x.new_empty(2, 70), norm_weight=norm_weight, eps=1e-5, gated=True, config=config)
@@ -97,8 +97,8 @@ def test_every_configuration_computes_the_same(config):
 def test_default_configuration_is_valid():
     for out_features, in_features in [(3072, 2048), (128256, 4096), (14336, 4096), (4096, 14336), (5, 3)]:
         for gated in (False, True):
-            block_n, block_k, warps, stages = gemv._config(out_features, in_features, gated)
-            for power_of_two in (block_n, block_k, warps):
+            block_n, block_k, warps, stages, first_k = gemv._config(out_features, in_features, gated)
+            for power_of_two in (block_n, block_k, warps, first_k or 1):
                 assert power_of_two & (power_of_two - 1) == 0
             assert stages >= 1
 

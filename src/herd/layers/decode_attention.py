@@ -82,8 +82,12 @@ if triton is not None:
         SPLITS: tl.constexpr,
         BLOCK: tl.constexpr,
         PRECISION: tl.constexpr,
+        PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
     ):
         dtype = k_ptr.dtype.element_ty
+        if PDL:  # the query and the newest slot come from the previous kernel: nothing to read before it ends
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row_head = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         row = row_head // kv_heads
@@ -133,8 +137,11 @@ if triton is not None:
     @triton.jit
     def _merge_ranges_kernel(
         part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-        SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr,
+        SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row_head = tl.program_id(0)  # row * heads + head
         p = tl.arange(0, SPLITS_PAD)
         p_ok = p < SPLITS
@@ -147,9 +154,12 @@ if triton is not None:
         out = tl.sum(parts * scale[:, None], axis=0) / total  # (DIM,)
         tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
 
-    def launch(query, keys, values, allowed, scaling: float, splits: int | None = None, wrap: bool = False):
+    def launch(query, keys, values, allowed, scaling: float, splits: int | None = None, wrap: bool = False,
+               pdl: bool | None = None):
         """query (batch, heads * dim) -> (batch, heads * dim). `wrap` lets torch.compile place the
-        kernels in its graph; unwrapped they also run in Triton's interpreter (the CPU tests)."""
+        kernels in its graph; unwrapped they also run in Triton's interpreter (the CPU tests).
+        `pdl`: programmatic dependent launch, by default where the device has it."""
+        pdl = kernels.programmatic_launch(query) if pdl is None else pdl
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
         group = heads // kv_heads
@@ -164,17 +174,22 @@ if triton is not None:
             query, keys, values, allowed, out, part_out, part_max, part_sum,
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=BLOCK_SLOTS,
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            num_warps=4, num_stages=2,
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl,
+            num_warps=4, num_stages=2, launch_pdl=pdl,
         )  # fmt: skip
         if splits > 1:
             wrapped(_merge_ranges_kernel)[(batch * heads,)](
                 part_out, part_max, part_sum, out,
-                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, num_warps=4,
+                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl, num_warps=4, launch_pdl=pdl,
             )  # fmt: skip
         return out
 
-    @torch.library.triton_op("herd::decode_attention", mutates_args=())
+    # an opaque operator, as layers/gemv.py's: Triton's launcher keeps the programmatic-launch attribute
+    @torch.library.custom_op("herd::decode_attention", mutates_args=())
     def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
                           scaling: float) -> torch.Tensor:
-        return launch(query.contiguous(), keys, values, allowed, scaling, wrap=True)
+        return launch(query.contiguous(), keys, values, allowed, scaling)
+
+    @_decode_attention.register_fake
+    def _(query, keys, values, allowed, scaling):
+        return torch.empty_like(query, memory_format=torch.contiguous_format)

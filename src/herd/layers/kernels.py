@@ -16,6 +16,7 @@ as written: the same arithmetic, rounded at the same points.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -41,6 +42,21 @@ def disabled():
 def enabled() -> bool:
     """False inside `disabled()` or with HERD_DISABLE_FUSED_KERNELS=1 (also read by layers/gemv.py)."""
     return _disabled_depth == 0 and not os.environ.get("HERD_DISABLE_FUSED_KERNELS")
+
+
+@functools.cache
+def _device_has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def programmatic_launch(tensor: torch.Tensor) -> bool:
+    """Whether the decode kernels (layers/gemv.py, layers/decode_attention.py) launch with
+    programmatic dependent launch: on Hopper and later a kernel's programs may then start while
+    the previous kernel's last programs finish, and read what does not depend on it (the weights)
+    before waiting for it. HERD_DISABLE_PDL=1 turns it off."""
+    return tensor.is_cuda and not os.environ.get("HERD_DISABLE_PDL") and _device_has_pdl(
+        tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    )
 
 
 def _wants_compiled(args: Sequence, dynamic: Sequence[tuple[int, ...]]) -> bool:
