@@ -183,8 +183,8 @@ if triton is not None:
             square_sum = tl.sum(x_float * x_float, axis=1)  # (ROWS,)
             for start in range(FIRST_K, K, BLOCK_K):
                 k = start + cols
-                x_float = _load_x(x_ptr, r, r_ok, k, k < K, K).to(tl.float32)
-                square_sum += tl.sum(x_float * x_float, axis=1)
+                x_chunk = _load_x(x_ptr, r, r_ok, k, k < K, K).to(tl.float32)
+                square_sum += tl.sum(x_chunk * x_chunk, axis=1)
             inv_rms = tl.rsqrt((square_sum / K + eps).to(tl.float32))  # the cast: compile passes floats as float64
 
         x_first = _normed(x_first, norm_w_ptr, inv_rms, first_cols, first_k_ok, NORM, dtype)
