@@ -163,6 +163,30 @@ def test_stopping_at_eos_trims_what_was_made_after_every_row_finished(fast_on_cp
         assert torch.equal(got, expected), interval
 
 
+def test_plain_greedy_chooses_tokens_inside_the_step_and_agrees_with_per_token_choice(fast_on_cpu, llama_folder,
+                                                                                       monkeypatch):
+    """Greedy with nothing between the logits and the argmax runs greedy_steps (the argmax inside
+    the captured step); with a processor in between (repetition penalty) it does not. Both equal
+    the plain path, with two eos ids and a pad id that is neither."""
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    ids, mask = _prompts(3, 5)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, disable_compile=True)
+    eos = [int(free[1, 5 + 2]), int(free[2, 5 + 9])]
+    calls = []
+    original = fast.FastDecoder.greedy_steps
+    monkeypatch.setattr(fast.FastDecoder, "greedy_steps", lambda self, *a: calls.append(a[1]) or original(self, *a))
+    monkeypatch.setattr(fast, "SYNC_INTERVAL", 4)
+    for extra, in_graph in [({}, True), ({"repetition_penalty": 1.2}, False)]:
+        calls.clear()
+        kwargs = dict(attention_mask=mask, max_new_tokens=18, do_sample=False, pad_token_id=1, eos_token_id=eos, **extra)
+        got = model.generate(ids, **kwargs)
+        expected = model.generate(ids, disable_compile=True, **kwargs)
+        assert torch.equal(got, expected), extra
+        assert bool(calls) == in_graph
+        assert all(steps <= 4 for steps in calls)
+
+
 def test_sampling_with_a_seeded_generator_equals_the_plain_path(fast_on_cpu, llama_folder):
     model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
     ids, mask = _prompts(2, 5)

@@ -258,6 +258,17 @@ class _Entry:
     cache_position: torch.Tensor
     graph: Any = None
     logits: torch.Tensor | None = None
+    # greedy decoding's own graph: the step, then the argmax written back as the next step's
+    # tokens and into chosen (batch, cache length) at the token's slot
+    greedy_graph: Any = None
+    chosen: torch.Tensor | None = None
+    pool: Any = None  # the memory pool both graphs share (never replayed at the same time)
+
+    def chosen_buffer(self) -> torch.Tensor:
+        if self.chosen is None:
+            batch, length = self.key[0], self.key[1]
+            self.chosen = torch.zeros(batch, length, dtype=torch.long, device=self.tokens.device)
+        return self.chosen
 
 
 class FastDecoder:
@@ -269,6 +280,7 @@ class FastDecoder:
         self.compile_override, self.capture_override = compile, capture
         self.use_compile = self.capture = False
         self.entry: _Entry | None = None
+        self.slot = 0  # the cache slot of the next step's token (the device has its own copy)
         self.masks = step_masks
         self.captures = 0  # graphs captured so far (a new shape re-captures, it does not recompile)
         text_config = model.config.get_text_config()
@@ -363,12 +375,32 @@ class FastDecoder:
         Each step moves both on by one itself."""
         self.entry.positions.copy_(positions)
         self.entry.cache_position.fill_(cache_position)
+        self.slot = cache_position  # the host's copy: where the next step's token goes
+
+    def greedy_steps(self, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+        """Greedy decoding of `steps` tokens from `tokens` (batch,): the argmax of each step is
+        the next step's input without leaving the device, and nothing else runs between the
+        replays (no host-launched argmax, copy or concatenation per token). Returns (batch, steps)."""
+        entry = self.entry
+        entry.tokens.copy_(tokens)
+        first = self.slot
+        if not self.capture:
+            for _ in range(steps):
+                _greedy_tail(_decode(*self._arguments()), entry.tokens, entry.chosen_buffer(), entry.cache_position)
+        else:
+            if entry.greedy_graph is None:
+                self._capture(greedy=True)
+            for _ in range(steps):
+                entry.greedy_graph.replay()
+        self.slot += steps
+        return entry.chosen_buffer()[:, first : first + steps]
 
     def step(self, tokens: torch.Tensor, copy: bool = True) -> torch.Tensor:
         """Logits (batch, vocab), float32, for `tokens` (batch,) at the current positions. With
         copy=False the result is the graph's own output, overwritten by the next step."""
         entry = self.entry
         entry.tokens.copy_(tokens)
+        self.slot += 1
         if not self.capture:
             self._mark_dynamic()
             return _decode(*self._arguments())
@@ -377,8 +409,9 @@ class FastDecoder:
         entry.graph.replay()
         return entry.logits.clone() if copy else entry.logits
 
-    def _capture(self) -> None:
-        """Warm up (compiling on the first call) and capture the step as one CUDA graph.
+    def _capture(self, greedy: bool = False) -> None:
+        """Warm up (compiling on the first call) and capture the step as one CUDA graph (with
+        greedy=True, the step and the choice of its token: `greedy_steps`).
 
         Each warm-up run is the real first step (positions reset before it): writing the same
         key/value to the same slot twice leaves the cache as one run would. Capture itself runs
@@ -389,19 +422,55 @@ class FastDecoder:
         positions, cache_position = entry.positions.clone(), entry.cache_position.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                entry.positions.copy_(positions)
-                entry.cache_position.copy_(cache_position)
-                _decode(*self._arguments())
+        tokens = entry.tokens.clone()
+        chosen = entry.chosen_buffer() if greedy else None
+        tail = (_compiled_greedy_tail() if self.use_compile else _greedy_tail) if greedy else None
+
+        def run():
+            logits = _decode(*self._arguments())
+            if greedy:
+                tail(logits, entry.tokens, chosen, entry.cache_position)
+            return logits
+
+        def rewind():
+            entry.tokens.copy_(tokens)
             entry.positions.copy_(positions)
             entry.cache_position.copy_(cache_position)
+
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                rewind()
+                run()
+            rewind()
         torch.cuda.current_stream().wait_stream(side)
+        if entry.pool is None:
+            entry.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            entry.logits = _decode(*self._arguments())
-        entry.graph = graph
+        with torch.cuda.graph(graph, pool=entry.pool):
+            logits = run()
+        if greedy:
+            entry.greedy_graph = graph
+        else:
+            entry.graph, entry.logits = graph, logits
         self.captures += 1
+
+
+def _greedy_tail(logits: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor, cache_position: torch.Tensor) -> None:
+    """After a step (cache_position already moved on): its argmax becomes the next input and is
+    kept at the step's slot of chosen (batch, cache length)."""
+    next_tokens = logits.argmax(dim=-1)  # (batch,)
+    tokens.copy_(next_tokens)
+    chosen.index_copy_(1, cache_position - 1, next_tokens[:, None])
+
+
+_compiled_greedy_tail_fn = None
+
+
+def _compiled_greedy_tail():
+    global _compiled_greedy_tail_fn
+    if _compiled_greedy_tail_fn is None:
+        _compiled_greedy_tail_fn = torch.compile(_greedy_tail, fullgraph=True, dynamic=False)
+    return _compiled_greedy_tail_fn
 
 
 _compiled_step_masks = None

@@ -236,8 +236,29 @@ class GenerationMixin:
         any_unfinished = []  # per new token: was some row still running after it? (device scalars)
         # Tokens the cache has not seen yet: the whole prompt first, then one token per step.
         pending = input_ids[:, cache.get_seq_length() :]
+        # Plain greedy decoding on the fast path chooses each token inside the captured graph:
+        # a block of sync_interval tokens is that many replays and nothing else (fast.greedy_steps).
+        greedy_on_device = (decoder is not None and not config.do_sample and not processors and streamer is None
+                            and stop_strings is None and not keep_logits)
         first_step = True
         while True:
+            if greedy_on_device and not first_step:
+                block = decoder.greedy_steps(pending[:, 0], min(sync_interval, max_length - input_ids.shape[1]))
+                if can_finish:
+                    # (batch, steps): an eos at or before each token, among this block's tokens
+                    eos_so_far = torch.isin(block, eos_ids).long().cumsum(dim=1) > 0
+                    if pad_token_id is not None:  # tokens after a row's first eos become padding
+                        eos_before = torch.cat([torch.zeros_like(eos_so_far[:, :1]), eos_so_far[:, :-1]], dim=1)
+                        ended_before = ~unfinished[:, None] | eos_before
+                        block = torch.where(ended_before, pad_token_id, block)
+                    running = unfinished[:, None] & ~eos_so_far  # (batch, steps)
+                    any_unfinished.extend(running.any(dim=0).unbind(0))
+                    unfinished = running[:, -1]
+                input_ids = torch.cat([input_ids, block], dim=-1)
+                if input_ids.shape[1] >= max_length or (can_finish and not bool(any_unfinished[-1])):
+                    break
+                pending = block[:, -1:]
+                continue
             if decoder is not None and not first_step:
                 logits = decoder.step(pending[:, 0], copy=keep_logits)  # (batch, vocab)
                 outputs = None
