@@ -424,6 +424,8 @@ class FastDecoder:
         side.wait_stream(torch.cuda.current_stream())
         tokens = entry.tokens.clone()
         chosen = entry.chosen_buffer() if greedy else None
+        if greedy and self.use_compile:  # as long as the cache: the next bucket must not recompile
+            torch._dynamo.mark_dynamic(chosen, 1)
         tail = (_compiled_greedy_tail() if self.use_compile else _greedy_tail) if greedy else None
 
         def run():

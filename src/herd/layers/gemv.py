@@ -218,19 +218,16 @@ if triton is not None:
             y = y.to(dtype).to(tl.float32) + tl.load(residual_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + out_offsets, y.to(dtype).to(out_ptr.dtype.element_ty), mask=out_mask)
 
-    def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, config=None, wrap=False,
-               pdl=None):
-        """out (rows, N) from x (rows, K) and weight ((2 if gated else 1) * N, K). `wrap` lets
-        torch.compile place the kernel in its graph (and so in the CUDA graph); unwrapped, it also
-        runs in Triton's interpreter (the CPU tests use that). `pdl`: programmatic dependent
-        launch, by default where the device has it (kernels.programmatic_launch)."""
+    def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, config=None, pdl=None):
+        """out (rows, N) from x (rows, K) and weight ((2 if gated else 1) * N, K); also runs in
+        Triton's interpreter (the CPU tests). `pdl`: programmatic dependent launch, by default
+        where the device has it (kernels.programmatic_launch)."""
         rows, in_features = x.shape[0], weight.shape[1]
         out_features = out.shape[1]
         block_n, block_k, warps, stages, first_k = GemvConfig(*(config or _config(out_features, in_features, gated)))
         first_k = min(first_k or block_k, triton.next_power_of_2(in_features))
         pdl = kernels.programmatic_launch(x) if pdl is None else pdl
-        kernel = torch.library.wrap_triton(_few_row_linear_kernel) if wrap else _few_row_linear_kernel
-        kernel[(triton.cdiv(out_features, block_n),)](
+        _few_row_linear_kernel[(triton.cdiv(out_features, block_n),)](
             x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x,
             rows, out_features, in_features, eps,
             NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
