@@ -64,20 +64,6 @@ def test_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
 
 
 @needs_triton
-@needs_triton
-def test_the_arrival_counts_are_zero_again_after_each_call():
-    """The last range of each (row, kv head) merges and resets its count: repeated calls (a graph
-    replayed every token) keep merging."""
-    query, keys, values, allowed = _case(2, 8, 2, 200, 16, torch.float32)
-    first = decode_attention.launch(query.reshape(2, -1).contiguous(), keys, values, allowed, 0.25, splits=5)
-    _check(first, query, keys, values, allowed, 0.25)
-    counts = decode_attention._arrivals[keys.device]
-    assert counts.abs().sum().item() == 0
-    again = decode_attention.launch(query.reshape(2, -1).contiguous(), keys, values, allowed, 0.25, splits=5)
-    torch.testing.assert_close(again, first)
-    assert counts.abs().sum().item() == 0
-
-
 def test_a_range_with_nothing_visible_does_not_poison_the_merge():
     """Only the first slots are visible: the later ranges hold no allowed key at all."""
     query, keys, values, allowed = _case(1, 4, 2, 256, 16, torch.float32)

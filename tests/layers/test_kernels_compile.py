@@ -54,8 +54,7 @@ COMPILE_ALL = textwrap.dedent('''
 
     attention_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "allowed_ptr": "*i1",
                            "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
-                           "part_sum_ptr": "*fp32", "arrivals_ptr": "*i32", "kv_heads": "i32", "slots": "i32",
-                           "slots_per_split": "i32",
+                           "part_sum_ptr": "*fp32", "kv_heads": "i32", "slots": "i32", "slots_per_split": "i32",
                            "scaling": "fp32"}
     for pdl, splits, group, dim in [(True, 16, 4, 128), (False, 1, 8, 64), (True, 4, 5, 128)]:
         constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.BLOCK_SLOTS,
@@ -63,6 +62,11 @@ COMPILE_ALL = textwrap.dedent('''
         compile_one(f"attention pdl={pdl} splits={splits} group={group} dim={dim}",
                     decode_attention._attend_range_kernel, attention_signature, constants, num_warps=4,
                     num_stages=2, launch_pdl=pdl)
+        if splits > 1:
+            compile_one(f"merge pdl={pdl} splits={splits}", decode_attention._merge_ranges_kernel,
+                        {"part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": "*bf16"},
+                        dict(SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl),
+                        num_warps=4, launch_pdl=pdl)
     json.dump(results, sys.stdout)
 ''')
 

@@ -4,8 +4,8 @@ One new query per row attends over every slot of the cache. Written as two batch
 a softmax, that is three kernels per layer, each tiny at batch 1. Here the slots are split
 into `splits` ranges: one program per (row, kv head, range) reads its keys and values once for
 all the query heads that share them (grouped-query attention without copying the cache) and
-keeps a running softmax; the last range of a (row, kv head) to finish merges them (an atomic
-count says which is last), so it is one kernel per layer.
+keeps a running softmax; a second kernel merges the ranges. With a single range the first
+kernel writes the output itself.
 
 `attend(...)` runs the kernels for CUDA tensors when Triton is installed and the head size is a
 power of two, and otherwise returns None (the caller then runs the torch arithmetic). Rounding
@@ -72,7 +72,6 @@ if triton is not None:
         part_out_ptr,  # (batch, heads, SPLITS, DIM) float32: unnormalised sums of weights * values
         part_max_ptr,  # (batch, heads, SPLITS) float32: the range's largest score
         part_sum_ptr,  # (batch, heads, SPLITS) float32: the range's sum of exp(score - max)
-        arrivals_ptr,  # (batch * kv_heads,) int32, zero between calls: ranges finished so far
         kv_heads,
         slots,
         slots_per_split,
@@ -130,44 +129,30 @@ if triton is not None:
             out = acc / running_sum[:, None]
             tl.store(out_ptr + q_offsets, out.to(dtype), mask=g_ok[:, None])
         else:
-            first_part = (row * heads + head) * SPLITS  # (GROUP_PAD,)
-            part = first_part + split
+            part = (row * heads + head) * SPLITS + split  # (GROUP_PAD,)
             tl.store(part_out_ptr + part[:, None] * DIM + d[None, :], acc, mask=g_ok[:, None])
             tl.store(part_max_ptr + part, running_max, mask=g_ok)
             tl.store(part_sum_ptr + part, running_sum, mask=g_ok)
-            # The last range of this (row, kv head) to finish merges them all: no second kernel.
-            # The barrier and the atomic's release order every thread's stores before the count;
-            # its acquire, and loads that skip L1, let the last program see the others' stores.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrivals_ptr + row_head, 1, sem="acq_rel")
-            if arrived == SPLITS - 1:
-                merged_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-                merged_sum = tl.zeros((GROUP_PAD,), tl.float32)
-                merged = tl.zeros((GROUP_PAD, DIM), tl.float32)
-                for other in range(SPLITS):
-                    other_part = first_part + other
-                    other_max = tl.load(part_max_ptr + other_part, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-                    other_sum = tl.load(part_sum_ptr + other_part, mask=g_ok, other=0.0, cache_modifier=".cg")
-                    other_out = tl.load(part_out_ptr + other_part[:, None] * DIM + d[None, :], mask=g_ok[:, None],
-                                        other=0.0, cache_modifier=".cg")
-                    new_max = tl.maximum(merged_max, other_max)
-                    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing visible so far
-                    keep, take = tl.exp(merged_max - shift), tl.exp(other_max - shift)
-                    merged_sum = merged_sum * keep + other_sum * take
-                    merged = merged * keep[:, None] + other_out * take[:, None]
-                    merged_max = new_max
-                tl.store(out_ptr + q_offsets, (merged / merged_sum[:, None]).to(dtype), mask=g_ok[:, None])
-                tl.atomic_xchg(arrivals_ptr + row_head, 0)  # ready for the next call (and graph replay)
 
-    _arrivals: dict[torch.device, torch.Tensor] = {}
-
-    def _arrival_counts(device: torch.device, needed: int) -> torch.Tensor:
-        """Zeroed int32 counters, one per (row, kv head), kept per device: each call leaves them at
-        zero again. Made outside graph capture (the warm-up step makes them first)."""
-        counts = _arrivals.get(device)
-        if counts is None or counts.numel() < needed:
-            counts = _arrivals[device] = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
-        return counts
+    @triton.jit
+    def _merge_ranges_kernel(
+        part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+        SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row_head = tl.program_id(0)  # row * heads + head
+        p = tl.arange(0, SPLITS_PAD)
+        p_ok = p < SPLITS
+        d = tl.arange(0, DIM)
+        range_max = tl.load(part_max_ptr + row_head * SPLITS + p, mask=p_ok, other=float("-inf"))
+        overall = tl.max(range_max, axis=0)
+        scale = tl.where(range_max == float("-inf"), 0.0, tl.exp(range_max - overall))  # (SPLITS_PAD,)
+        total = tl.sum(tl.load(part_sum_ptr + row_head * SPLITS + p, mask=p_ok, other=0.0) * scale, axis=0)
+        parts = tl.load(part_out_ptr + (row_head * SPLITS + p)[:, None] * DIM + d[None, :], mask=p_ok[:, None], other=0.0)
+        out = tl.sum(parts * scale[:, None], axis=0) / total  # (DIM,)
+        tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
 
     def launch(query, keys, values, allowed, scaling: float, splits: int | None = None, pdl: bool | None = None):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
@@ -182,14 +167,18 @@ if triton is not None:
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
         part_max = query.new_empty((batch, heads, splits), dtype=torch.float32)
         part_sum = torch.empty_like(part_max)
-        arrivals = _arrival_counts(query.device, batch * kv_heads)
         _attend_range_kernel[(batch * kv_heads, splits)](
-            query, keys, values, allowed, out, part_out, part_max, part_sum, arrivals,
+            query, keys, values, allowed, out, part_out, part_max, part_sum,
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=BLOCK_SLOTS,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl,
             num_warps=4, num_stages=2, launch_pdl=pdl,
         )  # fmt: skip
+        if splits > 1:
+            _merge_ranges_kernel[(batch * heads,)](
+                part_out, part_max, part_sum, out,
+                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl, num_warps=4, launch_pdl=pdl,
+            )  # fmt: skip
         return out
 
     # an opaque operator, as layers/gemv.py's: Triton's launcher keeps the programmatic-launch attribute
