@@ -24,6 +24,7 @@ is bound to the addresses of the buffers it was captured on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -315,7 +316,7 @@ class FastDecoder:
         self.capture = is_cuda if self.capture_override is None else self.capture_override
         if self.use_compile:
             self._compile(units)
-        self.masks = compiled_step_masks() if self.use_compile else step_masks
+        self.masks = compiled_once(step_masks) if self.use_compile else step_masks
         length = cache_bucket(max_length)
         key = (batch, length, dtype, device)
         if self.entry is None or self.entry.key != key:
@@ -426,7 +427,7 @@ class FastDecoder:
         chosen = entry.chosen_buffer() if greedy else None
         if greedy and self.use_compile:  # as long as the cache: the next bucket must not recompile
             torch._dynamo.mark_dynamic(chosen, 1)
-        tail = (_compiled_greedy_tail() if self.use_compile else _greedy_tail) if greedy else None
+        tail = (compiled_once(_greedy_tail) if self.use_compile else _greedy_tail) if greedy else None
 
         def run():
             logits = _decode(*self._arguments())
@@ -465,25 +466,11 @@ def _greedy_tail(logits: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tenso
     chosen.index_copy_(1, cache_position - 1, next_tokens[:, None])
 
 
-_compiled_greedy_tail_fn = None
-
-
-def _compiled_greedy_tail():
-    global _compiled_greedy_tail_fn
-    if _compiled_greedy_tail_fn is None:
-        _compiled_greedy_tail_fn = torch.compile(_greedy_tail, fullgraph=True, dynamic=False)
-    return _compiled_greedy_tail_fn
-
-
-_compiled_step_masks = None
-
-
-def compiled_step_masks():
-    """step_masks compiled once per process (it holds no weights: every model shares it)."""
-    global _compiled_step_masks
-    if _compiled_step_masks is None:
-        _compiled_step_masks = torch.compile(step_masks, fullgraph=True, dynamic=False)
-    return _compiled_step_masks
+@functools.cache
+def compiled_once(fn):
+    """fn compiled once per process (whole graph, static shapes but for dimensions marked
+    dynamic): it holds no weights, so every model shares it (step_masks, _greedy_tail)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def fast_decoder(model) -> FastDecoder:
