@@ -151,7 +151,7 @@ if triton is not None:
         ROWS: tl.constexpr,  # rows rounded up to a power of two
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        FIRST_K: tl.constexpr,  # columns read before waiting for the previous kernel: a multiple of BLOCK_K
+        FIRST_K: tl.constexpr,  # columns read in one load, before waiting for the previous kernel (a power of two)
     ):
         dtype = w_ptr.dtype.element_ty
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
