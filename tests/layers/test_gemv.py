@@ -165,3 +165,84 @@ def test_compiled_ops_match_eager_on_gpu(dtype):
         _close(compiled, expected, dtype)
     else:
         torch.testing.assert_close(compiled, expected, rtol=2**-6, atol=2**-6)
+
+
+def _attention_layers(heads, kv_heads, head_dim, hidden, dtype, seed=0):
+    torch.manual_seed(seed)
+    norm = RMSNorm(hidden, eps=1e-5)
+    nn.init.normal_(norm.weight, 1.0, 0.2)
+    projections = [nn.Linear(hidden, count * head_dim, bias=False) for count in (heads, kv_heads, kv_heads)]
+    norm.to(DEVICE, dtype)
+    for layer in projections:
+        layer.to(DEVICE, dtype)
+    fuse_linears(*projections)
+    return norm, projections
+
+
+def _rotary_tables(rows, head_dim, dtype, seed=1):
+    """cos/sin (rows, 1, head_dim) as Llama builds them: each angle twice (d and d + head_dim / 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    angles = torch.rand(rows, 1, head_dim // 2, generator=generator) * 40
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows,heads,kv_heads,head_dim,hidden,slot,config",
+    [
+        (1, 4, 2, 8, 40, 0, (2, 16, 1, 1)),
+        (2, 4, 2, 16, 64, 5, (4, 32, 4, 1, 64)),
+        (3, 3, 1, 8, 33, 7, (8, 16, 2, 1)),  # pairs of two heads per program, a tail of x
+        (4, 2, 2, 32, 96, 2, None),  # the default configuration
+    ],
+)
+def test_rotary_epilogue_matches_the_torch_arithmetic(dtype, rows, heads, kv_heads, head_dim, hidden, slot, config):
+    """q/k/v with the rotary and the cache write in the kernel: the query, the new cache slot and
+    nothing else of the cache, as norm_linear + rotate + index write give them."""
+    norm, projections = _attention_layers(heads, kv_heads, head_dim, hidden, dtype)
+    x = torch.randn(rows, hidden).to(DEVICE, dtype)
+    cos, sin = _rotary_tables(rows, head_dim, dtype)
+    slots = 8
+    cache = [torch.randn(rows, kv_heads, slots, head_dim).to(DEVICE, dtype) for _ in range(2)]
+    expected_cache = [c.clone() for c in cache]
+    slot_tensor = torch.tensor([slot], device=DEVICE)
+    with kernels.disabled():  # the torch arithmetic, whatever the device
+        expected = gemv.norm_qkv_rotary(x, norm, *projections, cos, sin, *expected_cache, slot_tensor)
+    weight = torch.cat([layer.weight for layer in projections])
+    query = gemv.launch(x, weight, x.new_empty(rows, heads * head_dim), norm_weight=norm.weight, eps=norm.eps,
+                        rotary=(cos.reshape(rows, head_dim), sin.reshape(rows, head_dim), *cache, slot_tensor),
+                        config=config)
+    if dtype == torch.float32:
+        tolerance = dict(rtol=1e-5, atol=1e-5)
+    else:  # the matmul's sum in another order moves a rounding of q/k/v by a unit, then rotary's products
+        tolerance = dict(rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(query, expected, **tolerance)
+    for written, reference in zip(cache, expected_cache):
+        torch.testing.assert_close(written[:, :, slot], reference[:, :, slot], **tolerance)
+        others = [s for s in range(slots) if s != slot]
+        assert torch.equal(written[:, :, others], reference[:, :, others])  # the other slots untouched
+
+
+def test_norm_qkv_rotary_is_the_attention_layers_arithmetic():
+    """The torch path: query = rotary(q(norm x)), and k/v written at the slot, as the layers compute them."""
+    from herd.layers.rope import rotate_half
+
+    rows, heads, kv_heads, head_dim, hidden = 2, 4, 2, 8, 32
+    norm, (q, k, v) = _attention_layers(heads, kv_heads, head_dim, hidden, torch.float32)
+    q, k, v, norm = q.cpu(), k.cpu(), v.cpu(), norm.cpu()
+    x = torch.randn(rows, hidden)
+    cos, sin = (t.cpu() for t in _rotary_tables(rows, head_dim, torch.float32))
+    keys, values = torch.zeros(rows, kv_heads, 4, head_dim), torch.zeros(rows, kv_heads, 4, head_dim)
+    with torch.no_grad():
+        query = gemv.norm_qkv_rotary(x, norm, q, k, v, cos, sin, keys, values, torch.tensor([3]))
+        normed = norm(x)
+
+        def rotate(t):  # (rows, n, head_dim)
+            return t * cos + rotate_half(t) * sin
+
+        torch.testing.assert_close(query, rotate(q(normed).view(rows, heads, head_dim)).reshape(rows, -1))
+        torch.testing.assert_close(keys[:, :, 3], rotate(k(normed).view(rows, kv_heads, head_dim)))
+        torch.testing.assert_close(values[:, :, 3], v(normed).view(rows, kv_heads, head_dim))
+        assert not keys[:, :, :3].any() and not values[:, :, :3].any()

@@ -38,17 +38,22 @@ COMPILE_ALL = textwrap.dedent('''
             results.append([label, f"{type(error).__name__}: {str(error)[-600:]}", None])
 
     gemv_signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "residual_ptr": "*bf16",
-                      "norm_w_ptr": "*bf16", "rows": "i32", "N": "i32", "K": "i32", "eps": "fp32"}
-    # (norm, gated, residual) as the model calls the kernel: q/k/v and the head, gate/up, o and down
-    modes = [(True, False, False), (True, True, False), (False, False, True)]
-    widths = [(2048, 3072), (4096, 14336), (14336, 4096), (8192, 28672), (300, 70)]
-    for pdl, (norm, gated, residual), (in_features, out_features), rows in itertools.product(
+                      "norm_w_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16",
+                      "values_ptr": "*bf16", "slot_ptr": "*i64", "rows": "i32", "N": "i32", "K": "i32", "eps": "fp32",
+                      "q_rows": "i32", "kv_rows": "i32", "slots": "i32"}
+    # (norm, gated, residual, rotary) as the model calls the kernel: q/k/v with rotary, the head,
+    # gate/up, o and down
+    modes = [(True, False, False, True), (True, False, False, False), (True, True, False, False),
+             (False, False, True, False)]
+    widths = [(2048, 3072), (4096, 6144), (4096, 14336), (14336, 4096), (8192, 28672), (300, 70)]
+    for pdl, (norm, gated, residual, rotary), (in_features, out_features), rows in itertools.product(
             [False, True], modes, widths, [1, 4]):
         config = gemv._config(out_features, in_features, gated)
         first_k = min(config.first_k or config.block_k, triton.next_power_of_2(in_features))
-        constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, PDL=pdl, ROWS=rows, BLOCK_N=config.block_n,
-                         BLOCK_K=config.block_k, FIRST_K=first_k)
-        compile_one(f"gemv pdl={pdl} norm={norm} gated={gated} residual={residual} {in_features}->{out_features} rows={rows}",
+        constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=128 if rotary else 2,
+                         PDL=pdl, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k, FIRST_K=first_k)
+        compile_one(f"gemv pdl={pdl} norm={norm} gated={gated} residual={residual} rotary={rotary} "
+                    f"{in_features}->{out_features} rows={rows}",
                     gemv._few_row_linear_kernel, gemv_signature, constants, num_warps=config.warps,
                     num_stages=config.stages, launch_pdl=pdl)
 
@@ -87,7 +92,7 @@ def compiled():
 def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
-    assert len(compiled) >= 60  # the gemv grid (2 x 3 x 5 x 2) and the attention kernels all ran
+    assert len(compiled) >= 100  # the gemv grid (2 x 4 x 6 x 2) and the attention kernels all ran
 
 
 def test_programmatic_launch_is_compiled_in_when_asked(compiled):

@@ -10,6 +10,9 @@ configurations it then picks vary from process to process (the 8B's down project
 Here each projection is one kernel with a fixed, measured configuration (`_config`):
 
 - `norm_linear`: linears(rms_norm(x)), the norm computed inside (q/k/v side by side; the head);
+- `norm_qkv_rotary`: q/k/v of rms_norm(x) with rotary applied to q and k, k and v written into
+  the cache at the new token's slot: what the compiler would otherwise launch as one more kernel
+  per layer (and one more wait between dependent kernels);
 - `norm_gated_activation`: silu(gate(n)) * up(n) with n = rms_norm(x), what down reads;
 - `linear_add`: residual + linear(x) (o and down).
 
@@ -31,6 +34,7 @@ from . import kernels
 from .fused import fused_linear, fused_weight
 from .mlp import GatedMLP, activation_product
 from .norm import RMSNorm, rms_norm
+from .rope import apply_rotary
 
 try:
     import triton
@@ -64,6 +68,34 @@ def norm_linear(x: torch.Tensor, norm: RMSNorm, *linears: nn.Linear, out_dtype: 
         return torch.ops.herd.norm_linear(x, norm.weight, norm.eps, weight, out_dtype or x.dtype)
     out = fused_linear(rms_norm(x, norm.weight, norm.eps), *linears)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def norm_qkv_rotary(x: torch.Tensor, norm: RMSNorm, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+                    cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    slot: torch.Tensor) -> torch.Tensor:
+    """The attention input of one new token per row: x (rows, hidden) -> query (rows, heads * head_dim),
+    rotated; the rotated key and the value go into keys/values (rows, kv_heads, slots, head_dim) at
+    slot (1,). cos/sin (rows, 1, head_dim): Llama's rotary tables (dimension d turns with d + head_dim/2)."""
+    rows, head_dim = x.shape[0], keys.shape[-1]
+    weight = fused_weight(q_proj, k_proj, v_proj)
+    if (
+        weight is not None
+        and _kernel_applies(x, norm, q_proj, k_proj, v_proj)
+        and keys.dtype == values.dtype == cos.dtype == sin.dtype == x.dtype
+        and keys.is_contiguous()
+        and values.is_contiguous()
+        and head_dim % 2 == 0
+    ):
+        return torch.ops.herd.norm_qkv_rotary(x, norm.weight, norm.eps, weight, cos.reshape(rows, head_dim),
+                                              sin.reshape(rows, head_dim), keys, values, slot)
+    kv_heads = keys.shape[1]
+    qkv = norm_linear(x, norm, q_proj, k_proj, v_proj)  # (rows, (heads + 2 * kv_heads) * head_dim)
+    # -> query (rows, heads, 1, head_dim), key/value (rows, kv_heads, 1, head_dim)
+    query, key, value = qkv.view(rows, -1, 1, head_dim).split([q_proj.out_features // head_dim, kv_heads, kv_heads], dim=1)
+    query, key = apply_rotary(query, key, cos, sin)
+    keys[:, :, slot] = key.to(keys.dtype)
+    values[:, :, slot] = value.to(values.dtype)
+    return query.reshape(rows, -1)
 
 
 def norm_mlp_add(x: torch.Tensor, norm: RMSNorm, mlp: GatedMLP) -> torch.Tensor:
@@ -134,19 +166,82 @@ if triton is not None:
         return xv.to(tl.float32)[:, None, :]
 
     @triton.jit
+    def _program_rows(ROTARY: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """(BLOCK_N,) the weight rows (output features) of this program: BLOCK_N consecutive rows, or
+        with ROTARY BLOCK_N // 2 rotary pairs, rows d and d + HEAD_DIM // 2 of one head side by side."""
+        j = tl.arange(0, BLOCK_N)
+        if ROTARY:
+            pair = tl.program_id(0) * (BLOCK_N // 2) + j // 2
+            return (pair // (HEAD_DIM // 2)) * HEAD_DIM + pair % (HEAD_DIM // 2) + (j % 2) * (HEAD_DIM // 2)
+        return tl.program_id(0) * BLOCK_N + j
+
+    @triton.jit
+    def _rounded(v, dtype: tl.constexpr):
+        return v.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _store_query_or_cache(y, r, r_ok, n, out_ptr, keys_ptr, values_ptr, slot, q_rows, kv_rows, slots,
+                              HEAD_DIM: tl.constexpr):
+        """y (ROWS, P) of rows n (P,): query rows to out (rows, q_rows), key and value rows into the
+        caches (rows, kv_rows // HEAD_DIM, slots, HEAD_DIM) at slot."""
+        is_query = n < q_rows
+        is_key = (n >= q_rows) & (n < q_rows + kv_rows)
+        is_value = (n >= q_rows + kv_rows) & (n < q_rows + 2 * kv_rows)
+        in_cache = tl.where(is_key, n - q_rows, n - q_rows - kv_rows)  # kv head * HEAD_DIM + d
+        kv_head = in_cache // HEAD_DIM
+        cache_offsets = ((r[:, None].to(tl.int64) * (kv_rows // HEAD_DIM) + kv_head[None, :]) * slots + slot) * HEAD_DIM \
+            + (in_cache % HEAD_DIM)[None, :]
+        tl.store(out_ptr + r[:, None] * q_rows + n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & is_query[None, :])
+        tl.store(keys_ptr + cache_offsets, y.to(keys_ptr.dtype.element_ty), mask=r_ok[:, None] & is_key[None, :])
+        tl.store(values_ptr + cache_offsets, y.to(values_ptr.dtype.element_ty), mask=r_ok[:, None] & is_value[None, :])
+
+    @triton.jit
+    def _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, q_rows, kv_rows,
+                         slots, dtype: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """y (ROWS, BLOCK_N) of the rotary pairs n (`_program_rows`): rotate the query and key rows as
+        torch does in y's dtype (q * cos + rotate_half(q) * sin, each product rounded), then store."""
+        low, high = tl.split(tl.reshape(y, (ROWS, BLOCK_N // 2, 2)))  # (ROWS, BLOCK_N // 2) each
+        n_low, n_high = tl.split(tl.reshape(n, (BLOCK_N // 2, 2)))
+        d_low = n_low % HEAD_DIM  # (BLOCK_N // 2,) below HEAD_DIM // 2
+        table = r[:, None] * HEAD_DIM + d_low[None, :]
+        cos_low = tl.load(cos_ptr + table, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        sin_low = tl.load(sin_ptr + table, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        cos_high = tl.load(cos_ptr + table + HEAD_DIM // 2, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        sin_high = tl.load(sin_ptr + table + HEAD_DIM // 2, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        rotated = (n_low < q_rows + kv_rows)[None, :]  # query and key rows; value rows pass through
+        new_low = _rounded(_rounded(low * cos_low, dtype) - _rounded(high * sin_low, dtype), dtype)
+        new_high = _rounded(_rounded(high * cos_high, dtype) + _rounded(low * sin_high, dtype), dtype)
+        slot = tl.load(slot_ptr)
+        _store_query_or_cache(tl.where(rotated, new_low, low), r, r_ok, n_low, out_ptr, keys_ptr, values_ptr, slot,
+                              q_rows, kv_rows, slots, HEAD_DIM)
+        _store_query_or_cache(tl.where(rotated, new_high, high), r, r_ok, n_high, out_ptr, keys_ptr, values_ptr, slot,
+                              q_rows, kv_rows, slots, HEAD_DIM)
+
+    @triton.jit
     def _few_row_linear_kernel(
         x_ptr,  # (rows, K)
         w_ptr,  # (N, K), or (2N, K) gate rows then up rows when GATED
-        out_ptr,  # (rows, N)
+        out_ptr,  # (rows, N); with ROTARY the query (rows, q_rows)
         residual_ptr,  # (rows, N) when RESIDUAL
         norm_w_ptr,  # (K,) when NORM
+        cos_ptr,  # with ROTARY: (rows, HEAD_DIM) each
+        sin_ptr,
+        keys_ptr,  # with ROTARY: (rows, kv_rows // HEAD_DIM, slots, HEAD_DIM) each
+        values_ptr,
+        slot_ptr,  # with ROTARY: (1,) the new token's cache slot
         rows,
         N,
         K,
         eps,
+        q_rows,  # with ROTARY: the query's rows of the weight, then kv_rows of key and kv_rows of value
+        kv_rows,
+        slots,
         NORM: tl.constexpr,
         GATED: tl.constexpr,
         RESIDUAL: tl.constexpr,
+        ROTARY: tl.constexpr,  # q/k/v: rotary on query and key, key and value stored into the cache
+        HEAD_DIM: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
         ROWS: tl.constexpr,  # rows rounded up to a power of two
         BLOCK_N: tl.constexpr,
@@ -154,7 +249,7 @@ if triton is not None:
         FIRST_K: tl.constexpr,  # columns read in one load, before waiting for the previous kernel (a power of two)
     ):
         dtype = w_ptr.dtype.element_ty
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        n = _program_rows(ROTARY, BLOCK_N, HEAD_DIM)  # (BLOCK_N,) output features
         n_ok = n < N
         w_rows = n.to(tl.int64) * K
         r = tl.arange(0, ROWS)
@@ -212,27 +307,38 @@ if triton is not None:
             up = (first_up + tl.sum(acc_up, axis=2)).to(dtype).to(tl.float32)
             activated = (y * tl.sigmoid(y)).to(dtype).to(tl.float32)
             y = activated * up
-        out_offsets = r[:, None] * N + n[None, :]
-        out_mask = r_ok[:, None] & n_ok[None, :]
-        if RESIDUAL:
-            y = y.to(dtype).to(tl.float32) + tl.load(residual_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + out_offsets, y.to(dtype).to(out_ptr.dtype.element_ty), mask=out_mask)
+        if ROTARY:
+            _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, q_rows, kv_rows,
+                             slots, dtype, ROWS, BLOCK_N, HEAD_DIM)
+        else:
+            out_offsets = r[:, None] * N + n[None, :]
+            out_mask = r_ok[:, None] & n_ok[None, :]
+            if RESIDUAL:
+                y = _rounded(y, dtype) + tl.load(residual_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + out_offsets, y.to(dtype).to(out_ptr.dtype.element_ty), mask=out_mask)
 
-    def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, config=None, pdl=None):
+    def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, rotary=None, config=None,
+               pdl=None):
         """out (rows, N) from x (rows, K) and weight ((2 if gated else 1) * N, K); also runs in
-        Triton's interpreter (the CPU tests). `pdl`: programmatic dependent launch, by default
-        where the device has it (kernels.programmatic_launch)."""
+        Triton's interpreter (the CPU tests). `rotary`: (cos, sin, keys, values, slot) for q/k/v
+        (`norm_qkv_rotary`): out is then the query alone, key and value go into the cache. `pdl`:
+        programmatic dependent launch, by default where the device has it (kernels.programmatic_launch)."""
         rows, in_features = x.shape[0], weight.shape[1]
-        out_features = out.shape[1]
+        out_features = weight.shape[0] // 2 if gated else weight.shape[0]
         block_n, block_k, warps, stages, first_k = GemvConfig(*(config or _config(out_features, in_features, gated)))
         first_k = min(first_k or block_k, triton.next_power_of_2(in_features))
         pdl = kernels.programmatic_launch(x) if pdl is None else pdl
+        cos, sin, keys, values, slot = rotary if rotary is not None else (x,) * 5
+        _, kv_heads, slots, head_dim = keys.shape if rotary is not None else (0, 0, 0, 2)
+        if rotary is not None and block_n < 2:
+            raise ValueError("the rotary epilogue pairs rows: block_n must be at least 2")
         _few_row_linear_kernel[(triton.cdiv(out_features, block_n),)](
             x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x,
-            rows, out_features, in_features, eps,
-            NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
-            ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k, FIRST_K=first_k,
-            num_warps=warps, num_stages=stages, launch_pdl=pdl,
+            cos, sin, keys, values, slot,
+            rows, out_features, in_features, eps, out_features - 2 * kv_heads * head_dim, kv_heads * head_dim, slots,
+            NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, ROTARY=rotary is not None,
+            HEAD_DIM=head_dim, PDL=pdl, ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
+            FIRST_K=first_k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
         )  # fmt: skip
         return out
 
@@ -249,6 +355,22 @@ if triton is not None:
     @_norm_linear.register_fake
     def _(x, norm_weight, eps, weight, out_dtype):
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+    @torch.library.custom_op("herd::norm_qkv_rotary", mutates_args=("keys", "values"))
+    def _norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         slot: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0], _query_rows(weight, keys)))
+        return launch(x, weight, out, norm_weight=norm_weight, eps=eps,
+                      rotary=(cos.contiguous(), sin.contiguous(), keys, values, slot))
+
+    @_norm_qkv_rotary.register_fake
+    def _(x, norm_weight, eps, weight, cos, sin, keys, values, slot):
+        return x.new_empty((x.shape[0], _query_rows(weight, keys)))
+
+    def _query_rows(weight, keys):
+        return weight.shape[0] - 2 * keys.shape[1] * keys.shape[3]
 
     @torch.library.custom_op("herd::norm_swiglu", mutates_args=())
     def _norm_swiglu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:

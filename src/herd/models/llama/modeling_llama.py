@@ -18,7 +18,7 @@ from torch import nn
 
 from ...cache import Cache
 from ...generation import GenerationMixin, fast
-from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
+from ...layers.attention import AttentionMask, attention, build_attention_mask, decode_attention
 from ...layers import gemv
 from ...layers.fused import fuse_linears
 from ...layers.mlp import GatedMLP
@@ -116,13 +116,11 @@ class LlamaDecoderLayer(nn.Module):
         generation/fast.py). q/k/v and gate/up each run as one matmul."""
         attn, mlp = self.self_attn, self.mlp
         batch = hidden_states.shape[0]
-        qkv = gemv.norm_linear(hidden_states, self.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj)
-        # (batch, heads + 2 * kv_heads, 1, head_dim) -> query (batch, heads, 1, head_dim), key/value (batch, kv_heads, 1, head_dim)
-        query, key, value = qkv.view(batch, -1, 1, attn.head_dim).split(
-            [attn.num_heads, attn.num_key_value_heads, attn.num_key_value_heads], dim=1
-        )
-        query, key = apply_rotary(query, key, cos, sin)
-        attended = store_and_attend(keys, values, slot, allowed, query, key, value, attn.scaling)  # (batch, heads * head_dim)
+        # q/k/v, rotary, and the new key/value written at the slot: one kernel on the GPU
+        query = gemv.norm_qkv_rotary(hidden_states, self.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, cos, sin,
+                                     keys, values, slot)  # (batch, heads * head_dim)
+        query = query.view(batch, attn.num_heads, 1, attn.head_dim)
+        attended = decode_attention(query, keys, values, allowed, attn.scaling)  # (batch, heads * head_dim)
         hidden_states = gemv.linear_add(attended, attn.o_proj, hidden_states)
         return gemv.norm_mlp_add(hidden_states, self.post_attention_layernorm, mlp)
 
