@@ -41,6 +41,26 @@ def kernel_table(prof, steps: int, limit: int = 45) -> str:
     return "\n".join(lines)
 
 
+def kernel_sequence(prof, steps: int, first: int = 16, last: int = 6) -> str:
+    """The kernels of one step in launch order, each position averaged over the steps: duration,
+    and the gap from the previous kernel's end to its start (negative: they overlapped)."""
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    per_step = len(events) // steps
+    lines = [f"one step in order ({per_step} kernels; first {first}, last {last}): duration, gap before"]
+    for position in list(range(min(first, per_step))) + list(range(max(first, per_step - last), per_step)):
+        durations, gaps = [], []
+        for step in range(steps):
+            index = step * per_step + position
+            event = events[index]
+            durations.append(event.time_range.end - event.time_range.start)
+            if index > 0:
+                gaps.append(event.time_range.start - events[index - 1].time_range.end)
+        gap = sum(gaps) / len(gaps) if gaps else 0.0
+        lines.append(f"  {position:4d} {sum(durations) / steps:7.2f} us  gap {gap:6.2f}  {events[position].name[:90]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -95,7 +115,7 @@ def main() -> None:
         for _ in range(steps):
             graph.replay()
         torch.cuda.synchronize()
-    table = kernel_table(prof, steps)
+    table = kernel_table(prof, steps) + "\n" + kernel_sequence(prof, steps)
     print(table)
     name = f"{args.model}-b{args.batch}"
     with open(os.path.join(args.out, f"{name}-decode-kernels.txt"), "w") as f:

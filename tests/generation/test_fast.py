@@ -342,3 +342,23 @@ def test_cuda_other_prompt_lengths_and_max_new_tokens_do_not_recompile(llama_fol
         model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, do_sample=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     assert fast.fast_decoder(model).captures == 2  # one graph per bucket, no recompile
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 256, 1000, 128256])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_argmax_in_pieces_is_argmax(batch, vocab):
+    """Random values, ties (the first index wins, across and within slices), -inf and NaN."""
+    from herd.generation.fast import argmax_in_pieces
+
+    torch.manual_seed(vocab)
+    logits = torch.randn(batch, vocab)
+    assert torch.equal(argmax_in_pieces(logits), logits.argmax(-1))
+    tied = torch.randint(0, 3, (batch, vocab)).float()  # many equal maxima
+    assert torch.equal(argmax_in_pieces(tied), tied.argmax(-1))
+    masked = torch.full((batch, vocab), float("-inf"))
+    assert torch.equal(argmax_in_pieces(masked), masked.argmax(-1))
+    masked[:, -1] = 0.0
+    assert torch.equal(argmax_in_pieces(masked), masked.argmax(-1))
+    if vocab > 10:
+        logits[:, vocab // 2] = float("nan")
+        assert torch.equal(argmax_in_pieces(logits), logits.argmax(-1))

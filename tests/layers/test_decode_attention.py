@@ -26,9 +26,13 @@ def _case(batch, heads, kv_heads, slots, dim, dtype, seed=0, visible=0.7):
     return to(query), to(keys), to(values), allowed.to(DEVICE)
 
 
+def _slot(slot=0):
+    return torch.tensor([slot], device=DEVICE)
+
+
 def _torch_result(query, keys, values, allowed, scaling):
     with kernels.disabled():
-        return attention_over_cache(query, keys, values, allowed, scaling)
+        return attention_over_cache(query, keys, values, allowed, _slot(), scaling)
 
 
 def _check(out, query, keys, values, allowed, scaling):
@@ -53,14 +57,16 @@ def _check(out, query, keys, values, allowed, scaling):
         (3, 6, 6, 64, 64, None),  # no grouping (Llama 2 7B)
         (1, 32, 8, 256, 64, None),  # Llama-3.2-1B's heads
         (2, 4, 2, 70, 16, 8),  # more ranges than blocks: the later ranges are empty
-        (1, 8, 2, 300, 16, None),  # the default plan: 64 ranges, most of them empty
+        (1, 8, 2, 300, 16, None),  # the default plan: 5 ranges of 64 slots, the last one part-filled
     ],
 )
 def test_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
     query, keys, values, allowed = _case(batch, heads, kv_heads, slots, dim, dtype)
-    out = decode_attention.launch(query.reshape(batch, -1).contiguous(), keys, values, allowed, dim**-0.5, splits=splits)
-    assert out.shape == (batch, heads * dim)
-    _check(out, query, keys, values, allowed, dim**-0.5)
+    for new_slot in (0, slots // 2, slots - 1):  # the slot read again after the previous kernel: in the first block or not
+        out = decode_attention.launch(query.reshape(batch, -1).contiguous(), keys, values, allowed, _slot(new_slot),
+                                      dim**-0.5, splits=splits)
+        assert out.shape == (batch, heads * dim)
+        _check(out, query, keys, values, allowed, dim**-0.5)
 
 
 @needs_triton
@@ -68,7 +74,7 @@ def test_a_range_with_nothing_visible_does_not_poison_the_merge():
     """Only the first slots are visible: the later ranges hold no allowed key at all."""
     query, keys, values, allowed = _case(1, 4, 2, 256, 16, torch.float32)
     allowed[:, 10:] = False
-    out = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, 0.25, splits=4)
+    out = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, _slot(3), 0.25, splits=4)
     assert torch.isfinite(out).all()
     _check(out, query, keys, values, allowed, 0.25)
 
@@ -76,18 +82,20 @@ def test_a_range_with_nothing_visible_does_not_poison_the_merge():
 @needs_triton
 def test_masked_slots_are_ignored_whatever_they_hold():
     query, keys, values, allowed = _case(1, 4, 2, 128, 16, torch.float32)
-    expected = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, 0.25)
+    expected = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, _slot(), 0.25)
     keys[:, :, ~allowed[0]] = 1e4
     values[:, :, ~allowed[0]] = -1e4
-    out = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, 0.25)
+    out = decode_attention.launch(query.reshape(1, -1).contiguous(), keys, values, allowed, _slot(), 0.25)
     torch.testing.assert_close(out, expected)
 
 
 @needs_triton
 def test_plan_splits():
-    assert decode_attention.plan_splits(1, 8) == 16  # about one program per SM
-    assert decode_attention.plan_splits(4, 8) == 4
-    assert decode_attention.plan_splits(64, 8) == 1  # the batch fills the GPU already
+    assert decode_attention.plan_splits(1, 8, 4096) == 16  # about one program per SM
+    assert decode_attention.plan_splits(1, 8, 256) == 4  # no range shorter than a block of 64 slots
+    assert decode_attention.plan_splits(1, 8, 65) == 2
+    assert decode_attention.plan_splits(4, 8, 4096) == 4
+    assert decode_attention.plan_splits(64, 8, 4096) == 1  # the batch fills the GPU already
 
 
 def test_applies():

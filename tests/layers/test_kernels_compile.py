@@ -58,7 +58,7 @@ COMPILE_ALL = textwrap.dedent('''
                     num_stages=config.stages, launch_pdl=pdl)
 
     attention_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "allowed_ptr": "*i1",
-                           "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
+                           "new_slot_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
                            "part_sum_ptr": "*fp32", "kv_heads": "i32", "slots": "i32", "slots_per_split": "i32",
                            "scaling": "fp32"}
     for pdl, splits, group, dim in [(True, 16, 4, 128), (False, 1, 8, 64), (True, 4, 5, 128)]:

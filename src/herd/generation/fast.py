@@ -461,9 +461,22 @@ class FastDecoder:
 def _greedy_tail(logits: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor, cache_position: torch.Tensor) -> None:
     """After a step (cache_position already moved on): its argmax becomes the next input and is
     kept at the step's slot of chosen (batch, cache length)."""
-    next_tokens = logits.argmax(dim=-1)  # (batch,)
+    next_tokens = argmax_in_pieces(logits)  # (batch,)
     tokens.copy_(next_tokens)
     chosen.index_copy_(1, cache_position - 1, next_tokens[:, None])
+
+
+def argmax_in_pieces(logits: torch.Tensor, pieces: int = 256) -> torch.Tensor:
+    """logits (batch, vocab) -> (batch,): argmax(dim=-1), the first index of the largest value,
+    as the largest of each of `pieces` slices and then the largest of those. Compiled, a one-row
+    argmax over a vocabulary is one program walking 128256 values (24 us on an H100, 2% of a 1B
+    step); the slices spread that over the GPU."""
+    batch, vocab = logits.shape
+    width = -(-vocab // pieces)
+    padded = torch.nn.functional.pad(logits, (0, width * pieces - vocab), value=float("-inf"))
+    largest, within = padded.view(batch, pieces, width).max(dim=-1)  # (batch, pieces) each
+    piece = largest.argmax(dim=-1, keepdim=True)  # (batch, 1): the first slice holding the maximum
+    return (piece * width + within.gather(1, piece)).squeeze(1)
 
 
 @functools.cache

@@ -254,14 +254,16 @@ def flex_attention(query, key, value, mask: AttentionMask, scaling: float, dropo
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                     scaling: float) -> torch.Tensor:
+                     new_slot: torch.Tensor, scaling: float) -> torch.Tensor:
     """One query per row over a preallocated cache, reading each cached key/value once.
 
-    query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots).
+    query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots);
+    new_slot (1,): the slot this step's key/value were just written to (the kernel reads the
+    others before the previous kernel ends).
     Returns (batch, heads * dim). The query heads that share a kv head are rows of one matmul, so
     grouped-query attention never copies the cache.
     """
-    attended = decode_kernels.attend(query, keys, values, allowed, scaling)
+    attended = decode_kernels.attend(query, keys, values, allowed, new_slot, scaling)
     if attended is not None:
         return attended
     batch, heads, _, dim = query.shape
@@ -278,7 +280,7 @@ def store_and_attend(keys, values, slot, allowed, query, key, value, scaling: fl
     query (batch, heads, 1, head_dim) -> (batch, heads * head_dim)."""
     keys[:, :, slot] = key.to(keys.dtype)
     values[:, :, slot] = value.to(values.dtype)
-    return decode_attention(query, keys, values, allowed, scaling)
+    return decode_attention(query, keys, values, allowed, slot, scaling)
 
 
 _BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention}

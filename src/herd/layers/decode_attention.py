@@ -31,11 +31,11 @@ BLOCK_SLOTS = 64  # keys read per loop step
 TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the grid is this large
 
 
-def plan_splits(batch: int, kv_heads: int) -> int:
-    """How many slot ranges: enough programs to keep the SMs reading. It does not depend on the
-    number of slots, so that a longer cache (the next length bucket) reuses the compiled step;
-    ranges past the filled slots are empty and cost a launch of a program that exits."""
-    return max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
+def plan_splits(batch: int, kv_heads: int, slots: int) -> int:
+    """How many slot ranges: enough programs to keep the SMs reading, but no range shorter than a
+    block. (The operator is opaque to the compiler: another count for another cache length is
+    another Triton specialisation, not a recompiled step.)"""
+    return max(1, min(TARGET_PROGRAMS // max(1, batch * kv_heads), -(-slots // BLOCK_SLOTS)))
 
 
 def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -51,16 +51,32 @@ def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
     )
 
 
-def attend(query, keys, values, allowed, scaling: float):
-    """query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots)
-    -> (batch, heads * dim), or None where the kernels do not apply."""
+def attend(query, keys, values, allowed, new_slot, scaling: float):
+    """query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots);
+    new_slot (1,) the slot this step wrote -> (batch, heads * dim), or None where the kernels do not apply."""
     if not applies(query, keys):
         return None
     batch, heads, _, dim = query.shape
-    return torch.ops.herd.decode_attention(query.reshape(batch, heads * dim), keys, values, allowed, scaling)
+    return torch.ops.herd.decode_attention(query.reshape(batch, heads * dim), keys, values, allowed, new_slot, scaling)
 
 
 if triton is not None:
+
+    @triton.jit
+    def _attend_block(query, key, value, visible, running_max, running_sum, acc, scaling, dtype: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        """One block of slots into the running softmax: query (GROUP_PAD, DIM), key/value (BLOCK, DIM),
+        visible (BLOCK,). Returns the new running max and sum (GROUP_PAD,) and acc (GROUP_PAD, DIM)."""
+        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)  # (GROUP_PAD, BLOCK)
+        scores = (scores.to(dtype).to(tl.float32) * scaling).to(tl.float32)  # compile passes floats as float64
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a range with nothing visible yet
+        weights = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(running_max - shift)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(dtype), value, input_precision=PRECISION)
+        return new_max, running_sum, acc
 
     @triton.jit
     def _attend_range_kernel(
@@ -68,6 +84,7 @@ if triton is not None:
         k_ptr,  # (batch, kv_heads, slots, DIM)
         v_ptr,
         allowed_ptr,  # (batch, slots), bool
+        new_slot_ptr,  # (1,): the slot the previous kernel wrote this step's key/value into
         out_ptr,  # (batch, heads * DIM) when SPLITS == 1
         part_out_ptr,  # (batch, heads, SPLITS, DIM) float32: unnormalised sums of weights * values
         part_max_ptr,  # (batch, heads, SPLITS) float32: the range's largest score
@@ -85,44 +102,48 @@ if triton is not None:
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
     ):
         dtype = k_ptr.dtype.element_ty
-        if PDL:  # the query and the newest slot come from the previous kernel: nothing to read before it ends
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         row_head = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         row = row_head // kv_heads
         kv_head = row_head % kv_heads
         heads = kv_heads * GROUP
-
-        g = tl.arange(0, GROUP_PAD)
-        g_ok = g < GROUP
         d = tl.arange(0, DIM)
-        q_offsets = (row * heads + kv_head * GROUP + g)[:, None] * DIM + d[None, :]
-        query = tl.load(q_ptr + q_offsets, mask=g_ok[:, None], other=0.0)  # (GROUP_PAD, DIM)
-
         cache_base = row_head.to(tl.int64) * slots * DIM
         start = split * slots_per_split
         end = tl.minimum(start + slots_per_split, slots)
-        running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-        running_sum = tl.zeros((GROUP_PAD,), tl.float32)
-        acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
-        for block_start in range(start, end, BLOCK):
+
+        # The range's first block of keys and values was written by earlier steps, all but the
+        # newest slot: with PDL it is read while the previous kernel (q/k/v) still runs, and the
+        # newest slot read again once that kernel is done.
+        s = start + tl.arange(0, BLOCK)
+        s_ok = s < end
+        kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
+        key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")  # (BLOCK, DIM)
+        value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        newest = (s == tl.load(new_slot_ptr)) & s_ok
+        key = tl.where(newest[:, None], tl.load(k_ptr + kv_offsets, mask=newest[:, None], other=0.0), key)
+        value = tl.where(newest[:, None], tl.load(v_ptr + kv_offsets, mask=newest[:, None], other=0.0), value)
+
+        g = tl.arange(0, GROUP_PAD)
+        g_ok = g < GROUP
+        q_offsets = (row * heads + kv_head * GROUP + g)[:, None] * DIM + d[None, :]
+        query = tl.load(q_ptr + q_offsets, mask=g_ok[:, None], other=0.0)  # (GROUP_PAD, DIM)
+        visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
+        running_max, running_sum, acc = _attend_block(
+            query, key, value, visible, tl.full((GROUP_PAD,), float("-inf"), tl.float32),
+            tl.zeros((GROUP_PAD,), tl.float32), tl.zeros((GROUP_PAD, DIM), tl.float32), scaling, dtype, PRECISION)
+        for block_start in range(start + BLOCK, end, BLOCK):
             s = block_start + tl.arange(0, BLOCK)
             s_ok = s < end
             kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
-            key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")  # (BLOCK, DIM)
-            scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)  # (GROUP_PAD, BLOCK)
-            scores = (scores.to(dtype).to(tl.float32) * scaling).to(tl.float32)  # compile passes floats as float64
-            visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
-            scores = tl.where(visible[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a range with nothing visible yet
-            weights = tl.exp(scores - shift[:, None])
-            rescale = tl.exp(running_max - shift)
-            running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+            key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
             value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
-            acc = acc * rescale[:, None] + tl.dot(weights.to(dtype), value, input_precision=PRECISION)
-            running_max = new_max
+            visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
+            running_max, running_sum, acc = _attend_block(query, key, value, visible, running_max, running_sum, acc,
+                                                          scaling, dtype, PRECISION)
 
         head = kv_head * GROUP + g  # (GROUP_PAD,)
         if SPLITS == 1:
@@ -154,21 +175,21 @@ if triton is not None:
         out = tl.sum(parts * scale[:, None], axis=0) / total  # (DIM,)
         tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
 
-    def launch(query, keys, values, allowed, scaling: float, splits: int | None = None, pdl: bool | None = None):
+    def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
         (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it."""
         pdl = kernels.programmatic_launch(query) if pdl is None else pdl
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
         group = heads // kv_heads
-        splits = splits or plan_splits(batch, kv_heads)
+        splits = splits or plan_splits(batch, kv_heads, slots)
         slots_per_split = (slots + splits * BLOCK_SLOTS - 1) // (splits * BLOCK_SLOTS) * BLOCK_SLOTS
         out = torch.empty_like(query)
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
         part_max = query.new_empty((batch, heads, splits), dtype=torch.float32)
         part_sum = torch.empty_like(part_max)
         _attend_range_kernel[(batch * kv_heads, splits)](
-            query, keys, values, allowed, out, part_out, part_max, part_sum,
+            query, keys, values, allowed, new_slot, out, part_out, part_max, part_sum,
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=BLOCK_SLOTS,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl,
@@ -184,9 +205,9 @@ if triton is not None:
     # an opaque operator, as layers/gemv.py's: Triton's launcher keeps the programmatic-launch attribute
     @torch.library.custom_op("herd::decode_attention", mutates_args=())
     def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                          scaling: float) -> torch.Tensor:
-        return launch(query.contiguous(), keys, values, allowed, scaling)
+                          new_slot: torch.Tensor, scaling: float) -> torch.Tensor:
+        return launch(query.contiguous(), keys, values, allowed, new_slot, scaling)
 
     @_decode_attention.register_fake
-    def _(query, keys, values, allowed, scaling):
+    def _(query, keys, values, allowed, new_slot, scaling):
         return torch.empty_like(query, memory_format=torch.contiguous_format)

@@ -120,7 +120,7 @@ class LlamaDecoderLayer(nn.Module):
         query = gemv.norm_qkv_rotary(hidden_states, self.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, cos, sin,
                                      keys, values, slot)  # (batch, heads * head_dim)
         query = query.view(batch, attn.num_heads, 1, attn.head_dim)
-        attended = decode_attention(query, keys, values, allowed, attn.scaling)  # (batch, heads * head_dim)
+        attended = decode_attention(query, keys, values, allowed, slot, attn.scaling)  # (batch, heads * head_dim)
         hidden_states = gemv.linear_add(attended, attn.o_proj, hidden_states)
         return gemv.norm_mlp_add(hidden_states, self.post_attention_layernorm, mlp)
 
