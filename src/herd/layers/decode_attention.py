@@ -102,6 +102,8 @@ if triton is not None:
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
     ):
         dtype = k_ptr.dtype.element_ty
+        if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
+            tl.extra.cuda.gdc_launch_dependents()
         row_head = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         row = row_head // kv_heads
@@ -122,7 +124,6 @@ if triton is not None:
         value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         newest = (s == tl.load(new_slot_ptr)) & s_ok
         key = tl.where(newest[:, None], tl.load(k_ptr + kv_offsets, mask=newest[:, None], other=0.0), key)
         value = tl.where(newest[:, None], tl.load(v_ptr + kv_offsets, mask=newest[:, None], other=0.0), value)
@@ -160,9 +161,9 @@ if triton is not None:
         part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
         SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row_head = tl.program_id(0)  # row * heads + head
         p = tl.arange(0, SPLITS_PAD)
         p_ok = p < SPLITS
@@ -198,7 +199,8 @@ if triton is not None:
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](
                 part_out, part_max, part_sum, out,
-                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl, num_warps=4, launch_pdl=pdl,
+                SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl, num_warps=4,
+                launch_pdl=pdl,
             )  # fmt: skip
         return out
 

@@ -249,6 +249,8 @@ if triton is not None:
         FIRST_K: tl.constexpr,  # columns read in one load, before waiting for the previous kernel (a power of two)
     ):
         dtype = w_ptr.dtype.element_ty
+        if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
+            tl.extra.cuda.gdc_launch_dependents()
         n = _program_rows(ROTARY, BLOCK_N, HEAD_DIM)  # (BLOCK_N,) output features
         n_ok = n < N
         w_rows = n.to(tl.int64) * K
@@ -268,8 +270,6 @@ if triton is not None:
                                  eviction_policy="evict_first")
         if PDL:
             tl.extra.cuda.gdc_wait()  # everything below may read what the previous kernel wrote
-            tl.extra.cuda.gdc_launch_dependents()
-
         first_k_ok = first_cols < K
         x_first = _load_x(x_ptr, r, r_ok, first_cols, first_k_ok, K)  # (ROWS, FIRST_K)
         inv_rms = tl.zeros((ROWS,), tl.float32)
@@ -286,25 +286,24 @@ if triton is not None:
         first = tl.sum(x_first * w_first.to(tl.float32)[None, :, :], axis=2)  # (ROWS, BLOCK_N)
         if GATED:
             first_up = tl.sum(x_first * w_up_first.to(tl.float32)[None, :, :], axis=2)
-        # per-column products summed once at the end: (ROWS, BLOCK_N, BLOCK_K)
-        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), tl.float32)
+        acc = first  # (ROWS, BLOCK_N)
         if GATED:
-            acc_up = tl.zeros((ROWS, BLOCK_N, BLOCK_K), tl.float32)
+            acc_up = first_up
         for start in range(FIRST_K, K, BLOCK_K):
             k = start + cols
             k_ok = k < K
             xf = _normed(_load_x(x_ptr, r, r_ok, k, k_ok, K), norm_w_ptr, inv_rms, k, k_ok, NORM, dtype)
             w_mask = n_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            acc += xf * w.to(tl.float32)[None, :, :]
+            acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
             if GATED:
                 w_up = tl.load(w_ptr + N * K + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0,
                                eviction_policy="evict_first")
-                acc_up += xf * w_up.to(tl.float32)[None, :, :]
+                acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
 
-        y = (first + tl.sum(acc, axis=2)).to(dtype).to(tl.float32)  # (ROWS, BLOCK_N), rounded as the matmul's output
+        y = acc.to(dtype).to(tl.float32)  # (ROWS, BLOCK_N), rounded as the matmul's output
         if GATED:
-            up = (first_up + tl.sum(acc_up, axis=2)).to(dtype).to(tl.float32)
+            up = acc_up.to(dtype).to(tl.float32)
             activated = (y * tl.sigmoid(y)).to(dtype).to(tl.float32)
             y = activated * up
         if ROTARY:

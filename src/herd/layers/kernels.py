@@ -52,8 +52,13 @@ def _device_has_pdl(index: int) -> bool:
 def programmatic_launch(tensor: torch.Tensor) -> bool:
     """Whether the decode kernels (layers/gemv.py, layers/decode_attention.py) launch with
     programmatic dependent launch: on Hopper and later a kernel's programs may then start while
-    the previous kernel's last programs finish, and read what does not depend on it (the weights)
-    before waiting for it. HERD_DISABLE_PDL=1 turns it off."""
+    the previous kernel still runs, and read what does not depend on it (the weights, the older
+    cache slots) before waiting for it (`gdc_wait`: the previous kernel, and so every earlier
+    one, has finished and its writes are visible). Each kernel lets the next one launch as soon
+    as its own programs start. That is safe because every kernel keeps one rule: before its
+    wait it reads only what no kernel of the step writes, and it writes only after its wait.
+    Measured on an H100 against letting the next kernel launch only after the wait: 8B step
+    5.57 -> 5.43 ms, 1B 1.075 -> 1.045 ms. HERD_DISABLE_PDL=1 turns it off."""
     return tensor.is_cuda and not os.environ.get("HERD_DISABLE_PDL") and _device_has_pdl(
         tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     )
