@@ -205,14 +205,17 @@ class FastCache(Cache):
         return [self.buffers.keys, self.buffers.values]
 
 
-def _decode(model, masks, tokens, positions, cache_position, keys, values, windows, key_real, ring_positions, ring_real):
+def _decode(model, masks, tokens, positions, cache_position, keys, values, windows, key_real, ring_positions, ring_real,
+            advance: bool = True):
     """The captured function: rebuild the cache view from flat tensors, run the model's step, and
-    move positions and cache_position on to the next token (in place: the graph's inputs)."""
+    (advance) move positions and cache_position on to the next token (in place: the graph's
+    inputs; greedy decoding's tail does that itself, in its own kernel)."""
     buffers = DecodeBuffers(keys, values, windows, key_real, ring_positions, ring_real)
     cache = DecodeCache(buffers, cache_position, positions, masks)
     logits = model.decode_step(tokens, positions, cache)  # (batch, vocab), float32
-    positions.add_(1)
-    cache_position.add_(1)
+    if advance:
+        positions.add_(1)
+        cache_position.add_(1)
     return logits
 
 
@@ -387,7 +390,8 @@ class FastDecoder:
         first = self.slot
         if not self.capture:
             for _ in range(steps):
-                _greedy_tail(_decode(*self._arguments()), entry.tokens, entry.chosen_buffer(), entry.cache_position)
+                _greedy_tail(_decode(*self._arguments(), advance=False), entry.tokens, entry.chosen_buffer(),
+                             entry.positions, entry.cache_position)
         else:
             if entry.greedy_graph is None:
                 self._capture(greedy=True)
@@ -430,9 +434,9 @@ class FastDecoder:
         tail = (compiled_once(_greedy_tail) if self.use_compile else _greedy_tail) if greedy else None
 
         def run():
-            logits = _decode(*self._arguments())
+            logits = _decode(*self._arguments(), advance=not greedy)
             if greedy:
-                tail(logits, entry.tokens, chosen, entry.cache_position)
+                tail(logits, entry.tokens, chosen, entry.positions, entry.cache_position)
             return logits
 
         def rewind():
@@ -458,12 +462,15 @@ class FastDecoder:
         self.captures += 1
 
 
-def _greedy_tail(logits: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor, cache_position: torch.Tensor) -> None:
-    """After a step (cache_position already moved on): its argmax becomes the next input and is
-    kept at the step's slot of chosen (batch, cache length)."""
+def _greedy_tail(logits: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor, positions: torch.Tensor,
+                 cache_position: torch.Tensor) -> None:
+    """After a step: its argmax becomes the next input and is kept at the step's slot of chosen
+    (batch, cache length); positions and cache_position move on to the next token."""
     next_tokens = argmax_in_pieces(logits)  # (batch,)
     tokens.copy_(next_tokens)
-    chosen.index_copy_(1, cache_position - 1, next_tokens[:, None])
+    chosen.index_copy_(1, cache_position, next_tokens[:, None])
+    positions.add_(1)
+    cache_position.add_(1)
 
 
 def argmax_in_pieces(logits: torch.Tensor, pieces: int = 256) -> torch.Tensor:
