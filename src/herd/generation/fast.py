@@ -348,8 +348,8 @@ class FastDecoder:
         # Each (model shape, dtype, batch size, layer kind) adds an entry to the shared code's
         # cache; dynamo's default limit of 8 is soon reached by a process that runs a few models.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # combo_kernels: the small independent kernels of a layer (rotary of q, rotary + cache
-        # write of k, cache write of v) launch as one
+        # combo_kernels: the small independent kernels of a layer launch as one (Llama 4's rotary
+        # of q and k and the cache writes; Llama's q/k/v kernel does those in its epilogue)
         options = {"coordinate_descent_tuning": not os.environ.get("HERD_FAST_PATH_NO_TUNING"), "combo_kernels": True}
         for owner, name in units:
             if name not in owner.__dict__:  # not compiled yet
