@@ -196,6 +196,7 @@ def _rotary_tables(rows, head_dim, dtype, seed=1):
         (2, 4, 2, 16, 64, 5, (4, 32, 4, 1, 64)),
         (3, 3, 1, 8, 33, 7, (8, 16, 2, 1)),  # pairs of two heads per program, a tail of x
         (4, 2, 2, 32, 96, 2, None),  # the default configuration
+        (2, 3, 1, 12, 40, 4, (4, 16, 1, 1)),  # a head size that is not a power of two
     ],
 )
 def test_rotary_epilogue_matches_the_torch_arithmetic(dtype, rows, heads, kv_heads, head_dim, hidden, slot, config):
