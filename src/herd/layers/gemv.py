@@ -305,10 +305,10 @@ if triton is not None:
                                eviction_policy="evict_first")
                 acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
 
-        y = acc.to(dtype).to(tl.float32)  # (ROWS, BLOCK_N), rounded as the matmul's output
+        y = _rounded(acc, dtype)  # (ROWS, BLOCK_N), rounded as the matmul's output
         if GATED:
-            up = acc_up.to(dtype).to(tl.float32)
-            activated = (y * tl.sigmoid(y)).to(dtype).to(tl.float32)
+            up = _rounded(acc_up, dtype)
+            activated = _rounded(y * tl.sigmoid(y), dtype)
             y = activated * up
         if ROTARY:
             _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, q_rows, kv_rows,
