@@ -55,7 +55,8 @@ def _check(out, query, keys, values, allowed, scaling):
         (2, 8, 2, 200, 32, 3),  # ranges of unequal fill, slots not a multiple of the block
         (1, 5, 1, 130, 16, 2),  # a group of 5 query heads (Llama 4 Scout's 40 / 8)
         (3, 6, 6, 64, 64, None),  # no grouping (Llama 2 7B)
-        (1, 32, 8, 256, 64, None),  # Llama-3.2-1B's heads
+        (1, 32, 8, 256, 64, None),  # Llama-3.2-1B's heads: 8 ranges of one block of 32
+        (2, 8, 2, 300, 128, None),  # 128 dimensions: blocks of 64
         (2, 4, 2, 70, 16, 8),  # more ranges than blocks: the later ranges are empty
         (1, 8, 2, 300, 16, None),  # the default plan: 5 ranges of 64 slots, the last one part-filled
     ],
@@ -96,6 +97,12 @@ def test_plan_splits():
     assert decode_attention.plan_splits(1, 8, 65) == 2
     assert decode_attention.plan_splits(4, 8, 4096) == 4
     assert decode_attention.plan_splits(64, 8, 4096) == 1  # the batch fills the GPU already
+    assert decode_attention.plan_splits(1, 8, 256, block=32) == 8
+
+
+def test_plan_block():
+    assert decode_attention.plan_block(64) == 32  # Llama-3.2-1B's heads: shorter blocks, more ranges
+    assert decode_attention.plan_block(128) == 64
 
 
 def test_applies():

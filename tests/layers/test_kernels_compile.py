@@ -61,8 +61,8 @@ COMPILE_ALL = textwrap.dedent('''
                            "new_slot_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
                            "part_sum_ptr": "*fp32", "kv_heads": "i32", "slots": "i32", "slots_per_split": "i32",
                            "scaling": "fp32"}
-    for pdl, splits, group, dim in [(True, 16, 4, 128), (False, 1, 8, 64), (True, 4, 5, 128)]:
-        constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.BLOCK_SLOTS,
+    for pdl, splits, group, dim in [(True, 16, 4, 128), (False, 1, 8, 64), (True, 4, 5, 128), (True, 8, 4, 64)]:
+        constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.plan_block(dim),
                          PRECISION="tf32", PDL=pdl)
         compile_one(f"attention pdl={pdl} splits={splits} group={group} dim={dim}",
                     decode_attention._attend_range_kernel, attention_signature, constants, num_warps=4,
