@@ -47,6 +47,13 @@ def _f64(*tensors):
     return [t.double() for t in tensors]
 
 
+@pytest.fixture
+def one_multiprocessor(monkeypatch):
+    """Persistent configurations size their grid by the SM count: as if there were one, so that a
+    few programs loop over these small widths on a GPU as in the interpreter."""
+    monkeypatch.setattr(gemv.kernels, "multiprocessors", lambda device: 1)
+
+
 SHAPES = [(1, 24, 40), (2, 64, 128), (3, 33, 300), (4, 40, 96)]  # rows, out, in: tails in both dimensions
 
 
@@ -78,16 +85,19 @@ class TestKernel:
 
         _close(out, reference(x, norm_weight, weight), dtype, reference(*_f64(x, norm_weight, weight)))
 
-    def test_linear_plus_residual(self, dtype, rows, out_features, in_features):
+    def test_linear_plus_residual(self, dtype, rows, out_features, in_features, one_multiprocessor):
         x, _, weight, residual = _inputs(rows, out_features, in_features, dtype)
-        out = gemv.launch(x, weight, torch.empty_like(residual), residual=residual, config=SMALL_CONFIG)
         reference = lambda x, weight, residual: residual + nn.functional.linear(x, weight)  # noqa: E731
-        _close(out, reference(x, weight, residual), dtype, reference(*_f64(x, weight, residual)))
+        # the persistent loop too: 3 programs over all blocks, each reading its next block ahead
+        for config in [SMALL_CONFIG] + ([(2, 64, 4, 1, 512, 3)] if in_features <= 512 else []):
+            out = gemv.launch(x, weight, torch.empty_like(residual), residual=residual, config=config)
+            _close(out, reference(x, weight, residual), dtype, reference(*_f64(x, weight, residual)))
 
 
 @needs_triton
-@pytest.mark.parametrize("config", [(2, 16, 1, 1), (4, 64, 2, 2), (16, 128, 4, 3), (2, 16, 1, 1, 64), (4, 32, 4, 1, 256), None])
-def test_every_configuration_computes_the_same(config):
+@pytest.mark.parametrize("config", [(2, 16, 1, 1), (4, 64, 2, 2), (16, 128, 4, 3), (2, 16, 1, 1, 64), (4, 32, 4, 1, 256), None,
+                                    (2, 16, 1, 1, 256, 3), (8, 64, 4, 1, 256, 2)])  # persistent: (the interpreter has 1 SM)
+def test_every_configuration_computes_the_same(config, one_multiprocessor):
     x, norm_weight, weight, _ = _inputs(2, 70, 200, torch.float32, gated=True)
     out = gemv.launch(x, weight, x.new_empty(2, 70), norm_weight=norm_weight, eps=1e-5, gated=True, config=config)
     gate, up = nn.functional.linear(rms_norm(x, norm_weight, 1e-5), weight).chunk(2, dim=-1)
@@ -97,10 +107,11 @@ def test_every_configuration_computes_the_same(config):
 def test_default_configuration_is_valid():
     for out_features, in_features in [(3072, 2048), (128256, 4096), (14336, 4096), (4096, 14336), (5, 3)]:
         for gated in (False, True):
-            block_n, block_k, warps, stages, first_k = gemv._config(out_features, in_features, gated)
+            block_n, block_k, warps, stages, first_k, programs_per_sm = gemv._config(out_features, in_features, gated)
             for power_of_two in (block_n, block_k, warps, first_k or 1):
                 assert power_of_two & (power_of_two - 1) == 0
             assert stages >= 1
+            assert programs_per_sm >= 0
 
 
 def _layers(bias=False, act="silu"):
@@ -197,9 +208,11 @@ def _rotary_tables(rows, head_dim, dtype, seed=1):
         (3, 3, 1, 8, 33, 7, (8, 16, 2, 1)),  # pairs of two heads per program, a tail of x
         (4, 2, 2, 32, 96, 2, None),  # the default configuration
         (2, 3, 1, 12, 40, 4, (4, 16, 1, 1)),  # a head size that is not a power of two
+        (2, 4, 2, 16, 64, 3, (4, 32, 4, 1, 64, 5)),  # persistent: 5 programs loop over 16 blocks
     ],
 )
-def test_rotary_epilogue_matches_the_torch_arithmetic(dtype, rows, heads, kv_heads, head_dim, hidden, slot, config):
+def test_rotary_epilogue_matches_the_torch_arithmetic(dtype, rows, heads, kv_heads, head_dim, hidden, slot, config,
+                                                     one_multiprocessor):
     """q/k/v with the rotary and the cache write in the kernel: the query, the new cache slot and
     nothing else of the cache, as norm_linear + rotate + index write give them."""
     norm, projections = _attention_layers(heads, kv_heads, head_dim, hidden, dtype)

@@ -51,11 +51,21 @@ COMPILE_ALL = textwrap.dedent('''
         config = gemv._config(out_features, in_features, gated)
         first_k = min(config.first_k or config.block_k, triton.next_power_of_2(in_features))
         constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=128 if rotary else 2,
-                         PDL=pdl, ROWS=rows, BLOCK_N=config.block_n, BLOCK_K=config.block_k, FIRST_K=first_k)
+                         PDL=pdl, ROWS=rows, PERSISTENT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                         FIRST_K=first_k)
         compile_one(f"gemv pdl={pdl} norm={norm} gated={gated} residual={residual} rotary={rotary} "
                     f"{in_features}->{out_features} rows={rows}",
                     gemv._few_row_linear_kernel, gemv_signature, constants, num_warps=config.warps,
                     num_stages=config.stages, launch_pdl=pdl)
+
+    # the persistent loop (whole rows in the first read)
+    for (norm, gated, residual, rotary), (in_features, out_features, block_n, warps) in itertools.product(
+            modes, [(2048, 3072, 4, 4), (8192, 2048, 2, 8)]):
+        constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=64 if rotary else 2,
+                         PDL=True, ROWS=1, PERSISTENT=True, BLOCK_N=block_n, BLOCK_K=2048, FIRST_K=in_features)
+        compile_one(f"gemv pdl=True persistent norm={norm} gated={gated} residual={residual} rotary={rotary} "
+                    f"{in_features}->{out_features}", gemv._few_row_linear_kernel, gemv_signature, constants,
+                    num_warps=warps, num_stages=1, launch_pdl=True)
 
     attention_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "allowed_ptr": "*i1",
                            "new_slot_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
@@ -92,7 +102,7 @@ def compiled():
 def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
-    assert len(compiled) >= 115  # the gemv grid (2 x 4 x 7 x 2) and the attention kernels all ran
+    assert len(compiled) >= 124  # the gemv grid (2 x 4 x 7 x 2), 8 persistent, the attention kernels
 
 
 def test_programmatic_launch_is_compiled_in_when_asked(compiled):

@@ -16,6 +16,10 @@ Here each projection is one kernel with a fixed, measured configuration (`_confi
 - `norm_gated_activation`: silu(gate(n)) * up(n) with n = rms_norm(x), what down reads;
 - `linear_add`: residual + linear(x) (o and down).
 
+A configuration may make the kernel persistent: a few programs per SM, each looping over its
+share of the weight's row blocks and requesting the next block's weights before the products of
+the current one, with x read and normed once per program.
+
 Each function runs its kernel for CUDA tensors of at most `MAX_ROWS` rows when Triton is
 installed, the layers have no bias and the dtypes agree; otherwise it runs the same arithmetic in
 torch, rounded at the same points (the CPU path, larger batches, `generate(disable_compile=True)`,
@@ -130,6 +134,7 @@ class GemvConfig(NamedTuple):
     warps: int = 4
     stages: int = 1
     first_k: int | None = None  # columns read in one go before the loop (block_k if None): more bytes in flight
+    programs_per_sm: int = 0  # > 0: this many programs per SM loop over the blocks (whole rows in the first read)
 
 
 def _config(out_features: int, in_features: int, gated: bool) -> GemvConfig:
@@ -137,14 +142,22 @@ def _config(out_features: int, in_features: int, gated: bool) -> GemvConfig:
     of a layer's four projections in one CUDA graph at the 1B and 8B widths. What mattered most:
     reading a whole row (up to 4096 columns) in one go, so that every program has all of its loads
     in flight at once (8B: 171.7 -> 150.9 us per layer of projections), and for the long rows of
-    down, 2048 columns per step."""
+    down, 2048 columns per step. For the 1B's MLP, persistent programs (`programs_per_sm`) that
+    read their next block while computing one, measured in the whole step with
+    bench/profile_decode.py; the same for its q/k/v, o and head, and for the 8B's gate/up, was
+    equal or slower."""
     if triton is None:
         return GemvConfig(4, 1024)
     row = triton.next_power_of_2(in_features)
-    if row > 4096 and not gated and out_features <= 2048:
-        # the 1B's down (2048 x 8192): 4 rows per program make too few programs; 2 rows, the
-        # first 4096 columns in one read (1B step 1.067 -> 1.058 ms; the 8B's down is better as below)
-        return GemvConfig(2, 2048, 4, 1, 4096)
+    if gated and row <= 2048:
+        # the 1B's gate/up (2 x 8192 x 2048): two programs per SM, each looping over blocks of 4
+        # gate and 4 up rows (1B step 0.987 -> 0.978 ms; 3 per SM with 2 rows: 0.980, 4: 1.108)
+        return GemvConfig(4, 2048, 8, 1, row, 2)
+    if 4096 < row <= 8192 and not gated and out_features <= 2048:
+        # the 1B's down (2048 x 8192): two programs per SM, each reading 2 whole rows per loop step
+        # while it computes the 2 before (1B step 1.037 -> 0.989 ms; one program per 2 rows with
+        # 4096 columns at once took 1.058 -> 1.037 of it before)
+        return GemvConfig(2, 2048, 8, 1, row, 2)
     first_k = row if row <= 4096 else None
     block_n = 2 if gated else 4
     # about 64 weight elements per thread in the first read: 8 warps for 4 rows of 4096
@@ -170,14 +183,27 @@ if triton is not None:
         return xv.to(tl.float32)[:, None, :]
 
     @triton.jit
-    def _program_rows(ROTARY: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """(BLOCK_N,) the weight rows (output features) of this program: BLOCK_N consecutive rows, or
-        with ROTARY BLOCK_N // 2 rotary pairs, rows d and d + HEAD_DIM // 2 of one head side by side."""
+    def _block_rows(block, ROTARY: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """(BLOCK_N,) the weight rows (output features) of a block: BLOCK_N consecutive rows, or with
+        ROTARY BLOCK_N // 2 rotary pairs, rows d and d + HEAD_DIM // 2 of one head side by side."""
         j = tl.arange(0, BLOCK_N)
         if ROTARY:
-            pair = tl.program_id(0) * (BLOCK_N // 2) + j // 2
+            pair = block * (BLOCK_N // 2) + j // 2
             return (pair // (HEAD_DIM // 2)) * HEAD_DIM + pair % (HEAD_DIM // 2) + (j % 2) * (HEAD_DIM // 2)
-        return tl.program_id(0) * BLOCK_N + j
+        return block * BLOCK_N + j
+
+    @triton.jit
+    def _load_rows(w_ptr, n, n_ok, N, K, cols, GATED: tl.constexpr):
+        """(BLOCK_N, width) each: columns cols of weight rows n (and of the up rows n + N when GATED),
+        zeros where not n_ok."""
+        mask = n_ok[:, None] & (cols < K)[None, :]
+        rows = n.to(tl.int64) * K
+        w = tl.load(w_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        w_up = w
+        if GATED:
+            w_up = tl.load(w_ptr + N * K + rows[:, None] + cols[None, :], mask=mask, other=0.0,
+                           eviction_policy="evict_first")
+        return w, w_up
 
     @triton.jit
     def _rounded(v, dtype: tl.constexpr):
@@ -223,6 +249,44 @@ if triton is not None:
                               q_rows, kv_rows, slots, HEAD_DIM)
 
     @triton.jit
+    def _block_output(block, w_first, w_up_first, x_first, x_ptr, w_ptr, out_ptr, residual_ptr, norm_w_ptr, inv_rms,
+                      cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N, K, q_rows, kv_rows, slots,
+                      dtype: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                      ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, FIRST_K: tl.constexpr):
+        """The outputs of one block of weight rows: w_first/w_up_first (BLOCK_N, FIRST_K) its first
+        columns, already read; x_first (ROWS, 1, FIRST_K) x's first columns, normed, float32."""
+        n = _block_rows(block, ROTARY, BLOCK_N, HEAD_DIM)  # (BLOCK_N,) output features
+        n_ok = n < N
+        acc = tl.sum(x_first * w_first.to(tl.float32)[None, :, :], axis=2)  # (ROWS, BLOCK_N)
+        acc_up = acc
+        if GATED:
+            acc_up = tl.sum(x_first * w_up_first.to(tl.float32)[None, :, :], axis=2)
+        for start in range(FIRST_K, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xf = _normed(_load_x(x_ptr, r, r_ok, k, k_ok, K), norm_w_ptr, inv_rms, k, k_ok, NORM, dtype)
+            w, w_up = _load_rows(w_ptr, n, n_ok, N, K, k, GATED)
+            acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
+            if GATED:
+                acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
+
+        y = _rounded(acc, dtype)  # (ROWS, BLOCK_N), rounded as the matmul's output
+        if GATED:
+            up = _rounded(acc_up, dtype)
+            activated = _rounded(y * tl.sigmoid(y), dtype)
+            y = activated * up
+        if ROTARY:
+            _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, q_rows, kv_rows,
+                             slots, dtype, ROWS, BLOCK_N, HEAD_DIM)
+        else:
+            out_offsets = r[:, None] * N + n[None, :]
+            out_mask = r_ok[:, None] & n_ok[None, :]
+            if RESIDUAL:
+                y = _rounded(y, dtype) + tl.load(residual_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + out_offsets, y.to(dtype).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
     def _few_row_linear_kernel(
         x_ptr,  # (rows, K)
         w_ptr,  # (N, K), or (2N, K) gate rows then up rows when GATED
@@ -248,6 +312,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
         ROWS: tl.constexpr,  # rows rounded up to a power of two
+        PERSISTENT: tl.constexpr,  # fewer programs than blocks, each looping over its share (FIRST_K >= K)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         FIRST_K: tl.constexpr,  # columns read in one load, before waiting for the previous kernel (a power of two)
@@ -255,23 +320,16 @@ if triton is not None:
         dtype = w_ptr.dtype.element_ty
         if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
-        n = _program_rows(ROTARY, BLOCK_N, HEAD_DIM)  # (BLOCK_N,) output features
-        n_ok = n < N
-        w_rows = n.to(tl.int64) * K
+        program = tl.program_id(0)
         r = tl.arange(0, ROWS)
         r_ok = r < rows
-        cols = tl.arange(0, BLOCK_K)
 
         # The first FIRST_K columns of the weight do not depend on the previous kernel: with PDL
         # they are requested while that kernel's last programs run, and only then does this
         # program wait for it.
         first_cols = tl.arange(0, FIRST_K)
-        first_ok = n_ok[:, None] & (first_cols < K)[None, :]  # (BLOCK_N, FIRST_K)
-        w_first = tl.load(w_ptr + w_rows[:, None] + first_cols[None, :], mask=first_ok, other=0.0,
-                          eviction_policy="evict_first")
-        if GATED:
-            w_up_first = tl.load(w_ptr + N * K + w_rows[:, None] + first_cols[None, :], mask=first_ok, other=0.0,
-                                 eviction_policy="evict_first")
+        n = _block_rows(program, ROTARY, BLOCK_N, HEAD_DIM)
+        w_first, w_up_first = _load_rows(w_ptr, n, n < N, N, K, first_cols, GATED)  # (BLOCK_N, FIRST_K) each
         if PDL:
             tl.extra.cuda.gdc_wait()  # everything below may read what the previous kernel wrote
         first_k_ok = first_cols < K
@@ -281,44 +339,31 @@ if triton is not None:
             x_float = x_first.to(tl.float32)
             square_sum = tl.sum(x_float * x_float, axis=1)  # (ROWS,)
             for start in range(FIRST_K, K, BLOCK_K):
-                k = start + cols
+                k = start + tl.arange(0, BLOCK_K)
                 x_chunk = _load_x(x_ptr, r, r_ok, k, k < K, K).to(tl.float32)
                 square_sum += tl.sum(x_chunk * x_chunk, axis=1)
             inv_rms = tl.rsqrt((square_sum / K + eps).to(tl.float32))  # the cast: compile passes floats as float64
+        x_first = _normed(x_first, norm_w_ptr, inv_rms, first_cols, first_k_ok, NORM, dtype)  # (ROWS, 1, FIRST_K)
 
-        x_first = _normed(x_first, norm_w_ptr, inv_rms, first_cols, first_k_ok, NORM, dtype)
-        first = tl.sum(x_first * w_first.to(tl.float32)[None, :, :], axis=2)  # (ROWS, BLOCK_N)
-        if GATED:
-            first_up = tl.sum(x_first * w_up_first.to(tl.float32)[None, :, :], axis=2)
-        acc = first  # (ROWS, BLOCK_N)
-        if GATED:
-            acc_up = first_up
-        for start in range(FIRST_K, K, BLOCK_K):
-            k = start + cols
-            k_ok = k < K
-            xf = _normed(_load_x(x_ptr, r, r_ok, k, k_ok, K), norm_w_ptr, inv_rms, k, k_ok, NORM, dtype)
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
-            acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
-            if GATED:
-                w_up = tl.load(w_ptr + N * K + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0,
-                               eviction_policy="evict_first")
-                acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
-
-        y = _rounded(acc, dtype)  # (ROWS, BLOCK_N), rounded as the matmul's output
-        if GATED:
-            up = _rounded(acc_up, dtype)
-            activated = _rounded(y * tl.sigmoid(y), dtype)
-            y = activated * up
-        if ROTARY:
-            _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, q_rows, kv_rows,
-                             slots, dtype, ROWS, BLOCK_N, HEAD_DIM)
+        if PERSISTENT:
+            # A program per few SMs' worth of blocks, each taking every num_programs-th block: the
+            # next block's weights are requested before this one's products, and x is read and
+            # normed once per program (rows no longer than FIRST_K only).
+            blocks = tl.cdiv(N, BLOCK_N)
+            step = tl.num_programs(0)
+            for block in range(program, blocks, step):
+                following = block + step
+                n_next = _block_rows(following, ROTARY, BLOCK_N, HEAD_DIM)
+                next_ok = (n_next < N) & (tl.full((BLOCK_N,), following, tl.int32) < blocks)
+                w_next, w_up_next = _load_rows(w_ptr, n_next, next_ok, N, K, first_cols, GATED)
+                _block_output(block, w_first, w_up_first, x_first, x_ptr, w_ptr, out_ptr, residual_ptr, norm_w_ptr,
+                              inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N, K, q_rows, kv_rows,
+                              slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
+                w_first, w_up_first = w_next, w_up_next
         else:
-            out_offsets = r[:, None] * N + n[None, :]
-            out_mask = r_ok[:, None] & n_ok[None, :]
-            if RESIDUAL:
-                y = _rounded(y, dtype) + tl.load(residual_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + out_offsets, y.to(dtype).to(out_ptr.dtype.element_ty), mask=out_mask)
+            _block_output(program, w_first, w_up_first, x_first, x_ptr, w_ptr, out_ptr, residual_ptr, norm_w_ptr,
+                          inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N, K, q_rows, kv_rows,
+                          slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
 
     def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, rotary=None, config=None,
                pdl=None):
@@ -328,19 +373,25 @@ if triton is not None:
         programmatic dependent launch, by default where the device has it (kernels.programmatic_launch)."""
         rows, in_features = x.shape[0], weight.shape[1]
         out_features = weight.shape[0] // 2 if gated else weight.shape[0]
-        block_n, block_k, warps, stages, first_k = GemvConfig(*(config or _config(out_features, in_features, gated)))
+        block_n, block_k, warps, stages, first_k, programs_per_sm = GemvConfig(
+            *(config or _config(out_features, in_features, gated)))
         first_k = min(first_k or block_k, triton.next_power_of_2(in_features))
+        blocks = triton.cdiv(out_features, block_n)
+        programs = blocks
+        if programs_per_sm and first_k >= in_features:  # the persistent loop reads whole rows only
+            programs = min(blocks, programs_per_sm * kernels.multiprocessors(x.device))
         pdl = kernels.programmatic_launch(x) if pdl is None else pdl
         cos, sin, keys, values, slot = rotary if rotary is not None else (x,) * 5
         _, kv_heads, slots, head_dim = keys.shape if rotary is not None else (0, 0, 0, 2)
         if rotary is not None and block_n < 2:
             raise ValueError("the rotary epilogue pairs rows: block_n must be at least 2")
-        _few_row_linear_kernel[(triton.cdiv(out_features, block_n),)](
+        _few_row_linear_kernel[(programs,)](
             x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x,
             cos, sin, keys, values, slot,
             rows, out_features, in_features, eps, out_features - 2 * kv_heads * head_dim, kv_heads * head_dim, slots,
             NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, ROTARY=rotary is not None,
-            HEAD_DIM=head_dim, PDL=pdl, ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
+            HEAD_DIM=head_dim, PDL=pdl, ROWS=triton.next_power_of_2(rows), PERSISTENT=programs < blocks,
+            BLOCK_N=block_n, BLOCK_K=block_k,
             FIRST_K=first_k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
         )  # fmt: skip
         return out

@@ -49,6 +49,18 @@ def _device_has_pdl(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The device's SM count (persistent kernels size their grid by it); 1 on a CPU (Triton's interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def programmatic_launch(tensor: torch.Tensor) -> bool:
     """Whether the decode kernels (layers/gemv.py, layers/decode_attention.py) launch with
     programmatic dependent launch: on Hopper and later a kernel's programs may then start while
