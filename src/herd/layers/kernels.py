@@ -54,11 +54,13 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def multiprocessors(device: torch.device) -> int:
     """The device's SM count (persistent kernels size their grid by it); 1 on a CPU (Triton's interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _multiprocessors(_cuda_index(device)) if device.type == "cuda" else 1
 
 
 def programmatic_launch(tensor: torch.Tensor) -> bool:
@@ -71,9 +73,7 @@ def programmatic_launch(tensor: torch.Tensor) -> bool:
     wait it reads only what no kernel of the step writes, and it writes only after its wait.
     Measured on an H100 against letting the next kernel launch only after the wait: 8B step
     5.57 -> 5.43 ms, 1B 1.075 -> 1.045 ms. HERD_DISABLE_PDL=1 turns it off."""
-    return tensor.is_cuda and not os.environ.get("HERD_DISABLE_PDL") and _device_has_pdl(
-        tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-    )
+    return tensor.is_cuda and not os.environ.get("HERD_DISABLE_PDL") and _device_has_pdl(_cuda_index(tensor.device))
 
 
 def _wants_compiled(args: Sequence, dynamic: Sequence[tuple[int, ...]]) -> bool:
