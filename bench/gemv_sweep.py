@@ -1,4 +1,4 @@
-"""Measure layers/gemv.py's kernel at the Llama widths over a grid of configurations (CUDA).
+"""Measure kernels/gemv.py's kernel at the Llama widths over a grid of configurations (CUDA).
 
     python bench/gemv_sweep.py [--archs llama3.2-1b,llama3.1-8b] [--rows 1] [--top 5]
 
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from herd.layers import gemv  # noqa: E402
+from herd.kernels import gemv  # noqa: E402
 
 ARCHS = {  # hidden, intermediate, heads, kv heads, head dim, vocab, layers
     "llama3.2-1b": (2048, 8192, 32, 8, 64, 128256, 16),

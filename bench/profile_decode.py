@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from herd.bench import build_model, copy_bandwidth, decode_bytes, measure_decode  # noqa: E402
-from herd.generation.fast import fast_decoder  # noqa: E402
+from herd.decoding.decoders import fast_decoder  # noqa: E402
 
 
 def kernel_table(prof, steps: int, limit: int = 45) -> str:
@@ -87,7 +87,8 @@ def main() -> None:
           f"{floor_ms / (step * 1e3):.0%}), first call {first_call:.1f} s, whole measurement {time.perf_counter() - start:.0f} s")
 
     entry = fast_decoder(model).entry
-    graph = entry.greedy_graph or entry.graph  # greedy generate() replays the graph that also picks the token
+    # greedy generate() replays the graph that also picks the token
+    graph = next(captured for (greedy, _), captured in entry.graphs.items() if greedy)
 
     def rewind():  # each replay moves the positions on: start again from the prompt's end
         entry.positions.fill_(128)

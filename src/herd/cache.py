@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .decoding.visibility import kept_positions
+
 
 class Cache:
     """The interface every cache implements."""
@@ -125,11 +127,11 @@ class DynamicCache(Cache):
             keys = torch.cat([self.key_cache[layer_idx], key_states], dim=-2)
             values = torch.cat([self.value_cache[layer_idx], value_states], dim=-2)
         self._seen[layer_idx] += key_states.shape[-2]
-        window = self._window(layer_idx)
         # A windowed layer keeps only what a later query can still see; this call's queries
         # still get everything, since a long prefill needs keys older than the window.
-        self.key_cache[layer_idx] = keys[..., -window:, :] if window else keys
-        self.value_cache[layer_idx] = values[..., -window:, :] if window else values
+        dropped = keys.shape[-2] - kept_positions(keys.shape[-2], self._window(layer_idx))
+        self.key_cache[layer_idx] = keys[..., dropped:, :]
+        self.value_cache[layer_idx] = values[..., dropped:, :]
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -207,8 +209,8 @@ class StaticCache(Cache):
         self.key_cache: list[torch.Tensor | None] = [None] * num_layers
         self.value_cache: list[torch.Tensor | None] = [None] * num_layers
         self._seen: list[int] = [0] * num_layers
-        # Chunked layers keep their bounded window in a dynamic cache of their own.
-        # TODO(fast path): a fixed-shape ring buffer, so that these layers can be graph-captured too.
+        # Chunked layers keep their bounded window in a dynamic cache of their own (the fast path's
+        # decoding/kv.py keeps them in a fixed ring of slots instead).
         self.windows = layer_windows(config)
         self._windowed = DynamicCache(config)
 

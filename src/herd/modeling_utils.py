@@ -409,6 +409,46 @@ class DecoderStep:
     def seq(self) -> int:
         return self.inputs_embeds.shape[1]
 
+    def self_attention_mask(self, attention_mask: torch.Tensor | None, layer_idx: int = 0,
+                            chunk_size: int | None = None):
+        """The causal mask of this forward, as the cache holds layer `layer_idx`'s keys (a windowed
+        layer's cache returns fewer): an AttentionMask description, realised by each backend."""
+        from .layers.attention import build_attention_mask
+
+        cache = self.past_key_values
+        kv_length = cache.kv_length(layer_idx, self.seq) if cache is not None else self.seq
+        return build_attention_mask(
+            attention_mask, batch_size=self.batch, query_length=self.seq, past_length=self.past_length,
+            kv_length=kv_length, kv_offset=cache.kv_offset(layer_idx) if cache is not None else 0,
+            chunk_size=chunk_size, position_ids=self.position_ids, has_cache=cache is not None,
+        )
+
+    def collector(self) -> LayerOutputs:
+        return LayerOutputs(self)
+
+
+class LayerOutputs:
+    """What a decoder's forward collects on its way through the layers, when asked: each layer's
+    input hidden states (and the final normed ones), each layer's attention weights."""
+
+    def __init__(self, step: DecoderStep):
+        self.step = step
+        self.hidden_states = [] if step.output_hidden_states else None
+        self.attentions = [] if step.output_attentions else None
+
+    def layer_input(self, hidden_states: torch.Tensor) -> None:
+        if self.hidden_states is not None:
+            self.hidden_states.append(hidden_states)
+
+    def layer_weights(self, weights: torch.Tensor | None) -> None:
+        if self.attentions is not None:
+            self.attentions.append(weights)
+
+    def output(self, last_hidden_state: torch.Tensor):
+        """The BaseModelOutputWithPast (or its tuple form), last_hidden_state the normed output."""
+        self.layer_input(last_hidden_state)
+        return decoder_output(self.step, last_hidden_state, self.hidden_states, self.attentions)
+
 
 def prepare_decoder_step(model: nn.Module, embed_tokens: nn.Embedding, *, input_ids, inputs_embeds, past_key_values,
                          use_cache, position_ids, cache_position, output_attentions, output_hidden_states,

@@ -1,7 +1,8 @@
 """`generate()`: one decoding loop for greedy and sampled decoding, and beam search.
 
-The loop calls `_decode_step(tokens, attention_mask, cache)`: the plain forward today; the GPU fast
-path replaces that one function with a compiled, graph-captured step. Everything else (logits
+The loop runs over a decoder (decoding/decoders.py), chosen once per call: the reference forward
+over a growing cache, or on a GPU a family's decode plan compiled and graph-captured. Both
+prefill, step and (greedy) run blocks of steps behind one interface; everything else (logits
 processing, choosing tokens, stopping, streaming) is shared.
 
 What we match in the reference, token for token: the order of logits processors, padding of
@@ -11,7 +12,6 @@ finished rows with pad_token_id (eos when there is none), position ids from the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import Cache, DynamicCache, StaticCache
-from ..layers import kernels
+from ..cache import Cache
+from ..decoding.decoders import PlainDecoder, choose_decoder, positions_from_mask
 from ..modeling_outputs import ModelOutput
-from . import fast
 from .configuration import GenerationConfig
 from .logits_process import apply_processors, build_logits_processors
 from .stopping import StopStrings, ends_with_eos
@@ -53,12 +52,6 @@ class GenerateBeamDecoderOnlyOutput(ModelOutput):
     past_key_values: Cache | None = None
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token among its row's real tokens; padding gets 1 (it is masked anyway)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
-
-
 class GenerationMixin:
     """Adds `generate()` to a causal language model."""
 
@@ -74,21 +67,6 @@ class GenerationMixin:
         (the cache already holds what it produced)."""
         return dict(extra) if first_step else {}
 
-    # --- the step the fast path replaces ---------------------------------------------------------
-    def _decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, **forward_kwargs: Any):
-        """Run the model on `tokens` (batch, new) given everything before them in `cache`."""
-        positions = positions_from_mask(attention_mask)[:, -tokens.shape[1] :]
-        return self(
-            input_ids=tokens,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            return_dict=True,
-            **forward_kwargs,
-        )
-
     # --- set-up -----------------------------------------------------------------------------
     def _generation_setup(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):
         base = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
@@ -96,8 +74,6 @@ class GenerationMixin:
         # Per-call arguments win last, an explicit None included (eos_token_id=None: never stop early).
         model_kwargs = config.update(**kwargs)
         config = config.merged_with(None)
-        if config.cache_implementation == "hybrid":
-            config.cache_implementation = None
         config.validate()
         return config, model_kwargs
 
@@ -124,15 +100,6 @@ class GenerationMixin:
         if config.min_new_tokens and config.min_new_tokens > max_length - prompt_length:
             raise ValueError(f"min_new_tokens ({config.min_new_tokens}) exceeds the number of new tokens allowed ({max_length - prompt_length})")
         return max_length
-
-    def _make_cache(self, config: GenerationConfig, batch_size: int, max_length: int, past_key_values: Any) -> Cache:
-        if past_key_values is not None:
-            if not isinstance(past_key_values, Cache):
-                raise TypeError("past_key_values passed to generate() must be a herd Cache")
-            return past_key_values
-        if config.cache_implementation == "static":
-            return StaticCache(self.config, max_cache_len=max_length, max_batch_size=batch_size)
-        return DynamicCache(self.config)
 
     @torch.no_grad()
     def generate(
@@ -180,10 +147,8 @@ class GenerationMixin:
 
         stop_strings = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
         max_length = self._check_lengths(config, input_ids.shape[1])
-        # disable_compile: nothing is compiled, neither the fast path nor the forward's fused kernels.
-        with kernels.disabled() if config.disable_compile else contextlib.nullcontext():
-            return self._generate(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
-                                  past_key_values, streamer, generator, extra)
+        return self._generate(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+                              past_key_values, streamer, generator, extra)
 
     def _generate(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
                   past_key_values, streamer, generator, extra):
@@ -212,19 +177,11 @@ class GenerationMixin:
             forward_kwargs["output_attentions"] = True
         if want and config.output_hidden_states:
             forward_kwargs["output_hidden_states"] = True
-        why_not_fast = fast.fast_path_unsupported(self, config, past_key_values=past_key_values,
-                                                  extra_outputs=bool(forward_kwargs))
-        decoder = None
-        if why_not_fast is None:
-            decoder = fast.fast_decoder(self)
-            cache = decoder.start(input_ids.shape[0], max_length)
-        else:
-            if self.device.type == "cuda":
-                logger.info("generate(): plain decoding, not the fast path: %s", why_not_fast)
-            cache = self._make_cache(config, input_ids.shape[0], max_length, past_key_values)
+        decoder = choose_decoder(self, config, past_key_values=past_key_values, forward_kwargs=forward_kwargs)
+        cache = decoder.start(input_ids.shape[0], max_length)
         # The host asks "is every row done?" only every few tokens on the fast path (each question
         # waits for the device); rows that finished meanwhile get padding, trimmed off at the end.
-        sync_interval = fast.SYNC_INTERVAL if decoder is not None and stop_strings is None and streamer is None else 1
+        sync_interval = decoder.sync_interval if stop_strings is None and streamer is None else 1
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -232,78 +189,46 @@ class GenerationMixin:
         # The fast path's logits live in the graph's output until the next step; keep a copy only
         # where they outlive it.
         keep_logits = want and (config.output_scores or config.output_logits)
+        # Plain greedy decoding chooses tokens in blocks of sync_interval (on the fast path inside
+        # the captured graph: a block is that many replays and nothing else).
+        greedy_blocks = not config.do_sample and not processors and streamer is None and not keep_logits
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         any_unfinished = []  # per new token: was some row still running after it? (device scalars)
-        # Tokens the cache has not seen yet: the whole prompt first, then one token per step.
-        pending = input_ids[:, cache.get_seq_length() :]
-        # Plain greedy decoding on the fast path chooses each token inside the captured graph:
-        # a block of sync_interval tokens is that many replays and nothing else (fast.greedy_steps).
-        greedy_on_device = (decoder is not None and not config.do_sample and not processors and streamer is None
-                            and stop_strings is None and not keep_logits)
-        first_step = True
+        # Tokens the cache has not seen yet: the whole prompt.
+        logits, outputs = decoder.prefill(input_ids[:, cache.get_seq_length() :], attention_mask, extra)
         while True:
-            if greedy_on_device and not first_step:
-                block = decoder.greedy_steps(pending[:, 0], min(sync_interval, max_length - input_ids.shape[1]))
-                if can_finish:
-                    # (batch, steps): an eos at or before each token, among this block's tokens
-                    eos_so_far = torch.isin(block, eos_ids).long().cumsum(dim=1) > 0
-                    if pad_token_id is not None:  # tokens after a row's first eos become padding
-                        eos_before = torch.cat([torch.zeros_like(eos_so_far[:, :1]), eos_so_far[:, :-1]], dim=1)
-                        ended_before = ~unfinished[:, None] | eos_before
-                        block = torch.where(ended_before, pad_token_id, block)
-                    running = unfinished[:, None] & ~eos_so_far  # (batch, steps)
-                    any_unfinished.extend(running.any(dim=0).unbind(0))
-                    unfinished = running[:, -1]
-                input_ids = torch.cat([input_ids, block], dim=-1)
-                if input_ids.shape[1] >= max_length or (can_finish and not bool(any_unfinished[-1])):
-                    break
-                pending = block[:, -1:]
-                continue
-            if decoder is not None and not first_step:
-                logits = decoder.step(pending[:, 0], copy=keep_logits)  # (batch, vocab)
-                outputs = None
+            if logits is None:
+                block = decoder.greedy_steps(pending, min(sync_interval, max_length - input_ids.shape[1]))
             else:
-                step_inputs = self._inputs_for_step(extra, first_step, attention_mask.shape[1])
-                if decoder is not None:
-                    outputs = self._prefill(pending, attention_mask, cache, step_inputs)
-                    cache.buffers.mark_prompt(attention_mask)
-                    # the first new token: one past each row's last position, at the next slot
-                    decoder.begin(positions_from_mask(attention_mask)[:, -1] + 1, input_ids.shape[1])
+                next_scores = apply_processors(processors, input_ids, logits)
+                if config.do_sample:
+                    probs = nn.functional.softmax(next_scores, dim=-1)
+                    block = torch.multinomial(probs, num_samples=1, generator=generator)
                 else:
-                    outputs = self._decode_step(pending, attention_mask, cache, **step_inputs, **forward_kwargs)
-                logits = outputs.logits[:, -1, :].to(torch.float32)  # (batch, vocab)
-            first_step = False
-            next_scores = apply_processors(processors, input_ids, logits)
-            if config.do_sample:
-                probs = nn.functional.softmax(next_scores, dim=-1)
-                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-            else:
-                next_tokens = next_scores.argmax(dim=-1)
-            if pad_token_id is not None and can_finish:
-                next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
-            if want:
-                scores.append(next_scores) if config.output_scores else None
-                raw_logits.append(logits) if config.output_logits else None
-                attentions.append(outputs.attentions) if config.output_attentions else None
-                hidden_states.append(outputs.hidden_states) if config.output_hidden_states else None
-
-            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-            if decoder is None:  # the fast path's buffers keep their own mask
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
+                    block = next_scores.argmax(dim=-1, keepdim=True)  # (batch, 1)
+                if want:
+                    scores.append(next_scores) if config.output_scores else None
+                    raw_logits.append(logits) if config.output_logits else None
+                    attentions.append(outputs.attentions) if config.output_attentions else None
+                    hidden_states.append(outputs.hidden_states) if config.output_hidden_states else None
             if can_finish:
-                done = ends_with_eos(input_ids, eos_ids)
-                if stop_strings is not None:
-                    done |= stop_strings(input_ids)
-                unfinished &= ~done
-                any_unfinished.append(unfinished.any())
+                block, unfinished = _finish_rows(block, unfinished, eos_ids, pad_token_id, any_unfinished)
+            input_ids = torch.cat([input_ids, block], dim=-1)
+            if streamer is not None:
+                streamer.put(block[:, 0].cpu())
+            if stop_strings is not None:  # one token per step here: a stop string ends the row after it
+                unfinished &= ~stop_strings(input_ids)
+                any_unfinished[-1] = unfinished.any()
             new_tokens = input_ids.shape[1] - prompt_length
             if input_ids.shape[1] >= max_length:
                 break
             if can_finish and new_tokens % sync_interval == 0 and not bool(any_unfinished[-1]):
                 break
-            pending = next_tokens[:, None]
+            pending = block[:, -1]
+            if greedy_blocks:
+                logits = None
+            else:
+                logits, outputs = decoder.step(pending, copy=keep_logits)
 
         # Tokens made after every row had finished (between two host checks) are dropped.
         if sync_interval > 1 and can_finish:
@@ -323,18 +248,6 @@ class GenerationMixin:
             hidden_states=tuple(hidden_states) if config.output_hidden_states else None,
             past_key_values=cache,
         )
-
-    def _prefill(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, step_inputs: dict[str, Any]):
-        """The prompt through the ordinary forward, in pieces of fast.PREFILL_CHUNK tokens when long
-        (bounded activation memory; each piece attends to the cache and itself)."""
-        chunk = fast.PREFILL_CHUNK
-        if step_inputs or tokens.shape[1] <= chunk:  # images go in with the whole prompt
-            return self._decode_step(tokens, attention_mask, cache, **step_inputs)
-        past = cache.get_seq_length()
-        for start in range(0, tokens.shape[1], chunk):
-            end = min(start + chunk, tokens.shape[1])
-            outputs = self._decode_step(tokens[:, start:end], attention_mask[:, : past + end], cache)
-        return outputs
 
     # --- beam search --------------------------------------------------------------------------
     def _beam_search(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
@@ -357,7 +270,8 @@ class GenerationMixin:
 
         flat_ids = input_ids.repeat_interleave(num_beams, dim=0)  # (batch * beams, prompt)
         attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
-        cache = self._make_cache(config, batch_size * num_beams, max_length, past_key_values)
+        decoder = PlainDecoder(self, config, past_key_values, {})
+        cache = decoder.start(batch_size * num_beams, max_length)
 
         running = torch.full((batch_size, num_beams, max_length), fill_value, dtype=torch.long, device=device)
         running[:, :, :prompt_length] = flat_ids.view(batch_size, num_beams, -1)
@@ -372,11 +286,8 @@ class GenerationMixin:
         all_scores, raw_logits = [], []
 
         cur_len = prompt_length
-        pending = flat_ids
+        logits, _ = decoder.prefill(flat_ids, attention_mask, extra)
         while True:
-            step_inputs = self._inputs_for_step(extra, cur_len == prompt_length, attention_mask.shape[1])
-            outputs = self._decode_step(pending, attention_mask, cache, **step_inputs)
-            logits = outputs.logits[:, -1, :].to(torch.float32)
             log_probs = nn.functional.log_softmax(logits, dim=-1)
             flat_running = running[:, :, :cur_len].reshape(batch_size * num_beams, cur_len)
             log_probs = apply_processors(processors, flat_running, log_probs)
@@ -429,8 +340,7 @@ class GenerationMixin:
             exists_open_beam = not (bool(is_finished.all()) and early_stopping is True)
             if not bool(can_improve.any()) or not exists_open_beam or bool(stops.all()):
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
-            pending = running[:, :, cur_len - 1 : cur_len].reshape(-1, 1)
+            logits, _ = decoder.step(running[:, :, cur_len - 1].reshape(-1))
 
         keep_n = config.num_return_sequences
         sequences = finished[:, :keep_n].reshape(batch_size * keep_n, -1)
@@ -448,6 +358,19 @@ class GenerationMixin:
             beam_indices=origin,
             past_key_values=cache,
         )
+
+
+def _finish_rows(block: torch.Tensor, unfinished: torch.Tensor, eos_ids, pad_token_id, any_unfinished: list):
+    """Stopping at eos for a block of new tokens (batch, steps): tokens after a row's first eos (in
+    this block or before it) become padding. Returns the block and which rows still run after it;
+    appends, per token, whether any row still ran (device scalars: no host sync)."""
+    eos_so_far = torch.isin(block, eos_ids).long().cumsum(dim=1) > 0 if eos_ids is not None else torch.zeros_like(block, dtype=torch.bool)
+    if pad_token_id is not None:
+        eos_before = torch.cat([torch.zeros_like(eos_so_far[:, :1]), eos_so_far[:, :-1]], dim=1)
+        block = torch.where(~unfinished[:, None] | eos_before, pad_token_id, block)
+    running = unfinished[:, None] & ~eos_so_far  # (batch, steps)
+    any_unfinished.extend(running.any(dim=0).unbind(0))
+    return block, running[:, -1]
 
 
 def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

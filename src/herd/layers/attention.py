@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import decode_attention as decode_kernels
+from ..decoding.visibility import visible
 
 ATTENTION_BACKENDS = ("sdpa", "eager", "flex_attention")
 
@@ -85,19 +85,18 @@ class AttentionMask:
         if self.custom is not None:
             return self.custom
         if "boolean" not in self._realised:
-            query_position = torch.arange(self.query_length, device=device) + self.query_offset
-            key_position = torch.arange(self.kv_length, device=device) + self.kv_offset
+            query_position = torch.arange(self.query_length, device=device) + self.query_offset  # (q,)
+            key_position = torch.arange(self.kv_length, device=device) + self.kv_offset  # (kv,)
             if self.causal:
-                allowed = key_position[None, :] <= query_position[:, None]  # (q, kv)
+                # Positions counted from each row's first real token: (batch or 1, 1, q, 1) and (.., 1, kv)
+                shift = torch.zeros(1, dtype=torch.long, device=device)
+                if self.chunk_size is not None and self.left_padding is not None:
+                    shift = self.left_padding.to(device)
+                query_position = (query_position[None, :] - shift[:, None])[:, None, :, None]
+                key_position = (key_position[None, :] - shift[:, None])[:, None, None, :]
+                allowed = visible(query_position, key_position, self.chunk_size)
             else:
-                allowed = torch.ones(self.query_length, self.kv_length, dtype=torch.bool, device=device)
-            allowed = allowed[None, None]  # (1, 1, q, kv)
-            if self.chunk_size is not None:
-                # (batch, 1, 1 or q, 1 or kv): chunk number of each position, per row
-                shift = (self.left_padding if self.left_padding is not None else torch.zeros(1, dtype=torch.long)).to(device)
-                query_chunk = (query_position[None, :] - shift[:, None]).div(self.chunk_size, rounding_mode="floor")
-                key_chunk = (key_position[None, :] - shift[:, None]).div(self.chunk_size, rounding_mode="floor")
-                allowed = allowed & (query_chunk[:, None, :, None] == key_chunk[:, None, None, :])
+                allowed = torch.ones(1, 1, self.query_length, self.kv_length, dtype=torch.bool, device=device)
             if self.padding_mask is not None:
                 columns = self.padding_mask[:, self.kv_offset : self.kv_offset + self.kv_length]
                 allowed = allowed & columns[:, None, None, :].to(device)
@@ -251,36 +250,6 @@ def flex_attention(query, key, value, mask: AttentionMask, scaling: float, dropo
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             output = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=enable_gqa)
     return output.transpose(1, 2).contiguous(), None
-
-
-def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                     new_slot: torch.Tensor, scaling: float) -> torch.Tensor:
-    """One query per row over a preallocated cache, reading each cached key/value once.
-
-    query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots);
-    new_slot (1,): the slot this step's key/value were just written to (the kernel reads the
-    others before the previous kernel ends).
-    Returns (batch, heads * dim). The query heads that share a kv head are rows of one matmul, so
-    grouped-query attention never copies the cache.
-    """
-    attended = decode_kernels.attend(query, keys, values, allowed, new_slot, scaling)
-    if attended is not None:
-        return attended
-    batch, heads, _, dim = query.shape
-    kv_heads = keys.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (batch, kv_heads, group, dim)
-    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scaling  # (batch, kv_heads, group, slots)
-    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    weights = nn.functional.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(weights, values).reshape(batch, heads * dim)
-
-
-def store_and_attend(keys, values, slot, allowed, query, key, value, scaling: float) -> torch.Tensor:
-    """Write the new key/value (batch, kv_heads, 1, head_dim) at `slot` and attend over the cache:
-    query (batch, heads, 1, head_dim) -> (batch, heads * head_dim)."""
-    keys[:, :, slot] = key.to(keys.dtype)
-    values[:, :, slot] = value.to(values.dtype)
-    return decode_attention(query, keys, values, allowed, slot, scaling)
 
 
 _BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention}

@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels
-
 DEFAULT_ROPE_THETA = 10_000.0
 
 # rope_type -> keys it cannot do without (after standardisation).
@@ -176,6 +174,20 @@ def _longrope_inv_freq(
     return 1.0 / (ext_factors * params["rope_theta"] ** exponents), float(attention_factor)
 
 
+def derived_from_config(compute):
+    """compute() for tensors derived from the config (rotary frequencies): run on the CPU, the
+    tensors then placed on the device the model is being built on (`with torch.device("cuda"):`),
+    except meta: a model built on meta for loading keeps real values, moved with it later."""
+    target = torch.get_default_device()
+    with torch.device("cpu"):
+        result = compute()
+    if target.type == "meta":
+        return result
+    if isinstance(result, tuple):
+        return tuple(value.to(target) if torch.is_tensor(value) else value for value in result)
+    return result.to(target)
+
+
 class RotaryEmbedding(nn.Module):
     """Turns position ids into the cos/sin tables that `apply_rotary` uses."""
 
@@ -185,10 +197,9 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
         self.depends_on_length = rope_parameters["rope_type"] in ("dynamic", "longrope")
-        inv_freq, self.attention_scaling = compute_inv_freq(rope_parameters, head_dim, max_position_embeddings)
-        # Derived from the config, so never saved; built on the CPU even when the model is
-        # created on the meta device, and moved with the model.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        inv_freq, self.attention_scaling = derived_from_config(
+            lambda: compute_inv_freq(rope_parameters, head_dim, max_position_embeddings))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, so never saved
 
     def _inv_freq_for(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
         if not self.depends_on_length:
@@ -214,17 +225,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def _rotate(query, key, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (batch, 1, seq, head_dim)
-    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
-
-
 def apply_rotary(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query/key (batch, heads, seq, head_dim); cos/sin (batch, seq, head_dim)."""
-    # The sequence varies between calls (one compiled kernel serves every prompt length).
-    return kernels.fused(_rotate, (query, key, cos, sin), dynamic=[(2,), (2,), (1,), (1,)])
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (batch, 1, seq, head_dim)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
 class ComplexRotaryEmbedding(RotaryEmbedding):
@@ -240,22 +246,6 @@ class ComplexRotaryEmbedding(RotaryEmbedding):
         inv_freq, scaling = self._inv_freq_for(position_ids)
         angles = position_ids[..., None].float() * inv_freq.float()
         return torch.polar(torch.ones_like(angles), angles) * scaling
-
-
-def complex_rotary_cos_sin(rotary: ComplexRotaryEmbedding, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The real and imaginary parts of `rotary(position_ids)`, float32 (batch, seq, head_dim // 2) each:
-    the same rotation in real arithmetic, which compilers fuse (complex tensors they do not)."""
-    inv_freq, scaling = rotary._inv_freq_for(position_ids)
-    angles = position_ids[..., None].float() * inv_freq.float()
-    return angles.cos() * scaling, angles.sin() * scaling
-
-
-def apply_pair_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_complex_rotary` for one tensor x (..., head_dim), given cos/sin broadcastable to (..., head_dim // 2)."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
 
 
 def apply_complex_rotary(

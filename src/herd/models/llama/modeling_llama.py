@@ -17,10 +17,8 @@ import torch
 from torch import nn
 
 from ...cache import Cache
-from ...generation import GenerationMixin, fast
-from ...layers.attention import AttentionMask, attention, build_attention_mask, decode_attention
-from ...layers import gemv
-from ...layers.fused import fuse_linears
+from ...generation import GenerationMixin
+from ...layers.attention import AttentionMask, attention
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding, apply_rotary
@@ -35,7 +33,6 @@ from ...modeling_outputs import (
 from ...modeling_utils import (
     PreTrainedModel,
     backbone_call,
-    decoder_output,
     flag,
     language_model_output,
     prepare_decoder_step,
@@ -110,20 +107,6 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, weights
 
-    def decode(self, hidden_states, cos, sin, keys, values, slot, allowed) -> torch.Tensor:
-        """forward() for one token per row, hidden_states (batch, hidden), on the fast path's
-        fixed-shape cache (keys/values, the new token's slot, the slots it may see: see
-        generation/fast.py). q/k/v and gate/up each run as one matmul."""
-        attn, mlp = self.self_attn, self.mlp
-        batch = hidden_states.shape[0]
-        # q/k/v, rotary, and the new key/value written at the slot: one kernel on the GPU
-        query = gemv.norm_qkv_rotary(hidden_states, self.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, cos, sin,
-                                     keys, values, slot)  # (batch, heads * head_dim)
-        query = query.view(batch, attn.num_heads, 1, attn.head_dim)
-        attended = decode_attention(query, keys, values, allowed, slot, attn.scaling)  # (batch, heads * head_dim)
-        hidden_states = gemv.linear_add(attended, attn.o_proj, hidden_states)
-        return gemv.norm_mlp_add(hidden_states, self.post_attention_layernorm, mlp)
-
 
 class LlamaPreTrainedModel(PreTrainedModel):
     config_class = LlamaConfig
@@ -138,8 +121,7 @@ class LlamaModel(LlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        with torch.device("cpu"):  # derived from the config: real even when the model is built on meta
-            self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -168,35 +150,16 @@ class LlamaModel(LlamaPreTrainedModel):
             use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
         )
-        batch, seq = step.batch, step.seq
-        past_key_values, past_length, position_ids = step.past_key_values, step.past_length, step.position_ids
-        kv_length = past_key_values.kv_length(0, seq) if past_key_values is not None else seq
-        mask = build_attention_mask(
-            attention_mask,
-            batch_size=batch,
-            query_length=seq,
-            past_length=past_length,
-            kv_length=kv_length,
-            position_ids=position_ids,
-            has_cache=past_key_values is not None,
-        )
-        position_embeddings = self.rotary_emb(position_ids, step.inputs_embeds.dtype)  # cos, sin: (batch, seq, head_dim)
+        mask = step.self_attention_mask(attention_mask)
+        position_embeddings = self.rotary_emb(step.position_ids, step.inputs_embeds.dtype)  # cos, sin: (batch, seq, head_dim)
 
-        hidden_states = step.inputs_embeds
-        all_hidden_states = [] if step.output_hidden_states else None
-        all_attentions = [] if step.output_attentions else None
+        hidden_states, collected = step.inputs_embeds, step.collector()
         for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states, weights = layer(
-                hidden_states, position_embeddings, mask, past_key_values, step.cache_position, step.output_attentions
-            )
-            if all_attentions is not None:
-                all_attentions.append(weights)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        return decoder_output(step, hidden_states, all_hidden_states, all_attentions)
+            collected.layer_input(hidden_states)
+            hidden_states, weights = layer(hidden_states, position_embeddings, mask, step.past_key_values,
+                                           step.cache_position, step.output_attentions)
+            collected.layer_weights(weights)
+        return collected.output(self.norm(hidden_states))
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
@@ -245,36 +208,6 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             cache_position=cache_position,
         )
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
-
-    # --- generate()'s GPU fast path (generation/fast.py) ----------------------------------------
-    def prepare_decode_step(self) -> list[tuple[object, str]]:
-        """Fuse q/k/v and gate/up into one weight each (in place: no extra memory); return the
-        pieces of the step that the fast path compiles, as (owner, method name)."""
-        for layer in self.model.layers:
-            fuse_linears(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-            fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
-        return fast.compile_units(self, self.model.layers)
-
-    def decode_embed(self, tokens: torch.Tensor, positions: torch.Tensor):
-        """tokens, positions (batch,) -> hidden (batch, hidden), cos/sin (batch, 1, head_dim)."""
-        hidden_states = self.model.embed_tokens(tokens)
-        cos, sin = self.model.rotary_emb(positions[:, None], hidden_states.dtype)
-        return hidden_states, cos, sin
-
-    def decode_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(batch, hidden) -> float32 logits (batch, vocab)."""
-        return gemv.norm_linear(hidden_states, self.model.norm, self.lm_head, out_dtype=torch.float32)
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).
-
-        The arithmetic of forward() for a single token, with no Python decision that depends on
-        the data, so that it can be compiled and captured once as a CUDA graph.
-        """
-        hidden_states, cos, sin = self.decode_embed(tokens, positions)
-        for layer in self.model.layers:
-            hidden_states = layer.decode(hidden_states, cos, sin, *cache.layer(layer.self_attn.layer_idx))
-        return self.decode_head(hidden_states)
 
 
 class LlamaForSequenceClassification(LlamaPreTrainedModel):

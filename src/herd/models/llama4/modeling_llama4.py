@@ -25,18 +25,16 @@ import torch
 from torch import nn
 
 from ...cache import Cache
-from ...generation import GenerationMixin, fast
+from ...generation import GenerationMixin
 from ...layers.activations import get_activation
-from ...layers.attention import AttentionMask, attention, build_attention_mask, store_and_attend
-from ...layers.fused import fuse_linears, fused_linear
+from ...layers.attention import AttentionMask, attention
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
-from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary, apply_pair_rotary, complex_rotary_cos_sin
+from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary, derived_from_config
 from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from ...modeling_utils import (
     PreTrainedModel,
     backbone_call,
-    decoder_output,
     language_model_output,
     prepare_decoder_step,
     check_input_ids,
@@ -94,37 +92,6 @@ class Llama4TextExperts(nn.Module):
         routed_out = torch.cat(outputs, dim=0)  # (pairs, hidden), sorted by expert
         return torch.zeros_like(hidden_states).index_add_(0, token_of_pair, routed_out)
 
-    def routed_forward(self, routed_in: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Each row of routed_in (pairs, hidden) through its own expert expert_ids (pairs,), with no
-        host sync (the fast path's decode step).
-
-        Up to GATHERED_ROWS rows (batch 1 to 4 of a top-1 model), and wherever grouped matmuls are
-        missing: each row's expert weights are picked by index and multiplied as a batched
-        matrix-vector product, which the compiled decode step turns into one kernel per
-        projection that reads the picked experts in place. More rows on a GPU: rows sorted by
-        expert, one grouped matmul per projection, each expert's weights read once.
-        """
-        if uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS:
-            order = torch.argsort(expert_ids, stable=True)
-            # (experts,): where each expert's rows end in the sorted order
-            rows_per_expert = (expert_ids[:, None] == torch.arange(self.num_experts, device=expert_ids.device)).sum(0)
-            ends = rows_per_expert.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(routed_in[order], self.gate_up_proj, offs=ends).chunk(2, dim=-1)
-            sorted_out = torch._grouped_mm(up * self.act_fn(gate), self.down_proj, offs=ends)  # (pairs, hidden)
-            return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
-        gate, up = torch.bmm(routed_in[:, None, :], self.gate_up_proj[expert_ids]).chunk(2, dim=-1)  # (pairs, 1, inter)
-        return torch.bmm(up * self.act_fn(gate), self.down_proj[expert_ids]).squeeze(1)  # (pairs, hidden)
-
-
-# Above this many (token, expert) rows in a decode step, grouped matmuls (each expert read once)
-# beat reading each row's expert by index (an expert read once per row that picked it).
-GATHERED_ROWS = 4
-
-
-def uses_grouped_mm(x: torch.Tensor) -> bool:
-    """torch's grouped matmul (CUTLASS on Hopper) takes bf16 rows on CUDA."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-
 
 class Llama4Router(nn.Linear):
     """Scores every expert, keeps the top k, and squashes their scores with a sigmoid."""
@@ -136,12 +103,7 @@ class Llama4Router(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, hidden) -> expert ids (tokens, k), their scores (tokens, k), all logits (tokens, experts)."""
         router_logits = super().forward(hidden_states)
-        if self.top_k == 1 and torch.compiler.is_compiling():
-            # The compiled decode step: a max fuses into the kernel after the router, where topk
-            # would be a library call of its own (both pick the largest logit).
-            top_logits, expert_ids = router_logits.max(dim=-1, keepdim=True)
-        else:
-            top_logits, expert_ids = torch.topk(router_logits, self.top_k, dim=-1)
+        top_logits, expert_ids = torch.topk(router_logits, self.top_k, dim=-1)
         expert_scores = torch.sigmoid(top_logits.float()).to(hidden_states.dtype)
         return expert_ids, expert_scores, router_logits
 
@@ -160,15 +122,6 @@ class Llama4TextMoe(nn.Module):
         expert_ids, expert_scores, _ = self.router(flat)
         output = self.shared_expert(flat) + self.experts(flat, expert_ids, expert_scores)
         return output.view(shape)
-
-    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """forward() for (batch, hidden) without host syncs: the fast path's decode step."""
-        batch, hidden = hidden_states.shape
-        expert_ids, expert_scores, _ = self.router(hidden_states)  # (batch, top_k) each
-        routed_in = (hidden_states[:, None, :] * expert_scores[..., None]).reshape(-1, hidden)  # (batch * top_k, hidden)
-        routed_out = self.experts.routed_forward(routed_in, expert_ids.reshape(-1)).view(batch, -1, hidden)
-        return self.shared_expert.fused_forward(hidden_states) + routed_out.sum(dim=1)
-
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -225,24 +178,6 @@ class Llama4TextAttention(nn.Module):
         )
         return self.o_proj(output.reshape(batch, seq, -1)), weights
 
-    def decode(self, hidden_states, cos, sin, keys, values, slot, allowed, cache_position):
-        """forward() for one token per row, hidden_states (batch, hidden), on the fast path's cache."""
-        batch = hidden_states.shape[0]
-        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
-        qkv = fused_linear(hidden_states, self.q_proj, self.k_proj, self.v_proj)
-        # (batch, heads + 2 * kv_heads, head_dim) -> query (batch, heads, head_dim), key/value (batch, kv_heads, head_dim)
-        query, key, value = qkv.view(batch, -1, self.head_dim).split([heads, kv_heads, kv_heads], dim=1)
-        if self.uses_rope:
-            query, key = apply_pair_rotary(query, cos, sin), apply_pair_rotary(key, cos, sin)
-        if self.uses_qk_norm:
-            query, key = l2_norm(query, self.eps), l2_norm(key, self.eps)
-        if self.uses_temperature_tuning:
-            scale = torch.log1p(torch.floor((cache_position.float() + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
-            query = (query * scale).to(query.dtype)
-        attended = store_and_attend(keys, values, slot, allowed, query[:, :, None], key[:, :, None], value[:, :, None],
-                                    self.scaling)  # (batch, heads * head_dim)
-        return self.o_proj(attended)
-
 
 class Llama4TextDecoderLayer(nn.Module):
     def __init__(self, config: Llama4TextConfig, layer_idx: int):
@@ -264,21 +199,6 @@ class Llama4TextDecoderLayer(nn.Module):
         hidden_states = hidden_states + attended
         hidden_states = hidden_states + self.feed_forward(self.post_attention_layernorm(hidden_states))
         return hidden_states, weights
-
-    def decode(self, hidden_states, cos, sin, keys, values, slot, allowed, cache_position):
-        """forward() for one token per row (batch, hidden) on the fast path."""
-        attended = self.self_attn.decode(self.input_layernorm(hidden_states), cos, sin, keys, values, slot, allowed, cache_position)
-        hidden_states = hidden_states + attended
-        normed = self.post_attention_layernorm(hidden_states)
-        if self.is_moe_layer:
-            return hidden_states + self.feed_forward.decode(normed)
-        return hidden_states + self.feed_forward.fused_forward(normed)
-
-    def prepare_decode(self) -> None:
-        attn = self.self_attn
-        fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-        mlp = self.feed_forward.shared_expert if self.is_moe_layer else self.feed_forward
-        fuse_linears(mlp.gate_proj, mlp.up_proj)
 
 
 class Llama4PreTrainedModel(PreTrainedModel):
@@ -306,8 +226,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        with torch.device("cpu"):  # derived from the config: real even when the model is built on meta
-            self.rotary_emb = ComplexRotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
+        self.rotary_emb = ComplexRotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
         # The first layer of each attention kind: where the cache is asked for that kind's sizes.
         self.first_layer_of_kind = {}
         for index, layer in enumerate(self.layers):
@@ -319,27 +238,6 @@ class Llama4TextModel(Llama4PreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
-
-    def _masks(self, attention_mask, batch, seq, past_length, past_key_values, position_ids):
-        """One mask description per attention kind present: {uses_chunked_attention: AttentionMask}."""
-        masks = {}
-        for chunked, layer_idx in self.first_layer_of_kind.items():
-            if past_key_values is not None:
-                kv_length, kv_offset = past_key_values.kv_length(layer_idx, seq), past_key_values.kv_offset(layer_idx)
-            else:
-                kv_length, kv_offset = seq, 0
-            masks[chunked] = build_attention_mask(
-                attention_mask,
-                batch_size=batch,
-                query_length=seq,
-                past_length=past_length,
-                kv_length=kv_length,
-                kv_offset=kv_offset,
-                chunk_size=self.config.attention_chunk_size if chunked else None,
-                position_ids=position_ids,
-                has_cache=past_key_values is not None,
-            )
-        return masks
 
     def forward(
         self,
@@ -361,27 +259,19 @@ class Llama4TextModel(Llama4PreTrainedModel):
             use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
         )
-        batch, seq = step.batch, step.seq
-        past_key_values, past_length, position_ids = step.past_key_values, step.past_length, step.position_ids
-        masks = self._masks(attention_mask, batch, seq, past_length, past_key_values, position_ids)
-        freqs = self.rotary_emb(position_ids)  # complex (batch or 1, seq, head_dim // 2)
+        # One mask description per attention kind present, each as the cache holds its first layer.
+        masks = {chunked: step.self_attention_mask(attention_mask, layer_idx,
+                                                   self.config.attention_chunk_size if chunked else None)
+                 for chunked, layer_idx in self.first_layer_of_kind.items()}
+        freqs = self.rotary_emb(step.position_ids)  # complex (batch or 1, seq, head_dim // 2)
 
-        hidden_states = step.inputs_embeds
-        all_hidden_states = [] if step.output_hidden_states else None
-        all_attentions = [] if step.output_attentions else None
+        hidden_states, collected = step.inputs_embeds, step.collector()
         for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states, weights = layer(
-                hidden_states, freqs, masks[layer.uses_chunked_attention], past_key_values, step.cache_position,
-                step.output_attentions,
-            )
-            if all_attentions is not None:
-                all_attentions.append(weights)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        return decoder_output(step, hidden_states, all_hidden_states, all_attentions)
+            collected.layer_input(hidden_states)
+            hidden_states, weights = layer(hidden_states, freqs, masks[layer.uses_chunked_attention], step.past_key_values,
+                                           step.cache_position, step.output_attentions)
+            collected.layer_weights(weights)
+        return collected.output(self.norm(hidden_states))
 
 
 class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
@@ -432,35 +322,6 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             cache_position=cache_position,
         )
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
-
-    # --- generate()'s GPU fast path (generation/fast.py) ----------------------------------------
-    def prepare_decode_step(self) -> list[tuple[object, str]]:
-        """Fuse q/k/v and gate/up (dense and shared-expert MLPs) into one weight each, in place;
-        return the pieces of the step that the fast path compiles, as (owner, method name)."""
-        for layer in self.model.layers:
-            layer.prepare_decode()
-        return fast.compile_units(self, self.model.layers)
-
-    def decode_embed(self, tokens: torch.Tensor, positions: torch.Tensor):
-        """tokens, positions (batch,) -> hidden (batch, hidden), cos/sin (batch, 1, head_dim // 2)."""
-        hidden_states = self.model.embed_tokens(tokens)
-        cos, sin = complex_rotary_cos_sin(self.model.rotary_emb, positions[:, None])
-        return hidden_states, cos, sin
-
-    def decode_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(batch, hidden) -> float32 logits (batch, vocab)."""
-        return self.lm_head(self.model.norm(hidden_states)).float()
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """Logits (batch, vocab) of one new token per row: tokens, positions (batch,).
-
-        forward() for a single token with no host sync: routed experts read by index, the
-        chunked layers' keys in a ring, temperature from the cache position.
-        """
-        hidden_states, cos, sin = self.decode_embed(tokens, positions)
-        for layer in self.model.layers:
-            hidden_states = layer.decode(hidden_states, cos, sin, *cache.layer(layer.self_attn.layer_idx), cache.cache_position)
-        return self.decode_head(hidden_states)
 
 
 __all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
@@ -611,8 +472,8 @@ class Llama4VisionModel(Llama4PreTrainedModel):
         self.patch_embedding = Llama4UnfoldConvolution(config)
         self.class_embedding = nn.Parameter(scale * torch.randn(self.hidden_size))
         self.positional_embedding_vlm = nn.Parameter(scale * torch.randn(self.num_patches, self.hidden_size))
-        with torch.device("cpu"):  # derived from the config: real even when the model is built on meta
-            self.register_buffer("rotary_frequencies", vision_rotary_frequencies(config), persistent=False)
+        self.register_buffer("rotary_frequencies", derived_from_config(lambda: vision_rotary_frequencies(config)),
+                             persistent=False)
         self.layernorm_pre = nn.LayerNorm(self.hidden_size)
         self.layernorm_post = nn.LayerNorm(self.hidden_size)
         self.model = Llama4VisionEncoder(config)
@@ -694,13 +555,6 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.language_model.set_output_embeddings(value)
-
-    # The fast path decodes text only: images went in with the prompt (prefill).
-    def prepare_decode_step(self) -> list[tuple[object, str]]:
-        return self.language_model.prepare_decode_step()
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        return self.language_model.decode_step(tokens, positions, cache)
 
     def get_image_features(self, pixel_values: torch.Tensor, vision_feature_select_strategy: str | None = None,
                            **kwargs: Any):

@@ -27,14 +27,13 @@ from torch import nn
 from ...cache import Cache, as_cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
-from ...layers.attention import AttentionMask, attention, build_attention_mask
+from ...layers.attention import AttentionMask, attention
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding
 from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast
 from ...modeling_utils import (
     PreTrainedModel,
-    decoder_output,
     flag,
     language_model_output,
     prepare_decoder_step,
@@ -373,8 +372,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        with torch.device("cpu"):  # derived from the config: real even when the model is built on meta
-            self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -407,21 +405,15 @@ class MllamaTextModel(MllamaPreTrainedModel):
             use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
         )
-        batch, seq = step.batch, step.seq
-        past_key_values, past_length, position_ids = step.past_key_values, step.past_length, step.position_ids
-        kv_length = past_key_values.kv_length(0, seq) if past_key_values is not None else seq
-        mask = build_attention_mask(attention_mask, batch_size=batch, query_length=seq, past_length=past_length,
-                                    kv_length=kv_length, position_ids=position_ids, has_cache=past_key_values is not None)
+        batch, seq, past_key_values = step.batch, step.seq, step.past_key_values
+        mask = step.self_attention_mask(attention_mask)
         cross_mask = None
         if cross_attention_mask is not None:
             cross_mask = AttentionMask(seq, cross_attention_mask.shape[-1], causal=False, custom=cross_attention_mask)
-        position_embeddings = self.rotary_emb(position_ids, step.inputs_embeds.dtype)
+        position_embeddings = self.rotary_emb(step.position_ids, step.inputs_embeds.dtype)
         cross_cache = past_key_values.cross_attention_cache() if past_key_values is not None else {}
-        output_attentions = step.output_attentions
 
-        hidden_states = step.inputs_embeds
-        all_hidden_states = [] if step.output_hidden_states else None
-        all_attentions = [] if output_attentions else None
+        hidden_states, collected = step.inputs_embeds, step.collector()
         for index, layer in enumerate(self.layers):
             if isinstance(layer, MllamaCrossAttentionDecoderLayer):
                 if cross_attention_states is not None:
@@ -432,21 +424,15 @@ class MllamaTextModel(MllamaPreTrainedModel):
                     keys, values = cross_cache[index]
                 else:
                     continue  # no image anywhere (text-only prompt): the layer is skipped, as in the reference
-                if all_hidden_states is not None:
-                    all_hidden_states.append(hidden_states)
+                collected.layer_input(hidden_states)
                 hidden_states, weights = layer(hidden_states, keys, values, cross_mask, full_text_row_masked_out_mask,
-                                               output_attentions)
+                                               step.output_attentions)
             else:
-                if all_hidden_states is not None:
-                    all_hidden_states.append(hidden_states)
+                collected.layer_input(hidden_states)
                 hidden_states, weights = layer(hidden_states, position_embeddings, mask, past_key_values,
-                                               step.cache_position, output_attentions)
-            if all_attentions is not None:
-                all_attentions.append(weights)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        return decoder_output(step, hidden_states, all_hidden_states, all_attentions)
+                                               step.cache_position, step.output_attentions)
+            collected.layer_weights(weights)
+        return collected.output(self.norm(hidden_states))
 
 
 class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):

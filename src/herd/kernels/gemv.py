@@ -3,28 +3,28 @@
 At batch 1 a decode step reads every weight once, so its matmuls are matrix-vector products
 bound by memory bandwidth. What keeps them from the floor is what happens around them: the
 RMSNorm before q/k/v and gate/up, the SwiGLU activation between gate/up and down, the residual
-add after o and down. The compiler fuses those into its own reduction kernels, but the
-configurations it then picks vary from process to process (the 8B's down projection took 43 to
-55 us for the same 117 MB), and an activation recomputed in every output block costs reads.
+add after o and down. A compiler fuses those into its own reduction kernels, but the
+configurations it picks vary from process to process, and an activation recomputed in every
+output block costs reads.
 
 Here each projection is one kernel with a fixed, measured configuration (`_config`):
 
-- `norm_linear`: linears(rms_norm(x)), the norm computed inside (q/k/v side by side; the head);
+- `norm_linear`: weight @ rms_norm(x), the norm computed inside (q/k/v side by side; the head);
 - `norm_qkv_rotary`: q/k/v of rms_norm(x) with rotary applied to q and k, k and v written into
-  the cache at the new token's slot: what the compiler would otherwise launch as one more kernel
-  per layer (and one more wait between dependent kernels);
-- `norm_gated_activation`: silu(gate(n)) * up(n) with n = rms_norm(x), what down reads;
-- `linear_add`: residual + linear(x) (o and down).
+  the cache at the new token's slot (one kernel instead of two per layer);
+- `norm_swiglu`: silu(gate(n)) * up(n) with n = rms_norm(x), what down reads;
+- `linear` and `linear_add`: weight @ x, and residual + weight @ x (o and down).
 
-A configuration may make the kernel persistent: a few programs per SM, each looping over its
-share of the weight's row blocks and requesting the next block's weights before the products of
-the current one, with x read and normed once per program.
+Weights are (out features, in features) tensors, several projections that read the same input
+stacked along the rows (q/k/v; gate then up). A configuration may make the kernel persistent: a
+few programs per SM, each looping over its share of the weight's row blocks and requesting the
+next block's weights before the products of the current one, with x read and normed once per
+program.
 
 Each function runs its kernel for CUDA tensors of at most `MAX_ROWS` rows when Triton is
-installed, the layers have no bias and the dtypes agree; otherwise it runs the same arithmetic in
-torch, rounded at the same points (the CPU path, larger batches, `generate(disable_compile=True)`,
-and HERD_DISABLE_FUSED_KERNELS=1). The kernels accumulate in float32 and round where the torch
-code rounds: after the norm, after its weight, after each matmul, after the activation.
+installed, there is no bias and the dtypes agree; otherwise it runs the same arithmetic in
+torch (`torch_*`), rounded at the same points. The kernels accumulate in float32 and round where
+the torch code rounds: after the norm, after its weight, after each matmul, after the activation.
 """
 
 from __future__ import annotations
@@ -34,11 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import kernels
-from .fused import fused_linear, fused_weight
-from .mlp import GatedMLP, activation_product
-from .norm import RMSNorm, rms_norm
-from .rope import apply_rotary
+from . import multiprocessors, programmatic_launch
 
 try:
     import triton
@@ -49,80 +45,101 @@ except ImportError:  # CPU builds of torch ship without Triton: the torch arithm
 MAX_ROWS = 4  # beyond a few rows the weight tile is reused enough for the library matmul to win
 
 
-def _kernel_applies(x: torch.Tensor, norm: RMSNorm | None, *linears: nn.Linear) -> bool:
+def kernel_applies(x: torch.Tensor, *tensors: torch.Tensor | None, bias: torch.Tensor | None = None) -> bool:
+    """The kernel handles x (rows <= MAX_ROWS, hidden) on CUDA with weights (and norm weights) of
+    x's dtype and no bias."""
     return (
         triton is not None
         and x.is_cuda
         and x.dim() == 2
         and x.shape[0] <= MAX_ROWS
-        and kernels.enabled()
-        and all(layer.bias is None and layer.weight.dtype == x.dtype for layer in linears)
-        and (norm is None or norm.weight.dtype == x.dtype)
+        and bias is None
+        and all(tensor is None or tensor.dtype == x.dtype for tensor in tensors)
     )
+
+
+# --- the torch arithmetic each kernel replaces -------------------------------------------------------
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As the reference RMSNorm: normalised in float32, cast back, then times the weight."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin: dimension d turns with d + head_dim / 2."""
+    low, high = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-high, low), dim=-1) * sin
+
+
+def torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot):
+    rows, head_dim, kv_heads = x.shape[0], keys.shape[-1], keys.shape[1]
+    qkv = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), weight, bias)  # (rows, (heads + 2 kv_heads) * head_dim)
+    # -> query (rows, heads, head_dim), key/value (rows, kv_heads, head_dim)
+    query, key, value = qkv.view(rows, -1, head_dim).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
+    cos, sin = cos.view(rows, 1, head_dim), sin.view(rows, 1, head_dim)
+    query, key = torch_rotate(query, cos, sin), torch_rotate(key, cos, sin)
+    keys[:, :, slot] = key[:, :, None].to(keys.dtype)
+    values[:, :, slot] = value[:, :, None].to(values.dtype)
+    return query.reshape(rows, -1)
 
 
 # --- public functions: kernel where it applies, torch otherwise ----------------------------------
 
 
-def norm_linear(x: torch.Tensor, norm: RMSNorm, *linears: nn.Linear, out_dtype: torch.dtype | None = None):
-    """x (rows, in) -> the layers' outputs of norm(x) side by side (rows, sum of out features),
-    in out_dtype (the layers' dtype unless given: the head asks for float32)."""
-    weight = fused_weight(*linears)
-    if weight is not None and _kernel_applies(x, norm, *linears):
-        return torch.ops.herd.norm_linear(x, norm.weight, norm.eps, weight, out_dtype or x.dtype)
-    out = fused_linear(rms_norm(x, norm.weight, norm.eps), *linears)
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (rows, in) -> weight @ rms_norm(x) (rows, out), in out_dtype (x's unless given: the head
+    asks for float32)."""
+    if kernel_applies(x, norm_weight, weight, bias=bias):
+        return torch.ops.herd.norm_linear(x, norm_weight, eps, weight, out_dtype or x.dtype)
+    out = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), weight, bias)
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def norm_qkv_rotary(x: torch.Tensor, norm: RMSNorm, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
-                    cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    slot: torch.Tensor) -> torch.Tensor:
+def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """The attention input of one new token per row: x (rows, hidden) -> query (rows, heads * head_dim),
     rotated; the rotated key and the value go into keys/values (rows, kv_heads, slots, head_dim) at
-    slot (1,). cos/sin (rows, 1, head_dim): Llama's rotary tables (dimension d turns with d + head_dim/2)."""
-    rows, head_dim = x.shape[0], keys.shape[-1]
-    weight = fused_weight(q_proj, k_proj, v_proj)
+    slot (1,). weight: q, k and v stacked ((heads + 2 kv_heads) * head_dim, hidden). cos/sin
+    (rows, head_dim): Llama's rotary tables (dimension d turns with d + head_dim/2)."""
     if (
-        weight is not None
-        and _kernel_applies(x, norm, q_proj, k_proj, v_proj)
-        and keys.dtype == values.dtype == cos.dtype == sin.dtype == x.dtype
+        kernel_applies(x, norm_weight, weight, cos, sin, keys, values, bias=bias)
         and keys.is_contiguous()
         and values.is_contiguous()
-        and head_dim % 2 == 0
+        and keys.shape[-1] % 2 == 0
     ):
-        return torch.ops.herd.norm_qkv_rotary(x, norm.weight, norm.eps, weight, cos.reshape(rows, head_dim),
+        rows, head_dim = x.shape[0], keys.shape[-1]
+        return torch.ops.herd.norm_qkv_rotary(x, norm_weight, eps, weight, cos.reshape(rows, head_dim),
                                               sin.reshape(rows, head_dim), keys, values, slot)
-    kv_heads = keys.shape[1]
-    qkv = norm_linear(x, norm, q_proj, k_proj, v_proj)  # (rows, (heads + 2 * kv_heads) * head_dim)
-    # -> query (rows, heads, 1, head_dim), key/value (rows, kv_heads, 1, head_dim)
-    query, key, value = qkv.view(rows, -1, 1, head_dim).split([q_proj.out_features // head_dim, kv_heads, kv_heads], dim=1)
-    query, key = apply_rotary(query, key, cos, sin)
-    keys[:, :, slot] = key.to(keys.dtype)
-    values[:, :, slot] = value.to(values.dtype)
-    return query.reshape(rows, -1)
+    return torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot)
 
 
-def norm_mlp_add(x: torch.Tensor, norm: RMSNorm, mlp: GatedMLP) -> torch.Tensor:
-    """x + mlp(norm(x)) for x (rows, hidden): two kernels for SiLU (every Llama), the SwiGLU product
-    formed in gate/up's (measured against forming it in down's from gate/up's output: equal within
-    1 us at the 8B's widths; bench/gemv_sweep.py)."""
-    weight = fused_weight(mlp.gate_proj, mlp.up_proj)
-    if weight is not None and mlp.act_fn is nn.functional.silu and _kernel_applies(x, norm, *mlp_linears(mlp)):
-        activated = torch.ops.herd.norm_swiglu(x, norm.weight, norm.eps, weight)  # (rows, intermediate)
-        return torch.ops.herd.linear_add(activated, mlp.down_proj.weight, x)
-    gate, up = fused_linear(rms_norm(x, norm.weight, norm.eps), mlp.gate_proj, mlp.up_proj).chunk(2, dim=-1)
-    return x + mlp.down_proj(activation_product(gate, up, mlp.act_fn))
+def norm_gated_activation(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
+                          activation, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """act(gate(n)) * up(n) with n = rms_norm(x): x (rows, hidden) -> (rows, intermediate);
+    gate_up_weight (2 * intermediate, hidden), gate rows first. One kernel for SiLU (every Llama)."""
+    if activation is nn.functional.silu and kernel_applies(x, norm_weight, gate_up_weight, bias=bias):
+        return torch.ops.herd.norm_swiglu(x, norm_weight, eps, gate_up_weight)
+    gate, up = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), gate_up_weight, bias).chunk(2, dim=-1)
+    return activation(gate) * up
 
 
-def mlp_linears(mlp: GatedMLP) -> tuple[nn.Linear, ...]:
-    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """weight @ x: x (rows, in) -> (rows, out)."""
+    if kernel_applies(x, weight, bias=bias):
+        return torch.ops.herd.linear(x, weight)
+    return nn.functional.linear(x, weight, bias)
 
 
-def linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual (rows, out) + linear(x (rows, in))."""
-    if _kernel_applies(x, None, linear):
-        return torch.ops.herd.linear_add(x, linear.weight, residual)
-    return residual + linear(x)
+def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """residual (rows, out) + weight @ x (rows, in)."""
+    if kernel_applies(x, weight, residual, bias=bias):
+        return torch.ops.herd.linear_add(x, weight, residual)
+    return residual + nn.functional.linear(x, weight, bias)
 
 
 # --- kernels ---------------------------------------------------------------------------------------
@@ -138,25 +155,22 @@ class GemvConfig(NamedTuple):
 
 
 def _config(out_features: int, in_features: int, gated: bool) -> GemvConfig:
-    """Measured on an H100 with bench/gemv_sweep.py (one kernel at a time) and devrun-style chains
-    of a layer's four projections in one CUDA graph at the 1B and 8B widths. What mattered most:
-    reading a whole row (up to 4096 columns) in one go, so that every program has all of its loads
-    in flight at once (8B: 171.7 -> 150.9 us per layer of projections), and for the long rows of
-    down, 2048 columns per step. For the 1B's MLP, persistent programs (`programs_per_sm`) that
-    read their next block while computing one, measured in the whole step with
-    bench/profile_decode.py; the same for its q/k/v, o and head, and for the 8B's gate/up, was
-    equal or slower."""
+    """The configuration for a weight shape, chosen by measurement (bench/gemv_sweep.py for one
+    kernel, bench/profile_decode.py for whole steps; numbers in bench/RESULTS.md). What matters most
+    is having every load of a program in flight at once: a whole row (up to 4096 columns) in the
+    first read, 2048 columns per step for longer rows. Short rows with many outputs (the 1B's MLP)
+    leave most programs idle in the last wave; persistent programs that read their next block
+    while computing one close that gap. Elsewhere persistence measured equal or slower."""
     if triton is None:
         return GemvConfig(4, 1024)
     row = triton.next_power_of_2(in_features)
     if gated and row <= 2048:
-        # the 1B's gate/up (2 x 8192 x 2048): two programs per SM, each looping over blocks of 4
-        # gate and 4 up rows (1B step 0.987 -> 0.978 ms; 3 per SM with 2 rows: 0.980, 4: 1.108)
+        # gate/up of short rows (the 1B: 2 x 8192 x 2048): two persistent programs per SM, 4 gate
+        # and 4 up rows per block
         return GemvConfig(4, 2048, 8, 1, row, 2)
     if 4096 < row <= 8192 and not gated and out_features <= 2048:
-        # the 1B's down (2048 x 8192): two programs per SM, each reading 2 whole rows per loop step
-        # while it computes the 2 before (1B step 1.037 -> 0.989 ms; one program per 2 rows with
-        # 4096 columns at once took 1.058 -> 1.037 of it before)
+        # down of long rows into few outputs (the 1B: 2048 x 8192): two persistent programs per
+        # SM, each reading 2 whole rows per loop step while it computes the 2 before
         return GemvConfig(2, 2048, 8, 1, row, 2)
     first_k = row if row <= 4096 else None
     block_n = 2 if gated else 4
@@ -379,8 +393,8 @@ if triton is not None:
         blocks = triton.cdiv(out_features, block_n)
         programs = blocks
         if programs_per_sm and first_k >= in_features:  # the persistent loop reads whole rows only
-            programs = min(blocks, programs_per_sm * kernels.multiprocessors(x.device))
-        pdl = kernels.programmatic_launch(x) if pdl is None else pdl
+            programs = min(blocks, programs_per_sm * multiprocessors(x.device))
+        pdl = programmatic_launch(x) if pdl is None else pdl
         cos, sin, keys, values, slot = rotary if rotary is not None else (x,) * 5
         _, kv_heads, slots, head_dim = keys.shape if rotary is not None else (0, 0, 0, 2)
         if rotary is not None and block_n < 2:
@@ -444,3 +458,12 @@ if triton is not None:
     @_linear_add.register_fake
     def _(x, weight, residual):
         return torch.empty_like(residual)
+
+    @torch.library.custom_op("herd::linear", mutates_args=())
+    def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        return launch(x, weight, x.new_empty((x.shape[0], weight.shape[0])))
+
+    @_linear.register_fake
+    def _(x, weight):
+        return x.new_empty((x.shape[0], weight.shape[0]))

@@ -22,7 +22,7 @@ COMPILE_ALL = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from herd.layers import decode_attention, gemv
+    from herd.kernels import decode_attention, gemv
 
     HOPPER = GPUTarget("cuda", 90, 32)
     results = []

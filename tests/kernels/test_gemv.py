@@ -1,4 +1,4 @@
-"""layers/gemv.py: the few-row matmul kernel against the torch arithmetic it replaces.
+"""kernels/gemv.py: the few-row matmul kernel against the torch arithmetic it replaces.
 
 On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), on a GPU
 compiled; the public functions' torch fallback is checked on CPU tensors."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from herd.layers import gemv, kernels
-from herd.layers.fused import fuse_linears
+from herd.decoding.fusion import fuse
+from herd.kernels import gemv
 from herd.layers.mlp import GatedMLP
 from herd.layers.norm import RMSNorm, rms_norm
 
@@ -51,7 +51,7 @@ def _f64(*tensors):
 def one_multiprocessor(monkeypatch):
     """Persistent configurations size their grid by the SM count: as if there were one, so that a
     few programs loop over these small widths on a GPU as in the interpreter."""
-    monkeypatch.setattr(gemv.kernels, "multiprocessors", lambda device: 1)
+    monkeypatch.setattr(gemv, "multiprocessors", lambda device: 1)
 
 
 SHAPES = [(1, 24, 40), (2, 64, 128), (3, 33, 300), (4, 40, 96)]  # rows, out, in: tails in both dimensions
@@ -120,8 +120,6 @@ def _layers(bias=False, act="silu"):
     nn.init.normal_(norm.weight, 1.0, 0.2)
     q, k, v = nn.Linear(32, 32, bias=bias), nn.Linear(32, 16, bias=bias), nn.Linear(32, 16, bias=bias)
     mlp = GatedMLP(32, 48, act, bias=bias)
-    fuse_linears(q, k, v)
-    fuse_linears(mlp.gate_proj, mlp.up_proj)
     return norm, (q, k, v), mlp
 
 
@@ -129,31 +127,37 @@ def _layers(bias=False, act="silu"):
 def test_public_functions_compute_the_layers(bias):
     """Kernel or not (CPU tensors take the torch arithmetic), the functions compute what the layers do."""
     norm, qkv, mlp = _layers(bias)
+    qkv_fused, gate_up = fuse(*qkv), fuse(mlp.gate_proj, mlp.up_proj)
     x = torch.randn(3, 32)
     with torch.no_grad():
-        torch.testing.assert_close(gemv.norm_linear(x, norm, *qkv), torch.cat([layer(norm(x)) for layer in qkv], -1))
-        logits = gemv.norm_linear(x, norm, qkv[0], out_dtype=torch.float32)
+        torch.testing.assert_close(gemv.norm_linear(x, norm.weight, norm.eps, qkv_fused.weight, qkv_fused.bias),
+                                   torch.cat([layer(norm(x)) for layer in qkv], -1))
+        logits = gemv.norm_linear(x, norm.weight, norm.eps, qkv[0].weight, qkv[0].bias, out_dtype=torch.float32)
         torch.testing.assert_close(logits, qkv[0](norm(x)).float())
-        torch.testing.assert_close(gemv.norm_mlp_add(x, norm, mlp), x + mlp(norm(x)))
+        activated = gemv.norm_gated_activation(x, norm.weight, norm.eps, gate_up.weight, mlp.act_fn, gate_up.bias)
+        normed = norm(x)
+        torch.testing.assert_close(activated, mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        torch.testing.assert_close(gemv.linear_add(activated, mlp.down_proj.weight, x, mlp.down_proj.bias),
+                                   x + mlp(norm(x)))
         residual = torch.randn(3, 48)
-        torch.testing.assert_close(gemv.linear_add(x, mlp.gate_proj, residual), residual + mlp.gate_proj(x))
+        torch.testing.assert_close(gemv.linear_add(x, mlp.gate_proj.weight, residual, mlp.gate_proj.bias),
+                                   residual + mlp.gate_proj(x))
+        torch.testing.assert_close(gemv.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias), mlp.gate_proj(x))
 
 
 def test_kernel_applies_only_where_it_can():
     norm, qkv, mlp = _layers()
     x = torch.randn(2, 32)
-    assert not gemv._kernel_applies(x, norm, *qkv)  # CPU tensors: torch
+    assert not gemv.kernel_applies(x, norm.weight, qkv[0].weight)  # CPU tensors: torch
     if gemv.triton is None or not torch.cuda.is_available():
         return
     norm, mlp = norm.cuda(), mlp.cuda()
     x = x.cuda()
-    assert gemv._kernel_applies(x, norm, mlp.gate_proj, mlp.up_proj)
-    assert not gemv._kernel_applies(torch.randn(gemv.MAX_ROWS + 1, 32, device="cuda"), norm, mlp.down_proj)
-    assert not gemv._kernel_applies(x.half(), norm, mlp.down_proj)  # dtypes disagree
-    with kernels.disabled():
-        assert not gemv._kernel_applies(x, norm, mlp.down_proj)
+    assert gemv.kernel_applies(x, norm.weight, mlp.gate_proj.weight)
+    assert not gemv.kernel_applies(torch.randn(gemv.MAX_ROWS + 1, 32, device="cuda"), norm.weight, mlp.down_proj.weight)
+    assert not gemv.kernel_applies(x.half(), norm.weight, mlp.down_proj.weight)  # dtypes disagree
     biased = nn.Linear(32, 32).cuda()
-    assert not gemv._kernel_applies(x, None, biased)
+    assert not gemv.kernel_applies(x, biased.weight, bias=biased.bias)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or gemv.triton is None, reason="needs CUDA and Triton")
@@ -162,16 +166,17 @@ def test_compiled_ops_match_eager_on_gpu(dtype):
     """The ops inside torch.compile (how the decode step runs them) equal the torch arithmetic."""
     norm, qkv, mlp = _layers()
     norm, mlp = norm.to("cuda", dtype), mlp.to("cuda", dtype)
-    fuse_linears(mlp.gate_proj, mlp.up_proj)
+    gate_up = fuse(mlp.gate_proj, mlp.up_proj).weight
     x = torch.randn(2, 32, device="cuda", dtype=dtype)
 
     def block(x):
-        return gemv.norm_mlp_add(x, norm, mlp)
+        activated = gemv.norm_gated_activation(x, norm.weight, norm.eps, gate_up, mlp.act_fn)
+        return gemv.linear_add(activated, mlp.down_proj.weight, x)
 
     with torch.no_grad():
         compiled = torch.compile(block, fullgraph=True)(x)
-        with kernels.disabled():
-            expected = block(x)
+        gate, up = torch.nn.functional.linear(gemv.torch_rms_norm(x, norm.weight, norm.eps), gate_up).chunk(2, -1)
+        expected = x + mlp.down_proj(mlp.act_fn(gate) * up)
     if dtype == torch.float32:
         _close(compiled, expected, dtype)
     else:
@@ -186,7 +191,6 @@ def _attention_layers(heads, kv_heads, head_dim, hidden, dtype, seed=0):
     norm.to(DEVICE, dtype)
     for layer in projections:
         layer.to(DEVICE, dtype)
-    fuse_linears(*projections)
     return norm, projections
 
 
@@ -222,9 +226,8 @@ def test_rotary_epilogue_matches_the_torch_arithmetic(dtype, rows, heads, kv_hea
     cache = [torch.randn(rows, kv_heads, slots, head_dim).to(DEVICE, dtype) for _ in range(2)]
     expected_cache = [c.clone() for c in cache]
     slot_tensor = torch.tensor([slot], device=DEVICE)
-    with kernels.disabled():  # the torch arithmetic, whatever the device
-        expected = gemv.norm_qkv_rotary(x, norm, *projections, cos, sin, *expected_cache, slot_tensor)
     weight = torch.cat([layer.weight for layer in projections])
+    expected = gemv.torch_norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, *expected_cache, slot_tensor)
     query = gemv.launch(x, weight, x.new_empty(rows, heads * head_dim), norm_weight=norm.weight, eps=norm.eps,
                         rotary=(cos.reshape(rows, head_dim), sin.reshape(rows, head_dim), *cache, slot_tensor),
                         config=config)
@@ -250,7 +253,8 @@ def test_norm_qkv_rotary_is_the_attention_layers_arithmetic():
     cos, sin = (t.cpu() for t in _rotary_tables(rows, head_dim, torch.float32))
     keys, values = torch.zeros(rows, kv_heads, 4, head_dim), torch.zeros(rows, kv_heads, 4, head_dim)
     with torch.no_grad():
-        query = gemv.norm_qkv_rotary(x, norm, q, k, v, cos, sin, keys, values, torch.tensor([3]))
+        weight = fuse(q, k, v).weight
+        query = gemv.norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, keys, values, torch.tensor([3]))
         normed = norm(x)
 
         def rotate(t):  # (rows, n, head_dim)

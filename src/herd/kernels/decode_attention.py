@@ -8,7 +8,7 @@ keeps a running softmax; a second kernel merges the ranges. With a single range 
 kernel writes the output itself.
 
 `attend(...)` runs the kernels for CUDA tensors when Triton is installed and the head size is a
-power of two, and otherwise returns None (the caller then runs the torch arithmetic). Rounding
+power of two of at least 16, and otherwise the same arithmetic in torch (`torch_attend`). Rounding
 follows the torch version where it matters: scores are rounded to the cache dtype before the
 scaling, as a bf16 matmul's output would be. The softmax weights are not normalised before the
 product with the values (they are divided out at the end), which moves bf16 results by a unit
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import programmatic_launch
 
 try:
     import triton
@@ -33,9 +33,8 @@ TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the gr
 
 def plan_block(dim: int) -> int:
     """Keys per loop step. Shorter blocks make more, shorter ranges; what pays is the latency of
-    each program (this kernel waits for q/k/v and o waits for it): measured on an H100 with
-    bench/profile_decode.py, blocks of 32 against 64 took Llama-3.2-1B (64 dimensions) from
-    1.055 to 1.037 ms per step, and Llama-3.1-8B (128) from 5.42 to 5.52 ms. 16 and 256 were slower."""
+    each program (this kernel waits for q/k/v and o waits for it). Measured on whole steps
+    (bench/RESULTS.md): heads of 64 dimensions gain from blocks of 32, heads of 128 lose."""
     return BLOCK_SLOTS // 2 if dim <= 64 else BLOCK_SLOTS
 
 
@@ -51,7 +50,6 @@ def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
     return (
         triton is not None
         and query.is_cuda
-        and kernels.enabled()
         and dim & (dim - 1) == 0
         and dim >= 16  # the tensor-core products need 16 along the reduced dimension
         and query.dtype == keys.dtype
@@ -59,11 +57,28 @@ def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
     )
 
 
-def attend(query, keys, values, allowed, new_slot, scaling: float):
-    """query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots);
-    new_slot (1,) the slot this step wrote -> (batch, heads * dim), or None where the kernels do not apply."""
+def torch_attend(query, keys, values, allowed, scaling: float) -> torch.Tensor:
+    """The arithmetic the kernels replace. The query heads that share a kv head are rows of one
+    matmul, so grouped-query attention never copies the cache."""
+    batch, heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (batch, kv_heads, group, dim)
+    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scaling  # (batch, kv_heads, group, slots)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    weights = torch.nn.functional.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(weights, values).reshape(batch, heads * dim)
+
+
+def attend(query, keys, values, allowed, new_slot, scaling: float) -> torch.Tensor:
+    """One query per row over a preallocated cache, reading each cached key/value once.
+
+    query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots),
+    at least one slot allowed per row; new_slot (1,): the slot this step's key/value were just
+    written to (the kernel reads the others before the previous kernel ends; any slot where
+    nothing was written this step). Returns (batch, heads * dim).
+    """
     if not applies(query, keys):
-        return None
+        return torch_attend(query, keys, values, allowed, scaling)
     batch, heads, _, dim = query.shape
     return torch.ops.herd.decode_attention(query.reshape(batch, heads * dim), keys, values, allowed, new_slot, scaling)
 
@@ -187,7 +202,7 @@ if triton is not None:
     def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
         (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it."""
-        pdl = kernels.programmatic_launch(query) if pdl is None else pdl
+        pdl = programmatic_launch(query) if pdl is None else pdl
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
         group = heads // kv_heads

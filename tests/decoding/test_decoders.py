@@ -1,4 +1,4 @@
-"""The fast path of generate() (generation/fast.py).
+"""generate()'s decoders (decoding/decoders.py), the fast path's stores and plans.
 
 On the CPU the same code runs uncompiled and uncaptured (FAST_DEVICES is widened for the test):
 its tokens and logits must equal the plain path's. On CUDA (skipped without it): compiled and
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import herd
-from herd.generation import fast
-from herd.generation.utils import positions_from_mask
+from herd.decoding import decoders, graphs
+from herd.decoding.kv import ContiguousKV, DecodeKV, PrefillCache, RingKV
 from tests.conftest import max_abs_diff, reference_llama, save_reference
 from tests.models.llama4.test_modeling_llama4 import reference_llama4
 
@@ -22,7 +22,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture
 def fast_on_cpu(monkeypatch):
-    monkeypatch.setattr(fast, "FAST_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(decoders, "FAST_DEVICES", ("cuda", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -72,42 +72,44 @@ def _generate_both(model, ids, mask, **kwargs):
 
 @pytest.mark.parametrize("length, bucket", [(1, 256), (256, 256), (257, 512), (4096, 4096), (4097, 8192), (9000, 12288)])
 def test_cache_buckets(length, bucket):
-    assert fast.cache_bucket(length) == bucket
+    assert graphs.cache_bucket(length) == bucket
+
+
+def _ring_store(batch, ring, chunk, length=16):
+    full = ContiguousKV([], batch, 1, 1, length, torch.float32, "cpu")
+    ring_store = RingKV([0], batch, 1, 1, ring, chunk, torch.float32, "cpu")
+    return DecodeKV(full, ring_store)
 
 
 def test_fast_cache_ring_keeps_the_last_window_and_returns_window_plus_new():
     window = 4
-    keys = [torch.zeros(1, 1, window, 1)]
-    buffers = fast.DecodeBuffers(keys, [torch.zeros(1, 1, window, 1)], (window,), key_real=torch.zeros(1, 16, dtype=torch.bool),
-                                 ring_positions=torch.full((window,), -1), ring_real=torch.zeros(1, window, dtype=torch.bool))
-    cache = fast.FastCache(buffers)
+    kv = _ring_store(1, window, window)
+    cache = PrefillCache(kv)
     new = torch.arange(6.0).view(1, 1, 6, 1)  # positions 0..5 hold values 0..5
     returned, _ = cache.update(new, new, 0)
     assert returned.flatten().tolist() == [0, 1, 2, 3, 4, 5]
     # slots hold positions 2..5 at slot = position % 4
-    assert keys[0].flatten().tolist() == [4, 5, 2, 3]
+    assert kv.ring.keys[0].flatten().tolist() == [4, 5, 2, 3]
     assert cache.kv_length(0, 3) == 7 and cache.kv_offset(0) == 2
     returned, _ = cache.update(torch.full((1, 1, 3, 1), 9.0), torch.zeros(1, 1, 3, 1), 0)
     assert returned.flatten().tolist() == [2, 3, 4, 5, 9, 9, 9]
-    buffers.mark_prompt(torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1]]))
-    assert buffers.ring_positions.tolist() == [8, 5, 6, 7]
+    kv.mark_prompt(torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1]]))
+    assert kv.ring.positions.tolist() == [8, 5, 6, 7]
 
 
 def test_decode_cache_masks_chunks_from_each_rows_first_real_token():
     window, length = 4, 16
-    buffers = fast.DecodeBuffers([torch.zeros(2, 1, window, 1)], [torch.zeros(2, 1, window, 1)], (window,),
-                                 key_real=torch.zeros(2, length, dtype=torch.bool),
-                                 ring_positions=torch.full((window,), -1), ring_real=torch.zeros(2, window, dtype=torch.bool))
+    kv = _ring_store(2, window, window, length)
     # row 0: 6 real tokens (positions 0..5); row 1: 1 padding then 5 real tokens (positions 0..4)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
-    buffers.mark_prompt(mask)
-    cache = fast.DecodeCache(buffers, torch.tensor([6]), positions=torch.tensor([6, 5]))
-    held = buffers.ring_positions.tolist()  # slot -> cache position
-    allowed = {row: sorted(held[s] for s in range(window) if cache.ring_allowed[row, s]) for row in range(2)}
+    kv.mark_prompt(mask)
+    kv.begin_step(torch.tensor([6]), positions=torch.tensor([6, 5]))
+    held = kv.ring.positions.tolist()  # slot -> cache position
+    allowed = {row: sorted(held[s] for s in range(window) if kv.ring.allowed[row, s]) for row in range(2)}
     # row 0's token is position 6: its chunk (4..7) began at cache slot 4; row 1's token is
     # position 5 at cache slot 6: its chunk (4..7) began at cache slot 5.
     assert allowed == {0: [4, 5, 6], 1: [5, 6]}
-    assert cache.full_allowed[1].tolist() == [False] + [True] * 6 + [False] * 9
+    assert kv.full.real[1].tolist() == [False] + [True] * 6 + [False] * 9
 
 
 # --- the fast path on the CPU (uncompiled, uncaptured) equals the plain path -------------------------
@@ -119,7 +121,7 @@ def test_llama_fast_path_tokens_equal_plain_path(fast_on_cpu, llama_folder, batc
     ids, mask = _prompts(batch, length)
     fast_out, plain_out = _generate_both(model, ids, mask, max_new_tokens=new)
     assert torch.equal(fast_out, plain_out)
-    assert fast.fast_decoder(model).entry is not None  # the fast path really ran
+    assert decoders.fast_decoder(model).entry is not None  # the fast path really ran
 
 
 def test_llama_fast_path_logits_equal_plain_path(fast_on_cpu, llama_folder):
@@ -156,7 +158,7 @@ def test_stopping_at_eos_trims_what_was_made_after_every_row_finished(fast_on_cp
     # make the token row 0 produces 4th the eos: rows stop at different steps
     eos = int(free[0, 6 + 3])
     for interval in (1, 4, 16):
-        monkeypatch.setattr(fast, "SYNC_INTERVAL", interval)
+        monkeypatch.setattr(decoders, "SYNC_INTERVAL", interval)
         kwargs = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=eos)
         got = model.generate(ids, **kwargs)
         expected = model.generate(ids, disable_compile=True, **kwargs)
@@ -174,9 +176,9 @@ def test_plain_greedy_chooses_tokens_inside_the_step_and_agrees_with_per_token_c
                           eos_token_id=None, disable_compile=True)
     eos = [int(free[1, 5 + 2]), int(free[2, 5 + 9])]
     calls = []
-    original = fast.FastDecoder.greedy_steps
-    monkeypatch.setattr(fast.FastDecoder, "greedy_steps", lambda self, *a: calls.append(a[1]) or original(self, *a))
-    monkeypatch.setattr(fast, "SYNC_INTERVAL", 4)
+    original = decoders.FastDecoder.greedy_steps
+    monkeypatch.setattr(decoders.FastDecoder, "greedy_steps", lambda self, *a: calls.append(a[1]) or original(self, *a))
+    monkeypatch.setattr(decoders, "SYNC_INTERVAL", 4)
     for extra, in_graph in [({}, True), ({"repetition_penalty": 1.2}, False)]:
         calls.clear()
         kwargs = dict(attention_mask=mask, max_new_tokens=18, do_sample=False, pad_token_id=1, eos_token_id=eos, **extra)
@@ -198,15 +200,16 @@ def test_sampling_with_a_seeded_generator_equals_the_plain_path(fast_on_cpu, lla
 
 
 def test_long_prompts_are_prefilled_in_chunks(fast_on_cpu, llama_folder, monkeypatch):
-    monkeypatch.setattr(fast, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(decoders, "PREFILL_CHUNK", 8)
     model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
     calls = []
-    original = model._decode_step
-    monkeypatch.setattr(model, "_decode_step", lambda tokens, *a, **k: calls.append(tokens.shape[1]) or original(tokens, *a, **k))
+    original = decoders.forward_tokens
+    monkeypatch.setattr(decoders, "forward_tokens",
+                        lambda model, tokens, *a, **k: calls.append(tokens.shape[1]) or original(model, tokens, *a, **k))
     ids, mask = _prompts(2, 21)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert calls == [8, 8, 5]
-    monkeypatch.setattr(model, "_decode_step", original)
+    monkeypatch.setattr(decoders, "forward_tokens", original)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
                               eos_token_id=None, disable_compile=True)
     assert torch.equal(got, expected)
@@ -215,8 +218,8 @@ def test_long_prompts_are_prefilled_in_chunks(fast_on_cpu, llama_folder, monkeyp
 def test_the_fast_path_is_skipped_where_it_does_not_apply(fast_on_cpu, llama_folder, monkeypatch):
     model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
     config = herd.GenerationConfig(max_new_tokens=3)
-    check = lambda **kw: fast.fast_path_unsupported(model, config, past_key_values=kw.get("cache"),
-                                                    extra_outputs=kw.get("extra", False))
+    check = lambda **kw: decoders.why_not_fast(model, config, past_key_values=kw.get("cache"),
+                                               extra_outputs=kw.get("extra", False))
     assert check() is None
     assert "cache" in check(cache=object())
     assert "attentions" in check(extra=True)
@@ -226,7 +229,7 @@ def test_the_fast_path_is_skipped_where_it_does_not_apply(fast_on_cpu, llama_fol
     monkeypatch.setenv("HERD_DISABLE_FAST_PATH", "1")
     assert "HERD_DISABLE_FAST_PATH" in check()
     monkeypatch.delenv("HERD_DISABLE_FAST_PATH")
-    monkeypatch.setattr(fast, "FAST_DEVICES", ("cuda",))
+    monkeypatch.setattr(decoders, "FAST_DEVICES", ("cuda",))
     assert "cpu" in check()
 
 
@@ -243,7 +246,7 @@ def test_llama4_fast_path_tokens_and_logits_equal_plain_path(fast_on_cpu, llama4
 
 
 def test_llama4_long_prompt_chunked_prefill_fills_the_ring(fast_on_cpu, llama4_folder, monkeypatch):
-    monkeypatch.setattr(fast, "PREFILL_CHUNK", 5)
+    monkeypatch.setattr(decoders, "PREFILL_CHUNK", 5)
     model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
     ids, mask = _prompts(2, 19)
     fast_out, plain_out = _generate_both(model, ids, mask, max_new_tokens=10)
@@ -255,29 +258,29 @@ def test_llama4_ring_longer_than_the_cache_is_cut_to_the_cache(fast_on_cpu, llam
     ids, mask = _prompts(3, 13)
     fast_out, plain_out = _generate_both(model, ids, mask, max_new_tokens=15)
     assert torch.equal(fast_out, plain_out)
-    buffers = fast.fast_decoder(model).entry.buffers
-    assert buffers.ring_length == 256 and buffers.chunk == 1024  # the 256-position bucket, not the chunk
-    chunked = [keys.shape[2] for keys, window in zip(buffers.keys, buffers.windows) if window is not None]
+    kv = decoders.fast_decoder(model).entry.kv
+    assert kv.ring.ring == 256 and kv.ring.chunk_size == 1024  # the 256-position bucket, not the chunk
+    chunked = [keys.shape[2] for keys in kv.ring.keys.values()]
     assert chunked and set(chunked) == {256}
 
 
 def test_a_ring_shorter_than_its_chunk_refuses_to_wrap():
-    buffers = fast.DecodeBuffers([torch.zeros(1, 1, 4, 1)], [torch.zeros(1, 1, 4, 1)], (8,),
-                                 key_real=torch.zeros(1, 4, dtype=torch.bool),
-                                 ring_positions=torch.full((4,), -1), ring_real=torch.zeros(1, 4, dtype=torch.bool))
-    cache = fast.FastCache(buffers)
+    cache = PrefillCache(_ring_store(1, 4, 8, length=4))
     cache.update(torch.zeros(1, 1, 3, 1), torch.zeros(1, 1, 3, 1), 0)
     with pytest.raises(ValueError, match="ring holds 4 positions; 5"):
         cache.update(torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1), 0)
 
 
-def test_routed_forward_equals_the_expert_loop(llama4_folder):
+def test_routed_experts_equal_the_expert_loop(llama4_folder):
+    from herd.kernels.routed_experts import routed_experts
+
     model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
     experts = model.model.layers[1].feed_forward.experts
     rows = torch.randn(6, experts.hidden_size)
     expert_ids = torch.tensor([3, 0, 3, 1, 2, 0])
     expected = torch.stack([experts.expert_forward(int(e), r[None])[0] for e, r in zip(expert_ids, rows)])
-    assert max_abs_diff(experts.routed_forward(rows, expert_ids), expected) < 1e-5
+    got = routed_experts(rows, expert_ids, experts.gate_up_proj, experts.down_proj, experts.act_fn)
+    assert max_abs_diff(got, expected) < 1e-5
 
 
 # --- on the GPU: compiled and captured ------------------------------------------------------------
@@ -292,7 +295,7 @@ def test_cuda_fast_path_greedy_equals_plain_path_float32(llama_folder, llama4_fo
         ids, mask = _prompts(batch, 11)
         fast_out, plain_out = _generate_both(model, ids.cuda(), mask.cuda(), max_new_tokens=30)
         assert torch.equal(fast_out, plain_out), cls.__name__
-        assert fast.fast_decoder(model).captures >= 1
+        assert decoders.fast_decoder(model).captures >= 1
 
 
 # Stated tolerance for bf16: the fast path's logits vs the plain path's, |diff| <= 0.02 * max |logit| + 0.05.
@@ -309,16 +312,13 @@ def test_cuda_fast_path_bf16_logits_within_tolerance(llama_folder, llama4_folder
     # Force the same tokens on both paths (the plain path's), so the logits compare position by position.
     plain = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False, pad_token_id=0,
                            eos_token_id=None, disable_compile=True, output_logits=True, return_dict_in_generate=True)
-    decoder = fast.fast_decoder(model)
-    cache = decoder.start(3, 64)
+    decoder = decoders.fast_decoder(model)
+    decoder.start(3, 64)
     with torch.no_grad():
-        full_mask = torch.cat([mask.cuda(), torch.ones(3, 12, dtype=torch.long, device="cuda")], dim=1)
-        out = model._prefill(plain.sequences[:, :11], full_mask[:, :11], cache, {})
-        cache.buffers.mark_prompt(full_mask[:, :11])
-        got = [out.logits[:, -1].float()]
-        decoder.begin(positions_from_mask(full_mask)[:, 11], 11)
+        logits, _ = decoder.prefill(plain.sequences[:, :11], mask.cuda(), {})
+        got = [logits]
         for step in range(11, 22):
-            got.append(decoder.step(plain.sequences[:, step]))
+            got.append(decoder.step(plain.sequences[:, step])[0])
     scale, offset = BF16_TOLERANCE
     for a, b in zip(got, plain.logits):
         assert max_abs_diff(a, b) <= scale * float(b.abs().max()) + offset
@@ -341,14 +341,14 @@ def test_cuda_other_prompt_lengths_and_max_new_tokens_do_not_recompile(llama_fol
         ids, mask = _prompts(1, length, seed=length)
         model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new, do_sample=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
-    assert fast.fast_decoder(model).captures == 2  # one graph per bucket, no recompile
+    assert decoders.fast_decoder(model).captures == 2  # one graph per bucket, no recompile
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 256, 1000, 128256])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_argmax_in_pieces_is_argmax(batch, vocab):
     """Random values, ties (the first index wins, across and within slices), -inf and NaN."""
-    from herd.generation.fast import argmax_in_pieces
+    from herd.decoding.graphs import argmax_in_pieces
 
     torch.manual_seed(vocab)
     logits = torch.randn(batch, vocab)

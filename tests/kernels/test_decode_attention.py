@@ -1,4 +1,4 @@
-"""layers/decode_attention.py: the split decode attention kernels against the torch arithmetic.
+"""kernels/decode_attention.py: the split decode attention kernels against the torch arithmetic.
 
 On CPU the kernels run in Triton's interpreter (float32 and float16: it has no bfloat16 products)."""
 
@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from herd.layers import decode_attention, kernels
-from herd.layers.attention import decode_attention as attention_over_cache
+from herd.kernels import decode_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(decode_attention.triton is None, reason="needs Triton")
@@ -31,8 +30,7 @@ def _slot(slot=0):
 
 
 def _torch_result(query, keys, values, allowed, scaling):
-    with kernels.disabled():
-        return attention_over_cache(query, keys, values, allowed, _slot(), scaling)
+    return decode_attention.torch_attend(query, keys, values, allowed, scaling)
 
 
 def _check(out, query, keys, values, allowed, scaling):
@@ -112,5 +110,15 @@ def test_applies():
     assert not decode_attention.applies(torch.zeros(1, 4, 1, 24, device=DEVICE), odd)  # head size not a power of two
     small = torch.zeros(1, 2, 64, 8, device=DEVICE)
     assert not decode_attention.applies(torch.zeros(1, 4, 1, 8, device=DEVICE), small)  # below the products' 16
-    with kernels.disabled():
-        assert not decode_attention.applies(query, keys)
+
+
+def test_attend_falls_back_to_the_torch_arithmetic():
+    """Where the kernels do not apply (a head size of 24), attend is the softmax over allowed slots."""
+    query, keys, values, allowed = (t.cpu().double() if t.is_floating_point() else t.cpu()
+                                    for t in _case(2, 4, 2, 10, 24, torch.float32))
+    out = decode_attention.attend(query, keys, values, allowed, torch.tensor([0]), 0.3)  # (2, 4 * 24)
+    for row in range(2):
+        for head in range(4):
+            scores = (keys[row, head // 2] @ query[row, head, 0]) * 0.3  # (10,)
+            weights = torch.softmax(scores.masked_fill(~allowed[row], float("-inf")), dim=0)
+            torch.testing.assert_close(out[row, head * 24 : (head + 1) * 24], weights @ values[row, head // 2])

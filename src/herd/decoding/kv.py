@@ -1,0 +1,288 @@
+"""Key/value stores of the fast path: preallocated, fixed-shape, one kind per attention kind.
+
+A decode plan asks a store one thing per layer, `layer(i)`: the layer's keys and values, the
+slot where this step's key/value go, and which slots the new token may see. It never asks which
+kind of store it holds. Kinds:
+
+- `ContiguousKV` (full attention): slot = the token's position in the cache, `length` slots
+  (a bucket: `graphs.cache_bucket`).
+- `RingKV` (Llama 4's chunked layers): min(attention_chunk_size, length) slots, slot =
+  position % ring; a chunk longer than the whole generation never wraps, and attention reads
+  only the slots that can be filled.
+- `CrossAttentionKV` (Mllama's cross-attention layers): the image's keys/values, computed once
+  at prefill and never written during decoding, with which image tokens each row sees.
+
+`DecodeKV` holds the stores of one model and batch; `begin_step` updates each store's slot and
+visibility once per step (tensor arithmetic only, so it runs inside the captured graph), and
+`PrefillCache` lets the reference forward write the prompt into the same buffers through the
+ordinary Cache interface. A paged store (blocks, block table, per-row lengths) is one more class
+with the same methods.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..cache import Cache
+from .graphs import compiled_once
+from .visibility import kept_positions, visible
+
+
+class LayerKV(NamedTuple):
+    """What one layer's decode step reads: keys/values (batch, kv_heads, slots, head_dim), the slot
+    (1,) where this step's key/value go, and which slots the new token may see (batch, slots)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slot: torch.Tensor
+    allowed: torch.Tensor
+
+
+def _buffers(layers, batch, kv_heads, slots, head_dim, dtype, device):
+    shape = (batch, kv_heads, slots, head_dim)
+    keys = {index: torch.zeros(shape, dtype=dtype, device=device) for index in layers}
+    values = {index: torch.zeros(shape, dtype=dtype, device=device) for index in layers}
+    return keys, values
+
+
+def mark_written(real: torch.Tensor, cache_position: torch.Tensor) -> None:
+    """The new token's slot (1,) holds a real token in every row of real (batch, length)."""
+    real.index_fill_(1, cache_position, True)
+
+
+class ContiguousKV:
+    """Full-attention layers: slot i holds position i (padding included) of every row."""
+
+    def __init__(self, layers, batch, kv_heads, head_dim, length, dtype, device, compiled=False):
+        self.keys, self.values = _buffers(layers, batch, kv_heads, length, head_dim, dtype, device)
+        self.real = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
+        self.seen = dict.fromkeys(layers, 0)
+        self.compiled = compiled
+        self.slot = None
+
+    @property
+    def length(self) -> int:
+        return self.real.shape[1]
+
+    def reset(self) -> None:
+        self.real.zero_()
+        self.seen = dict.fromkeys(self.seen, 0)
+
+    def dynamic_dims(self) -> list[tuple[torch.Tensor, int]]:
+        """The dimensions that are the cache length: another bucket re-captures, never recompiles."""
+        return [(tensor, 2) for tensor in (*self.keys.values(), *self.values.values())] + [(self.real, 1)]
+
+    def write_prompt(self, layer_idx, key_states, value_states):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        start, new = self.seen[layer_idx], key_states.shape[-2]
+        if start + new > keys.shape[2]:
+            raise ValueError(f"the fast path's cache holds {keys.shape[2]} positions; {start + new} were asked for")
+        keys[:, :, start : start + new] = key_states
+        values[:, :, start : start + new] = value_states
+        self.seen[layer_idx] = start + new
+        # the written prefix: an unpadded prefill stays plain causal attention (sdpa's fused kernels)
+        return keys[:, :, : start + new], values[:, :, : start + new]
+
+    def stored(self, layer_idx) -> int:
+        return self.seen[layer_idx]
+
+    def mark_prompt(self, attention_mask: torch.Tensor) -> None:
+        self.real[:, : attention_mask.shape[1]] = attention_mask.bool()
+
+    def begin_step(self, cache_position: torch.Tensor, positions: torch.Tensor) -> None:
+        (compiled_once(mark_written) if self.compiled else mark_written)(self.real, cache_position)
+        self.slot = cache_position
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slot, self.real)
+
+
+def ring_step(ring_positions, ring_real, cache_position, positions, chunk_size: int):
+    """Write the new token's cache position into its ring slot and say which slots it may see.
+
+    ring_positions (ring,): the cache position each slot holds (-1: none yet); ring_real (batch,
+    ring); cache_position (1,); positions (batch,) the token's position in each row. Returns the
+    slot (1,) and the visible slots (batch, ring).
+    """
+    slot = cache_position % ring_positions.shape[0]  # (1,)
+    ring_positions.index_copy_(0, slot, cache_position)
+    ring_real.index_fill_(1, slot, True)
+    first_real = cache_position - positions  # (batch,): the cache position of each row's first real token
+    held = ring_positions[None, :] - first_real[:, None]  # (batch, ring): positions in each row
+    return slot, visible(positions[:, None], held, chunk_size, ring_real)
+
+
+class RingKV:
+    """Chunked-attention layers: the last `ring` cache positions, slot = position % ring."""
+
+    def __init__(self, layers, batch, kv_heads, head_dim, ring, chunk_size, dtype, device, compiled=False):
+        self.keys, self.values = _buffers(layers, batch, kv_heads, ring, head_dim, dtype, device)
+        self.positions = torch.full((ring,), -1, dtype=torch.long, device=device)  # cache position per slot
+        self.real = torch.zeros(batch, ring, dtype=torch.bool, device=device)
+        self.chunk_size = chunk_size
+        self.seen = dict.fromkeys(layers, 0)
+        self.compiled = compiled
+        self.slot = self.allowed = None
+
+    @property
+    def ring(self) -> int:
+        return self.positions.shape[0]
+
+    def reset(self) -> None:
+        self.positions.fill_(-1)
+        self.real.zero_()
+        self.seen = dict.fromkeys(self.seen, 0)
+
+    def dynamic_dims(self, length: int) -> list[tuple[torch.Tensor, int]]:
+        """A ring as long as the cache (the chunk is longer) grows with the bucket."""
+        if self.ring != length:
+            return []
+        return [(tensor, 2) for tensor in (*self.keys.values(), *self.values.values())] + [(self.positions, 0), (self.real, 1)]
+
+    def write_prompt(self, layer_idx, key_states, value_states):
+        """Returns what is left of the current window followed by the new keys; keeps the newest
+        `ring` of them."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        start, new = self.seen[layer_idx], key_states.shape[-2]
+        device, ring = keys.device, self.ring
+        if ring < self.chunk_size and start + new > ring:  # a ring shorter than the chunk must never wrap
+            raise ValueError(f"the fast path's ring holds {ring} positions; {start + new} were asked for")
+        kept = torch.arange(start - kept_positions(start, self.chunk_size), start, device=device)  # this window so far
+        all_keys = torch.cat([keys[:, :, kept % ring], key_states], dim=2)
+        all_values = torch.cat([values[:, :, kept % ring], value_states], dim=2)
+        written = torch.arange(max(start, start + new - ring), start + new, device=device)
+        keys[:, :, written % ring] = key_states[:, :, written - start]
+        values[:, :, written % ring] = value_states[:, :, written - start]
+        self.seen[layer_idx] = start + new
+        return all_keys, all_values
+
+    def stored(self, layer_idx) -> int:
+        return kept_positions(self.seen[layer_idx], self.chunk_size)
+
+    def mark_prompt(self, attention_mask: torch.Tensor) -> None:
+        prompt_length = attention_mask.shape[1]
+        written = torch.arange(max(0, prompt_length - self.ring), prompt_length, device=attention_mask.device)
+        self.positions[written % self.ring] = written
+        self.real[:, written % self.ring] = attention_mask.bool()[:, written]
+
+    def begin_step(self, cache_position: torch.Tensor, positions: torch.Tensor) -> None:
+        step = compiled_once(ring_step) if self.compiled else ring_step
+        self.slot, self.allowed = step(self.positions, self.real, cache_position, positions, self.chunk_size)
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slot, self.allowed)
+
+
+class CrossAttentionKV:
+    """Cross-attention layers: keys/values (batch, kv_heads, image tokens, head_dim) of the image,
+    written once after prefill (`fill`). `visible` (batch, image tokens): the image tokens each
+    row's new tokens see; `row_sees_image` (batch, 1): 0 for a row that sees no image at all,
+    whose cross-attention and cross-layer MLP outputs the layer zeroes (its `visible` row is all
+    True then: the reference attends uniformly there rather than over nothing)."""
+
+    def __init__(self, layers, batch, kv_heads, image_tokens, head_dim, dtype, device):
+        self.keys, self.values = _buffers(layers, batch, kv_heads, image_tokens, head_dim, dtype, device)
+        self.visible = torch.zeros(batch, image_tokens, dtype=torch.bool, device=device)
+        self.row_sees_image = torch.zeros(batch, 1, dtype=dtype, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # nothing is written while decoding
+
+    @classmethod
+    def like(cls, image_keys_values: dict) -> CrossAttentionKV:
+        """Buffers shaped as the prefill's image keys/values {layer: (keys, values)}."""
+        keys = next(iter(image_keys_values.values()))[0]
+        batch, kv_heads, image_tokens, head_dim = keys.shape
+        return cls(list(image_keys_values), batch, kv_heads, image_tokens, head_dim, keys.dtype, keys.device)
+
+    @property
+    def shape_key(self) -> tuple:
+        return tuple(self.visible.shape)
+
+    def fill(self, image_keys_values: dict, visible_tokens: torch.Tensor) -> None:
+        for index, (keys, values) in image_keys_values.items():
+            self.keys[index].copy_(keys)
+            self.values[index].copy_(values)
+        sees = visible_tokens.any(dim=1, keepdim=True)  # (batch, 1)
+        self.visible.copy_(visible_tokens | ~sees)
+        self.row_sees_image.copy_(sees)
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slot, self.visible)
+
+
+class DecodeKV:
+    """The stores of one model and batch, by layer."""
+
+    def __init__(self, full: ContiguousKV, ring: RingKV | None = None):
+        self.full, self.ring = full, ring
+        self.cross: CrossAttentionKV | None = None  # this request's image, if any
+        self.spare_cross: CrossAttentionKV | None = None  # kept across requests: same shape, same graph
+        self.self_attention_stores = [store for store in (full, ring) if store is not None]
+        self.store_of = {index: store for store in self.self_attention_stores for index in store.keys}
+
+    @property
+    def length(self) -> int:
+        return self.full.length
+
+    def reset(self) -> None:
+        self.spare_cross, self.cross = self.cross or self.spare_cross, None
+        for store in self.self_attention_stores:
+            store.reset()
+        self.store_of = {index: store for store in self.self_attention_stores for index in store.keys}
+
+    def set_image(self, image_keys_values: dict, visible_tokens: torch.Tensor) -> None:
+        """The image keys/values {layer: (batch, kv_heads, image tokens, head_dim)} the prefill made,
+        and which image tokens (batch, image tokens) the new tokens see."""
+        cross = self.spare_cross
+        if cross is None or cross.shape_key != tuple(visible_tokens.shape):
+            cross = CrossAttentionKV.like(image_keys_values)
+        cross.fill(image_keys_values, visible_tokens)
+        self.cross = cross
+        self.store_of.update(dict.fromkeys(cross.keys, cross))
+
+    def dynamic_dims(self) -> list[tuple[torch.Tensor, int]]:
+        dims = self.full.dynamic_dims()
+        if self.ring is not None:
+            dims += self.ring.dynamic_dims(self.length)
+        return dims
+
+    def mark_prompt(self, attention_mask: torch.Tensor) -> None:
+        """After prefill: which of the prompt's positions are real tokens."""
+        for store in self.self_attention_stores:
+            store.mark_prompt(attention_mask)
+
+    def begin_step(self, cache_position: torch.Tensor, positions: torch.Tensor) -> None:
+        """cache_position (1,): the new token's slot in full layers; positions (batch,): its
+        position in each row."""
+        for store in self.self_attention_stores:
+            store.begin_step(cache_position, positions)
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        return self.store_of[layer_idx].layer(layer_idx)
+
+
+class PrefillCache(Cache):
+    """The stores through the ordinary Cache interface, for the reference forward at prefill."""
+
+    def __init__(self, kv: DecodeKV):
+        self.kv = kv
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return self.kv.store_of[layer_idx].write_prompt(layer_idx, key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv.store_of[layer_idx].seen[layer_idx] if layer_idx in self.kv.store_of else 0
+
+    def get_max_cache_shape(self) -> int:
+        return self.kv.length
+
+    def kv_length(self, layer_idx: int, query_length: int) -> int:
+        return self.kv.store_of[layer_idx].stored(layer_idx) + query_length
+
+    def kv_offset(self, layer_idx: int) -> int:
+        store = self.kv.store_of[layer_idx]
+        return store.seen[layer_idx] - store.stored(layer_idx)
+
+    def _tensors(self):
+        return []

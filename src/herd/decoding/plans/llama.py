@@ -1,0 +1,101 @@
+"""Llama 1/2/3.x's decode step (and the self-attention layers of Mllama, which are Llama's).
+
+Per layer, at batch 1 to 4 on a GPU (kernels/gemv.py, kernels/decode_attention.py):
+1. q/k/v of rms_norm(x) in one kernel, rotary and the cache write in its epilogue;
+2. split attention over the cache, each key/value read once for the query heads that share it;
+3. o with the residual add;
+4. gate/up of rms_norm(x) with SiLU(gate) * up, in one kernel;
+5. down with the residual add.
+Elsewhere the same arithmetic in torch, which the compiled step fuses its own way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from ...kernels import decode_attention, gemv
+from ..fusion import Fused, fuse
+from ..kv import DecodeKV, LayerKV
+from . import FULL, DecodePlan
+
+
+class LayerWeights(NamedTuple):
+    """A layer's projections that share an input, fused (decoding/fusion.py): tensors only, the
+    compiled step's inputs (the same code serves every layer)."""
+
+    qkv: torch.Tensor  # (q + k + v features, hidden)
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # (2 * intermediate, hidden)
+    gate_up_bias: torch.Tensor | None
+
+
+class FusedLayer(NamedTuple):
+    qkv: Fused
+    gate_up: Fused
+
+    @property
+    def weights(self) -> LayerWeights:
+        return LayerWeights(self.qkv.weight, self.qkv.bias, self.gate_up.weight, self.gate_up.bias)
+
+
+def fuse_layer(attn, mlp, previous: FusedLayer | None = None) -> FusedLayer:
+    """Fuse q/k/v of attention `attn` and gate/up of the gated MLP `mlp`."""
+    return FusedLayer(
+        fuse(attn.q_proj, attn.k_proj, attn.v_proj, previous=previous and previous.qkv),
+        fuse(mlp.gate_proj, mlp.up_proj, previous=previous and previous.gate_up),
+    )
+
+
+def embed(text_model, tokens: torch.Tensor, positions: torch.Tensor):
+    """tokens, positions (batch,) -> hidden (batch, hidden), cos/sin (batch, 1, head_dim)."""
+    hidden = text_model.embed_tokens(tokens)
+    cos, sin = text_model.rotary_emb(positions[:, None], hidden.dtype)
+    return hidden, cos, sin
+
+
+def llama_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: LayerKV) -> torch.Tensor:
+    """LlamaDecoderLayer.forward for one token per row: hidden (batch, hidden) -> (batch, hidden)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
+    batch = hidden.shape[0]
+    query = gemv.norm_qkv_rotary(hidden, norm.weight, norm.eps, weights.qkv, weights.qkv_bias, cos, sin,
+                                 kv.keys, kv.values, kv.slot)  # (batch, heads * head_dim)
+    query = query.view(batch, attn.num_heads, 1, attn.head_dim)
+    attended = decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
+    hidden = gemv.linear_add(attended, attn.o_proj.weight, hidden, attn.o_proj.bias)
+    activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up,
+                                           mlp.act_fn, weights.gate_up_bias)  # (batch, intermediate)
+    return gemv.linear_add(activated, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
+
+
+def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) -> float32 logits (batch, vocab)."""
+    return gemv.norm_linear(hidden, norm.weight, norm.eps, lm_head.weight, lm_head.bias, out_dtype=torch.float32)
+
+
+class LlamaPlan(DecodePlan):
+    def __init__(self, model):
+        super().__init__(model)
+        self.text_model = model.model
+        self.fused: list[FusedLayer | None] = [None] * len(self.text_model.layers)
+        self.weights: list[LayerWeights] = []
+
+    def attention_kinds(self) -> list[str]:
+        return [FULL] * len(self.text_model.layers)
+
+    def prepare(self) -> None:
+        self.fused = [fuse_layer(layer.self_attn, layer.mlp, previous)
+                      for layer, previous in zip(self.text_model.layers, self.fused)]
+        self.weights = [fused.weights for fused in self.fused]
+
+    def units(self) -> dict[str, Callable]:
+        return {"embed": embed, "layer": llama_layer, "head": head}
+
+    def step(self, run, tokens, positions, kv: DecodeKV) -> torch.Tensor:
+        hidden, cos, sin = run["embed"](self.text_model, tokens, positions)
+        for index, layer in enumerate(self.text_model.layers):
+            hidden = run["layer"](layer, self.weights[index], hidden, cos, sin, kv.layer(index))
+        return run["head"](self.text_model.norm, self.model.lm_head, hidden)

@@ -1,0 +1,43 @@
+"""Llama 4's routed experts in a decode step: each row through its own expert, with no host sync.
+
+The reference forward groups tokens by expert and loops over the experts that have tokens,
+which needs the group sizes on the host. A decode step must not wait for the host, so:
+
+- up to `GATHERED_ROWS` rows (batch 1 to 4 of a top-1 model), and wherever grouped matmuls are
+  missing: each row's expert weights are picked by index and multiplied as a batched
+  matrix-vector product, which a compiled step turns into one kernel per projection that reads
+  the picked experts in place;
+- more rows on a GPU: rows sorted by expert, one grouped matmul per projection, each expert's
+  weights read once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Above this many (token, expert) rows, grouped matmuls (each expert read once) beat reading each
+# row's expert by index (an expert read once per row that picked it).
+GATHERED_ROWS = 4
+
+
+def uses_grouped_mm(x: torch.Tensor) -> bool:
+    """torch's grouped matmul (CUTLASS on Hopper) takes bf16 rows on CUDA."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor, activation) -> torch.Tensor:
+    """routed_in (pairs, hidden), each row already scaled by its router score; expert_ids (pairs,);
+    gate_up_proj (experts, hidden, 2 * intermediate) and down_proj (experts, intermediate, hidden)
+    as checkpoints store them -> (pairs, hidden)."""
+    if uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS:
+        experts = gate_up_proj.shape[0]
+        order = torch.argsort(expert_ids, stable=True)
+        # (experts,): where each expert's rows end in the sorted order
+        rows_per_expert = (expert_ids[:, None] == torch.arange(experts, device=expert_ids.device)).sum(0)
+        ends = rows_per_expert.cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(routed_in[order], gate_up_proj, offs=ends).chunk(2, dim=-1)
+        sorted_out = torch._grouped_mm(up * activation(gate), down_proj, offs=ends)  # (pairs, hidden)
+        return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
+    gate, up = torch.bmm(routed_in[:, None, :], gate_up_proj[expert_ids]).chunk(2, dim=-1)  # (pairs, 1, inter)
+    return torch.bmm(up * activation(gate), down_proj[expert_ids]).squeeze(1)  # (pairs, hidden)
