@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from herd.bench import build_model, copy_bandwidth, decode_bytes, measure_decode  # noqa: E402
+from herd.bench import build_model, copy_bandwidth, decode_bytes, measure_decode, prompt_inputs  # noqa: E402
 from herd.decoding.decoders import fast_decoder  # noqa: E402
 
 
@@ -71,18 +71,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.model, torch.bfloat16, device, args.layers)
-    vocab = model.config.vocab_size
     bandwidth = copy_bandwidth(device)
     weights, kv = decode_bytes(model, args.batch, 128 + 64)
     floor_ms = (weights + kv) / bandwidth * 1e3
 
-    def generate(prompt, mask, n):
+    def generate(inputs, n):
         with torch.no_grad():
-            return model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
+            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
 
     start = time.perf_counter()
-    step, first_call = measure_decode(generate, args.batch, 128, 128, vocab, device)
+    step, first_call = measure_decode(generate, prompt_inputs(model, args.batch, 128, seed=args.batch), 128, device)
     print(f"{args.model} batch {args.batch}: generate {step * 1e3:.3f} ms/step (floor {floor_ms:.3f} ms, "
           f"{floor_ms / (step * 1e3):.0%}), first call {first_call:.1f} s, whole measurement {time.perf_counter() - start:.0f} s")
 
@@ -123,7 +122,7 @@ def main() -> None:
         f.write(table + "\n")
 
     if args.prefill:
-        prompt = torch.randint(0, vocab, (1, args.prefill), device=device)
+        prompt = torch.randint(0, model.config.get_text_config().vocab_size, (1, args.prefill), device=device)
         with torch.no_grad():
             for _ in range(3):
                 model(prompt, logits_to_keep=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from bench.compare import transformers_reference
@@ -48,3 +50,156 @@ def test_compare_with_an_unregistered_reference_points_to_the_script(capsys, mon
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cli.main(["bench", "llama3.2-1b", "--compare", "vllm"]) == 2
     assert "bench/compare.py" in capsys.readouterr().out
+
+
+# --- Llama 3.2 Vision (Mllama) -------------------------------------------------------------------
+
+TINY_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                 num_key_value_heads=2, cross_attention_layers=[1, 3], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 max_position_embeddings=256)
+TINY_VISION = dict(hidden_size=16, num_hidden_layers=3, num_global_layers=2, attention_heads=2, intermediate_size=32,
+                   vision_output_dim=48, image_size=28, patch_size=14, intermediate_layers_indices=[0, 2], max_num_tiles=4)
+
+
+def tiny_mllama(dtype=torch.float32, device="cpu"):
+    from herd.models.mllama import MllamaConfig
+
+    config = MllamaConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, image_token_index=128)
+    return bench.random_model(config, dtype, torch.device(device))
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_llama32_vision_is_built_at_the_published_widths():
+    model = bench.build_model("llama3.2-11b-vision", torch.bfloat16, torch.device("meta"))
+    assert type(model).__name__ == "MllamaForConditionalGeneration"
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (128256, 4096, 14336, 40)
+    assert text.cross_attention_layers == [3, 8, 13, 18, 23, 28, 33, 38]
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (32, 8, 128)
+    assert text.rope_parameters["rope_type"] == "llama3" and text.rope_parameters["factor"] == 8.0
+    assert text.rope_parameters["rope_theta"] == 500000.0 and text.max_position_embeddings == 131072
+    assert not text.tie_word_embeddings
+    assert (vision.image_size, vision.patch_size, vision.max_num_tiles, vision.hidden_size) == (560, 14, 4, 1280)
+    assert (vision.num_hidden_layers, vision.num_global_layers, vision.vision_output_dim) == (32, 8, 7680)
+    assert model.config.image_token_index == 128256
+    assert bench.image_tokens_per_row(model.config) == 4 * 1601
+    assert 10.6e9 < sum(p.numel() for p in model.parameters()) < 10.7e9  # "11B"
+    # a slice keeps the cross-attention layers among its first layers
+    sliced = bench.build_model("llama3.2-11b-vision", torch.bfloat16, torch.device("meta"), num_layers=9)
+    assert sliced.config.text_config.cross_attention_layers == [3, 8]
+    assert type(sliced.model.language_model.layers[8]).__name__ == "MllamaCrossAttentionDecoderLayer"
+
+
+def test_mllama_floor_counts_the_text_weights_a_step_reads_and_the_image_kv():
+    model = tiny_mllama(torch.bfloat16, "meta")
+    hidden, inter, head_dim, kv_heads = 32, 64, 8, 2
+    mlp = 3 * hidden * inter
+    self_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + mlp + 2 * hidden  # q, o, k, v, MLP, norms
+    # q, o, q_norm, two gates, norms, MLP: not k/v/k_norm (the image's keys/values are cached)
+    cross_layer = 2 * hidden * hidden + head_dim + 2 + 2 * hidden + mlp
+    head = 128 * hidden + hidden  # lm_head + final norm; the embedding table (136 rows) is not read whole
+    weights, kv = bench.decode_bytes(model, batch=1, context=100)
+    assert weights == 2 * (3 * self_layer + 2 * cross_layer + head)  # nothing of the vision tower or projector
+    image_tokens = 4 * ((28 // 14) ** 2 + 1)
+    assert kv == 2 * (3 * 2 * kv_heads * head_dim * 100 + 2 * 2 * kv_heads * head_dim * image_tokens)
+    weights3, kv3 = bench.decode_bytes(model, batch=3, context=100)
+    assert (weights3, kv3) == (weights, 3 * kv)
+
+
+def test_mllama_prompt_and_reference_share_herds_weights():
+    model = tiny_mllama()
+    inputs = bench.prompt_inputs(model, batch=2, length=7, seed=0)
+    assert inputs["pixel_values"].shape == (2, 1, 4, 3, 28, 28)
+    assert inputs["aspect_ratio_ids"].tolist() == [[6], [6]]  # 2x2 tiles
+    assert inputs["aspect_ratio_mask"].shape == (2, 1, 4) and bool(inputs["aspect_ratio_mask"].all())
+    assert inputs["cross_attention_mask"].shape == (2, 7, 1, 4) and bool(inputs["cross_attention_mask"].all())
+    assert (inputs["input_ids"][:, 0] == 128).all() and (inputs["input_ids"][:, 1:] < 128).all()
+    reference = transformers_reference(model, torch.float32)
+    assert reference.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    with torch.no_grad():
+        assert max_abs_diff(model(**inputs).logits, reference(**inputs).logits) < 1e-4
+
+
+def test_transformers_static_cache_cannot_hold_mllamas_image_so_compare_refuses_it():
+    """Why bench/compare.py does not run transformers-compiled on Mllama: transformers 5.17 writes the
+    image's cross-attention keys/values into the StaticCache, past its end (on CUDA: a device-side assert)."""
+    import pytest
+
+    from bench.compare import static_compiled
+
+    model = tiny_mllama()
+    reference = transformers_reference(model, torch.float32)
+    inputs = bench.prompt_inputs(model, batch=1, length=8, seed=0)
+    with pytest.raises(IndexError, match="out of bounds"):
+        reference.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with pytest.raises(RuntimeError, match="cannot hold the 20 image keys/values"):
+        static_compiled(reference, 12)
+    assert static_compiled(reference, 20)["cache_implementation"] == "static"
+
+
+def _row(library, batch, ms, error=None):
+    if ms is None:
+        return bench.Row(library, batch, None, None, 1.0, error=error)
+    return bench.Row(library, batch, ms, batch / ms * 1e3, 1.0, 1.0, None)
+
+
+def test_report_quotes_the_fastest_reference_and_shows_failed_rows():
+    model = bench.build_model("llama3.2-1b", torch.bfloat16, torch.device("meta"), num_layers=1)
+    args = _args("llama3.2-1b", "--compare", "transformers", "--batch-sizes", "1,16")
+    rows = [
+        _row("herd", 1, 2.0), _row("transformers", 1, 20.0), _row("transformers-compiled", 1, 5.0),
+        _row("herd", 16, 4.0), _row("transformers", 16, 24.0),
+        _row("transformers-compiled", 16, None, error="RuntimeError: boom"),
+    ]
+    prefill = [bench.PrefillRow("herd", 64, 10.0, 6400, 11.0), bench.PrefillRow("transformers", 64, 30.0, 2133, 31.0),
+               bench.PrefillRow("transformers-compiled", 64, 20.0, 3200, 21.0)]
+    text = bench.report(args, model, 1e12, rows, prefill, ["a note"])
+    summary = next(line for line in text.splitlines() if line.startswith("herd speed-up"))
+    assert "fastest reference" in summary
+    assert "batch 1: 2.50x (transformers-compiled)" in summary  # not 10x against eager
+    assert "batch 16: 6.00x (transformers)" in summary  # the compiled row failed: eager is the fastest that ran
+    assert "| transformers-compiled | 16 | failed: RuntimeError: boom |" in text
+    assert "prompt 64: 2.00x (transformers-compiled)" in text
+    assert "- a note" in text
+
+
+class _Broken(Exception):
+    pass
+
+
+def test_a_failing_reference_mode_is_a_failed_row_not_an_error(monkeypatch, capsys):
+    from herd.models.llama import LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128)
+    model = bench.random_model(config, torch.float32, torch.device("cpu"))
+
+    def broken(reference_model, max_length):
+        raise _Broken("this mode crashes | here")
+
+    reference = bench.Reference(build=lambda herd_model, dtype: herd_model, version=lambda: "0",
+                                modes={"fake": lambda reference_model, max_length: {}, "fake-broken": broken})
+    monkeypatch.setitem(bench.REFERENCES, "fake", reference)
+    args = _args("llama3.2-1b", "--compare", "fake", "--prompt-length", "8", "--new-tokens", "4",
+                 "--prefill-lengths", "8")
+    text = bench.bench_model(args, model, bandwidth=1e12)
+    assert "fake-broken batch 1: failed: _Broken: this mode crashes" in capsys.readouterr().out
+    assert "| fake-broken | 1 | failed: _Broken: this mode crashes / here |" in text  # no stray table column
+    assert "| fake-broken | 8 | failed: _Broken" in text
+    assert "(fake)" in next(line for line in text.splitlines() if line.startswith("herd speed-up"))
+
+
+def test_mllama_bench_runs_herd_and_both_transformers_modes():
+    model = tiny_mllama()
+    args = _args("tiny", "--compare", "transformers", "--prompt-length", "8", "--new-tokens", "4", "--dtype", "float32")
+    text = bench.bench_model(args, model, bandwidth=1e12)
+    libraries = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "| 1 |" in line]
+    assert libraries == ["herd", "transformers", "transformers-compiled"]
+    assert "20 image tokens" in text and "has no fast path" in text
+    assert "| transformers-compiled | 1 | failed: RuntimeError: not run: transformers' StaticCache" in text
+    assert "herd speed-up over the fastest reference row" in text

@@ -1,20 +1,29 @@
 """`herd bench`: decode and prefill speed of a real architecture, against the bandwidth floor and,
-optionally, against transformers on the same weights in the same process.
+optionally, against a reference library on the same weights in the same process.
 
     herd bench llama3.1-8b --batch-sizes 1,16,64
     python bench/compare.py llama3.1-8b --batch-sizes 1,16,64 --compare transformers
 
 A named architecture is built at its real widths with random bf16 weights (no download; slices
 keep the first few layers of models too large for one GPU); a path loads that checkpoint.
+`llama3.2-11b-vision` (Mllama) decodes with one image of all its tiles in every prompt (an
+`<|image|>` token first, every text token seeing the image).
 
-Measured as in the issue that set the targets:
+Measured as in the issue that set the targets, the same way for every library and mode:
 - decode ms/step = (t(N new tokens) - t(2 new tokens)) / (N - 2), greedy, every row forced to
-  run N tokens, so the prompt's prefill cancels out;
+  run N tokens, so the prompt's prefill (and the image's encoding) cancels out;
 - prefill = one forward over the prompt (logits of the last token only); time to first token =
   generate() of one token;
 - first call = the first generate() of a shape, compile and graph capture included;
 - floor = (weight bytes one decode step reads + KV bytes it reads) / copy bandwidth measured
-  here (bytes read + written by a device-to-device copy).
+  here (bytes read + written by a device-to-device copy). For Mllama the weights are the text
+  model's and the head's (not the vision tower, not the image's key/value projections, whose
+  output is cached) and the KV bytes include the cross-attention keys/values of the image.
+
+A reference library may run in several modes (transformers: eager with its dynamic cache, and
+static cache + torch.compile); each is its own row, and the summary compares herd with the
+fastest reference row of each batch size. A mode that fails (an exception) is reported as a
+failed row; the others still run.
 """
 
 from __future__ import annotations
@@ -22,8 +31,8 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +40,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
 
 # name -> (family, config fields). Slices keep `num_hidden_layers` of the real model's layers.
+# Mllama's fields are those of MllamaConfig (text_config, vision_config), as in the published config.json.
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
@@ -57,25 +67,71 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
                                              attention_chunk_size=8192,
                                              rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                                              max_position_embeddings=262144)),
+    # Llama-3.2-11B-Vision: a Llama 3.1 8B text model with 8 gated cross-attention layers inserted
+    # (40 in all) and a ViT-H/14 tile encoder at 560x560 (1601 tokens per tile, 4 tiles at most).
+    "llama3.2-11b-vision": ("mllama", dict(
+        text_config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                         cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], num_attention_heads=32,
+                         num_key_value_heads=8, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE,
+                         max_position_embeddings=131072),
+        vision_config=dict(image_size=560, patch_size=14, max_num_tiles=4, hidden_size=1280, intermediate_size=5120,
+                           num_hidden_layers=32, num_global_layers=8, attention_heads=16, vision_output_dim=7680,
+                           intermediate_layers_indices=[3, 7, 15, 23, 30]),
+        image_token_index=128256)),
 }
+
+
+def architecture_config(name: str, num_layers: int | None = None):
+    """The herd config of a named architecture; num_layers keeps the first layers of its text model
+    (for Mllama, the cross-attention layers among them)."""
+    family, fields = ARCHITECTURES[name]
+    fields = dict(fields)
+    if family == "mllama":
+        from .models.mllama import MllamaConfig
+
+        text = dict(fields["text_config"])
+        if num_layers is not None:
+            text["num_hidden_layers"] = num_layers
+            text["cross_attention_layers"] = [i for i in text["cross_attention_layers"] if i < num_layers]
+        return MllamaConfig(**dict(fields, text_config=text))
+    if num_layers is not None:
+        fields["num_hidden_layers"] = num_layers
+    if family == "llama":
+        from .models.llama import LlamaConfig
+
+        return LlamaConfig(**fields)
+    from .models.llama4 import Llama4TextConfig
+
+    return Llama4TextConfig(**fields)
+
+
+def model_class(config):
+    """The generating herd class of a config built by architecture_config."""
+    kind = type(config).__name__
+    if kind == "LlamaConfig":
+        from .models.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM
+    if kind == "Llama4TextConfig":
+        from .models.llama4 import Llama4ForCausalLM
+
+        return Llama4ForCausalLM
+    if kind == "MllamaConfig":
+        from .models.mllama import MllamaForConditionalGeneration
+
+        return MllamaForConditionalGeneration
+    raise ValueError(f"herd bench builds no model for {kind}")
 
 
 def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers: int | None = None):
     """A herd model of a named architecture with random weights (normal, std 0.02; norms 1)."""
-    family, fields = ARCHITECTURES[name]
-    fields = dict(fields)
-    if num_layers is not None:
-        fields["num_hidden_layers"] = num_layers
-    if family == "llama":
-        from .models.llama import LlamaConfig, LlamaForCausalLM
+    return random_model(architecture_config(name, num_layers), dtype, device)
 
-        config, cls = LlamaConfig(**fields), LlamaForCausalLM
-    else:
-        from .models.llama4 import Llama4ForCausalLM, Llama4TextConfig
 
-        config, cls = Llama4TextConfig(**fields), Llama4ForCausalLM
+def random_model(config, dtype: torch.dtype, device: torch.device):
+    """The herd model of `config` with random weights (normal, std 0.02; norms 1), built once in `dtype`."""
     with torch.device("meta"):
-        model = cls(config)
+        model = model_class(config)(config)
     model = model.to(dtype).to_empty(device=device)  # allocated once, in the final dtype
     model.tie_weights()  # to_empty gives tied weights separate storage
     if device.type == "meta":  # shapes only (sizes, byte counts)
@@ -94,10 +150,26 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers:
     return model.eval()
 
 
-# Reference libraries that `--compare NAME` can run, registered by the benchmark scripts outside
-# the package (bench/compare.py registers transformers): herd itself never imports them.
-# NAME -> (build(model, dtype) -> a model sharing herd's weights, version() -> str)
-REFERENCES: dict[str, tuple[Any, Any]] = {}
+@dataclass
+class Reference:
+    """A reference library that `--compare NAME` can run, registered by the benchmark scripts
+    outside the package (bench/compare.py registers transformers): herd itself never imports them."""
+
+    build: Callable[[Any, torch.dtype], Any]  # (herd model, dtype) -> a model sharing herd's weights
+    version: Callable[[], str]
+    # row label -> (reference model, final length: prompt + new tokens) -> generate() keyword
+    # arguments of that mode; raising refuses the mode (a failed row), as a failure in it does
+    modes: dict[str, Callable[[Any, int], dict[str, Any]]]
+    # (row label, reference model after its runs) -> a line for the report, or None
+    note: Callable[[str, Any], str | None] = field(default=lambda label, model: None)
+
+
+REFERENCES: dict[str, Reference] = {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -105,48 +177,101 @@ def copy_bandwidth(device: torch.device) -> float:
     source = torch.empty(1 << 29, dtype=torch.float16, device=device).normal_()
     target = torch.empty_like(source)
     target.copy_(source)
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(10):
         start = time.perf_counter()
         target.copy_(source)
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * source.numel() * source.element_size() / sorted(times)[len(times) // 2]
 
 
-def decode_bytes(model, batch: int, context: int) -> tuple[float, float]:
-    """(weight bytes, KV bytes) one decode step must read at this batch and context length."""
+def image_tokens_per_row(config) -> int:
+    """Image tokens each prompt row of the bench carries: one image of all tiles for Mllama, else 0."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None or not hasattr(vision, "max_num_tiles"):
+        return 0
+    return vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
+
+
+# Weights a decode step does not read: the vision tower and its projector run once, at prefill,
+# and the cross-attention layers' key/value projections (and key norm) of the image are cached.
+_NOT_READ_WHILE_DECODING = ("vision_model.", "multi_modal_projector.", "cross_attn.k_proj.", "cross_attn.v_proj.",
+                            "cross_attn.k_norm.")
+
+
+def decode_bytes(model, batch: int, context: int, image_tokens: int | None = None) -> tuple[float, float]:
+    """(weight bytes, KV bytes) one decode step must read at this batch and context length.
+
+    image_tokens: per row, the cross-attention keys/values each cross-attention layer reads
+    (default: one image of all tiles for Mllama, as the bench's prompts carry).
+    """
     config = model.config
+    text = config.get_text_config()
     total = 0
     for name, param in model.named_parameters():
+        if any(part in name for part in _NOT_READ_WHILE_DECODING):
+            continue
         if name.endswith("embed_tokens.weight"):
-            if getattr(config, "tie_word_embeddings", False):
+            if getattr(text, "tie_word_embeddings", False):
                 total += param.numel() * param.element_size()  # read as the output head
             continue  # otherwise only `batch` rows are read
         if ".experts." in name:
             experts = param.shape[0]
-            routed = min(experts, batch * config.num_experts_per_tok)
+            routed = min(experts, batch * text.num_experts_per_tok)
             total += param.numel() * param.element_size() * routed // experts
             continue
         total += param.numel() * param.element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    window = getattr(config, "attention_chunk_size", None)
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    window = getattr(text, "attention_chunk_size", None)
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    cross_layers = set(getattr(text, "cross_attention_layers", None) or [])
+    if image_tokens is None:
+        image_tokens = image_tokens_per_row(config)
+    one_token = 2 * batch * text.num_key_value_heads * head_dim * model.dtype.itemsize  # keys + values
     kv = 0
-    for kind in layer_types:
-        seen = min(context, window) if kind == "chunked_attention" and window else context
-        kv += 2 * batch * config.num_key_value_heads * head_dim * seen * model.dtype.itemsize
+    for index, kind in enumerate(layer_types):
+        if index in cross_layers:
+            seen = image_tokens
+        else:
+            seen = min(context, window) if kind == "chunked_attention" and window else context
+        kv += one_token * seen
     return float(total), float(kv)
 
 
-def _timed(fn, repeats: int = 3) -> float:
+def prompt_inputs(model, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """generate()'s inputs for `batch` random prompts of `length` tokens: input_ids, attention_mask
+    and, for Mllama, one image of all tiles per row (`<|image|>` first; every token sees the image)."""
+    config = model.config
+    vocab = config.get_text_config().vocab_size
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    inputs: dict[str, torch.Tensor] = {}
+    if image_tokens_per_row(config):
+        vision = config.vision_config
+        tiles, size = vision.max_num_tiles, vision.image_size
+        ids[:, 0] = config.image_token_index
+        # the squarest arrangement that uses every tile (2x2 for 4); ids count from 1 (0 is padding)
+        arrangements = [tuple(r) for r in vision.supported_aspect_ratios if r[0] * r[1] == tiles]
+        arrangement = min(arrangements, key=lambda r: abs(r[0] - r[1]))
+        ratio_id = [tuple(r) for r in vision.supported_aspect_ratios].index(arrangement) + 1
+        inputs["pixel_values"] = torch.randn(batch, 1, tiles, vision.num_channels, size, size,
+                                             generator=generator).to(model.dtype)
+        inputs["aspect_ratio_ids"] = torch.full((batch, 1), ratio_id, dtype=torch.long)
+        inputs["aspect_ratio_mask"] = torch.ones(batch, 1, tiles, dtype=torch.long)
+        inputs["cross_attention_mask"] = torch.ones(batch, length, 1, tiles, dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs}
+    return {name: tensor.to(model.device) for name, tensor in inputs.items()}
+
+
+def _timed(fn, device: torch.device, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -155,42 +280,126 @@ def _timed(fn, repeats: int = 3) -> float:
 class Row:
     library: str
     batch: int
-    decode_ms: float
-    tokens_per_s: float
+    decode_ms: float | None  # None: the row failed (error says why)
+    tokens_per_s: float | None
     floor_ms: float
     first_call_s: float | None = None
     peak_gib: float | None = None
+    error: str | None = None
 
 
-def measure_decode(generate, batch: int, prompt_length: int, new_tokens: int, vocab: int, device) -> tuple[float, float]:
-    """(decode s/step, first-call s) for generate(input_ids, max_new_tokens=...)."""
-    generator = torch.Generator(device="cpu").manual_seed(batch)
-    prompt = torch.randint(0, vocab, (batch, prompt_length), generator=generator).to(device)
-    mask = torch.ones_like(prompt)
+@dataclass
+class PrefillRow:
+    library: str
+    length: int
+    prefill_ms: float | None
+    tokens_per_s: float | None
+    ttft_ms: float | None
+    error: str | None = None
 
-    def run(n: int):
-        return generate(prompt, mask, n)
 
-    torch.cuda.synchronize()
+def measure_decode(generate, inputs: dict[str, torch.Tensor], new_tokens: int, device) -> tuple[float, float]:
+    """(decode s/step, first-call s) for generate(inputs, max_new_tokens)."""
+    _sync(device)
     start = time.perf_counter()
-    run(2)
-    torch.cuda.synchronize()
+    generate(inputs, 2)
+    _sync(device)
     first_call = time.perf_counter() - start
-    run(new_tokens)  # warm (a longer run may use another cache bucket)
-    short = _timed(lambda: run(2))
-    long = _timed(lambda: run(new_tokens))
+    generate(inputs, new_tokens)  # warm (a longer run may use another cache bucket)
+    short = _timed(lambda: generate(inputs, 2), device)
+    long = _timed(lambda: generate(inputs, new_tokens), device)
     return (long - short) / (new_tokens - 2), first_call
 
 
-def measure_prefill(model, prompt_length: int, vocab: int, device) -> tuple[float, float]:
-    """(prefill s, time-to-first-token s) for one prompt of prompt_length tokens."""
-    prompt = torch.randint(0, vocab, (1, prompt_length)).to(device)
+def measure_prefill(model, inputs: dict[str, torch.Tensor], generate_kwargs: dict[str, Any],
+                    device) -> tuple[float, float]:
+    """(prefill s, time-to-first-token s) for one prompt (inputs of batch 1)."""
+    forward_inputs = {name: value for name, value in inputs.items() if name != "attention_mask"}
     with torch.no_grad():
-        model(prompt, logits_to_keep=1)
-        prefill = _timed(lambda: model(prompt, logits_to_keep=1))
-    model.generate(prompt, max_new_tokens=1, do_sample=False)
-    ttft = _timed(lambda: model.generate(prompt, max_new_tokens=1, do_sample=False))
+        model(**forward_inputs, logits_to_keep=1)
+        prefill = _timed(lambda: model(**forward_inputs, logits_to_keep=1), device)
+
+        def first_token():
+            return model.generate(**inputs, max_new_tokens=1, do_sample=False, **generate_kwargs)
+
+        first_token()
+        ttft = _timed(first_token, device)
     return prefill, ttft
+
+
+def _why(error: BaseException) -> str:
+    """One line for a failed row: the exception's type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+    return line.replace("|", "/")  # it goes into a markdown table
+
+
+def libraries_to_run(model, args) -> list[tuple[str, Any, Callable[[Any, int], dict[str, Any]]]]:
+    """(row label, model, (model, max_length) -> generate() kwargs) for herd and each mode of the reference."""
+    herd_kwargs = {"disable_compile": True} if args.plain else {}
+    libraries = [("herd", model, lambda lib_model, max_length: dict(herd_kwargs))]
+    if args.compare:
+        reference = REFERENCES[args.compare]
+        reference_model = reference.build(model, model.dtype)
+        libraries += [(label, reference_model, mode) for label, mode in reference.modes.items()]
+    return libraries
+
+
+def bench_model(args: argparse.Namespace, model, bandwidth: float) -> str:
+    """Every decode and prefill row of `args` for herd's `model` (and the reference's modes), as the report."""
+    device = model.device
+    libraries = libraries_to_run(model, args)
+    max_length = args.prompt_length + args.new_tokens
+
+    def generate_with(lib_model, mode_kwargs):
+        def generate(inputs, n):
+            kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+            with torch.no_grad():
+                return lib_model.generate(**inputs, **kwargs, **mode_kwargs)
+        return generate
+
+    rows: list[Row] = []
+    for batch in args.batch_sizes:
+        context = args.prompt_length + args.new_tokens // 2
+        weight_bytes, kv_bytes = decode_bytes(model, batch, context)
+        floor = (weight_bytes + kv_bytes) / bandwidth
+        inputs = prompt_inputs(model, batch, args.prompt_length, seed=batch)
+        for library, lib_model, mode in libraries:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                generate = generate_with(lib_model, mode(lib_model, max_length))
+                step, first_call = measure_decode(generate, inputs, args.new_tokens, device)
+            except Exception as error:  # noqa: BLE001 - one failing library or mode must not end the bench
+                rows.append(Row(library, batch, None, None, floor * 1e3, error=_why(error)))
+                print(f"  {library} batch {batch}: failed: {_why(error)}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            rows.append(Row(library, batch, step * 1e3, batch / step, floor * 1e3, first_call, peak))
+            print(f"  {library} batch {batch}: {step * 1e3:.2f} ms/step", flush=True)
+    prefill_rows: list[PrefillRow] = []
+    for length in args.prefill_lengths:
+        inputs = prompt_inputs(model, 1, length, seed=length)
+        for library, lib_model, mode in libraries:
+            try:
+                prefill, ttft = measure_prefill(lib_model, inputs, mode(lib_model, length + 1), device)
+            except Exception as error:  # noqa: BLE001
+                prefill_rows.append(PrefillRow(library, length, None, None, None, error=_why(error)))
+                print(f"  {library} prefill {length}: failed: {_why(error)}", flush=True)
+                continue
+            prefill_rows.append(PrefillRow(library, length, prefill * 1e3, length / prefill, ttft * 1e3))
+            print(f"  {library} prefill {length}: {prefill * 1e3:.1f} ms", flush=True)
+    notes = []
+    if args.compare:
+        reference = REFERENCES[args.compare]
+        ran = {row.library for row in rows if row.decode_ms is not None}
+        for library, lib_model, _ in libraries[1:]:
+            line = reference.note(library, lib_model) if library in ran else None
+            if line:
+                notes.append(line)
+    return report(args, model, bandwidth, rows, prefill_rows, notes)
 
 
 def run_bench(args: argparse.Namespace) -> str:
@@ -202,74 +411,90 @@ def run_bench(args: argparse.Namespace) -> str:
         model = build_model(args.model, dtype, device, args.layers)
     else:
         model = herd.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device)).eval()
-    vocab = model.config.get_text_config().vocab_size
-    bandwidth = copy_bandwidth(device)
-    libraries = {"herd": model}
-    if args.compare:
-        build, _ = REFERENCES[args.compare]
-        libraries[args.compare] = build(model, dtype)
-
-    def generate_with(lib_model, plain: bool):
-        def generate(prompt, mask, n):
-            kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-            if plain:
-                kwargs["disable_compile"] = True
-            with torch.no_grad():
-                return lib_model.generate(prompt, attention_mask=mask, **kwargs)
-        return generate
-
-    rows: list[Row] = []
-    for batch in args.batch_sizes:
-        context = args.prompt_length + args.new_tokens // 2
-        weight_bytes, kv_bytes = decode_bytes(model, batch, context)
-        floor = (weight_bytes + kv_bytes) / bandwidth
-        for library, lib_model in libraries.items():
-            plain = library == "herd" and args.plain
-            torch.cuda.reset_peak_memory_stats(device)
-            step, first_call = measure_decode(generate_with(lib_model, plain), batch, args.prompt_length,
-                                              args.new_tokens, vocab, device)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
-            rows.append(Row(library, batch, step * 1e3, batch / step, floor * 1e3, first_call, peak))
-            print(f"  {library} batch {batch}: {step * 1e3:.2f} ms/step", flush=True)
-    prefill_rows = []
-    for length in args.prefill_lengths:
-        for library, lib_model in libraries.items():
-            prefill, ttft = measure_prefill(lib_model, length, vocab, device)
-            prefill_rows.append((library, length, prefill * 1e3, length / prefill, ttft * 1e3))
-            print(f"  {library} prefill {length}: {prefill * 1e3:.1f} ms", flush=True)
-    return report(args, model, bandwidth, rows, prefill_rows)
+    return bench_model(args, model, copy_bandwidth(device))
 
 
-def report(args, model, bandwidth, rows, prefill_rows) -> str:
+def _fastest(rows, library_of, ms_of):
+    """The reference row with the lowest time among those that ran, or None."""
+    ran = [row for row in rows if library_of(row) != "herd" and ms_of(row) is not None]
+    return min(ran, key=ms_of, default=None)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(args, model, bandwidth, rows: list[Row], prefill_rows: list[PrefillRow], notes: list[str] = ()) -> str:
     import herd
 
-    reference_version = f"{args.compare} {REFERENCES[args.compare][1]()}, " if args.compare else ""
+    reference_version = f"{args.compare} {REFERENCES[args.compare].version()}, " if args.compare else ""
+    device = model.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or device.type)
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    read_gb = decode_bytes(model, 1, 0)[0] / 1e9
+    text = model.config.get_text_config()
+    if args.plain:
+        path = "plain path"
+    elif not hasattr(model, "decode_step"):
+        path = f"plain path: {type(model).__name__} has no fast path"
+    else:
+        path = "fast path"
     lines = [
-        f"### `{args.model}` ({'plain path' if args.plain else 'fast path'}), {args.dtype}, prompt {args.prompt_length}, "
+        f"### `{args.model}` (herd's {path}), {args.dtype}, prompt {args.prompt_length}, "
         f"{args.new_tokens} new tokens",
         "",
-        f"- device: {torch.cuda.get_device_name()} ({bandwidth / 1e9:.0f} GB/s copy bandwidth measured), "
+        f"- device: {device_name} ({bandwidth / 1e9:.0f} GB/s copy bandwidth measured), "
         f"torch {torch.__version__}, herd {herd.__version__}, {reference_version}python {platform.python_version()}",
-        f"- weights {weight_gb:.2f} GB; layers {model.config.num_hidden_layers}",
+        f"- weights {weight_gb:.2f} GB ({read_gb:.2f} GB read per decode step); layers {text.num_hidden_layers}",
+    ]
+    image_tokens = image_tokens_per_row(model.config)
+    if image_tokens:
+        lines.append(f"- one image per prompt row: {image_tokens} image tokens, read by each of the "
+                     f"{len(text.cross_attention_layers)} cross-attention layers at every step")
+    lines += [
         "",
         "| library | batch | decode ms/step | tokens/s | floor ms | share of floor | first call s | peak GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    herd_steps = {row.batch: row.decode_ms for row in rows if row.library == "herd"}
     for row in rows:
+        if row.decode_ms is None:
+            lines.append(f"| {row.library} | {row.batch} | failed: {row.error} | - | {row.floor_ms:.2f} | - | - | - |")
+            continue
         share = row.floor_ms / row.decode_ms
         lines.append(
             f"| {row.library} | {row.batch} | {row.decode_ms:.2f} | {row.tokens_per_s:.0f} | {row.floor_ms:.2f} | "
-            f"{share:.0%} | {row.first_call_s:.1f} | {row.peak_gib:.1f} |"
+            f"{share:.0%} | {_number(row.first_call_s, '.1f')} | {_number(row.peak_gib, '.1f')} |"
         )
-    ratios = [f"batch {row.batch}: {row.decode_ms / herd_steps[row.batch]:.2f}x" for row in rows if row.library != "herd"]
-    if ratios:
-        lines += ["", "herd speed-up over the reference (its ms / herd's ms): " + ", ".join(ratios)]
+    summary = []
+    for batch in dict.fromkeys(row.batch for row in rows):
+        of_batch = [row for row in rows if row.batch == batch]
+        herd_row = next((row for row in of_batch if row.library == "herd" and row.decode_ms is not None), None)
+        fastest = _fastest(of_batch, lambda row: row.library, lambda row: row.decode_ms)
+        if herd_row is not None and fastest is not None:
+            summary.append(f"batch {batch}: {fastest.decode_ms / herd_row.decode_ms:.2f}x ({fastest.library})")
+        elif herd_row is not None and any(row.library != "herd" for row in of_batch):
+            summary.append(f"batch {batch}: no reference row ran")
+    if summary:
+        lines += ["", "herd speed-up over the fastest reference row (its ms / herd's ms): " + ", ".join(summary)]
     if prefill_rows:
         lines += ["", "| library | prompt | prefill ms | prefill tokens/s | time to first token ms |", "|---|---|---|---|---|"]
-        for library, length, ms, tps, ttft in prefill_rows:
-            lines.append(f"| {library} | {length} | {ms:.1f} | {tps:.0f} | {ttft:.1f} |")
+        for row in prefill_rows:
+            if row.prefill_ms is None:
+                lines.append(f"| {row.library} | {row.length} | failed: {row.error} | - | - |")
+            else:
+                lines.append(f"| {row.library} | {row.length} | {row.prefill_ms:.1f} | {row.tokens_per_s:.0f} | "
+                             f"{row.ttft_ms:.1f} |")
+        summary = []
+        for length in dict.fromkeys(row.length for row in prefill_rows):
+            of_length = [row for row in prefill_rows if row.length == length]
+            herd_row = next((row for row in of_length if row.library == "herd" and row.prefill_ms is not None), None)
+            fastest = _fastest(of_length, lambda row: row.library, lambda row: row.prefill_ms)
+            if herd_row is not None and fastest is not None:
+                summary.append(f"prompt {length}: {fastest.prefill_ms / herd_row.prefill_ms:.2f}x ({fastest.library})")
+        if summary:
+            lines += ["", "herd prefill speed-up over the fastest reference row: " + ", ".join(summary)]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines)
 
 
