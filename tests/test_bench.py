@@ -200,6 +200,6 @@ def test_mllama_bench_runs_herd_and_both_transformers_modes():
     text = bench.bench_model(args, model, bandwidth=1e12)
     libraries = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "| 1 |" in line]
     assert libraries == ["herd", "transformers", "transformers-compiled"]
-    assert "20 image tokens" in text and "has no fast path" in text
+    assert "20 image tokens" in text and "plain path: the model is on cpu" in text
     assert "| transformers-compiled | 1 | failed: RuntimeError: not run: transformers' StaticCache" in text
     assert "herd speed-up over the fastest reference row" in text

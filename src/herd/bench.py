@@ -433,10 +433,14 @@ def report(args, model, bandwidth, rows: list[Row], prefill_rows: list[PrefillRo
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     read_gb = decode_bytes(model, 1, 0)[0] / 1e9
     text = model.config.get_text_config()
+    from .decoding.plans import plan_for
+
     if args.plain:
         path = "plain path"
-    elif not hasattr(model, "decode_step"):
-        path = f"plain path: {type(model).__name__} has no fast path"
+    elif plan_for(model) is None:
+        path = f"plain path: {type(model).__name__} has no decode plan"
+    elif model.device.type != "cuda":
+        path = f"plain path: the model is on {model.device.type}"
     else:
         path = "fast path"
     lines = [
