@@ -362,3 +362,59 @@ def test_argmax_in_pieces_is_argmax(batch, vocab):
     if vocab > 10:
         logits[:, vocab // 2] = float("nan")
         assert torch.equal(argmax_in_pieces(logits), logits.argmax(-1))
+
+
+# --- cache_implementation and the choice of decoder ---------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation, cache_class", [(None, "DynamicCache"), ("dynamic", "DynamicCache"),
+                                                         ("static", "StaticCache"), ("hybrid", "StaticCache")])
+def test_cache_implementation_on_the_plain_path(llama4_folder, implementation, cache_class):
+    """On the CPU: "dynamic" grows, "static" and "hybrid" preallocate (hybrid's chunked layers
+    bounded), and every kind gives the same tokens."""
+    model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
+    ids, mask = _prompts(2, 11)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                         cache_implementation=implementation, return_dict_in_generate=True)
+    assert type(out.past_key_values).__name__ == cache_class
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_where_the_fast_path_is_taken(fast_on_cpu, llama_folder):
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    config = herd.GenerationConfig(max_new_tokens=3)
+    for implementation in (None, "static", "hybrid"):
+        config.cache_implementation = implementation
+        assert decoders.why_not_fast(model, config, past_key_values=None, extra_outputs=False) is None
+    config.cache_implementation = "dynamic"
+    assert "dynamic" in decoders.why_not_fast(model, config, past_key_values=None, extra_outputs=False)
+    chosen = decoders.choose_decoder(model, config, past_key_values=None, forward_kwargs={})
+    assert isinstance(chosen, decoders.PlainDecoder)
+    config.cache_implementation = "static"
+    assert decoders.choose_decoder(model, config, past_key_values=None, forward_kwargs={}) is decoders.fast_decoder(model)
+
+
+def test_no_plan_for_a_class_without_one(llama_folder):
+    from herd.decoding.plans import plan_for
+
+    model = herd.LlamaForSequenceClassification.from_pretrained(llama_folder, progress=False)
+    assert plan_for(model) is None
+    causal = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    subclass = type("MyLlama", (herd.LlamaForCausalLM,), {})
+    causal.__class__ = subclass
+    assert type(plan_for(causal)).__name__ == "LlamaPlan"  # subclasses keep their family's plan
+
+
+def test_fusing_again_after_the_weights_were_replaced(fast_on_cpu, llama_folder):
+    """A load or .to() after a fast generate() replaces the fused storage; the next call fuses again."""
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    ids, mask = _prompts(2, 5)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.to(torch.float64)
+    fast_out, plain_out = _generate_both(model, ids, mask, max_new_tokens=6)
+    assert torch.equal(fast_out, plain_out)
+    attn = model.model.layers[0].self_attn
+    assert decoders.fast_decoder(model).plan.fused[0].qkv.weight.dtype == torch.float64
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 8
