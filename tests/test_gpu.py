@@ -156,3 +156,71 @@ def test_llama4_multimodal_on_cuda_matches_reference(tmp_path):
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(model.generate(ids.cuda(), pixel_values=pixels.cuda(), **kwargs),
                        on_gpu.generate(ids.cuda(), pixel_values=pixels.cuda(), **kwargs))
+
+
+def _built_under_cuda_context(cls, config):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cls(config).eval()
+    return model
+
+
+def _family_configs():
+    from tests.models.llama4.test_modeling_llama4_multimodal import IMAGE, TEXT, VISION
+    from tests.models.mllama.test_modeling_mllama import IMAGE as MLLAMA_IMAGE, TEXT as MLLAMA_TEXT, VISION as MLLAMA_VISION
+
+    llama = herd.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llama4 = herd.Llama4Config(text_config=TEXT, vision_config=VISION, image_token_index=IMAGE)
+    mllama = herd.MllamaConfig(text_config=MLLAMA_TEXT, vision_config=MLLAMA_VISION, image_token_index=MLLAMA_IMAGE)
+    return [(herd.LlamaForCausalLM, llama), (herd.Llama4ForCausalLM, llama4.text_config),
+            (herd.Llama4ForConditionalGeneration, llama4), (herd.MllamaForCausalLM, mllama.text_config),
+            (herd.MllamaForConditionalGeneration, mllama)]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_a_model_built_under_torch_device_cuda_runs_there(index):
+    """`with torch.device("cuda"): Model(config)` keeps every buffer (rotary frequencies) on the GPU,
+    and computes what the same weights built on the CPU and moved compute."""
+    cls, config = _family_configs()[index]
+    model = _built_under_cuda_context(cls, config)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+    moved = cls(config).eval()
+    moved.load_state_dict(model.state_dict())
+    moved.cuda()
+    ids = torch.randint(3, 100, (2, 7), device="cuda")
+    with torch.no_grad():
+        got, expected = model(input_ids=ids).logits, moved(input_ids=ids).logits
+    assert max_abs_diff(got, expected) < 1e-5
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mllama_fast_path_on_cuda_equals_the_plain_path(tmp_path, dtype):
+    """Compiled and captured: float32 greedy tokens equal the plain path's; bf16 logits within the
+    fast path's stated tolerance; a second image of the same shape reuses the captured graph."""
+    from herd.decoding import decoders
+    from tests.models.mllama.test_modeling_mllama import _inputs, _reference
+
+    _reference().save_pretrained(tmp_path / "mllama")
+    model = herd.MllamaForConditionalGeneration.from_pretrained(tmp_path / "mllama", device_map="cuda", dtype=dtype,
+                                                                progress=False)
+    for batch_images, image_at in (([[4, 1], [2]], (0, 5)), ([[3], []], (4,))):
+        inputs = {k: v.cuda() for k, v in _inputs(batch_images, image_at=image_at).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                      return_dict_in_generate=True)
+        fast = model.generate(**inputs, **kwargs)
+        plain = model.generate(**inputs, disable_compile=True, **kwargs)
+        if dtype == torch.float32:
+            assert torch.equal(fast.sequences, plain.sequences)
+        else:  # the first decode step's logits (the prefill is the same forward on both paths)
+            step = plain.logits[1]
+            assert max_abs_diff(fast.logits[1], step) <= 0.02 * float(step.abs().max()) + 0.05
+    decoder = decoders.fast_decoder(model)
+    captures = decoder.captures
+    assert captures >= 1
+    inputs["pixel_values"] = torch.randn_like(inputs["pixel_values"])
+    model.generate(**inputs, **kwargs)
+    assert decoder.captures == captures  # same image shape: the same graph
