@@ -77,6 +77,8 @@ def split_to_tiles(image: torch.Tensor, rows: int, columns: int) -> torch.Tensor
 
 
 class Llama4ImageProcessorFast(BaseImageProcessor):
+    """Turns images into Llama 4 tiles plus a global tile (see the module docstring); settings in `defaults`."""
+
     model_input_names = ["pixel_values"]
     defaults: ClassVar[dict[str, Any]] = {
         "do_resize": True, "size": {"height": 336, "width": 336}, "resample": 2, "do_rescale": True,
