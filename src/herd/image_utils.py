@@ -12,12 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import logging
 import os
 import urllib.request
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -435,43 +433,3 @@ class BatchFeature(dict):
         for key, value in list(self.items()):
             self[key] = move(value)
         return self
-
-
-# ----------------------------------------------------------------------------------------------
-# Image processor config files
-# ----------------------------------------------------------------------------------------------
-
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
-PROCESSOR_FILE = "processor_config.json"
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise OSError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise OSError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def read_image_processor_config_file(path: Path) -> dict:
-    config = _read_json_object(path)
-    # A processor_config.json nests the image processor's settings.
-    return dict(config["image_processor"]) if isinstance(config.get("image_processor"), dict) else config
-
-
-def read_image_processor_config(folder: Path) -> dict:
-    """The image processor settings of a folder, found where transformers 5.17 looks first."""
-    processor_file = folder / PROCESSOR_FILE
-    if processor_file.is_file():
-        nested = _read_json_object(processor_file).get("image_processor")
-        if isinstance(nested, dict):
-            return dict(nested)
-    image_processor_file = folder / IMAGE_PROCESSOR_FILE
-    if image_processor_file.is_file():
-        return _read_json_object(image_processor_file)
-    raise OSError(
-        f"{folder} has no image processor config: expected {IMAGE_PROCESSOR_FILE}, or {PROCESSOR_FILE} with an "
-        "'image_processor' entry"
-    )

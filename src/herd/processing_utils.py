@@ -20,7 +20,7 @@ import jinja2.meta
 
 from . import hub
 from .configuration import pop_hub_kwargs
-from .image_utils import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, read_image_processor_config
+from .image_processing_utils import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, read_image_processor_config
 from .tokenization import AutoTokenizer
 
 logger = logging.getLogger(__name__)

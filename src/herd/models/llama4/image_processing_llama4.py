@@ -13,21 +13,15 @@ What we match in the reference (transformers' torchvision path):
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import PIL.Image
 import torch
 from torch import nn
 
-from ... import hub
-import PIL.Image
-
+from ...image_processing_utils import BaseImageProcessor
 from ...image_utils import BatchFeature, make_nested_list_of_images, to_channels_first_array
-
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 
 
 def canvas_options(max_patches: int, tile_size: int) -> torch.Tensor:
@@ -82,62 +76,16 @@ def split_to_tiles(image: torch.Tensor, rows: int, columns: int) -> torch.Tensor
     return tiles.permute(1, 3, 0, 2, 4).reshape(rows * columns, channels, height // rows, width // columns)
 
 
-class Llama4ImageProcessorFast:
+class Llama4ImageProcessorFast(BaseImageProcessor):
+    """Turns images into Llama 4 tiles plus a global tile (see the module docstring); settings in `defaults`."""
+
     model_input_names = ["pixel_values"]
-    valid_kwargs = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-                    "image_std", "do_convert_rgb", "max_patches", "resize_to_max_canvas", "return_tensors")
-
-    def __init__(self, do_resize: bool = True, size: dict[str, int] | None = None, resample: Any = 2,
-                 do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
-                 image_mean: list[float] | None = None, image_std: list[float] | None = None,
-                 do_convert_rgb: bool = True, max_patches: int = 16, resize_to_max_canvas: bool = False, **kwargs: Any):
-        self.do_resize = do_resize
-        self.size = dict(size or {"height": 336, "width": 336})
-        self.resample = resample
-        self.do_rescale = do_rescale
-        self.rescale_factor = rescale_factor
-        self.do_normalize = do_normalize
-        self.image_mean = list(image_mean or [0.5, 0.5, 0.5])
-        self.image_std = list(image_std or [0.5, 0.5, 0.5])
-        self.do_convert_rgb = do_convert_rgb
-        self.max_patches = max_patches
-        self.resize_to_max_canvas = resize_to_max_canvas
-        for key in ("image_processor_type", "processor_class", "_processor_class"):
-            kwargs.pop(key, None)
-        self._extra = kwargs
-
-    # --- files --------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Llama4ImageProcessorFast:
-        from ...configuration import pop_hub_kwargs
-
-        folder = hub.resolve(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
-        path = folder / IMAGE_PROCESSOR_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {IMAGE_PROCESSOR_FILE} in {folder}")
-        return cls(**{**json.loads(path.read_text()), **kwargs})
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any], **kwargs: Any) -> Llama4ImageProcessorFast:
-        return cls(**{**config, **kwargs})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_processor_type": "Llama4ImageProcessorFast", "do_resize": self.do_resize, "size": self.size,
-            "resample": self.resample, "do_rescale": self.do_rescale, "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize, "image_mean": self.image_mean, "image_std": self.image_std,
-            "do_convert_rgb": self.do_convert_rgb, "max_patches": self.max_patches,
-            "resize_to_max_canvas": self.resize_to_max_canvas, **self._extra,
-        }
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / IMAGE_PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    # --- processing ---------------------------------------------------------------------------
-    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
-        return self.preprocess(images, **kwargs)
+    defaults: ClassVar[dict[str, Any]] = {
+        "do_resize": True, "size": {"height": 336, "width": 336}, "resample": 2, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True, "max_patches": 16, "resize_to_max_canvas": False,
+    }
+    valid_kwargs = (*defaults, "return_tensors")
 
     def _rescale_and_normalize(self, image: torch.Tensor, do_rescale: bool, do_normalize: bool) -> torch.Tensor:
         # In bfloat16, as the original implementation does (and the reference reproduces).

@@ -18,22 +18,16 @@ rescale cast to float32, float32 normalization), so that the outputs are equal t
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
 
-from ... import hub
-from ...configuration import pop_hub_kwargs
+from ...image_processing_utils import BaseImageProcessor
 from ...image_utils import (
     CHANNELS_FIRST,
-    IMAGE_PROCESSOR_FILE,
     CHANNELS_LAST,
     BatchFeature,
     channel_format_of,
@@ -41,17 +35,12 @@ from ...image_utils import (
     fetch_images,
     make_nested_list_of_images,
     normalize_channel_format,
-    read_image_processor_config,
-    read_image_processor_config_file,
     to_channels_first_array,
 )
 
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
-
-# Keys of a saved config that describe the file rather than a setting.
-_CONFIG_KEYS_NOT_SETTINGS = ("image_processor_type", "processor_class", "auto_map", "_processor_class")
 
 # ImagesKwargs that transformers accepts for every image processor but Mllama does not use.
 _UNUSED_IMAGE_KWARGS = ("default_to_square", "crop_size", "do_center_crop", "pad_size", "disable_grouping")
@@ -303,26 +292,12 @@ def _resample_filter(resample: Any) -> int:
     return int(resample)
 
 
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, list):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
 # ----------------------------------------------------------------------------------------------
 # The image processor
 # ----------------------------------------------------------------------------------------------
 
 
-class MllamaImageProcessor:
+class MllamaImageProcessor(BaseImageProcessor):
     """Turns images into Mllama's tiled pixel values (see the module docstring for the outputs).
 
     Call it (or `preprocess`) with a PIL image, a numpy array or a torch tensor (channels first or
@@ -331,63 +306,29 @@ class MllamaImageProcessor:
     """
 
     model_input_names: ClassVar[list[str]] = ["pixel_values", "num_tiles", "aspect_ratio_ids", "aspect_ratio_mask"]
+    defaults: ClassVar[dict[str, Any]] = {
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": 224, "width": 224},
+        "resample": PIL.Image.Resampling.BILINEAR,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_STANDARD_MEAN),
+        "image_std": list(IMAGENET_STANDARD_STD),
+        "do_pad": True,
+        "max_image_tiles": 4,
+    }
+    ignored_settings = _UNUSED_IMAGE_KWARGS
     # The names preprocess() takes, used by the processor to route keyword arguments.
-    valid_kwargs = (
-        "do_convert_rgb",
-        "do_resize",
-        "size",
-        "resample",
-        "do_rescale",
-        "rescale_factor",
-        "do_normalize",
-        "image_mean",
-        "image_std",
-        "do_pad",
-        "max_image_tiles",
-        "input_data_format",
-        "data_format",
-        "device",
-        "return_tensors",
-        *_UNUSED_IMAGE_KWARGS,
-    )
+    valid_kwargs = (*defaults, "input_data_format", "data_format", "device", "return_tensors", *_UNUSED_IMAGE_KWARGS)
 
-    def __init__(
-        self,
-        do_convert_rgb: bool = True,
-        do_resize: bool = True,
-        size: dict[str, int] | None = None,
-        resample: int = PIL.Image.Resampling.BILINEAR,
-        do_rescale: bool = True,
-        rescale_factor: float = 1 / 255,
-        do_normalize: bool = True,
-        image_mean: float | list[float] | None = None,
-        image_std: float | list[float] | None = None,
-        do_pad: bool = True,
-        max_image_tiles: int = 4,
-        **kwargs: Any,
-    ):
-        self.do_convert_rgb = do_convert_rgb
-        self.do_resize = do_resize
-        self.size = _size_dict(size if size is not None else {"height": 224, "width": 224})
-        self.resample = PIL.Image.Resampling(_resample_filter(resample))
-        self.do_rescale = do_rescale
-        self.rescale_factor = rescale_factor
-        self.do_normalize = do_normalize
-        self.image_mean = list(IMAGENET_STANDARD_MEAN) if image_mean is None else image_mean
-        self.image_std = list(IMAGENET_STANDARD_STD) if image_std is None else image_std
-        self.do_pad = do_pad
-        self.max_image_tiles = max_image_tiles
-        for key in _CONFIG_KEYS_NOT_SETTINGS + _UNUSED_IMAGE_KWARGS:
-            kwargs.pop(key, None)
-        # Unknown settings of a saved config are kept (and saved back), as transformers does.
-        self._extra_settings = dict(kwargs)
+    def __init__(self, **kwargs: Any):
+        """Settings as in `defaults` (None takes the default); unknown ones are kept and saved back."""
+        super().__init__(**kwargs)
+        self.size = _size_dict(self.size)
+        self.resample = PIL.Image.Resampling(_resample_filter(self.resample))
         _check_settings(self.do_resize, self.size, self.do_pad, self.max_image_tiles)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__} {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
-
-    def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
-        return self.preprocess(images, **kwargs)
 
     # -- single-image steps, usable on their own --
 
@@ -466,22 +407,7 @@ class MllamaImageProcessor:
                 f"{type(self).__name__}.preprocess() got unexpected keyword arguments {unknown}; it takes "
                 f"{sorted(set(self.valid_kwargs) - set(_UNUSED_IMAGE_KWARGS))}"
             )
-        settings = {
-            name: getattr(self, name)
-            for name in (
-                "do_convert_rgb",
-                "do_resize",
-                "size",
-                "resample",
-                "do_rescale",
-                "rescale_factor",
-                "do_normalize",
-                "image_mean",
-                "image_std",
-                "do_pad",
-                "max_image_tiles",
-            )
-        }
+        settings = {name: getattr(self, name) for name in self.defaults}
         settings.update({key: value for key, value in kwargs.items() if value is not None})
         settings["size"] = _size_dict(settings["size"])
         settings["resample"] = _resample_filter(settings["resample"])
@@ -577,63 +503,6 @@ class MllamaImageProcessor:
             features.to(settings["device"])
         features["num_tiles"] = num_tiles
         return features
-
-    # -- saving and loading --
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings, as saved in preprocessor_config.json."""
-        config = {
-            "do_convert_rgb": self.do_convert_rgb,
-            "do_normalize": self.do_normalize,
-            "do_pad": self.do_pad,
-            "do_rescale": self.do_rescale,
-            "do_resize": self.do_resize,
-            "image_mean": self.image_mean,
-            "image_processor_type": "MllamaImageProcessor",
-            "image_std": self.image_std,
-            "max_image_tiles": self.max_image_tiles,
-            "resample": int(self.resample),
-            "rescale_factor": self.rescale_factor,
-            "size": dict(self.size),
-        }
-        config.update(copy.deepcopy(self._extra_settings))
-        return _json_ready(config)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-        """Write preprocessor_config.json into `save_directory` (created if needed)."""
-        folder = hub.save_folder(save_directory, kwargs)
-        path = folder / IMAGE_PROCESSOR_FILE
-        path.write_text(self.to_json_string(), encoding="utf-8")
-        return [str(path)]
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any], **kwargs: Any) -> MllamaImageProcessor:
-        """An image processor from a config dict, with keyword arguments overriding it."""
-        return cls(**{**config, **kwargs})
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> MllamaImageProcessor:
-        """Load from a folder or Hub id: processor_config.json's "image_processor" entry, else preprocessor_config.json.
-
-        Keyword arguments: revision, cache_dir, token, local_files_only, subfolder, and any setting
-        (max_image_tiles=..., size=...) to override the saved one.
-        """
-        kwargs = dict(kwargs)
-        hub_kwargs = pop_hub_kwargs(kwargs)
-        if hub_kwargs.get("subfolder") is None:
-            hub_kwargs.pop("subfolder", None)
-        for ignored in ("trust_remote_code", "use_fast", "_from_auto", "return_unused_kwargs"):
-            kwargs.pop(ignored, None)
-        path = Path(pretrained_model_name_or_path)
-        if path.is_file():
-            config = read_image_processor_config_file(path)
-        else:
-            folder = hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
-            config = read_image_processor_config(folder)
-        return cls.from_dict(config, **kwargs)
 
 
 def _channels_first_input(image: Any, input_data_format: Any) -> tuple[np.ndarray, str, bool]:
