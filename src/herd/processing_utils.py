@@ -327,4 +327,3 @@ class ProcessorMixin:
         if chat_template is None:
             chat_template = tokenizer.chat_template
         return cls(image_processor, tokenizer, chat_template=copy.deepcopy(chat_template))
-

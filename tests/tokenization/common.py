@@ -344,4 +344,3 @@ BUILTIN_TOOL_CHAT = [
     },
     {"role": "ipython", "content": "sunny"},
 ]
-

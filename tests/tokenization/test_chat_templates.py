@@ -4,6 +4,8 @@ and where tokenizers and processors read templates from.
 
 from __future__ import annotations
 
+import json
+import shutil
 from datetime import datetime
 from typing import Literal
 
@@ -11,7 +13,8 @@ import jinja2
 import pytest
 
 from herd.tokenization import AutoTokenizer
-from herd.tokenization.chat_templates import function_tool_schema
+from herd.processing_utils import PROCESSOR_TEMPLATE_SOURCES
+from herd.tokenization.chat_templates import TOKENIZER_TEMPLATE_SOURCES, function_tool_schema, read_chat_template
 from tests.tokenization.common import (  # noqa: F401  (llama31, pair, with_pad_token: fixtures)
     BUILTIN_TOOL_CHAT,
     CONTENT_LIST_TEMPLATE,
@@ -23,6 +26,7 @@ from tests.tokenization.common import (  # noqa: F401  (llama31, pair, with_pad_
     llama31,
     outcome,
     pair,
+    transformers,
     with_pad_token,
 )
 
@@ -274,3 +278,86 @@ def test_chat_argument_errors(llama31):
         herd_tok.apply_chat_template(SYSTEM_CHAT, continue_final_message="reasoning", tokenize=False)
     with pytest.raises(ValueError, match="does not appear in the rendered chat"):
         herd_tok.apply_chat_template(SYSTEM_CHAT, chat_template="{{ 'content' }}", continue_final_message=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where templates are read from: one reader, the tokenizer's order and the processor's
+# ----------------------------------------------------------------------------------------------
+
+# Template files of a folder, by layout (each template renders its own source's name), and the
+# templates the tokenizer and a processor load from it.
+JSON_TEMPLATE = {"chat_template": "{{ 'json' }}"}
+TEMPLATE_LAYOUTS = {
+    "jinja and json": (
+        {"chat_template.jinja": "{{ 'jinja' }}", "chat_template.json": JSON_TEMPLATE},
+        "{{ 'jinja' }}",
+        "{{ 'json' }}",
+    ),
+    "config and json": (
+        {"tokenizer_config.json": "{{ 'config' }}", "chat_template.json": JSON_TEMPLATE},
+        "{{ 'config' }}",
+        "{{ 'json' }}",
+    ),
+    "config and jinja": (
+        {"tokenizer_config.json": "{{ 'config' }}", "chat_template.jinja": "{{ 'jinja' }}"},
+        "{{ 'jinja' }}",
+        "{{ 'jinja' }}",
+    ),
+    # transformers' tokenizer ignores a lone chat_template.json; herd's reads it.
+    "json alone": ({"chat_template.json": JSON_TEMPLATE}, "{{ 'json' }}", "{{ 'json' }}"),
+    # transformers' processor refuses this mix; herd's takes chat_template.json, as it does alone.
+    "named jinja and json": (
+        {
+            "chat_template.jinja": "{{ 'jinja' }}",
+            "additional_chat_templates/other.jinja": "{{ 'other' }}",
+            "chat_template.json": JSON_TEMPLATE,
+        },
+        {"default": "{{ 'jinja' }}", "other": "{{ 'other' }}"},
+        "{{ 'json' }}",
+    ),
+}
+# The layouts on which transformers loads both, and agrees.
+ORACLE_LAYOUTS = ("jinja and json", "config and json", "config and jinja")
+
+
+def _write_layout(folder, layout: dict) -> None:
+    from herd.models.mllama import MllamaImageProcessor
+
+    shutil.copytree(TOKENIZERS / "spm-llama-style", folder)  # its tokenizer_config.json has no chat template
+    MllamaImageProcessor().save_pretrained(folder)
+    for name, content in layout.items():
+        path = folder / name
+        if name == "tokenizer_config.json":
+            path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": content}))
+        else:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+@pytest.mark.parametrize("layout", TEMPLATE_LAYOUTS)
+def test_tokenizers_and_processors_read_templates_in_their_own_order(tmp_path, layout):
+    # One reader serves both; as in transformers 5.17 a tokenizer prefers the Jinja files, then its
+    # config, then chat_template.json, while a processor prefers chat_template.json.
+    from herd.models.mllama import MllamaProcessor
+
+    files, tokenizer_template, processor_template = TEMPLATE_LAYOUTS[layout]
+    folder = tmp_path / "folder"
+    _write_layout(folder, files)
+    assert AutoTokenizer.from_pretrained(folder).chat_template == tokenizer_template
+    assert MllamaProcessor.from_pretrained(folder).chat_template == processor_template
+    if layout in ORACLE_LAYOUTS:
+        assert transformers.AutoTokenizer.from_pretrained(folder).chat_template == tokenizer_template
+        assert transformers.MllamaProcessor.from_pretrained(folder).chat_template == processor_template
+
+
+def test_the_reader_follows_the_sources_given(tmp_path):
+    folder = tmp_path / "folder"
+    _write_layout(folder, TEMPLATE_LAYOUTS["jinja and json"][0])
+    assert read_chat_template(folder, TOKENIZER_TEMPLATE_SOURCES) == "{{ 'jinja' }}"
+    assert read_chat_template(folder, PROCESSOR_TEMPLATE_SOURCES) == "{{ 'json' }}"
+    (folder / "processor_config.json").write_text(json.dumps({"chat_template": "{{ 'processor config' }}"}))
+    (folder / "chat_template.json").unlink()
+    (folder / "chat_template.jinja").unlink()
+    assert read_chat_template(folder, PROCESSOR_TEMPLATE_SOURCES) == "{{ 'processor config' }}"
+    assert read_chat_template(folder, TOKENIZER_TEMPLATE_SOURCES) is None
+    assert read_chat_template(folder, ()) is None

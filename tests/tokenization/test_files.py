@@ -84,7 +84,6 @@ def test_legacy_folders_with_special_tokens_map_and_json_template(tmp_path):
     assert herd_tok.apply_chat_template(SYSTEM_CHAT, tokenize=False) == SYSTEM_CHAT[0]["content"]
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Loading errors
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ def test_aliases_and_auto():
         AutoTokenizer()
 
 
-
 def test_attributes_match(pair):
     herd_tok, ref_tok = pair
     for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
@@ -291,7 +290,6 @@ def test_bad_inputs_are_errors(llama31):
         herd_tok(["a", "b"], ["c"])
 
 
-
 PAD_INPUTS = [
     [{"input_ids": [1, 2, 3]}, {"input_ids": [4]}],
     [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]}, {"input_ids": [4], "attention_mask": [1]}],
@@ -442,7 +440,6 @@ def test_save_pretrained_after_changes(tmp_path):
             TOOL_CHAT, tokenize=False
         )
         assert reloaded("hi")["input_ids"] == [12014, 2]  # add_eos_token=True alone drops BOS, as in 5.17
-
 
 
 def test_model_specific_named_tokens(tmp_path):

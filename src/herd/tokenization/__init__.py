@@ -7,6 +7,7 @@
 - `tokenizer`: `PreTrainedTokenizerFast` (alias `LlamaTokenizer`, `LlamaTokenizerFast`) and `AutoTokenizer`.
 """
 
+# The names below stay importable from herd.tokenization as they were before it became a package.
 from tokenizers import AddedToken
 
 from .encodings import BatchEncoding, as_numpy_array, tensor_type_name

@@ -26,7 +26,14 @@ import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .files import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JSON_FILE, TOKENIZER_CONFIG_FILE, read_json_object
+from .files import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    CHAT_TEMPLATE_JSON_FILE,
+    TOKENIZER_CONFIG_FILE,
+    read_json_object,
+)
+
 
 # ----------------------------------------------------------------------------------------------
 # Reading them from a folder
@@ -85,7 +92,6 @@ def normalize_chat_template(template: Any) -> str | dict | None:
     raise ValueError(
         f"chat_template must be a string, a dict or a list of named templates, got {type(template).__name__}"
     )
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +218,6 @@ def _split_batch(conversation: Any) -> tuple[list[Any], bool]:
     return [_messages_of(conversation)], False
 
 
-
 # ----------------------------------------------------------------------------------------------
 # continue_final_message: the prompt ends inside the final message
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +260,7 @@ def _cut_at_mark(rendered: str, final_text: str) -> str:
         return rendered[:position]
     # The template trimmed the message's trailing whitespace (and the mark's space with it): trim ours too.
     return rendered[:position].rstrip()
+
 
 # ----------------------------------------------------------------------------------------------
 # Tools given as Python functions: JSON schema from type hints and a Google-style docstring
@@ -396,7 +402,6 @@ def _tool_schemas(tools: Any) -> list[dict] | None:
                 f"docstring, got {type(tool).__name__}"
             )
     return schemas
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -194,5 +194,3 @@ def folder_settings(folder: Path) -> dict:
             else:
                 settings[key] = value
     return settings
-
-
