@@ -15,14 +15,13 @@ import io
 import logging
 import os
 import urllib.request
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from .tokenization import as_numpy_array, tensor_type_name
+from .tokenization.encodings import BatchDict
 
 logger = logging.getLogger(__name__)
 
@@ -348,88 +347,9 @@ def _expand_array_batch(image: Any) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_torch(value: Any):
-    import torch
-
-    if torch.is_tensor(value):
-        return value
-    if isinstance(value, (list, tuple)) and value and torch.is_tensor(value[0]):
-        return torch.stack(list(value))
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], np.ndarray):
-        value = np.array(value)
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    return torch.tensor(value)
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if _is_torch_tensor(value):
-        return _tensor_to_numpy(value)
-    return as_numpy_array(value)
-
-
-class BatchFeature(dict):
+class BatchFeature(BatchDict):
     """What processors return: a dict of model inputs with attribute access (`out.pixel_values`).
 
     `to(device)` moves every tensor; `to(dtype)` (or `to(device, dtype)`) also casts the floating
     point ones only, so that token ids and masks keep their integer type.
     """
-
-    def __init__(self, data: Mapping[str, Any] | None = None, tensor_type: Any = None):
-        super().__init__(data or {})
-        self.convert_to_tensors(tensor_type)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"BatchFeature has no attribute or key {name!r}") from None
-
-    @property
-    def data(self) -> dict:
-        """The fields as a plain dict (transformers' BatchFeature keeps them in `.data`)."""
-        return dict(self)
-
-    def convert_to_tensors(self, tensor_type: Any = None) -> BatchFeature:
-        """Turn every value into a torch tensor ('pt') or a numpy array ('np'), in place."""
-        name = tensor_type_name(tensor_type)
-        if name is None:
-            return self
-        convert = _to_torch if name == "pt" else _to_numpy
-        for key, value in list(self.items()):
-            try:
-                self[key] = convert(value)
-            except (ValueError, TypeError) as error:
-                raise ValueError(
-                    f"Unable to create a tensor from `{key}`: its rows probably have different lengths. Pass "
-                    "padding=True (and truncation=True if needed) to get batched tensors of one length."
-                ) from error
-        return self
-
-    def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
-        """Move tensors to a device and/or cast floating point tensors to a dtype; returns self."""
-        import torch
-
-        device = kwargs.get("device")
-        if device is None and args:
-            first = args[0]
-            if isinstance(first, (str, int, torch.device)):
-                device = first
-            elif not isinstance(first, torch.dtype):
-                raise ValueError(f"BatchFeature.to() takes a device and/or a dtype, got {first!r}")
-        non_blocking = kwargs.get("non_blocking", False)
-
-        def move(value: Any) -> Any:
-            if torch.is_tensor(value) and torch.is_floating_point(value):
-                return value.to(*args, **kwargs)
-            if torch.is_tensor(value) and device is not None:
-                return value.to(device=device, non_blocking=non_blocking)
-            if isinstance(value, (list, tuple)):
-                return type(value)(move(item) for item in value)
-            return value
-
-        for key, value in list(self.items()):
-            self[key] = move(value)
-        return self

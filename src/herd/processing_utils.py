@@ -16,18 +16,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jinja2.meta
-
 from . import hub
 from .configuration import pop_hub_kwargs
 from .image_processing_utils import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, read_image_processor_config
-from .tokenization import AutoTokenizer
+from .tokenization import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JSON_FILE, AutoTokenizer
+from .tokenization.chat_templates import read_chat_template, template_variables
 
 logger = logging.getLogger(__name__)
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# Where a processor looks for its chat template, first hit wins (transformers 5.17): the older
+# chat_template.json, then the Jinja files, then the processor's configs. Tokenizers look in
+# another order (herd.tokenization.chat_templates).
+PROCESSOR_TEMPLATE_SOURCES = (CHAT_TEMPLATE_JSON_FILE, CHAT_TEMPLATE_FILE, PROCESSOR_FILE, IMAGE_PROCESSOR_FILE)
 
 # Keyword arguments the processor passes on to the tokenizer call.
 TEXT_KWARGS = (
@@ -94,14 +94,6 @@ def merge_kwargs(kwargs: dict, text_keys: tuple, image_keys: tuple, processor_na
 # ----------------------------------------------------------------------------------------------
 # Chat templates
 # ----------------------------------------------------------------------------------------------
-
-
-def _template_variables(template: str) -> frozenset[str]:
-    """The variables a Jinja template reads from outside (to tell template kwargs from processor kwargs)."""
-    from .tokenization import _compile_chat_template
-
-    environment = _compile_chat_template(template).environment
-    return frozenset(jinja2.meta.find_undeclared_variables(environment.parse(template)))
 
 
 # Keys of an image content item that hold the image, in the order transformers reads them.
@@ -234,8 +226,8 @@ class ProcessorMixin:
             )
         template = self._resolve_chat_template(chat_template)
         call_kwargs = dict(processor_kwargs or {})
-        template_variables = _template_variables(template)
-        stray = {key: value for key, value in kwargs.items() if key not in template_variables}
+        variables = template_variables(template)
+        stray = {key: value for key, value in kwargs.items() if key not in variables}
         if stray:
             logger.warning(
                 "Arguments %s are not used by the chat template; passing them to the processor.", sorted(stray)
@@ -257,7 +249,7 @@ class ProcessorMixin:
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
-            **{key: value for key, value in kwargs.items() if key in template_variables},
+            **{key: value for key, value in kwargs.items() if key in variables},
         )
         prompt = rendered if is_batched else rendered[0]
         if not tokenize:
@@ -331,38 +323,7 @@ class ProcessorMixin:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         image_processor = cls.image_processor_class.from_dict(read_image_processor_config(folder), **image_settings)
         if chat_template is None:
-            chat_template = read_processor_chat_template(folder)
+            chat_template = read_chat_template(folder, PROCESSOR_TEMPLATE_SOURCES)
         if chat_template is None:
             chat_template = tokenizer.chat_template
         return cls(image_processor, tokenizer, chat_template=copy.deepcopy(chat_template))
-
-
-def read_processor_chat_template(folder: Path) -> str | dict | None:
-    """The processor chat template of a folder, where transformers 5.17 looks for it.
-
-    chat_template.json (the older processor format) wins; otherwise chat_template.jinja is the
-    "default" template and additional_chat_templates/*.jinja add named ones; a single template is
-    returned as a string. processor_config.json may also hold one under "chat_template".
-    """
-    legacy = folder / CHAT_TEMPLATE_JSON_FILE
-    if legacy.is_file():
-        return json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
-    templates = {}
-    extra_dir = folder / CHAT_TEMPLATE_DIR
-    if extra_dir.is_dir():
-        for path in sorted(extra_dir.glob("*.jinja")):
-            templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
-    main = folder / CHAT_TEMPLATE_FILE
-    if main.is_file():
-        templates["default"] = main.read_text(encoding="utf-8")
-    if list(templates) == ["default"]:
-        return templates["default"]
-    if templates:
-        return templates
-    for config_name in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE):
-        path = folder / config_name
-        if path.is_file():
-            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-            if template is not None:
-                return template
-    return None

@@ -1,76 +1,43 @@
-"""Tokenizers with the transformers API, built on the Hugging Face `tokenizers` library.
+"""The tokenizer: `PreTrainedTokenizerFast` (also reachable as `LlamaTokenizer`, `LlamaTokenizerFast`
+and through `AutoTokenizer`) wraps a `tokenizers.Tokenizer` loaded from a `tokenizer.json`.
 
-One class, `PreTrainedTokenizerFast` (also reachable as `LlamaTokenizer`, `LlamaTokenizerFast` and
-through `AutoTokenizer`), wraps a `tokenizers.Tokenizer` loaded from a `tokenizer.json`. The BPE,
-normalization, pre-tokenization, special-token templates, padding and truncation all run in the
-`tokenizers` library; this module decides which options to hand it, so that ids, strings and
-chat prompts come out exactly as transformers 5.17 makes them.
-
-Chat templates are rendered with jinja2 in an immutable sandbox, with the helpers chat templates
-expect (`raise_exception`, `strftime_now`, a `tojson` filter that does not escape HTML or
-non-ASCII text).
-
-Only `tokenizer.json` tokenizers are read. A folder with a lone SentencePiece `tokenizer.model` is
-refused with an explanation; nothing is ever unpickled.
+The BPE, normalization, pre-tokenization, special-token templates, padding and truncation all run
+in the `tokenizers` library; this module decides which options to hand it, so that ids, strings
+and chat prompts come out exactly as transformers 5.17 makes them.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
 import logging
 import os
-import re
-import types
-import typing
 import warnings
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Encoding, Tokenizer, processors
 
-from . import hub
-from .configuration import pop_hub_kwargs
+from .. import hub
+from .chat_templates import TOKENIZER_TEMPLATE_SOURCES, normalize_chat_template, read_chat_template, render_chat
+from .encodings import BatchEncoding
+from .files import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    added_token_from_dict,
+    folder_settings,
+    is_llama_class,
+    load_backend,
+    split_from_pretrained_arguments,
+    token_content,
+    tokenizer_folder,
+)
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "AddedToken",
-    "AutoTokenizer",
-    "BatchEncoding",
-    "LlamaTokenizer",
-    "LlamaTokenizerFast",
-    "PreTrainedTokenizerFast",
-]
-
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
-SENTENCEPIECE_FILE = "tokenizer.model"
-
-# What a tokenizer may read from a Hub repository (no weights).
-_TOKENIZER_PATTERNS = [
-    TOKENIZER_FILE,
-    TOKENIZER_CONFIG_FILE,
-    SPECIAL_TOKENS_MAP_FILE,
-    CHAT_TEMPLATE_FILE,
-    CHAT_TEMPLATE_JSON_FILE,
-    f"{CHAT_TEMPLATE_DIR}/*.jinja",
-    "config.json",
-    SENTENCEPIECE_FILE,
-]
 
 # transformers' stand-in for "no limit" (model_max_length of 1e30); anything above 1e20 counts as
 # "no maximum" when a padding or truncation length has to be guessed.
@@ -101,175 +68,6 @@ _CONFIG_KEYS_NOT_SAVED = {
     "vocab_file",
     "merges_file",
 }
-
-# from_pretrained arguments accepted and ignored for compatibility (hub ones go to hub.resolve).
-_IGNORED_ARGUMENTS = (
-    "force_download",
-    "proxies",
-    "resume_download",
-    "trust_remote_code",
-    "use_fast",
-    "_from_auto",
-    "_commit_hash",
-    "_from_pipeline",
-    "config",
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# BatchEncoding
-# ----------------------------------------------------------------------------------------------
-
-
-def _nested_is_empty(value: Any) -> bool:
-    """True for [], [[]], [[], []]...: lists with no scalar anywhere inside."""
-    if isinstance(value, (list, tuple)):
-        return all(_nested_is_empty(item) for item in value)
-    return False
-
-
-def tensor_type_name(tensor_type: Any) -> str | None:
-    """'pt', 'np' or None, from a string or an enum with a string value (transformers' TensorType)."""
-    if tensor_type is None:
-        return None
-    name = getattr(tensor_type, "value", tensor_type)
-    if name not in ("pt", "np"):
-        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {tensor_type!r}")
-    return name
-
-
-def _as_torch(value: Any):
-    import torch
-
-    if torch.is_tensor(value):
-        return value
-    if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
-        return torch.from_numpy(np.array(value))
-    if _nested_is_empty(value):
-        return torch.tensor(value, dtype=torch.int64)
-    return torch.tensor(value)
-
-
-def as_numpy_array(value: Any) -> np.ndarray:
-    """Nested lists / arrays as one numpy array; rows of different lengths as an object array of rows."""
-    if isinstance(value, np.ndarray):
-        return value
-    if _nested_is_empty(value):
-        return np.asarray(value, dtype=np.int64)
-    rows_are_sequences = isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray))
-    if rows_are_sequences and len({len(row) for row in value}) > 1:
-        # Ragged rows: like transformers, numpy gets an object array of 1-D arrays.
-        ragged = np.empty(len(value), dtype=object)
-        ragged[:] = [np.asarray(row) for row in value]
-        return ragged
-    return np.asarray(value)
-
-
-class BatchEncoding(dict):
-    """The output of a tokenizer call: a dict ("input_ids", "attention_mask", ...) with attribute access.
-
-    `enc.input_ids` is `enc["input_ids"]`; `enc[0]` is the `tokenizers.Encoding` of the first sequence
-    (offsets, word ids...); `enc.to(device)` moves torch tensors.
-    """
-
-    def __init__(
-        self,
-        data: Mapping[str, Any] | None = None,
-        encoding: Encoding | list[Encoding] | None = None,
-        tensor_type: str | None = None,
-        prepend_batch_axis: bool = False,
-        n_sequences: int | None = None,
-    ):
-        super().__init__(data or {})
-        if isinstance(encoding, Encoding):
-            encoding = [encoding]
-        self._encodings = encoding
-        if n_sequences is None and encoding:
-            n_sequences = encoding[0].n_sequences
-        self._n_sequences = n_sequences
-        self.convert_to_tensors(tensor_type=tensor_type, prepend_batch_axis=prepend_batch_axis)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached when ordinary attribute lookup fails: fall back to the dict's keys.
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"BatchEncoding has no attribute or key {name!r}") from None
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            return dict.__getitem__(self, key)
-        if isinstance(key, int) and self._encodings is not None:
-            return self._encodings[key]
-        if isinstance(key, slice):
-            return {name: value[key] for name, value in self.items()}
-        raise KeyError(f"BatchEncoding keys are field names (str), slices, or batch indices (int); got {key!r}")
-
-    @property
-    def encodings(self) -> list[Encoding] | None:
-        return self._encodings
-
-    @property
-    def n_sequences(self) -> int | None:
-        return self._n_sequences
-
-    @property
-    def is_fast(self) -> bool:
-        return self._encodings is not None
-
-    def _encoding(self, batch_index: int) -> Encoding:
-        if self._encodings is None:
-            raise ValueError("this BatchEncoding was not made by a tokenizer call, so it has no token alignment")
-        return self._encodings[batch_index]
-
-    def tokens(self, batch_index: int = 0) -> list[str]:
-        return self._encoding(batch_index).tokens
-
-    def word_ids(self, batch_index: int = 0) -> list[int | None]:
-        return self._encoding(batch_index).word_ids
-
-    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
-        return self._encoding(batch_index).sequence_ids
-
-    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0):
-        if char_index is None:
-            batch_index, char_index = 0, batch_or_char_index
-        else:
-            batch_index = batch_or_char_index
-        return self._encoding(batch_index).char_to_token(char_index, sequence_index)
-
-    def convert_to_tensors(self, tensor_type: str | None = None, prepend_batch_axis: bool = False) -> BatchEncoding:
-        """Turn every value into a torch tensor ('pt') or a numpy array ('np'), in place."""
-        name = tensor_type_name(tensor_type)
-        if name is None:
-            return self
-        convert = _as_torch if name == "pt" else as_numpy_array
-        for key, value in self.items():
-            if prepend_batch_axis:
-                value = [value]
-            try:
-                self[key] = convert(value)
-            except (ValueError, TypeError) as error:
-                raise ValueError(
-                    f"Unable to create a tensor from `{key}`: its rows have different lengths. Pass padding=True "
-                    "(and truncation=True if needed) to get batched tensors of one length."
-                ) from error
-        return self
-
-    def to(self, device: Any, *, non_blocking: bool = False) -> BatchEncoding:
-        """Move every torch tensor to `device` (other values are left as they are); returns self."""
-        import torch
-
-        if not isinstance(device, (str, int, torch.device)):
-            # Mirrors transformers: a dtype here (model.half() style code) is not applied to token ids.
-            logger.warning("BatchEncoding.to() takes a device, not %r; nothing was moved", device)
-            return self
-        for key, value in list(self.items()):
-            if torch.is_tensor(value):
-                self[key] = value.to(device=device, non_blocking=non_blocking)
-        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,493 +121,6 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-def _token_content(value: Any) -> str | None:
-    """A special token from a config value: a string, an AddedToken, or its serialized dict."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, AddedToken):
-        return value.content
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise ValueError(f"a special token must be a string or an AddedToken, got {value!r}")
-
-
-def _added_token_from_dict(entry: Mapping[str, Any]) -> AddedToken:
-    fields = {key: entry[key] for key in ("single_word", "lstrip", "rstrip", "normalized", "special") if key in entry}
-    return AddedToken(entry["content"], **fields)
-
-
-# ----------------------------------------------------------------------------------------------
-# Chat templates
-# ----------------------------------------------------------------------------------------------
-
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """Accepts `{% generation %}...{% endgeneration %}` (used to mark assistant text) and renders the body.
-
-    Templates written for assistant-token masks use this tag; without the extension they would not
-    even compile. herd renders the body unchanged and does not compute the mask.
-    """
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
-
-    def _render_body(self, caller):
-        return caller()
-
-
-def _raise_template_error(message: str):
-    """`raise_exception(...)` inside a template: the template's own way of rejecting a conversation."""
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
-):
-    # jinja2's own tojson escapes <, >, & and ' for HTML, which would change the prompt; chat
-    # templates expect plain json.dumps (with its indent/separators/sort_keys options) and UTF-8 text.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(date_format: str) -> str:
-    return datetime.now().strftime(date_format)
-
-
-@functools.lru_cache(maxsize=32)
-def _compile_chat_template(source: str) -> jinja2.Template:
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals["raise_exception"] = _raise_template_error
-    environment.globals["strftime_now"] = _strftime_now
-    return environment.from_string(source)
-
-
-_TOOL_ROLES = ("tool", "ipython", "function")
-
-
-def _check_content(content: Any, role: str, where: str) -> None:
-    if isinstance(content, str):
-        return
-    if role in _TOOL_ROLES and isinstance(content, (Mapping, list, tuple, int, float, bool)):
-        return  # tool results may be structured; templates serialize them (e.g. with tojson)
-    if isinstance(content, (list, tuple)):
-        for position, item in enumerate(content):
-            if not isinstance(item, Mapping):
-                raise ValueError(
-                    f"{where}: content item {position} is a {type(item).__name__}; a list content holds dicts "
-                    'such as {"type": "text", "text": "..."}'
-                )
-        return
-    raise ValueError(
-        f"{where}: content must be a string or a list of content dicts such as "
-        f'{{"type": "text", "text": "..."}}, got {type(content).__name__}'
-    )
-
-
-def _check_message(message: Any, where: str) -> None:
-    if not isinstance(message, Mapping):
-        raise ValueError(f"{where} is a {type(message).__name__}, not a dict with 'role' and 'content' keys")
-    if "role" not in message:
-        raise ValueError(f"{where} has no 'role' key (keys: {sorted(message)})")
-    role = message["role"]
-    if not isinstance(role, str):
-        raise ValueError(f"{where}: 'role' must be a string, got {type(role).__name__}")
-    if "content" not in message or message["content"] is None:
-        if message.get("tool_calls"):
-            return  # an assistant turn that only calls tools
-        raise ValueError(f"{where} (role {role!r}) has no 'content'")
-    _check_content(message["content"], role, where)
-
-
-def _messages_of(conversation: Any) -> Any:
-    # transformers' pipelines wrap conversations in objects with a `.messages` list.
-    return conversation.messages if hasattr(conversation, "messages") else conversation
-
-
-def _check_conversation(conversation: Any, label: str) -> None:
-    if not isinstance(conversation, (list, tuple)):
-        raise ValueError(
-            f"{label} must be a list of messages (dicts with 'role' and 'content'), got {type(conversation).__name__}"
-        )
-    if len(conversation) == 0:
-        raise ValueError(f"Cannot apply a chat template to an empty conversation ({label}): give at least one message")
-    for index, message in enumerate(conversation):
-        _check_message(message, f"{label}, message {index}")
-
-
-def _split_batch(conversation: Any) -> tuple[list[Any], bool]:
-    """(list of conversations, whether the input was a batch)."""
-    if isinstance(conversation, (list, tuple)) and conversation:
-        first = conversation[0]
-        if isinstance(first, (list, tuple)) or hasattr(first, "messages"):
-            return [_messages_of(item) for item in conversation], True
-    return [_messages_of(conversation)], False
-
-
-# Appended to the message being continued, so that its end can be found in the rendered text.
-_CONTINUATION_MARK = "HERD_CONTINUE_FINAL_MESSAGE_MARK "
-
-
-def _mark_final_message(messages: list, field: str, template_source: str) -> tuple[list, str]:
-    """A copy of `messages` with the mark after the text of the last message, and that text."""
-    messages = copy.deepcopy(list(messages))
-    final = messages[-1].get(field)
-    if final is None:
-        raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue')
-    if field not in template_source:
-        raise ValueError(f'continue_final_message is set to "{field}", which the chat template never uses')
-    if isinstance(final, (list, tuple)):
-        # Continue the last text block of a multi-part content.
-        for block in reversed(final):
-            if "text" in block:
-                text = block["text"]
-                block["text"] = text + _CONTINUATION_MARK
-                return messages, text
-        raise ValueError("continue_final_message is set but the final message has no text block to continue")
-    messages[-1] = {**messages[-1], field: final + _CONTINUATION_MARK}
-    return messages, final
-
-
-def _cut_at_mark(rendered: str, final_text: str) -> str:
-    """Everything before the mark: the prompt ends inside the final message, open for the model to continue."""
-    mark = _CONTINUATION_MARK.strip()
-    if final_text.strip() not in rendered or mark not in rendered:
-        raise ValueError(
-            "continue_final_message is set but the final message does not appear in the rendered chat; the "
-            "template changes or drops it, so it cannot be continued.\n"
-            f"Final message: {final_text.strip()}\nRendered chat:\n{rendered}"
-        )
-    position = rendered.rindex(mark)
-    if rendered[position : position + len(_CONTINUATION_MARK)] == _CONTINUATION_MARK:
-        return rendered[:position]
-    # The template trimmed the message's trailing whitespace (and the mark's space with it): trim ours too.
-    return rendered[:position].rstrip()
-
-
-# -- tools given as Python functions: JSON schema from type hints and a Google-style docstring --
-
-_BASIC_JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}
-
-
-def _json_schema_for_type(hint: Any) -> dict:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is None:
-        if hint is typing.Any:
-            return {}
-        if hint in _BASIC_JSON_TYPES:
-            return {"type": _BASIC_JSON_TYPES[hint]}
-        if hint is list or hint is tuple:
-            return {"type": "array"}
-        return {"type": "object"}  # dicts and other classes, as transformers maps them
-    if origin is typing.Union or origin is types.UnionType:
-        members = [_json_schema_for_type(arg) for arg in args if arg is not type(None)]
-        if len(members) == 1:
-            schema = members[0]
-        elif all(isinstance(member.get("type"), str) for member in members):
-            schema = {"type": sorted(member["type"] for member in members)}
-        else:
-            schema = {"anyOf": members}
-        if type(None) in args:
-            schema["nullable"] = True
-        return schema
-    if origin is typing.Literal:
-        kinds = []
-        for value in args:
-            kind = _BASIC_JSON_TYPES.get(type(value))
-            if kind is None:
-                raise ValueError(f"Literal values must be str, int, float, bool or None, got {value!r}")
-            if kind not in kinds:
-                kinds.append(kind)
-        return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": list(args)}
-    if origin is list:
-        return {"type": "array", "items": _json_schema_for_type(args[0])} if args else {"type": "array"}
-    if origin is tuple:
-        if len(args) == 1 or Ellipsis in args:
-            raise ValueError(f"cannot describe {hint} in a tool schema: use list[...] for variable-length inputs")
-        return {"type": "array", "prefixItems": [_json_schema_for_type(arg) for arg in args]}
-    if origin is dict:
-        schema = {"type": "object"}
-        if len(args) == 2:
-            schema["additionalProperties"] = _json_schema_for_type(args[1])
-        return schema
-    raise NotImplementedError(f"herd cannot turn the type hint {hint} into a tool schema; pass a JSON schema dict")
-
-
-_SECTION_HEADERS = ("Args:", "Returns:", "Raises:")
-
-
-def _docstring_sections(doc: str) -> tuple[str, list[str], list[str]]:
-    """(description, lines of the Args block, lines of the Returns block) of a Google-style docstring."""
-    sections: dict[str, list[str]] = {"description": [], "Args:": [], "Returns:": [], "Raises:": []}
-    current = "description"
-    for line in doc.splitlines():
-        if line.strip() in _SECTION_HEADERS:
-            current = line.strip()
-            continue
-        sections[current].append(line)
-    return "\n".join(sections["description"]).strip(), sections["Args:"], sections["Returns:"]
-
-
-def _argument_descriptions(lines: list[str]) -> dict[str, str]:
-    """`name: text` entries; continuation lines join the entry above with single spaces."""
-    descriptions: dict[str, list[str]] = {}
-    current = None
-    for line in lines:
-        if not line.strip():
-            continue
-        match = re.match(r"\s*(\w+):\s*(.*)$", line)
-        if match:
-            current = match.group(1)
-            descriptions[current] = [match.group(2).strip()]
-        elif current is not None:
-            descriptions[current].append(line.strip())
-    return {name: " ".join(part for part in parts if part) for name, parts in descriptions.items()}
-
-
-def _function_tool_schema(function: Any) -> dict:
-    """The JSON schema chat templates expect for a Python function offered as a tool."""
-    name = getattr(function, "__name__", "operation")
-    doc = inspect.getdoc(function)
-    if not doc:
-        raise ValueError(f"Cannot describe the tool {name}: it has no docstring (Google style, with an Args: block)")
-    description, argument_lines, return_lines = _docstring_sections(doc.strip())
-    argument_docs = _argument_descriptions(argument_lines)
-    parameters = list(inspect.signature(function).parameters.values())
-    # A method's receiver (self/cls without a hint) is not an argument of the tool.
-    if parameters and parameters[0].name in ("self", "cls") and parameters[0].annotation is inspect.Parameter.empty:
-        parameters = parameters[1:]
-    for parameter in parameters:
-        if parameter.annotation is inspect.Parameter.empty:
-            raise ValueError(f"Cannot describe the tool {name}: argument {parameter.name} has no type hint")
-    hints = typing.get_type_hints(function)
-    properties = {arg: _json_schema_for_type(hint) for arg, hint in hints.items()}
-    return_schema = properties.pop("return", None)
-    for arg, schema in properties.items():
-        if arg not in argument_docs:
-            raise ValueError(f"Cannot describe the tool {name}: its docstring does not describe the argument {arg!r}")
-        text = argument_docs[arg]
-        choices = re.search(r"\(choices:\s*(.*?)\)\s*$", text, flags=re.IGNORECASE)
-        if choices:
-            schema["enum"] = [c.strip() if isinstance(c, str) else c for c in json.loads(choices.group(1))]
-            text = text[: choices.start()].strip()
-        schema["description"] = text
-    parameters_schema: dict[str, Any] = {"type": "object", "properties": properties}
-    required = [p.name for p in parameters if p.default is inspect.Parameter.empty]
-    if required:
-        parameters_schema["required"] = required
-    described: dict[str, Any] = {"name": name, "description": description, "parameters": parameters_schema}
-    if return_schema is not None:
-        returns_text = "\n".join(return_lines).strip()
-        if returns_text:
-            return_schema["description"] = returns_text
-        described["return"] = return_schema
-    return {"type": "function", "function": described}
-
-
-def _tool_schemas(tools: Any) -> list[dict] | None:
-    if tools is None:
-        return None
-    if not isinstance(tools, (list, tuple)):
-        raise ValueError(f"tools must be a list of JSON schema dicts (or functions), got {type(tools).__name__}")
-    schemas = []
-    for tool in tools:
-        if isinstance(tool, Mapping):
-            schemas.append(tool)
-        elif inspect.isfunction(tool) or inspect.ismethod(tool):
-            schemas.append(_function_tool_schema(tool))
-        else:
-            raise ValueError(
-                "each tool must be a JSON schema dict or a Python function with type hints and a Google-style "
-                f"docstring, got {type(tool).__name__}"
-            )
-    return schemas
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading a tokenizer folder
-# ----------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-
-
-def _read_json_object(path: Path) -> dict:
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, found a {type(data).__name__}")
-    return data
-
-
-def _read_chat_templates(folder: Path, config: dict) -> str | dict | None:
-    """The chat template(s) of a folder, as transformers 5.17 picks them.
-
-    chat_template.jinja and additional_chat_templates/*.jinja win over the config's
-    "chat_template"; several templates make a {name: template} dict ("default" for the main one).
-    chat_template.json (the processors' older format) is used only when nothing else is there.
-    """
-    templates: dict[str, str] = {}
-    main = folder / CHAT_TEMPLATE_FILE
-    if main.is_file():
-        templates["default"] = main.read_text(encoding="utf-8")
-    extra_dir = folder / CHAT_TEMPLATE_DIR
-    if extra_dir.is_dir():
-        for path in sorted(extra_dir.glob("*.jinja")):
-            templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
-    if list(templates) == ["default"]:
-        return templates["default"]
-    if templates:
-        return templates
-    if config.get("chat_template") is not None:
-        return config["chat_template"]
-    legacy = folder / CHAT_TEMPLATE_JSON_FILE
-    if legacy.is_file():
-        return _read_json_object(legacy).get("chat_template")
-    return None
-
-
-def _normalize_chat_template(template: Any) -> str | dict | None:
-    """Templates are stored as a string, or as a list of {"name", "template"} dicts for several."""
-    if template is None or isinstance(template, str):
-        return template
-    if isinstance(template, Mapping):
-        return dict(template)
-    if isinstance(template, (list, tuple)):
-        try:
-            return {entry["name"]: entry["template"] for entry in template}
-        except (TypeError, KeyError) as error:
-            raise ValueError('a list of chat templates must hold {"name": ..., "template": ...} dicts') from error
-    raise ValueError(
-        f"chat_template must be a string, a dict or a list of named templates, got {type(template).__name__}"
-    )
-
-
-def _is_llama_class(tokenizer_class: str | None) -> bool:
-    return tokenizer_class is not None and tokenizer_class.removesuffix("Fast") == "LlamaTokenizer"
-
-
-def _rebuild_like_llama_tokenizer(tokenizer_json: dict, legacy: bool, add_prefix_space: bool) -> dict:
-    """The pipeline transformers' LlamaTokenizer builds around the vocabulary and merges of tokenizer.json.
-
-    transformers 5.17 does not trust the normalizer, pre-tokenizer and decoder of a folder whose
-    tokenizer_class is LlamaTokenizer: it keeps the BPE vocabulary, merges, added tokens and
-    post-processor, and rebuilds the rest: no normalizer, a Metaspace pre-tokenizer ("▁" for spaces,
-    prefixed to every piece when `legacy`, to the first piece only otherwise, never without
-    `add_prefix_space`), byte fallback in the model and a matching decoder. The ids follow from that
-    pipeline, so herd builds the same one.
-    """
-    rebuilt = dict(tokenizer_json)
-    rebuilt["model"] = {
-        **tokenizer_json["model"],
-        "dropout": None,
-        "unk_token": None,
-        "continuing_subword_prefix": None,
-        "end_of_word_suffix": None,
-        "fuse_unk": True,
-        "byte_fallback": True,
-        "ignore_merges": False,
-    }
-    rebuilt["normalizer"] = None
-    prepend_scheme = ("always" if legacy else "first") if add_prefix_space else "never"
-    rebuilt["pre_tokenizer"] = {
-        "type": "Metaspace",
-        "replacement": "▁",
-        "prepend_scheme": prepend_scheme,
-        "split": False,
-    }
-    decoders = [
-        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-        {"type": "ByteFallback"},
-        {"type": "Fuse"},
-    ]
-    if add_prefix_space:
-        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
-    rebuilt["decoder"] = {"type": "Sequence", "decoders": decoders}
-    return rebuilt
-
-
-def _load_backend(path: Path, llama_options: tuple[bool, bool] | None) -> Tokenizer:
-    """The tokenizers.Tokenizer of tokenizer.json, rebuilt like LlamaTokenizer when `llama_options` is given."""
-    try:
-        if llama_options is None:
-            return Tokenizer.from_file(str(path))
-        data = _read_json_object(path)
-        if not isinstance(data.get("model"), dict) or data["model"].get("type") != "BPE":
-            return Tokenizer.from_str(json.dumps(data))  # the rebuild only applies to BPE vocabularies
-        return Tokenizer.from_str(json.dumps(_rebuild_like_llama_tokenizer(data, *llama_options)))
-    except ValueError:
-        raise
-    except Exception as error:  # the tokenizers library raises plain Exceptions on bad files
-        raise ValueError(f"{path} is not a valid tokenizers file: {error}") from error
-
-
-def _split_from_pretrained_arguments(kwargs: dict) -> tuple[dict, dict]:
-    """(arguments for hub.resolve, tokenizer settings) from a from_pretrained call's kwargs."""
-    hub_arguments = pop_hub_kwargs(kwargs)
-    for key in _IGNORED_ARGUMENTS:
-        kwargs.pop(key, None)
-    if kwargs.get("gguf_file"):
-        raise NotImplementedError("herd does not read tokenizers from GGUF files; use a folder with tokenizer.json")
-    if hub_arguments.get("subfolder") is None:
-        hub_arguments.pop("subfolder", None)
-    return hub_arguments, kwargs
-
-
-def _tokenizer_folder(name_or_path: str | os.PathLike, hub_arguments: dict) -> Path:
-    folder = hub.resolve(name_or_path, allow_patterns=_TOKENIZER_PATTERNS, **hub_arguments)
-    if not (folder / TOKENIZER_FILE).is_file():
-        if (folder / SENTENCEPIECE_FILE).is_file():
-            raise FileNotFoundError(
-                f"{folder} has a SentencePiece {SENTENCEPIECE_FILE} but no {TOKENIZER_FILE}: herd only supports "
-                f"tokenizer.json-based tokenizers (the `tokenizers` library format). Convert it once, e.g. with "
-                f"transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)."
-            )
-        raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE}; herd only supports tokenizer.json-based tokenizers")
-    return folder
-
-
-def _folder_settings(folder: Path, user_settings: dict) -> dict:
-    """Tokenizer settings of a folder, as transformers 5.17 gathers them, with the caller's on top."""
-    config_path = folder / TOKENIZER_CONFIG_FILE
-    settings = _read_json_object(config_path) if config_path.is_file() else {}
-    # With a tokenizer.json, 5.17 ignores the config's add_bos_token/add_eos_token: the post-processor
-    # in tokenizer.json decides which tokens are added. Only explicit arguments override it.
-    settings.pop("add_bos_token", None)
-    settings.pop("add_eos_token", None)
-    if "tokenizer_class" not in settings and (folder / "config.json").is_file():
-        model_config = _read_json_object(folder / "config.json")
-        if isinstance(model_config.get("tokenizer_class"), str):
-            settings["tokenizer_class"] = model_config["tokenizer_class"]
-    templates = _read_chat_templates(folder, settings)
-    if templates is not None:
-        settings["chat_template"] = templates
-    special_map_path = folder / SPECIAL_TOKENS_MAP_FILE
-    # Older folders list their special tokens in special_tokens_map.json; transformers reads it only
-    # when the config has no added_tokens_decoder, and then it wins over the config.
-    if "added_tokens_decoder" not in settings and special_map_path.is_file():
-        for key, value in _read_json_object(special_map_path).items():
-            if key in ("additional_special_tokens", "extra_special_tokens"):
-                existing = [_token_content(t) for t in settings.get("extra_special_tokens") or []]
-                settings["extra_special_tokens"] = existing + [
-                    _token_content(t) for t in value if _token_content(t) not in existing
-                ]
-            else:
-                settings[key] = value
-    settings.update(user_settings)
-    return settings
-
-
 # ----------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------
@@ -822,7 +133,7 @@ def _special_token_property(name: str) -> property:
     def set(self, value: Any) -> None:
         if value is not None and not isinstance(value, (str, AddedToken)):
             raise ValueError(f"{name} must be a string (or an AddedToken), got {type(value).__name__}")
-        self._special_tokens[name] = _token_content(value)
+        self._special_tokens[name] = token_content(value)
 
     return property(get, set, doc=f"The {name.replace('_', ' ')} (a string), or None.")
 
@@ -874,7 +185,7 @@ class PreTrainedTokenizerFast:
             # A copy, so that the padding/truncation settings made per call do not leak to the caller's object.
             backend = Tokenizer.from_str(tokenizer_object.to_str())
         elif tokenizer_file is not None:
-            backend = _load_backend(Path(tokenizer_file), None)
+            backend = load_backend(Path(tokenizer_file), None)
         else:
             raise ValueError(
                 "PreTrainedTokenizerFast needs tokenizer_object= or tokenizer_file=, or use from_pretrained()"
@@ -892,18 +203,23 @@ class PreTrainedTokenizerFast:
         """
         if inputs:
             raise TypeError("from_pretrained takes the folder or Hub id, then keyword arguments only")
-        hub_arguments, user_settings = _split_from_pretrained_arguments(dict(kwargs))
-        folder = _tokenizer_folder(pretrained_model_name_or_path, hub_arguments)
-        settings = _folder_settings(folder, user_settings)
+        hub_arguments, user_settings = split_from_pretrained_arguments(dict(kwargs))
+        folder = tokenizer_folder(pretrained_model_name_or_path, hub_arguments)
+        settings = folder_settings(folder)
+        # The folder's chat template files may replace its config's "chat_template"; arguments win over both.
+        chat_template = read_chat_template(folder, TOKENIZER_TEMPLATE_SOURCES)
+        if chat_template is not None:
+            settings["chat_template"] = chat_template
+        settings.update(user_settings)
         llama_options = None
-        if _is_llama_class(settings.get("tokenizer_class")):
+        if is_llama_class(settings.get("tokenizer_class")):
             # LlamaTokenizer's defaults: no "legacy" key means legacy=False; no add_prefix_space means True.
             add_prefix_space = settings.get("add_prefix_space")
             llama_options = (
                 bool(settings.get("legacy", False)),
                 True if add_prefix_space is None else bool(add_prefix_space),
             )
-        backend = _load_backend(folder / TOKENIZER_FILE, llama_options)
+        backend = load_backend(folder / TOKENIZER_FILE, llama_options)
         settings["name_or_path"] = str(pretrained_model_name_or_path)
         tokenizer = cls.__new__(cls)
         tokenizer._setup(backend, settings, llama_style=llama_options is not None)
@@ -931,7 +247,7 @@ class PreTrainedTokenizerFast:
 
         self._special_tokens = dict.fromkeys(SPECIAL_TOKEN_NAMES)
         for name in SPECIAL_TOKEN_NAMES:
-            self._special_tokens[name] = _token_content(settings.pop(name, None))
+            self._special_tokens[name] = token_content(settings.pop(name, None))
         extra = settings.pop("extra_special_tokens", None)
         legacy_extra = settings.pop("additional_special_tokens", None)
         if extra is None:
@@ -941,15 +257,15 @@ class PreTrainedTokenizerFast:
         # setting ("image_token": "<|image|>"), then those of an extra_special_tokens dict. The order
         # matters: it is the order in which missing ones are added to the vocabulary.
         for key in [k for k, v in settings.items() if k.endswith("_token") and isinstance(v, (str, AddedToken))]:
-            self._special_tokens[key] = _token_content(settings.pop(key))
+            self._special_tokens[key] = token_content(settings.pop(key))
         # transformers writes the named ones again under "model_specific_special_tokens".
         named = dict(settings.pop("model_specific_special_tokens", None) or {})
         if isinstance(extra, Mapping):
             named.update(extra)
         for name, token in named.items():
-            self._special_tokens[name] = _token_content(token)
+            self._special_tokens[name] = token_content(token)
         if extra and not isinstance(extra, Mapping):
-            self._extra_special_tokens = [_token_content(token) for token in extra]
+            self._extra_special_tokens = [token_content(token) for token in extra]
 
         model_max_length = settings.pop("model_max_length", settings.pop("max_len", None))
         self.model_max_length = VERY_LARGE_INTEGER if model_max_length is None else int(model_max_length)
@@ -962,7 +278,7 @@ class PreTrainedTokenizerFast:
             settings.pop("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
         )
         self.split_special_tokens = bool(settings.pop("split_special_tokens", False))
-        self.chat_template = _normalize_chat_template(settings.pop("chat_template", None))
+        self.chat_template = normalize_chat_template(settings.pop("chat_template", None))
         self.verbose = bool(settings.pop("verbose", False))
 
         explicit_bos_eos = "add_bos_token" in settings or "add_eos_token" in settings
@@ -987,7 +303,7 @@ class PreTrainedTokenizerFast:
         known = {repr(token) for token in self._tokenizer.get_added_tokens_decoder().values()}
         from_config = []
         for _, entry in sorted(((int(i), e) for i, e in config_added_tokens.items()), key=lambda pair: pair[0]):
-            token = _added_token_from_dict(entry) if isinstance(entry, Mapping) else entry
+            token = added_token_from_dict(entry) if isinstance(entry, Mapping) else entry
             if repr(token) not in known:
                 from_config.append(token)
         added_contents = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
@@ -1082,7 +398,7 @@ class PreTrainedTokenizerFast:
 
     @extra_special_tokens.setter
     def extra_special_tokens(self, tokens: list[str] | None) -> None:
-        self._extra_special_tokens = [_token_content(token) for token in tokens or []]
+        self._extra_special_tokens = [token_content(token) for token in tokens or []]
 
     additional_special_tokens = extra_special_tokens
 
@@ -1744,33 +1060,15 @@ class PreTrainedTokenizerFast:
                 "assistant message."
             )
         template = self.get_chat_template(chat_template, tools)
-        conversations, is_batched = _split_batch(conversation)
-        for index, messages in enumerate(conversations):
-            _check_conversation(messages, f"conversation {index}" if is_batched else "the conversation")
-        tool_schemas = _tool_schemas(tools)
-        if documents is not None and not all(isinstance(document, Mapping) for document in documents):
-            raise TypeError("documents must be a list of dicts (with 'title' and 'text' keys)")
-
-        compiled = _compile_chat_template(template)
-        variables = {**self.special_tokens_map, **template_kwargs}  # explicit kwargs win over special tokens
-        continued_field = (
-            (continue_final_message if isinstance(continue_final_message, str) else "content")
-            if continue_final_message
-            else None
+        rendered, is_batched = render_chat(
+            template,
+            conversation,
+            {**self.special_tokens_map, **template_kwargs},  # explicit kwargs win over special tokens
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
         )
-        rendered = []
-        for messages in conversations:
-            final_text = None
-            if continued_field is not None:
-                messages, final_text = _mark_final_message(messages, continued_field, template)
-            text = compiled.render(
-                messages=messages,
-                tools=tool_schemas,
-                documents=documents,
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
-            rendered.append(_cut_at_mark(text, final_text) if final_text is not None else text)
         prompt = rendered if is_batched else rendered[0]
         if not tokenize:
             return prompt

@@ -1,0 +1,226 @@
+"""The dicts that tokenizers and processors return: model inputs by name, with attribute access.
+
+`BatchDict` holds what both kinds share: `out.input_ids` for `out["input_ids"]`, `.data`,
+conversion of every value to torch tensors or numpy arrays, and `.to(...)`. `BatchEncoding`
+(a tokenizer's output) adds the token alignment of the `tokenizers` encodings behind it;
+`BatchFeature` (a processor's output) lives in herd.image_utils.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from tokenizers import Encoding
+
+logger = logging.getLogger(__name__)
+
+
+def _nested_is_empty(value: Any) -> bool:
+    """True for [], [[]], [[], []]...: lists with no scalar anywhere inside."""
+    if isinstance(value, (list, tuple)):
+        return all(_nested_is_empty(item) for item in value)
+    return False
+
+
+def tensor_type_name(tensor_type: Any) -> str | None:
+    """'pt', 'np' or None, from a string or an enum with a string value (transformers' TensorType)."""
+    if tensor_type is None:
+        return None
+    name = getattr(tensor_type, "value", tensor_type)
+    if name not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {tensor_type!r}")
+    return name
+
+
+def as_numpy_array(value: Any) -> np.ndarray:
+    """Nested lists / arrays as one numpy array; rows of different lengths as an object array of rows."""
+    if isinstance(value, np.ndarray):
+        return value
+    if _nested_is_empty(value):
+        return np.asarray(value, dtype=np.int64)
+    rows_are_sequences = isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray))
+    if rows_are_sequences and len({len(row) for row in value}) > 1:
+        # Ragged rows: like transformers, numpy gets an object array of 1-D arrays.
+        ragged = np.empty(len(value), dtype=object)
+        ragged[:] = [np.asarray(row) for row in value]
+        return ragged
+    return np.asarray(value)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    # torch is looked up, not imported: numpy outputs should not need it.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.is_tensor(value):
+        return value.detach().cpu().numpy()
+    return as_numpy_array(value)
+
+
+def _as_torch(value: Any):
+    import torch
+
+    if torch.is_tensor(value):
+        return value
+    if isinstance(value, (list, tuple)) and value and torch.is_tensor(value[0]):
+        return torch.stack(list(value))
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], np.ndarray):
+        value = np.array(value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if _nested_is_empty(value):
+        return torch.tensor(value, dtype=torch.int64)  # token ids, even when there are none
+    return torch.tensor(value)
+
+
+def _is_device(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, (str, int, torch.device))
+
+
+class BatchDict(dict):
+    """A dict of model inputs with attribute access (`out.input_ids`) and tensor conversion."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None, tensor_type: Any = None):
+        super().__init__(data or {})
+        self.convert_to_tensors(tensor_type)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when ordinary attribute lookup fails: fall back to the dict's keys.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no attribute or key {name!r}") from None
+
+    @property
+    def data(self) -> dict:
+        """The fields as a plain dict (transformers keeps them in `.data`)."""
+        return dict(self)
+
+    def convert_to_tensors(self, tensor_type: Any = None, prepend_batch_axis: bool = False) -> BatchDict:
+        """Turn every value into a torch tensor ('pt') or a numpy array ('np'), in place."""
+        name = tensor_type_name(tensor_type)
+        if name is None:
+            return self
+        convert = _as_torch if name == "pt" else _as_numpy
+        for key, value in list(self.items()):
+            if prepend_batch_axis:
+                value = [value]
+            try:
+                self[key] = convert(value)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"Unable to create a tensor from `{key}`: its rows probably have different lengths. Pass "
+                    "padding=True (and truncation=True if needed) to get batched tensors of one length."
+                ) from error
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> BatchDict:
+        """Move tensors to a device and/or cast floating point tensors to a dtype, as `Tensor.to` takes them.
+
+        Only floating point tensors are cast, so that token ids and masks keep their integer type.
+        Returns self.
+        """
+        import torch
+
+        device = kwargs.get("device")
+        if device is None and args:
+            first = args[0]
+            if _is_device(first):
+                device = first
+            elif not isinstance(first, torch.dtype):
+                raise ValueError(f"{type(self).__name__}.to() takes a device and/or a dtype, got {first!r}")
+        non_blocking = kwargs.get("non_blocking", False)
+
+        def move(value: Any) -> Any:
+            if torch.is_tensor(value) and torch.is_floating_point(value):
+                return value.to(*args, **kwargs)
+            if torch.is_tensor(value) and device is not None:
+                return value.to(device=device, non_blocking=non_blocking)
+            if isinstance(value, (list, tuple)):
+                return type(value)(move(item) for item in value)
+            return value
+
+        for key, value in list(self.items()):
+            self[key] = move(value)
+        return self
+
+
+class BatchEncoding(BatchDict):
+    """The output of a tokenizer call: a dict ("input_ids", "attention_mask", ...) with attribute access.
+
+    `enc.input_ids` is `enc["input_ids"]`; `enc[0]` is the `tokenizers.Encoding` of the first sequence
+    (offsets, word ids...); `enc.to(device)` moves torch tensors.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any] | None = None,
+        encoding: Encoding | list[Encoding] | None = None,
+        tensor_type: str | None = None,
+        prepend_batch_axis: bool = False,
+        n_sequences: int | None = None,
+    ):
+        if isinstance(encoding, Encoding):
+            encoding = [encoding]
+        self._encodings = encoding
+        if n_sequences is None and encoding:
+            n_sequences = encoding[0].n_sequences
+        self._n_sequences = n_sequences
+        super().__init__(data)
+        self.convert_to_tensors(tensor_type=tensor_type, prepend_batch_axis=prepend_batch_axis)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return dict.__getitem__(self, key)
+        if isinstance(key, int) and self._encodings is not None:
+            return self._encodings[key]
+        if isinstance(key, slice):
+            return {name: value[key] for name, value in self.items()}
+        raise KeyError(f"BatchEncoding keys are field names (str), slices, or batch indices (int); got {key!r}")
+
+    @property
+    def encodings(self) -> list[Encoding] | None:
+        return self._encodings
+
+    @property
+    def n_sequences(self) -> int | None:
+        return self._n_sequences
+
+    @property
+    def is_fast(self) -> bool:
+        return self._encodings is not None
+
+    def _encoding(self, batch_index: int) -> Encoding:
+        if self._encodings is None:
+            raise ValueError("this BatchEncoding was not made by a tokenizer call, so it has no token alignment")
+        return self._encodings[batch_index]
+
+    def tokens(self, batch_index: int = 0) -> list[str]:
+        return self._encoding(batch_index).tokens
+
+    def word_ids(self, batch_index: int = 0) -> list[int | None]:
+        return self._encoding(batch_index).word_ids
+
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        return self._encoding(batch_index).sequence_ids
+
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0):
+        if char_index is None:
+            batch_index, char_index = 0, batch_or_char_index
+        else:
+            batch_index = batch_or_char_index
+        return self._encoding(batch_index).char_to_token(char_index, sequence_index)
+
+    def to(self, device: Any, *, non_blocking: bool = False) -> BatchEncoding:
+        """Move every torch tensor to `device` (other values are left as they are); returns self."""
+        if not _is_device(device):
+            # Mirrors transformers: a dtype here (model.half() style code) is not applied to token ids.
+            logger.warning("BatchEncoding.to() takes a device, not %r; nothing was moved", device)
+            return self
+        return super().to(device, non_blocking=non_blocking)
