@@ -228,7 +228,7 @@ if triton is not None:
             )  # fmt: skip
         return out
 
-    # an opaque operator, as layers/gemv.py's: Triton's launcher keeps the programmatic-launch attribute
+    # an opaque operator, as kernels/gemv.py's: Triton's launcher keeps the programmatic-launch attribute
     @torch.library.custom_op("herd::decode_attention", mutates_args=())
     def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
                           new_slot: torch.Tensor, scaling: float) -> torch.Tensor:
