@@ -96,14 +96,21 @@ class PreTrainedModel(nn.Module):
             total += parameter.numel()
         return total
 
+    # A decoder's embeddings are its `embed_tokens`; a head model's are its backbone's. The output
+    # embeddings are the `lm_head` of a model that has one.
     def get_input_embeddings(self) -> nn.Module:
+        if "embed_tokens" in self._modules:
+            return self.embed_tokens
         return getattr(self, self.base_model_prefix).get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        getattr(self, self.base_model_prefix).set_input_embeddings(value)
+        if "embed_tokens" in self._modules:
+            self.embed_tokens = value
+        else:
+            getattr(self, self.base_model_prefix).set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module | None:
-        return None
+        return self._modules.get("lm_head")
 
     # --- resizing the vocabulary -----------------------------------------------------------------
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
@@ -154,7 +161,9 @@ class PreTrainedModel(nn.Module):
         return new
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        raise NotImplementedError(f"{type(self).__name__} has no output embeddings")
+        if "lm_head" not in self._modules:
+            raise NotImplementedError(f"{type(self).__name__} has no output embeddings")
+        self.lm_head = value
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         self.config._attn_implementation = check_attn_implementation(attn_implementation)
@@ -555,3 +564,61 @@ def language_model_output(model: nn.Module, outputs: Any, labels: torch.Tensor |
     output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return output if flag(return_dict, model.config.return_dict) else output.to_tuple()
+
+
+class TextDecoderForward:
+    """The forward of a text decoder (Llama's, Llama 4's) with transformers' arguments: resolved into
+    a DecoderStep (`prepare_decoder_step`), then the model's own `forward_layers(step,
+    attention_mask)`: its masks, position embeddings and layers."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ):
+        reject_unknown_kwargs(kwargs)
+        step = prepare_decoder_step(
+            self, self.embed_tokens, input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+            use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        return self.forward_layers(step, attention_mask)
+
+
+class CausalLMForward:
+    """The forward of a causal language model over its text decoder (`self.model`), with
+    transformers' arguments: the lm_head over the kept positions (`logits_to_keep`) and the
+    next-token loss when labels are given."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        reject_unknown_kwargs(kwargs)
+        outputs = backbone_call(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, cache_position=cache_position,
+        )
+        return language_model_output(self, outputs, labels, logits_to_keep, return_dict)

@@ -21,7 +21,7 @@ import torch
 from ..cache import Cache, DynamicCache, StaticCache
 from .graphs import CapturedStep, cache_bucket, compile_units, compiled_once, greedy_tail
 from .kv import ContiguousKV, DecodeKV, PrefillCache, RingKV
-from .plans import CHUNKED, CROSS, FULL, DecodePlan, plan_for
+from .plans import CHUNKED, FULL, DecodePlan, plan_for
 
 logger = logging.getLogger("herd")
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..cache import Cache
-from ..decoding.decoders import PlainDecoder, choose_decoder, positions_from_mask
+from ..decoding.decoders import PlainDecoder, choose_decoder
 from ..modeling_outputs import ModelOutput
 from .configuration import GenerationConfig
 from .logits_process import apply_processors, build_logits_processors
@@ -196,6 +196,7 @@ class GenerationMixin:
         any_unfinished = []  # per new token: was some row still running after it? (device scalars)
         # Tokens the cache has not seen yet: the whole prompt.
         logits, outputs = decoder.prefill(input_ids[:, cache.get_seq_length() :], attention_mask, extra)
+        pending = None  # (batch,): the last chosen tokens, the next step's input
         while True:
             if logits is None:
                 block = decoder.greedy_steps(pending, min(sync_interval, max_length - input_ids.shape[1]))

@@ -25,17 +25,17 @@ from ...layers.rope import RotaryEmbedding, apply_rotary
 from ...losses import question_answering_loss, sequence_classification_loss, token_classification_loss
 from ...modeling_outputs import (
     BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
 from ...modeling_utils import (
+    CausalLMForward,
+    DecoderStep,
+    TextDecoderForward,
     PreTrainedModel,
     backbone_call,
     flag,
-    language_model_output,
-    prepare_decoder_step,
     reject_unknown_kwargs,
 )
 from .configuration_llama import LlamaConfig
@@ -113,7 +113,7 @@ class LlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
 
 
-class LlamaModel(LlamaPreTrainedModel):
+class LlamaModel(TextDecoderForward, LlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -124,32 +124,8 @@ class LlamaModel(LlamaPreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPast | tuple:
-        reject_unknown_kwargs(kwargs)
-        step = prepare_decoder_step(
-            self, self.embed_tokens, input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
-            use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-        )
+    def forward_layers(self, step: DecoderStep, attention_mask: torch.Tensor | None) -> BaseModelOutputWithPast | tuple:
+        """forward() once its arguments are resolved (modeling_utils.TextDecoderForward)."""
         mask = step.self_attention_mask(attention_mask)
         position_embeddings = self.rotary_emb(step.position_ids, step.inputs_embeds.dtype)  # cos, sin: (batch, seq, head_dim)
 
@@ -162,7 +138,7 @@ class LlamaModel(LlamaPreTrainedModel):
         return collected.output(self.norm(hidden_states))
 
 
-class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
+class LlamaForCausalLM(CausalLMForward, LlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LlamaConfig):
@@ -171,43 +147,6 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast | tuple:
-        reject_unknown_kwargs(kwargs)
-        outputs = backbone_call(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            cache_position=cache_position,
-        )
-        return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
 
 class LlamaForSequenceClassification(LlamaPreTrainedModel):

@@ -24,19 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...cache import Cache
 from ...generation import GenerationMixin
 from ...layers.activations import get_activation
 from ...layers.attention import AttentionMask, attention
 from ...layers.mlp import GatedMLP
 from ...layers.norm import RMSNorm
 from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary, derived_from_config
-from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, ModelOutput
 from ...modeling_utils import (
+    CausalLMForward,
+    DecoderStep,
+    TextDecoderForward,
     PreTrainedModel,
-    backbone_call,
-    language_model_output,
-    prepare_decoder_step,
     check_input_ids,
     flag,
     reject_unknown_kwargs,
@@ -218,7 +217,7 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _load_key_renames = (("vision_model.", None), ("multi_modal_projector.", None), ("language_model.", ""))
 
 
-class Llama4TextModel(Llama4PreTrainedModel):
+class Llama4TextModel(TextDecoderForward, Llama4PreTrainedModel):
     def __init__(self, config: Llama4TextConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -233,32 +232,8 @@ class Llama4TextModel(Llama4PreTrainedModel):
             self.first_layer_of_kind.setdefault(layer.uses_chunked_attention, index)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPast | tuple:
-        reject_unknown_kwargs(kwargs)
-        step = prepare_decoder_step(
-            self, self.embed_tokens, input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
-            use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-        )
+    def forward_layers(self, step: DecoderStep, attention_mask: torch.Tensor | None) -> BaseModelOutputWithPast | tuple:
+        """forward() once its arguments are resolved (modeling_utils.TextDecoderForward)."""
         # One mask description per attention kind present, each as the cache holds its first layer.
         masks = {chunked: step.self_attention_mask(attention_mask, layer_idx,
                                                    self.config.attention_chunk_size if chunked else None)
@@ -274,7 +249,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
         return collected.output(self.norm(hidden_states))
 
 
-class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
+class Llama4ForCausalLM(CausalLMForward, Llama4PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Llama4TextConfig):
@@ -285,43 +260,6 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast | tuple:
-        reject_unknown_kwargs(kwargs)
-        outputs = backbone_call(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            cache_position=cache_position,
-        )
-        return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
 
 
 __all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]

@@ -375,12 +375,6 @@ class MllamaTextModel(MllamaPreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -451,12 +445,6 @@ class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
         self.model = MllamaTextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cross_attention_states=None,
                 cross_attention_mask=None, full_text_row_masked_out_mask=None, past_key_values=None, inputs_embeds=None,
@@ -569,12 +557,6 @@ class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
         self.model = MllamaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,
