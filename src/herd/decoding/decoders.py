@@ -6,7 +6,10 @@ decode plan compiled and captured over fixed KV stores. Both do the same three t
 - `step(tokens)`: one new token per row -> its logits (batch, vocab), float32;
 - `greedy_steps(tokens, steps)`: that many greedy tokens (batch, steps), each the next input.
 
-`choose_decoder` picks one per call and says why the fast one was not taken.
+`choose_decoder` picks one per call and says why the fast one was not taken. With
+`use_cache=False` the plain decoder keeps no cache: each step runs the reference forward over the
+whole sequence again, as transformers does (rope types that depend on the length, "dynamic" and
+"longrope", then rotate every position with the frequencies of the current length).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def forward_tokens(model, tokens: torch.Tensor, attention_mask: torch.Tensor, ca
 
 def why_not_fast(model, config, *, past_key_values, extra_outputs: bool) -> str | None:
     """Why generate() cannot take the fast path here, or None when it can."""
+    if config.use_cache is False:
+        return "use_cache=False asks for the whole sequence to be recomputed at every step"
     if config.disable_compile:
         return "disable_compile=True"
     if os.environ.get("HERD_DISABLE_FAST_PATH"):
@@ -71,10 +76,26 @@ def why_not_fast(model, config, *, past_key_values, extra_outputs: bool) -> str 
     return None
 
 
+class NoCache:
+    """What PlainDecoder.start returns under use_cache=False: no keys or values, only the tokens so
+    far (the whole sequence goes through the model at every step). Beam search reorders it as it
+    would reorder a cache."""
+
+    def __init__(self):
+        self.tokens: torch.Tensor | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # nothing is cached: prefill gets the whole prompt
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.tokens = self.tokens[beam_idx.to(self.tokens.device)]
+
+
 class PlainDecoder:
     """The reference forward, one call per step, over a DynamicCache (or StaticCache for
-    cache_implementation="static"/"hybrid", or the cache passed in). Returns each step's model
-    outputs too (attentions, hidden states)."""
+    cache_implementation="static"/"hybrid", or the cache passed in), or over the whole sequence
+    each step under use_cache=False. Returns each step's model outputs too (attentions, hidden
+    states)."""
 
     sync_interval = 1
 
@@ -85,8 +106,12 @@ class PlainDecoder:
         self.cache: Cache | None = None
         self.attention_mask = self.extra = None
 
-    def start(self, batch: int, max_length: int) -> Cache:
-        if self.given_cache is not None:
+    def start(self, batch: int, max_length: int) -> Cache | NoCache:
+        if self.config.use_cache is False:
+            if self.given_cache is not None:
+                raise ValueError("generate() got past_key_values and use_cache=False: pass one or the other")
+            self.cache = NoCache()
+        elif self.given_cache is not None:
             if not isinstance(self.given_cache, Cache):
                 raise TypeError("past_key_values passed to generate() must be a herd Cache")
             self.cache = self.given_cache
@@ -100,13 +125,27 @@ class PlainDecoder:
     def prefill(self, tokens, attention_mask, extra: dict[str, Any]):
         """tokens: what the cache has not seen yet of the prompt. Returns (logits (batch, vocab), outputs)."""
         self.attention_mask, self.extra = attention_mask, extra
+        if isinstance(self.cache, NoCache):
+            self.cache.tokens = tokens
+            return self._recompute()
         step_inputs = self.model._inputs_for_step(extra, True, attention_mask.shape[1])
         outputs = forward_tokens(self.model, tokens, attention_mask, self.cache, **step_inputs, **self.forward_kwargs)
+        return outputs.logits[:, -1, :].to(torch.float32), outputs
+
+    def _recompute(self):
+        """use_cache=False: the whole sequence through the model, every input as at prefill."""
+        mask = self.attention_mask
+        step_inputs = self.model._inputs_for_step(self.extra, True, mask.shape[1])
+        outputs = self.model(input_ids=self.cache.tokens, attention_mask=mask, position_ids=positions_from_mask(mask),
+                             use_cache=False, logits_to_keep=1, return_dict=True, **step_inputs, **self.forward_kwargs)
         return outputs.logits[:, -1, :].to(torch.float32), outputs
 
     def step(self, tokens: torch.Tensor, copy: bool = True):
         mask = self.attention_mask
         self.attention_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        if isinstance(self.cache, NoCache):
+            self.cache.tokens = torch.cat([self.cache.tokens, tokens[:, None]], dim=-1)
+            return self._recompute()
         step_inputs = self.model._inputs_for_step(self.extra, False, self.attention_mask.shape[1])
         outputs = forward_tokens(self.model, tokens[:, None], self.attention_mask, self.cache, **step_inputs,
                                  **self.forward_kwargs)

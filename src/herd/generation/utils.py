@@ -128,7 +128,8 @@ class GenerationMixin:
         extra = {name: model_kwargs.pop(name) for name in self._generation_input_names if model_kwargs.get(name) is not None}
         for name in self._generation_input_names:
             model_kwargs.pop(name, None)
-        for key in ("use_cache", "output_attentions", "output_hidden_states", "return_dict"):
+        # (use_cache is a generation field: config.update took it, the decoders read it)
+        for key in ("output_attentions", "output_hidden_states", "return_dict"):
             model_kwargs.pop(key, None)
         if model_kwargs:
             raise TypeError(f"generate() got arguments it does not know: {', '.join(sorted(model_kwargs))}")
