@@ -60,3 +60,35 @@ def test_frequencies_never_sized_from_max_position_embeddings():
     params = standardize_rope_parameters(None, max_position_embeddings=10_485_760)
     rope = RotaryEmbedding(params, head_dim=128, max_position_embeddings=10_485_760)
     assert sum(b.numel() for b in rope.buffers()) == 64
+
+
+def test_dynamic_rope_is_stateless_across_calls_where_the_reference_is_not(tmp_path):
+    """herd: a call's output does not depend on an earlier, longer one. transformers keeps the
+    frequencies of the longest sequence seen (until a call shorter than max_position_embeddings),
+    so its output for the same input changes after a long call."""
+    import herd
+    from tests.conftest import max_abs_diff, reference_llama, save_reference
+
+    def fresh_reference():
+        # a large factor and a long call far past max_position_embeddings: a visible difference
+        return reference_llama(max_position_embeddings=16, rope_parameters={
+            "rope_type": "dynamic", "factor": 8.0, "rope_theta": 10000.0})
+
+    reference = fresh_reference()
+    ours = herd.LlamaForCausalLM.from_pretrained(save_reference(reference, tmp_path / "ckpt"), progress=False)
+    ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # 24 tokens: past max_position_embeddings, shorter than the long call; 16: exactly at it
+        for length in (24, 16):
+            short = ids[:, :length]
+            fresh = fresh_reference()(short).logits
+            ours_before = ours(short).logits
+            ours(ids)
+            reference(ids)
+            ours_after, reference_after = ours(short).logits, reference(short).logits
+            assert torch.equal(ours_before, ours_after), length
+            assert max_abs_diff(ours_after, fresh) < 1e-6, length
+            # herd equals a fresh reference (to rounding); the used one is off by far more than that
+            assert max_abs_diff(reference_after, fresh) > 1e-4, length  # it remembers the long call  # the reference remembers the long call
+        # a call shorter than max_position_embeddings resets the reference: both agree again
+        assert max_abs_diff(reference(ids[:, :8]).logits, ours(ids[:, :8]).logits) < 1e-4

@@ -8,6 +8,13 @@ dict with every key the rope type needs, and names what is missing.
 Frequencies are computed for the positions in use, never for `max_position_embeddings`
 (Llama 4 configs say 10M positions). Types whose frequencies depend on the length seen so far
 ("dynamic", "longrope") recompute them from the largest position of the call.
+
+Dynamic rope is stateless here, on purpose: a call's output depends on that call's positions
+only. transformers instead keeps the frequencies of the longest sequence seen across calls (it
+resets them only when a call is shorter than max_position_embeddings), so there a call of, say,
+24 tokens after one of 40 is rotated with the 40-token frequencies. Within one generate() the two
+agree (the length only grows); across unrelated calls herd gives each the same result as a fresh
+model would.
 """
 
 from __future__ import annotations
@@ -189,7 +196,9 @@ def derived_from_config(compute):
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns position ids into the cos/sin tables that `apply_rotary` uses."""
+    """Turns position ids into the cos/sin tables that `apply_rotary` uses. Holds no state across
+    calls: "dynamic" and "longrope" frequencies come from each call's largest position (see the
+    module docstring for how that differs from transformers' dynamic rope)."""
 
     def __init__(self, rope_parameters: dict[str, Any], head_dim: int, max_position_embeddings: int):
         super().__init__()
