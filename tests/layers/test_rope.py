@@ -89,6 +89,6 @@ def test_dynamic_rope_is_stateless_across_calls_where_the_reference_is_not(tmp_p
             assert torch.equal(ours_before, ours_after), length
             assert max_abs_diff(ours_after, fresh) < 1e-6, length
             # herd equals a fresh reference (to rounding); the used one is off by far more than that
-            assert max_abs_diff(reference_after, fresh) > 1e-4, length  # it remembers the long call  # the reference remembers the long call
+            assert max_abs_diff(reference_after, fresh) > 1e-4, length  # it remembers the long call
         # a call shorter than max_position_embeddings resets the reference: both agree again
         assert max_abs_diff(reference(ids[:, :8]).logits, ours(ids[:, :8]).logits) < 1e-4
