@@ -53,6 +53,17 @@ def resolve_device(device_map: Any) -> torch.device:
     return device
 
 
+
+def _set_attn_implementation(config: PretrainedConfig, name: str | None, only_unset: bool = False) -> None:
+    """The backend for a config and its parts (text_config, vision_config): the parts' modules
+    read their own config, so an attn_implementation asked of a composite model must reach them
+    (as in the reference). only_unset: parts that name their own backend keep it."""
+    config._attn_implementation = check_attn_implementation(name)
+    for key in config.sub_configs:
+        part = getattr(config, key, None)
+        if part is not None and not (only_unset and part._attn_implementation is not None):
+            part._attn_implementation = config._attn_implementation
+
 class PreTrainedModel(nn.Module):
     config_class: type[PretrainedConfig] = PretrainedConfig
     base_model_prefix = "model"
@@ -66,7 +77,7 @@ class PreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, PretrainedConfig):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        config._attn_implementation = check_attn_implementation(config._attn_implementation)
+        _set_attn_implementation(config, config._attn_implementation, only_unset=True)
         self.config = config
         self.name_or_path = config.name_or_path
         if getattr(self, "can_generate", None) is not None:
@@ -166,7 +177,7 @@ class PreTrainedModel(nn.Module):
         self.lm_head = value
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
-        self.config._attn_implementation = check_attn_implementation(attn_implementation)
+        _set_attn_implementation(self.config, attn_implementation)
 
     # --- weights ------------------------------------------------------------------------------
     def post_init(self) -> None:
@@ -239,9 +250,8 @@ class PreTrainedModel(nn.Module):
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def _prepare_config(cls, config: PretrainedConfig, attn_implementation: str | None) -> PretrainedConfig:
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        config._attn_implementation = check_attn_implementation(config._attn_implementation)
+        _set_attn_implementation(config, attn_implementation or config._attn_implementation,
+                                 only_unset=attn_implementation is None)
         return config
 
     @classmethod

@@ -284,3 +284,79 @@ def test_resize_token_embeddings_on_a_tied_llama():
     with torch.no_grad():
         assert max_abs_diff(model(ids).logits[..., :64], before) < 1e-6
     assert model(torch.tensor([[71]])).logits.shape == (1, 1, 72)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches mixing text-only rows, images without a cross_attention_mask, sliced masks
+# ----------------------------------------------------------------------------------------------
+
+
+def _metas_row_masking(reference, seeing):
+    """Hooks giving the reference Meta's zeroing of cross-attention outputs for rows that see no
+    image (herd's behaviour, see the module docstring); seeing: (batch,) 1/0 per row."""
+    factor = seeing.float()[:, None, None]
+    return [layer.cross_attn.register_forward_hook(lambda module, args, out: (out[0] * factor, out[1]))
+            for layer in reference.model.language_model.layers if hasattr(layer, "cross_attn")]
+
+
+def test_text_only_row_in_an_image_batch_generates_like_reference(pair):
+    # transformers 5.17's processor refuses such a batch (as herd's does, test_processing_mllama
+    # test_errors); built by hand, the text-only row has an all-zero cross_attention_mask and no image.
+    reference, ours, _ = pair
+    inputs = _inputs([[4], []], image_at=(0,))
+    assert inputs["cross_attention_mask"][1].sum() == 0 and inputs["aspect_ratio_mask"][1].sum() == 0
+    hooks = _metas_row_masking(reference, torch.tensor([1, 0]))
+    try:
+        with torch.no_grad():
+            expected_logits = reference(**inputs).logits
+        expected = reference.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        assert max_abs_diff(ours(**inputs).logits, expected_logits) < TOL
+    got = ours.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+    # the text-only row continues exactly as it does alone, without images
+    alone = ours.generate(inputs["input_ids"][1:], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(got[1:], alone)
+
+
+def test_pixel_values_without_cross_attention_mask_match_reference(pair):
+    """Every token sees every tile of every image (padding tiles included), as in the reference's
+    eager attention. (Its sdpa attention, given no mask, treats cross-attention as causal between
+    text positions and image tokens when more than one token goes in: a quirk, not followed.)"""
+    import transformers
+
+    _, ours, folder = pair
+    reference = transformers.MllamaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    inputs = _inputs([[4, 1], [2]])
+    del inputs["cross_attention_mask"]
+    with torch.no_grad():
+        expected_logits = reference(**inputs).logits
+        assert max_abs_diff(ours(**inputs).logits, expected_logits) < TOL
+        eager = MllamaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager", progress=False)
+        assert max_abs_diff(eager(**inputs).logits, expected_logits) < TOL
+    expected = reference.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0), expected)
+
+
+def test_cached_decoding_with_sliced_cross_attention_masks(pair):
+    """herd's forward takes the cross_attention_mask of the whole sequence or of the new tokens
+    only; the reference (which takes the whole one) decodes the same tokens step by step."""
+    reference, ours, _ = pair
+    inputs = _inputs([[4, 1], [2]])
+    ids, cross = inputs.pop("input_ids"), inputs.pop("cross_attention_mask")
+    steps = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, cross_attention_mask=cross, use_cache=True, **inputs)
+        got = ours(input_ids=ids, cross_attention_mask=cross, use_cache=True, **inputs)
+        assert max_abs_diff(got.logits, expected.logits) < TOL
+        ref_cache, our_cache, full = expected.past_key_values, got.past_key_values, cross
+        for step in range(steps.shape[1]):
+            new = steps[:, step : step + 1]
+            full = torch.cat([full, full[:, -1:]], dim=1)  # the new token sees what the last one saw
+            expected = reference(input_ids=new, cross_attention_mask=full, past_key_values=ref_cache, use_cache=True)
+            got = ours(input_ids=new, cross_attention_mask=full[:, -1:], past_key_values=our_cache, use_cache=True)
+            assert max_abs_diff(got.logits, expected.logits) < TOL, step
+            ref_cache, our_cache = expected.past_key_values, got.past_key_values

@@ -418,6 +418,8 @@ class MllamaTextModel(MllamaPreTrainedModel):
                     keys, values = cross_cache[index]
                 else:
                     continue  # no image anywhere (text-only prompt): the layer is skipped, as in the reference
+                if cross_mask is None:  # images without a cross_attention_mask: every token sees every tile, as in the reference
+                    cross_mask = AttentionMask(seq, keys.shape[2], causal=False)
                 collected.layer_input(hidden_states)
                 hidden_states, weights = layer(hidden_states, keys, values, cross_mask, full_text_row_masked_out_mask,
                                                step.output_attentions)
@@ -526,11 +528,13 @@ class MllamaModel(MllamaPreTrainedModel):
             cross_attention_mask, rows_seeing_images = prepare_cross_attention_mask(
                 cross_attention_mask, self.vision_model.num_patches, self.dtype
             )
-            # The mask covers the whole sequence so far; keep the rows of this call's tokens.
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            current = torch.arange(tokens.shape[1], device=tokens.device) + past_length
-            cross_attention_mask = cross_attention_mask[:, :, current]
-            rows_seeing_images = rows_seeing_images[:, :, current]
+            # The mask covers the whole sequence so far (herd's generate) or only this call's tokens
+            # (transformers' generate after prefill): keep the rows of this call's tokens.
+            if cross_attention_mask.shape[2] != tokens.shape[1]:
+                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                current = torch.arange(tokens.shape[1], device=tokens.device) + past_length
+                cross_attention_mask = cross_attention_mask[:, :, current]
+                rows_seeing_images = rows_seeing_images[:, :, current]
         outputs = self.language_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask,
