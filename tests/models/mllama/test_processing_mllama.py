@@ -649,3 +649,11 @@ def test_from_pretrained_overrides(folder):
     loaded = MllamaProcessor.from_pretrained(folder, max_image_tiles=2, padding_side="left")
     assert loaded.image_processor.max_image_tiles == 2
     assert loaded.tokenizer.padding_side == "left"
+
+
+def test_mixing_text_only_and_image_prompts_is_refused_as_in_the_reference(processor, reference, photos):
+    # transformers 5.17 refuses this batch ("either no images or at least one image per sample");
+    # herd does too, naming the text-only row (the model itself handles such rows: see
+    # test_modeling_mllama test_text_only_row_in_an_image_batch_generates_like_reference).
+    assert_both_raise(reference, processor, r"Sample\(s\) \[1\]", text=["<|image|>hi", "no image"],
+                      images=[[photos["astronaut"]], []])
