@@ -70,12 +70,17 @@ class GenerationMixin:
     # --- set-up -----------------------------------------------------------------------------
     def _generation_setup(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):
         base = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
-        config = base.merged_with(getattr(self, "generation_config", None))
+        model_config = getattr(self, "generation_config", None)
+
+        def set_by_nobody(name):  # not in the call, the given config or the model's config
+            return kwargs.get(name) is None and getattr(base, name) is None and getattr(model_config, name, None) is None
+
+        # The reference then reads max_length as "20 new tokens", and lets min_new_tokens replace
+        # min_length without a warning.
+        default_max_length, default_min_length = set_by_nobody("max_length"), set_by_nobody("min_length")
+        config = base.merged_with(model_config)
         # Per-call arguments win last, an explicit None included (eos_token_id=None: never stop early).
         model_kwargs = config.update(**kwargs)
-        # Set by nobody (call, given config, model's config): the reference then reads max_length as
-        # "20 new tokens", and lets min_new_tokens replace min_length without a warning.
-        default_max_length, default_min_length = config.max_length is None, config.min_length is None
         config = config.merged_with(None)
         config._default_max_length, config._default_min_length = default_max_length, default_min_length
         config.validate()
