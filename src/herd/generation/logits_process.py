@@ -283,7 +283,9 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
         processors.append(no_repeat_ngram(config.no_repeat_ngram_size))
     if config.bad_words_ids is not None:
         processors.append(bad_words(config.bad_words_ids, eos_ids))
-    if eos_ids is not None and config.min_length:
+    # A min_length the prompt already reaches bans nothing (min_new_tokens=0 gives one): left out so that
+    # plain greedy decoding keeps its processor-free fast path.
+    if eos_ids is not None and config.min_length and config.min_length > prompt_length:
         processors.append(suppress_eos_before(config.min_length, eos_ids))
     if eos_ids is not None and config.min_new_tokens:
         processors.append(suppress_eos_before(config.min_new_tokens, eos_ids, prompt_length))
