@@ -44,6 +44,15 @@ def test_user_values_win_over_model_defaults():
     (dict(num_beams=0), "num_beams must be a positive"),
     (dict(cache_implementation="paged"), "cache_implementation"),
     (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(do_sample=True, typical_p=0.0), r"typical_p must be in \(0, 1\]"),
+    (dict(do_sample=True, typical_p=1.5), r"typical_p must be in \(0, 1\]"),
+    (dict(do_sample=True, top_h=0.0), "top_h must be in"),
+    (dict(do_sample=True, epsilon_cutoff=1.0), "epsilon_cutoff must be in"),
+    (dict(do_sample=True, eta_cutoff=-0.1), "eta_cutoff must be in"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be"),
+    (dict(suppress_tokens=3), "suppress_tokens must be a list"),
+    (dict(exponential_decay_length_penalty=(5,)), "exponential_decay_length_penalty must be"),
+    (dict(forced_eos_token_id=[2], suppress_tokens=[2, 3]), "also in suppress_tokens"),
 ])
 def test_bad_values_are_clear_errors(kwargs, message):
     config = GenerationConfig()
@@ -52,7 +61,16 @@ def test_bad_values_are_clear_errors(kwargs, message):
         config.merged_with(None).validate()
 
 
-def test_unsupported_options_are_refused_not_ignored():
-    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
-        GenerationConfig().update(no_repeat_ngram_size=3)
-    GenerationConfig().update(no_repeat_ngram_size=0)  # "off" is fine
+@pytest.mark.parametrize("option, value, why", [
+    ("encoder_no_repeat_ngram_size", 3, "encoder-decoder models only"),
+    ("encoder_repetition_penalty", 1.2, "encoder-decoder models only"),
+    ("num_beam_groups", 2, "removed from transformers 5"),
+    ("constraints", ["x"], "removed from transformers 5"),
+    ("guidance_scale", 1.5, "not implemented by herd"),
+])
+def test_unsupported_options_are_refused_not_ignored(option, value, why):
+    with pytest.raises(NotImplementedError, match=f"{option}.*{why}"):
+        GenerationConfig().update(**{option: value})
+    with pytest.raises(NotImplementedError, match=f"{option}.*{why}"):
+        GenerationConfig(**{option: value}).validate()
+    GenerationConfig().update(**{option: 0})  # "off" is fine

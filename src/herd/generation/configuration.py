@@ -40,18 +40,25 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
 # Every field generate() understands (others in a file are kept for the round trip).
 FIELDS = (
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "do_sample", "num_beams",
-    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "length_penalty", "num_return_sequences",
+    "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
     "disable_compile",
 )
-# Sampling and beam options herd does not implement: refused rather than silently ignored.
-UNSUPPORTED = (
-    "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size", "bad_words_ids", "force_words_ids",
-    "constraints", "sequence_bias", "guidance_scale", "num_beam_groups", "diversity_penalty", "penalty_alpha",
-    "top_h", "watermarking_config", "assistant_model", "prompt_lookup_num_tokens", "forced_bos_token_id",
-    "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "exponential_decay_length_penalty",
-)
+_ENCODER_DECODER = "applies to encoder-decoder models only (it reads the encoder's input); Llama models are decoder-only"
+_REMOVED = "was removed from transformers 5's generate() (it lives on as a Hub custom_generate method)"
+_NOT_IMPLEMENTED = "is not implemented by herd"
+# Options generate() refuses rather than silently ignores, and why.
+UNSUPPORTED = {
+    "encoder_repetition_penalty": _ENCODER_DECODER, "encoder_no_repeat_ngram_size": _ENCODER_DECODER,
+    "force_words_ids": _REMOVED, "constraints": _REMOVED, "num_beam_groups": _REMOVED, "diversity_penalty": _REMOVED,
+    "penalty_alpha": _REMOVED, "dola_layers": _REMOVED,
+    "guidance_scale": _NOT_IMPLEMENTED, "watermarking_config": _NOT_IMPLEMENTED, "assistant_model": _NOT_IMPLEMENTED,
+    "prompt_lookup_num_tokens": _NOT_IMPLEMENTED,
+}
 # Values of unsupported fields that mean "off", as written in many generation_config.json files.
 _OFF_VALUES = (None, 0, 0.0, 1.0, False, [], "")
 
@@ -98,6 +105,8 @@ class GenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
+        if isinstance(out.get("sequence_bias"), dict):  # JSON has no tuple keys: the list form [[ids], bias]
+            out["sequence_bias"] = [[list(ids), bias] for ids, bias in out["sequence_bias"].items()]
         out.update(copy.deepcopy(self._extra))
         if self._from_model_config:
             out["_from_model_config"] = True
@@ -116,7 +125,7 @@ class GenerationConfig:
                 setattr(self, key, value)
             elif key in UNSUPPORTED:
                 if value not in _OFF_VALUES:
-                    raise NotImplementedError(f"generate({key}=...) is not supported by herd")
+                    raise NotImplementedError(f"generate({key}=...): {key} {UNSUPPORTED[key]}")
             else:
                 unused[key] = value
         return unused
@@ -136,7 +145,7 @@ class GenerationConfig:
         """Clear errors for values generate() cannot honour."""
         for key, value in self._extra.items():
             if key in UNSUPPORTED and value not in _OFF_VALUES:
-                raise NotImplementedError(f"generation option {key}={value!r} is not supported by herd")
+                raise NotImplementedError(f"generation option {key}={value!r}: {key} {UNSUPPORTED[key]}")
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
@@ -168,6 +177,31 @@ class GenerationConfig:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
             if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
                 raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+            if self.top_h is not None and not 0.0 < self.top_h <= 1.0:
+                raise ValueError(f"top_h must be in (0, 1], got {self.top_h!r}")
+            if self.typical_p is not None and not 0.0 < self.typical_p <= 1.0:
+                raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p!r}")
+            for name in ("epsilon_cutoff", "eta_cutoff"):
+                value = getattr(self, name)
+                if value is not None and not 0.0 <= value < 1.0:
+                    raise ValueError(f"{name} must be in [0, 1) (0 turns it off), got {value!r}")
+        if self.no_repeat_ngram_size is not None and (not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0):
+            raise ValueError(f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or any(not isinstance(t, int) or t < 0 for t in value)):
+                raise ValueError(f"{name} must be a list of token ids, got {value!r}")
+        penalty = self.exponential_decay_length_penalty
+        if penalty is not None and (not isinstance(penalty, (list, tuple)) or len(penalty) != 2
+                                    or not isinstance(penalty[0], int) or not isinstance(penalty[1], (int, float))):
+            raise ValueError(f"exponential_decay_length_penalty must be (start_index, decay_factor), got {penalty!r}")
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            value = getattr(self, name)
+            ids = [value] if isinstance(value, int) else value
+            if value is not None and (not isinstance(ids, (list, tuple)) or not ids or any(not isinstance(t, int) or t < 0 for t in ids)):
+                raise ValueError(f"{name} must be a token id (or a list of ids for forced_eos_token_id), got {value!r}")
+            if value is not None and self.suppress_tokens and set(ids) <= set(self.suppress_tokens):
+                raise ValueError(f"every token of {name} ({sorted(set(ids))}) is also in suppress_tokens: all scores would be -inf")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.cache_implementation not in (None, "dynamic", "static", "hybrid"):

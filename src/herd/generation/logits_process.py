@@ -80,25 +80,253 @@ def min_p(p: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
     return process
 
 
+def typical_p(mass: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+    """Keep the tokens whose surprise is closest to the distribution's entropy, until they hold `mass`."""
+
+    def process(input_ids, scores):
+        log_probs = scores.log_softmax(dim=-1)
+        entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+        distance = (-log_probs - entropy).abs()
+        sorted_distance, order = torch.sort(distance, descending=False)
+        cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last_kept = (cumulative < mass).sum(dim=1).clamp(max=scores.shape[-1] - 1)
+        remove_sorted = sorted_distance > sorted_distance.gather(1, last_kept[:, None])
+        remove_sorted[..., :min_tokens_to_keep] = False
+        return scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), FILTERED)
+
+    return process
+
+
+def _drop_below(threshold, scores: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
+    """Filter tokens with probability under `threshold`, sparing the `min_tokens_to_keep` best."""
+    kth_best = torch.topk(scores, min(min_tokens_to_keep, scores.shape[-1]))[0][..., -1, None]
+    return scores.masked_fill((scores.softmax(dim=-1) < threshold) & (scores < kth_best), FILTERED)
+
+
+def epsilon_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+    return lambda input_ids, scores: _drop_below(epsilon, scores, min_tokens_to_keep)
+
+
+def _entropy(scores: torch.Tensor) -> torch.Tensor:
+    # torch's Categorical, as the reference uses, so the arithmetic (clamping -inf) is identical.
+    return torch.distributions.Categorical(logits=scores).entropy()
+
+
+def eta_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+    """Epsilon cutoff whose threshold shrinks with the entropy: min(eps, sqrt(eps) * exp(-entropy))."""
+    epsilon_tensor = torch.tensor(epsilon)
+
+    def process(input_ids, scores):
+        eps = epsilon_tensor.to(scores.device)
+        eta = torch.min(eps, eps.sqrt() * torch.exp(-_entropy(scores)))[..., None]
+        return _drop_below(eta, scores, min_tokens_to_keep)
+
+    return process
+
+
+def top_h(fraction: float, candidates: int = 100) -> LogitsProcessor:
+    """Among the best `candidates` tokens, keep the most likely ones while their summed entropy terms stay
+    within `fraction` of the candidates' entropy (the best token always)."""
+
+    def process(input_ids, scores):
+        best_scores, best_ids = torch.topk(scores, min(candidates, scores.shape[-1]), dim=-1)
+        distribution = torch.distributions.Categorical(logits=best_scores)
+        probs = distribution.probs
+        budget = (distribution.entropy() * fraction)[:, None]
+        keep_best = (-probs * probs.log()).cumsum(dim=-1) <= budget
+        keep_best[:, 0] = True
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, best_ids, keep_best)
+        return scores.masked_fill(~keep, FILTERED)
+
+    return process
+
+
+def _as_bias_dict(sequence_bias) -> dict[tuple[int, ...], float]:
+    """{(ids...): bias} from the dict form or the list form [[ids], bias] (generation_config.json)."""
+    if isinstance(sequence_bias, dict):
+        pairs = list(sequence_bias.items())
+    elif isinstance(sequence_bias, (list, tuple)):
+        pairs = [(entry[0], entry[1]) if isinstance(entry, (list, tuple)) and len(entry) == 2 else (None, None)
+                 for entry in sequence_bias]
+    else:
+        pairs = []
+    if not pairs or any(not isinstance(ids, (list, tuple)) or not ids or not isinstance(bias, float)
+                        or any(not isinstance(t, int) or t < 0 for t in ids) for ids, bias in pairs):
+        raise ValueError(f"sequence_bias must map non-empty token id sequences to float biases, got {sequence_bias!r}")
+    return {tuple(ids): bias for ids, bias in pairs}
+
+
+def sequence_bias(biases: dict[tuple[int, ...], float]) -> LogitsProcessor:
+    """Add a bias to a sequence's last token when the tokens before it end the input (single tokens: always).
+
+    Biases are summed into one tensor in the order given, then added to the scores, as in the reference.
+    """
+    single = {ids[0]: bias for ids, bias in biases.items() if len(ids) == 1}
+    longer = [(ids, bias) for ids, bias in biases.items() if len(ids) > 1]
+
+    def process(input_ids, scores):
+        too_big = [t for ids in biases for t in ids if t >= scores.shape[-1]]
+        if too_big:
+            raise ValueError(f"the model's vocabulary has {scores.shape[-1]} tokens; sequence_bias names tokens {too_big}")
+        single_bias = torch.zeros(scores.shape[-1], device=scores.device)
+        if single:
+            single_bias[list(single)] = torch.tensor(list(single.values()), device=scores.device)
+        bias = torch.zeros_like(scores) + single_bias
+        for ids, value in longer:
+            if len(ids) > input_ids.shape[1]:
+                continue
+            prefix = torch.tensor(ids[:-1], dtype=input_ids.dtype, device=input_ids.device)
+            matches = (input_ids[:, -len(prefix) :] == prefix).all(dim=1)
+            bias[:, ids[-1]] += torch.where(matches, torch.tensor(value, device=scores.device), torch.tensor(0.0, device=scores.device))
+        return scores + bias
+
+    return process
+
+
+def bad_words(bad_words_ids: list[list[int]], eos_ids: torch.Tensor | None) -> LogitsProcessor:
+    """Never complete a bad word: a sequence bias of -inf (a lone eos is not banned, as in the reference)."""
+    if not isinstance(bad_words_ids, list) or not bad_words_ids or any(
+        not isinstance(word, list) or any(not isinstance(t, int) or t < 0 for t in word) for word in bad_words_ids
+    ):
+        raise ValueError(f"bad_words_ids must be a non-empty list of lists of token ids, got {bad_words_ids!r}")
+    eos_list = eos_ids.tolist() if eos_ids is not None else []
+    words = [word for word in bad_words_ids if not (len(word) == 1 and word[0] in eos_list)]
+    return sequence_bias({tuple(word): FILTERED for word in words})
+
+
+def no_repeat_ngram(n: int) -> LogitsProcessor:
+    """Ban every token that would repeat an n-gram already in the sequence."""
+
+    def process(input_ids, scores):
+        length = input_ids.shape[-1]
+        if length < n:
+            return scores
+        ngrams = input_ids.unfold(1, n, 1)  # (batch, windows, n)
+        current_prefix = input_ids[:, length - n + 1 :]  # the last n-1 tokens
+        repeats_prefix = (ngrams[..., :-1] == current_prefix[:, None]).all(dim=-1)
+        vocab = scores.shape[-1]
+        # Windows whose prefix differs point at an extra column (vocab), dropped afterwards.
+        banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        banned.scatter_(1, torch.where(repeats_prefix, ngrams[..., -1], vocab), True)
+        return scores.masked_fill(banned[:, :vocab], FILTERED)
+
+    return process
+
+
+def force_tokens_at(length: int, token_ids: int | list[int]) -> LogitsProcessor:
+    """When the sequence has `length` tokens, only `token_ids` are possible (score 0, the rest -inf)."""
+
+    def process(input_ids, scores):
+        if input_ids.shape[-1] != length:
+            return scores
+        forced = torch.full_like(scores, FILTERED)
+        forced[:, token_ids] = 0
+        return forced
+
+    return process
+
+
+def remove_invalid_values(input_ids, scores):
+    """nan -> 0 and +-inf -> the dtype's largest/smallest finite value."""
+    finite = torch.finfo(scores.dtype)
+    cleaned = torch.where(scores != scores, 0.0, scores)
+    cleaned = torch.where(scores == float("inf"), finite.max, cleaned)
+    return torch.where(scores == -float("inf"), finite.min, cleaned)
+
+
+def exponential_decay_length_penalty(start: int, factor: float, eos_ids: torch.Tensor, prompt_length: int) -> LogitsProcessor:
+    """After `start` new tokens, raise eos scores by |score| * (factor ** tokens_past_start - 1)."""
+    regulation_start = start + prompt_length
+
+    def process(input_ids, scores):
+        length = input_ids.shape[-1]
+        if length <= regulation_start:
+            return scores
+        eos = eos_ids.to(scores.device)
+        penalties = torch.zeros_like(scores)
+        penalties[:, eos] = scores[:, eos].abs() * (pow(factor, length - regulation_start) - 1)
+        return scores + penalties
+
+    return process
+
+
+def suppress_tokens(token_ids, at_length: int | None = None) -> LogitsProcessor:
+    """`token_ids` get -inf (only when the sequence has `at_length` tokens, if given)."""
+    token_ids = torch.tensor(list(token_ids), dtype=torch.long)
+
+    def process(input_ids, scores):
+        if at_length is not None and input_ids.shape[-1] != at_length:
+            return scores
+        mask = torch.isin(torch.arange(scores.shape[-1], device=scores.device), token_ids.to(scores.device))
+        return torch.where(mask, FILTERED, scores)
+
+    return process
+
+
+def renormalize(input_ids, scores):
+    return scores.log_softmax(dim=-1)
+
+
 def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int) -> list[LogitsProcessor]:
+    """The processors `config` asks for, in the reference's order (_get_logits_processor): the order
+    changes the scores (e.g. a bias before or after a penalty), so it is kept exactly.
+
+    `config.max_length` is the final length (prompt included) and `config.min_length` already
+    accounts for min_new_tokens (see GenerationMixin._check_lengths).
+    """
     processors: list[LogitsProcessor] = []
+    if config.sequence_bias is not None:
+        processors.append(sequence_bias(_as_bias_dict(config.sequence_bias)))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(repetition_penalty(config.repetition_penalty))
-    if eos_ids is not None and config.min_length:
+    if config.no_repeat_ngram_size:
+        processors.append(no_repeat_ngram(config.no_repeat_ngram_size))
+    if config.bad_words_ids is not None:
+        processors.append(bad_words(config.bad_words_ids, eos_ids))
+    # A min_length the prompt already reaches bans nothing (min_new_tokens=0 gives one): left out so that
+    # plain greedy decoding keeps its processor-free fast path.
+    if eos_ids is not None and config.min_length and config.min_length > prompt_length:
         processors.append(suppress_eos_before(config.min_length, eos_ids))
     if eos_ids is not None and config.min_new_tokens:
         processors.append(suppress_eos_before(config.min_new_tokens, eos_ids, prompt_length))
+    if config.forced_bos_token_id is not None:
+        processors.append(force_tokens_at(1, config.forced_bos_token_id))
+    if config.forced_eos_token_id is not None:
+        processors.append(force_tokens_at(config.max_length - 1, config.forced_eos_token_id))
+    if config.remove_invalid_values is True:
+        processors.append(remove_invalid_values)
+    if config.exponential_decay_length_penalty is not None:
+        if eos_ids is None:
+            raise ValueError("exponential_decay_length_penalty needs an eos_token_id (it raises the eos scores)")
+        start, factor = config.exponential_decay_length_penalty
+        processors.append(exponential_decay_length_penalty(start, factor, eos_ids, prompt_length))
+    if config.suppress_tokens is not None:
+        processors.append(suppress_tokens(config.suppress_tokens))
+    if config.begin_suppress_tokens is not None:
+        # The first new token; one later when a forced bos takes that place after a one-token prompt.
+        begin = prompt_length + (1 if prompt_length == 1 and config.forced_bos_token_id is not None else 0)
+        processors.append(suppress_tokens(config.begin_suppress_tokens, at_length=begin))
     if config.do_sample:
         # Beam sampling keeps one more candidate than there are eos ids, so a beam can continue.
         keep = 1 if config.num_beams == 1 else (len(eos_ids) + 1 if eos_ids is not None else 2)
         if config.temperature != 1.0:
             processors.append(temperature(config.temperature))
+        if config.top_h is not None:
+            processors.append(top_h(config.top_h))
         if config.top_k:
             processors.append(top_k(config.top_k, keep))
         if config.top_p is not None and config.top_p < 1.0:
             processors.append(top_p(config.top_p, keep))
         if config.min_p is not None:
             processors.append(min_p(config.min_p, keep))
+        if config.typical_p is not None and config.typical_p < 1.0:
+            processors.append(typical_p(config.typical_p, keep))
+        if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
+            processors.append(epsilon_cutoff(config.epsilon_cutoff, keep))
+        if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
+            processors.append(eta_cutoff(config.eta_cutoff, keep))
+    if config.renormalize_logits is True:  # always last
+        processors.append(renormalize)
     return processors
 
 

@@ -70,26 +70,44 @@ class GenerationMixin:
     # --- set-up -----------------------------------------------------------------------------
     def _generation_setup(self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):
         base = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
-        config = base.merged_with(getattr(self, "generation_config", None))
+        model_config = getattr(self, "generation_config", None)
+
+        def set_by_nobody(name):  # not in the call, the given config or the model's config
+            return kwargs.get(name) is None and getattr(base, name) is None and getattr(model_config, name, None) is None
+
+        # The reference then reads max_length as "20 new tokens", and lets min_new_tokens replace
+        # min_length without a warning.
+        default_max_length, default_min_length = set_by_nobody("max_length"), set_by_nobody("min_length")
+        config = base.merged_with(model_config)
         # Per-call arguments win last, an explicit None included (eos_token_id=None: never stop early).
         model_kwargs = config.update(**kwargs)
         config = config.merged_with(None)
+        config._default_max_length, config._default_min_length = default_max_length, default_min_length
         config.validate()
         return config, model_kwargs
 
     def _check_lengths(self, config: GenerationConfig, prompt_length: int) -> int:
-        """The final length (prompt + new tokens), refused when the model cannot see that far."""
-        if config.max_new_tokens is not None:
-            max_length = prompt_length + config.max_new_tokens
-        else:
-            max_length = config.max_length
-            if max_length <= prompt_length:
-                raise ValueError(
-                    f"the prompt has {prompt_length} tokens and max_length is {max_length}: nothing is left to "
-                    "generate; set max_new_tokens instead"
-                )
+        """The final length (prompt + new tokens), refused when the model cannot see that far.
+
+        Like the reference: max_new_tokens wins; a max_length nobody set means the default number
+        of NEW tokens (20), capped at the context; a max_length someone set is the total. Sets
+        config.max_length and config.min_length (min_new_tokens wins over min_length) to the totals
+        the logits processors use.
+        """
         text_config = self.config.get_text_config()
         context = getattr(text_config, "max_position_embeddings", None)
+        if config.max_new_tokens is not None:
+            max_length = prompt_length + config.max_new_tokens
+        elif getattr(config, "_default_max_length", False):
+            max_length = prompt_length + config.max_length
+            max_length = min(max_length, context) if context is not None else max_length
+        else:
+            max_length = config.max_length
+        if max_length <= prompt_length:
+            raise ValueError(
+                f"the prompt has {prompt_length} tokens and max_length is {max_length}: nothing is left to "
+                "generate; set max_new_tokens instead"
+            )
         rope_type = getattr(text_config, "rope_parameters", {}).get("rope_type")
         if context is not None and rope_type != "dynamic" and max_length > context:
             raise ValueError(
@@ -99,6 +117,12 @@ class GenerationMixin:
             )
         if config.min_new_tokens and config.min_new_tokens > max_length - prompt_length:
             raise ValueError(f"min_new_tokens ({config.min_new_tokens}) exceeds the number of new tokens allowed ({max_length - prompt_length})")
+        if config.min_new_tokens is not None:
+            if not getattr(config, "_default_min_length", True):
+                logger.warning("both min_new_tokens (=%s) and min_length (=%s) are set: min_new_tokens takes precedence",
+                               config.min_new_tokens, config.min_length)
+            config.min_length = prompt_length + config.min_new_tokens
+        config.max_length = max_length
         return max_length
 
     @torch.no_grad()
