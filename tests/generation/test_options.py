@@ -115,7 +115,8 @@ SAMPLING_OPTIONS = {
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("search", ["greedy", "beams", "sampling"])
 def test_option_matches_reference(pair, free_tokens, option, search):
-    ids, mask = _prompts()
+    # left padding under repetition_penalty: test_repetition_penalty_does_not_count_left_padding
+    ids, mask = _prompts((9, 9, 9)) if option == "repetition_penalty" else _prompts()
     mode = {"greedy": {}, "beams": dict(num_beams=3), "sampling": dict(do_sample=True, top_k=0)}[search]
     mode = dict(mode, max_new_tokens=8)
     seed = 13 if search == "sampling" else None
@@ -148,8 +149,9 @@ def test_forced_bos_and_begin_suppress_after_a_one_token_prompt(pair):
 
 
 def test_combined_options_keep_the_reference_order(pair, free_tokens):
-    """Bias, penalty, bans, lengths and warpers together: any change of order changes the scores."""
-    ids, mask = _prompts()
+    """Bias, penalty, bans, lengths and warpers together: any change of order changes the scores.
+    (Unpadded rows: the pinned reference also penalises left padding, which herd does not.)"""
+    ids, mask = _prompts((9, 9, 9))
     new = free_tokens
     _compare(pair, ids, mask, seed=2, do_sample=True, max_new_tokens=8, sequence_bias={(new[0][0],): 3.0},
              repetition_penalty=1.4, no_repeat_ngram_size=3, min_new_tokens=2, eos_token_id=[new[1][2]],
@@ -159,25 +161,38 @@ def test_combined_options_keep_the_reference_order(pair, free_tokens):
 
 # --- repetition_penalty and left padding -----------------------------------------------------
 
-@pytest.mark.parametrize("mode", [{}, dict(num_beams=3), dict(do_sample=True, top_k=0)])
-def test_repetition_penalty_on_left_padded_rows_matches_reference(pair, mode):
+@pytest.mark.parametrize("mode", [{}, dict(num_beams=3)])
+def test_repetition_penalty_does_not_count_left_padding(pair, mode):
+    """Each left-padded row gets what the reference gives that row alone: its leading pads are not
+    part of its sequence (transformers skips them from 5.23 on; 5.17, pinned here, penalised the pad
+    token too, so the oracle is the row without its padding)."""
+    reference, ours = pair
     ids, mask = _prompts((9, 5, 2))  # 0, 4 and 7 pads
-    _compare(pair, ids, mask, seed=4 if mode.get("do_sample") else None, max_new_tokens=10, repetition_penalty=2.0, **mode)
-
-
-def test_repetition_penalty_on_left_padding_is_the_references(pair):
-    """transformers 5.17 penalises every id in input_ids, pads included (its prompt_ignore_length is
-    only an argument of a hand-built processor; generate() never sets it). So a padded row's scores
-    equal the row alone everywhere but in the pad token's column."""
-    _, ours = pair
-    ids, mask = _prompts((9, 5, 2))
-    batch = _run(ours, ids, mask, None, dict(max_new_tokens=1, repetition_penalty=2.0)).scores[0]
-    for row in (1, 2):
+    kwargs = dict(max_new_tokens=10, repetition_penalty=2.0, **mode)
+    batch = _run(ours, ids, mask, None, kwargs)
+    for row in range(ids.shape[0]):
         alone = ids[row : row + 1, mask[row].bool()]
-        single = _run(ours, alone, torch.ones_like(alone), None, dict(max_new_tokens=1, repetition_penalty=2.0)).scores[0]
-        others = torch.arange(VOCAB) != PAD
-        assert (batch[row, others] - single[0, others]).abs().max() < 1e-5
-        assert torch.allclose(batch[row, PAD], single[0, PAD] / 2.0 if single[0, PAD] > 0 else single[0, PAD] * 2.0)
+        expected = _run(reference, alone, torch.ones_like(alone), None, kwargs)
+        new = expected.sequences[0, alone.shape[1] :]
+        got = batch.sequences[row, ids.shape[1] :]
+        assert torch.equal(got[: len(new)], new)
+        assert bool((got[len(new) :] == PAD).all())  # the batch ran on after this row stopped
+        if not mode:
+            _same_scores([step[row : row + 1] for step in batch.scores[: len(new)]], expected.scores)
+
+
+def test_repetition_penalty_processor_skips_each_rows_leading_padding():
+    from herd.generation.logits_process import repetition_penalty
+
+    scores = torch.randn(2, 10)
+    ids = torch.tensor([[3, 5, 3, 7], [0, 0, 6, 0]])  # row 1: two pads (id 0), then 6, then a real token 0
+    got = repetition_penalty(2.0, torch.tensor([0, 2]))(ids, scores)
+    for row, real in ((0, [3, 5, 7]), (1, [6, 0])):
+        expected = scores[row].clone()
+        expected[real] = torch.where(expected[real] < 0, expected[real] * 2.0, expected[real] / 2.0)
+        assert torch.equal(got[row], expected)
+    plain = repetition_penalty(2.0)(ids[:1], scores[:1])  # no padding: the reference's gather/scatter
+    assert torch.equal(plain, got[:1])
 
 
 # --- lengths ---------------------------------------------------------------------------------

@@ -96,7 +96,9 @@ def test_cache_implementations_give_same_tokens(pair, cache_implementation):
     dict(num_return_sequences=3, top_p=0.8),
 ])
 def test_sampling_with_the_same_seed_gives_the_reference_tokens(pair, kwargs):
-    ids, mask = _prompts()
+    # transformers 5.17 (the pinned oracle) also penalises left padding, which herd does not count
+    # as part of a row (tests/generation/test_options.py): unpadded rows for the penalty
+    ids, mask = _prompts((9, 9, 9)) if "repetition_penalty" in kwargs else _prompts()
     expected, got = _both(pair, ids, mask, seed=11, do_sample=True, max_new_tokens=10, **kwargs)
     assert torch.equal(got, expected)
 

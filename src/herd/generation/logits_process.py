@@ -16,13 +16,22 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FILTERED = -float("inf")
 
 
-def repetition_penalty(penalty: float) -> LogitsProcessor:
-    """Tokens already in the sequence: negative scores multiplied by `penalty`, positive ones divided."""
+def repetition_penalty(penalty: float, left_padding: torch.Tensor | None = None) -> LogitsProcessor:
+    """Tokens already in the sequence: negative scores multiplied by `penalty`, positive ones divided.
+
+    left_padding (batch,): how many leading positions of each row are padding. They are not part
+    of the row's sequence, so they are not penalised: a padded row gets the scores it gets alone
+    (as in transformers from 5.23, which skips them; 5.17 penalised the pad token too)."""
 
     def process(input_ids, scores):
-        seen = torch.gather(scores, 1, input_ids)
-        penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
-        return scores.scatter(1, input_ids, penalised)
+        if left_padding is None:
+            seen = torch.gather(scores, 1, input_ids)
+            penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
+            return scores.scatter(1, input_ids, penalised)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        counted = (positions[None, :] >= left_padding.to(input_ids.device)[:, None]).to(scores.dtype)  # (batch, seq)
+        present = torch.zeros_like(scores).scatter_add(1, input_ids, counted) > 0  # (batch, vocab)
+        return torch.where(present, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
 
     return process
 
@@ -267,7 +276,8 @@ def renormalize(input_ids, scores):
     return scores.log_softmax(dim=-1)
 
 
-def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int) -> list[LogitsProcessor]:
+def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int,
+                            left_padding: torch.Tensor | None = None) -> list[LogitsProcessor]:
     """The processors `config` asks for, in the reference's order (_get_logits_processor): the order
     changes the scores (e.g. a bias before or after a penalty), so it is kept exactly.
 
@@ -278,7 +288,7 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
     if config.sequence_bias is not None:
         processors.append(sequence_bias(_as_bias_dict(config.sequence_bias)))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-        processors.append(repetition_penalty(config.repetition_penalty))
+        processors.append(repetition_penalty(config.repetition_penalty, left_padding))
     if config.no_repeat_ngram_size:
         processors.append(no_repeat_ngram(config.no_repeat_ngram_size))
     if config.bad_words_ids is not None:

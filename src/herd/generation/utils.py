@@ -194,7 +194,7 @@ class GenerationMixin:
     def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
-        processors = build_logits_processors(config, eos_ids, prompt_length)
+        processors = build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask))
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
         forward_kwargs = {}
@@ -290,7 +290,9 @@ class GenerationMixin:
         device = input_ids.device
         beams_to_keep = max(2, 1 + (len(eos_ids) if eos_ids is not None else 0)) * num_beams
         is_top_beam = torch.arange(beams_to_keep, device=device) < num_beams  # (beams_to_keep,)
-        processors = build_logits_processors(config, eos_ids, prompt_length)
+        # (batch * beams,): the processors see every beam of a row as a row of its own
+        processors = build_logits_processors(config, eos_ids, prompt_length,
+                                             _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)))
         # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
         fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
 
@@ -384,6 +386,12 @@ class GenerationMixin:
             beam_indices=origin,
             past_key_values=cache,
         )
+
+
+def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """(batch,): how many leading positions of each row are padding, or None when no row has any."""
+    leading = (attention_mask.long().cumsum(dim=-1) == 0).sum(dim=-1)
+    return leading if bool(leading.any()) else None
 
 
 def _finish_rows(block: torch.Tensor, unfinished: torch.Tensor, eos_ids, pad_token_id, any_unfinished: list):
