@@ -355,6 +355,8 @@ def libraries_to_run(model, args) -> list[tuple[str, Any, Callable[[Any, int], d
 def bench_model(args: argparse.Namespace, model, bandwidth: float) -> str:
     """Every decode and prefill row of `args` for herd's `model` (and the reference's modes), as the report."""
     device = model.device
+    if args.new_tokens is None:
+        args.new_tokens = 128 if device.type == "cuda" else 32
     libraries = libraries_to_run(model, args)
     max_length = args.prompt_length + args.new_tokens
 
@@ -531,7 +533,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=f"a checkpoint path or Hub id, or one of: {', '.join(ARCHITECTURES)}")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1], help="comma-separated (default 1)")
     parser.add_argument("--prompt-length", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 128 on a GPU, 32 on the CPU")
     parser.add_argument("--prefill-lengths", type=_int_list, default=[], help="comma-separated prompt lengths to time prefill on")
     parser.add_argument("--layers", "--num-layers", dest="layers", type=int, default=None,
                         help="override the number of layers of a named architecture")
@@ -548,7 +550,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"herd bench: no reference {args.compare!r} is registered; herd never imports other libraries: run "
               f"`python bench/compare.py {args.model} --compare {args.compare} ...` from the repository instead", flush=True)
         return 2
-    if args.new_tokens < 4:
+    if args.new_tokens is not None and args.new_tokens < 4:
         raise ValueError("--new-tokens must be at least 4 (decode speed is the difference of 2 and N new tokens)")
     print(run_bench(args), flush=True)
     return 0
