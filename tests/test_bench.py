@@ -1,14 +1,19 @@
-"""`herd bench`'s model building and its bandwidth floor (the timing itself needs a GPU)."""
+"""`herd bench`'s model building, its bandwidth floor, and a run on the CPU (the GPU timings need CUDA)."""
 
 from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from bench.compare import transformers_reference
 from herd import bench, cli
 from tests.conftest import max_abs_diff
+
+# transformers' MllamaVisionEncoder calls its own layers with the keyword it deprecates (see
+# tests/models/mllama/conftest.py): silence exactly that warning of the Mllama reference runs here.
+pytestmark = pytest.mark.filterwarnings("ignore:`hidden_state` is deprecated:FutureWarning")
 
 
 def test_named_architecture_matches_the_reference_on_the_same_weights():
@@ -38,11 +43,28 @@ def test_decode_bytes_counts_active_weights_and_kv_by_hand():
     assert kv4 == 4 * 2 * 2 * 8 * 128 * 8192 * 2  # rows, layers, keys+values, kv heads, head_dim, chunk, bf16
 
 
-def test_bench_without_cuda_says_so(capsys):
-    if torch.cuda.is_available():
-        return
-    assert cli.main(["bench", "llama3.2-1b"]) == 2
-    assert "needs CUDA" in capsys.readouterr().out
+def test_bench_runs_on_the_cpu(capsys, monkeypatch):
+    """Without CUDA the bench runs on the CPU (float32, its bandwidth floor from a CPU copy); a tiny
+    architecture here, `herd bench llama3.2-1b --num-layers 1` the same way at the real widths."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(bench.ARCHITECTURES, "tiny-llama", ("llama", dict(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)))
+    real_copy_bandwidth = bench.copy_bandwidth
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: real_copy_bandwidth(device, 1 << 24))  # 16 MiB: quick
+    assert cli.main(["bench", "tiny-llama", "--num-layers", "2", "--prompt-length", "8", "--new-tokens", "6",
+                     "--prefill-lengths", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "(herd's plain path: the model is on cpu), float32, prompt 8, 6 new tokens" in out
+    assert "layers 2" in out and "GB/s copy bandwidth measured" in out
+    assert "| herd | 1 | " in out and "failed" not in out
+    assert "| herd | 8 | " in out
+
+
+def test_bench_with_cuda_asked_for_and_none_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "llama3.2-1b", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "herd: error: CUDA is not available on this machine; use --device cpu\n"
 
 
 def test_compare_with_an_unregistered_reference_points_to_the_script(capsys, monkeypatch):

@@ -172,9 +172,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    source = torch.empty(1 << 29, dtype=torch.float16, device=device).normal_()
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Bytes read + written per second by a device-to-device copy of 1 GiB (on the CPU: a
+    memory-to-memory copy of 256 MiB, far beyond the caches)."""
+    if nbytes is None:
+        nbytes = 1 << 30 if device.type == "cuda" else 1 << 28
+    source = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    if device.type == "cuda":
+        source.normal_()
+    else:
+        source.fill_(1.0)  # the values do not change a copy's speed; normal_ is slow on the CPU
     target = torch.empty_like(source)
     target.copy_(source)
     _sync(device)
@@ -348,6 +355,8 @@ def libraries_to_run(model, args) -> list[tuple[str, Any, Callable[[Any, int], d
 def bench_model(args: argparse.Namespace, model, bandwidth: float) -> str:
     """Every decode and prefill row of `args` for herd's `model` (and the reference's modes), as the report."""
     device = model.device
+    if args.new_tokens is None:
+        args.new_tokens = 128 if device.type == "cuda" else 32
     libraries = libraries_to_run(model, args)
     max_length = args.prompt_length + args.new_tokens
 
@@ -405,7 +414,9 @@ def bench_model(args: argparse.Namespace, model, bandwidth: float) -> str:
 def run_bench(args: argparse.Namespace) -> str:
     import herd
 
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype in (None, "auto"):
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     dtype = getattr(torch, args.dtype)
     if args.model in ARCHITECTURES:
         model = build_model(args.model, dtype, device, args.layers)
@@ -502,6 +513,18 @@ def report(args, model, bandwidth, rows: list[Row], prefill_rows: list[PrefillRo
     return "\n".join(lines)
 
 
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16", "half": "float16", "auto": "auto"}
+
+
+def dtype_name(text: str) -> str:
+    """The torch name of a dtype argument: float32, bfloat16, float16 (or fp32, bf16, fp16), or auto."""
+    name = DTYPE_NAMES.get(text.strip().lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
+    return name
+
+
 def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
@@ -510,26 +533,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=f"a checkpoint path or Hub id, or one of: {', '.join(ARCHITECTURES)}")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1], help="comma-separated (default 1)")
     parser.add_argument("--prompt-length", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 128 on a GPU, 32 on the CPU")
     parser.add_argument("--prefill-lengths", type=_int_list, default=[], help="comma-separated prompt lengths to time prefill on")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of layers of a named architecture")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", "--num-layers", dest="layers", type=int, default=None,
+                        help="override the number of layers of a named architecture")
+    parser.add_argument("--dtype", default=None, type=dtype_name,
+                        help="bfloat16/bf16, float16/fp16 or float32/fp32 (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda where there is one, else cpu)")
     parser.add_argument("--compare", default=None,
                         help="also run a reference library on the same weights (python bench/compare.py ... --compare transformers)")
     parser.add_argument("--plain", action="store_true", help="herd's plain path (disable_compile=True) instead of the fast path")
 
 
 def main(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("herd bench measures GPU speed and needs CUDA", flush=True)
-        return 2
     if args.compare and args.compare not in REFERENCES:
         print(f"herd bench: no reference {args.compare!r} is registered; herd never imports other libraries: run "
               f"`python bench/compare.py {args.model} --compare {args.compare} ...` from the repository instead", flush=True)
         return 2
-    if args.new_tokens < 4:
-        raise SystemExit("--new-tokens must be at least 4")
+    if args.new_tokens is not None and args.new_tokens < 4:
+        raise ValueError("--new-tokens must be at least 4 (decode speed is the difference of 2 and N new tokens)")
     print(run_bench(args), flush=True)
     return 0
 

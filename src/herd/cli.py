@@ -1,25 +1,62 @@
-"""The `herd` command line: generate, chat, info, bench."""
+"""The `herd` command line: generate, chat, info, bench.
+
+Every error of the command line is one `herd: error: ...` line on stderr that says how to fix it,
+with exit code 2 (never a traceback; HERD_DEBUG=1 shows the traceback of an unexpected error).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import __version__
 from .bench import add_arguments as add_bench_arguments
+from .bench import dtype_name
 from .bench import main as run_bench_command
 from .generation import TextStreamer
 
 
+class CLIError(Exception):
+    """A mistake on the command line or in its inputs: reported as one `herd: error:` line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) that point to --help."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        sys.stderr.write(f"herd: error: {message}; see `{self.prog} --help`\n")
+        sys.exit(2)
+
+
 class _CollectingStreamer(TextStreamer):
-    """Prints text as it comes and keeps it, so an answer cut short by Ctrl-C is not lost."""
+    """Prints text as it comes and keeps it, so an answer cut short by Ctrl-C is not lost; notes when
+    the first and last new tokens came (for --verbose)."""
 
     def __init__(self, tokenizer: Any, out=None):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.text = ""
         self.out = out or sys.stdout
+        self.prompt_seen = False
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.new_tokens = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if not self.prompt_seen:
+            self.prompt_seen = True
+        else:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+            self.new_tokens += 1
+        super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.text += text
@@ -27,24 +64,119 @@ class _CollectingStreamer(TextStreamer):
         self.out.flush()
 
 
+# --- models: where they are, loading them ---------------------------------------------------------
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _download(name: str) -> Path:
+    """The local folder of a Hub id (the cache first), or a CLIError saying what to do instead."""
+    from huggingface_hub import errors as hub_errors
+
+    from .hub import resolve
+
+    no_network = (f"cannot download {name}: no network and it is not in the local Hugging Face cache; "
+                  "pass a model folder or a .gguf file, or set HF_HUB_OFFLINE=1 to use only the cache")
+    try:
+        return resolve(name)
+    except hub_errors.GatedRepoError:
+        raise CLIError(f"{name} is gated: accept its license on huggingface.co and log in with `hf auth login`, "
+                       "or pass a model folder or a .gguf file") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise CLIError(f"{name} is not a repository on the Hugging Face Hub (or it is private: log in with "
+                       "`hf auth login`); check the id, or pass a model folder or a .gguf file") from None
+    except hub_errors.RevisionNotFoundError:
+        raise CLIError(f"{name} has no such revision on the Hugging Face Hub; check the id") from None
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, ConnectionError, TimeoutError):
+        if _offline():
+            raise CLIError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
+                           "pass a model folder or a .gguf file, or unset HF_HUB_OFFLINE to download it") from None
+        raise CLIError(no_network) from None
+    except FileNotFoundError:  # herd's own: not a folder and not an id, or offline and not cached
+        if _offline():
+            raise CLIError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
+                           "pass a model folder or a .gguf file, or unset HF_HUB_OFFLINE to download it") from None
+        raise CLIError(f"{name} is neither an existing folder, a .gguf file nor a Hub id (org/name); "
+                       "check the path") from None
+    except Exception as error:  # noqa: BLE001 - httpx/requests connection errors, whichever client is installed
+        if "connect" in type(error).__name__.lower() or "timeout" in type(error).__name__.lower():
+            raise CLIError(no_network) from None
+        raise
+
+
+def _model_path(name: str) -> str:
+    """A local folder holding config.json, or a .gguf file (left to its loader), for a model argument."""
+    if name.lower().endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            raise CLIError(f"{name}: no such file; check the path")
+        return name
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise CLIError(f"{name} is a file; pass a model folder (config.json + weights), a .gguf file or a Hub id")
+    folder = path if path.is_dir() else _download(name)
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"{name} has no config.json, so it is not a model folder; pass a folder holding config.json, "
+                       "*.safetensors and tokenizer.json, a .gguf file or a Hub id")
+    return str(folder)
+
+
 def _load(args: argparse.Namespace):
+    """(model, tokenizer): the model's folder is checked first (config.json), then the tokenizer
+    (quick), then the weights (with a progress bar)."""
     from .auto import AutoModelForCausalLM
     from .tokenization import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device)
+    path = _model_path(args.model)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device)
+    if getattr(args, "verbose", False):
+        print(f"herd: loaded {args.model} in {time.perf_counter() - start:.2f} s "
+              f"({model.dtype}, {model.device})", file=sys.stderr, flush=True)
     return model, tokenizer
 
 
+def _context_length(model) -> int | None:
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+# --- generation options ---------------------------------------------------------------------------
+
+_SAMPLING_FLAGS = (("top_p", "--top-p"), ("top_k", "--top-k"), ("min_p", "--min-p"))
+
+
+def _check_generation_options(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise CLIError("--max-new-tokens must be >= 1")
+    if args.temperature is not None and args.temperature < 0:
+        raise CLIError("--temperature must be >= 0; use --temperature 0 for greedy decoding")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CLIError("--top-p must be in (0, 1]; use --top-p 1 to turn it off")
+    if args.top_k is not None and args.top_k < 0:
+        raise CLIError("--top-k must be >= 0; use --top-k 0 to turn it off")
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        raise CLIError("--min-p must be in [0, 1]; use --min-p 0 to turn it off")
+
+
 def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """generate() keyword arguments: --temperature 0 is greedy; a sampling flag (--top-p, --top-k,
+    --min-p) without --temperature samples (at the model's temperature); with --temperature 0 the
+    sampling flags are ignored, and a note says so."""
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
-    if args.temperature is not None:
-        if args.temperature == 0:
-            kwargs["do_sample"] = False
-        else:
+    given = [(name, flag) for name, flag in _SAMPLING_FLAGS if getattr(args, name, None) is not None]
+    if args.temperature == 0:
+        kwargs["do_sample"] = False
+        if given:
+            flags = ", ".join(flag for _, flag in given)
+            print(f"herd: note: {flags} ignored: --temperature 0 means greedy decoding", file=sys.stderr, flush=True)
+    else:
+        if args.temperature is not None:
             kwargs.update(do_sample=True, temperature=args.temperature)
-    if args.top_p is not None:
-        kwargs["top_p"] = args.top_p
+        if given:
+            kwargs["do_sample"] = True
+            kwargs.update({name: getattr(args, name) for name, _ in given})
     if args.seed is not None:
         torch.manual_seed(args.seed)
     return kwargs
@@ -57,7 +189,17 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], device: torch.devi
     return ids.to(device)
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    _check_generation_options(args)
+    kwargs = _generate_kwargs(args)
     model, tokenizer = _load(args)
     if args.chat or args.system:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -66,22 +208,74 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         input_ids = _chat_ids(tokenizer, messages, model.device)
     else:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(model.device)
+    context = _context_length(model)
+    length = input_ids.shape[1]
+    if context is not None and length >= context:
+        raise CLIError(f"the prompt is {length} tokens, {length - context + 1} more than the model's context of "
+                       f"{context} tokens leaves room for (one new token at least); shorten the prompt")
+    if context is not None and length + args.max_new_tokens > context:
+        raise CLIError(f"the prompt ({length} tokens) + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                       f"context of {context} tokens; use --max-new-tokens {context - length} or less")
     streamer = _CollectingStreamer(tokenizer)
     if not args.chat and not args.system:
         sys.stdout.write(args.prompt)
-    model.generate(input_ids, streamer=streamer, tokenizer=tokenizer, **_generate_kwargs(args))
+    start = time.perf_counter()
+    model.generate(input_ids, streamer=streamer, tokenizer=tokenizer, **kwargs)
+    if args.verbose and streamer.first_token_at is not None:
+        prefill = streamer.first_token_at - start
+        line = f"herd: prompt {length} tokens in {prefill:.3f} s ({length / prefill:.1f} tokens/s)"
+        decode_tokens = streamer.new_tokens - 1
+        if decode_tokens > 0:
+            decode = streamer.last_token_at - streamer.first_token_at
+            line += f"; decode {decode_tokens} tokens in {decode:.3f} s ({decode_tokens / decode:.1f} tokens/s)"
+        print(line, file=sys.stderr, flush=True)
     return 0
 
 
+def _line_editing() -> None:
+    """Arrow keys and the session's history for input(), where the terminal allows."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import readline  # noqa: F401 - importing it is what makes input() edit lines
+    except ImportError:  # Windows, or a Python built without it: plain input()
+        pass
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _fit(tokenizer, system, history, message, context, max_new_tokens, device) -> tuple[torch.Tensor, int, int]:
+    """(input ids, max new tokens, turns dropped): the oldest turns (user + assistant) go until the
+    conversation and the answer fit the context; the system prompt always stays. _TooLong(n) when
+    the message alone (with the system prompt) leaves no room for an answer; history is then untouched."""
+    if context is None:
+        return _chat_ids(tokenizer, system + history + [message], device), max_new_tokens, 0
+    alone = _chat_ids(tokenizer, system + [message], device).shape[1]
+    if alone >= context:
+        raise _TooLong(alone)
+    dropped = 0
+    while True:
+        ids = _chat_ids(tokenizer, system + history + [message], device)
+        room = context - ids.shape[1]
+        if room >= max_new_tokens or (not history and room > 0):
+            return ids, min(max_new_tokens, room), dropped
+        del history[:2]
+        dropped += 1
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
+    _check_generation_options(args)
+    kwargs = _generate_kwargs(args)
     model, tokenizer = _load(args)
     if getattr(tokenizer, "chat_template", None) is None:
-        print(f"{args.model} has no chat template: use `herd generate` for plain text", file=sys.stderr)
-        return 2
+        raise CLIError(f"{args.model} has no chat template; use `herd generate` for plain text")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
-    kwargs = _generate_kwargs(args)
-    print("Chatting with", args.model, "- /reset clears the history, /exit quits, Ctrl-C stops an answer.")
+    context = _context_length(model)
+    _line_editing()
+    print("Chatting with", args.model, "- /reset clears the history, /exit quits, Ctrl-C stops an answer.", flush=True)
     while True:
         try:
             line = input("> ")
@@ -98,23 +292,44 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if command == "/reset":
             history.clear()
-            print("(history cleared)")
+            print("(history cleared)", flush=True)
             continue
-        history.append({"role": "user", "content": line})
-        input_ids = _chat_ids(tokenizer, system + history, model.device)
+        message = {"role": "user", "content": line}
         streamer = _CollectingStreamer(tokenizer)
         try:
-            model.generate(input_ids, streamer=streamer, tokenizer=tokenizer, **kwargs)
+            input_ids, max_new_tokens, dropped = _fit(tokenizer, system, history, message, context,
+                                                      kwargs["max_new_tokens"], model.device)
+            if dropped:
+                kept = ", kept the system prompt" if system else ""
+                print(f"(the conversation outgrew the context of {context} tokens: dropped the {dropped} oldest "
+                      f"turn{'s' if dropped > 1 else ''}{kept})", flush=True)
+            model.generate(input_ids, streamer=streamer, tokenizer=tokenizer, **dict(kwargs, max_new_tokens=max_new_tokens))
+        except _TooLong as too_long:
+            print(f"(that message is {too_long.args[0]} tokens with the chat template, no room in the context of "
+                  f"{context} tokens: not sent; the conversation is kept)", flush=True)
+            continue
         except KeyboardInterrupt:
-            print("\n(stopped)")
-        history.append({"role": "assistant", "content": streamer.text.strip()})
+            print("\n(stopped)", flush=True)
+        except Exception as error:  # noqa: BLE001 - a failed answer must not end the session
+            print(("\n" if streamer.text else "") + f"(generation failed: {_first_line(error)}; the message was not "
+                  "added, the conversation is kept)", flush=True)
+            continue
+        history += [message, {"role": "assistant", "content": streamer.text.strip()}]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .auto import AutoConfig, AutoModelForCausalLM
+    from .tokenization import AutoTokenizer
 
-    config = AutoConfig.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device)
+    ids = None
+    if args.ids:
+        try:
+            ids = [int(i) for i in args.ids.split(",") if i.strip()]
+        except ValueError:
+            raise CLIError(f"--ids takes comma-separated token ids, e.g. --ids 1,2,3 (got {args.ids!r})") from None
+    path = _model_path(args.model)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device)
     text_config = config.get_text_config()
     print(f"model_type:        {config.model_type}")
     print(f"class:             {type(model).__name__}")
@@ -123,39 +338,59 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"layers x hidden:   {text_config.num_hidden_layers} x {text_config.hidden_size}")
     print(f"heads (kv heads):  {text_config.num_attention_heads} ({text_config.num_key_value_heads})")
     print(f"vocabulary:        {text_config.vocab_size}")
+    print(f"context:           {getattr(text_config, 'max_position_embeddings', None)} tokens (max_position_embeddings)")
     print(f"rope:              {text_config.rope_parameters}")
-    if args.ids:
-        ids = torch.tensor([[int(i) for i in args.ids.split(",")]], device=model.device)
+    if ids:
+        vocab = text_config.vocab_size
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if outside:
+            raise CLIError(f"--ids {outside[0]} is outside the vocabulary; token ids go from 0 to {vocab - 1}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (ValueError, OSError) as error:
+            print(f"text:              (no tokenizer: {_first_line(error)})")
+        else:
+            print(f"text:              {tokenizer.decode(ids)!r}")
+        tensor = torch.tensor([ids], device=model.device)
         with torch.inference_mode():
-            logits = model(ids, logits_to_keep=1).logits[0, -1].float()
+            logits = model(tensor, logits_to_keep=1).logits[0, -1].float()
         top = logits.topk(min(5, logits.numel()))
         pairs = ", ".join(f"{i}: {v:.3f}" for i, v in zip(top.indices.tolist(), top.values.tolist()))
         print(f"next-token top 5:  {pairs}")
     return 0
 
 
+# --- the parser -----------------------------------------------------------------------------------
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a model folder or Hugging Face Hub id")
-    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    parser.add_argument("model", help="a model folder, a .gguf file or a Hugging Face Hub id")
+    parser.add_argument("--dtype", default="auto", type=dtype_name,
+                        help="auto (the checkpoint's), float32/fp32, bfloat16/bf16 or float16/fp16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=None, help="0 for greedy; default: the model's")
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 for greedy; default: the model's (a sampling flag without it samples)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (implies sampling)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (implies sampling)")
+    parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability (implies sampling)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--system", default=None, help="a system prompt (uses the chat template)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herd", description="Run Llama-family models.")
+    parser = _Parser(prog="herd", description="Run Llama-family models.")
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _add_model_options(generate)
     generate.add_argument("prompt")
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    generate.add_argument("--verbose", action="store_true", help="print the load time and the prompt and decode speeds")
     _add_generation_options(generate)
     generate.set_defaults(handler=_cmd_generate)
 
@@ -166,21 +401,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="load a checkpoint and describe it")
     _add_model_options(info)
-    info.add_argument("--ids", default=None, help="comma-separated token ids to run one forward on")
+    info.add_argument("--ids", default=None, help="comma-separated token ids: their text and one forward on them")
     info.set_defaults(handler=_cmd_info)
 
-    bench = commands.add_parser("bench", help="decode and prefill speed on the GPU, optionally against transformers")
+    bench = commands.add_parser("bench", help="decode and prefill speed (GPU, or CPU), optionally against transformers")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench_command)
     return parser
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("CUDA is not available on this machine; use --device cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_device(args)
         return args.handler(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
-        print(f"herd: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nherd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line, never a traceback
+        if os.environ.get("HERD_DEBUG"):
+            raise
+        if isinstance(error, (CLIError, ValueError, FileNotFoundError, NotImplementedError)):
+            text = " ".join(str(error).split())
+        else:
+            text = " ".join(_first_line(error).split()) + " (HERD_DEBUG=1 shows the traceback)"
+        print(f"herd: error: {text}", file=sys.stderr)
         return 2
 
 
