@@ -93,11 +93,11 @@ class AutoConfig:
     @staticmethod
     def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
         hub_kwargs = pop_hub_kwargs(kwargs)
-        from .quantization.gguf import GGUFFile, gguf_path
+        from .quantization.gguf import gguf_path, open_gguf
 
         gguf_file = gguf_path(pretrained_model_name_or_path, kwargs.pop("gguf_file", None))
         if gguf_file is not None:
-            config_dict = GGUFFile(gguf_file).config_dict()
+            config_dict = open_gguf(gguf_file).config_dict()
         else:
             config_dict = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
         model_type = config_dict.get("model_type")

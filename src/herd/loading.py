@@ -72,9 +72,9 @@ def find_checkpoint_files(folder: Path) -> list[Path]:
 
 def _open(path: Path, device: str = "cpu"):
     if path.suffix.lower() == ".gguf":  # read like a safetensors file, dequantized on read
-        from .quantization.gguf import GGUFFile
+        from .quantization.gguf import open_gguf
 
-        return GGUFFile(path)
+        return open_gguf(path)
     try:
         return safe_open(str(path), framework="pt", device=device)
     except (SafetensorError, OSError, ValueError) as error:

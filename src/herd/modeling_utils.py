@@ -278,13 +278,13 @@ class PreTrainedModel(nn.Module):
         if "device" in kwargs and device_map is None:
             device_map = kwargs.pop("device")
         hub_kwargs = pop_hub_kwargs(kwargs)
-        from .quantization.gguf import GGUFFile, gguf_path
+        from .quantization.gguf import gguf_path, open_gguf
 
         gguf_file = gguf_path(pretrained_model_name_or_path, kwargs.pop("gguf_file", None))
         folder = gguf_file.parent if gguf_file else hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
 
         if gguf_file is not None and config is None:
-            config = cls.config_class.from_dict(GGUFFile(gguf_file).config_dict())
+            config = cls.config_class.from_dict(open_gguf(gguf_file).config_dict())
         elif config is None or isinstance(config, (str, os.PathLike)):
             config = cls.config_class.from_pretrained(config or folder)
         if not isinstance(config, cls.config_class) and isinstance(config.get_text_config(), cls.config_class):

@@ -22,6 +22,7 @@ What is notable:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -84,6 +85,19 @@ def gguf_path(name_or_path: str | os.PathLike, gguf_file: str | os.PathLike | No
             raise FileNotFoundError(f"no GGUF file at {path}")
         return path
     return None
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The GGUFFile of `path`, parsed once: config, tokenizer and weights loads of one file share it
+    (parsing the metadata of a 50k-token vocabulary takes seconds)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _open_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(path)
 
 
 def _reverse_rotary_permutation(weight: np.ndarray, n_heads: int) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import AddedToken, Encoding, Tokenizer, processors
 
 from .. import hub
-from ..quantization.gguf import GGUFFile, gguf_path
+from ..quantization.gguf import gguf_path, open_gguf
 from .chat_templates import TOKENIZER_TEMPLATE_SOURCES, normalize_chat_template, read_chat_template, render_chat
 from .encodings import BatchEncoding
 from .files import (
@@ -207,7 +207,7 @@ class PreTrainedTokenizerFast:
         hub_arguments, user_settings = split_from_pretrained_arguments(dict(kwargs))
         gguf_file = gguf_path(pretrained_model_name_or_path, user_settings.pop("gguf_file", None))
         if gguf_file is not None:  # the vocabulary, merges and settings stored in a GGUF file
-            backend, settings = GGUFFile(gguf_file).tokenizer()
+            backend, settings = open_gguf(gguf_file).tokenizer()
             settings.update(user_settings)
             settings["name_or_path"] = str(pretrained_model_name_or_path)
             tokenizer = cls.__new__(cls)
