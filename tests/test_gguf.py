@@ -232,3 +232,40 @@ def test_broken_file_is_refused(tmp_path):
     path.write_bytes(b"not a gguf file at all")
     with pytest.raises(GGUFError, match="not a GGUF file"):
         herd.AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_sentencepiece_vocabulary_matches_reference(tmp_path):
+    """tokenizer.ggml.model = "llama" (Llama 2 style): pieces with scores, byte tokens, no merges."""
+    import transformers
+
+    words = ["▁the", "▁a", "▁cat", "▁sat", "▁on", "▁mat", "he", "th", "▁t", "▁c", "at", "▁s", "▁o", "on", "▁m",
+             "ma", "t", "h", "e", "a", "c", "s", "o", "n", "m", "▁", "x", "é", "▁hello", "hel", "lo", "l", "ll", "▁h"]
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), arch="llama")
+    for add, value in [(writer.add_block_count, 1), (writer.add_context_length, 64), (writer.add_embedding_length, 8),
+                       (writer.add_feed_forward_length, 16), (writer.add_head_count, 2), (writer.add_head_count_kv, 2),
+                       (writer.add_vocab_size, len(pieces))]:
+        add(value)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(words))
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_tensor("token_embd.weight", np.zeros((len(pieces), 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    ours = herd.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    assert ours.bos_token == "<s>" and ours.eos_token == "</s>" and ours.unk_token == "<unk>"
+    for text in ["the cat sat on the mat", "hello  world\n", "théé x", "<s>the</s> cat", " leading", "Zq"]:
+        ids = ours(text).input_ids
+        # add_bos_token is true in the file: herd (like llama.cpp) adds <s>; transformers' GGUF
+        # tokenizer ignores the flag. The rest (merges from scores, byte fallback) must agree.
+        assert ids[0] == 1 and ids[1:] == reference(text).input_ids, text
+        if "<" not in text:
+            assert ours.decode(ids, skip_special_tokens=True) == text

@@ -16,7 +16,8 @@ What is notable:
 - Tokenizer: `tokenizer.ggml.model == "gpt2"` (SmolLM2, Llama 3) is byte-level BPE, rebuilt with
   the `tokenizers` library from the vocabulary and merges; control tokens (token type 3) become
   special added tokens. The pre-tokenizer follows `tokenizer.ggml.pre` as llama.cpp does (SmolLM's
-  single digits, Llama 3's split pattern). SentencePiece-style vocabularies ("llama") are refused.
+  single digits, Llama 3's split pattern). SentencePiece vocabularies ("llama", Llama 2) become BPE
+  with byte fallback, their merges derived from the pieces' scores (GGUF stores no merges).
 - Only `general.architecture == "llama"` is read; other architectures are refused by name.
 """
 
@@ -55,7 +56,7 @@ _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _SKIPPED = {"rope_freqs.weight"}
 
 # token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
 # tokenizer.ggml.pre -> the regex llama.cpp splits text with before byte-level BPE (None: GPT-2's).
 _LLAMA3_PATTERN = (
@@ -201,37 +202,25 @@ class GGUFFile:
 
     def tokenizer(self) -> tuple[Any, dict[str, Any]]:
         """(tokenizers.Tokenizer, settings for PreTrainedTokenizerFast) from tokenizer.ggml.*."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
-        from tokenizers.models import BPE
+        from tokenizers import AddedToken
 
         kind = self._value("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise GGUFError(
-                f"{self.path} has a {kind!r} tokenizer; herd reads only byte-level BPE ('gpt2') GGUF "
-                "tokenizers. Load the tokenizer from the model's Hugging Face folder (tokenizer.json) instead."
-            )
         tokens = self._value("tokenizer.ggml.tokens")
-        merges = [tuple(merge.split(" ", 1)) for merge in self._value("tokenizer.ggml.merges", [])]
-        types = self._value("tokenizer.ggml.token_type") or [1] * len(tokens)
-        backend = Tokenizer(BPE({token: i for i, token in enumerate(tokens)}, merges, fuse_unk=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
-        pre = self._value("tokenizer.ggml.pre")
-        if pre == "smollm":  # llama.cpp: every digit on its own, then GPT-2's pattern
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level]
-            )
-        elif pre in ("llama-bpe", "llama3"):
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-            ])
+        types = self._value("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+        if kind == "gpt2":
+            backend = self._byte_level_bpe(tokens)
+        elif kind == "llama":
+            backend = self._sentencepiece_bpe(tokens, types)
         else:
-            backend.pre_tokenizer = byte_level
-        backend.decoder = decoders.ByteLevel()
+            raise GGUFError(
+                f"{self.path} has a {kind!r} tokenizer; herd reads GGUF tokenizers of kind 'gpt2' (byte-level "
+                "BPE) and 'llama' (SentencePiece BPE). Load the tokenizer from a folder with tokenizer.json instead."
+            )
+        special = (_CONTROL, _UNKNOWN) if kind == "llama" else (_CONTROL,)
         backend.add_tokens([
-            AddedToken(token, special=kind == _CONTROL, normalized=False)
-            for token, kind in zip(tokens, types)
-            if kind in (_CONTROL, _USER_DEFINED)
+            AddedToken(token, special=token_type in special, normalized=False)
+            for token, token_type in zip(tokens, types)
+            if token_type in special or token_type == _USER_DEFINED
         ])
 
         settings: dict[str, Any] = {
@@ -248,6 +237,57 @@ class GGUFFile:
         if context is not None:
             settings["model_max_length"] = int(context)
         return backend, settings
+
+    def _byte_level_bpe(self, tokens: list[str]) -> Any:
+        """GPT-2-style BPE over bytes mapped to printable characters, split first by llama.cpp's pattern."""
+        from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+        from tokenizers.models import BPE
+
+        merges = [tuple(merge.split(" ", 1)) for merge in self._value("tokenizer.ggml.merges", [])]
+        backend = Tokenizer(BPE({token: i for i, token in enumerate(tokens)}, merges, fuse_unk=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+        pre = self._value("tokenizer.ggml.pre")
+        if pre == "smollm":  # llama.cpp: every digit on its own, then GPT-2's pattern
+            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        elif pre in ("llama-bpe", "llama3"):
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ])
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        return backend
+
+    def _sentencepiece_bpe(self, tokens: list[str], types: list[int]) -> Any:
+        """A SentencePiece BPE vocabulary (Llama 2): spaces as "▁", unknown bytes as <0xNN> tokens.
+
+        GGUF keeps the pieces' scores but no merges: a piece made of two pieces is a merge, ranked by
+        the merged piece's score (how tokenizers' SentencePiece extractor converts such models).
+        """
+        from tokenizers import Tokenizer, decoders, normalizers
+        from tokenizers.models import BPE
+
+        scores = self._value("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        ids = {token: i for i, token in enumerate(tokens)}
+        merges = []
+        for token, token_type, score in zip(tokens, types, scores):
+            if token_type != _NORMAL:
+                continue
+            for cut in range(1, len(token)):
+                left, right = token[:cut], token[cut:]
+                if left in ids and right in ids:
+                    merges.append((-score, ids[left], ids[right], left, right))
+        merges.sort()
+        unk_id = self._value("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None else None
+        backend = Tokenizer(BPE(ids, [(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
+        prefix = bool(self._value("tokenizer.ggml.add_space_prefix", True))
+        replace = normalizers.Replace(" ", "\u2581")
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        return backend
 
     # -- weights, read like a safetensors file --
 
