@@ -58,7 +58,7 @@ _SKIPPED = {"rope_freqs.weight"}
 # token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
-# tokenizer.ggml.pre -> the regex llama.cpp splits text with before byte-level BPE (None: GPT-2's).
+# How Llama 3 (tokenizer.ggml.pre "llama-bpe") splits text before byte-level BPE, as its tokenizer.json.
 _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -136,10 +136,7 @@ class GGUFFile:
             raise GGUFError(
                 f"{self.path} holds a {self.architecture!r} model; herd reads only Llama-architecture GGUF files"
             )
-        self._tensors = {}
-        for tensor in self._reader.tensors:
-            name = self._hf_name(tensor.name)
-            self._tensors[name] = tensor
+        self._tensors = {self._hf_name(tensor.name): tensor for tensor in self._reader.tensors}
 
     # -- metadata --
 
@@ -206,6 +203,8 @@ class GGUFFile:
 
         kind = self._value("tokenizer.ggml.model")
         tokens = self._value("tokenizer.ggml.tokens")
+        if not tokens:
+            raise GGUFError(f"{self.path} holds no tokenizer (no tokenizer.ggml.tokens)")
         types = self._value("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
         if kind == "gpt2":
             backend = self._byte_level_bpe(tokens)
