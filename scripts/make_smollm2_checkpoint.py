@@ -1,8 +1,8 @@
 """Write SmolLM2-135M-Instruct (a real trained Llama-architecture chat model) as a Hugging Face folder.
 
-The only copy on this machine is a 4-bit GGUF file in ../shared/data. transformers (with the gguf
-package, both in herd's `test` extra) dequantizes it; the weights go into a plain LlamaForCausalLM,
-saved as float32 safetensors with the tokenizer and chat template (about 540 MB).
+The only copy on this machine is a 4-bit GGUF file in ../shared/data. herd reads it (dequantizing
+the weights to float32) and writes a plain LlamaForCausalLM folder: float32 safetensors, config,
+generation config, tokenizer and chat template (about 540 MB).
 
     python scripts/make_smollm2_checkpoint.py /tmp/smollm2
 """
@@ -17,18 +17,12 @@ GGUF = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "smo
 
 def build(folder: Path, gguf: Path = GGUF) -> Path:
     import torch
-    import transformers
 
-    source, name = str(gguf.parent), gguf.name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=name)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
-    config_dict = quantized.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = transformers.LlamaConfig(**{k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")})
-    plain = transformers.LlamaForCausalLM(config)
-    plain.load_state_dict(quantized.state_dict(), strict=False)
-    plain.tie_weights()
-    plain.save_pretrained(folder)
+    import herd
+
+    model = herd.AutoModelForCausalLM.from_pretrained(gguf, dtype=torch.float32, progress=False)
+    tokenizer = herd.AutoTokenizer.from_pretrained(gguf)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
 

@@ -93,7 +93,13 @@ class AutoConfig:
     @staticmethod
     def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
         hub_kwargs = pop_hub_kwargs(kwargs)
-        config_dict = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        from .quantization.gguf import gguf_path, open_gguf
+
+        gguf_file = gguf_path(pretrained_model_name_or_path, kwargs.pop("gguf_file", None))
+        if gguf_file is not None:
+            config_dict = open_gguf(gguf_file).config_dict()
+        else:
+            config_dict = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
         model_type = config_dict.get("model_type")
         if not model_type:
             raise ValueError(f"config.json of {pretrained_model_name_or_path} has no model_type")
@@ -126,7 +132,8 @@ class _AutoModel:
         config = kwargs.pop("config", None)
         if config is None:
             hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, gguf_file=kwargs.get("gguf_file"),
+                                                **hub_kwargs)
         return cls._class_for(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
     @classmethod

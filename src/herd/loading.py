@@ -5,7 +5,7 @@ shape, cast the dtype, place it on its device, assign it. Tensors stream from th
 device one at a time, so peak memory stays near the model's own size. Whatever does not fit
 (missing, unexpected or mismatched weights) is reported together as one `CheckpointError`.
 
-Only safetensors are read. Pickle-based files (`pytorch_model.bin`, `.pt`, `.pth`) can run code
+Only safetensors (and Llama GGUF files, through `quantization/gguf.py`) are read. Pickle-based files (`pytorch_model.bin`, `.pt`, `.pth`) can run code
 when loaded, so they are refused with a message on how to convert them; they are never opened.
 """
 
@@ -71,6 +71,10 @@ def find_checkpoint_files(folder: Path) -> list[Path]:
 
 
 def _open(path: Path, device: str = "cpu"):
+    if path.suffix.lower() == ".gguf":  # read like a safetensors file, dequantized on read
+        from .quantization.gguf import open_gguf
+
+        return open_gguf(path)
     try:
         return safe_open(str(path), framework="pt", device=device)
     except (SafetensorError, OSError, ValueError) as error:

@@ -26,7 +26,7 @@ logger = logging.getLogger("herd")
 
 # from_pretrained arguments of the reference that herd accepts and has no use for.
 _IGNORED_LOAD_KWARGS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init", "use_flash_attention_2", "key_mapping")
-_UNSUPPORTED_LOAD_KWARGS = ("quantization_config", "load_in_8bit", "load_in_4bit", "tp_plan", "gguf_file", "offload_folder")
+_UNSUPPORTED_LOAD_KWARGS = ("quantization_config", "load_in_8bit", "load_in_4bit", "tp_plan", "offload_folder")
 # Keys some older checkpoints carry that are derived from the config, never loaded.
 _DERIVED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -288,9 +288,14 @@ class PreTrainedModel(nn.Module):
         if "device" in kwargs and device_map is None:
             device_map = kwargs.pop("device")
         hub_kwargs = pop_hub_kwargs(kwargs)
-        folder = hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
+        from .quantization.gguf import gguf_path, open_gguf
 
-        if config is None or isinstance(config, (str, os.PathLike)):
+        gguf_file = gguf_path(pretrained_model_name_or_path, kwargs.pop("gguf_file", None))
+        folder = gguf_file.parent if gguf_file else hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
+
+        if gguf_file is not None and config is None:
+            config = cls.config_class.from_dict(open_gguf(gguf_file).config_dict())
+        elif config is None or isinstance(config, (str, os.PathLike)):
             config = cls.config_class.from_pretrained(config or folder)
         if not isinstance(config, cls.config_class) and isinstance(config.get_text_config(), cls.config_class):
             config = config.get_text_config()  # e.g. the text model of a multimodal checkpoint
@@ -298,8 +303,10 @@ class PreTrainedModel(nn.Module):
         _apply_config_overrides(config, kwargs)
         config = cls._prepare_config(config, attn_implementation)
 
-        files = loading.find_checkpoint_files(folder)
-        if dtype == "auto" or dtype is None:
+        files = [gguf_file] if gguf_file else loading.find_checkpoint_files(folder)
+        if gguf_file is not None and (dtype == "auto" or dtype is None):
+            torch_dtype = torch.float32  # dequantized weights, float32 unless asked (as transformers)
+        elif dtype == "auto" or dtype is None:
             torch_dtype = dtype_from_name(config.dtype) or loading.checkpoint_dtype(files) or torch.float32
         else:
             torch_dtype = dtype_from_name(dtype)
@@ -319,7 +326,7 @@ class PreTrainedModel(nn.Module):
         tied = model._tied_names()
         report.missing = [name for name in report.missing if name not in tied]
         model._initialise_missing_heads(report, device, torch_dtype)
-        report.raise_if_any(str(folder), cls.__name__)
+        report.raise_if_any(str(gguf_file or folder), cls.__name__)
         model.tie_weights()
         # Buffers derived from the config (rotary frequencies) were built on the CPU in float32.
         for module in model.modules():
@@ -328,7 +335,8 @@ class PreTrainedModel(nn.Module):
                     module._buffers[name] = buffer.to(device)
         model.config.dtype = str(torch_dtype).removeprefix("torch.")
         model.eval()
-        model._after_load(folder)
+        if gguf_file is None:  # a GGUF file's generation settings (bos/eos/pad) come with its config
+            model._after_load(folder)
         return model
 
     def _after_load(self, folder: Path) -> None:

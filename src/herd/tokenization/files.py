@@ -149,8 +149,6 @@ def split_from_pretrained_arguments(kwargs: dict) -> tuple[dict, dict]:
     hub_arguments = pop_hub_kwargs(kwargs)
     for key in _IGNORED_ARGUMENTS:
         kwargs.pop(key, None)
-    if kwargs.get("gguf_file"):
-        raise NotImplementedError("herd does not read tokenizers from GGUF files; use a folder with tokenizer.json")
     if hub_arguments.get("subfolder") is None:
         hub_arguments.pop("subfolder", None)
     return hub_arguments, kwargs

@@ -21,6 +21,7 @@ import numpy as np
 from tokenizers import AddedToken, Encoding, Tokenizer, processors
 
 from .. import hub
+from ..quantization.gguf import gguf_path, open_gguf
 from .chat_templates import TOKENIZER_TEMPLATE_SOURCES, normalize_chat_template, read_chat_template, render_chat
 from .encodings import BatchEncoding
 from .files import (
@@ -204,6 +205,14 @@ class PreTrainedTokenizerFast:
         if inputs:
             raise TypeError("from_pretrained takes the folder or Hub id, then keyword arguments only")
         hub_arguments, user_settings = split_from_pretrained_arguments(dict(kwargs))
+        gguf_file = gguf_path(pretrained_model_name_or_path, user_settings.pop("gguf_file", None))
+        if gguf_file is not None:  # the vocabulary, merges and settings stored in a GGUF file
+            backend, settings = open_gguf(gguf_file).tokenizer()
+            settings.update(user_settings)
+            settings["name_or_path"] = str(pretrained_model_name_or_path)
+            tokenizer = cls.__new__(cls)
+            tokenizer._setup(backend, settings, llama_style=False)
+            return tokenizer
         folder = tokenizer_folder(pretrained_model_name_or_path, hub_arguments)
         settings = folder_settings(folder)
         # The folder's chat template files may replace its config's "chat_template"; arguments win over both.

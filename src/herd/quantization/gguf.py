@@ -1,0 +1,326 @@
+"""Llama-architecture GGUF files (llama.cpp's format), read with the `gguf` package.
+
+A GGUF file holds a model's config, its tokenizer and its (often quantized) weights in one file.
+herd reads all three and dequantizes every weight to the requested dtype on load, so the model
+that comes out is a plain LlamaForCausalLM: nothing runs quantized.
+
+What is notable:
+- Names: llama.cpp's tensor names (`blk.N.attn_q.weight`, `token_embd.weight`, ...) are renamed
+  to the Hugging Face layout; the weights then go through herd's one loading path
+  (`loading.load_checkpoint`: shape check, dtype, device, one report of what does not fit).
+- Rotary layout: llama.cpp's converter reorders the rows of q_proj and k_proj within each head,
+  from the Hugging Face "rotate half" layout (first half, second half) to interleaved pairs
+  (x0, x_{d/2}, x1, ...). Reading undoes it: per head, rows (2, d/2) -> (d/2, 2) back.
+- Shapes: GGUF lists dimensions fastest-first (ggml's `ne`), the reverse of torch's order.
+- Tied embeddings: a file without `output.weight` ties the lm_head to `token_embd.weight`.
+- Tokenizer: `tokenizer.ggml.model == "gpt2"` (SmolLM2, Llama 3) is byte-level BPE, rebuilt with
+  the `tokenizers` library from the vocabulary and merges; control tokens (token type 3) become
+  special added tokens. The pre-tokenizer follows `tokenizer.ggml.pre` as llama.cpp does (SmolLM's
+  single digits, Llama 3's split pattern). SentencePiece vocabularies ("llama", Llama 2) become BPE
+  with byte fallback, their merges derived from the pieces' scores (GGUF stores no merges).
+- Only `general.architecture == "llama"` is read; other architectures are refused by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+GGUF_SUFFIX = ".gguf"
+
+# llama.cpp tensor name (layer part as N) -> Hugging Face name.
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Tensors derived from the config (llama.cpp stores Llama 3.1's rope frequencies): never loaded.
+_SKIPPED = {"rope_freqs.weight"}
+
+# token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+
+# How Llama 3 (tokenizer.ggml.pre "llama-bpe") splits text before byte-level BPE, as its tokenizer.json.
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class GGUFError(ValueError):
+    """A GGUF file herd cannot read (another architecture, an unsupported tokenizer, a broken file)."""
+
+
+def gguf_path(name_or_path: str | os.PathLike, gguf_file: str | os.PathLike | None = None) -> Path | None:
+    """The GGUF file meant by from_pretrained(name_or_path, gguf_file=...), or None for a plain folder."""
+    path = Path(name_or_path).expanduser()
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise FileNotFoundError(f"gguf_file={str(gguf_file)!r} needs a local folder, but {path} is not one")
+        file = path / gguf_file
+        if not file.is_file():
+            present = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
+            raise FileNotFoundError(
+                f"{gguf_file} is not in {path} (GGUF files there: {', '.join(present) or 'none'})"
+            )
+        return file
+    if path.suffix.lower() == GGUF_SUFFIX:
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return path
+    return None
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The GGUFFile of `path`, parsed once: config, tokenizer and weights loads of one file share it
+    (parsing the metadata of a 50k-token vocabulary takes seconds)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _open_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(path)
+
+
+def _reverse_rotary_permutation(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order. Per head, llama.cpp's rows are (half, 2): pairs interleaved;
+    the Hugging Face rotate-half layout is (2, half): first halves, then second halves."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+class _Shape:
+    def __init__(self, shape: tuple[int, ...]):
+        self._shape = shape
+
+    def get_shape(self) -> list[int]:
+        return list(self._shape)
+
+
+class GGUFFile:
+    """One GGUF file: its config, tokenizer and weights.
+
+    It also reads like a safetensors file for `loading.load_checkpoint` (`keys`, `get_slice(key).
+    get_shape()`, `get_tensor(key)`, a context manager), its keys already in the Hugging Face layout.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+        except (ValueError, OSError, IndexError, KeyError) as error:
+            raise GGUFError(f"cannot read {self.path}: it is truncated or not a GGUF file ({error})") from None
+        self.architecture = self._value("general.architecture")
+        if self.architecture != "llama":
+            raise GGUFError(
+                f"{self.path} holds a {self.architecture!r} model; herd reads only Llama-architecture GGUF files"
+            )
+        self._tensors = {self._hf_name(tensor.name): tensor for tensor in self._reader.tensors}
+
+    # -- metadata --
+
+    def _value(self, key: str, default: Any = None) -> Any:
+        field = self._reader.fields.get(key)
+        if field is None or not field.data:
+            return default
+        value = field.contents()
+        return value
+
+    def _llama(self, key: str, default: Any = None) -> Any:
+        return self._value(f"llama.{key}", default)
+
+    def config_dict(self) -> dict[str, Any]:
+        """LlamaConfig arguments from the llama.* and tokenizer.ggml.* metadata."""
+        hidden_size = int(self._llama("embedding_length"))
+        heads = int(self._llama("attention.head_count"))
+        head_dim = self._llama("attention.key_length") or self._llama("rope.dimension_count") or hidden_size // heads
+        vocab_size = self._llama("vocab_size")
+        if vocab_size is None:
+            vocab_size = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        config: dict[str, Any] = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": int(vocab_size),
+            "hidden_size": hidden_size,
+            "intermediate_size": int(self._llama("feed_forward_length")),
+            "num_hidden_layers": int(self._llama("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._llama("attention.head_count_kv", heads)),
+            "head_dim": int(head_dim),
+            "max_position_embeddings": int(self._llama("context_length", 2048)),
+            "rms_norm_eps": float(self._llama("attention.layer_norm_rms_epsilon", 1e-5)),
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
+        }
+        rope = {"rope_type": "default", "rope_theta": float(self._llama("rope.freq_base", 10000.0))}
+        scaling = self._llama("rope.scaling.type")
+        if scaling not in (None, "none"):
+            rope["rope_type"] = scaling
+            rope["factor"] = float(self._llama("rope.scaling.factor", 1.0))
+            original = self._llama("rope.scaling.original_context_length")
+            if original is not None:
+                rope["original_max_position_embeddings"] = int(original)
+        config["rope_parameters"] = rope
+        config.update(self.special_token_ids())
+        return config
+
+    def special_token_ids(self) -> dict[str, int]:
+        """bos/eos/pad/unk token ids, the generation config's as well as the tokenizer's."""
+        ids = {}
+        for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
+                          ("unk", "unknown_token_id")):
+            value = self._value(f"tokenizer.ggml.{key}")
+            if value is not None:
+                ids[f"{name}_token_id"] = int(value)
+        return ids
+
+    # -- tokenizer --
+
+    def tokenizer(self) -> tuple[Any, dict[str, Any]]:
+        """(tokenizers.Tokenizer, settings for PreTrainedTokenizerFast) from tokenizer.ggml.*."""
+        from tokenizers import AddedToken
+
+        kind = self._value("tokenizer.ggml.model")
+        tokens = self._value("tokenizer.ggml.tokens")
+        if not tokens:
+            raise GGUFError(f"{self.path} holds no tokenizer (no tokenizer.ggml.tokens)")
+        types = self._value("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+        if kind == "gpt2":
+            backend = self._byte_level_bpe(tokens)
+        elif kind == "llama":
+            backend = self._sentencepiece_bpe(tokens, types)
+        else:
+            raise GGUFError(
+                f"{self.path} has a {kind!r} tokenizer; herd reads GGUF tokenizers of kind 'gpt2' (byte-level "
+                "BPE) and 'llama' (SentencePiece BPE). Load the tokenizer from a folder with tokenizer.json instead."
+            )
+        special = (_CONTROL, _UNKNOWN) if kind == "llama" else (_CONTROL,)
+        backend.add_tokens([
+            AddedToken(token, special=token_type in special, normalized=False)
+            for token, token_type in zip(tokens, types)
+            if token_type in special or token_type == _USER_DEFINED
+        ])
+
+        settings: dict[str, Any] = {
+            "add_bos_token": bool(self._value("tokenizer.ggml.add_bos_token", False)),
+            "add_eos_token": bool(self._value("tokenizer.ggml.add_eos_token", False)),
+        }
+        for name, token_id in self.special_token_ids().items():
+            if 0 <= token_id < len(tokens):
+                settings[name.removesuffix("_id")] = tokens[token_id]
+        template = self._value("tokenizer.chat_template")
+        if template is not None:
+            settings["chat_template"] = template
+        context = self._llama("context_length")
+        if context is not None:
+            settings["model_max_length"] = int(context)
+        return backend, settings
+
+    def _byte_level_bpe(self, tokens: list[str]) -> Any:
+        """GPT-2-style BPE over bytes mapped to printable characters, split first by llama.cpp's pattern."""
+        from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+        from tokenizers.models import BPE
+
+        merges = [tuple(merge.split(" ", 1)) for merge in self._value("tokenizer.ggml.merges", [])]
+        backend = Tokenizer(BPE({token: i for i, token in enumerate(tokens)}, merges, fuse_unk=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+        pre = self._value("tokenizer.ggml.pre")
+        if pre == "smollm":  # llama.cpp: every digit on its own, then GPT-2's pattern
+            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        elif pre in ("llama-bpe", "llama3"):
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ])
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        return backend
+
+    def _sentencepiece_bpe(self, tokens: list[str], types: list[int]) -> Any:
+        """A SentencePiece BPE vocabulary (Llama 2): spaces as "▁", unknown bytes as <0xNN> tokens.
+
+        GGUF keeps the pieces' scores but no merges: a piece made of two pieces is a merge, ranked by
+        the merged piece's score (how tokenizers' SentencePiece extractor converts such models).
+        """
+        from tokenizers import Tokenizer, decoders, normalizers
+        from tokenizers.models import BPE
+
+        scores = self._value("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        ids = {token: i for i, token in enumerate(tokens)}
+        merges = []
+        for token, token_type, score in zip(tokens, types, scores):
+            if token_type != _NORMAL:
+                continue
+            for cut in range(1, len(token)):
+                left, right = token[:cut], token[cut:]
+                if left in ids and right in ids:
+                    merges.append((-score, ids[left], ids[right], left, right))
+        merges.sort()
+        unk_id = self._value("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None else None
+        backend = Tokenizer(BPE(ids, [(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
+        prefix = bool(self._value("tokenizer.ggml.add_space_prefix", True))
+        replace = normalizers.Replace(" ", "\u2581")
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        return backend
+
+    # -- weights, read like a safetensors file --
+
+    def _hf_name(self, name: str) -> str:
+        if name in _GLOBAL_NAMES:
+            return _GLOBAL_NAMES[name]
+        match = _LAYER_PATTERN.fullmatch(name)
+        if match and match.group(2) in _LAYER_NAMES:
+            layer, part, leaf = match.groups()
+            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{leaf}"
+        return name  # unknown: reported as unexpected by the loader (or skipped, see _SKIPPED)
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def keys(self) -> list[str]:
+        return [name for name in self._tensors if name not in _SKIPPED]
+
+    def get_slice(self, key: str) -> _Shape:
+        # ggml lists dimensions fastest-first: reversed, they are torch's (out_features, in_features).
+        return _Shape(tuple(int(n) for n in reversed(self._tensors[key].shape)))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        import gguf
+
+        tensor = self._tensors[key]
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        if key.endswith("self_attn.q_proj.weight") or key.endswith("self_attn.q_proj.bias"):
+            weight = _reverse_rotary_permutation(weight, int(self._llama("attention.head_count")))
+        elif key.endswith("self_attn.k_proj.weight") or key.endswith("self_attn.k_proj.bias"):
+            heads = int(self._llama("attention.head_count"))
+            weight = _reverse_rotary_permutation(weight, int(self._llama("attention.head_count_kv", heads)))
+        return torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the file is mapped read-only
