@@ -651,9 +651,24 @@ def test_from_pretrained_overrides(folder):
     assert loaded.tokenizer.padding_side == "left"
 
 
-def test_mixing_text_only_and_image_prompts_is_refused_as_in_the_reference(processor, reference, photos):
-    # transformers 5.17 refuses this batch ("either no images or at least one image per sample");
-    # herd does too, naming the text-only row (the model itself handles such rows: see
-    # test_modeling_mllama test_text_only_row_in_an_image_batch_generates_like_reference).
-    assert_both_raise(reference, processor, r"Sample\(s\) \[1\]", text=["<|image|>hi", "no image"],
-                      images=[[photos["astronaut"]], []])
+def test_a_text_only_prompt_in_a_batch_with_images(processor, reference, photos):
+    """Accepted (transformers 5.23 does; 5.17, pinned here, refused it): the image row gets what the
+    reference gives it alone, the text-only row the tokenizer's ids, no pixels and an all-zero
+    cross-attention mask."""
+    texts = ["<|image|>What is in this photo?", "Just text, no image"]
+    out = processor(text=texts, images=[[photos["astronaut"]], []], padding=True, return_tensors="pt")
+    alone = reference(text=texts[:1], images=[[photos["astronaut"]]], return_tensors="pt")
+    real = out["attention_mask"].bool()
+    assert out["input_ids"][0][real[0]].tolist() == alone["input_ids"][0].tolist()
+    assert torch.equal(out["cross_attention_mask"][0][real[0]], alone["cross_attention_mask"][0])
+    for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        assert torch.equal(torch.as_tensor(out[name][0]), torch.as_tensor(alone[name][0])), name
+    text_only = processor(text=texts[1:], return_tensors="pt")
+    assert out["input_ids"][1][real[1]].tolist() == text_only["input_ids"][0].tolist()
+    assert not out["cross_attention_mask"][1].any()
+    assert not torch.as_tensor(out["pixel_values"][1]).any() and not out["aspect_ratio_ids"][1].any()
+
+
+def test_images_must_be_nested_per_sample_with_a_text_only_prompt(processor, photos):
+    with pytest.raises(ValueError, match="for a text-only sample"):
+        processor(text=["<|image|>hi", "no image"], images=[photos["astronaut"]])

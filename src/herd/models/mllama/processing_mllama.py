@@ -97,7 +97,9 @@ def _texts_of(text: Any) -> list[str]:
 
 
 def _check_image_counts(tokens_per_text: list[int], images_per_sample: list[int] | None, image_token: str) -> None:
-    """Every sample's text must have one image token per image of that sample."""
+    """Every sample's text must have one image token per image of that sample. A text-only sample
+    in a batch with images has none of either: its cross-attention mask is all zeros, and the
+    model gives such rows nothing of the images."""
     if images_per_sample is None:
         if sum(tokens_per_text) > 0:
             rows = [index for index, count in enumerate(tokens_per_text) if count]
@@ -111,17 +113,11 @@ def _check_image_counts(tokens_per_text: list[int], images_per_sample: list[int]
             f"{sum(images_per_sample)} image(s) were given but the text has no {image_token} token: put one "
             f"{image_token} in the text where each image belongs"
         )
-    without_image = [index for index, count in enumerate(tokens_per_text) if count == 0]
-    if without_image:
-        raise ValueError(
-            f"Sample(s) {without_image} of the batch have no {image_token} token while others have some. With "
-            "images, every sample needs at least one image (as in transformers, Mllama's processor cannot mix "
-            "text-only and image samples in one batch); process text-only prompts in a separate call."
-        )
     if len(tokens_per_text) != len(images_per_sample):
         hint = ""
-        if len(images_per_sample) == 1 and sum(images_per_sample) == sum(tokens_per_text):
-            hint = " Pass the images as a nested list, one list of images per sample: [[img1], [img2, img3]]."
+        if sum(images_per_sample) == sum(tokens_per_text):
+            hint = (" Pass the images as a nested list, one list of images per sample, [] for a text-only "
+                    "sample: [[img1], [], [img2, img3]].")
         raise ValueError(
             f"{len(tokens_per_text)} text(s) were given but images for {len(images_per_sample)} sample(s) "
             f"({image_token} tokens per text: {tokens_per_text}; images per sample: {images_per_sample}).{hint}"
