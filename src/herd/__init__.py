@@ -27,6 +27,8 @@ from .generation import (
     TextIteratorStreamer,
     TextStreamer,
 )
+from .generation.logits_process import LogitsProcessor, LogitsProcessorList
+from .generation.stopping import MaxLengthCriteria, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList
 from .loading import CheckpointError, UnsafeCheckpointError
 from .modeling_utils import PreTrainedModel
 from .models.llama import (
@@ -67,6 +69,7 @@ from .models.mllama import (
     MllamaVisionModel,
 )
 from .pipelines import TextGenerationPipeline, pipeline
+from .seeding import set_seed
 from .tokenization import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
 __all__ = [
@@ -89,6 +92,13 @@ __all__ = [
     "GenerateDecoderOnlyOutput",
     "GenerationConfig",
     "GenerationMixin",
+    "LogitsProcessor",
+    "LogitsProcessorList",
+    "MaxLengthCriteria",
+    "MaxTimeCriteria",
+    "StoppingCriteria",
+    "StoppingCriteriaList",
+    "set_seed",
     "Llama4Config",
     "Llama4ForCausalLM",
     "Llama4ForConditionalGeneration",

@@ -214,8 +214,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"the prompt is {length} tokens, {length - context + 1} more than the model's context of "
                        f"{context} tokens leaves room for (one new token at least); shorten the prompt")
     if context is not None and length + args.max_new_tokens > context:
-        raise CLIError(f"the prompt ({length} tokens) + --max-new-tokens {args.max_new_tokens} exceed the model's "
-                       f"context of {context} tokens; use --max-new-tokens {context - length} or less")
+        # as generate() does: up to the context, said once
+        print(f"herd: note: the prompt ({length} tokens) + --max-new-tokens {args.max_new_tokens} exceed the model's "
+              f"context of {context} tokens; generating at most {context - length}", file=sys.stderr, flush=True)
+        kwargs["max_new_tokens"] = context - length
     streamer = _CollectingStreamer(tokenizer)
     if not args.chat and not args.system:
         sys.stdout.write(args.prompt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -212,11 +214,21 @@ def test_stop_strings_match_reference(spm_pair):
         ours.generate(**ids, max_new_tokens=3, stop_strings="x")
 
 
+def test_a_prompt_near_the_context_generates_up_to_it_and_warns_once(pair, caplog):
+    _, ours = pair
+    with caplog.at_level(logging.WARNING, logger="herd"):
+        out = ours.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=20, do_sample=False, eos_token_id=None)
+    assert out.shape == (1, 128)  # the context, not 140
+    warnings = [record.getMessage() for record in caplog.records if "context" in record.getMessage()]
+    assert warnings == ["prompt (120 tokens) + 20 new tokens exceeds the model's context of 128 positions: "
+                        "generating at most 8 new tokens"]
+
+
 def test_generate_errors(pair):
     _, ours = pair
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ValueError, match="exceeds the model's context of 128"):
-        ours.generate(torch.ones(1, 120, dtype=torch.long), max_new_tokens=20)
+    with pytest.raises(ValueError, match="the prompt has 130 tokens, 3 more than the model's context of 128"):
+        ours.generate(torch.ones(1, 130, dtype=torch.long), max_new_tokens=20)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
         ours.generate(ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature must be > 0"):

@@ -12,11 +12,30 @@ import torch
 
 from .configuration import GenerationConfig
 
-LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# What herd's own processors are: plain callables of (input_ids, scores) -> scores.
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LogitsProcessor:
+    """A user's logits processor, as in transformers: `__call__(input_ids (batch, seq), scores
+    (batch, vocab))` returns new scores. (herd's own processors are plain callables of the same
+    signature.)"""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(input_ids, scores)")
+
+
+class LogitsProcessorList(list):
+    """Processors applied in order; generate(logits_processor=...) runs them after herd's own."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
 FILTERED = -float("inf")
 
 
-def repetition_penalty(penalty: float, left_padding: torch.Tensor | None = None) -> LogitsProcessor:
+def repetition_penalty(penalty: float, left_padding: torch.Tensor | None = None) -> Processor:
     """Tokens already in the sequence: negative scores multiplied by `penalty`, positive ones divided.
 
     left_padding (batch,): how many leading positions of each row are padding. They are not part
@@ -36,7 +55,7 @@ def repetition_penalty(penalty: float, left_padding: torch.Tensor | None = None)
     return process
 
 
-def suppress_eos_before(min_length: int, eos_ids: torch.Tensor, prompt_length: int = 0) -> LogitsProcessor:
+def suppress_eos_before(min_length: int, eos_ids: torch.Tensor, prompt_length: int = 0) -> Processor:
     """No eos until the sequence (minus `prompt_length`) has `min_length` tokens."""
 
     def process(input_ids, scores):
@@ -48,11 +67,11 @@ def suppress_eos_before(min_length: int, eos_ids: torch.Tensor, prompt_length: i
     return process
 
 
-def temperature(value: float) -> LogitsProcessor:
+def temperature(value: float) -> Processor:
     return lambda input_ids, scores: scores / value
 
 
-def top_k(k: int, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+def top_k(k: int, min_tokens_to_keep: int = 1) -> Processor:
     k = max(k, min_tokens_to_keep)
 
     def process(input_ids, scores):
@@ -62,7 +81,7 @@ def top_k(k: int, min_tokens_to_keep: int = 1) -> LogitsProcessor:
     return process
 
 
-def top_p(p: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+def top_p(p: float, min_tokens_to_keep: int = 1) -> Processor:
     """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
 
     def process(input_ids, scores):
@@ -76,7 +95,7 @@ def top_p(p: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
     return process
 
 
-def min_p(p: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+def min_p(p: float, min_tokens_to_keep: int = 1) -> Processor:
     """Drop tokens less likely than p times the most likely one."""
 
     def process(input_ids, scores):
@@ -89,7 +108,7 @@ def min_p(p: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
     return process
 
 
-def typical_p(mass: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+def typical_p(mass: float, min_tokens_to_keep: int = 1) -> Processor:
     """Keep the tokens whose surprise is closest to the distribution's entropy, until they hold `mass`."""
 
     def process(input_ids, scores):
@@ -112,7 +131,7 @@ def _drop_below(threshold, scores: torch.Tensor, min_tokens_to_keep: int) -> tor
     return scores.masked_fill((scores.softmax(dim=-1) < threshold) & (scores < kth_best), FILTERED)
 
 
-def epsilon_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+def epsilon_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> Processor:
     return lambda input_ids, scores: _drop_below(epsilon, scores, min_tokens_to_keep)
 
 
@@ -121,7 +140,7 @@ def _entropy(scores: torch.Tensor) -> torch.Tensor:
     return torch.distributions.Categorical(logits=scores).entropy()
 
 
-def eta_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
+def eta_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> Processor:
     """Epsilon cutoff whose threshold shrinks with the entropy: min(eps, sqrt(eps) * exp(-entropy))."""
     epsilon_tensor = torch.tensor(epsilon)
 
@@ -133,7 +152,7 @@ def eta_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> LogitsProcessor:
     return process
 
 
-def top_h(fraction: float, candidates: int = 100) -> LogitsProcessor:
+def top_h(fraction: float, candidates: int = 100) -> Processor:
     """Among the best `candidates` tokens, keep the most likely ones while their summed entropy terms stay
     within `fraction` of the candidates' entropy (the best token always)."""
 
@@ -165,7 +184,7 @@ def _as_bias_dict(sequence_bias) -> dict[tuple[int, ...], float]:
     return {tuple(ids): bias for ids, bias in pairs}
 
 
-def sequence_bias(biases: dict[tuple[int, ...], float]) -> LogitsProcessor:
+def sequence_bias(biases: dict[tuple[int, ...], float]) -> Processor:
     """Add a bias to a sequence's last token when the tokens before it end the input (single tokens: always).
 
     Biases are summed into one tensor in the order given, then added to the scores, as in the reference.
@@ -192,7 +211,7 @@ def sequence_bias(biases: dict[tuple[int, ...], float]) -> LogitsProcessor:
     return process
 
 
-def bad_words(bad_words_ids: list[list[int]], eos_ids: torch.Tensor | None) -> LogitsProcessor:
+def bad_words(bad_words_ids: list[list[int]], eos_ids: torch.Tensor | None) -> Processor:
     """Never complete a bad word: a sequence bias of -inf (a lone eos is not banned, as in the reference)."""
     if not isinstance(bad_words_ids, list) or not bad_words_ids or any(
         not isinstance(word, list) or any(not isinstance(t, int) or t < 0 for t in word) for word in bad_words_ids
@@ -203,7 +222,7 @@ def bad_words(bad_words_ids: list[list[int]], eos_ids: torch.Tensor | None) -> L
     return sequence_bias({tuple(word): FILTERED for word in words})
 
 
-def no_repeat_ngram(n: int) -> LogitsProcessor:
+def no_repeat_ngram(n: int) -> Processor:
     """Ban every token that would repeat an n-gram already in the sequence."""
 
     def process(input_ids, scores):
@@ -222,7 +241,7 @@ def no_repeat_ngram(n: int) -> LogitsProcessor:
     return process
 
 
-def force_tokens_at(length: int, token_ids: int | list[int]) -> LogitsProcessor:
+def force_tokens_at(length: int, token_ids: int | list[int]) -> Processor:
     """When the sequence has `length` tokens, only `token_ids` are possible (score 0, the rest -inf)."""
 
     def process(input_ids, scores):
@@ -243,7 +262,7 @@ def remove_invalid_values(input_ids, scores):
     return torch.where(scores == -float("inf"), finite.min, cleaned)
 
 
-def exponential_decay_length_penalty(start: int, factor: float, eos_ids: torch.Tensor, prompt_length: int) -> LogitsProcessor:
+def exponential_decay_length_penalty(start: int, factor: float, eos_ids: torch.Tensor, prompt_length: int) -> Processor:
     """After `start` new tokens, raise eos scores by |score| * (factor ** tokens_past_start - 1)."""
     regulation_start = start + prompt_length
 
@@ -259,7 +278,7 @@ def exponential_decay_length_penalty(start: int, factor: float, eos_ids: torch.T
     return process
 
 
-def suppress_tokens(token_ids, at_length: int | None = None) -> LogitsProcessor:
+def suppress_tokens(token_ids, at_length: int | None = None) -> Processor:
     """`token_ids` get -inf (only when the sequence has `at_length` tokens, if given)."""
     token_ids = torch.tensor(list(token_ids), dtype=torch.long)
 
@@ -277,14 +296,14 @@ def renormalize(input_ids, scores):
 
 
 def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int,
-                            left_padding: torch.Tensor | None = None) -> list[LogitsProcessor]:
+                            left_padding: torch.Tensor | None = None) -> list[Processor]:
     """The processors `config` asks for, in the reference's order (_get_logits_processor): the order
     changes the scores (e.g. a bias before or after a penalty), so it is kept exactly.
 
     `config.max_length` is the final length (prompt included) and `config.min_length` already
     accounts for min_new_tokens (see GenerationMixin._check_lengths).
     """
-    processors: list[LogitsProcessor] = []
+    processors: list[Processor] = []
     if config.sequence_bias is not None:
         processors.append(sequence_bias(_as_bias_dict(config.sequence_bias)))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
@@ -340,7 +359,7 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
     return processors
 
 
-def apply_processors(processors: list[LogitsProcessor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def apply_processors(processors: list[Processor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     for process in processors:
         scores = process(input_ids, scores)
     return scores

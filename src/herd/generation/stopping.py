@@ -1,4 +1,4 @@
-"""When a row is done: an eos id, a stop string, or the length limit."""
+"""When a row is done: an eos id, a stop string, a user's stopping criteria, or the length limit."""
 
 from __future__ import annotations
 
@@ -51,3 +51,61 @@ class StopStrings:
     def _ends_after(text: str, stop: str, boundary: int) -> bool:
         start = text.find(stop, max(0, boundary - len(stop) + 1))
         return start != -1 and start + len(stop) > boundary
+
+
+class StoppingCriteria:
+    """A user's rule for when rows are done, as in transformers: `__call__(input_ids (batch, seq),
+    scores (batch, vocab) or None)` returns a bool tensor (batch,) (or one bool for every row)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs: Any) -> torch.Tensor | bool:
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(input_ids, scores)")
+
+
+class StoppingCriteriaList(list):
+    """Criteria of which any one stops a row."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for criteria in self:
+            done = done | torch.as_tensor(criteria(input_ids, scores, **kwargs), device=input_ids.device).bool()
+        return done
+
+
+class MaxLengthCriteria(StoppingCriteria):
+    """Rows are done once the sequence holds `max_length` tokens (prompt included)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.max_length, device=input_ids.device)
+
+
+class MaxTimeCriteria(StoppingCriteria):
+    """Rows are done once `max_time` seconds have passed since `initial_timestamp` (the criteria's creation)."""
+
+    def __init__(self, max_time: float, initial_timestamp: float | None = None):
+        import time
+
+        self.max_time = max_time
+        self.initial_timestamp = time.time() if initial_timestamp is None else initial_timestamp
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import time
+
+        elapsed = time.time() - self.initial_timestamp > self.max_time
+        return torch.full((input_ids.shape[0],), elapsed, device=input_ids.device)
+
+
+class StopChecks:
+    """Every rule checked after each new token besides eos: stop strings and the user's criteria."""
+
+    def __init__(self, stop_strings: StopStrings | None, criteria: list | None):
+        self.stop_strings = stop_strings
+        self.criteria = StoppingCriteriaList(criteria or [])
+
+    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        done = self.criteria(sequences, scores)
+        if self.stop_strings is not None:
+            done = done | self.stop_strings(sequences)
+        return done

@@ -25,7 +25,7 @@ from ..decoding.decoders import PlainDecoder, choose_decoder
 from ..modeling_outputs import ModelOutput
 from .configuration import GenerationConfig
 from .logits_process import apply_processors, build_logits_processors
-from .stopping import StopStrings, ends_with_eos
+from .stopping import StopChecks, StopStrings, ends_with_eos
 
 logger = logging.getLogger("herd")
 
@@ -110,11 +110,17 @@ class GenerationMixin:
             )
         rope_type = getattr(text_config, "rope_parameters", {}).get("rope_type")
         if context is not None and rope_type != "dynamic" and max_length > context:
-            raise ValueError(
-                f"prompt ({prompt_length} tokens) + max_new_tokens ({max_length - prompt_length}) = {max_length} "
-                f"exceeds the model's context of {context} positions (max_position_embeddings); "
-                f"shorten the prompt or ask for at most {context - prompt_length} new tokens"
-            )
+            if prompt_length >= context:
+                raise ValueError(
+                    f"the prompt has {prompt_length} tokens, {prompt_length - context + 1} more than the model's "
+                    f"context of {context} positions (max_position_embeddings) leaves room for one new token; "
+                    "shorten the prompt"
+                )
+            # As transformers users expect: generate up to the context (the answer ends for length).
+            logger.warning("prompt (%d tokens) + %d new tokens exceeds the model's context of %d positions: "
+                           "generating at most %d new tokens", prompt_length, max_length - prompt_length, context,
+                           context - prompt_length)
+            max_length = context
         if config.min_new_tokens and config.min_new_tokens > max_length - prompt_length:
             raise ValueError(f"min_new_tokens ({config.min_new_tokens}) exceeds the number of new tokens allowed ({max_length - prompt_length})")
         if config.min_new_tokens is not None:
@@ -155,6 +161,9 @@ class GenerationMixin:
         # (use_cache is a generation field: config.update took it, the decoders read it)
         for key in ("output_attentions", "output_hidden_states", "return_dict"):
             model_kwargs.pop(key, None)
+        # The user's own processors (run after herd's, as transformers appends them) and stopping criteria.
+        custom_processors = list(model_kwargs.pop("logits_processor", None) or [])
+        stopping_criteria = list(model_kwargs.pop("stopping_criteria", None) or [])
         if model_kwargs:
             raise TypeError(f"generate() got arguments it does not know: {', '.join(sorted(model_kwargs))}")
 
@@ -171,30 +180,34 @@ class GenerationMixin:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
 
         stop_strings = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
+        # stop_checks: every per-token rule besides eos, or None (then greedy may run in blocks)
+        stop_checks = StopChecks(stop_strings, stopping_criteria) if stop_strings or stopping_criteria else None
         max_length = self._check_lengths(config, input_ids.shape[1])
-        return self._generate(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+        config._custom_processors = custom_processors
+        return self._generate(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                               past_key_values, streamer, generator, extra)
 
-    def _generate(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+    def _generate(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                   past_key_values, streamer, generator, extra):
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("streamers work with greedy and sampled decoding, not beam search")
             extra = _expand_rows(extra, input_ids.shape[0], config.num_beams)
             return self._beam_search(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length,
-                                     stop_strings, past_key_values, generator, extra)
+                                     stop_checks, past_key_values, generator, extra)
         if config.num_return_sequences > 1:
             extra = _expand_rows(extra, input_ids.shape[0], config.num_return_sequences)
             input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
-        return self._sample(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+        return self._sample(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                             past_key_values, streamer, generator, extra)
 
     # --- greedy and sampling ------------------------------------------------------------------
-    def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+    def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
         processors = build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask))
+        processors += config._custom_processors
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
         forward_kwargs = {}
@@ -206,17 +219,18 @@ class GenerationMixin:
         cache = decoder.start(input_ids.shape[0], max_length)
         # The host asks "is every row done?" only every few tokens on the fast path (each question
         # waits for the device); rows that finished meanwhile get padding, trimmed off at the end.
-        sync_interval = decoder.sync_interval if stop_strings is None and streamer is None else 1
+        sync_interval = decoder.sync_interval if stop_checks is None and streamer is None else 1
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        can_finish = eos_ids is not None or stop_strings is not None  # else every row runs to max_length
+        can_finish = eos_ids is not None or stop_checks is not None  # else every row runs to max_length
         # The fast path's logits live in the graph's output until the next step; keep a copy only
         # where they outlive it.
         keep_logits = want and (config.output_scores or config.output_logits)
         # Plain greedy decoding chooses tokens in blocks of sync_interval (on the fast path inside
         # the captured graph: a block is that many replays and nothing else).
-        greedy_blocks = not config.do_sample and not processors and streamer is None and not keep_logits
+        greedy_blocks = (not config.do_sample and not processors and streamer is None and not keep_logits
+                         and stop_checks is None)
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         any_unfinished = []  # per new token: was some row still running after it? (device scalars)
         # Tokens the cache has not seen yet: the whole prompt.
@@ -242,8 +256,8 @@ class GenerationMixin:
             input_ids = torch.cat([input_ids, block], dim=-1)
             if streamer is not None:
                 streamer.put(block[:, 0].cpu())
-            if stop_strings is not None:  # one token per step here: a stop string ends the row after it
-                unfinished &= ~stop_strings(input_ids)
+            if stop_checks is not None:  # one token per step here: a stop string ends the row after it
+                unfinished &= ~stop_checks(input_ids, None if logits is None else next_scores)
                 any_unfinished[-1] = unfinished.any()
             new_tokens = input_ids.shape[1] - prompt_length
             if input_ids.shape[1] >= max_length:
@@ -276,7 +290,7 @@ class GenerationMixin:
         )
 
     # --- beam search --------------------------------------------------------------------------
-    def _beam_search(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_strings,
+    def _beam_search(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                      past_key_values, generator, extra):
         """Beam search with the reference's bookkeeping, so it returns the same beams.
 
@@ -293,6 +307,7 @@ class GenerationMixin:
         # (batch * beams,): the processors see every beam of a row as a row of its own
         processors = build_logits_processors(config, eos_ids, prompt_length,
                                              _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)))
+        processors += config._custom_processors
         # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
         fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
 
@@ -338,8 +353,8 @@ class GenerationMixin:
 
             flat_picked = picked_sequences[:, :, : cur_len + 1].reshape(-1, cur_len + 1)
             stops = ends_with_eos(flat_picked, eos_ids)
-            if stop_strings is not None:
-                stops |= stop_strings(flat_picked)
+            if stop_checks is not None:
+                stops |= stop_checks(flat_picked)
             if cur_len + 1 >= max_length:
                 stops[:] = True
             stops = stops.view(batch_size, beams_to_keep)
@@ -399,7 +414,9 @@ def _finish_rows(block: torch.Tensor, unfinished: torch.Tensor, eos_ids, pad_tok
     this block or before it) become padding. Returns the block and which rows still run after it;
     appends, per token, whether any row still ran (device scalars: no host sync)."""
     eos_so_far = torch.isin(block, eos_ids).long().cumsum(dim=1) > 0 if eos_ids is not None else torch.zeros_like(block, dtype=torch.bool)
-    if pad_token_id is not None:
+    if pad_token_id is not None and eos_ids is not None:
+        # as transformers: finished rows are padded only when eos is one of the stopping rules (rows
+        # that only a stop string or a user's criteria ended run on until every row is done)
         eos_before = torch.cat([torch.zeros_like(eos_so_far[:, :1]), eos_so_far[:, :-1]], dim=1)
         block = torch.where(~unfinished[:, None] | eos_before, pad_token_id, block)
     running = unfinished[:, None] & ~eos_so_far  # (batch, steps)
