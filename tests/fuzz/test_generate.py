@@ -87,7 +87,8 @@ def test_generate_left_padded(config, seed, attn, data):
 def test_repetition_penalty_on_left_padded_rows(config, seed, data):
     ids, mask = data.draw(left_padded(config["vocab_size"], max_len=10, padded=True, max_batch=3), label="prompts")
     kwargs = data.draw(generation_kwargs(repetition=False), label="generate kwargs")
-    kwargs["repetition_penalty"] = data.draw(st.sampled_from([0.5, 1.5, 3.0]), label="repetition_penalty")
+    # strong penalties, so that whether the pad tokens count as seen changes the tokens
+    kwargs["repetition_penalty"] = data.draw(st.sampled_from([0.05, 0.5, 1.5, 20.0]), label="repetition_penalty")
     with model_pair("llama", config, seed=seed) as pair:
         _generate_both(pair, ids, mask, kwargs, data.draw(seeds(), label="sampling seed"), data)
 
@@ -125,6 +126,16 @@ def test_generate_without_cache(config, seed, data):
     kwargs["use_cache"] = False
     with model_pair("llama", config, seed=seed) as pair:
         _generate_both(pair, ids, mask, kwargs, data.draw(seeds(), label="sampling seed"), data)
+        reference = pair.fresh_reference()
+        with torch.no_grad():
+            expected, got = (m(ids, attention_mask=mask, use_cache=False) for m in (reference, pair.ours))
+            dict_kwargs = dict(max_new_tokens=3, pad_token_id=PAD, use_cache=False, return_dict_in_generate=True)
+            expected_dict, got_dict = (m.generate(ids, attention_mask=mask, **dict_kwargs) for m in (reference, pair.ours))
+    real = mask.bool()
+    assert_close(got.logits[real], expected.logits[real])
+    assert (got.past_key_values is None) == (expected.past_key_values is None), "forward(use_cache=False) cache"
+    assert torch.equal(got_dict.sequences, expected_dict.sequences)
+    assert (got_dict.past_key_values is None) == (expected_dict.past_key_values is None), "generate(use_cache=False) cache"
 
 
 REFUSED_OPTIONS = st.sampled_from([

@@ -51,19 +51,21 @@ def test_cached_decoding_matches_one_forward(config, seed, attn, data):
     _cached_steps(config, seed, attn, data, most=3 if attn == "eager" else 1)
 
 
-NEW_SDPA_CHUNK = ("NEW (found by the fuzz, not in issue 19): herd's sdpa attention, forward with a non-empty "
-                  "past_key_values and more than one new token: every logit of the chunk is off (~1e-2); eager is exact")
+NEW_SDPA_CHUNK = ("NEW (found by the fuzz, not in issue 19): with attn_implementation='sdpa', a forward of 2+ new "
+                  "tokens after a non-empty past_key_values and no padding (attention_mask absent or all ones) gives "
+                  "wrong logits for the whole chunk (~1e-2): the mask counts as plain causal and sdpa's is_causal=True "
+                  "aligns it top-left, so the chunk's queries miss most of the cached keys; eager is exact")
 
 
 @pytest.mark.xfail(strict=False, reason=NEW_SDPA_CHUNK)
 @settings(phases=NO_SHRINK)
 @given(config=llama_configs(), seed=seeds(), data=st.data())
 def test_sdpa_chunk_after_prefill(config, seed, data):
-    _cached_steps(config, seed, "sdpa", data, most=3, least=2)
+    _cached_steps(config, seed, "sdpa", data, most=3, least=2, padded=False)
 
 
-def _cached_steps(config, seed, attn, data, most, least=1):
-    ids, mask = data.draw(left_padded(config["vocab_size"], max_len=36), label="inputs")
+def _cached_steps(config, seed, attn, data, most, least=1, padded=None):
+    ids, mask = data.draw(left_padded(config["vocab_size"], max_len=36, padded=padded), label="inputs")
     width = ids.shape[1]
     cuts = [data.draw(st.integers(1, width), label="prefill")]
     while cuts[-1] < width:
