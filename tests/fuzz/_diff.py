@@ -1,7 +1,6 @@
 """Shared pieces of the differential fuzz: strategies for tiny configs and inputs, model pairs, comparisons.
 
-Known differences (issue 19) are switched by one flag per area in ``FIXED``: while an item is False its tests stay in
-the suite as ``xfail(strict=False)``; set it to True once the fix is merged and they must pass.
+The tests of the areas where issue 19 found differences say which item they cover.
 """
 
 from __future__ import annotations
@@ -10,42 +9,14 @@ import contextlib
 import copy
 import tempfile
 
-import pytest
 import torch
 from hypothesis import strategies as st
 
 TOL = 1e-4
 PAD, BOS, EOS = 0, 1, 2
 
-# issue 19 items 1-6: flip to True after the branch that fixes the area is merged.
-FIXED = {
-    1: False,  # repetition_penalty on left-padded rows
-    2: False,  # default generation length when neither max_length nor max_new_tokens is given
-    3: False,  # min_new_tokens together with min_length
-    4: False,  # use_cache=False
-    5: False,  # generation options / hidden_act herd currently refuses
-    6: False,  # Mllama: text-only rows mixed with image rows, pixel_values without cross_attention_mask,
-               # sliced cross_attention_mask in cached forwards
-}
-AREAS = {
-    1: "repetition_penalty on left-padded rows",
-    2: "default generation length without max_length/max_new_tokens",
-    3: "min_new_tokens together with min_length",
-    4: "use_cache=False",
-    5: "options and activations herd refuses",
-    6: "Mllama text-only rows / no cross_attention_mask / sliced cross_attention_mask in cached forwards",
-}
-
-
-def known(item: int):
-    """Decorator for the tests of a known difference: xfail until FIXED[item] is flipped."""
-    if FIXED[item]:
-        return lambda test: test
-    return pytest.mark.xfail(strict=False, reason=f"issue 19 item {item}: {AREAS[item]}; fixed on a concurrent branch")
-
-
-ACTIVATIONS = ["silu", "gelu", "relu"]  # herd supports these today; add more here as herd learns them
-REFUSED_ACTIVATIONS = ["relu2", "mish"]  # item 5
+ACTIVATIONS = ["silu", "gelu", "relu"]  # drawn in every Llama config
+MORE_ACTIVATIONS = ["relu2", "mish", "gelu_fast", "gelu_new", "leaky_relu", "quick_gelu", "gelu_pytorch_tanh"]  # item 5
 
 
 def seeds():

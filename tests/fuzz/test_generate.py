@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz.conftest import NO_SHRINK
-from tests.fuzz._diff import PAD, assert_close, assert_scores_close, known, left_padded, llama_configs, model_pair, seeds
+from tests.fuzz._diff import PAD, assert_close, assert_scores_close, left_padded, llama_configs, model_pair, seeds
 
 # a smaller space than the forward fuzz: generation settings are what varies here
 GEN_CONFIGS = llama_configs(vocab=(32, 64))
@@ -81,19 +81,27 @@ def test_generate_left_padded(config, seed, attn, data):
         _generate_both(pair, ids, mask, kwargs, data.draw(seeds(), label="sampling seed"), data)
 
 
-@known(1)
+# issue 19 item 1
 @settings(phases=NO_SHRINK)
 @given(config=GEN_CONFIGS, seed=seeds(), data=st.data())
 def test_repetition_penalty_on_left_padded_rows(config, seed, data):
+    """Each left-padded row gets, greedily, what the reference gives that row alone: its leading pads
+    are not part of it (transformers skips them from 5.23 on; 5.17, the oracle here, penalised the
+    pad token too, so the oracle is the row without its padding)."""
     ids, mask = data.draw(left_padded(config["vocab_size"], max_len=10, padded=True, max_batch=3), label="prompts")
-    kwargs = data.draw(generation_kwargs(repetition=False), label="generate kwargs")
     # strong penalties, so that whether the pad tokens count as seen changes the tokens
-    kwargs["repetition_penalty"] = data.draw(st.sampled_from([0.05, 0.5, 1.5, 20.0]), label="repetition_penalty")
+    penalty = data.draw(st.sampled_from([0.05, 0.5, 1.5, 20.0]), label="repetition_penalty")
+    kwargs = dict(max_new_tokens=6, do_sample=False, repetition_penalty=penalty, pad_token_id=PAD, eos_token_id=None)
     with model_pair("llama", config, seed=seed) as pair:
-        _generate_both(pair, ids, mask, kwargs, data.draw(seeds(), label="sampling seed"), data)
+        got = pair.ours.generate(ids, attention_mask=mask, **kwargs)
+        reference = pair.fresh_reference()
+        for row in range(ids.shape[0]):
+            alone = ids[row : row + 1, mask[row].bool()]
+            expected = reference.generate(alone, attention_mask=torch.ones_like(alone), **kwargs)
+            assert torch.equal(got[row, ids.shape[1] :], expected[0, alone.shape[1] :]), row
 
 
-@known(2)
+# issue 19 item 2
 @settings(phases=NO_SHRINK)
 @given(config=GEN_CONFIGS, seed=seeds(), data=st.data())
 def test_default_generation_length(config, seed, data):
@@ -104,7 +112,7 @@ def test_default_generation_length(config, seed, data):
     assert got.shape == expected.shape and torch.equal(got, expected)
 
 
-@known(3)
+# issue 19 item 3
 @settings(phases=NO_SHRINK)
 @given(config=GEN_CONFIGS, seed=seeds(), data=st.data())
 def test_min_new_tokens_with_min_length(config, seed, data):
@@ -117,7 +125,7 @@ def test_min_new_tokens_with_min_length(config, seed, data):
         _generate_both(pair, ids, mask, kwargs, data.draw(seeds(), label="sampling seed"), data)
 
 
-@known(4)
+# issue 19 item 4
 @settings(phases=NO_SHRINK)
 @given(config=GEN_CONFIGS, seed=seeds(), data=st.data())
 def test_generate_without_cache(config, seed, data):
@@ -138,18 +146,18 @@ def test_generate_without_cache(config, seed, data):
     assert (got_dict.past_key_values is None) == (expected_dict.past_key_values is None), "generate(use_cache=False) cache"
 
 
-REFUSED_OPTIONS = st.sampled_from([
+ONCE_REFUSED_OPTIONS = st.sampled_from([
     dict(no_repeat_ngram_size=2), dict(bad_words_ids=[[5], [7, 8]]), dict(typical_p=0.8, do_sample=True),
     dict(epsilon_cutoff=3e-4, do_sample=True), dict(eta_cutoff=1e-3, do_sample=True),
     dict(encoder_repetition_penalty=1.2), dict(suppress_tokens=[5, 6]), dict(begin_suppress_tokens=[5]),
-    dict(forced_eos_token_id=2), dict(diversity_penalty=0.5, num_beams=4, num_beam_groups=2),
+    dict(forced_eos_token_id=2), dict(encoder_no_repeat_ngram_size=2),
 ])
 
 
-@known(5)
+# issue 19 item 5
 @settings(phases=NO_SHRINK)
-@given(config=GEN_CONFIGS, seed=seeds(), option=REFUSED_OPTIONS, data=st.data())
-def test_generation_options_herd_refuses(config, seed, option, data):
+@given(config=GEN_CONFIGS, seed=seeds(), option=ONCE_REFUSED_OPTIONS, data=st.data())
+def test_generation_options_herd_once_refused(config, seed, option, data):
     ids, mask = data.draw(left_padded(config["vocab_size"], max_len=8, padded=False), label="prompts")
     kwargs = dict(max_new_tokens=6, eos="none", scores=False, **option)
     kwargs.setdefault("do_sample", False)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz.conftest import NO_SHRINK
-from tests.fuzz.test_llama import NEW_SDPA_CHUNK
 from tests.fuzz._diff import PAD, assert_close, left_padded, llama4_configs, model_pair, seeds
 
 
@@ -19,7 +17,6 @@ def test_forward_and_cached_steps(config, seed, attn, data):
     _forward_and_cached_steps(config, seed, attn, data, most=3 if attn == "eager" else 1)
 
 
-@pytest.mark.xfail(strict=False, reason=NEW_SDPA_CHUNK)
 @settings(phases=NO_SHRINK)
 @given(config=llama4_configs(), seed=seeds(), data=st.data())
 def test_sdpa_chunk_after_prefill(config, seed, data):

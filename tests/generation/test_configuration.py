@@ -62,8 +62,6 @@ def test_bad_values_are_clear_errors(kwargs, message):
 
 
 @pytest.mark.parametrize("option, value, why", [
-    ("encoder_no_repeat_ngram_size", 3, "encoder-decoder models only"),
-    ("encoder_repetition_penalty", 1.2, "encoder-decoder models only"),
     ("num_beam_groups", 2, "removed from transformers 5"),
     ("constraints", ["x"], "removed from transformers 5"),
     ("guidance_scale", 1.5, "not implemented by herd"),

@@ -41,19 +41,18 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
 FIELDS = (
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "do_sample", "num_beams",
     "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
-    "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "forced_bos_token_id",
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "sequence_bias", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
     "disable_compile",
 )
-_ENCODER_DECODER = "applies to encoder-decoder models only (it reads the encoder's input); Llama models are decoder-only"
 _REMOVED = "was removed from transformers 5's generate() (it lives on as a Hub custom_generate method)"
 _NOT_IMPLEMENTED = "is not implemented by herd"
 # Options generate() refuses rather than silently ignores, and why.
 UNSUPPORTED = {
-    "encoder_repetition_penalty": _ENCODER_DECODER, "encoder_no_repeat_ngram_size": _ENCODER_DECODER,
     "force_words_ids": _REMOVED, "constraints": _REMOVED, "num_beam_groups": _REMOVED, "diversity_penalty": _REMOVED,
     "penalty_alpha": _REMOVED, "dola_layers": _REMOVED,
     "guidance_scale": _NOT_IMPLEMENTED, "watermarking_config": _NOT_IMPLEMENTED, "assistant_model": _NOT_IMPLEMENTED,
@@ -185,8 +184,12 @@ class GenerationConfig:
                 value = getattr(self, name)
                 if value is not None and not 0.0 <= value < 1.0:
                     raise ValueError(f"{name} must be in [0, 1) (0 turns it off), got {value!r}")
-        if self.no_repeat_ngram_size is not None and (not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0):
-            raise ValueError(f"no_repeat_ngram_size must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
+        for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.encoder_repetition_penalty is not None and not self.encoder_repetition_penalty > 0:
+            raise ValueError(f"encoder_repetition_penalty must be > 0, got {self.encoder_repetition_penalty!r}")
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or any(not isinstance(t, int) or t < 0 for t in value)):

@@ -241,6 +241,37 @@ def no_repeat_ngram(n: int) -> Processor:
     return process
 
 
+def prompt_repetition_reward(penalty: float, prompt_ids: torch.Tensor) -> Processor:
+    """encoder_repetition_penalty on a decoder-only model: the inverse of repetition_penalty for the
+    tokens of the prompt (prompt_ids (rows, prompt)), so a penalty above 1 favours them."""
+    inverse = 1.0 / penalty
+
+    def process(input_ids, scores):
+        seen = torch.gather(scores, 1, prompt_ids)
+        rewarded = torch.where(seen < 0, seen * inverse, seen / inverse)
+        return scores.scatter(1, prompt_ids, rewarded)
+
+    return process
+
+
+def prompt_no_repeat_ngram(n: int, prompt_ids: torch.Tensor) -> Processor:
+    """encoder_no_repeat_ngram_size on a decoder-only model: ban every token that would complete an
+    n-gram of the prompt (prompt_ids (rows, prompt)) after the sequence's last n-1 tokens."""
+    ngrams = prompt_ids.unfold(1, n, 1) if prompt_ids.shape[1] >= n else None  # (rows, windows, n)
+
+    def process(input_ids, scores):
+        if ngrams is None:
+            return scores
+        current_prefix = input_ids[:, input_ids.shape[-1] - n + 1 :]  # the last n-1 tokens
+        repeats_prefix = (ngrams[..., :-1] == current_prefix[:, None]).all(dim=-1)
+        vocab = scores.shape[-1]
+        banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        banned.scatter_(1, torch.where(repeats_prefix, ngrams[..., -1], vocab), True)
+        return scores.masked_fill(banned[:, :vocab], FILTERED)
+
+    return process
+
+
 def force_tokens_at(length: int, token_ids: int | list[int]) -> Processor:
     """When the sequence has `length` tokens, only `token_ids` are possible (score 0, the rest -inf)."""
 
@@ -296,7 +327,8 @@ def renormalize(input_ids, scores):
 
 
 def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int,
-                            left_padding: torch.Tensor | None = None) -> list[Processor]:
+                            left_padding: torch.Tensor | None = None,
+                            prompt_ids: torch.Tensor | None = None) -> list[Processor]:
     """The processors `config` asks for, in the reference's order (_get_logits_processor): the order
     changes the scores (e.g. a bias before or after a penalty), so it is kept exactly.
 
@@ -306,10 +338,15 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
     processors: list[Processor] = []
     if config.sequence_bias is not None:
         processors.append(sequence_bias(_as_bias_dict(config.sequence_bias)))
+    # prompt_ids (rows, prompt): a decoder-only model's "encoder input" is its prompt
+    if config.encoder_repetition_penalty is not None and config.encoder_repetition_penalty != 1.0:
+        processors.append(prompt_repetition_reward(config.encoder_repetition_penalty, prompt_ids))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(repetition_penalty(config.repetition_penalty, left_padding))
     if config.no_repeat_ngram_size:
         processors.append(no_repeat_ngram(config.no_repeat_ngram_size))
+    if config.encoder_no_repeat_ngram_size:
+        processors.append(prompt_no_repeat_ngram(config.encoder_no_repeat_ngram_size, prompt_ids))
     if config.bad_words_ids is not None:
         processors.append(bad_words(config.bad_words_ids, eos_ids))
     # A min_length the prompt already reaches bans nothing (min_new_tokens=0 gives one): left out so that

@@ -206,7 +206,7 @@ class GenerationMixin:
     def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
-        processors = build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask))
+        processors = build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask), input_ids)
         processors += config._custom_processors
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
@@ -286,7 +286,7 @@ class GenerationMixin:
             logits=tuple(raw_logits) if config.output_logits else None,
             attentions=tuple(attentions) if config.output_attentions else None,
             hidden_states=tuple(hidden_states) if config.output_hidden_states else None,
-            past_key_values=cache,
+            past_key_values=cache if config.use_cache is not False else None,  # as transformers
         )
 
     # --- beam search --------------------------------------------------------------------------
@@ -306,7 +306,8 @@ class GenerationMixin:
         is_top_beam = torch.arange(beams_to_keep, device=device) < num_beams  # (beams_to_keep,)
         # (batch * beams,): the processors see every beam of a row as a row of its own
         processors = build_logits_processors(config, eos_ids, prompt_length,
-                                             _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)))
+                                             _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)),
+                                             input_ids.repeat_interleave(num_beams, dim=0))
         processors += config._custom_processors
         # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
         fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
@@ -399,7 +400,7 @@ class GenerationMixin:
             scores=tuple(all_scores) if config.output_scores else None,
             logits=tuple(raw_logits) if config.output_logits else None,
             beam_indices=origin,
-            past_key_values=cache,
+            past_key_values=cache if config.use_cache is not False else None,  # as transformers
         )
 
 

@@ -78,6 +78,9 @@ class AttentionMask:
             and self.chunk_size is None
             and self.kv_offset == 0
             and self.query_offset + self.query_length == self.kv_length
+            # sdpa's is_causal aligns its triangle top-left: right only with no keys before the
+            # queries (a prefill) or one query (a decode step), not for a chunk after a cache
+            and (self.query_offset == 0 or self.query_length == 1)
         )
 
     def boolean(self, device: torch.device) -> torch.Tensor | None:
