@@ -257,3 +257,20 @@ def test_prompt_reward_reaches_every_beam(pair):
         ids = prompt[row]
         expected[ids] = torch.where(expected[ids] < 0, expected[ids] * 0.5, expected[ids] / 0.5)
         assert torch.equal(got[row], expected)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("search", ["greedy", "sampling"])
+def test_guidance_scale_matches_reference(pair, negative, search):
+    """Classifier-free guidance against an unconditional run (from the last prompt token, or from a
+    negative prompt), first in the processor order: tokens and scores equal."""
+    ids, mask = _prompts((9, 9, 9))
+    kwargs = dict(max_new_tokens=6, guidance_scale=1.5)
+    if negative:
+        kwargs.update(negative_prompt_ids=torch.tensor([[7, 8], [9, 10], [11, 12]]),
+                      negative_prompt_attention_mask=torch.ones(3, 2, dtype=torch.long))
+    if search == "sampling":
+        kwargs.update(do_sample=True, top_k=0)
+    got = _compare(pair, ids, mask, seed=5 if search == "sampling" else None, **kwargs)
+    plain = _run(pair[1], ids, mask, 5 if search == "sampling" else None, dict(max_new_tokens=6, do_sample=search == "sampling", top_k=0) if search == "sampling" else dict(max_new_tokens=6))
+    assert any(not torch.equal(a, b) for a, b in zip(got.scores, plain.scores))  # guidance changed the scores

@@ -41,7 +41,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
 FIELDS = (
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "do_sample", "num_beams",
     "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
-    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "guidance_scale", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
     "bad_words_ids", "sequence_bias", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
@@ -55,7 +55,7 @@ _NOT_IMPLEMENTED = "is not implemented by herd"
 UNSUPPORTED = {
     "force_words_ids": _REMOVED, "constraints": _REMOVED, "num_beam_groups": _REMOVED, "diversity_penalty": _REMOVED,
     "penalty_alpha": _REMOVED, "dola_layers": _REMOVED,
-    "guidance_scale": _NOT_IMPLEMENTED, "watermarking_config": _NOT_IMPLEMENTED, "assistant_model": _NOT_IMPLEMENTED,
+    "watermarking_config": _NOT_IMPLEMENTED, "assistant_model": _NOT_IMPLEMENTED,
     "prompt_lookup_num_tokens": _NOT_IMPLEMENTED,
 }
 # Values of unsupported fields that mean "off", as written in many generation_config.json files.

@@ -326,6 +326,39 @@ def renormalize(input_ids, scores):
     return scores.log_softmax(dim=-1)
 
 
+def classifier_free_guidance(scale: float, model, negative_ids: torch.Tensor | None = None,
+                             negative_mask: torch.Tensor | None = None, use_cache: bool = True) -> Processor:
+    """guidance_scale: scores pushed away from an unconditional run of the same model, as transformers
+    does for decoder-only models: log_softmax(scores) and the unconditional run's log_softmax
+    mixed as scale * (conditional - unconditional) + unconditional. The unconditional run starts
+    from `negative_ids` (a negative prompt) or, without one, from the last prompt token, and keeps
+    its own cache."""
+    state = {"ids": negative_ids, "mask": negative_mask, "cache": None, "first": True}
+
+    def unconditional_logits(input_ids):
+        if state["first"]:
+            if state["ids"] is None:
+                state["ids"] = input_ids[:, -1:]
+            if state["mask"] is None:
+                state["mask"] = torch.ones_like(state["ids"], dtype=torch.long)
+            ids, state["first"] = state["ids"], False
+        else:
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(input_ids[:, -1:], dtype=torch.long)], dim=1)
+            ids = input_ids[:, -1:] if use_cache else torch.cat([state["ids"], input_ids[:, -1:]], dim=1)
+            state["ids"] = ids
+        out = model(ids, attention_mask=state["mask"], use_cache=use_cache, past_key_values=state["cache"],
+                    return_dict=True)
+        state["cache"] = out.past_key_values
+        return out.logits[:, -1]
+
+    def process(input_ids, scores):
+        scores = torch.nn.functional.log_softmax(scores, dim=-1)
+        unconditional = torch.nn.functional.log_softmax(unconditional_logits(input_ids).float(), dim=-1)
+        return scale * (scores - unconditional) + unconditional
+
+    return process
+
+
 def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int,
                             left_padding: torch.Tensor | None = None,
                             prompt_ids: torch.Tensor | None = None) -> list[Processor]:

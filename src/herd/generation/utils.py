@@ -24,7 +24,7 @@ from ..cache import Cache
 from ..decoding.decoders import PlainDecoder, choose_decoder
 from ..modeling_outputs import ModelOutput
 from .configuration import GenerationConfig
-from .logits_process import apply_processors, build_logits_processors
+from .logits_process import apply_processors, build_logits_processors, classifier_free_guidance
 from .stopping import StopChecks, StopStrings, ends_with_eos
 
 logger = logging.getLogger("herd")
@@ -163,6 +163,7 @@ class GenerationMixin:
             model_kwargs.pop(key, None)
         # The user's own processors (run after herd's, as transformers appends them) and stopping criteria.
         custom_processors = list(model_kwargs.pop("logits_processor", None) or [])
+        negative_prompt = model_kwargs.pop("negative_prompt_ids", None), model_kwargs.pop("negative_prompt_attention_mask", None)
         stopping_criteria = list(model_kwargs.pop("stopping_criteria", None) or [])
         if model_kwargs:
             raise TypeError(f"generate() got arguments it does not know: {', '.join(sorted(model_kwargs))}")
@@ -183,7 +184,14 @@ class GenerationMixin:
         # stop_checks: every per-token rule besides eos, or None (then greedy may run in blocks)
         stop_checks = StopChecks(stop_strings, stopping_criteria) if stop_strings or stopping_criteria else None
         max_length = self._check_lengths(config, input_ids.shape[1])
+        # Classifier-free guidance runs first, as in transformers: the others see its log-probabilities.
+        guidance = []
+        if config.guidance_scale is not None and config.guidance_scale != 1:
+            negative_ids, negative_mask = (None if t is None else t.to(self.device) for t in negative_prompt)
+            guidance = [classifier_free_guidance(config.guidance_scale, self, negative_ids, negative_mask,
+                                                 config.use_cache is not False)]
         config._custom_processors = custom_processors
+        config._leading_processors = guidance
         return self._generate(input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                               past_key_values, streamer, generator, extra)
 
@@ -206,8 +214,9 @@ class GenerationMixin:
     def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
-        processors = build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask), input_ids)
-        processors += config._custom_processors
+        processors = [*config._leading_processors,
+                      *build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask), input_ids),
+                      *config._custom_processors]
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
         forward_kwargs = {}
@@ -305,10 +314,11 @@ class GenerationMixin:
         beams_to_keep = max(2, 1 + (len(eos_ids) if eos_ids is not None else 0)) * num_beams
         is_top_beam = torch.arange(beams_to_keep, device=device) < num_beams  # (beams_to_keep,)
         # (batch * beams,): the processors see every beam of a row as a row of its own
-        processors = build_logits_processors(config, eos_ids, prompt_length,
-                                             _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)),
-                                             input_ids.repeat_interleave(num_beams, dim=0))
-        processors += config._custom_processors
+        processors = [*config._leading_processors,
+                      *build_logits_processors(config, eos_ids, prompt_length,
+                                               _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)),
+                                               input_ids.repeat_interleave(num_beams, dim=0)),
+                      *config._custom_processors]
         # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
         fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
 
