@@ -26,11 +26,13 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 GGUF_SUFFIX = ".gguf"
 
@@ -128,7 +130,11 @@ class GGUFFile:
 
         self.path = Path(path)
         try:
-            self._reader = gguf.GGUFReader(str(self.path))
+            # parsing the metadata (a whole vocabulary) takes seconds: say so on a terminal
+            with tqdm(total=1, desc=f"Reading {self.path.name}", unit="file", leave=False,
+                      disable=not sys.stderr.isatty()) as bar:
+                self._reader = gguf.GGUFReader(str(self.path))
+                bar.update(1)
         except (ValueError, OSError, IndexError, KeyError) as error:
             raise GGUFError(f"cannot read {self.path}: it is truncated or not a GGUF file ({error})") from None
         self.architecture = self._value("general.architecture")
