@@ -48,6 +48,18 @@ def reference_llama(cls_name: str = "LlamaForCausalLM", seed: int = 0, **overrid
     return model.eval()
 
 
+def left_padded_prompts(lengths=(9, 5, 2), vocab: int = 128, seed: int = 0, pad: int = 0):
+    """(ids, mask): random prompts of the given lengths, left padded with `pad` to the longest."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
 def save_reference(model, folder: Path, **save_kwargs) -> Path:
     model.save_pretrained(folder, **save_kwargs)
     return folder

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import herd
-from tests.conftest import reference_llama, save_reference
+from tests.conftest import left_padded_prompts, reference_llama, save_reference
 
 PAD = 0
 VOCAB = 256
@@ -28,14 +28,7 @@ def pair(tmp_path_factory):
 
 def _prompts(lengths=(9, 5, 2), seed=0):
     """Left-padded prompts, a different amount of padding per row."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, width - length :] = torch.randint(1, VOCAB, (length,), generator=generator)
-        mask[row, width - length :] = 1
-    return ids, mask
+    return left_padded_prompts(lengths, VOCAB, seed, PAD)
 
 
 def _run(model, ids, mask, seed, kwargs):

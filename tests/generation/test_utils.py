@@ -9,7 +9,7 @@ import torch
 
 import herd
 from herd.generation import GenerationConfig
-from tests.conftest import max_abs_diff, reference_llama, save_reference
+from tests.conftest import left_padded_prompts, max_abs_diff, reference_llama, save_reference
 
 PAD = 0
 
@@ -24,14 +24,8 @@ def pair(tmp_path_factory):
 
 
 def _prompts(lengths=(9, 5, 2), seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, width - length :] = torch.randint(1, 256, (length,), generator=generator)
-        mask[row, width - length :] = 1
-    return ids, mask
+    """Left-padded prompts, a different amount of padding per row."""
+    return left_padded_prompts(lengths, 256, seed, PAD)
 
 
 def _both(pair, ids, mask, seed=None, **kwargs):

@@ -222,21 +222,25 @@ def bad_words(bad_words_ids: list[list[int]], eos_ids: torch.Tensor | None) -> P
     return sequence_bias({tuple(word): FILTERED for word in words})
 
 
+def _ban_ngram_completions(ngrams: torch.Tensor, input_ids: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Ban every token that, after the sequence's last n-1 tokens, would complete one of `ngrams`
+    (rows, windows, n)."""
+    current_prefix = input_ids[:, input_ids.shape[-1] - n + 1 :]  # the last n-1 tokens
+    repeats_prefix = (ngrams[..., :-1] == current_prefix[:, None]).all(dim=-1)  # (rows, windows)
+    vocab = scores.shape[-1]
+    # Windows whose prefix differs point at an extra column (vocab), dropped afterwards.
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(repeats_prefix, ngrams[..., -1], vocab), True)
+    return scores.masked_fill(banned[:, :vocab], FILTERED)
+
+
 def no_repeat_ngram(n: int) -> Processor:
     """Ban every token that would repeat an n-gram already in the sequence."""
 
     def process(input_ids, scores):
-        length = input_ids.shape[-1]
-        if length < n:
+        if input_ids.shape[-1] < n:
             return scores
-        ngrams = input_ids.unfold(1, n, 1)  # (batch, windows, n)
-        current_prefix = input_ids[:, length - n + 1 :]  # the last n-1 tokens
-        repeats_prefix = (ngrams[..., :-1] == current_prefix[:, None]).all(dim=-1)
-        vocab = scores.shape[-1]
-        # Windows whose prefix differs point at an extra column (vocab), dropped afterwards.
-        banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-        banned.scatter_(1, torch.where(repeats_prefix, ngrams[..., -1], vocab), True)
-        return scores.masked_fill(banned[:, :vocab], FILTERED)
+        return _ban_ngram_completions(input_ids.unfold(1, n, 1), input_ids, scores, n)
 
     return process
 
@@ -260,14 +264,7 @@ def prompt_no_repeat_ngram(n: int, prompt_ids: torch.Tensor) -> Processor:
     ngrams = prompt_ids.unfold(1, n, 1) if prompt_ids.shape[1] >= n else None  # (rows, windows, n)
 
     def process(input_ids, scores):
-        if ngrams is None:
-            return scores
-        current_prefix = input_ids[:, input_ids.shape[-1] - n + 1 :]  # the last n-1 tokens
-        repeats_prefix = (ngrams[..., :-1] == current_prefix[:, None]).all(dim=-1)
-        vocab = scores.shape[-1]
-        banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-        banned.scatter_(1, torch.where(repeats_prefix, ngrams[..., -1], vocab), True)
-        return scores.masked_fill(banned[:, :vocab], FILTERED)
+        return scores if ngrams is None else _ban_ngram_completions(ngrams, input_ids, scores, n)
 
     return process
 
