@@ -220,8 +220,10 @@ def test_unknown_arguments_and_unsupported_options(tmp_path):
     folder = save_reference(reference_llama(), tmp_path / "ckpt")
     with pytest.raises(TypeError, match="neither loading options nor config fields: colour"):
         herd.LlamaForCausalLM.from_pretrained(folder, colour="red", progress=False)
-    with pytest.raises(NotImplementedError, match="quantization_config"):
+    with pytest.raises(ValueError, match="quant_method None, which herd does not load"):
         herd.LlamaForCausalLM.from_pretrained(folder, quantization_config={"bits": 4}, progress=False)
+    with pytest.raises(NotImplementedError, match="load_in_4bit.*TorchAoConfig"):
+        herd.LlamaForCausalLM.from_pretrained(folder, load_in_4bit=True, progress=False)
     with pytest.raises(ValueError, match="unknown attn_implementation 'flash'"):
         herd.LlamaForCausalLM.from_pretrained(folder, attn_implementation="flash", progress=False)
     with pytest.raises(ValueError, match="unknown dtype"):

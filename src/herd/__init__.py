@@ -69,10 +69,12 @@ from .models.mllama import (
     MllamaVisionModel,
 )
 from .pipelines import TextGenerationPipeline, pipeline
+from .quantization import CompressedTensorsConfig, FbgemmFp8Config, TorchAoConfig
 from .seeding import set_seed
 from .tokenization import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
 __all__ = [
+    "CompressedTensorsConfig", "FbgemmFp8Config", "TorchAoConfig",
     "AutoConfig",
     "AutoImageProcessor",
     "AutoModel",

@@ -151,11 +151,15 @@ def load_checkpoint(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool = True,
+    convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
 ) -> LoadReport:
     """Fill `model` (built on the meta device) from safetensors `files`.
 
     `rename` maps a checkpoint key to a module key, or to None for keys to skip on purpose.
-    Returns what did not fit; the caller decides which of it is an error.
+    `convert` (quantized models, quantization.tensor_converter) turns one renamed tensor of a
+    quantized module, already on its device, into the tensors to assign (a float weight into its
+    quantized data and scales), in their final dtypes; None for tensors it leaves to the loader. Returns what did not fit; the caller decides which of it
+    is an error.
     """
     expected = dict(model.state_dict(keep_vars=True))
     report = LoadReport()
@@ -168,12 +172,12 @@ def load_checkpoint(
         for path in files:
             # One shard open at a time: its mapped pages are released before the next.
             with _open(path, device=str(device)) as reader:
-                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar)
+                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert)
     report.missing = [name for name in expected if name not in loaded]
     return report
 
 
-def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar) -> None:
+def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert) -> None:
     for key in reader.keys():
         bar.update(1)
         name = rename(key)
@@ -184,19 +188,30 @@ def _load_shard(reader, path, model, expected, rename, dtype, device, report, lo
             continue
         found = tuple(reader.get_slice(key).get_shape())
         wanted = tuple(expected[name].shape)
-        if found != wanted:
+        if found != wanted and (convert is None or not getattr(convert, "owns", lambda _: False)(name)):
             report.mismatched.append((key, wanted, found))
             continue
         try:
             tensor = reader.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as error:
             raise CheckpointError(f"cannot read tensor {key} from {path}: {error}; the file may be truncated") from None
-        if tensor.is_floating_point():
-            tensor = tensor.to(device=device, dtype=dtype)
-        else:
-            tensor = tensor.to(device=device)
-        _assign(model, name, tensor)
-        loaded.add(name)
+        pieces = convert(name, tensor.to(device=device)) if convert is not None else None
+        owned = pieces is not None  # the converter chose the dtypes
+        pieces = pieces if owned else {name: tensor}
+        for piece_name, piece in pieces.items():
+            if piece_name not in expected:
+                report.unexpected.append(piece_name)
+                continue
+            if tuple(piece.shape) != tuple(expected[piece_name].shape):
+                report.mismatched.append((key if piece_name == name else piece_name,
+                                          tuple(expected[piece_name].shape), tuple(piece.shape)))
+                continue
+            if piece.is_floating_point() and not owned:
+                piece = piece.to(device=device, dtype=dtype)
+            else:
+                piece = piece.to(device=device)
+            _assign(model, piece_name, piece)
+            loaded.add(piece_name)
 
 
 def parse_size(size: int | str) -> int:

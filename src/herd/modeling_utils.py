@@ -26,7 +26,7 @@ logger = logging.getLogger("herd")
 
 # from_pretrained arguments of the reference that herd accepts and has no use for.
 _IGNORED_LOAD_KWARGS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init", "use_flash_attention_2", "key_mapping")
-_UNSUPPORTED_LOAD_KWARGS = ("quantization_config", "load_in_8bit", "load_in_4bit", "tp_plan", "offload_folder")
+_UNSUPPORTED_LOAD_KWARGS = ("load_in_8bit", "load_in_4bit", "tp_plan", "offload_folder")
 # Keys some older checkpoints carry that are derived from the config, never loaded.
 _DERIVED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -281,13 +281,16 @@ class PreTrainedModel(nn.Module):
             dtype = kwargs.pop("torch_dtype")
         for key in _UNSUPPORTED_LOAD_KWARGS:
             if kwargs.get(key) is not None:
-                raise NotImplementedError(f"from_pretrained({key}=...) is not supported by herd yet")
+                hint = " (use quantization_config=TorchAoConfig('int8_weight_only') or ('int4_weight_only'))" \
+                    if key.startswith("load_in") else ""
+                raise NotImplementedError(f"from_pretrained({key}=...) is not supported by herd yet{hint}")
             kwargs.pop(key, None)
         for key in _IGNORED_LOAD_KWARGS:
             kwargs.pop(key, None)
         if "device" in kwargs and device_map is None:
             device_map = kwargs.pop("device")
         hub_kwargs = pop_hub_kwargs(kwargs)
+        asked_quantization = kwargs.pop("quantization_config", None)
         from .quantization.gguf import gguf_path, open_gguf
 
         gguf_file = gguf_path(pretrained_model_name_or_path, kwargs.pop("gguf_file", None))
@@ -298,7 +301,10 @@ class PreTrainedModel(nn.Module):
         elif config is None or isinstance(config, (str, os.PathLike)):
             config = cls.config_class.from_pretrained(config or folder)
         if not isinstance(config, cls.config_class) and isinstance(config.get_text_config(), cls.config_class):
+            outer = config
             config = config.get_text_config()  # e.g. the text model of a multimodal checkpoint
+            if getattr(outer, "quantization_config", None) is not None:
+                config.quantization_config = outer.quantization_config
         config.name_or_path = str(pretrained_model_name_or_path)
         _apply_config_overrides(config, kwargs)
         config = cls._prepare_config(config, attn_implementation)
@@ -314,6 +320,13 @@ class PreTrainedModel(nn.Module):
 
         with torch.device("meta"):
             model = cls(config)
+        quantization = _quantization_config(config, asked_quantization, device)
+        convert = None
+        if quantization is not None:
+            from .quantization import apply_quantization, tensor_converter
+
+            apply_quantization(model, quantization, torch_dtype)
+            convert = tensor_converter(model, torch_dtype)
         module_keys = set(model.state_dict().keys())
         report = loading.load_checkpoint(
             model,
@@ -322,6 +335,7 @@ class PreTrainedModel(nn.Module):
             dtype=torch_dtype,
             device=device,
             progress=progress,
+            convert=convert,
         )
         tied = model._tied_names()
         report.missing = [name for name in report.missing if name not in tied]
@@ -334,6 +348,8 @@ class PreTrainedModel(nn.Module):
                 if buffer is not None and buffer.device != device:
                     module._buffers[name] = buffer.to(device)
         model.config.dtype = str(torch_dtype).removeprefix("torch.")
+        if quantization is not None:
+            model.config.quantization_config = _saved_quantization(quantization)
         model.eval()
         if gguf_file is None:  # a GGUF file's generation settings (bos/eos/pad) come with its config
             model._after_load(folder)
@@ -389,6 +405,40 @@ class PreTrainedModel(nn.Module):
         if generation_config is not None:
             generation_config.save_pretrained(folder)
         loading.save_checkpoint(state_dict, folder, max_shard_size)
+
+
+def _quantization_config(config: PretrainedConfig, asked: Any, device: torch.device):
+    """The quantization a load runs: the checkpoint's own (config.json's quantization_config) wins
+    over one asked for, as in transformers; None for a float model."""
+    from .quantization import from_dict
+    from .quantization.formats import has_fp8_matmul
+
+    stored = getattr(config, "quantization_config", None)
+    if stored is not None:
+        if asked is not None:
+            logger.warning("the checkpoint is already quantized (%s); the quantization_config passed to "
+                           "from_pretrained is ignored", dict(stored).get("quant_method"))
+        chosen = from_dict(stored)
+    elif asked is not None:
+        chosen = from_dict(asked, prequantized=False)
+    else:
+        return None
+    uses_fp8 = getattr(chosen, "quant_method", "") in ("fbgemm_fp8", "compressed-tensors")
+    if uses_fp8 and device.type == "cuda" and not has_fp8_matmul(device):
+        logger.warning("this GPU has no FP8 matmul (compute capability below 8.9): FP8 weights are "
+                       "dequantized to the activations' dtype for each matmul (same memory, slower)")
+    return chosen
+
+
+def _saved_quantization(quantization) -> dict[str, Any]:
+    """What config.json records: a checkpoint read as stored keeps its entry; weights herd
+    quantized while loading are written in herd's layout (FBGEMM's FP8 layout is transformers')."""
+    from .quantization import HerdQuantConfig, TorchAoConfig
+
+    if isinstance(quantization, TorchAoConfig):
+        return HerdQuantConfig(quantization.format, quantization.group_size,
+                               quantization.modules_to_not_convert).to_dict()
+    return quantization.to_dict()
 
 
 def _rename_prefix(key: str, renames: tuple[tuple[str, str], ...]) -> str:
