@@ -26,13 +26,15 @@ ALWAYS_KEPT = ("lm_head",)
 
 
 def _matches(path: str, patterns: list[str] | None) -> bool:
-    """transformers' modules_to_not_convert rule: a pattern names a module or any part of its path;
-    compressed-tensors' `re:` patterns are regular expressions on the whole path."""
+    """Whether a module path is named by one of `patterns`, as transformers' quantizers read
+    modules_to_not_convert (a regular expression matching the path's start, or the path's end) or
+    compressed-tensors reads `ignore` (`re:` + a regular expression, or a name); a pattern that is one
+    whole component of the path ("self_attn") names everything under it too."""
     for pattern in patterns or ():
         if pattern.startswith("re:"):
             if re.match(pattern[3:], path):
                 return True
-        elif path == pattern or path.endswith("." + pattern) or pattern in path.split("."):
+        elif re.match(pattern, path) or path.endswith(pattern) or pattern in path.split("."):
             return True
     return False
 

@@ -179,7 +179,8 @@ class QuantizedLinear(nn.Module):
         fmt = self.scheme.format
         if fmt == "fp8" and self.scheme.activations is not None and self.scheme.block is None:
             out = self._fp8_matmul(rows)
-        elif fmt in ("int8", "int4") and rows.device.type == "cpu":
+        elif fmt in ("int8", "int4") and rows.device.type == "cpu" and self.out_features % 16 == 0:
+            # (torch's int4 CPU packing takes multiples of 16 rows; smaller layers dequantize)
             out = self._cpu_weight_only(rows)
         else:
             out = nn.functional.linear(rows, self.dequantize(rows.dtype))
@@ -212,6 +213,10 @@ class QuantizedLinear(nn.Module):
         return out.to(rows.dtype)
 
     def _cpu_packed(self):
+        if self.weight.data_ptr() % 64:
+            # torch's int8 CPU kernel reads past a row start that is not 64-byte aligned (it crashes
+            # for tensors mapped from a safetensors file at an odd offset): an aligned copy
+            self.weight = self.weight.clone()
         key = (self.weight.data_ptr(), self.weight_scale.data_ptr())
         if self._packed is None or self._packed[0] != key:
             if self.scheme.format == "int8":
