@@ -24,8 +24,14 @@ from .generation import (
     GenerateDecoderOnlyOutput,
     GenerationConfig,
     GenerationMixin,
+    SynthIDTextWatermarkDetector,
+    SynthIDTextWatermarkingConfig,
+    SynthIDTextWatermarkLogitsProcessor,
     TextIteratorStreamer,
     TextStreamer,
+    WatermarkDetector,
+    WatermarkingConfig,
+    WatermarkLogitsProcessor,
 )
 from .generation.logits_process import LogitsProcessor, LogitsProcessorList
 from .generation.stopping import MaxLengthCriteria, MaxTimeCriteria, StoppingCriteria, StoppingCriteriaList
@@ -100,6 +106,12 @@ __all__ = [
     "MaxTimeCriteria",
     "StoppingCriteria",
     "StoppingCriteriaList",
+    "SynthIDTextWatermarkDetector",
+    "SynthIDTextWatermarkingConfig",
+    "SynthIDTextWatermarkLogitsProcessor",
+    "WatermarkDetector",
+    "WatermarkingConfig",
+    "WatermarkLogitsProcessor",
     "set_seed",
     "Llama4Config",
     "Llama4ForCausalLM",

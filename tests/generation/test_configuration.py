@@ -64,7 +64,7 @@ def test_bad_values_are_clear_errors(kwargs, message):
 @pytest.mark.parametrize("option, value, why", [
     ("num_beam_groups", 2, "removed from transformers 5"),
     ("constraints", ["x"], "removed from transformers 5"),
-    ("watermarking_config", {"greenlist_ratio": 0.25}, "not implemented by herd"),
+    ("prompt_lookup_num_tokens", 3, "not implemented by herd"),
 ])
 def test_unsupported_options_are_refused_not_ignored(option, value, why):
     with pytest.raises(NotImplementedError, match=f"{option}.*{why}"):

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import hub
 from ..configuration import pop_hub_kwargs
+from .watermarking import BaseWatermarkingConfig, as_watermarking_config
 
 # The reference's defaults for fields nobody set.
 GLOBAL_DEFAULTS: dict[str, Any] = {
@@ -47,7 +48,7 @@ FIELDS = (
     "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
-    "disable_compile",
+    "disable_compile", "watermarking_config",
 )
 _REMOVED = "was removed from transformers 5's generate() (it lives on as a Hub custom_generate method)"
 _NOT_IMPLEMENTED = "is not implemented by herd"
@@ -55,7 +56,7 @@ _NOT_IMPLEMENTED = "is not implemented by herd"
 UNSUPPORTED = {
     "force_words_ids": _REMOVED, "constraints": _REMOVED, "num_beam_groups": _REMOVED, "diversity_penalty": _REMOVED,
     "penalty_alpha": _REMOVED, "dola_layers": _REMOVED,
-    "watermarking_config": _NOT_IMPLEMENTED, "assistant_model": _NOT_IMPLEMENTED,
+    "assistant_model": _NOT_IMPLEMENTED,
     "prompt_lookup_num_tokens": _NOT_IMPLEMENTED,
 }
 # Values of unsupported fields that mean "off", as written in many generation_config.json files.
@@ -66,6 +67,8 @@ class GenerationConfig:
     def __init__(self, **kwargs: Any):
         for name in FIELDS:
             setattr(self, name, kwargs.pop(name, None))
+        # a dict (as generation_config.json holds it) becomes its config object, as in transformers
+        self.watermarking_config = as_watermarking_config(self.watermarking_config)
         kwargs.pop("transformers_version", None)
         kwargs.pop("herd_version", None)
         self._from_model_config = kwargs.pop("_from_model_config", False)
@@ -106,6 +109,8 @@ class GenerationConfig:
         out = {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
         if isinstance(out.get("sequence_bias"), dict):  # JSON has no tuple keys: the list form [[ids], bias]
             out["sequence_bias"] = [[list(ids), bias] for ids, bias in out["sequence_bias"].items()]
+        if isinstance(out.get("watermarking_config"), BaseWatermarkingConfig):  # saved as its dict
+            out["watermarking_config"] = out["watermarking_config"].to_dict()
         out.update(copy.deepcopy(self._extra))
         if self._from_model_config:
             out["_from_model_config"] = True
@@ -120,7 +125,9 @@ class GenerationConfig:
         """Set the fields named in kwargs; return the kwargs that are not generation fields."""
         unused = {}
         for key, value in kwargs.items():
-            if key in FIELDS:
+            if key == "watermarking_config":
+                self.watermarking_config = as_watermarking_config(value)
+            elif key in FIELDS:
                 setattr(self, key, value)
             elif key in UNSUPPORTED:
                 if value not in _OFF_VALUES:
@@ -209,6 +216,10 @@ class GenerationConfig:
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.cache_implementation not in (None, "dynamic", "static", "hybrid"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}")
+        # (a dict may have been set on the attribute directly)
+        self.watermarking_config = as_watermarking_config(self.watermarking_config)
+        if self.watermarking_config is not None:
+            self.watermarking_config.validate()
 
     def __repr__(self) -> str:
         return f"GenerationConfig {json.dumps(self.to_dict(), indent=2)}"

@@ -358,9 +358,13 @@ def classifier_free_guidance(scale: float, model, negative_ids: torch.Tensor | N
 
 def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int,
                             left_padding: torch.Tensor | None = None,
-                            prompt_ids: torch.Tensor | None = None) -> list[Processor]:
+                            prompt_ids: torch.Tensor | None = None, vocab_size: int | None = None,
+                            device: torch.device | None = None) -> list[Processor]:
     """The processors `config` asks for, in the reference's order (_get_logits_processor): the order
     changes the scores (e.g. a bias before or after a penalty), so it is kept exactly.
+
+    vocab_size (the model's, from its text config) and device (the prompt's) are what a watermark
+    needs: its green lists are drawn over that vocabulary, with a generator on that device.
 
     `config.max_length` is the final length (prompt included) and `config.min_length` already
     accounts for min_new_tokens (see GenerationMixin._check_lengths).
@@ -421,6 +425,12 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
             processors.append(epsilon_cutoff(config.epsilon_cutoff, keep))
         if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
             processors.append(eta_cutoff(config.eta_cutoff, keep))
+    # Watermarking comes after every other change to the scores (transformers #34630), but before
+    # renormalising: the watermark's bias ends up inside the normalised log-probabilities.
+    if config.watermarking_config is not None:
+        if vocab_size is None or device is None:
+            raise ValueError("watermarking needs the model's vocab_size and the device to draw its green lists on")
+        processors.append(config.watermarking_config.construct_processor(vocab_size, device))
     if config.renormalize_logits is True:  # always last
         processors.append(renormalize)
     return processors

@@ -215,7 +215,8 @@ class GenerationMixin:
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
         processors = [*config._leading_processors,
-                      *build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask), input_ids),
+                      *build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask), input_ids,
+                                               self.config.get_text_config().vocab_size, input_ids.device),
                       *config._custom_processors]
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
@@ -317,7 +318,7 @@ class GenerationMixin:
         processors = [*config._leading_processors,
                       *build_logits_processors(config, eos_ids, prompt_length,
                                                _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)),
-                                               input_ids.repeat_interleave(num_beams, dim=0)),
+                                               input_ids.repeat_interleave(num_beams, dim=0), vocab_size, device),
                       *config._custom_processors]
         # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
         fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
