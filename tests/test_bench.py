@@ -61,6 +61,43 @@ def test_bench_runs_on_the_cpu(capsys, monkeypatch):
     assert "| herd | 8 | " in out
 
 
+@pytest.mark.parametrize("quantization, weight_bytes", [("int8", 1), ("fp8", 1), ("int4", 0.5)])
+def test_quantized_random_models_count_their_stored_bytes(quantization, weight_bytes):
+    """--quantization builds the linears (and Llama 4's experts) quantized; the floor counts their bytes."""
+    from herd.quantization import QuantizedExperts, QuantizedLinear
+
+    model = bench.build_model("llama4-scout-slice", torch.bfloat16, torch.device("meta"), num_layers=1,
+                              quantization=quantization)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, QuantizedLinear)
+    assert isinstance(layer.feed_forward.experts, QuantizedExperts) == (quantization != "int4") or \
+        layer.feed_forward.experts.scheme.format == "int8"  # int4 experts are kept at int8
+
+    def layer_bytes(quantization):  # what one more layer adds to a step's reads (the head stays bf16)
+        one, two = (bench.decode_bytes(bench.build_model("llama4-scout-slice", torch.bfloat16, torch.device("meta"),
+                                                         num_layers=n, quantization=quantization), 1, 0)[0]
+                    for n in (1, 2))
+        return two - one
+
+    ratio = layer_bytes(quantization) / layer_bytes(None)
+    # 1 byte a weight + row scales; int4: half a byte + group scales, its routed experts at int8
+    assert (0.25 < ratio < 0.5) if quantization == "int4" else (0.5 <= ratio < 0.52), ratio
+    projection = layer.self_attn.q_proj
+    assert projection.weight.numel() * projection.weight.element_size() == \
+        weight_bytes * projection.in_features * projection.out_features
+
+
+def test_quantized_bench_runs_on_the_cpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(bench.ARCHITECTURES, "tiny-llama", ("llama", dict(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128)))
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e10)
+    assert cli.main(["bench", "tiny-llama", "--prompt-length", "8", "--new-tokens", "6", "--quantization", "int4"]) == 0
+    out = capsys.readouterr().out
+    assert "float32 with int4 weights" in out and "| herd | 1 | " in out and "failed" not in out
+
+
 def test_bench_with_cuda_asked_for_and_none_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["bench", "llama3.2-1b", "--device", "cuda"]) == 2

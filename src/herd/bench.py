@@ -123,16 +123,46 @@ def model_class(config):
     raise ValueError(f"herd bench builds no model for {kind}")
 
 
-def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers: int | None = None):
+QUANTIZATIONS = {"fp8": "FbgemmFp8Config()", "int8": "TorchAoConfig('int8_weight_only')",
+                 "int4": "TorchAoConfig('int4_weight_only', group_size=128)"}
+
+
+def quantization_config(name: str | None):
+    """--quantization fp8 / int8 / int4 -> the config object that from_pretrained takes."""
+    if name is None:
+        return None
+    from .quantization import FbgemmFp8Config, TorchAoConfig
+
+    if name == "fp8":
+        return FbgemmFp8Config()
+    if name == "int8":
+        return TorchAoConfig("int8_weight_only")
+    if name == "int4":
+        return TorchAoConfig("int4_weight_only", group_size=128)
+    raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(QUANTIZATIONS)}")
+
+
+def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
+                quantization: str | None = None):
     """A herd model of a named architecture with random weights (normal, std 0.02; norms 1)."""
-    return random_model(architecture_config(name, num_layers), dtype, device)
+    return random_model(architecture_config(name, num_layers), dtype, device, quantization)
 
 
-def random_model(config, dtype: torch.dtype, device: torch.device):
-    """The herd model of `config` with random weights (normal, std 0.02; norms 1), built once in `dtype`."""
+def random_model(config, dtype: torch.dtype, device: torch.device, quantization: str | None = None):
+    """The herd model of `config` with random weights (normal, std 0.02; norms 1), built once in
+    `dtype`; with `quantization` the linears (and Llama 4's experts) are built quantized, one
+    random float tensor at a time on `device`, so that a model too big for the device in bf16
+    (Scout) needs no more than its quantized size."""
     with torch.device("meta"):
         model = model_class(config)(config)
-    model = model.to(dtype).to_empty(device=device)  # allocated once, in the final dtype
+    model = model.to(dtype)
+    quantized = []
+    if quantization is not None:
+        from .quantization import apply_quantization, quantized_modules
+
+        apply_quantization(model, quantization_config(quantization), dtype)
+        quantized = quantized_modules(model)
+    model = model.to_empty(device=device)  # allocated once, in the final dtypes
     model.tie_weights()  # to_empty gives tied weights separate storage
     if device.type == "meta":  # shapes only (sizes, byte counts)
         return model.eval()
@@ -143,11 +173,31 @@ def random_model(config, dtype: torch.dtype, device: torch.device):
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
+        for module in quantized:
+            _fill_quantized(module, dtype, generator)
         for module in model.modules():  # buffers derived from the config (rotary frequencies)
             if hasattr(module, "inv_freq"):
                 module.__init__(module.rope_parameters, module.head_dim, module.max_position_embeddings)
                 module.to(device)
     return model.eval()
+
+
+def _fill_quantized(module, dtype: torch.dtype, generator: torch.Generator) -> None:
+    from .quantization import QuantizedLinear, quantize_expert_columns
+    from .quantization.formats import quantize_weight
+
+    if isinstance(module, QuantizedLinear):
+        weight = torch.empty(module.out_features, module.in_features, device=module.weight.device, dtype=dtype)
+        stored = quantize_weight(weight.normal_(0.0, 0.02, generator=generator), module.scheme, dtype)
+    else:
+        stored = {}
+        for name in ("gate_up_proj", "down_proj"):
+            weight = torch.empty(getattr(module, name).shape, device=module.gate_up_proj.device, dtype=dtype)
+            stored[name], stored[name + "_scale"] = quantize_expert_columns(weight.normal_(0.0, 0.02, generator=generator),
+                                                                            module.scheme.format)
+            del weight
+    for name, value in stored.items():
+        getattr(module, name).copy_(value)
 
 
 @dataclass
@@ -217,7 +267,7 @@ def decode_bytes(model, batch: int, context: int, image_tokens: int | None = Non
     config = model.config
     text = config.get_text_config()
     total = 0
-    for name, param in model.named_parameters():
+    for name, param in [*model.named_parameters(), *model.named_buffers()]:  # quantized weights are buffers
         if any(part in name for part in _NOT_READ_WHILE_DECODING):
             continue
         if name.endswith("embed_tokens.weight"):
@@ -419,9 +469,10 @@ def run_bench(args: argparse.Namespace) -> str:
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     dtype = getattr(torch, args.dtype)
     if args.model in ARCHITECTURES:
-        model = build_model(args.model, dtype, device, args.layers)
+        model = build_model(args.model, dtype, device, args.layers, args.quantization)
     else:
-        model = herd.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device)).eval()
+        model = herd.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device),
+                                                          quantization_config=quantization_config(args.quantization)).eval()
     return bench_model(args, model, copy_bandwidth(device))
 
 
@@ -441,7 +492,7 @@ def report(args, model, bandwidth, rows: list[Row], prefill_rows: list[PrefillRo
     reference_version = f"{args.compare} {REFERENCES[args.compare].version()}, " if args.compare else ""
     device = model.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or device.type)
-    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    weight_gb = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()]) / 1e9
     read_gb = decode_bytes(model, 1, 0)[0] / 1e9
     text = model.config.get_text_config()
     from .decoding.plans import plan_for
@@ -455,7 +506,8 @@ def report(args, model, bandwidth, rows: list[Row], prefill_rows: list[PrefillRo
     else:
         path = "fast path"
     lines = [
-        f"### `{args.model}` (herd's {path}), {args.dtype}, prompt {args.prompt_length}, "
+        f"### `{args.model}` (herd's {path}), {args.dtype}"
+        f"{f' with {args.quantization} weights' if getattr(args, 'quantization', None) else ''}, prompt {args.prompt_length}, "
         f"{args.new_tokens} new tokens",
         "",
         f"- device: {device_name} ({bandwidth / 1e9:.0f} GB/s copy bandwidth measured), "
@@ -542,6 +594,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda where there is one, else cpu)")
     parser.add_argument("--compare", default=None,
                         help="also run a reference library on the same weights (python bench/compare.py ... --compare transformers)")
+    parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                        help="weights quantized while building (random) or loading: " + ", ".join(
+                            f"{k} = {v}" for k, v in QUANTIZATIONS.items()))
     parser.add_argument("--plain", action="store_true", help="herd's plain path (disable_compile=True) instead of the fast path")
 
 

@@ -319,6 +319,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history += [message, {"role": "assistant", "content": streamer.text.strip()}]
 
 
+def _weight_formats(model) -> str:
+    """How the weights are stored: the checkpoint's quantization and how many layers hold each format."""
+    from collections import Counter
+
+    from .quantization import quantized_modules
+
+    quantization = getattr(model.config, "quantization_config", None)
+    if not quantization:
+        return f"{str(model.dtype).removeprefix('torch.')} (not quantized)"
+    formats = Counter(
+        module.scheme.format + (f" g{module.scheme.group_size}" if module.scheme.format == "int4" else "")
+        for module in quantized_modules(model))
+    counts = ", ".join(f"{count} {name}" for name, count in sorted(formats.items()))
+    return f"{dict(quantization).get('quant_method')} quantization: {counts} layers; the rest {str(model.dtype).removeprefix('torch.')}"
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .auto import AutoConfig, AutoModelForCausalLM
     from .tokenization import AutoTokenizer
@@ -342,6 +358,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"vocabulary:        {text_config.vocab_size}")
     print(f"context:           {getattr(text_config, 'max_position_embeddings', None)} tokens (max_position_embeddings)")
     print(f"rope:              {text_config.rope_parameters}")
+    print(f"weights:           {_weight_formats(model)}")
     if ids:
         vocab = text_config.vocab_size
         outside = [i for i in ids if not 0 <= i < vocab]

@@ -26,10 +26,15 @@ def uses_grouped_mm(x: torch.Tensor) -> bool:
 
 
 def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
-                   down_proj: torch.Tensor, activation) -> torch.Tensor:
+                   down_proj: torch.Tensor, activation, gate_up_scale: torch.Tensor | None = None,
+                   down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """routed_in (pairs, hidden), each row already scaled by its router score; expert_ids (pairs,);
     gate_up_proj (experts, hidden, 2 * intermediate) and down_proj (experts, intermediate, hidden)
-    as checkpoints store them -> (pairs, hidden)."""
+    as checkpoints store them -> (pairs, hidden). Quantized experts (FP8 or int8) come with their
+    scales (experts, 1, out): the picked experts are dequantized to the rows' dtype."""
+    if gate_up_scale is not None:
+        return _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation, gate_up_scale,
+                                         down_scale)
     if uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS:
         experts = gate_up_proj.shape[0]
         order = torch.argsort(expert_ids, stable=True)
@@ -41,3 +46,20 @@ def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_pr
         return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
     gate, up = torch.bmm(routed_in[:, None, :], gate_up_proj[expert_ids]).chunk(2, dim=-1)  # (pairs, 1, inter)
     return torch.bmm(up * activation(gate), down_proj[expert_ids]).squeeze(1)  # (pairs, hidden)
+
+
+def _dequantized(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (data.float() * scale).to(dtype)
+
+
+def _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation, gate_up_scale, down_scale):
+    """Each row's expert dequantized by index (at most the rows' count of experts read), or, for
+    more rows than experts, every expert dequantized once for one grouped matmul."""
+    dtype = routed_in.dtype
+    if uses_grouped_mm(routed_in) and routed_in.shape[0] > max(GATHERED_ROWS, gate_up_proj.shape[0]):
+        return routed_experts(routed_in, expert_ids, _dequantized(gate_up_proj, gate_up_scale, dtype),
+                              _dequantized(down_proj, down_scale, dtype), activation)
+    gate_up = _dequantized(gate_up_proj[expert_ids], gate_up_scale[expert_ids], dtype)  # (pairs, hidden, 2 * inter)
+    gate, up = torch.bmm(routed_in[:, None, :], gate_up).chunk(2, dim=-1)
+    down = _dequantized(down_proj[expert_ids], down_scale[expert_ids], dtype)
+    return torch.bmm(up * activation(gate), down).squeeze(1)

@@ -16,28 +16,33 @@ from typing import Callable, NamedTuple
 import torch
 
 from ...kernels import decode_attention, gemv
-from ..fusion import Fused, fuse
+from ..fusion import Fused, fuse, kernel_weight
 from ..kv import DecodeKV, LayerKV
 from . import FULL, DecodePlan
 
 
 class LayerWeights(NamedTuple):
-    """A layer's projections that share an input, fused (decoding/fusion.py): tensors only, the
-    compiled step's inputs (the same code serves every layer)."""
+    """A layer's projections, those that share an input fused (decoding/fusion.py): tensors only
+    (a weight is a tensor, or a gemv.QuantizedWeight of tensors), the compiled step's inputs (the
+    same code serves every layer)."""
 
     qkv: torch.Tensor  # (q + k + v features, hidden)
     qkv_bias: torch.Tensor | None
     gate_up: torch.Tensor  # (2 * intermediate, hidden)
     gate_up_bias: torch.Tensor | None
+    o: torch.Tensor  # (hidden, q features)
+    down: torch.Tensor  # (hidden, intermediate)
 
 
 class FusedLayer(NamedTuple):
     qkv: Fused
     gate_up: Fused
+    o: torch.Tensor
+    down: torch.Tensor
 
     @property
     def weights(self) -> LayerWeights:
-        return LayerWeights(self.qkv.weight, self.qkv.bias, self.gate_up.weight, self.gate_up.bias)
+        return LayerWeights(self.qkv.weight, self.qkv.bias, self.gate_up.weight, self.gate_up.bias, self.o, self.down)
 
 
 def fuse_layer(attn, mlp, previous: FusedLayer | None = None) -> FusedLayer:
@@ -45,6 +50,8 @@ def fuse_layer(attn, mlp, previous: FusedLayer | None = None) -> FusedLayer:
     return FusedLayer(
         fuse(attn.q_proj, attn.k_proj, attn.v_proj, previous=previous and previous.qkv),
         fuse(mlp.gate_proj, mlp.up_proj, previous=previous and previous.gate_up),
+        kernel_weight(attn.o_proj),
+        kernel_weight(mlp.down_proj),
     )
 
 
@@ -65,10 +72,10 @@ def llama_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.T
                                  kv.keys, kv.values, kv.slot)  # (batch, heads * head_dim)
     query = query.view(batch, attn.num_heads, 1, attn.head_dim)
     attended = decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
-    hidden = gemv.linear_add(attended, attn.o_proj.weight, hidden, attn.o_proj.bias)
+    hidden = gemv.linear_add(attended, weights.o, hidden, attn.o_proj.bias)
     activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up,
                                            mlp.act_fn, weights.gate_up_bias)  # (batch, intermediate)
-    return gemv.linear_add(activated, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
+    return gemv.linear_add(activated, weights.down, hidden, mlp.down_proj.bias)
 
 
 def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:

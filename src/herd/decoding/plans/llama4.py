@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...kernels import decode_attention
+from ...kernels import decode_attention, gemv
 from ...kernels.routed_experts import routed_experts
+from ..fusion import kernel_weight
 from ..kv import DecodeKV, LayerKV
 from . import CHUNKED, FULL, DecodePlan
 from .llama import fuse_layer
@@ -48,9 +49,15 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def project(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight.T for a plain weight (the compiled step fuses around it), or a quantized one
+    through the few-row kernels (kernels/gemv.py), which dequantize inside their loop."""
+    return nn.functional.linear(x, weight) if isinstance(weight, torch.Tensor) else gemv.linear(x, weight)
+
+
 def gated_mlp(mlp, gate_up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+    gate, up = project(x, gate_up).chunk(2, dim=-1)
+    return project(mlp.act_fn(gate) * up, kernel_weight(mlp.down_proj))
 
 
 def mixture_of_experts(moe, shared_gate_up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +73,9 @@ def mixture_of_experts(moe, shared_gate_up: torch.Tensor, x: torch.Tensor) -> to
     expert_scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # (batch, top_k)
     routed_in = (x[:, None, :] * expert_scores[..., None]).reshape(-1, hidden)  # (batch * top_k, hidden)
     experts = moe.experts
+    scales = (experts.gate_up_proj_scale, experts.down_proj_scale) if hasattr(experts, "gate_up_proj_scale") else ()
     routed_out = routed_experts(routed_in, expert_ids.reshape(-1), experts.gate_up_proj, experts.down_proj,
-                                experts.act_fn).view(batch, -1, hidden)
+                                experts.act_fn, *scales).view(batch, -1, hidden)
     return gated_mlp(moe.shared_expert, shared_gate_up, x) + routed_out.sum(dim=1)
 
 
@@ -78,7 +86,7 @@ def llama4_layer(layer, qkv: torch.Tensor, gate_up: torch.Tensor, hidden: torch.
     config = attn.config
     batch = hidden.shape[0]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    projected = nn.functional.linear(layer.input_layernorm(hidden), qkv)
+    projected = project(layer.input_layernorm(hidden), qkv)
     # (batch, heads + 2 kv_heads, head_dim) -> query (batch, heads, head_dim), key/value (batch, kv_heads, head_dim)
     query, key, value = projected.view(batch, -1, attn.head_dim).split([heads, kv_heads, kv_heads], dim=1)
     if attn.uses_rope:
@@ -92,7 +100,7 @@ def llama4_layer(layer, qkv: torch.Tensor, gate_up: torch.Tensor, hidden: torch.
     kv.keys[:, :, kv.slot] = key[:, :, None].to(kv.keys.dtype)
     kv.values[:, :, kv.slot] = value[:, :, None].to(kv.values.dtype)
     attended = decode_attention.attend(query[:, :, None], kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
-    hidden = hidden + attn.o_proj(attended)
+    hidden = hidden + project(attended.reshape(batch, -1), kernel_weight(attn.o_proj))
     normed = layer.post_attention_layernorm(hidden)
     if layer.is_moe_layer:
         return hidden + mixture_of_experts(layer.feed_forward, gate_up, normed)

@@ -11,31 +11,40 @@ reference forward; a prompt with no image at all skips the cross-attention layer
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from ...kernels import decode_attention, gemv
-from ..fusion import fuse
+from ..fusion import fuse, kernel_weight
 from ..kv import DecodeKV, LayerKV
 from . import CROSS, FULL, DecodePlan
 from .llama import embed, fuse_layer, head, llama_layer
 
 
-def cross_attention_layer(layer, gate_up: torch.Tensor, hidden: torch.Tensor, kv: LayerKV,
+class CrossLayerWeights(NamedTuple):
+    """A cross-attention layer's projections as the kernels take them (decoding/fusion.py)."""
+
+    q: torch.Tensor
+    o: torch.Tensor
+    gate_up: torch.Tensor  # gate and up fused
+    down: torch.Tensor
+
+
+def cross_attention_layer(layer, weights: CrossLayerWeights, hidden: torch.Tensor, kv: LayerKV,
                           row_sees_image: torch.Tensor) -> torch.Tensor:
     """MllamaCrossAttentionDecoderLayer.forward for one token per row: hidden (batch, hidden);
     row_sees_image (batch, 1)."""
     attn, mlp = layer.cross_attn, layer.mlp
     norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     batch = hidden.shape[0]
-    query = gemv.norm_linear(hidden, norm.weight, norm.eps, attn.q_proj.weight)  # (batch, heads * head_dim)
+    query = gemv.norm_linear(hidden, norm.weight, norm.eps, weights.q)  # (batch, heads * head_dim)
     query = attn.q_norm(query.view(batch, attn.num_heads, 1, attn.head_dim))
     attended = decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
-    attended = row_sees_image * gemv.linear(attended, attn.o_proj.weight)
+    attended = row_sees_image * gemv.linear(attended, weights.o)
     hidden = hidden + layer.cross_attn_attn_gate.tanh() * attended
-    activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, gate_up, mlp.act_fn)
-    fed = row_sees_image * gemv.linear(activated, mlp.down_proj.weight)
+    activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up, mlp.act_fn)
+    fed = row_sees_image * gemv.linear(activated, weights.down)
     return hidden + layer.cross_attn_mlp_gate.tanh() * fed
 
 
@@ -60,8 +69,13 @@ class MllamaPlan(DecodePlan):
             else:
                 fused.append(fuse_layer(layer.self_attn, layer.mlp, previous))
         self.fused = fused
-        self.weights = [record.weight if index in self.cross_layers else record.weights
+        self.weights = [self._cross_weights(index, record) if index in self.cross_layers else record.weights
                         for index, record in enumerate(fused)]
+
+    def _cross_weights(self, index: int, gate_up) -> CrossLayerWeights:
+        layer = self.text_model.layers[index]
+        return CrossLayerWeights(kernel_weight(layer.cross_attn.q_proj), kernel_weight(layer.cross_attn.o_proj),
+                                 gate_up.weight, kernel_weight(layer.mlp.down_proj))
 
     def units(self) -> dict[str, Callable]:
         return {"embed": embed, "layer": llama_layer, "cross_attention_layer": cross_attention_layer, "head": head}
