@@ -258,6 +258,15 @@ _NOT_READ_WHILE_DECODING = ("vision_model.", "multi_modal_projector.", "cross_at
                             "cross_attn.k_norm.")
 
 
+def weight_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters and its quantized modules' stored weights (buffers: data, scales)."""
+    from .quantization import QuantizedExperts, QuantizedLinear
+
+    quantized = {path for path, module in model.named_modules() if isinstance(module, (QuantizedLinear, QuantizedExperts))}
+    return [*model.named_parameters(),
+            *[(name, buffer) for name, buffer in model.named_buffers() if name.rpartition(".")[0] in quantized]]
+
+
 def decode_bytes(model, batch: int, context: int, image_tokens: int | None = None) -> tuple[float, float]:
     """(weight bytes, KV bytes) one decode step must read at this batch and context length.
 
@@ -267,7 +276,7 @@ def decode_bytes(model, batch: int, context: int, image_tokens: int | None = Non
     config = model.config
     text = config.get_text_config()
     total = 0
-    for name, param in [*model.named_parameters(), *model.named_buffers()]:  # quantized weights are buffers
+    for name, param in weight_tensors(model):
         if any(part in name for part in _NOT_READ_WHILE_DECODING):
             continue
         if name.endswith("embed_tokens.weight"):
@@ -492,7 +501,7 @@ def report(args, model, bandwidth, rows: list[Row], prefill_rows: list[PrefillRo
     reference_version = f"{args.compare} {REFERENCES[args.compare].version()}, " if args.compare else ""
     device = model.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or device.type)
-    weight_gb = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()]) / 1e9
+    weight_gb = sum(p.numel() * p.element_size() for _, p in weight_tensors(model)) / 1e9
     read_gb = decode_bytes(model, 1, 0)[0] / 1e9
     text = model.config.get_text_config()
     from .decoding.plans import plan_for
