@@ -119,12 +119,159 @@ def test_digits_are_split_like_llama_cpp(real):
     assert tokenizer.convert_ids_to_tokens(tokenizer("in 2024").input_ids) == ["in", "Ġ", "2", "0", "2", "4"]
 
 
-def test_direct_path_and_class_loading(real):
+@pytest.fixture(scope="module")
+def kept(real):
+    """The same file in bfloat16, loaded by path with the model class: its Q4_1 linears kept 4-bit."""
+    return herd.LlamaForCausalLM.from_pretrained(FOLDER / NAME, dtype=torch.bfloat16, progress=False)
+
+
+def test_direct_path_and_class_loading(real, kept):
     _, _, ours, tokenizer = real
-    model = herd.LlamaForCausalLM.from_pretrained(FOLDER / NAME, dtype=torch.bfloat16, progress=False)
-    assert model.dtype == torch.bfloat16
-    assert torch.equal(model.model.layers[3].self_attn.k_proj.weight, ours.model.layers[3].self_attn.k_proj.weight.bfloat16())
+    assert kept.dtype == torch.bfloat16
+    assert torch.equal(kept.model.layers[3].self_attn.k_proj.dequantize(torch.bfloat16),
+                       ours.model.layers[3].self_attn.k_proj.weight.bfloat16())
     assert herd.AutoTokenizer.from_pretrained(str(FOLDER / NAME))("Hi there").input_ids == tokenizer("Hi there").input_ids
+
+
+# --- Q4_0 / Q4_1 linears kept 4-bit in a 16-bit model ----------------------------------------------
+
+LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+           "ffn_down": "mlp.down_proj"}
+
+
+def _unpermute_like_transformers(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of _permute_like_llama_cpp: per head, rows (half, 2) back to (2, half)."""
+    return weight.reshape(n_heads, weight.shape[0] // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_dequantized(path, config) -> dict[str, torch.Tensor]:
+    """gguf's own dequantization of every decoder linear, rows in the Hugging Face order, by module path."""
+    out = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        layer, _, rest = tensor.name.removeprefix("blk.").partition(".")
+        part = rest.removesuffix(".weight")
+        if part not in LINEARS:
+            continue
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+        if part == "attn_q":
+            weight = _unpermute_like_transformers(weight, config.num_attention_heads)
+        elif part == "attn_k":
+            weight = _unpermute_like_transformers(weight, config.num_key_value_heads)
+        out[f"model.layers.{layer}.{LINEARS[part]}"] = (torch.from_numpy(np.array(weight, dtype=np.float32)),
+                                                       tensor.tensor_type)
+    return out
+
+
+def test_q4_1_linears_kept_4bit_in_bf16_dequantize_exactly(kept):
+    """Each Q4_1 decoder linear becomes herd int4 group 32 with float16 scales; its dequantized
+    weight is gguf's dequantization bit for bit (q/k rows un-permuted); the Q8_0 embedding (and
+    the head tied to it) is dequantized."""
+    from herd.quantization import QuantizedLinear
+
+    expected = _gguf_dequantized(FOLDER / NAME, kept.config)
+    assert len(expected) == 7 * kept.config.num_hidden_layers
+    for path, (weight, tensor_type) in expected.items():
+        module = kept.get_submodule(path)
+        assert tensor_type == gguf.GGMLQuantizationType.Q4_1
+        assert isinstance(module, QuantizedLinear) and module.scheme.format == "int4", path
+        assert module.scheme.group_size == 32 and module.weight_scale.dtype == torch.float16, path
+        assert torch.equal(module.dequantize().view(torch.int32), weight.view(torch.int32)), path  # every bit
+    assert type(kept.model.embed_tokens) is torch.nn.Embedding and kept.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert type(kept.lm_head) is torch.nn.Linear and kept.lm_head.weight is kept.model.embed_tokens.weight
+    entry = kept.config.quantization_config
+    assert (entry["quant_method"], entry["format"], entry["group_size"]) == ("herd", "int4", 32)
+    assert entry["modules_to_not_convert"] == [] and entry["scale_dtype"] == "float16"
+
+
+def test_q4_kept_model_generates_as_the_bf16_dequantized_model(real, kept):
+    """The int4 model (torch's CPU kernel, bf16 activations) and the same weights dequantized to a
+    bf16 model give the same greedy answer to a chat prompt."""
+    import copy
+
+    _, _, ours, tokenizer = real
+    dequantized = copy.deepcopy(ours).to(torch.bfloat16)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = kept.generate(ids, max_new_tokens=20, do_sample=False)
+    assert out.tolist() == dequantized.generate(ids, max_new_tokens=20, do_sample=False).tolist()
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _write_quantized_tiny_llama(path, reference, types: dict[str, "gguf.GGMLQuantizationType"]) -> None:
+    """_write_tiny_llama's file (untied head), then each tensor in `types` (by GGUF name) quantized."""
+    plain = path.with_name("plain.gguf")
+    _write_tiny_llama(plain, reference, tied=False)
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    reader = gguf.GGUFReader(str(plain))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_array(field.name, value)
+        else:
+            writer.add_key_value(field.name, value, field.types[0])
+    for tensor in reader.tensors:
+        array = np.array(tensor.data).reshape(tuple(reversed(tensor.shape.tolist())))
+        qtype = types.get(tensor.name)
+        if qtype is None:
+            writer.add_tensor(tensor.name, array)
+        else:
+            writer.add_tensor(tensor.name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_q4_0_kept_exactly_others_dequantized_and_saved_back(tmp_path):
+    """A tiny file with Q4_0 linears (value = (q - 8) d: scale d, offset -8d), one Q4_1 and one Q8_0
+    linear, a Q4_0 embedding and output head: the Q4 linears are int4 and dequantize to gguf's
+    values, the rest are float; saved and loaded back, nothing changes."""
+    from herd.quantization import QuantizedLinear
+
+    Q = gguf.GGMLQuantizationType
+    reference = reference_llama(tie_word_embeddings=False)
+    types = {f"blk.{layer}.{part}.weight": Q.Q4_0 for layer in range(2) for part in LINEARS}
+    types.update({"blk.0.ffn_up.weight": Q.Q4_1, "blk.1.attn_v.weight": Q.Q8_0,
+                  "token_embd.weight": Q.Q4_0, "output.weight": Q.Q4_0})
+    path = tmp_path / "q4_0.gguf"
+    _write_quantized_tiny_llama(path, reference, types)
+    expected = _gguf_dequantized(path, reference.config)
+
+    for dtype in (torch.float16, torch.bfloat16):
+        model = herd.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, progress=False)
+        assert model.config.quantization_config["modules_to_not_convert"] == ["model.layers.1.self_attn.v_proj"]
+        for module_path, (weight, tensor_type) in expected.items():
+            module = model.get_submodule(module_path)
+            if tensor_type == Q.Q8_0:
+                assert type(module) is torch.nn.Linear and torch.equal(module.weight, weight.to(dtype)), module_path
+                continue
+            assert isinstance(module, QuantizedLinear) and module.scheme.group_size == 32, module_path
+            # equal values (a Q4_0 zero is +0 here where gguf's (q - 8) * d can give -0)
+            assert torch.equal(module.dequantize(), weight), module_path
+        assert type(model.lm_head) is torch.nn.Linear and type(model.model.embed_tokens) is torch.nn.Embedding
+        ids = torch.tensor([[0, 5, 9, 3, 70, 2]])
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert generated.shape == (1, 11)
+
+    model.save_pretrained(tmp_path / "saved")
+    again = herd.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", progress=False)
+    assert again.dtype == torch.bfloat16
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == again.state_dict()[name].dtype and torch.equal(tensor, again.state_dict()[name]), name
+    assert again.generate(ids, max_new_tokens=5, do_sample=False).tolist() == generated.tolist()
+
+    # float32 (the default): every weight dequantized, plain nn.Linear, as transformers reads the file
+    import transformers
+
+    model = herd.AutoModelForCausalLM.from_pretrained(path, progress=False)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    assert getattr(model.config, "quantization_config", None) is None
+    assert not any(isinstance(module, QuantizedLinear) for module in model.modules())
+    for name, tensor in oracle.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 # --- tiny synthetic files ----------------------------------------------------------------------------

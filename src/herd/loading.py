@@ -70,10 +70,12 @@ def find_checkpoint_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no model weights in {folder}: expected model.safetensors or model.safetensors.index.json")
 
 
-def _open(path: Path, device: str = "cpu"):
-    if path.suffix.lower() == ".gguf":  # read like a safetensors file, dequantized on read
-        from .quantization.gguf import open_gguf
+def _open(path, device: str = "cpu"):
+    from .quantization.gguf import GGUFFile, open_gguf
 
+    if isinstance(path, GGUFFile):  # already open, in the form the load asked for (Q4 linears packed)
+        return path
+    if path.suffix.lower() == ".gguf":  # read like a safetensors file, dequantized on read
         return open_gguf(path)
     try:
         return safe_open(str(path), framework="pt", device=device)

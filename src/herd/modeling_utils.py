@@ -317,10 +317,19 @@ class PreTrainedModel(nn.Module):
         else:
             torch_dtype = dtype_from_name(dtype)
         device = resolve_device(device_map)
+        gguf_quantization = None
+        if gguf_file is not None and torch_dtype in (torch.bfloat16, torch.float16):
+            # A GGUF file in a 16-bit model keeps its Q4_0/Q4_1 decoder linears 4-bit (herd's int4,
+            # group 32, exactly the file's values); in float32 (the default) every weight is
+            # dequantized. The rule and the mapping: quantization/gguf.py.
+            reader = open_gguf(gguf_file)
+            gguf_quantization = reader.quantization_config()  # None: no Q4_0/Q4_1 linear
+            if gguf_quantization is not None:
+                files = [reader.with_q4_kept()]
 
         with torch.device("meta"):
             model = cls(config)
-        quantization = _quantization_config(config, asked_quantization, device)
+        quantization = _quantization_config(config, asked_quantization, device, stored=gguf_quantization)
         convert = None
         if quantization is not None:
             from .quantization import apply_quantization, tensor_converter
@@ -407,13 +416,16 @@ class PreTrainedModel(nn.Module):
         loading.save_checkpoint(state_dict, folder, max_shard_size)
 
 
-def _quantization_config(config: PretrainedConfig, asked: Any, device: torch.device):
-    """The quantization a load runs: the checkpoint's own (config.json's quantization_config) wins
-    over one asked for, as in transformers; None for a float model."""
+def _quantization_config(config: PretrainedConfig, asked: Any, device: torch.device,
+                         stored: dict[str, Any] | None = None):
+    """The quantization a load runs: the checkpoint's own (config.json's quantization_config, or
+    `stored`: a GGUF file's Q4 linears kept in a 16-bit model) wins over one asked for, as in
+    transformers; None for a float model."""
     from .quantization import from_dict
     from .quantization.formats import has_fp8_matmul
 
-    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        stored = getattr(config, "quantization_config", None)
     if stored is not None:
         if asked is not None:
             logger.warning("the checkpoint is already quantized (%s); the quantization_config passed to "

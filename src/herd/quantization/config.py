@@ -10,7 +10,8 @@ layer with this module path gets, or None to keep it as it is. `from_dict` reads
   (`Int4WeightOnlyConfig(group_size=128)`: herd's own, or torchao's, read by its fields).
 - CompressedTensorsConfig: pre-quantized LLM-Compressor checkpoints in the float-quantized
   format (FP8 weights per channel, tensor or block; activations dynamic per token or static).
-- HerdQuantConfig: what herd writes for int8/int4 models it quantized (its own layout).
+- HerdQuantConfig: what herd writes for int8/int4 models it quantized (its own layout), and what a
+  GGUF file's Q4_0/Q4_1 linears load as in a 16-bit model (int4, group 32, float16 scales).
 """
 
 from __future__ import annotations
@@ -155,9 +156,10 @@ class HerdQuantConfig(QuantizationConfig):
     prequantized = True
 
     def __init__(self, format: str, group_size: int = 0, modules_to_not_convert: list[str] | None = None,
-                 activations: str | None = None, activation_scale_ub: float | None = None, **kwargs):
+                 activations: str | None = None, activation_scale_ub: float | None = None,
+                 scale_dtype: str | None = None, **kwargs):
         self.scheme = Scheme(format, group_size=group_size, activations=activations,
-                             activation_scale_ub=activation_scale_ub)
+                             activation_scale_ub=activation_scale_ub, scale_dtype=scale_dtype)
         self.modules_to_not_convert = modules_to_not_convert
 
     def scheme_for(self, path: str) -> Scheme | None:
@@ -167,10 +169,13 @@ class HerdQuantConfig(QuantizationConfig):
         return self.scheme_for(path)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": self.quant_method, "format": self.scheme.format,
-                "group_size": self.scheme.group_size, "activations": self.scheme.activations,
-                "activation_scale_ub": self.scheme.activation_scale_ub,
-                "modules_to_not_convert": self.modules_to_not_convert}
+        out = {"quant_method": self.quant_method, "format": self.scheme.format,
+               "group_size": self.scheme.group_size, "activations": self.scheme.activations,
+               "activation_scale_ub": self.scheme.activation_scale_ub,
+               "modules_to_not_convert": self.modules_to_not_convert}
+        if self.scheme.scale_dtype is not None:  # int4 scales kept apart from the model's dtype (GGUF's float16)
+            out["scale_dtype"] = self.scheme.scale_dtype
+        return out
 
 
 class CompressedTensorsConfig(QuantizationConfig):

@@ -12,7 +12,9 @@ it like any Linear. Formats (weights are (out features, in features), as nn.Line
 - "int4": `weight` uint8 (out, in / 2) two values a byte (column 2j in the low nibble of byte j),
           `weight_scale` and `weight_offset` (out, in / group) in the model's dtype:
           w = q * scale + offset with q in 0..15 (asymmetric, the min/max form: GGUF Q4_1 exactly;
-          torchao's float zero point is offset + 8 * scale).
+          torchao's float zero point is offset + 8 * scale). A scheme's `scale_dtype` can keep the
+          scales and offsets in another dtype: GGUF's Q4 blocks keep their float16 ones in a bf16
+          model, since bf16 would round them (quantization/gguf.py).
 
 Which kernel multiplies: on a GPU with FP8 (compute capability >= 8.9) FP8 runs `_scaled_mm`
 with row-wise scales; int8 and int4 run torch's weight-only CPU kernels on the CPU (with bf16
@@ -31,6 +33,7 @@ from torch import nn
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # the largest float8_e4m3fn value
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,16 @@ class Scheme:
     activations: str | None = None  # fp8: "dynamic" (per token) | "static" (stored input_scale) | None (weight-only)
     activation_scale_ub: float | None = None  # fp8 dynamic: upper bound of an activation row's amax
     block: tuple[int, int] | None = None  # fp8 block-scaled checkpoints: (rows, columns) per scale
+    scale_dtype: str | None = None  # int4: the dtype of scales and offsets ("float16"); None: the model's
 
     def __post_init__(self):
         if self.format not in ("fp8", "int8", "int4"):
             raise ValueError(f"unknown weight format {self.format!r}; herd has fp8, int8 and int4")
         if self.format == "int4" and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
+        if self.scale_dtype is not None and (self.format != "int4" or self.scale_dtype not in SCALE_DTYPES):
+            raise ValueError(f"scale_dtype {self.scale_dtype!r}: int4 scales and offsets can be kept in "
+                             f"{', '.join(SCALE_DTYPES)} (other formats keep float32 scales)")
 
 
 # --- quantizers: a float weight -> its stored tensors ----------------------------------------------
@@ -113,16 +120,17 @@ class QuantizedLinear(nn.Module):
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        # The activations' dtype: int4's scales and offsets are kept in it.
+        # The activations' dtype: int4's scales and offsets are kept in it (unless the scheme names another).
         self.compute_dtype = dtype
         empty = dict(device=device)
         if scheme.format == "int4":
             if in_features % scheme.group_size:
                 raise ValueError(f"int4 group_size {scheme.group_size} does not divide in_features {in_features}")
             groups = in_features // scheme.group_size
+            scale_dtype = getattr(torch, scheme.scale_dtype) if scheme.scale_dtype else dtype
             self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, **empty))
-            self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=dtype, **empty))
-            self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=dtype, **empty))
+            self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=scale_dtype, **empty))
+            self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=scale_dtype, **empty))
         else:
             data_dtype = FP8 if scheme.format == "fp8" else torch.int8
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=data_dtype, **empty))

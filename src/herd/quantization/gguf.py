@@ -1,8 +1,27 @@
 """Llama-architecture GGUF files (llama.cpp's format), read with the `gguf` package.
 
 A GGUF file holds a model's config, its tokenizer and its (often quantized) weights in one file.
-herd reads all three and dequantizes every weight to the requested dtype on load, so the model
-that comes out is a plain LlamaForCausalLM: nothing runs quantized.
+herd reads all three into a LlamaForCausalLM.
+
+Which weights stay quantized (the rule from_pretrained applies):
+- In a 16-bit model (`dtype=torch.bfloat16` or `torch.float16`), each decoder linear stored as
+  Q4_0 or Q4_1 (q/k/v/o/gate/up/down_proj) is kept 4-bit: it loads as herd's int4 format with
+  group 32 (formats.py), block for block, with no second rounding. A Q4_1 block (fp16 d, fp16 m,
+  16 bytes of nibbles, value = q * d + m) is scale d, offset m; a Q4_0 block (fp16 d, value =
+  (q - 8) * d) is scale d, offset -8d. ggml puts values 0..15 of a block in the low nibbles of its
+  16 bytes and values 16..31 in the high ones; herd packs columns 2j, 2j + 1 into byte j, so the
+  nibbles are re-packed. The scales and offsets stay float16 (the scheme's scale_dtype), also in a
+  bf16 model, whose 8-bit mantissa would round them: `dequantize()` then equals gguf's own
+  dequantization bit for bit (for Q4_0, value for value: its zeros are +0 where gguf's
+  (q - 8) * d can give -0). The weights are exact; torch's int4 CPU kernel still multiplies with
+  bf16 activations, scales and zero points, as formats.py says. The model's config gets a HerdQuantConfig quantization_config
+  (int4, group 32) whose modules_to_not_convert lists the linears stored otherwise.
+- With float32 (the default for GGUF files, as in transformers) every weight is dequantized, so
+  the model is a plain float one.
+- Everything else is dequantized to the model's dtype: F16/BF16, K-quants, Q5_*, and Q8_0, which
+  has one scale per 32 values where herd's int8 has one per row (re-quantizing it would round a
+  second time); and always the embeddings (`token_embd`) and the output head (`output.weight`),
+  which herd never quantizes (config.ALWAYS_KEPT).
 
 What is notable:
 - Names: llama.cpp's tensor names (`blk.N.attn_q.weight`, `token_embd.weight`, ...) are renamed
@@ -10,7 +29,8 @@ What is notable:
   (`loading.load_checkpoint`: shape check, dtype, device, one report of what does not fit).
 - Rotary layout: llama.cpp's converter reorders the rows of q_proj and k_proj within each head,
   from the Hugging Face "rotate half" layout (first half, second half) to interleaved pairs
-  (x0, x_{d/2}, x1, ...). Reading undoes it: per head, rows (2, d/2) -> (d/2, 2) back.
+  (x0, x_{d/2}, x1, ...). Reading undoes it: per head, rows (2, d/2) -> (d/2, 2) back (for a
+  kept Q4 weight, on the rows of its data, scales and offsets alike).
 - Shapes: GGUF lists dimensions fastest-first (ggml's `ne`), the reverse of torch's order.
 - Tied embeddings: a file without `output.weight` ties the lm_head to `token_embd.weight`.
 - Tokenizer: `tokenizer.ggml.model == "gpt2"` (SmolLM2, Llama 3) is byte-level BPE, rebuilt with
@@ -23,6 +43,7 @@ What is notable:
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
@@ -54,6 +75,9 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# The decoder's linear layers: the ones whose Q4_0/Q4_1 weights a 16-bit model keeps quantized.
+_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_Q4_GROUP = 32  # values per Q4_0/Q4_1 block: herd's int4 group size for them
 # Tensors derived from the config (llama.cpp stores Llama 3.1's rope frequencies): never loaded.
 _SKIPPED = {"rope_freqs.weight"}
 
@@ -110,6 +134,16 @@ def _reverse_rotary_permutation(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+_LINEAR_MODULES = frozenset(_LAYER_NAMES[part] for part in _LINEARS)  # "self_attn.q_proj", ...
+
+
+def _is_linear_weight(key: str) -> bool:
+    """A decoder linear's weight, by its Hugging Face name (model.layers.N.self_attn.q_proj.weight)."""
+    parts = key.split(".")
+    return (len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[5] == "weight"
+            and f"{parts[3]}.{parts[4]}" in _LINEAR_MODULES)
+
+
 class _Shape:
     def __init__(self, shape: tuple[int, ...]):
         self._shape = shape
@@ -143,6 +177,7 @@ class GGUFFile:
                 f"{self.path} holds a {self.architecture!r} model; herd reads only Llama-architecture GGUF files"
             )
         self._tensors = {self._hf_name(tensor.name): tensor for tensor in self._reader.tensors}
+        self._kept: frozenset[str] = frozenset()  # module paths read as packed int4 (see with_q4_kept)
 
     # -- metadata --
 
@@ -294,6 +329,39 @@ class GGUFFile:
         backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
         return backend
 
+    # -- which weights stay quantized --
+
+    def q4_linears(self) -> list[str]:
+        """Module paths of the decoder linears stored as Q4_0 or Q4_1 (the ones a 16-bit model keeps)."""
+        import gguf
+
+        q4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+        return [key.removesuffix(".weight") for key, tensor in self._tensors.items()
+                if _is_linear_weight(key) and tensor.tensor_type in q4]
+
+    def quantization_config(self) -> dict[str, Any] | None:
+        """The quantization_config (herd's int4, group 32, float16 scales) of a 16-bit model of this
+        file, the other linears listed in modules_to_not_convert; None when no linear is Q4_0/Q4_1."""
+        kept = set(self.q4_linears())
+        if not kept:
+            return None
+        others = [key.removesuffix(".weight") for key in self._tensors if _is_linear_weight(key)]
+        from .config import HerdQuantConfig
+
+        return HerdQuantConfig("int4", _Q4_GROUP, modules_to_not_convert=[p for p in others if p not in kept],
+                               scale_dtype="float16").to_dict()
+
+    def with_q4_kept(self) -> GGUFFile:
+        """This file read with its Q4_0/Q4_1 linears packed rather than dequantized: each one's
+        `weight` is replaced by the tensors of herd's int4 format, `weight` (uint8, out x in/2),
+        `weight_scale` and `weight_offset` (float16, out x in/32). A view: the file is parsed once."""
+        view = copy.copy(self)
+        view._kept = frozenset(self.q4_linears())
+        return view
+
+    def __str__(self) -> str:
+        return str(self.path)
+
     # -- weights, read like a safetensors file --
 
     def _hf_name(self, name: str) -> str:
@@ -312,21 +380,74 @@ class GGUFFile:
         return None
 
     def keys(self) -> list[str]:
-        return [name for name in self._tensors if name not in _SKIPPED]
+        names = []
+        for name in self._tensors:
+            if name in _SKIPPED:
+                continue
+            names.append(name)
+            if name.removesuffix(".weight") in self._kept and name.endswith(".weight"):
+                names += [f"{name}_scale", f"{name}_offset"]
+        return names
+
+    def _packed_part(self, key: str) -> tuple[str, str] | None:
+        """(the stored weight's key, "weight" | "weight_scale" | "weight_offset") for a key of a kept
+        Q4 linear; None for any other key."""
+        module, _, leaf = key.rpartition(".")
+        if module in self._kept and leaf in ("weight", "weight_scale", "weight_offset"):
+            return f"{module}.weight", leaf
+        return None
 
     def get_slice(self, key: str) -> _Shape:
+        packed = self._packed_part(key)
+        if packed is not None:
+            out_features, in_features = self._stored_shape(packed[0])
+            return _Shape((out_features, in_features // 2) if packed[1] == "weight"
+                          else (out_features, in_features // _Q4_GROUP))
+        return _Shape(self._stored_shape(key))
+
+    def _stored_shape(self, key: str) -> tuple[int, ...]:
         # ggml lists dimensions fastest-first: reversed, they are torch's (out_features, in_features).
-        return _Shape(tuple(int(n) for n in reversed(self._tensors[key].shape)))
+        return tuple(int(n) for n in reversed(self._tensors[key].shape))
+
+    def _hf_rows(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of q_proj / k_proj (weight, bias, or a packed weight's data, scales, offsets) back in
+        the Hugging Face order; other tensors as they are."""
+        heads = int(self._llama("attention.head_count"))
+        if ".self_attn.q_proj." in key:
+            return _reverse_rotary_permutation(rows, heads)
+        if ".self_attn.k_proj." in key:
+            return _reverse_rotary_permutation(rows, int(self._llama("attention.head_count_kv", heads)))
+        return rows
 
     def get_tensor(self, key: str) -> torch.Tensor:
         import gguf
 
+        packed = self._packed_part(key)
+        if packed is not None:
+            return torch.from_numpy(np.ascontiguousarray(self._hf_rows(key, self._q4_part(*packed))))
         tensor = self._tensors[key]
-        shape = tuple(int(n) for n in reversed(tensor.shape))
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        if key.endswith("self_attn.q_proj.weight") or key.endswith("self_attn.q_proj.bias"):
-            weight = _reverse_rotary_permutation(weight, int(self._llama("attention.head_count")))
-        elif key.endswith("self_attn.k_proj.weight") or key.endswith("self_attn.k_proj.bias"):
-            heads = int(self._llama("attention.head_count"))
-            weight = _reverse_rotary_permutation(weight, int(self._llama("attention.head_count_kv", heads)))
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(self._stored_shape(key))
+        weight = self._hf_rows(key, weight)
         return torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the file is mapped read-only
+
+    def _q4_part(self, key: str, part: str) -> np.ndarray:
+        """One of herd's int4 tensors of the Q4_0/Q4_1 weight `key`, from its blocks (in the file's
+        row order): the packed values, or the float16 scales or offsets (out, in / 32)."""
+        import gguf
+
+        tensor = self._tensors[key]
+        out_features, in_features = self._stored_shape(key)
+        is_q4_1 = tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        # Q4_0 block: fp16 d, 16 bytes of nibbles; Q4_1 block: fp16 d, fp16 m, 16 bytes of nibbles
+        block_bytes = 20 if is_q4_1 else 18
+        blocks = np.asarray(tensor.data).reshape(out_features, in_features // _Q4_GROUP, block_bytes)
+        if part == "weight":
+            nibbles = blocks[..., block_bytes - 16:]  # byte j: value j (low nibble), value j + 16 (high)
+            values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # values 0..31 in order
+            return (values[..., 0::2] | (values[..., 1::2] << 4)).reshape(out_features, in_features // 2)
+        d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+        if part == "weight_scale":
+            return d
+        if is_q4_1:
+            return np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+        return d * np.float16(-8)  # (q - 8) * d = q * d + (-8 d); times 8 is exact in float16
