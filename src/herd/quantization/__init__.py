@@ -40,7 +40,7 @@ def apply_quantization(model: nn.Module, config: QuantizationConfig, dtype: torc
     loading). Returns how many were swapped."""
     swaps: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
-        if type(module) is nn.Linear and path.rpartition(".")[2] not in ALWAYS_KEPT:
+        if type(module) is nn.Linear and path.rpartition(".")[2] not in config.always_kept:
             scheme = config.scheme_for(path)
             if scheme is not None:
                 if scheme.format == "int4" and module.in_features % scheme.group_size:

@@ -9,7 +9,8 @@ layer with this module path gets, or None to keep it as it is. `from_dict` reads
   seed's string form `TorchAoConfig("int4_weight_only", group_size=128)` or with a config object
   (`Int4WeightOnlyConfig(group_size=128)`: herd's own, or torchao's, read by its fields).
 - CompressedTensorsConfig: pre-quantized LLM-Compressor checkpoints in the float-quantized
-  format (FP8 weights per channel, tensor or block; activations dynamic per token or static).
+  format (FP8 weights per channel, tensor or block; activations dynamic per token or per group, or
+  static).
 - HerdQuantConfig: what herd writes for int8/int4 models it quantized (its own layout), and what a
   GGUF file's Q4_0/Q4_1 linears load as in a 16-bit model (int4, group 32, float16 scales).
 """
@@ -43,6 +44,7 @@ def _matches(path: str, patterns: list[str] | None) -> bool:
 class QuantizationConfig:
     quant_method: str = ""
     prequantized = False  # the checkpoint already holds quantized tensors
+    always_kept: tuple[str, ...] = ALWAYS_KEPT  # layer names kept in float whatever the config says
 
     def scheme_for(self, path: str) -> Scheme | None:
         raise NotImplementedError
@@ -184,11 +186,19 @@ class CompressedTensorsConfig(QuantizationConfig):
 
     quant_method = "compressed-tensors"
     prequantized = True
+    always_kept = ()  # the checkpoint's `ignore` says which layers are float, lm_head included
 
     def __init__(self, config_groups: dict[str, Any] | None = None, format: str | None = None,
                  ignore: list[str] | None = None, **kwargs):
         self.raw = {"config_groups": config_groups, "format": format, "ignore": ignore, **kwargs}
         self.ignore = ignore or []
+        # Parts of a checkpoint that change the arithmetic beyond the linears' weights: loading
+        # without them would run a different model, so they are refused by name.
+        for key, what in (("kv_cache_scheme", "an FP8 KV cache (k_scale / v_scale)"),
+                          ("transform_config", "rotations of the weights and activations")):
+            if kwargs.get(key):
+                raise ValueError(f"compressed-tensors {key} ({what}) is not supported by herd; "
+                                 "it loads float-quantized (FP8) linear weights only")
         self.groups: list[tuple[list[str], Scheme]] = []
         for name, group in (config_groups or {}).items():
             group_format = group.get("format") or format
@@ -222,13 +232,25 @@ def _compressed_scheme(name: str, group: dict[str, Any]) -> Scheme:
     elif strategy not in ("channel", "tensor"):
         raise ValueError(f"compressed-tensors config group {name}: weight strategy {strategy!r} is not supported "
                          "(herd loads channel, tensor and block)")
+    if group.get("output_activations"):
+        raise ValueError(f"compressed-tensors config group {name}: quantized output activations are not supported "
+                         "by herd")
     inputs = group.get("input_activations")
-    activations = None
+    activations, group_size = None, 0
     if inputs:
+        if inputs.get("type") != "float" or inputs.get("num_bits") != 8:
+            raise ValueError(f"compressed-tensors config group {name}: herd quantizes input activations to 8-bit "
+                             f"float, got {inputs.get('num_bits')}-bit {inputs.get('type')}")
         activations = "dynamic" if inputs.get("dynamic") else "static"
-        if activations == "static" and inputs.get("strategy") != "tensor":
+        in_strategy = inputs.get("strategy")
+        if activations == "static" and in_strategy != "tensor":
             raise ValueError(f"compressed-tensors config group {name}: static input activations must be per tensor")
-    return Scheme("fp8", activations=activations, block=block)
+        if activations == "dynamic" and in_strategy == "group" and inputs.get("group_size"):
+            group_size = int(inputs["group_size"])
+        elif activations == "dynamic" and (in_strategy != "token" or inputs.get("dynamic") is not True):
+            raise ValueError(f"compressed-tensors config group {name}: dynamic input activations with strategy "
+                             f"{in_strategy!r} are not supported (herd quantizes them per token or per group)")
+    return Scheme("fp8", activations=activations, block=block, activation_group_size=group_size)
 
 
 _CONFIG_CLASSES = {cls.quant_method: cls for cls in (FbgemmFp8Config, TorchAoConfig, HerdQuantConfig, CompressedTensorsConfig)}

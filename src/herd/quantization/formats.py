@@ -6,7 +6,8 @@ it like any Linear. Formats (weights are (out features, in features), as nn.Line
 
 - "fp8":  `weight` float8_e4m3fn, `weight_scale` float32 (out, 1): w = weight * scale per row.
           Activations are quantized per token at run time (`activation_scale_ub` bounds the scale),
-          or with one stored `input_scale`, or left alone (weight-only), as the config says.
+          per group of `activation_group_size` columns of a token, or with one stored
+          `input_scale`, or left alone (weight-only), as the config says.
           Block-scaled checkpoints keep `weight_scale` (ceil(out / block), ceil(in / block)).
 - "int8": `weight` int8, `weight_scale` float32 (out, 1): symmetric per row, weight-only.
 - "int4": `weight` uint8 (out, in / 2) two values a byte (column 2j in the low nibble of byte j),
@@ -42,10 +43,12 @@ class Scheme:
 
     format: str  # "fp8" | "int8" | "int4"
     group_size: int = 0  # int4: columns per scale/offset group
-    activations: str | None = None  # fp8: "dynamic" (per token) | "static" (stored input_scale) | None (weight-only)
+    # fp8: "dynamic" (per token, or per group) | "static" (stored input_scale) | None (weight-only)
+    activations: str | None = None
     activation_scale_ub: float | None = None  # fp8 dynamic: upper bound of an activation row's amax
     block: tuple[int, int] | None = None  # fp8 block-scaled checkpoints: (rows, columns) per scale
     scale_dtype: str | None = None  # int4: the dtype of scales and offsets ("float16"); None: the model's
+    activation_group_size: int = 0  # fp8 dynamic: columns per activation scale (0: one scale per token)
 
     def __post_init__(self):
         if self.format not in ("fp8", "int8", "int4"):
@@ -108,6 +111,16 @@ def quantize_activation_rows(x: torch.Tensor, scale_ub: float | None) -> tuple[t
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def quantize_activation_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, in) -> float8_e4m3fn (rows, in), float32 scale (rows, in / group_size): the per-row
+    rule on each group of `group_size` columns (compressed-tensors' dynamic "group" activations)."""
+    rows, columns = x.shape
+    groups = x.float().reshape(rows, columns // group_size, group_size)
+    scale = (groups.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1.0 / (FP8_MAX * 512.0))
+    data = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return data.reshape(rows, columns), scale.squeeze(-1)
+
+
 def has_fp8_matmul(device: torch.device) -> bool:
     """`_scaled_mm` with FP8 inputs needs compute capability 8.9 (Ada) or newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -132,6 +145,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=scale_dtype, **empty))
             self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=scale_dtype, **empty))
         else:
+            if scheme.activation_group_size and in_features % scheme.activation_group_size:
+                raise ValueError(f"activation group size {scheme.activation_group_size} does not divide "
+                                 f"in_features {in_features}")
             data_dtype = FP8 if scheme.format == "fp8" else torch.int8
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=data_dtype, **empty))
             if scheme.block is not None:
@@ -185,8 +201,16 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         fmt = self.scheme.format
-        if fmt == "fp8" and self.scheme.activations is not None and self.scheme.block is None:
+        if fmt == "fp8" and self.scheme.activations is not None and self.scheme.block is None \
+                and not self.scheme.activation_group_size:
             out = self._fp8_matmul(rows)
+        elif fmt == "fp8" and self.scheme.activations is not None:
+            # Block-scaled weights or per-group activation scales: no kernel here takes these scales,
+            # so the activations are rounded to FP8 as the checkpoint says and meet the float weight.
+            x_q, x_scale = self._quantized_activations(rows)
+            if self.scheme.activation_group_size:
+                x_scale = x_scale.repeat_interleave(self.scheme.activation_group_size, dim=1)
+            out = nn.functional.linear((x_q.float() * x_scale).to(rows.dtype), self.dequantize(rows.dtype))
         elif fmt in ("int8", "int4") and rows.device.type == "cpu" and self.out_features % 16 == 0:
             # (torch's int4 CPU packing takes multiples of 16 rows; smaller layers dequantize)
             out = self._cpu_weight_only(rows)
@@ -196,13 +220,18 @@ class QuantizedLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
-    def _fp8_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        """FP8 activations times FP8 weights, accumulated in float32, scaled per row and column."""
+    def _quantized_activations(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FP8 activations and their float32 scales: (rows, 1), or (rows, groups) per group."""
         if self.scheme.activations == "static":
             x_scale = self.input_scale.float().reshape(1, 1).expand(rows.shape[0], 1)
-            x_q = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        else:
-            x_q, x_scale = quantize_activation_rows(rows, self.scheme.activation_scale_ub)
+            return (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), x_scale
+        if self.scheme.activation_group_size:
+            return quantize_activation_groups(rows, self.scheme.activation_group_size)
+        return quantize_activation_rows(rows, self.scheme.activation_scale_ub)
+
+    def _fp8_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """FP8 activations times FP8 weights, accumulated in float32, scaled per row and column."""
+        x_q, x_scale = self._quantized_activations(rows)
         if has_fp8_matmul(rows.device) and rows.dtype in (torch.bfloat16, torch.float16, torch.float32):
             return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale.contiguous(),
                                     scale_b=self.weight_scale.t().contiguous(), out_dtype=rows.dtype)
