@@ -37,7 +37,8 @@ COMPILE_ALL = textwrap.dedent('''
         except Exception as error:
             results.append([label, f"{type(error).__name__}: {str(error)[-600:]}", None])
 
-    gemv_signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "residual_ptr": "*bf16",
+    gemv_signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*bf16", "offset_ptr": "*bf16",
+                      "out_ptr": "*bf16", "residual_ptr": "*bf16",
                       "norm_w_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16",
                       "values_ptr": "*bf16", "slot_ptr": "*i64", "rows": "i32", "N": "i32", "K": "i32", "eps": "fp32",
                       "q_rows": "i32", "kv_rows": "i32", "slots": "i32"}
@@ -51,8 +52,8 @@ COMPILE_ALL = textwrap.dedent('''
         config = gemv._config(out_features, in_features, gated)
         first_k = min(config.first_k or config.block_k, triton.next_power_of_2(in_features))
         constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=128 if rotary else 2,
-                         PDL=pdl, ROWS=rows, PERSISTENT=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                         FIRST_K=first_k)
+                         QUANT=0, GROUP=1, PDL=pdl, ROWS=rows, PERSISTENT=False, BLOCK_N=config.block_n,
+                         BLOCK_K=config.block_k, FIRST_K=first_k)
         compile_one(f"gemv pdl={pdl} norm={norm} gated={gated} residual={residual} rotary={rotary} "
                     f"{in_features}->{out_features} rows={rows}",
                     gemv._few_row_linear_kernel, gemv_signature, constants, num_warps=config.warps,
@@ -62,10 +63,31 @@ COMPILE_ALL = textwrap.dedent('''
     for (norm, gated, residual, rotary), (in_features, out_features, block_n, warps) in itertools.product(
             modes, [(2048, 3072, 4, 4), (8192, 2048, 2, 8)]):
         constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=64 if rotary else 2,
-                         PDL=True, ROWS=1, PERSISTENT=True, BLOCK_N=block_n, BLOCK_K=2048, FIRST_K=in_features)
+                         QUANT=0, GROUP=1, PDL=True, ROWS=1, PERSISTENT=True, BLOCK_N=block_n, BLOCK_K=2048,
+                         FIRST_K=in_features)
         compile_one(f"gemv pdl=True persistent norm={norm} gated={gated} residual={residual} rotary={rotary} "
                     f"{in_features}->{out_features}", gemv._few_row_linear_kernel, gemv_signature, constants,
                     num_warps=warps, num_stages=1, launch_pdl=True)
+
+    # quantized weights (gemv.QuantizedWeight): int8 and FP8 rows with a float32 scale, int4 in groups; a row
+    # longer than the first read, the 1B's persistent gate/up and down (rows=4), and one of each mode with rows=1
+    formats = {"int8": ("*i8", "*fp32", 1, 1, 8), "fp8": ("*fp8e4nv", "*fp32", 1, 1, 8),
+               "int4/32": ("*u8", "*bf16", 2, 32, 4), "int4/128": ("*u8", "*bf16", 2, 128, 4)}
+    quantized = list(itertools.product(formats, modes, [(14336, 4096), (2048, 8192), (8192, 2048)], [4]))
+    quantized += list(itertools.product(["int4/32"], modes, [(4096, 6144)], [1]))
+    for name, (norm, gated, residual, rotary), (in_features, out_features), rows in quantized:
+        data, scale, quant, group, bits = formats[name]
+        config = gemv._config(out_features, in_features, gated, bits)
+        first_k = min(config.first_k or config.block_k, triton.next_power_of_2(in_features))
+        persistent = bool(config.programs_per_sm) and first_k >= in_features
+        constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=128 if rotary else 2,
+                         QUANT=quant, GROUP=group, PDL=True, ROWS=rows, PERSISTENT=persistent, BLOCK_N=config.block_n,
+                         BLOCK_K=config.block_k, FIRST_K=first_k)
+        signature = {**gemv_signature, "w_ptr": data, "scale_ptr": scale, "offset_ptr": scale}
+        compile_one(f"gemv pdl=True {name} persistent={persistent} norm={norm} gated={gated} residual={residual} "
+                    f"rotary={rotary} {in_features}->{out_features} rows={rows}",
+                    gemv._few_row_linear_kernel, signature, constants, num_warps=config.warps,
+                    num_stages=config.stages, launch_pdl=True)
 
     attention_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "allowed_ptr": "*i1",
                            "new_slot_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
@@ -102,7 +124,8 @@ def compiled():
 def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
-    assert len(compiled) >= 124  # the gemv grid (2 x 4 x 7 x 2), 8 persistent, the attention kernels
+    # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels
+    assert len(compiled) >= 176
 
 
 def test_programmatic_launch_is_compiled_in_when_asked(compiled):

@@ -25,6 +25,11 @@ Each function runs its kernel for CUDA tensors of at most `MAX_ROWS` rows when T
 installed, there is no bias and the dtypes agree; otherwise it runs the same arithmetic in
 torch (`torch_*`), rounded at the same points. The kernels accumulate in float32 and round where
 the torch code rounds: after the norm, after its weight, after each matmul, after the activation.
+
+A weight may also be a `QuantizedWeight` (int8 or FP8 rows with a float32 scale per row; int4 in
+groups of columns with a scale and an offset per group), which the kernel reads as stored, a
+byte or half a byte per weight instead of two, and dequantizes in its loop (`dequantize` is the
+arithmetic; the torch fallback multiplies by its result).
 """
 
 from __future__ import annotations
@@ -45,16 +50,83 @@ except ImportError:  # CPU builds of torch ship without Triton: the torch arithm
 MAX_ROWS = 4  # beyond a few rows the weight tile is reused enough for the library matmul to win
 
 
-def kernel_applies(x: torch.Tensor, *tensors: torch.Tensor | None, bias: torch.Tensor | None = None) -> bool:
+class QuantizedWeight(NamedTuple):
+    """A weight (out, in) in fewer bits; what it means is `dequantize`.
+
+    - row-scaled (data int8 or float8_e4m3fn (out, in), scale float32 (out,)): w[n, k] = data[n, k] * scale[n];
+    - int4 in groups of G = in // scale.shape[1] columns (data uint8 (out, in // 2), column 2j in the
+      low nibble of byte j and 2j + 1 in the high one; scale and offset (out, in // G) in x's dtype):
+      w[n, k] = nibble[n, k] * scale[n, k // G] + offset[n, k // G], nibbles unsigned (0..15).
+
+    Projections stacked along the rows (q/k/v; gate then up) stack data, scale and offset alike."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None = None
+
+
+# How the kernel reads a weight (its QUANT): in x's dtype, int8/FP8 with a scale per row, int4 in groups
+PLAIN, ROW_SCALED, INT4 = 0, 1, 2
+
+
+def _format(weight: torch.Tensor | QuantizedWeight) -> int:
+    """How the kernel reads the weight: PLAIN, ROW_SCALED or INT4."""
+    if not isinstance(weight, QuantizedWeight):
+        return PLAIN
+    return INT4 if weight.data.dtype == torch.uint8 else ROW_SCALED
+
+
+def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in dtype: computed in float32 (or dtype if wider), rounded once to dtype."""
+    data, scale, offset = weight
+    compute = torch.promote_types(dtype, torch.float32)
+    if _format(weight) == INT4:
+        out_features, half = data.shape
+        nibbles = torch.stack((data & 0xF, data >> 4), dim=-1).reshape(out_features, 2 * half)  # low nibble first
+        group = 2 * half // scale.shape[1]
+        scale = scale.to(compute).repeat_interleave(group, dim=1)
+        offset = offset.to(compute).repeat_interleave(group, dim=1)
+        return (nibbles.to(compute) * scale + offset).to(dtype)
+    return (data.to(compute) * scale.to(compute)[:, None]).to(dtype)
+
+
+def _dense(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """What the torch arithmetic multiplies by: the weight, dequantized to dtype if it is quantized."""
+    return dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
+
+
+def _op_weight(weight: torch.Tensor | QuantizedWeight) -> tuple:
+    """The ops' weight arguments: data, scale, offset (scale and offset None for a plain weight)."""
+    return tuple(weight) if isinstance(weight, QuantizedWeight) else (weight, None, None)
+
+
+def _readable(x: torch.Tensor, tensor: torch.Tensor | QuantizedWeight | None) -> bool:
+    """A tensor in x's dtype, or a QuantizedWeight the kernel reads: int8/FP8 with float32 row
+    scales, or int4 with scale and offset in x's dtype, in groups of a power of two columns."""
+    if tensor is None:
+        return True
+    if not isinstance(tensor, QuantizedWeight):
+        return tensor.dtype == x.dtype
+    data, scale, offset = tensor
+    if _format(tensor) == INT4:
+        in_features, groups = 2 * data.shape[1], scale.shape[-1]
+        group = in_features // max(groups, 1)
+        powers_of_two = groups * group == in_features and group >= 2 and group & (group - 1) == 0
+        return scale.dtype == x.dtype and offset is not None and offset.dtype == x.dtype and powers_of_two
+    return data.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and offset is None
+
+
+def kernel_applies(x: torch.Tensor, *tensors: torch.Tensor | QuantizedWeight | None,
+                   bias: torch.Tensor | None = None) -> bool:
     """The kernel handles x (rows <= MAX_ROWS, hidden) on CUDA with weights (and norm weights) of
-    x's dtype and no bias."""
+    x's dtype or quantized (`_readable`), and no bias."""
     return (
         triton is not None
         and x.is_cuda
         and x.dim() == 2
         and x.shape[0] <= MAX_ROWS
         and bias is None
-        and all(tensor is None or tensor.dtype == x.dtype for tensor in tensors)
+        and all(_readable(x, tensor) for tensor in tensors)
     )
 
 
@@ -88,17 +160,18 @@ def torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, val
 # --- public functions: kernel where it applies, torch otherwise ----------------------------------
 
 
-def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor | QuantizedWeight,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x (rows, in) -> weight @ rms_norm(x) (rows, out), in out_dtype (x's unless given: the head
     asks for float32)."""
     if kernel_applies(x, norm_weight, weight, bias=bias):
-        return torch.ops.herd.norm_linear(x, norm_weight, eps, weight, out_dtype or x.dtype)
-    out = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), weight, bias)
+        data, scale, offset = _op_weight(weight)
+        return torch.ops.herd.norm_linear(x, norm_weight, eps, data, out_dtype or x.dtype, scale, offset)
+    out = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), _dense(weight, x.dtype), bias)
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor | QuantizedWeight,
                     bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                     values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """The attention input of one new token per row: x (rows, hidden) -> query (rows, heads * head_dim),
@@ -112,34 +185,40 @@ def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
         and keys.shape[-1] % 2 == 0
     ):
         rows, head_dim = x.shape[0], keys.shape[-1]
-        return torch.ops.herd.norm_qkv_rotary(x, norm_weight, eps, weight, cos.reshape(rows, head_dim),
-                                              sin.reshape(rows, head_dim), keys, values, slot)
-    return torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot)
+        data, scale, offset = _op_weight(weight)
+        return torch.ops.herd.norm_qkv_rotary(x, norm_weight, eps, data, cos.reshape(rows, head_dim),
+                                              sin.reshape(rows, head_dim), keys, values, slot, scale, offset)
+    return torch_norm_qkv_rotary(x, norm_weight, eps, _dense(weight, x.dtype), bias, cos, sin, keys, values, slot)
 
 
-def norm_gated_activation(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
-                          activation, bias: torch.Tensor | None = None) -> torch.Tensor:
+def norm_gated_activation(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                          gate_up_weight: torch.Tensor | QuantizedWeight, activation,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """act(gate(n)) * up(n) with n = rms_norm(x): x (rows, hidden) -> (rows, intermediate);
     gate_up_weight (2 * intermediate, hidden), gate rows first. One kernel for SiLU (every Llama)."""
     if activation is nn.functional.silu and kernel_applies(x, norm_weight, gate_up_weight, bias=bias):
-        return torch.ops.herd.norm_swiglu(x, norm_weight, eps, gate_up_weight)
-    gate, up = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), gate_up_weight, bias).chunk(2, dim=-1)
+        data, scale, offset = _op_weight(gate_up_weight)
+        return torch.ops.herd.norm_swiglu(x, norm_weight, eps, data, scale, offset)
+    gate_up = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), _dense(gate_up_weight, x.dtype), bias)
+    gate, up = gate_up.chunk(2, dim=-1)
     return activation(gate) * up
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """weight @ x: x (rows, in) -> (rows, out)."""
     if kernel_applies(x, weight, bias=bias):
-        return torch.ops.herd.linear(x, weight)
-    return nn.functional.linear(x, weight, bias)
+        data, scale, offset = _op_weight(weight)
+        return torch.ops.herd.linear(x, data, scale, offset)
+    return nn.functional.linear(x, _dense(weight, x.dtype), bias)
 
 
-def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def linear_add(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """residual (rows, out) + weight @ x (rows, in)."""
     if kernel_applies(x, weight, residual, bias=bias):
-        return torch.ops.herd.linear_add(x, weight, residual)
-    return residual + nn.functional.linear(x, weight, bias)
+        data, scale, offset = _op_weight(weight)
+        return torch.ops.herd.linear_add(x, data, residual, scale, offset)
+    return residual + nn.functional.linear(x, _dense(weight, x.dtype), bias)
 
 
 # --- kernels ---------------------------------------------------------------------------------------
@@ -154,8 +233,9 @@ class GemvConfig(NamedTuple):
     programs_per_sm: int = 0  # > 0: this many programs per SM loop over the blocks (whole rows in the first read)
 
 
-def _config(out_features: int, in_features: int, gated: bool) -> GemvConfig:
-    """The configuration for a weight shape, chosen by measurement (bench/gemv_sweep.py for one
+def _config(out_features: int, in_features: int, gated: bool, weight_bits: int = 16) -> GemvConfig:
+    """The configuration for a weight shape (of weight_bits per weight: 8 or 4 are quantized ones,
+    `_quantized_config`), chosen by measurement (bench/gemv_sweep.py for one
     kernel, bench/profile_decode.py for whole steps; numbers in bench/RESULTS.md). What matters most
     is having every load of a program in flight at once: a whole row (up to 4096 columns) in the
     first read, 2048 columns per step for longer rows. Short rows with many outputs (the 1B's MLP)
@@ -163,6 +243,8 @@ def _config(out_features: int, in_features: int, gated: bool) -> GemvConfig:
     while computing one close that gap. Elsewhere persistence measured equal or slower."""
     if triton is None:
         return GemvConfig(4, 1024)
+    if weight_bits < 16:
+        return _quantized_config(out_features, in_features, gated, weight_bits)
     row = triton.next_power_of_2(in_features)
     if gated and row <= 2048:
         # gate/up of short rows (the 1B: 2 x 8192 x 2048): two persistent programs per SM, 4 gate
@@ -179,6 +261,40 @@ def _config(out_features: int, in_features: int, gated: bool) -> GemvConfig:
     return GemvConfig(block_n, 2048 if row > 4096 else min(1024, row), warps, 1, first_k)
 
 
+# Quantized weights: reasoned from the bf16 measurements above, not measured yet (bench/gemv_sweep.py
+# is where to tune them on a GPU). bf16's lesson is to have a program's whole first read in flight:
+# 4 rows of 4096 columns, 32 KiB. Fewer bytes per weight put more weights in those bytes, but x's
+# normed float32 columns sit in registers (ROWS x first read columns over the program's threads,
+# 128 per thread for 4 rows of 8192 at 8 warps), so rows are read whole only up to
+# QUANTIZED_WHOLE_ROW columns, and the bytes come from more rows per block instead (int4: twice
+# the 1-byte rows). Small matrices keep at least QUANTIZED_MIN_BLOCKS blocks (4 per SM of an
+# H100/H200), as bf16's 4-row blocks of the 1B's 2048 outputs do.
+QUANTIZED_WHOLE_ROW = 8192  # columns of a row read in the first read (whole rows up to this)
+QUANTIZED_STEP = 4096  # columns per read of longer rows (the first one too)
+QUANTIZED_READ = 32768  # bytes of weight per program's first read
+QUANTIZED_MAX_BLOCK_N = 16
+QUANTIZED_MIN_BLOCKS = 512
+
+
+def _quantized_config(out_features: int, in_features: int, gated: bool, weight_bits: int) -> GemvConfig:
+    row = triton.next_power_of_2(in_features)
+    first_k = row if row <= QUANTIZED_WHOLE_ROW else QUANTIZED_STEP
+    matrices = 2 if gated else 1
+    row_bytes = first_k * weight_bits // 8
+    block_n = min(max(QUANTIZED_READ // (row_bytes * matrices), 2), QUANTIZED_MAX_BLOCK_N)
+    # at least QUANTIZED_MIN_BLOCKS blocks where the outputs allow (2 rows at least: rotary pairs them)
+    block_n = max(min(block_n, _power_of_two_below(out_features // QUANTIZED_MIN_BLOCKS)), 2)
+    warps = 8 if block_n * matrices * row_bytes >= QUANTIZED_READ else 4
+    # persistent where bf16 measured it faster: gate/up of short rows, down of long rows into few outputs
+    persistent = (gated and row <= 2048) or (4096 < row <= QUANTIZED_WHOLE_ROW and not gated and out_features <= 2048)
+    return GemvConfig(block_n, min(QUANTIZED_STEP, row), warps, 1, first_k, 2 if persistent else 0)
+
+
+def _power_of_two_below(n: int) -> int:
+    """The largest power of two <= n (1 for n < 1)."""
+    return 1 << max(n, 1).bit_length() - 1
+
+
 if triton is not None:
 
     @triton.jit
@@ -189,12 +305,24 @@ if triton is not None:
 
     @triton.jit
     def _normed(xv, norm_w_ptr, inv_rms, k, k_ok, NORM: tl.constexpr, dtype: tl.constexpr):
-        """(ROWS, 1, width) float32: x's columns k, normed and rounded as the torch norm rounds when NORM."""
+        """(ROWS, width) float32: x's columns k, normed and rounded as the torch norm rounds when NORM."""
         if NORM:
             norm_w = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
             xv = (xv.to(tl.float32) * inv_rms[:, None]).to(dtype)
             xv = (xv.to(tl.float32) * norm_w[None, :]).to(dtype)
-        return xv.to(tl.float32)[:, None, :]
+        return xv.to(tl.float32)
+
+    @triton.jit
+    def _x_columns(xf, QUANT: tl.constexpr):
+        """xf (ROWS, width) -> what multiplies a weight tile (`_tile_product`): xf as (ROWS, 1, width)
+        twice, or for int4 its even and odd columns (ROWS, 1, width // 2), the low and high nibbles'."""
+        low = xf[:, None, :]
+        high = low
+        if QUANT == 2:
+            even, odd = tl.split(tl.reshape(xf, (xf.shape[0], xf.shape[1] // 2, 2)))
+            low = even[:, None, :]
+            high = odd[:, None, :]
+        return low, high
 
     @triton.jit
     def _block_rows(block, ROTARY: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -207,17 +335,81 @@ if triton is not None:
         return block * BLOCK_N + j
 
     @triton.jit
-    def _load_rows(w_ptr, n, n_ok, N, K, cols, GATED: tl.constexpr):
-        """(BLOCK_N, width) each: columns cols of weight rows n (and of the up rows n + N when GATED),
-        zeros where not n_ok."""
-        mask = n_ok[:, None] & (cols < K)[None, :]
-        rows = n.to(tl.int64) * K
-        w = tl.load(w_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        w_up = w
+    def _load_tile(w_ptr, scale_ptr, offset_ptr, n, n_ok, K, start, WIDTH: tl.constexpr, QUANT: tl.constexpr,
+                   GROUP: tl.constexpr, ROW_SCALE: tl.constexpr):
+        """Columns start .. start + WIDTH of weight rows n (BLOCK_N,) as stored, zeros where not n_ok,
+        with what dequantizes them: a tuple (w, scale, offset). w: (BLOCK_N, WIDTH), for int4 the
+        (BLOCK_N, WIDTH // 2) bytes that hold them. scale: row-scaled (BLOCK_N,) when ROW_SCALE (a
+        block's first tile: the sum takes it at the end); int4 (BLOCK_N, groups of the tile), offset
+        alike. Those unused are w. int4 tiles start on a group boundary or lie inside one group."""
+        row_length = K
+        cols = start + tl.arange(0, WIDTH)
+        if QUANT == 2:
+            row_length = K // 2
+            cols = start // 2 + tl.arange(0, WIDTH // 2)
+        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * row_length + cols[None, :],
+                    mask=n_ok[:, None] & (cols < row_length)[None, :], other=0.0, eviction_policy="evict_first")
+        scale = w
+        offset = w
+        if QUANT == 1 and ROW_SCALE:
+            scale = tl.load(scale_ptr + n, mask=n_ok, other=0.0)
+        if QUANT == 2:
+            groups = K // GROUP
+            g = start // GROUP + tl.arange(0, WIDTH // GROUP if WIDTH >= GROUP else 1)
+            at = n.to(tl.int64)[:, None] * groups + g[None, :]
+            mask = n_ok[:, None] & (g < groups)[None, :]
+            scale = tl.load(scale_ptr + at, mask=mask, other=0.0)
+            offset = tl.load(offset_ptr + at, mask=mask, other=0.0)
+        return w, scale, offset
+
+    @triton.jit
+    def _load_rows(w_ptr, scale_ptr, offset_ptr, n, n_ok, N, K, start, WIDTH: tl.constexpr, GATED: tl.constexpr,
+                   QUANT: tl.constexpr, GROUP: tl.constexpr, ROW_SCALE: tl.constexpr):
+        """The tiles (`_load_tile`) of rows n and, when GATED, of the up rows n + N (else the same)."""
+        tile = _load_tile(w_ptr, scale_ptr, offset_ptr, n, n_ok, K, start, WIDTH, QUANT, GROUP, ROW_SCALE)
+        tile_up = tile
         if GATED:
-            w_up = tl.load(w_ptr + N * K + rows[:, None] + cols[None, :], mask=mask, other=0.0,
-                           eviction_policy="evict_first")
-        return w, w_up
+            tile_up = _load_tile(w_ptr, scale_ptr, offset_ptr, n + N, n_ok, K, start, WIDTH, QUANT, GROUP, ROW_SCALE)
+        return tile, tile_up
+
+    @triton.jit
+    def _as_float(w):
+        """A tile's stored weights as float32. int8 and int4 nibbles (uint8 below 16) without a
+        conversion instruction (NVIDIA GPUs run those at a quarter of the float rate, below what
+        reading 1 or 0.5 bytes per weight needs): an integer 0 <= m < 2**23 in the mantissa of the
+        float 2**23 makes the float 2**23 + m, and the subtraction leaves m, exactly."""
+        if w.dtype == tl.int8:  # m = w + 128
+            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        elif w.dtype == tl.uint8:
+            f = (w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            f = w.to(tl.float32)
+        return f
+
+    @triton.jit
+    def _grouped(q, scale, offset):
+        """q (BLOCK_N, B) float32 nibbles, scale and offset (BLOCK_N, G) of G groups of B // G
+        columns -> q * scale + offset of their group, float32 (the exact weight: not rounded to
+        x's dtype as `dequantize` rounds, which would take another conversion per weight)."""
+        block_n: tl.constexpr = q.shape[0]
+        width: tl.constexpr = q.shape[1]
+        groups: tl.constexpr = scale.shape[1]
+        w = tl.reshape(q, (block_n, groups, width // groups)) * scale.to(tl.float32)[:, :, None] \
+            + offset.to(tl.float32)[:, :, None]
+        return tl.reshape(w, (block_n, width))
+
+    @triton.jit
+    def _tile_product(x_low, x_high, tile, QUANT: tl.constexpr):
+        """(ROWS, BLOCK_N) float32: the tile's columns of x (`_x_columns`) times the weight (row-scaled:
+        before the scale)."""
+        w, scale, offset = tile
+        if QUANT == 2:
+            low = _grouped(_as_float(w & 0xF), scale, offset)
+            high = _grouped(_as_float(w >> 4), scale, offset)
+            product = tl.sum(x_low * low[None, :, :] + x_high * high[None, :, :], axis=2)
+        else:
+            product = tl.sum(x_low * _as_float(w)[None, :, :], axis=2)
+        return product
 
     @triton.jit
     def _rounded(v, dtype: tl.constexpr):
@@ -263,27 +455,35 @@ if triton is not None:
                               q_rows, kv_rows, slots, HEAD_DIM)
 
     @triton.jit
-    def _block_output(block, w_first, w_up_first, x_first, x_ptr, w_ptr, out_ptr, residual_ptr, norm_w_ptr, inv_rms,
-                      cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N, K, q_rows, kv_rows, slots,
-                      dtype: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                      ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, FIRST_K: tl.constexpr):
-        """The outputs of one block of weight rows: w_first/w_up_first (BLOCK_N, FIRST_K) its first
-        columns, already read; x_first (ROWS, 1, FIRST_K) x's first columns, normed, float32."""
+    def _block_output(block, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
+                      residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N,
+                      K, q_rows, kv_rows, slots, dtype: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                      RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
+                      GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      FIRST_K: tl.constexpr):
+        """The outputs of one block of weight rows: first/first_up its tiles (`_load_tile`) of the
+        first FIRST_K columns, already read; x_low/x_high x's first columns, normed, float32
+        (`_x_columns`)."""
         n = _block_rows(block, ROTARY, BLOCK_N, HEAD_DIM)  # (BLOCK_N,) output features
         n_ok = n < N
-        acc = tl.sum(x_first * w_first.to(tl.float32)[None, :, :], axis=2)  # (ROWS, BLOCK_N)
+        acc = _tile_product(x_low, x_high, first, QUANT)  # (ROWS, BLOCK_N)
         acc_up = acc
         if GATED:
-            acc_up = tl.sum(x_first * w_up_first.to(tl.float32)[None, :, :], axis=2)
+            acc_up = _tile_product(x_low, x_high, first_up, QUANT)
         for start in range(FIRST_K, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
             k_ok = k < K
-            xf = _normed(_load_x(x_ptr, r, r_ok, k, k_ok, K), norm_w_ptr, inv_rms, k, k_ok, NORM, dtype)
-            w, w_up = _load_rows(w_ptr, n, n_ok, N, K, k, GATED)
-            acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
+            step_low, step_high = _x_columns(_normed(_load_x(x_ptr, r, r_ok, k, k_ok, K), norm_w_ptr, inv_rms, k, k_ok,
+                                                     NORM, dtype), QUANT)
+            tile, tile_up = _load_rows(w_ptr, scale_ptr, offset_ptr, n, n_ok, N, K, start, BLOCK_K, GATED, QUANT, GROUP,
+                                       False)
+            acc += _tile_product(step_low, step_high, tile, QUANT)
             if GATED:
-                acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
+                acc_up += _tile_product(step_low, step_high, tile_up, QUANT)
+        if QUANT == 1:  # row-scaled: each row's sum times its scale
+            acc = acc * first[1][None, :]
+            if GATED:
+                acc_up = acc_up * first_up[1][None, :]
 
         y = _rounded(acc, dtype)  # (ROWS, BLOCK_N), rounded as the matmul's output
         if GATED:
@@ -303,7 +503,9 @@ if triton is not None:
     @triton.jit
     def _few_row_linear_kernel(
         x_ptr,  # (rows, K)
-        w_ptr,  # (N, K), or (2N, K) gate rows then up rows when GATED
+        w_ptr,  # (N, K), or (2N, K) gate rows then up rows when GATED; int4: (N or 2N, K // 2) bytes
+        scale_ptr,  # row-scaled: (N or 2N,) float32; int4: (N or 2N, K // GROUP) in x's dtype
+        offset_ptr,  # int4: as scale
         out_ptr,  # (rows, N); with ROTARY the query (rows, q_rows)
         residual_ptr,  # (rows, N) when RESIDUAL
         norm_w_ptr,  # (K,) when NORM
@@ -324,6 +526,8 @@ if triton is not None:
         RESIDUAL: tl.constexpr,
         ROTARY: tl.constexpr,  # q/k/v: rotary on query and key, key and value stored into the cache
         HEAD_DIM: tl.constexpr,
+        QUANT: tl.constexpr,  # PLAIN (w in x's dtype), ROW_SCALED (int8/FP8 times a scale per row), INT4 (in groups)
+        GROUP: tl.constexpr,  # int4: columns per scale and offset (a power of two)
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
         ROWS: tl.constexpr,  # rows rounded up to a power of two
         PERSISTENT: tl.constexpr,  # fewer programs than blocks, each looping over its share (FIRST_K >= K)
@@ -331,7 +535,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         FIRST_K: tl.constexpr,  # columns read in one load, before waiting for the previous kernel (a power of two)
     ):
-        dtype = w_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty
         if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         program = tl.program_id(0)
@@ -343,7 +547,8 @@ if triton is not None:
         # program wait for it.
         first_cols = tl.arange(0, FIRST_K)
         n = _block_rows(program, ROTARY, BLOCK_N, HEAD_DIM)
-        w_first, w_up_first = _load_rows(w_ptr, n, n < N, N, K, first_cols, GATED)  # (BLOCK_N, FIRST_K) each
+        first, first_up = _load_rows(w_ptr, scale_ptr, offset_ptr, n, n < N, N, K, 0, FIRST_K, GATED, QUANT, GROUP,
+                                     True)  # the tiles of (BLOCK_N, FIRST_K) weights
         if PDL:
             tl.extra.cuda.gdc_wait()  # everything below may read what the previous kernel wrote
         first_k_ok = first_cols < K
@@ -357,7 +562,7 @@ if triton is not None:
                 x_chunk = _load_x(x_ptr, r, r_ok, k, k < K, K).to(tl.float32)
                 square_sum += tl.sum(x_chunk * x_chunk, axis=1)
             inv_rms = tl.rsqrt((square_sum / K + eps).to(tl.float32))  # the cast: compile passes floats as float64
-        x_first = _normed(x_first, norm_w_ptr, inv_rms, first_cols, first_k_ok, NORM, dtype)  # (ROWS, 1, FIRST_K)
+        x_low, x_high = _x_columns(_normed(x_first, norm_w_ptr, inv_rms, first_cols, first_k_ok, NORM, dtype), QUANT)
 
         if PERSISTENT:
             # A program per few SMs' worth of blocks, each taking every num_programs-th block: the
@@ -369,27 +574,38 @@ if triton is not None:
                 following = block + step
                 n_next = _block_rows(following, ROTARY, BLOCK_N, HEAD_DIM)
                 next_ok = (n_next < N) & (tl.full((BLOCK_N,), following, tl.int32) < blocks)
-                w_next, w_up_next = _load_rows(w_ptr, n_next, next_ok, N, K, first_cols, GATED)
-                _block_output(block, w_first, w_up_first, x_first, x_ptr, w_ptr, out_ptr, residual_ptr, norm_w_ptr,
-                              inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N, K, q_rows, kv_rows,
-                              slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
-                w_first, w_up_first = w_next, w_up_next
+                following_tiles = _load_rows(w_ptr, scale_ptr, offset_ptr, n_next, next_ok, N, K, 0, FIRST_K, GATED,
+                                             QUANT, GROUP, True)
+                _block_output(block, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
+                              residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r,
+                              r_ok, N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT,
+                              GROUP, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
+                first, first_up = following_tiles
         else:
-            _block_output(program, w_first, w_up_first, x_first, x_ptr, w_ptr, out_ptr, residual_ptr, norm_w_ptr,
-                          inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N, K, q_rows, kv_rows,
-                          slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
+            _block_output(program, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
+                          residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok,
+                          N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT, GROUP,
+                          ROWS, BLOCK_N, BLOCK_K, FIRST_K)
 
     def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, rotary=None, config=None,
                pdl=None):
-        """out (rows, N) from x (rows, K) and weight ((2 if gated else 1) * N, K); also runs in
-        Triton's interpreter (the CPU tests). `rotary`: (cos, sin, keys, values, slot) for q/k/v
-        (`norm_qkv_rotary`): out is then the query alone, key and value go into the cache. `pdl`:
-        programmatic dependent launch, by default where the device has it (kernels.programmatic_launch)."""
-        rows, in_features = x.shape[0], weight.shape[1]
-        out_features = weight.shape[0] // 2 if gated else weight.shape[0]
+        """out (rows, N) from x (rows, K) and weight ((2 if gated else 1) * N, K), a tensor or a
+        QuantizedWeight; also runs in Triton's interpreter (the CPU tests). `rotary`: (cos, sin,
+        keys, values, slot) for q/k/v (`norm_qkv_rotary`): out is then the query alone, key and
+        value go into the cache. `pdl`: programmatic dependent launch, by default where the device
+        has it (kernels.programmatic_launch)."""
+        quant = _format(weight)
+        data, scale, offset = _op_weight(weight)
+        rows, in_features = x.shape[0], data.shape[1] * (2 if quant == INT4 else 1)
+        group = in_features // scale.shape[1] if quant == INT4 else 1
+        out_features = data.shape[0] // 2 if gated else data.shape[0]
+        weight_bits = {PLAIN: 16, ROW_SCALED: 8, INT4: 4}[quant]
         block_n, block_k, warps, stages, first_k, programs_per_sm = GemvConfig(
-            *(config or _config(out_features, in_features, gated)))
-        first_k = min(first_k or block_k, triton.next_power_of_2(in_features))
+            *(config or _config(out_features, in_features, gated, weight_bits)))
+        row = triton.next_power_of_2(in_features)
+        first_k = min(first_k or block_k, row)
+        if quant == INT4:  # a first read of whole steps: every tile starts on a group boundary or lies in one group
+            first_k = max(first_k, min(block_k, row))
         blocks = triton.cdiv(out_features, block_n)
         programs = blocks
         if programs_per_sm and first_k >= in_features:  # the persistent loop reads whole rows only
@@ -400,70 +616,80 @@ if triton is not None:
         if rotary is not None and block_n < 2:
             raise ValueError("the rotary epilogue pairs rows: block_n must be at least 2")
         _few_row_linear_kernel[(programs,)](
-            x, weight, out, residual if residual is not None else out, norm_weight if norm_weight is not None else x,
+            x, data, scale if scale is not None else x, offset if offset is not None else x,
+            out, residual if residual is not None else out, norm_weight if norm_weight is not None else x,
             cos, sin, keys, values, slot,
             rows, out_features, in_features, eps, out_features - 2 * kv_heads * head_dim, kv_heads * head_dim, slots,
             NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, ROTARY=rotary is not None,
-            HEAD_DIM=head_dim, PDL=pdl, ROWS=triton.next_power_of_2(rows), PERSISTENT=programs < blocks,
-            BLOCK_N=block_n, BLOCK_K=block_k,
+            HEAD_DIM=head_dim, QUANT=quant, GROUP=group, PDL=pdl, ROWS=triton.next_power_of_2(rows),
+            PERSISTENT=programs < blocks, BLOCK_N=block_n, BLOCK_K=block_k,
             FIRST_K=first_k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
         )  # fmt: skip
         return out
 
     # Opaque operators (not triton_op): the compiled step calls them, and they launch through
     # Triton's own launcher, which keeps the programmatic-launch attribute (inductor's inlined
-    # launch of a user kernel drops it). Captured into the CUDA graph like any kernel.
+    # launch of a user kernel drops it). Captured into the CUDA graph like any kernel. A quantized
+    # weight comes as its parts: weight is then its data, with scale (and for int4 offset).
+    def _weight(weight, scale, offset):
+        return weight if scale is None else QuantizedWeight(weight, scale, offset)
+
     @torch.library.custom_op("herd::norm_linear", mutates_args=())
     def _norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+                     out_dtype: torch.dtype, scale: torch.Tensor | None = None,
+                     offset: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous()
         out = x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
-        return launch(x, weight, out, norm_weight=norm_weight, eps=eps)
+        return launch(x, _weight(weight, scale, offset), out, norm_weight=norm_weight, eps=eps)
 
     @_norm_linear.register_fake
-    def _(x, norm_weight, eps, weight, out_dtype):
+    def _(x, norm_weight, eps, weight, out_dtype, scale=None, offset=None):
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
 
     @torch.library.custom_op("herd::norm_qkv_rotary", mutates_args=("keys", "values"))
     def _norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         slot: torch.Tensor) -> torch.Tensor:
+                         slot: torch.Tensor, scale: torch.Tensor | None = None,
+                         offset: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous()
         out = x.new_empty((x.shape[0], _query_rows(weight, keys)))
-        return launch(x, weight, out, norm_weight=norm_weight, eps=eps,
+        return launch(x, _weight(weight, scale, offset), out, norm_weight=norm_weight, eps=eps,
                       rotary=(cos.contiguous(), sin.contiguous(), keys, values, slot))
 
     @_norm_qkv_rotary.register_fake
-    def _(x, norm_weight, eps, weight, cos, sin, keys, values, slot):
+    def _(x, norm_weight, eps, weight, cos, sin, keys, values, slot, scale=None, offset=None):
         return x.new_empty((x.shape[0], _query_rows(weight, keys)))
 
     def _query_rows(weight, keys):
         return weight.shape[0] - 2 * keys.shape[1] * keys.shape[3]
 
     @torch.library.custom_op("herd::norm_swiglu", mutates_args=())
-    def _norm_swiglu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    def _norm_swiglu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                     scale: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous()
         out = x.new_empty((x.shape[0], weight.shape[0] // 2))
-        return launch(x, weight, out, norm_weight=norm_weight, eps=eps, gated=True)
+        return launch(x, _weight(weight, scale, offset), out, norm_weight=norm_weight, eps=eps, gated=True)
 
     @_norm_swiglu.register_fake
-    def _(x, norm_weight, eps, weight):
+    def _(x, norm_weight, eps, weight, scale=None, offset=None):
         return x.new_empty((x.shape[0], weight.shape[0] // 2))
 
     @torch.library.custom_op("herd::linear_add", mutates_args=())
-    def _linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                    scale: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
         x, residual = x.contiguous(), residual.contiguous()
-        return launch(x, weight, torch.empty_like(residual), residual=residual)
+        return launch(x, _weight(weight, scale, offset), torch.empty_like(residual), residual=residual)
 
     @_linear_add.register_fake
-    def _(x, weight, residual):
+    def _(x, weight, residual, scale=None, offset=None):
         return torch.empty_like(residual)
 
     @torch.library.custom_op("herd::linear", mutates_args=())
-    def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
         x = x.contiguous()
-        return launch(x, weight, x.new_empty((x.shape[0], weight.shape[0])))
+        return launch(x, _weight(weight, scale, offset), x.new_empty((x.shape[0], weight.shape[0])))
 
     @_linear.register_fake
-    def _(x, weight):
+    def _(x, weight, scale=None, offset=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
