@@ -102,7 +102,7 @@ def _op_weight(weight: torch.Tensor | QuantizedWeight) -> tuple:
 
 def _readable(x: torch.Tensor, tensor: torch.Tensor | QuantizedWeight | None) -> bool:
     """A tensor in x's dtype, or a QuantizedWeight the kernel reads: int8/FP8 with float32 row
-    scales, or int4 with scale and offset in x's dtype, in groups of a power of two columns."""
+    scales, or int4 with scale and offset (of one float dtype), in groups of a power of two columns."""
     if tensor is None:
         return True
     if not isinstance(tensor, QuantizedWeight):
@@ -112,7 +112,8 @@ def _readable(x: torch.Tensor, tensor: torch.Tensor | QuantizedWeight | None) ->
         in_features, groups = 2 * data.shape[1], scale.shape[-1]
         group = in_features // max(groups, 1)
         powers_of_two = groups * group == in_features and group >= 2 and group & (group - 1) == 0
-        return scale.dtype == x.dtype and offset is not None and offset.dtype == x.dtype and powers_of_two
+        # scales and offsets are read as float32: any float dtype (GGUF's float16 ones in a bf16 model)
+        return scale.is_floating_point() and offset is not None and offset.dtype == scale.dtype and powers_of_two
     return data.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32 and offset is None
 
 
