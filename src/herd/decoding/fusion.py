@@ -49,9 +49,9 @@ def fuse(*linears: nn.Module, previous: Fused | None = None) -> Fused:
     else:
         from ..kernels.gemv import QuantizedWeight
 
-        scale = fused["weight_scale"]
-        weight = QuantizedWeight(fused["weight"], scale.view(-1) if scale.shape[1] == 1 else scale,
-                                 fused.get("weight_offset"))
+        offset = fused.get("weight_offset")  # int4's; row-scaled formats take their scales as (out,)
+        weight = QuantizedWeight(fused["weight"], fused["weight_scale"].view(-1) if offset is None
+                                 else fused["weight_scale"], offset)
     return Fused(weight, bias, tuple(layer.weight.data_ptr() for layer in linears))
 
 
