@@ -236,7 +236,8 @@ def test_rotary_epilogue(dtype, fmt, rows, heads, kv_heads, head_dim, hidden, sl
     if dtype == torch.float32:
         tolerance = {"rtol": 1e-5, "atol": 1e-5}
     else:  # the sum's order and the fallback's rounded weights move q/k/v by a unit, then rotary's products
-        tolerance = {"rtol": 4e-3, "atol": 4e-3}
+        unit = 4e-3 if dtype == torch.float16 else 1.6e-2  # bf16: two units at magnitude 1 (seen on the H200)
+        tolerance = {"rtol": unit, "atol": unit}
     torch.testing.assert_close(query, expected, **tolerance)
     for written, reference in zip(cache, expected_cache):
         torch.testing.assert_close(written[:, :, slot], reference[:, :, slot], **tolerance)
@@ -287,7 +288,7 @@ def test_public_functions_take_quantized_weights(fmt):
     dtype = torch.float32
     x, norm_weight, weight, residual = _inputs(3, 32, 128, dtype, fmt)
     x, norm_weight, residual = x.cpu(), norm_weight.cpu(), residual.cpu()
-    weight = QuantizedWeight(*(t.cpu() if t is not None else None for t in weight))
+    weight = QuantizedWeight(*(t.cpu() if t is not None else None for t in weight[:3]))
     dense = dequantize(weight, dtype)
     bias = torch.randn(32)
     with torch.no_grad():
@@ -386,3 +387,21 @@ def test_public_functions_compile_and_capture_on_gpu(fmt):
         static_x.copy_(2 * x)
         graph.replay()
         torch.testing.assert_close(static_out, block(2 * x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 4, 33])
+@pytest.mark.parametrize("group", [32, 128])
+def test_cuda_int4_through_tinygemm_equals_the_dequantized_matmul(rows, group):
+    """int4 weights carrying torch's tinygemm tiles run through its matmul (even columns moved to
+    the high nibble, zero = offset + 8 scale): the dequantized bf16 matmul within bf16 rounding."""
+    generator = torch.Generator().manual_seed(rows + group)
+    weight = quantize_int4(torch.randn(256, 512, generator=generator) / 512**0.5, group, torch.bfloat16)
+    weight = QuantizedWeight(*(t.cuda() for t in weight[:3]))
+    tiled = QuantizedWeight(*weight[:3], *gemv.int4_tiles(*weight[:3]))
+    assert tiled.tiles is not None and not gemv.kernel_applies(torch.ones(1, 512, device="cuda", dtype=torch.bfloat16),
+                                                               tiled)
+    x = torch.randn(rows, 512, generator=generator).to("cuda", torch.bfloat16)
+    expected = x.double() @ dequantize(weight, torch.float32).double().t()
+    got = gemv.linear(x, tiled)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()) < 2e-2

@@ -47,11 +47,9 @@ def fuse(*linears: nn.Module, previous: Fused | None = None) -> Fused:
     if stored == ("weight",):
         weight = fused["weight"]
     else:
-        from ..kernels.gemv import QuantizedWeight
+        from ..quantization.formats import kernel_weight_of
 
-        offset = fused.get("weight_offset")  # int4's; row-scaled formats take their scales as (out,)
-        weight = QuantizedWeight(fused["weight"], fused["weight_scale"].view(-1) if offset is None
-                                 else fused["weight_scale"], offset)
+        weight = kernel_weight_of(fused["weight"], fused["weight_scale"], fused.get("weight_offset"), linears[0].scheme)
     return Fused(weight, bias, tuple(layer.weight.data_ptr() for layer in linears))
 
 

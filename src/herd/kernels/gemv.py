@@ -63,6 +63,32 @@ class QuantizedWeight(NamedTuple):
     data: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor | None = None
+    # int4 on CUDA: the same weight in torch's tinygemm layout (`int4_tiles`), which its library
+    # matmul reads faster than this module's kernel does (bench/quantized_gemv.py): used instead.
+    tiles: torch.Tensor | None = None
+    scales_and_zeros: torch.Tensor | None = None
+    # FP8: the model rounds activations to FP8 per row (FBGEMM's rule, bounded by the ub) where a
+    # library FP8 matmul takes more rows than the kernel; the kernel itself is weight-only.
+    fp8_activations: bool = False
+    activation_scale_ub: float | None = None
+
+
+TINYGEMM_INNER_K_TILES = 8
+
+
+def int4_tiles(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+    """(tiles, scales_and_zeros) of an int4 weight for `torch._weight_int4pack_mm` (CUDA, bf16), or
+    (None, None) where its shape rules (rows a multiple of 8, columns of 128) leave it out.
+    tinygemm computes (q - 8) * scale + zero, so zero = offset + 8 * scale; its packing takes the
+    even column in the high nibble."""
+    out_features, half = data.shape
+    if not data.is_cuda or out_features % 8 or (2 * half) % (16 * TINYGEMM_INNER_K_TILES):
+        return None, None
+    swapped = (data << 4) | (data >> 4)  # herd keeps the even column low
+    tiles = torch._convert_weight_to_int4pack(swapped.contiguous(), TINYGEMM_INNER_K_TILES)
+    zero = offset.float() + 8.0 * scale.float()
+    scales_and_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    return tiles, scales_and_zeros
 
 
 # How the kernel reads a weight (its QUANT): in x's dtype, int8/FP8 with a scale per row, int4 in groups
@@ -78,7 +104,7 @@ def _format(weight: torch.Tensor | QuantizedWeight) -> int:
 
 def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight in dtype: computed in float32 (or dtype if wider), rounded once to dtype."""
-    data, scale, offset = weight
+    data, scale, offset = weight[:3]
     compute = torch.promote_types(dtype, torch.float32)
     if _format(weight) == INT4:
         out_features, half = data.shape
@@ -90,6 +116,29 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return (data.to(compute) * scale.to(compute)[:, None]).to(dtype)
 
 
+def torch_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows, in) @ weight.T (+ bias) in torch, where the kernel does not run: a plain weight
+    through the library matmul; int4 through torch's tinygemm where the weight carries its tiles;
+    FP8 through `_scaled_mm` with FP8 activations where the model rounds them and the GPU has FP8;
+    otherwise the weight dequantized to x's dtype."""
+    if isinstance(weight, QuantizedWeight):
+        if weight.tiles is not None and x.is_cuda and x.dtype == torch.bfloat16:
+            group = 2 * weight.data.shape[1] // weight.scale.shape[1]
+            out = torch._weight_int4pack_mm(x.contiguous(), weight.tiles, group, weight.scales_and_zeros)
+            return out if bias is None else out + bias
+        if weight.fp8_activations and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) \
+                and x.shape[1] % 16 == 0 and weight.data.shape[0] % 16 == 0:
+            amax = x.float().abs().amax(dim=-1, keepdim=True)
+            if weight.activation_scale_ub is not None:
+                amax = amax.clamp(max=weight.activation_scale_ub)
+            x_scale = (amax / 448.0).clamp(min=1.0 / (448.0 * 512.0))
+            x_q = (x.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            out = torch._scaled_mm(x_q, weight.data.t(), scale_a=x_scale, scale_b=weight.scale[None, :],
+                                   out_dtype=x.dtype)
+            return out if bias is None else out + bias
+    return nn.functional.linear(x, _dense(weight, x.dtype), bias)
+
+
 def _dense(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """What the torch arithmetic multiplies by: the weight, dequantized to dtype if it is quantized."""
     return dequantize(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
@@ -97,7 +146,7 @@ def _dense(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.
 
 def _op_weight(weight: torch.Tensor | QuantizedWeight) -> tuple:
     """The ops' weight arguments: data, scale, offset (scale and offset None for a plain weight)."""
-    return tuple(weight) if isinstance(weight, QuantizedWeight) else (weight, None, None)
+    return tuple(weight[:3]) if isinstance(weight, QuantizedWeight) else (weight, None, None)
 
 
 def _readable(x: torch.Tensor, tensor: torch.Tensor | QuantizedWeight | None) -> bool:
@@ -107,8 +156,10 @@ def _readable(x: torch.Tensor, tensor: torch.Tensor | QuantizedWeight | None) ->
         return True
     if not isinstance(tensor, QuantizedWeight):
         return tensor.dtype == x.dtype
-    data, scale, offset = tensor
+    data, scale, offset = tensor[:3]
     if _format(tensor) == INT4:
+        if tensor.tiles is not None and x.dtype == torch.bfloat16:
+            return False  # tinygemm reads it faster (torch_linear)
         in_features, groups = 2 * data.shape[1], scale.shape[-1]
         group = in_features // max(groups, 1)
         powers_of_two = groups * group == in_features and group >= 2 and group & (group - 1) == 0
@@ -148,7 +199,7 @@ def torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot):
     rows, head_dim, kv_heads = x.shape[0], keys.shape[-1], keys.shape[1]
-    qkv = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), weight, bias)  # (rows, (heads + 2 kv_heads) * head_dim)
+    qkv = torch_linear(torch_rms_norm(x, norm_weight, eps), weight, bias)  # (rows, (heads + 2 kv_heads) * head_dim)
     # -> query (rows, heads, head_dim), key/value (rows, kv_heads, head_dim)
     query, key, value = qkv.view(rows, -1, head_dim).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
     cos, sin = cos.view(rows, 1, head_dim), sin.view(rows, 1, head_dim)
@@ -168,7 +219,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     if kernel_applies(x, norm_weight, weight, bias=bias):
         data, scale, offset = _op_weight(weight)
         return torch.ops.herd.norm_linear(x, norm_weight, eps, data, out_dtype or x.dtype, scale, offset)
-    out = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), _dense(weight, x.dtype), bias)
+    out = torch_linear(torch_rms_norm(x, norm_weight, eps), weight, bias)
     return out if out_dtype is None else out.to(out_dtype)
 
 
@@ -189,7 +240,7 @@ def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
         data, scale, offset = _op_weight(weight)
         return torch.ops.herd.norm_qkv_rotary(x, norm_weight, eps, data, cos.reshape(rows, head_dim),
                                               sin.reshape(rows, head_dim), keys, values, slot, scale, offset)
-    return torch_norm_qkv_rotary(x, norm_weight, eps, _dense(weight, x.dtype), bias, cos, sin, keys, values, slot)
+    return torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot)
 
 
 def norm_gated_activation(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -200,7 +251,7 @@ def norm_gated_activation(x: torch.Tensor, norm_weight: torch.Tensor, eps: float
     if activation is nn.functional.silu and kernel_applies(x, norm_weight, gate_up_weight, bias=bias):
         data, scale, offset = _op_weight(gate_up_weight)
         return torch.ops.herd.norm_swiglu(x, norm_weight, eps, data, scale, offset)
-    gate_up = nn.functional.linear(torch_rms_norm(x, norm_weight, eps), _dense(gate_up_weight, x.dtype), bias)
+    gate_up = torch_linear(torch_rms_norm(x, norm_weight, eps), gate_up_weight, bias)
     gate, up = gate_up.chunk(2, dim=-1)
     return activation(gate) * up
 
@@ -210,7 +261,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
     if kernel_applies(x, weight, bias=bias):
         data, scale, offset = _op_weight(weight)
         return torch.ops.herd.linear(x, data, scale, offset)
-    return nn.functional.linear(x, _dense(weight, x.dtype), bias)
+    return torch_linear(x, weight, bias)
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,
@@ -219,7 +270,7 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual
     if kernel_applies(x, weight, residual, bias=bias):
         data, scale, offset = _op_weight(weight)
         return torch.ops.herd.linear_add(x, data, residual, scale, offset)
-    return residual + nn.functional.linear(x, _dense(weight, x.dtype), bias)
+    return residual + torch_linear(x, weight, bias)
 
 
 # --- kernels ---------------------------------------------------------------------------------------

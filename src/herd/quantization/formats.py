@@ -160,6 +160,7 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, **empty))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **empty)) if bias else None
         self._packed: tuple | None = None  # the CPU kernels' own layout, made on first use
+        self._kernel_weight: tuple | None = None  # (storage, gemv.QuantizedWeight), made on first use
 
     def extra_repr(self) -> str:
         group = f", group_size={self.scheme.group_size}" if self.scheme.format == "int4" else ""
@@ -187,14 +188,15 @@ class QuantizedLinear(nn.Module):
 
     def kernel_weight(self):
         """The weight as the decode kernels take it (kernels/gemv.py `QuantizedWeight`), or None for
-        a format they do not read (block-scaled FP8)."""
-        from ..kernels.gemv import QuantizedWeight
-
+        a format they do not read (block-scaled FP8). Made once per storage (int4 on CUDA adds
+        torch's tinygemm layout, as many bytes again)."""
         if self.scheme.block is not None:
             return None
-        if self.scheme.format == "int4":
-            return QuantizedWeight(self.weight, self.weight_scale, self.weight_offset)
-        return QuantizedWeight(self.weight, self.weight_scale.view(-1))
+        key = self.weight.data_ptr()
+        if self._kernel_weight is None or self._kernel_weight[0] != key:
+            offset = self.weight_offset if self.scheme.format == "int4" else None
+            self._kernel_weight = (key, kernel_weight_of(self.weight, self.weight_scale, offset, self.scheme))
+        return self._kernel_weight[1]
 
     # --- the reference arithmetic ------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,6 +268,16 @@ class QuantizedLinear(nn.Module):
                 packed = (torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros.to(torch.bfloat16).contiguous())
             self._packed = (key, packed)
         return self._packed[1]
+
+
+def kernel_weight_of(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, scheme: Scheme):
+    """A (possibly fused) quantized weight's tensors as the decode kernels take them."""
+    from ..kernels.gemv import QuantizedWeight, int4_tiles
+
+    if scheme.format == "int4":
+        return QuantizedWeight(data, scale, offset, *int4_tiles(data, scale, offset))
+    return QuantizedWeight(data, scale.view(-1), fp8_activations=scheme.format == "fp8" and scheme.activations == "dynamic"
+                           and not scheme.activation_group_size, activation_scale_ub=scheme.activation_scale_ub)
 
 
 def quantize_weight(weight: torch.Tensor, scheme: Scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
