@@ -74,6 +74,9 @@ class QuantizedWeight(NamedTuple):
 
 
 TINYGEMM_INNER_K_TILES = 8
+# tinygemm is made for a few rows: at 64 it took 32.7 ms for an 8B step where dequantizing each weight
+# for the library matmul costs a few (H200, 11-30, bench/quantized.py)
+TINYGEMM_ROWS = 16
 
 
 def int4_tiles(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
@@ -122,7 +125,7 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: 
     FP8 through `_scaled_mm` with FP8 activations where the model rounds them and the GPU has FP8;
     otherwise the weight dequantized to x's dtype."""
     if isinstance(weight, QuantizedWeight):
-        if weight.tiles is not None and x.is_cuda and x.dtype == torch.bfloat16:
+        if weight.tiles is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] <= TINYGEMM_ROWS:
             group = 2 * weight.data.shape[1] // weight.scale.shape[1]
             out = torch._weight_int4pack_mm(x.contiguous(), weight.tiles, group, weight.scales_and_zeros)
             return out if bias is None else out + bias
