@@ -316,8 +316,8 @@ def _config(out_features: int, in_features: int, gated: bool, weight_bits: int =
     return GemvConfig(block_n, 2048 if row > 4096 else min(1024, row), warps, 1, first_k)
 
 
-# Quantized weights: reasoned from the bf16 measurements above, not measured yet (bench/gemv_sweep.py
-# is where to tune them on a GPU). bf16's lesson is to have a program's whole first read in flight:
+# Quantized weights: 1-byte ones measured (`_quantized_config`); int4's reasoned from the bf16
+# measurements above (on CUDA int4 runs through tinygemm where its shapes allow: measured faster). bf16's lesson is to have a program's whole first read in flight:
 # 4 rows of 4096 columns, 32 KiB. Fewer bytes per weight put more weights in those bytes, but x's
 # normed float32 columns sit in registers (ROWS x first read columns over the program's threads,
 # 128 per thread for 4 rows of 8192 at 8 warps), so rows are read whole only up to
@@ -333,6 +333,11 @@ QUANTIZED_MIN_BLOCKS = 512
 
 def _quantized_config(out_features: int, in_features: int, gated: bool, weight_bits: int) -> GemvConfig:
     row = triton.next_power_of_2(in_features)
+    if weight_bits == 8:
+        # measured (bench/quantized_gemv_sweep.py, H200, 11-30, Llama-3.1-8B's shapes at one row):
+        # 4-row blocks at 4 warps were fastest for every shape, a whole row in the first read up to
+        # 4096 columns, 2048-column steps beyond (7-15% over the reasoned configuration below)
+        return GemvConfig(4, 4096 if row <= 4096 else 2048, 4, 1, row if row <= 4096 else None)
     first_k = row if row <= QUANTIZED_WHOLE_ROW else QUANTIZED_STEP
     matrices = 2 if gated else 1
     row_bytes = first_k * weight_bits // 8
