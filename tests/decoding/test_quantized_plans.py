@@ -106,3 +106,23 @@ def test_cuda_quantized_fast_path_logits_within_tolerance(llama_folder, llama4_f
         assert max_abs_diff(a, b) <= 0.02 * float(b.abs().max()) + 0.05
     fast = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert fast.shape == (3, 17)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_quantized_plan_units_trace_whole(fast_on_cpu, monkeypatch, llama_folder, llama4_folder, family):
+    """The compiled step traces each unit as one graph (fullgraph): nothing a quantized weight brings
+    may break it (a data_ptr read inside a unit did, on the GPU). Dynamo's tracing alone runs here."""
+    import torch._dynamo
+
+    from herd.decoding import graphs
+
+    monkeypatch.setattr(graphs, "compile_units", lambda units: {
+        name: torch.compile(fn, fullgraph=True, dynamic=False, backend="eager") for name, fn in units.items()})
+    torch._dynamo.reset()
+    cls, folder = (herd.LlamaForCausalLM, llama_folder) if family == "llama" else (herd.Llama4ForCausalLM, llama4_folder)
+    model = cls.from_pretrained(folder, quantization_config=CONFIGS["fp8"], progress=False)
+    decoder = decoders.fast_decoder(model)
+    decoder.compile_override = True  # compile (here: trace) on the CPU too
+    ids, mask = _prompts(1, 5)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8)

@@ -19,10 +19,9 @@ from torch import nn
 
 from ...kernels import decode_attention, gemv
 from ...kernels.routed_experts import routed_experts
-from ..fusion import kernel_weight
 from ..kv import DecodeKV, LayerKV
 from . import CHUNKED, FULL, DecodePlan
-from .llama import fuse_layer
+from .llama import LayerWeights, fuse_layer
 
 
 def embed(text_model, tokens: torch.Tensor, positions: torch.Tensor):
@@ -55,12 +54,12 @@ def project(x: torch.Tensor, weight) -> torch.Tensor:
     return nn.functional.linear(x, weight) if isinstance(weight, torch.Tensor) else gemv.linear(x, weight)
 
 
-def gated_mlp(mlp, gate_up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def gated_mlp(mlp, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     gate, up = project(x, gate_up).chunk(2, dim=-1)
-    return project(mlp.act_fn(gate) * up, kernel_weight(mlp.down_proj))
+    return project(mlp.act_fn(gate) * up, down)
 
 
-def mixture_of_experts(moe, shared_gate_up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def mixture_of_experts(moe, shared_gate_up: torch.Tensor, shared_down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Llama4TextMoe.forward for x (batch, hidden) without host syncs."""
     batch, hidden = x.shape
     router_logits = nn.functional.linear(x, moe.router.weight)  # (batch, experts)
@@ -76,17 +75,18 @@ def mixture_of_experts(moe, shared_gate_up: torch.Tensor, x: torch.Tensor) -> to
     scales = (experts.gate_up_proj_scale, experts.down_proj_scale) if hasattr(experts, "gate_up_proj_scale") else ()
     routed_out = routed_experts(routed_in, expert_ids.reshape(-1), experts.gate_up_proj, experts.down_proj,
                                 experts.act_fn, *scales).view(batch, -1, hidden)
-    return gated_mlp(moe.shared_expert, shared_gate_up, x) + routed_out.sum(dim=1)
+    return gated_mlp(moe.shared_expert, shared_gate_up, shared_down, x) + routed_out.sum(dim=1)
 
 
-def llama4_layer(layer, qkv: torch.Tensor, gate_up: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, kv: LayerKV, cache_position: torch.Tensor) -> torch.Tensor:
-    """Llama4TextDecoderLayer.forward for one token per row: hidden (batch, hidden)."""
+def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv: LayerKV, cache_position: torch.Tensor) -> torch.Tensor:
+    """Llama4TextDecoderLayer.forward for one token per row: hidden (batch, hidden). weights: the
+    layer's projections as the kernels take them (gate/up and down: the shared expert's in MoE layers)."""
     attn = layer.self_attn
     config = attn.config
     batch = hidden.shape[0]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    projected = project(layer.input_layernorm(hidden), qkv)
+    projected = project(layer.input_layernorm(hidden), weights.qkv)
     # (batch, heads + 2 kv_heads, head_dim) -> query (batch, heads, head_dim), key/value (batch, kv_heads, head_dim)
     query, key, value = projected.view(batch, -1, attn.head_dim).split([heads, kv_heads, kv_heads], dim=1)
     if attn.uses_rope:
@@ -100,11 +100,11 @@ def llama4_layer(layer, qkv: torch.Tensor, gate_up: torch.Tensor, hidden: torch.
     kv.keys[:, :, kv.slot] = key[:, :, None].to(kv.keys.dtype)
     kv.values[:, :, kv.slot] = value[:, :, None].to(kv.values.dtype)
     attended = decode_attention.attend(query[:, :, None], kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
-    hidden = hidden + project(attended.reshape(batch, -1), kernel_weight(attn.o_proj))
+    hidden = hidden + project(attended.reshape(batch, -1), weights.o)
     normed = layer.post_attention_layernorm(hidden)
     if layer.is_moe_layer:
-        return hidden + mixture_of_experts(layer.feed_forward, gate_up, normed)
-    return hidden + gated_mlp(layer.feed_forward, gate_up, normed)
+        return hidden + mixture_of_experts(layer.feed_forward, weights.gate_up, weights.down, normed)
+    return hidden + gated_mlp(layer.feed_forward, weights.gate_up, weights.down, normed)
 
 
 def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,5 @@ class Llama4Plan(DecodePlan):
     def step(self, run, tokens, positions, kv: DecodeKV) -> torch.Tensor:
         hidden, cos, sin = run["embed"](self.text_model, tokens, positions)
         for index, layer in enumerate(self.text_model.layers):
-            fused = self.fused[index]
-            hidden = run["layer"](layer, fused.qkv.weight, fused.gate_up.weight, hidden, cos, sin, kv.layer(index),
-                                  kv.full.slot)
+            hidden = run["layer"](layer, self.fused[index].weights, hidden, cos, sin, kv.layer(index), kv.full.slot)
         return run["head"](self.text_model.norm, self.lm_head, hidden)
