@@ -22,7 +22,7 @@ COMPILE_ALL = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from herd.kernels import decode_attention, gemv
+    from herd.kernels import decode_attention, expert_gemv, gemv
 
     HOPPER = GPUTarget("cuda", 90, 32)
     results = []
@@ -104,6 +104,12 @@ COMPILE_ALL = textwrap.dedent('''
                         {"part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": "*bf16"},
                         dict(SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl),
                         num_warps=4, launch_pdl=pdl)
+    # routed experts read as stored (int8 or FP8 data, float32 scales), rows in each activation dtype
+    for (data, data_name), x in itertools.product([("*i8", "int8"), ("*fp8e4nv", "fp8")], ["*bf16", "*fp16", "*fp32"]):
+        compile_one(f"expert_gemv {data_name} x={x}", expert_gemv._expert_gemv_kernel,
+                    {"x_ptr": x, "ids_ptr": "*i64", "data_ptr": data, "scale_ptr": "*fp32", "out_ptr": x, "K": "i32",
+                     "N": "i32"}, dict(BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=expert_gemv.BLOCK_K),
+                    num_warps=expert_gemv.WARPS, num_stages=expert_gemv.STAGES)
     json.dump(results, sys.stdout)
 ''')
 
@@ -124,8 +130,9 @@ def compiled():
 def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
-    # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels
-    assert len(compiled) >= 176
+    # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels, 6 expert_gemv
+    assert len(compiled) >= 182
+    assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 6
 
 
 def test_programmatic_launch_is_compiled_in_when_asked(compiled):

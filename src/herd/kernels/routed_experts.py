@@ -9,11 +9,16 @@ which needs the group sizes on the host. A decode step must not wait for the hos
   the picked experts in place;
 - more rows on a GPU: rows sorted by expert, one grouped matmul per projection, each expert's
   weights read once.
+
+Quantized experts (int8 or FP8 with a float32 scale per expert and output column) go through
+`expert_gemv` (kernels/expert_gemv.py) on the first path: each pair's expert read as stored.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .expert_gemv import expert_gemv
 
 # Above this many (token, expert) rows, grouped matmuls (each expert read once) beat reading each
 # row's expert by index (an expert read once per row that picked it).
@@ -31,7 +36,8 @@ def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_pr
     """routed_in (pairs, hidden), each row already scaled by its router score; expert_ids (pairs,);
     gate_up_proj (experts, hidden, 2 * intermediate) and down_proj (experts, intermediate, hidden)
     as checkpoints store them -> (pairs, hidden). Quantized experts (FP8 or int8) come with their
-    scales (experts, 1, out): the picked experts are dequantized to the rows' dtype."""
+    scales (experts, 1, out): each projection is then `expert_gemv`, accumulated in float32 and
+    rounded once to the rows' dtype."""
     if gate_up_scale is not None:
         return _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation, gate_up_scale,
                                          down_scale)
@@ -53,13 +59,12 @@ def _dequantized(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation, gate_up_scale, down_scale):
-    """Each row's expert dequantized by index (at most the rows' count of experts read), or, for
-    more rows than experts, every expert dequantized once for one grouped matmul."""
+    """Each row through its expert as stored (`expert_gemv`: the picked experts read in place, no
+    dequantized copy), or, for more rows than experts, every expert dequantized once for one
+    grouped matmul."""
     dtype = routed_in.dtype
     if uses_grouped_mm(routed_in) and routed_in.shape[0] > max(GATHERED_ROWS, gate_up_proj.shape[0]):
         return routed_experts(routed_in, expert_ids, _dequantized(gate_up_proj, gate_up_scale, dtype),
                               _dequantized(down_proj, down_scale, dtype), activation)
-    gate_up = _dequantized(gate_up_proj[expert_ids], gate_up_scale[expert_ids], dtype)  # (pairs, hidden, 2 * inter)
-    gate, up = torch.bmm(routed_in[:, None, :], gate_up).chunk(2, dim=-1)
-    down = _dequantized(down_proj[expert_ids], down_scale[expert_ids], dtype)
-    return torch.bmm(up * activation(gate), down).squeeze(1)
+    gate, up = expert_gemv(routed_in, expert_ids, gate_up_proj, gate_up_scale).chunk(2, dim=-1)  # (pairs, inter)
+    return expert_gemv(up * activation(gate), expert_ids, down_proj, down_scale)  # (pairs, hidden)

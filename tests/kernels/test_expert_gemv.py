@@ -1,0 +1,147 @@
+"""kernels/expert_gemv.py: each pair's row through its own quantized expert, against float64 math
+on the dequantized weights; the torch fallback against the kernel; routed_experts with scales
+against the plain path on the dequantized experts.
+
+On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), which
+reads FP8 too; bf16 is left to the GPU (the interpreter has no bf16 arithmetic). Scales differ
+per expert and per output column, so a pair read through the wrong expert or column shows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd.kernels import expert_gemv as module
+from herd.kernels.expert_gemv import expert_gemv, torch_expert_gemv
+from herd.kernels.routed_experts import routed_experts
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(module.triton is None, reason="needs Triton")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+KINDS = ["int8", "fp8"]
+# pairs, in, out, experts, expert ids: tails in both dimensions, repeated experts
+CASES = [
+    (1, 40, 24, 3, [2]),
+    (2, 64, 128, 4, [3, 3]),
+    (3, 33, 300, 5, [4, 0, 4]),
+    (4, 100, 70, 2, [1, 0, 1, 1]),
+]
+SMALL_BLOCKS = dict(block_n=16, block_k=16)  # several column blocks and loop steps at these widths
+
+
+def quantize_experts(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (experts, in, out) -> data, scale (experts, 1, out): absmax per expert and column."""
+    amax = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
+    if kind == "int8":
+        scale = amax / 127
+        return (weight.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+    scale = amax / 448
+    return (weight.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def _inputs(pairs, in_features, out_features, experts, ids, dtype, kind, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(pairs, in_features, generator=generator).to(DEVICE, dtype)
+    # column scales spread over 0.2..5 so that each expert's and column's scale matters
+    spread = torch.exp(torch.empty(experts, 1, out_features).uniform_(-1.6, 1.6, generator=generator))
+    weight = torch.randn(experts, in_features, out_features, generator=generator) * spread / in_features**0.5
+    data, scale = quantize_experts(weight, kind)
+    return x, torch.tensor(ids, device=DEVICE), data.to(DEVICE), scale.to(DEVICE)
+
+
+def _exact(x, expert_ids, data, scale):
+    """float64 on the dequantized weights."""
+    weights = data.double()[expert_ids] * scale.double()[expert_ids]  # (pairs, in, out)
+    return torch.einsum("pk,pkn->pn", x.double(), weights)
+
+
+def _check(out, exact, dtype):
+    """Accumulated in float32 and rounded once: within float32's rounding, or half a 16-bit ulp (a
+    second rounding, of the sum before its scale, goes past it)."""
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    else:
+        half_ulp = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+        torch.testing.assert_close(out.double(), exact, rtol=1.01 * half_ulp, atol=1e-5)
+
+
+def _kernel(x, expert_ids, data, scale, **blocks):
+    return module.launch(x, expert_ids, data, scale, x.new_empty(x.shape[0], data.shape[2]), **blocks)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairs,in_features,out_features,experts,ids", CASES)
+def test_expert_kernel_equals_float64_math(kind, dtype, pairs, in_features, out_features, experts, ids):
+    x, expert_ids, data, scale = _inputs(pairs, in_features, out_features, experts, ids, dtype, kind)
+    exact = _exact(x, expert_ids, data, scale)
+    _check(_kernel(x, expert_ids, data, scale, **SMALL_BLOCKS), exact, dtype)
+    _check(_kernel(x, expert_ids, data, scale), exact, dtype)  # the module's blocks
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_fallback_equals_kernel(kind, dtype):
+    x, expert_ids, data, scale = _inputs(*CASES[2], dtype, kind, seed=1)
+    kernel = _kernel(x, expert_ids, data, scale, **SMALL_BLOCKS)
+    fallback = torch_expert_gemv(x, expert_ids, data, scale)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fallback, kernel, rtol=1e-5, atol=1e-5)
+    else:  # the same float32 sum in another order, rounded once: at most an ulp apart
+        torch.testing.assert_close(fallback.float(), kernel.float(), rtol=2.0**-7, atol=1e-3)
+    _check(fallback, _exact(x, expert_ids, data, scale), dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_fallback_equals_float64_math_in_bf16(kind):
+    x, expert_ids, data, scale = _inputs(*CASES[3], torch.bfloat16, kind)
+    _check(torch_expert_gemv(x, expert_ids, data, scale), _exact(x, expert_ids, data, scale), torch.bfloat16)
+
+
+def test_expert_kernel_applies_to_cuda_tensors_of_fitting_dtypes():
+    x, expert_ids, data, scale = _inputs(*CASES[0], torch.float32, "int8")
+    assert module.kernel_applies(x, expert_ids, data, scale) == (module.triton is not None and x.is_cuda)
+    assert not module.kernel_applies(x, expert_ids, data.float(), scale)
+    assert not module.kernel_applies(x, expert_ids, data, scale.half())
+    assert not module.kernel_applies(x, expert_ids, data, scale[:, :, :-1])
+
+
+@pytest.fixture(params=["fallback", "kernel"])
+def expert_path(request, monkeypatch):
+    """routed_experts through the torch fallback, or through the kernel (in the interpreter on CPU)."""
+    if request.param == "kernel":
+        if module.triton is None:
+            pytest.skip("needs Triton")
+        monkeypatch.setattr(module, "kernel_applies", lambda *tensors: True)
+    return request.param
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ids", [[2], [3, 0, 3, 1], [1, 1, 0, 3, 2, 0]])
+def test_quantized_routed_experts_equal_the_plain_path_on_dequantized_experts(expert_path, kind, ids):
+    experts, hidden, intermediate = 4, 40, 24
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(len(ids), hidden, generator=generator).to(DEVICE)
+    expert_ids = torch.tensor(ids, device=DEVICE)
+    gate_up, gate_up_scale = (t.to(DEVICE) for t in quantize_experts(
+        torch.randn(experts, hidden, 2 * intermediate, generator=generator) / hidden**0.5, kind))
+    down, down_scale = (t.to(DEVICE) for t in quantize_experts(
+        torch.randn(experts, intermediate, hidden, generator=generator) / intermediate**0.5, kind))
+    activation = torch.nn.functional.silu
+    got = routed_experts(rows, expert_ids, gate_up, down, activation, gate_up_scale, down_scale)
+    expected = routed_experts(rows, expert_ids, gate_up.float() * gate_up_scale, down.float() * down_scale, activation)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_expert_op_compiles_whole():
+    """The op as the compiled decode step calls it: one graph (its fake gives the shape), the kernel's result."""
+    x, expert_ids, data, scale = _inputs(*CASES[3], torch.float32, "int8")
+    compiled = torch.compile(lambda x, ids: torch.ops.herd.expert_gemv(x, ids, data, scale) * 2, fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(x, expert_ids), 2 * _kernel(x, expert_ids, data, scale))
+    fallback = torch.compile(expert_gemv, fullgraph=True, backend="aot_eager")  # CPU: the torch arithmetic
+    torch.testing.assert_close(fallback(x, expert_ids, data, scale), torch_expert_gemv(x, expert_ids, data, scale))
