@@ -109,19 +109,9 @@ def test_expert_kernel_applies_to_cuda_tensors_of_fitting_dtypes():
     assert not module.kernel_applies(x, expert_ids, data, scale[:, :, :-1])
 
 
-@pytest.fixture(params=["fallback", "kernel"])
-def expert_path(request, monkeypatch):
-    """routed_experts through the torch fallback, or through the kernel (in the interpreter on CPU)."""
-    if request.param == "kernel":
-        if module.triton is None:
-            pytest.skip("needs Triton")
-        monkeypatch.setattr(module, "kernel_applies", lambda *tensors: True)
-    return request.param
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("ids", [[2], [3, 0, 3, 1], [1, 1, 0, 3, 2, 0]])
-def test_quantized_routed_experts_equal_the_plain_path_on_dequantized_experts(expert_path, kind, ids):
+def test_quantized_routed_experts_equal_the_plain_path_on_dequantized_experts(kind, ids):
     experts, hidden, intermediate = 4, 40, 24
     generator = torch.Generator().manual_seed(2)
     rows = torch.randn(len(ids), hidden, generator=generator).to(DEVICE)

@@ -10,15 +10,14 @@ which needs the group sizes on the host. A decode step must not wait for the hos
 - more rows on a GPU: rows sorted by expert, one grouped matmul per projection, each expert's
   weights read once.
 
-Quantized experts (int8 or FP8 with a float32 scale per expert and output column) go through
-`expert_gemv` (kernels/expert_gemv.py) on the first path: each pair's expert read as stored.
+Quantized experts (int8 or FP8 with a float32 scale per expert and output column) are
+dequantized by index on the first path, every expert once on the second.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .expert_gemv import expert_gemv
 
 # Above this many (token, expert) rows, grouped matmuls (each expert read once) beat reading each
 # row's expert by index (an expert read once per row that picked it).
@@ -59,12 +58,16 @@ def _dequantized(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation, gate_up_scale, down_scale):
-    """Each row through its expert as stored (`expert_gemv`: the picked experts read in place, no
-    dequantized copy), or, for more rows than experts, every expert dequantized once for one
-    grouped matmul."""
+    """Each row's expert dequantized by index to the rows' dtype (what the compiled step fuses into
+    one gather-and-scale kernel per projection), or, for more rows than experts, every expert
+    dequantized once for one grouped matmul. `expert_gemv`, which reads the experts in place, is
+    not used yet: untuned, it measured slower (bench/RESULTS.md, 11-30: Scout FP8 28.95 ms a step
+    against 10.11 with this path)."""
     dtype = routed_in.dtype
     if uses_grouped_mm(routed_in) and routed_in.shape[0] > max(GATHERED_ROWS, gate_up_proj.shape[0]):
         return routed_experts(routed_in, expert_ids, _dequantized(gate_up_proj, gate_up_scale, dtype),
                               _dequantized(down_proj, down_scale, dtype), activation)
-    gate, up = expert_gemv(routed_in, expert_ids, gate_up_proj, gate_up_scale).chunk(2, dim=-1)  # (pairs, inter)
-    return expert_gemv(up * activation(gate), expert_ids, down_proj, down_scale)  # (pairs, hidden)
+    gate_up = _dequantized(gate_up_proj[expert_ids], gate_up_scale[expert_ids], dtype)  # (pairs, hidden, 2 * inter)
+    gate, up = torch.bmm(routed_in[:, None, :], gate_up).chunk(2, dim=-1)
+    down = _dequantized(down_proj[expert_ids], down_scale[expert_ids], dtype)
+    return torch.bmm(up * activation(gate), down).squeeze(1)  # (pairs, hidden)
