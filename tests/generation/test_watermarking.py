@@ -18,6 +18,7 @@ import torch
 import herd
 from herd.generation import watermarking as wm
 from tests.conftest import left_padded_prompts, reference_llama, save_reference
+from tests.generation.test_options import _run, _same_scores  # the same comparison as every generate option
 
 PAD = 0
 VOCAB = 100
@@ -52,22 +53,6 @@ def checkpoint(tmp_path_factory):
 def pair(checkpoint):
     folder, reference = checkpoint
     return reference, herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
-
-
-def _run(model, ids, mask, seed, kwargs):
-    if seed is not None:
-        torch.manual_seed(seed)
-    return model.generate(ids, attention_mask=mask, pad_token_id=PAD, return_dict_in_generate=True,
-                          output_scores=True, **kwargs)
-
-
-def _same_scores(got, expected, atol=1e-5):
-    """Equal -inf patterns and close finite values, step by step (the models differ by rounding only)."""
-    assert len(got) == len(expected)
-    for mine, theirs in zip(got, expected):
-        assert torch.equal(torch.isfinite(mine), torch.isfinite(theirs))
-        finite = torch.isfinite(theirs)
-        assert (mine[finite] - theirs[finite]).abs().max().item() < atol
 
 
 SEARCHES = {

@@ -119,6 +119,16 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return (data.to(compute) * scale.to(compute)[:, None]).to(dtype)
 
 
+def fp8_activation_rows(x: torch.Tensor, scale_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, in) -> float8_e4m3fn (rows, in), float32 scale (rows, 1): FBGEMM's per-row rule, each
+    row's amax (at most scale_ub) maps to 448, the largest e4m3 value."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    scale = (amax / 448.0).clamp(min=1.0 / (448.0 * 512.0))
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
 def torch_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (rows, in) @ weight.T (+ bias) in torch, where the kernel does not run: a plain weight
     through the library matmul; int4 through torch's tinygemm where the weight carries its tiles;
@@ -131,11 +141,7 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: 
             return out if bias is None else out + bias
         if weight.fp8_activations and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) \
                 and x.shape[1] % 16 == 0 and weight.data.shape[0] % 16 == 0:
-            amax = x.float().abs().amax(dim=-1, keepdim=True)
-            if weight.activation_scale_ub is not None:
-                amax = amax.clamp(max=weight.activation_scale_ub)
-            x_scale = (amax / 448.0).clamp(min=1.0 / (448.0 * 512.0))
-            x_q = (x.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+            x_q, x_scale = fp8_activation_rows(x, weight.activation_scale_ub)
             out = torch._scaled_mm(x_q, weight.data.t(), scale_a=x_scale, scale_b=weight.scale[None, :],
                                    out_dtype=x.dtype)
             return out if bias is None else out + bias

@@ -102,23 +102,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activation_rows(x: torch.Tensor, scale_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, in) -> float8_e4m3fn (rows, in), float32 scale (rows, 1): FBGEMM's per-row rule, each
-    row's amax (at most scale_ub) maps to 448."""
-    amax = x.float().abs().amax(dim=-1, keepdim=True)
-    if scale_ub is not None:
-        amax = amax.clamp(max=scale_ub)
-    scale = (amax / FP8_MAX).clamp(min=1.0 / (FP8_MAX * 512.0))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """(rows, in) -> FP8 rows and their float32 scales (rows, 1), FBGEMM's rule: the kernels' own."""
+    from ..kernels.gemv import fp8_activation_rows
+
+    return fp8_activation_rows(x, scale_ub)
 
 
 def quantize_activation_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, in) -> float8_e4m3fn (rows, in), float32 scale (rows, in / group_size): the per-row
     rule on each group of `group_size` columns (compressed-tensors' dynamic "group" activations)."""
     rows, columns = x.shape
-    groups = x.float().reshape(rows, columns // group_size, group_size)
-    scale = (groups.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1.0 / (FP8_MAX * 512.0))
-    data = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return data.reshape(rows, columns), scale.squeeze(-1)
+    data, scale = quantize_activation_rows(x.reshape(rows * (columns // group_size), group_size), None)
+    return data.reshape(rows, columns), scale.reshape(rows, columns // group_size)
 
 
 def has_fp8_matmul(device: torch.device) -> bool:
