@@ -1,4 +1,4 @@
-"""The `herd` command line: generate, chat, info, bench.
+"""The `herd` command line: generate, chat, info, bench, plan.
 
 Every error of the command line is one `herd: error: ...` line on stderr that says how to fix it,
 with exit code 2 (never a traceback; HERD_DEBUG=1 shows the traceback of an unexpected error).
@@ -17,7 +17,8 @@ import torch
 
 from . import __version__
 from .bench import add_arguments as add_bench_arguments
-from .bench import dtype_name
+from .bench import ARCHITECTURES as ARCHITECTURE_NAMES
+from .bench import QUANTIZATIONS, dtype_name
 from .bench import main as run_bench_command
 from .generation import TextStreamer
 
@@ -379,6 +380,42 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """The memory plan of a model (its config only, never its weights), and whether it fits the first GPU."""
+    from . import bench
+    from .memory_plan import plan_memory, table
+
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 0), ("--prompt-tokens", args.prompt_tokens, 0),
+                               ("--batch-size", args.batch_size, 1), ("--tp", args.tp, 1)):
+        if value < least:
+            raise CLIError(f"{flag} must be >= {least}")
+    if args.model in bench.ARCHITECTURES:
+        config = bench.architecture_config(args.model, args.layers)
+    else:
+        if args.layers is not None:
+            raise CLIError("--layers applies to a named architecture only; a checkpoint's config gives its layers")
+        from .auto import AutoConfig
+
+        config = AutoConfig.from_pretrained(_model_path(args.model))
+    if args.dtype == "auto":
+        from .configuration import dtype_from_name
+
+        dtype = (dtype_from_name(getattr(config, "dtype", None)) or dtype_from_name(config.get_text_config().dtype)
+                 or torch.bfloat16)
+    else:
+        dtype = getattr(torch, args.dtype)
+    plan = plan_memory(config, dtype=dtype, quantization=args.quantization, prompt_tokens=args.prompt_tokens,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tp=args.tp)
+    print(f"{args.model}: {str(dtype).removeprefix('torch.')}"
+          + (f", {args.quantization}" if args.quantization else "")
+          + f", batch {args.batch_size}, {args.prompt_tokens} prompt + {args.max_new_tokens} new tokens")
+    print(table(plan))
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(0)
+        print(f"GPU 0 ({free / 1e9:.1f} GB free): {plan.suggestion(free)}")
+    return 0
+
+
 # --- the parser -----------------------------------------------------------------------------------
 
 
@@ -426,6 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="decode and prefill speed (GPU, or CPU), optionally against transformers")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench_command)
+
+    plan = commands.add_parser("plan", help="the memory a model needs (weights, KV cache, activations), from its config")
+    plan.add_argument("model", help="a model folder or Hub id (only config.json is read), or one of: "
+                      + ", ".join(ARCHITECTURE_NAMES))
+    plan.add_argument("--dtype", default="auto", type=dtype_name,
+                      help="auto (the config's, else bfloat16), float32/fp32, bfloat16/bf16 or float16/fp16")
+    plan.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS))
+    plan.add_argument("--prompt-tokens", type=int, default=128)
+    plan.add_argument("--max-new-tokens", type=int, default=256)
+    plan.add_argument("--batch-size", type=int, default=1)
+    plan.add_argument("--layers", type=int, default=None, help="override the number of layers of a named architecture")
+    plan.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (an even split)")
+    plan.set_defaults(handler=_cmd_plan)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""The memory plan: hand-computed bytes of tiny configs, the published Scout widths, `herd plan`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd import bench
+from herd.cli import main
+from herd.memory_plan import plan_memory
+from herd.models.llama import LlamaConfig
+from herd.models.llama4 import Llama4TextConfig
+from herd.models.mllama import MllamaConfig
+from tests.conftest import TINY_LLAMA, reference_llama, save_reference
+
+# TINY_LLAMA: vocab 128, hidden 32, intermediate 64, 2 layers, 4 heads, 2 KV heads -> head_dim 8.
+LAYER_LINEARS = 32 * 32 * 2 + 16 * 32 * 2 + 64 * 32 * 3  # q, o; k, v; gate, up, down
+LAYER_SCALE_ROWS = 32 * 2 + 16 * 2 + 64 * 2 + 32  # one float32 scale per output row
+LAYER_NORMS = 32 * 2
+EMBEDDING = 128 * 32
+
+
+def tiny_llama(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": False, **overrides})
+
+
+def kv_bytes(layers_positions: list[int], batch: int = 1, kv_heads: int = 2, head_dim: int = 8, itemsize: int = 2):
+    return sum(2 * batch * positions * kv_heads * head_dim * itemsize for positions in layers_positions)
+
+
+def test_llama_weights_and_kv_by_hand():
+    plan = plan_memory(tiny_llama(), prompt_tokens=10, max_new_tokens=6, batch_size=3)
+    numel = 2 * (LAYER_LINEARS + LAYER_NORMS) + EMBEDDING * 2 + 32
+    assert plan.weights == numel * 2
+    assert plan.vision == 0
+    assert plan.kv_cache == 2 * 2 * 3 * 16 * 2 * 8 * 2 == kv_bytes([16, 16], batch=3)
+    # the documented estimate: the prompt's tokens through one layer, plus float32 last-position logits
+    assert plan.activations == 3 * 10 * (32 + 2 * 64 + (4 + 2 * 2) * 8) * 2 + 3 * 128 * 4
+    assert plan.total == plan.weights + plan.kv_cache + plan.activations == plan.per_device
+
+
+def test_tied_embeddings_counted_once():
+    untied = plan_memory(tiny_llama())
+    tied = plan_memory(tiny_llama(tie_word_embeddings=True))
+    assert untied.weights - tied.weights == EMBEDDING * 2
+
+
+def test_float32_doubles_weights_and_kv():
+    bf16 = plan_memory(tiny_llama())
+    fp32 = plan_memory(tiny_llama(), dtype=torch.float32)
+    assert fp32.weights == 2 * bf16.weights and fp32.kv_cache == 2 * bf16.kv_cache
+
+
+def test_int8_linears_are_one_byte_with_row_scales():
+    plan = plan_memory(tiny_llama(), quantization="int8")
+    layer = LAYER_LINEARS * 1 + LAYER_SCALE_ROWS * 4 + LAYER_NORMS * 2
+    assert plan.weights == 2 * layer + (EMBEDDING * 2 + 32) * 2  # embeddings, lm_head and final norm in bf16
+    assert plan.kv_cache == plan_memory(tiny_llama()).kv_cache  # the cache stays in the model's dtype
+
+
+def test_tp_halves_weights_and_kv():
+    one = plan_memory(tiny_llama())
+    two = plan_memory(tiny_llama(), tp=2)
+    assert two.total == one.total
+    assert two.per_device == (one.weights + one.kv_cache) // 2 + one.activations
+
+
+def test_llama4_chunked_layers_bounded_by_the_chunk():
+    config = Llama4TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              num_local_experts=2, attention_chunk_size=16, max_position_embeddings=4096)
+    assert config.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
+    plan = plan_memory(config, prompt_tokens=30, max_new_tokens=20)
+    assert plan.kv_cache == kv_bytes([16, 16, 16, 50])
+    short = plan_memory(config, prompt_tokens=4, max_new_tokens=6)
+    assert short.kv_cache == kv_bytes([10] * 4)
+
+
+def tiny_mllama() -> MllamaConfig:
+    return MllamaConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         cross_attention_layers=[1], num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                         max_position_embeddings=131072),
+        vision_config=dict(image_size=28, patch_size=14, max_num_tiles=4, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_global_layers=1, attention_heads=2, vision_output_dim=32,
+                           intermediate_layers_indices=[0]))
+
+
+def test_mllama_cross_layers_hold_the_image_tokens_only():
+    plan = plan_memory(tiny_mllama(), prompt_tokens=10, max_new_tokens=5)
+    image_tokens = 4 * ((28 // 14) ** 2 + 1)  # one image of every tile, a class token per tile
+    assert plan.kv_cache == kv_bytes([15, image_tokens, 15])
+    assert 0 < plan.vision < plan.weights
+
+
+def test_suggestion_names_a_quantization_that_fits():
+    plan = plan_memory(tiny_llama())
+    int8 = plan_memory(tiny_llama(), quantization="int8")
+    fp8 = plan_memory(tiny_llama(), quantization="fp8")
+    capacity = (max(int8.per_device, fp8.per_device) + plan.per_device) // 2
+    assert not plan.fits(capacity) and fp8.fits(capacity)
+    line = plan.suggestion(capacity)
+    assert "does not fit" in line and "--quantization fp8" in line and "\n" not in line
+    assert plan.suggestion(plan.per_device).startswith("fits")
+
+
+def test_suggestion_shorter_generation():
+    plan = plan_memory(tiny_llama(), prompt_tokens=10, max_new_tokens=1000)
+    capacity = plan.per_device - kv_bytes([500, 500])  # room for 510 positions less than asked
+    line = plan.suggestion(capacity)
+    assert "--max-new-tokens 500" in line
+
+
+def test_scout_needs_fp8_on_one_h200():
+    config = bench.architecture_config("llama4-scout-slice", 48)
+    bf16 = plan_memory(config)
+    assert 200e9 < bf16.weights < 230e9  # about 109B parameters
+    assert not bf16.fits(141e9)
+    assert "--quantization fp8" in bf16.suggestion(141e9)
+    fp8 = plan_memory(config, quantization="fp8")
+    assert fp8.fits(141e9)
+    assert fp8.suggestion(141e9).startswith("fits")
+    assert bf16.kv_cache < 1e9  # 384 positions, never max_position_embeddings
+
+
+def _rows(text: str) -> dict[str, str]:
+    rows = {}
+    for line in text.splitlines():
+        if line.endswith(" GB") and "  " in line:
+            name, value = line.rsplit("  ", 1)[0].strip(), line.split()[-2]
+            rows[name] = value
+    return rows
+
+
+def test_cli_plan_of_a_checkpoint_folder(tmp_path, capsys):
+    folder = save_reference(reference_llama(), tmp_path / "tiny")
+    assert main(["plan", str(folder), "--dtype", "bf16", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    for name in ("weights", "of which vision", "KV cache", "activations (estimate)", "total", "per GPU (tp=1)"):
+        assert name in rows, out
+    assert "128 prompt + 8 new tokens" in out
+
+
+def test_cli_plan_of_an_architecture(capsys):
+    assert main(["plan", "llama3.2-1b", "--quantization", "int4", "--tp", "2", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    expected = plan_memory(bench.architecture_config("llama3.2-1b"), quantization="int4", batch_size=2, tp=2)
+    assert rows["weights"] == f"{expected.weights / 1e9:.3f}"
+    assert rows["per GPU (tp=2)"] == f"{expected.per_device / 1e9:.3f}"
+
+
+@pytest.mark.parametrize("argv", [["plan", "llama3.2-1b", "--tp", "0"], ["plan", "llama3.2-1b", "--layers", "2", "--tp", "-1"]])
+def test_cli_plan_rejects_bad_numbers(argv, capsys):
+    assert main(argv) == 2
+    assert "herd: error: --tp must be >= 1" in capsys.readouterr().err
