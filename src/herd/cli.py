@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from . import __version__
-from .bench import add_arguments as add_bench_arguments
 from .bench import ARCHITECTURES as ARCHITECTURE_NAMES
 from .bench import QUANTIZATIONS, dtype_name
+from .bench import add_arguments as add_bench_arguments
 from .bench import main as run_bench_command
 from .generation import TextStreamer
 
