@@ -245,6 +245,16 @@ def test_info_shows_the_context_decodes_ids_and_takes_short_dtypes(capsys, chat_
         2, "herd: error: --ids 999999 is outside the vocabulary; token ids go from 0 to 128255")
 
 
+def test_quantization_flag_loads_quantized_and_info_says_so(capsys, chat_model_folder):  # noqa: F811
+    assert cli.main(["info", str(chat_model_folder), "--quantization", "int8"]) == 0
+    assert "weights:           herd quantization: 14 int8 layers; the rest float32\n" in capsys.readouterr().out
+    assert cli.main(["generate", str(chat_model_folder), "The sea is", "--max-new-tokens", "4", "--temperature", "0",
+                     "--quantization", "fp8"]) == 0
+    assert capsys.readouterr().out.startswith("The sea is")
+    assert _error_of(capsys, "info", chat_model_folder, "--quantization", "int4")[1].startswith(
+        "herd: error: int4 group_size 128 does not divide the 16 input features of model.layers.0.self_attn.q_proj")
+
+
 def test_generate_verbose_prints_load_time_and_speeds(capsys, chat_model_folder):  # noqa: F811
     assert cli.main(["generate", str(chat_model_folder), "The sea is", "--max-new-tokens", "5", "--temperature", "0",
                      "--verbose"]) == 0

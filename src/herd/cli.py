@@ -132,7 +132,8 @@ def _load(args: argparse.Namespace):
     path = _model_path(args.model)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device,
+                                                 quantization_config=_quantization(args))
     if getattr(args, "verbose", False):
         print(f"herd: loaded {args.model} in {time.perf_counter() - start:.2f} s "
               f"({model.dtype}, {model.device})", file=sys.stderr, flush=True)
@@ -348,7 +349,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             raise CLIError(f"--ids takes comma-separated token ids, e.g. --ids 1,2,3 (got {args.ids!r})") from None
     path = _model_path(args.model)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device,
+                                                 quantization_config=_quantization(args))
     text_config = config.get_text_config()
     print(f"model_type:        {config.model_type}")
     print(f"class:             {type(model).__name__}")
@@ -424,6 +426,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", type=dtype_name,
                         help="auto (the checkpoint's), float32/fp32, bfloat16/bf16 or float16/fp16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--quantization", default=None, choices=("fp8", "int8", "int4"),
+                        help="quantize the weights while loading: fp8 = FbgemmFp8Config(), int8 / int4 = "
+                             "TorchAoConfig('int8_weight_only') / ('int4_weight_only', group_size=128)")
+
+
+def _quantization(args: argparse.Namespace):
+    from .bench import quantization_config
+
+    return quantization_config(getattr(args, "quantization", None))
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
