@@ -49,6 +49,21 @@ def forward_tokens(model, tokens: torch.Tensor, attention_mask: torch.Tensor, ca
                  use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
 
 
+def prefill_tokens(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, chunk: int | None,
+                   **kwargs: Any):
+    """The prompt's new tokens (batch, new) into `cache`, `chunk` tokens at a time: each piece attends
+    to the cache and itself, so activation memory is bounded by the chunk, not the prompt. One
+    forward when chunk is None or the prompt is shorter, and when images or extra outputs come with
+    the prompt (`kwargs`: they go in with the whole prompt)."""
+    if chunk is None or kwargs or tokens.shape[1] <= chunk:
+        return forward_tokens(model, tokens, attention_mask, cache, **kwargs)
+    past = attention_mask.shape[1] - tokens.shape[1]
+    for start in range(0, tokens.shape[1], chunk):
+        end = min(start + chunk, tokens.shape[1])
+        outputs = forward_tokens(model, tokens[:, start:end], attention_mask[:, : past + end], cache)
+    return outputs
+
+
 def why_not_fast(model, config, *, past_key_values, extra_outputs: bool) -> str | None:
     """Why generate() cannot take the fast path here, or None when it can."""
     if config.use_cache is False:
@@ -131,7 +146,8 @@ class PlainDecoder:
             self.cache.tokens = tokens
             return self._recompute()
         step_inputs = self.model._inputs_for_step(extra, True, attention_mask.shape[1])
-        outputs = forward_tokens(self.model, tokens, attention_mask, self.cache, **step_inputs, **self.forward_kwargs)
+        outputs = prefill_tokens(self.model, tokens, attention_mask, self.cache, self.config.prefill_chunk_size,
+                                 **step_inputs, **self.forward_kwargs)
         return outputs.logits[:, -1, :].to(torch.float32), outputs
 
     def _recompute(self):
@@ -184,6 +200,7 @@ class FastDecoder:
         # None: decided per call from the device (compile and capture on CUDA, neither elsewhere).
         self.compile_override, self.capture_override = compile, capture
         self.use_compile = self.capture = False
+        self.prefill_chunk = PREFILL_CHUNK  # tokens per prefill forward (generate's prefill_chunk_size)
         self.run: dict | None = None  # the plan's units, compiled when `run_is_compiled`
         self.run_is_compiled = False
         self.entry: _Entry | None = None
@@ -237,18 +254,12 @@ class FastDecoder:
         return self.prefill_cache
 
     def prefill(self, tokens: torch.Tensor, attention_mask: torch.Tensor, extra: dict[str, Any]):
-        """The prompt through the reference forward into the stores, in pieces of PREFILL_CHUNK
-        tokens when long (bounded activation memory; each piece attends to the cache and itself).
-        Images go in with the whole prompt."""
+        """The prompt through the reference forward into the stores, in pieces of `prefill_chunk`
+        tokens (generate's prefill_chunk_size, PREFILL_CHUNK by default) when long. Images go in
+        with the whole prompt."""
         step_inputs = self.model._inputs_for_step(extra, True, attention_mask.shape[1])
         cache = self.prefill_cache
-        if step_inputs or tokens.shape[1] <= PREFILL_CHUNK:
-            outputs = forward_tokens(self.model, tokens, attention_mask, cache, **step_inputs)
-        else:
-            past = cache.get_seq_length()
-            for start in range(0, tokens.shape[1], PREFILL_CHUNK):
-                end = min(start + PREFILL_CHUNK, tokens.shape[1])
-                outputs = forward_tokens(self.model, tokens[:, start:end], attention_mask[:, : past + end], cache)
+        outputs = prefill_tokens(self.model, tokens, attention_mask, cache, self.prefill_chunk, **step_inputs)
         kv = self.entry.kv
         kv.mark_prompt(attention_mask)
         self.plan.after_prefill(kv, cache, step_inputs)
@@ -342,7 +353,9 @@ def choose_decoder(model, config, *, past_key_values, forward_kwargs: dict[str, 
     on a GPU."""
     reason = why_not_fast(model, config, past_key_values=past_key_values, extra_outputs=bool(forward_kwargs))
     if reason is None:
-        return fast_decoder(model)
+        decoder = fast_decoder(model)
+        decoder.prefill_chunk = config.prefill_chunk_size or PREFILL_CHUNK
+        return decoder
     if model.device.type == "cuda":
         logger.info("generate(): plain decoding, not the fast path: %s", reason)
     return PlainDecoder(model, config, past_key_values, forward_kwargs)

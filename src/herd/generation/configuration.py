@@ -48,7 +48,7 @@ FIELDS = (
     "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
-    "disable_compile", "watermarking_config",
+    "disable_compile", "prefill_chunk_size", "watermarking_config",
 )
 _REMOVED = "was removed from transformers 5's generate() (it lives on as a Hub custom_generate method)"
 _NOT_IMPLEMENTED = "is not implemented by herd"
@@ -156,6 +156,9 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
             raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        chunk = self.prefill_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"prefill_chunk_size must be a positive integer (tokens per prefill forward), got {chunk!r}")
         for name in ("min_new_tokens", "min_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
