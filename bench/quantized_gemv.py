@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from herd.kernels import gemv  # noqa: E402
 from herd.quantization.formats import (quantize_activation_rows, quantize_fp8_rows, quantize_int4_groups,  # noqa: E402
-                                       quantize_int8_rows, unpack_int4)
+                                       quantize_int8_rows)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -45,17 +45,6 @@ def timed(fn, repeats: int = 200) -> float:
     return triton.testing.do_bench(graph.replay, warmup=25, rep=repeats, return_mode="median") * 1000
 
 
-def tinygemm_int4(weight: torch.Tensor, group: int):
-    """torch's CUDA int4 layout (w = (q - 8) * scale + zero) from herd's quantizer."""
-    packed, scale, offset = quantize_int4_groups(weight, group, torch.bfloat16)
-    q = unpack_int4(packed).to(torch.int32)
-    q_bytes = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-    tiles = torch._convert_weight_to_int4pack(q_bytes, 8)
-    zero = offset.float() + 8 * scale.float()
-    scales_and_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return tiles, scales_and_zeros
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,4")
@@ -70,7 +59,7 @@ def main() -> None:
         int8, int8_scale = quantize_int8_rows(weight)
         fp8, fp8_scale = quantize_fp8_rows(weight)
         int4, int4_scale, int4_offset = quantize_int4_groups(weight, 128, torch.bfloat16)
-        tiles, scales_and_zeros = tinygemm_int4(weight, 128)
+        tiles, scales_and_zeros = gemv.int4_tiles(int4, int4_scale, int4_offset)
         int8_bf16_scale = int8_scale.view(-1).to(torch.bfloat16)
         gpt_fast_int8 = torch.compile(lambda x: torch.nn.functional.linear(x, int8.to(x.dtype)) * int8_bf16_scale)
         elements = out_features * in_features
