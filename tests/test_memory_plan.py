@@ -155,3 +155,19 @@ def test_cli_plan_of_an_architecture(capsys):
 def test_cli_plan_rejects_bad_numbers(argv, capsys):
     assert main(argv) == 2
     assert "herd: error: --tp must be >= 1" in capsys.readouterr().err
+
+
+def test_from_pretrained_refuses_weights_bigger_than_the_gpus_free_memory_before_allocating(tmp_path, monkeypatch):
+    """On a GPU whose free memory cannot hold the weights, from_pretrained stops before reading a
+    tensor, naming the sizes and what would fit (CUDA faked: the check runs before any allocation)."""
+    import herd
+    from herd import loading
+    from tests.conftest import reference_llama, save_reference
+
+    folder = save_reference(reference_llama(hidden_size=64, intermediate_size=128, vocab_size=128), tmp_path / "ckpt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100_000, 80_000_000_000))
+    monkeypatch.setattr(loading, "load_checkpoint", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(torch.OutOfMemoryError, match=r"LlamaForCausalLM needs 0\.\d GB for its weights \(float32\) and "
+                                                      r"cuda has 0\.0 GB free: does not fit"):
+        herd.LlamaForCausalLM.from_pretrained(folder, device_map="cuda", progress=False)

@@ -336,6 +336,7 @@ class PreTrainedModel(nn.Module):
 
             apply_quantization(model, quantization, torch_dtype)
             convert = tensor_converter(model, torch_dtype)
+        _check_weights_fit(model, config, quantization, torch_dtype, device)
         module_keys = set(model.state_dict().keys())
         report = loading.load_checkpoint(
             model,
@@ -414,6 +415,28 @@ class PreTrainedModel(nn.Module):
         if generation_config is not None:
             generation_config.save_pretrained(folder)
         loading.save_checkpoint(state_dict, folder, max_shard_size)
+
+
+def _check_weights_fit(model: nn.Module, config: PretrainedConfig, quantization, dtype: torch.dtype,
+                       device: torch.device) -> None:
+    """Before anything is allocated on a GPU: weights that cannot fit its free memory are refused
+    with what would fit (memory_plan.py), instead of a CUDA out-of-memory error halfway through."""
+    if device.type != "cuda":
+        return
+    from .bench import weight_tensors
+
+    tied = model._tied_names()
+    needed = sum(t.numel() * t.element_size() for name, t in weight_tensors(model) if name not in tied)
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= free:
+        return
+    from .memory_plan import plan_memory
+
+    plan = plan_memory(config, dtype=dtype, quantization=quantization, prompt_tokens=0, max_new_tokens=0)
+    raise torch.OutOfMemoryError(
+        f"{type(model).__name__} needs {needed / 1e9:.1f} GB for its weights ({str(dtype).removeprefix('torch.')}"
+        f"{', quantized' if quantization is not None else ''}) and {device} has {free / 1e9:.1f} GB free: "
+        f"{plan.suggestion(free)} (`herd plan` shows the whole plan)")
 
 
 def _quantization_config(config: PretrainedConfig, asked: Any, device: torch.device,
