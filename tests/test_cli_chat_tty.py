@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-import herd
 from tests.conftest import reference_llama, save_reference
 from tests.test_pipelines import LLAMA31
+from tests.test_cli import _expected_reply
 
 pty = pytest.importorskip("pty")
 
@@ -85,14 +85,6 @@ class Terminal:
         raise AssertionError("herd chat did not exit")
 
 
-def _greedy_reply(folder, messages, max_new_tokens):
-    model = herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
-    tokenizer = herd.AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def test_arrow_keys_edit_the_line_and_ctrl_c_stops_the_answer_not_the_chat(tmp_path_factory):
     folder = _folder(tmp_path_factory, context=8192)
     terminal = Terminal("chat", folder, "--max-new-tokens", 8000, "--temperature", 0)
@@ -103,7 +95,7 @@ def test_arrow_keys_edit_the_line_and_ctrl_c_stops_the_answer_not_the_chat(tmp_p
     terminal.send("\x03")  # Ctrl-C in the middle of the answer
     stopped = terminal.read_until("(stopped)", start)
     answer = terminal.output[start:stopped - len("(stopped)")]
-    expected = _greedy_reply(folder, [{"role": "user", "content": "Hello"}], 8)
+    expected = _expected_reply(folder, [{"role": "user", "content": "Hello"}], 8)
     assert answer.startswith(expected), (answer[:200], expected)
     assert "^[[D" not in terminal.output and "\x1b[D" not in terminal.output[:start]
     terminal.prompt_after(stopped)

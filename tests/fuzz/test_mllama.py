@@ -90,15 +90,19 @@ def _pair(config, seed):
     return model_pair("mllama", config, seed=seed, vision_config=VISION, image_token_index=IMAGE)
 
 
+def _both_logits(pair, inputs):
+    """(herd's logits, the reference's) on the same inputs, the reference masking rows as Meta's model does."""
+    reference = pair.fresh_reference()
+    with metas_row_masking(reference, inputs["cross_attention_mask"]):
+        expected = reference(**inputs).logits
+    return pair.ours(**inputs).logits, expected
+
+
 @scaled(0.6)
 @given(config=mllama_configs(), seed=seeds(), inputs=multimodal_inputs())
 def test_forward_logits(config, seed, inputs):
     with _pair(config, seed) as pair, torch.no_grad():
-        reference = pair.fresh_reference()
-        with metas_row_masking(reference, inputs["cross_attention_mask"]):
-            expected = reference(**inputs).logits
-        got = pair.ours(**inputs).logits
-    assert_close(got, expected)
+        assert_close(*_both_logits(pair, inputs))
 
 
 @scaled(0.6)
@@ -120,11 +124,7 @@ def test_generate(config, seed, inputs, kwargs, sampling_seed, max_new):
 @given(config=mllama_configs(), seed=seeds(), inputs=multimodal_inputs(text_only_rows=True, first_image_at_start=True))
 def test_text_only_rows_mixed_with_image_rows(config, seed, inputs):
     with _pair(config, seed) as pair, torch.no_grad():
-        reference = pair.fresh_reference()
-        with metas_row_masking(reference, inputs["cross_attention_mask"]):
-            expected = reference(**inputs).logits
-        got = pair.ours(**inputs).logits
-        assert_close(got, expected)
+        assert_close(*_both_logits(pair, inputs))
         reference = pair.fresh_reference()
         with metas_row_masking(reference, inputs["cross_attention_mask"]):
             expected = reference.generate(**inputs, max_new_tokens=4, pad_token_id=PAD, eos_token_id=None)
