@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import herd  # noqa: E402
 from herd import bench  # noqa: E402
+from herd.quantization import config_from_name, weight_tensors  # noqa: E402
 
 
 def main() -> None:
@@ -42,9 +43,9 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
             start = torch.cuda.memory_allocated(device)
             model = herd.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
-                                                              quantization_config=bench.quantization_config(name),
+                                                              quantization_config=config_from_name(name),
                                                               progress=False)
-            size = sum(t.numel() * t.element_size() for _, t in bench.weight_tensors(model))
+            size = sum(t.numel() * t.element_size() for _, t in weight_tensors(model))
             peak = torch.cuda.max_memory_allocated(device) - start
             print(f"| {name} | quantized size {size / 1e9:.2f} GB | peak while loading {peak / 1e9:.2f} GB | "
                   f"peak - size {(peak - size) / 1e9:.2f} GB |", flush=True)

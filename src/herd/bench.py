@@ -127,21 +127,6 @@ QUANTIZATIONS = {"fp8": "FbgemmFp8Config()", "int8": "TorchAoConfig('int8_weight
                  "int4": "TorchAoConfig('int4_weight_only', group_size=128)"}
 
 
-def quantization_config(name: str | None):
-    """--quantization fp8 / int8 / int4 -> the config object that from_pretrained takes."""
-    if name is None:
-        return None
-    from .quantization import FbgemmFp8Config, TorchAoConfig
-
-    if name == "fp8":
-        return FbgemmFp8Config()
-    if name == "int8":
-        return TorchAoConfig("int8_weight_only")
-    if name == "int4":
-        return TorchAoConfig("int4_weight_only", group_size=128)
-    raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(QUANTIZATIONS)}")
-
-
 def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
                 quantization: str | None = None):
     """A herd model of a named architecture with random weights (normal, std 0.02; norms 1)."""
@@ -158,9 +143,9 @@ def random_model(config, dtype: torch.dtype, device: torch.device, quantization:
     model = model.to(dtype)
     quantized = []
     if quantization is not None:
-        from .quantization import apply_quantization, quantized_modules
+        from .quantization import apply_quantization, config_from_name, quantized_modules
 
-        apply_quantization(model, quantization_config(quantization), dtype)
+        apply_quantization(model, config_from_name(quantization), dtype)
         quantized = quantized_modules(model)
     model = model.to_empty(device=device)  # allocated once, in the final dtypes
     model.tie_weights()  # to_empty gives tied weights separate storage
@@ -258,15 +243,6 @@ _NOT_READ_WHILE_DECODING = ("vision_model.", "multi_modal_projector.", "cross_at
                             "cross_attn.k_norm.")
 
 
-def weight_tensors(model) -> list[tuple[str, torch.Tensor]]:
-    """The model's parameters and its quantized modules' stored weights (buffers: data, scales)."""
-    from .quantization import QuantizedExperts, QuantizedLinear
-
-    quantized = {path for path, module in model.named_modules() if isinstance(module, (QuantizedLinear, QuantizedExperts))}
-    return [*model.named_parameters(),
-            *[(name, buffer) for name, buffer in model.named_buffers() if name.rpartition(".")[0] in quantized]]
-
-
 def decode_bytes(model, batch: int, context: int, image_tokens: int | None = None) -> tuple[float, float]:
     """(weight bytes, KV bytes) one decode step must read at this batch and context length.
 
@@ -276,6 +252,8 @@ def decode_bytes(model, batch: int, context: int, image_tokens: int | None = Non
     config = model.config
     text = config.get_text_config()
     total = 0
+    from .quantization import weight_tensors
+
     for name, param in weight_tensors(model):
         if any(part in name for part in _NOT_READ_WHILE_DECODING):
             continue
@@ -472,6 +450,7 @@ def bench_model(args: argparse.Namespace, model, bandwidth: float) -> str:
 
 def run_bench(args: argparse.Namespace) -> str:
     import herd
+    from .quantization import config_from_name
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dtype in (None, "auto"):
@@ -481,7 +460,7 @@ def run_bench(args: argparse.Namespace) -> str:
         model = build_model(args.model, dtype, device, args.layers, args.quantization)
     else:
         model = herd.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device),
-                                                          quantization_config=quantization_config(args.quantization)).eval()
+                                                          quantization_config=config_from_name(args.quantization)).eval()
     return bench_model(args, model, copy_bandwidth(device))
 
 
@@ -501,6 +480,8 @@ def report(args, model, bandwidth, rows: list[Row], prefill_rows: list[PrefillRo
     reference_version = f"{args.compare} {REFERENCES[args.compare].version()}, " if args.compare else ""
     device = model.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or device.type)
+    from .quantization import weight_tensors
+
     weight_gb = sum(p.numel() * p.element_size() for _, p in weight_tensors(model)) / 1e9
     read_gb = decode_bytes(model, 1, 0)[0] / 1e9
     text = model.config.get_text_config()

@@ -432,9 +432,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantization(args: argparse.Namespace):
-    from .bench import quantization_config
+    from .quantization import config_from_name
 
-    return quantization_config(getattr(args, "quantization", None))
+    return config_from_name(getattr(args, "quantization", None))
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:

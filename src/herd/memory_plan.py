@@ -127,16 +127,16 @@ def _quantization_config(config, quantization):
 
         return from_dict(stored)  # a checkpoint stored quantized
     if isinstance(quantization, str):
-        from .bench import quantization_config
+        from .quantization import config_from_name
 
-        return quantization_config(quantization)
+        return config_from_name(quantization)
     return quantization
 
 
 def weight_bytes(config, dtype: torch.dtype = torch.bfloat16, quantization=None) -> tuple[int, int]:
     """(all weight bytes, those of the vision tower and projector) of the model from_pretrained
     builds for `config`, counted on the meta device; tied weights once."""
-    from .bench import weight_tensors
+    from .quantization import weight_tensors
 
     cls, model_config = _model_class(config)
     with torch.device("meta"):

@@ -423,7 +423,7 @@ def _check_weights_fit(model: nn.Module, config: PretrainedConfig, quantization,
     with what would fit (memory_plan.py), instead of a CUDA out-of-memory error halfway through."""
     if device.type != "cuda":
         return
-    from .bench import weight_tensors
+    from .quantization import weight_tensors
 
     tied = model._tied_names()
     needed = sum(t.numel() * t.element_size() for name, t in weight_tensors(model) if name not in tied)

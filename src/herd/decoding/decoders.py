@@ -76,7 +76,7 @@ def why_not_fast(model, config, *, past_key_values, extra_outputs: bool) -> str 
         return f"the model is on {model.device.type}"
     if plan_for(model) is None:
         return f"{type(model).__name__} has no decode plan"
-    if any(getattr(module, "kernel_weight", lambda: True)() is None for module in model.modules()):
+    if any(getattr(getattr(module, "scheme", None), "block", None) for module in model.modules()):
         return "block-scaled FP8 weights (the decode kernels read row-scaled and grouped formats)"
     if past_key_values is not None:
         return "a cache was passed in"

@@ -25,7 +25,7 @@ from .formats import QuantizedLinear, Scheme, quantize_weight
 __all__ = [
     "CompressedTensorsConfig", "FbgemmFp8Config", "HerdQuantConfig", "Int4WeightOnlyConfig", "Int8WeightOnlyConfig",
     "QuantizationConfig", "QuantizedExperts", "QuantizedLinear", "Scheme", "TorchAoConfig", "apply_quantization",
-    "from_dict", "tensor_converter",
+    "config_from_name", "from_dict", "tensor_converter", "weight_tensors",
 ]
 
 
@@ -99,3 +99,23 @@ def tensor_converter(model: nn.Module, dtype: torch.dtype) -> Callable[[str, tor
 
 def quantized_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))]
+
+
+def config_from_name(name: str | None) -> QuantizationConfig | None:
+    """The command lines' --quantization fp8 / int8 / int4 -> the config object from_pretrained takes."""
+    if name is None:
+        return None
+    if name == "fp8":
+        return FbgemmFp8Config()
+    if name == "int8":
+        return TorchAoConfig("int8_weight_only")
+    if name == "int4":
+        return TorchAoConfig("int4_weight_only", group_size=128)
+    raise ValueError(f"unknown quantization {name!r}; use fp8, int8 or int4")
+
+
+def weight_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters and its quantized modules' stored weights (buffers: data, scales)."""
+    quantized = {path for path, module in model.named_modules() if isinstance(module, (QuantizedLinear, QuantizedExperts))}
+    return [*model.named_parameters(),
+            *[(name, buffer) for name, buffer in model.named_buffers() if name.rpartition(".")[0] in quantized]]
