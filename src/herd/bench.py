@@ -168,7 +168,7 @@ def random_model(config, dtype: torch.dtype, device: torch.device, quantization:
 
 
 def _fill_quantized(module, dtype: torch.dtype, generator: torch.Generator) -> None:
-    from .quantization import QuantizedLinear, quantize_expert_columns
+    from .quantization import QuantizedLinear, quantize_experts
     from .quantization.formats import quantize_weight
 
     if isinstance(module, QuantizedLinear):
@@ -178,8 +178,8 @@ def _fill_quantized(module, dtype: torch.dtype, generator: torch.Generator) -> N
         stored = {}
         for name in ("gate_up_proj", "down_proj"):
             weight = torch.empty(getattr(module, name).shape, device=module.gate_up_proj.device, dtype=dtype)
-            stored[name], stored[name + "_scale"] = quantize_expert_columns(weight.normal_(0.0, 0.02, generator=generator),
-                                                                            module.scheme.format)
+            weight.normal_(0.0, 0.02, generator=generator)
+            stored.update({name + suffix: value for suffix, value in quantize_experts(weight, module.scheme, dtype).items()})
             del weight
     for name, value in stored.items():
         getattr(module, name).copy_(value)

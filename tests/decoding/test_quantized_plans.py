@@ -59,13 +59,25 @@ def _forced_logits(model, sequences, mask, prompt_length: int):
     return got
 
 
+@pytest.fixture(scope="module")
+def llama4_int4_folder(tmp_path_factory):
+    """test_decoders' Llama 4 at widths that int4 groups of 32 divide (hidden 64, experts 32, dense MLP 64)."""
+    from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+    folder = tmp_path_factory.mktemp("int4") / "llama4"
+    reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, head_dim=16, floor_scale=4, num_hidden_layers=4,
+                     attention_chunk_size=8, hidden_size=64, intermediate_size=32,
+                     intermediate_size_mlp=64).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("family", ["llama", "llama4"])
 @pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
 def test_fast_path_over_quantized_weights_equals_the_dequantized_model(fast_on_cpu, exact_prefill, llama_folder,
-                                                                       llama4_folder, family, name):
-    if family == "llama4" and name == "int4":
-        pytest.skip("the tiny Llama 4's dense MLP (48 wide) has no int4 group size; int4 runs in the llama case")
+                                                                       llama4_folder, llama4_int4_folder, family, name):
     cls, folder = (herd.LlamaForCausalLM, llama_folder) if family == "llama" else (herd.Llama4ForCausalLM, llama4_folder)
+    if family == "llama4" and name == "int4":
+        folder = llama4_int4_folder  # int4 experts and linears in groups of 32
     model = cls.from_pretrained(folder, quantization_config=CONFIGS[name], progress=False)
     twin = _dequantized_twin(cls, folder, model)
     ids, mask = _prompts(3, 9)

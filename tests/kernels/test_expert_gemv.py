@@ -14,6 +14,8 @@ import torch
 from herd.kernels import expert_gemv as module
 from herd.kernels.expert_gemv import expert_gemv, torch_expert_gemv
 from herd.kernels.routed_experts import routed_experts
+from herd.quantization.experts import quantize_experts as stored_experts
+from herd.quantization.formats import Scheme, unpack_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(module.triton is None, reason="needs Triton")
@@ -109,20 +111,39 @@ def test_expert_kernel_applies_to_cuda_tensors_of_fitting_dtypes():
     assert not module.kernel_applies(x, expert_ids, data, scale[:, :, :-1])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def _dequantized_by_hand(stored: dict, kind: str) -> torch.Tensor:
+    """Stored experts -> float (experts, in, out), through the int4 linears' unpacking (an expert's
+    column is a linear's row) rather than the function under test."""
+    if kind != "int4":
+        return stored[""].float() * stored["_scale"]
+    experts = []
+    for data, scale, offset in zip(stored[""], stored["_scale"], stored["_offset"]):
+        group = data.shape[0] * 2 // scale.shape[0]
+        values = unpack_int4(data.t().contiguous()).float()  # (out, in)
+        experts.append((values * scale.t().float().repeat_interleave(group, 1)
+                        + offset.t().float().repeat_interleave(group, 1)).t())
+    return torch.stack(experts)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "int4"])
 @pytest.mark.parametrize("ids", [[2], [3, 0, 3, 1], [1, 1, 0, 3, 2, 0]])
 def test_quantized_routed_experts_equal_the_plain_path_on_dequantized_experts(kind, ids):
-    experts, hidden, intermediate = 4, 40, 24
+    experts, hidden, intermediate = 4, 64, 32
+    scheme = Scheme(kind, group_size=32 if kind == "int4" else 0)
     generator = torch.Generator().manual_seed(2)
     rows = torch.randn(len(ids), hidden, generator=generator).to(DEVICE)
     expert_ids = torch.tensor(ids, device=DEVICE)
-    gate_up, gate_up_scale = (t.to(DEVICE) for t in quantize_experts(
-        torch.randn(experts, hidden, 2 * intermediate, generator=generator) / hidden**0.5, kind))
-    down, down_scale = (t.to(DEVICE) for t in quantize_experts(
-        torch.randn(experts, intermediate, hidden, generator=generator) / intermediate**0.5, kind))
+    weights = [torch.randn(experts, hidden, 2 * intermediate, generator=generator) / hidden**0.5,
+               torch.randn(experts, intermediate, hidden, generator=generator) / intermediate**0.5]
+    stored = [{k: t.to(DEVICE) for k, t in stored_experts(w, scheme, torch.float32).items()} for w in weights]
+    dequantized = [_dequantized_by_hand(parts, kind) for parts in stored]
+    for weight, plain in zip(weights, dequantized):  # each value within half a step of its weight
+        step = 2 * (weight.abs().amax() / 127 if kind == "int8" else weight.abs().amax() / 7.5 if kind == "int4"
+                    else weight.abs().amax() / 16)
+        assert (plain.cpu() - weight).abs().max() <= step / 2
     activation = torch.nn.functional.silu
-    got = routed_experts(rows, expert_ids, gate_up, down, activation, gate_up_scale, down_scale)
-    expected = routed_experts(rows, expert_ids, gate_up.float() * gate_up_scale, down.float() * down_scale, activation)
+    got = routed_experts(rows, expert_ids, *(tuple(parts.values()) for parts in stored), activation)
+    expected = routed_experts(rows, expert_ids, *dequantized, activation)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -197,6 +197,46 @@ def test_llama4_experts_in_fp8_and_int8(tmp_path):
         assert torch.equal(again.model.layers[0].feed_forward.experts.down_proj, experts.down_proj)
 
 
+def test_llama4_experts_in_int4_groups(tmp_path):
+    from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+    # widths int4 groups of 32 divide: hidden 64, expert width 32, dense MLP 64
+    reference_llama4(hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, interleave_moe_layer_step=2,
+                     num_experts_per_tok=2).save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    plain = herd.Llama4ForCausalLM.from_pretrained(tmp_path / "ckpt", progress=False)
+    config = TorchAoConfig("int4_weight_only", group_size=32)
+    model = herd.Llama4ForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=config, progress=False)
+    experts = model.model.layers[1].feed_forward.experts
+    assert isinstance(experts, QuantizedExperts) and experts.scheme.format == "int4"
+    # (experts, in / 2, out) packed, a scale and an offset per 32 input rows of each column
+    assert experts.gate_up_proj.dtype == torch.uint8 and experts.gate_up_proj.shape == (4, 32, 64)
+    assert experts.down_proj_scale.shape == experts.down_proj_offset.shape == (4, 1, 64)
+    original = plain.model.layers[1].feed_forward.experts.down_proj.detach().clone()
+    step = (original.amax(dim=1, keepdim=True) - original.amin(dim=1, keepdim=True)) / 15  # (experts, 1, out)
+    assert ((experts.dequantized("down_proj", slice(None), torch.float32) - original).abs() <= step / 2 + 1e-6).all()
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (2, 16)
+    # Experts alone in int4 (their reference path multiplies by the dequantized weights in float32):
+    # the float model holding those dequantized weights gives the same logits.
+    only_experts = TorchAoConfig("int4_weight_only", group_size=32, modules_to_not_convert=[
+        "self_attn", "shared_expert", "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"])
+    quantized = herd.Llama4ForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=only_experts, progress=False)
+    with torch.no_grad():
+        for index in (1, 3):
+            for name in ("gate_up_proj", "down_proj"):
+                getattr(plain.model.layers[index].feed_forward.experts, name).copy_(
+                    quantized.model.layers[index].feed_forward.experts.dequantized(name, slice(None), torch.float32))
+    torch.testing.assert_close(quantized(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "int4")
+    again = herd.Llama4ForCausalLM.from_pretrained(tmp_path / "int4", progress=False)
+    for name in ("gate_up_proj", "gate_up_proj_scale", "gate_up_proj_offset"):
+        assert torch.equal(getattr(again.model.layers[1].feed_forward.experts, name), getattr(experts, name))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="group_size 64 does not divide the input width of model.layers.1.feed_forward.experts"):
+        herd.Llama4ForCausalLM.from_pretrained(tmp_path / "ckpt", progress=False, quantization_config=TorchAoConfig(
+            "int4_weight_only", group_size=64, modules_to_not_convert=["mlp", "shared_expert", "self_attn"]))
+
+
 # --- real trained weights --------------------------------------------------------------------------
 
 # Teacher-forced top-1 agreement with the float32 model over four chats (a written answer after

@@ -10,8 +10,9 @@ which needs the group sizes on the host. A decode step must not wait for the hos
 - more rows on a GPU: rows sorted by expert, one grouped matmul per projection, each expert's
   weights read once.
 
-Quantized experts (int8 or FP8 with a float32 scale per expert and output column) are
-dequantized by index on the first path, every expert once on the second.
+Quantized experts (int8 or FP8 with a float32 scale per expert and output column, int4 in groups
+of input rows with a scale and an offset) are dequantized by index on the first path, every
+expert once on the second.
 """
 
 from __future__ import annotations
@@ -29,17 +30,15 @@ def uses_grouped_mm(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
-def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
-                   down_proj: torch.Tensor, activation, gate_up_scale: torch.Tensor | None = None,
-                   down_scale: torch.Tensor | None = None) -> torch.Tensor:
+def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor | tuple,
+                   down_proj: torch.Tensor | tuple, activation) -> torch.Tensor:
     """routed_in (pairs, hidden), each row already scaled by its router score; expert_ids (pairs,);
     gate_up_proj (experts, hidden, 2 * intermediate) and down_proj (experts, intermediate, hidden)
-    as checkpoints store them -> (pairs, hidden). Quantized experts (FP8 or int8) come with their
-    scales (experts, 1, out): each projection is then `expert_gemv`, accumulated in float32 and
-    rounded once to the rows' dtype."""
-    if gate_up_scale is not None:
-        return _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation, gate_up_scale,
-                                         down_scale)
+    as checkpoints store them -> (pairs, hidden). Quantized experts come as tuples of their stored
+    tensors (quantization/experts.py: FP8 / int8 (data, scale), int4 (data, scale, offset)) and are
+    dequantized by index (`_quantized_routed_experts`)."""
+    if isinstance(gate_up_proj, tuple):
+        return _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation)
     if uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS:
         experts = gate_up_proj.shape[0]
         order = torch.argsort(expert_ids, stable=True)
@@ -53,21 +52,31 @@ def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_pr
     return torch.bmm(up * activation(gate), down_proj[expert_ids]).squeeze(1)  # (pairs, hidden)
 
 
-def _dequantized(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (data.float() * scale).to(dtype)
+def dequantized_experts(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Stored experts (..., in, out) (FP8 / int8 data, scale (..., 1, out)) or, with an offset, int4
+    (data (..., in / 2, out) packed along in, scale and offset (..., in / group, out)) -> float
+    (..., in, out) in dtype, computed in float32 and rounded once."""
+    if offset is None:
+        return (data.float() * scale).to(dtype)
+    *lead, half, columns = data.shape
+    nibbles = torch.stack((data & 0xF, data >> 4), dim=-2).reshape(*lead, 2 * half, columns)  # low nibble: even row
+    group = 2 * half // scale.shape[-2]
+    return (nibbles.float() * scale.float().repeat_interleave(group, dim=-2)
+            + offset.float().repeat_interleave(group, dim=-2)).to(dtype)
 
 
-def _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation, gate_up_scale, down_scale):
+def _quantized_routed_experts(routed_in, expert_ids, gate_up_proj: tuple, down_proj: tuple, activation):
     """Each row's expert dequantized by index to the rows' dtype (what the compiled step fuses into
     one gather-and-scale kernel per projection), or, for more rows than experts, every expert
     dequantized once for one grouped matmul. `expert_gemv`, which reads the experts in place, is
     not used yet: untuned, it measured slower (bench/RESULTS.md, 11-30: Scout FP8 28.95 ms a step
     against 10.11 with this path)."""
     dtype = routed_in.dtype
-    if uses_grouped_mm(routed_in) and routed_in.shape[0] > max(GATHERED_ROWS, gate_up_proj.shape[0]):
-        return routed_experts(routed_in, expert_ids, _dequantized(gate_up_proj, gate_up_scale, dtype),
-                              _dequantized(down_proj, down_scale, dtype), activation)
-    gate_up = _dequantized(gate_up_proj[expert_ids], gate_up_scale[expert_ids], dtype)  # (pairs, hidden, 2 * inter)
+    if uses_grouped_mm(routed_in) and routed_in.shape[0] > max(GATHERED_ROWS, gate_up_proj[0].shape[0]):
+        return routed_experts(routed_in, expert_ids, dequantized_experts(*gate_up_proj, dtype=dtype),
+                              dequantized_experts(*down_proj, dtype=dtype), activation)
+    gate_up = dequantized_experts(*(t[expert_ids] for t in gate_up_proj), dtype=dtype)  # (pairs, hidden, 2 * inter)
     gate, up = torch.bmm(routed_in[:, None, :], gate_up).chunk(2, dim=-1)
-    down = _dequantized(down_proj[expert_ids], down_scale[expert_ids], dtype)
+    down = dequantized_experts(*(t[expert_ids] for t in down_proj), dtype=dtype)
     return torch.bmm(up * activation(gate), down).squeeze(1)  # (pairs, hidden)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import (ALWAYS_KEPT, CompressedTensorsConfig, FbgemmFp8Config, HerdQuantConfig, Int4WeightOnlyConfig,
                      Int8WeightOnlyConfig, QuantizationConfig, TorchAoConfig, from_dict)
-from .experts import PROJECTIONS, QuantizedExperts, quantize_expert_columns
+from .experts import PROJECTIONS, QuantizedExperts, quantize_expert_columns, quantize_experts
 from .formats import QuantizedLinear, Scheme, quantize_weight
 
 __all__ = [
@@ -53,9 +53,13 @@ def apply_quantization(model: nn.Module, config: QuantizationConfig, dtype: torc
         elif _is_experts(module):
             scheme = config.experts_scheme(path)
             if scheme is not None:
-                if scheme.format == "int4":  # no grouped int4 expert kernel: int8 keeps them at a byte each
-                    scheme = Scheme("int8")
-                swaps.append((path, QuantizedExperts(module, scheme)))
+                if scheme.format == "int4" and any(getattr(module, name).shape[1] % scheme.group_size
+                                                   for name in PROJECTIONS):
+                    raise ValueError(
+                        f"int4 group_size {scheme.group_size} does not divide the input width of {path} "
+                        f"({', '.join(str(getattr(module, name).shape[1]) for name in PROJECTIONS)}); choose a group "
+                        f"size that does (32, 64, 128, 256), or list {path!r} in modules_to_not_convert")
+                swaps.append((path, QuantizedExperts(module, scheme, dtype=dtype)))
     for path, replacement in swaps:
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, name, replacement)
@@ -75,9 +79,8 @@ def tensor_converter(model: nn.Module, dtype: torch.dtype) -> Callable[[str, tor
         if module is None:
             return None
         if isinstance(module, QuantizedExperts):
-            if leaf in PROJECTIONS and tensor.dtype != getattr(module, leaf).dtype:
-                data, scale = quantize_expert_columns(tensor, module.scheme.format)
-                return {name: data, f"{name}_scale": scale}
+            if leaf in PROJECTIONS and tensor.is_floating_point() and tensor.dtype != getattr(module, leaf).dtype:
+                return {name + suffix: value for suffix, value in quantize_experts(tensor, module.scheme, dtype).items()}
             return {name: tensor.to(getattr(module, leaf).dtype)}
         if leaf == "weight" and tensor.dtype != module.weight.dtype:
             if module.scheme.block is not None or module.scheme.activations == "static":

@@ -72,9 +72,9 @@ def mixture_of_experts(moe, shared_gate_up: torch.Tensor, shared_down: torch.Ten
     expert_scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # (batch, top_k)
     routed_in = (x[:, None, :] * expert_scores[..., None]).reshape(-1, hidden)  # (batch * top_k, hidden)
     experts = moe.experts
-    scales = (experts.gate_up_proj_scale, experts.down_proj_scale) if hasattr(experts, "gate_up_proj_scale") else ()
-    routed_out = routed_experts(routed_in, expert_ids.reshape(-1), experts.gate_up_proj, experts.down_proj,
-                                experts.act_fn, *scales).view(batch, -1, hidden)
+    stored = getattr(experts, "stored", None)  # quantized experts: their stored tensors per projection
+    gate_up, down = (stored("gate_up_proj"), stored("down_proj")) if stored else (experts.gate_up_proj, experts.down_proj)
+    routed_out = routed_experts(routed_in, expert_ids.reshape(-1), gate_up, down, experts.act_fn).view(batch, -1, hidden)
     return gated_mlp(moe.shared_expert, shared_gate_up, shared_down, x) + routed_out.sum(dim=1)
 
 
