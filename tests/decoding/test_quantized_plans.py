@@ -101,12 +101,12 @@ def test_block_scaled_fp8_takes_the_plain_path(fast_on_cpu, llama_folder):
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "llama4"])
 @pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
-def test_cuda_quantized_fast_path_logits_within_tolerance(llama_folder, llama4_folder, family, name):
+def test_cuda_quantized_fast_path_logits_within_tolerance(llama_folder, llama4_folder, llama4_int4_folder, family, name):
     """bf16 on the GPU, the kernels dequantizing in their loops against the dequantized bf16 model
     on the plain path: the bf16 tolerance of test_decoders (different rounding points)."""
-    if family == "llama4" and name == "int4":
-        pytest.skip("see the CPU test")
     cls, folder = (herd.LlamaForCausalLM, llama_folder) if family == "llama" else (herd.Llama4ForCausalLM, llama4_folder)
+    if family == "llama4" and name == "int4":
+        folder = llama4_int4_folder
     model = cls.from_pretrained(folder, quantization_config=CONFIGS[name], device_map="cuda", dtype=torch.bfloat16,
                                 progress=False)
     twin = _dequantized_twin(cls, folder, model, device_map="cuda", dtype=torch.bfloat16)
