@@ -46,11 +46,16 @@ def resolve_device(device_map: Any) -> torch.device:
         return resolve_device(devices.pop())
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
-    if device_map in ("auto", "balanced", "sequential"):
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device_map == "disk":
         return torch.device("cpu")
-    device = torch.device(device_map)
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not a strategy or a device: use 'auto', 'balanced', "
+                         "'balanced_low_0', 'sequential', a device ('cuda:0', 'cpu', 0) or a dict of module path -> "
+                         "device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device_map={device_map!r} asks for CUDA, but torch sees no CUDA device")
     return device

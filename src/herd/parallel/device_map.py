@@ -16,7 +16,8 @@ Two kinds of maps, as transformers accepts them:
   available CPU memory, as accelerate; set: only the devices it names, then disk). Units are taken
   in order and go to GPUs first, then CPU, then disk, never back to an earlier device.
   "balanced" spreads the GPUs' share evenly, "balanced_low_0" keeps GPU 0 as empty as it can,
-  "sequential" fills each GPU before the next.
+  "sequential" fills each GPU before the next. CPU memory keeps room for the largest unit still to
+  place, as accelerate does, so that on a machine without GPUs a map is the one transformers makes.
 
 What a GPU must hold besides weights, from the memory plan (memory_plan.py) for a request of
 `RESERVE_PROMPT_TOKENS` + `RESERVE_NEW_TOKENS` tokens at batch 1:
@@ -309,15 +310,21 @@ def sized_units(model: nn.Module, dtype: torch.dtype) -> list[_Sized]:
 
 def _fill(items: list[tuple[str, int, int]], order: list[Device], budgets: dict[Device, float]) -> dict[str, Device] | None:
     """Items (name, bytes on a GPU, bytes on the host) in order onto devices in order, never going
-    back; None when they do not fit (disk takes anything)."""
+    back; None when they do not fit (disk takes anything). CPU memory keeps room for the largest
+    item still to come, as accelerate does (a disk layer's pages are read there while it computes),
+    so that a map within max_memory={"cpu": ...} is the one transformers makes."""
     placed, used, index = {}, dict.fromkeys(order, 0.0), 0
-    for name, gpu_bytes, host_bytes in items:
+    largest_after = [0] * (len(items) + 1)  # largest host bytes among items[i + 1:]
+    for i in range(len(items) - 1, 0, -1):
+        largest_after[i - 1] = max(largest_after[i], items[i][2])
+    for position, (name, gpu_bytes, host_bytes) in enumerate(items):
         while True:
             if index == len(order):
                 return None
             device = order[index]
             cost = gpu_bytes if isinstance(device, int) else host_bytes
-            if device == "disk" or used[device] + cost <= budgets.get(device, 0):
+            reserve = largest_after[position] if device == "cpu" else 0
+            if device == "disk" or used[device] + cost + reserve <= budgets.get(device, 0):
                 break
             index += 1
         placed[name] = device
