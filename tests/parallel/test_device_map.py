@@ -269,3 +269,63 @@ def test_tensor_mover_moves_what_a_layer_receives():
     assert moved_args[2].padding_mask.device == meta and moved_args[2]._realised == {} and moved_args[3:] == (None, 7)
     assert mover.to(mask, meta) is moved_args[2]  # one move per forward
     assert mask.padding_mask.device.type == "cpu" and "boolean" in mask._realised
+
+
+# --- strategies over GPUs, planned on the meta device (no GPU needed: torch is told there are two) ---
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def _meta_model(cls, config):
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _layers_on(placement, device) -> int:
+    return sum(1 for name, d in placement.unit_devices.items() if ".layers." in name and d == device)
+
+
+def test_strategies_over_two_gpus(two_gpus):
+    from herd.parallel.device_map import infer_placement, sized_units
+
+    model = _meta_model(herd.LlamaForCausalLM, herd.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                               num_hidden_layers=12, num_attention_heads=4))
+    layer = next(s for s in sized_units(model, torch.float32) if s.kv)
+    roomy = {0: 40 * layer.weights, 1: 40 * layer.weights}
+    counts = {strategy: (_layers_on(p, 0), _layers_on(p, 1)) for strategy in ("auto", "sequential", "balanced_low_0")
+              for p in [infer_placement(model, strategy, roomy, torch.float32)]}
+    assert counts["sequential"] == (12, 0)  # GPU 0 first, while it has room
+    # spread: an even share plus 1.25 layers of slack on all but the last GPU (accelerate's rule)
+    assert counts["auto"][0] <= 6 + 1.25 and sum(counts["auto"]) == 12
+    assert counts["balanced_low_0"][0] < counts["auto"][0] and sum(counts["balanced_low_0"]) == 12
+    tight = infer_placement(model, "auto", {0: 5 * layer.weights, 1: 5 * layer.weights, "cpu": 4 * layer.weights},
+                            torch.float32)
+    order = [0, 1, "cpu", "disk"]
+    devices = [tight.unit_devices[f"model.layers.{i}"] for i in range(12)]
+    assert devices == sorted(devices, key=order.index) and {"cpu", "disk"} <= set(devices)  # in order, never back
+    assert _layers_on(tight, 0) < _layers_on(tight, 1)  # GPU 0 keeps room for two streamed layers
+
+
+def test_llama4_auto_keeps_routed_experts_on_the_host_when_only_they_do_not_fit(two_gpus):
+    from herd.parallel.device_map import infer_placement, sized_units
+
+    config = herd.Llama4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=256, intermediate_size_mlp=128,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   num_local_experts=16, num_experts_per_tok=1)
+    model = _meta_model(herd.Llama4ForCausalLM, config)
+    sized = sized_units(model, torch.float32)
+    without_experts = sum(s.weights - s.expert_bytes for s in sized)
+    experts = max(s.expert_bytes for s in sized)
+    # CPU memory for two layers' experts and room for the largest still to come (as accelerate keeps)
+    placement = infer_placement(model, "auto", {0: without_experts + 2 * experts, "cpu": 3.5 * experts}, torch.float32)
+    assert set(placement.unit_devices.values()) == {0}
+    assert placement.inner == {f"model.layers.{i}.feed_forward.experts": "cpu" if i < 2 else "disk" for i in range(4)}
+    assert placement.hf_device_map == {**dict.fromkeys(placement.unit_devices, 0), **placement.inner}
+    # when one whole layer on the host streams less than every layer's routed experts, whole layers go
+    nearly = sum(s.weights + s.kv for s in sized) - sized[1].weights // 2
+    assert not infer_placement(model, "auto", {0: nearly + 3 * sized[1].weights, "cpu": 10 * experts},
+                               torch.float32).inner

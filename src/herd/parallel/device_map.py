@@ -253,7 +253,7 @@ def capacities(max_memory: dict | None) -> dict[Device, float]:
         device = normalize_device(key, f"the max_memory key {key!r}")
         check_gpus({f"max_memory[{key!r}]": device})
         if device != "disk":
-            found[device] = float(parse_size(size))
+            found[device] = float(size if isinstance(size, (int, float)) else parse_size(size))
     return dict(sorted(found.items(), key=lambda item: (not isinstance(item[0], int), str(item[0]))))
 
 
@@ -343,8 +343,8 @@ def _gpu_limits(strategy: str, gpus: list[int], budgets: dict[Device, float], to
     share = total / (len(gpus) - 1 if low_zero else len(gpus)) + 1.25 * largest
     for gpu in gpus[:-1]:
         limits[gpu] = min(budgets[gpu], share) if not (low_zero and gpu == gpus[0]) else budgets[gpu]
-    if low_zero:
-        limits[gpus[0]] = min(budgets[gpus[0]], max(0.0, total - sum(limits[g] for g in gpus[1:])))
+    if low_zero:  # what the others leave, with the same slack
+        limits[gpus[0]] = min(budgets[gpus[0]], max(0.0, total - sum(limits[g] for g in gpus[1:])) + 1.25 * largest)
     return limits
 
 

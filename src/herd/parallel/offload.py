@@ -405,15 +405,17 @@ def _tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
             for leaf, tensor in slots.items() if tensor is not None]
 
 
-def _place_tensors(module: nn.Module, device: torch.device, skip: set[nn.Module], owners: dict[int, nn.Module]) -> None:
-    """Tensors of `module` (outside `skip`) not on `device` moved there: buffers built on the CPU,
-    a head tied to embeddings placed elsewhere (it gets its own copy on a GPU)."""
+def _place_tensors(module: nn.Module, device: torch.device, skip: set[nn.Module], owners: dict[int, nn.Module],
+                   unit: nn.Module) -> None:
+    """Tensors of `module` (part of `unit`, outside `skip`) not on `device` moved there: buffers
+    built on the CPU, weights of a model built elsewhere, a head tied to embeddings placed
+    elsewhere (it gets its own copy on a GPU)."""
     for owner in _modules_outside(module, skip):
         for slots, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
             for leaf, tensor in slots.items():
                 if tensor is None or tensor.device == device:
                     continue
-                if device.type == "cpu" and owners.get(id(tensor), module) is not module:
+                if device.type == "cpu" and owners.get(id(tensor), unit) is not unit:
                     continue  # tied to another unit's tensor on a GPU: read from there
                 moved = tensor.to(device)
                 slots[leaf] = nn.Parameter(moved, requires_grad=False) if is_parameter else moved
@@ -422,8 +424,6 @@ def _place_tensors(module: nn.Module, device: torch.device, skip: set[nn.Module]
 def dispatch(model: nn.Module, placement: Placement) -> OffloadState:
     """After loading a split model: every tensor where its unit keeps it, hooks that move inputs to
     where each unit computes, streaming and routed-expert offload, `model.hf_device_map`."""
-    from .device_map import _routed_experts  # noqa: F401  (the same test of what routed experts are)
-
     state = OffloadState(placement)
     gpu_present = bool(placement.gpus)
     compute = placement.compute_device
@@ -449,7 +449,7 @@ def dispatch(model: nn.Module, placement: Placement) -> OffloadState:
     for unit in found:
         device = placement.unit_devices[unit.name]
         parts = {module for name, module in inner.items() if name.startswith(unit.name + ".")}
-        _place_tensors(unit.module, torch_device(device), parts, owners)
+        _place_tensors(unit.module, torch_device(device), parts, owners, unit.module)
         computes_on = where_computed(device, unit.module)
         state.compute_devices[unit.name] = computes_on
         streamed = None
@@ -462,7 +462,7 @@ def dispatch(model: nn.Module, placement: Placement) -> OffloadState:
         _hook_unit(state, mover, unit.module, computes_on, streamed, parts, returns_to=None)
         for name, part in sorted(((n, m) for n, m in inner.items() if m in parts), key=lambda item: item[0]):
             part_device = placement.inner[name]
-            _place_tensors(part, torch_device(part_device), set(), owners)
+            _place_tensors(part, torch_device(part_device), set(), owners, unit.module)
             if part_device in HOST_DEVICES and hasattr(part, "expert_forward"):
                 offload = RoutedExpertsOffload(part, computes_on, state.selector)
                 state.experts.append(offload)
@@ -497,6 +497,15 @@ def dispatch(model: nn.Module, placement: Placement) -> OffloadState:
     model._offload = state
     model.hf_device_map = dict(placement.hf_device_map)
     return state
+
+
+def dispatch_model(model: nn.Module, device_map: dict[str, Any]) -> nn.Module:
+    """Place a model already in memory (built with random weights, or loaded on one device) by an
+    explicit device map, as from_pretrained(device_map=...) would (accelerate's dispatch_model)."""
+    from .device_map import explicit_placement
+
+    dispatch(model, explicit_placement(model, device_map))
+    return model
 
 
 def _hook_unit(state: OffloadState, mover: TensorMover, module: nn.Module, device: torch.device,
