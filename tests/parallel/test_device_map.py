@@ -329,3 +329,35 @@ def test_llama4_auto_keeps_routed_experts_on_the_host_when_only_they_do_not_fit(
     nearly = sum(s.weights + s.kv for s in sized) - sized[1].weights // 2
     assert not infer_placement(model, "auto", {0: nearly + 3 * sized[1].weights, "cpu": 10 * experts},
                                torch.float32).inner
+
+
+def test_a_map_that_overfills_a_gpu_fails_before_loading(two_gpus, monkeypatch):
+    from herd.parallel.device_map import check_fits, explicit_placement
+
+    config = herd.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4)
+    model = _meta_model(herd.LlamaForCausalLM, config)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 80_000))
+    placement = explicit_placement(model, {"": 0, "model.layers.3": 1})
+    with pytest.raises(torch.OutOfMemoryError, match=r"puts 0\.00 GB of weights on cuda:0, which has 0\.00 GB free: "
+                                                     r"move layers.*does not fit"):
+        check_fits(model, placement, config, None, torch.float32)
+
+
+def test_generate_refuses_a_kv_cache_the_gpu_cannot_hold(two_gpus, monkeypatch):
+    from herd.memory_plan import layer_kv_bytes
+    from herd.parallel.device_map import explicit_placement
+
+    config = herd.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2)
+    model = _meta_model(herd.LlamaForCausalLM, config)
+    placement = explicit_placement(model, {"": 0, "model.layers.3": "cpu"})
+    state = offload.OffloadState(placement, compute_devices={u.name: torch.device("cuda", 0) for u in units(model)})
+    model._offload = state
+    per_position = sum(layer_kv_bytes(config, torch.float32, 1))  # every layer computes on GPU 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * per_position, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    offload.before_generate(model, 1, 100, 30)  # fits exactly
+    with pytest.raises(torch.OutOfMemoryError, match="KV cache of 4 layers .* try max_new_tokens=70"):
+        offload.before_generate(model, 1, 101, 30)
