@@ -466,9 +466,10 @@ def dispatch(model: nn.Module, placement: Placement) -> OffloadState:
             if part_device in HOST_DEVICES and hasattr(part, "expert_forward"):
                 offload = RoutedExpertsOffload(part, computes_on, state.selector)
                 state.experts.append(offload)
-                top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", 1)
-                state.routed_bytes += sum(t.numel() * t.element_size() for _, _, t in _tensors(part)) \
-                    * min(1.0, top_k / part.num_experts)
+                if computes_on.type == "cuda":  # (on a machine without GPU they simply compute on the CPU)
+                    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", 1)
+                    state.routed_bytes += sum(t.numel() * t.element_size() for _, _, t in _tensors(part)) \
+                        * min(1.0, top_k / part.num_experts)
                 continue
             part_computes = where_computed(part_device, part)
             part_streamed = None
