@@ -266,7 +266,8 @@ class WeightStreamer:
         Mllama cross-attention layer without an image) out, the next module's copy started."""
         self.ensure(streamed)
         for other in list(self.active):
-            if other is not streamed:
+            # (a unit whose part placed apart runs now is still computing: it keeps its weights)
+            if other is not streamed and not streamed.name.startswith(other.name + "."):
                 self.end(other)
         for other in list(self.copied):
             if other is not self.next_after(streamed):
