@@ -208,8 +208,12 @@ class StreamedModule:
             slots[leaf] = nn.Parameter(tensor, requires_grad=False) if is_parameter else tensor
 
     def swap_out(self) -> None:
+        from ..quantization import QuantizedLinear
+
         for owner, leaf, is_parameter, host in self.owned:
             (owner._parameters if is_parameter else owner._buffers)[leaf] = host
+            if isinstance(owner, QuantizedLinear):  # its kernels' layouts of the GPU copy would keep it alive
+                owner._kernel_weight = owner._packed = None
         self.on_device = None
 
 
