@@ -361,3 +361,15 @@ def test_generate_refuses_a_kv_cache_the_gpu_cannot_hold(two_gpus, monkeypatch):
     offload.before_generate(model, 1, 100, 30)  # fits exactly
     with pytest.raises(torch.OutOfMemoryError, match="KV cache of 4 layers .* try max_new_tokens=70"):
         offload.before_generate(model, 1, 101, 30)
+
+
+def test_a_gguf_file_on_disk_needs_the_offload_folder(monkeypatch):
+    from herd import loading
+    from scripts.make_smollm2_checkpoint import GGUF
+
+    if not GGUF.is_file():
+        pytest.skip(f"{GGUF} is not there")
+    monkeypatch.setattr(loading, "load_checkpoint", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="GGUF file are converted.*offload_folder=PATH"):
+        herd.AutoModelForCausalLM.from_pretrained(GGUF, device_map={"": "cpu", "model.layers.3": "disk"},
+                                                  progress=False)
