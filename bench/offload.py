@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from herd.bench import build_model  # noqa: E402
-from herd.parallel import offload  # noqa: E402
+from herd.bench import build_model
+from herd.parallel import offload
 
 
 def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -49,7 +49,7 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> flo
 
 def decode_tokens_per_second(model, prompt_length: int, new_tokens: int) -> float:
     ids = torch.randint(3, model.config.get_text_config().vocab_size, (1, prompt_length), device="cuda")
-    settings = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    settings = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     model.generate(ids, max_new_tokens=2, **settings)  # warm-up (and the experts' selector)
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -346,7 +346,7 @@ class PreTrainedModel(nn.Module):
             apply_quantization(model, quantization, torch_dtype)
             convert = tensor_converter(model, torch_dtype)
         module_keys = set(model.state_dict().keys())
-        rename = lambda key: model._checkpoint_key_to_module_key(key, module_keys)  # noqa: E731
+        rename = lambda key: model._checkpoint_key_to_module_key(key, module_keys)
         placement, one_device = _split_placement(model, device_map, max_memory, torch_dtype, config, quantization, files,
                                                  rename, gguf_file, offload_folder)
         if placement is None:

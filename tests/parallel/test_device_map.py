@@ -32,7 +32,7 @@ def assert_same_run(model, one_device, **inputs):
     the same operations on the same device)."""
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, one_device(**inputs).logits)
-    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(**inputs, **settings), one_device.generate(**inputs, **settings))
 
 

@@ -25,7 +25,7 @@ def _same_tokens(model, on_gpu, atol: float = 1e-5, **inputs) -> None:
     with torch.no_grad():
         got, expected = model(**inputs).logits, on_gpu(**inputs).logits
     assert got.device == expected.device and (got - expected).abs().max().item() <= atol
-    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(**inputs, **settings), on_gpu.generate(**inputs, **settings))
 
 

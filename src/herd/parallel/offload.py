@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .device_map import HOST_DEVICES, Placement, lookup, torch_device, units
+from .device_map import HOST_DEVICES, Placement, torch_device, units
 
 logger = logging.getLogger("herd")
 
@@ -102,7 +102,7 @@ def check_offload_folder(placement: Placement, files: list, rename: Callable[[st
             if not isinstance(path, Path):
                 continue
             with _open(path) as reader:
-                for key in reader.keys():
+                for key in reader.keys():  # noqa: SIM118 (a safetensors reader, not a dict)
                     name = rename(key)
                     if name is None or placement.device_of(name) != "disk":
                         continue
