@@ -57,8 +57,10 @@ def test_device_map_on_cpu(tmp_path, device_map):
 
 
 def test_device_map_errors():
-    with pytest.raises(NotImplementedError, match="several devices"):
-        resolve_device({"model.layers.0": "cpu", "lm_head": "cuda:0"})
+    # a split map resolves to where its offloaded parts compute (the parallel/ tests cover the rest)
+    assert resolve_device({"model.layers.0": "cpu", "lm_head": "disk"}) == torch.device("cpu")
+    with pytest.raises(ValueError, match="is not a device"):
+        resolve_device({"model.layers.0": "cpu", "lm_head": "gpu0"})
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             resolve_device("cuda")

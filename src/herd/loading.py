@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -135,6 +136,17 @@ class LoadReport:
             )
 
 
+class Placer(Protocol):
+    """Where each tensor of a model split by a device map goes (parallel/offload.py's DevicePlacer)."""
+
+    def device_for(self, name: str) -> torch.device:
+        """The device `name` is converted on and assigned from (the CPU for a tensor kept on disk)."""
+
+    def finish(self, name: str, tensor: torch.Tensor, mapped: bool) -> torch.Tensor:
+        """The tensor to assign, once converted: a disk tensor stays memory-mapped (`mapped`: it is
+        still the view of the checkpoint file) or is written to the offload folder."""
+
+
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -154,14 +166,16 @@ def load_checkpoint(
     device: torch.device,
     progress: bool = True,
     convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
+    place: Placer | None = None,
 ) -> LoadReport:
     """Fill `model` (built on the meta device) from safetensors `files`.
 
     `rename` maps a checkpoint key to a module key, or to None for keys to skip on purpose.
     `convert` (quantized models, quantization.tensor_converter) turns one renamed tensor of a
     quantized module, already on its device, into the tensors to assign (a float weight into its
-    quantized data and scales), in their final dtypes; None for tensors it leaves to the loader. Returns what did not fit; the caller decides which of it
-    is an error.
+    quantized data and scales), in their final dtypes; None for tensors it leaves to the loader.
+    `place` (a model split by a device map) chooses each tensor's device instead of `device`.
+    Returns what did not fit; the caller decides which of it is an error.
     """
     expected = dict(model.state_dict(keep_vars=True))
     report = LoadReport()
@@ -172,14 +186,16 @@ def load_checkpoint(
             total += len(reader.keys())
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
         for path in files:
-            # One shard open at a time: its mapped pages are released before the next.
-            with _open(path, device=str(device)) as reader:
-                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert)
+            # One shard open at a time: its mapped pages are released before the next (unless a
+            # tensor kept on disk still maps them). A split model reads on the CPU, then places.
+            with _open(path, device="cpu" if place is not None else str(device)) as reader:
+                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place)
     report.missing = [name for name in expected if name not in loaded]
     return report
 
 
-def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert) -> None:
+def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place) -> None:
+    mapped_file = isinstance(path, Path) and path.suffix == ".safetensors"  # its tensors are views of the file
     for key in reader.keys():
         bar.update(1)
         name = rename(key)
@@ -197,7 +213,8 @@ def _load_shard(reader, path, model, expected, rename, dtype, device, report, lo
             tensor = reader.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as error:
             raise CheckpointError(f"cannot read tensor {key} from {path}: {error}; the file may be truncated") from None
-        pieces = convert(name, tensor.to(device=device)) if convert is not None else None
+        target = place.device_for(name) if place is not None else device
+        pieces = convert(name, tensor.to(device=target)) if convert is not None else None
         owned = pieces is not None  # the converter chose the dtypes
         pieces = pieces if owned else {name: tensor}
         for piece_name, piece in pieces.items():
@@ -209,9 +226,11 @@ def _load_shard(reader, path, model, expected, rename, dtype, device, report, lo
                                           tuple(expected[piece_name].shape), tuple(piece.shape)))
                 continue
             if piece.is_floating_point() and not owned:
-                piece = piece.to(device=device, dtype=dtype)
+                piece = piece.to(device=target, dtype=dtype)
             else:
-                piece = piece.to(device=device)
+                piece = piece.to(device=target)
+            if place is not None:
+                piece = place.finish(piece_name, piece, mapped=mapped_file and piece is tensor)
             _assign(model, piece_name, piece)
             loaded.add(piece_name)
 

@@ -167,7 +167,12 @@ def _head_dim(text) -> int:
 
 
 def kv_cache_bytes(config, dtype: torch.dtype, positions: int, batch_size: int = 1) -> int:
-    """Keys + values of every layer for `positions` tokens per row: a full-attention layer holds
+    """Keys + values of every layer for `positions` tokens per row (layer_kv_bytes, summed)."""
+    return sum(layer_kv_bytes(config, dtype, positions, batch_size))
+
+
+def layer_kv_bytes(config, dtype: torch.dtype, positions: int, batch_size: int = 1) -> list[int]:
+    """Keys + values of each text layer for `positions` tokens per row: a full-attention layer holds
     them all, a Llama 4 chunked-attention layer at most attention_chunk_size, an Mllama
     cross-attention layer the image tokens of one image (never max_position_embeddings)."""
     from .bench import image_tokens_per_row
@@ -178,7 +183,7 @@ def kv_cache_bytes(config, dtype: torch.dtype, positions: int, batch_size: int =
     chunk = getattr(text, "attention_chunk_size", None)
     cross = set(getattr(text, "cross_attention_layers", None) or [])
     image_tokens = image_tokens_per_row(config)
-    total = 0
+    sizes = []
     for index, kind in enumerate(layer_types):
         if index in cross:
             held = image_tokens
@@ -186,8 +191,8 @@ def kv_cache_bytes(config, dtype: torch.dtype, positions: int, batch_size: int =
             held = min(positions, chunk)
         else:
             held = positions
-        total += one_token * held
-    return total
+        sizes.append(one_token * held)
+    return sizes
 
 
 def activation_bytes(config, dtype: torch.dtype, prompt_tokens: int, batch_size: int = 1) -> int:

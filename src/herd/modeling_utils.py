@@ -25,29 +25,37 @@ from .layers.norm import RMSNorm
 logger = logging.getLogger("herd")
 
 # from_pretrained arguments of the reference that herd accepts and has no use for.
-_IGNORED_LOAD_KWARGS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init", "use_flash_attention_2", "key_mapping")
-_UNSUPPORTED_LOAD_KWARGS = ("load_in_8bit", "load_in_4bit", "tp_plan", "offload_folder")
+_IGNORED_LOAD_KWARGS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init", "use_flash_attention_2", "key_mapping",
+                        "offload_buffers")
+_UNSUPPORTED_LOAD_KWARGS = ("load_in_8bit", "load_in_4bit", "tp_plan")
 # Keys some older checkpoints carry that are derived from the config, never loaded.
 _DERIVED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
 def resolve_device(device_map: Any) -> torch.device:
-    """device_map: None / "cpu" / "cuda" / "cuda:1" / "auto" / int / torch.device / {"": device}."""
+    """device_map: None / "cpu" / "cuda" / "cuda:1" / "auto" / int / torch.device / {"": device}. A
+    map that splits the model (parallel/device_map.py) resolves to where its offloaded parts compute."""
     if device_map is None:
         return torch.device("cpu")
     if isinstance(device_map, dict):
-        devices = set(device_map.values())
-        if len(devices) != 1:
-            raise NotImplementedError(
-                "device_map splitting a model across several devices is not supported yet; "
-                "pass one device (e.g. 'cuda' or 'auto')"
-            )
+        from .parallel.device_map import Placement, normalize_device
+
+        devices = {normalize_device(value, f"device_map[{key!r}]") for key, value in device_map.items()}
+        if len(devices) != 1 or devices == {"disk"}:
+            return Placement({key: normalize_device(value, key) for key, value in device_map.items()}).compute_device
         return resolve_device(devices.pop())
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
-    if device_map in ("auto", "balanced", "sequential"):
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_map)
+    if device_map == "disk":
+        return torch.device("cpu")
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not a strategy or a device: use 'auto', 'balanced', "
+                         "'balanced_low_0', 'sequential', a device ('cuda:0', 'cpu', 0) or a dict of module path -> "
+                         "device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device_map={device_map!r} asks for CUDA, but torch sees no CUDA device")
     return device
@@ -291,6 +299,7 @@ class PreTrainedModel(nn.Module):
             device_map = kwargs.pop("device")
         hub_kwargs = pop_hub_kwargs(kwargs)
         asked_quantization = kwargs.pop("quantization_config", None)
+        max_memory, offload_folder = kwargs.pop("max_memory", None), kwargs.pop("offload_folder", None)
         from .quantization.gguf import gguf_path, open_gguf
 
         gguf_file = gguf_path(pretrained_model_name_or_path, kwargs.pop("gguf_file", None))
@@ -336,24 +345,34 @@ class PreTrainedModel(nn.Module):
 
             apply_quantization(model, quantization, torch_dtype)
             convert = tensor_converter(model, torch_dtype)
-        _check_weights_fit(model, config, quantization, torch_dtype, device)
         module_keys = set(model.state_dict().keys())
+        rename = lambda key: model._checkpoint_key_to_module_key(key, module_keys)
+        placement, one_device = _split_placement(model, device_map, max_memory, torch_dtype, config, quantization, files,
+                                                 rename, gguf_file, offload_folder)
+        if placement is None:
+            device = one_device or device
+            _check_weights_fit(model, config, quantization, torch_dtype, device)
         report = loading.load_checkpoint(
             model,
             files,
-            rename=lambda key: model._checkpoint_key_to_module_key(key, module_keys),
+            rename=rename,
             dtype=torch_dtype,
             device=device,
             progress=progress,
             convert=convert,
+            place=_placer(placement, offload_folder),
         )
         tied = model._tied_names()
         report.missing = [name for name in report.missing if name not in tied]
-        model._initialise_missing_heads(report, device, torch_dtype)
+        model._initialise_missing_heads(report, device if placement is None else torch.device("cpu"), torch_dtype)
         report.raise_if_any(str(gguf_file or folder), cls.__name__)
         model.tie_weights()
+        if placement is not None:  # each part where the map puts it, with the hooks that run it there
+            from .parallel.offload import dispatch
+
+            dispatch(model, placement)
         # Buffers derived from the config (rotary frequencies) were built on the CPU in float32.
-        for module in model.modules():
+        for module in model.modules() if placement is None else ():
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.device != device:
                     module._buffers[name] = buffer.to(device)
@@ -415,6 +434,42 @@ class PreTrainedModel(nn.Module):
         if generation_config is not None:
             generation_config.save_pretrained(folder)
         loading.save_checkpoint(state_dict, folder, max_shard_size)
+
+
+def _split_placement(model, device_map, max_memory, dtype, config, quantization, files, rename, gguf_file,
+                     offload_folder):
+    """(Placement of a device_map that splits the model or offloads part of it, or None; the one
+    device of a strategy whose map holds the whole model, or None). A Placement is checked against
+    each device's memory, and for an offload folder where disk weights are converted."""
+    from .parallel import device_map as placing
+
+    if max_memory is not None and not (isinstance(device_map, str) and device_map in placing.STRATEGIES):
+        raise ValueError("max_memory applies to device_map='auto', 'balanced', 'balanced_low_0' or 'sequential'")
+    placement = placing.resolve_placement(model, device_map, max_memory, dtype)
+    if placement is None:
+        return None, None
+    if not placement.is_split:
+        return None, placement.single_device
+    from .parallel.offload import check_offload_folder
+
+    if gguf_file is not None:
+        converts = "the weights of a GGUF file are converted"
+    elif quantization is not None:
+        converts = None if quantization.prequantized else "the weights are quantized while loading"
+    else:
+        converts = None
+    if quantization is None or converts is not None:
+        check_offload_folder(placement, files, rename, dtype, converts, offload_folder)
+    placing.check_fits(model, placement, config, quantization, dtype)
+    return placement, None
+
+
+def _placer(placement, offload_folder):
+    if placement is None:
+        return None
+    from .parallel.offload import DevicePlacer
+
+    return DevicePlacer(placement, offload_folder)
 
 
 def _check_weights_fit(model: nn.Module, config: PretrainedConfig, quantization, dtype: torch.dtype,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
+from ..parallel.device_map import split_reason
 from .graphs import CapturedStep, cache_bucket, compile_units, compiled_once, greedy_tail
 from .kv import ContiguousKV, DecodeKV, PrefillCache, RingKV
 from .plans import CHUNKED, FULL, DecodePlan, plan_for
@@ -72,6 +73,9 @@ def why_not_fast(model, config, *, past_key_values, extra_outputs: bool) -> str 
         return "disable_compile=True"
     if os.environ.get("HERD_DISABLE_FAST_PATH"):
         return "HERD_DISABLE_FAST_PATH is set"
+    split = split_reason(model)
+    if split is not None:
+        return split
     if model.device.type not in FAST_DEVICES:
         return f"the model is on {model.device.type}"
     if plan_for(model) is None:

@@ -23,6 +23,7 @@ from torch import nn
 from ..cache import Cache
 from ..decoding.decoders import PlainDecoder, choose_decoder
 from ..modeling_outputs import ModelOutput
+from ..parallel.offload import before_generate
 from .configuration import GenerationConfig
 from .logits_process import apply_processors, build_logits_processors, classifier_free_guidance
 from .stopping import StopChecks, StopStrings, ends_with_eos
@@ -184,6 +185,7 @@ class GenerationMixin:
         # stop_checks: every per-token rule besides eos, or None (then greedy may run in blocks)
         stop_checks = StopChecks(stop_strings, stopping_criteria) if stop_strings or stopping_criteria else None
         max_length = self._check_lengths(config, input_ids.shape[1])
+        before_generate(self, input_ids.shape[0] * max(config.num_beams, 1), max_length, input_ids.shape[1])
         # Classifier-free guidance runs first, as in transformers: the others see its log-probabilities.
         guidance = []
         if config.guidance_scale is not None and config.guidance_scale != 1:
