@@ -191,3 +191,24 @@ def test_flex_decode_steps_across_chunk_boundaries_give_the_reference_tokens(tmp
     kwargs = dict(attention_mask=mask, max_new_tokens=19, do_sample=False, pad_token_id=0, eos_token_id=None)
     expected = reference.generate(ids, **kwargs)
     assert torch.equal(ours.generate(ids, cache_implementation=cache_implementation, **kwargs), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_prefill_chunk_after_a_cache_uses_the_lower_right_causal_bias_on_cuda(monkeypatch):
+    """sdpa over 2048 queries after 6000 cached keys: no mask tensor, the boolean path's output."""
+    from herd.layers import attention as attention_module
+
+    torch.manual_seed(0)
+    past, new, heads, kv_heads, dim = 6000, 2048, 8, 2, 128
+    query = torch.randn(1, heads, new, dim, device="cuda", dtype=torch.bfloat16)
+    key, value = (torch.randn(1, kv_heads, past + new, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = build_attention_mask(None, batch_size=1, query_length=new, past_length=past, kv_length=past + new)
+    assert mask.is_causal_after_cache
+    built = []
+    real_rows = AttentionMask.rows
+    monkeypatch.setattr(AttentionMask, "rows", lambda self, *a: built.append(1) or real_rows(self, *a))
+    fast, _ = attention("sdpa", query, key, value, mask, dim**-0.5)
+    assert not built
+    monkeypatch.setattr(attention_module, "uses_lower_right_causal", lambda mask, device: False)
+    blocked, _ = attention("sdpa", query, key, value, mask, dim**-0.5)
+    assert built and (fast.float() - blocked.float()).abs().max() < 2e-2

@@ -85,6 +85,21 @@ class AttentionMask:
             and (self.query_offset == 0 or self.query_length == 1)
         )
 
+    @property
+    def is_causal_after_cache(self) -> bool:
+        """Queries that continue a cache, causal, with nothing else to hide (a prefill chunk of an
+        unpadded prompt on a full-attention layer): sdpa's lower-right causal bias expresses it."""
+        return (
+            self.causal
+            and self.padding_mask is None
+            and self.sequence_ids is None
+            and self.custom is None
+            and self.chunk_size is None
+            and self.kv_offset == 0
+            and self.query_offset + self.query_length == self.kv_length
+            and self.query_length > 1
+        )
+
     def _batch_fields(self) -> list[torch.Tensor]:
         return [t for t in (self.padding_mask, self.sequence_ids, self.left_padding if self.chunk_size else None)
                 if t is not None]
@@ -301,11 +316,22 @@ def eager_attention(query, key, value, mask: AttentionMask, scaling: float, drop
     return output.transpose(1, 2).contiguous(), weights
 
 
+def uses_lower_right_causal(mask: AttentionMask, device: torch.device) -> bool:
+    """Whether sdpa gets torch's lower-right causal bias: on CUDA only, where its flash kernel
+    reads it without a mask tensor (elsewhere torch would materialise it whole)."""
+    return device.type == "cuda" and mask.is_causal_after_cache
+
+
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling: float, dropout: float = 0.0, training: bool = False):
     enable_gqa = query.shape[1] != key.shape[1]
     if mask.is_plain_causal:
         # One query at the end needs no mask at all; a full prefill uses the built-in causal mask.
         attn_mask, is_causal = None, mask.query_length > 1
+    elif uses_lower_right_causal(mask, query.device):
+        from torch.nn.attention.bias import causal_lower_right
+
+        # flash attention's own causal mode, aligned bottom-right: no mask tensor at all
+        attn_mask, is_causal = causal_lower_right(mask.query_length, mask.kv_length), False
     else:
         attn_mask, is_causal = mask.boolean(query.device), False
         if attn_mask.dtype != torch.bool:
@@ -375,7 +401,7 @@ def attention(
     """
     backend = eager_attention if output_attentions else _BACKENDS[implementation]
     whole = (backend is flex_attention or output_attentions or mask.query_length <= QUERY_BLOCK
-             or (backend is sdpa_attention and mask.is_plain_causal))
+             or (backend is sdpa_attention and (mask.is_plain_causal or uses_lower_right_causal(mask, query.device))))
     if whole:
         return backend(query, key, value, mask, scaling, dropout, training)
     outputs = []
