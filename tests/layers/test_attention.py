@@ -146,6 +146,36 @@ def test_a_long_prompt_never_builds_a_whole_mask(long_llama4, monkeypatch, attn)
     assert max_abs_diff(got[real], expected[real]) < 1e-4
 
 
+def test_unpadded_chunked_blocks_stay_inside_one_chunk_and_are_plain_causal(long_llama4, monkeypatch):
+    """Without padding, a chunked layer's query blocks end at chunk boundaries and each is causal
+    attention over its own chunk's keys (what sdpa's lower-right causal bias runs on CUDA without
+    a mask tensor); the logits are transformers'."""
+    from herd.layers import attention as attention_module
+    from tests.conftest import max_abs_diff
+
+    reference, folder, ids, _ = long_llama4
+    ids = ids[:1]  # the 300-token row: no padding
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 64)
+    blocks = []
+    real_query_block = AttentionMask.query_block
+
+    def spy(self, start, end):
+        block, key_start, key_end = real_query_block(self, start, end)
+        if self.chunk_size:
+            blocks.append((block.query_offset, block.query_length, block.kv_offset, block.kv_length, block))
+        return block, key_start, key_end
+
+    monkeypatch.setattr(AttentionMask, "query_block", spy)
+    got = _logits(folder, "sdpa", ids, None)
+    assert blocks
+    for query_offset, rows, kv_offset, kv_length, block in blocks:
+        assert query_offset // 48 == (query_offset + rows - 1) // 48 and rows <= 64  # one chunk, one block at most
+        assert kv_offset == query_offset // 48 * 48 and kv_offset + kv_length == query_offset + rows  # its chunk so far
+        assert block.chunk_size is None and block.is_causal_after_cache
+    with torch.no_grad():
+        assert max_abs_diff(got, reference(ids).logits) < 1e-4
+
+
 def test_query_block_by_hand():
     """Rows 5..8 of a chunk-4 mask over a cache that dropped its first 2 positions, rows left padded by 0 and 1."""
     padding = torch.tensor([[1] * 12, [0] + [1] * 11])

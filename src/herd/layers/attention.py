@@ -87,16 +87,16 @@ class AttentionMask:
 
     @property
     def is_causal_after_cache(self) -> bool:
-        """Queries that continue a cache, causal, with nothing else to hide (a prefill chunk of an
-        unpadded prompt on a full-attention layer): sdpa's lower-right causal bias expresses it."""
+        """Queries that continue a cache, causal, with nothing else to hide, the last query at the
+        last key (a prefill chunk of an unpadded prompt on a full-attention layer, or a block of
+        one attention chunk of a chunked layer): sdpa's lower-right causal bias expresses it."""
         return (
             self.causal
             and self.padding_mask is None
             and self.sequence_ids is None
             and self.custom is None
             and self.chunk_size is None
-            and self.kv_offset == 0
-            and self.query_offset + self.query_length == self.kv_length
+            and self.query_offset + self.query_length == self.kv_offset + self.kv_length
             and self.query_length > 1
         )
 
@@ -145,22 +145,44 @@ class AttentionMask:
             self._realised["boolean"] = self.rows(device, 0, self.query_length)
         return self._realised["boolean"]
 
+    def _row_shifts(self) -> list[int]:
+        """Each row's left padding, where chunks start (one 0 when no row is padded)."""
+        if "shifts" not in self._realised:
+            shifts = self.left_padding.tolist() if self.left_padding is not None else [0]
+            self._realised["shifts"] = sorted(set(shifts))
+        return self._realised["shifts"]
+
+    def query_blocks(self, rows: int) -> list[tuple[int, int]]:
+        """Query rows [start, end) of at most `rows` each. With chunked attention and no padded row
+        a block never crosses a chunk boundary: inside one chunk the chunk rule is plain causal
+        attention from the chunk's start (see query_block)."""
+        cuts = set(range(0, self.query_length, rows))
+        if self.chunk_size is not None and self.custom is None and self._row_shifts() == [0]:
+            first_cut = -self.query_offset % self.chunk_size
+            cuts |= set(range(first_cut, self.query_length, self.chunk_size))
+        cuts = sorted(cut for cut in cuts if 0 <= cut < self.query_length) + [self.query_length]
+        return list(zip(cuts[:-1], cuts[1:]))
+
     def query_block(self, start: int, end: int) -> tuple[AttentionMask, int, int]:
         """The description of query rows [start, end) alone, with the key columns [key_start,
         key_end) that any of them can see (later keys are causally hidden; for chunked attention,
-        keys before the earliest chunk start of the block's first query are hidden too)."""
+        keys before the earliest chunk start of the block's first query are hidden too). A block
+        inside one chunk of unpadded rows becomes plain causal attention over its window (no
+        chunk_size): what sdpa's lower-right causal bias expresses without a mask tensor."""
         key_start, key_end = 0, self.kv_length
+        chunk_size = self.chunk_size
         if self.custom is None and self.causal:
             key_end = max(0, min(self.kv_length, self.query_offset + end - self.kv_offset))
-            if self.chunk_size is not None:
-                shifts = self.left_padding.tolist() if self.left_padding is not None else [0]
-                first = self.query_offset + start
-                earliest = min((first - shift) // self.chunk_size * self.chunk_size + shift for shift in shifts)
+            if chunk_size is not None:
+                first, last = self.query_offset + start, self.query_offset + end - 1
+                earliest = min((first - shift) // chunk_size * chunk_size + shift for shift in self._row_shifts())
                 key_start = min(key_end, max(0, earliest - self.kv_offset))
+                if self._row_shifts() == [0] and first // chunk_size == last // chunk_size and earliest >= self.kv_offset:
+                    chunk_size = None  # every key of the window is in the block's chunk
         custom = self.custom[..., start:end, key_start:key_end] if self.custom is not None else None
         block = replace(self, query_length=end - start, kv_length=key_end - key_start,
                         query_offset=self.query_offset + start, kv_offset=self.kv_offset + key_start, custom=custom,
-                        _realised={})
+                        chunk_size=chunk_size, _realised={})
         return block, key_start, key_end
 
     def block_mask(self, batch: int, device: torch.device):
@@ -405,8 +427,7 @@ def attention(
     if whole:
         return backend(query, key, value, mask, scaling, dropout, training)
     outputs = []
-    for start in range(0, mask.query_length, QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, mask.query_length)
+    for start, end in mask.query_blocks(QUERY_BLOCK):
         block, key_start, key_end = mask.query_block(start, end)
         output, _ = backend(query[:, :, start:end], key[:, :, key_start:key_end], value[:, :, key_start:key_end], block,
                             scaling, dropout, training)
