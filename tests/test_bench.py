@@ -262,3 +262,45 @@ def test_mllama_bench_runs_herd_and_both_transformers_modes():
     assert "20 image tokens" in text and "plain path: the model is on cpu" in text
     assert "| transformers-compiled | 1 | failed: RuntimeError: not run: transformers' StaticCache" in text
     assert "herd speed-up over the fastest reference row" in text
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
+def test_bench_at_a_long_context_on_the_cpu(capsys, monkeypatch, kv_cache_dtype):
+    """herd bench ARCH --context N: one prompt of N tokens, prefilled in chunks; time to first token,
+    decode speed at that context, and the memory plan's total for that run (peak memory on CUDA)."""
+    from herd.decoding import decoders
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(bench.ARCHITECTURES, "tiny-llama4", ("llama4", dict(
+        vocab_size=256, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, attention_chunk_size=32,
+        max_position_embeddings=128)))
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e10)
+    pieces = []
+    real_forward = decoders.forward_tokens
+    monkeypatch.setattr(decoders, "forward_tokens", lambda m, t, *a, **k: pieces.append(t.shape[1]) or real_forward(m, t, *a, **k))
+    argv = ["bench", "tiny-llama4", "--context", "300", "--prefill-chunk-size", "64", "--new-tokens", "5"]
+    if kv_cache_dtype:
+        argv += ["--kv-cache-dtype", kv_cache_dtype]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "at long context, float32" in out and "prefill chunk 64" in out and "failed" not in out
+    assert ("fp8 KV cache" in out) == bool(kv_cache_dtype)
+    assert pieces[-9:] == [64, 64, 64, 64, 44, 1, 1, 1, 1]  # the 300-token prompt in chunks, then 4 steps
+    row = next(line for line in out.splitlines() if line.startswith("| 300 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    ttft, tokens_per_s, decode_ms, decode_tokens_per_s = (float(cell) for cell in cells[1:5])
+    assert ttft > 0 and decode_ms > 0 and abs(300 / tokens_per_s - ttft) <= 6e-4  # ttft printed to the ms
+    assert abs(decode_tokens_per_s - 1e3 / decode_ms) <= 0.01 * decode_tokens_per_s + 0.1
+    config = bench.architecture_config("tiny-llama4")
+    config.max_position_embeddings = 305  # raised for the prompt (random weights)
+    from herd.memory_plan import plan_memory
+
+    plan = plan_memory(config, dtype=torch.float32, prompt_tokens=300, max_new_tokens=5, kv_cache_dtype=kv_cache_dtype,
+                       prefill_chunk_size=64)
+    assert cells[-1] == f"{plan.total / 2**30:.1f}" and cells[-2] == "-"  # no peak on the CPU
+
+
+def test_bench_context_rejects_bad_lengths(capsys):
+    assert cli.main(["bench", "llama3.2-1b", "--context", "0"]) != 0
+    assert "--context takes positive prompt lengths" in capsys.readouterr().err

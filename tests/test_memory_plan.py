@@ -76,6 +76,41 @@ def test_llama4_chunked_layers_bounded_by_the_chunk():
     assert short.kv_cache == kv_bytes([10] * 4)
 
 
+def test_fp8_kv_cache_by_hand():
+    """Full-attention layers: 1 byte per element + a float32 scale per kv head of each token, for
+    keys and values; Llama 4's chunked layers stay bf16."""
+    plan = plan_memory(tiny_llama(), prompt_tokens=10, max_new_tokens=6, batch_size=3, kv_cache_dtype="fp8")
+    assert plan.kv_cache == 2 * (2 * 3 * 16 * 2 * (8 * 1 + 4))  # layers * (k+v * batch * positions * heads * bytes)
+    config = Llama4TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              num_local_experts=2, attention_chunk_size=16, max_position_embeddings=4096)
+    fp8 = plan_memory(config, prompt_tokens=30, max_new_tokens=20, kv_cache_dtype="float8_e4m3fn")
+    assert fp8.kv_cache == kv_bytes([16, 16, 16]) + 2 * 50 * 2 * (8 + 4)
+    # what the cache allocates: StaticCache's FP8 buffers and scales for the full layer
+    from herd.cache import StaticCache
+
+    cache = StaticCache(config, max_cache_len=50, dtype="fp8")
+    cache.update(torch.zeros(1, 2, 1, 8, dtype=torch.bfloat16), torch.zeros(1, 2, 1, 8, dtype=torch.bfloat16), 3)
+    allocated = [cache.key_cache[3], cache.value_cache[3], cache.key_scales[3], cache.value_scales[3]]
+    assert sum(t.numel() * t.element_size() for t in allocated) == 2 * 50 * 2 * (8 + 4)
+
+
+def test_scout_at_a_million_tokens_on_one_h200_with_fp8_weights_and_kv_cache():
+    """The issue's goal: Scout's 48 layers, a 1M-token prompt. 12 full layers x 8 kv heads x 128:
+    bf16 keys/values are 49152 bytes a token (49 GB at 1M); FP8 with scales 24960."""
+    config = bench.architecture_config("llama4-scout-slice", 48)
+    positions = 1_000_000 + 300
+    bf16 = plan_memory(config, quantization="fp8", prompt_tokens=1_000_000, max_new_tokens=300, prefill_chunk_size=16384)
+    fp8 = plan_memory(config, quantization="fp8", prompt_tokens=1_000_000, max_new_tokens=300, prefill_chunk_size=16384,
+                      kv_cache_dtype="fp8")
+    chunked = 36 * 8192 * 2 * 8 * 128 * 2
+    assert bf16.kv_cache == 12 * positions * 2 * 8 * 128 * 2 + chunked
+    assert fp8.kv_cache == 12 * positions * 2 * 8 * (128 + 4) + chunked
+    assert not bf16.fits(141e9) and fp8.fits(141e9)
+    assert f"--kv-cache-dtype fp8 ({fp8.per_device / 1e9:.1f} GB)" in bf16.suggestion(141e9)
+    assert fp8.suggestion(141e9).startswith("fits")
+
+
 def tiny_mllama() -> MllamaConfig:
     return MllamaConfig(
         text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -149,6 +184,17 @@ def test_cli_plan_of_an_architecture(capsys):
     expected = plan_memory(bench.architecture_config("llama3.2-1b"), quantization="int4", batch_size=2, tp=2)
     assert rows["weights"] == f"{expected.weights / 1e9:.3f}"
     assert rows["per GPU (tp=2)"] == f"{expected.per_device / 1e9:.3f}"
+
+
+def test_cli_plan_with_an_fp8_kv_cache(capsys):
+    assert main(["plan", "llama4-scout-slice", "--layers", "48", "--quantization", "int4", "--kv-cache-dtype", "fp8",
+                 "--prompt-tokens", "262144", "--max-new-tokens", "300", "--prefill-chunk-size", "16384"]) == 0
+    out = capsys.readouterr().out
+    expected = plan_memory(bench.architecture_config("llama4-scout-slice", 48), quantization="int4",
+                           prompt_tokens=262144, max_new_tokens=300, kv_cache_dtype="fp8", prefill_chunk_size=16384)
+    assert "fp8 KV cache" in out
+    assert _rows(out)["KV cache"] == f"{expected.kv_cache / 1e9:.3f}"
+    assert _rows(out)["activations (estimate)"] == f"{expected.activations / 1e9:.3f}"
 
 
 @pytest.mark.parametrize("argv", [["plan", "llama3.2-1b", "--tp", "0"], ["plan", "llama3.2-1b", "--layers", "2", "--tp", "-1"]])

@@ -3,6 +3,11 @@ optionally, against a reference library on the same weights in the same process.
 
     herd bench llama3.1-8b --batch-sizes 1,16,64
     python bench/compare.py llama3.1-8b --batch-sizes 1,16,64 --compare transformers
+    herd bench llama4-scout-slice --layers 48 --quantization int4 --context 262144 --prefill-chunk-size 16384
+
+`--context N[,M]` measures one long prompt per length instead: time to first token, decode
+ms/step at that context (from the new tokens' arrival times, one generate()), and peak memory
+against the memory plan's formula (`memory_plan.plan_memory`).
 
 A named architecture is built at its real widths with random bf16 weights (no download; slices
 keep the first few layers of models too large for one GPU); a path loads that checkpoint.
@@ -448,6 +453,132 @@ def bench_model(args: argparse.Namespace, model, bandwidth: float) -> str:
     return report(args, model, bandwidth, rows, prefill_rows, notes)
 
 
+class TokenClock:
+    """A streamer that notes when each new token reaches the host (the first put is the prompt)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class ContextRow:
+    context: int
+    prefill_chunk: int | None
+    ttft_s: float | None  # None: the row failed (error says why)
+    decode_ms: float | None
+    floor_ms: float
+    peak_gib: float | None
+    plan_gib: float  # the memory plan's total (weights + KV cache + activations estimate)
+    error: str | None = None
+
+
+def context_memory_plan(args: argparse.Namespace, model, context: int):
+    """The memory plan of one --context run: the model's config, the prompt and new tokens, the
+    KV cache dtype and the prefill chunk of that run."""
+    from .memory_plan import plan_memory
+
+    return plan_memory(model.config, dtype=model.dtype, quantization=args.quantization, prompt_tokens=context,
+                       max_new_tokens=args.new_tokens, kv_cache_dtype=args.kv_cache_dtype,
+                       prefill_chunk_size=args.prefill_chunk_size)
+
+
+def measure_context(args: argparse.Namespace, model, context: int, bandwidth: float) -> ContextRow:
+    """One prompt of `context` tokens (batch 1) and `args.new_tokens` greedy tokens after it, in
+    one generate(): time to first token (the prefill, in chunks of --prefill-chunk-size), decode
+    ms per step at that context (from the arrival times of the new tokens), peak memory."""
+    device = model.device
+    weight_bytes, kv_bytes = decode_bytes(model, 1, context + args.new_tokens // 2)
+    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+    plan_gib = context_memory_plan(args, model, context).total / 2**30
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=args.prefill_chunk_size)
+    if args.kv_cache_dtype:
+        kwargs["cache_config"] = {"dtype": args.kv_cache_dtype}
+    if args.plain:
+        kwargs["disable_compile"] = True
+    # compile and capture on a short prompt first, so that the long run times the work itself
+    warm_length = min(context, 2 * (args.prefill_chunk_size or 4096))
+    with torch.no_grad():
+        model.generate(**prompt_inputs(model, 1, warm_length, seed=1), max_new_tokens=4, min_new_tokens=4, **kwargs)
+    inputs = prompt_inputs(model, 1, context, seed=context)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        clock = TokenClock()
+        _sync(device)
+        clock.start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, streamer=clock,
+                           **kwargs)
+        _sync(device)
+    except Exception as error:  # noqa: BLE001 - a context that does not fit is a failed row, not an error
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return ContextRow(context, args.prefill_chunk_size, None, None, floor_ms, None, plan_gib, error=_why(error))
+    times = clock.times
+    decode_ms = (times[-1] - times[0]) / (len(times) - 1) * 1e3
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return ContextRow(context, args.prefill_chunk_size, times[0] - clock.start, decode_ms, floor_ms, peak, plan_gib)
+
+
+def context_report(args: argparse.Namespace, model, bandwidth: float, rows: list[ContextRow]) -> str:
+    import herd
+
+    device = model.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or device.type)
+    text = model.config.get_text_config()
+    kv = f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype else ""
+    lines = [
+        f"### `{args.model}` at long context, {args.dtype}"
+        f"{f' with {args.quantization} weights' if args.quantization else ''}{kv}, batch 1, "
+        f"{args.new_tokens} new tokens, prefill chunk {args.prefill_chunk_size or 'default'}",
+        "",
+        f"- device: {device_name} ({bandwidth / 1e9:.0f} GB/s copy bandwidth measured), torch {torch.__version__}, "
+        f"herd {herd.__version__}; layers {text.num_hidden_layers}",
+        "- plan: memory_plan's weights + KV cache + activations estimate for this prompt, these new tokens, "
+        "this KV cache dtype and prefill chunk",
+        "",
+        "| context | time to first token s | prefill tokens/s | decode ms/step | decode tokens/s | floor ms | "
+        "share of floor | peak GiB | plan GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.ttft_s is None:
+            lines.append(f"| {row.context} | failed: {row.error} | - | - | - | {row.floor_ms:.2f} | - | - | "
+                         f"{row.plan_gib:.1f} |")
+            continue
+        lines.append(
+            f"| {row.context} | {row.ttft_s:.3f} | {row.context / row.ttft_s:.0f} | {row.decode_ms:.2f} | "
+            f"{1e3 / row.decode_ms:.1f} | {row.floor_ms:.2f} | {row.floor_ms / row.decode_ms:.0%} | "
+            f"{_number(row.peak_gib, '.1f')} | {row.plan_gib:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_context(args: argparse.Namespace, model, bandwidth: float) -> str:
+    """`herd bench MODEL --context N[,M]`: one long prompt per context length."""
+    if args.new_tokens is None:
+        args.new_tokens = 128 if model.device.type == "cuda" else 8
+    rows = []
+    for context in args.context:
+        row = measure_context(args, model, context, bandwidth)
+        rows.append(row)
+        print(f"  context {context}: " + (f"failed: {row.error}" if row.ttft_s is None else
+                                          f"first token {row.ttft_s:.2f} s, {row.decode_ms:.2f} ms/step"), flush=True)
+    return context_report(args, model, bandwidth, rows)
+
+
 def run_bench(args: argparse.Namespace) -> str:
     import herd
     from .quantization import config_from_name
@@ -456,11 +587,19 @@ def run_bench(args: argparse.Namespace) -> str:
     if args.dtype in (None, "auto"):
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     dtype = getattr(torch, args.dtype)
+    context = getattr(args, "context", None)
     if args.model in ARCHITECTURES:
-        model = build_model(args.model, dtype, device, args.layers, args.quantization)
+        config = architecture_config(args.model, args.layers)
+        if context:
+            # random weights: let the longest prompt fit the positions (Scout's own config says 10M)
+            text = config.get_text_config()
+            text.max_position_embeddings = max(text.max_position_embeddings, max(context) + (args.new_tokens or 128))
+        model = random_model(config, dtype, device, args.quantization)
     else:
         model = herd.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device),
                                                           quantization_config=config_from_name(args.quantization)).eval()
+    if context:
+        return bench_context(args, model, copy_bandwidth(device))
     return bench_model(args, model, copy_bandwidth(device))
 
 
@@ -588,6 +727,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights quantized while building (random) or loading: " + ", ".join(
                             f"{k} = {v}" for k, v in QUANTIZATIONS.items()))
     parser.add_argument("--plain", action="store_true", help="herd's plain path (disable_compile=True) instead of the fast path")
+    parser.add_argument("--context", type=_int_list, default=None,
+                        help="comma-separated prompt lengths: time to first token, decode speed at that context and "
+                             "peak memory against the memory plan, one prompt (batch 1) each")
+    parser.add_argument("--prefill-chunk-size", type=int, default=None,
+                        help="with --context: prefill the prompt this many tokens at a time (default 4096)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
+                        help="with --context: FP8 keys/values for the full-attention layers (plain decoder)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -597,6 +743,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.new_tokens is not None and args.new_tokens < 4:
         raise ValueError("--new-tokens must be at least 4 (decode speed is the difference of 2 and N new tokens)")
+    if getattr(args, "context", None) is not None and (not args.context or min(args.context) < 1):
+        raise ValueError("--context takes positive prompt lengths, e.g. --context 32768,122880")
+    if getattr(args, "prefill_chunk_size", None) is not None and args.prefill_chunk_size < 1:
+        raise ValueError("--prefill-chunk-size must be a positive number of tokens")
     print(run_bench(args), flush=True)
     return 0
 

@@ -13,6 +13,11 @@ of `attention_chunk_size` positions, so both kinds keep just the last `attention
 positions for them (what the reference calls a hybrid cache); full layers keep everything.
 `kv_offset` says which position the first key returned holds.
 
+FP8 keys/values: `StaticCache(..., dtype=torch.float8_e4m3fn)` (from generate():
+`cache_config={"dtype": "float8_e4m3fn"}`) stores the full-attention layers in e4m3, one byte per
+element, with a float32 scale per key/value head of each token (`fp8_quantize`); the chunked
+layers' short windows stay in the model's dtype. Attention reads them dequantized.
+
 Later kinds (Mllama's cross-attention cache, a paged cache) plug in by implementing the same
 methods.
 """
@@ -86,6 +91,38 @@ class Cache:
             for i, tensor in enumerate(store):
                 if tensor is not None:
                     store[i] = tensor[indices]
+
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+# Spellings of the FP8 KV cache's dtype: torch's name, and vLLM's kv_cache_dtype names.
+KV_CACHE_DTYPES = {"float8_e4m3fn": FP8_KV_DTYPE, "fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}
+FP8_MAX = 448.0  # the largest finite e4m3fn value
+
+
+def kv_cache_dtype(value: Any) -> torch.dtype | None:
+    """The storage dtype a `cache_config["dtype"]` names (None: the model's own)."""
+    if value is None or value == FP8_KV_DTYPE:
+        return value
+    if isinstance(value, str) and value in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[value]
+    raise ValueError(f"KV cache dtype {value!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)} "
+                     "(FP8 e4m3 keys/values with a scale per head) or leave it unset")
+
+
+def fp8_quantize(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys or values (batch, kv_heads, tokens, head_dim) -> e4m3 of the same shape and float32
+    scales (batch, kv_heads, tokens, 1): one per head of each token, its largest |value| / 448.
+
+    A scale per token (not one fixed per head at the prompt) never saturates: a left-padded row's
+    first prefill chunk may hold only padding, and later tokens may be larger than any before.
+    It costs 4 bytes per head_dim bytes (3% at head_dim 128)."""
+    states = states.float()
+    scale = (states.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (states / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE), scale
+
+
+def fp8_dequantize(stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (stored.float() * scale).to(dtype)
 
 
 def layer_windows(config: Any) -> list[int | None]:
@@ -204,7 +241,11 @@ class StaticCache(Cache):
         self.max_cache_len = int(max_cache_len)
         self.max_batch_size = max_batch_size or kwargs.pop("batch_size", None)
         self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
+        self.dtype = kv_cache_dtype(dtype) if isinstance(dtype, str) else dtype
+        # FP8 storage: the full-attention layers' scales (batch, kv_heads, max_cache_len, 1), by layer
+        self.is_fp8 = self.dtype == FP8_KV_DTYPE
+        self.key_scales: list[torch.Tensor | None] = []
+        self.value_scales: list[torch.Tensor | None] = []
         num_layers = getattr(config.get_text_config(), "num_hidden_layers", 0) if config is not None else 0
         self.key_cache: list[torch.Tensor | None] = [None] * num_layers
         self.value_cache: list[torch.Tensor | None] = [None] * num_layers
@@ -230,6 +271,12 @@ class StaticCache(Cache):
         shape = (self.max_batch_size or batch, kv_heads, self.max_cache_len)
         self.key_cache[layer_idx] = torch.zeros(*shape, key_states.shape[-1], device=device, dtype=dtype)
         self.value_cache[layer_idx] = torch.zeros(*shape, value_states.shape[-1], device=device, dtype=dtype)
+        if self.is_fp8:
+            while len(self.key_scales) <= layer_idx:
+                self.key_scales.append(None)
+                self.value_scales.append(None)
+            self.key_scales[layer_idx] = torch.zeros(*shape, 1, device=device, dtype=torch.float32)
+            self.value_scales[layer_idx] = torch.zeros(*shape, 1, device=device, dtype=torch.float32)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if self._is_windowed(layer_idx):
@@ -247,6 +294,17 @@ class StaticCache(Cache):
             )
         if cache_position is None:
             cache_position = torch.arange(start, start + new_tokens, device=keys.device)
+        if self.is_fp8:
+            cache_position = cache_position.to(keys.device)
+            for stored, scales, states in ((keys, self.key_scales[layer_idx], key_states),
+                                           (values, self.value_scales[layer_idx], value_states)):
+                quantized, scale = fp8_quantize(states)
+                stored.view(torch.uint8).index_copy_(2, cache_position, quantized.view(torch.uint8))  # (no float8 index_copy_)
+                scales.index_copy_(2, cache_position, scale)
+            self._seen[layer_idx] = start + new_tokens
+            # attention reads the whole cache dequantized, in the dtype of the new keys/values
+            return (fp8_dequantize(keys, self.key_scales[layer_idx], key_states.dtype),
+                    fp8_dequantize(values, self.value_scales[layer_idx], value_states.dtype))
         keys.index_copy_(2, cache_position.to(keys.device), key_states.to(keys.dtype))
         values.index_copy_(2, cache_position.to(values.device), value_states.to(values.dtype))
         self._seen[layer_idx] = start + new_tokens
@@ -267,6 +325,10 @@ class StaticCache(Cache):
 
     def kv_offset(self, layer_idx: int) -> int:
         return self._windowed.kv_offset(layer_idx) if self._is_windowed(layer_idx) else 0
+
+    def _tensors(self) -> list[list[torch.Tensor]]:
+        # the FP8 scales are per-row tensors too: beam reordering and row selection move them along
+        return [self.key_cache, self.value_cache, self.key_scales, self.value_scales]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -407,9 +407,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         dtype = getattr(torch, args.dtype)
     plan = plan_memory(config, dtype=dtype, quantization=args.quantization, prompt_tokens=args.prompt_tokens,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tp=args.tp)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, tp=args.tp,
+                       kv_cache_dtype=args.kv_cache_dtype, prefill_chunk_size=args.prefill_chunk_size)
     print(f"{args.model}: {str(dtype).removeprefix('torch.')}"
           + (f", {args.quantization}" if args.quantization else "")
+          + (f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype else "")
           + f", batch {args.batch_size}, {args.prompt_tokens} prompt + {args.max_new_tokens} new tokens")
     print(table(plan))
     if torch.cuda.is_available():
@@ -486,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-size", type=int, default=1)
     plan.add_argument("--layers", type=int, default=None, help="override the number of layers of a named architecture")
     plan.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (an even split)")
+    plan.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
+                      help="FP8 keys/values for the full-attention layers (generate's cache_config={'dtype': 'fp8'})")
+    plan.add_argument("--prefill-chunk-size", type=int, default=None,
+                      help="prefill this many prompt tokens at a time (activations; default 4096)")
     plan.set_defaults(handler=_cmd_plan)
     return parser
 

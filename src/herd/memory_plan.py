@@ -7,7 +7,7 @@ scales) are the ones a load would allocate; nothing is read but the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ class MemoryPlan:
     prompt_tokens: int = field(default=128, repr=False)
     max_new_tokens: int = field(default=256, repr=False)
     batch_size: int = field(default=1, repr=False)
+    kv_cache_dtype: torch.dtype | None = field(default=None, repr=False)
 
     @property
     def total(self) -> int:
@@ -63,12 +64,18 @@ class MemoryPlan:
             for name in QUANTIZATION_NAMES[start:]:
                 try:
                     other = plan_memory(self.config, dtype=self.dtype, quantization=name, prompt_tokens=self.prompt_tokens,
-                                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, tp=self.tp)
+                                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, tp=self.tp,
+                                        kv_cache_dtype=self.kv_cache_dtype)
                 except ValueError:  # a format these widths do not take (int4's group size)
                     continue
                 if other.fits(capacity_bytes):
                     options.append(f"--quantization {name} ({other.per_device / GB:.1f} GB)")
                     break
+        if self.kv_cache_dtype is None:
+            fp8_kv = replace(self, kv_cache=kv_cache_bytes(self.config, self.dtype, self.prompt_tokens + self.max_new_tokens,
+                                                           self.batch_size, "fp8"), kv_cache_dtype=torch.float8_e4m3fn)
+            if fp8_kv.fits(capacity_bytes):
+                options.append(f"--kv-cache-dtype fp8 ({fp8_kv.per_device / GB:.1f} GB)")
         for tp in (2, 4, 8):
             if tp > self.tp and _with_tp(self, tp).fits(capacity_bytes):
                 options.append(f"--tp {tp} ({_with_tp(self, tp).per_device / GB:.1f} GB per GPU)")
@@ -84,7 +91,7 @@ class MemoryPlan:
         """The largest max_new_tokens (at least 1, below the asked one) that fits, or None."""
 
         def fits(new: int) -> bool:
-            kv = kv_cache_bytes(self.config, self.dtype, self.prompt_tokens + new, self.batch_size)
+            kv = kv_cache_bytes(self.config, self.dtype, self.prompt_tokens + new, self.batch_size, self.kv_cache_dtype)
             return -(-(self.weights + kv) // self.tp) + self.activations <= capacity_bytes
 
         low, high = 1, self.max_new_tokens - 1
@@ -101,7 +108,7 @@ class MemoryPlan:
 
 def _with_tp(plan: MemoryPlan, tp: int) -> MemoryPlan:
     return MemoryPlan(plan.weights, plan.vision, plan.kv_cache, plan.activations, tp, plan.config, plan.dtype,
-                      plan.quantization, plan.prompt_tokens, plan.max_new_tokens, plan.batch_size)
+                      plan.quantization, plan.prompt_tokens, plan.max_new_tokens, plan.batch_size, plan.kv_cache_dtype)
 
 
 def _model_class(config):
@@ -166,19 +173,30 @@ def _head_dim(text) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
-def kv_cache_bytes(config, dtype: torch.dtype, positions: int, batch_size: int = 1) -> int:
+def kv_cache_bytes(config, dtype: torch.dtype, positions: int, batch_size: int = 1,
+                   kv_cache_dtype: torch.dtype | str | None = None) -> int:
     """Keys + values of every layer for `positions` tokens per row (layer_kv_bytes, summed)."""
-    return sum(layer_kv_bytes(config, dtype, positions, batch_size))
+    return sum(layer_kv_bytes(config, dtype, positions, batch_size, kv_cache_dtype))
 
 
-def layer_kv_bytes(config, dtype: torch.dtype, positions: int, batch_size: int = 1) -> list[int]:
+def layer_kv_bytes(config, dtype: torch.dtype, positions: int, batch_size: int = 1,
+                   kv_cache_dtype: torch.dtype | str | None = None) -> list[int]:
     """Keys + values of each text layer for `positions` tokens per row: a full-attention layer holds
     them all, a Llama 4 chunked-attention layer at most attention_chunk_size, an Mllama
-    cross-attention layer the image tokens of one image (never max_position_embeddings)."""
+    cross-attention layer the image tokens of one image (never max_position_embeddings).
+
+    kv_cache_dtype "float8_e4m3fn" (the FP8 KV cache, generate's cache_config): full-attention
+    layers hold one byte per element plus a float32 scale per key/value head of each token; the
+    chunked and cross-attention layers stay in `dtype`."""
     from .bench import image_tokens_per_row
+    from .cache import FP8_KV_DTYPE, kv_cache_dtype as storage_dtype
 
     text = config.get_text_config()
-    one_token = 2 * batch_size * text.num_key_value_heads * _head_dim(text) * dtype.itemsize
+    heads = 2 * batch_size * text.num_key_value_heads  # keys and values of every kv head
+    one_token = heads * _head_dim(text) * dtype.itemsize
+    full_token = one_token
+    if storage_dtype(kv_cache_dtype) == FP8_KV_DTYPE:
+        full_token = heads * (_head_dim(text) * FP8_KV_DTYPE.itemsize + torch.float32.itemsize)
     layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
     chunk = getattr(text, "attention_chunk_size", None)
     cross = set(getattr(text, "cross_attention_layers", None) or [])
@@ -186,18 +204,19 @@ def layer_kv_bytes(config, dtype: torch.dtype, positions: int, batch_size: int =
     sizes = []
     for index, kind in enumerate(layer_types):
         if index in cross:
-            held = image_tokens
+            sizes.append(one_token * image_tokens)
         elif kind == "chunked_attention" and chunk:
-            held = min(positions, chunk)
+            sizes.append(one_token * min(positions, chunk))
         else:
-            held = positions
-        sizes.append(one_token * held)
+            sizes.append(full_token * positions)
     return sizes
 
 
-def activation_bytes(config, dtype: torch.dtype, prompt_tokens: int, batch_size: int = 1) -> int:
+def activation_bytes(config, dtype: torch.dtype, prompt_tokens: int, batch_size: int = 1,
+                     prefill_chunk_size: int | None = None) -> int:
     """An estimate of the prefill's peak activations: one prefill chunk (the prompt, at most
-    decoding.decoders.PREFILL_CHUNK tokens) of every row through one layer, holding the hidden
+    `prefill_chunk_size` tokens: generate's, decoding.decoders.PREFILL_CHUNK by default on the
+    fast path) of every row through one layer, holding the hidden
     state, the MLP's gate and up outputs (2 x the widest intermediate size) and the q/k/v
     projections, in `dtype`; plus the float32 logits of the last position of each row."""
     from .decoding.decoders import PREFILL_CHUNK
@@ -206,26 +225,32 @@ def activation_bytes(config, dtype: torch.dtype, prompt_tokens: int, batch_size:
     head_dim = _head_dim(text)
     intermediate = max(getattr(text, "intermediate_size", 0) or 0, getattr(text, "intermediate_size_mlp", 0) or 0)
     qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * head_dim
-    tokens = min(prompt_tokens, PREFILL_CHUNK) * batch_size
+    tokens = min(prompt_tokens, prefill_chunk_size or PREFILL_CHUNK) * batch_size
     return tokens * (text.hidden_size + 2 * intermediate + qkv) * dtype.itemsize + batch_size * text.vocab_size * 4
 
 
 def plan_memory(config, *, dtype: torch.dtype = torch.bfloat16, quantization=None, prompt_tokens: int = 128,
-                max_new_tokens: int = 256, batch_size: int = 1, tp: int = 1) -> MemoryPlan:
+                max_new_tokens: int = 256, batch_size: int = 1, tp: int = 1,
+                kv_cache_dtype: torch.dtype | str | None = None, prefill_chunk_size: int | None = None) -> MemoryPlan:
     """The memory a generation of `batch_size` rows of `prompt_tokens` + `max_new_tokens` needs.
 
     quantization: None (the checkpoint's own, if config records one), "fp8" / "int8" / "int4"
     (as `herd bench --quantization`), or a quantization config object. tp: the number of devices
     of tensor parallelism (per_device divides the weights and the KV cache by it: the plan's
-    assumption of an even split). The activations are an estimate: see activation_bytes.
+    assumption of an even split). kv_cache_dtype: "float8_e4m3fn" (or "fp8") for the FP8 KV cache
+    (see kv_cache_bytes). The activations are an estimate for prefill chunks of
+    `prefill_chunk_size` tokens: see activation_bytes.
     """
     if tp < 1 or batch_size < 1 or prompt_tokens < 0 or max_new_tokens < 0:
         raise ValueError("tp and batch_size must be >= 1, prompt_tokens and max_new_tokens >= 0")
     weights, vision = weight_bytes(config, dtype, quantization)
-    kv = kv_cache_bytes(config, dtype, prompt_tokens + max_new_tokens, batch_size)
-    activations = activation_bytes(config, dtype, prompt_tokens, batch_size)
+    from .cache import kv_cache_dtype as storage_dtype
+
+    kv_cache_dtype = storage_dtype(kv_cache_dtype)
+    kv = kv_cache_bytes(config, dtype, prompt_tokens + max_new_tokens, batch_size, kv_cache_dtype)
+    activations = activation_bytes(config, dtype, prompt_tokens, batch_size, prefill_chunk_size)
     return MemoryPlan(weights, vision, kv, activations, tp, config, dtype, quantization, prompt_tokens,
-                      max_new_tokens, batch_size)
+                      max_new_tokens, batch_size, kv_cache_dtype)
 
 
 def table(plan: MemoryPlan) -> str:

@@ -51,3 +51,31 @@ def test_a_bad_prefill_chunk_size_is_refused(folders):
     model = cls.from_pretrained(folder, progress=False)
     with pytest.raises(ValueError, match="prefill_chunk_size must be a positive integer"):
         model.generate(torch.ones(1, 4, dtype=torch.long), prefill_chunk_size=0, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 13, 64])
+@pytest.mark.parametrize("fast", [False, True])
+def test_chunked_prefill_with_the_hybrid_cache_gives_the_reference_tokens(folders, monkeypatch, chunk, fast):
+    """cache_implementation="hybrid" (static full layers, chunked layers bounded to their window:
+    a StaticCache on the plain path, the ring on the fast path), prefill chunks smaller and larger
+    than Llama 4's attention chunk of 8, against transformers' whole-prompt tokens."""
+    from herd.cache import StaticCache
+
+    folder, reference, cls = folders["llama4"]
+    if fast:
+        monkeypatch.setattr(decoders, "FAST_DEVICES", ("cuda", "cpu"))
+    model = cls.from_pretrained(folder, progress=False)
+    ids, mask = left_padded_prompts((23, 17, 9), vocab=128, seed=chunk)
+    kwargs = dict(attention_mask=mask, max_new_tokens=11, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = reference.generate(ids, **kwargs)
+    caches = []
+    real_forward = decoders.forward_tokens
+    monkeypatch.setattr(decoders, "forward_tokens", lambda m, t, a, cache, **k: caches.append(cache) or real_forward(m, t, a, cache, **k))
+    got = model.generate(ids, prefill_chunk_size=chunk, cache_implementation="hybrid", disable_compile=not fast, **kwargs)
+    assert torch.equal(got, expected)
+    if not fast:
+        cache = caches[0]
+        assert isinstance(cache, StaticCache)
+        windowed = [layer for layer, kind in enumerate(model.config.layer_types) if kind == "chunked_attention"]
+        assert windowed and all(cache._windowed.stored_length(layer) <= 8 for layer in windowed)  # bounded
+    assert (decoders.fast_decoder(model).entry is not None) == fast

@@ -88,6 +88,8 @@ def why_not_fast(model, config, *, past_key_values, extra_outputs: bool) -> str 
         return "attentions or hidden states were asked for"
     if model.training:
         return "the model is in training mode"
+    if config.kv_cache_dtype is not None:
+        return "the FP8 KV cache (cache_config) runs on the plain decoder"
     if config.cache_implementation not in FIXED_SHAPE_CACHES:
         return f"cache_implementation={config.cache_implementation!r} asks for a cache that grows"
     text_config = model.config.get_text_config()
@@ -136,9 +138,11 @@ class PlainDecoder:
             if not isinstance(self.given_cache, Cache):
                 raise TypeError("past_key_values passed to generate() must be a herd Cache")
             self.cache = self.given_cache
-        elif self.config.cache_implementation in ("static", "hybrid"):
-            # chunked layers keep a bounded window in either (what "hybrid" asks for)
-            self.cache = StaticCache(self.model.config, max_cache_len=max_length, max_batch_size=batch)
+        elif self.config.cache_implementation in ("static", "hybrid") or self.config.kv_cache_dtype is not None:
+            # chunked layers keep a bounded window in either (what "hybrid" asks for); cache_config's
+            # dtype (FP8) is the full layers' storage
+            self.cache = StaticCache(self.model.config, max_cache_len=max_length, max_batch_size=batch,
+                                     dtype=self.config.kv_cache_dtype)
         else:
             self.cache = DynamicCache(self.model.config)
         return self.cache

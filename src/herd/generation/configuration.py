@@ -48,7 +48,7 @@ FIELDS = (
     "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
-    "disable_compile", "prefill_chunk_size", "watermarking_config",
+    "disable_compile", "prefill_chunk_size", "watermarking_config", "cache_config",
 )
 _REMOVED = "was removed from transformers 5's generate() (it lives on as a Hub custom_generate method)"
 _NOT_IMPLEMENTED = "is not implemented by herd"
@@ -219,10 +219,33 @@ class GenerationConfig:
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.cache_implementation not in (None, "dynamic", "static", "hybrid"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}")
+        self._validate_cache_config()
         # (a dict may have been set on the attribute directly)
         self.watermarking_config = as_watermarking_config(self.watermarking_config)
         if self.watermarking_config is not None:
             self.watermarking_config.validate()
+
+    def _validate_cache_config(self) -> None:
+        """cache_config={"dtype": "float8_e4m3fn"} (or "fp8"): the FP8 KV cache, a static cache."""
+        from ..cache import FP8_KV_DTYPE, kv_cache_dtype
+
+        if self.cache_config is None:
+            return
+        if not isinstance(self.cache_config, dict) or set(self.cache_config) - {"dtype"}:
+            raise ValueError(f"cache_config takes {{'dtype': 'float8_e4m3fn'}} (the FP8 KV cache), got {self.cache_config!r}")
+        dtype = kv_cache_dtype(self.cache_config.get("dtype"))
+        if dtype == FP8_KV_DTYPE:
+            self.cache_config = {**self.cache_config, "dtype": "float8_e4m3fn"}  # one spelling, JSON-writable
+            if self.cache_implementation == "dynamic":
+                raise ValueError("the FP8 KV cache is preallocated: use cache_implementation='static' or 'hybrid' "
+                                 "(or leave it unset) with cache_config={'dtype': 'float8_e4m3fn'}")
+
+    @property
+    def kv_cache_dtype(self):
+        """The KV cache's storage dtype cache_config asks for (None: the model's dtype)."""
+        from ..cache import kv_cache_dtype
+
+        return kv_cache_dtype((self.cache_config or {}).get("dtype"))
 
     def __repr__(self) -> str:
         return f"GenerationConfig {json.dumps(self.to_dict(), indent=2)}"

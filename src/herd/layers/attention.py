@@ -3,8 +3,10 @@
 A model builds one `AttentionMask` per forward: what the mask *is* (causal, which key columns
 are padding, which packed sequence each token belongs to, where the queries sit in the key
 timeline). Each backend realises it its own way, once per forward: nothing at all for a plain
-causal prefill under sdpa (`is_causal`), a boolean tensor for eager and sdpa otherwise, a block
-mask for flex attention.
+causal prefill under sdpa (`is_causal`), a boolean tensor for eager and sdpa otherwise (built for
+QUERY_BLOCK query rows at a time on long prompts, against only the keys those rows can see), a
+block mask for flex attention (built from the description tile by tile, never as a whole
+(query x key) tensor).
 
 Backends: "sdpa" (default), "eager" (plain matmul + softmax; the one that can return attention
 weights, so the other backends fall back to it for a call that asks for them) and
@@ -14,7 +16,7 @@ weights, so the other backends fall back to it for a call that asks for them) an
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -83,49 +85,175 @@ class AttentionMask:
             and (self.query_offset == 0 or self.query_length == 1)
         )
 
+    @property
+    def is_causal_after_cache(self) -> bool:
+        """Queries that continue a cache, causal, with nothing else to hide, the last query at the
+        last key (a prefill chunk of an unpadded prompt on a full-attention layer, or a block of
+        one attention chunk of a chunked layer): sdpa's lower-right causal bias expresses it."""
+        return (
+            self.causal
+            and self.padding_mask is None
+            and self.sequence_ids is None
+            and self.custom is None
+            and self.chunk_size is None
+            and self.query_offset + self.query_length == self.kv_offset + self.kv_length
+            and self.query_length > 1
+        )
+
+    def _batch_fields(self) -> list[torch.Tensor]:
+        return [t for t in (self.padding_mask, self.sequence_ids, self.left_padding if self.chunk_size else None)
+                if t is not None]
+
+    def allowed(self, batch, query_index, key_index) -> torch.Tensor:
+        """The rule at (batch row, query row of this call, key column of this call); the three
+        broadcast against each other (index tensors, or scalars inside flex attention's mask_mod)."""
+        query_position = query_index + self.query_offset
+        key_position = key_index + self.kv_offset
+        if self.causal:
+            # positions counted from each row's first real token (chunks start there)
+            shift = self.left_padding[batch] if self.chunk_size is not None and self.left_padding is not None else 0
+            allowed = visible(query_position - shift, key_position - shift, self.chunk_size)
+        else:
+            allowed = (query_position >= 0) & (key_position >= 0)  # all True, in the broadcast shape
+        if self.padding_mask is not None:
+            allowed = allowed & self.padding_mask[batch, key_position]
+        if self.sequence_ids is not None:
+            allowed = allowed & (self.sequence_ids[batch, query_position] == self.sequence_ids[batch, key_position])
+        return allowed
+
+    def _on(self, device: torch.device) -> AttentionMask:
+        """This description with its tensors on `device`."""
+        moved = {name: getattr(self, name).to(device) for name in ("padding_mask", "sequence_ids", "left_padding")
+                 if getattr(self, name) is not None}
+        return replace(self, _realised={}, **moved) if moved else self
+
+    def rows(self, device: torch.device, start: int, end: int) -> torch.Tensor:
+        """(batch or 1, 1, end - start, kv_length): query rows [start, end) of the boolean mask
+        (or of the custom mask), True where attention is allowed. Only these rows are built."""
+        if self.custom is not None:
+            return self.custom[..., start:end, :]
+        on_device = self._on(device)
+        rows = on_device._batch_fields()
+        batch = torch.arange(rows[0].shape[0] if rows else 1, device=device)[:, None, None, None]
+        query_index = torch.arange(start, end, device=device)[None, None, :, None]
+        key_index = torch.arange(self.kv_length, device=device)[None, None, None, :]
+        return on_device.allowed(batch, query_index, key_index)
+
     def boolean(self, device: torch.device) -> torch.Tensor | None:
         """(batch or 1, 1, query_length, kv_length), True where attention is allowed."""
-        if self.custom is not None:
-            return self.custom
         if "boolean" not in self._realised:
-            query_position = torch.arange(self.query_length, device=device) + self.query_offset  # (q,)
-            key_position = torch.arange(self.kv_length, device=device) + self.kv_offset  # (kv,)
-            if self.causal:
-                # Positions counted from each row's first real token: (batch or 1, 1, q, 1) and (.., 1, kv)
-                shift = torch.zeros(1, dtype=torch.long, device=device)
-                if self.chunk_size is not None and self.left_padding is not None:
-                    shift = self.left_padding.to(device)
-                query_position = (query_position[None, :] - shift[:, None])[:, None, :, None]
-                key_position = (key_position[None, :] - shift[:, None])[:, None, None, :]
-                allowed = visible(query_position, key_position, self.chunk_size)
-            else:
-                allowed = torch.ones(1, 1, self.query_length, self.kv_length, dtype=torch.bool, device=device)
-            if self.padding_mask is not None:
-                columns = self.padding_mask[:, self.kv_offset : self.kv_offset + self.kv_length]
-                allowed = allowed & columns[:, None, None, :].to(device)
-            if self.sequence_ids is not None:
-                same = self.sequence_ids[:, :, None] == self.sequence_ids[:, None, :]  # (batch, q, kv) with q == kv
-                allowed = allowed & same[:, None].to(device)
-            self._realised["boolean"] = allowed
+            self._realised["boolean"] = self.rows(device, 0, self.query_length)
         return self._realised["boolean"]
 
+    def _row_shifts(self) -> list[int]:
+        """Each row's left padding, where chunks start (one 0 when no row is padded)."""
+        if "shifts" not in self._realised:
+            shifts = self.left_padding.tolist() if self.left_padding is not None else [0]
+            self._realised["shifts"] = sorted(set(shifts))
+        return self._realised["shifts"]
+
+    def query_blocks(self, rows: int) -> list[tuple[int, int]]:
+        """Query rows [start, end) of at most `rows` each. With chunked attention and no padded row
+        a block never crosses a chunk boundary: inside one chunk the chunk rule is plain causal
+        attention from the chunk's start (see query_block)."""
+        cuts = set(range(0, self.query_length, rows))
+        if self.chunk_size is not None and self.custom is None and self._row_shifts() == [0]:
+            first_cut = -self.query_offset % self.chunk_size
+            cuts |= set(range(first_cut, self.query_length, self.chunk_size))
+        cuts = sorted(cut for cut in cuts if 0 <= cut < self.query_length) + [self.query_length]
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    def query_block(self, start: int, end: int) -> tuple[AttentionMask, int, int]:
+        """The description of query rows [start, end) alone, with the key columns [key_start,
+        key_end) that any of them can see (later keys are causally hidden; for chunked attention,
+        keys before the earliest chunk start of the block's first query are hidden too). A block
+        inside one chunk of unpadded rows becomes plain causal attention over its window (no
+        chunk_size): what sdpa's lower-right causal bias expresses without a mask tensor."""
+        key_start, key_end = 0, self.kv_length
+        chunk_size = self.chunk_size
+        if self.custom is None and self.causal:
+            key_end = max(0, min(self.kv_length, self.query_offset + end - self.kv_offset))
+            if chunk_size is not None:
+                first, last = self.query_offset + start, self.query_offset + end - 1
+                earliest = min((first - shift) // chunk_size * chunk_size + shift for shift in self._row_shifts())
+                key_start = min(key_end, max(0, earliest - self.kv_offset))
+                if self._row_shifts() == [0] and first // chunk_size == last // chunk_size and earliest >= self.kv_offset:
+                    chunk_size = None  # every key of the window is in the block's chunk
+        custom = self.custom[..., start:end, key_start:key_end] if self.custom is not None else None
+        block = replace(self, query_length=end - start, kv_length=key_end - key_start,
+                        query_offset=self.query_offset + start, kv_offset=self.kv_offset + key_start, custom=custom,
+                        chunk_size=chunk_size, _realised={})
+        return block, key_start, key_end
+
     def block_mask(self, batch: int, device: torch.device):
-        """The flex-attention BlockMask for the same pattern."""
+        """The flex-attention BlockMask for the same pattern, built from the description (see
+        flex_block_mask): no (query_length x kv_length) tensor."""
         if "block" not in self._realised:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            dense = self.boolean(device)
-            if dense.dtype != torch.bool:
-                raise ValueError("flex_attention takes boolean masks only; pass a boolean 4D attention_mask")
-            dense = dense.expand(batch, 1, self.query_length, self.kv_length)
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return dense[b, 0, q_idx, kv_idx]
-
-            self._realised["block"] = create_block_mask(
-                mask_mod, batch, None, self.query_length, self.kv_length, device=device
-            )
+            self._realised["block"] = flex_block_mask(self, batch, device)
         return self._realised["block"]
+
+
+FLEX_BLOCK = 128  # flex attention's tile (torch's default sparse block size)
+# Rows of the mask built at a time when sorting tiles into empty / partial / full (elements per band).
+FLEX_BAND_ELEMENTS = 1 << 24
+
+
+def flex_block_mask(mask: AttentionMask, batch: int, device: torch.device):
+    """A BlockMask for `mask`: which FLEX_BLOCK x FLEX_BLOCK tiles are empty, partial or full,
+    found a band of query rows at a time (at most FLEX_BAND_ELEMENTS mask elements per row of the
+    batch exist at once), and a mask_mod that evaluates the description inside partial tiles.
+
+    torch's create_block_mask would evaluate mask_mod over the whole (query x key) grid when not
+    compiled; this never does.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if mask.custom is not None and mask.custom.dtype != torch.bool:
+        raise ValueError("flex_attention takes boolean masks only; pass a boolean 4D attention_mask")
+    query_length, kv_length = mask.query_length, mask.kv_length
+    query_blocks, kv_blocks = -(-query_length // FLEX_BLOCK), -(-kv_length // FLEX_BLOCK)
+    band_blocks = max(1, FLEX_BAND_ELEMENTS // (kv_blocks * FLEX_BLOCK * FLEX_BLOCK))
+    partial, full = [], []
+    for first_block in range(0, query_blocks, band_blocks):
+        start = first_block * FLEX_BLOCK
+        end = min(query_length, start + band_blocks * FLEX_BLOCK)
+        band = mask.rows(device, start, end).to(device).expand(batch, 1, end - start, kv_length)
+        # out-of-range rows and columns pad with False: a tile that holds them is never full
+        padded_rows = -(-(end - start) // FLEX_BLOCK) * FLEX_BLOCK
+        band = nn.functional.pad(band, (0, kv_blocks * FLEX_BLOCK - kv_length, 0, padded_rows - (end - start)))
+        tiles = band.view(batch, 1, padded_rows // FLEX_BLOCK, FLEX_BLOCK, kv_blocks, FLEX_BLOCK)
+        any_allowed, all_allowed = tiles.any(dim=5).any(dim=3), tiles.all(dim=5).all(dim=3)  # (batch, 1, tiles, kv tiles)
+        partial.append(any_allowed & ~all_allowed)
+        full.append(all_allowed)
+    partial_counts, partial_indices = _ordered_tiles(torch.cat(partial, dim=2))
+    full_counts, full_indices = _ordered_tiles(torch.cat(full, dim=2))
+    return BlockMask.from_kv_blocks(partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=_mask_mod(mask, device), seq_lengths=(query_length, kv_length))
+
+
+def _ordered_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, heads, query tiles, kv tiles) bool -> the count of True per row and their column
+    indices first (BlockMask's layout)."""
+    counts = tiles.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort(tiles.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts.contiguous(), indices.contiguous()
+
+
+def _mask_mod(mask: AttentionMask, device: torch.device):
+    """flex attention's mask_mod: the description at one (batch, head, query, key) point."""
+    on_device = mask._on(device)
+    custom = mask.custom.to(device) if mask.custom is not None else None
+    last_query, last_key = mask.query_length - 1, mask.kv_length - 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        # indices past the ends (the last tile's padding) are masked by the kernel; clamp them so
+        # that no lookup reads out of bounds
+        q_idx, kv_idx = q_idx.clamp(max=last_query), kv_idx.clamp(max=last_key)
+        if custom is not None:
+            return custom[b if custom.shape[0] > 1 else 0, h if custom.shape[1] > 1 else 0, q_idx, kv_idx]
+        return on_device.allowed(b, q_idx, kv_idx)
+
+    return mask_mod
 
 
 def build_attention_mask(
@@ -210,11 +338,22 @@ def eager_attention(query, key, value, mask: AttentionMask, scaling: float, drop
     return output.transpose(1, 2).contiguous(), weights
 
 
+def uses_lower_right_causal(mask: AttentionMask, device: torch.device) -> bool:
+    """Whether sdpa gets torch's lower-right causal bias: on CUDA only, where its flash kernel
+    reads it without a mask tensor (elsewhere torch would materialise it whole)."""
+    return device.type == "cuda" and mask.is_causal_after_cache
+
+
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling: float, dropout: float = 0.0, training: bool = False):
     enable_gqa = query.shape[1] != key.shape[1]
     if mask.is_plain_causal:
         # One query at the end needs no mask at all; a full prefill uses the built-in causal mask.
         attn_mask, is_causal = None, mask.query_length > 1
+    elif uses_lower_right_causal(mask, query.device):
+        from torch.nn.attention.bias import causal_lower_right
+
+        # flash attention's own causal mode, aligned bottom-right: no mask tensor at all
+        attn_mask, is_causal = causal_lower_right(mask.query_length, mask.kv_length), False
     else:
         attn_mask, is_causal = mask.boolean(query.device), False
         if attn_mask.dtype != torch.bool:
@@ -258,6 +397,11 @@ def flex_attention(query, key, value, mask: AttentionMask, scaling: float, dropo
 _BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex_attention": flex_attention}
 
 
+# Query rows per attention call when a mask must be realised as a tensor (eager; sdpa with
+# padding, chunks or a cache): the mask, and eager's scores, never exceed this many rows.
+QUERY_BLOCK = 1024
+
+
 def attention(
     implementation: str,
     query: torch.Tensor,
@@ -270,6 +414,22 @@ def attention(
     training: bool = False,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run one attention call; returns (batch, q, heads, dim) and the weights when asked."""
+    """Run one attention call; returns (batch, q, heads, dim) and the weights when asked.
+
+    Long queries under eager, or under sdpa with a mask sdpa cannot express by itself, run
+    QUERY_BLOCK rows at a time, each block against only the keys it can see: the realised mask
+    is (rows, keys seen) per block, never (query_length x kv_length). Flex attention takes the
+    description whole (a block mask); attention weights, when asked, are whole by definition.
+    """
     backend = eager_attention if output_attentions else _BACKENDS[implementation]
-    return backend(query, key, value, mask, scaling, dropout, training)
+    whole = (backend is flex_attention or output_attentions or mask.query_length <= QUERY_BLOCK
+             or (backend is sdpa_attention and (mask.is_plain_causal or uses_lower_right_causal(mask, query.device))))
+    if whole:
+        return backend(query, key, value, mask, scaling, dropout, training)
+    outputs = []
+    for start, end in mask.query_blocks(QUERY_BLOCK):
+        block, key_start, key_end = mask.query_block(start, end)
+        output, _ = backend(query[:, :, start:end], key[:, :, key_start:key_end], value[:, :, key_start:key_end], block,
+                            scaling, dropout, training)
+        outputs.append(output)  # (batch, rows, heads, dim)
+    return torch.cat(outputs, dim=1), None

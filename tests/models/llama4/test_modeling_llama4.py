@@ -246,3 +246,61 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path):
     ids = torch.randint(3, 128, (1, 17))
     with torch.no_grad():
         assert max_abs_diff(back(ids).logits, reference(ids).logits) == 0
+
+
+def test_temperature_tuning_past_32k_tokens_by_hand():
+    """Scout's floor_scale 8192 and attn_scale 0.1: 1 + 0.1 * ln(1 + floor((p + 1) / 8192))."""
+    import math
+
+    from herd.models.llama4.modeling_llama4 import Llama4TextAttention
+
+    config = herd.Llama4TextConfig(**{**TINY, "floor_scale": 8192, "attn_scale": 0.1})
+    attention = Llama4TextAttention(config, layer_idx=3)
+    assert attention.uses_temperature_tuning  # the NoPE layer
+    expected = {0: 1.0, 8190: 1.0, 8191: 1 + 0.1 * math.log(2), 32766: 1 + 0.1 * math.log(4),
+                32767: 1 + 0.1 * math.log(5), 40000: 1 + 0.1 * math.log(5), 131071: 1 + 0.1 * math.log(17),
+                1_000_000: 1 + 0.1 * math.log(123), 10_000_000: 1 + 0.1 * math.log(1221)}
+    got = attention.temperature(torch.tensor(list(expected)))
+    assert torch.allclose(got, torch.tensor(list(expected.values())), rtol=0, atol=1e-6)
+    assert torch.equal(attention._temperature(40000, 3, torch.device("cpu")), attention.temperature(torch.arange(40000, 40003)))
+
+
+class _FarCache:
+    """A cache that says it has seen `seen` positions and keeps nothing: attention at positions
+    past 32k without 32k tokens (the NoPE layer's temperature reads only the cache's length)."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seen
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return key_states, value_states
+
+
+def test_nope_layer_at_positions_past_32k_matches_reference():
+    import transformers
+    from transformers.models.llama4.modeling_llama4 import Llama4TextAttention as Reference
+
+    from herd.layers.attention import AttentionMask
+    from herd.models.llama4.modeling_llama4 import Llama4TextAttention
+
+    fields = {**TINY, "floor_scale": 8192, "attn_scale": 0.1}
+    reference_config = transformers.Llama4TextConfig(**fields)
+    reference_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = Reference(reference_config, layer_idx=3).eval()
+    ours = Llama4TextAttention(herd.Llama4TextConfig(**fields), layer_idx=3).eval()
+    ours.config._attn_implementation = "sdpa"
+    ours.load_state_dict(reference.state_dict())
+    hidden = torch.randn(2, 5, 32)
+    outputs = {}
+    for seen in (0, 40000, 1_000_000):
+        with torch.no_grad():
+            expected, _ = reference(hidden, None, None, past_key_values=_FarCache(seen))
+            got, _ = ours(hidden, None, AttentionMask(5, 5, query_offset=0), past_key_values=_FarCache(seen))
+        assert max_abs_diff(got, expected) < 1e-5
+        outputs[seen] = got
+    assert max_abs_diff(outputs[40000], outputs[0]) > 1e-3  # the temperature does change the output there
+    assert max_abs_diff(outputs[1_000_000], outputs[40000]) > 1e-3

@@ -95,7 +95,7 @@ def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.
         query, key = l2_norm(query, attn.eps), l2_norm(key, attn.eps)
     if attn.uses_temperature_tuning:
         # positions count from the cache's start (padding included), as in the reference
-        scale = torch.log1p(torch.floor((cache_position.float() + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
+        scale = attn.temperature(cache_position)
         query = (query * scale).to(query.dtype)
     kv.keys[:, :, kv.slot] = key[:, :, None].to(kv.keys.dtype)
     kv.values[:, :, kv.slot] = value[:, :, None].to(kv.values.dtype)

@@ -147,10 +147,15 @@ class Llama4TextAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    def temperature(self, positions: torch.Tensor) -> torch.Tensor:
+        """The query scale at these positions (any shape), float32:
+        1 + attn_scale * log(1 + floor((position + 1) / floor_scale)). 1 until floor_scale - 1,
+        then a step up every floor_scale positions (Scout: 8192, attn_scale 0.1)."""
+        return torch.log1p(torch.floor((positions.float() + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
+
     def _temperature(self, past_length: int, seq: int, device: torch.device) -> torch.Tensor:
-        """(seq,) query scale: 1 + attn_scale * log(1 + floor((position + 1) / floor_scale))."""
-        positions = torch.arange(seq, device=device, dtype=torch.float32) + past_length
-        return torch.log1p(torch.floor((positions + 1.0) / self.config.floor_scale)) * self.config.attn_scale + 1.0
+        """(seq,) query scale of this call's tokens, at cache positions past_length onwards."""
+        return self.temperature(torch.arange(seq, device=device) + past_length)
 
     def forward(self, hidden_states, freqs, mask: AttentionMask, past_key_values=None, cache_position=None,
                 output_attentions=False):

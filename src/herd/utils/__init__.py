@@ -1,0 +1,1 @@
+"""Tools around the models that transformers keeps under `transformers.utils` (same import paths)."""
