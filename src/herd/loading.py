@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -154,14 +155,17 @@ def load_checkpoint(
     device: torch.device,
     progress: bool = True,
     convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
+    shard: Callable[[str, Any], torch.Tensor | None] | None = None,
 ) -> LoadReport:
     """Fill `model` (built on the meta device) from safetensors `files`.
 
     `rename` maps a checkpoint key to a module key, or to None for keys to skip on purpose.
     `convert` (quantized models, quantization.tensor_converter) turns one renamed tensor of a
     quantized module, already on its device, into the tensors to assign (a float weight into its
-    quantized data and scales), in their final dtypes; None for tensors it leaves to the loader. Returns what did not fit; the caller decides which of it
-    is an error.
+    quantized data and scales), in their final dtypes; None for tensors it leaves to the loader.
+    `shard` (tensor parallel, parallel/tensor_parallel.py) gets a module key and the tensor's
+    safetensors slice and returns this rank's part of it, reading only that part (None: read the
+    whole tensor). Returns what did not fit; the caller decides which of it is an error.
     """
     expected = dict(model.state_dict(keep_vars=True))
     report = LoadReport()
@@ -174,12 +178,12 @@ def load_checkpoint(
         for path in files:
             # One shard open at a time: its mapped pages are released before the next.
             with _open(path, device=str(device)) as reader:
-                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert)
+                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, shard)
     report.missing = [name for name in expected if name not in loaded]
     return report
 
 
-def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert) -> None:
+def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, shard=None) -> None:
     for key in reader.keys():
         bar.update(1)
         name = rename(key)
@@ -188,13 +192,17 @@ def _load_shard(reader, path, model, expected, rename, dtype, device, report, lo
         if name not in expected:
             report.unexpected.append(key)
             continue
-        found = tuple(reader.get_slice(key).get_shape())
+        try:
+            part = shard(name, reader.get_slice(key)) if shard is not None else None
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise CheckpointError(f"cannot read tensor {key} from {path}: {error}; the file may be truncated") from None
+        found = tuple(part.shape) if part is not None else tuple(reader.get_slice(key).get_shape())
         wanted = tuple(expected[name].shape)
         if found != wanted and (convert is None or not getattr(convert, "owns", lambda _: False)(name)):
             report.mismatched.append((key, wanted, found))
             continue
         try:
-            tensor = reader.get_tensor(key)
+            tensor = part if part is not None else reader.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as error:
             raise CheckpointError(f"cannot read tensor {key} from {path}: {error}; the file may be truncated") from None
         pieces = convert(name, tensor.to(device=device)) if convert is not None else None

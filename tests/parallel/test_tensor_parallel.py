@@ -1,0 +1,197 @@
+"""Tensor parallel (parallel/tensor_parallel.py) against one process, on CPUs with gloo.
+
+One torchrun launch of 2 ranks runs every case (_tp_worker.py): tiny Llama (vocabulary not a
+multiple of 2, biases, tied embeddings), Llama 4 (MoE and dense layers, chunked attention with a
+prompt longer than a chunk), Mllama's text model (cross-attention layers fed image states) and
+an int8 Llama. Each rank's logits must be within 1e-5 of one process's (float32), its greedy
+tokens (plain and fast decoder) equal to one process's, its sampled tokens equal to the other
+rank's (each rank seeds differently), and its split weights 1/2 of the whole. A launch of 3
+ranks on 4 heads must be refused, naming the heads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import herd
+from herd.parallel import plans
+from herd.parallel.tensor_parallel import Split, check_sizes
+from tests.conftest import left_padded_prompts, max_abs_diff, reference_llama
+
+WORKER = Path(__file__).with_name("_tp_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+TOL = 1e-5
+NEW_TOKENS = 6
+
+
+def _llama4_reference():
+    from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+    # dense and MoE layers alternate, top-2 routing, chunks of 8 positions, a NoPE layer (the 4th)
+    return reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, attention_chunk_size=8)
+
+
+def _mllama_reference():
+    from tests.models.mllama.test_modeling_mllama import _reference
+
+    return _reference()
+
+
+def _cases(root: Path) -> list[dict]:
+    ids, mask = left_padded_prompts((9, 5))
+    # vocabulary 125: the last rank's rows are padded; biases: added once after the all-reduce
+    llama = reference_llama(vocab_size=125, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+    llama.save_pretrained(root / "llama")
+    # int8 weights: sizes whose linears dequantize on the CPU in one process and on each rank
+    # (torch's int8 kernel takes multiples of 16 rows and rounds through bf16)
+    reference_llama(hidden_size=24, intermediate_size=40, head_dim=6).save_pretrained(root / "llama-int8")
+    _llama4_reference().save_pretrained(root / "llama4")
+    _mllama_reference().save_pretrained(root / "mllama")
+    long_ids, long_mask = left_padded_prompts((13, 11))  # longer than a chunk of 8
+    image_states = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))  # (batch, image tokens, hidden)
+    int8 = {"quantization_config": herd.TorchAoConfig("int8_weight_only")}
+    return [
+        dict(name="llama", cls="LlamaForCausalLM", folder=root / "llama", ids=ids.clamp(max=124), mask=mask),
+        dict(name="llama-int8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=int8),
+        dict(name="llama4", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask),
+        dict(name="mllama", cls="MllamaForCausalLM", folder=root / "mllama", ids=ids, mask=mask,
+             forward={"cross_attention_states": image_states}),
+    ]
+
+
+def _one_process(case: dict) -> dict:
+    model = getattr(herd, case["cls"]).from_pretrained(case["folder"], progress=False, **case.get("load", {}))
+    with torch.no_grad():
+        logits = model(input_ids=case["ids"], attention_mask=case["mask"], **case.get("forward", {})).logits
+    tokens = model.generate(case["ids"], attention_mask=case["mask"], max_new_tokens=NEW_TOKENS, do_sample=False,
+                            pad_token_id=0, eos_token_id=None, disable_compile=True)
+    return {"logits": logits, "tokens": tokens, "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
+
+
+def _launch(ranks: int, cases: list[dict], folder: Path) -> list[dict]:
+    """torchrun with `ranks` gloo processes over the cases; each rank's results."""
+    worker_cases = [dict(name=c["name"], **{"class": c["cls"]}, folder=str(c["folder"]), ids=c["ids"], mask=c["mask"],
+                         load=c.get("load", {}), forward=c.get("forward", {}), new_tokens=NEW_TOKENS) for c in cases]
+    cases_path = folder / f"cases-{ranks}.pt"
+    torch.save(worker_cases, cases_path)
+    out = folder / f"out-{ranks}"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                          str(WORKER), str(cases_path), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-12000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    cases = _cases(root)
+    expected = {case["name"]: _one_process(case) for case in cases}
+    return expected, _launch(2, cases, root)
+
+
+CASES = ["llama", "llama-int8", "llama4", "mllama"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_one_process(runs, name):
+    expected, ranks = runs
+    for rank in ranks:
+        assert rank[name]["tp_size"] == 2
+        assert max_abs_diff(rank[name]["logits"], expected[name]["logits"]) < TOL
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_tokens_match_one_process_on_both_decoders(runs, name):
+    expected, ranks = runs
+    for rank in ranks:
+        assert torch.equal(rank[name]["plain"], expected[name]["tokens"])
+        assert torch.equal(rank[name]["fast"], expected[name]["tokens"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_sampled_tokens_agree_across_ranks(runs, name):
+    _, ranks = runs
+    assert torch.equal(ranks[0][name]["sampled"], ranks[1][name]["sampled"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_each_rank_holds_half_of_the_split_weights(runs, name):
+    expected, ranks = runs
+    whole = expected[name]["shapes"]
+    for rank in ranks:
+        held = rank[name]["shapes"]
+        assert held.keys() == whole.keys()
+        split = [key for key in whole if held[key] != whole[key]]
+        for key in split:  # one dimension halved (a vocabulary rounded up)
+            (dim,) = [d for d, (a, b) in enumerate(zip(held[key], whole[key])) if a != b]
+            assert held[key][dim] == -(-whole[key][dim] // 2), key
+        split_layers = {key.rsplit(".", 1)[0] for key in split}
+        assert any("q_proj" in key for key in split_layers) and any("embed_tokens" in key for key in split_layers)
+        assert any(("down_proj" in key or "experts" in key) for key in split_layers)
+        size = lambda shapes: sum(torch.Size(s).numel() for s in shapes.values())  # noqa: E731
+        assert size(held) < 0.6 * size(whole)
+
+
+def test_llama4_experts_split_along_their_intermediate_size(runs):
+    expected, ranks = runs
+    whole, held = expected["llama4"]["shapes"], ranks[0]["llama4"]["shapes"]
+    key = "model.layers.1.feed_forward.experts"
+    experts, hidden, double_inter = whole[f"{key}.gate_up_proj"]
+    assert held[f"{key}.gate_up_proj"] == (experts, hidden, double_inter // 2)
+    assert held[f"{key}.down_proj"] == (experts, double_inter // 4, hidden)
+    assert held["model.layers.1.feed_forward.router.weight"] == whole["model.layers.1.feed_forward.router.weight"]
+
+
+def test_three_ranks_on_four_heads_are_refused(tmp_path):
+    reference_llama(num_key_value_heads=4).save_pretrained(tmp_path / "llama")
+    ids, mask = left_padded_prompts((3,))
+    [result, *_] = _launch(3, [dict(name="llama", cls="LlamaForCausalLM", folder=tmp_path / "llama", ids=ids, mask=mask)],
+                           tmp_path)
+    assert "tp_size=3 does not divide num_attention_heads=4" in result["llama"]["error"]
+
+
+# --- in one process: the pieces ------------------------------------------------------------------
+
+
+def test_split_takes_each_block_of_packed_columns():
+    gate_up = torch.arange(2 * 8).reshape(1, 2, 8)  # (experts, hidden, gate 4 | up 4)
+    split = Split(2, 8, blocks=2)
+    assert split.take(gate_up, 1, 2).tolist() == [[[2, 3, 6, 7], [10, 11, 14, 15]]]
+
+
+def test_vocabulary_split_pads_the_last_rank():
+    rows = torch.arange(5)[:, None].float()
+    split = Split(0, 5, padded=True)
+    assert split.take(rows, 1, 2).flatten().tolist() == [3.0, 4.0, 0.0]
+
+
+def test_sizes_that_do_not_divide_are_named():
+    config = herd.LlamaConfig(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, intermediate_size=128)
+    check_sizes(config, 2)
+    with pytest.raises(ValueError, match=r"tp_size=4 does not divide num_key_value_heads=2 .* \[1, 2\]"):
+        check_sizes(config, 4)
+
+
+def test_every_family_has_a_plan():
+    for cls in (herd.LlamaForCausalLM, herd.Llama4ForCausalLM, herd.MllamaForCausalLM):
+        with torch.device("meta"):
+            model = cls(cls.config_class())
+        plan = plans.plan_for(model)
+        assert plan["lm_head"] == "vocab_gather" and plan["model.layers.*.self_attn.q_proj"] == "colwise"
+
+
+def test_tp_plan_without_torchrun_says_how_to_start(tiny_llama_folder, monkeypatch):
+    folder, _ = tiny_llama_folder
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2"):
+        herd.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", progress=False)
