@@ -26,9 +26,11 @@ def run_case(case: dict, rank: int) -> dict:
                                                              **case.get("load", {}))
     except ValueError as error:
         return {"error": str(error)}
-    ids, mask = case["ids"], case["mask"]
+    device = model.device  # cuda:LOCAL_RANK under NCCL
+    ids, mask = case["ids"].to(device), case["mask"].to(device)
+    forward = {name: value.to(device) for name, value in case.get("forward", {}).items()}
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, **case.get("forward", {})).logits
+        logits = model(input_ids=ids, attention_mask=mask, **forward).logits.cpu()
     greedy = dict(attention_mask=mask, max_new_tokens=case["new_tokens"], do_sample=False, pad_token_id=0,
                   eos_token_id=None)
     plain = model.generate(ids, disable_compile=True, **greedy)
@@ -40,7 +42,7 @@ def run_case(case: dict, rank: int) -> dict:
     torch.manual_seed(1000 + rank)  # each rank its own draws: rank 0's must win
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0,
                              eos_token_id=None, disable_compile=True)
-    return {"logits": logits, "plain": plain, "fast": fast, "sampled": sampled,
+    return {"logits": logits, "plain": plain.cpu(), "fast": fast.cpu(), "sampled": sampled.cpu(),
             "shapes": {name: tuple(t.shape) for name, t in model.state_dict().items()},
             "tp_size": model.tp_size}
 

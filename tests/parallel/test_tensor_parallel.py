@@ -65,25 +65,32 @@ def _cases(root: Path) -> list[dict]:
     ]
 
 
-def _one_process(case: dict) -> dict:
-    model = getattr(herd, case["cls"]).from_pretrained(case["folder"], progress=False, **case.get("load", {}))
+def _one_process(case: dict, device: str = "cpu") -> dict:
+    """Logits, greedy tokens (the plain decoder on the CPU; on a GPU the fast one, compiled and
+    captured) and the shapes of one process's model."""
+    model = getattr(herd, case["cls"]).from_pretrained(case["folder"], progress=False, device_map=device,
+                                                       **case.get("load", {}))
+    ids, mask = case["ids"].to(device), case["mask"].to(device)
+    forward = {name: value.to(device) for name, value in case.get("forward", {}).items()}
     with torch.no_grad():
-        logits = model(input_ids=case["ids"], attention_mask=case["mask"], **case.get("forward", {})).logits
-    tokens = model.generate(case["ids"], attention_mask=case["mask"], max_new_tokens=NEW_TOKENS, do_sample=False,
-                            pad_token_id=0, eos_token_id=None, disable_compile=True)
+        logits = model(input_ids=ids, attention_mask=mask, **forward).logits.cpu()
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                            eos_token_id=None, disable_compile=device == "cpu").cpu()
     return {"logits": logits, "tokens": tokens, "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
 
 
-def _launch(ranks: int, cases: list[dict], folder: Path) -> list[dict]:
-    """torchrun with `ranks` gloo processes over the cases; each rank's results."""
+def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> list[dict]:
+    """torchrun with `ranks` processes over the cases (gloo on CPUs; NCCL, one GPU each, when
+    `cuda`); each rank's results."""
     worker_cases = [dict(name=c["name"], **{"class": c["cls"]}, folder=str(c["folder"]), ids=c["ids"], mask=c["mask"],
                          load=c.get("load", {}), forward=c.get("forward", {}), new_tokens=NEW_TOKENS) for c in cases]
     cases_path = folder / f"cases-{ranks}.pt"
     torch.save(worker_cases, cases_path)
     out = folder / f"out-{ranks}"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                           str(WORKER), str(cases_path), str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-12000:]
@@ -159,6 +166,21 @@ def test_three_ranks_on_four_heads_are_refused(tmp_path):
     assert "tp_size=3 does not divide num_attention_heads=4" in result["llama"]["error"]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fast_path_on_two_gpus_gives_the_one_gpu_tokens(tmp_path):
+    """NCCL, one GPU per rank: the fast decoder (compiled, captured with its all-reduces inside the
+    graph) gives one GPU's greedy tokens, float32."""
+    cases = [case for case in _cases(tmp_path) if case["name"] in ("llama", "llama4")]
+    expected = {case["name"]: _one_process(case, "cuda:0") for case in cases}
+    ranks = _launch(2, cases, tmp_path, cuda=True)
+    for rank in ranks:
+        for name, one_gpu in expected.items():
+            assert torch.equal(rank[name]["fast"], one_gpu["tokens"]), name
+            assert torch.equal(rank[name]["plain"], one_gpu["tokens"]), name
+            assert max_abs_diff(rank[name]["logits"], one_gpu["logits"]) < 1e-4, name
+        assert torch.equal(rank["llama"]["sampled"], ranks[0]["llama"]["sampled"])
+
+
 # --- in one process: the pieces ------------------------------------------------------------------
 
 
@@ -195,3 +217,56 @@ def test_tp_plan_without_torchrun_says_how_to_start(tiny_llama_folder, monkeypat
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2"):
         herd.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", progress=False)
+
+
+def test_loading_reads_only_the_ranks_slice_of_split_tensors(tiny_llama_folder, monkeypatch):
+    """Rank 1 of 2, in this process (no collective runs while loading): split tensors come through
+    their safetensors slices, never read whole, and hold the rank's rows or columns."""
+    from types import SimpleNamespace
+
+    from herd import loading
+    from herd.parallel.tensor_parallel import TensorParallel
+
+    folder, reference = tiny_llama_folder
+    config = herd.LlamaConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = herd.LlamaForCausalLM(config)
+    parallel = TensorParallel(group=SimpleNamespace(group_name="unused"), rank=1, size=2, device=torch.device("cpu"))
+    shard, _ = parallel.split_model(model, "auto", None)
+    read_whole = []
+    opened = loading._open
+
+    def recording_open(*args, **kwargs):
+        reader = opened(*args, **kwargs)
+        get_tensor = reader.get_tensor
+
+        class Recording:
+            def __enter__(self):
+                reader.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return reader.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(reader, name)
+
+            def get_tensor(self, key):
+                read_whole.append(key)
+                return get_tensor(key)
+
+        return Recording()
+
+    monkeypatch.setattr(loading, "_open", recording_open)
+    module_keys = set(model.state_dict())
+    report = loading.load_checkpoint(model, loading.find_checkpoint_files(folder), progress=False, shard=shard,
+                                     rename=lambda key: model._checkpoint_key_to_module_key(key, module_keys),
+                                     dtype=torch.float32, device=torch.device("cpu"))
+    assert not report.missing and not report.unexpected and not report.mismatched
+    assert read_whole and not set(read_whole) & set(parallel.splits)
+    whole = reference.state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(model.get_parameter(q), whole[q][16:])  # the second half of the heads
+    assert torch.equal(model.get_parameter(down), whole[down][:, 32:])  # the second half of the inputs
+    assert model.model.layers[0].self_attn.num_heads == 2 and model.model.layers[0].self_attn.num_key_value_heads == 1
