@@ -158,12 +158,33 @@ def test_llama4_experts_split_along_their_intermediate_size(runs):
     assert held["model.layers.1.feed_forward.router.weight"] == whole["model.layers.1.feed_forward.router.weight"]
 
 
+def _load_on_rank(rank: int, size: int, port: int, folder: Path, out: Path) -> None:
+    """A forked rank (torchrun's environment set by hand): load with tp_plan, write what happened."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        herd.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", progress=False)
+        (out / f"rank{rank}").write_text("loaded")
+    except ValueError as error:
+        (out / f"rank{rank}").write_text(str(error))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_three_ranks_on_four_heads_are_refused(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
     reference_llama(num_key_value_heads=4).save_pretrained(tmp_path / "llama")
-    ids, mask = left_padded_prompts((3,))
-    [result, *_] = _launch(3, [dict(name="llama", cls="LlamaForCausalLM", folder=tmp_path / "llama", ids=ids, mask=mask)],
-                           tmp_path)
-    assert "tp_size=3 does not divide num_attention_heads=4" in result["llama"]["error"]
+    with socket.socket() as probe:  # a free loopback port for the group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # forked from this process (torch and herd already imported): the refusal comes before any work
+    mp.start_processes(_load_on_rank, args=(3, port, tmp_path / "llama", tmp_path), nprocs=3, start_method="fork")
+    for rank in range(3):
+        message = (tmp_path / f"rank{rank}").read_text()
+        assert message.startswith("tp_size=3 does not divide num_attention_heads=4"), message
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
