@@ -4,7 +4,7 @@
 For each case of CASES (a torch.save'd list), the model loads with tp_plan="auto" (this process
 joins the group from torchrun's environment, as a user's script does) and records its logits,
 greedy tokens on the plain and the fast decoder (uncompiled on the CPU), sampled tokens drawn
-with a different seed on each rank, and the shapes it holds; or the error message the load
+with a different seed on each rank (cases that ask), and the shapes it holds; or the error message the load
 raised. Written to OUT/rank{RANK}.pt for the test to compare with one process.
 """
 
@@ -39,10 +39,12 @@ def run_case(case: dict, rank: int) -> dict:
         fast = model.generate(ids, **greedy)
     finally:
         decoders.FAST_DEVICES = ("cuda",)
-    torch.manual_seed(1000 + rank)  # each rank its own draws: rank 0's must win
-    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0,
-                             eos_token_id=None, disable_compile=True)
-    return {"logits": logits, "plain": plain.cpu(), "fast": fast.cpu(), "sampled": sampled.cpu(),
+    sampled = None
+    if case["sample"]:
+        torch.manual_seed(1000 + rank)  # each rank its own draws: rank 0's must win
+        sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0,
+                                 eos_token_id=None, disable_compile=True).cpu()
+    return {"logits": logits, "plain": plain.cpu(), "fast": fast.cpu(), "sampled": sampled,
             "shapes": {name: tuple(t.shape) for name, t in model.state_dict().items()},
             "tp_size": model.tp_size}
 

@@ -83,7 +83,8 @@ def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> 
     """torchrun with `ranks` processes over the cases (gloo on CPUs; NCCL, one GPU each, when
     `cuda`); each rank's results."""
     worker_cases = [dict(name=c["name"], **{"class": c["cls"]}, folder=str(c["folder"]), ids=c["ids"], mask=c["mask"],
-                         load=c.get("load", {}), forward=c.get("forward", {}), new_tokens=NEW_TOKENS) for c in cases]
+                         load=c.get("load", {}), forward=c.get("forward", {}), new_tokens=NEW_TOKENS,
+                         sample=c["name"] == "llama") for c in cases]
     cases_path = folder / f"cases-{ranks}.pt"
     torch.save(worker_cases, cases_path)
     out = folder / f"out-{ranks}"
@@ -93,7 +94,9 @@ def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> 
         env["CUDA_VISIBLE_DEVICES"] = ""
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                           str(WORKER), str(cases_path), str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-12000:]
+    if run.returncode != 0:  # the ranks' own errors first (torchrun's summary only names the signal)
+        causes = [line for line in run.stderr.splitlines() if "rror" in line or "terminate" in line or "what()" in line]
+        pytest.fail("\n".join(causes[:40]) + "\n" + run.stderr[-6000:])
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 
@@ -124,10 +127,9 @@ def test_greedy_tokens_match_one_process_on_both_decoders(runs, name):
         assert torch.equal(rank[name]["fast"], expected[name]["tokens"])
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_sampled_tokens_agree_across_ranks(runs, name):
+def test_sampled_tokens_agree_across_ranks(runs):
     _, ranks = runs
-    assert torch.equal(ranks[0][name]["sampled"], ranks[1][name]["sampled"])
+    assert torch.equal(ranks[0]["llama"]["sampled"], ranks[1]["llama"]["sampled"])
 
 
 @pytest.mark.parametrize("name", CASES)
