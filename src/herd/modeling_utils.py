@@ -420,6 +420,9 @@ class PreTrainedModel(nn.Module):
     ) -> None:
         if not safe_serialization:
             raise ValueError("herd writes safetensors only (safe_serialization=False would write a pickle)")
+        if (self.tp_size or 1) > 1:
+            raise ValueError(f"this model is split across {self.tp_size} ranks (tp_plan): save_pretrained would write one "
+                             "rank's slices; load it without tp_plan to save it")
         folder = Path(save_directory)
         if folder.is_file():
             raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")

@@ -44,7 +44,12 @@ def run_case(case: dict, rank: int) -> dict:
         torch.manual_seed(1000 + rank)  # each rank its own draws: rank 0's must win
         sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0,
                                  eos_token_id=None, disable_compile=True).cpu()
-    return {"logits": logits, "plain": plain.cpu(), "fast": fast.cpu(), "sampled": sampled,
+    try:
+        model.save_pretrained(os.path.join(case["folder"], f"saved-by-rank{rank}"))
+        saved = "saved"
+    except ValueError as error:
+        saved = str(error)
+    return {"logits": logits, "plain": plain.cpu(), "fast": fast.cpu(), "sampled": sampled, "save": saved,
             "shapes": {name: tuple(t.shape) for name, t in model.state_dict().items()},
             "tp_size": model.tp_size}
 
@@ -56,6 +61,7 @@ def main(cases_path: str, out_dir: str) -> None:
     results = {case["name"]: run_case(case, rank) for case in cases}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 
 

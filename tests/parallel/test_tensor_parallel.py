@@ -150,6 +150,11 @@ def test_each_rank_holds_half_of_the_split_weights(runs, name):
         assert size(held) < 0.6 * size(whole)
 
 
+def test_a_split_model_refuses_to_save_its_slices(runs):
+    _, ranks = runs
+    assert ranks[1]["llama"]["save"].startswith("this model is split across 2 ranks")
+
+
 def test_llama4_experts_split_along_their_intermediate_size(runs):
     expected, ranks = runs
     whole, held = expected["llama4"]["shapes"], ranks[0]["llama4"]["shapes"]
