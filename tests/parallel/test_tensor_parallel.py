@@ -298,3 +298,58 @@ def test_loading_reads_only_the_ranks_slice_of_split_tensors(tiny_llama_folder, 
     assert torch.equal(model.get_parameter(q), whole[q][16:])  # the second half of the heads
     assert torch.equal(model.get_parameter(down), whole[down][:, 32:])  # the second half of the inputs
     assert model.model.layers[0].self_attn.num_heads == 2 and model.model.layers[0].self_attn.num_key_value_heads == 1
+
+
+def test_int4_groups_split_across_ranks_are_refused():
+    from types import SimpleNamespace
+
+    from herd.parallel.tensor_parallel import TensorParallel
+    from herd.quantization import apply_quantization
+
+    # down_proj: 96 input features in groups of 32; two ranks would take 48 each
+    config = herd.LlamaConfig(**{**dict(vocab_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2), "hidden_size": 64, "intermediate_size": 96})
+    with torch.device("meta"):
+        model = herd.LlamaForCausalLM(config)
+    apply_quantization(model, herd.TorchAoConfig("int4_weight_only", group_size=32), torch.bfloat16)
+    parallel = TensorParallel(group=SimpleNamespace(group_name="unused"), rank=0, size=2, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"tp_size=2 splits the 96 input features of model.layers.0.mlp.down_proj into 48 "
+                                         r"per rank, not a multiple of its int4 group_size 32"):
+        parallel.split_model(model, "auto", None)
+
+
+@pytest.mark.parametrize("quantization", ["int8_weight_only", "int4_weight_only"])
+def test_quantized_slices_equal_the_one_process_model(tmp_path, quantization):
+    """Rank 1 of 2 quantizing a float checkpoint while loading: each split buffer is exactly the
+    one-process quantized model's part (int8's per-row scales whole: computed before the column
+    split; int4's groups split on their boundaries)."""
+    from types import SimpleNamespace
+
+    from herd import loading
+    from herd.parallel.tensor_parallel import TensorParallel
+    from herd.quantization import apply_quantization, tensor_converter
+
+    reference_llama(hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(tmp_path)
+    quantization_config = herd.TorchAoConfig(quantization, **({"group_size": 32} if "int4" in quantization else {}))
+    whole = herd.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, progress=False,
+                                                  quantization_config=quantization_config).state_dict()
+    config = herd.LlamaConfig.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = herd.LlamaForCausalLM(config).to(torch.bfloat16)
+    apply_quantization(model, quantization_config, torch.bfloat16)
+    parallel = TensorParallel(group=SimpleNamespace(group_name="unused"), rank=1, size=2, device=torch.device("cpu"))
+    shard, convert = parallel.split_model(model, "auto", tensor_converter(model, torch.bfloat16))
+    module_keys = set(model.state_dict())
+    report = loading.load_checkpoint(model, loading.find_checkpoint_files(tmp_path), progress=False, shard=shard,
+                                     convert=convert, dtype=torch.bfloat16, device=torch.device("cpu"),
+                                     rename=lambda key: model._checkpoint_key_to_module_key(key, module_keys))
+    assert not report.missing and not report.unexpected and not report.mismatched
+    held = model.state_dict()
+    for name in ("weight", "weight_scale", "weight_offset"):
+        q, o = f"model.layers.0.self_attn.q_proj.{name}", f"model.layers.0.self_attn.o_proj.{name}"
+        if q not in whole:
+            continue
+        assert torch.equal(held[q], whole[q][32:])  # rows: heads 2 and 3
+        columns = whole[o].shape[1] // 2  # int8: 32 of 64 inputs; int4: 16 of 32 bytes, 1 of 2 groups
+        expected = whole[o] if name == "weight_scale" and "int8" in quantization else whole[o][:, columns:]
+        assert torch.equal(held[o], expected), name
