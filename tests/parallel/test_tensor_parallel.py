@@ -353,3 +353,41 @@ def test_quantized_slices_equal_the_one_process_model(tmp_path, quantization):
         columns = whole[o].shape[1] // 2  # int8: 32 of 64 inputs; int4: 16 of 32 bytes, 1 of 2 groups
         expected = whole[o] if name == "weight_scale" and "int8" in quantization else whole[o][:, columns:]
         assert torch.equal(held[o], expected), name
+
+
+def test_fp8_llama4_experts_split_exactly(tmp_path):
+    """Rank 1 of 2, FP8 (FBGEMM's layout, experts too) quantized while loading: the experts'
+    gate and up columns, their down rows and scales are the one-process model's parts."""
+    from types import SimpleNamespace
+
+    from herd import loading
+    from herd.parallel.tensor_parallel import TensorParallel
+    from herd.quantization import apply_quantization, tensor_converter
+
+    _llama4_reference().save_pretrained(tmp_path)
+    fp8 = herd.FbgemmFp8Config()
+    whole = herd.Llama4ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, progress=False,
+                                                   quantization_config=fp8).state_dict()
+    config = herd.Llama4TextConfig.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = herd.Llama4ForCausalLM(config).to(torch.bfloat16)
+    apply_quantization(model, fp8, torch.bfloat16)
+    parallel = TensorParallel(group=SimpleNamespace(group_name="unused"), rank=1, size=2, device=torch.device("cpu"))
+    shard, convert = parallel.split_model(model, "auto", tensor_converter(model, torch.bfloat16))
+    module_keys = set(model.state_dict())
+    report = loading.load_checkpoint(model, loading.find_checkpoint_files(tmp_path), progress=False, shard=shard,
+                                     convert=convert, dtype=torch.bfloat16, device=torch.device("cpu"),
+                                     rename=lambda key: model._checkpoint_key_to_module_key(key, module_keys))
+    assert not report.missing and not report.unexpected and not report.mismatched
+    held = model.state_dict()
+    bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
+    experts = "model.layers.1.feed_forward.experts"
+    inter = config.intermediate_size
+    for name in ("gate_up_proj", "gate_up_proj_scale"):  # (experts, in, gate | up): the second half of each
+        gate, up = whole[f"{experts}.{name}"].chunk(2, dim=-1)
+        assert torch.equal(bits(held[f"{experts}.{name}"]), bits(torch.cat([gate[..., inter // 2:], up[..., inter // 2:]], -1)))
+    assert torch.equal(bits(held[f"{experts}.down_proj"]), bits(whole[f"{experts}.down_proj"][:, inter // 2:]))
+    assert torch.equal(held[f"{experts}.down_proj_scale"], whole[f"{experts}.down_proj_scale"])
+    o = "model.layers.1.self_attn.o_proj"
+    assert torch.equal(bits(held[f"{o}.weight"]), bits(whole[f"{o}.weight"][:, 16:]))
+    assert torch.equal(held[f"{o}.weight_scale"], whole[f"{o}.weight_scale"])
