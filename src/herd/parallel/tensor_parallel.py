@@ -41,7 +41,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
+
+try:
+    from torch.distributed import _functional_collectives as funcol
+except ImportError:  # a torch built without torch.distributed: nothing here runs, herd still imports
+    funcol = None
 
 from . import plans
 
@@ -450,7 +454,7 @@ def _init_from_environment() -> None:
 
 
 def _device_for(backend: str) -> torch.device:
-    if backend == "nccl":
+    if "nccl" in backend and torch.cuda.is_available():  # "nccl", or "cpu:gloo,cuda:nccl" (no backend named)
         local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
