@@ -138,11 +138,13 @@ def build_model(name: str, dtype: torch.dtype, device: torch.device, num_layers:
     return random_model(architecture_config(name, num_layers), dtype, device, quantization)
 
 
-def random_model(config, dtype: torch.dtype, device: torch.device, quantization: str | None = None):
+def random_model(config, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
+                 before_allocating: Callable[[Any], Any] | None = None):
     """The herd model of `config` with random weights (normal, std 0.02; norms 1), built once in
     `dtype`; with `quantization` the linears (and Llama 4's experts) are built quantized, one
     random float tensor at a time on `device`, so that a model too big for the device in bf16
-    (Scout) needs no more than its quantized size."""
+    (Scout) needs no more than its quantized size. `before_allocating(model)` runs on the
+    meta-device model first (bench/tp.py: each rank's tensor-parallel shapes)."""
     with torch.device("meta"):
         model = model_class(config)(config)
     model = model.to(dtype)
@@ -152,6 +154,8 @@ def random_model(config, dtype: torch.dtype, device: torch.device, quantization:
 
         apply_quantization(model, config_from_name(quantization), dtype)
         quantized = quantized_modules(model)
+    if before_allocating is not None:
+        before_allocating(model)
     model = model.to_empty(device=device)  # allocated once, in the final dtypes
     model.tie_weights()  # to_empty gives tied weights separate storage
     if device.type == "meta":  # shapes only (sizes, byte counts)

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -167,6 +167,7 @@ def load_checkpoint(
     progress: bool = True,
     convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
     place: Placer | None = None,
+    shard: Callable[[str, Any], torch.Tensor | None] | None = None,
 ) -> LoadReport:
     """Fill `model` (built on the meta device) from safetensors `files`.
 
@@ -175,7 +176,9 @@ def load_checkpoint(
     quantized module, already on its device, into the tensors to assign (a float weight into its
     quantized data and scales), in their final dtypes; None for tensors it leaves to the loader.
     `place` (a model split by a device map) chooses each tensor's device instead of `device`.
-    Returns what did not fit; the caller decides which of it is an error.
+    `shard` (tensor parallel, parallel/tensor_parallel.py) gets a module key and the tensor's
+    safetensors slice and returns this rank's part of it, reading only that part (None: read the
+    whole tensor). Returns what did not fit; the caller decides which of it is an error.
     """
     expected = dict(model.state_dict(keep_vars=True))
     report = LoadReport()
@@ -189,12 +192,12 @@ def load_checkpoint(
             # One shard open at a time: its mapped pages are released before the next (unless a
             # tensor kept on disk still maps them). A split model reads on the CPU, then places.
             with _open(path, device="cpu" if place is not None else str(device)) as reader:
-                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place)
+                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place, shard)
     report.missing = [name for name in expected if name not in loaded]
     return report
 
 
-def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place) -> None:
+def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place, shard=None) -> None:
     mapped_file = isinstance(path, Path) and path.suffix == ".safetensors"  # its tensors are views of the file
     for key in reader.keys():
         bar.update(1)
@@ -204,13 +207,17 @@ def _load_shard(reader, path, model, expected, rename, dtype, device, report, lo
         if name not in expected:
             report.unexpected.append(key)
             continue
-        found = tuple(reader.get_slice(key).get_shape())
+        try:
+            part = shard(name, reader.get_slice(key)) if shard is not None else None
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise CheckpointError(f"cannot read tensor {key} from {path}: {error}; the file may be truncated") from None
+        found = tuple(part.shape) if part is not None else tuple(reader.get_slice(key).get_shape())
         wanted = tuple(expected[name].shape)
         if found != wanted and (convert is None or not getattr(convert, "owns", lambda _: False)(name)):
             report.mismatched.append((key, wanted, found))
             continue
         try:
-            tensor = reader.get_tensor(key)
+            tensor = part if part is not None else reader.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as error:
             raise CheckpointError(f"cannot read tensor {key} from {path}: {error}; the file may be truncated") from None
         target = place.device_for(name) if place is not None else device

@@ -27,7 +27,7 @@ logger = logging.getLogger("herd")
 # from_pretrained arguments of the reference that herd accepts and has no use for.
 _IGNORED_LOAD_KWARGS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init", "use_flash_attention_2", "key_mapping",
                         "offload_buffers")
-_UNSUPPORTED_LOAD_KWARGS = ("load_in_8bit", "load_in_4bit", "tp_plan")
+_UNSUPPORTED_LOAD_KWARGS = ("load_in_8bit", "load_in_4bit")
 # Keys some older checkpoints carry that are derived from the config, never loaded.
 _DERIVED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -80,6 +80,9 @@ class PreTrainedModel(nn.Module):
     # Parameters of a task head: when a checkpoint lacks them (a causal-LM checkpoint loaded for
     # classification) they are initialised with a warning, as in the reference.
     _head_weights: tuple[str, ...] = ()
+    # Tensor parallel (parallel/tensor_parallel.py): the ranks a loaded model is split across and its plan.
+    tp_size: int | None = None
+    tp_plan: dict[str, str] | None = None
 
     def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any):
         super().__init__()
@@ -297,6 +300,14 @@ class PreTrainedModel(nn.Module):
             kwargs.pop(key, None)
         if "device" in kwargs and device_map is None:
             device_map = kwargs.pop("device")
+        tensor_parallel = None
+        if any(kwargs.get(key) is not None for key in ("tp_plan", "tp_size", "device_mesh")):
+            from .parallel import tensor_parallel as tp
+
+            tensor_parallel = tp.setup(kwargs.get("tp_plan"), kwargs.get("tp_size"), kwargs.get("device_mesh"), device_map)
+        tp_plan = kwargs.pop("tp_plan", None) or "auto"
+        for key in ("tp_size", "device_mesh"):
+            kwargs.pop(key, None)
         hub_kwargs = pop_hub_kwargs(kwargs)
         asked_quantization = kwargs.pop("quantization_config", None)
         max_memory, offload_folder = kwargs.pop("max_memory", None), kwargs.pop("offload_folder", None)
@@ -325,7 +336,10 @@ class PreTrainedModel(nn.Module):
             torch_dtype = dtype_from_name(config.dtype) or loading.checkpoint_dtype(files) or torch.float32
         else:
             torch_dtype = dtype_from_name(dtype)
-        device = resolve_device(device_map)
+        device = tensor_parallel.device if tensor_parallel is not None else resolve_device(device_map)
+        if tensor_parallel is not None and gguf_file is not None:
+            raise ValueError("tensor parallel reads safetensors checkpoints; write the GGUF model out first "
+                             "(python scripts/make_smollm2_checkpoint.py shows how) and load that folder")
         gguf_quantization = None
         if gguf_file is not None and torch_dtype in (torch.bfloat16, torch.float16):
             # A GGUF file in a 16-bit model keeps its Q4_0/Q4_1 decoder linears 4-bit (herd's int4,
@@ -345,6 +359,9 @@ class PreTrainedModel(nn.Module):
 
             apply_quantization(model, quantization, torch_dtype)
             convert = tensor_converter(model, torch_dtype)
+        shard = None
+        if tensor_parallel is not None:  # each rank's shapes on the meta model, and the loader's slicing
+            shard, convert = tensor_parallel.split_model(model, tp_plan, convert)
         module_keys = set(model.state_dict().keys())
         rename = lambda key: model._checkpoint_key_to_module_key(key, module_keys)
         placement, one_device = _split_placement(model, device_map, max_memory, torch_dtype, config, quantization, files,
@@ -361,6 +378,7 @@ class PreTrainedModel(nn.Module):
             progress=progress,
             convert=convert,
             place=_placer(placement, offload_folder),
+            shard=shard,
         )
         tied = model._tied_names()
         report.missing = [name for name in report.missing if name not in tied]
@@ -371,6 +389,8 @@ class PreTrainedModel(nn.Module):
             from .parallel.offload import dispatch
 
             dispatch(model, placement)
+        if tensor_parallel is not None:
+            tensor_parallel.finish(model)
         # Buffers derived from the config (rotary frequencies) were built on the CPU in float32.
         for module in model.modules() if placement is None else ():
             for name, buffer in module._buffers.items():
@@ -419,6 +439,9 @@ class PreTrainedModel(nn.Module):
     ) -> None:
         if not safe_serialization:
             raise ValueError("herd writes safetensors only (safe_serialization=False would write a pickle)")
+        if (self.tp_size or 1) > 1:
+            raise ValueError(f"this model is split across {self.tp_size} ranks (tp_plan): save_pretrained would write one "
+                             "rank's slices; load it without tp_plan to save it")
         folder = Path(save_directory)
         if folder.is_file():
             raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")

@@ -24,6 +24,7 @@ from ..cache import Cache
 from ..decoding.decoders import PlainDecoder, choose_decoder
 from ..modeling_outputs import ModelOutput
 from ..parallel.offload import before_generate
+from ..parallel import same_tokens_on_every_rank
 from .configuration import GenerationConfig
 from .logits_process import apply_processors, build_logits_processors, classifier_free_guidance
 from .stopping import StopChecks, StopStrings, ends_with_eos
@@ -256,6 +257,7 @@ class GenerationMixin:
                 if config.do_sample:
                     probs = nn.functional.softmax(next_scores, dim=-1)
                     block = torch.multinomial(probs, num_samples=1, generator=generator)
+                    block = same_tokens_on_every_rank(self, block)  # tensor parallel: rank 0's draw
                 else:
                     block = next_scores.argmax(dim=-1, keepdim=True)  # (batch, 1)
                 if want:
@@ -355,6 +357,7 @@ class GenerationMixin:
             candidates = (log_probs.view(batch_size, num_beams, vocab_size) + running_scores[:, :, None]).view(batch_size, -1)
             if config.do_sample:
                 picked = torch.multinomial(nn.functional.softmax(candidates, dim=-1), beams_to_keep, generator=generator)
+                picked = same_tokens_on_every_rank(self, picked)
                 picked_scores = candidates.gather(1, picked)
             else:
                 picked_scores, picked = torch.topk(candidates, beams_to_keep)

@@ -39,10 +39,10 @@ class DecodePlan:
 
     @property
     def kv_shape(self) -> tuple[int, int]:
-        """(kv_heads, head_dim) of the self-attention caches."""
+        """(kv_heads, head_dim) of the self-attention caches: this rank's heads under tensor parallel."""
         config = self.text_config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return config.num_key_value_heads, head_dim
+        return config.num_key_value_heads // (self.model.tp_size or 1), head_dim
 
     def prepare(self) -> None:
         raise NotImplementedError

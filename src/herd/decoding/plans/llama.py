@@ -3,9 +3,9 @@
 Per layer, at batch 1 to 4 on a GPU (kernels/gemv.py, kernels/decode_attention.py):
 1. q/k/v of rms_norm(x) in one kernel, rotary and the cache write in its epilogue;
 2. split attention over the cache, each key/value read once for the query heads that share it;
-3. o with the residual add;
+3. o with the residual add (under tensor parallel: o's partial products summed across ranks first);
 4. gate/up of rms_norm(x) with SiLU(gate) * up, in one kernel;
-5. down with the residual add.
+5. down with the residual add (likewise).
 Elsewhere the same arithmetic in torch, which the compiled step fuses its own way.
 """
 
@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ...kernels import decode_attention, gemv
+from ...parallel.tensor_parallel import all_reduce, gather_logits, reduce_group
 from ..fusion import Fused, fuse, kernel_weight
 from ..kv import DecodeKV, LayerKV
 from . import FULL, DecodePlan
@@ -72,15 +73,34 @@ def llama_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.T
                                  kv.keys, kv.values, kv.slot)  # (batch, heads * head_dim)
     query = query.view(batch, attn.num_heads, 1, attn.head_dim)
     attended = decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
-    hidden = gemv.linear_add(attended, weights.o, hidden, attn.o_proj.bias)
+    hidden = project_add(attended, weights.o, hidden, attn.o_proj)
     activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up,
                                            mlp.act_fn, weights.gate_up_bias)  # (batch, intermediate)
-    return gemv.linear_add(activated, weights.down, hidden, mlp.down_proj.bias)
+    return project_add(activated, weights.down, hidden, mlp.down_proj)
+
+
+def project_add(x: torch.Tensor, weight, residual: torch.Tensor, linear) -> torch.Tensor:
+    """residual + linear(x), with `weight` the linear's kernel weight. Under tensor parallel a
+    linear split by its input features gives each rank a partial product: those are summed
+    (all-reduce) before the residual is added, so it is added once, not once per rank; without
+    it, the residual add is fused into the matmul kernel."""
+    if reduce_group(linear) is None:
+        return gemv.linear_add(x, weight, residual, linear.bias)
+    return residual + summed(gemv.linear(x, weight, linear.bias), linear)  # the bias: rank 0's alone
+
+
+def summed(partial: torch.Tensor, module) -> torch.Tensor:
+    """A module's output, all-reduced where tensor parallel makes it a partial sum (a linear split
+    by its input features, Llama 4's feed-forward block); as it is otherwise."""
+    group = reduce_group(module)
+    return partial if group is None else all_reduce(partial, group)
 
 
 def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:
-    """(batch, hidden) -> float32 logits (batch, vocab)."""
-    return gemv.norm_linear(hidden, norm.weight, norm.eps, lm_head.weight, lm_head.bias, out_dtype=torch.float32)
+    """(batch, hidden) -> float32 logits (batch, vocab) (under tensor parallel this rank's
+    vocabulary rows, gathered)."""
+    logits = gemv.norm_linear(hidden, norm.weight, norm.eps, lm_head.weight, lm_head.bias, out_dtype=torch.float32)
+    return gather_logits(lm_head, logits)
 
 
 class LlamaPlan(DecodePlan):

@@ -21,7 +21,7 @@ from ...kernels import decode_attention, gemv
 from ...kernels.routed_experts import routed_experts
 from ..kv import DecodeKV, LayerKV
 from . import CHUNKED, FULL, DecodePlan
-from .llama import LayerWeights, fuse_layer
+from .llama import LayerWeights, fuse_layer, summed
 
 
 def embed(text_model, tokens: torch.Tensor, positions: torch.Tensor):
@@ -85,9 +85,11 @@ def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.
     attn = layer.self_attn
     config = attn.config
     batch = hidden.shape[0]
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     projected = project(layer.input_layernorm(hidden), weights.qkv)
-    # (batch, heads + 2 kv_heads, head_dim) -> query (batch, heads, head_dim), key/value (batch, kv_heads, head_dim)
+    # (batch, heads + 2 kv_heads, head_dim) -> query (batch, heads, head_dim), key/value (batch, kv_heads, head_dim);
+    # the counts from the shapes: this rank's heads under tensor parallel
+    kv_heads = kv.keys.shape[1]
+    heads = projected.shape[1] // attn.head_dim - 2 * kv_heads
     query, key, value = projected.view(batch, -1, attn.head_dim).split([heads, kv_heads, kv_heads], dim=1)
     if attn.uses_rope:
         query, key = rotate_pairs(query, cos, sin), rotate_pairs(key, cos, sin)
@@ -100,11 +102,13 @@ def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.
     kv.keys[:, :, kv.slot] = key[:, :, None].to(kv.keys.dtype)
     kv.values[:, :, kv.slot] = value[:, :, None].to(kv.values.dtype)
     attended = decode_attention.attend(query[:, :, None], kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
-    hidden = hidden + project(attended.reshape(batch, -1), weights.o)
+    hidden = hidden + summed(project(attended.reshape(batch, -1), weights.o), attn.o_proj)
     normed = layer.post_attention_layernorm(hidden)
     if layer.is_moe_layer:
-        return hidden + mixture_of_experts(layer.feed_forward, weights.gate_up, weights.down, normed)
-    return hidden + gated_mlp(layer.feed_forward, weights.gate_up, weights.down, normed)
+        fed = mixture_of_experts(layer.feed_forward, weights.gate_up, weights.down, normed)
+    else:
+        fed = gated_mlp(layer.feed_forward, weights.gate_up, weights.down, normed)
+    return hidden + summed(fed, layer.feed_forward)  # tensor parallel: one all-reduce per feed-forward block
 
 
 def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:

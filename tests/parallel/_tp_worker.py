@@ -1,0 +1,69 @@
+"""One rank of the tensor-parallel tests, started by torchrun (test_tensor_parallel.py):
+`python -m torch.distributed.run --standalone --nproc-per-node N _tp_worker.py CASES OUT`.
+
+For each case of CASES (a torch.save'd list), the model loads with tp_plan="auto" (this process
+joins the group from torchrun's environment, as a user's script does) and records its logits,
+greedy tokens on the plain and the fast decoder (uncompiled on the CPU), sampled tokens drawn
+with a different seed on each rank (cases that ask), and the shapes it holds; or the error message the load
+raised. Written to OUT/rank{RANK}.pt for the test to compare with one process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def run_case(case: dict, rank: int) -> dict:
+    import herd
+    from herd.decoding import decoders
+
+    try:
+        model = getattr(herd, case["class"]).from_pretrained(case["folder"], tp_plan="auto", progress=False,
+                                                             **case.get("load", {}))
+    except ValueError as error:
+        return {"error": str(error)}
+    device = model.device  # cuda:LOCAL_RANK under NCCL
+    ids, mask = case["ids"].to(device), case["mask"].to(device)
+    forward = {name: value.to(device) for name, value in case.get("forward", {}).items()}
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, **forward).logits.cpu()
+    greedy = dict(attention_mask=mask, max_new_tokens=case["new_tokens"], do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+    plain = model.generate(ids, disable_compile=True, **greedy)
+    decoders.FAST_DEVICES = ("cuda", "cpu")  # the decode plan, uncompiled and uncaptured on the CPU
+    try:
+        fast = model.generate(ids, **greedy)
+    finally:
+        decoders.FAST_DEVICES = ("cuda",)
+    sampled = None
+    if case["sample"]:
+        torch.manual_seed(1000 + rank)  # each rank its own draws: rank 0's must win
+        sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0,
+                                 eos_token_id=None, disable_compile=True).cpu()
+    try:
+        model.save_pretrained(os.path.join(case["folder"], f"saved-by-rank{rank}"))
+        saved = "saved"
+    except ValueError as error:
+        saved = str(error)
+    return {"logits": logits, "plain": plain.cpu(), "fast": fast.cpu(), "sampled": sampled, "save": saved,
+            "shapes": {name: tuple(t.shape) for name, t in model.state_dict().items()},
+            "tp_size": model.tp_size}
+
+
+def main(cases_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    cases = torch.load(cases_path, weights_only=False)
+    rank = int(os.environ["RANK"])
+    results = {case["name"]: run_case(case, rank) for case in cases}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
