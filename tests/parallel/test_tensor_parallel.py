@@ -355,23 +355,32 @@ def test_quantized_slices_equal_the_one_process_model(tmp_path, quantization):
         assert torch.equal(held[o], expected), name
 
 
-def test_fp8_llama4_experts_split_exactly(tmp_path):
-    """Rank 1 of 2, FP8 (FBGEMM's layout, experts too) quantized while loading: the experts'
-    gate and up columns, their down rows and scales are the one-process model's parts."""
+@pytest.mark.parametrize("format", ["fp8", "int4"])
+def test_llama4_quantized_experts_split_exactly(tmp_path, format):
+    """Rank 1 of 2, FP8 (FBGEMM's layout, experts too) or int4 (groups of 32 input rows) quantized
+    while loading: the experts' gate and up columns, their down rows, scales and offsets are the
+    one-process model's parts."""
     from types import SimpleNamespace
 
     from herd import loading
     from herd.parallel.tensor_parallel import TensorParallel
     from herd.quantization import apply_quantization, tensor_converter
 
-    _llama4_reference().save_pretrained(tmp_path)
-    fp8 = herd.FbgemmFp8Config()
+    if format == "fp8":
+        _llama4_reference().save_pretrained(tmp_path)
+        quantization = herd.FbgemmFp8Config()
+    else:  # widths whose halves are whole groups of 32
+        from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+        reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, attention_chunk_size=8, hidden_size=64, head_dim=16,
+                         intermediate_size=64, intermediate_size_mlp=64).save_pretrained(tmp_path)
+        quantization = herd.TorchAoConfig("int4_weight_only", group_size=32)
     whole = herd.Llama4ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, progress=False,
-                                                   quantization_config=fp8).state_dict()
+                                                   quantization_config=quantization).state_dict()
     config = herd.Llama4TextConfig.from_pretrained(tmp_path)
     with torch.device("meta"):
         model = herd.Llama4ForCausalLM(config).to(torch.bfloat16)
-    apply_quantization(model, fp8, torch.bfloat16)
+    apply_quantization(model, quantization, torch.bfloat16)
     parallel = TensorParallel(group=SimpleNamespace(group_name="unused"), rank=1, size=2, device=torch.device("cpu"))
     shard, convert = parallel.split_model(model, "auto", tensor_converter(model, torch.bfloat16))
     module_keys = set(model.state_dict())
@@ -383,9 +392,15 @@ def test_fp8_llama4_experts_split_exactly(tmp_path):
     bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
     experts = "model.layers.1.feed_forward.experts"
     inter = config.intermediate_size
-    for name in ("gate_up_proj", "gate_up_proj_scale"):  # (experts, in, gate | up): the second half of each
+    suffixes = ("", "_scale", "_offset") if format == "int4" else ("", "_scale")
+    for name in ("gate_up_proj" + suffix for suffix in suffixes):  # (experts, in, gate | up): the second half of each
         gate, up = whole[f"{experts}.{name}"].chunk(2, dim=-1)
         assert torch.equal(bits(held[f"{experts}.{name}"]), bits(torch.cat([gate[..., inter // 2:], up[..., inter // 2:]], -1)))
+    if format == "int4":  # rows of down: packed two a byte, one scale and offset per 32
+        for suffix, rows in (("", inter // 4), ("_scale", inter // 64), ("_offset", inter // 64)):
+            name = f"{experts}.down_proj{suffix}"
+            assert torch.equal(held[name], whole[name][:, rows:]), name
+        return
     assert torch.equal(bits(held[f"{experts}.down_proj"]), bits(whole[f"{experts}.down_proj"][:, inter // 2:]))
     assert torch.equal(held[f"{experts}.down_proj_scale"], whole[f"{experts}.down_proj_scale"])
     o = "model.layers.1.self_attn.o_proj"

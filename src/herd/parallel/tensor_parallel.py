@@ -300,9 +300,20 @@ class TensorParallel:
 
     def _split_experts(self, path: str, module: nn.Module, quantized: bool) -> None:
         inter = module.intermediate_size
-        splits = {"gate_up_proj": Split(2, 2 * inter, blocks=2), "down_proj": Split(1, inter, after_quantizing=quantized)}
-        if quantized:
-            splits["gate_up_proj_scale"] = Split(2, 2 * inter, blocks=2)  # (experts, 1, 2 * inter): per column
+        int4 = quantized and module.scheme.format == "int4"
+        # gate_up (experts, hidden, gate | up) by columns, with each column's scale (and int4 offset)
+        splits = {"gate_up_proj" + suffix: Split(2, 2 * inter, blocks=2)
+                  for suffix in ("", *(("_scale", "_offset") if int4 else ("_scale",) if quantized else ()))}
+        if int4:  # down (experts, inter / 2, hidden) packed by rows, scales and offsets by groups of rows
+            group = module.scheme.group_size
+            if (inter // self.size) % group:
+                raise ValueError(f"tp_size={self.size} splits the {inter} rows of {path}.down_proj into "
+                                 f"{inter // self.size} per rank, not a multiple of its int4 group_size {group}: "
+                                 "choose a tp_size or group size that keeps whole groups on each rank")
+            splits.update({"down_proj": Split(1, inter // 2), "down_proj_scale": Split(1, inter // group),
+                           "down_proj_offset": Split(1, inter // group)})
+        else:  # int8 / FP8: one scale per column over the whole column, so quantized whole, then split
+            splits["down_proj"] = Split(1, inter, after_quantizing=quantized)
         module.intermediate_size = inter // self.size
         self._resize(path, module, splits)
 
