@@ -1,0 +1,77 @@
+"""Servers on loopback for the API tests: uvicorn in a background thread on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from herd.serving.server import ModelInfo, Server
+
+from .fake_engine import FakeAsyncEngine, FakeEngine, model_eos_ids
+
+
+class LiveServer:
+    """A Server's app answering on http://127.0.0.1:<port> until stop()."""
+
+    def __init__(self, server: Server):
+        import uvicorn
+
+        self.server = server
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(server.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(10)
+        self.socket.close()
+
+
+@contextlib.contextmanager
+def live(server: Server):
+    running = LiveServer(server).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def model_info(model, tokenizer, processor=None, max_model_len=None) -> ModelInfo:
+    config = model.config.get_text_config()
+    return ModelInfo(tokenizer=tokenizer, processor=processor, eos_token_ids=tuple(model_eos_ids(model)),
+                     vocab_size=config.vocab_size,
+                     max_model_len=max_model_len or getattr(config, "max_position_embeddings", None))
+
+
+def fake_server(model, tokenizer, *, processor=None, name="test-model", engine_kwargs=None, **server_kwargs) -> Server:
+    engine = FakeAsyncEngine(FakeEngine(model, **(engine_kwargs or {})))
+    return Server(model_name=name, engine=engine, model=model_info(model, tokenizer, processor), **server_kwargs)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_folder):
+    """(model, tokenizer): SmolLM2-135M-Instruct in float32 on the CPU."""
+    import herd
+
+    model = herd.AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
+    tokenizer = herd.AutoTokenizer.from_pretrained(smollm2_folder)
+    return model.eval(), tokenizer
