@@ -90,6 +90,7 @@ class FakeEngine:
     max_waiting: int = 1024
     script: Callable[[EngineRequest], list[int]] | None = None
     step_delay_s: float = 0.0
+    eos_token_ids: tuple = ()  # the end-of-answer ids of a scripted engine (a model engine reads its model's)
     waiting: deque = field(default_factory=deque)
     running: dict = field(default_factory=dict)
     finished_aborts: list = field(default_factory=list)
@@ -148,8 +149,8 @@ class FakeEngine:
 
     def _tokens(self, request: EngineRequest) -> list[TokenEvent]:
         sampling = request.sampling
-        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos or self.model is None
-                                                   else set(model_eos_ids(self.model)))
+        eos = set(model_eos_ids(self.model)) if self.model is not None else set(self.eos_token_ids)
+        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else eos)
         if self.script is not None:
             ids, logprobs = self.script(request), None
         else:

@@ -115,6 +115,7 @@ class Server:
         self.created = _now()
         self.metrics = ServerMetrics(self._engine_stats)
         self.in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.app = self._build_app()
 
     # -- life cycle --
@@ -125,6 +126,12 @@ class Server:
         self.engine, self.model = engine, model
         self.prompts = PromptBuilder(model.tokenizer, model.processor, self.media)
         self.state = "ready"
+
+    def attach_from_thread(self, engine: Any, model: ModelInfo, timeout_s: float = 600) -> None:
+        """attach() from another thread than the server's (the CLI loads the model while the server answers 503)."""
+        if self._loop is None:
+            raise RuntimeError("the server is not running yet: attach after its startup")
+        asyncio.run_coroutine_threadsafe(self.attach(engine, model), self._loop).result(timeout_s)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests (503), let the running ones finish, then stop the engine."""
@@ -140,6 +147,7 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI):
+        self._loop = asyncio.get_running_loop()
         if self._pending is not None:
             await self.attach(*self._pending)
         yield
@@ -429,16 +437,18 @@ class Server:
                                 constraint=constraint(), keep_special_tokens=calls_wanted)
                    for i in range(chat.sampling.n)]
         self.in_flight += 1
+        streaming = False
         try:
             if not await self._with_disconnect(request, self._start(choices)):
                 return Response(status_code=499)  # the client left while its prompt was prefilled
             if chat.stream:
+                streaming = True  # the stream's own finally ends the request from here on
                 return StreamingResponse(self._chat_stream(choices, chat, started, calls_wanted),
                                          media_type="text/event-stream")
             result = await self._with_disconnect(request, self._chat_collect(choices, chat, started, calls_wanted))
             return JSONResponse(result) if result is not None else Response(status_code=499)
         finally:
-            if not chat.stream:
+            if not streaming:
                 self.in_flight -= 1
                 await self._close(choices)
 
@@ -545,16 +555,18 @@ class Server:
                     completion.sampling.seed + j * SEED_STRIDE
                 choices.append(choice)
         self.in_flight += 1
+        streaming = False
         try:
             if not await self._with_disconnect(request, self._start(choices)):
                 return Response(status_code=499)
             if completion.stream:
+                streaming = True  # the stream's own finally ends the request from here on
                 return StreamingResponse(self._completion_stream(choices, completion, started),
                                          media_type="text/event-stream")
             result = await self._with_disconnect(request, self._completion_collect(choices, completion, started))
             return JSONResponse(result) if result is not None else Response(status_code=499)
         finally:
-            if not completion.stream:
+            if not streaming:
                 self.in_flight -= 1
                 await self._close(choices)
 
