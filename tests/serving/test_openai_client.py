@@ -8,11 +8,14 @@ transformers.
 
 from __future__ import annotations
 
+import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+
+from tests.conftest import SHARED_DATA
 
 from .conftest import fake_server, live
 
@@ -181,3 +184,101 @@ def test_concurrent_requests_equal_single_ones(client):
 def test_models_list(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["smollm2"] and models.data[0].object == "model"
+
+
+# --- images: tiny random Llama 3.2 Vision and Llama 4 with their processors ----------------------
+
+
+def _mllama_folder(path):
+    import transformers
+
+    from tests.models.mllama.test_processing_mllama import LLAMA_32_VISION_CHAT_TEMPLATE
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    tokenizer.pad_token = "<|end_of_text|>"
+    tokenizer.save_pretrained(path)
+    transformers.MllamaImageProcessor(size={"height": 56, "width": 56}, max_image_tiles=4).save_pretrained(path)
+    (path / "chat_template.jinja").write_text(LLAMA_32_VISION_CHAT_TEMPLATE)
+    text = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=128004, bos_token_id=128000,
+                eos_token_id=[128001, 128008, 128009], max_position_embeddings=512)
+    vision = dict(hidden_size=16, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=32,
+                  vision_output_dim=32, image_size=56, patch_size=14, intermediate_layers_indices=[0],
+                  max_num_tiles=4)
+    torch.manual_seed(0)
+    model = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
+        text_config=text, vision_config=vision, image_token_index=128256))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "gate" in name:  # the cross-attention gates start at 0: open them so the image counts
+                parameter.uniform_(-1.0, 1.0)
+    model.save_pretrained(path)
+
+
+def _llama4_folder(path):
+    import transformers
+    from transformers.models.llama4 import processing_llama4
+
+    from tests.models.llama4.test_modeling_llama4_multimodal import TEXT, VISION
+    from tests.models.llama4.test_processing_llama4 import LLAMA4_TOKENS
+
+    from herd.models.llama4 import Llama4ImageProcessorFast
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})
+    tokenizer.pad_token = "<|end_of_text|>"
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(processing_llama4.chat_template)
+    Llama4ImageProcessorFast(size={"height": 56, "width": 56}, max_patches=4).save_pretrained(path)
+    patch_id = tokenizer.convert_tokens_to_ids("<|patch|>")
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    text = {**TEXT, "vocab_size": len(tokenizer), "eos_token_id": [eot], "max_position_embeddings": 1024}
+    torch.manual_seed(0)
+    transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(
+        text_config=text, vision_config=VISION, image_token_index=patch_id)).eval().save_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["mllama", "llama4"])
+def vision_served(request, tmp_path_factory):
+    import herd
+
+    path = tmp_path_factory.mktemp(request.param)
+    (_mllama_folder if request.param == "mllama" else _llama4_folder)(path)
+    model = herd.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = herd.AutoProcessor.from_pretrained(path)
+    with live(fake_server(model, processor.tokenizer, processor=processor, name=request.param)) as server:
+        yield server, model, processor
+
+
+def _data_url(path):
+    return f"data:image/{path.suffix.lstrip('.')};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_image_chat_equals_generate_with_the_processor(vision_served):
+    from PIL import Image
+
+    server, model, processor = vision_served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    photo = SHARED_DATA / "images" / "chelsea.png"
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(photo)}},
+                                             {"type": "text", "text": "What is in this picture?"}]}]
+    name = server.server.model_name
+    answer = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+    local = [{"role": "user", "content": [{"type": "image", "image": Image.open(photo)},
+                                          {"type": "text", "text": "What is in this picture?"}]}]
+    inputs = processor.apply_chat_template(local, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert answer.choices[0].message.content == processor.tokenizer.decode(new, skip_special_tokens=True)
+    assert answer.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    # the engine got the processor's tensors for the image (batch dim 1), not the text alone
+    sent = server.server.engine.engine.requests_seen[-1]
+    assert sent.prompt_ids == inputs["input_ids"][0].tolist()
+    assert set(sent.model_inputs) == set(inputs) - {"input_ids", "attention_mask"}
+    assert torch.equal(sent.model_inputs["pixel_values"], inputs["pixel_values"])
+    with pytest.raises(openai.BadRequestError, match="local files are not accepted"):
+        client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(photo)}}, {"type": "text", "text": "hi"}]}])

@@ -431,7 +431,7 @@ class Server:
             if chat.tool_choice == "required" or isinstance(chat.tool_choice, dict):
                 name = chat.tool_choice["function"]["name"] if isinstance(chat.tool_choice, dict) else None
                 return self.grammar.for_tool_call(chat.tools, name)
-            return self.grammar.for_response_format(chat.response_format)
+            return None if chat.response_format is None else self.grammar.for_response_format(chat.response_format)
 
         choices = [self._choice(i, prompt_ids, chat.sampling, param="messages", model_inputs=model_inputs,
                                 constraint=constraint(), keep_special_tokens=calls_wanted)
@@ -548,7 +548,8 @@ class Server:
                 raise bad("prompt", f"holds token ids outside the vocabulary of {vocab} tokens")
             self.metrics.prompt_tokens.inc(len(ids))
             for j in range(completion.sampling.n):
-                constraint = self.grammar.for_response_format(completion.response_format)
+                constraint = None if completion.response_format is None else \
+                    self.grammar.for_response_format(completion.response_format)
                 choice = self._choice(p * completion.sampling.n + j, ids, completion.sampling, param="prompt",
                                       constraint=constraint)
                 choice.request.sampling.seed = None if completion.sampling.seed is None else \

@@ -61,8 +61,9 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._llguidance = llguidance
         backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer
-        self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab_size,
-                                                eos_token=list(eos_token_ids) or None)
+        # the tokenizer may hold ids the model never produces (Mllama's <|image|> is one past its lm_head)
+        size = max(vocab_size, backend.get_vocab_size(with_added_tokens=True))
+        self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=size, eos_token=list(eos_token_ids) or None)
 
     def json_schema(self, schema: dict[str, Any] | None, *, param: str = "response_format") -> JsonConstraint:
         """A constraint for a document matching `schema` (None: any JSON object); APIError for a bad schema."""
