@@ -7,7 +7,7 @@ running). A waiting request first takes the blocks of its prompt's longest cache
 (serving/paged.BlockPool: whole blocks, at least one token left to compute).
 
 When a decode row needs a block and none is left (free or cached), the newest running request
-is preempted: its blocks are released (those full of tokens stay cached) and it goes back to the
+is preempted (and nothing new is admitted in that step): its blocks are released (those full of tokens stay cached) and it goes back to the
 front of the queue with its generated tokens, to be prefilled again later (recompute): greedy
 requests give the same tokens, seeded ones keep their generator.
 
@@ -187,6 +187,7 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
+        preempted_before = self.preemptions
         decode: list[Sequence] = []
         for sequence in list(self.running):  # oldest first
             if sequence not in self.running or sequence.in_prefill:
@@ -213,7 +214,8 @@ class Scheduler:
                 break
             prefill.append(chunk)
             budget -= chunk.end - chunk.start
-        while budget > 0 and self.waiting and len(self.running) < self.max_batch:
+        # no admission in a step that had to preempt: what was preempted would come straight back
+        while budget > 0 and self.waiting and len(self.running) < self.max_batch and self.preemptions == preempted_before:
             sequence = self.waiting[0]
             hits = self._reuse_prefix(sequence)
             sequence.computed = hits
