@@ -35,6 +35,13 @@ def llama4(tmp_path_factory):
     return herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
 
 
+@pytest.fixture(scope="module")
+def llama4_vision(tmp_path_factory):
+    from tests.models.llama4.test_modeling_llama4_multimodal import pair
+
+    return pair.__wrapped__(tmp_path_factory)
+
+
 def _prompt(length: int, seed: int) -> list[int]:
     return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -317,3 +324,25 @@ def test_async_engine_streams_and_cancellation_frees_blocks(llama):
         assert [e.token_id for e in events] == _expected(llama, prompts[request_id], 5)
         assert events[-1].finish_reason == "length"
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+
+
+def test_llama4_requests_with_images_among_text_requests(llama4_vision):
+    """Llama 4 with images: each image request's features go in with its whole prompt; the
+    tokens equal generate()'s with the same image, text requests batched alongside."""
+    from tests.models.llama4.test_modeling_llama4_multimodal import _prompt as image_prompt
+
+    _, model, _ = llama4_vision
+    requests, expected, arrivals = {}, {}, {}
+    for index, tiles in enumerate([[1], [], [2, 1], [3], []]):
+        ids, pixels = image_prompt(tiles, length=30, seed=index)
+        inputs = {"pixel_values": pixels} if pixels is not None else None
+        request = EngineRequest(f"r{index}", ids[0].tolist(), SamplingParams(max_tokens=6, temperature=0,
+                                                                             ignore_eos=True), model_inputs=inputs)
+        requests[request.request_id] = request
+        arrivals.setdefault(index % 2, []).append(request)
+        out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        expected[request.request_id] = out[0, ids.shape[1] :].tolist()
+    engine = Engine(model, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=8, max_model_len=64)
+    assert _tokens(_run(engine, arrivals)) == expected
+    assert engine.stats()["kv_blocks_used"] == 0

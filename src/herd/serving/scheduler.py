@@ -129,8 +129,8 @@ class Scheduler:
     def _reuse_prefix(self, sequence: Sequence) -> int:
         """Take the cached blocks of the sequence's longest cached prefix; returns its tokens."""
         pool = self.pools.get(FULL)
-        if pool is None or not pool.caching:
-            return 0
+        if pool is None or not pool.caching or sequence.has_images:
+            return 0  # a prompt with images is prefilled whole: its image features go in with it
         size = self.block_size
         parent, taken = sequence.image_digest, []
         for index in range((len(sequence.tokens) - 1) // size):  # at least one token left to compute
@@ -148,7 +148,7 @@ class Scheduler:
     def after_compute(self, sequence: Sequence) -> None:
         """Register the blocks that became full; release chunked-layer blocks nobody can see again."""
         pool, size = self.pools.get(FULL), self.block_size
-        if pool is not None and pool.caching:
+        if pool is not None and pool.caching and not sequence.has_images:
             while (len(sequence.digests) + 1) * size <= sequence.computed:
                 index = len(sequence.digests)
                 parent = sequence.digests[-1] if sequence.digests else sequence.image_digest
