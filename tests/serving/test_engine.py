@@ -346,3 +346,38 @@ def test_llama4_requests_with_images_among_text_requests(llama4_vision):
     engine = Engine(model, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=8, max_model_len=64)
     assert _tokens(_run(engine, arrivals)) == expected
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory):
+    from tests.models.mllama.test_modeling_mllama import pair
+
+    return pair.__wrapped__(tmp_path_factory)[1]
+
+
+@pytest.mark.parametrize("image_rows", [8, 1])
+def test_mllama_requests_with_images_among_text_requests(mllama, image_rows, monkeypatch):
+    """Llama 3.2 Vision: each request's image keys/values kept in its own slot outside the pages;
+    text before the first image sees nothing; rows with and without images in one decode batch.
+    With one image slot, image requests wait for it. Each request gets generate()'s tokens."""
+    from herd.serving import engine as engine_module
+    from tests.models.mllama.test_modeling_mllama import _inputs
+
+    monkeypatch.setattr(engine_module, "MLLAMA_IMAGE_ROWS", image_rows)
+    cases = [([[4]], (0, 5)), ([[4, 1]], (0, 5)), ([[3]], (6,)), (None, None), ([[2]], (11,))]
+    requests, expected, arrivals = {}, {}, {}
+    for index, (images, image_at) in enumerate(cases):
+        if images is None:
+            inputs = {"input_ids": torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(index))}
+        else:
+            inputs = _inputs(images, image_at=image_at)
+        model_inputs = {name: value for name, value in inputs.items() if name != "input_ids"} or None
+        request = EngineRequest(f"r{index}", inputs["input_ids"][0].tolist(),
+                                SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), model_inputs=model_inputs)
+        requests[request.request_id] = request
+        arrivals.setdefault(index % 2, []).append(request)
+        out = mllama.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected[request.request_id] = out[0, inputs["input_ids"].shape[1] :].tolist()
+    engine = Engine(mllama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=8, max_model_len=64)
+    assert _tokens(_run(engine, arrivals)) == expected
+    assert engine.stats()["kv_blocks_used"] == 0 and len(engine.scheduler.free_image_slots) == min(4, image_rows)

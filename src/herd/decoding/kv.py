@@ -352,7 +352,8 @@ class PagedKV:
         self.tables = {kind: torch.zeros(max_rows, table_width, dtype=torch.int32, device=device)
                        for kind in layers_by_kind}
         self.rows = max_rows
-        self.cross = None  # per-request image keys/values are not paged (text steps only)
+        self.cross_store: PagedCrossKV | None = None  # Mllama's image keys/values, outside the pages
+        self.cross: PagedCrossKV | None = None  # the store when a row of this step sees an image (else skipped)
 
     @property
     def cache_position(self) -> torch.Tensor:
@@ -360,9 +361,57 @@ class PagedKV:
         return self.positions[: self.rows]
 
     def layer(self, layer_idx: int) -> LayerKV:
+        if layer_idx not in self.kind_of:
+            return self.cross_store.layer(layer_idx)
         kind, rows = self.kind_of[layer_idx], self.rows
         return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slots[kind][:rows], None,
                        self.tables[kind][:rows], self.first[kind][:rows], self.lengths[:rows], self.block_size)
+
+
+class PagedCrossKV:
+    """Mllama's image keys/values in the server, one request per slot, outside the pages: per
+    cross-attention layer a buffer of `slots` + 1 blocks of `tokens` positions (1, kv_heads,
+    (slots + 1) * tokens, head_dim); block 0 stays zero for rows without an image.
+
+    A request's new tokens see the image tokens its last prompt token saw (fixed after prefill),
+    so only those are kept, packed at the start of its block: the step attends to [0, seen) of
+    it through the paged kernel (a one-block table per row). `row_sees_image` (rows, 1) is 0 for a
+    row that sees no image, whose cross-attention outputs the layer zeroes."""
+
+    def __init__(self, layers: list[int], slots: int, tokens: int, kv_heads: int, head_dim: int, max_rows: int,
+                 dtype, device):
+        self.tokens = tokens
+        shape = (1, kv_heads, (slots + 1) * tokens, head_dim)
+        self.keys = {index: torch.zeros(shape, dtype=dtype, device=device) for index in layers}
+        self.values = {index: torch.zeros(shape, dtype=dtype, device=device) for index in layers}
+        long = dict(dtype=torch.long, device=device)
+        self.table = torch.zeros(max_rows, 1, dtype=torch.int32, device=device)
+        self.first = torch.zeros(max_rows, **long)
+        self.lengths = torch.ones(max_rows, **long)
+        self.no_slot = torch.zeros(max_rows, **long)  # nothing is written while decoding
+        self.sees = torch.zeros(max_rows, 1, dtype=dtype, device=device)
+        self.rows = max_rows
+
+    @property
+    def row_sees_image(self) -> torch.Tensor:
+        return self.sees[: self.rows]
+
+    def fill(self, slot: int, image_keys_values: dict, visible: torch.Tensor) -> int:
+        """A request's image keys/values {layer: (1, kv_heads, image tokens, head_dim)} into block
+        `slot` (1 and up), only the image tokens visible (image tokens,) bool. Returns how many."""
+        seen = int(visible.sum())
+        if seen > self.tokens:
+            raise ValueError(f"the request's images give {seen} image tokens; the store holds {self.tokens} per request")
+        start = slot * self.tokens
+        for index, (keys, values) in image_keys_values.items():
+            self.keys[index][0, :, start : start + seen] = keys[0][:, visible]
+            self.values[index][0, :, start : start + seen] = values[0][:, visible]
+        return seen
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        rows = self.rows
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.no_slot[:rows], None, self.table[:rows],
+                       self.first[:rows], self.lengths[:rows], self.tokens)
 
 
 class PagedPrefillCache(Cache):

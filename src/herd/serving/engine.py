@@ -31,6 +31,8 @@ from .scheduler import Scheduler, Sequence
 DEFAULT_MAX_MODEL_LEN = 32768  # when the config allows more (Llama 4 says 10M): the block tables' width
 CUDA_MEMORY_FRACTION = 0.9  # of the free GPU memory after loading, for the KV pools when num_blocks is not given
 CPU_DEFAULT_ROWS = 16  # without num_blocks off the GPU: pools for this many requests of max_model_len
+MLLAMA_IMAGE_ROWS = 8  # Llama 3.2 Vision: requests with images running at once (their image keys/values)
+MLLAMA_MAX_IMAGES = 2  # Llama 3.2 Vision: images per request (each up to max_num_tiles tiles)
 
 
 @dataclass
@@ -125,6 +127,9 @@ class Engine:
         self.model = model.eval()
         text_config = model.config.get_text_config()
         self.vocab_size = text_config.vocab_size
+        # prompt ids may go past the head's rows (Mllama's <|image|> is one past them): the embedding's size
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.input_ids_limit = getattr(embeddings, "num_embeddings", None) or self.vocab_size
         limit = getattr(text_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
         self.max_model_len = max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len < 2:
@@ -145,10 +150,18 @@ class Engine:
             raise ValueError(f"num_blocks={num_blocks} cannot hold one request of max_model_len={self.max_model_len} "
                              f"({needed} blocks of {block_size}): raise num_blocks or lower max_model_len")
         blocks = {kind: num_blocks if kind == FULL else min(num_blocks, max_batch * window_per_row) for kind in layers}
+        image_rows, self.image_tokens_per_request = 0, 0
+        if self.image_family == "mllama":
+            vision = model.config.vision_config
+            self.tokens_per_tile = (vision.image_size // vision.patch_size) ** 2 + 1  # patches and the class token
+            self.image_tokens_per_request = MLLAMA_MAX_IMAGES * vision.max_num_tiles * self.tokens_per_tile
+            image_rows = min(max_batch, MLLAMA_IMAGE_ROWS)
         self.runner = PagedRunner(model, max_rows=max_batch, block_size=block_size, blocks=blocks,
-                                  table_width=table_width)
+                                  table_width=table_width, image_rows=image_rows,
+                                  image_tokens=self.image_tokens_per_request)
         self.scheduler = Scheduler(kinds=list(blocks), num_blocks=blocks, block_size=block_size, max_batch=max_batch,
-                                   prefill_chunk=prefill_chunk, chunk_size=chunk_size, max_waiting=max_waiting)
+                                   prefill_chunk=prefill_chunk, chunk_size=chunk_size, max_waiting=max_waiting,
+                                   image_slots=image_rows)
         self.max_waiting = max_waiting
         self.sequences: dict[str, Sequence] = {}
         self.generated_tokens = 0
@@ -181,8 +194,8 @@ class Engine:
         prompt = request.prompt_ids
         if not prompt:
             raise ValueError("prompt_ids is empty: give at least one token")
-        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in prompt):
-            raise ValueError(f"prompt_ids holds ids outside the vocabulary [0, {self.vocab_size})")
+        if any(not isinstance(t, int) or t < 0 or t >= self.input_ids_limit for t in prompt):
+            raise ValueError(f"prompt_ids holds ids outside the vocabulary [0, {self.input_ids_limit})")
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"prompt_ids has {len(prompt)} tokens; max_model_len is {self.max_model_len} "
                              f"(with room for at least one new token): shorten the prompt")
@@ -205,7 +218,14 @@ class Engine:
             if self.image_family is None:
                 raise ValueError(f"model_inputs: {type(self.model).__name__} is a text-only model; send text only")
             if self.image_family == "mllama":
-                raise ValueError("model_inputs: images for Llama 3.2 Vision (Mllama) are not served yet; send text only")
+                pixels = request.model_inputs.get("pixel_values")
+                if pixels is None or pixels.dim() != 6 or pixels.shape[0] != 1:
+                    raise ValueError("model_inputs: Llama 3.2 Vision takes pixel_values (1, images, tiles, 3, height, "
+                                     "width) with aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask, as "
+                                     "MllamaProcessor returns them for one request")
+                if pixels.shape[1] * pixels.shape[2] * self.tokens_per_tile > self.image_tokens_per_request:
+                    raise ValueError(f"model_inputs: at most {MLLAMA_MAX_IMAGES} images per request are served for "
+                                     f"Llama 3.2 Vision, got {pixels.shape[1]}")
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; ValueError (naming the field) for a bad one, QueueFull when the waiting
@@ -271,7 +291,8 @@ class Engine:
             sampled: list[Sequence] = []
             logits = []
             if plan.decode:
-                logits.append(runner.decode(*scheduler.decode_inputs(plan.decode)))
+                images = [(s.image_slot, s.image_tokens) if s.image_tokens else None for s in plan.decode]
+                logits.append(runner.decode(*scheduler.decode_inputs(plan.decode), images=images))
                 for sequence in plan.decode:
                     sequence.computed += 1
                     scheduler.after_compute(sequence)
@@ -280,11 +301,14 @@ class Engine:
                 sequence = chunk.sequence
                 slots, kept_from = scheduler.prefill_slots(chunk)
                 inputs = sequence.request.model_inputs if chunk.start == 0 else None
-                last = runner.prefill(sequence.tokens[: chunk.end], chunk.start, slots, kept_from, inputs)
+                prefilled = runner.prefill(sequence.tokens[: chunk.end], chunk.start, slots, kept_from, inputs,
+                                           image_slot=sequence.image_slot)
+                if prefilled.image_tokens is not None:
+                    sequence.image_tokens = prefilled.image_tokens
                 sequence.computed = chunk.end
                 scheduler.after_compute(sequence)
                 if chunk.finishes_prompt:
-                    logits.append(last[None])
+                    logits.append(prefilled.logits[None])
                     sampled.append(sequence)
             if sampled:
                 rows = [SamplingRow(s.request.sampling, s.tokens, s.generated, s.generator, s.request.constraint)

@@ -19,15 +19,15 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy
 import torch
 
 from ..decoding.decoders import forward_tokens
 from ..decoding.graphs import CapturedStep, compile_units
-from ..decoding.kv import PagedKV, PagedPrefillCache
-from ..decoding.plans import CHUNKED, FULL, plan_for
+from ..decoding.kv import PagedCrossKV, PagedKV, PagedPrefillCache
+from ..decoding.plans import CHUNKED, CROSS, FULL, plan_for
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # decode batch sizes a graph is captured for (then multiples of 256)
 
@@ -121,12 +121,19 @@ class BlockPool:
             self.digest_of[block] = digest
 
 
+class Prefilled(NamedTuple):
+    logits: torch.Tensor  # (vocab,) float32: the chunk's last token's
+    image_tokens: int | None  # Mllama: the image tokens kept for the request's new tokens (None: no image)
+
+
 class PagedRunner:
     """The model over a PagedKV: `prefill` (a chunk of one request) and `decode` (one token for
-    each of several requests)."""
+    each of several requests). Mllama's image keys/values go to `image_rows` slots of
+    `image_tokens` positions each (PagedCrossKV)."""
 
     def __init__(self, model, *, max_rows: int, block_size: int, blocks: dict[str, int], table_width: int,
-                 compile: bool | None = None, capture: bool | None = None):
+                 image_rows: int = 0, image_tokens: int = 0, compile: bool | None = None,
+                 capture: bool | None = None):
         self.model = model
         self.plan = plan_for(model)
         if self.plan is None:
@@ -142,9 +149,13 @@ class PagedRunner:
         self.max_rows = batch_bucket(max_rows) if self.capture else max_rows
         self.kv = PagedKV(self.layers_by_kind, {kind: blocks[kind] + 1 for kind in self.layers_by_kind}, block_size,
                           kv_heads, head_dim, self.max_rows, table_width, model.dtype, model.device)
+        cross_layers = [i for i, kind in enumerate(kinds) if kind == CROSS]
+        if cross_layers and image_rows:
+            self.kv.cross_store = PagedCrossKV(cross_layers, image_rows, image_tokens, kv_heads, head_dim,
+                                               self.max_rows, model.dtype, model.device)
         units = self.plan.units()
         self.run = compile_units(units) if self.use_compile else units
-        self.graphs: dict[int, CapturedStep] = {}
+        self.graphs: dict[tuple, CapturedStep] = {}
         self.pool = None  # the memory pool the graphs share (never replayed at the same time)
 
     @staticmethod
@@ -157,10 +168,10 @@ class PagedRunner:
         return {kind: kinds.count(kind) for kind in (FULL, CHUNKED) if kind in kinds}
 
     def prefill(self, tokens: list[int], start: int, slots: dict[str, list[int]], kept_from: dict[str, int],
-                model_inputs: dict[str, Any] | None = None) -> torch.Tensor:
+                model_inputs: dict[str, Any] | None = None, image_slot: int | None = None) -> Prefilled:
         """tokens[start:] of one request through the reference forward (positions [0, start) are
-        stored already). slots[kind]: the flat slot of each position up to len(tokens). Returns
-        the last token's logits (vocab,), float32."""
+        stored already). slots[kind]: the flat slot of each position up to len(tokens). Images go
+        in with the whole prompt; Mllama's image keys/values then go to `image_slot`."""
         device = self.model.device
         slot_tensors = {kind: torch.tensor(row, dtype=torch.long, device=device) for kind, row in slots.items()}
         cache = PagedPrefillCache(self.kv, slot_tensors, start, kept_from)
@@ -171,13 +182,20 @@ class PagedRunner:
             extra = self.model._inputs_for_step(_on(model_inputs, self.model), True, len(tokens))
         with torch.no_grad():
             outputs = forward_tokens(self.model, ids, mask, cache, **extra)
-        return outputs.logits[0, -1].float()
+            image_tokens = None
+            image_keys_values = cache.cross_attention_cache()
+            if image_keys_values and image_slot is not None:
+                image_tokens = self.kv.cross_store.fill(image_slot, image_keys_values,
+                                                        _visible_image_tokens(image_keys_values, extra))
+        return Prefilled(outputs.logits[0, -1].float(), image_tokens)
 
     def decode(self, tokens: list[int], positions: list[int], slots: dict[str, list[int]],
-               tables: dict[str, list[list[int]]], first: dict[str, list[int]]) -> torch.Tensor:
+               tables: dict[str, list[list[int]]], first: dict[str, list[int]],
+               images: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
         """One token per row: tokens/positions (rows,), per kind each row's flat slot for its new
-        key/value, its block table and its first visible position. Returns logits (rows, vocab),
-        float32 (a copy: the captured graph's output is overwritten by the next step)."""
+        key/value, its block table and its first visible position; images (Mllama): per row its
+        (image slot, image tokens) or None. Returns logits (rows, vocab), float32 (a copy: the
+        captured graph's output is overwritten by the next step)."""
         rows = len(tokens)
         padded = batch_bucket(rows) if self.capture else rows
         if padded > self.max_rows:
@@ -202,17 +220,45 @@ class PagedRunner:
                 table[row, : len(blocks)] = blocks
             kv.tables[kind][:padded, :used].copy_(torch.from_numpy(table), non_blocking=True)
         kv.rows = padded
+        kv.cross = None
+        if images is not None and any(images):
+            self._set_images(images + [None] * pad)
+        key = (padded, kv.cross is not None)
         with torch.no_grad():
             if not self.capture:
                 return self._step()[:rows]
-            if padded not in self.graphs:
-                self.graphs[padded] = CapturedStep(self._step, lambda: None, self.pool)
-                self.pool = self.graphs[padded].pool
-            return self.graphs[padded].replay()[:rows].clone()
+            if key not in self.graphs:
+                self.graphs[key] = CapturedStep(self._step, lambda: None, self.pool)
+                self.pool = self.graphs[key].pool
+            return self.graphs[key].replay()[:rows].clone()
+
+    def _set_images(self, images: list[tuple[int, int] | None]) -> None:
+        """Mllama: which image slot each row reads and how many of its tokens (block 0, one
+        position, for rows without an image: their outputs are zeroed)."""
+        store = self.kv.cross_store
+        padded = len(images)
+        host = torch.tensor([[image[0], image[1], 1] if image else [0, 1, 0] for image in images], dtype=torch.long)
+        store.table[:padded, 0].copy_(host[:, 0], non_blocking=True)
+        store.lengths[:padded].copy_(host[:, 1], non_blocking=True)
+        store.sees[:padded, 0].copy_(host[:, 2], non_blocking=True)
+        store.rows = padded
+        self.kv.cross = store
 
     def _step(self) -> torch.Tensor:
         kv = self.kv
         return self.plan.step(self.run, kv.tokens[: kv.rows], kv.positions[: kv.rows], kv)
+
+
+def _visible_image_tokens(image_keys_values: dict, step_inputs: dict[str, Any]) -> torch.Tensor:
+    """Mllama: which image tokens (image tokens,) the request's new tokens see: those its last
+    prompt token saw (the reference's generate() repeats the cross-attention mask's last row)."""
+    keys = next(iter(image_keys_values.values()))[0]
+    image_tokens = keys.shape[2]
+    mask = step_inputs.get("cross_attention_mask")  # (1, tokens, images, tiles)
+    if mask is None:
+        return torch.ones(image_tokens, dtype=torch.bool, device=keys.device)
+    tokens_per_tile = image_tokens // (mask.shape[2] * mask.shape[3])
+    return mask[0, -1].bool().repeat_interleave(tokens_per_tile, dim=-1).reshape(-1).to(keys.device)
 
 
 def _on(inputs: dict[str, Any], model) -> dict[str, Any]:

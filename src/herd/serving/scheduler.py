@@ -46,6 +46,8 @@ class Sequence:
     digests: list[bytes] = field(default_factory=list)  # digests of the full blocks registered so far
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (first admission)
     admitted: bool = False
+    image_slot: int | None = None  # Mllama: where its image keys/values are kept while it runs
+    image_tokens: int | None = None  # Mllama: how many image tokens its new tokens see (None: none)
 
     @property
     def request_id(self) -> str:
@@ -83,7 +85,7 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, *, kinds: list[str], num_blocks: dict[str, int], block_size: int, max_batch: int,
-                 prefill_chunk: int, chunk_size: int | None, max_waiting: int):
+                 prefill_chunk: int, chunk_size: int | None, max_waiting: int, image_slots: int = 0):
         self.block_size, self.max_batch, self.prefill_chunk = block_size, max_batch, prefill_chunk
         self.chunk_size, self.max_waiting = chunk_size, max_waiting
         caching = CHUNKED not in kinds
@@ -91,6 +93,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self.arrivals = 0
+        # Mllama: slots for image keys/values (0: the family keeps none); a request with images
+        # waits for one
+        self.image_slots = image_slots
+        self.free_image_slots = list(range(1, image_slots + 1))
         self.prefix_cache_queries = self.prefix_cache_hits = self.preemptions = 0
 
     # --- blocks --------------------------------------------------------------------------------
@@ -125,6 +131,9 @@ class Scheduler:
         sequence.blocks = {}
         sequence.digests = []
         sequence.computed = 0
+        if sequence.image_slot is not None:
+            self.free_image_slots.append(sequence.image_slot)
+            sequence.image_slot = sequence.image_tokens = None
 
     def _reuse_prefix(self, sequence: Sequence) -> int:
         """Take the cached blocks of the sequence's longest cached prefix; returns its tokens."""
@@ -217,6 +226,9 @@ class Scheduler:
         # no admission in a step that had to preempt: what was preempted would come straight back
         while budget > 0 and self.waiting and len(self.running) < self.max_batch and self.preemptions == preempted_before:
             sequence = self.waiting[0]
+            needs_slot = self.image_slots and sequence.has_images
+            if needs_slot and not self.free_image_slots:
+                break
             hits = self._reuse_prefix(sequence)
             sequence.computed = hits
             chunk = self._prefill_chunk(sequence, budget)
@@ -224,6 +236,8 @@ class Scheduler:
                 self._release(sequence)
                 break
             self.waiting.popleft()
+            if needs_slot:
+                sequence.image_slot = self.free_image_slots.pop()
             if not sequence.admitted:
                 sequence.admitted = True
                 sequence.cached_tokens = hits
