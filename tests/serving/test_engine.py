@@ -5,6 +5,7 @@ and prefix reuse; sampling, logprobs, constraints, stop conditions, aborts and t
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 
 import pytest
@@ -16,11 +17,12 @@ from tests.conftest import reference_llama, save_reference
 from tests.models.llama4.test_modeling_llama4 import reference_llama4
 
 VOCAB = 128
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    reference = reference_llama(max_position_embeddings=256)
+    reference = reference_llama(max_position_embeddings=256, head_dim=16)  # 16: the Triton kernels' smallest head
     folder = save_reference(reference, tmp_path_factory.mktemp("engine") / "llama")
     return herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
 
@@ -47,8 +49,10 @@ def _prompt(length: int, seed: int) -> list[int]:
 
 
 def _expected(model, prompt: list[int], new: int) -> list[int]:
-    """model.generate()'s greedy tokens for the prompt alone (no eos: always `new` tokens)."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    """model.generate()'s greedy tokens for the prompt alone (no eos: always `new` tokens); on a GPU
+    the plain path's (the reference forward)."""
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, disable_compile=True)
     return out[0, len(prompt) :].tolist()
 
 
@@ -381,3 +385,21 @@ def test_mllama_requests_with_images_among_text_requests(mllama, image_rows, mon
     engine = Engine(mllama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=8, max_model_len=64)
     assert _tokens(_run(engine, arrivals)) == expected
     assert engine.stats()["kv_blocks_used"] == 0 and len(engine.scheduler.free_image_slots) == min(4, image_rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_on_cuda_compiled_and_captured_steps_give_generates_tokens(family, request):
+    """On a GPU the decode step is compiled and captured per batch bucket (1..8 rows here: the
+    few-row Triton kernels up to 4, the library matmuls above; the paged attention kernel):
+    float32 greedy tokens equal the reference forward's."""
+    model = copy.deepcopy(request.getfixturevalue(family)).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128)
+    assert engine.runner.capture and engine.runner.use_compile
+    requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
+    events = _run(engine, arrivals)
+    for request_id, request in requests.items():
+        assert _tokens(events)[request_id] == _expected(model, request.prompt_ids, request.sampling.max_tokens), request_id
+    assert {rows for rows, _ in engine.runner.graphs} >= {1, 8}
+    assert engine.stats()["kv_blocks_used"] == 0

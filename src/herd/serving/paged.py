@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy
 import torch
 
-from ..decoding.decoders import forward_tokens
+from ..decoding.decoders import fast_decoder, forward_tokens
 from ..decoding.graphs import CapturedStep, compile_units
 from ..decoding.kv import PagedCrossKV, PagedKV, PagedPrefillCache
 from ..decoding.plans import CHUNKED, CROSS, FULL, plan_for
@@ -135,9 +135,11 @@ class PagedRunner:
                  image_rows: int = 0, image_tokens: int = 0, compile: bool | None = None,
                  capture: bool | None = None):
         self.model = model
-        self.plan = plan_for(model)
-        if self.plan is None:
+        if plan_for(model) is None:
             raise ValueError(f"{type(model).__name__} has no decode plan: the server runs Llama, Llama 4 and Mllama models")
+        # generate()'s plan, shared: its weights are fused once (a second plan would fuse them again
+        # while the first still held the old copies)
+        self.plan = fast_decoder(model).plan
         self.plan.prepare()
         kinds = self.plan.attention_kinds()
         self.layers_by_kind = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in (FULL, CHUNKED)
