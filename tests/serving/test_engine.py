@@ -403,3 +403,27 @@ def test_on_cuda_compiled_and_captured_steps_give_generates_tokens(family, reque
         assert _tokens(events)[request_id] == _expected(model, request.prompt_ids, request.sampling.max_tokens), request_id
     assert {rows for rows, _ in engine.runner.graphs} >= {1, 8}
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "llama4", "mllama"])
+def test_the_decode_step_over_the_paged_store_traces_whole(family, request):
+    """What the GPU compiles: each unit of the plan over a PagedKV traced as one graph (fullgraph;
+    Dynamo's tracing alone runs here, with the eager backend), giving the same tokens."""
+    import torch._dynamo
+
+    model = request.getfixturevalue(family)
+    engine = Engine(model, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=16, max_model_len=64)
+    torch._dynamo.reset()
+    engine.runner.run = {name: torch.compile(fn, fullgraph=True, dynamic=False, backend="eager")
+                         for name, fn in engine.runner.plan.units().items()}
+    requests = [_greedy(_prompt(length, length), 4, f"r{length}") for length in (3, 11)]
+    if family == "mllama":
+        from tests.models.mllama.test_modeling_mllama import _inputs
+
+        inputs = _inputs([[2]], image_at=(0, 5))
+        requests.append(EngineRequest("image", inputs.pop("input_ids")[0].tolist(),
+                                      SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), model_inputs=inputs))
+    events = _tokens(_run(engine, {0: requests}))
+    for request_ in requests[:2]:
+        assert events[request_.request_id] == _expected(model, request_.prompt_ids, 4)
+    assert len(events) == len(requests)

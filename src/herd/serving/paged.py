@@ -156,6 +156,13 @@ class PagedRunner:
             self.kv.cross_store = PagedCrossKV(cross_layers, image_rows, image_tokens, kv_heads, head_dim,
                                                self.max_rows, model.dtype, model.device)
         units = self.plan.units()
+        if self.use_compile:
+            # every batch bucket (and Llama 4's kinds of layer in each) adds entries to the units'
+            # shared code cache, beside generate()'s shapes
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+                torch._dynamo.config.accumulated_recompile_limit = max(
+                    torch._dynamo.config.accumulated_recompile_limit, 1024)
         self.run = compile_units(units) if self.use_compile else units
         self.graphs: dict[tuple, CapturedStep] = {}
         self.pool = None  # the memory pool the graphs share (never replayed at the same time)
