@@ -313,6 +313,19 @@ def test_async_engine_streams_and_cancellation_frees_blocks(llama):
         first = await stream.__anext__()
         assert first.finish_reason is None
         await stream.aclose()
+        started, received = asyncio.Event(), []
+
+        async def consume():
+            async for event in engine.generate(_greedy(_prompt(9, 3), 50, "task")):
+                received.append(event)
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()  # the client went away: the request is aborted
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(received) < 50
         for _ in range(100):
             if engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0:
                 break
