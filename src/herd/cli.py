@@ -581,7 +581,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             web.should_exit = True
 
     threading.Thread(target=load, daemon=True, name="herd-load").start()
-    web.run()
+    try:
+        web.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has drained and shut down: a normal stop
+        pass
     if failure:
         raise failure[0]
     return 0

@@ -62,6 +62,40 @@ def model_info(model, tokenizer, processor=None, max_model_len=None) -> ModelInf
                      max_model_len=max_model_len or getattr(config, "max_position_embeddings", None))
 
 
+class Recording:
+    """An AsyncEngine that notes the requests it is given (`requests_seen`), for tests of what reaches it."""
+
+    def __init__(self, engine):
+        self.inner = engine
+        self.requests_seen = []
+
+    @property
+    def engine(self):
+        return self.inner.engine
+
+    async def start(self):
+        await self.inner.start()
+
+    async def stop(self):
+        await self.inner.stop()
+
+    def stats(self):
+        return self.inner.stats()
+
+    def generate(self, request):
+        self.requests_seen.append(request)
+        return self.inner.generate(request)
+
+
+def engine_server(model, tokenizer, *, processor=None, name="test-model", engine_kwargs=None, **server_kwargs) -> Server:
+    """A Server over serving/engine.py's real Engine (continuous batching over the paged KV store)."""
+    from herd.serving.engine import AsyncEngine, Engine
+
+    engine = Engine(model, **{"max_model_len": 1024, **(engine_kwargs or {})})
+    return Server(model_name=name, engine=Recording(AsyncEngine(engine)),
+                  model=model_info(model, tokenizer, processor, max_model_len=engine.max_model_len), **server_kwargs)
+
+
 def fake_server(model, tokenizer, *, processor=None, name="test-model", engine_kwargs=None, **server_kwargs) -> Server:
     engine = FakeAsyncEngine(FakeEngine(model, **(engine_kwargs or {})))
     return Server(model_name=name, engine=engine, model=model_info(model, tokenizer, processor), **server_kwargs)

@@ -1,10 +1,6 @@
-"""The official openai client against `herd serve`'s app on loopback, with SmolLM2-135M-Instruct.
-
-The engine is tests/serving/fake_engine.py's stand-in (model.generate per request, tokens handed
-out one per step, interleaved across requests) until serve-engine's Engine is merged; what is
-checked here is the API half: the text, the formats, the options, against generate() and
-transformers.
-"""
+"""The official openai client against `herd serve`'s app on loopback, with SmolLM2-135M-Instruct
+and tiny random Llama 3.2 Vision / Llama 4 models, over the real engine (continuous batching over
+the paged KV store): the text, the formats, the options, against generate() and transformers."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ import torch
 
 from tests.conftest import SHARED_DATA
 
-from .conftest import fake_server, live
+from .conftest import engine_server, live
 
 openai = pytest.importorskip("openai")
 
@@ -30,7 +26,7 @@ PROMPTS = ["What is the capital of France?", "Name a color.", "What is 2 + 2?", 
 @pytest.fixture(scope="module")
 def served(smollm2):
     model, tokenizer = smollm2
-    with live(fake_server(model, tokenizer, name="smollm2")) as server:
+    with live(engine_server(model, tokenizer, name="smollm2")) as server:
         yield server
 
 
@@ -247,7 +243,7 @@ def vision_served(request, tmp_path_factory):
     (_mllama_folder if request.param == "mllama" else _llama4_folder)(path)
     model = herd.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     processor = herd.AutoProcessor.from_pretrained(path)
-    with live(fake_server(model, processor.tokenizer, processor=processor, name=request.param)) as server:
+    with live(engine_server(model, processor.tokenizer, processor=processor, name=request.param)) as server:
         yield server, model, processor
 
 
@@ -275,7 +271,7 @@ def test_image_chat_equals_generate_with_the_processor(vision_served):
     assert answer.choices[0].message.content == processor.tokenizer.decode(new, skip_special_tokens=True)
     assert answer.usage.prompt_tokens == inputs["input_ids"].shape[1]
     # the engine got the processor's tensors for the image (batch dim 1), not the text alone
-    sent = server.server.engine.engine.requests_seen[-1]
+    sent = server.server.engine.requests_seen[-1]
     assert sent.prompt_ids == inputs["input_ids"][0].tolist()
     assert set(sent.model_inputs) == set(inputs) - {"input_ids", "attention_mask"}
     assert torch.equal(sent.model_inputs["pixel_values"], inputs["pixel_values"])
