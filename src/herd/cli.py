@@ -547,7 +547,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     media = MediaPolicy(allow_remote=not args.no_remote_media,
                         allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None)
-    server = Server(model_name=name, api_key=args.api_key or os.environ.get("HERD_API_KEY"), media=media)
+    server = Server(model_name=name, api_key=args.api_key or os.environ.get("HERD_API_KEY") or None, media=media)
     failure: list[BaseException] = []
 
     class _Uvicorn(uvicorn.Server):

@@ -321,3 +321,23 @@ def test_metrics(served):
     assert "# TYPE herd_requests_running gauge" in text
     assert 'herd_http_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert 'status="400"' in text
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event(tokenizer):
+    class Exploding(FakeAsyncEngine):  # as the real AsyncEngine raises on each stream when a step fails
+        async def generate(self, request):
+            count = 0
+            async for event in super().generate(request):
+                count += 1
+                if count > 2:
+                    raise RuntimeError("the GPU fell off")
+                yield event
+
+    server = make_server(tokenizer, engine=FakeEngine(script=lambda request: [1] * 50))
+    server._pending = (Exploding(server._pending[0].engine), server._pending[1])
+    with live(server) as running:
+        response = post(running, "/v1/chat/completions", say("x", stream=True))
+        events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "the GPU fell off" in json.loads(events[-2])["error"]["message"]
+        assert_error(post(running, "/v1/chat/completions", say("x")), 500, None, "the GPU fell off")
+        assert httpx.get(running.url + "/health").status_code == 200

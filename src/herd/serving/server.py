@@ -481,6 +481,12 @@ class Server:
                 "model": self.model_name, "choices": out, "usage": self._usage(choices)}
 
     @staticmethod
+    def _stream_error(error: Exception) -> bytes:
+        logger.exception("a streamed request failed")
+        return _sse(APIError(500, f"the answer failed: {type(error).__name__}: {error}", type="server_error").body()) \
+            + b"data: [DONE]\n\n"
+
+    @staticmethod
     def _finish(reason: str | None) -> str | None:
         return "stop" if reason == "abort" else reason
 
@@ -529,6 +535,8 @@ class Server:
                 yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created,
                             "model": self.model_name, "choices": [], "usage": self._usage(choices)})
             yield b"data: [DONE]\n\n"
+        except Exception as error:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            yield self._stream_error(error)
         finally:
             self.in_flight -= 1
             await self._close(choices)
@@ -612,6 +620,8 @@ class Server:
                 yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
                             "choices": [], "usage": self._usage(choices)})
             yield b"data: [DONE]\n\n"
+        except Exception as error:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            yield self._stream_error(error)
         finally:
             self.in_flight -= 1
             await self._close(choices)
