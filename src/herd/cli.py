@@ -30,7 +30,7 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (no usage block) that point to --help."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
+    def error(self, message: str):
         sys.stderr.write(f"herd: error: {message}; see `{self.prog} --help`\n")
         sys.exit(2)
 
@@ -101,7 +101,7 @@ def _download(name: str) -> Path:
                            "pass a model folder or a .gguf file, or unset HF_HUB_OFFLINE to download it") from None
         raise CLIError(f"{name} is neither an existing folder, a .gguf file nor a Hub id (org/name); "
                        "check the path") from None
-    except Exception as error:  # noqa: BLE001 - httpx/requests connection errors, whichever client is installed
+    except Exception as error:
         if "connect" in type(error).__name__.lower() or "timeout" in type(error).__name__.lower():
             raise CLIError(no_network) from None
         raise
@@ -510,7 +510,13 @@ def _check_serve_options(args: argparse.Namespace) -> None:
 def _load_for_serving(path: str, args: argparse.Namespace):
     """(model, tokenizer, processor or None): the image-and-text class and its processor for Mllama and
     Llama 4 folders that hold a processor's files, the text model otherwise."""
-    from .auto import PROCESSOR_CLASSES, AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+    from .auto import (
+        PROCESSOR_CLASSES,
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+    )
     from .tokenization import AutoTokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
@@ -698,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nherd: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - one line, never a traceback
+    except Exception as error:
         if os.environ.get("HERD_DEBUG"):
             raise
         if isinstance(error, (CLIError, ValueError, FileNotFoundError, NotImplementedError)):

@@ -42,7 +42,7 @@ def image_host(routes):
     """An http server on loopback answering path -> (status, headers, body, delay_s)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the http.server hook
+        def do_GET(self):
             status, headers, body, delay = routes[self.path]
             self.send_response(status)
             for name, value in headers.items():

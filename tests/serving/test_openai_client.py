@@ -216,10 +216,9 @@ def _llama4_folder(path):
     import transformers
     from transformers.models.llama4 import processing_llama4
 
+    from herd.models.llama4 import Llama4ImageProcessorFast
     from tests.models.llama4.test_modeling_llama4_multimodal import TEXT, VISION
     from tests.models.llama4.test_processing_llama4 import LLAMA4_TOKENS
-
-    from herd.models.llama4 import Llama4ImageProcessorFast
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
     tokenizer.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})

@@ -64,8 +64,9 @@ def served(tokenizer):
 @pytest.fixture(scope="module")
 def tools_template_tokenizer():
     """Llama 3.1's vocabulary with a chat template that renders tools and tool calls (Llama 4's, from transformers)."""
-    import herd
     from transformers.models.llama4 import processing_llama4
+
+    import herd
 
     tokenizer = herd.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
     tokenizer.chat_template = processing_llama4.chat_template

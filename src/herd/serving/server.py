@@ -31,7 +31,13 @@ from .engine import EngineRequest, QueueFull, SamplingParams, TokenEvent
 from .media import MediaPolicy
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .prompts import PromptBuilder
-from .protocol import APIError, Sampling, bad, parse_chat_request, parse_completion_request
+from .protocol import (
+    APIError,
+    Sampling,
+    bad,
+    parse_chat_request,
+    parse_completion_request,
+)
 from .structured import GrammarCompiler
 from .text import TextAssembler
 from .tool_calls import parse_tool_calls
