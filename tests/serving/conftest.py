@@ -12,8 +12,6 @@ import torch
 
 from herd.serving.server import ModelInfo, Server
 
-from .fake_engine import FakeAsyncEngine, FakeEngine, model_eos_ids
-
 
 class LiveServer:
     """A Server's app answering on http://127.0.0.1:<port> until stop()."""
@@ -57,7 +55,9 @@ def live(server: Server):
 
 def model_info(model, tokenizer, processor=None, max_model_len=None) -> ModelInfo:
     config = model.config.get_text_config()
-    return ModelInfo(tokenizer=tokenizer, processor=processor, eos_token_ids=tuple(model_eos_ids(model)),
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    return ModelInfo(tokenizer=tokenizer, processor=processor, eos_token_ids=eos_ids,
                      vocab_size=config.vocab_size,
                      max_model_len=max_model_len or getattr(config, "max_position_embeddings", None))
 
@@ -94,11 +94,6 @@ def engine_server(model, tokenizer, *, processor=None, name="test-model", engine
     engine = Engine(model, **{"max_model_len": 1024, **(engine_kwargs or {})})
     return Server(model_name=name, engine=Recording(AsyncEngine(engine)),
                   model=model_info(model, tokenizer, processor, max_model_len=engine.max_model_len), **server_kwargs)
-
-
-def fake_server(model, tokenizer, *, processor=None, name="test-model", engine_kwargs=None, **server_kwargs) -> Server:
-    engine = FakeAsyncEngine(FakeEngine(model, **(engine_kwargs or {})))
-    return Server(model_name=name, engine=engine, model=model_info(model, tokenizer, processor), **server_kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,10 @@
-"""A stand-in for serving/engine.py's Engine and AsyncEngine (the contract's interface), for the API tests.
+"""A scripted stand-in for serving/engine.py's Engine and AsyncEngine (the contract's interface),
+for the API tests that need an exact answer (a tool call in a given format, a failing step).
 
-FakeEngine runs each request through model.generate() alone (batch 1) the first time the scheduler
-sees it, then hands its tokens out one per step(), interleaved with the other running requests, so
-that the server sees what the real engine gives: token events, finish reasons, aborts freeing
-"blocks", a bounded waiting queue. With `script`, the tokens come from a function of the request
-instead (to force a tiny model's answer, e.g. a tool call). FakeAsyncEngine drives any object with
-the Engine interface from a background thread.
+FakeEngine's tokens come from `script(request)`, handed out one per step() interleaved with the
+other running requests, so that the server sees what the real engine gives: token events, finish
+reasons, aborts freeing "blocks", a bounded waiting queue. FakeAsyncEngine drives it from a
+background thread. The tests of real answers run on the real Engine (conftest.engine_server).
 """
 
 from __future__ import annotations
@@ -17,60 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from herd.generation.logits_process import LogitsProcessor, LogitsProcessorList
-from herd.generation.stopping import StoppingCriteria, StoppingCriteriaList
 from herd.serving.engine import EngineRequest, QueueFull, TokenEvent
-
-
-def model_eos_ids(model) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
-
-
-class _OpenAIPenalties(LogitsProcessor):
-    """presence / frequency penalty over the generated tokens (OpenAI's definition)."""
-
-    def __init__(self, prompt_length: int, presence: float, frequency: float):
-        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[0, self.prompt_length:]
-        if generated.numel():
-            counts = torch.bincount(generated, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
-            scores = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-        return scores
-
-
-class _Constrained(LogitsProcessor):
-    """A TokenConstraint as a logits processor (mask) and a stopping criterion (finished)."""
-
-    def __init__(self, constraint, prompt_length: int):
-        self.constraint, self.prompt_length, self.seen = constraint, prompt_length, 0
-
-    def _catch_up(self, input_ids):
-        generated = input_ids[0, self.prompt_length:].tolist()
-        for token in generated[self.seen:]:
-            self.constraint.accept(int(token))
-        self.seen = len(generated)
-
-    def __call__(self, input_ids, scores):
-        self._catch_up(input_ids)
-        allowed = torch.ones(scores.shape[-1], dtype=torch.bool)
-        self.constraint.fill_allowed(allowed)
-        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
-
-
-class _ConstraintDone(StoppingCriteria):
-    def __init__(self, constrained: _Constrained):
-        self.constrained = constrained
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.constrained._catch_up(input_ids)
-        return torch.tensor([self.constrained.constraint.is_finished()])
 
 
 @dataclass
@@ -82,15 +28,14 @@ class _Running:
 
 @dataclass
 class FakeEngine:
-    model: object = None
+    script: Callable[[EngineRequest], list[int]] = lambda request: []
     max_batch: int = 256
     max_model_len: int | None = None
     block_size: int = 16
     num_blocks: int = 4096
     max_waiting: int = 1024
-    script: Callable[[EngineRequest], list[int]] | None = None
     step_delay_s: float = 0.0
-    eos_token_ids: tuple = ()  # the end-of-answer ids of a scripted engine (a model engine reads its model's)
+    eos_token_ids: tuple = ()  # end of answer (unless ignore_eos)
     waiting: deque = field(default_factory=deque)
     running: dict = field(default_factory=dict)
     finished_aborts: list = field(default_factory=list)
@@ -149,58 +94,15 @@ class FakeEngine:
 
     def _tokens(self, request: EngineRequest) -> list[TokenEvent]:
         sampling = request.sampling
-        eos = set(model_eos_ids(self.model)) if self.model is not None else set(self.eos_token_ids)
-        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else eos)
-        if self.script is not None:
-            ids, logprobs = self.script(request), None
-        else:
-            ids, logprobs = self._generate(request, sorted(stop_ids))
+        stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         events = []
-        prompt_tokens = len(request.prompt_ids)
-        for position, token in enumerate(ids):
-            logprob, top = (None, None) if logprobs is None else logprobs[position]
-            events.append(TokenEvent(token, logprob=logprob, top_logprobs=top, prompt_tokens=prompt_tokens))
+        for token in self.script(request):
+            events.append(TokenEvent(token, prompt_tokens=len(request.prompt_ids)))
             if token in stop_ids or len(events) == sampling.max_tokens:
                 break
-        constraint_done = self.script is None and request.constraint is not None and request.constraint.is_finished()
         if events:
-            events[-1].finish_reason = "stop" if events[-1].token_id in stop_ids or constraint_done else "length"
+            events[-1].finish_reason = "stop" if events[-1].token_id in stop_ids else "length"
         return events
-
-    def _generate(self, request: EngineRequest, stop_ids: list[int]):
-        sampling = request.sampling
-        prompt = torch.tensor([request.prompt_ids])
-        kwargs: dict = dict(max_new_tokens=sampling.max_tokens, return_dict_in_generate=True, output_logits=True,
-                            eos_token_id=stop_ids or None, pad_token_id=stop_ids[0] if stop_ids else 0)
-        if sampling.temperature == 0:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k or None, min_p=sampling.min_p or None)
-        if sampling.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = sampling.repetition_penalty
-        processors, criteria = [], []
-        if sampling.presence_penalty or sampling.frequency_penalty:
-            processors.append(_OpenAIPenalties(prompt.shape[1], sampling.presence_penalty, sampling.frequency_penalty))
-        if request.constraint is not None:
-            constrained = _Constrained(request.constraint, prompt.shape[1])
-            processors.append(constrained)
-            criteria.append(_ConstraintDone(constrained))
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        with torch.inference_mode():
-            out = self.model.generate(prompt, generator=generator, logits_processor=LogitsProcessorList(processors),
-                                      stopping_criteria=StoppingCriteriaList(criteria), **kwargs,
-                                      **(request.model_inputs or {}))
-        ids = out.sequences[0, prompt.shape[1]:].tolist()
-        logprobs = None
-        if sampling.logprobs is not None:
-            logprobs = []
-            for token, logits in zip(ids, out.logits):
-                row = torch.log_softmax(logits[0].float(), dim=-1)
-                top = row.topk(sampling.logprobs) if sampling.logprobs else None
-                logprobs.append((row[token].item(), [] if top is None else
-                                 list(zip(top.indices.tolist(), top.values.tolist()))))
-        return ids, logprobs
 
 
 class FakeAsyncEngine:
