@@ -342,3 +342,11 @@ def test_an_engine_failure_mid_stream_is_an_error_event(tokenizer):
         assert events[-1] == "[DONE]" and "the GPU fell off" in json.loads(events[-2])["error"]["message"]
         assert_error(post(running, "/v1/chat/completions", say("x")), 500, None, "the GPU fell off")
         assert httpx.get(running.url + "/health").status_code == 200
+
+
+def test_a_prompt_the_engine_refuses_is_a_400_on_its_field(tokenizer):
+    engine = FakeEngine(script=scripted(tokenizer), max_model_len=5)  # stricter than the server's own check
+    with live(make_server(tokenizer, engine=engine)) as server:
+        assert_error(post(server, "/v1/completions", {"prompt": "one two three four five six"}), 400, "prompt",
+                     "max_model_len")
+        assert_error(post(server, "/v1/chat/completions", say("hello")), 400, "messages", "max_model_len")

@@ -69,6 +69,7 @@ class _Choice:
     index: int
     request: EngineRequest
     assembler: TextAssembler
+    param: str = "messages"  # the request field a refused prompt is blamed on
     events: Any = None  # the engine's async iterator
     first: TokenEvent | None = None
     finished: bool = False
@@ -294,7 +295,7 @@ class Server:
         hidden = frozenset(self.model.eos_token_ids) | frozenset(sampling.stop_token_ids)
         assembler = TextAssembler(self.model.tokenizer, sampling.stop, skip_special_tokens=not keep_special_tokens,
                                   hidden_ids=hidden)
-        return _Choice(index, request, assembler)
+        return _Choice(index, request, assembler, param)
 
     # -- running choices --
 
@@ -312,7 +313,7 @@ class Server:
                                    type="rate_limit_exceeded", code="queue_full") from None
                 except ValueError as error:
                     choice.finished = True
-                    raise APIError(400, f"{error}", param="messages") from None
+                    raise APIError(400, f"{choice.param}: {error}", param=choice.param) from None
                 except StopAsyncIteration:
                     choice.finished = True
         except BaseException:
