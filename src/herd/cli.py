@@ -1,4 +1,4 @@
-"""The `herd` command line: generate, chat, info, bench, plan.
+"""The `herd` command line: generate, chat, info, bench, plan, serve.
 
 Every error of the command line is one `herd: error: ...` line on stderr that says how to fix it,
 with exit code 2 (never a traceback; HERD_DEBUG=1 shows the traceback of an unexpected error).
@@ -30,7 +30,7 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (no usage block) that point to --help."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
+    def error(self, message: str):
         sys.stderr.write(f"herd: error: {message}; see `{self.prog} --help`\n")
         sys.exit(2)
 
@@ -101,7 +101,7 @@ def _download(name: str) -> Path:
                            "pass a model folder or a .gguf file, or unset HF_HUB_OFFLINE to download it") from None
         raise CLIError(f"{name} is neither an existing folder, a .gguf file nor a Hub id (org/name); "
                        "check the path") from None
-    except Exception as error:  # noqa: BLE001 - httpx/requests connection errors, whichever client is installed
+    except Exception as error:
         if "connect" in type(error).__name__.lower() or "timeout" in type(error).__name__.lower():
             raise CLIError(no_network) from None
         raise
@@ -270,6 +270,10 @@ def _fit(tokenizer, system, history, message, context, max_new_tokens, device) -
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    if args.url:
+        return _cmd_chat_remote(args)
+    if not args.model:
+        raise CLIError("herd chat needs a model (a folder, a .gguf file or a Hub id), or --url of a running server")
     _check_generation_options(args)
     kwargs = _generate_kwargs(args)
     model, tokenizer = _load(args)
@@ -278,26 +282,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     context = _context_length(model)
-    _line_editing()
-    print("Chatting with", args.model, "- /reset clears the history, /exit quits, Ctrl-C stops an answer.", flush=True)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        command = line.strip()
-        if not command:
-            continue
-        if command in ("/exit", "/quit"):
-            return 0
-        if command == "/reset":
-            history.clear()
-            print("(history cleared)", flush=True)
-            continue
+    for line in _user_lines(args.model, history):
         message = {"role": "user", "content": line}
         streamer = _CollectingStreamer(tokenizer)
         try:
@@ -319,6 +304,85 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                   "added, the conversation is kept)", flush=True)
             continue
         history += [message, {"role": "assistant", "content": streamer.text.strip()}]
+    return 0
+
+
+def _user_lines(name: str, history: list):
+    """The user's messages, read from the terminal: /reset clears `history`, /exit (or end of input)
+    ends the chat, Ctrl-C at the prompt is ignored."""
+    _line_editing()
+    print("Chatting with", name, "- /reset clears the history, /exit quits, Ctrl-C stops an answer.", flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            history.clear()
+            print("(history cleared)", flush=True)
+            continue
+        yield line
+
+
+def _cmd_chat_remote(args: argparse.Namespace) -> int:
+    """`herd chat --url`: the same conversation, answered by a running server (herd serve or any
+    OpenAI-compatible one). A turn the server refuses for the context drops the oldest turns, as the
+    local chat does."""
+    from .serving.client import ChatClient, ServerError
+
+    _check_generation_options(args)
+    client = ChatClient(args.url, api_key=args.api_key or os.environ.get("HERD_API_KEY"))
+    try:
+        name = args.model or client.model_name()
+    except ServerError as error:
+        raise CLIError(f"the server at {args.url} refused to list its models ({error.status}: {error.message})"
+                       + ("; pass --api-key" if error.status == 401 else "")) from None
+    except OSError as error:
+        raise CLIError(f"cannot reach a server at {args.url} ({getattr(error, 'reason', error)}); start one with "
+                       "`herd serve MODEL` or check the URL") from None
+    fields = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed}
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    for line in _user_lines(f"{name} at {args.url}", history):
+        message = {"role": "user", "content": line}
+        text, dropped = "", 0
+        while True:
+            try:
+                for piece in client.stream_chat(name, system + history + [message], **fields):
+                    text += piece
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                print(flush=True)
+            except KeyboardInterrupt:
+                print("\n(stopped)", flush=True)
+            except ServerError as error:
+                if error.status == 400 and "context" in error.message and history and not text:
+                    del history[:2]
+                    dropped += 1
+                    continue
+                print(("\n" if text else "") + f"(the server refused: {error.message}; the message was not added, "
+                      "the conversation is kept)", flush=True)
+                break
+            except OSError as error:
+                print(("\n" if text else "") + f"(the connection failed: {getattr(error, 'reason', error)}; the "
+                      "message was not added, the conversation is kept)", flush=True)
+                break
+            if dropped:
+                print(f"(the conversation outgrew the context: dropped the {dropped} oldest turn"
+                      f"{'s' if dropped > 1 else ''})", flush=True)
+            history += [message, {"role": "assistant", "content": text.strip()}]
+            break
+    return 0
 
 
 def _weight_formats(model) -> str:
@@ -420,11 +484,126 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- herd serve -----------------------------------------------------------------------------------
+
+
+def _check_serve_options(args: argparse.Namespace) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise CLIError(f"herd serve needs {error.name}: pip install 'herd[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-waiting", args.max_waiting, 0),
+                               ("--tp", args.tp, 1)):
+        if value < least:
+            raise CLIError(f"{flag} must be >= {least}, got {value}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise CLIError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if args.tp > 1:
+        raise CLIError(f"--tp {args.tp}: serving over several GPUs is not available yet (the engine runs in one "
+                       "process); use --tp 1, or a quantized model (--quantization) to fit one GPU")
+    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
+        raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
+
+
+def _load_for_serving(path: str, args: argparse.Namespace):
+    """(model, tokenizer, processor or None): the image-and-text class and its processor for Mllama and
+    Llama 4 folders that hold a processor's files, the text model otherwise."""
+    from .auto import (
+        PROCESSOR_CLASSES,
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+    )
+    from .tokenization import AutoTokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    kwargs = dict(dtype=args.dtype, device_map=device, quantization_config=_quantization(args))
+    folder = Path(path)
+    takes_images = folder.is_dir() and AutoConfig.from_pretrained(path).model_type in PROCESSOR_CLASSES and any(
+        (folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+    if takes_images:
+        processor = AutoProcessor.from_pretrained(path)
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval(), processor.tokenizer, processor
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval(), AutoTokenizer.from_pretrained(path), None
+
+
+def _sampling_defaults(model) -> dict[str, Any]:
+    """The checkpoint's generation_config sampling values, for requests that leave them out (as vLLM does)."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not getattr(config, "do_sample", False):
+        return {}
+    return {name: getattr(config, name) for name in ("temperature", "top_p", "top_k")
+            if getattr(config, name, None) is not None}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Answer 503 at once, load the model in the background, then serve; Ctrl-C / SIGTERM drains."""
+    import threading
+
+    import uvicorn
+
+    from .serving.media import MediaPolicy
+    from .serving.server import ModelInfo, Server
+
+    _check_serve_options(args)
+    path = _model_path(args.model)
+    name = args.served_model_name or args.model
+    media = MediaPolicy(allow_remote=not args.no_remote_media,
+                        allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None)
+    server = Server(model_name=name, api_key=args.api_key or os.environ.get("HERD_API_KEY") or None, media=media)
+    failure: list[BaseException] = []
+
+    class _Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            server.state = "draining"  # new requests get 503 while the running ones finish
+            super().handle_exit(sig, frame)
+
+    web = _Uvicorn(uvicorn.Config(server.app, host=args.host, port=args.port, log_level="info",
+                                  timeout_graceful_shutdown=30))
+
+    def load() -> None:
+        try:
+            from .serving.engine import AsyncEngine, Engine
+
+            model, tokenizer, processor = _load_for_serving(path, args)
+            config = model.config.get_text_config()
+            engine = Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                            max_waiting=args.max_waiting)
+            eos = getattr(model.generation_config, "eos_token_id", None)
+            info = ModelInfo(tokenizer=tokenizer, processor=processor,
+                             eos_token_ids=tuple([eos] if isinstance(eos, int) else eos or ()),
+                             vocab_size=config.vocab_size, max_model_len=engine.max_model_len,
+                             sampling_defaults=_sampling_defaults(model))
+            while not web.started and not web.should_exit:
+                time.sleep(0.05)
+            server.attach_from_thread(AsyncEngine(engine), info)
+            print(f"herd: serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) at "
+                  f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            failure.append(error)
+            web.should_exit = True
+
+    threading.Thread(target=load, daemon=True, name="herd-load").start()
+    try:
+        web.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has drained and shut down: a normal stop
+        pass
+    if failure:
+        raise failure[0]
+    return 0
+
+
 # --- the parser -----------------------------------------------------------------------------------
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a model folder, a .gguf file or a Hugging Face Hub id")
+def _add_model_options(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    parser.add_argument("model", nargs="?" if optional else None, default=None,
+                        help="a model folder, a .gguf file or a Hugging Face Hub id")
     parser.add_argument("--dtype", default="auto", type=dtype_name,
                         help="auto (the checkpoint's), float32/fp32, bfloat16/bf16 or float16/fp16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
@@ -463,9 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(generate)
     generate.set_defaults(handler=_cmd_generate)
 
-    chat = commands.add_parser("chat", help="talk with a chat model in the terminal")
-    _add_model_options(chat)
+    chat = commands.add_parser("chat", help="talk with a chat model in the terminal (or with a server: --url)")
+    _add_model_options(chat, optional=True)
     _add_generation_options(chat)
+    chat.add_argument("--url", default=None, help="talk to a running server instead (herd serve, or any "
+                      "OpenAI-compatible one), e.g. http://127.0.0.1:8000; MODEL then picks its model")
+    chat.add_argument("--api-key", default=None, help="the server's API key (default: $HERD_API_KEY)")
     chat.set_defaults(handler=_cmd_chat)
 
     info = commands.add_parser("info", help="load a checkpoint and describe it")
@@ -493,6 +675,24 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prefill-chunk-size", type=int, default=None,
                       help="prefill this many prompt tokens at a time (activations; default 4096)")
     plan.set_defaults(handler=_cmd_plan)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server (chat, completions, images, tools, /metrics)")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (only 1 for now)")
+    serve.add_argument("--max-batch", type=int, default=256, help="requests decoded together at most")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="prompt + answer tokens per request at most (default: the model's context)")
+    serve.add_argument("--max-waiting", type=int, default=1024,
+                       help="requests waiting for a batch slot at most; beyond, requests get 429")
+    serve.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer ...); "
+                       "default: $HERD_API_KEY, else none")
+    serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    serve.add_argument("--allowed-local-media-path", default=None,
+                       help="a folder whose images requests may name by path or file:// URL (default: none)")
+    serve.add_argument("--no-remote-media", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 
@@ -510,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nherd: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - one line, never a traceback
+    except Exception as error:
         if os.environ.get("HERD_DEBUG"):
             raise
         if isinstance(error, (CLIError, ValueError, FileNotFoundError, NotImplementedError)):

@@ -264,3 +264,30 @@ def test_norm_qkv_rotary_is_the_attention_layers_arithmetic():
         torch.testing.assert_close(keys[:, :, 3], rotate(k(normed).view(rows, kv_heads, head_dim)))
         torch.testing.assert_close(values[:, :, 3], v(normed).view(rows, kv_heads, head_dim))
         assert not keys[:, :, :3].any() and not values[:, :, :3].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,config", [(3, (8, 16, 2, 1)), (4, None), (1, None)])
+def test_rotary_epilogue_writes_a_paged_pool_at_each_rows_slot(rows, config, one_multiprocessor):
+    """keys/values as one pool (1, kv_heads, slots, head_dim) and a flat slot per row (the server's
+    paged store): each row's key/value land at its own slot, as store_key_value writes them."""
+    heads, kv_heads, head_dim, hidden, slots = 4, 2, 8, 40, 12
+    norm, projections = _attention_layers(heads, kv_heads, head_dim, hidden, torch.float32)
+    x = torch.randn(rows, hidden).to(DEVICE)
+    cos, sin = _rotary_tables(rows, head_dim, torch.float32)
+    pool = [torch.randn(1, kv_heads, slots, head_dim).to(DEVICE) for _ in range(2)]
+    original, expected_pool = [c.clone() for c in pool], [c.clone() for c in pool]
+    row_slots = torch.tensor([9, 2, 5, 11][:rows], device=DEVICE)
+    weight = torch.cat([layer.weight for layer in projections])
+    expected = gemv.torch_norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, *expected_pool, row_slots)
+    query = gemv.launch(x, weight, x.new_empty(rows, heads * head_dim), norm_weight=norm.weight, eps=norm.eps,
+                        rotary=(cos.reshape(rows, head_dim), sin.reshape(rows, head_dim), *pool, row_slots),
+                        config=config)
+    torch.testing.assert_close(query, expected, rtol=1e-5, atol=1e-5)
+    for written, reference in zip(pool, expected_pool):
+        torch.testing.assert_close(written, reference, rtol=1e-5, atol=1e-5)
+        untouched = [s for s in range(slots) if s not in row_slots.tolist()]
+        assert torch.equal(written[:, :, untouched], reference[:, :, untouched])
+    # the torch path wrote exactly the rows' slots (of the keys)
+    changed = (expected_pool[0] != original[0]).any(dim=-1).any(dim=1)[0]  # (slots,)
+    assert changed.nonzero().flatten().tolist() == sorted(row_slots.tolist())

@@ -15,8 +15,13 @@ kind of store it holds. Kinds:
 `DecodeKV` holds the stores of one model and batch; `begin_step` updates each store's slot and
 visibility once per step (tensor arithmetic only, so it runs inside the captured graph), and
 `PrefillCache` lets the reference forward write the prompt into the same buffers through the
-ordinary Cache interface. A paged store (blocks, block table, per-row lengths) is one more class
-with the same methods.
+ordinary Cache interface.
+
+`PagedKV` is the server's store (serving/): one pool of fixed-size blocks per layer shared by
+every request, a block table per row, per-row slots and lengths. Its `layer(i)` hands the plan
+the pool, each row's flat slot and its table; `store_token` and `attend` below write and read
+either kind, so a plan runs unchanged over both. `PagedPrefillCache` is its Cache adapter for
+the reference forward (a chunk of one request's prompt).
 """
 
 from __future__ import annotations
@@ -26,18 +31,41 @@ from typing import NamedTuple
 import torch
 
 from ..cache import Cache
+from ..kernels import decode_attention, paged_attention
+from ..kernels.gemv import store_key_value
 from .graphs import compiled_once
 from .visibility import kept_positions, visible
 
 
 class LayerKV(NamedTuple):
     """What one layer's decode step reads: keys/values (batch, kv_heads, slots, head_dim), the slot
-    (1,) where this step's key/value go, and which slots the new token may see (batch, slots)."""
+    (1,) where this step's key/value go, and which slots the new token may see (batch, slots).
+
+    Paged (PagedKV): keys/values are the layer's pool (1, kv_heads, blocks * block_size, head_dim),
+    slot (batch,) each row's flat slot, allowed None; the row sees its positions
+    [first_position, lengths) through block_table (batch, blocks per row)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     slot: torch.Tensor
-    allowed: torch.Tensor
+    allowed: torch.Tensor | None
+    block_table: torch.Tensor | None = None
+    first_position: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    block_size: int = 0
+
+
+def store_token(kv: LayerKV, key: torch.Tensor, value: torch.Tensor) -> None:
+    """This step's key/value (batch, kv_heads, head_dim) into the layer's store."""
+    store_key_value(kv.keys, kv.values, kv.slot, key, value)
+
+
+def attend(query: torch.Tensor, kv: LayerKV, scaling: float) -> torch.Tensor:
+    """query (batch, heads, 1, head_dim) over what each row may see -> (batch, heads * head_dim)."""
+    if kv.block_table is None:
+        return decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, scaling)
+    return paged_attention.attend(query, kv.keys, kv.values, kv.block_table, kv.first_position, kv.lengths,
+                                  kv.block_size, scaling)
 
 
 def _buffers(layers, batch, kv_heads, slots, head_dim, dtype, device):
@@ -225,6 +253,11 @@ class DecodeKV:
     def length(self) -> int:
         return self.full.length
 
+    @property
+    def cache_position(self) -> torch.Tensor:
+        """(1,): the new token's position counted from the cache's start (padding included)."""
+        return self.full.slot
+
     def reset(self) -> None:
         self.spare_cross, self.cross = self.cross or self.spare_cross, None
         for store in self.self_attention_stores:
@@ -283,6 +316,134 @@ class PrefillCache(Cache):
     def kv_offset(self, layer_idx: int) -> int:
         store = self.kv.store_of[layer_idx]
         return store.seen[layer_idx] - store.stored(layer_idx)
+
+    def _tensors(self):
+        return []
+
+
+class PagedKV:
+    """The server's store: per layer one pool of `blocks[kind]` blocks of `block_size` slots,
+    (1, kv_heads, blocks * block_size, head_dim), shared by every request; which block holds which
+    of a request's positions is the scheduler's business (serving/paged.py), handed over per step
+    as a block table per row. Layers of one kind (full, chunked) share a table: a chunked layer's
+    blocks older than its window are given back, so its pools are smaller.
+
+    The step's inputs live in fixed buffers of `max_rows` rows (a captured graph reads the first
+    `rows`): tokens, positions, per kind each row's flat slot, table and first visible position,
+    and each row's length (position + 1). Block 0 of every pool is never handed to a request:
+    padding rows write there.
+    """
+
+    def __init__(self, layers_by_kind: dict[str, list[int]], blocks: dict[str, int], block_size: int,
+                 kv_heads: int, head_dim: int, max_rows: int, table_width: int, dtype, device):
+        self.block_size, self.table_width = block_size, table_width
+        self.kind_of = {index: kind for kind, layers in layers_by_kind.items() for index in layers}
+        self.keys, self.values = {}, {}
+        for index, kind in self.kind_of.items():
+            shape = (1, kv_heads, blocks[kind] * block_size, head_dim)
+            self.keys[index] = torch.zeros(shape, dtype=dtype, device=device)
+            self.values[index] = torch.zeros(shape, dtype=dtype, device=device)
+        long = dict(dtype=torch.long, device=device)
+        self.tokens = torch.zeros(max_rows, **long)
+        self.positions = torch.zeros(max_rows, **long)
+        self.lengths = torch.ones(max_rows, **long)
+        self.slots = {kind: torch.zeros(max_rows, **long) for kind in layers_by_kind}
+        self.first = {kind: torch.zeros(max_rows, **long) for kind in layers_by_kind}
+        self.tables = {kind: torch.zeros(max_rows, table_width, dtype=torch.int32, device=device)
+                       for kind in layers_by_kind}
+        self.rows = max_rows
+        self.cross_store: PagedCrossKV | None = None  # Mllama's image keys/values, outside the pages
+        self.cross: PagedCrossKV | None = None  # the store when a row of this step sees an image (else skipped)
+
+    @property
+    def cache_position(self) -> torch.Tensor:
+        """(rows,): each row's new position (no padding in a paged store)."""
+        return self.positions[: self.rows]
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        if layer_idx not in self.kind_of:
+            return self.cross_store.layer(layer_idx)
+        kind, rows = self.kind_of[layer_idx], self.rows
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slots[kind][:rows], None,
+                       self.tables[kind][:rows], self.first[kind][:rows], self.lengths[:rows], self.block_size)
+
+
+class PagedCrossKV:
+    """Mllama's image keys/values in the server, one request per slot, outside the pages: per
+    cross-attention layer a buffer of `slots` + 1 blocks of `tokens` positions (1, kv_heads,
+    (slots + 1) * tokens, head_dim); block 0 stays zero for rows without an image.
+
+    A request's new tokens see the image tokens its last prompt token saw (fixed after prefill),
+    so only those are kept, packed at the start of its block: the step attends to [0, seen) of
+    it through the paged kernel (a one-block table per row). `row_sees_image` (rows, 1) is 0 for a
+    row that sees no image, whose cross-attention outputs the layer zeroes."""
+
+    def __init__(self, layers: list[int], slots: int, tokens: int, kv_heads: int, head_dim: int, max_rows: int,
+                 dtype, device):
+        self.tokens = tokens
+        shape = (1, kv_heads, (slots + 1) * tokens, head_dim)
+        self.keys = {index: torch.zeros(shape, dtype=dtype, device=device) for index in layers}
+        self.values = {index: torch.zeros(shape, dtype=dtype, device=device) for index in layers}
+        long = dict(dtype=torch.long, device=device)
+        self.table = torch.zeros(max_rows, 1, dtype=torch.int32, device=device)
+        self.first = torch.zeros(max_rows, **long)
+        self.lengths = torch.ones(max_rows, **long)
+        self.no_slot = torch.zeros(max_rows, **long)  # nothing is written while decoding
+        self.sees = torch.zeros(max_rows, 1, dtype=dtype, device=device)
+        self.rows = max_rows
+
+    @property
+    def row_sees_image(self) -> torch.Tensor:
+        return self.sees[: self.rows]
+
+    def fill(self, slot: int, image_keys_values: dict, visible: torch.Tensor) -> int:
+        """A request's image keys/values {layer: (1, kv_heads, image tokens, head_dim)} into block
+        `slot` (1 and up), only the image tokens visible (image tokens,) bool. Returns how many."""
+        seen = int(visible.sum())
+        if seen > self.tokens:
+            raise ValueError(f"the request's images give {seen} image tokens; the store holds {self.tokens} per request")
+        start = slot * self.tokens
+        for index, (keys, values) in image_keys_values.items():
+            self.keys[index][0, :, start : start + seen] = keys[0][:, visible]
+            self.values[index][0, :, start : start + seen] = values[0][:, visible]
+        return seen
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        rows = self.rows
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.no_slot[:rows], None, self.table[:rows],
+                       self.first[:rows], self.lengths[:rows], self.tokens)
+
+
+class PagedPrefillCache(Cache):
+    """A chunk of one request's prompt through the reference forward into a PagedKV.
+
+    slots[kind] (end,): the flat slot of each of the request's positions up to the chunk's end;
+    `start`: the positions already stored; kept_from[kind]: the first position the chunk's queries
+    can see (0 for full layers, the start of `start`'s attention chunk for chunked ones): update
+    returns keys/values from there on, and the mask is told so (kv_offset)."""
+
+    def __init__(self, kv: PagedKV, slots: dict[str, torch.Tensor], start: int, kept_from: dict[str, int]):
+        self.kv, self.slots, self.start, self.kept_from = kv, slots, start, kept_from
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        kind = self.kv.kind_of[layer_idx]
+        slots = self.slots[kind]
+        keys, values = self.kv.keys[layer_idx][0], self.kv.values[layer_idx][0]  # (kv_heads, slots, head_dim)
+        end = self.start + key_states.shape[-2]
+        keys.index_copy_(1, slots[self.start : end], key_states[0].to(keys.dtype))
+        values.index_copy_(1, slots[self.start : end], value_states[0].to(values.dtype))
+        visible_slots = slots[self.kept_from[kind] : end]
+        return keys[:, visible_slots][None], values[:, visible_slots][None]  # (1, kv_heads, visible, head_dim)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+    def kv_length(self, layer_idx: int, query_length: int) -> int:
+        return self.start - self.kv_offset(layer_idx) + query_length
+
+    def kv_offset(self, layer_idx: int) -> int:
+        kind = self.kv.kind_of.get(layer_idx)
+        return self.kept_from[kind] if kind is not None else 0
 
     def _tensors(self):
         return []

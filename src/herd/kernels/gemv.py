@@ -213,9 +213,21 @@ def torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, val
     query, key, value = qkv.view(rows, -1, head_dim).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
     cos, sin = cos.view(rows, 1, head_dim), sin.view(rows, 1, head_dim)
     query, key = torch_rotate(query, cos, sin), torch_rotate(key, cos, sin)
-    keys[:, :, slot] = key[:, :, None].to(keys.dtype)
-    values[:, :, slot] = value[:, :, None].to(values.dtype)
+    store_key_value(keys, values, slot, key, value)
     return query.reshape(rows, -1)
+
+
+def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> None:
+    """key/value (rows, kv_heads, head_dim) into the caches: at slot (1,) of every row of
+    (rows, kv_heads, slots, head_dim) caches, or at slot (rows,), one flat slot per row, of a paged
+    pool (1, kv_heads, slots, head_dim) (decoding/kv.PagedKV)."""
+    if keys.shape[0] == key.shape[0]:
+        keys[:, :, slot] = key[:, :, None].to(keys.dtype)
+        values[:, :, slot] = value[:, :, None].to(values.dtype)
+    else:  # (kv_heads, slots, head_dim) pool, written at each row's slot
+        keys[0].index_copy_(1, slot, key.transpose(0, 1).to(keys.dtype))
+        values[0].index_copy_(1, slot, value.transpose(0, 1).to(values.dtype))
 
 
 # --- public functions: kernel where it applies, torch otherwise ----------------------------------
@@ -237,7 +249,7 @@ def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
                     values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """The attention input of one new token per row: x (rows, hidden) -> query (rows, heads * head_dim),
     rotated; the rotated key and the value go into keys/values (rows, kv_heads, slots, head_dim) at
-    slot (1,). weight: q, k and v stacked ((heads + 2 kv_heads) * head_dim, hidden). cos/sin
+    slot (1,), or into a paged pool (1, kv_heads, slots, head_dim) at slot (rows,) (`store_key_value`). weight: q, k and v stacked ((heads + 2 kv_heads) * head_dim, hidden). cos/sin
     (rows, head_dim): Llama's rotary tables (dimension d turns with d + head_dim/2)."""
     if (
         kernel_applies(x, norm_weight, weight, cos, sin, keys, values, bias=bias)
@@ -482,16 +494,17 @@ if triton is not None:
         return v.to(dtype).to(tl.float32)
 
     @triton.jit
-    def _store_query_or_cache(y, r, r_ok, n, out_ptr, keys_ptr, values_ptr, slot, q_rows, kv_rows, slots,
+    def _store_query_or_cache(y, r, r_ok, n, out_ptr, keys_ptr, values_ptr, cache_row, slot, q_rows, kv_rows, slots,
                               HEAD_DIM: tl.constexpr):
         """y (ROWS, P) of rows n (P,): query rows to out (rows, q_rows), key and value rows into the
-        caches (rows, kv_rows // HEAD_DIM, slots, HEAD_DIM) at slot."""
+        caches (cache rows, kv_rows // HEAD_DIM, slots, HEAD_DIM) at row cache_row (ROWS,), slot (ROWS,)."""
         is_query = n < q_rows
         is_key = (n >= q_rows) & (n < q_rows + kv_rows)
         is_value = (n >= q_rows + kv_rows) & (n < q_rows + 2 * kv_rows)
         in_cache = tl.where(is_key, n - q_rows, n - q_rows - kv_rows)  # kv head * HEAD_DIM + d
         kv_head = in_cache // HEAD_DIM
-        cache_offsets = ((r[:, None].to(tl.int64) * (kv_rows // HEAD_DIM) + kv_head[None, :]) * slots + slot) * HEAD_DIM \
+        cache_offsets = ((cache_row[:, None].to(tl.int64) * (kv_rows // HEAD_DIM) + kv_head[None, :]) * slots
+                         + slot[:, None]) * HEAD_DIM \
             + (in_cache % HEAD_DIM)[None, :]
         tl.store(out_ptr + r[:, None] * q_rows + n[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & is_query[None, :])
@@ -499,8 +512,8 @@ if triton is not None:
         tl.store(values_ptr + cache_offsets, y.to(values_ptr.dtype.element_ty), mask=r_ok[:, None] & is_value[None, :])
 
     @triton.jit
-    def _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, q_rows, kv_rows,
-                         slots, dtype: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, per_row_slot, q_rows,
+                         kv_rows, slots, dtype: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         """y (ROWS, BLOCK_N) of the rotary pairs n (`_program_rows`): rotate the query and key rows as
         torch does in y's dtype (q * cos + rotate_half(q) * sin, each product rounded), then store."""
         low, high = tl.split(tl.reshape(y, (ROWS, BLOCK_N // 2, 2)))  # (ROWS, BLOCK_N // 2) each
@@ -514,16 +527,19 @@ if triton is not None:
         rotated = (n_low < q_rows + kv_rows)[None, :]  # query and key rows; value rows pass through
         new_low = _rounded(_rounded(low * cos_low, dtype) - _rounded(high * sin_low, dtype), dtype)
         new_high = _rounded(_rounded(high * cos_high, dtype) + _rounded(low * sin_high, dtype), dtype)
-        slot = tl.load(slot_ptr)
-        _store_query_or_cache(tl.where(rotated, new_low, low), r, r_ok, n_low, out_ptr, keys_ptr, values_ptr, slot,
-                              q_rows, kv_rows, slots, HEAD_DIM)
-        _store_query_or_cache(tl.where(rotated, new_high, high), r, r_ok, n_high, out_ptr, keys_ptr, values_ptr, slot,
-                              q_rows, kv_rows, slots, HEAD_DIM)
+        # one slot shared by every row of (rows, ...) caches, or (per_row_slot) a flat slot per row of
+        # a paged pool (1, ...)
+        slot = tl.load(slot_ptr + r * per_row_slot, mask=r_ok, other=0)  # (ROWS,)
+        cache_row = r * (1 - per_row_slot)
+        _store_query_or_cache(tl.where(rotated, new_low, low), r, r_ok, n_low, out_ptr, keys_ptr, values_ptr, cache_row,
+                              slot, q_rows, kv_rows, slots, HEAD_DIM)
+        _store_query_or_cache(tl.where(rotated, new_high, high), r, r_ok, n_high, out_ptr, keys_ptr, values_ptr,
+                              cache_row, slot, q_rows, kv_rows, slots, HEAD_DIM)
 
     @triton.jit
     def _block_output(block, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
-                      residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok, N,
-                      K, q_rows, kv_rows, slots, dtype: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                      residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, per_row_slot,
+                      r, r_ok, N, K, q_rows, kv_rows, slots, dtype: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                       RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
                       GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       FIRST_K: tl.constexpr):
@@ -557,8 +573,8 @@ if triton is not None:
             activated = _rounded(y * tl.sigmoid(y), dtype)
             y = activated * up
         if ROTARY:
-            _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, q_rows, kv_rows,
-                             slots, dtype, ROWS, BLOCK_N, HEAD_DIM)
+            _rotary_epilogue(y, r, r_ok, n, out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, per_row_slot, q_rows,
+                             kv_rows, slots, dtype, ROWS, BLOCK_N, HEAD_DIM)
         else:
             out_offsets = r[:, None] * N + n[None, :]
             out_mask = r_ok[:, None] & n_ok[None, :]
@@ -579,7 +595,8 @@ if triton is not None:
         sin_ptr,
         keys_ptr,  # with ROTARY: (rows, kv_rows // HEAD_DIM, slots, HEAD_DIM) each
         values_ptr,
-        slot_ptr,  # with ROTARY: (1,) the new token's cache slot
+        slot_ptr,  # with ROTARY: (1,) the new token's cache slot, or (rows,) a flat slot per row of a paged pool
+        per_row_slot,  # 1: slot_ptr holds a slot per row and keys/values are one pool (1, kv_heads, slots, HEAD_DIM)
         rows,
         N,
         K,
@@ -643,14 +660,14 @@ if triton is not None:
                 following_tiles = _load_rows(w_ptr, scale_ptr, offset_ptr, n_next, next_ok, N, K, 0, FIRST_K, GATED,
                                              QUANT, GROUP, True)
                 _block_output(block, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
-                              residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r,
-                              r_ok, N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT,
+                              residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr,
+                              per_row_slot, r, r_ok, N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT,
                               GROUP, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
                 first, first_up = following_tiles
         else:
             _block_output(program, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
-                          residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, r, r_ok,
-                          N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT, GROUP,
+                          residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr,
+                          per_row_slot, r, r_ok, N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT, GROUP,
                           ROWS, BLOCK_N, BLOCK_K, FIRST_K)
 
     def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, rotary=None, config=None,
@@ -681,10 +698,11 @@ if triton is not None:
         _, kv_heads, slots, head_dim = keys.shape if rotary is not None else (0, 0, 0, 2)
         if rotary is not None and block_n < 2:
             raise ValueError("the rotary epilogue pairs rows: block_n must be at least 2")
+        per_row_slot = int(rotary is not None and keys.shape[0] != rows)  # a paged pool: one flat slot per row
         _few_row_linear_kernel[(programs,)](
             x, data, scale if scale is not None else x, offset if offset is not None else x,
             out, residual if residual is not None else out, norm_weight if norm_weight is not None else x,
-            cos, sin, keys, values, slot,
+            cos, sin, keys, values, slot, per_row_slot,
             rows, out_features, in_features, eps, out_features - 2 * kv_heads * head_dim, kv_heads * head_dim, slots,
             NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, ROTARY=rotary is not None,
             HEAD_DIM=head_dim, QUANT=quant, GROUP=group, PDL=pdl, ROWS=triton.next_power_of_2(rows),

@@ -15,10 +15,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ...kernels import decode_attention, gemv
+from ...kernels import gemv
 from ...parallel.tensor_parallel import all_reduce, gather_logits, reduce_group
 from ..fusion import Fused, fuse, kernel_weight
-from ..kv import DecodeKV, LayerKV
+from ..kv import DecodeKV, LayerKV, attend
 from . import FULL, DecodePlan
 
 
@@ -72,7 +72,7 @@ def llama_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.T
     query = gemv.norm_qkv_rotary(hidden, norm.weight, norm.eps, weights.qkv, weights.qkv_bias, cos, sin,
                                  kv.keys, kv.values, kv.slot)  # (batch, heads * head_dim)
     query = query.view(batch, attn.num_heads, 1, attn.head_dim)
-    attended = decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
+    attended = attend(query, kv, attn.scaling)
     hidden = project_add(attended, weights.o, hidden, attn.o_proj)
     activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up,
                                            mlp.act_fn, weights.gate_up_bias)  # (batch, intermediate)

@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...kernels import decode_attention, gemv
+from ...kernels import gemv
 from ...kernels.routed_experts import routed_experts
-from ..kv import DecodeKV, LayerKV
+from ..kv import DecodeKV, LayerKV, attend, store_token
 from . import CHUNKED, FULL, DecodePlan
 from .llama import LayerWeights, fuse_layer, summed
 
@@ -96,12 +96,12 @@ def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.
     if attn.uses_qk_norm:
         query, key = l2_norm(query, attn.eps), l2_norm(key, attn.eps)
     if attn.uses_temperature_tuning:
-        # positions count from the cache's start (padding included), as in the reference
+        # positions count from the cache's start (padding included), as in the reference;
+        # cache_position (1,) shared by the rows, or (batch,) one per row (a paged store)
         scale = attn.temperature(cache_position)
-        query = (query * scale).to(query.dtype)
-    kv.keys[:, :, kv.slot] = key[:, :, None].to(kv.keys.dtype)
-    kv.values[:, :, kv.slot] = value[:, :, None].to(kv.values.dtype)
-    attended = decode_attention.attend(query[:, :, None], kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
+        query = (query * scale.view(-1, 1, 1)).to(query.dtype)
+    store_token(kv, key, value)
+    attended = attend(query[:, :, None], kv, attn.scaling)
     hidden = hidden + summed(project(attended.reshape(batch, -1), weights.o), attn.o_proj)
     normed = layer.post_attention_layernorm(hidden)
     if layer.is_moe_layer:
@@ -140,5 +140,5 @@ class Llama4Plan(DecodePlan):
     def step(self, run, tokens, positions, kv: DecodeKV) -> torch.Tensor:
         hidden, cos, sin = run["embed"](self.text_model, tokens, positions)
         for index, layer in enumerate(self.text_model.layers):
-            hidden = run["layer"](layer, self.fused[index].weights, hidden, cos, sin, kv.layer(index), kv.full.slot)
+            hidden = run["layer"](layer, self.fused[index].weights, hidden, cos, sin, kv.layer(index), kv.cache_position)
         return run["head"](self.text_model.norm, self.lm_head, hidden)

@@ -15,9 +15,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ...kernels import decode_attention, gemv
+from ...kernels import gemv
 from ..fusion import fuse, kernel_weight
-from ..kv import DecodeKV, LayerKV
+from ..kv import DecodeKV, LayerKV, attend
 from . import CROSS, FULL, DecodePlan
 from .llama import embed, fuse_layer, head, llama_layer, summed
 
@@ -40,7 +40,7 @@ def cross_attention_layer(layer, weights: CrossLayerWeights, hidden: torch.Tenso
     batch = hidden.shape[0]
     query = gemv.norm_linear(hidden, norm.weight, norm.eps, weights.q)  # (batch, heads * head_dim)
     query = attn.q_norm(query.view(batch, attn.num_heads, 1, attn.head_dim))
-    attended = decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, attn.scaling)
+    attended = attend(query, kv, attn.scaling)
     attended = row_sees_image * summed(gemv.linear(attended, weights.o), attn.o_proj)
     hidden = hidden + layer.cross_attn_attn_gate.tanh() * attended
     activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up, mlp.act_fn)

@@ -1,0 +1,112 @@
+"""Offline throughput of the serving engine (serving/engine.py), no HTTP: N requests at once.
+
+    python bench/serve_engine.py llama3.1-8b --concurrency 16,64,256 --prompt-length 512 --new-tokens 256
+
+Builds the named architecture with random weights (as `herd bench` does; bf16 on the GPU), and for
+each concurrency C runs C requests of `--prompt-length` random tokens and `--new-tokens` new
+tokens each (greedy, eos ignored), all queued at once, through one Engine with max_batch = C.
+A warm-up pass first compiles and captures every batch bucket up to C. Prints per C: output
+tokens/s (all generated tokens / wall time from the first add to the last token), time to
+first token (mean, p50, p99), decode steps and their mean time, preemptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from herd.bench import build_model, dtype_name  # noqa: E402
+from herd.serving.engine import Engine, EngineRequest, SamplingParams  # noqa: E402
+
+
+def _requests(count: int, prompt_length: int, new_tokens, vocab: int, seed: int, tag: str):
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(count):
+        prompt = torch.randint(10, vocab - 10, (prompt_length,), generator=generator).tolist()
+        new = new_tokens(index) if callable(new_tokens) else new_tokens
+        yield EngineRequest(f"{tag}{index}", prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_level(model, concurrency: int, args) -> dict:
+    engine = Engine(model, max_batch=concurrency, max_model_len=args.prompt_length + args.new_tokens + 16,
+                    block_size=args.block_size, prefill_chunk=args.prefill_chunk, max_waiting=10 * concurrency,
+                    num_blocks=args.num_blocks)
+    vocab = engine.vocab_size
+    # warm-up: short prompts whose lengths of generation step the running batch down through every bucket
+    for request in _requests(concurrency, 16, lambda i: i + 2, vocab, seed=1, tag="warm"):
+        engine.add_request(request)
+    engine.run_to_completion()
+    _sync(model.device)
+
+    added, first_token = {}, {}
+    start = time.perf_counter()
+    for request in _requests(concurrency, args.prompt_length, args.new_tokens, vocab, seed=2, tag="r"):
+        engine.add_request(request)
+        added[request.request_id] = time.perf_counter()
+    steps, decode_steps, generated = 0, 0, 0
+    while engine.has_work():
+        running_before = sum(1 for s in engine.scheduler.running if not s.in_prefill)
+        events = engine.step()
+        now = time.perf_counter()
+        steps += 1
+        decode_steps += running_before > 0
+        for request_id, event in events:
+            generated += event.token_id is not None
+            first_token.setdefault(request_id, now)
+    _sync(model.device)
+    elapsed = time.perf_counter() - start
+    ttft = sorted(first_token[r] - added[r] for r in added)
+    stats = engine.stats()
+    return {
+        "concurrency": concurrency,
+        "tok_s": generated / elapsed,
+        "elapsed": elapsed,
+        "ttft_mean": statistics.mean(ttft),
+        "ttft_p50": ttft[len(ttft) // 2],
+        "ttft_p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
+        "steps": steps,
+        "step_ms": 1000 * elapsed / max(steps, 1),
+        "preemptions": stats["preemptions"],
+        "blocks": stats["kv_blocks_total"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", nargs="?", default="llama3.1-8b")
+    parser.add_argument("--concurrency", default="16,64,256")
+    parser.add_argument("--prompt-length", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--dtype", type=dtype_name, default="bfloat16")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the architecture (a quick run)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from free GPU memory)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.model, getattr(torch, args.dtype), device, num_layers=args.layers)
+    print(f"{args.model} ({args.layers or 'all'} layers, {args.dtype}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
+          f"prompts of {args.prompt_length}, {args.new_tokens} new tokens, greedy, eos ignored")
+    print("| concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | ms/step | preemptions | KV blocks |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        row = run_level(model, concurrency, args)
+        print(f"| {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
+              f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
+              f"{row['preemptions']} | {row['blocks']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""The serving engine: many requests at once over one model, token ids in, token events out.
+
+`Engine` is synchronous: one thread calls `step()`, which schedules (serving/scheduler.py: decode
+rows, prefill chunks, preemption, prefix reuse), runs the model over the paged store
+(serving/paged.py), chooses each row's token (serving/sampling.py) and returns what happened as
+(request_id, TokenEvent) pairs. `add_request` and `abort` may be called from other threads.
+`AsyncEngine` drives `step()` in a background thread for asyncio code (the HTTP server).
+
+Text-level matters (chat templates, detokenizing, stop strings, n > 1, tool calls, grammars) are
+the API's (serving/server.py); the engine works on token ids. A greedy request (temperature 0)
+gets exactly model.generate()'s greedy tokens for the same prompt, whatever else is batched with
+it (float32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+import torch
+
+from ..decoding.plans import CHUNKED, FULL
+from .paged import PagedRunner
+from .sampling import SamplingRow, choose
+from .scheduler import Scheduler, Sequence
+
+DEFAULT_MAX_MODEL_LEN = 32768  # when the config allows more (Llama 4 says 10M): the block tables' width
+CUDA_MEMORY_FRACTION = 0.9  # of the free GPU memory after loading, for the KV pools when num_blocks is not given
+CPU_DEFAULT_ROWS = 16  # without num_blocks off the GPU: pools for this many requests of max_model_len
+MLLAMA_IMAGE_ROWS = 8  # Llama 3.2 Vision: requests with images running at once (their image keys/values)
+MLLAMA_MAX_IMAGES = 2  # Llama 3.2 Vision: images per request (each up to max_num_tiles tiles)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 -> off
+    min_p: float = 0.0
+    seed: int | None = None  # same request + same seed -> same tokens, whatever else is batched with it
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0  # OpenAI semantics (over generated tokens)
+    repetition_penalty: float = 1.0  # transformers' semantics (over prompt + generated)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k best
+    stop_token_ids: tuple[int, ...] = ()  # ends with finish_reason "stop" (eos ids of the model are added unless ignore_eos)
+    ignore_eos: bool = False
+
+
+class TokenConstraint(Protocol):
+    """Structured output: which tokens may come next (the API implements it with a grammar library)."""
+
+    def fill_allowed(self, allowed: torch.Tensor) -> None: ...  # allowed: bool (vocab,) on CPU, all True on entry
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_finished(self) -> bool: ...  # the engine ends the request with "stop" once True
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    model_inputs: dict[str, Any] | None = None  # one request's image tensors as the processor returns them, batch 1
+    constraint: TokenConstraint | None = None
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None only on a final event without a token (abort)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+class QueueFull(Exception):
+    """add_request when the waiting queue is full (the API answers 429)."""
+
+
+def _eos_ids(model) -> frozenset[int]:
+    """Every id of the eos list in generation_config (Llama 3 Instruct ends turns with <|eot_id|>,
+    one of three), else the config's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config.get_text_config(), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _image_family(model) -> str | None:
+    """"llama4" or "mllama" for the classes that take images, None for text-only ones."""
+    from ..models.llama4 import Llama4ForConditionalGeneration
+    from ..models.mllama import MllamaForConditionalGeneration
+
+    if isinstance(model, Llama4ForConditionalGeneration):
+        return "llama4"
+    if isinstance(model, MllamaForConditionalGeneration):
+        return "mllama"
+    return None
+
+
+@dataclass
+class _Pending:
+    """What the engine thread picks up at its next step."""
+
+    sequences: deque = field(default_factory=deque)
+    events: list = field(default_factory=list)
+
+
+class Engine:
+    """Continuous batching over a paged KV store (synchronous core; one thread drives step())."""
+
+    def __init__(self, model, *, max_batch: int = 256, max_model_len: int | None = None, block_size: int = 16,
+                 num_blocks: int | None = None, max_waiting: int = 1024, prefill_chunk: int = 512):
+        for name, value in (("max_batch", max_batch), ("block_size", block_size), ("max_waiting", max_waiting),
+                            ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.model = model.eval()
+        text_config = model.config.get_text_config()
+        self.vocab_size = text_config.vocab_size
+        # prompt ids may go past the head's rows (Mllama's <|image|> is one past them): the embedding's size
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.input_ids_limit = getattr(embeddings, "num_embeddings", None) or self.vocab_size
+        limit = getattr(text_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+        self.max_model_len = max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN)
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        self.block_size, self.max_batch = block_size, max_batch
+        self.eos_ids = _eos_ids(model)
+        self.image_family = _image_family(model)
+        table_width = -(-self.max_model_len // block_size)
+        layers = PagedRunner.layers_of(model)
+        chunk_size = getattr(text_config, "attention_chunk_size", None) if CHUNKED in layers else None
+        window_per_row = 0
+        if chunk_size is not None:  # a chunked layer holds at most a chunk and a prefill chunk per request
+            window_per_row = -(-(chunk_size + prefill_chunk) // block_size) + 1
+        if num_blocks is None:
+            num_blocks = self._default_blocks(layers, table_width, max_batch * window_per_row)
+        needed = min(table_width, window_per_row) if FULL not in layers else table_width
+        if num_blocks < needed:
+            raise ValueError(f"num_blocks={num_blocks} cannot hold one request of max_model_len={self.max_model_len} "
+                             f"({needed} blocks of {block_size}): raise num_blocks or lower max_model_len")
+        blocks = {kind: num_blocks if kind == FULL else min(num_blocks, max_batch * window_per_row) for kind in layers}
+        image_rows, self.image_tokens_per_request = 0, 0
+        if self.image_family == "mllama":
+            vision = model.config.vision_config
+            self.tokens_per_tile = (vision.image_size // vision.patch_size) ** 2 + 1  # patches and the class token
+            self.image_tokens_per_request = MLLAMA_MAX_IMAGES * vision.max_num_tiles * self.tokens_per_tile
+            image_rows = min(max_batch, MLLAMA_IMAGE_ROWS)
+        self.runner = PagedRunner(model, max_rows=max_batch, block_size=block_size, blocks=blocks,
+                                  table_width=table_width, image_rows=image_rows,
+                                  image_tokens=self.image_tokens_per_request)
+        self.scheduler = Scheduler(kinds=list(blocks), num_blocks=blocks, block_size=block_size, max_batch=max_batch,
+                                   prefill_chunk=prefill_chunk, chunk_size=chunk_size, max_waiting=max_waiting,
+                                   image_slots=image_rows)
+        self.max_waiting = max_waiting
+        self.sequences: dict[str, Sequence] = {}
+        self.generated_tokens = 0
+        self._pending = _Pending()
+        self._inbox_lock = threading.Lock()  # add_request from other threads
+        self._lock = threading.RLock()  # the scheduler: step() and abort()
+
+    def _default_blocks(self, layers: dict[str, int], table_width: int, window_blocks: int) -> int:
+        """Blocks of the full-attention pool: on CUDA what fits in CUDA_MEMORY_FRACTION of the free
+        memory (the chunked layers' pool, at most `window_blocks`, taken first); elsewhere enough
+        for CPU_DEFAULT_ROWS requests of max_model_len."""
+        model = self.model
+        if model.device.type != "cuda":
+            return min(self.max_batch, CPU_DEFAULT_ROWS) * table_width
+        config = model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_layer = 2 * config.num_key_value_heads * self.block_size * head_dim * model.dtype.itemsize
+        full_bytes, window_bytes = per_layer * layers.get(FULL, 0), per_layer * layers.get(CHUNKED, 0)
+        free, _ = torch.cuda.mem_get_info(model.device)
+        budget = free * CUDA_MEMORY_FRACTION
+        if window_bytes and budget > window_blocks * (full_bytes + window_bytes):
+            return int((budget - window_blocks * window_bytes) // max(full_bytes, 1))
+        return int(budget // max(full_bytes + window_bytes, 1))
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _check(self, request: EngineRequest) -> None:
+        if not isinstance(request.request_id, str) or not request.request_id:
+            raise ValueError("request_id must be a non-empty string")
+        prompt = request.prompt_ids
+        if not prompt:
+            raise ValueError("prompt_ids is empty: give at least one token")
+        if any(not isinstance(t, int) or t < 0 or t >= self.input_ids_limit for t in prompt):
+            raise ValueError(f"prompt_ids holds ids outside the vocabulary [0, {self.input_ids_limit})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt_ids has {len(prompt)} tokens; max_model_len is {self.max_model_len} "
+                             f"(with room for at least one new token): shorten the prompt")
+        params = request.sampling
+        checks = [
+            ("max_tokens", isinstance(params.max_tokens, int) and params.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", params.temperature >= 0, ">= 0"),
+            ("top_p", 0 < params.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(params.top_k, int) and params.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("min_p", 0 <= params.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", params.repetition_penalty > 0, "> 0"),
+            ("logprobs", params.logprobs is None or (isinstance(params.logprobs, int)
+                                                     and 0 <= params.logprobs <= self.vocab_size), "None or >= 0"),
+            ("stop_token_ids", all(isinstance(t, int) for t in params.stop_token_ids), "token ids"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"sampling.{name} must be {expected}, got {getattr(params, name)!r}")
+        if request.model_inputs:
+            if self.image_family is None:
+                raise ValueError(f"model_inputs: {type(self.model).__name__} is a text-only model; send text only")
+            if self.image_family == "mllama":
+                pixels = request.model_inputs.get("pixel_values")
+                if pixels is None or pixels.dim() != 6 or pixels.shape[0] != 1:
+                    raise ValueError("model_inputs: Llama 3.2 Vision takes pixel_values (1, images, tiles, 3, height, "
+                                     "width) with aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask, as "
+                                     "MllamaProcessor returns them for one request")
+                if pixels.shape[1] * pixels.shape[2] * self.tokens_per_tile > self.image_tokens_per_request:
+                    raise ValueError(f"model_inputs: at most {MLLAMA_MAX_IMAGES} images per request are served for "
+                                     f"Llama 3.2 Vision, got {pixels.shape[1]}")
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; ValueError (naming the field) for a bad one, QueueFull when the waiting
+        queue is full."""
+        self._check(request)
+        params = request.sampling
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(63))
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        sequence = Sequence(request=request, arrival=0, tokens=list(request.prompt_ids),
+                            prompt_length=len(request.prompt_ids), generator=generator, stop_ids=stop_ids)
+        with self._inbox_lock:
+            if request.request_id in self.sequences:
+                raise ValueError(f"request_id {request.request_id!r} is already running: ids must be unique")
+            if len(self._pending.sequences) + len(self.scheduler.waiting) >= self.max_waiting:
+                raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests): retry later")
+            self.sequences[request.request_id] = sequence
+            self._pending.sequences.append(sequence)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its blocks go back at once; the next step() returns its final
+        "abort" event. Unknown or finished ids are ignored."""
+        with self._lock, self._inbox_lock:
+            sequence = self.sequences.pop(request_id, None)
+            if sequence is None:
+                return
+            if sequence in self._pending.sequences:
+                self._pending.sequences.remove(sequence)
+            else:
+                self.scheduler.remove(sequence)
+            self._pending.events.append((request_id, self._event(sequence, None, "abort")))
+
+    def has_work(self) -> bool:
+        return bool(self._pending.sequences or self._pending.events or self.scheduler.waiting or self.scheduler.running)
+
+    def stats(self) -> dict[str, float]:
+        stats = self.scheduler.stats()
+        stats["waiting"] += len(self._pending.sequences)
+        stats["generated_tokens"] = self.generated_tokens
+        return stats
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def _event(self, sequence: Sequence, choice, finish_reason: str | None):
+        return TokenEvent(token_id=choice.token_id if choice else None,
+                          logprob=choice.logprob if choice else None,
+                          top_logprobs=choice.top_logprobs if choice else None,
+                          finish_reason=finish_reason, prompt_tokens=sequence.prompt_length,
+                          cached_prompt_tokens=sequence.cached_tokens)
+
+    def step(self) -> list[tuple[str, TokenEvent]]:
+        """One scheduler iteration: a token for every running request past its prompt, the next
+        prompt chunks, and the events of what happened (aborts since the last step first)."""
+        with self._lock:
+            with self._inbox_lock:
+                events, self._pending.events = self._pending.events, []
+                while self._pending.sequences:
+                    self.scheduler.add(self._pending.sequences.popleft())
+            plan = self.scheduler.schedule()
+            scheduler, runner = self.scheduler, self.runner
+            sampled: list[Sequence] = []
+            logits = []
+            if plan.decode:
+                images = [(s.image_slot, s.image_tokens) if s.image_tokens else None for s in plan.decode]
+                logits.append(runner.decode(*scheduler.decode_inputs(plan.decode), images=images))
+                for sequence in plan.decode:
+                    sequence.computed += 1
+                    scheduler.after_compute(sequence)
+                sampled += plan.decode
+            for chunk in plan.prefill:
+                sequence = chunk.sequence
+                slots, kept_from = scheduler.prefill_slots(chunk)
+                inputs = sequence.request.model_inputs if chunk.start == 0 else None
+                prefilled = runner.prefill(sequence.tokens[: chunk.end], chunk.start, slots, kept_from, inputs,
+                                           image_slot=sequence.image_slot)
+                if prefilled.image_tokens is not None:
+                    sequence.image_tokens = prefilled.image_tokens
+                sequence.computed = chunk.end
+                scheduler.after_compute(sequence)
+                if chunk.finishes_prompt:
+                    logits.append(prefilled.logits[None])
+                    sampled.append(sequence)
+            if sampled:
+                rows = [SamplingRow(s.request.sampling, s.tokens, s.generated, s.generator, s.request.constraint)
+                        for s in sampled]
+                for sequence, choice in zip(sampled, choose(torch.cat(logits), rows)):
+                    events.append((sequence.request_id, self._advance(sequence, choice)))
+            return events
+
+    def _advance(self, sequence: Sequence, choice) -> TokenEvent:
+        """The chosen token into the sequence; ends it where a stop condition holds."""
+        token = choice.token_id
+        sequence.tokens.append(token)
+        self.generated_tokens += 1
+        constraint = sequence.request.constraint
+        if constraint is not None:
+            constraint.accept(token)
+        finish = None
+        if token in sequence.stop_ids or (constraint is not None and constraint.is_finished()):
+            finish = "stop"
+        elif len(sequence.generated) >= sequence.request.sampling.max_tokens or len(sequence.tokens) >= self.max_model_len:
+            finish = "length"
+        if finish is not None:
+            with self._inbox_lock:
+                self.sequences.pop(sequence.request_id, None)
+            self.scheduler.remove(sequence)
+        return self._event(sequence, choice, finish)
+
+    def run_to_completion(self) -> dict[str, list[TokenEvent]]:
+        """Step until every queued request is done; each request's events (a convenience for
+        offline use and tests)."""
+        results: dict[str, list[TokenEvent]] = {}
+        while self.has_work():
+            for request_id, event in self.step():
+                results.setdefault(request_id, []).append(event)
+        return results
+
+
+class RequestStream:
+    """One request's events as an async iterator (also awaitable, giving itself). Leaving it
+    early (aclose, cancellation, or dropping it) aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self._engine, self.request_id, self._queue = engine, request_id, queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    def __await__(self):
+        async def itself():
+            return self
+
+        return itself().__await__()
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except BaseException:  # cancelled: the client is gone
+            self.aclose_now()
+            raise
+        if isinstance(event, BaseException):
+            self._done = True
+            raise event
+        if event.finish_reason is not None:
+            self._done = True
+        return event
+
+    def aclose_now(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._abort_soon(self.request_id)
+
+    async def aclose(self) -> None:
+        self.aclose_now()
+
+    def __del__(self):
+        if not self._done and self._engine is not None:
+            self._engine._abort_soon(self.request_id)
+
+
+class AsyncEngine:
+    """Engine.step() in a background thread; requests as async iterators of TokenEvents."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._aborts: deque[str] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def stats(self) -> dict[str, float]:
+        return self._engine.stats()
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._thread = threading.Thread(target=self._drive, name="herd-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort every request in flight (each stream ends with its "abort" event), then stop."""
+        for request_id in list(self._streams):
+            self._abort_soon(request_id)
+        for _ in range(200):  # the abort events reach the streams within a step or two
+            if not self._streams:
+                break
+            await asyncio.sleep(0.01)
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+
+    def generate(self, request: EngineRequest) -> RequestStream:
+        """The request's events, as `async for event in engine.generate(request)`; raises
+        QueueFull / ValueError at once."""
+        if not self._running:
+            raise RuntimeError("AsyncEngine.start() must run before generate()")
+        if request.request_id in self._streams:
+            raise ValueError(f"request_id {request.request_id!r} is already running: ids must be unique")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = queue
+        try:
+            self._engine.add_request(request)
+        except BaseException:
+            del self._streams[request.request_id]
+            raise
+        self._wake.set()
+        return RequestStream(self, request.request_id, queue)
+
+    def _abort_soon(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    def _drive(self) -> None:
+        engine = self._engine
+        while self._running:
+            while self._aborts:
+                engine.abort(self._aborts.popleft())
+            if not engine.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                events = engine.step()
+            except Exception as error:  # a failed step fails its requests, not the server
+                self._loop.call_soon_threadsafe(self._fail_all, error)
+                for request_id in list(engine.sequences):
+                    engine.abort(request_id)
+                continue
+            if events:
+                self._loop.call_soon_threadsafe(self._dispatch, events)
+
+    def _dispatch(self, events: list[tuple[str, TokenEvent]]) -> None:
+        for request_id, event in events:
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(event)
+                if event.finish_reason is not None:
+                    del self._streams[request_id]
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, queue in list(self._streams.items()):
+            queue.put_nowait(RuntimeError(f"the engine failed: {error}"))
+            del self._streams[request_id]
+
+
+__all__ = ["AsyncEngine", "Engine", "EngineRequest", "QueueFull", "SamplingParams", "TokenConstraint", "TokenEvent"]

@@ -1,0 +1,315 @@
+"""The OpenAI request bodies, checked field by field, and the error body clients expect.
+
+Every bad field is an `APIError` whose message and `param` name the field (`messages[1].content`,
+`max_tokens`), answered as `{"error": {"message", "type", "param", "code"}}` with its 4xx status.
+Parsing is plain dict checking rather than a schema library, so each message can say what to send
+instead. Unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# The roles a chat message may have (developer is OpenAI's newer name for system).
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_N = 128
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """A request that fails with `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+@dataclass
+class Sampling:
+    """The sampling fields shared by chat and completions, as the client sent them (None = not sent)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k best
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list[dict[str, Any]]
+    sampling: Sampling
+    stream: bool = False
+    include_usage: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "auto"
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass
+class CompletionRequest:
+    model: str | None
+    prompts: list[str | list[int]]
+    sampling: Sampling
+    stream: bool = False
+    include_usage: bool = False
+    response_format: dict[str, Any] | None = None
+
+
+# --- field checks ---------------------------------------------------------------------------------
+
+
+def _number(body: dict, name: str, *, low: float | None = None, high: float | None = None, integer: bool = False,
+            low_open: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or (not integer and not math.isfinite(value)):
+        raise bad(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise bad(name, f"must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise bad(name, f"must be <= {high}, got {value}")
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    strings = [value] if isinstance(value, str) else value
+    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+        raise bad("stop", "must be a string or a list of strings")
+    if len(strings) > MAX_STOP_STRINGS:
+        raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+    if any(s == "" for s in strings):
+        raise bad("stop", "a stop string must not be empty")
+    return strings
+
+
+def _sampling(body: dict, logprobs: int | None) -> Sampling:
+    max_tokens = _number(body, "max_tokens", low=1, integer=True)
+    completion_limit = _number(body, "max_completion_tokens", low=1, integer=True)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in stop_ids):
+        raise bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
+    top_k = _number(body, "top_k", low=-1, integer=True)
+    return Sampling(
+        max_tokens=completion_limit if completion_limit is not None else max_tokens,
+        temperature=_number(body, "temperature", low=0, high=2),
+        top_p=_number(body, "top_p", low=0, high=1, low_open=True),
+        top_k=None if top_k in (None, -1) else top_k,  # -1 is vLLM's "off", 0 is ours
+        min_p=_number(body, "min_p", low=0, high=1),
+        seed=_number(body, "seed", integer=True),
+        n=_number(body, "n", low=1, high=MAX_N, integer=True) or 1,
+        stop=_stop(body),
+        stop_token_ids=list(stop_ids),
+        presence_penalty=_number(body, "presence_penalty", low=-2, high=2) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", low=-2, high=2) or 0.0,
+        repetition_penalty=_number(body, "repetition_penalty", low=0, low_open=True) or 1.0,
+        ignore_eos=_boolean(body, "ignore_eos"),
+        logprobs=logprobs,
+    )
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise bad("stream_options", 'must be an object like {"include_usage": true}')
+    if not stream:
+        raise bad("stream_options", "is only allowed with stream: true")
+    return _boolean(options, "include_usage") if "include_usage" in options else False
+
+
+def _model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model", f"must be a string, got {model!r}")
+    return model
+
+
+def _response_format(body: dict) -> dict[str, Any] | None:
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("response_format", 'must be {"type": "text" | "json_object" | "json_schema", ...}')
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad("response_format.json_schema", 'must be {"name": ..., "schema": {a JSON schema}}')
+    return value
+
+
+# --- chat -----------------------------------------------------------------------------------------
+
+
+def _content_part(part: Any, where: str) -> dict[str, Any]:
+    if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+        raise bad(where, 'a content part must be {"type": "text", "text": ...} or {"type": "image_url", '
+                         '"image_url": {"url": ...}}')
+    if part["type"] == "text":
+        if not isinstance(part.get("text"), str):
+            raise bad(f"{where}.text", "must be a string")
+        return {"type": "text", "text": part["text"]}
+    source = part.get("image_url")
+    url = source.get("url") if isinstance(source, dict) else source
+    if not isinstance(url, str) or not url:
+        raise bad(f"{where}.image_url", 'must be {"url": "https://..." or "data:image/...;base64,..."}')
+    return {"type": "image_url", "url": url}
+
+
+def _message(message: Any, index: int) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad(where, 'must be an object like {"role": "user", "content": "..."}')
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+    content = message.get("content")
+    tool_calls = message.get("tool_calls")
+    if content is None and not (role == "assistant" and tool_calls):
+        raise bad(f"{where}.content", "is missing (only an assistant message with tool_calls may leave it out)")
+    if content is not None and not isinstance(content, (str, list)):
+        raise bad(f"{where}.content", "must be a string or a list of content parts")
+    parts = None
+    if isinstance(content, list):
+        parts = [_content_part(part, f"{where}.content[{i}]") for i, part in enumerate(content)]
+        if role != "user" and any(part["type"] == "image_url" for part in parts):
+            raise bad(f"{where}.content", "images are allowed in user messages only")
+    checked: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                               "content": parts if parts is not None else content}
+    if tool_calls is not None:
+        if role != "assistant" or not isinstance(tool_calls, list):
+            raise bad(f"{where}.tool_calls", "must be a list, in an assistant message")
+        checked["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(tool_calls)]
+    if role == "tool":
+        checked["tool_call_id"] = message.get("tool_call_id")
+    if isinstance(message.get("name"), str):
+        checked["name"] = message["name"]
+    return checked
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad(where, 'must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": "{...}"}}')
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function["name"], "arguments": function.get("arguments", "{}")}}
+
+
+def _tools(body: dict) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise bad("tools", "must be a list of {\"type\": \"function\", \"function\": {...}}")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str) or not function["name"]:
+            raise bad(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+        if not isinstance(function.get("parameters", {}), dict):
+            raise bad(f"tools[{i}].function.parameters", "must be a JSON schema object")
+    return tools or None
+
+
+def _tool_choice(body: dict, tools: list | None) -> str | dict[str, Any]:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise bad("tool_choice", '"required" needs tools')
+        return choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise bad("tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    if not any(tool["function"]["name"] == name for tool in tools or []):
+        raise bad("tool_choice", f"names the function {name!r}, which is not in tools")
+    return {"type": "function", "function": {"name": name}}
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "must be a non-empty list of messages")
+    checked = [_message(message, i) for i, message in enumerate(messages)]
+    wants_logprobs = _boolean(body, "logprobs")
+    top = _number(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not wants_logprobs:
+        raise bad("top_logprobs", "needs logprobs: true")
+    stream = _boolean(body, "stream")
+    tools = _tools(body)
+    return ChatRequest(
+        model=_model(body), messages=checked, sampling=_sampling(body, (top or 0) if wants_logprobs else None),
+        stream=stream, include_usage=_stream_options(body, stream), tools=tools,
+        tool_choice=_tool_choice(body, tools), response_format=_response_format(body))
+
+
+# --- completions ----------------------------------------------------------------------------------
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                           for i in value)
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad("prompt", "must be a string, a list of strings, a list of token ids or a list of such lists")
+    if any(p == "" for p in prompts):
+        raise bad("prompt", "must not be empty")
+    if body.get("echo"):
+        raise bad("echo", "is not supported; leave it out")
+    if body.get("suffix") is not None:
+        raise bad("suffix", "is not supported by Llama models; leave it out")
+    logprobs = _number(body, "logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
+    stream = _boolean(body, "stream")
+    return CompletionRequest(model=_model(body), prompts=prompts, sampling=_sampling(body, logprobs), stream=stream,
+                             include_usage=_stream_options(body, stream), response_format=_response_format(body))

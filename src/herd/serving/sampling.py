@@ -1,0 +1,129 @@
+"""Choosing each request's next token from a batch of logits, each row with its own settings.
+
+In order, per row (rows that ask for nothing skip each part):
+1. penalties: `repetition_penalty` as transformers applies it (over prompt and generated tokens:
+   a positive logit divided by it, a negative one multiplied), then OpenAI's `frequency_penalty`
+   (times each token's count among the generated tokens) and `presence_penalty` (once per
+   generated token id) subtracted;
+2. the structured-output constraint: tokens that cannot continue the document get -inf;
+3. greedy rows (temperature 0): the argmax, done;
+4. temperature, then top-k, top-p and min-p truncation (transformers' order);
+5. a draw: argmax(probs / E) with E ~ Exponential(1) drawn from the request's own generator
+   (an exact sample of probs). The noise is the only random number a step draws for a row, so a
+   seeded request's tokens do not depend on what else is in the batch.
+
+Logprobs are log_softmax of the logits after steps 1, 2 and the temperature, before the
+truncation of step 4 (so alternatives outside top-k/top-p keep a finite logprob): the
+distribution the request samples from, as processed. vLLM by default returns the raw model's
+logprobs instead; for greedy rows with no penalty both are the same.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Choice:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class SamplingRow:
+    """What choosing a row's token needs: its settings (an engine SamplingParams), its tokens so far,
+    the generated ones among them, its generator and its constraint."""
+
+    params: Any
+    tokens: list[int]
+    generated: list[int]
+    generator: torch.Generator | None
+    constraint: Any = None
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for index, row in enumerate(rows):
+        params = row.params
+        if params.repetition_penalty != 1.0 and row.tokens:
+            ids = torch.tensor(sorted(set(row.tokens)), device=logits.device)
+            scores = logits[index, ids]
+            logits[index, ids] = torch.where(scores < 0, scores * params.repetition_penalty,
+                                             scores / params.repetition_penalty)
+        if (params.frequency_penalty or params.presence_penalty) and row.generated:
+            counts = Counter(row.generated)
+            ids = torch.tensor(list(counts), device=logits.device)
+            times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[index, ids] -= params.frequency_penalty * times + params.presence_penalty
+
+
+def _apply_constraints(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    constrained = [index for index, row in enumerate(rows) if row.constraint is not None]
+    if not constrained:
+        return
+    allowed = torch.ones(len(constrained), logits.shape[1], dtype=torch.bool)
+    for mask_row, index in enumerate(constrained):
+        rows[index].constraint.fill_allowed(allowed[mask_row])
+    index = torch.tensor(constrained, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits (rows, vocab) with the tokens outside each row's top-k / top-p / min-p set to -inf;
+    top_k 0 is off. The most likely token always stays."""
+    vocab = logits.shape[1]
+    ordered, order = logits.sort(dim=-1, descending=True)  # (rows, vocab)
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k, vocab)
+    drop = rank[None, :] >= k[:, None]
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+    drop |= before > top_p[:, None]
+    drop |= probs < (min_p * probs[:, 0])[:, None]
+    drop[:, 0] = False
+    return logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+
+
+def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
+    """logits (rows, vocab) float32 -> each row's token (and logprobs where asked)."""
+    logits = logits.float().clone()
+    device = logits.device
+    _apply_penalties(logits, rows)
+    _apply_constraints(logits, rows)
+    temperature = torch.tensor([row.params.temperature for row in rows], device=device)
+    greedy = temperature <= 0
+    chosen = logits.argmax(dim=-1)
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    sampled_rows = [index for index, row in enumerate(rows) if row.params.temperature > 0]
+    if sampled_rows:
+        index = torch.tensor(sampled_rows, device=device)
+        params = [rows[i].params for i in sampled_rows]
+        candidates = scaled[index]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+            candidates = _truncate(candidates, torch.tensor([p.top_k for p in params], device=device),
+                                   torch.tensor([p.top_p for p in params], device=device),
+                                   torch.tensor([p.min_p for p in params], device=device))
+        probs = candidates.softmax(dim=-1)
+        noise = torch.stack([torch.empty(logits.shape[1], device=device).exponential_(generator=rows[i].generator)
+                             for i in sampled_rows])
+        chosen[index] = (probs / noise).argmax(dim=-1)
+    wants = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
+    chosen_ids = chosen.tolist()
+    choices = [Choice(token) for token in chosen_ids]
+    if wants:
+        index = torch.tensor(wants, device=device)
+        logprobs = scaled[index].log_softmax(dim=-1)
+        most = max(rows[i].params.logprobs for i in wants)
+        own = logprobs.gather(1, chosen[index][:, None]).squeeze(1).tolist()
+        top_values, top_ids = (logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long()))
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for j, i in enumerate(wants):
+            k = rows[i].params.logprobs
+            choices[i].logprob = own[j]
+            choices[i].top_logprobs = list(zip(top_ids[j][:k], top_values[j][:k]))
+    return choices

@@ -1,0 +1,640 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over an AsyncEngine.
+
+The engine works on token ids; everything text-level lives here: the chat template and images
+(prompts.py), detokenizing and stop strings (text.py), n choices as n engine requests with seeds
+derived from the request's, tool-call parsing (tool_calls.py), JSON grammars (structured.py), and
+the OpenAI response and SSE chunk formats. A request that fails gets OpenAI's error body with a
+4xx naming the bad field; the others go on.
+
+States: "loading" (503 until `attach` gives it an engine), "ready", "draining" (503 for new
+requests while the in-flight ones finish, on shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import EngineRequest, QueueFull, SamplingParams, TokenEvent
+from .media import MediaPolicy
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .prompts import PromptBuilder
+from .protocol import (
+    APIError,
+    Sampling,
+    bad,
+    parse_chat_request,
+    parse_completion_request,
+)
+from .structured import GrammarCompiler
+from .text import TextAssembler
+from .tool_calls import parse_tool_calls
+
+logger = logging.getLogger("herd.serving")
+
+# Seeds of the n choices of one request: choice i gets seed + i * SEED_STRIDE (distinct samples,
+# each reproducible alone).
+SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class ModelInfo:
+    """What the server needs to know about the model besides the engine."""
+
+    tokenizer: Any
+    processor: Any = None
+    eos_token_ids: tuple[int, ...] = ()
+    vocab_size: int = 0
+    max_model_len: int | None = None
+    # the model's generation_config sampling defaults (temperature, top_p, top_k), used when a request leaves them out
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Choice:
+    """One engine request of an API request, and the text made of its tokens."""
+
+    index: int
+    request: EngineRequest
+    assembler: TextAssembler
+    param: str = "messages"  # the request field a refused prompt is blamed on
+    events: Any = None  # the engine's async iterator
+    first: TokenEvent | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _sse(payload: Any) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+class _StatusCounter:
+    """Counts the /v1 answers by path and status (plain ASGI: it leaves the request's receive alone, which
+    the disconnect watch reads)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)
+
+
+class Server:
+    def __init__(self, *, model_name: str, api_key: str | None = None, media: MediaPolicy | None = None,
+                 engine: Any = None, model: ModelInfo | None = None):
+        self.model_name = model_name
+        self.api_key = api_key
+        self.media = media or MediaPolicy()
+        self.state = "loading"
+        self.engine = None
+        self.model: ModelInfo | None = None
+        self.prompts: PromptBuilder | None = None
+        self._grammar: GrammarCompiler | None = None
+        self._pending = (engine, model) if engine is not None else None
+        self.created = _now()
+        self.metrics = ServerMetrics(self._engine_stats)
+        self.in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.app = self._build_app()
+
+    # -- life cycle --
+
+    async def attach(self, engine: Any, model: ModelInfo) -> None:
+        """Start serving with this engine (the server answers 503 until then)."""
+        await engine.start()
+        self.engine, self.model = engine, model
+        self.prompts = PromptBuilder(model.tokenizer, model.processor, self.media)
+        self.state = "ready"
+
+    def attach_from_thread(self, engine: Any, model: ModelInfo, timeout_s: float = 600) -> None:
+        """attach() from another thread than the server's (the CLI loads the model while the server answers 503)."""
+        if self._loop is None:
+            raise RuntimeError("the server is not running yet: attach after its startup")
+        asyncio.run_coroutine_threadsafe(self.attach(engine, model), self._loop).result(timeout_s)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests (503), let the running ones finish, then stop the engine."""
+        self.state = "draining"
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine is not None:
+            await self.engine.stop()
+
+    def _engine_stats(self) -> dict[str, float]:
+        return self.engine.stats() if self.engine is not None else {}
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: FastAPI):
+        self._loop = asyncio.get_running_loop()
+        if self._pending is not None:
+            await self.attach(*self._pending)
+        yield
+        await self.drain()
+
+    # -- the app --
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="herd", lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(APIError)
+        async def api_error(request: Request, error: APIError):
+            return JSONResponse(error.body(), status_code=error.status)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request: Request, error: StarletteHTTPException):
+            return JSONResponse(APIError(error.status_code, str(error.detail), type="invalid_request_error").body(),
+                                status_code=error.status_code)
+
+        @app.exception_handler(Exception)
+        async def server_error(request: Request, error: Exception):
+            logger.exception("request failed")
+            return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}",
+                                         type="server_error").body(), status_code=500)
+
+        app.add_middleware(_StatusCounter, metrics=self.metrics)
+
+        @app.get("/health")
+        async def health():
+            if self.state != "ready":
+                return JSONResponse({"status": self.state}, status_code=503)
+            return {"status": "ok"}
+
+        @app.get("/metrics")
+        async def metrics():
+            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            self._check_key(request)
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{name:path}")
+        async def model(name: str, request: Request):
+            self._check_key(request)
+            self._check_model(name)
+            return self._model_card()
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            return await self._chat(request)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await self._completion(request)
+
+        return app
+
+    def _model_card(self) -> dict[str, Any]:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "herd"}
+        if self.model is not None and self.model.max_model_len:
+            card["max_model_len"] = self.model.max_model_len
+        return card
+
+    # -- checks --
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key: send the header Authorization: Bearer <key>",
+                           code="invalid_api_key")
+
+    def _check_ready(self) -> None:
+        if self.state != "ready":
+            message = "the model is still loading; retry shortly" if self.state == "loading" else \
+                "the server is shutting down; send the request to another server"
+            raise APIError(503, message, type="service_unavailable", code=self.state)
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"model: {name!r} is not served here; this server serves {self.model_name!r} "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+    async def _body(self, request: Request) -> Any:
+        self._check_key(request)
+        self._check_ready()
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise APIError(400, f"the request body is not valid JSON: {error}") from None
+
+    @property
+    def grammar(self) -> GrammarCompiler:
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.model.tokenizer, self.model.vocab_size, list(self.model.eos_token_ids))
+        return self._grammar
+
+    # -- from the API's sampling fields to the engine's --
+
+    def _sampling_params(self, sampling: Sampling, prompt_length: int, choice: int, param: str) -> SamplingParams:
+        defaults = self.model.sampling_defaults
+        limit = self.model.max_model_len
+        room = None if limit is None else limit - prompt_length
+        if room is not None and room < 1:
+            raise bad(param, f"the prompt is {prompt_length} tokens, which leaves no room in the model's context of "
+                             f"{limit} tokens; shorten it")
+        max_tokens = sampling.max_tokens
+        if max_tokens is None:
+            max_tokens = room if room is not None else 256
+        elif room is not None and max_tokens > room:
+            name = "max_tokens"
+            raise bad(name, f"the prompt is {prompt_length} tokens and {max_tokens} new tokens were asked for, over the "
+                            f"model's context of {limit} tokens; ask for at most {room}")
+        temperature = sampling.temperature if sampling.temperature is not None else defaults.get("temperature", 1.0)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=sampling.top_p if sampling.top_p is not None else defaults.get("top_p", 1.0),
+            top_k=sampling.top_k if sampling.top_k is not None else defaults.get("top_k", 0),
+            min_p=sampling.min_p or 0.0,
+            seed=None if sampling.seed is None else sampling.seed + choice * SEED_STRIDE,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            logprobs=sampling.logprobs,
+            stop_token_ids=tuple(sampling.stop_token_ids),
+            ignore_eos=sampling.ignore_eos,
+        )
+
+    def _choice(self, index: int, prompt_ids: list[int], sampling: Sampling, *, param: str, model_inputs=None,
+                constraint=None, keep_special_tokens: bool = False) -> _Choice:
+        params = self._sampling_params(sampling, len(prompt_ids), index, param)
+        request = EngineRequest(f"req-{uuid.uuid4().hex}", prompt_ids, params, model_inputs=model_inputs,
+                                constraint=constraint)
+        hidden = frozenset(self.model.eos_token_ids) | frozenset(sampling.stop_token_ids)
+        assembler = TextAssembler(self.model.tokenizer, sampling.stop, skip_special_tokens=not keep_special_tokens,
+                                  hidden_ids=hidden)
+        return _Choice(index, request, assembler, param)
+
+    # -- running choices --
+
+    async def _start(self, choices: list[_Choice]) -> bool:
+        """Send every choice to the engine and wait for each one's first event (so that a full queue or a
+        refused prompt is a 429/400 before any response starts)."""
+        try:
+            for choice in choices:
+                try:
+                    choice.events = self.engine.generate(choice.request)
+                    choice.first = await choice.events.__anext__()
+                except QueueFull:
+                    choice.finished = True
+                    raise APIError(429, "the server is busy (its request queue is full); retry later",
+                                   type="rate_limit_exceeded", code="queue_full") from None
+                except ValueError as error:
+                    choice.finished = True
+                    raise APIError(400, f"{choice.param}: {error}", param=choice.param) from None
+                except StopAsyncIteration:
+                    choice.finished = True
+        except BaseException:
+            await self._close(choices)
+            raise
+        return True
+
+    async def _close(self, choices: list[_Choice]) -> None:
+        """Abort the choices still running (client gone, stop string, error): the engine frees their blocks."""
+        for choice in choices:
+            if choice.events is not None and not choice.finished:
+                choice.finished = True
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await choice.events.aclose()
+
+    async def _pieces(self, choice: _Choice, started: float, logprob_format: str) -> AsyncIterator[tuple[str, list, str | None]]:
+        """(text, logprob entries, finish_reason) as the choice's tokens come; the last one has a finish_reason."""
+        event = choice.first
+        while True:
+            if event is None:
+                event = TokenEvent(None, finish_reason="abort")
+            choice.prompt_tokens = event.prompt_tokens or choice.prompt_tokens
+            choice.cached_tokens = event.cached_prompt_tokens or choice.cached_tokens
+            entries: list = []
+            text = ""
+            if event.token_id is not None:
+                if choice.completion_tokens == 0:
+                    self.metrics.ttft.observe(time.perf_counter() - started)
+                choice.completion_tokens += 1
+                self.metrics.count_tokens()
+                text = choice.assembler.add(event.token_id)
+                if event.logprob is not None:
+                    entries.append(self._logprob_entry(choice, event, logprob_format))
+            finish = event.finish_reason
+            if choice.assembler.stopped and finish is None:
+                finish = "stop"
+                await self._close([choice])
+            if finish is not None:
+                choice.finished = True
+                text += choice.assembler.finish()
+                choice.finish_reason = finish
+                yield text, entries, finish
+                return
+            yield text, entries, None
+            try:
+                event = await choice.events.__anext__()
+            except StopAsyncIteration:
+                event = None
+
+    def _logprob_entry(self, choice: _Choice, event: TokenEvent, logprob_format: str) -> dict[str, Any]:
+        token = choice.assembler.token_text(event.token_id)
+        top = [(choice.assembler.token_text(i), lp) for i, lp in (event.top_logprobs or [])]
+        if logprob_format == "chat":
+            return {"token": token, "logprob": event.logprob, "bytes": list(token.encode()),
+                    "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]}
+        return {"token": token, "logprob": event.logprob, "top": dict(top)}
+
+    async def _with_disconnect(self, request: Request, work) -> Any:
+        """Run `work` (a coroutine); if the client disconnects first, cancel it (its choices are aborted)."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected():
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return None
+        return task.result()
+
+    async def _merged(self, choices: list[_Choice], started: float, logprob_format: str) -> AsyncIterator:
+        """(choice, text, entries, finish) from all choices as they come."""
+        if len(choices) == 1:
+            async for text, entries, finish in self._pieces(choices[0], started, logprob_format):
+                yield choices[0], text, entries, finish
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: _Choice):
+            try:
+                async for piece in self._pieces(choice, started, logprob_format):
+                    await queue.put((choice, *piece))
+            except Exception as error:  # noqa: BLE001 - surfaced to the consumer
+                await queue.put(error)
+
+        tasks = [asyncio.ensure_future(pump(choice)) for choice in choices]
+        try:
+            remaining = len(choices)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item[3] is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self._close(choices)
+
+    # -- chat --
+
+    async def _chat(self, request: Request):
+        started = time.perf_counter()
+        body = await self._body(request)
+        chat = parse_chat_request(body)
+        self._check_model(chat.model)
+        calls_wanted = chat.tools is not None and chat.tool_choice != "none"
+        prompt_ids, model_inputs = await self.prompts.chat(chat.messages, chat.tools if chat.tools else None)
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+
+        def constraint():
+            if chat.tool_choice == "required" or isinstance(chat.tool_choice, dict):
+                name = chat.tool_choice["function"]["name"] if isinstance(chat.tool_choice, dict) else None
+                return self.grammar.for_tool_call(chat.tools, name)
+            return None if chat.response_format is None else self.grammar.for_response_format(chat.response_format)
+
+        choices = [self._choice(i, prompt_ids, chat.sampling, param="messages", model_inputs=model_inputs,
+                                constraint=constraint(), keep_special_tokens=calls_wanted)
+                   for i in range(chat.sampling.n)]
+        self.in_flight += 1
+        streaming = False
+        try:
+            if not await self._with_disconnect(request, self._start(choices)):
+                return Response(status_code=499)  # the client left while its prompt was prefilled
+            if chat.stream:
+                streaming = True  # the stream's own finally ends the request from here on
+                return StreamingResponse(self._chat_stream(choices, chat, started, calls_wanted),
+                                         media_type="text/event-stream")
+            result = await self._with_disconnect(request, self._chat_collect(choices, chat, started, calls_wanted))
+            return JSONResponse(result) if result is not None else Response(status_code=499)
+        finally:
+            if not streaming:
+                self.in_flight -= 1
+                await self._close(choices)
+
+    def _tool_answer(self, text: str) -> tuple[str | None, list[dict] | None]:
+        parsed = parse_tool_calls(text)
+        if not parsed.tool_calls:
+            return parsed.content, None
+        return parsed.content, [call.to_openai() for call in parsed.tool_calls]
+
+    async def _chat_collect(self, choices, chat, started, calls_wanted) -> dict[str, Any]:
+        texts = {choice.index: [] for choice in choices}
+        async for choice, text, entries, finish in self._merged(choices, started, "chat"):
+            texts[choice.index].append(text)
+            choice.logprobs += entries
+        self.metrics.latency.observe(time.perf_counter() - started)
+        out = []
+        for choice in choices:
+            text = "".join(texts[choice.index])
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish = choice.finish_reason
+            if calls_wanted:
+                content, calls = self._tool_answer(text)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = "tool_calls"
+            out.append({"index": choice.index, "message": message, "finish_reason": self._finish(finish),
+                        "logprobs": {"content": choice.logprobs} if chat.sampling.logprobs is not None else None})
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": _now(),
+                "model": self.model_name, "choices": out, "usage": self._usage(choices)}
+
+    @staticmethod
+    def _stream_error(error: Exception) -> bytes:
+        logger.exception("a streamed request failed")
+        return _sse(APIError(500, f"the answer failed: {type(error).__name__}: {error}", type="server_error").body()) \
+            + b"data: [DONE]\n\n"
+
+    @staticmethod
+    def _finish(reason: str | None) -> str | None:
+        return "stop" if reason == "abort" else reason
+
+    def _usage(self, choices: list[_Choice]) -> dict[str, Any]:
+        prompt = max((c.prompt_tokens for c in choices), default=0) or len(choices[0].request.prompt_ids)
+        completion = sum(c.completion_tokens for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": max((c.cached_tokens for c in choices), default=0)}}
+
+    async def _chat_stream(self, choices, chat, started, calls_wanted) -> AsyncIterator[bytes]:
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
+        usage_field = {"usage": None} if chat.include_usage else {}
+
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> bytes:
+            return _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                         "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                         **usage_field})
+
+        buffered = {choice.index: [] for choice in choices}
+        try:
+            for choice in choices:
+                yield chunk(choice.index, {"role": "assistant", "content": ""})
+            async for choice, text, entries, finish in self._merged(choices, started, "chat"):
+                logprobs = {"content": entries} if chat.sampling.logprobs is not None and entries else None
+                if calls_wanted:  # the whole answer decides whether it is a call: sent at the end
+                    buffered[choice.index].append(text)
+                    choice.logprobs += entries
+                elif text or logprobs:
+                    yield chunk(choice.index, {"content": text}, None, logprobs)
+                if finish is None:
+                    continue
+                if calls_wanted:
+                    content, calls = self._tool_answer("".join(buffered[choice.index]))
+                    delta: dict[str, Any] = {}
+                    if content:
+                        delta["content"] = content
+                    if calls:
+                        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+                        finish = "tool_calls"
+                    saved = {"content": choice.logprobs} if chat.sampling.logprobs is not None else None
+                    if delta:
+                        yield chunk(choice.index, delta, None, saved)
+                yield chunk(choice.index, {}, self._finish(finish))
+            self.metrics.latency.observe(time.perf_counter() - started)
+            if chat.include_usage:
+                yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created,
+                            "model": self.model_name, "choices": [], "usage": self._usage(choices)})
+            yield b"data: [DONE]\n\n"
+        except Exception as error:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            yield self._stream_error(error)
+        finally:
+            self.in_flight -= 1
+            await self._close(choices)
+
+    # -- completions --
+
+    async def _completion(self, request: Request):
+        started = time.perf_counter()
+        body = await self._body(request)
+        completion = parse_completion_request(body)
+        self._check_model(completion.model)
+        choices = []
+        for p, prompt in enumerate(completion.prompts):
+            ids = self.prompts.completion(prompt)
+            vocab = self.model.vocab_size
+            if vocab and any(i >= vocab for i in ids):
+                raise bad("prompt", f"holds token ids outside the vocabulary of {vocab} tokens")
+            self.metrics.prompt_tokens.inc(len(ids))
+            for j in range(completion.sampling.n):
+                constraint = None if completion.response_format is None else \
+                    self.grammar.for_response_format(completion.response_format)
+                choice = self._choice(p * completion.sampling.n + j, ids, completion.sampling, param="prompt",
+                                      constraint=constraint)
+                choice.request.sampling.seed = None if completion.sampling.seed is None else \
+                    completion.sampling.seed + j * SEED_STRIDE
+                choices.append(choice)
+        self.in_flight += 1
+        streaming = False
+        try:
+            if not await self._with_disconnect(request, self._start(choices)):
+                return Response(status_code=499)
+            if completion.stream:
+                streaming = True  # the stream's own finally ends the request from here on
+                return StreamingResponse(self._completion_stream(choices, completion, started),
+                                         media_type="text/event-stream")
+            result = await self._with_disconnect(request, self._completion_collect(choices, completion, started))
+            return JSONResponse(result) if result is not None else Response(status_code=499)
+        finally:
+            if not streaming:
+                self.in_flight -= 1
+                await self._close(choices)
+
+    @staticmethod
+    def _completion_logprobs(entries: list[dict], offset: int) -> dict[str, Any]:
+        offsets, position = [], offset
+        for entry in entries:
+            offsets.append(position)
+            position += len(entry["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
+
+    async def _completion_collect(self, choices, completion, started) -> dict[str, Any]:
+        texts = {choice.index: [] for choice in choices}
+        async for choice, text, entries, finish in self._merged(choices, started, "completion"):
+            texts[choice.index].append(text)
+            choice.logprobs += entries
+        self.metrics.latency.observe(time.perf_counter() - started)
+        out = [{"index": c.index, "text": "".join(texts[c.index]), "finish_reason": self._finish(c.finish_reason),
+                "logprobs": self._completion_logprobs(c.logprobs, 0) if completion.sampling.logprobs is not None
+                else None} for c in choices]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": _now(),
+                "model": self.model_name, "choices": out, "usage": self._usage(choices)}
+
+    async def _completion_stream(self, choices, completion, started) -> AsyncIterator[bytes]:
+        ident, created = f"cmpl-{uuid.uuid4().hex}", _now()
+        usage_field = {"usage": None} if completion.include_usage else {}
+        offsets = {choice.index: 0 for choice in choices}
+        try:
+            async for choice, text, entries, finish in self._merged(choices, started, "completion"):
+                if not text and not entries and finish is None:
+                    continue
+                logprobs = None
+                if completion.sampling.logprobs is not None:
+                    logprobs = self._completion_logprobs(entries, offsets[choice.index])
+                offsets[choice.index] += len(text)
+                yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
+                            "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": self._finish(finish)}], **usage_field})
+            self.metrics.latency.observe(time.perf_counter() - started)
+            if completion.include_usage:
+                yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
+                            "choices": [], "usage": self._usage(choices)})
+            yield b"data: [DONE]\n\n"
+        except Exception as error:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            yield self._stream_error(error)
+        finally:
+            self.in_flight -= 1
+            await self._close(choices)
+
+
+def create_app(engine: Any, model: ModelInfo, *, model_name: str, api_key: str | None = None,
+               media: MediaPolicy | None = None) -> FastAPI:
+    """An app that starts `engine` (an AsyncEngine) when it starts up, and stops it on shutdown."""
+    return Server(model_name=model_name, api_key=api_key, media=media, engine=engine, model=model).app

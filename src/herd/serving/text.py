@@ -1,0 +1,75 @@
+"""Tokens to text, one token at a time, with stop strings cut out.
+
+`TextAssembler.add(token)` returns only text that is final: a token that ends inside a UTF-8
+character waits for the next one, and text that could be the start of a stop string is held back
+until the next tokens show it is not one (so a stop string spread over several tokens never
+reaches a streaming client). Once a stop string appears, the text ends before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_INCOMPLETE = "\ufffd"  # what a byte-level decode gives for a partial UTF-8 character
+
+
+class TextAssembler:
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None, *, skip_special_tokens: bool = True,
+                 hidden_ids: set[int] | frozenset[int] = frozenset()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.skip_special_tokens = skip_special_tokens
+        self.hidden_ids = hidden_ids  # end-of-answer ids: never part of the text
+        self.ids: list[int] = []
+        self.text = ""  # everything decoded so far (stop string included, once seen)
+        self.sent = 0  # characters of `text` handed out
+        self.stopped = False  # a stop string ended the text
+        self.final_text: str | None = None
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _held_back(self, text: str) -> int:
+        """Characters at the end of `text` that could begin a stop string."""
+        longest = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def add(self, token_id: int | None) -> str:
+        """The new final text after `token_id` ("" when nothing is final yet or the text has ended)."""
+        if self.stopped or token_id is None or token_id in self.hidden_ids:
+            return ""
+        self.ids.append(int(token_id))
+        text = self._decode()
+        if text.endswith(_INCOMPLETE):
+            return ""
+        self.text = text
+        if self.stop:
+            start = max(0, self.sent - max(len(s) for s in self.stop))
+            found = [position for position in (text.find(s, start) for s in self.stop) if position >= 0]
+            if found:
+                self.stopped = True
+                self.final_text = text[: min(found)]
+                return self._take(len(self.final_text))
+        return self._take(len(text) - self._held_back(text))
+
+    def _take(self, end: int) -> str:
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text when generation ends without a stop string (held-back text included)."""
+        if self.stopped:
+            return ""
+        if self.ids:
+            self.text = self._decode()  # a last partial character shows as U+FFFD, as other servers do
+        self.final_text = self.text
+        return self._take(len(self.text))
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)

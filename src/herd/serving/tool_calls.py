@@ -1,0 +1,205 @@
+"""Tool calls out of a Llama model's answer, in every format the family writes.
+
+- Llama 3.1 / 3.3, JSON: `{"name": "f", "parameters": {...}}` (some fine-tunes write "arguments"),
+  one object, several separated by `;` or new lines, or a JSON list of them; built-in tools as
+  `<|python_tag|>brave_search.call(query="...")` (ending in `<|eom_id|>`), and
+  `<|python_tag|>` + plain code for code_interpreter.
+- Llama 3.2 1B/3B and Llama 4, pythonic: `[f(a=1), g(b="x")]`, Llama 4 sometimes inside
+  `<|python_start|>...<|python_end|>`.
+
+The formats are told apart by the text, not by the model (fine-tunes mix them up: vllm#16214,
+#22917). Text before a call stays as content. An answer that is not a well-formed call is content,
+never an error: the parser never raises.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+PYTHON_TAG = "<|python_tag|>"
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
+# Markers that may end an answer, decoded with the special tokens kept.
+END_MARKERS = ("<|eom_id|>", "<|eot_id|>", "<|eot|>", "<|end_of_text|>", "<|eom|>")
+# Where to look for the start of a bare call: a JSON object or a pythonic list. At most this many
+# candidates are tried, so a long answer full of brackets costs little.
+MAX_START_CANDIDATES = 64
+_LITERAL_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as OpenAI's function.arguments
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class ParsedAnswer:
+    content: str | None
+    tool_calls: list[ToolCall]
+
+
+def _strip_end(text: str) -> str:
+    text = text.strip()
+    changed = True
+    while changed:
+        changed = False
+        for marker in END_MARKERS:
+            if text.endswith(marker):
+                text, changed = text[: -len(marker)].rstrip(), True
+    return text
+
+
+# --- JSON -----------------------------------------------------------------------------------------
+
+
+def _json_call(value: Any) -> ToolCall | None:
+    if not isinstance(value, dict):
+        return None
+    if isinstance(value.get("function"), dict):  # {"type": "function", "function": {...}}
+        value = value["function"]
+    name = value.get("name")
+    arguments = value.get("parameters", value.get("arguments", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        return None
+    return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def parse_json_calls(text: str) -> list[ToolCall] | None:
+    """Calls from JSON objects (one, several separated by ; or white space, or a list), or None."""
+    decoder = json.JSONDecoder()
+    calls: list[ToolCall] = []
+    position = 0
+    while True:
+        while position < len(text) and (text[position].isspace() or text[position] in ";,"):
+            position += 1
+        if position == len(text):
+            break
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return None
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            call = _json_call(item)
+            if call is None:
+                return None
+            calls.append(call)
+    return calls or None
+
+
+# --- pythonic -------------------------------------------------------------------------------------
+
+
+def _literal(node: ast.AST) -> Any:
+    if isinstance(node, ast.Name) and node.id in _LITERAL_NAMES:
+        return _LITERAL_NAMES[node.id]
+    if isinstance(node, ast.List):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.Tuple):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_literal(key): _literal(value) for key, value in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
+def _function_name(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    # brave_search.call(...) (Llama 3.1's built-ins) and module.function(...) name the tool by its head
+    if isinstance(node, ast.Attribute):
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        if isinstance(node, ast.Name):
+            parts.append(node.id)
+            parts.reverse()
+            return parts[0] if parts[-1] == "call" and len(parts) == 2 else ".".join(parts)
+    return None
+
+
+def parse_pythonic_calls(text: str) -> list[ToolCall] | None:
+    """Calls from `[f(a=1), g(b="x")]` (or a single bare `f(a=1)`), keyword arguments only, or None."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError):
+        return None
+    nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
+    calls = []
+    for node in nodes:
+        if not isinstance(node, ast.Call) or node.args:
+            return None
+        name = _function_name(node.func)
+        if name is None or any(keyword.arg is None for keyword in node.keywords):
+            return None
+        try:
+            arguments = {keyword.arg: _literal(keyword.value) for keyword in node.keywords}
+            encoded = json.dumps(arguments, ensure_ascii=False)
+        except (ValueError, TypeError, SyntaxError):
+            return None
+        calls.append(ToolCall(name, encoded))
+    return calls or None
+
+
+# --- the whole answer -----------------------------------------------------------------------------
+
+
+def _calls(text: str) -> list[ToolCall] | None:
+    text = text.strip()
+    if text.startswith("{"):
+        return parse_json_calls(text)
+    if text.startswith("["):
+        return parse_pythonic_calls(text) or parse_json_calls(text)
+    return None
+
+
+def _content(text: str) -> str | None:
+    text = text.strip()
+    return text or None
+
+
+def parse_tool_calls(text: str) -> ParsedAnswer:
+    """The answer's content and tool calls. `text` is decoded with its special tokens kept (the
+    markers above tell the formats apart); the answer is all content when it holds no valid call."""
+    answer = _strip_end(text)
+    if PYTHON_START in answer:
+        before, _, rest = answer.partition(PYTHON_START)
+        blocks = [rest]
+        calls: list[ToolCall] = []
+        while blocks:
+            block, _, after = blocks.pop().partition(PYTHON_END)
+            found = parse_pythonic_calls(block) or parse_json_calls(block.strip())
+            if found is None or (after.strip() and PYTHON_START not in after):
+                return ParsedAnswer(_content(text.replace(PYTHON_START, "").replace(PYTHON_END, "")), [])
+            calls += found
+            if PYTHON_START in after:
+                blocks.append(after.partition(PYTHON_START)[2])
+        return ParsedAnswer(_content(before), calls)
+    if PYTHON_TAG in answer:
+        before, _, code = answer.partition(PYTHON_TAG)
+        code = code.strip()
+        found = parse_json_calls(code) or parse_pythonic_calls(code)
+        if found is None and code:
+            # Llama 3.1's code_interpreter: the tag followed by plain Python code
+            found = [ToolCall("code_interpreter", json.dumps({"code": code}, ensure_ascii=False))]
+        return ParsedAnswer(_content(before), found or [])
+    candidates = [match.start() for match in re.finditer(r"[\[{]", answer)][:MAX_START_CANDIDATES]
+    for start in candidates:
+        found = _calls(answer[start:])
+        if found:
+            return ParsedAnswer(_content(answer[:start]), found)
+    return ParsedAnswer(_content(answer), [])

@@ -1,0 +1,442 @@
+"""serving/engine.py: many requests through the paged engine give each request what model.generate()
+gives it alone (greedy, float32, tiny random models), whatever the batching, chunking, preemption
+and prefix reuse; sampling, logprobs, constraints, stop conditions, aborts and the async front."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+
+import pytest
+import torch
+
+import herd
+from herd.serving.engine import AsyncEngine, Engine, EngineRequest, QueueFull, SamplingParams
+from tests.conftest import reference_llama, save_reference
+from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+VOCAB = 128
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    reference = reference_llama(max_position_embeddings=256, head_dim=16)  # 16: the Triton kernels' smallest head
+    folder = save_reference(reference, tmp_path_factory.mktemp("engine") / "llama")
+    return herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    # 4 layers: the 4th a global NoPE layer, the others chunked with chunks of 8 positions; MoE every other layer
+    reference = reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, head_dim=16, floor_scale=4,
+                                 num_hidden_layers=4, attention_chunk_size=8, max_position_embeddings=256)
+    folder = tmp_path_factory.mktemp("engine") / "llama4"
+    reference.save_pretrained(folder)
+    return herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama4_vision(tmp_path_factory):
+    from tests.models.llama4.test_modeling_llama4_multimodal import pair
+
+    return pair.__wrapped__(tmp_path_factory)
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _expected(model, prompt: list[int], new: int) -> list[int]:
+    """model.generate()'s greedy tokens for the prompt alone (no eos: always `new` tokens); on a GPU
+    the plain path's (the reference forward)."""
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, disable_compile=True)
+    return out[0, len(prompt) :].tolist()
+
+
+def _greedy(prompt, new, request_id, **sampling):
+    return EngineRequest(request_id, prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, **sampling))
+
+
+def _run(engine: Engine, arrivals: dict[int, list[EngineRequest]]):
+    """Requests added at the step given by `arrivals`; each request's events."""
+    events: dict[str, list] = {}
+    step = 0
+    while engine.has_work() or any(s >= step for s in arrivals):
+        for request in arrivals.pop(step, []):
+            engine.add_request(request)
+        for request_id, event in engine.step():
+            events.setdefault(request_id, []).append(event)
+        step += 1
+    return events
+
+
+def _tokens(events):
+    return {request_id: [e.token_id for e in request_events] for request_id, request_events in events.items()}
+
+
+def _concurrent_requests(count: int, seed: int, longest: int, most_new: int):
+    rng = random.Random(seed)
+    requests, arrivals = {}, {}
+    for index in range(count):
+        prompt = _prompt(rng.randint(1, longest), seed * 100 + index)
+        request = _greedy(prompt, rng.randint(1, most_new), f"r{index}")
+        requests[request.request_id] = request
+        arrivals.setdefault(rng.randint(0, 6), []).append(request)
+    return requests, arrivals
+
+
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_concurrent_greedy_requests_get_generates_tokens(family, request):
+    """14 requests of random lengths arriving at different steps, prompts chunked (llama4: longer
+    than its 8-position attention chunks), small blocks: each request gets generate()'s tokens."""
+    model = request.getfixturevalue(family)
+    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128)
+    requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
+    events = _run(engine, arrivals)
+    for request_id, request in requests.items():
+        expected = _expected(model, request.prompt_ids, request.sampling.max_tokens)
+        assert _tokens(events)[request_id] == expected, request_id
+        assert events[request_id][-1].finish_reason == "length"
+        assert all(e.prompt_tokens == len(request.prompt_ids) for e in events[request_id])
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
+    assert stats["generated_tokens"] == sum(r.sampling.max_tokens for r in requests.values())
+
+
+def test_chunked_prefill_gives_the_unchunked_tokens_and_logprobs(llama4):
+    requests = [_greedy(_prompt(length, length), 6, f"r{length}", logprobs=2) for length in (5, 19, 33)]
+    results = []
+    for chunk in (3, 512):
+        engine = Engine(llama4, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=chunk, max_model_len=64)
+        results.append(_run(engine, {0: list(requests)}))
+    chunked, whole = results
+    assert _tokens(chunked) == _tokens(whole)
+    for request_id in whole:
+        for a, b in zip(chunked[request_id], whole[request_id]):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+
+
+def test_preemption_under_a_tiny_pool_gives_the_same_tokens(llama):
+    """20 blocks of 4 positions for 8 requests that need up to 11 each: the newest are preempted and
+    recomputed, and every request still gets generate()'s tokens."""
+    engine = Engine(llama, max_batch=8, block_size=4, num_blocks=16, prefill_chunk=64, max_model_len=64)
+    requests, arrivals = {}, {0: []}
+    for index in range(8):
+        request = _greedy(_prompt(10 + 3 * index, 50 + index), 14, f"r{index}")
+        requests[request.request_id] = request
+        arrivals[0].append(request)
+    events = _run(engine, arrivals)
+    assert engine.stats()["preemptions"] > 0
+    for request_id, request in requests.items():
+        assert _tokens(events)[request_id] == _expected(llama, request.prompt_ids, 14), request_id
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_prefix_blocks_are_shared_and_counted(llama):
+    engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
+    shared = _prompt(18, 7)
+    first = _greedy(shared + [5, 6], 3, "first")
+    second = _greedy(shared + [9], 3, "second")
+    engine.add_request(first)
+    engine.step()  # first prefilled: its 5 full blocks are cached
+    first_blocks = list(engine.scheduler.running[0].blocks["full"])
+    engine.add_request(second)
+    engine.step()
+    second_sequence = engine.sequences["second"]
+    assert second_sequence.blocks["full"][:4] == first_blocks[:4]  # the 16 tokens of whole blocks of the shared prefix
+    events = _run(engine, {})
+    assert events["second"][-1].cached_prompt_tokens == 16
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] == 16 and stats["prefix_cache_queries"] == 20 + 19
+    assert [e.token_id for e in events["second"]][-2:] == _expected(llama, second.prompt_ids, 3)[-2:]
+
+
+def test_a_prefix_hit_gives_the_same_tokens_as_a_cold_run(llama):
+    prompt = _prompt(23, 8)
+    engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
+    cold = _tokens(_run(engine, {0: [_greedy(prompt, 8, "cold")]}))["cold"]
+    warm = _run(engine, {0: [_greedy(prompt, 8, "warm")]})
+    assert warm["warm"][0].cached_prompt_tokens == 20
+    assert [e.token_id for e in warm["warm"]] == cold == _expected(llama, prompt, 8)
+
+
+def test_abort_frees_blocks_at_once(llama):
+    engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
+    for index in range(3):
+        engine.add_request(_greedy(_prompt(9, index), 30, f"r{index}"))
+    engine.add_request(_greedy(_prompt(9, 9), 30, "queued"))
+    for _ in range(3):
+        engine.step()
+    used = engine.stats()["kv_blocks_used"]
+    assert used > 0
+    engine.abort("r1")
+    assert 0 < engine.stats()["kv_blocks_used"] < used
+    for request_id in ("r0", "r2", "queued"):
+        engine.abort(request_id)
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == stats["running"] == stats["waiting"] == 0
+    events = engine.step()
+    assert sorted(request_id for request_id, _ in events) == ["queued", "r0", "r1", "r2"]
+    assert all(e.finish_reason == "abort" and e.token_id is None for _, e in events)
+    assert not engine.has_work()
+
+
+def test_a_seeded_sampled_request_is_the_same_alone_and_in_a_batch(llama):
+    params = dict(max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    prompt = _prompt(11, 3)
+
+    def run(neighbours: int):
+        engine = Engine(llama, max_batch=8, block_size=4, num_blocks=128, prefill_chunk=64, max_model_len=64)
+        arrivals = {0: [EngineRequest("seeded", prompt, SamplingParams(**params, ignore_eos=True))]}
+        for index in range(neighbours):
+            arrivals.setdefault(index % 3, []).append(
+                EngineRequest(f"n{index}", _prompt(5 + index, 70 + index),
+                              SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)))
+        return _tokens(_run(engine, arrivals))["seeded"]
+
+    alone = run(0)
+    assert run(5) == alone
+    other_seed = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64)
+    other = _run(other_seed, {0: [EngineRequest("s", prompt, SamplingParams(**{**params, "seed": 99}, ignore_eos=True))]})
+    assert _tokens(other)["s"] != alone  # the seed matters (12 tokens of a random model)
+
+
+def test_logprobs_are_the_processed_distributions(llama):
+    """Greedy without penalties: the model's own log_softmax; with a temperature: of logits / T."""
+    prompt = _prompt(9, 4)
+    logits = llama(torch.tensor([prompt])).logits[0, -1].float()
+    for temperature in (0.0, 0.5):
+        engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64)
+        request = EngineRequest("r", prompt, SamplingParams(max_tokens=1, temperature=temperature, seed=0, logprobs=3))
+        event = _run(engine, {0: [request]})["r"][0]
+        expected = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+        assert event.logprob == pytest.approx(expected[event.token_id].item(), abs=1e-5)
+        values, ids = expected.topk(3)
+        assert [token for token, _ in event.top_logprobs] == ids.tolist()
+        assert [value for _, value in event.top_logprobs] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+class EvenTokensThenStop:
+    """A constraint: only even ids; finished after three tokens."""
+
+    def __init__(self):
+        self.accepted = []
+
+    def fill_allowed(self, allowed):
+        allowed[1::2] = False
+
+    def accept(self, token_id):
+        self.accepted.append(token_id)
+
+    def is_finished(self):
+        return len(self.accepted) == 3
+
+
+def test_a_constraint_masks_tokens_and_finishes_the_request(llama):
+    engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64)
+    constraint = EvenTokensThenStop()
+    request = EngineRequest("r", _prompt(6, 5), SamplingParams(max_tokens=10, temperature=1.0, seed=1),
+                            constraint=constraint)
+    events = _run(engine, {0: [request]})["r"]
+    assert [e.token_id for e in events] == constraint.accepted
+    assert all(token % 2 == 0 for token in constraint.accepted)
+    assert [e.finish_reason for e in events] == [None, None, "stop"]
+
+
+def test_eos_ids_of_the_generation_config_and_stop_token_ids_end_a_request(llama):
+    prompt = _prompt(7, 6)
+    free = _expected(llama, prompt, 6)
+    original = llama.generation_config.eos_token_id
+    try:
+        llama.generation_config.eos_token_id = [VOCAB - 1, free[3]]  # a list: any id of it stops
+        engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64)
+        stopped = _run(engine, {0: [EngineRequest("eos", prompt, SamplingParams(max_tokens=6, temperature=0))]})["eos"]
+        assert [e.token_id for e in stopped] == free[: free.index(free[3]) + 1]
+        assert stopped[-1].finish_reason == "stop"
+        ignoring = _run(engine, {0: [EngineRequest("all", prompt, SamplingParams(max_tokens=6, temperature=0,
+                                                                                  ignore_eos=True))]})["all"]
+        assert [e.token_id for e in ignoring] == free and ignoring[-1].finish_reason == "length"
+    finally:
+        llama.generation_config.eos_token_id = original
+    engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64)
+    by_id = _run(engine, {0: [_greedy(prompt, 6, "s", stop_token_ids=(free[1],))]})["s"]
+    assert [e.token_id for e in by_id] == free[: free.index(free[1]) + 1] and by_id[-1].finish_reason == "stop"
+
+
+def test_the_context_ends_a_request_with_length(llama):
+    engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=16)
+    events = _run(engine, {0: [_greedy(_prompt(12, 1), 50, "r")]})["r"]
+    assert len(events) == 4 and events[-1].finish_reason == "length"
+
+
+def test_queue_full_and_bad_requests(llama):
+    engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=32, max_waiting=2)
+    engine.add_request(_greedy([1, 2], 3, "a"))
+    engine.add_request(_greedy([1, 2], 3, "b"))
+    with pytest.raises(QueueFull):
+        engine.add_request(_greedy([1, 2], 3, "c"))
+    with pytest.raises(ValueError, match="already running"):
+        engine.add_request(_greedy([1, 2], 3, "a"))
+    cases = [
+        (_greedy(list(range(1, 33)), 3, "long"), "prompt_ids has 32 tokens; max_model_len is 32"),
+        (_greedy([], 3, "empty"), "prompt_ids is empty"),
+        (_greedy([VOCAB], 3, "oov"), "outside the vocabulary"),
+        (_greedy([1], 0, "zero"), "sampling.max_tokens"),
+        (EngineRequest("t", [1], SamplingParams(max_tokens=1, temperature=-1)), "sampling.temperature"),
+        (EngineRequest("p", [1], SamplingParams(max_tokens=1, top_p=0)), "sampling.top_p"),
+        (EngineRequest("i", [1], SamplingParams(max_tokens=1), model_inputs={"pixel_values": torch.zeros(1)}),
+         "text-only model"),
+    ]
+    fresh = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=32)
+    for request, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fresh.add_request(request)
+    with pytest.raises(ValueError, match="num_blocks=3 cannot hold one request"):
+        Engine(llama, block_size=4, num_blocks=3, max_model_len=32)
+
+
+def test_async_engine_streams_and_cancellation_frees_blocks(llama):
+    prompts = {f"r{i}": _prompt(5 + 4 * i, 30 + i) for i in range(3)}
+
+    async def main():
+        engine = AsyncEngine(Engine(llama, max_batch=4, block_size=4, num_blocks=64, max_model_len=64))
+        await engine.start()
+
+        async def collect(request_id):
+            return [event async for event in engine.generate(_greedy(prompts[request_id], 5, request_id))]
+
+        results = await asyncio.gather(*(collect(request_id) for request_id in prompts))
+        stream = engine.generate(_greedy(_prompt(9, 2), 40, "cancelled"))
+        first = await stream.__anext__()
+        assert first.finish_reason is None
+        await stream.aclose()
+        started, received = asyncio.Event(), []
+
+        async def consume():
+            async for event in engine.generate(_greedy(_prompt(9, 3), 50, "task")):
+                received.append(event)
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()  # the client went away: the request is aborted
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(received) < 50
+        for _ in range(100):
+            if engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        stats = engine.stats()
+        with pytest.raises(ValueError, match="prompt_ids is empty"):
+            engine.generate(_greedy([], 3, "bad"))
+        await engine.stop()
+        return results, stats
+
+    results, stats = asyncio.run(main())
+    for request_id, events in zip(prompts, results):
+        assert [e.token_id for e in events] == _expected(llama, prompts[request_id], 5)
+        assert events[-1].finish_reason == "length"
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+
+
+def test_llama4_requests_with_images_among_text_requests(llama4_vision):
+    """Llama 4 with images: each image request's features go in with its whole prompt; the
+    tokens equal generate()'s with the same image, text requests batched alongside."""
+    from tests.models.llama4.test_modeling_llama4_multimodal import _prompt as image_prompt
+
+    _, model, _ = llama4_vision
+    requests, expected, arrivals = {}, {}, {}
+    for index, tiles in enumerate([[1], [], [2, 1], [3], []]):
+        ids, pixels = image_prompt(tiles, length=30, seed=index)
+        inputs = {"pixel_values": pixels} if pixels is not None else None
+        request = EngineRequest(f"r{index}", ids[0].tolist(), SamplingParams(max_tokens=6, temperature=0,
+                                                                             ignore_eos=True), model_inputs=inputs)
+        requests[request.request_id] = request
+        arrivals.setdefault(index % 2, []).append(request)
+        out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        expected[request.request_id] = out[0, ids.shape[1] :].tolist()
+    engine = Engine(model, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=8, max_model_len=64)
+    assert _tokens(_run(engine, arrivals)) == expected
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory):
+    from tests.models.mllama.test_modeling_mllama import pair
+
+    return pair.__wrapped__(tmp_path_factory)[1]
+
+
+@pytest.mark.parametrize("image_rows", [8, 1])
+def test_mllama_requests_with_images_among_text_requests(mllama, image_rows, monkeypatch):
+    """Llama 3.2 Vision: each request's image keys/values kept in its own slot outside the pages;
+    text before the first image sees nothing; rows with and without images in one decode batch.
+    With one image slot, image requests wait for it. Each request gets generate()'s tokens."""
+    from herd.serving import engine as engine_module
+    from tests.models.mllama.test_modeling_mllama import _inputs
+
+    monkeypatch.setattr(engine_module, "MLLAMA_IMAGE_ROWS", image_rows)
+    cases = [([[4]], (0, 5)), ([[4, 1]], (0, 5)), ([[3]], (6,)), (None, None), ([[2]], (11,))]
+    requests, expected, arrivals = {}, {}, {}
+    for index, (images, image_at) in enumerate(cases):
+        if images is None:
+            inputs = {"input_ids": torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(index))}
+        else:
+            inputs = _inputs(images, image_at=image_at)
+        model_inputs = {name: value for name, value in inputs.items() if name != "input_ids"} or None
+        request = EngineRequest(f"r{index}", inputs["input_ids"][0].tolist(),
+                                SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), model_inputs=model_inputs)
+        requests[request.request_id] = request
+        arrivals.setdefault(index % 2, []).append(request)
+        out = mllama.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected[request.request_id] = out[0, inputs["input_ids"].shape[1] :].tolist()
+    engine = Engine(mllama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=8, max_model_len=64)
+    assert _tokens(_run(engine, arrivals)) == expected
+    assert engine.stats()["kv_blocks_used"] == 0 and len(engine.scheduler.free_image_slots) == min(4, image_rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_on_cuda_compiled_and_captured_steps_give_generates_tokens(family, request):
+    """On a GPU the decode step is compiled and captured per batch bucket (1..8 rows here: the
+    few-row Triton kernels up to 4, the library matmuls above; the paged attention kernel):
+    float32 greedy tokens equal the reference forward's."""
+    model = copy.deepcopy(request.getfixturevalue(family)).to("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128)
+    assert engine.runner.capture and engine.runner.use_compile
+    requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
+    events = _run(engine, arrivals)
+    for request_id, request in requests.items():
+        assert _tokens(events)[request_id] == _expected(model, request.prompt_ids, request.sampling.max_tokens), request_id
+    assert {rows for rows, _ in engine.runner.graphs} >= {1, 8}
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "llama4", "mllama"])
+def test_the_decode_step_over_the_paged_store_traces_whole(family, request):
+    """What the GPU compiles: each unit of the plan over a PagedKV traced as one graph (fullgraph;
+    Dynamo's tracing alone runs here, with the eager backend), giving the same tokens."""
+    import torch._dynamo
+
+    model = request.getfixturevalue(family)
+    engine = Engine(model, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=16, max_model_len=64)
+    torch._dynamo.reset()
+    engine.runner.run = {name: torch.compile(fn, fullgraph=True, dynamic=False, backend="eager")
+                         for name, fn in engine.runner.plan.units().items()}
+    requests = [_greedy(_prompt(length, length), 4, f"r{length}") for length in (3, 11)]
+    if family == "mllama":
+        from tests.models.mllama.test_modeling_mllama import _inputs
+
+        inputs = _inputs([[2]], image_at=(0, 5))
+        requests.append(EngineRequest("image", inputs.pop("input_ids")[0].tolist(),
+                                      SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), model_inputs=inputs))
+    events = _tokens(_run(engine, {0: requests}))
+    for request_ in requests[:2]:
+        assert events[request_.request_id] == _expected(model, request_.prompt_ids, 4)
+    assert len(events) == len(requests)

@@ -1,0 +1,279 @@
+"""The official openai client against `herd serve`'s app on loopback, with SmolLM2-135M-Instruct
+and tiny random Llama 3.2 Vision / Llama 4 models, over the real engine (continuous batching over
+the paged KV store): the text, the formats, the options, against generate() and transformers."""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tests.conftest import SHARED_DATA
+
+from .conftest import engine_server, live
+
+openai = pytest.importorskip("openai")
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = ["What is the capital of France?", "Name a color.", "What is 2 + 2?", "Say hello.",
+           "Name a fruit.", "What day comes after Monday?", "Name an ocean.", "What is water made of?",
+           "Name a planet.", "Count to three.", "What is the opposite of hot?", "Name a month."]
+
+
+@pytest.fixture(scope="module")
+def served(smollm2):
+    model, tokenizer = smollm2
+    with live(engine_server(model, tokenizer, name="smollm2")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, messages=QUESTION, **kwargs):
+    kwargs.setdefault("max_tokens", 24)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(model="smollm2", messages=messages, **kwargs)
+
+
+def generate_text(smollm2, messages, max_new_tokens):
+    model, tokenizer = smollm2
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), out.shape[1] - ids.shape[1], ids.shape[1]
+
+
+def test_greedy_chat_equals_generate_and_transformers(client, smollm2, smollm2_folder):
+    import transformers
+
+    answer = chat(client)
+    expected, new_tokens, prompt_tokens = generate_text(smollm2, QUESTION, 24)
+    assert answer.choices[0].message.content == expected
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.usage.prompt_tokens == prompt_tokens and answer.usage.completion_tokens == new_tokens
+    assert answer.usage.total_tokens == prompt_tokens + new_tokens
+    assert answer.choices[0].finish_reason == ("stop" if new_tokens < 24 else "length")
+    reference = transformers.LlamaForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_folder)
+    ids = reference_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)
+    with torch.inference_mode():
+        out = reference.generate(**ids, max_new_tokens=24, do_sample=False)
+    assert answer.choices[0].message.content == reference_tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+                                                                           skip_special_tokens=True)
+
+
+def test_completion_equals_generate(client, smollm2):
+    model, tokenizer = smollm2
+    answer = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=12,
+                                       temperature=0)
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert answer.choices[0].text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 12
+    assert answer.object == "text_completion"
+
+
+def test_streaming_equals_non_streaming(client):
+    whole = chat(client, max_tokens=16)
+    chunks = list(chat(client, max_tokens=16, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    text = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10, temperature=0)
+    streamed = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+
+
+def test_stop_strings_are_cut_out(client):
+    full = chat(client).choices[0].message.content
+    assert "of France" in full, full
+    # " of Fra" spans several tokens: the streamed text must never show its beginning either
+    stop = " of Fra"
+    answer = chat(client, stop=[stop, "never appears"])
+    assert answer.choices[0].message.content == full[: full.index(stop)]
+    assert answer.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content or "" for c in chat(client, stop=stop, stream=True) if c.choices]
+    assert "".join(pieces) == full[: full.index(stop)]
+
+
+def test_n_choices_with_a_seed_are_reproducible(client):
+    first = chat(client, n=3, temperature=1.0, seed=11, max_tokens=8)
+    again = chat(client, n=3, temperature=1.0, seed=11, max_tokens=8)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1  # n samples, not one sample n times
+    streamed = list(chat(client, n=3, temperature=1.0, seed=11, max_tokens=8, stream=True))
+    for index, text in enumerate(texts):
+        assert "".join(c.choices[0].delta.content or "" for c in streamed
+                       if c.choices and c.choices[0].index == index) == text
+
+
+def test_chat_logprobs_match_the_model(client, smollm2):
+    model, tokenizer = smollm2
+    answer = chat(client, logprobs=True, top_logprobs=3, max_tokens=4)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == answer.usage.completion_tokens
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+    best = expected.topk(3)
+    assert entries[0].logprob == pytest.approx(best.values[0].item(), abs=1e-4)
+    assert [t.token for t in entries[0].top_logprobs] == [tokenizer.decode([i]) for i in best.indices.tolist()]
+    for entry in entries:  # greedy: the chosen token is the best one
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode() == entry.token
+    plain = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=3,
+                                      temperature=0, logprobs=2)
+    assert len(plain.choices[0].logprobs.tokens) == 3 and len(plain.choices[0].logprobs.top_logprobs[0]) == 2
+    assert "".join(plain.choices[0].logprobs.tokens) == plain.choices[0].text
+
+
+def test_json_schema_output_parses_and_validates(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0,
+                                                              "maximum": 100_000_000}},
+              "required": ["city", "population"], "additionalProperties": False}
+    answer = chat(client, messages=[{"role": "user", "content": "Give the capital of France and its population."}],
+                  response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+                  max_tokens=40)
+    document = json.loads(answer.choices[0].message.content)
+    assert set(document) == {"city", "population"} and isinstance(document["population"], int)
+    assert isinstance(document["city"], str) and answer.choices[0].finish_reason == "stop"
+
+
+def test_forced_tool_call_from_the_real_model(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string",
+                                                                                      "maxLength": 20}},
+                                                              "required": ["city"], "additionalProperties": False}}}]
+    answer = chat(client, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=tools,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=40)
+    call = answer.choices[0].message.tool_calls[0]
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_concurrent_requests_equal_single_ones(client):
+    singles = [chat(client, messages=[{"role": "user", "content": p}], max_tokens=5).choices[0].message.content
+               for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: chat(client, messages=[{"role": "user", "content": p}],
+                                                max_tokens=5).choices[0].message.content, PROMPTS))
+    assert together == singles
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["smollm2"] and models.data[0].object == "model"
+
+
+# --- images: tiny random Llama 3.2 Vision and Llama 4 with their processors ----------------------
+
+
+def _mllama_folder(path):
+    import transformers
+
+    from tests.models.mllama.test_processing_mllama import LLAMA_32_VISION_CHAT_TEMPLATE
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    tokenizer.pad_token = "<|end_of_text|>"
+    tokenizer.save_pretrained(path)
+    transformers.MllamaImageProcessor(size={"height": 56, "width": 56}, max_image_tiles=4).save_pretrained(path)
+    (path / "chat_template.jinja").write_text(LLAMA_32_VISION_CHAT_TEMPLATE)
+    text = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=128004, bos_token_id=128000,
+                eos_token_id=[128001, 128008, 128009], max_position_embeddings=512)
+    vision = dict(hidden_size=16, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=32,
+                  vision_output_dim=32, image_size=56, patch_size=14, intermediate_layers_indices=[0],
+                  max_num_tiles=4)
+    torch.manual_seed(0)
+    model = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
+        text_config=text, vision_config=vision, image_token_index=128256))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "gate" in name:  # the cross-attention gates start at 0: open them so the image counts
+                parameter.uniform_(-1.0, 1.0)
+    model.save_pretrained(path)
+
+
+def _llama4_folder(path):
+    import transformers
+    from transformers.models.llama4 import processing_llama4
+
+    from herd.models.llama4 import Llama4ImageProcessorFast
+    from tests.models.llama4.test_modeling_llama4_multimodal import TEXT, VISION
+    from tests.models.llama4.test_processing_llama4 import LLAMA4_TOKENS
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})
+    tokenizer.pad_token = "<|end_of_text|>"
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(processing_llama4.chat_template)
+    Llama4ImageProcessorFast(size={"height": 56, "width": 56}, max_patches=4).save_pretrained(path)
+    patch_id = tokenizer.convert_tokens_to_ids("<|patch|>")
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    text = {**TEXT, "vocab_size": len(tokenizer), "eos_token_id": [eot], "max_position_embeddings": 1024}
+    torch.manual_seed(0)
+    transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(
+        text_config=text, vision_config=VISION, image_token_index=patch_id)).eval().save_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["mllama", "llama4"])
+def vision_served(request, tmp_path_factory):
+    import herd
+
+    path = tmp_path_factory.mktemp(request.param)
+    (_mllama_folder if request.param == "mllama" else _llama4_folder)(path)
+    model = herd.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = herd.AutoProcessor.from_pretrained(path)
+    with live(engine_server(model, processor.tokenizer, processor=processor, name=request.param)) as server:
+        yield server, model, processor
+
+
+def _data_url(path):
+    return f"data:image/{path.suffix.lstrip('.')};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_image_chat_equals_generate_with_the_processor(vision_served):
+    from PIL import Image
+
+    server, model, processor = vision_served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    photo = SHARED_DATA / "images" / "chelsea.png"
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(photo)}},
+                                             {"type": "text", "text": "What is in this picture?"}]}]
+    name = server.server.model_name
+    answer = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+    local = [{"role": "user", "content": [{"type": "image", "image": Image.open(photo)},
+                                          {"type": "text", "text": "What is in this picture?"}]}]
+    inputs = processor.apply_chat_template(local, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert answer.choices[0].message.content == processor.tokenizer.decode(new, skip_special_tokens=True)
+    assert answer.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    # the engine got the processor's tensors for the image (batch dim 1), not the text alone
+    sent = server.server.engine.requests_seen[-1]
+    assert sent.prompt_ids == inputs["input_ids"][0].tolist()
+    assert set(sent.model_inputs) == set(inputs) - {"input_ids", "attention_mask"}
+    assert torch.equal(sent.model_inputs["pixel_values"], inputs["pixel_values"])
+    with pytest.raises(openai.BadRequestError, match="local files are not accepted"):
+        client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(photo)}}, {"type": "text", "text": "hi"}]}])

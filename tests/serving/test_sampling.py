@@ -1,0 +1,77 @@
+"""serving/sampling.py: each row's token from its own settings, against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from herd.serving.engine import SamplingParams
+from herd.serving.sampling import SamplingRow, _truncate, choose
+
+
+def _row(tokens=(), generated=(), seed=0, constraint=None, **params):
+    generator = torch.Generator().manual_seed(seed)
+    return SamplingRow(SamplingParams(max_tokens=1, **params), list(tokens), list(generated), generator, constraint)
+
+
+def test_truncation_keeps_top_k_top_p_and_min_p_sets():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4))
+    kept = _truncate(logits, top_k=torch.tensor([2, 0, 0, 3]), top_p=torch.tensor([1.0, 0.7, 1.0, 0.6]),
+                     min_p=torch.tensor([0.0, 0.0, 0.25, 0.0]))
+    finite = torch.isfinite(kept).tolist()
+    assert finite[0] == [True, True, False, False]  # top-2
+    assert finite[1] == [True, True, False, False]  # 0.5 + 0.3 reach 0.7
+    assert finite[2] == [True, True, True, False]  # min_p 0.25 of 0.5: 0.125 and above
+    assert finite[3] == [True, True, False, False]  # top-3 then top-p 0.6
+    assert torch.equal(kept[0, :2], logits[0, :2])  # kept logits unchanged
+
+
+def test_penalties_follow_transformers_and_openai():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    choice = choose(logits, [_row(tokens=[0, 1], temperature=0.0, repetition_penalty=2.0, logprobs=4)])[0]
+    expected = torch.tensor([1.0, -4.0, 1.0, 0.5])  # positive divided, negative multiplied
+    assert choice.top_logprobs[0][0] in (0, 2)
+    values = dict(choice.top_logprobs)
+    for token, logprob in enumerate(torch.log_softmax(expected, -1).tolist()):
+        assert math.isclose(values[token], logprob, abs_tol=1e-6)
+    # frequency (per occurrence among generated) and presence (once): token 2 twice, token 3 once
+    choice = choose(logits, [_row(tokens=[9, 2, 2, 3], generated=[2, 2, 3], temperature=0.0, frequency_penalty=0.5,
+                                  presence_penalty=0.25, logprobs=4)])[0]
+    expected = torch.tensor([2.0, -2.0, 1.0 - 1.0 - 0.25, 0.5 - 0.5 - 0.25])
+    values = dict(choice.top_logprobs)
+    for token, logprob in enumerate(torch.log_softmax(expected, -1).tolist()):
+        assert math.isclose(values[token], logprob, abs_tol=1e-6)
+
+
+def test_samples_follow_the_distribution_and_the_generator():
+    probabilities = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    logits = torch.log(probabilities)[None]
+    generator = torch.Generator().manual_seed(0)
+    row = SamplingRow(SamplingParams(max_tokens=1, temperature=1.0), [], [], generator)
+    draws = torch.tensor([choose(logits, [row])[0].token_id for _ in range(3000)])
+    frequencies = torch.bincount(draws, minlength=4).float() / 3000
+    assert torch.allclose(frequencies, probabilities, atol=0.03)
+    assert frequencies[3] == 0
+    again = SamplingRow(row.params, [], [], torch.Generator().manual_seed(0))
+    assert [choose(logits, [again])[0].token_id for _ in range(50)] == draws[:50].tolist()
+
+
+def test_top_k_one_is_greedy_and_rows_are_independent():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    rows = [_row(temperature=0.0), _row(temperature=1.3, top_k=1, seed=5), _row(temperature=0.7, seed=6)]
+    choices = choose(logits, rows)
+    assert [c.token_id for c in choices[:2]] == logits[:2].argmax(dim=-1).tolist()
+    alone = choose(logits[2:], [_row(temperature=0.7, seed=6)])[0]
+    assert alone.token_id == choices[2].token_id
+
+
+def test_constraint_mask_applies_before_the_choice():
+    class OnlyThree:
+        def fill_allowed(self, allowed):
+            allowed[:] = False
+            allowed[3] = True
+
+    logits = torch.tensor([[5.0, 4.0, 3.0, -1.0]])
+    choice = choose(logits, [_row(temperature=0.0, constraint=OnlyThree(), logprobs=1)])[0]
+    assert choice.token_id == 3 and choice.logprob == 0.0 and choice.top_logprobs == [(3, 0.0)]

@@ -1,0 +1,352 @@
+"""The HTTP API's contract with a scripted engine (no model): error bodies and statuses, tool calls
+in each format through the whole server, states, keys, limits, metrics, disconnects.
+
+The scripted engine answers a chat whose last user message is `SAY:<text>` with the tokens of
+<text> followed by <|eot_id|> (Llama 3.1's tokenizer and chat template), so that the server's
+text handling meets exactly the answer a test wants."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from herd.serving.engine import EngineRequest
+from herd.serving.server import ModelInfo, Server
+from tests.conftest import SHARED_DATA
+
+from .conftest import live
+from .fake_engine import FakeAsyncEngine, FakeEngine
+
+EOT, EOM = 128009, 128008
+EOS_IDS = (EOT, EOM, 128001)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import herd
+
+    return herd.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+
+
+def scripted(tokenizer):
+    def script(request: EngineRequest) -> list[int]:
+        prompt = tokenizer.decode(request.prompt_ids, skip_special_tokens=False)
+        said = prompt.rpartition("SAY:")[2].partition("<|eot")[0]
+        ids = tokenizer.encode(said, add_special_tokens=False)
+        return ids + ([] if said.endswith("<|eom_id|>") else [EOT])
+    return script
+
+
+def make_server(tokenizer, *, engine=None, **kwargs) -> Server:
+    engine = engine or FakeEngine(script=scripted(tokenizer))
+    engine.eos_token_ids = EOS_IDS
+    model = ModelInfo(tokenizer=tokenizer, eos_token_ids=EOS_IDS, vocab_size=128256, max_model_len=512)
+    return Server(model_name="llama", engine=FakeAsyncEngine(engine), model=model, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    engine = FakeEngine(script=scripted(tokenizer))
+    with live(make_server(tokenizer, engine=engine)) as server:
+        server.engine = engine
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tools_template_tokenizer():
+    """Llama 3.1's vocabulary with a chat template that renders tools and tool calls (Llama 4's, from transformers)."""
+    from transformers.models.llama4 import processing_llama4
+
+    import herd
+
+    tokenizer = herd.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+    tokenizer.chat_template = processing_llama4.chat_template
+    return tokenizer
+
+
+def post(server, path, body, **kwargs):
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json",
+                                                                   **kwargs.pop("headers", {})},
+                      timeout=kwargs.pop("timeout", 30), **kwargs)
+
+
+def say(text, **fields):
+    return {"model": "llama", "messages": [{"role": "user", "content": f"SAY:{text}"}], "max_tokens": 200, **fields}
+
+
+def sse(response) -> list:
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def assert_error(response, status, param, *words):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"], error["message"]
+    return error
+
+
+# --- tool calls through the server ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer, content, calls", [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [("get_weather", {"city": "Paris"})]),
+    ('<|python_tag|>brave_search.call(query="herd")<|eom_id|>', None, [("brave_search", {"query": "herd"})]),
+    ('[get_weather(city="Paris"), get_time()]', None, [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    ('Checking. [get_weather(city="Rome")]', "Checking.", [("get_weather", {"city": "Rome"})]),
+    ('<|python_start|>[get_time(zone="CET")]<|python_end|>', None, [("get_time", {"zone": "CET"})]),
+    ('[get_weather(city="Par', '[get_weather(city="Par', []),  # malformed: content, never a 500
+    ("It is sunny.", "It is sunny.", []),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_in_each_format(served, answer, content, calls, stream):
+    response = post(served, "/v1/chat/completions", say(answer, tools=TOOLS, stream=stream))
+    assert response.status_code == 200, response.text
+    if stream:
+        chunks = sse(response)
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        got_content = "".join(d.get("content") or "" for d in deltas) or None
+        got_calls = [call for d in deltas for call in d.get("tool_calls", [])]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+        assert [call["index"] for call in got_calls] == list(range(len(calls)))
+    else:
+        choice = response.json()["choices"][0]
+        got_content, got_calls, finish = choice["message"]["content"], choice["message"].get("tool_calls") or [], \
+            [choice["finish_reason"]]
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got_calls)
+    assert finish == ["tool_calls" if calls else "stop"]
+
+
+def test_tool_choice_none_keeps_calls_as_text(served):
+    answer = '[get_weather(city="Paris")]'
+    body = post(served, "/v1/chat/completions", say(answer, tools=TOOLS, tool_choice="none")).json()
+    assert body["choices"][0]["message"]["content"] == answer and "tool_calls" not in body["choices"][0]["message"]
+
+
+def test_tool_history_reaches_the_template(tools_template_tokenizer):
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+                {"role": "user", "content": "SAY:It is sunny."}]
+    engine = FakeEngine(script=scripted(tools_template_tokenizer))
+    with live(make_server(tools_template_tokenizer, engine=engine)) as server:
+        response = post(server, "/v1/chat/completions", {"model": "llama", "messages": messages, "tools": TOOLS})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "It is sunny."
+    text = tools_template_tokenizer.decode(engine.requests_seen[-1].prompt_ids, skip_special_tokens=False)
+    # the tools, the earlier call (arguments as an object, not a JSON string) and its result are in the prompt
+    assert '"name": "get_weather"' in text and '"parameters": {"city": "Paris"}' in text
+    assert "sunny" in text and '"required": [' in text
+
+
+# --- what reaches the engine ----------------------------------------------------------------------
+
+
+def test_sampling_fields_reach_the_engine(served):
+    body = say("ok", n=2, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, seed=3, presence_penalty=0.5,
+               frequency_penalty=-0.5, repetition_penalty=1.2, max_completion_tokens=7, max_tokens=99,
+               logprobs=True, top_logprobs=2, ignore_eos=True, stop_token_ids=[13])
+    assert post(served, "/v1/chat/completions", body).status_code == 200
+    first, second = (request.sampling for request in served.engine.requests_seen[-2:])
+    assert (first.max_tokens, first.temperature, first.top_p, first.top_k, first.min_p) == (7, 0.7, 0.9, 5, 0.05)
+    assert (first.presence_penalty, first.frequency_penalty, first.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert (first.logprobs, first.ignore_eos, first.stop_token_ids) == (2, True, (13,))
+    assert first.seed == 3 and second.seed not in (None, 3)  # each choice its own seed, derived from the request's
+    body = post(served, "/v1/chat/completions", say("ok", top_k=-1)).json()
+    assert served.engine.requests_seen[-1].sampling.top_k == 0 and body["choices"][0]["message"]["content"] == "ok"
+
+
+def test_max_tokens_defaults_to_the_room_left(served):
+    post(served, "/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "SAY:x"}]})
+    request = served.engine.requests_seen[-1]
+    assert request.sampling.max_tokens == 512 - len(request.prompt_ids)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def tiny_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b"{not json", 400, None, ["not valid JSON"]),
+    ([1, 2], 400, None, ["JSON object"]),
+    ({"model": "llama", "messages": []}, 400, "messages", ["non-empty"]),
+    ({"model": "llama"}, 400, "messages", []),
+    (say("x", max_tokens=-1), 400, "max_tokens", [">= 1"]),
+    (say("x", max_tokens=0), 400, "max_tokens", [">= 1"]),
+    (say("x", max_tokens="ten"), 400, "max_tokens", ["integer"]),
+    (say("x", max_completion_tokens=1.5), 400, "max_completion_tokens", ["integer"]),
+    (say("x", max_tokens=100_000), 400, "max_tokens", ["context of 512", "at most"]),
+    (say("x", temperature=-0.1), 400, "temperature", [">= 0"]),
+    (say("x", temperature=5), 400, "temperature", ["<= 2"]),
+    (say("x", top_p=0), 400, "top_p", ["> 0"]),
+    (say("x", n=0), 400, "n", [">= 1"]),
+    (say("x", stop=["ok", ""]), 400, "stop", ["empty"]),
+    (say("x", stop=7), 400, "stop", ["string"]),
+    (say("x", top_logprobs=3), 400, "top_logprobs", ["logprobs: true"]),
+    (say("x", logprobs=True, top_logprobs=50), 400, "top_logprobs", ["<= 20"]),
+    (say("x", stream_options={"include_usage": True}), 400, "stream_options", ["stream: true"]),
+    (say("x", presence_penalty=3), 400, "presence_penalty", ["<= 2"]),
+    (say("x", response_format={"type": "yaml"}), 400, "response_format", []),
+    (say("x", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}),
+     400, "response_format.json_schema.schema", []),
+    (say("x", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), 400, "tool_choice",
+     ["nope"]),
+    (say("x", tool_choice="required"), 400, "tool_choice", ["needs tools"]),
+    (say("x", tools=[{"type": "function"}]), 400, "tools[0]", []),
+    ({"model": "llama", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", ["robot"]),
+    ({"model": "llama", "messages": [{"role": "user"}]}, 400, "messages[0].content", ["missing"]),
+    ({"model": "llama", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400,
+     "messages[0].content[0]", []),
+    ({"model": "llama", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": tiny_png()}}]}]},
+     400, "messages[0].content[1]", ["takes no images"]),
+    ({"model": "llama", "messages": [{"role": "user", "content": "x " * 600}]}, 400, "messages",
+     ["no room", "context of 512"]),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", ["gpt-4", "llama"]),
+])
+def test_chat_errors_name_the_field(served, body, status, param, words):
+    assert_error(post(served, "/v1/chat/completions", body), status, param, *words)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "llama", "prompt": ""}, 400, "prompt"),
+    ({"model": "llama", "prompt": 3}, 400, "prompt"),
+    ({"model": "llama", "prompt": [1, 2, 999_999]}, 400, "prompt"),
+    ({"model": "llama", "prompt": "hi", "echo": True}, 400, "echo"),
+    ({"model": "llama", "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ({"model": "other", "prompt": "hi"}, 404, "model"),
+])
+def test_completion_errors_name_the_field(served, body, status, param):
+    assert_error(post(served, "/v1/completions", body), status, param)
+
+
+def test_unknown_route_and_method_use_the_error_body(served):
+    assert httpx.get(served.url + "/v1/nothing").json()["error"]["message"]
+    assert httpx.get(served.url + "/v1/chat/completions").status_code == 405
+
+
+def test_a_failed_request_leaves_the_others_going(served):
+    assert post(served, "/v1/chat/completions", say("x", temperature=9)).status_code == 400
+    assert post(served, "/v1/chat/completions", say("still here")).json()["choices"][0]["message"]["content"] == \
+        "still here"
+
+
+# --- keys, states, limits -------------------------------------------------------------------------
+
+
+def test_api_key(tokenizer):
+    with live(make_server(tokenizer, api_key="sesame")) as server:
+        assert_error(post(server, "/v1/chat/completions", say("x")), 401, None, "API key")
+        assert_error(post(server, "/v1/chat/completions", say("x"), headers={"authorization": "Bearer wrong"}), 401,
+                     None)
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        ok = post(server, "/v1/chat/completions", say("x"), headers={"authorization": "Bearer sesame"})
+        assert ok.status_code == 200
+        assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+
+
+def test_503_while_loading_then_ready(tokenizer):
+    server = Server(model_name="llama")
+    with live(server) as running:
+        assert httpx.get(running.url + "/health").status_code == 503
+        assert_error(post(running, "/v1/chat/completions", say("x")), 503, None, "loading")
+        ready = make_server(tokenizer)
+        server.attach_from_thread(*ready._pending)
+        assert httpx.get(running.url + "/health").status_code == 200
+        assert post(running, "/v1/chat/completions", say("ready")).status_code == 200
+        server.state = "draining"
+        assert_error(post(running, "/v1/chat/completions", say("x")), 503, None, "shutting down")
+
+
+def test_429_when_the_queue_is_full(tokenizer):
+    engine = FakeEngine(script=scripted(tokenizer), max_waiting=0)
+    with live(make_server(tokenizer, engine=engine)) as server:
+        for stream in (False, True):
+            error = assert_error(post(server, "/v1/chat/completions", say("x", stream=stream)), 429, None, "busy")
+            assert error["code"] == "queue_full"
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_disconnect_aborts_the_request(tokenizer):
+    # one token per 50 ms: the client leaves after a few tokens, the engine must forget the request
+    engine = FakeEngine(script=lambda request: [1] * 400, step_delay_s=0.05)
+    with live(make_server(tokenizer, engine=engine)) as server:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=say("x", stream=True, max_tokens=400),
+                          timeout=30) as response:
+            lines = response.iter_lines()
+            for _ in range(4):
+                next(lines)
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats()["running"] == 0 and engine.stats()["kv_blocks_used"] == 0
+        assert engine.generated_tokens < 200
+        # and a non-streaming client that gives up
+        with pytest.raises(httpx.ReadTimeout):
+            post(server, "/v1/chat/completions", say("x", max_tokens=400), timeout=0.5)
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats()["running"] == 0
+
+
+def test_metrics(served):
+    post(served, "/v1/chat/completions", say("counted"))
+    text = httpx.get(served.url + "/metrics").text
+    for name in ("herd_requests_running", "herd_requests_waiting", "herd_kv_blocks_used",
+                 "herd_prefix_cache_hits_total", "herd_time_to_first_token_seconds_bucket",
+                 "herd_generation_tokens_total", "herd_generation_tokens_per_second"):
+        assert f"\n{name}" in text, name
+    assert "# TYPE herd_requests_running gauge" in text
+    assert 'herd_http_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    assert 'status="400"' in text
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event(tokenizer):
+    class Exploding(FakeAsyncEngine):  # as the real AsyncEngine raises on each stream when a step fails
+        async def generate(self, request):
+            count = 0
+            async for event in super().generate(request):
+                count += 1
+                if count > 2:
+                    raise RuntimeError("the GPU fell off")
+                yield event
+
+    server = make_server(tokenizer, engine=FakeEngine(script=lambda request: [1] * 50))
+    server._pending = (Exploding(server._pending[0].engine), server._pending[1])
+    with live(server) as running:
+        response = post(running, "/v1/chat/completions", say("x", stream=True))
+        events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "the GPU fell off" in json.loads(events[-2])["error"]["message"]
+        assert_error(post(running, "/v1/chat/completions", say("x")), 500, None, "the GPU fell off")
+        assert httpx.get(running.url + "/health").status_code == 200
+
+
+def test_a_prompt_the_engine_refuses_is_a_400_on_its_field(tokenizer):
+    engine = FakeEngine(script=scripted(tokenizer), max_model_len=5)  # stricter than the server's own check
+    with live(make_server(tokenizer, engine=engine)) as server:
+        assert_error(post(server, "/v1/completions", {"prompt": "one two three four five six"}), 400, "prompt",
+                     "max_model_len")
+        assert_error(post(server, "/v1/chat/completions", say("hello")), 400, "messages", "max_model_len")

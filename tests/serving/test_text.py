@@ -1,0 +1,57 @@
+"""TextAssembler: the text handed out token by token is final (whole characters, no piece of a stop string)."""
+
+from __future__ import annotations
+
+import pytest
+
+from herd.serving.text import TextAssembler
+from tests.conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import herd
+
+    return herd.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+
+
+def pieces(tokenizer, text, stop=(), **kwargs):
+    assembler = TextAssembler(tokenizer, list(stop), **kwargs)
+    out = [assembler.add(token) for token in tokenizer.encode(text, add_special_tokens=False)]
+    out.append(assembler.finish())
+    return out, assembler
+
+
+def test_without_stop_strings_the_pieces_make_the_text(tokenizer):
+    text = "Paris is the capital of France. Ünïcödé 日本語 🐑!"
+    out, assembler = pieces(tokenizer, text)
+    assert "".join(out) == text == assembler.final_text
+    assert not any("\ufffd" in piece for piece in out)  # a character split over tokens waits for its last byte
+
+
+@pytest.mark.parametrize("stop", [" of Fra", "capital", "🐑", "France.", "s the c"])
+def test_a_stop_string_never_shows_even_in_part(tokenizer, stop):
+    text = "Paris is the capital of France. 🐑 and more text after."
+    out, assembler = pieces(tokenizer, text, stop=[stop, "zzz"])
+    assert "".join(out) == text[: text.index(stop)] == assembler.final_text and assembler.stopped
+    shown = ""
+    for piece in out:
+        shown += piece
+        # nothing handed out ever goes past where the stop string starts
+        assert text.index(stop) >= len(shown)
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop_string(tokenizer):
+    assembler = TextAssembler(tokenizer, ["capital city"])
+    out = [assembler.add(token) for token in tokenizer.encode("the capital of", add_special_tokens=False)]
+    assert "".join(out) == "the capital of"  # " capital" was held until " of" showed it is not the stop string
+    assert out[1] == " "  # the space went out, "capital" waited
+
+
+def test_hidden_ids_and_special_tokens(tokenizer):
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    ids = tokenizer.encode("Hi", add_special_tokens=False) + [eot]
+    plain, kept = TextAssembler(tokenizer), TextAssembler(tokenizer, skip_special_tokens=False, hidden_ids={eot})
+    header = tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    assert "".join(plain.add(i) for i in [header, *ids]) + plain.finish() == "Hi"
+    assert "".join(kept.add(i) for i in [header, *ids]) + kept.finish() == "<|start_header_id|>Hi"
