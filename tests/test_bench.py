@@ -7,6 +7,8 @@ import argparse
 import pytest
 import torch
 
+import herd
+
 from bench.compare import transformers_reference
 from herd import bench, cli
 from tests.conftest import max_abs_diff
@@ -304,3 +306,18 @@ def test_bench_at_a_long_context_on_the_cpu(capsys, monkeypatch, kv_cache_dtype)
 def test_bench_context_rejects_bad_lengths(capsys):
     assert cli.main(["bench", "llama3.2-1b", "--context", "0"]) != 0
     assert "--context takes positive prompt lengths" in capsys.readouterr().err
+
+
+def test_random_int4_experts_are_built_from_float_weights_of_the_experts_shape():
+    """Random quantized experts are drawn at the float shape (experts, in, out), then packed: int4's
+    stored rows are half the input rows."""
+    from herd.models.llama4.modeling_llama4 import Llama4TextExperts
+    from herd.quantization import QuantizedExperts, Scheme
+
+    config = herd.Llama4TextConfig(hidden_size=64, intermediate_size=32, num_local_experts=2)
+    with torch.device("meta"):
+        experts = Llama4TextExperts(config)
+    module = QuantizedExperts(experts, Scheme("int4", group_size=32), dtype=torch.float32).to_empty(device="cpu")
+    bench._fill_quantized(module, torch.float32, torch.Generator().manual_seed(0))
+    down = module.dequantized("down_proj", slice(None), torch.float32)
+    assert down.shape == (2, 32, 64) and 0.01 < float(down.std()) < 0.03  # the drawn N(0, 0.02) weights

@@ -185,8 +185,10 @@ def _fill_quantized(module, dtype: torch.dtype, generator: torch.Generator) -> N
         stored = quantize_weight(weight.normal_(0.0, 0.02, generator=generator), module.scheme, dtype)
     else:
         stored = {}
-        for name in ("gate_up_proj", "down_proj"):
-            weight = torch.empty(getattr(module, name).shape, device=module.gate_up_proj.device, dtype=dtype)
+        hidden, inter = module.hidden_size, module.intermediate_size
+        for name, (rows, columns) in (("gate_up_proj", (hidden, 2 * inter)), ("down_proj", (inter, hidden))):
+            # the float weight's shape, not the stored one (int4 packs two rows a byte)
+            weight = torch.empty(module.num_experts, rows, columns, device=module.gate_up_proj.device, dtype=dtype)
             weight.normal_(0.0, 0.02, generator=generator)
             stored.update({name + suffix: value for suffix, value in quantize_experts(weight, module.scheme, dtype).items()})
             del weight

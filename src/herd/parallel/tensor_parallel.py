@@ -72,7 +72,7 @@ def gather_logits(lm_head: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     the same on every rank; other heads' logits as they are."""
     if not isinstance(lm_head, VocabParallelHead):
         return logits
-    gathered = funcol.all_gather_single(logits.contiguous(), logits.dim() - 1, lm_head.group_name)
+    gathered = funcol.all_gather_tensor(logits.contiguous(), logits.dim() - 1, lm_head.group_name)
     return gathered[..., : lm_head.out_features]
 
 
