@@ -121,7 +121,9 @@ def test_cuda_quantized_fast_path_logits_within_tolerance(llama_folder, llama4_f
 
 
 @pytest.mark.parametrize("family", ["llama", "llama4"])
-def test_quantized_plan_units_trace_whole(fast_on_cpu, monkeypatch, llama_folder, llama4_folder, family):
+@pytest.mark.parametrize("name", ["fp8", "int4"])
+def test_quantized_plan_units_trace_whole(fast_on_cpu, monkeypatch, llama_folder, llama4_folder, llama4_int4_folder,
+                                          family, name):
     """The compiled step traces each unit as one graph (fullgraph): nothing a quantized weight brings
     may break it (a data_ptr read inside a unit did, on the GPU). Dynamo's tracing alone runs here."""
     import torch._dynamo
@@ -132,7 +134,9 @@ def test_quantized_plan_units_trace_whole(fast_on_cpu, monkeypatch, llama_folder
         name: torch.compile(fn, fullgraph=True, dynamic=False, backend="eager") for name, fn in units.items()})
     torch._dynamo.reset()
     cls, folder = (herd.LlamaForCausalLM, llama_folder) if family == "llama" else (herd.Llama4ForCausalLM, llama4_folder)
-    model = cls.from_pretrained(folder, quantization_config=CONFIGS["fp8"], progress=False)
+    if family == "llama4" and name == "int4":
+        folder = llama4_int4_folder
+    model = cls.from_pretrained(folder, quantization_config=CONFIGS[name], progress=False)
     decoder = decoders.fast_decoder(model)
     decoder.compile_override = True  # compile (here: trace) on the CPU too
     ids, mask = _prompts(1, 5)

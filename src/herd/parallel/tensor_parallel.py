@@ -72,7 +72,12 @@ def gather_logits(lm_head: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     the same on every rank; other heads' logits as they are."""
     if not isinstance(lm_head, VocabParallelHead):
         return logits
-    gathered = funcol.all_gather_tensor(logits.contiguous(), logits.dim() - 1, lm_head.group_name)
+    local = logits.contiguous()
+    # gathered along the first dimension (along the last, torch calls a helper dynamo refuses to
+    # trace), then each rank's vocabulary slice put side by side: (size * rows, ..., local vocab)
+    stacked = funcol.all_gather_tensor(local, 0, lm_head.group_name)
+    size = stacked.shape[0] // local.shape[0]
+    gathered = stacked.view(size, *local.shape).movedim(0, -2).reshape(*local.shape[:-1], size * local.shape[-1])
     return gathered[..., : lm_head.out_features]
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ...kernels import gemv
 from ...kernels.routed_experts import routed_experts
+from ...quantization.experts import QuantizedExperts
 from ..kv import DecodeKV, LayerKV, attend, store_token
 from . import CHUNKED, FULL, DecodePlan
 from .llama import LayerWeights, fuse_layer, summed
@@ -72,8 +73,10 @@ def mixture_of_experts(moe, shared_gate_up: torch.Tensor, shared_down: torch.Ten
     expert_scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # (batch, top_k)
     routed_in = (x[:, None, :] * expert_scores[..., None]).reshape(-1, hidden)  # (batch * top_k, hidden)
     experts = moe.experts
-    stored = getattr(experts, "stored", None)  # quantized experts: their stored tensors per projection
-    gate_up, down = (stored("gate_up_proj"), stored("down_proj")) if stored else (experts.gate_up_proj, experts.down_proj)
+    if isinstance(experts, QuantizedExperts):  # their stored tensors per projection
+        gate_up, down = experts.stored("gate_up_proj"), experts.stored("down_proj")
+    else:
+        gate_up, down = experts.gate_up_proj, experts.down_proj
     routed_out = routed_experts(routed_in, expert_ids.reshape(-1), gate_up, down, experts.act_fn).view(batch, -1, hidden)
     return gated_mlp(moe.shared_expert, shared_gate_up, shared_down, x) + routed_out.sum(dim=1)
 
