@@ -163,6 +163,15 @@ def test_a_prefix_hit_gives_the_same_tokens_as_a_cold_run(llama):
     assert [e.token_id for e in warm["warm"]] == cold == _expected(llama, prompt, 8)
 
 
+def test_llama4_prefix_hits_are_whole_attention_chunks(llama4):
+    prompt = _prompt(23, 9)
+    engine = Engine(llama4, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
+    cold = _tokens(_run(engine, {0: [_greedy(prompt, 8, "cold")]}))["cold"]
+    warm = _run(engine, {0: [_greedy(prompt, 8, "warm")]})
+    assert warm["warm"][0].cached_prompt_tokens == 16  # 20 cached, rounded down to two chunks of 8
+    assert [e.token_id for e in warm["warm"]] == cold == _expected(llama4, prompt, 8)
+
+
 def test_abort_frees_blocks_at_once(llama):
     engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
     for index in range(3):

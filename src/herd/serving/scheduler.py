@@ -14,12 +14,14 @@ requests give the same tokens, seeded ones keep their generator.
 Llama 4's chunked-attention layers keep their own block table from a second pool: a query
 sees only positions of its own attention chunk, so the blocks before the current chunk's start
 are released as soon as the request moves past it; a request never holds more than
-attention_chunk_size + prefill_chunk positions there. Their blocks are not cached (a model with
-chunked layers runs without prefix reuse: its prefix would need both tables' blocks).
+attention_chunk_size + prefill_chunk positions there. Those blocks are not cached: a prefix hit
+is rounded down to a whole number of attention chunks, where the chunked layers need nothing
+from before it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +90,9 @@ class Scheduler:
                  prefill_chunk: int, chunk_size: int | None, max_waiting: int, image_slots: int = 0):
         self.block_size, self.max_batch, self.prefill_chunk = block_size, max_batch, prefill_chunk
         self.chunk_size, self.max_waiting = chunk_size, max_waiting
-        caching = CHUNKED not in kinds
-        self.pools = {kind: BlockPool(num_blocks[kind], caching=caching and kind == FULL) for kind in kinds}
+        self.pools = {kind: BlockPool(num_blocks[kind], caching=kind == FULL) for kind in kinds}
+        # a prefix hit is a whole number of these positions (whole blocks; with chunked layers whole chunks too)
+        self.reuse_unit = math.lcm(block_size, chunk_size) if CHUNKED in kinds else block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self.arrivals = 0
@@ -151,8 +154,15 @@ class Scheduler:
             taken.append(block)
             sequence.digests.append(digest)
             parent = digest
-        sequence.blocks[FULL] = taken
-        return len(taken) * size
+        hits = len(taken) * size
+        hits -= hits % self.reuse_unit
+        for block in taken[hits // size :]:
+            pool.release(block)
+        sequence.blocks[FULL] = taken[: hits // size]
+        del sequence.digests[hits // size :]
+        if CHUNKED in self.pools:  # nothing before the hit is visible to the chunked layers
+            sequence.blocks[CHUNKED] = [0] * (hits // size)
+        return hits
 
     def after_compute(self, sequence: Sequence) -> None:
         """Register the blocks that became full; release chunked-layer blocks nobody can see again."""
