@@ -449,3 +449,19 @@ def test_the_decode_step_over_the_paged_store_traces_whole(family, request):
     for request_ in requests[:2]:
         assert events[request_.request_id] == _expected(model, request_.prompt_ids, 4)
     assert len(events) == len(requests)
+
+
+def test_async_engine_stop_aborts_what_is_in_flight(llama):
+    async def main():
+        engine = AsyncEngine(Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64))
+        await engine.start()
+        stream = engine.generate(_greedy(_prompt(5, 1), 50, "long"))
+        first = await stream.__anext__()
+        await engine.stop()
+        rest = [event async for event in stream]
+        return first, rest, engine.stats()
+
+    first, rest, stats = asyncio.run(main())
+    assert first.finish_reason is None
+    assert rest[-1].finish_reason == "abort" and rest[-1].token_id is None
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
