@@ -12,7 +12,13 @@ import pytest
 import torch
 
 import herd
-from herd.serving.engine import AsyncEngine, Engine, EngineRequest, QueueFull, SamplingParams
+from herd.serving.engine import (
+    AsyncEngine,
+    Engine,
+    EngineRequest,
+    QueueFull,
+    SamplingParams,
+)
 from tests.conftest import reference_llama, save_reference
 from tests.models.llama4.test_modeling_llama4 import reference_llama4
 
@@ -96,11 +102,11 @@ def test_concurrent_greedy_requests_get_generates_tokens(family, request):
     engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128)
     requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
     events = _run(engine, arrivals)
-    for request_id, request in requests.items():
-        expected = _expected(model, request.prompt_ids, request.sampling.max_tokens)
+    for request_id, queued in requests.items():
+        expected = _expected(model, queued.prompt_ids, queued.sampling.max_tokens)
         assert _tokens(events)[request_id] == expected, request_id
         assert events[request_id][-1].finish_reason == "length"
-        assert all(e.prompt_tokens == len(request.prompt_ids) for e in events[request_id])
+        assert all(e.prompt_tokens == len(queued.prompt_ids) for e in events[request_id])
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
     assert stats["generated_tokens"] == sum(r.sampling.max_tokens for r in requests.values())
@@ -355,7 +361,9 @@ def test_async_engine_streams_and_cancellation_frees_blocks(llama):
 def test_llama4_requests_with_images_among_text_requests(llama4_vision):
     """Llama 4 with images: each image request's features go in with its whole prompt; the
     tokens equal generate()'s with the same image, text requests batched alongside."""
-    from tests.models.llama4.test_modeling_llama4_multimodal import _prompt as image_prompt
+    from tests.models.llama4.test_modeling_llama4_multimodal import (
+        _prompt as image_prompt,
+    )
 
     _, model, _ = llama4_vision
     requests, expected, arrivals = {}, {}, {}
@@ -421,8 +429,8 @@ def test_on_cuda_compiled_and_captured_steps_give_generates_tokens(family, reque
     assert engine.runner.capture and engine.runner.use_compile
     requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
     events = _run(engine, arrivals)
-    for request_id, request in requests.items():
-        assert _tokens(events)[request_id] == _expected(model, request.prompt_ids, request.sampling.max_tokens), request_id
+    for request_id, queued in requests.items():
+        assert _tokens(events)[request_id] == _expected(model, queued.prompt_ids, queued.sampling.max_tokens), request_id
     assert {rows for rows, _ in engine.runner.graphs} >= {1, 8}
     assert engine.stats()["kv_blocks_used"] == 0
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..decoding.plans import CHUNKED, FULL
-from .paged import BlockPool, block_digest, tensors_digest
+from .paged import BlockPool, block_digest
 
 
 @dataclass
@@ -42,7 +42,6 @@ class Sequence:
     prompt_length: int
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    image_digest: bytes = b""
     computed: int = 0  # positions whose keys/values are stored
     blocks: dict[str, list[int]] = field(default_factory=dict)  # per kind: the block of each logical block (0: released)
     digests: list[bytes] = field(default_factory=list)  # digests of the full blocks registered so far
@@ -144,7 +143,7 @@ class Scheduler:
         if pool is None or not pool.caching or sequence.has_images:
             return 0  # a prompt with images is prefilled whole: its image features go in with it
         size = self.block_size
-        parent, taken = sequence.image_digest, []
+        parent, taken = b"", []
         for index in range((len(sequence.tokens) - 1) // size):  # at least one token left to compute
             digest = block_digest(parent, sequence.tokens[index * size : (index + 1) * size])
             block = pool.find(digest)
@@ -170,7 +169,7 @@ class Scheduler:
         if pool is not None and pool.caching and not sequence.has_images:
             while (len(sequence.digests) + 1) * size <= sequence.computed:
                 index = len(sequence.digests)
-                parent = sequence.digests[-1] if sequence.digests else sequence.image_digest
+                parent = sequence.digests[-1] if sequence.digests else b""
                 digest = block_digest(parent, sequence.tokens[index * size : (index + 1) * size])
                 pool.register(sequence.blocks[FULL][index], digest)
                 sequence.digests.append(digest)
@@ -186,7 +185,6 @@ class Scheduler:
     def add(self, sequence: Sequence) -> None:
         sequence.arrival = self.arrivals
         self.arrivals += 1
-        sequence.image_digest = tensors_digest(sequence.request.model_inputs)
         self.waiting.append(sequence)
 
     def remove(self, sequence: Sequence) -> None:
