@@ -1,0 +1,8 @@
+"""herd serve: an OpenAI-compatible server over a continuous-batching engine.
+
+- `engine.py`: Engine (one scheduler step: schedule, run the model, sample, events), AsyncEngine,
+  the request and event types;
+- `scheduler.py`: decode rows, prefill chunks, preemption, prefix reuse, chunked-layer windows;
+- `paged.py`: the block pool and the model over the paged KV store (graphs per batch bucket);
+- `sampling.py`: each row's token from its own settings.
+"""
