@@ -29,7 +29,8 @@ def test_truncation_keeps_top_k_top_p_and_min_p_sets():
 
 def test_penalties_follow_transformers_and_openai():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    choice = choose(logits, [_row(tokens=[0, 1], temperature=0.0, repetition_penalty=2.0, logprobs=4)])[0]
+    # 7: an id past the head's rows (Mllama's <|image|> in a prompt) is not penalised
+    choice = choose(logits, [_row(tokens=[0, 1, 7], temperature=0.0, repetition_penalty=2.0, logprobs=4)])[0]
     expected = torch.tensor([1.0, -4.0, 1.0, 0.5])  # positive divided, negative multiplied
     assert choice.top_logprobs[0][0] in (0, 2)
     values = dict(choice.top_logprobs)
