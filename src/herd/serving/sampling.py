@@ -49,9 +49,10 @@ class SamplingRow:
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for index, row in enumerate(rows):
         params = row.params
-        seen = [token for token in set(row.tokens) if token < logits.shape[1]]  # not Mllama's <|image|> (past the head)
-        if params.repetition_penalty != 1.0 and seen:
-            ids = torch.tensor(sorted(seen), device=logits.device)
+        if params.repetition_penalty != 1.0:
+            # not an id past the head's rows (Mllama's <|image|> in a prompt)
+            seen = sorted(token for token in set(row.tokens) if token < logits.shape[1])
+            ids = torch.tensor(seen, dtype=torch.long, device=logits.device)
             scores = logits[index, ids]
             logits[index, ids] = torch.where(scores < 0, scores * params.repetition_penalty,
                                              scores / params.repetition_penalty)
