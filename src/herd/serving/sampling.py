@@ -36,14 +36,18 @@ class Choice:
 
 @dataclass
 class SamplingRow:
-    """What choosing a row's token needs: its settings (an engine SamplingParams), its tokens so far,
-    the generated ones among them, its generator and its constraint."""
+    """What choosing a row's token needs: its settings (an engine SamplingParams), its tokens so far
+    (the prompt's first `prompt_length`), its generator and its constraint."""
 
     params: Any
     tokens: list[int]
-    generated: list[int]
+    prompt_length: int
     generator: torch.Generator | None
     constraint: Any = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_length :]
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -56,7 +60,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             scores = logits[index, ids]
             logits[index, ids] = torch.where(scores < 0, scores * params.repetition_penalty,
                                              scores / params.repetition_penalty)
-        if (params.frequency_penalty or params.presence_penalty) and row.generated:
+        if (params.frequency_penalty or params.presence_penalty) and len(row.tokens) > row.prompt_length:
             counts = Counter(row.generated)
             ids = torch.tensor(list(counts), device=logits.device)
             times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
