@@ -22,7 +22,7 @@ COMPILE_ALL = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from herd.kernels import decode_attention, expert_gemv, gemv
+    from herd.kernels import decode_attention, expert_gemv, gemv, paged_attention
 
     HOPPER = GPUTarget("cuda", 90, 32)
     results = []
@@ -40,7 +40,7 @@ COMPILE_ALL = textwrap.dedent('''
     gemv_signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*bf16", "offset_ptr": "*bf16",
                       "out_ptr": "*bf16", "residual_ptr": "*bf16",
                       "norm_w_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16",
-                      "values_ptr": "*bf16", "slot_ptr": "*i64", "rows": "i32", "N": "i32", "K": "i32", "eps": "fp32",
+                      "values_ptr": "*bf16", "slot_ptr": "*i64", "per_row_slot": "i32", "rows": "i32", "N": "i32", "K": "i32", "eps": "fp32",
                       "q_rows": "i32", "kv_rows": "i32", "slots": "i32"}
     # (norm, gated, residual, rotary) as the model calls the kernel: q/k/v with rotary, the head,
     # gate/up, o and down
@@ -104,6 +104,16 @@ COMPILE_ALL = textwrap.dedent('''
                         {"part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": "*bf16"},
                         dict(SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl),
                         num_warps=4, launch_pdl=pdl)
+    # attention through a block table (the server's paged store)
+    paged_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "table_ptr": "*i32", "first_ptr": "*i64",
+                       "length_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
+                       "part_sum_ptr": "*fp32", "kv_heads": "i32", "slots": "i32", "table_width": "i32",
+                       "block_size": "i32", "scaling": "fp32"}
+    for splits, group, dim in [(1, 4, 128), (8, 4, 128), (2, 5, 64)]:
+        constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.plan_block(dim),
+                         PRECISION="tf32")
+        compile_one(f"paged attention splits={splits} group={group} dim={dim}", paged_attention._paged_range_kernel,
+                    paged_signature, constants, num_warps=4, num_stages=2)
     # routed experts read as stored (int8 or FP8 data, float32 scales), rows in each activation dtype
     for (data, data_name), x in itertools.product([("*i8", "int8"), ("*fp8e4nv", "fp8")], ["*bf16", "*fp16", "*fp32"]):
         compile_one(f"expert_gemv {data_name} x={x}", expert_gemv._expert_gemv_kernel,
@@ -130,8 +140,10 @@ def compiled():
 def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
-    # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels, 6 expert_gemv
-    assert len(compiled) >= 182
+    # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels, 3 paged
+    # attention kernels, 6 expert_gemv
+    assert len(compiled) >= 185
+    assert sum(label.startswith("paged attention") for label, _, _ in compiled) == 3
     assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 6
 
 

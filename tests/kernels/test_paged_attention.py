@@ -78,7 +78,7 @@ def test_positions_outside_the_window_are_never_read():
     query, keys, values, table, first, lengths = _case(2, 4, 2, 16, 4, 16, 6, windowed=True, seed=3)
     expected = paged_attention.launch(query.reshape(2, -1).contiguous(), keys, values, table, first, lengths, 4, 0.25)
     for row in range(2):
-        for p in [*range(0, int(first[row])), *range(int(lengths[row]), 6 * 4)]:
+        for p in [*range(int(first[row])), *range(int(lengths[row]), 6 * 4)]:
             slot = int(table[row, p // 4]) * 4 + p % 4
             visible_elsewhere = any(
                 int(table[other, q // 4]) * 4 + q % 4 == slot

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 import herd
-from herd.serving.engine import AsyncEngine, Engine, EngineRequest, QueueFull, SamplingParams
+from herd.serving.engine import (
+    AsyncEngine,
+    Engine,
+    EngineRequest,
+    QueueFull,
+    SamplingParams,
+)
 from tests.conftest import reference_llama, save_reference
 from tests.models.llama4.test_modeling_llama4 import reference_llama4
 
@@ -96,11 +102,11 @@ def test_concurrent_greedy_requests_get_generates_tokens(family, request):
     engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128)
     requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
     events = _run(engine, arrivals)
-    for request_id, request in requests.items():
-        expected = _expected(model, request.prompt_ids, request.sampling.max_tokens)
+    for request_id, queued in requests.items():
+        expected = _expected(model, queued.prompt_ids, queued.sampling.max_tokens)
         assert _tokens(events)[request_id] == expected, request_id
         assert events[request_id][-1].finish_reason == "length"
-        assert all(e.prompt_tokens == len(request.prompt_ids) for e in events[request_id])
+        assert all(e.prompt_tokens == len(queued.prompt_ids) for e in events[request_id])
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
     assert stats["generated_tokens"] == sum(r.sampling.max_tokens for r in requests.values())
@@ -161,6 +167,15 @@ def test_a_prefix_hit_gives_the_same_tokens_as_a_cold_run(llama):
     warm = _run(engine, {0: [_greedy(prompt, 8, "warm")]})
     assert warm["warm"][0].cached_prompt_tokens == 20
     assert [e.token_id for e in warm["warm"]] == cold == _expected(llama, prompt, 8)
+
+
+def test_llama4_prefix_hits_are_whole_attention_chunks(llama4):
+    prompt = _prompt(23, 9)
+    engine = Engine(llama4, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
+    cold = _tokens(_run(engine, {0: [_greedy(prompt, 8, "cold")]}))["cold"]
+    warm = _run(engine, {0: [_greedy(prompt, 8, "warm")]})
+    assert warm["warm"][0].cached_prompt_tokens == 16  # 20 cached, rounded down to two chunks of 8
+    assert [e.token_id for e in warm["warm"]] == cold == _expected(llama4, prompt, 8)
 
 
 def test_abort_frees_blocks_at_once(llama):
@@ -346,7 +361,9 @@ def test_async_engine_streams_and_cancellation_frees_blocks(llama):
 def test_llama4_requests_with_images_among_text_requests(llama4_vision):
     """Llama 4 with images: each image request's features go in with its whole prompt; the
     tokens equal generate()'s with the same image, text requests batched alongside."""
-    from tests.models.llama4.test_modeling_llama4_multimodal import _prompt as image_prompt
+    from tests.models.llama4.test_modeling_llama4_multimodal import (
+        _prompt as image_prompt,
+    )
 
     _, model, _ = llama4_vision
     requests, expected, arrivals = {}, {}, {}
@@ -412,8 +429,8 @@ def test_on_cuda_compiled_and_captured_steps_give_generates_tokens(family, reque
     assert engine.runner.capture and engine.runner.use_compile
     requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
     events = _run(engine, arrivals)
-    for request_id, request in requests.items():
-        assert _tokens(events)[request_id] == _expected(model, request.prompt_ids, request.sampling.max_tokens), request_id
+    for request_id, queued in requests.items():
+        assert _tokens(events)[request_id] == _expected(model, queued.prompt_ids, queued.sampling.max_tokens), request_id
     assert {rows for rows, _ in engine.runner.graphs} >= {1, 8}
     assert engine.stats()["kv_blocks_used"] == 0
 
@@ -440,3 +457,19 @@ def test_the_decode_step_over_the_paged_store_traces_whole(family, request):
     for request_ in requests[:2]:
         assert events[request_.request_id] == _expected(model, request_.prompt_ids, 4)
     assert len(events) == len(requests)
+
+
+def test_async_engine_stop_aborts_what_is_in_flight(llama):
+    async def main():
+        engine = AsyncEngine(Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64))
+        await engine.start()
+        stream = engine.generate(_greedy(_prompt(5, 1), 50, "long"))
+        first = await stream.__anext__()
+        await engine.stop()
+        rest = [event async for event in stream]
+        return first, rest, engine.stats()
+
+    first, rest, stats = asyncio.run(main())
+    assert first.finish_reason is None
+    assert rest[-1].finish_reason == "abort" and rest[-1].token_id is None
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0

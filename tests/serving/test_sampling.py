@@ -11,8 +11,10 @@ from herd.serving.sampling import SamplingRow, _truncate, choose
 
 
 def _row(tokens=(), generated=(), seed=0, constraint=None, **params):
+    """A row whose tokens are `tokens` then `generated`."""
     generator = torch.Generator().manual_seed(seed)
-    return SamplingRow(SamplingParams(max_tokens=1, **params), list(tokens), list(generated), generator, constraint)
+    return SamplingRow(SamplingParams(max_tokens=1, **params), [*tokens, *generated], len(tokens), generator,
+                       constraint)
 
 
 def test_truncation_keeps_top_k_top_p_and_min_p_sets():
@@ -29,14 +31,15 @@ def test_truncation_keeps_top_k_top_p_and_min_p_sets():
 
 def test_penalties_follow_transformers_and_openai():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    choice = choose(logits, [_row(tokens=[0, 1], temperature=0.0, repetition_penalty=2.0, logprobs=4)])[0]
+    # 7: an id past the head's rows (Mllama's <|image|> in a prompt) is not penalised
+    choice = choose(logits, [_row(tokens=[0, 1, 7], temperature=0.0, repetition_penalty=2.0, logprobs=4)])[0]
     expected = torch.tensor([1.0, -4.0, 1.0, 0.5])  # positive divided, negative multiplied
     assert choice.top_logprobs[0][0] in (0, 2)
     values = dict(choice.top_logprobs)
     for token, logprob in enumerate(torch.log_softmax(expected, -1).tolist()):
         assert math.isclose(values[token], logprob, abs_tol=1e-6)
     # frequency (per occurrence among generated) and presence (once): token 2 twice, token 3 once
-    choice = choose(logits, [_row(tokens=[9, 2, 2, 3], generated=[2, 2, 3], temperature=0.0, frequency_penalty=0.5,
+    choice = choose(logits, [_row(tokens=[9], generated=[2, 2, 3], temperature=0.0, frequency_penalty=0.5,
                                   presence_penalty=0.25, logprobs=4)])[0]
     expected = torch.tensor([2.0, -2.0, 1.0 - 1.0 - 0.25, 0.5 - 0.5 - 0.25])
     values = dict(choice.top_logprobs)
@@ -48,12 +51,12 @@ def test_samples_follow_the_distribution_and_the_generator():
     probabilities = torch.tensor([0.6, 0.3, 0.1, 0.0])
     logits = torch.log(probabilities)[None]
     generator = torch.Generator().manual_seed(0)
-    row = SamplingRow(SamplingParams(max_tokens=1, temperature=1.0), [], [], generator)
+    row = SamplingRow(SamplingParams(max_tokens=1, temperature=1.0), [], 0, generator)
     draws = torch.tensor([choose(logits, [row])[0].token_id for _ in range(3000)])
     frequencies = torch.bincount(draws, minlength=4).float() / 3000
     assert torch.allclose(frequencies, probabilities, atol=0.03)
     assert frequencies[3] == 0
-    again = SamplingRow(row.params, [], [], torch.Generator().manual_seed(0))
+    again = SamplingRow(row.params, [], 0, torch.Generator().manual_seed(0))
     assert [choose(logits, [again])[0].token_id for _ in range(50)] == draws[:50].tolist()
 
 

@@ -148,4 +148,17 @@ def test_chunked_layers_never_hold_more_than_their_window():
         assert all(sequence.blocks["full"])  # full-attention layers keep everything
     assert max(held) <= -(-(8 + 6) // 4) + 1
     assert scheduler.pools["chunked"].used == max(1, held[-1])
-    assert not scheduler.pools["full"].caching  # no prefix reuse with chunked layers
+    assert not scheduler.pools["chunked"].caching
+
+
+def test_with_chunked_layers_a_prefix_hit_is_whole_chunks():
+    scheduler = _scheduler(blocks=40, kinds=("full", "chunked"), chunk_size=8, prefill_chunk=100)
+    first = _sequence(23, "first")
+    scheduler.add(first)
+    _compute(scheduler, scheduler.schedule())
+    second = _sequence(23, "second")  # 5 whole blocks (20 tokens) cached: 16, two chunks, reused
+    scheduler.add(second)
+    chunk = scheduler.schedule().prefill[0]
+    assert (chunk.start, second.cached_tokens) == (16, 16)
+    assert second.blocks["full"][:4] == first.blocks["full"][:4] and second.blocks["chunked"][:4] == [0] * 4
+    assert scheduler.pools["full"].refs[first.blocks["full"][4]] == 1  # the fifth block was given back

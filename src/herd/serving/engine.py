@@ -19,7 +19,7 @@ import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -311,7 +311,7 @@ class Engine:
                     logits.append(prefilled.logits[None])
                     sampled.append(sequence)
             if sampled:
-                rows = [SamplingRow(s.request.sampling, s.tokens, s.generated, s.generator, s.request.constraint)
+                rows = [SamplingRow(s.request.sampling, s.tokens, s.prompt_length, s.generator, s.request.constraint)
                         for s in sampled]
                 for sequence, choice in zip(sampled, choose(torch.cat(logits), rows)):
                     events.append((sequence.request_id, self._advance(sequence, choice)))
@@ -328,7 +328,8 @@ class Engine:
         finish = None
         if token in sequence.stop_ids or (constraint is not None and constraint.is_finished()):
             finish = "stop"
-        elif len(sequence.generated) >= sequence.request.sampling.max_tokens or len(sequence.tokens) >= self.max_model_len:
+        elif (len(sequence.tokens) - sequence.prompt_length >= sequence.request.sampling.max_tokens
+              or len(sequence.tokens) >= self.max_model_len):
             finish = "length"
         if finish is not None:
             with self._inbox_lock:

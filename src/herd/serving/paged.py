@@ -2,8 +2,7 @@
 (`PagedRunner`).
 
 Blocks: each request's positions live in fixed-size blocks, listed in its block table. A block
-full of tokens is named by a digest of its tokens and of every token before it (and of the
-request's images): a later request with the same prefix reuses it (reference counted) instead
+full of tokens is named by a digest of its tokens and of every token before it: a later request with the same prefix reuses it (reference counted) instead
 of computing it again. A block nobody holds any more stays cached, and the least recently
 released cached block is the first to be taken for new work (LRU eviction). Block 0 of every
 pool is never handed out: rows that pad a captured batch write there.
@@ -41,27 +40,11 @@ def batch_bucket(rows: int) -> int:
 
 
 def block_digest(parent: bytes, tokens: list[int]) -> bytes:
-    """The name of a full block: its tokens and (through `parent`, the previous block's digest, or
-    the request's image digest for the first block) everything before it. A cryptographic hash:
-    a client must not be able to make its block collide with another client's."""
+    """The name of a full block: its tokens and (through `parent`, the previous block's digest, b""
+    for the first block) everything before it. A cryptographic hash: a client must not be able to
+    make its block collide with another client's. (Requests with images are never cached: the
+    same tokens with another image are other keys/values.)"""
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
-
-
-def tensors_digest(inputs: dict[str, Any] | None) -> bytes:
-    """A digest of a request's image inputs (b"" for none): the same tokens with another image are
-    other keys/values."""
-    if not inputs:
-        return b""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(inputs):
-        value = inputs[name]
-        digest.update(name.encode())
-        if isinstance(value, torch.Tensor):
-            digest.update(str((value.dtype, tuple(value.shape))).encode())
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(repr(value).encode())
-    return digest.digest()
 
 
 class BlockPool:

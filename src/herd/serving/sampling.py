@@ -36,25 +36,31 @@ class Choice:
 
 @dataclass
 class SamplingRow:
-    """What choosing a row's token needs: its settings (an engine SamplingParams), its tokens so far,
-    the generated ones among them, its generator and its constraint."""
+    """What choosing a row's token needs: its settings (an engine SamplingParams), its tokens so far
+    (the prompt's first `prompt_length`), its generator and its constraint."""
 
     params: Any
     tokens: list[int]
-    generated: list[int]
+    prompt_length: int
     generator: torch.Generator | None
     constraint: Any = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_length :]
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for index, row in enumerate(rows):
         params = row.params
-        if params.repetition_penalty != 1.0 and row.tokens:
-            ids = torch.tensor(sorted(set(row.tokens)), device=logits.device)
+        if params.repetition_penalty != 1.0:
+            # not an id past the head's rows (Mllama's <|image|> in a prompt)
+            seen = sorted(token for token in set(row.tokens) if token < logits.shape[1])
+            ids = torch.tensor(seen, dtype=torch.long, device=logits.device)
             scores = logits[index, ids]
             logits[index, ids] = torch.where(scores < 0, scores * params.repetition_penalty,
                                              scores / params.repetition_penalty)
-        if (params.frequency_penalty or params.presence_penalty) and row.generated:
+        if (params.frequency_penalty or params.presence_penalty) and len(row.tokens) > row.prompt_length:
             counts = Counter(row.generated)
             ids = torch.tensor(list(counts), device=logits.device)
             times = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)

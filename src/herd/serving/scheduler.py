@@ -14,12 +14,14 @@ requests give the same tokens, seeded ones keep their generator.
 Llama 4's chunked-attention layers keep their own block table from a second pool: a query
 sees only positions of its own attention chunk, so the blocks before the current chunk's start
 are released as soon as the request moves past it; a request never holds more than
-attention_chunk_size + prefill_chunk positions there. Their blocks are not cached (a model with
-chunked layers runs without prefix reuse: its prefix would need both tables' blocks).
+attention_chunk_size + prefill_chunk positions there. Those blocks are not cached: a prefix hit
+is rounded down to a whole number of attention chunks, where the chunked layers need nothing
+from before it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from ..decoding.plans import CHUNKED, FULL
-from .paged import BlockPool, block_digest, tensors_digest
+from .paged import BlockPool, block_digest
 
 
 @dataclass
@@ -40,7 +42,6 @@ class Sequence:
     prompt_length: int
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    image_digest: bytes = b""
     computed: int = 0  # positions whose keys/values are stored
     blocks: dict[str, list[int]] = field(default_factory=dict)  # per kind: the block of each logical block (0: released)
     digests: list[bytes] = field(default_factory=list)  # digests of the full blocks registered so far
@@ -88,8 +89,9 @@ class Scheduler:
                  prefill_chunk: int, chunk_size: int | None, max_waiting: int, image_slots: int = 0):
         self.block_size, self.max_batch, self.prefill_chunk = block_size, max_batch, prefill_chunk
         self.chunk_size, self.max_waiting = chunk_size, max_waiting
-        caching = CHUNKED not in kinds
-        self.pools = {kind: BlockPool(num_blocks[kind], caching=caching and kind == FULL) for kind in kinds}
+        self.pools = {kind: BlockPool(num_blocks[kind], caching=kind == FULL) for kind in kinds}
+        # a prefix hit is a whole number of these positions (whole blocks; with chunked layers whole chunks too)
+        self.reuse_unit = math.lcm(block_size, chunk_size) if CHUNKED in kinds else block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self.arrivals = 0
@@ -141,7 +143,7 @@ class Scheduler:
         if pool is None or not pool.caching or sequence.has_images:
             return 0  # a prompt with images is prefilled whole: its image features go in with it
         size = self.block_size
-        parent, taken = sequence.image_digest, []
+        parent, taken = b"", []
         for index in range((len(sequence.tokens) - 1) // size):  # at least one token left to compute
             digest = block_digest(parent, sequence.tokens[index * size : (index + 1) * size])
             block = pool.find(digest)
@@ -151,8 +153,15 @@ class Scheduler:
             taken.append(block)
             sequence.digests.append(digest)
             parent = digest
-        sequence.blocks[FULL] = taken
-        return len(taken) * size
+        hits = len(taken) * size
+        hits -= hits % self.reuse_unit
+        for block in taken[hits // size :]:
+            pool.release(block)
+        sequence.blocks[FULL] = taken[: hits // size]
+        del sequence.digests[hits // size :]
+        if CHUNKED in self.pools:  # nothing before the hit is visible to the chunked layers
+            sequence.blocks[CHUNKED] = [0] * (hits // size)
+        return hits
 
     def after_compute(self, sequence: Sequence) -> None:
         """Register the blocks that became full; release chunked-layer blocks nobody can see again."""
@@ -160,7 +169,7 @@ class Scheduler:
         if pool is not None and pool.caching and not sequence.has_images:
             while (len(sequence.digests) + 1) * size <= sequence.computed:
                 index = len(sequence.digests)
-                parent = sequence.digests[-1] if sequence.digests else sequence.image_digest
+                parent = sequence.digests[-1] if sequence.digests else b""
                 digest = block_digest(parent, sequence.tokens[index * size : (index + 1) * size])
                 pool.register(sequence.blocks[FULL][index], digest)
                 sequence.digests.append(digest)
@@ -176,7 +185,6 @@ class Scheduler:
     def add(self, sequence: Sequence) -> None:
         sequence.arrival = self.arrivals
         self.arrivals += 1
-        sequence.image_digest = tensors_digest(sequence.request.model_inputs)
         self.waiting.append(sequence)
 
     def remove(self, sequence: Sequence) -> None:
