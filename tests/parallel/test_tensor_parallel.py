@@ -318,33 +318,39 @@ def test_int4_groups_split_across_ranks_are_refused():
         parallel.split_model(model, "auto", None)
 
 
-@pytest.mark.parametrize("quantization", ["int8_weight_only", "int4_weight_only"])
-def test_quantized_slices_equal_the_one_process_model(tmp_path, quantization):
-    """Rank 1 of 2 quantizing a float checkpoint while loading: each split buffer is exactly the
-    one-process quantized model's part (int8's per-row scales whole: computed before the column
-    split; int4's groups split on their boundaries)."""
+def _one_process_and_rank_one(cls, folder, quantization):
+    """The state dicts of the one-process model and of rank 1 of 2 (its split applied to the meta
+    model, loaded through the loader's slicing), both quantized by `quantization` while loading,
+    in bf16; and the config."""
     from types import SimpleNamespace
 
     from herd import loading
     from herd.parallel.tensor_parallel import TensorParallel
     from herd.quantization import apply_quantization, tensor_converter
 
-    reference_llama(hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(tmp_path)
-    quantization_config = herd.TorchAoConfig(quantization, **({"group_size": 32} if "int4" in quantization else {}))
-    whole = herd.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, progress=False,
-                                                  quantization_config=quantization_config).state_dict()
-    config = herd.LlamaConfig.from_pretrained(tmp_path)
+    whole = cls.from_pretrained(folder, dtype=torch.bfloat16, progress=False, quantization_config=quantization).state_dict()
+    config = cls.config_class.from_pretrained(folder)
     with torch.device("meta"):
-        model = herd.LlamaForCausalLM(config).to(torch.bfloat16)
-    apply_quantization(model, quantization_config, torch.bfloat16)
+        model = cls(config).to(torch.bfloat16)
+    apply_quantization(model, quantization, torch.bfloat16)
     parallel = TensorParallel(group=SimpleNamespace(group_name="unused"), rank=1, size=2, device=torch.device("cpu"))
     shard, convert = parallel.split_model(model, "auto", tensor_converter(model, torch.bfloat16))
     module_keys = set(model.state_dict())
-    report = loading.load_checkpoint(model, loading.find_checkpoint_files(tmp_path), progress=False, shard=shard,
+    report = loading.load_checkpoint(model, loading.find_checkpoint_files(folder), progress=False, shard=shard,
                                      convert=convert, dtype=torch.bfloat16, device=torch.device("cpu"),
                                      rename=lambda key: model._checkpoint_key_to_module_key(key, module_keys))
     assert not report.missing and not report.unexpected and not report.mismatched
-    held = model.state_dict()
+    return whole, model.state_dict(), config
+
+
+@pytest.mark.parametrize("quantization", ["int8_weight_only", "int4_weight_only"])
+def test_quantized_slices_equal_the_one_process_model(tmp_path, quantization):
+    """Rank 1 of 2 quantizing a float checkpoint while loading: each split buffer is exactly the
+    one-process quantized model's part (int8's per-row scales whole: computed before the column
+    split; int4's groups split on their boundaries)."""
+    reference_llama(hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(tmp_path)
+    quantization_config = herd.TorchAoConfig(quantization, **({"group_size": 32} if "int4" in quantization else {}))
+    whole, held, _ = _one_process_and_rank_one(herd.LlamaForCausalLM, tmp_path, quantization_config)
     for name in ("weight", "weight_scale", "weight_offset"):
         q, o = f"model.layers.0.self_attn.q_proj.{name}", f"model.layers.0.self_attn.o_proj.{name}"
         if q not in whole:
@@ -360,12 +366,6 @@ def test_llama4_quantized_experts_split_exactly(tmp_path, format):
     """Rank 1 of 2, FP8 (FBGEMM's layout, experts too) or int4 (groups of 32 input rows) quantized
     while loading: the experts' gate and up columns, their down rows, scales and offsets are the
     one-process model's parts."""
-    from types import SimpleNamespace
-
-    from herd import loading
-    from herd.parallel.tensor_parallel import TensorParallel
-    from herd.quantization import apply_quantization, tensor_converter
-
     if format == "fp8":
         _llama4_reference().save_pretrained(tmp_path)
         quantization = herd.FbgemmFp8Config()
@@ -375,20 +375,7 @@ def test_llama4_quantized_experts_split_exactly(tmp_path, format):
         reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, attention_chunk_size=8, hidden_size=64, head_dim=16,
                          intermediate_size=64, intermediate_size_mlp=64).save_pretrained(tmp_path)
         quantization = herd.TorchAoConfig("int4_weight_only", group_size=32)
-    whole = herd.Llama4ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, progress=False,
-                                                   quantization_config=quantization).state_dict()
-    config = herd.Llama4TextConfig.from_pretrained(tmp_path)
-    with torch.device("meta"):
-        model = herd.Llama4ForCausalLM(config).to(torch.bfloat16)
-    apply_quantization(model, quantization, torch.bfloat16)
-    parallel = TensorParallel(group=SimpleNamespace(group_name="unused"), rank=1, size=2, device=torch.device("cpu"))
-    shard, convert = parallel.split_model(model, "auto", tensor_converter(model, torch.bfloat16))
-    module_keys = set(model.state_dict())
-    report = loading.load_checkpoint(model, loading.find_checkpoint_files(tmp_path), progress=False, shard=shard,
-                                     convert=convert, dtype=torch.bfloat16, device=torch.device("cpu"),
-                                     rename=lambda key: model._checkpoint_key_to_module_key(key, module_keys))
-    assert not report.missing and not report.unexpected and not report.mismatched
-    held = model.state_dict()
+    whole, held, config = _one_process_and_rank_one(herd.Llama4ForCausalLM, tmp_path, quantization)
     bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
     experts = "model.layers.1.feed_forward.experts"
     inter = config.intermediate_size

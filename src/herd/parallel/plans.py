@@ -25,25 +25,25 @@ model class.
 
 from __future__ import annotations
 
-LLAMA_DECODER = {
+# The embedding and self-attention every family's decoder shares: heads split across the ranks.
+SELF_ATTENTION = {
     "embed_tokens": "vocab",
     "layers.*.self_attn": "attention",
     "layers.*.self_attn.q_proj": "colwise",
     "layers.*.self_attn.k_proj": "colwise",
     "layers.*.self_attn.v_proj": "colwise",
     "layers.*.self_attn.o_proj": "rowwise",
+}
+
+LLAMA_DECODER = {
+    **SELF_ATTENTION,
     "layers.*.mlp.gate_proj": "colwise",
     "layers.*.mlp.up_proj": "colwise",
     "layers.*.mlp.down_proj": "rowwise",
 }
 
 LLAMA4_DECODER = {
-    "embed_tokens": "vocab",
-    "layers.*.self_attn": "attention",
-    "layers.*.self_attn.q_proj": "colwise",
-    "layers.*.self_attn.k_proj": "colwise",
-    "layers.*.self_attn.v_proj": "colwise",
-    "layers.*.self_attn.o_proj": "rowwise",
+    **SELF_ATTENTION,
     # dense layers (Maverick interleaves them)
     "layers.*.feed_forward.gate_proj": "colwise",
     "layers.*.feed_forward.up_proj": "colwise",
