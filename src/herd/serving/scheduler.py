@@ -32,7 +32,7 @@ from ..decoding.plans import CHUNKED, FULL
 from .paged import BlockPool, block_digest
 
 
-@dataclass
+@dataclass(eq=False)  # one request is one object: membership tests compare identity, not every field
 class Sequence:
     """One request as the scheduler tracks it."""
 
