@@ -13,6 +13,7 @@ first token (mean, p50, p99), decode steps and their mean time, preemptions.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -103,6 +104,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         row = run_level(model, concurrency, args)
+        # the level's engine (its KV pool sized from free memory, its graphs) goes before the next
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(f"| {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
               f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
               f"{row['preemptions']} | {row['blocks']} |", flush=True)
