@@ -1,0 +1,118 @@
+"""serving/parallel.py: a tensor-parallel engine (2 ranks, gloo on CPUs, one torchrun launch:
+_tp_serve_worker.py) gives the one-process Engine's greedy tokens for concurrent requests of
+different lengths, through chunked prefill and preemption; one HTTP completion from rank 0's
+server gives the one-process answer; the follower ran every call the leader announced and
+returned at shutdown; the KV pools are the same size on both ranks. `herd serve --tp N` outside
+torchrun starts torchrun itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import herd
+from herd import cli
+from herd.serving.engine import Engine, EngineRequest, SamplingParams
+from tests.conftest import SHARED_DATA, reference_llama, save_reference
+
+WORKER = Path(__file__).with_name("_tp_serve_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = SHARED_DATA / "tokenizers" / "llama3.1"
+# blocks of 4 positions, 16 of them, prompts chunked by 8: the later requests preempt the newest
+ENGINE = dict(max_batch=4, block_size=4, num_blocks=16, prefill_chunk=8, max_model_len=64)
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(1, 128, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _case(folder: Path) -> dict:
+    # request id -> (arrival step, prompt, new tokens)
+    lengths = {"a": (0, 3, 12), "b": (0, 21, 9), "c": (0, 30, 12), "d": (1, 9, 14), "e": (2, 17, 6), "f": (4, 1, 10)}
+    requests = {rid: (step, _prompt(length, index), new) for index, (rid, (step, length, new)) in
+                enumerate(lengths.items())}
+    return dict(folder=str(folder), tokenizer=str(TOKENIZER), engine=ENGINE, requests=requests,
+                http_prompt=_prompt(11, 99), http_new=7)
+
+
+def _one_process(model, case: dict) -> tuple[dict, dict]:
+    """The one-process Engine's tokens for the case's requests (same arrivals), and its stats."""
+    engine = Engine(model, **case["engine"])
+    arrivals: dict[int, list] = {}
+    for request_id, (step, prompt, new) in case["requests"].items():
+        request = EngineRequest(request_id, prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+        arrivals.setdefault(step, []).append(request)
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_work() or any(s >= step for s in arrivals):
+        for request in arrivals.pop(step, []):
+            engine.add_request(request)
+        for request_id, event in engine.step():
+            tokens.setdefault(request_id, []).append(event.token_id)
+        step += 1
+    return tokens, engine.stats()
+
+
+def _http_expected(model, case: dict) -> tuple[str, int]:
+    """The completion text and token count the one-process engine gives the HTTP request (greedy,
+    stopping at the model's eos as the server does)."""
+    engine = Engine(model, **case["engine"])
+    engine.add_request(EngineRequest("http", case["http_prompt"],
+                                     SamplingParams(max_tokens=case["http_new"], temperature=0.0)))
+    tokens = [event.token_id for event in engine.run_to_completion()["http"]]
+    text_tokens = tokens[:-1] if tokens[-1] in engine.eos_ids else tokens
+    tokenizer = herd.AutoTokenizer.from_pretrained(TOKENIZER)
+    return tokenizer.decode(text_tokens), len(tokens)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp-serve")
+    folder = save_reference(reference_llama(seed=3), root / "llama")
+    case = _case(folder)
+    torch.save(case, root / "case.pt")
+    out = root / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(WORKER), str(root / "case.pt"), str(out)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0:
+        causes = [line for line in run.stderr.splitlines() if "rror" in line or "terminate" in line]
+        pytest.fail("\n".join(causes[:40]) + "\n" + run.stderr[-6000:])
+    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    model = herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+    return case, ranks, _one_process(model, case), _http_expected(model, case)
+
+
+def test_tensor_parallel_engine_gives_the_one_process_tokens(served):
+    case, (leader, _), (expected, expected_stats), _ = served
+    assert expected_stats["preemptions"] > 0  # the case goes through preemption (and chunks: prompts > 8)
+    assert leader["tokens"] == expected
+    assert all(len(leader["tokens"][rid]) == new for rid, (_, _, new) in case["requests"].items())
+    assert leader["stats"]["preemptions"] == expected_stats["preemptions"]
+    assert leader["stats"]["kv_blocks_used"] == 0
+
+
+def test_http_completion_from_rank_0_gives_the_one_process_answer(served):
+    _, (leader, _), _, (text, count) = served
+    answer = leader["http"]
+    assert answer["choices"][0]["text"] == text
+    assert answer["usage"]["completion_tokens"] == count
+
+
+def test_follower_ran_every_call_and_returned_at_shutdown(served):
+    _, (leader, follower), _, _ = served
+    assert follower["steps"] == leader["steps"] > 0
+
+
+def test_pools_are_the_same_size_on_every_rank(served):
+    _, (leader, follower), _, _ = served
+    assert leader["num_blocks"] == follower["num_blocks"] == ENGINE["num_blocks"]
+    assert leader["agreed"] == follower["agreed"] == 13  # the fewest (rank 0 offered 20, rank 1 13)
