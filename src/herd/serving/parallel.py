@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy
 import torch
 import torch.distributed as dist
 
@@ -48,6 +49,17 @@ def agreed_block_count(model, num_blocks: int) -> int:
     return int(count.item())
 
 
+def pack(header: list[int], payload: list[numpy.ndarray | list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A message as two int64 tensors: the header (HEADER_SIZE,), its last field the payload's
+    length, and the payload's parts flattened one after the other (length,)."""
+    flat = numpy.concatenate([numpy.asarray(part, dtype=numpy.int64).reshape(-1) for part in payload]) \
+        if payload else numpy.zeros(0, dtype=numpy.int64)
+    if len(header) >= HEADER_SIZE:
+        raise ValueError(f"a header holds {HEADER_SIZE - 1} fields, got {len(header)}")
+    header = header + [0] * (HEADER_SIZE - 1 - len(header)) + [flat.size]
+    return torch.tensor(header, dtype=torch.long), torch.from_numpy(flat)
+
+
 class _Channel:
     """Broadcasts from the group's rank 0 on the device its backend takes (cuda under NCCL)."""
 
@@ -59,20 +71,20 @@ class _Channel:
         self.group, self.device, self.rank = parallel.group, parallel.device, parallel.rank
         self.source = dist.get_global_rank(parallel.group, 0)
 
-    def send(self, header: list[int], payload: list[int]) -> None:
-        header = header + [0] * (HEADER_SIZE - 1 - len(header)) + [len(payload)]
-        dist.broadcast(torch.tensor(header, dtype=torch.long, device=self.device), self.source, group=self.group)
-        if payload:
-            dist.broadcast(torch.tensor(payload, dtype=torch.long, device=self.device), self.source, group=self.group)
+    def send(self, header: list[int], payload: list[numpy.ndarray | list[int]]) -> None:
+        header, flat = pack(header, payload)
+        dist.broadcast(header.to(self.device), self.source, group=self.group)
+        if flat.numel():
+            dist.broadcast(flat.to(self.device), self.source, group=self.group)
 
-    def receive(self) -> tuple[list[int], list[int]]:
+    def receive(self) -> tuple[list[int], numpy.ndarray]:
         header = torch.empty(HEADER_SIZE, dtype=torch.long, device=self.device)
         dist.broadcast(header, self.source, group=self.group)
         header = header.tolist()
         payload = torch.empty(header[-1], dtype=torch.long, device=self.device)
         if header[-1]:
             dist.broadcast(payload, self.source, group=self.group)
-        return header, payload.tolist()
+        return header, payload.cpu().numpy()
 
     def send_object(self, value: Any) -> None:
         dist.broadcast_object_list([value], self.source, group=self.group, device=self.device)
@@ -87,10 +99,10 @@ class Leader:
     """Rank 0's runner: the PagedRunner's prefill/decode, each first announced to the followers.
     Anything else is the runner's."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, channel=None):
         self.runner = runner
         self.kinds = list(runner.layers_by_kind)  # the same order on every rank
-        self.channel = _Channel(runner.model)
+        self.channel = channel or _Channel(runner.model)
         self.stopped = False
         self.steps = 0  # prefill and decode calls announced
 
@@ -102,10 +114,7 @@ class Leader:
         self._check_running()
         header = [PREFILL, len(tokens), start, -1 if image_slot is None else image_slot, int(bool(model_inputs))]
         header += [kept_from[kind] for kind in self.kinds]
-        payload = list(tokens)
-        for kind in self.kinds:
-            payload += slots[kind]
-        self.channel.send(header, payload)
+        self.channel.send(header, [tokens, *(slots[kind] for kind in self.kinds)])
         self.steps += 1
         if model_inputs:
             self.channel.send_object({name: value.cpu() if isinstance(value, torch.Tensor) else value
@@ -119,14 +128,14 @@ class Leader:
         rows = len(tokens)
         has_images = images is not None and any(images)
         widths = [max(len(blocks) for blocks in tables[kind]) for kind in self.kinds]
-        payload = list(tokens) + list(positions)
+        payload = [tokens, positions]
         for kind, width in zip(self.kinds, widths):
-            payload += slots[kind] + first[kind]
-            for blocks in tables[kind]:  # (rows, width), zeros past a row's blocks as the runner pads them
-                payload += blocks + [0] * (width - len(blocks))
-        if has_images:
-            for image in images:  # (rows, 3): [has one, slot, tokens]
-                payload += [1, *image] if image else [0, 0, 0]
+            table = numpy.zeros((rows, width), dtype=numpy.int64)  # zeros past a row's blocks, as the runner pads
+            for row, blocks in enumerate(tables[kind]):
+                table[row, : len(blocks)] = blocks
+            payload += [slots[kind], first[kind], table]
+        if has_images:  # (rows, 3): [has one, slot, tokens]
+            payload.append([[1, *image] if image else [0, 0, 0] for image in images])
         self.channel.send([DECODE, rows, int(has_images), *widths], payload)
         self.steps += 1
         return self.runner.decode(tokens, positions, slots, tables, first, images=images if has_images else None)
@@ -145,10 +154,10 @@ class Leader:
 class Follower:
     """A rank other than 0: the leader's calls on this rank's PagedRunner, until shutdown."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, channel=None):
         self.runner = runner
         self.kinds = list(runner.layers_by_kind)
-        self.channel = _Channel(runner.model)
+        self.channel = channel or _Channel(runner.model)
         self.steps = 0  # prefill and decode calls run
 
     def run(self) -> int:
@@ -171,31 +180,31 @@ class Follower:
                 print(f"herd: rank {self.channel.rank}: a step failed: {error}", file=sys.stderr, flush=True)
             self.steps += 1
 
-    def _prefill(self, header: list[int], payload: list[int]) -> None:
+    def _prefill(self, header: list[int], payload: numpy.ndarray) -> None:
         length, start, image_slot, has_inputs = header[1:5]
         kept_from = dict(zip(self.kinds, header[5 : 5 + len(self.kinds)]))
-        tokens = payload[:length]
-        slots = {kind: payload[(1 + index) * length : (2 + index) * length] for index, kind in enumerate(self.kinds)}
+        parts = payload.reshape(1 + len(self.kinds), length).tolist()  # tokens, then each kind's slots
+        tokens, slots = parts[0], dict(zip(self.kinds, parts[1:]))
         model_inputs = self.channel.receive_object() if has_inputs else None
         self.runner.prefill(tokens, start, slots, kept_from, model_inputs,
                             image_slot=None if image_slot < 0 else image_slot)
 
-    def _decode(self, header: list[int], payload: list[int]) -> None:
+    def _decode(self, header: list[int], payload: numpy.ndarray) -> None:
         rows, has_images = header[1:3]
         widths = header[3 : 3 + len(self.kinds)]
-        tokens, positions = payload[:rows], payload[rows : 2 * rows]
+        tokens, positions = payload[:rows].tolist(), payload[rows : 2 * rows].tolist()
         at = 2 * rows
         slots, first, tables = {}, {}, {}
         for kind, width in zip(self.kinds, widths):
-            slots[kind], first[kind] = payload[at : at + rows], payload[at + rows : at + 2 * rows]
+            slots[kind], first[kind] = payload[at : at + rows].tolist(), payload[at + rows : at + 2 * rows].tolist()
             at += 2 * rows
-            tables[kind] = [payload[at + row * width : at + (row + 1) * width] for row in range(rows)]
+            tables[kind] = payload[at : at + rows * width].reshape(rows, width)  # rows of equal width, as sent
             at += rows * width
         images = None
         if has_images:
-            images = [tuple(payload[at + 3 * row + 1 : at + 3 * row + 3]) if payload[at + 3 * row] else None
-                      for row in range(rows)]
+            images = [(slot, image_tokens) if present else None
+                      for present, slot, image_tokens in payload[at : at + 3 * rows].reshape(rows, 3).tolist()]
         self.runner.decode(tokens, positions, slots, tables, first, images=images)
 
 
-__all__ = ["Follower", "Leader", "agreed_block_count"]
+__all__ = ["Follower", "Leader", "agreed_block_count", "pack"]
