@@ -502,9 +502,9 @@ def _check_serve_options(args: argparse.Namespace) -> None:
             raise CLIError(f"{flag} must be >= {least}, got {value}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise CLIError(f"--max-model-len must be >= 2, got {args.max_model_len}")
-    if args.tp > 1:
-        raise CLIError(f"--tp {args.tp}: serving over several GPUs is not available yet (the engine runs in one "
-                       "process); use --tp 1, or a quantized model (--quantization) to fit one GPU")
+    if args.tp > 1 and args.device is not None:
+        raise CLIError(f"--device does not go with --tp {args.tp}: each rank runs on its own GPU (cuda:LOCAL_RANK, "
+                       "the CPU without CUDA); leave --device out")
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
         raise CLIError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
 
@@ -523,6 +523,8 @@ def _load_for_serving(path: str, args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     kwargs = dict(dtype=args.dtype, device_map=device, quantization_config=_quantization(args))
+    if args.tp > 1:  # this rank's slice, on its own device (herd.parallel.tensor_parallel)
+        kwargs.update(device_map=None, tp_plan="auto", tp_size=args.tp)
     folder = Path(path)
     takes_images = folder.is_dir() and AutoConfig.from_pretrained(path).model_type in PROCESSOR_CLASSES and any(
         (folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
@@ -541,8 +543,40 @@ def _sampling_defaults(model) -> dict[str, Any]:
             if getattr(config, name, None) is not None}
 
 
+def _torchrun_command(args: argparse.Namespace) -> list[str]:
+    """`herd serve ... --tp N` started again under torchrun: N processes on this machine, one per GPU."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp}",
+            "-m", "herd", *args.argv]
+
+
+def _serving_engine(model, args: argparse.Namespace):
+    """The engine (the same arguments on every rank under --tp: the same pools and batch sizes)."""
+    from .serving.engine import Engine
+
+    return Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+
+
+def _follow(path: str, args: argparse.Namespace) -> int:
+    """A rank other than 0 under --tp: load this rank's slice, then run rank 0's steps until it stops."""
+    import signal
+
+    from .serving.parallel import Follower
+
+    model, _, _ = _load_for_serving(path, args)
+    engine = _serving_engine(model, args)
+    # Ctrl-C and torchrun's SIGTERM reach every rank: rank 0 drains its requests (which need this
+    # rank's steps) and then sends the shutdown message; torchrun kills a rank that outlives its wait
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    steps = Follower(engine.runner).run()
+    print(f"herd: rank {os.environ['RANK']} stopped with rank 0 ({steps} steps followed)", file=sys.stderr, flush=True)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    """Answer 503 at once, load the model in the background, then serve; Ctrl-C / SIGTERM drains."""
+    """Answer 503 at once, load the model in the background, then serve; Ctrl-C / SIGTERM drains.
+    With --tp N: started under torchrun (or starting it), rank 0 serves and the other ranks follow
+    its steps (serving/parallel.py)."""
     import threading
 
     import uvicorn
@@ -552,11 +586,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     _check_serve_options(args)
     path = _model_path(args.model)
+    if args.tp > 1 and "RANK" not in os.environ:
+        command = _torchrun_command(args)
+        print(f"herd: --tp {args.tp}: starting {' '.join(command[2:])}", file=sys.stderr, flush=True)
+        os.execv(sys.executable, command)
+    if args.tp > 1 and int(os.environ["RANK"]) != 0:
+        return _follow(path, args)
     name = args.served_model_name or args.model
     media = MediaPolicy(allow_remote=not args.no_remote_media,
                         allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None)
     server = Server(model_name=name, api_key=args.api_key or os.environ.get("HERD_API_KEY") or None, media=media)
     failure: list[BaseException] = []
+    leader = []  # under --tp: rank 0's Leader, to stop the followers once the server is down
 
     class _Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -568,12 +609,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
-            from .serving.engine import AsyncEngine, Engine
+            from .serving.engine import AsyncEngine
+            from .serving.parallel import Leader
 
             model, tokenizer, processor = _load_for_serving(path, args)
             config = model.config.get_text_config()
-            engine = Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                            max_waiting=args.max_waiting)
+            engine = _serving_engine(model, args)
+            if args.tp > 1:
+                engine.runner = Leader(engine.runner)
+                leader.append(engine.runner)
             eos = getattr(model.generation_config, "eos_token_id", None)
             info = ModelInfo(tokenizer=tokenizer, processor=processor,
                              eos_token_ids=tuple([eos] if isinstance(eos, int) else eos or ()),
@@ -593,6 +637,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         web.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has drained and shut down: a normal stop
         pass
+    finally:
+        if leader:  # the engine thread has stopped with the server: no step runs beside this message
+            leader[0].shutdown()
     if failure:
         raise failure[0]
     return 0
@@ -680,7 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--tp", type=int, default=1, help="tensor parallel over this many GPUs (only 1 for now)")
+    serve.add_argument("--tp", type=int, default=1,
+                       help="tensor parallel over this many GPUs: run under torchrun --nproc-per-node N, or herd "
+                            "starts torchrun itself on this machine")
     serve.add_argument("--max-batch", type=int, default=256, help="requests decoded together at most")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="prompt + answer tokens per request at most (default: the model's context)")
@@ -704,6 +753,7 @@ def _check_device(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # herd serve --tp starts itself again under torchrun
     try:
         _check_device(args)
         return args.handler(args)

@@ -28,7 +28,7 @@ def _herd(*args, stdin=None, timeout=120):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tp", "2"], "--tp 2: serving over several GPUs is not available yet"),
+    (["--tp", "2", "--device", "cpu"], "--device does not go with --tp 2"),
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--max-batch", "0"], "--max-batch must be >= 1"),
     (["--max-model-len", "1"], "--max-model-len must be >= 2"),
@@ -110,3 +110,73 @@ def test_serve_answers_like_generate_and_drains(chat_model_folder):  # noqa: F81
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
+
+
+class _Exec(BaseException):
+    """os.execv replaced: what would have run."""
+
+
+def test_serve_tp_outside_torchrun_starts_torchrun(tmp_path, monkeypatch):
+    def execv(program, command):
+        raise _Exec(command)
+
+    (tmp_path / "config.json").write_text("{}")  # nothing loads here: torchrun's ranks will
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(os, "execv", execv)
+    with pytest.raises(_Exec) as started:
+        cli.main(["serve", str(tmp_path), "--tp", "2", "--port", "8123"])
+    assert started.value.args[0] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node=2", "-m", "herd", "serve", str(tmp_path), "--tp", "2",
+                                     "--port", "8123"]
+
+
+@pytest.fixture(scope="module")
+def tp_chat_model_folder(tmp_path_factory):
+    """chat_model_folder's model with heads that split in 2 (4 heads, 2 key/value heads)."""
+    import transformers
+
+    from tests.conftest import reference_llama, save_reference
+    from tests.test_pipelines import LLAMA31
+
+    reference = reference_llama(vocab_size=128256, hidden_size=16, intermediate_size=32, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=512, seed=2,
+                                bos_token_id=128000, eos_token_id=[128001, 128009], pad_token_id=None)
+    folder = save_reference(reference, tmp_path_factory.mktemp("tp-serve") / "ckpt")
+    transformers.AutoTokenizer.from_pretrained(LLAMA31).save_pretrained(folder)
+    return folder
+
+
+def test_serve_tp_2_answers_like_one_process_and_stops_every_rank(tp_chat_model_folder):
+    """`herd serve --tp 2` on CPUs (gloo): herd starts torchrun, rank 0 answers like generate() in
+    one process, and Ctrl-C stops both ranks (the follower through rank 0's shutdown message)."""
+    import openai
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HERD_API_KEY": "", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(tp_chat_model_folder), "--tp", "2",
+                                "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "64",
+                                "--max-batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() \
+                is not None else "timed out"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "Hello"}]
+        answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+        assert answer.choices[0].message.content == _expected_reply(tp_chat_model_folder, messages, 6)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=90)
+    # torchrun itself reports the Ctrl-C it got (a SignalException); the ranks stop without errors
+    assert "herd: rank 1 stopped with rank 0" in stderr and "herd: error" not in stderr, stderr[-4000:]
+    assert stderr.count("Traceback") == stderr.count("SignalException: Process"), stderr[-4000:]

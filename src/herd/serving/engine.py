@@ -25,6 +25,7 @@ import torch
 
 from ..decoding.plans import CHUNKED, FULL
 from .paged import PagedRunner
+from .parallel import agreed_block_count
 from .sampling import SamplingRow, choose
 from .scheduler import Scheduler, Sequence
 
@@ -145,6 +146,7 @@ class Engine:
             window_per_row = -(-(chunk_size + prefill_chunk) // block_size) + 1
         if num_blocks is None:
             num_blocks = self._default_blocks(layers, table_width, max_batch * window_per_row)
+        num_blocks = agreed_block_count(model, num_blocks)  # tensor parallel: the same pools on every rank
         needed = min(table_width, window_per_row) if FULL not in layers else table_width
         if num_blocks < needed:
             raise ValueError(f"num_blocks={num_blocks} cannot hold one request of max_model_len={self.max_model_len} "
@@ -178,7 +180,8 @@ class Engine:
             return min(self.max_batch, CPU_DEFAULT_ROWS) * table_width
         config = model.config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        per_layer = 2 * config.num_key_value_heads * self.block_size * head_dim * model.dtype.itemsize
+        kv_heads = config.num_key_value_heads // (getattr(model, "tp_size", None) or 1)  # this rank's share
+        per_layer = 2 * kv_heads * self.block_size * head_dim * model.dtype.itemsize
         full_bytes, window_bytes = per_layer * layers.get(FULL, 0), per_layer * layers.get(CHUNKED, 0)
         free, _ = torch.cuda.mem_get_info(model.device)
         budget = free * CUDA_MEMORY_FRACTION
