@@ -9,9 +9,9 @@ makes the same call on its own PagedRunner (same pools, same slots) and discards
 the leader's shutdown message.
 
 A message is a fixed-size header (int64: what to run and its sizes) broadcast first, then the
-call's inputs packed into one int64 tensor whose length the header gives. A request's image
-tensors (only with the first prefill chunk of a request that has images) are pickled instead
-(broadcast_object_list): a dict of tensors of several dtypes, rare next to decode steps.
+call's inputs packed into one int64 tensor whose length the header gives. Nothing is pickled.
+Image inputs never reach it: the multimodal classes have no tensor-parallel plan, so a model with
+an image tower does not load under --tp (MllamaForCausalLM, the text model, serves text only).
 
 Every rank builds its Engine with the same arguments; `agreed_block_count` makes the KV pools the
 same size on every rank (the fewest blocks any rank can hold), so a slot means the same place
@@ -32,7 +32,7 @@ from ..parallel.tensor_parallel import tensor_parallel_of
 HEADER_SIZE = 8
 SHUTDOWN, PREFILL, DECODE = 0, 1, 2
 # header fields: [kind, then per kind:
-#   PREFILL: tokens, start, image slot (-1: none), has image tensors, kept_from per paged kind (2 at most)
+#   PREFILL: tokens, start, image slot (-1: none), kept_from per paged kind (2 at most)
 #   DECODE:  rows, has images, table width per paged kind (2 at most)
 # ..., payload length (the last field)]
 
@@ -86,14 +86,6 @@ class _Channel:
             dist.broadcast(payload, self.source, group=self.group)
         return header, payload.cpu().numpy()
 
-    def send_object(self, value: Any) -> None:
-        dist.broadcast_object_list([value], self.source, group=self.group, device=self.device)
-
-    def receive_object(self) -> Any:
-        holder = [None]
-        dist.broadcast_object_list(holder, self.source, group=self.group, device=self.device)
-        return holder[0]
-
 
 class Leader:
     """Rank 0's runner: the PagedRunner's prefill/decode, each first announced to the followers.
@@ -112,14 +104,14 @@ class Leader:
     def prefill(self, tokens: list[int], start: int, slots: dict[str, list[int]], kept_from: dict[str, int],
                 model_inputs: dict[str, Any] | None = None, image_slot: int | None = None):
         self._check_running()
-        header = [PREFILL, len(tokens), start, -1 if image_slot is None else image_slot, int(bool(model_inputs))]
+        if model_inputs:
+            raise ValueError("image inputs under tensor parallel: herd splits the text models only; serve an "
+                             "image model on one GPU (without --tp)")
+        header = [PREFILL, len(tokens), start, -1 if image_slot is None else image_slot]
         header += [kept_from[kind] for kind in self.kinds]
         self.channel.send(header, [tokens, *(slots[kind] for kind in self.kinds)])
         self.steps += 1
-        if model_inputs:
-            self.channel.send_object({name: value.cpu() if isinstance(value, torch.Tensor) else value
-                                      for name, value in model_inputs.items()})
-        return self.runner.prefill(tokens, start, slots, kept_from, model_inputs, image_slot=image_slot)
+        return self.runner.prefill(tokens, start, slots, kept_from, image_slot=image_slot)
 
     def decode(self, tokens: list[int], positions: list[int], slots: dict[str, list[int]],
                tables: dict[str, list[list[int]]], first: dict[str, list[int]],
@@ -181,13 +173,11 @@ class Follower:
             self.steps += 1
 
     def _prefill(self, header: list[int], payload: numpy.ndarray) -> None:
-        length, start, image_slot, has_inputs = header[1:5]
-        kept_from = dict(zip(self.kinds, header[5 : 5 + len(self.kinds)]))
+        length, start, image_slot = header[1:4]
+        kept_from = dict(zip(self.kinds, header[4 : 4 + len(self.kinds)]))
         parts = payload.reshape(1 + len(self.kinds), length).tolist()  # tokens, then each kind's slots
         tokens, slots = parts[0], dict(zip(self.kinds, parts[1:]))
-        model_inputs = self.channel.receive_object() if has_inputs else None
-        self.runner.prefill(tokens, start, slots, kept_from, model_inputs,
-                            image_slot=None if image_slot < 0 else image_slot)
+        self.runner.prefill(tokens, start, slots, kept_from, image_slot=None if image_slot < 0 else image_slot)
 
     def _decode(self, header: list[int], payload: numpy.ndarray) -> None:
         rows, has_images = header[1:3]
