@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from herd.serving.text import TextAssembler
 from tests.conftest import SHARED_DATA
@@ -55,3 +56,25 @@ def test_hidden_ids_and_special_tokens(tokenizer):
     header = tokenizer.convert_tokens_to_ids("<|start_header_id|>")
     assert "".join(plain.add(i) for i in [header, *ids]) + plain.finish() == "Hi"
     assert "".join(kept.add(i) for i in [header, *ids]) + kept.finish() == "<|start_header_id|>Hi"
+
+
+@pytest.mark.parametrize("folder", ["llama3.1", "spm-llama-style"])
+def test_streamed_pieces_are_the_whole_decode_for_any_tokens(folder):
+    """Random token ids (partial UTF-8 characters, special tokens, SentencePiece word starts) of a
+    byte-level BPE and a SentencePiece-style tokenizer: what the windowed decode streams, plus
+    finish(), is exactly the decode of all the ids at once, with and without special tokens."""
+    from herd import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / folder)
+    generator = torch.Generator().manual_seed(0)
+    texts = ["Größe 名字 🙂 naïve", " leading  spaces\n\ttabs", "word" * 5]
+    for case in range(24):
+        if case < len(texts):
+            ids = tokenizer.encode(texts[case], add_special_tokens=False)
+        else:
+            ids = torch.randint(0, len(tokenizer), (int(torch.randint(1, 40, (1,), generator=generator)),),
+                                generator=generator).tolist()
+        for skip in (True, False):
+            assembler = TextAssembler(tokenizer, skip_special_tokens=skip)
+            streamed = "".join(assembler.add(token) for token in ids) + assembler.finish()
+            assert streamed == tokenizer.decode(ids, skip_special_tokens=skip), (folder, ids)

@@ -4,6 +4,11 @@
 character waits for the next one, and text that could be the start of a stop string is held back
 until the next tokens show it is not one (so a stop string spread over several tokens never
 reaches a streaming client). Once a stop string appears, the text ends before it.
+
+Each token decodes a short window, not the whole answer (a whole decode per token costs the
+event loop O(length) per token, for every stream): the text of ids[prefix:] minus that of
+ids[prefix:read], the window starting one decoded token back so that a leading space (or a
+SentencePiece word boundary) comes out as decoding the whole would give it.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ class TextAssembler:
         self.skip_special_tokens = skip_special_tokens
         self.hidden_ids = hidden_ids  # end-of-answer ids: never part of the text
         self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] is the window's already-decoded part
+        self.read = 0
         self.text = ""  # everything decoded so far (stop string included, once seen)
         self.sent = 0  # characters of `text` handed out
         self.stopped = False  # a stop string ended the text
         self.final_text: str | None = None
 
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _held_back(self, text: str) -> int:
         """Characters at the end of `text` that could begin a stop string."""
@@ -44,10 +51,12 @@ class TextAssembler:
         if self.stopped or token_id is None or token_id in self.hidden_ids:
             return ""
         self.ids.append(int(token_id))
-        text = self._decode()
-        if text.endswith(_INCOMPLETE):
-            return ""
-        self.text = text
+        known = self._decode(self.ids[self.prefix : self.read])
+        window = self._decode(self.ids[self.prefix :])
+        if window.endswith(_INCOMPLETE) or len(window) <= len(known):
+            return ""  # inside a UTF-8 character, or a token with no text yet
+        self.prefix, self.read = self.read, len(self.ids)
+        text = self.text = self.text + window[len(known) :]
         if self.stop:
             start = max(0, self.sent - max(len(s) for s in self.stop))
             found = [position for position in (text.find(s, start) for s in self.stop) if position >= 0]
@@ -67,7 +76,7 @@ class TextAssembler:
         if self.stopped:
             return ""
         if self.ids:
-            self.text = self._decode()  # a last partial character shows as U+FFFD, as other servers do
+            self.text = self._decode(self.ids)  # a last partial character shows as U+FFFD, as other servers do
         self.final_text = self.text
         return self._take(len(self.text))
 
