@@ -56,10 +56,15 @@ def _cases(root: Path) -> list[dict]:
     long_ids, long_mask = left_padded_prompts((13, 11))  # longer than a chunk of 8
     image_states = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))  # (batch, image tokens, hidden)
     int8 = {"quantization_config": herd.TorchAoConfig("int8_weight_only")}
+    # FP8 with per-token activation scales (emulated on the CPU): o and down split by their inputs
+    # must scale each token by its amax over every rank's columns, as one process does
+    fp8 = {"quantization_config": herd.FbgemmFp8Config()}
     return [
         dict(name="llama", cls="LlamaForCausalLM", folder=root / "llama", ids=ids.clamp(max=124), mask=mask),
         dict(name="llama-int8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=int8),
+        dict(name="llama-fp8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=fp8),
         dict(name="llama4", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask),
+        dict(name="llama4-fp8", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask, load=fp8),
         dict(name="mllama", cls="MllamaForCausalLM", folder=root / "mllama", ids=ids, mask=mask,
              forward={"cross_attention_states": image_states}),
     ]
@@ -108,7 +113,7 @@ def runs(tmp_path_factory):
     return expected, _launch(2, cases, root)
 
 
-CASES = ["llama", "llama-int8", "llama4", "mllama"]
+CASES = ["llama", "llama-int8", "llama-fp8", "llama4", "llama4-fp8", "mllama"]
 
 
 @pytest.mark.parametrize("name", CASES)
