@@ -43,6 +43,14 @@ def _mllama_reference():
     return _reference()
 
 
+def _probe_rows() -> torch.Tensor:
+    """Activation rows (4, 128) for the FP8 cases' decode-kernel probe, whose largest entry lies on
+    rank 0's side in some rows and rank 1's in others (a linear reads its first in_features)."""
+    rows = torch.randn(4, 128, generator=torch.Generator().manual_seed(4))
+    rows[::2, :4] *= 10
+    return rows
+
+
 def _cases(root: Path) -> list[dict]:
     ids, mask = left_padded_prompts((9, 5))
     # vocabulary 125: the last rank's rows are padded; biases: added once after the all-reduce
@@ -59,12 +67,15 @@ def _cases(root: Path) -> list[dict]:
     # FP8 with per-token activation scales (emulated on the CPU): o and down split by their inputs
     # must scale each token by its amax over every rank's columns, as one process does
     fp8 = {"quantization_config": herd.FbgemmFp8Config()}
+    probe_rows = _probe_rows()
     return [
         dict(name="llama", cls="LlamaForCausalLM", folder=root / "llama", ids=ids.clamp(max=124), mask=mask),
         dict(name="llama-int8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=int8),
-        dict(name="llama-fp8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=fp8),
+        dict(name="llama-fp8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=fp8,
+             probe_rows=probe_rows),
         dict(name="llama4", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask),
-        dict(name="llama4-fp8", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask, load=fp8),
+        dict(name="llama4-fp8", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask, load=fp8,
+             probe_rows=probe_rows),
         dict(name="mllama", cls="MllamaForCausalLM", folder=root / "mllama", ids=ids, mask=mask,
              forward={"cross_attention_states": image_states}),
     ]
@@ -89,7 +100,8 @@ def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> 
     `cuda`); each rank's results."""
     worker_cases = [dict(name=c["name"], **{"class": c["cls"]}, folder=str(c["folder"]), ids=c["ids"], mask=c["mask"],
                          load=c.get("load", {}), forward=c.get("forward", {}), new_tokens=NEW_TOKENS,
-                         sample=c["name"] == "llama") for c in cases]
+                         sample=c["name"] == "llama", **({"probe_rows": c["probe_rows"]} if "probe_rows" in c else {}))
+                    for c in cases]
     cases_path = folder / f"cases-{ranks}.pt"
     torch.save(worker_cases, cases_path)
     out = folder / f"out-{ranks}"
@@ -130,6 +142,28 @@ def test_greedy_tokens_match_one_process_on_both_decoders(runs, name):
     for rank in ranks:
         assert torch.equal(rank[name]["plain"], expected[name]["tokens"])
         assert torch.equal(rank[name]["fast"], expected[name]["tokens"])
+
+
+@pytest.mark.parametrize("name", ["llama-fp8", "llama4-fp8"])
+def test_fp8_decode_activations_take_the_whole_rows_scale(runs, name):
+    """The decode kernels' FP8 activations (the fast path's `_scaled_mm` input on a GPU) for o and
+    down of layer 0, split by their inputs, traced by dynamo with the all-reduce inside: each
+    rank's scales are one process's (the whole rows' amax), its FP8 values one process's for its
+    columns."""
+    from herd.kernels.gemv import fp8_activation_rows
+
+    expected, ranks = runs
+    rows = _probe_rows()
+    shapes = expected[name]["shapes"]
+    for linear in ("o_proj", "down_proj"):
+        (key,) = [k for k in shapes if k.startswith("model.layers.0.") and k.endswith(f".{linear}.weight")]
+        features = shapes[key][1]
+        data, scale = fp8_activation_rows(rows[:, :features], 1200.0)  # one process: whole rows
+        local = features // 2
+        for rank, held in enumerate(ranks):
+            held_data, held_scale = held[name]["fp8_probe"][linear]
+            assert torch.equal(held_scale, scale), linear
+            assert torch.equal(held_data, data.view(torch.uint8)[:, rank * local:(rank + 1) * local]), linear
 
 
 def test_sampled_tokens_agree_across_ranks(runs):
