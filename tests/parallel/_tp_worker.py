@@ -34,9 +34,9 @@ def fp8_activation_probe(model, rows: torch.Tensor, rank: int) -> dict:
     probed = {}
     for name, linear in (("o_proj", layer.self_attn.o_proj), ("down_proj", mlp.down_proj)):
         local = linear.in_features
-        x = rows[:, rank * local:(rank + 1) * local].contiguous()  # (rows, local in features)
-        data, scale = traced(x, linear.kernel_weight())
-        probed[name] = (data.view(torch.uint8), scale)
+        x = rows[:, rank * local:(rank + 1) * local].to(linear.weight.device)  # (rows, local in features)
+        data, scale = traced(x.contiguous(), linear.kernel_weight())
+        probed[name] = (data.view(torch.uint8).cpu(), scale.cpu())
     return probed
 
 
