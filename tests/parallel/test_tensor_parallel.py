@@ -5,9 +5,11 @@ multiple of 2, biases, tied embeddings), Llama 4 (MoE and dense layers, chunked 
 prompt longer than a chunk), Mllama's text model (cross-attention layers fed image states), an
 int8 Llama, and FP8 Llama and Llama 4 with per-token activation scales (FbgemmFp8Config, emulated
 on the CPU: o, down and the experts' down, split by their inputs, must scale each token by the
-amax over every rank's columns; the decode kernels' scales are checked too). Each rank's logits must be within 1e-5 of one process's (float32), its greedy
-tokens (plain and fast decoder) equal to one process's, its sampled tokens equal to the other
-rank's (each rank seeds differently), and its split weights 1/2 of the whole. A launch of 3
+amax over every rank's columns; the decode kernels' scales are checked too). Each rank's logits
+must be within 1e-5 of one process's (float32), its greedy tokens equal to one process's on the
+same decoder, plain and fast (on the CPU the fast one runs FP8 weight-only, so it may pick other
+tokens than the plain one), its sampled tokens equal to the other rank's (each rank seeds
+differently), and its split weights 1/2 of the whole. A launch of 3
 ranks on 4 heads must be refused, naming the heads.
 """
 
