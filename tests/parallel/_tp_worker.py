@@ -4,8 +4,9 @@
 For each case of CASES (a torch.save'd list), the model loads with tp_plan="auto" (this process
 joins the group from torchrun's environment, as a user's script does) and records its logits,
 greedy tokens on the plain and the fast decoder (uncompiled on the CPU), sampled tokens drawn
-with a different seed on each rank (cases that ask), and the shapes it holds; or the error message the load
-raised. Written to OUT/rank{RANK}.pt for the test to compare with one process.
+with a different seed on each rank (cases that ask), the shapes it holds, and for FP8 cases the
+decode kernels' per-token activation scales of the rank's slice of given rows (traced by dynamo
+as the compiled step is); or the error message the load raised. Written to OUT/rank{RANK}.pt for the test to compare with one process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,28 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+
+def fp8_activation_probe(model, rows: torch.Tensor, rank: int) -> dict:
+    """The FP8 activations and scales the decode kernels' FP8 path (kernels/gemv.py) gives this
+    rank's columns of `rows` (rows, whole in features) for o_proj and down_proj of layer 0, as
+    their kernel weights say (under tensor parallel: scales reduced across the ranks). Traced by
+    dynamo with fullgraph, as the compiled step is (eager backend: no compiler needed)."""
+    from herd.kernels import gemv
+
+    def activations(x, weight):
+        return gemv.fp8_activation_rows(x, weight.activation_scale_ub, weight.reduce_activation_amax)
+
+    traced = torch.compile(activations, backend="eager", fullgraph=True)
+    layer = model.model.layers[0]
+    mlp = getattr(layer, "mlp", None) or layer.feed_forward  # Llama's, Llama 4's (a dense layer)
+    probed = {}
+    for name, linear in (("o_proj", layer.self_attn.o_proj), ("down_proj", mlp.down_proj)):
+        local = linear.in_features
+        x = rows[:, rank * local:(rank + 1) * local].to(linear.weight.device)  # (rows, local in features)
+        data, scale = traced(x.contiguous(), linear.kernel_weight())
+        probed[name] = (data.view(torch.uint8).cpu(), scale.cpu())
+    return probed
 
 
 def run_case(case: dict, rank: int) -> dict:
@@ -49,7 +72,9 @@ def run_case(case: dict, rank: int) -> dict:
         saved = "saved"
     except ValueError as error:
         saved = str(error)
+    probe = fp8_activation_probe(model, case["probe_rows"], rank) if "probe_rows" in case else None
     return {"logits": logits, "plain": plain.cpu(), "fast": fast.cpu(), "sampled": sampled, "save": saved,
+            "fp8_probe": probe,
             "shapes": {name: tuple(t.shape) for name, t in model.state_dict().items()},
             "tp_size": model.tp_size}
 

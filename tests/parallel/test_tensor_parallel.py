@@ -2,10 +2,14 @@
 
 One torchrun launch of 2 ranks runs every case (_tp_worker.py): tiny Llama (vocabulary not a
 multiple of 2, biases, tied embeddings), Llama 4 (MoE and dense layers, chunked attention with a
-prompt longer than a chunk), Mllama's text model (cross-attention layers fed image states) and
-an int8 Llama. Each rank's logits must be within 1e-5 of one process's (float32), its greedy
-tokens (plain and fast decoder) equal to one process's, its sampled tokens equal to the other
-rank's (each rank seeds differently), and its split weights 1/2 of the whole. A launch of 3
+prompt longer than a chunk), Mllama's text model (cross-attention layers fed image states), an
+int8 Llama, and FP8 Llama and Llama 4 with per-token activation scales (FbgemmFp8Config, emulated
+on the CPU: o, down and the experts' down, split by their inputs, must scale each token by the
+amax over every rank's columns; the decode kernels' scales are checked too). Each rank's logits
+must be within 1e-5 of one process's (float32), its greedy tokens equal to one process's on the
+same decoder, plain and fast (on the CPU the fast one runs FP8 weight-only, so it may pick other
+tokens than the plain one), its sampled tokens equal to the other rank's (each rank seeds
+differently), and its split weights 1/2 of the whole. A launch of 3
 ranks on 4 heads must be refused, naming the heads.
 """
 
@@ -30,17 +34,31 @@ TOL = 1e-5
 NEW_TOKENS = 6
 
 
-def _llama4_reference():
+# Widths whose halves are multiples of 32: whole int4 groups on each rank, and sizes that FP8's
+# `_scaled_mm` takes on a GPU (multiples of 16)
+WIDE_LLAMA = dict(hidden_size=64, intermediate_size=128, head_dim=16)
+WIDE_LLAMA4 = dict(hidden_size=64, head_dim=16, intermediate_size=64, intermediate_size_mlp=64)
+
+
+def _llama4_reference(**overrides):
     from tests.models.llama4.test_modeling_llama4 import reference_llama4
 
     # dense and MoE layers alternate, top-2 routing, chunks of 8 positions, a NoPE layer (the 4th)
-    return reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, attention_chunk_size=8)
+    return reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, attention_chunk_size=8, **overrides)
 
 
 def _mllama_reference():
     from tests.models.mllama.test_modeling_mllama import _reference
 
     return _reference()
+
+
+def _probe_rows() -> torch.Tensor:
+    """Activation rows (4, 128) for the FP8 cases' decode-kernel probe, whose largest entry lies on
+    rank 0's side in some rows and rank 1's in others (a linear reads its first in_features)."""
+    rows = torch.randn(4, 128, generator=torch.Generator().manual_seed(4))
+    rows[::2, :4] *= 10
+    return rows
 
 
 def _cases(root: Path) -> list[dict]:
@@ -53,30 +71,53 @@ def _cases(root: Path) -> list[dict]:
     reference_llama(hidden_size=24, intermediate_size=40, head_dim=6).save_pretrained(root / "llama-int8")
     _llama4_reference().save_pretrained(root / "llama4")
     _mllama_reference().save_pretrained(root / "mllama")
+    reference_llama(**WIDE_LLAMA).save_pretrained(root / "llama-wide")
+    _llama4_reference(**WIDE_LLAMA4).save_pretrained(root / "llama4-wide")
     long_ids, long_mask = left_padded_prompts((13, 11))  # longer than a chunk of 8
+    # more rows than the decode kernels take (gemv.MAX_ROWS): a GPU's fast path runs FP8 `_scaled_mm`
+    many_ids, many_mask = left_padded_prompts((9, 5, 7, 3, 8, 6))
+    many_long_ids, many_long_mask = left_padded_prompts((13, 11, 9, 12, 10))
     image_states = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))  # (batch, image tokens, hidden)
     int8 = {"quantization_config": herd.TorchAoConfig("int8_weight_only")}
+    # FP8 with per-token activation scales (emulated on the CPU): o and down split by their inputs
+    # must scale each token by its amax over every rank's columns, as one process does
+    fp8 = {"quantization_config": herd.FbgemmFp8Config()}
+    probe_rows = _probe_rows()
     return [
         dict(name="llama", cls="LlamaForCausalLM", folder=root / "llama", ids=ids.clamp(max=124), mask=mask),
         dict(name="llama-int8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=int8),
+        dict(name="llama-fp8", cls="LlamaForCausalLM", folder=root / "llama-wide", ids=many_ids, mask=many_mask,
+             load=fp8, probe_rows=probe_rows),
         dict(name="llama4", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask),
+        dict(name="llama4-fp8", cls="Llama4ForCausalLM", folder=root / "llama4-wide", ids=many_long_ids,
+             mask=many_long_mask, load=fp8, probe_rows=probe_rows),
         dict(name="mllama", cls="MllamaForCausalLM", folder=root / "mllama", ids=ids, mask=mask,
              forward={"cross_attention_states": image_states}),
     ]
 
 
 def _one_process(case: dict, device: str = "cpu") -> dict:
-    """Logits, greedy tokens (the plain decoder on the CPU; on a GPU the fast one, compiled and
-    captured) and the shapes of one process's model."""
+    """Logits, greedy tokens of the plain decoder and of the fast one (on the CPU uncompiled; on a
+    GPU compiled and captured, both then the fast one's) and the shapes of one process's model."""
+    from herd.decoding import decoders
+
     model = getattr(herd, case["cls"]).from_pretrained(case["folder"], progress=False, device_map=device,
                                                        **case.get("load", {}))
     ids, mask = case["ids"].to(device), case["mask"].to(device)
     forward = {name: value.to(device) for name, value in case.get("forward", {}).items()}
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, **forward).logits.cpu()
-    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                            eos_token_id=None, disable_compile=device == "cpu").cpu()
-    return {"logits": logits, "tokens": tokens, "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
+    greedy = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+    tokens = model.generate(ids, disable_compile=device == "cpu", **greedy).cpu()
+    fast_tokens = tokens
+    if device == "cpu":  # FP8's fast path differs from the plain one here: weight-only on the CPU
+        decoders.FAST_DEVICES = ("cuda", "cpu")
+        try:
+            fast_tokens = model.generate(ids, **greedy).cpu()
+        finally:
+            decoders.FAST_DEVICES = ("cuda",)
+    return {"logits": logits, "tokens": tokens, "fast_tokens": fast_tokens,
+            "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()}}
 
 
 def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> list[dict]:
@@ -84,7 +125,8 @@ def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> 
     `cuda`); each rank's results."""
     worker_cases = [dict(name=c["name"], **{"class": c["cls"]}, folder=str(c["folder"]), ids=c["ids"], mask=c["mask"],
                          load=c.get("load", {}), forward=c.get("forward", {}), new_tokens=NEW_TOKENS,
-                         sample=c["name"] == "llama") for c in cases]
+                         sample=c["name"] == "llama", **({"probe_rows": c["probe_rows"]} if "probe_rows" in c else {}))
+                    for c in cases]
     cases_path = folder / f"cases-{ranks}.pt"
     torch.save(worker_cases, cases_path)
     out = folder / f"out-{ranks}"
@@ -108,7 +150,7 @@ def runs(tmp_path_factory):
     return expected, _launch(2, cases, root)
 
 
-CASES = ["llama", "llama-int8", "llama4", "mllama"]
+CASES = ["llama", "llama-int8", "llama-fp8", "llama4", "llama4-fp8", "mllama"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -124,7 +166,29 @@ def test_greedy_tokens_match_one_process_on_both_decoders(runs, name):
     expected, ranks = runs
     for rank in ranks:
         assert torch.equal(rank[name]["plain"], expected[name]["tokens"])
-        assert torch.equal(rank[name]["fast"], expected[name]["tokens"])
+        assert torch.equal(rank[name]["fast"], expected[name]["fast_tokens"])
+
+
+@pytest.mark.parametrize("name", ["llama-fp8", "llama4-fp8"])
+def test_fp8_decode_activations_take_the_whole_rows_scale(runs, name):
+    """The decode kernels' FP8 activations (the fast path's `_scaled_mm` input on a GPU) for o and
+    down of layer 0, split by their inputs, traced by dynamo with the all-reduce inside: each
+    rank's scales are one process's (the whole rows' amax), its FP8 values one process's for its
+    columns."""
+    from herd.kernels.gemv import fp8_activation_rows
+
+    expected, ranks = runs
+    rows = _probe_rows()
+    shapes = expected[name]["shapes"]
+    for linear in ("o_proj", "down_proj"):
+        (key,) = [k for k in shapes if k.startswith("model.layers.0.") and k.endswith(f".{linear}.weight")]
+        features = shapes[key][1]
+        data, scale = fp8_activation_rows(rows[:, :features], 1200.0)  # one process: whole rows
+        local = features // 2
+        for rank, held in enumerate(ranks):
+            held_data, held_scale = held[name]["fp8_probe"][linear]
+            assert torch.equal(held_scale, scale), linear
+            assert torch.equal(held_data, data.view(torch.uint8)[:, rank * local:(rank + 1) * local]), linear
 
 
 def test_sampled_tokens_agree_across_ranks(runs):
@@ -207,6 +271,33 @@ def test_fast_path_on_two_gpus_gives_the_one_gpu_tokens(tmp_path):
             assert torch.equal(rank[name]["plain"], one_gpu["tokens"]), name
             assert max_abs_diff(rank[name]["logits"], one_gpu["logits"]) < 1e-4, name
         assert torch.equal(rank["llama"]["sampled"], ranks[0]["llama"]["sampled"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or torch.cuda.get_device_capability(0) < (8, 9),
+                    reason="needs 2 CUDA devices with FP8 (compute capability 8.9)")
+def test_fp8_on_two_gpus_gives_the_one_gpu_logits_and_tokens(tmp_path):
+    """NCCL, FP8 on `_scaled_mm` with per-token activation scales: logits within float32 rounding
+    of one GPU's, greedy tokens equal on both decoders (the fast one compiled and captured, at more
+    rows than the decode kernels take, so its o and down reduce their activations' amax inside the
+    graph), and the decode kernels' activation scales one process's."""
+    from herd.kernels.gemv import fp8_activation_rows
+
+    cases = [case for case in _cases(tmp_path) if case["name"] in ("llama-fp8", "llama4-fp8")]
+    expected = {case["name"]: _one_process(case, "cuda:0") for case in cases}
+    ranks = _launch(2, cases, tmp_path, cuda=True)
+    rows = _probe_rows().cuda()
+    for rank_index, rank in enumerate(ranks):
+        for name, one_gpu in expected.items():
+            assert max_abs_diff(rank[name]["logits"], one_gpu["logits"]) < 1e-4, name
+            assert torch.equal(rank[name]["plain"], one_gpu["tokens"]), name
+            assert torch.equal(rank[name]["fast"], one_gpu["tokens"]), name
+            for linear, (held_data, held_scale) in rank[name]["fp8_probe"].items():
+                (key,) = [k for k in one_gpu["shapes"] if k.startswith("model.layers.0.") and k.endswith(f".{linear}.weight")]
+                features = one_gpu["shapes"][key][1]
+                data, scale = fp8_activation_rows(rows[:, :features], 1200.0)
+                local = features // 2
+                assert torch.equal(held_scale, scale.cpu()), (name, linear)
+                assert torch.equal(held_data, data.view(torch.uint8).cpu()[:, rank_index * local:(rank_index + 1) * local])
 
 
 # --- in one process: the pieces ------------------------------------------------------------------
@@ -348,7 +439,7 @@ def test_quantized_slices_equal_the_one_process_model(tmp_path, quantization):
     """Rank 1 of 2 quantizing a float checkpoint while loading: each split buffer is exactly the
     one-process quantized model's part (int8's per-row scales whole: computed before the column
     split; int4's groups split on their boundaries)."""
-    reference_llama(hidden_size=64, intermediate_size=128, head_dim=16).save_pretrained(tmp_path)
+    reference_llama(**WIDE_LLAMA).save_pretrained(tmp_path)
     quantization_config = herd.TorchAoConfig(quantization, **({"group_size": 32} if "int4" in quantization else {}))
     whole, held, _ = _one_process_and_rank_one(herd.LlamaForCausalLM, tmp_path, quantization_config)
     for name in ("weight", "weight_scale", "weight_offset"):
@@ -370,10 +461,7 @@ def test_llama4_quantized_experts_split_exactly(tmp_path, format):
         _llama4_reference().save_pretrained(tmp_path)
         quantization = herd.FbgemmFp8Config()
     else:  # widths whose halves are whole groups of 32
-        from tests.models.llama4.test_modeling_llama4 import reference_llama4
-
-        reference_llama4(interleave_moe_layer_step=2, num_experts_per_tok=2, attention_chunk_size=8, hidden_size=64, head_dim=16,
-                         intermediate_size=64, intermediate_size_mlp=64).save_pretrained(tmp_path)
+        _llama4_reference(**WIDE_LLAMA4).save_pretrained(tmp_path)
         quantization = herd.TorchAoConfig("int4_weight_only", group_size=32)
     whole, held, config = _one_process_and_rank_one(herd.Llama4ForCausalLM, tmp_path, quantization)
     bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731

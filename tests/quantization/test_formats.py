@@ -98,6 +98,58 @@ def test_fp8_with_dynamic_activations_is_the_scaled_product():
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def _halves_by_inputs(layer: QuantizedLinear) -> list[QuantizedLinear]:
+    """Two linears holding the first and second half of `layer`'s input features, as tensor
+    parallel splits o and down: per-row scales whole, int4's packed bytes, scales and offsets by group."""
+    scheme, half = layer.scheme, layer.in_features // 2
+    halves = []
+    for part in range(2):
+        piece = QuantizedLinear(half, layer.out_features, False, scheme, dtype=layer.compute_dtype)
+        if scheme.format == "int4":
+            groups = layer.weight_scale.shape[1] // 2
+            piece.weight = layer.weight[:, part * half // 2:(part + 1) * half // 2].contiguous()
+            piece.weight_scale = layer.weight_scale[:, part * groups:(part + 1) * groups].contiguous()
+            piece.weight_offset = layer.weight_offset[:, part * groups:(part + 1) * groups].contiguous()
+        else:
+            piece.weight = layer.weight[:, part * half:(part + 1) * half].contiguous()
+            piece.weight_scale = layer.weight_scale
+        halves.append(piece)
+    return halves
+
+
+@pytest.mark.parametrize("scheme", [Scheme("int8"), Scheme("int4", group_size=32)])
+def test_weight_only_linears_split_by_inputs_need_nothing_across_ranks(scheme):
+    """What tensor parallel relies on for o and down: torch's int8 / int4 CPU kernels round x to
+    bf16 element by element (a split changes nothing there) and quantize no activation, so two
+    halves of the input features, fed the halves of x, sum to the whole linear's output within
+    bf16 rounding (the kernels' own, 8 bits) of the products' magnitude."""
+    layer, _ = _linear(scheme, bias=False)
+    halves = _halves_by_inputs(layer)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    split = halves[0](x[:, :32]) + halves[1](x[:, 32:])
+    magnitude = x.bfloat16().float().abs() @ layer.dequantize().abs().t()  # sum of |x_k w_k|
+    assert ((split - layer(x)).abs() <= 2.0**-7 * magnitude).all()
+
+
+def test_fp8_split_by_inputs_scales_each_half_by_the_whole_rows_amax():
+    """FP8 activations per token, split by input features as tensor parallel splits o and down:
+    with `reduce_activation_amax` giving each half the whole row's amax (under tensor parallel a
+    MAX all-reduce; here the other half's amax), the halves sum to the whole linear's output within
+    float32 rounding; each half scaled by its own amax differs."""
+    layer, _ = _linear(Scheme("fp8", activations="dynamic", activation_scale_ub=1200.0), bias=False)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    x[::2, :4] *= 10  # the largest entry of some rows in the first half
+    pieces = [x[:, :32], x[:, 32:]]
+    whole = layer(x)
+    halves = _halves_by_inputs(layer)
+    alone = halves[0](pieces[0]) + halves[1](pieces[1])
+    assert (alone - whole).abs().max() > 1e-3
+    for part, half in enumerate(halves):
+        other = pieces[1 - part].abs().amax(dim=-1, keepdim=True)
+        half.reduce_activation_amax = lambda amax, other=other: torch.maximum(amax, other)
+    torch.testing.assert_close(halves[0](pieces[0]) + halves[1](pieces[1]), whole, rtol=1e-5, atol=1e-6)
+
+
 def test_fp8_block_scales_dequantize_by_block():
     layer = QuantizedLinear(6, 5, False, Scheme("fp8", block=(2, 4)))
     layer.weight = torch.ones(5, 6).to(torch.float8_e4m3fn)

@@ -34,7 +34,7 @@ arithmetic; the torch fallback multiplies by its result).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -71,6 +71,10 @@ class QuantizedWeight(NamedTuple):
     # library FP8 matmul takes more rows than the kernel; the kernel itself is weight-only.
     fp8_activations: bool = False
     activation_scale_ub: float | None = None
+    # Tensor parallel, a weight split by its input features: each rank holds a slice of every
+    # activation row, so the rows' amax is reduced (MAX) across the ranks before scaling, giving the
+    # one-process scale (set from the linear's `reduce_activation_amax`).
+    reduce_activation_amax: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 TINYGEMM_INNER_K_TILES = 8
@@ -119,10 +123,16 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return (data.to(compute) * scale.to(compute)[:, None]).to(dtype)
 
 
-def fp8_activation_rows(x: torch.Tensor, scale_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_activation_rows(x: torch.Tensor, scale_ub: float | None,
+                        reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, in) -> float8_e4m3fn (rows, in), float32 scale (rows, 1): FBGEMM's per-row rule, each
-    row's amax (at most scale_ub) maps to 448, the largest e4m3 value."""
-    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    row's amax (at most scale_ub) maps to 448, the largest e4m3 value. `reduce_amax`: where x holds
+    only some columns of each row (tensor parallel), the amax (rows, 1) of the whole rows from the
+    local one."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)  # (rows, 1)
+    if reduce_amax is not None:
+        amax = reduce_amax(amax)
     if scale_ub is not None:
         amax = amax.clamp(max=scale_ub)
     scale = (amax / 448.0).clamp(min=1.0 / (448.0 * 512.0))
@@ -141,7 +151,7 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: 
             return out if bias is None else out + bias
         if weight.fp8_activations and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) \
                 and x.shape[1] % 16 == 0 and weight.data.shape[0] % 16 == 0:
-            x_q, x_scale = fp8_activation_rows(x, weight.activation_scale_ub)
+            x_q, x_scale = fp8_activation_rows(x, weight.activation_scale_ub, weight.reduce_activation_amax)
             out = torch._scaled_mm(x_q, weight.data.t(), scale_a=x_scale, scale_b=weight.scale[None, :],
                                    out_dtype=x.dtype)
             return out if bias is None else out + bias

@@ -27,11 +27,18 @@ Quantized linears split with their scales: row splits ("colwise") carry their ro
 column splits keep a per-row scale whole and split int4's per-group scales on group boundaries
 (a split inside a group is refused). A float weight quantized while loading with one scale per
 row (int8, FP8) is read whole before quantizing when split by columns, so its scale is the
-one-process model's (the same weights, then, as on one GPU).
+one-process model's (the same weights, then, as on one GPU). FP8 activations scaled per token
+(FbgemmFp8Config, compressed-tensors' dynamic token scales) meet a linear split by its input
+features (o, down; Llama 4's experts' down) as slices of each token's row: the split module gets a
+`reduce_activation_amax` (`reduce_down_activation_amax` on the experts) that takes the maximum of
+the slices' amax across the ranks before the scale is computed, so each rank quantizes its slice
+as the one-process model quantizes the whole row (the decode kernels' weights carry it too).
+Per-group activation scales need nothing: a split keeps whole groups on each rank.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -59,6 +66,11 @@ _FLOAT_STORED = ("F64", "F32", "F16", "BF16")
 def all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
     """The sum of `tensor` over the group's ranks (every rank gets it)."""
     return funcol.all_reduce(tensor, "sum", group_name)
+
+
+def all_reduce_max(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over the group's ranks (every rank gets it)."""
+    return funcol.all_reduce(tensor, "max", group_name)
 
 
 def reduce_group(module: nn.Module) -> str | None:
@@ -265,6 +277,12 @@ class TensorParallel:
         else:
             raise ValueError(f"unknown tensor-parallel style {style!r} for {path}; herd has {', '.join(STYLES)}")
 
+    @functools.cached_property
+    def amax_over_ranks(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A split activation row's amax (rows, 1) -> the whole row's: one object for every module,
+        so a compiled step sees the same callable in every layer."""
+        return functools.partial(all_reduce_max, group_name=self.group_name)
+
     def _reduces(self, module: nn.Module) -> None:
         module.tp_reduce_group = self.group_name
         module.register_forward_hook(_reduce_output)
@@ -300,6 +318,8 @@ class TensorParallel:
                                      f"that keeps whole groups of {scheme.activation_group_size} columns on each rank")
                 # one scale per row (int8, FP8) is computed over the whole row when quantizing here
                 splits = {"weight": Split(1, features, after_quantizing=quantized)}
+                if scheme is not None and scheme.scales_activation_rows:  # each token's scale over all ranks
+                    module.reduce_activation_amax = self.amax_over_ranks
             module.in_features = local
         self._resize(path, module, splits)
 
@@ -319,6 +339,8 @@ class TensorParallel:
                            "down_proj_offset": Split(1, inter // group)})
         else:  # int8 / FP8: one scale per column over the whole column, so quantized whole, then split
             splits["down_proj"] = Split(1, inter, after_quantizing=quantized)
+            if quantized and module.scheme.scales_activation_rows:  # down's input rows split: scale over all ranks
+                module.reduce_down_activation_amax = self.amax_over_ranks
         module.intermediate_size = inter // self.size
         self._resize(path, module, splits)
 

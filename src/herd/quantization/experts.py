@@ -61,6 +61,10 @@ class QuantizedExperts(nn.Module):
         self.num_experts, self.hidden_size = experts.num_experts, experts.hidden_size
         self.intermediate_size, self.act_fn = experts.intermediate_size, experts.act_fn
         self._route = type(experts).forward  # the model's routing, calling expert_forward below
+        # Set by tensor parallel (experts split along their intermediate size, so down_proj by its
+        # input rows) with FP8 activations per token: the local amax (rows, 1) of down_proj's input
+        # -> the whole rows' amax (a MAX across the ranks), the one-process scale.
+        self.reduce_down_activation_amax = None
         for name in PROJECTIONS:
             experts_count, rows, columns = getattr(experts, name).shape
             if scheme.format == "int4":
@@ -87,7 +91,8 @@ class QuantizedExperts(nn.Module):
 
     def _project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         if self.scheme.activations == "dynamic":  # FBGEMM's rule: FP8 activations per token
-            x_q, x_scale = quantize_activation_rows(x, self.scheme.activation_scale_ub)
+            reduce_amax = self.reduce_down_activation_amax if name == "down_proj" else None
+            x_q, x_scale = quantize_activation_rows(x, self.scheme.activation_scale_ub, reduce_amax)
             weight = getattr(self, name)[expert]
             product = x_q.float() @ weight.float()
             return (product * x_scale * getattr(self, name + "_scale")[expert]).to(x.dtype)

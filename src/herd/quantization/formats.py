@@ -27,6 +27,7 @@ kernels (kernels/gemv.py) read `kernel_weight()` and dequantize inside their loo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -58,6 +59,12 @@ class Scheme:
         if self.scale_dtype is not None and (self.format != "int4" or self.scale_dtype not in SCALE_DTYPES):
             raise ValueError(f"scale_dtype {self.scale_dtype!r}: int4 scales and offsets can be kept in "
                              f"{', '.join(SCALE_DTYPES)} (other formats keep float32 scales)")
+
+    @property
+    def scales_activation_rows(self) -> bool:
+        """FP8 activations quantized at run time with one scale per token (per row), the row's amax
+        over all its columns: the scale that a split by input features must reduce across ranks."""
+        return self.format == "fp8" and self.activations == "dynamic" and not self.activation_group_size
 
 
 # --- quantizers: a float weight -> its stored tensors ----------------------------------------------
@@ -101,11 +108,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
-def quantize_activation_rows(x: torch.Tensor, scale_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, in) -> FP8 rows and their float32 scales (rows, 1), FBGEMM's rule: the kernels' own."""
+def quantize_activation_rows(x: torch.Tensor, scale_ub: float | None,
+                             reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, in) -> FP8 rows and their float32 scales (rows, 1), FBGEMM's rule: the kernels' own
+    (`reduce_amax`: the whole rows' amax from a slice's, under tensor parallel)."""
     from ..kernels.gemv import fp8_activation_rows
 
-    return fp8_activation_rows(x, scale_ub)
+    return fp8_activation_rows(x, scale_ub, reduce_amax)
 
 
 def quantize_activation_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +164,10 @@ class QuantizedLinear(nn.Module):
             if scheme.activations == "static":
                 self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, **empty))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **empty)) if bias else None
+        # Set by tensor parallel on a linear split by its input features whose activations are
+        # scaled per token: (rows, 1) local amax -> the whole rows' amax (a MAX across the ranks),
+        # so each rank quantizes its slice with the one-process scale.
+        self.reduce_activation_amax: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._packed: tuple | None = None  # the CPU kernels' own layout, made on first use
         self._kernel_weight: tuple | None = None  # (storage, gemv.QuantizedWeight), made on first use
 
@@ -190,7 +204,8 @@ class QuantizedLinear(nn.Module):
         key = self.weight.data_ptr()
         if self._kernel_weight is None or self._kernel_weight[0] != key:
             offset = self.weight_offset if self.scheme.format == "int4" else None
-            self._kernel_weight = (key, kernel_weight_of(self.weight, self.weight_scale, offset, self.scheme))
+            self._kernel_weight = (key, kernel_weight_of(self.weight, self.weight_scale, offset, self.scheme,
+                                                         self.reduce_activation_amax))
         return self._kernel_weight[1]
 
     # --- the reference arithmetic ------------------------------------------------------------------
@@ -224,7 +239,7 @@ class QuantizedLinear(nn.Module):
             return (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), x_scale
         if self.scheme.activation_group_size:
             return quantize_activation_groups(rows, self.scheme.activation_group_size)
-        return quantize_activation_rows(rows, self.scheme.activation_scale_ub)
+        return quantize_activation_rows(rows, self.scheme.activation_scale_ub, self.reduce_activation_amax)
 
     def _fp8_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """FP8 activations times FP8 weights, accumulated in float32, scaled per row and column."""
@@ -265,14 +280,17 @@ class QuantizedLinear(nn.Module):
         return self._packed[1]
 
 
-def kernel_weight_of(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, scheme: Scheme):
-    """A (possibly fused) quantized weight's tensors as the decode kernels take them."""
+def kernel_weight_of(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, scheme: Scheme,
+                     reduce_activation_amax: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """A (possibly fused) quantized weight's tensors as the decode kernels take them
+    (`reduce_activation_amax`: QuantizedLinear's, under tensor parallel)."""
     from ..kernels.gemv import QuantizedWeight, int4_tiles
 
     if scheme.format == "int4":
         return QuantizedWeight(data, scale, offset, *int4_tiles(data, scale, offset))
-    return QuantizedWeight(data, scale.view(-1), fp8_activations=scheme.format == "fp8" and scheme.activations == "dynamic"
-                           and not scheme.activation_group_size, activation_scale_ub=scheme.activation_scale_ub)
+    return QuantizedWeight(data, scale.view(-1), fp8_activations=scheme.scales_activation_rows,
+                           activation_scale_ub=scheme.activation_scale_ub,
+                           reduce_activation_amax=reduce_activation_amax)
 
 
 def quantize_weight(weight: torch.Tensor, scheme: Scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
