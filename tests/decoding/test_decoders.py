@@ -289,9 +289,9 @@ def test_routed_experts_equal_the_expert_loop(llama4_folder):
 def _fp8_both(model, ids, mask, new, chunk):
     """Logits and tokens of the fast and the plain path, both with the FP8 KV cache, the prompt
     prefilled `chunk` tokens at a time."""
-    kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
-                  output_logits=True, return_dict_in_generate=True, cache_config={"dtype": "fp8"},
-                  prefill_chunk_size=chunk)
+    kwargs = {"attention_mask": mask, "max_new_tokens": new, "do_sample": False, "pad_token_id": 0,
+              "eos_token_id": None, "output_logits": True, "return_dict_in_generate": True,
+              "cache_config": {"dtype": "fp8"}, "prefill_chunk_size": chunk}
     fast = model.generate(ids, **kwargs)
     plain = model.generate(ids, disable_compile=True, **kwargs)
     return fast, plain
