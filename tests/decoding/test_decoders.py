@@ -283,6 +283,57 @@ def test_routed_experts_equal_the_expert_loop(llama4_folder):
     assert max_abs_diff(got, expected) < 1e-5
 
 
+# --- the FP8 KV cache on the fast path --------------------------------------------------------------
+
+
+def _fp8_both(model, ids, mask, new, chunk):
+    """Logits and tokens of the fast and the plain path, both with the FP8 KV cache, the prompt
+    prefilled `chunk` tokens at a time."""
+    kwargs = {"attention_mask": mask, "max_new_tokens": new, "do_sample": False, "pad_token_id": 0,
+              "eos_token_id": None, "output_logits": True, "return_dict_in_generate": True,
+              "cache_config": {"dtype": "fp8"}, "prefill_chunk_size": chunk}
+    fast = model.generate(ids, **kwargs)
+    plain = model.generate(ids, disable_compile=True, **kwargs)
+    return fast, plain
+
+
+def _assert_fp8_full_layers(model, full_layers):
+    kv = decoders.fast_decoder(model).entry.kv
+    assert sorted(kv.full.keys) == full_layers
+    for index in full_layers:
+        assert kv.full.keys[index].dtype == kv.full.values[index].dtype == torch.float8_e4m3fn
+        assert kv.full.key_scales[index].dtype == torch.float32
+        assert kv.full.key_scales[index].shape == kv.full.keys[index].shape[:3]  # a scale per (row, kv head, slot)
+    return kv
+
+
+def test_llama_fast_path_fp8_cache_equals_plain_fp8_cache(fast_on_cpu, llama_folder):
+    """Left padding, a prompt of 21 prefilled 8 at a time: the fast path's FP8 cache gives the
+    plain path's FP8-cache logits within float32 rounding, and the same tokens."""
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, progress=False)
+    ids, mask = _prompts(3, 21)
+    fast, plain = _fp8_both(model, ids, mask, new=10, chunk=8)
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(fast.logits, plain.logits)) < 1e-5
+    _assert_fp8_full_layers(model, [0, 1, 2])
+    # it is not the float32 cache: the same generate() without cache_config gives other logits
+    float32 = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, output_logits=True, return_dict_in_generate=True, prefill_chunk_size=8)
+    assert max(max_abs_diff(a, b) for a, b in zip(float32.logits, fast.logits)) > 1e-4
+
+
+def test_llama4_fast_path_fp8_cache_equals_plain_fp8_cache(fast_on_cpu, llama4_folder):
+    """Llama 4: the global (NoPE) layer's keys/values in FP8, the chunked layers' rings in the
+    model's dtype; a prompt of 19 prefilled 5 at a time, 14 new tokens across chunks of 8."""
+    model = herd.Llama4ForCausalLM.from_pretrained(llama4_folder, progress=False)
+    ids, mask = _prompts(3, 19)
+    fast, plain = _fp8_both(model, ids, mask, new=14, chunk=5)
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(fast.logits, plain.logits)) < 1e-5
+    kv = _assert_fp8_full_layers(model, [3])
+    assert all(keys.dtype == torch.float32 for keys in kv.ring.keys.values())
+
+
 # --- on the GPU: compiled and captured ------------------------------------------------------------
 
 
@@ -323,6 +374,38 @@ def test_cuda_fast_path_bf16_logits_within_tolerance(llama_folder, llama4_folder
     for a, b in zip(got, plain.logits):
         assert max_abs_diff(a, b) <= scale * float(b.abs().max()) + offset
     print("bf16 max diff", max(max_abs_diff(a, b) for a, b in zip(got, plain.logits)))
+
+
+# Stated tolerance for bf16 with the FP8 KV cache on both paths: twice BF16_TOLERANCE. The paths'
+# bf16 keys/values differ by a rounding here and there, which an e4m3 rounding (a step of 1/8 of
+# the value) can turn into a difference of one e4m3 step in a cached element.
+FP8_BF16_TOLERANCE = (0.04, 0.1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_cuda_fast_path_fp8_cache_bf16_logits_within_tolerance(llama_folder, llama4_folder, family):
+    """The compiled, captured fast path with the FP8 cache (the q/k/v kernel's staged write, the
+    attention kernel's FP8 loads) against the plain path's FP8 cache, teacher-forced, in bf16."""
+    cls, folder = (herd.LlamaForCausalLM, llama_folder) if family == "llama" else (herd.Llama4ForCausalLM, llama4_folder)
+    model = cls.from_pretrained(folder, device_map="cuda", dtype=torch.bfloat16, progress=False)
+    ids, mask = _prompts(3, 11)
+    plain = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=None, disable_compile=True, output_logits=True, return_dict_in_generate=True,
+                           cache_config={"dtype": "fp8"})
+    decoder = decoders.fast_decoder(model)
+    decoder.kv_cache_dtype = torch.float8_e4m3fn
+    decoder.start(3, 64)
+    assert next(iter(decoder.entry.kv.full.keys.values())).dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        logits, _ = decoder.prefill(plain.sequences[:, :11], mask.cuda(), {})
+        got = [logits]
+        for step in range(11, 22):
+            got.append(decoder.step(plain.sequences[:, step])[0])
+    scale, offset = FP8_BF16_TOLERANCE
+    for a, b in zip(got, plain.logits):
+        assert max_abs_diff(a, b) <= scale * float(b.abs().max()) + offset
+    print("fp8 cache bf16 max diff", max(max_abs_diff(a, b) for a, b in zip(got, plain.logits)))
 
 
 @needs_cuda

@@ -62,3 +62,15 @@ def test_the_image_store_is_reused_for_the_same_shape_and_refilled(fast_on_cpu, 
     fast, plain = _both(model, second)
     assert decoders.fast_decoder(model).entry.kv.cross is store  # same buffers: a captured graph stays valid
     assert torch.equal(fast.sequences, plain.sequences)  # and they hold the new image
+
+
+def test_fp8_cache_on_the_fast_path_equals_the_plain_paths(fast_on_cpu, pair):  # noqa: F811
+    """cache_config={"dtype": "fp8"}: the self-attention layers' keys/values in FP8 on both paths,
+    the image's cross-attention keys/values in the model's dtype."""
+    _, model, _ = pair
+    fast, plain = _both(model, _inputs([[4, 1], [2]], image_at=(0, 5)), cache_config={"dtype": "fp8"})
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(fast.logits, plain.logits)) < 1e-4
+    kv = decoders.fast_decoder(model).entry.kv
+    assert kv.full.keys and all(keys.dtype == torch.float8_e4m3fn for keys in kv.full.keys.values())
+    assert all(keys.dtype == model.dtype for keys in kv.cross.keys.values())

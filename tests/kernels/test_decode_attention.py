@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from herd.cache import fp8_dequantize, fp8_quantize
 from herd.kernels import decode_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,3 +123,38 @@ def test_attend_falls_back_to_the_torch_arithmetic():
             scores = (keys[row, head // 2] @ query[row, head, 0]) * 0.3  # (10,)
             weights = torch.softmax(scores.masked_fill(~allowed[row], float("-inf")), dim=0)
             torch.testing.assert_close(out[row, head * 24 : (head + 1) * 24], weights @ values[row, head // 2])
+
+
+def _fp8_case(batch, heads, kv_heads, slots, dim, dtype):
+    """An FP8 cache as the FP8 KV cache stores it (cache.fp8_quantize): e4m3 bytes and a float32
+    scale per (row, kv head, slot)."""
+    query, keys, values, allowed = _case(batch, heads, kv_heads, slots, dim, torch.float32)
+    (keys, key_scales), (values, value_scales) = (fp8_quantize(t * 3) for t in (keys, values))
+    return query.to(dtype), keys, values, allowed, key_scales[..., 0], value_scales[..., 0]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,heads,kv_heads,slots,dim,splits", [(1, 4, 1, 64, 16, 1), (2, 8, 2, 200, 32, 3),
+                                                                    (1, 5, 1, 130, 16, None)])
+def test_fp8_cache_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
+    """e4m3 keys/values times each slot's scale after the load: as the torch fallback, which
+    dequantizes the cache as the plain FP8 cache does."""
+    query, keys, values, allowed, key_scales, value_scales = _fp8_case(batch, heads, kv_heads, slots, dim, dtype)
+    expected = decode_attention.torch_attend(query, keys, values, allowed, dim**-0.5, key_scales, value_scales)
+    dequantized = [fp8_dequantize(t, s[..., None], dtype) for t, s in ((keys, key_scales), (values, value_scales))]
+    assert torch.equal(expected, decode_attention.torch_attend(query, *dequantized, allowed, dim**-0.5))
+    for new_slot in (0, slots - 1):
+        out = decode_attention.launch(query.reshape(batch, -1).contiguous(), keys, values, allowed, _slot(new_slot),
+                                      dim**-0.5, splits=splits, key_scales=key_scales, value_scales=value_scales)
+        _check(out, query, *dequantized, allowed, dim**-0.5)
+
+
+def test_fp8_cache_scales_matter():
+    """The torch fallback reads the scales: a slot's scale doubled doubles what its value contributes."""
+    query, keys, values, allowed, key_scales, value_scales = _fp8_case(1, 2, 1, 8, 16, torch.float32)
+    allowed[:] = False
+    allowed[:, 3] = True  # one visible slot: the output is its value
+    value_scales[:, :, 3] *= 2
+    out = decode_attention.torch_attend(query, keys, values, allowed, 0.25, key_scales, value_scales)
+    torch.testing.assert_close(out.view(2, 16), (values[0, 0, 3].float() * value_scales[0, 0, 3]).expand(2, 16))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from herd.cache import fp8_quantize
 from herd.decoding.fusion import fuse
 from herd.kernels import gemv
 from herd.layers.mlp import GatedMLP
@@ -291,3 +292,69 @@ def test_rotary_epilogue_writes_a_paged_pool_at_each_rows_slot(rows, config, one
     # the torch path wrote exactly the rows' slots (of the keys)
     changed = (expected_pool[0] != original[0]).any(dim=-1).any(dim=1)[0]  # (slots,)
     assert changed.nonzero().flatten().tolist() == sorted(row_slots.tolist())
+
+
+def _fp8_cache(rows, kv_heads, slots, head_dim):
+    """An FP8 cache (cache.fp8_quantize's layout): e4m3 keys/values and float32 scales (rows, kv_heads, slots)."""
+    stored = [fp8_quantize(torch.randn(rows, kv_heads, slots, head_dim)) for _ in range(2)]
+    return [t.to(DEVICE) for t, _ in stored], [s[..., 0].to(DEVICE) for _, s in stored]
+
+
+def test_fp8_cache_write_is_the_plain_caches_rule():
+    """The torch path into an FP8 cache stores fp8_quantize of the key/value it would store in
+    the model's dtype, at the slot alone, with their scales."""
+    rows, heads, kv_heads, head_dim, hidden, slot = 2, 4, 2, 8, 32, 3
+    norm, projections = _attention_layers(heads, kv_heads, head_dim, hidden, torch.float32)
+    x = torch.randn(rows, hidden).to(DEVICE)
+    cos, sin = _rotary_tables(rows, head_dim, torch.float32)
+    weight = torch.cat([layer.weight for layer in projections])
+    plain = [torch.zeros(rows, kv_heads, 5, head_dim, device=DEVICE) for _ in range(2)]
+    (keys, values), (key_scales, value_scales) = _fp8_cache(rows, kv_heads, 5, head_dim)
+    before = [t.clone() for t in (keys, values, key_scales, value_scales)]
+    slot_tensor = torch.tensor([slot], device=DEVICE)
+    with torch.no_grad():
+        expected = gemv.torch_norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, *plain, slot_tensor)
+        query = gemv.torch_norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, keys, values, slot_tensor,
+                                           key_scales, value_scales)
+    assert torch.equal(query, expected)
+    others = [s for s in range(5) if s != slot]
+    for stored, scales, written, old_stored, old_scales in ((keys, key_scales, plain[0], before[0], before[2]),
+                                                            (values, value_scales, plain[1], before[1], before[3])):
+        quantized, scale = fp8_quantize(written[:, :, slot])
+        assert torch.equal(stored[:, :, slot].view(torch.uint8), quantized.view(torch.uint8))
+        assert torch.equal(scales[:, :, slot], scale[..., 0])
+        assert torch.equal(stored[:, :, others].view(torch.uint8), old_stored[:, :, others].view(torch.uint8))
+        assert torch.equal(scales[:, :, others], old_scales[:, :, others])
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,config", [(1, (2, 16, 1, 1)), (3, None)])
+def test_fp8_cache_through_the_kernel_matches_torch(rows, config, monkeypatch, one_multiprocessor):
+    """norm_qkv_rotary into an FP8 cache with the kernel (the interpreter on CPU): the query and
+    the cache as the torch path gives them (the scales within float32 rounding, the e4m3 bytes
+    equal but where a rounding moved a value across a rounding boundary: one e4m3 step)."""
+    heads, kv_heads, head_dim, hidden, slots, slot = 4, 2, 16, 48, 6, 4
+    norm, projections = _attention_layers(heads, kv_heads, head_dim, hidden, torch.float32)
+    x = torch.randn(rows, hidden).to(DEVICE)
+    cos, sin = _rotary_tables(rows, head_dim, torch.float32)
+    weight = torch.cat([layer.weight for layer in projections])
+    (keys, values), (key_scales, value_scales) = _fp8_cache(rows, kv_heads, slots, head_dim)
+    expected_cache = [t.clone() for t in (keys, values, key_scales, value_scales)]
+    slot_tensor = torch.tensor([slot], device=DEVICE)
+    with torch.no_grad():
+        expected = gemv.norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, *expected_cache[:2],
+                                        slot_tensor, *expected_cache[2:])
+        if DEVICE == "cpu":  # the kernel in the interpreter, through the same public function
+            monkeypatch.setattr(gemv, "kernel_applies", lambda *args, **kwargs: True)
+        query = gemv.norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, keys, values, slot_tensor,
+                                     key_scales, value_scales)
+    torch.testing.assert_close(query, expected, rtol=1e-5, atol=1e-5)
+    for stored, scales, reference, reference_scales in ((keys, key_scales, *expected_cache[0::2]),
+                                                        (values, value_scales, *expected_cache[1::2])):
+        torch.testing.assert_close(scales, reference_scales, rtol=1e-5, atol=0)
+        got = stored.float() * scales[..., None]
+        want = reference.float() * reference_scales[..., None]
+        assert ((got - want).abs() <= want.abs() / 8 + 1e-6).all()
+        assert (stored.view(torch.uint8) == reference.view(torch.uint8)).float().mean() > 0.95
+        others = [s for s in range(slots) if s != slot]
+        assert torch.equal(stored[:, :, others].view(torch.uint8), reference[:, :, others].view(torch.uint8))

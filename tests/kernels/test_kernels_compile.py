@@ -89,15 +89,22 @@ COMPILE_ALL = textwrap.dedent('''
                     gemv._few_row_linear_kernel, signature, constants, num_warps=config.warps,
                     num_stages=config.stages, launch_pdl=True)
 
-    attention_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "allowed_ptr": "*i1",
+    attention_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "k_scale_ptr": "*bf16",
+                           "v_scale_ptr": "*bf16", "allowed_ptr": "*i1",
                            "new_slot_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
                            "part_sum_ptr": "*fp32", "kv_heads": "i32", "slots": "i32", "slots_per_split": "i32",
                            "scaling": "fp32"}
     for pdl, splits, group, dim in [(True, 16, 4, 128), (False, 1, 8, 64), (True, 4, 5, 128), (True, 8, 4, 64)]:
         constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.plan_block(dim),
-                         PRECISION="tf32", PDL=pdl)
+                         PRECISION="tf32", PDL=pdl, FP8=False)
         compile_one(f"attention pdl={pdl} splits={splits} group={group} dim={dim}",
                     decode_attention._attend_range_kernel, attention_signature, constants, num_warps=4,
+                    num_stages=2, launch_pdl=pdl)
+        # the FP8 KV cache: e4m3 keys/values, float32 scales per slot
+        fp8_signature = {**attention_signature, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "k_scale_ptr": "*fp32",
+                         "v_scale_ptr": "*fp32"}
+        compile_one(f"attention fp8 cache pdl={pdl} splits={splits} group={group} dim={dim}",
+                    decode_attention._attend_range_kernel, fp8_signature, {**constants, "FP8": True}, num_warps=4,
                     num_stages=2, launch_pdl=pdl)
         if splits > 1:
             compile_one(f"merge pdl={pdl} splits={splits}", decode_attention._merge_ranges_kernel,
@@ -145,6 +152,7 @@ def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     assert len(compiled) >= 185
     assert sum(label.startswith("paged attention") for label, _, _ in compiled) == 3
     assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 6
+    assert sum(label.startswith("attention fp8 cache") for label, _, _ in compiled) == 4
 
 
 def test_programmatic_launch_is_compiled_in_when_asked(compiled):

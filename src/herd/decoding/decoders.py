@@ -88,8 +88,6 @@ def why_not_fast(model, config, *, past_key_values, extra_outputs: bool) -> str 
         return "attentions or hidden states were asked for"
     if model.training:
         return "the model is in training mode"
-    if config.kv_cache_dtype is not None:
-        return "the FP8 KV cache (cache_config) runs on the plain decoder"
     if config.cache_implementation not in FIXED_SHAPE_CACHES:
         return f"cache_implementation={config.cache_implementation!r} asks for a cache that grows"
     text_config = model.config.get_text_config()
@@ -209,6 +207,7 @@ class FastDecoder:
         self.compile_override, self.capture_override = compile, capture
         self.use_compile = self.capture = False
         self.prefill_chunk = PREFILL_CHUNK  # tokens per prefill forward (generate's prefill_chunk_size)
+        self.kv_cache_dtype: torch.dtype | None = None  # the full layers' storage (FP8: generate's cache_config)
         self.run: dict | None = None  # the plan's units, compiled when `run_is_compiled`
         self.run_is_compiled = False
         self.entry: _Entry | None = None
@@ -224,7 +223,7 @@ class FastDecoder:
         kinds = self.plan.attention_kinds()
         kv_heads, head_dim = self.plan.kv_shape
         full = ContiguousKV([i for i, kind in enumerate(kinds) if kind == FULL], batch, kv_heads, head_dim, length,
-                            dtype, device, compiled=self.use_compile)
+                            dtype, device, compiled=self.use_compile, cache_dtype=self.kv_cache_dtype)
         chunked = [i for i, kind in enumerate(kinds) if kind == CHUNKED]
         ring = None
         if chunked:
@@ -245,7 +244,7 @@ class FastDecoder:
             self.run = compile_units(units) if self.use_compile else units
             self.run_is_compiled = self.use_compile
         length = cache_bucket(max_length)
-        key = (batch, length, dtype, device)
+        key = (batch, length, dtype, device, self.kv_cache_dtype)
         if self.entry is None or self.entry.key != key:
             self.entry = None  # free the old buffers and graphs before allocating new ones
             self.entry = _Entry(
@@ -363,6 +362,7 @@ def choose_decoder(model, config, *, past_key_values, forward_kwargs: dict[str, 
     if reason is None:
         decoder = fast_decoder(model)
         decoder.prefill_chunk = config.prefill_chunk_size or PREFILL_CHUNK
+        decoder.kv_cache_dtype = config.kv_cache_dtype
         return decoder
     if model.device.type == "cuda":
         logger.info("generate(): plain decoding, not the fast path: %s", reason)

@@ -5,7 +5,10 @@ slot where this step's key/value go, and which slots the new token may see. It n
 kind of store it holds. Kinds:
 
 - `ContiguousKV` (full attention): slot = the token's position in the cache, `length` slots
-  (a bucket: `graphs.cache_bucket`).
+  (a bucket: `graphs.cache_bucket`). With the FP8 KV cache (generate's cache_config) its keys and
+  values are float8_e4m3fn with a float32 scale per (row, kv head, slot), quantized by the plain
+  cache's rule (cache.fp8_quantize) when the prompt and each new token are written, and read
+  dequantized; the other stores keep the model's dtype.
 - `RingKV` (Llama 4's chunked layers): min(attention_chunk_size, length) slots, slot =
   position % ring; a chunk longer than the whole generation never wraps, and attention reads
   only the slots that can be filled.
@@ -30,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..cache import Cache
+from ..cache import FP8_KV_DTYPE, Cache, fp8_dequantize, fp8_quantize
 from ..kernels import decode_attention, paged_attention
 from ..kernels.gemv import store_key_value
 from .graphs import compiled_once
@@ -43,7 +46,10 @@ class LayerKV(NamedTuple):
 
     Paged (PagedKV): keys/values are the layer's pool (1, kv_heads, blocks * block_size, head_dim),
     slot (batch,) each row's flat slot, allowed None; the row sees its positions
-    [first_position, lengths) through block_table (batch, blocks per row)."""
+    [first_position, lengths) through block_table (batch, blocks per row).
+
+    FP8 (ContiguousKV with the FP8 KV cache): keys/values float8_e4m3fn, key_scales/value_scales
+    (batch, kv_heads, slots) float32 their scales."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -53,17 +59,20 @@ class LayerKV(NamedTuple):
     first_position: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     block_size: int = 0
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
 
 
 def store_token(kv: LayerKV, key: torch.Tensor, value: torch.Tensor) -> None:
     """This step's key/value (batch, kv_heads, head_dim) into the layer's store."""
-    store_key_value(kv.keys, kv.values, kv.slot, key, value)
+    store_key_value(kv.keys, kv.values, kv.slot, key, value, kv.key_scales, kv.value_scales)
 
 
 def attend(query: torch.Tensor, kv: LayerKV, scaling: float) -> torch.Tensor:
     """query (batch, heads, 1, head_dim) over what each row may see -> (batch, heads * head_dim)."""
     if kv.block_table is None:
-        return decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, scaling)
+        return decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, scaling, kv.key_scales,
+                                       kv.value_scales)
     return paged_attention.attend(query, kv.keys, kv.values, kv.block_table, kv.first_position, kv.lengths,
                                   kv.block_size, scaling)
 
@@ -81,10 +90,16 @@ def mark_written(real: torch.Tensor, cache_position: torch.Tensor) -> None:
 
 
 class ContiguousKV:
-    """Full-attention layers: slot i holds position i (padding included) of every row."""
+    """Full-attention layers: slot i holds position i (padding included) of every row.
+    `cache_dtype` FP8_KV_DTYPE: the FP8 KV cache (keys/values in e4m3, scales beside them)."""
 
-    def __init__(self, layers, batch, kv_heads, head_dim, length, dtype, device, compiled=False):
-        self.keys, self.values = _buffers(layers, batch, kv_heads, length, head_dim, dtype, device)
+    def __init__(self, layers, batch, kv_heads, head_dim, length, dtype, device, compiled=False, cache_dtype=None):
+        self.is_fp8 = cache_dtype == FP8_KV_DTYPE
+        self.keys, self.values = _buffers(layers, batch, kv_heads, length, head_dim,
+                                          FP8_KV_DTYPE if self.is_fp8 else dtype, device)
+        # FP8: float32 scales (batch, kv_heads, length) per layer; none otherwise
+        self.key_scales, self.value_scales = ({index: torch.zeros(batch, kv_heads, length, device=device)
+                                               for index in (layers if self.is_fp8 else ())} for _ in range(2))
         self.real = torch.zeros(batch, length, dtype=torch.bool, device=device)  # slot holds a real token
         self.seen = dict.fromkeys(layers, 0)
         self.compiled = compiled
@@ -100,18 +115,34 @@ class ContiguousKV:
 
     def dynamic_dims(self) -> list[tuple[torch.Tensor, int]]:
         """The dimensions that are the cache length: another bucket re-captures, never recompiles."""
-        return [(tensor, 2) for tensor in (*self.keys.values(), *self.values.values())] + [(self.real, 1)]
+        tensors = (*self.keys.values(), *self.values.values(), *self.key_scales.values(), *self.value_scales.values())
+        return [(tensor, 2) for tensor in tensors] + [(self.real, 1)]
 
     def write_prompt(self, layer_idx, key_states, value_states):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         start, new = self.seen[layer_idx], key_states.shape[-2]
         if start + new > keys.shape[2]:
             raise ValueError(f"the fast path's cache holds {keys.shape[2]} positions; {start + new} were asked for")
+        if self.is_fp8:
+            return self._write_prompt_fp8(layer_idx, key_states, value_states, start, new)
         keys[:, :, start : start + new] = key_states
         values[:, :, start : start + new] = value_states
         self.seen[layer_idx] = start + new
         # the written prefix: an unpadded prefill stays plain causal attention (sdpa's fused kernels)
         return keys[:, :, : start + new], values[:, :, : start + new]
+
+    def _write_prompt_fp8(self, layer_idx, key_states, value_states, start, new):
+        """As the plain FP8 cache (cache.StaticCache): quantized on the way in, the written prefix
+        read back dequantized in the new keys' dtype."""
+        read = []
+        for stored, scales, states in ((self.keys[layer_idx], self.key_scales[layer_idx], key_states),
+                                       (self.values[layer_idx], self.value_scales[layer_idx], value_states)):
+            quantized, scale = fp8_quantize(states)  # (batch, kv_heads, new, head_dim), (batch, kv_heads, new, 1)
+            stored.view(torch.uint8)[:, :, start : start + new] = quantized.view(torch.uint8)
+            scales[:, :, start : start + new] = scale[..., 0]
+            read.append(fp8_dequantize(stored[:, :, : start + new], scales[:, :, : start + new, None], states.dtype))
+        self.seen[layer_idx] = start + new
+        return tuple(read)
 
     def stored(self, layer_idx) -> int:
         return self.seen[layer_idx]
@@ -124,7 +155,8 @@ class ContiguousKV:
         self.slot = cache_position
 
     def layer(self, layer_idx: int) -> LayerKV:
-        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slot, self.real)
+        return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slot, self.real,
+                       key_scales=self.key_scales.get(layer_idx), value_scales=self.value_scales.get(layer_idx))
 
 
 def ring_step(ring_positions, ring_real, cache_position, positions, chunk_size: int):

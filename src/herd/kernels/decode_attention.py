@@ -13,12 +13,19 @@ follows the torch version where it matters: scores are rounded to the cache dtyp
 scaling, as a bf16 matmul's output would be. The softmax weights are not normalised before the
 product with the values (they are divided out at the end), which moves bf16 results by a unit
 in the last place at most.
+
+FP8 caches (the FP8 KV cache, cache.fp8_quantize): keys/values float8_e4m3fn with a float32 scale
+per (row, kv head, slot), `key_scales`/`value_scales` (batch, kv_heads, slots). The kernel loads
+the bytes and multiplies each slot by its scale right after the load, rounding to the query's
+dtype as the plain cache's `fp8_dequantize` does; the rest is the same arithmetic (a constexpr
+switch: the model-dtype variant compiles as before).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..cache import FP8_KV_DTYPE, fp8_dequantize
 from . import programmatic_launch
 
 try:
@@ -45,21 +52,26 @@ def plan_splits(batch: int, kv_heads: int, slots: int, block: int = BLOCK_SLOTS)
     return max(1, min(TARGET_PROGRAMS // max(1, batch * kv_heads), -(-slots // block)))
 
 
-def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
+def applies(query: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None = None) -> bool:
     dim = keys.shape[-1]
+    stored_as = FP8_KV_DTYPE if key_scales is not None else query.dtype
     return (
         triton is not None
         and query.is_cuda
         and dim & (dim - 1) == 0
         and dim >= 16  # the tensor-core products need 16 along the reduced dimension
-        and query.dtype == keys.dtype
+        and keys.dtype == stored_as
         and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
 
 
-def torch_attend(query, keys, values, allowed, scaling: float) -> torch.Tensor:
+def torch_attend(query, keys, values, allowed, scaling: float, key_scales=None, value_scales=None) -> torch.Tensor:
     """The arithmetic the kernels replace. The query heads that share a kv head are rows of one
-    matmul, so grouped-query attention never copies the cache."""
+    matmul, so grouped-query attention never copies the cache. An FP8 cache is dequantized first
+    (to the query's dtype, as the plain cache reads it)."""
+    if key_scales is not None:
+        keys = fp8_dequantize(keys, key_scales[..., None], query.dtype)
+        values = fp8_dequantize(values, value_scales[..., None], query.dtype)
     batch, heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # (batch, kv_heads, group, dim)
@@ -69,18 +81,20 @@ def torch_attend(query, keys, values, allowed, scaling: float) -> torch.Tensor:
     return torch.matmul(weights, values).reshape(batch, heads * dim)
 
 
-def attend(query, keys, values, allowed, new_slot, scaling: float) -> torch.Tensor:
+def attend(query, keys, values, allowed, new_slot, scaling: float, key_scales=None, value_scales=None) -> torch.Tensor:
     """One query per row over a preallocated cache, reading each cached key/value once.
 
     query (batch, heads, 1, dim); keys/values (batch, kv_heads, slots, dim); allowed (batch, slots),
     at least one slot allowed per row; new_slot (1,): the slot this step's key/value were just
     written to (the kernel reads the others before the previous kernel ends; any slot where
-    nothing was written this step). Returns (batch, heads * dim).
+    nothing was written this step). An FP8 cache comes with key_scales/value_scales (batch,
+    kv_heads, slots) float32. Returns (batch, heads * dim).
     """
-    if not applies(query, keys):
-        return torch_attend(query, keys, values, allowed, scaling)
+    if not applies(query, keys, key_scales):
+        return torch_attend(query, keys, values, allowed, scaling, key_scales, value_scales)
     batch, heads, _, dim = query.shape
-    return torch.ops.herd.decode_attention(query.reshape(batch, heads * dim), keys, values, allowed, new_slot, scaling)
+    return torch.ops.herd.decode_attention(query.reshape(batch, heads * dim), keys, values, allowed, new_slot, scaling,
+                                           key_scales, value_scales)
 
 
 if triton is not None:
@@ -102,10 +116,28 @@ if triton is not None:
         return new_max, running_sum, acc
 
     @triton.jit
+    def _load_slots(ptr, scale_ptr, offsets, scale_offsets, slot_ok, dtype: tl.constexpr, FP8: tl.constexpr,
+                    first: tl.constexpr):
+        """(BLOCK, DIM) keys or values of the slots whose offsets are given, zero where not slot_ok
+        (BLOCK,), in dtype: with FP8 the stored bytes times each slot's scale (at scale_offsets
+        (BLOCK,)), rounded to dtype as fp8_dequantize rounds. `first`: read once (evicted first),
+        else a re-read of the newest slot."""
+        if first:
+            stored = tl.load(ptr + offsets, mask=slot_ok[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            stored = tl.load(ptr + offsets, mask=slot_ok[:, None], other=0.0)
+        if FP8:
+            scale = tl.load(scale_ptr + scale_offsets, mask=slot_ok, other=0.0)  # (BLOCK,)
+            stored = (stored.to(tl.float32) * scale[:, None]).to(dtype)
+        return stored
+
+    @triton.jit
     def _attend_range_kernel(
         q_ptr,  # (batch, heads * DIM)
         k_ptr,  # (batch, kv_heads, slots, DIM)
         v_ptr,
+        k_scale_ptr,  # with FP8: (batch, kv_heads, slots) float32 each (else any pointer, unread)
+        v_scale_ptr,
         allowed_ptr,  # (batch, slots), bool
         new_slot_ptr,  # (1,): the slot the previous kernel wrote this step's key/value into
         out_ptr,  # (batch, heads * DIM) when SPLITS == 1
@@ -123,8 +155,9 @@ if triton is not None:
         BLOCK: tl.constexpr,
         PRECISION: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
+        FP8: tl.constexpr = False,  # keys/values float8_e4m3fn with a float32 scale per slot
     ):
-        dtype = k_ptr.dtype.element_ty
+        dtype = q_ptr.dtype.element_ty  # the cache's dtype, or with FP8 what it dequantizes to
         if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         row_head = tl.program_id(0)  # row * kv_heads + kv head
@@ -143,13 +176,16 @@ if triton is not None:
         s = start + tl.arange(0, BLOCK)
         s_ok = s < end
         kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
-        key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")  # (BLOCK, DIM)
-        value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
+        scale_offsets = row_head.to(tl.int64) * slots + s
+        key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)  # (BLOCK, DIM)
+        value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
         if PDL:
             tl.extra.cuda.gdc_wait()
         newest = (s == tl.load(new_slot_ptr)) & s_ok
-        key = tl.where(newest[:, None], tl.load(k_ptr + kv_offsets, mask=newest[:, None], other=0.0), key)
-        value = tl.where(newest[:, None], tl.load(v_ptr + kv_offsets, mask=newest[:, None], other=0.0), value)
+        key = tl.where(newest[:, None], _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, newest,
+                                                    dtype, FP8, False), key)
+        value = tl.where(newest[:, None], _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, newest,
+                                                      dtype, FP8, False), value)
 
         g = tl.arange(0, GROUP_PAD)
         g_ok = g < GROUP
@@ -163,8 +199,9 @@ if triton is not None:
             s = block_start + tl.arange(0, BLOCK)
             s_ok = s < end
             kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
-            key = tl.load(k_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
-            value = tl.load(v_ptr + kv_offsets, mask=s_ok[:, None], other=0.0, eviction_policy="evict_first")
+            scale_offsets = row_head.to(tl.int64) * slots + s
+            key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
+            value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
             visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
             running_max, running_sum, acc = _attend_block(query, key, value, visible, running_max, running_sum, acc,
                                                           scaling, dtype, PRECISION)
@@ -199,9 +236,11 @@ if triton is not None:
         out = tl.sum(parts * scale[:, None], axis=0) / total  # (DIM,)
         tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
 
-    def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None):
+    def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None,
+               key_scales=None, value_scales=None):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
-        (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it."""
+        (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it.
+        key_scales/value_scales (batch, kv_heads, slots) float32: the scales of an FP8 cache."""
         pdl = programmatic_launch(query) if pdl is None else pdl
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
@@ -213,11 +252,13 @@ if triton is not None:
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
         part_max = query.new_empty((batch, heads, splits), dtype=torch.float32)
         part_sum = torch.empty_like(part_max)
+        fp8 = key_scales is not None
         _attend_range_kernel[(batch * kv_heads, splits)](
-            query, keys, values, allowed, new_slot, out, part_out, part_max, part_sum,
+            query, keys, values, key_scales if fp8 else keys, value_scales if fp8 else values, allowed, new_slot, out,
+            part_out, part_max, part_sum,
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl,
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl, FP8=fp8,
             num_warps=4, num_stages=2, launch_pdl=pdl,
         )  # fmt: skip
         if splits > 1:
@@ -231,9 +272,11 @@ if triton is not None:
     # an opaque operator, as kernels/gemv.py's: Triton's launcher keeps the programmatic-launch attribute
     @torch.library.custom_op("herd::decode_attention", mutates_args=())
     def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                          new_slot: torch.Tensor, scaling: float) -> torch.Tensor:
-        return launch(query.contiguous(), keys, values, allowed, new_slot, scaling)
+                          new_slot: torch.Tensor, scaling: float, key_scales: torch.Tensor | None = None,
+                          value_scales: torch.Tensor | None = None) -> torch.Tensor:
+        return launch(query.contiguous(), keys, values, allowed, new_slot, scaling, key_scales=key_scales,
+                      value_scales=value_scales)
 
     @_decode_attention.register_fake
-    def _(query, keys, values, allowed, new_slot, scaling):
+    def _(query, keys, values, allowed, new_slot, scaling, key_scales=None, value_scales=None):
         return torch.empty_like(query, memory_format=torch.contiguous_format)

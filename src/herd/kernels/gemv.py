@@ -39,6 +39,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from ..cache import fp8_quantize
 from . import multiprocessors, programmatic_launch
 
 try:
@@ -216,22 +217,35 @@ def torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-high, low), dim=-1) * sin
 
 
-def torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot):
+def torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot, key_scales=None,
+                          value_scales=None):
     rows, head_dim, kv_heads = x.shape[0], keys.shape[-1], keys.shape[1]
     qkv = torch_linear(torch_rms_norm(x, norm_weight, eps), weight, bias)  # (rows, (heads + 2 kv_heads) * head_dim)
     # -> query (rows, heads, head_dim), key/value (rows, kv_heads, head_dim)
     query, key, value = qkv.view(rows, -1, head_dim).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
     cos, sin = cos.view(rows, 1, head_dim), sin.view(rows, 1, head_dim)
     query, key = torch_rotate(query, cos, sin), torch_rotate(key, cos, sin)
-    store_key_value(keys, values, slot, key, value)
+    store_key_value(keys, values, slot, key, value, key_scales, value_scales)
     return query.reshape(rows, -1)
 
 
 def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, key: torch.Tensor,
-                    value: torch.Tensor) -> None:
+                    value: torch.Tensor, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> None:
     """key/value (rows, kv_heads, head_dim) into the caches: at slot (1,) of every row of
     (rows, kv_heads, slots, head_dim) caches, or at slot (rows,), one flat slot per row, of a paged
-    pool (1, kv_heads, slots, head_dim) (decoding/kv.PagedKV)."""
+    pool (1, kv_heads, slots, head_dim) (decoding/kv.PagedKV).
+
+    An FP8 cache (float8_e4m3fn, with key_scales/value_scales (rows, kv_heads, slots) float32) gets
+    them quantized by the plain FP8 cache's rule (cache.fp8_quantize: a scale per head of the token)."""
+    if key_scales is not None:
+        if keys.shape[0] != key.shape[0]:
+            raise NotImplementedError("the paged store keeps keys/values in the model's dtype, not FP8")
+        for stored, scales, states in ((keys, key_scales, key), (values, value_scales, value)):
+            quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
+            stored.view(torch.uint8)[:, :, slot] = quantized.view(torch.uint8)[:, :, None]  # (no float8 index_put)
+            scales[:, :, slot] = scale
+        return
     if keys.shape[0] == key.shape[0]:
         keys[:, :, slot] = key[:, :, None].to(keys.dtype)
         values[:, :, slot] = value[:, :, None].to(values.dtype)
@@ -256,22 +270,40 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
 
 def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor | QuantizedWeight,
                     bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                    values: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                    values: torch.Tensor, slot: torch.Tensor, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """The attention input of one new token per row: x (rows, hidden) -> query (rows, heads * head_dim),
     rotated; the rotated key and the value go into keys/values (rows, kv_heads, slots, head_dim) at
     slot (1,), or into a paged pool (1, kv_heads, slots, head_dim) at slot (rows,) (`store_key_value`). weight: q, k and v stacked ((heads + 2 kv_heads) * head_dim, hidden). cos/sin
-    (rows, head_dim): Llama's rotary tables (dimension d turns with d + head_dim/2)."""
+    (rows, head_dim): Llama's rotary tables (dimension d turns with d + head_dim/2).
+
+    An FP8 cache (key_scales/value_scales given, `store_key_value`): the kernel writes the rotated
+    key and the value into a one-slot staging cache in x's dtype, and the quantization into the
+    cache follows as torch arithmetic (which the compiled step fuses into one small kernel): a
+    token's scale is the largest |value| of a whole head, which one kernel program does not hold
+    (its block of rows covers part of a head)."""
+    fp8 = key_scales is not None
     if (
-        kernel_applies(x, norm_weight, weight, cos, sin, keys, values, bias=bias)
+        kernel_applies(x, norm_weight, weight, cos, sin, *((keys, values) if not fp8 else ()), bias=bias)
         and keys.is_contiguous()
         and values.is_contiguous()
         and keys.shape[-1] % 2 == 0
     ):
-        rows, head_dim = x.shape[0], keys.shape[-1]
+        rows, kv_heads, head_dim = x.shape[0], keys.shape[1], keys.shape[-1]
         data, scale, offset = _op_weight(weight)
-        return torch.ops.herd.norm_qkv_rotary(x, norm_weight, eps, data, cos.reshape(rows, head_dim),
-                                              sin.reshape(rows, head_dim), keys, values, slot, scale, offset)
-    return torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot)
+        kernel_keys, kernel_values, kernel_slot = keys, values, slot
+        if fp8:  # (rows, kv_heads, 1 slot, head_dim) each, written at slot 0
+            kernel_keys = x.new_empty((rows, kv_heads, 1, head_dim))
+            kernel_values = x.new_empty((rows, kv_heads, 1, head_dim))
+            kernel_slot = torch.zeros(1, dtype=torch.long, device=x.device)
+        query = torch.ops.herd.norm_qkv_rotary(x, norm_weight, eps, data, cos.reshape(rows, head_dim),
+                                               sin.reshape(rows, head_dim), kernel_keys, kernel_values, kernel_slot,
+                                               scale, offset)
+        if fp8:
+            store_key_value(keys, values, slot, kernel_keys[:, :, 0], kernel_values[:, :, 0], key_scales, value_scales)
+        return query
+    return torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot, key_scales,
+                                 value_scales)
 
 
 def norm_gated_activation(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,

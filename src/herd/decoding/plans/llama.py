@@ -70,7 +70,7 @@ def llama_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.T
     norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     batch = hidden.shape[0]
     query = gemv.norm_qkv_rotary(hidden, norm.weight, norm.eps, weights.qkv, weights.qkv_bias, cos, sin,
-                                 kv.keys, kv.values, kv.slot)  # (batch, heads * head_dim)
+                                 kv.keys, kv.values, kv.slot, kv.key_scales, kv.value_scales)  # (batch, heads * head_dim)
     query = query.view(batch, attn.num_heads, 1, attn.head_dim)
     attended = attend(query, kv, attn.scaling)
     hidden = project_add(attended, weights.o, hidden, attn.o_proj)
