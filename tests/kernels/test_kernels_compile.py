@@ -25,17 +25,21 @@ COMPILE_ALL = textwrap.dedent('''
     from herd.kernels import decode_attention, expert_gemv, gemv, paged_attention
 
     HOPPER = GPUTarget("cuda", 90, 32)
-    results = []
+    jobs = []  # compiled at the end by a pool of processes: one compile is about a second of one core
 
     def compile_one(label, kernel, signature, constants, **options):
+        jobs.append((label, kernel, signature, constants, options))
+
+    def compile_job(index):
+        label, kernel, signature, constants, options = jobs[index]
         signature = {**signature, **{name: "constexpr" for name in constants}}
         constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
         try:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=HOPPER,
                                       options=options)
-            results.append([label, "ok", bool(getattr(compiled.metadata, "launch_pdl", False))])
+            return [label, "ok", bool(getattr(compiled.metadata, "launch_pdl", False))]
         except Exception as error:
-            results.append([label, f"{type(error).__name__}: {str(error)[-600:]}", None])
+            return [label, f"{type(error).__name__}: {str(error)[-600:]}", None]
 
     gemv_signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*bf16", "offset_ptr": "*bf16",
                       "out_ptr": "*bf16", "residual_ptr": "*bf16",
@@ -127,6 +131,9 @@ COMPILE_ALL = textwrap.dedent('''
                     {"x_ptr": x, "ids_ptr": "*i64", "data_ptr": data, "scale_ptr": "*fp32", "out_ptr": x, "K": "i32",
                      "N": "i32"}, dict(BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=expert_gemv.BLOCK_K),
                     num_warps=expert_gemv.WARPS, num_stages=expert_gemv.STAGES)
+    import multiprocessing, os
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # forked: the jobs list is shared
+        results = pool.map(compile_job, range(len(jobs)), chunksize=1)
     json.dump(results, sys.stdout)
 ''')
 
