@@ -42,11 +42,13 @@ def fp8_activation_probe(model, rows: torch.Tensor, rank: int) -> dict:
 
 def run_case(case: dict, rank: int) -> dict:
     import herd
+    from herd.quantization import config_from_name
     from herd.decoding import decoders
 
     try:
+        quantization = config_from_name(case.get("quantization"))  # a name: the cases file holds no objects
         model = getattr(herd, case["class"]).from_pretrained(case["folder"], tp_plan="auto", progress=False,
-                                                             **case.get("load", {}))
+                                                             quantization_config=quantization)
     except ValueError as error:
         return {"error": str(error)}
     device = model.device  # cuda:LOCAL_RANK under NCCL
@@ -81,7 +83,7 @@ def run_case(case: dict, rank: int) -> dict:
 
 def main(cases_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    cases = torch.load(cases_path, weights_only=False)
+    cases = torch.load(cases_path, weights_only=True)
     rank = int(os.environ["RANK"])
     results = {case["name"]: run_case(case, rank) for case in cases}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import herd
+from herd.quantization import config_from_name
 from herd.parallel import plans
 from herd.parallel.tensor_parallel import Split, check_sizes
 from tests.conftest import left_padded_prompts, max_abs_diff, reference_llama
@@ -78,19 +79,19 @@ def _cases(root: Path) -> list[dict]:
     many_ids, many_mask = left_padded_prompts((9, 5, 7, 3, 8, 6))
     many_long_ids, many_long_mask = left_padded_prompts((13, 11, 9, 12, 10))
     image_states = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))  # (batch, image tokens, hidden)
-    int8 = {"quantization_config": herd.TorchAoConfig("int8_weight_only")}
+    int8 = "int8"  # quantization.config_from_name: TorchAoConfig("int8_weight_only")
     # FP8 with per-token activation scales (emulated on the CPU): o and down split by their inputs
     # must scale each token by its amax over every rank's columns, as one process does
-    fp8 = {"quantization_config": herd.FbgemmFp8Config()}
+    fp8 = "fp8"  # FbgemmFp8Config()
     probe_rows = _probe_rows()
     return [
         dict(name="llama", cls="LlamaForCausalLM", folder=root / "llama", ids=ids.clamp(max=124), mask=mask),
-        dict(name="llama-int8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, load=int8),
+        dict(name="llama-int8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, quantization=int8),
         dict(name="llama-fp8", cls="LlamaForCausalLM", folder=root / "llama-wide", ids=many_ids, mask=many_mask,
-             load=fp8, probe_rows=probe_rows),
+             quantization=fp8, probe_rows=probe_rows),
         dict(name="llama4", cls="Llama4ForCausalLM", folder=root / "llama4", ids=long_ids, mask=long_mask),
         dict(name="llama4-fp8", cls="Llama4ForCausalLM", folder=root / "llama4-wide", ids=many_long_ids,
-             mask=many_long_mask, load=fp8, probe_rows=probe_rows),
+             mask=many_long_mask, quantization=fp8, probe_rows=probe_rows),
         dict(name="mllama", cls="MllamaForCausalLM", folder=root / "mllama", ids=ids, mask=mask,
              forward={"cross_attention_states": image_states}),
     ]
@@ -102,7 +103,7 @@ def _one_process(case: dict, device: str = "cpu") -> dict:
     from herd.decoding import decoders
 
     model = getattr(herd, case["cls"]).from_pretrained(case["folder"], progress=False, device_map=device,
-                                                       **case.get("load", {}))
+                                                       quantization_config=config_from_name(case.get("quantization")))
     ids, mask = case["ids"].to(device), case["mask"].to(device)
     forward = {name: value.to(device) for name, value in case.get("forward", {}).items()}
     with torch.no_grad():
@@ -124,7 +125,7 @@ def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> 
     """torchrun with `ranks` processes over the cases (gloo on CPUs; NCCL, one GPU each, when
     `cuda`); each rank's results."""
     worker_cases = [dict(name=c["name"], **{"class": c["cls"]}, folder=str(c["folder"]), ids=c["ids"], mask=c["mask"],
-                         load=c.get("load", {}), forward=c.get("forward", {}), new_tokens=NEW_TOKENS,
+                         quantization=c.get("quantization"), forward=c.get("forward", {}), new_tokens=NEW_TOKENS,
                          sample=c["name"] == "llama", **({"probe_rows": c["probe_rows"]} if "probe_rows" in c else {}))
                     for c in cases]
     cases_path = folder / f"cases-{ranks}.pt"
@@ -139,7 +140,7 @@ def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> 
     if run.returncode != 0:  # the ranks' own errors first (torchrun's summary only names the signal)
         causes = [line for line in run.stderr.splitlines() if "rror" in line or "terminate" in line or "what()" in line]
         pytest.fail("\n".join(causes[:40]) + "\n" + run.stderr[-6000:])
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(ranks)]
 
 
 @pytest.fixture(scope="module")

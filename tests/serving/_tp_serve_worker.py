@@ -17,27 +17,15 @@ import torch.distributed as dist
 
 
 def lead(engine, case: dict) -> dict:
-    from herd.serving.engine import AsyncEngine, EngineRequest, SamplingParams
-    from herd.serving.server import ModelInfo, Server
-
-    arrivals: dict[int, list] = {}
-    for request_id, (step, prompt, new) in case["requests"].items():
-        request = EngineRequest(request_id, prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
-        arrivals.setdefault(step, []).append(request)
-    tokens: dict[str, list[int]] = {}
-    step = 0
-    while engine.has_work() or any(s >= step for s in arrivals):
-        for request in arrivals.pop(step, []):
-            engine.add_request(request)
-        for request_id, event in engine.step():
-            tokens.setdefault(request_id, []).append(event.token_id)
-        step += 1
-    stats = engine.stats()
-
     import httpx
 
     import herd
-    from tests.serving.conftest import live
+    from herd.serving.engine import AsyncEngine
+    from herd.serving.server import ModelInfo, Server
+    from tests.serving.conftest import live, run_with_arrivals
+
+    tokens = run_with_arrivals(engine, case["requests"])
+    stats = engine.stats()
 
     tokenizer = herd.AutoTokenizer.from_pretrained(case["tokenizer"])
     info = ModelInfo(tokenizer=tokenizer, vocab_size=engine.vocab_size, max_model_len=engine.max_model_len)
@@ -55,7 +43,7 @@ def main(case_path: str, out_dir: str) -> None:
     from herd.serving.engine import Engine
     from herd.serving.parallel import Follower, Leader, agreed_block_count
 
-    case = torch.load(case_path, weights_only=False)
+    case = torch.load(case_path, weights_only=True)
     rank = int(os.environ["RANK"])
     model = herd.AutoModelForCausalLM.from_pretrained(case["folder"], tp_plan="auto", progress=False)
     engine = Engine(model, **case["engine"])

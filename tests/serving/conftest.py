@@ -104,3 +104,23 @@ def smollm2(smollm2_folder):
     model = herd.AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
     tokenizer = herd.AutoTokenizer.from_pretrained(smollm2_folder)
     return model.eval(), tokenizer
+
+
+def run_with_arrivals(engine, requests: dict) -> dict[str, list[int]]:
+    """Greedy requests {id: (arrival step, prompt ids, new tokens)} through `engine`, each added at
+    its step; every request's tokens."""
+    from herd.serving.engine import EngineRequest, SamplingParams
+
+    arrivals: dict[int, list] = {}
+    for request_id, (step, prompt, new) in requests.items():
+        request = EngineRequest(request_id, prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+        arrivals.setdefault(step, []).append(request)
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_work() or any(s >= step for s in arrivals):
+        for request in arrivals.pop(step, []):
+            engine.add_request(request)
+        for request_id, event in engine.step():
+            tokens.setdefault(request_id, []).append(event.token_id)
+        step += 1
+    return tokens

@@ -67,10 +67,35 @@ def test_chat_url_streams_answers_and_keeps_the_history(tokenizer, monkeypatch, 
         assert code == 0 and "fine\n" in out
 
 
-def test_chat_url_errors(tokenizer, monkeypatch, capsys):  # noqa: F811
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def _hello_when_healthy(process, port: int):
+    """Once the `herd serve` subprocess answers /health with 200: its greedy answer to HELLO (6 tokens)."""
+    import openai
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() \
+            is not None else "timed out"
+        time.sleep(0.2)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    return client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0)
+
+
+def test_chat_url_errors(tokenizer, monkeypatch, capsys):  # noqa: F811
+    port = _free_port()
     code, _, err = chat_cli(monkeypatch, capsys, "--url", f"http://127.0.0.1:{port}")
     assert code == 2 and "cannot reach a server" in err
     with live(make_server(tokenizer, api_key="k")) as running:
@@ -83,29 +108,13 @@ def test_chat_url_errors(tokenizer, monkeypatch, capsys):  # noqa: F811
 
 @pytest.mark.skipif(not hasattr(engine_module, "Engine"), reason="serving/engine.py has no Engine yet (serve-engine)")
 def test_serve_answers_like_generate_and_drains(chat_model_folder):  # noqa: F811
-    import openai
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(chat_model_folder), "--port", str(port),
                                 "--served-model-name", "tiny", "--max-model-len", "64"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() \
-                is not None else "timed out"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        messages = [{"role": "user", "content": "Hello"}]
-        answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
-        assert answer.choices[0].message.content == _expected_reply(chat_model_folder, messages, 6)
+        answer = _hello_when_healthy(process, port)
+        assert answer.choices[0].message.content == _expected_reply(chat_model_folder, HELLO, 6)
     finally:
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
@@ -149,31 +158,15 @@ def tp_chat_model_folder(tmp_path_factory):
 def test_serve_tp_2_answers_like_one_process_and_stops_every_rank(tp_chat_model_folder):
     """`herd serve --tp 2` on CPUs (gloo): herd starts torchrun, rank 0 answers like generate() in
     one process, and Ctrl-C stops both ranks (the follower through rank 0's shutdown message)."""
-    import openai
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "HERD_API_KEY": "", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(tp_chat_model_folder), "--tp", "2",
                                 "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "64",
                                 "--max-batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() \
-                is not None else "timed out"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        messages = [{"role": "user", "content": "Hello"}]
-        answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
-        assert answer.choices[0].message.content == _expected_reply(tp_chat_model_folder, messages, 6)
+        answer = _hello_when_healthy(process, port)
+        assert answer.choices[0].message.content == _expected_reply(tp_chat_model_folder, HELLO, 6)
     finally:
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=90)

@@ -20,6 +20,7 @@ import herd
 from herd.serving.engine import Engine, EngineRequest, SamplingParams
 from herd.serving.parallel import Follower, Leader, pack
 from tests.conftest import SHARED_DATA, reference_llama, save_reference
+from tests.serving.conftest import run_with_arrivals
 
 WORKER = Path(__file__).with_name("_tp_serve_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -44,18 +45,7 @@ def _case(folder: Path) -> dict:
 def _one_process(model, case: dict) -> tuple[dict, dict]:
     """The one-process Engine's tokens for the case's requests (same arrivals), and its stats."""
     engine = Engine(model, **case["engine"])
-    arrivals: dict[int, list] = {}
-    for request_id, (step, prompt, new) in case["requests"].items():
-        request = EngineRequest(request_id, prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
-        arrivals.setdefault(step, []).append(request)
-    tokens: dict[str, list[int]] = {}
-    step = 0
-    while engine.has_work() or any(s >= step for s in arrivals):
-        for request in arrivals.pop(step, []):
-            engine.add_request(request)
-        for request_id, event in engine.step():
-            tokens.setdefault(request_id, []).append(event.token_id)
-        step += 1
+    tokens = run_with_arrivals(engine, case["requests"])
     return tokens, engine.stats()
 
 
@@ -87,7 +77,7 @@ def served(tmp_path_factory):
     if run.returncode != 0:
         causes = [line for line in run.stderr.splitlines() if "rror" in line or "terminate" in line]
         pytest.fail("\n".join(causes[:40]) + "\n" + run.stderr[-6000:])
-    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     model = herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
     return case, ranks, _one_process(model, case), _http_expected(model, case)
 
