@@ -85,7 +85,6 @@ def test_ctrl_c_stops_the_answer_not_the_chat(chat_model_folder, monkeypatch, ca
 
 # --- one-line errors that name the fix ------------------------------------------------------------
 
-import os  # noqa: E402
 import re  # noqa: E402
 
 import pytest  # noqa: E402

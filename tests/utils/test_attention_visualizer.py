@@ -10,7 +10,6 @@ import re
 import shutil
 
 import pytest
-import torch
 
 from herd.utils.attention_visualizer import GREEN, RESET, YELLOW, AttentionMaskVisualizer
 from tests.conftest import SHARED_DATA

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import (ALWAYS_KEPT, CompressedTensorsConfig, FbgemmFp8Config, HerdQuantConfig, Int4WeightOnlyConfig,
                      Int8WeightOnlyConfig, QuantizationConfig, TorchAoConfig, from_dict)
-from .experts import PROJECTIONS, QuantizedExperts, quantize_expert_columns, quantize_experts
+from .experts import PROJECTIONS, QuantizedExperts, quantize_experts
 from .formats import QuantizedLinear, Scheme, quantize_weight
 
 __all__ = [
