@@ -277,3 +277,19 @@ def test_image_chat_equals_generate_with_the_processor(vision_served):
     with pytest.raises(openai.BadRequestError, match="local files are not accepted"):
         client.chat.completions.create(model=name, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": str(photo)}}, {"type": "text", "text": "hi"}]}])
+
+
+def test_the_clients_pydantic_parse_helper(client):
+    """openai's `chat.completions.parse(response_format=<pydantic model>)`: the strict json_schema
+    it sends is enforced, and the client parses the answer into the model. (The population is
+    bounded: unbounded, this small model writes digits until max_tokens.)"""
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=20)
+        population: int = pydantic.Field(ge=0, le=100_000_000)
+
+    answer = client.chat.completions.parse(model="smollm2", temperature=0, max_tokens=40, response_format=City,
+                                           messages=[{"role": "user", "content": "The capital of France, as JSON."}])
+    parsed = answer.choices[0].message.parsed
+    assert isinstance(parsed, City) and answer.choices[0].finish_reason == "stop"
