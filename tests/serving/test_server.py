@@ -133,6 +133,22 @@ def test_tool_calls_in_each_format(served, answer, content, calls, stream):
     assert finish == ["tool_calls" if calls else "stop"]
 
 
+@pytest.mark.parametrize("answer", ["  The weather today is sunny and warm in Paris.  ", "Checking the weather. [get_weather(city=\"Rome\")]",
+                                    "a <| b and more words here"])
+def test_with_tools_content_streams_before_the_end(served, answer):
+    """With tools, content is streamed as it comes up to where a call may start (not held to the
+    end); the streamed content equals the non-streamed one, white space and all."""
+    whole = post(served, "/v1/chat/completions", say(answer, tools=TOOLS)).json()["choices"][0]["message"]
+    chunks = sse(post(served, "/v1/chat/completions", say(answer, tools=TOOLS, stream=True)))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    pieces = [d["content"] for d in deltas if d.get("content")]
+    assert "".join(pieces) == (whole["content"] or "")
+    finish_at = next(i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"])
+    first_text = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert len(pieces) > 1 and first_text < finish_at - 1  # several pieces, the first well before the end
+    assert [d.get("tool_calls") is not None for d in deltas].count(True) == (1 if whole.get("tool_calls") else 0)
+
+
 def test_tool_choice_none_keeps_calls_as_text(served):
     answer = '[get_weather(city="Paris")]'
     body = post(served, "/v1/chat/completions", say(answer, tools=TOOLS, tool_choice="none")).json()

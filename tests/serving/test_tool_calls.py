@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from herd.serving.tool_calls import parse_tool_calls
+from herd.serving.tool_calls import call_may_start, parse_tool_calls
 
 
 def calls_of(text):
@@ -73,3 +73,16 @@ def test_call_ids_are_distinct_and_openai_shaped():
     first, second = (call.to_openai() for call in parsed.tool_calls)
     assert first["id"] != second["id"] and first["type"] == "function"
     assert json.loads(second["function"]["arguments"]) == {"x": 2}
+
+
+@pytest.mark.parametrize("text, start", [
+    ("It is sunny.", None),
+    ("Checking. [get_weather(", 10),
+    ('{"name": "f"', 0),
+    ("Let me look. <|python_start|>[f()]", 13),
+    ("Let me look. <|pyth", 13),  # a marker's first characters wait for the next ones
+    ("a < b", None),
+    ("Before<|python_tag|>brave_search", 6),
+])
+def test_where_a_call_may_start(text, start):
+    assert call_may_start(text) == start

@@ -40,7 +40,7 @@ from .protocol import (
 )
 from .structured import GrammarCompiler
 from .text import TextAssembler
-from .tool_calls import parse_tool_calls
+from .tool_calls import CALL_MARKERS, call_may_start, parse_tool_calls
 
 logger = logging.getLogger("herd.serving")
 
@@ -86,6 +86,38 @@ def _now() -> int:
 
 def _sse(payload: Any) -> bytes:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+class _ToolStream:
+    """A streamed answer that may hold tool calls: text is sent up to where a call may start
+    (tool_calls.call_may_start), without the leading and trailing white space the non-streamed
+    content loses; the rest waits for the whole answer."""
+
+    def __init__(self):
+        self.whole = ""  # the answer so far
+        self.sent = ""  # the content sent so far
+        self.holding = False  # a call may have started: nothing more is sent before the end
+
+    def add(self, text: str) -> str:
+        """The content to send now, after `text`."""
+        self.whole += text
+        if self.holding:
+            return ""
+        start = call_may_start(self.whole)
+        if start is not None and (self.whole[start] in "[{" or self.whole.startswith(CALL_MARKERS, start)):
+            self.holding = True  # an opener or a whole marker; a marker's first characters only wait
+        # white space at the ends waits: the non-streamed content is stripped
+        ready = self.whole[: len(self.whole) if start is None else start].strip()
+        if not ready.startswith(self.sent):
+            return ""
+        piece = ready[len(self.sent):]
+        self.sent = ready
+        return piece
+
+    def rest_of(self, content: str | None) -> str:
+        """What the final `content` adds to what was sent (content always begins with it)."""
+        content = content or ""
+        return content[len(self.sent):] if content.startswith(self.sent) else ""
 
 
 class _StatusCounter:
@@ -512,29 +544,36 @@ class Server:
                          "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                          **usage_field})
 
-        buffered = {choice.index: [] for choice in choices}
+        answers = {choice.index: _ToolStream() for choice in choices}
         try:
             for choice in choices:
                 yield chunk(choice.index, {"role": "assistant", "content": ""})
             async for choice, text, entries, finish in self._merged(choices, started, "chat"):
                 logprobs = {"content": entries} if chat.sampling.logprobs is not None and entries else None
-                if calls_wanted:  # the whole answer decides whether it is a call: sent at the end
-                    buffered[choice.index].append(text)
-                    choice.logprobs += entries
-                elif text or logprobs:
+                if calls_wanted:
+                    # content streams up to where a call may start; from there the whole answer
+                    # decides (sent with the finish)
+                    answer = answers[choice.index]
+                    text = answer.add(text)
+                    if answer.holding:
+                        choice.logprobs += entries
+                        logprobs = None
+                if text or logprobs:
                     yield chunk(choice.index, {"content": text}, None, logprobs)
                 if finish is None:
                     continue
                 if calls_wanted:
-                    content, calls = self._tool_answer("".join(buffered[choice.index]))
+                    content, calls = self._tool_answer(answers[choice.index].whole)
                     delta: dict[str, Any] = {}
-                    if content:
-                        delta["content"] = content
+                    rest = answers[choice.index].rest_of(content)
+                    if rest:
+                        delta["content"] = rest
                     if calls:
                         delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
                         finish = "tool_calls"
-                    saved = {"content": choice.logprobs} if chat.sampling.logprobs is not None else None
-                    if delta:
+                    saved = {"content": choice.logprobs} if chat.sampling.logprobs is not None and choice.logprobs \
+                        else None
+                    if delta or saved:
                         yield chunk(choice.index, delta, None, saved)
                 yield chunk(choice.index, {}, self._finish(finish))
             self.metrics.latency.observe(time.perf_counter() - started)

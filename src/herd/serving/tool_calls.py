@@ -23,6 +23,7 @@ from typing import Any
 
 PYTHON_TAG = "<|python_tag|>"
 PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
+CALL_MARKERS = (PYTHON_TAG, PYTHON_START)
 # Markers that may end an answer, decoded with the special tokens kept.
 END_MARKERS = ("<|eom_id|>", "<|eot_id|>", "<|eot|>", "<|end_of_text|>", "<|eom|>")
 # Where to look for the start of a bare call: a JSON object or a pythonic list. At most this many
@@ -170,6 +171,19 @@ def _calls(text: str) -> list[ToolCall] | None:
 def _content(text: str) -> str | None:
     text = text.strip()
     return text or None
+
+
+def call_may_start(text: str) -> int | None:
+    """Where in `text` (an answer so far) a tool call may begin: the first `[`, `{` or call marker,
+    or a marker's first characters at the very end; None when none can. A streamed answer is sent
+    up to there and held from there until the whole answer says whether it is a call."""
+    starts = [index for index in (text.find(opener) for opener in ("[", "{", *CALL_MARKERS)) if index >= 0]
+    for marker in CALL_MARKERS:
+        for size in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:size]):
+                starts.append(len(text) - size)
+                break
+    return min(starts, default=None)
 
 
 def parse_tool_calls(text: str) -> ParsedAnswer:
