@@ -298,3 +298,16 @@ def test_chat_without_readline_still_works(monkeypatch):
     monkeypatch.setitem(sys.modules, "readline", None)  # `import readline` raises ImportError
     monkeypatch.setattr("sys.stdin.isatty", lambda: True, raising=False)
     cli._line_editing()
+
+
+def test_commands_take_the_gpu_by_default_where_there_is_one(monkeypatch):
+    """Fast by default: without --device, a command loads on cuda where there is a GPU, else on the CPU."""
+    from types import SimpleNamespace
+
+    from herd import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli._device(SimpleNamespace(device=None)) == "cuda"
+    assert cli._device(SimpleNamespace(device="cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli._device(SimpleNamespace(device=None)) is None

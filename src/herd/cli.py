@@ -123,6 +123,11 @@ def _model_path(name: str) -> str:
     return str(folder)
 
 
+def _device(args: argparse.Namespace) -> str | None:
+    """--device, else the GPU where there is one (fast by default), else None: the CPU."""
+    return args.device or ("cuda" if torch.cuda.is_available() else None)
+
+
 def _load(args: argparse.Namespace):
     """(model, tokenizer): the model's folder is checked first (config.json), then the tokenizer
     (quick), then the weights (with a progress bar)."""
@@ -132,7 +137,7 @@ def _load(args: argparse.Namespace):
     path = _model_path(args.model)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=_device(args),
                                                  quantization_config=_quantization(args))
     if getattr(args, "verbose", False):
         print(f"herd: loaded {args.model} in {time.perf_counter() - start:.2f} s "
@@ -413,7 +418,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             raise CLIError(f"--ids takes comma-separated token ids, e.g. --ids 1,2,3 (got {args.ids!r})") from None
     path = _model_path(args.model)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=args.device,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=_device(args),
                                                  quantization_config=_quantization(args))
     text_config = config.get_text_config()
     print(f"model_type:        {config.model_type}")
@@ -521,8 +526,7 @@ def _load_for_serving(path: str, args: argparse.Namespace):
     )
     from .tokenization import AutoTokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    kwargs = dict(dtype=args.dtype, device_map=device, quantization_config=_quantization(args))
+    kwargs = dict(dtype=args.dtype, device_map=_device(args), quantization_config=_quantization(args))
     if args.tp > 1:  # this rank's slice, on its own device (herd.parallel.tensor_parallel)
         kwargs.update(device_map=None, tp_plan="auto", tp_size=args.tp)
     folder = Path(path)
@@ -653,7 +657,8 @@ def _add_model_options(parser: argparse.ArgumentParser, optional: bool = False) 
                         help="a model folder, a .gguf file or a Hugging Face Hub id")
     parser.add_argument("--dtype", default="auto", type=dtype_name,
                         help="auto (the checkpoint's), float32/fp32, bfloat16/bf16 or float16/fp16")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N or auto (default: cuda where there is a GPU, else cpu)")
     parser.add_argument("--quantization", default=None, choices=("fp8", "int8", "int4"),
                         help="quantize the weights while loading: fp8 = FbgemmFp8Config(), int8 / int4 = "
                              "TorchAoConfig('int8_weight_only') / ('int4_weight_only', group_size=128)")
