@@ -475,16 +475,22 @@ class Server:
         choices = [self._choice(i, prompt_ids, chat.sampling, param="messages", model_inputs=model_inputs,
                                 constraint=constraint(), keep_special_tokens=calls_wanted)
                    for i in range(chat.sampling.n)]
+        return await self._respond(request, choices, chat.stream,
+                                   lambda: self._chat_stream(choices, chat, started, calls_wanted),
+                                   lambda: self._chat_collect(choices, chat, started, calls_wanted))
+
+    async def _respond(self, request: Request, choices: list[_Choice], stream: bool, streamed, collected):
+        """Start the choices, then answer with the streamed body (`streamed()`, whose own finally
+        ends the request) or the collected JSON (`collected()`); 499 when the client left first."""
         self.in_flight += 1
         streaming = False
         try:
             if not await self._with_disconnect(request, self._start(choices)):
                 return Response(status_code=499)  # the client left while its prompt was prefilled
-            if chat.stream:
+            if stream:
                 streaming = True  # the stream's own finally ends the request from here on
-                return StreamingResponse(self._chat_stream(choices, chat, started, calls_wanted),
-                                         media_type="text/event-stream")
-            result = await self._with_disconnect(request, self._chat_collect(choices, chat, started, calls_wanted))
+                return StreamingResponse(streamed(), media_type="text/event-stream")
+            result = await self._with_disconnect(request, collected())
             return JSONResponse(result) if result is not None else Response(status_code=499)
         finally:
             if not streaming:
@@ -609,21 +615,9 @@ class Server:
                 choice.request.sampling.seed = None if completion.sampling.seed is None else \
                     completion.sampling.seed + j * SEED_STRIDE
                 choices.append(choice)
-        self.in_flight += 1
-        streaming = False
-        try:
-            if not await self._with_disconnect(request, self._start(choices)):
-                return Response(status_code=499)
-            if completion.stream:
-                streaming = True  # the stream's own finally ends the request from here on
-                return StreamingResponse(self._completion_stream(choices, completion, started),
-                                         media_type="text/event-stream")
-            result = await self._with_disconnect(request, self._completion_collect(choices, completion, started))
-            return JSONResponse(result) if result is not None else Response(status_code=499)
-        finally:
-            if not streaming:
-                self.in_flight -= 1
-                await self._close(choices)
+        return await self._respond(request, choices, completion.stream,
+                                   lambda: self._completion_stream(choices, completion, started),
+                                   lambda: self._completion_collect(choices, completion, started))
 
     @staticmethod
     def _completion_logprobs(entries: list[dict], offset: int) -> dict[str, Any]:
