@@ -294,6 +294,27 @@ def test_rotary_epilogue_writes_a_paged_pool_at_each_rows_slot(rows, config, one
     assert changed.nonzero().flatten().tolist() == sorted(row_slots.tolist())
 
 
+
+def test_compiled_paged_store_writes_in_place():
+    """Compiled (as the server's decode step is), the write into a paged pool touches the rows'
+    slots alone: the generated code has no loop over the whole pool. (An index_copy_ into a view
+    of the pool compiled into a copy of all of it, every layer and step: 118 ms a step for the 8B
+    at 64 rows on the H200, against 5.7 ms.)"""
+    from torch._inductor.utils import run_and_get_code
+
+    kv_heads, slots, head_dim = 2, 8192, 16  # 262,144 elements a pool: a number no other loop has
+    pool = [torch.zeros(1, kv_heads, slots, head_dim) for _ in range(2)]
+    row_slots = torch.tensor([3, 4097])
+    key, value = torch.randn(2, kv_heads, head_dim), torch.randn(2, kv_heads, head_dim)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(gemv.store_key_value, fullgraph=True), *pool, row_slots, key, value)
+    code = "\n".join(code)
+    numel = str(pool[0].numel())
+    assert f"{numel}L" not in code and f"xnumel = {numel}" not in code
+    torch.testing.assert_close(pool[0][0, :, row_slots], key.transpose(0, 1))
+    torch.testing.assert_close(pool[1][0, :, row_slots], value.transpose(0, 1))
+    assert pool[0].count_nonzero() == key.count_nonzero()
+
 def _fp8_cache(rows, kv_heads, slots, head_dim):
     """An FP8 cache (cache.fp8_quantize's layout): e4m3 keys/values and float32 scales (rows, kv_heads, slots)."""
     stored = [fp8_quantize(torch.randn(rows, kv_heads, slots, head_dim)) for _ in range(2)]

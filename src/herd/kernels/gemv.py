@@ -249,9 +249,11 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
     if keys.shape[0] == key.shape[0]:
         keys[:, :, slot] = key[:, :, None].to(keys.dtype)
         values[:, :, slot] = value[:, :, None].to(values.dtype)
-    else:  # (kv_heads, slots, head_dim) pool, written at each row's slot
-        keys[0].index_copy_(1, slot, key.transpose(0, 1).to(keys.dtype))
-        values[0].index_copy_(1, slot, value.transpose(0, 1).to(values.dtype))
+    else:  # (1, kv_heads, slots, head_dim) pool, written at each row's slot
+        # on the pool itself, not a view of it: compiled, an index_copy_ into `keys[0]` becomes a
+        # copy of the whole pool (every layer, every step)
+        keys.index_copy_(2, slot, key.transpose(0, 1)[None].to(keys.dtype))
+        values.index_copy_(2, slot, value.transpose(0, 1)[None].to(values.dtype))
 
 
 # --- public functions: kernel where it applies, torch otherwise ----------------------------------
