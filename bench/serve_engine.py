@@ -4,8 +4,10 @@
 
 Builds the named architecture with random weights (as `herd bench` does; bf16 on the GPU), and for
 each concurrency C runs C requests of `--prompt-length` random tokens and `--new-tokens` new
-tokens each (greedy, eos ignored), all queued at once, through one Engine with max_batch = C.
-A warm-up pass first compiles and captures every batch bucket up to C. Prints per C: output
+tokens each (greedy, eos ignored), all queued at once, through one Engine whose max_batch is the
+largest C (a server's: its KV pool from the free memory, its graphs captured once). A warm-up pass
+first compiles and captures every batch bucket up to the largest C. Each level's prompts are its
+own (no prefix-cache hits across levels). Prints per C: output
 tokens/s (all generated tokens / wall time from the first add to the last token), time to
 first token (mean, p50, p99), decode steps and their mean time, preemptions.
 """
@@ -13,7 +15,6 @@ first token (mean, p50, p99), decode steps and their mean time, preemptions.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -40,20 +41,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_level(model, concurrency: int, args) -> dict:
-    engine = Engine(model, max_batch=concurrency, max_model_len=args.prompt_length + args.new_tokens + 16,
-                    block_size=args.block_size, prefill_chunk=args.prefill_chunk, max_waiting=10 * concurrency,
+def make_engine(model, max_batch: int, args) -> Engine:
+    engine = Engine(model, max_batch=max_batch, max_model_len=args.prompt_length + args.new_tokens + 16,
+                    block_size=args.block_size, prefill_chunk=args.prefill_chunk, max_waiting=10 * max_batch,
                     num_blocks=args.num_blocks)
-    vocab = engine.vocab_size
     # warm-up: short prompts whose lengths of generation step the running batch down through every bucket
-    for request in _requests(concurrency, 16, lambda i: i + 2, vocab, seed=1, tag="warm"):
+    for request in _requests(max_batch, 16, lambda i: i + 2, engine.vocab_size, seed=1, tag="warm"):
         engine.add_request(request)
     engine.run_to_completion()
     _sync(model.device)
+    return engine
 
+
+def run_level(engine: Engine, concurrency: int, args) -> dict:
+    model, vocab = engine.model, engine.vocab_size
+    preempted_before = engine.stats()["preemptions"]
     added, first_token = {}, {}
     start = time.perf_counter()
-    for request in _requests(concurrency, args.prompt_length, args.new_tokens, vocab, seed=2, tag="r"):
+    for request in _requests(concurrency, args.prompt_length, args.new_tokens, vocab, seed=2 + concurrency,
+                             tag=f"r{concurrency}-"):
         engine.add_request(request)
         added[request.request_id] = time.perf_counter()
     steps, decode_steps, generated = 0, 0, 0
@@ -79,7 +85,7 @@ def run_level(model, concurrency: int, args) -> dict:
         "ttft_p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
         "steps": steps,
         "step_ms": 1000 * elapsed / max(steps, 1),
-        "preemptions": stats["preemptions"],
+        "preemptions": stats["preemptions"] - preempted_before,
         "blocks": stats["kv_blocks_total"],
     }
 
@@ -102,12 +108,12 @@ def main() -> None:
           f"prompts of {args.prompt_length}, {args.new_tokens} new tokens, greedy, eos ignored")
     print("| concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | ms/step | preemptions | KV blocks |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for concurrency in (int(c) for c in args.concurrency.split(",")):
-        row = run_level(model, concurrency, args)
-        # the level's engine (its KV pool sized from free memory, its graphs) goes before the next
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    start = time.perf_counter()
+    engine = make_engine(model, max(levels), args)
+    print(f"(engine built and warmed up, every bucket up to {max(levels)} rows: {time.perf_counter() - start:.1f} s)")
+    for concurrency in levels:
+        row = run_level(engine, concurrency, args)
         print(f"| {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
               f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
               f"{row['preemptions']} | {row['blocks']} |", flush=True)

@@ -237,7 +237,7 @@ if triton is not None:
         tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
 
     def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None,
-               key_scales=None, value_scales=None):
+               key_scales=None, value_scales=None, block: int | None = None, num_warps: int = 4, num_stages: int = 2):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
         (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it.
         key_scales/value_scales (batch, kv_heads, slots) float32: the scales of an FP8 cache."""
@@ -245,7 +245,7 @@ if triton is not None:
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
         group = heads // kv_heads
-        block = plan_block(dim)
+        block = block or plan_block(dim)
         splits = splits or plan_splits(batch, kv_heads, slots, block)
         slots_per_split = (slots + splits * block - 1) // (splits * block) * block
         out = torch.empty_like(query)
@@ -259,7 +259,7 @@ if triton is not None:
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl, FP8=fp8,
-            num_warps=4, num_stages=2, launch_pdl=pdl,
+            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
         )  # fmt: skip
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](

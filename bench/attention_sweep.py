@@ -1,0 +1,79 @@
+"""The decode step's attention kernel (kernels/decode_attention.py) alone, at long context: µs and
+the bandwidth it reaches per launch configuration (ranges, keys per loop step, warps, stages).
+
+    python bench/attention_sweep.py --contexts 4096,32768,122880 --batch-sizes 1
+
+Llama-3.1-8B's attention shape by default (32 query heads, 8 kv heads, 128 dimensions, bf16). A
+row per configuration; the plan's own choice (plan_splits, plan_block, 4 warps, 2 stages) is
+marked. Bytes = the keys and values read (every slot of the cache) and the bool visibility row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from herd.kernels import decode_attention  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contexts", default="4096,32768,122880")
+    parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--splits", default="16,32,64,128,256,512")
+    parser.add_argument("--blocks", default="64,128")
+    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--stages", default="2,3,4")
+    args = parser.parse_args()
+    import triton.testing
+
+    device = torch.device("cuda")
+    dim, heads, kv_heads = args.head_dim, args.heads, args.kv_heads
+    print(f"| batch | context | splits | block | warps | stages | µs | GB/s | plan's |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch, context in itertools.product(map(int, args.batch_sizes.split(",")), map(int, args.contexts.split(","))):
+        keys = torch.randn(batch, kv_heads, context, dim, device=device, dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        query = torch.randn(batch, heads * dim, device=device, dtype=torch.bfloat16)
+        allowed = torch.ones(batch, context, dtype=torch.bool, device=device)
+        new_slot = torch.tensor([context - 1], device=device)
+        scaling = dim ** -0.5
+        nbytes = 2 * keys.numel() * keys.element_size() + allowed.numel()
+        reference = decode_attention.launch(query, keys, values, allowed, new_slot, scaling)
+        plan = (decode_attention.plan_splits(batch, kv_heads, context, decode_attention.plan_block(dim)),
+                decode_attention.plan_block(dim), 4, 2)
+        results = []
+        for splits, block, warps, stages in itertools.product(*(map(int, getattr(args, name).split(","))
+                                                               for name in ("splits", "blocks", "warps", "stages"))):
+            if splits * block > context:
+                continue
+            def run():
+                return decode_attention.launch(query, keys, values, allowed, new_slot, scaling, splits=splits,
+                                               block=block, num_warps=warps, num_stages=stages, pdl=False)
+            try:
+                out = run()
+                torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+                microseconds = 1000 * triton.testing.do_bench(run, warmup=20, rep=100)
+            except Exception as error:  # a configuration that does not compile (shared memory) is reported
+                print(f"| {batch} | {context} | {splits} | {block} | {warps} | {stages} | failed: {type(error).__name__} | | |")
+                continue
+            results.append((microseconds, splits, block, warps, stages))
+            marker = "plan" if (splits, block, warps, stages) == plan else ""
+            print(f"| {batch} | {context} | {splits} | {block} | {warps} | {stages} | {microseconds:.1f} | "
+                  f"{nbytes / microseconds / 1e3:.0f} | {marker} |", flush=True)
+        best = min(results)
+        print(f"best at batch {batch}, context {context}: splits {best[1]}, block {best[2]}, warps {best[3]}, "
+              f"stages {best[4]}: {best[0]:.1f} µs ({nbytes / best[0] / 1e3:.0f} GB/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
