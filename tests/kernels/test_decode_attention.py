@@ -97,6 +97,12 @@ def test_plan_splits():
     assert decode_attention.plan_splits(4, 8, 4096) == 4
     assert decode_attention.plan_splits(64, 8, 4096) == 1  # the batch fills the GPU already
     assert decode_attention.plan_splits(1, 8, 256, block=32) == 8
+    # long caches: up to 512 programs, ranges of at least 1024 slots, a power of two of them
+    assert decode_attention.plan_splits(1, 8, 32768) == 32
+    assert decode_attention.plan_splits(1, 8, 122880) == 64
+    assert decode_attention.plan_splits(1, 8, 8192) == 16
+    assert decode_attention.plan_splits(4, 8, 32768) == 16
+    assert decode_attention.plan_splits(64, 8, 131072) == 1  # 512 programs already
 
 
 def test_plan_block():

@@ -36,6 +36,11 @@ except ImportError:
 
 BLOCK_SLOTS = 64  # keys read per loop step (32 for heads of at most 64 dimensions: `plan_block`)
 TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the grid is this large
+# Long caches: ranges of at least LONG_RANGE_SLOTS slots, up to LONG_CONTEXT_PROGRAMS programs (several
+# per SM keep more reads in flight; bench/RESULTS.md, 2026-11-30 third session: at 120k slots 64-128
+# ranges read 3.75 TB/s where 16 read 2.5)
+LONG_RANGE_SLOTS = 1024
+LONG_CONTEXT_PROGRAMS = 512
 
 
 def plan_block(dim: int) -> int:
@@ -47,9 +52,15 @@ def plan_block(dim: int) -> int:
 
 def plan_splits(batch: int, kv_heads: int, slots: int, block: int = BLOCK_SLOTS) -> int:
     """How many slot ranges: enough programs to keep the SMs reading, but no range shorter than a
-    block. (The operator is opaque to the compiler: another count for another cache length is
+    block; for long caches more (up to LONG_CONTEXT_PROGRAMS), each range still LONG_RANGE_SLOTS
+    long. (The operator is opaque to the compiler: another count for another cache length is
     another Triton specialisation, not a recompiled step.)"""
-    return max(1, min(TARGET_PROGRAMS // max(1, batch * kv_heads), -(-slots // block)))
+    rows = max(1, batch * kv_heads)
+    splits = max(1, min(TARGET_PROGRAMS // rows, -(-slots // block)))
+    longer = min(LONG_CONTEXT_PROGRAMS // rows, slots // LONG_RANGE_SLOTS)
+    if longer > splits:  # a power of two: few kernel variants as the cache grows
+        splits = 1 << (longer.bit_length() - 1)
+    return splits
 
 
 def applies(query: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None = None) -> bool:
