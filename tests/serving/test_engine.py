@@ -19,6 +19,7 @@ from herd.serving.engine import (
     QueueFull,
     SamplingParams,
 )
+from herd.serving.paged import PrefillWork, prefill_batches
 from tests.conftest import reference_llama, save_reference
 from tests.models.llama4.test_modeling_llama4 import reference_llama4
 
@@ -94,14 +95,21 @@ def _concurrent_requests(count: int, seed: int, longest: int, most_new: int):
     return requests, arrivals
 
 
-@pytest.mark.parametrize("family", ["llama", "llama4"])
-def test_concurrent_greedy_requests_get_generates_tokens(family, request):
+@pytest.mark.parametrize("family", ["llama", "llama4", "mllama"])
+@pytest.mark.parametrize("prefill_chunk", [16, 128])
+def test_concurrent_greedy_requests_get_generates_tokens(family, prefill_chunk, request, monkeypatch):
     """14 requests of random lengths arriving at different steps, prompts chunked (llama4: longer
-    than its 8-position attention chunks), small blocks: each request gets generate()'s tokens."""
+    than its 8-position attention chunks), small blocks: each request gets generate()'s tokens.
+    With room for several prompts a step, their chunks go through the model as one padded batch."""
     model = request.getfixturevalue(family)
-    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128)
+    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=prefill_chunk, max_model_len=128)
+    batch_rows = []
+    prefill = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda works: batch_rows.append(len(works)) or prefill(works))
     requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
     events = _run(engine, arrivals)
+    if prefill_chunk > 40:
+        assert max(batch_rows) > 2
     for request_id, queued in requests.items():
         expected = _expected(model, queued.prompt_ids, queued.sampling.max_tokens)
         assert _tokens(events)[request_id] == expected, request_id
@@ -110,6 +118,55 @@ def test_concurrent_greedy_requests_get_generates_tokens(family, request):
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
     assert stats["generated_tokens"] == sum(r.sampling.max_tokens for r in requests.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_a_batch_of_chunks_equals_each_chunk_alone(family, request):
+    """Chunks of three requests from the same position (the first chunks from 0, then the rest
+    from 8, past Llama 4's first attention chunk), of three lengths: the batch gives each row's
+    logits and stores each row's keys/values as the chunks one at a time do; padded positions
+    touch no request's slots."""
+    model = request.getfixturevalue(family)
+    prompts = [_prompt(8 + extra, 40 + extra) for extra in (3, 9, 1)]
+
+    def run(batched: bool):
+        engine = Engine(model, max_batch=4, block_size=4, num_blocks=200, max_model_len=64)
+        runner = engine.runner
+        kinds = list(runner.layers_by_kind)
+        slots = [{kind: [40 + 50 * row + p for p in range(len(prompt))] for kind in kinds}
+                 for row, prompt in enumerate(prompts)]
+        logits = []
+        for start in (0, 8):
+            kept_from = {kind: start if kind == "chunked" else 0 for kind in kinds}
+            works = [PrefillWork(prompt if start else prompt[:8], start,
+                                 {kind: row_slots[kind][: len(prompt) if start else 8] for kind in kinds}, kept_from)
+                     for prompt, row_slots in zip(prompts, slots)]
+            results = runner.prefill(works) if batched else [runner.prefill([work])[0] for work in works]
+            logits.append(torch.stack([result.logits for result in results]))
+        return logits, runner.kv
+
+    (first_batched, rest_batched), kv_batched = run(True)
+    (first_alone, rest_alone), kv_alone = run(False)
+    torch.testing.assert_close(first_batched, first_alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rest_batched, rest_alone, rtol=1e-5, atol=1e-5)
+    for layer in kv_alone.keys:
+        for batched, alone in ((kv_batched.keys[layer], kv_alone.keys[layer]),
+                               (kv_batched.values[layer], kv_alone.values[layer])):
+            # every slot past block 0 (the padding's scratch block) as the chunks alone left it
+            torch.testing.assert_close(batched[:, :, 4:], alone[:, :, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_batches_group_chunks_from_one_position():
+    def work(length, start=0, images=None):
+        return PrefillWork(list(range(length)), start, {"full": list(range(length))}, {"full": 0}, images)
+
+    works = [work(10), work(9), work(3), work(12, start=4), work(8), work(5, images={"pixel_values": None}), work(2)]
+    batches = prefill_batches(works)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(works)))
+    assert [5] in batches and [3] in batches  # images alone; the only chunk from position 4 alone
+    assert [0, 1, 4] in batches  # 10, 9, 8 tokens: padded to 30 for 27 real, within a quarter
+    assert [2, 6] in batches  # 3 and 2 tokens: 10 + 2 padded to 36 would be too much padding
+    assert prefill_batches(works, max_padding=0.0) == [[5], [0], [1], [4], [2], [6], [3]]
 
 
 def test_chunked_prefill_gives_the_unchunked_tokens_and_logprobs(llama4):

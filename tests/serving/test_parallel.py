@@ -18,6 +18,7 @@ import torch
 
 import herd
 from herd.serving.engine import Engine, EngineRequest, SamplingParams
+from herd.serving.paged import PrefillWork
 from herd.serving.parallel import Follower, Leader, pack
 from tests.conftest import SHARED_DATA, reference_llama, save_reference
 from tests.serving.conftest import run_with_arrivals
@@ -135,8 +136,8 @@ class _Recording:
         self.layers_by_kind = {kind: [] for kind in kinds}
         self.calls = []
 
-    def prefill(self, tokens, start, slots, kept_from, image_slot=None):
-        self.calls.append(("prefill", list(tokens), start, slots, kept_from, image_slot))
+    def prefill(self, works):
+        self.calls.append(("prefill", [(list(w.tokens), w.start, w.slots, w.kept_from, w.image_slot) for w in works]))
 
     def decode(self, tokens, positions, slots, tables, first, images=None):
         laid_out = {}
@@ -156,11 +157,14 @@ def test_follower_gets_each_call_as_the_leader_made_it():
     made, followed = _Recording(kinds), _Recording(kinds)
     leader = Leader(made, channel)
     with pytest.raises(ValueError, match="image inputs under tensor parallel"):
-        leader.prefill([5, 6], 0, {"full": [9, 10], "chunked": [0, 0]}, {"full": 0, "chunked": 0},
-                       {"pixel_values": torch.randn(1, 2, 1, 3, 4, 4)}, image_slot=3)
-    leader.prefill([5, 6, 7, 8], 1, {"full": [9, 10, 11, 12], "chunked": [0, 0, 13, 14]}, {"full": 0, "chunked": 2},
-                   image_slot=3)
-    leader.prefill([1, 2], 0, {"full": [4, 5], "chunked": [6, 7]}, {"full": 0, "chunked": 0})
+        leader.prefill([PrefillWork([5, 6], 0, {"full": [9, 10], "chunked": [0, 0]}, {"full": 0, "chunked": 0},
+                                    {"pixel_values": torch.randn(1, 2, 1, 3, 4, 4)}, image_slot=3)])
+    leader.prefill([PrefillWork([5, 6, 7, 8], 1, {"full": [9, 10, 11, 12], "chunked": [0, 0, 13, 14]},
+                                {"full": 0, "chunked": 2}, image_slot=3)])
+    # a batch of two chunks of different lengths from one position
+    leader.prefill([PrefillWork([1, 2], 0, {"full": [4, 5], "chunked": [6, 7]}, {"full": 0, "chunked": 0}),
+                    PrefillWork([3, 4, 5], 0, {"full": [20, 21, 22], "chunked": [30, 31, 32]},
+                                {"full": 0, "chunked": 0})])
     leader.decode([3, 4, 5], [7, 2, 30], {"full": [40, 50, 60], "chunked": [1, 2, 3]},
                   {"full": [[4, 5], [6], [7, 8, 9]], "chunked": [[1, 2], [3], [0, 0, 8]]},
                   {"full": [0, 0, 0], "chunked": [0, 0, 16]}, images=[(2, 17), None, (1, 5)])

@@ -43,11 +43,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def forward_tokens(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, **kwargs: Any):
-    """The reference forward on `tokens` (batch, new) given everything before them in `cache`."""
+def forward_tokens(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache,
+                   logits_to_keep: int | torch.Tensor = 1, **kwargs: Any):
+    """The reference forward on `tokens` (batch, new) given everything before them in `cache`; the
+    logits of the last token (or of the new tokens' indices `logits_to_keep` (kept,))."""
     positions = positions_from_mask(attention_mask)[:, -tokens.shape[1] :]
     return model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
+                 use_cache=True, logits_to_keep=logits_to_keep, return_dict=True, **kwargs)
 
 
 def prefill_tokens(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache: Cache, chunk: int | None,

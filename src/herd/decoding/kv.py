@@ -447,25 +447,30 @@ class PagedCrossKV:
 
 
 class PagedPrefillCache(Cache):
-    """A chunk of one request's prompt through the reference forward into a PagedKV.
+    """Prompt chunks of one or more requests through the reference forward into a PagedKV, all
+    from the same position `start` (the positions before it stored already).
 
-    slots[kind] (end,): the flat slot of each of the request's positions up to the chunk's end;
-    `start`: the positions already stored; kept_from[kind]: the first position the chunk's queries
-    can see (0 for full layers, the start of `start`'s attention chunk for chunked ones): update
-    returns keys/values from there on, and the mask is told so (kv_offset)."""
+    slots[kind] (rows, end): the flat slot of each row's positions up to the chunk's end (a row
+    right-padded to the longest chunk writes its padded positions to slot 0 of block 0, which no
+    request holds); kept_from[kind]: the first position the chunk's queries can see (0 for full
+    layers, the start of `start`'s attention chunk for chunked ones): update returns keys/values
+    from there on, and the mask is told so (kv_offset)."""
 
     def __init__(self, kv: PagedKV, slots: dict[str, torch.Tensor], start: int, kept_from: dict[str, int]):
         self.kv, self.slots, self.start, self.kept_from = kv, slots, start, kept_from
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         kind = self.kv.kind_of[layer_idx]
-        slots = self.slots[kind]
+        slots = self.slots[kind]  # (rows, end)
         keys, values = self.kv.keys[layer_idx][0], self.kv.values[layer_idx][0]  # (kv_heads, slots, head_dim)
         end = self.start + key_states.shape[-2]
-        keys.index_copy_(1, slots[self.start : end], key_states[0].to(keys.dtype))
-        values.index_copy_(1, slots[self.start : end], value_states[0].to(values.dtype))
-        visible_slots = slots[self.kept_from[kind] : end]
-        return keys[:, visible_slots][None], values[:, visible_slots][None]  # (1, kv_heads, visible, head_dim)
+        written = slots[:, self.start : end].reshape(-1)  # (rows * new,), row after row
+        # (rows, kv_heads, new, head_dim) -> (kv_heads, rows * new, head_dim), rows in the same order
+        keys.index_copy_(1, written, key_states.transpose(0, 1).flatten(1, 2).to(keys.dtype))
+        values.index_copy_(1, written, value_states.transpose(0, 1).flatten(1, 2).to(values.dtype))
+        visible = slots[:, self.kept_from[kind] : end]  # (rows, visible)
+        # (kv_heads, rows, visible, head_dim) -> (rows, kv_heads, visible, head_dim)
+        return keys[:, visible].transpose(0, 1), values[:, visible].transpose(0, 1)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from ..decoding.plans import CHUNKED, FULL
-from .paged import PagedRunner
+from .paged import PagedRunner, PrefillWork, prefill_batches
 from .parallel import agreed_block_count
 from .sampling import SamplingRow, choose
 from .scheduler import Scheduler, Sequence
@@ -300,18 +300,25 @@ class Engine:
                     sequence.computed += 1
                     scheduler.after_compute(sequence)
                 sampled += plan.decode
+            works = []
             for chunk in plan.prefill:
                 sequence = chunk.sequence
                 slots, kept_from = scheduler.prefill_slots(chunk)
-                inputs = sequence.request.model_inputs if chunk.start == 0 else None
-                prefilled = runner.prefill(sequence.tokens[: chunk.end], chunk.start, slots, kept_from, inputs,
-                                           image_slot=sequence.image_slot)
-                if prefilled.image_tokens is not None:
-                    sequence.image_tokens = prefilled.image_tokens
+                works.append(PrefillWork(sequence.tokens[: chunk.end], chunk.start, slots, kept_from,
+                                         sequence.request.model_inputs if chunk.start == 0 else None,
+                                         sequence.image_slot))
+            prefilled = [None] * len(works)
+            for batch in prefill_batches(works):
+                for index, result in zip(batch, runner.prefill([works[i] for i in batch])):
+                    prefilled[index] = result
+            for chunk, result in zip(plan.prefill, prefilled):
+                sequence = chunk.sequence
+                if result.image_tokens is not None:
+                    sequence.image_tokens = result.image_tokens
                 sequence.computed = chunk.end
                 scheduler.after_compute(sequence)
                 if chunk.finishes_prompt:
-                    logits.append(prefilled.logits[None])
+                    logits.append(result.logits[None])
                     sampled.append(sequence)
             if sampled:
                 rows = [SamplingRow(s.request.sampling, s.tokens, s.prompt_length, s.generator, s.request.constraint)

@@ -8,7 +8,7 @@ released cached block is the first to be taken for new work (LRU eviction). Bloc
 pool is never handed out: rows that pad a captured batch write there.
 
 The model: prefill chunks go through the model's reference forward with `PagedPrefillCache`
-(one request at a time); decode steps run the family's decode plan (decoding/plans/) over a
+(chunks from the same position batched, right-padded: `prefill_batches`); decode steps run the family's decode plan (decoding/plans/) over a
 `PagedKV` for every running request at once, on CUDA compiled and captured as one CUDA graph
 per batch-size bucket (rows padded up to the bucket).
 """
@@ -104,6 +104,45 @@ class BlockPool:
             self.digest_of[block] = digest
 
 
+class PrefillWork(NamedTuple):
+    """A prompt chunk of one request: its tokens up to the chunk's end, the chunk's first
+    position, per kind the flat slot of each position up to the end (serving/scheduler.py) and
+    the first position the chunk's queries can see, its images (a first chunk) and Mllama's
+    image slot."""
+
+    tokens: list[int]
+    start: int
+    slots: dict[str, list[int]]
+    kept_from: dict[str, int]
+    model_inputs: dict[str, Any] | None = None
+    image_slot: int | None = None
+
+
+def prefill_batches(works: list[PrefillWork], max_padding: float = 0.25) -> list[list[int]]:
+    """Which chunks go through the model together (indices into works): those from the same
+    position, longest first, while the padding stays within `max_padding` of the real tokens; a
+    request with images alone."""
+    batches, groups = [], {}
+    for index, work in enumerate(works):
+        if work.model_inputs:
+            batches.append([index])
+        else:
+            groups.setdefault((work.start, tuple(sorted(work.kept_from.items()))), []).append(index)
+    for indices in groups.values():
+        indices.sort(key=lambda i: -len(works[i].tokens))
+        batch, real = [], 0
+        for index in indices:
+            length = len(works[index].tokens) - works[index].start
+            longest = len(works[batch[0]].tokens) - works[batch[0]].start if batch else length
+            if batch and (len(batch) + 1) * longest > (1 + max_padding) * (real + length):
+                batches.append(batch)
+                batch, real = [], 0
+            batch.append(index)
+            real += length
+        batches.append(batch)
+    return batches
+
+
 class Prefilled(NamedTuple):
     logits: torch.Tensor  # (vocab,) float32: the chunk's last token's
     image_tokens: int | None  # Mllama: the image tokens kept for the request's new tokens (None: no image)
@@ -159,27 +198,45 @@ class PagedRunner:
         kinds = plan.attention_kinds()
         return {kind: kinds.count(kind) for kind in (FULL, CHUNKED) if kind in kinds}
 
-    def prefill(self, tokens: list[int], start: int, slots: dict[str, list[int]], kept_from: dict[str, int],
-                model_inputs: dict[str, Any] | None = None, image_slot: int | None = None) -> Prefilled:
-        """tokens[start:] of one request through the reference forward (positions [0, start) are
-        stored already). slots[kind]: the flat slot of each position up to len(tokens). Images go
-        in with the whole prompt; Mllama's image keys/values then go to `image_slot`."""
+    def prefill(self, works: list[PrefillWork]) -> list[Prefilled]:
+        """Prompt chunks of one or more requests, all from the same position `start`, as one batch
+        through the reference forward, each row right-padded to the longest chunk. A padded
+        position comes after every real one of its row, so causal attention hides it from them;
+        its key/value go to slot 0 of block 0 (never handed to a request). Images go in with the
+        whole prompt of a request prefilled alone; Mllama's image keys/values then go to its
+        `image_slot`."""
+        start, kept_from = works[0].start, works[0].kept_from
+        if any(work.start != start or work.kept_from != kept_from for work in works):
+            raise ValueError("a batch of prefill chunks starts at one position")
+        if len(works) > 1 and any(work.model_inputs for work in works):
+            raise ValueError("a request with images is prefilled alone")
         device = self.model.device
-        slot_tensors = {kind: torch.tensor(row, dtype=torch.long, device=device) for kind, row in slots.items()}
-        cache = PagedPrefillCache(self.kv, slot_tensors, start, kept_from)
-        ids = torch.tensor([tokens[start:]], dtype=torch.long, device=device)
-        mask = torch.ones(1, len(tokens), dtype=torch.long, device=device)
+        end = max(len(work.tokens) for work in works)
+        tokens = torch.zeros(len(works), end - start, dtype=torch.long)
+        slots = {kind: torch.zeros(len(works), end, dtype=torch.long) for kind in works[0].slots}
+        for row, work in enumerate(works):
+            tokens[row, : len(work.tokens) - start] = torch.tensor(work.tokens[start:])
+            for kind, row_slots in work.slots.items():
+                slots[kind][row, : len(row_slots)] = torch.tensor(row_slots)
+        cache = PagedPrefillCache(self.kv, {kind: t.to(device) for kind, t in slots.items()}, start, kept_from)
+        # each row's last token: the logits kept (one column per distinct chunk length)
+        last = sorted({len(work.tokens) - 1 - start for work in works})
+        work = works[0]
         extra = {}
-        if model_inputs:
-            extra = self.model._inputs_for_step(_on(model_inputs, self.model), True, len(tokens))
+        if work.model_inputs:
+            extra = self.model._inputs_for_step(_on(work.model_inputs, self.model), True, len(work.tokens))
+        mask = torch.ones(len(works), end, dtype=torch.long, device=device)
         with torch.no_grad():
-            outputs = forward_tokens(self.model, ids, mask, cache, **extra)
+            outputs = forward_tokens(self.model, tokens.to(device), mask, cache,
+                                     logits_to_keep=torch.tensor(last, device=device), **extra)
             image_tokens = None
             image_keys_values = cache.cross_attention_cache()
-            if image_keys_values and image_slot is not None:
-                image_tokens = self.kv.cross_store.fill(image_slot, image_keys_values,
+            if image_keys_values and work.image_slot is not None:
+                image_tokens = self.kv.cross_store.fill(work.image_slot, image_keys_values,
                                                         _visible_image_tokens(image_keys_values, extra))
-        return Prefilled(outputs.logits[0, -1].float(), image_tokens)
+        logits = outputs.logits  # (rows, kept, vocab)
+        return [Prefilled(logits[row, last.index(len(work.tokens) - 1 - start)].float(), image_tokens)
+                for row, work in enumerate(works)]
 
     def decode(self, tokens: list[int], positions: list[int], slots: dict[str, list[int]],
                tables: dict[str, list[list[int]]], first: dict[str, list[int]],

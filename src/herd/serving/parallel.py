@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.tensor_parallel import tensor_parallel_of
+from .paged import PrefillWork
 
 HEADER_SIZE = 8
 SHUTDOWN, PREFILL, DECODE = 0, 1, 2
 # header fields: [kind, then per kind:
-#   PREFILL: tokens, start, image slot (-1: none), kept_from per paged kind (2 at most)
+#   PREFILL: rows, start, image slot (-1: none), kept_from per paged kind (2 at most)
 #   DECODE:  rows, has images, table width per paged kind (2 at most)
 # ..., payload length (the last field)]
 
@@ -101,17 +102,19 @@ class Leader:
     def __getattr__(self, name: str):
         return getattr(self.runner, name)
 
-    def prefill(self, tokens: list[int], start: int, slots: dict[str, list[int]], kept_from: dict[str, int],
-                model_inputs: dict[str, Any] | None = None, image_slot: int | None = None):
+    def prefill(self, works: list[PrefillWork]):
         self._check_running()
-        if model_inputs:
+        if any(work.model_inputs for work in works):
             raise ValueError("image inputs under tensor parallel: herd splits the text models only; serve an "
                              "image model on one GPU (without --tp)")
-        header = [PREFILL, len(tokens), start, -1 if image_slot is None else image_slot]
-        header += [kept_from[kind] for kind in self.kinds]
-        self.channel.send(header, [tokens, *(slots[kind] for kind in self.kinds)])
+        first = works[0]
+        header = [PREFILL, len(works), first.start, -1 if first.image_slot is None else first.image_slot]
+        header += [first.kept_from[kind] for kind in self.kinds]
+        payload = [[len(work.tokens) for work in works], *(work.tokens for work in works)]
+        payload += [work.slots[kind] for kind in self.kinds for work in works]
+        self.channel.send(header, payload)
         self.steps += 1
-        return self.runner.prefill(tokens, start, slots, kept_from, image_slot=image_slot)
+        return self.runner.prefill(works)
 
     def decode(self, tokens: list[int], positions: list[int], slots: dict[str, list[int]],
                tables: dict[str, list[list[int]]], first: dict[str, list[int]],
@@ -173,11 +176,19 @@ class Follower:
             self.steps += 1
 
     def _prefill(self, header: list[int], payload: numpy.ndarray) -> None:
-        length, start, image_slot = header[1:4]
+        rows, start, image_slot = header[1:4]
         kept_from = dict(zip(self.kinds, header[4 : 4 + len(self.kinds)]))
-        parts = payload.reshape(1 + len(self.kinds), length).tolist()  # tokens, then each kind's slots
-        tokens, slots = parts[0], dict(zip(self.kinds, parts[1:]))
-        self.runner.prefill(tokens, start, slots, kept_from, image_slot=None if image_slot < 0 else image_slot)
+        ends = payload[:rows].tolist()
+        at, tokens, slots = rows, [], {kind: [] for kind in self.kinds}
+        for end in ends:
+            tokens.append(payload[at : at + end].tolist())
+            at += end
+        for kind in self.kinds:  # each kind's slots, row after row
+            for end in ends:
+                slots[kind].append(payload[at : at + end].tolist())
+                at += end
+        self.runner.prefill([PrefillWork(tokens[row], start, {kind: slots[kind][row] for kind in self.kinds}, kept_from,
+                                         image_slot=None if image_slot < 0 else image_slot) for row in range(rows)])
 
     def _decode(self, header: list[int], payload: numpy.ndarray) -> None:
         rows, has_images = header[1:3]
