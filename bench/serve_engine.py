@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from herd.bench import build_model, dtype_name  # noqa: E402
-from herd.serving.engine import Engine, EngineRequest, SamplingParams  # noqa: E402
+from herd.serving.engine import DEFAULT_PREFILL_TOKENS, Engine, EngineRequest, SamplingParams  # noqa: E402
 
 
 def _requests(count: int, prompt_length: int, new_tokens, vocab: int, seed: int, tag: str):
@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--dtype", type=dtype_name, default="bfloat16")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the architecture (a quick run)")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_TOKENS,
+                        help="prompt tokens per step (the engine's prefill_chunk, herd serve's --max-num-batched-tokens)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from free GPU memory)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,6 +21,7 @@ from .bench import QUANTIZATIONS, dtype_name
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as run_bench_command
 from .generation import TextStreamer
+from .serving.engine import DEFAULT_PREFILL_TOKENS
 
 
 class CLIError(Exception):
@@ -502,7 +503,7 @@ def _check_serve_options(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
     for flag, value, least in (("--max-batch", args.max_batch, 1), ("--max-waiting", args.max_waiting, 0),
-                               ("--tp", args.tp, 1)):
+                               ("--tp", args.tp, 1), ("--max-num-batched-tokens", args.max_num_batched_tokens, 1)):
         if value < least:
             raise CLIError(f"{flag} must be >= {least}, got {value}")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -557,7 +558,8 @@ def _serving_engine(model, args: argparse.Namespace):
     """The engine (the same arguments on every rank under --tp: the same pools and batch sizes)."""
     from .serving.engine import Engine
 
-    return Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+    return Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                  prefill_chunk=args.max_num_batched_tokens)
 
 
 def _follow(path: str, args: argparse.Namespace) -> int:
@@ -736,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tensor parallel over this many GPUs: run under torchrun --nproc-per-node N, or herd "
                             "starts torchrun itself on this machine")
     serve.add_argument("--max-batch", type=int, default=256, help="requests decoded together at most")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_PREFILL_TOKENS,
+                       help="prompt tokens prefilled per step at most, across requests (vLLM's name; default "
+                            f"{DEFAULT_PREFILL_TOKENS}): more raises throughput, fewer keeps running answers flowing")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="prompt + answer tokens per request at most (default: the model's context)")
     serve.add_argument("--max-waiting", type=int, default=1024,

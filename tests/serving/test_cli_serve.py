@@ -31,6 +31,7 @@ def _herd(*args, stdin=None, timeout=120):
     (["--tp", "2", "--device", "cpu"], "--device does not go with --tp 2"),
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
     (["--max-model-len", "1"], "--max-model-len must be >= 2"),
     (["--allowed-local-media-path", "/no/such/folder"], "is not a folder"),
 ])

@@ -34,6 +34,9 @@ CUDA_MEMORY_FRACTION = 0.9  # of the free GPU memory after loading, for the KV p
 CPU_DEFAULT_ROWS = 16  # without num_blocks off the GPU: pools for this many requests of max_model_len
 MLLAMA_IMAGE_ROWS = 8  # Llama 3.2 Vision: requests with images running at once (their image keys/values)
 MLLAMA_MAX_IMAGES = 2  # Llama 3.2 Vision: images per request (each up to max_num_tiles tiles)
+# prompt tokens per step: the 8B's prefill runs at 17k tok/s in 512-token forwards and 34k in 2048
+# (H200, bench/RESULTS.md 2026-11-30 third session)
+DEFAULT_PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Engine:
     """Continuous batching over a paged KV store (synchronous core; one thread drives step())."""
 
     def __init__(self, model, *, max_batch: int = 256, max_model_len: int | None = None, block_size: int = 16,
-                 num_blocks: int | None = None, max_waiting: int = 1024, prefill_chunk: int = 512):
+                 num_blocks: int | None = None, max_waiting: int = 1024, prefill_chunk: int = DEFAULT_PREFILL_TOKENS):
         for name, value in (("max_batch", max_batch), ("block_size", block_size), ("max_waiting", max_waiting),
                             ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
