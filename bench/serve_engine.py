@@ -15,6 +15,7 @@ first token (mean, p50, p99), decode steps and their mean time, preemptions.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -23,6 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))  # compare.py: the transformers model on herd's weights
 
 from herd.bench import build_model, dtype_name  # noqa: E402
 from herd.serving.engine import DEFAULT_PREFILL_TOKENS, Engine, EngineRequest, SamplingParams  # noqa: E402
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_TOKENS,
                         help="prompt tokens per step (the engine's prefill_chunk, herd serve's --max-num-batched-tokens)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from free GPU memory)")
+    parser.add_argument("--compare", choices=["transformers"], default=None,
+                        help="then transformers' continuous batching (generate_batch) on the same weights and requests")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.model, getattr(torch, args.dtype), device, num_layers=args.layers)
@@ -113,11 +117,51 @@ def main() -> None:
     start = time.perf_counter()
     engine = make_engine(model, max(levels), args)
     print(f"(engine built and warmed up, every bucket up to {max(levels)} rows: {time.perf_counter() - start:.1f} s)")
+    herd_rates = {}
     for concurrency in levels:
         row = run_level(engine, concurrency, args)
+        herd_rates[concurrency] = row["tok_s"]
         print(f"| {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
               f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
               f"{row['preemptions']} | {row['blocks']} |", flush=True)
+    if args.compare == "transformers":
+        del engine  # its KV pool (most of the free memory) before the reference sizes its own
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        compare_transformers(model, levels, args, herd_rates)
+
+
+def compare_transformers(model, levels: list[int], args, herd_rates: dict[int, float]) -> None:
+    """transformers' continuous batching (`generate_batch`, the engine behind `transformers serve
+    --continuous-batching`) on the same weights and the same requests, in its default mode (it picks
+    its paged attention and CUDA graphs itself); a small warm-up call first, then one timed call per
+    level (wall time of the whole call)."""
+    import transformers
+
+    from compare import transformers_reference
+
+    reference = transformers_reference(model, model.dtype)
+    config = transformers.GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)
+    vocab = model.config.get_text_config().vocab_size
+    warm = [request.prompt_ids for request in _requests(8, 16, 4, vocab, seed=1, tag="w")]
+    reference.generate_batch(warm, generation_config=transformers.GenerationConfig(
+        max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0))
+    print(f"\ntransformers {transformers.__version__} generate_batch (continuous batching), same weights and requests:")
+    print("| concurrent | output tok/s | wall s | herd / transformers |")
+    print("|---|---|---|---|")
+    for concurrency in levels:
+        prompts = [request.prompt_ids for request in _requests(concurrency, args.prompt_length, args.new_tokens, vocab,
+                                                               seed=2 + concurrency, tag="t")]
+        _sync(model.device)
+        start = time.perf_counter()
+        outputs = reference.generate_batch(prompts, generation_config=config)
+        _sync(model.device)
+        elapsed = time.perf_counter() - start
+        generated = sum(len(output.generated_tokens) for output in outputs.values())
+        rate = generated / elapsed
+        print(f"| {concurrency} | {rate:.0f} | {elapsed:.2f} | {herd_rates[concurrency] / rate:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

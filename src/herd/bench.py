@@ -6,7 +6,8 @@ optionally, against a reference library on the same weights in the same process.
     herd bench llama4-scout-slice --layers 48 --quantization int4 --context 262144 --prefill-chunk-size 16384
 
 `--context N[,M]` measures one long prompt per length instead: time to first token, decode
-ms/step at that context (from the new tokens' arrival times, one generate()), and peak memory
+ms/step at that context (from the new tokens' arrival times, the first CAPTURE_STEPS left out: they
+capture the step for the new cache length; one generate()), and peak memory
 against the memory plan's formula (`memory_plan.plan_memory`).
 
 A named architecture is built at its real widths with random bf16 weights (no download; slices
@@ -499,10 +500,14 @@ def context_memory_plan(args: argparse.Namespace, model, context: int):
                        prefill_chunk_size=args.prefill_chunk_size)
 
 
+CAPTURE_STEPS = 3  # new tokens left out of a --context run's decode time
+
+
 def measure_context(args: argparse.Namespace, model, context: int, bandwidth: float) -> ContextRow:
     """One prompt of `context` tokens (batch 1) and `args.new_tokens` greedy tokens after it, in
     one generate(): time to first token (the prefill, in chunks of --prefill-chunk-size), decode
-    ms per step at that context (from the arrival times of the new tokens), peak memory."""
+    ms per step at that context (from the arrival times of the new tokens after the first
+    CAPTURE_STEPS), peak memory."""
     device = model.device
     weight_bytes, kv_bytes = decode_bytes(model, 1, context + args.new_tokens // 2)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
@@ -532,10 +537,13 @@ def measure_context(args: argparse.Namespace, model, context: int, bandwidth: fl
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return ContextRow(context, args.prefill_chunk_size, None, None, floor_ms, None, plan_gib, error=_why(error))
-    times = clock.times
+    # steady decode: from the arrival of the CAPTURE_STEPS-th new token on (the first decode steps at
+    # a new cache length capture the step's graph for it, once per process)
+    times = clock.times[min(CAPTURE_STEPS, len(clock.times) - 2) :]
     decode_ms = (times[-1] - times[0]) / (len(times) - 1) * 1e3
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return ContextRow(context, args.prefill_chunk_size, times[0] - clock.start, decode_ms, floor_ms, peak, plan_gib)
+    return ContextRow(context, args.prefill_chunk_size, clock.times[0] - clock.start, decode_ms, floor_ms, peak,
+                      plan_gib)
 
 
 def context_report(args: argparse.Namespace, model, bandwidth: float, rows: list[ContextRow]) -> str:
