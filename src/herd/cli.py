@@ -624,6 +624,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             if args.tp > 1:
                 engine.runner = Leader(engine.runner)
                 leader.append(engine.runner)
+
+            def captured(rows: int, index: int, count: int) -> None:
+                print(f"herd: compiling and capturing the decode step for {rows} rows ({index + 1}/{count})",
+                      file=sys.stderr, flush=True)
+
+            engine.warm_up(captured)
             eos = getattr(model.generation_config, "eos_token_id", None)
             info = ModelInfo(tokenizer=tokenizer, processor=processor,
                              eos_token_ids=tuple([eos] if isinstance(eos, int) else eos or ()),

@@ -169,6 +169,28 @@ def test_prefill_batches_group_chunks_from_one_position():
     assert prefill_batches(works, max_padding=0.0) == [[5], [0], [1], [4], [2], [6], [3]]
 
 
+def test_warm_up_runs_every_bucket_with_padding_rows_alone(llama, monkeypatch):
+    """warm_up: nothing on the CPU (nothing is captured there); where buckets are captured, one
+    decode step of padding rows per bucket, in order, with progress; the steps write to block 0
+    alone, so requests afterwards still get generate()'s tokens. Buckets past 256 are multiples of 256."""
+    engine = Engine(llama, max_batch=8, block_size=4, num_blocks=64, max_model_len=64)
+    assert engine.runner.buckets() == []
+    engine.warm_up(lambda *_: pytest.fail("nothing is captured on the CPU"))
+    monkeypatch.setattr(engine.runner, "buckets", lambda: [1, 2, 4, 8])
+    rows, seen = [], []
+    decode = engine.runner.decode
+    monkeypatch.setattr(engine.runner, "decode", lambda tokens, *rest, **images: rows.append(len(tokens)) or decode(
+        tokens, *rest, **images))
+    engine.warm_up(lambda bucket, index, count: seen.append((bucket, index, count)))
+    assert rows == [1, 2, 4, 8] and seen == [(1, 0, 4), (2, 1, 4), (4, 2, 4), (8, 3, 4)]
+    requests = [_greedy(_prompt(length, length), 5, f"r{length}") for length in (3, 11)]
+    tokens = _tokens(_run(engine, {0: requests}))
+    assert tokens == {r.request_id: _expected(llama, r.prompt_ids, 5) for r in requests}
+    monkeypatch.setattr(engine.runner, "capture", True)
+    monkeypatch.setattr(engine.runner, "max_rows", 1024)
+    assert type(engine.runner).buckets(engine.runner) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024]
+
+
 def test_chunked_prefill_gives_the_unchunked_tokens_and_logprobs(llama4):
     requests = [_greedy(_prompt(length, length), 6, f"r{length}", logprobs=2) for length in (5, 19, 33)]
     results = []

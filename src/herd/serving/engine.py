@@ -192,6 +192,20 @@ class Engine:
             return int((budget - window_blocks * window_bytes) // max(full_bytes, 1))
         return int(budget // max(full_bytes + window_bytes, 1))
 
+    def warm_up(self, progress=None) -> None:
+        """Compile and capture the decode step of every batch bucket before the first request (on
+        the GPU each takes seconds; a server calls this while it still answers 503). `progress`:
+        called with (bucket, its index, how many) before each."""
+        runner = self.runner  # under --tp the Leader: the followers capture the same buckets
+        buckets, kinds = runner.buckets(), list(runner.layers_by_kind)
+        with self._lock:
+            for index, rows in enumerate(buckets):
+                if progress is not None:
+                    progress(rows, index, len(buckets))
+                # padding rows alone: they write to block 0, which no request holds
+                runner.decode([0] * rows, [0] * rows, {kind: [0] * rows for kind in kinds},
+                              {kind: [[0]] * rows for kind in kinds}, {kind: [0] * rows for kind in kinds})
+
     # --- requests ------------------------------------------------------------------------------
 
     def _check(self, request: EngineRequest) -> None:

@@ -281,6 +281,15 @@ class PagedRunner:
                 self.pool = self.graphs[key].pool
             return self.graphs[key].replay()[:rows].clone()
 
+    def buckets(self) -> list[int]:
+        """The batch sizes the decode step is captured for (every bucket up to max_rows); none when
+        nothing is captured (the CPU)."""
+        if not self.capture:
+            return []
+        largest = BATCH_BUCKETS[-1]
+        return [bucket for bucket in BATCH_BUCKETS if bucket <= self.max_rows] + list(
+            range(2 * largest, self.max_rows + 1, largest))
+
     def _set_images(self, images: list[tuple[int, int] | None]) -> None:
         """Mllama: which image slot each row reads and how many of its tokens (block 0, one
         position, for rows without an image: their outputs are zeroed)."""
