@@ -47,7 +47,8 @@ def make_engine(model, max_batch: int, args) -> Engine:
     engine = Engine(model, max_batch=max_batch, max_model_len=args.prompt_length + args.new_tokens + 16,
                     block_size=args.block_size, prefill_chunk=args.prefill_chunk, max_waiting=10 * max_batch,
                     num_blocks=args.num_blocks)
-    # warm-up: short prompts whose lengths of generation step the running batch down through every bucket
+    engine.warm_up()  # every batch bucket compiled and captured, as herd serve does before answering
+    # then short prompts through the prefill and decode paths
     for request in _requests(max_batch, 16, lambda i: i + 2, engine.vocab_size, seed=1, tag="warm"):
         engine.add_request(request)
     engine.run_to_completion()
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_TOKENS,
                         help="prompt tokens per step (the engine's prefill_chunk, herd serve's --max-num-batched-tokens)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from free GPU memory)")
+    parser.add_argument("--step-times", action="store_true",
+                        help="then the captured decode step alone per batch bucket, rows at the mean context")
     parser.add_argument("--compare", choices=["transformers"], default=None,
                         help="then transformers' continuous batching (generate_batch) on the same weights and requests")
     args = parser.parse_args()
@@ -124,12 +127,42 @@ def main() -> None:
         print(f"| {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
               f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
               f"{row['preemptions']} | {row['blocks']} |", flush=True)
+    if args.step_times:
+        step_times(engine, args.prompt_length + args.new_tokens // 2)
     if args.compare == "transformers":
         del engine  # its KV pool (most of the free memory) before the reference sizes its own
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         compare_transformers(model, levels, args, herd_rates)
+
+
+def step_times(engine: Engine, context: int, repeats: int = 20) -> None:
+    """The captured decode step alone, per batch bucket, every row at `context` positions (the
+    tables point at arbitrary blocks: the keys/values are garbage, the work is real)."""
+    kv, runner = engine.runner.kv, engine.runner
+    print(f"\ndecode step alone (the captured graph replayed), rows at context {context}:")
+    print("| rows | ms/step |")
+    print("|---|---|")
+    blocks = -(-context // engine.block_size)
+    for (rows, with_images), graph in sorted(runner.graphs.items()):
+        if with_images:
+            continue
+        kv.lengths[:rows] = context
+        kv.positions[:rows] = context - 1
+        for kind in kv.tables:
+            kv.first[kind][:rows] = 0
+            kv.slots[kind][:rows] = 0  # block 0: no request's
+            table = torch.arange(rows * blocks, device=kv.lengths.device).view(rows, blocks)
+            kv.tables[kind][:rows, :blocks] = (table % (kv.keys[next(iter(kv.keys))].shape[2] // engine.block_size - 1)
+                                               + 1).int()
+        graph.replay()
+        _sync(kv.lengths.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            graph.replay()
+        _sync(kv.lengths.device)
+        print(f"| {rows} | {1000 * (time.perf_counter() - start) / repeats:.2f} |", flush=True)
 
 
 def compare_transformers(model, levels: list[int], args, herd_rates: dict[int, float]) -> None:
