@@ -52,6 +52,10 @@ def make_engine(model, max_batch: int, args) -> Engine:
     for request in _requests(max_batch, 16, lambda i: i + 2, engine.vocab_size, seed=1, tag="warm"):
         engine.add_request(request)
     engine.run_to_completion()
+    # and prompts of the measured length (the prefill's first batches of that shape)
+    for request in _requests(8, args.prompt_length, 2, engine.vocab_size, seed=0, tag="warm-long"):
+        engine.add_request(request)
+    engine.run_to_completion()
     _sync(model.device)
     return engine
 
