@@ -242,3 +242,35 @@ def test_a_prefill_chunk_after_a_cache_uses_the_lower_right_causal_bias_on_cuda(
     monkeypatch.setattr(attention_module, "uses_lower_right_causal", lambda mask, device: False)
     blocked, _ = attention("sdpa", query, key, value, mask, dim**-0.5)
     assert built and (fast.float() - blocked.float()).abs().max() < 2e-2
+
+
+def test_cudnn_is_tried_for_long_causal_prefills_only():
+    """cuDNN's attention first only for a long causal prefill in half precision on a GPU; never on the CPU."""
+    from herd.layers.attention import CUDNN_MIN_QUERIES, prefers_cudnn
+
+    long_query = torch.zeros(1, 2, CUDNN_MIN_QUERIES, 16, dtype=torch.bfloat16)
+    assert not prefers_cudnn(long_query, True)  # the CPU
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        assert prefers_cudnn(long_query.cuda(), True)
+        assert not prefers_cudnn(long_query.cuda(), False)  # a mask tensor, or not causal
+        assert not prefers_cudnn(long_query[:, :, :-1].cuda(), True)
+        assert not prefers_cudnn(long_query.float().cuda(), True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_long_causal_prefill_on_the_gpu_equals_the_flash_kernels():
+    """The sdpa path of a 4096-token causal prefill with grouped-query heads (cuDNN's kernel where the
+    GPU has it) equals torch's flash kernel within bf16 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from herd.layers.attention import AttentionMask, sdpa_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+    key, value = (torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+                  for _ in range(2))
+    output, _ = sdpa_attention(query, key, value, AttentionMask(4096, 4096), 128**-0.5)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                                    scale=128**-0.5, enable_gqa=True)
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=2e-2, atol=2e-2)

@@ -358,17 +358,41 @@ def sdpa_attention(query, key, value, mask: AttentionMask, scaling: float, dropo
         attn_mask, is_causal = mask.boolean(query.device), False
         if attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(query.dtype)
-    output = nn.functional.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attn_mask,
-        dropout_p=dropout if training else 0.0,
-        is_causal=is_causal,
-        scale=scaling,
-        enable_gqa=enable_gqa,
-    )
+    def run():
+        return nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                                          dropout_p=dropout if training else 0.0, is_causal=is_causal,
+                                                          scale=scaling, enable_gqa=enable_gqa)
+
+    if prefers_cudnn(query, is_causal and attn_mask is None and not training):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
+        with sdpa_kernel(backends, set_priority=True):
+            output = run()
+    else:
+        output = run()
     return output.transpose(1, 2).contiguous(), None
+
+
+# Long causal prefills on Hopper and later: cuDNN's fused attention ran 16k-32k-token causal prompts
+# at 650 TFLOP/s on the H200 where torch's flash kernel ran 345 (bench/RESULTS.md, 2026-11-30 third
+# session). Shorter ones keep the flash kernel (its numerics; the time there is the matmuls').
+CUDNN_MIN_QUERIES = 4096
+
+
+def prefers_cudnn(query: torch.Tensor, plain_causal: bool) -> bool:
+    """Whether sdpa should try cuDNN's attention first: a causal prefill without a mask tensor of
+    at least CUDNN_MIN_QUERIES queries, in half precision on a GPU of compute capability 9.0 or
+    more (torch falls back to the next backend where cuDNN refuses the call)."""
+    return (
+        plain_causal
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-2] >= CUDNN_MIN_QUERIES
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(query.device) >= (9, 0)
+    )
 
 
 _compiled_flex = None
