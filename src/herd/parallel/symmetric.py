@@ -14,7 +14,9 @@ done the same, and reads every rank's buffer to sum them: one kernel, no NCCL.
   rank calls it, in the same order). Nothing is allocated or rendezvoused per call, so the op can
   run inside a compiled, CUDA-graph-captured step.
 - `takes(tensor, group_name)`: whether a sum goes this way (a prepared group and dtype, a CUDA
-  tensor of at most `MAX_BYTES`; above that NCCL's own algorithms win). tensor_parallel.all_reduce
+  tensor of at most `MAX_BYTES`: a decode step's sums up to batch 64 of Llama-3.1-8B; larger ones,
+  prefill's, are left to NCCL's bandwidth-minded algorithms, where one-shot's every-rank-reads-
+  everything stops paying; the cap is a choice, not yet a measurement). tensor_parallel.all_reduce
   asks, and calls NCCL (torch's functional collective) otherwise.
 - `one_shot_all_reduce` is the custom op `herd::one_shot_all_reduce`: opaque to dynamo (it has a
   fake for tracing), a fresh tensor out.
@@ -23,7 +25,8 @@ Torch's one-shot kernel (2.11 and 2.13 alike, `torch.ops.symm_mem.one_shot_all_r
 symm_buffer, Tensor local_input, str reduce_op, str group_name)`) sums only ("sum"; the FP8 amax's
 MAX stays on NCCL), in bfloat16 and float32 (float16 stays on NCCL), and reads the peers over
 their buffers (no NVLink multicast). Each rank adds the ranks' values in rank order (rank 0's,
-then rank 1's, ...), so every rank gets the same bits.
+then rank 1's, ...: `load_and_reduce` in torch's CUDASymmetricMemory-inl.h), so every rank gets
+the same bits.
 """
 
 from __future__ import annotations
