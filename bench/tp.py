@@ -1,6 +1,7 @@
 """Decode speed under tensor parallel: one process per GPU, started by torchrun.
 
     torchrun --nproc-per-node 2 bench/tp.py llama3.1-8b --batch-sizes 1,64 --tp-sizes 1,2
+    torchrun --nproc-per-node 2 bench/tp.py llama3.1-8b --batch-sizes 1,64 --allreduce both
     torchrun --nproc-per-node 2 bench/tp.py llama4-scout-slice --layers 48 --batch-sizes 1,4 --tp-sizes 2
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 bench/tp.py ...
 
@@ -12,12 +13,19 @@ one after another in the same launch, so TP 1 and TP 2 share the machine's state
 ms/step as `herd bench` measures it (greedy, fast path: compiled, CUDA-graph captured with the
 all-reduces inside the graph), timed on rank 0; the floor is one rank's weight + KV bytes over
 the copy bandwidth (the all-reduces' time is not in it).
+
+`--allreduce nccl|oneshot|both` (default: both where the one-shot path applies, GPUs of one host)
+runs each tp size above 1 once per kind of all-reduce, a row each: `nccl` every sum through NCCL,
+`oneshot` the sums of up to 512 KB through torch's one-shot kernel over symmetric memory
+(parallel/symmetric.py). The kind is $HERD_TP_ALLREDUCE, set before the model of that kind is
+built and set up (`TensorParallel.finish`); a kind that does not apply is reported and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from herd import bench  # noqa: E402
-from herd.parallel import tensor_parallel  # noqa: E402
+from herd.parallel import symmetric, tensor_parallel  # noqa: E402
 
 
 def build(args, size: int, group, device: torch.device):
@@ -61,6 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     parser.add_argument("--tp-sizes", type=bench._int_list, default=None, help="comma-separated (default: 1 and the world size)")
+    parser.add_argument("--allreduce", choices=["nccl", "oneshot", "both"], default=None,
+                        help="the all-reduce of tp sizes above 1: NCCL, the one-shot kernel over symmetric memory for "
+                             "sums up to 512 KB, or both side by side (default: both on GPUs, nccl on CPUs)")
     args = parser.parse_args()
     args.dtype = args.dtype or "bfloat16"
     args.new_tokens = args.new_tokens or 128
@@ -69,21 +80,30 @@ def main() -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     device = tensor_parallel._device_for(dist.get_backend())
     sizes = args.tp_sizes or sorted({1, world})
+    kinds = {"nccl": ["nccl"], "oneshot": ["oneshot"], "both": ["nccl", "oneshot"],
+             None: ["nccl", "oneshot"] if device.type == "cuda" else ["nccl"]}[args.allreduce]
     args.bandwidth = bench.copy_bandwidth(device)
     rows, baseline = [], {}
     for size in sizes:
         if world % size or size > world:
             raise ValueError(f"--tp-sizes {size}: it must divide the {world} processes torchrun started")
         group = dist.new_group(list(range(size))) if size > 1 else None  # every rank takes part in new_group
-        if rank < size:
+        for kind in kinds if size > 1 else ["-"]:  # tp 1 has no all-reduce
+            if rank >= size:
+                continue
+            if size > 1:
+                os.environ[symmetric.ENV] = kind  # read when the model is set up (TensorParallel.finish)
             model = build(args, size, group, device)
+            skip = kind == "oneshot" and not symmetric.is_on(group.group_name)
+            if skip and rank == 0:
+                print(f"tp {size}: no one-shot all-reduce ({symmetric.why_off(group.group_name)}); skipped", flush=True)
             gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            for batch in args.batch_sizes:
+            for batch in [] if skip else args.batch_sizes:
                 ms, floor = measure(args, model, batch, device)
                 if size == 1:
                     baseline[batch] = ms
                 speedup = f"{baseline[batch] / ms:.2f}x" if batch in baseline else "-"
-                rows.append(f"| {args.model} ({args.layers or 'all'} layers) | {size} | {batch} | {ms:.2f} | "
+                rows.append(f"| {args.model} ({args.layers or 'all'} layers) | {size} | {kind} | {batch} | {ms:.2f} | "
                             f"{batch / ms * 1e3:,.0f} | {floor:.2f} | {speedup} | {gib:.1f} |")
                 if rank == 0:
                     print(rows[-1], flush=True)
@@ -96,8 +116,8 @@ def main() -> None:
         print(f"\n{args.model}, {args.dtype}{', ' + args.quantization if args.quantization else ''}, prompt "
               f"{args.prompt_length}, {args.new_tokens} new tokens, copy bandwidth {args.bandwidth / 1e9:.0f} GB/s, "
               f"{world} processes on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}\n")
-        print("| model | tp | batch | ms/step | tok/s | floor ms (one rank) | speedup vs tp 1 | GiB per rank |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| model | tp | all-reduce | batch | ms/step | tok/s | floor ms (one rank) | speedup vs tp 1 | GiB per rank |")
+        print("|---|---|---|---|---|---|---|---|---|")
         print("\n".join(rows), flush=True)
     dist.destroy_process_group()
 

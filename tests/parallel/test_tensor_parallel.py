@@ -170,6 +170,15 @@ def test_greedy_tokens_match_one_process_on_both_decoders(runs, name):
         assert torch.equal(rank[name]["fast"], expected[name]["fast_tokens"])
 
 
+def test_sums_stay_on_gloo_on_cpus(runs):
+    """On CPUs (gloo) the one-shot all-reduce over symmetric memory (symmetric.py) is not chosen:
+    every sum above went through the group's own all-reduce."""
+    _, ranks = runs
+    for rank in ranks:
+        for name in CASES:
+            assert rank[name]["all_reduce"] == "tensors on cpu, not CUDA", name
+
+
 @pytest.mark.parametrize("name", ["llama-fp8", "llama4-fp8"])
 def test_fp8_decode_activations_take_the_whole_rows_scale(runs, name):
     """The decode kernels' FP8 activations (the fast path's `_scaled_mm` input on a GPU) for o and
@@ -243,17 +252,22 @@ def _load_on_rank(rank: int, size: int, port: int, folder: Path, out: Path) -> N
         torch.distributed.destroy_process_group()
 
 
-def test_three_ranks_on_four_heads_are_refused(tmp_path):
+def free_port() -> int:
+    """A free loopback port for a group's rendezvous (ranks started here with their environment set
+    by hand, as torchrun would)."""
     import socket
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_three_ranks_on_four_heads_are_refused(tmp_path):
     import torch.multiprocessing as mp
 
     reference_llama(num_key_value_heads=4).save_pretrained(tmp_path / "llama")
-    with socket.socket() as probe:  # a free loopback port for the group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # forked from this process (torch and herd already imported): the refusal comes before any work
-    mp.start_processes(_load_on_rank, args=(3, port, tmp_path / "llama", tmp_path), nprocs=3, start_method="fork")
+    mp.start_processes(_load_on_rank, args=(3, free_port(), tmp_path / "llama", tmp_path), nprocs=3, start_method="fork")
     for rank in range(3):
         message = (tmp_path / f"rank{rank}").read_text()
         assert message.startswith("tp_size=3 does not divide num_attention_heads=4"), message

@@ -11,13 +11,17 @@
    embedding and lm_head become vocabulary-parallel modules. It returns the loader's `shard`
    hook: for each checkpoint tensor, the rank's part read straight from the safetensors file
    (`get_slice(key)[...]`), so no rank ever holds the whole model.
-3. After loading, `finish()` keeps a split linear's bias on rank 0 only (the all-reduce adds it once).
+3. After loading, `finish()` keeps a split linear's bias on rank 0 only (the all-reduce adds it once)
+   and sets up the one-shot all-reduce over symmetric memory where it applies (symmetric.py).
 
 The model's forward is unchanged: its views use `-1` heads or the attention module's own counts,
 and its caches take their sizes from the keys. The decode plans (decoding/plans/) read
 `reduce_group()` and `gather_logits()` to put the same collectives into the compiled, captured
 step. Collectives are torch.distributed's functional ones (traceable by torch.compile, capturable
-in a CUDA graph), so multi-node runs need nothing more than torchrun's own rendezvous.
+in a CUDA graph), so multi-node runs need nothing more than torchrun's own rendezvous; on the GPUs
+of one host, sums of up to 512 KB (a decode step's) go instead through torch's one-shot kernel over
+symmetric memory, a custom op as traceable and capturable (symmetric.py; HERD_TP_ALLREDUCE=nccl
+keeps every sum on NCCL).
 
 Every rank computes the same logits (the lm_head's logits are gathered, then identical), so
 greedy decoding agrees without communication; sampled tokens are broadcast from rank 0
@@ -54,7 +58,7 @@ try:
 except ImportError:  # a torch built without torch.distributed: nothing here runs, herd still imports
     funcol = None
 
-from . import plans
+from . import plans, symmetric
 
 STYLES = ("colwise", "rowwise", "partial", "experts", "reduce", "attention", "vocab", "vocab_gather")
 _FLOAT_STORED = ("F64", "F32", "F16", "BF16")
@@ -64,12 +68,17 @@ _FLOAT_STORED = ("F64", "F32", "F16", "BF16")
 
 
 def all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
-    """The sum of `tensor` over the group's ranks (every rank gets it)."""
+    """The sum of `tensor` over the group's ranks (every rank gets it): small CUDA messages through
+    the one-shot kernel over symmetric memory where the group was prepared for it (symmetric.py),
+    the rest through NCCL (or gloo)."""
+    if symmetric.takes(tensor, group_name):
+        return torch.ops.herd.one_shot_all_reduce(tensor, group_name)  # symmetric.one_shot_all_reduce
     return funcol.all_reduce(tensor, "sum", group_name)
 
 
 def all_reduce_max(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
-    """The elementwise maximum of `tensor` over the group's ranks (every rank gets it)."""
+    """The elementwise maximum of `tensor` over the group's ranks (every rank gets it); always
+    through NCCL (torch's one-shot kernel only sums)."""
     return funcol.all_reduce(tensor, "max", group_name)
 
 
@@ -398,12 +407,14 @@ class TensorParallel:
     # --- after loading ------------------------------------------------------------------------------
     def finish(self, model: nn.Module) -> None:
         """A linear split by its input features adds its bias on rank 0 only: the all-reduce of the
-        partial products then adds it once."""
-        if self.rank == 0:
-            return
-        with torch.no_grad():
-            for name in self.rank0_biases:
-                model.get_parameter(name).zero_()
+        partial products then adds it once. Then the one-shot all-reduce is set up for the model's
+        dtype where it applies (symmetric.py: a collective, so here, eagerly, on every rank, never
+        inside a traced or captured step)."""
+        if self.rank != 0:
+            with torch.no_grad():
+                for name in self.rank0_biases:
+                    model.get_parameter(name).zero_()
+        symmetric.prepare(self.group, self.device, [model.dtype])
 
     def same_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)

@@ -1,0 +1,214 @@
+"""The one-shot all-reduce over symmetric memory (parallel/symmetric.py).
+
+On CPUs: the choice (never on CPU tensors or gloo, $HERD_TP_ALLREDUCE=nccl turns it off, the size
+cap), the op's fake and dynamo tracing it into a graph (fake CUDA tensors), and two forked gloo
+ranks whose sums stay on gloo. On 2 GPUs: the one-shot sum equals NCCL's bit for bit (bfloat16,
+float32, sizes up to the cap, odd layouts), eagerly, compiled and inside a CUDA graph; and a tiny
+Llama and Llama 4 under tp 2, their sums one-shot, give one GPU's greedy tokens on the fast path
+(compiled, captured) and NCCL's logits exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from herd.parallel import symmetric, tensor_parallel
+from tests.parallel.test_tensor_parallel import _cases, _launch, _one_process, free_port
+
+CUDA_PAIR = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.delenv(symmetric.ENV, raising=False)
+    assert symmetric.requested()
+    for value, wanted in (("oneshot", True), ("ONESHOT", True), ("nccl", False), (" nccl ", False)):
+        monkeypatch.setenv(symmetric.ENV, value)
+        assert symmetric.requested() is wanted, value
+    monkeypatch.setenv(symmetric.ENV, "mpi")
+    with pytest.raises(ValueError, match=r"HERD_TP_ALLREDUCE='mpi': use one of oneshot, nccl"):
+        symmetric.requested()
+
+
+def test_prepare_says_why_not_before_any_collective(monkeypatch):
+    """The local reasons come first: a group that is not there (no collective runs) is enough."""
+    group = SimpleNamespace(group_name="nowhere")
+    monkeypatch.setenv(symmetric.ENV, "nccl")
+    assert symmetric.prepare(group, torch.device("cuda", 0), [torch.bfloat16]) == "HERD_TP_ALLREDUCE=nccl"
+    monkeypatch.delenv(symmetric.ENV)
+    assert symmetric.prepare(group, torch.device("cpu"), [torch.float32]) == "tensors on cpu, not CUDA"
+    assert not symmetric.is_on("nowhere") and symmetric.why_off("nowhere") == "tensors on cpu, not CUDA"
+
+
+def test_size_cap():
+    for dtype in symmetric.DTYPES:
+        at_cap = symmetric.MAX_BYTES // dtype.itemsize
+        assert symmetric.fits(torch.empty(at_cap, dtype=dtype, device="meta"))
+        assert symmetric.fits(torch.empty(1, 4096, dtype=dtype, device="meta"))  # a batch-1 decode step's
+        assert not symmetric.fits(torch.empty(at_cap + 2, dtype=dtype, device="meta"))
+        assert not symmetric.fits(torch.empty(0, dtype=dtype, device="meta"))
+    assert not symmetric.fits(torch.empty(3, dtype=torch.bfloat16, device="meta"))  # 6 bytes: not whole 4-byte words
+
+
+def test_only_prepared_cuda_sums_within_the_cap_go_one_shot(monkeypatch):
+    monkeypatch.setitem(symmetric._active, "tp", (torch.bfloat16,))
+    assert not symmetric.takes(torch.ones(8, dtype=torch.bfloat16), "tp")  # a CPU tensor
+    with FakeTensorMode():  # CUDA tensors without a GPU
+        small = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+        assert symmetric.takes(small, "tp")
+        assert not symmetric.takes(small, "another group")
+        assert not symmetric.takes(small.float(), "tp")  # a dtype the group was not prepared for
+        assert not symmetric.takes(small.half(), "tp")
+        assert not symmetric.takes(torch.empty(2 * symmetric.MAX_BYTES, dtype=torch.bfloat16, device="cuda"), "tp")
+
+
+def test_the_op_is_traced_whole_into_the_graph(monkeypatch):
+    """dynamo (strict export) sees tensor_parallel.all_reduce take the one-shot op for a prepared
+    group's CUDA tensor: one opaque node, its output of the input's shape (the fake)."""
+    monkeypatch.setitem(symmetric._active, "tp", (torch.bfloat16,))
+
+    class Step(torch.nn.Module):
+        def forward(self, x):
+            return tensor_parallel.all_reduce(x * 2, "tp") + 1
+
+    with FakeTensorMode():
+        x = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+        exported = torch.export.export(Step(), (x,), strict=True)
+        summed = torch.ops.herd.one_shot_all_reduce(x.t(), "tp")
+    calls = [node for node in exported.graph.nodes if node.target is torch.ops.herd.one_shot_all_reduce.default]
+    assert len(calls) == 1 and calls[0].args[1] == "tp"
+    assert summed.shape == (4096, 1) and summed.is_contiguous() and summed.dtype == torch.bfloat16
+
+
+def _gloo_rank(rank: int, size: int, port: int, out: Path) -> None:
+    """A forked gloo rank: prepare says why not, sums (small and above the cap) go through gloo."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # forked: the parent's OpenMP threads are not here (a parallel op would wait for them)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    try:
+        group = dist.group.WORLD
+        reason = symmetric.prepare(group, torch.device("cpu"), [torch.float32])
+        results = {"reason": reason, "on": symmetric.is_on(group.group_name)}
+        for name, numel in (("small", 1024), ("large", symmetric.MAX_BYTES)):  # 4 KB, 2 MB of float32
+            x = torch.arange(numel, dtype=torch.float32) * (rank + 1)
+            results[name] = torch.equal(tensor_parallel.all_reduce(x, group.group_name), torch.arange(numel) * 3.0)
+        (out / f"rank{rank}.txt").write_text(repr(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_ranks_keep_their_sums_on_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gloo_rank, args=(2, free_port(), tmp_path), nprocs=2, start_method="fork")
+    for rank in range(2):
+        results = eval((tmp_path / f"rank{rank}.txt").read_text())  # noqa: S307 - our own repr
+        assert results == {"reason": "tensors on cpu, not CUDA", "on": False, "small": True, "large": True}
+
+
+# --- 2 GPUs ----------------------------------------------------------------------------------------
+
+
+def _gpu_rank(rank: int, size: int, port: int) -> None:
+    """A spawned NCCL rank: the one-shot sums against NCCL's (funcol's) ones, bit for bit."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as funcol
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop(symmetric.ENV, None)
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", device_id=device)
+    try:
+        group = dist.group.WORLD
+        name = group.group_name
+        assert symmetric.prepare(group, device, [torch.bfloat16, torch.float32]) is None, symmetric.why_off(name)
+        buffers = {key: buffer.data_ptr() for key, buffer in symmetric._buffers.items()}
+        generator = torch.Generator(device).manual_seed(rank)
+
+        def nccl(x):
+            summed = funcol.all_reduce(x, "sum", name)
+            return summed.wait() if isinstance(summed, funcol.AsyncCollectiveTensor) else summed
+
+        def same_on_every_rank(x):
+            everyone = [torch.empty_like(x) for _ in range(size)]
+            dist.all_gather(everyone, x.contiguous())
+            return all(torch.equal(other, everyone[0]) for other in everyone)
+
+        for dtype in symmetric.DTYPES:
+            at_cap = symmetric.MAX_BYTES // dtype.itemsize
+            for shape in ((1, 4096), (3, 5, 64), (64, 4096 * 2 // dtype.itemsize), (at_cap,)):
+                x = torch.randn(shape, generator=generator, device=device).to(dtype)
+                assert symmetric.takes(x, name), (dtype, shape)
+                summed = tensor_parallel.all_reduce(x, name)
+                assert torch.equal(summed, nccl(x)), (dtype, shape)
+                assert same_on_every_rank(summed), (dtype, shape)
+            columns = torch.randn(48, 64, generator=generator, device=device).to(dtype).t()  # not contiguous
+            assert torch.equal(tensor_parallel.all_reduce(columns, name), nccl(columns.contiguous()))
+            shifted = torch.randn(1 + 4096, generator=generator, device=device).to(dtype)[1:]  # offset by 1 element
+            assert torch.equal(tensor_parallel.all_reduce(shifted, name), nccl(shifted.clone()))
+            large = torch.randn(at_cap * 2, generator=generator, device=device).to(dtype)
+            assert not symmetric.takes(large, name)
+            assert torch.equal(tensor_parallel.all_reduce(large, name), nccl(large))
+
+        # compiled (the op opaque in the graph) and captured in a CUDA graph, replayed on new inputs
+        def step(x):
+            return tensor_parallel.all_reduce(x * 2, name) + 1
+
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        for dtype in symmetric.DTYPES:
+            static = torch.randn(4, 4096, generator=generator, device=device).to(dtype)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    compiled(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = compiled(static)
+            for _ in range(3):
+                static.copy_(torch.randn(4, 4096, generator=generator, device=device).to(dtype))
+                graph.replay()
+                assert torch.equal(captured, nccl(static * 2) + 1), dtype
+                assert same_on_every_rank(captured), dtype
+        torch.cuda.synchronize()
+        assert {key: buffer.data_ptr() for key, buffer in symmetric._buffers.items()} == buffers  # no new buffers
+    finally:
+        dist.destroy_process_group()
+
+
+@CUDA_PAIR
+def test_one_shot_sums_equal_nccl_on_two_gpus():
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gpu_rank, args=(2, free_port()), nprocs=2, start_method="spawn")
+
+
+@CUDA_PAIR
+def test_fast_path_with_one_shot_sums_gives_the_one_gpu_tokens(tmp_path, monkeypatch):
+    """Tiny Llama and Llama 4 (float32) under tp 2 with their sums one-shot: the fast path
+    (compiled, captured) and the plain one give one GPU's greedy tokens, and the logits are exactly
+    those of the same run with every sum on NCCL."""
+    cases = [case for case in _cases(tmp_path) if case["name"] in ("llama", "llama4")]
+    expected = {case["name"]: _one_process(case, "cuda:0") for case in cases}
+    runs = {}
+    for kind in ("oneshot", "nccl"):  # the ranks read the switch from the environment torchrun passes on
+        monkeypatch.setenv(symmetric.ENV, kind)
+        (tmp_path / kind).mkdir()
+        runs[kind] = _launch(2, cases, tmp_path / kind, cuda=True)
+    one_shot, nccl = runs["oneshot"], runs["nccl"]
+    for rank, on_nccl in zip(one_shot, nccl):
+        for name, one_gpu in expected.items():
+            assert rank[name]["all_reduce"] == "one-shot", (name, rank[name]["all_reduce"])
+            assert on_nccl[name]["all_reduce"] == "HERD_TP_ALLREDUCE=nccl", name
+            assert torch.equal(rank[name]["fast"], one_gpu["tokens"]), name
+            assert torch.equal(rank[name]["plain"], one_gpu["tokens"]), name
+            assert torch.equal(rank[name]["logits"], on_nccl[name]["logits"]), name
