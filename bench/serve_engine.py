@@ -1,6 +1,7 @@
 """Offline throughput of the serving engine (serving/engine.py), no HTTP: N requests at once.
 
     python bench/serve_engine.py llama3.1-8b --concurrency 16,64,256 --prompt-length 512 --new-tokens 256
+    python bench/serve_engine.py llama3.1-8b --concurrency 64,256 --kv-cache-dtype fp8   # the FP8 KV cache
 
 Builds the named architecture with random weights (as `herd bench` does; bf16 on the GPU), and for
 each concurrency C runs C requests of `--prompt-length` random tokens and `--new-tokens` new
@@ -46,7 +47,7 @@ def _sync(device):
 def make_engine(model, max_batch: int, args) -> Engine:
     engine = Engine(model, max_batch=max_batch, max_model_len=args.prompt_length + args.new_tokens + 16,
                     block_size=args.block_size, prefill_chunk=args.prefill_chunk, max_waiting=10 * max_batch,
-                    num_blocks=args.num_blocks)
+                    num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype)
     engine.warm_up()  # every batch bucket compiled and captured, as herd serve does before answering
     # then short prompts through the prefill and decode paths
     for request in _requests(max_batch, 16, lambda i: i + 2, engine.vocab_size, seed=1, tag="warm"):
@@ -109,6 +110,8 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_TOKENS,
                         help="prompt tokens per step (the engine's prefill_chunk, herd serve's --max-num-batched-tokens)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from free GPU memory)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
+                        help="the FP8 KV cache in the engine's pools (herd serve --kv-cache-dtype)")
     parser.add_argument("--step-times", action="store_true",
                         help="then the captured decode step alone per batch bucket, rows at the mean context")
     parser.add_argument("--compare", choices=["transformers"], default=None,
@@ -116,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.model, getattr(torch, args.dtype), device, num_layers=args.layers)
-    print(f"{args.model} ({args.layers or 'all'} layers, {args.dtype}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
+    kv = f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype else ""
+    print(f"{args.model} ({args.layers or 'all'} layers, {args.dtype}{kv}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
           f"prompts of {args.prompt_length}, {args.new_tokens} new tokens, greedy, eos ignored")
     print("| concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | ms/step | preemptions | KV blocks |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -559,7 +559,7 @@ def _serving_engine(model, args: argparse.Namespace):
     from .serving.engine import Engine
 
     return Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-                  prefill_chunk=args.max_num_batched_tokens)
+                  prefill_chunk=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _follow(path: str, args: argparse.Namespace) -> int:
@@ -638,7 +638,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             while not web.started and not web.should_exit:
                 time.sleep(0.05)
             server.attach_from_thread(AsyncEngine(engine), info)
-            print(f"herd: serving {name} ({type(model).__name__}, {model.dtype}, {model.device}) at "
+            kv = f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype else ""
+            print(f"herd: serving {name} ({type(model).__name__}, {model.dtype}, {model.device}{kv}) at "
                   f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             failure.append(error)
@@ -751,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt + answer tokens per request at most (default: the model's context)")
     serve.add_argument("--max-waiting", type=int, default=1024,
                        help="requests waiting for a batch slot at most; beyond, requests get 429")
+    serve.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
+                       help="FP8 keys/values in the full-attention layers' KV pools (a float32 scale per head of "
+                            "each token): about twice the requests fit, attention reads half the bytes")
     serve.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer ...); "
                        "default: $HERD_API_KEY, else none")
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")

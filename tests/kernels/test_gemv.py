@@ -295,25 +295,57 @@ def test_rotary_epilogue_writes_a_paged_pool_at_each_rows_slot(rows, config, one
 
 
 
-def test_compiled_paged_store_writes_in_place():
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("rows", [2, 1])
+def test_compiled_paged_store_writes_in_place(fp8, rows):
     """Compiled (as the server's decode step is), the write into a paged pool touches the rows'
     slots alone: the generated code has no loop over the whole pool. (An index_copy_ into a view
     of the pool compiled into a copy of all of it, every layer and step: 118 ms a step for the 8B
-    at 64 rows on the H200, against 5.7 ms.)"""
+    at 64 rows on the H200, against 5.7 ms.) FP8 (the FP8 KV cache): neither over the pool's bytes
+    nor over its scales. One row (the 1-row bucket) is written as a one-row cache's slot."""
     from torch._inductor.utils import run_and_get_code
 
-    kv_heads, slots, head_dim = 2, 8192, 16  # 262,144 elements a pool: a number no other loop has
-    pool = [torch.zeros(1, kv_heads, slots, head_dim) for _ in range(2)]
-    row_slots = torch.tensor([3, 4097])
-    key, value = torch.randn(2, kv_heads, head_dim), torch.randn(2, kv_heads, head_dim)
+    kv_heads, slots, head_dim = 2, 8192, 16  # 262,144 elements a pool (16,384 scales): numbers no other loop has
+    dtype = torch.float8_e4m3fn if fp8 else torch.float32
+    pool = [torch.zeros(1, kv_heads, slots, head_dim, dtype=dtype) for _ in range(2)]
+    scales = [torch.zeros(1, kv_heads, slots) for _ in range(2)] if fp8 else [None, None]
+    row_slots = torch.tensor([3, 4097][:rows])
+    key, value = torch.randn(rows, kv_heads, head_dim), torch.randn(rows, kv_heads, head_dim)
     torch._dynamo.reset()
-    _, code = run_and_get_code(torch.compile(gemv.store_key_value, fullgraph=True), *pool, row_slots, key, value)
+    _, code = run_and_get_code(torch.compile(gemv.store_key_value, fullgraph=True), *pool, row_slots, key, value,
+                               *scales)
     code = "\n".join(code)
-    numel = str(pool[0].numel())
-    assert f"{numel}L" not in code and f"xnumel = {numel}" not in code
-    torch.testing.assert_close(pool[0][0, :, row_slots], key.transpose(0, 1))
-    torch.testing.assert_close(pool[1][0, :, row_slots], value.transpose(0, 1))
-    assert pool[0].count_nonzero() == key.count_nonzero()
+    for numel in (pool[0].numel(), kv_heads * slots if fp8 else pool[0].numel()):
+        assert f"{numel}L" not in code and f"xnumel = {numel}" not in code
+    for stored, states, stored_scales in zip(pool, (key, value), scales):
+        expected, expected_scale = (fp8_quantize(states) if fp8 else (states, None))
+        assert torch.equal(stored.view(torch.uint8)[0, :, row_slots] if fp8 else stored[0, :, row_slots],
+                           expected.view(torch.uint8).transpose(0, 1) if fp8 else expected.transpose(0, 1))
+        if fp8:
+            assert torch.equal(stored_scales[0, :, row_slots], expected_scale[..., 0].transpose(0, 1))
+            assert stored_scales.count_nonzero() == rows * kv_heads
+        assert stored.view(torch.uint8).count_nonzero() == expected.view(torch.uint8).count_nonzero()
+
+
+@pytest.mark.parametrize("rows", [3, 1])
+def test_fp8_paged_store_writes_the_rows_slots(rows):
+    """Into an FP8 pool (1, kv_heads, slots, head_dim) at one flat slot per row: the bytes and the
+    scale of each row's key/value are fp8_quantize's (the plain FP8 cache's rule), at its slot
+    alone."""
+    kv_heads, slots, head_dim = 2, 10, 8
+    (keys, values), (key_scales, value_scales) = _fp8_cache(1, kv_heads, slots, head_dim)
+    before = [t.clone() for t in (keys, values, key_scales, value_scales)]
+    row_slots = torch.tensor([7, 2, 5][:rows], device=DEVICE)
+    key, value = (3 * torch.randn(rows, kv_heads, head_dim, device=DEVICE) for _ in range(2))
+    gemv.store_key_value(keys, values, row_slots, key, value, key_scales, value_scales)
+    others = [s for s in range(slots) if s not in row_slots.tolist()]
+    for stored, scales, written, old_stored, old_scales in ((keys, key_scales, key, before[0], before[2]),
+                                                            (values, value_scales, value, before[1], before[3])):
+        quantized, scale = fp8_quantize(written)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
+        assert torch.equal(stored.view(torch.uint8)[0, :, row_slots], quantized.view(torch.uint8).transpose(0, 1))
+        assert torch.equal(scales[0, :, row_slots], scale[..., 0].transpose(0, 1))
+        assert torch.equal(stored.view(torch.uint8)[:, :, others], old_stored.view(torch.uint8)[:, :, others])
+        assert torch.equal(scales[:, :, others], old_scales[:, :, others])
 
 def _fp8_cache(rows, kv_heads, slots, head_dim):
     """An FP8 cache (cache.fp8_quantize's layout): e4m3 keys/values and float32 scales (rows, kv_heads, slots)."""
@@ -349,19 +381,23 @@ def test_fp8_cache_write_is_the_plain_caches_rule():
 
 
 @needs_triton
+@pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("rows,config", [(1, (2, 16, 1, 1)), (3, None)])
-def test_fp8_cache_through_the_kernel_matches_torch(rows, config, monkeypatch, one_multiprocessor):
+def test_fp8_cache_through_the_kernel_matches_torch(rows, config, paged, monkeypatch, one_multiprocessor):
     """norm_qkv_rotary into an FP8 cache with the kernel (the interpreter on CPU): the query and
     the cache as the torch path gives them (the scales within float32 rounding, the e4m3 bytes
-    equal but where a rounding moved a value across a rounding boundary: one e4m3 step)."""
-    heads, kv_heads, head_dim, hidden, slots, slot = 4, 2, 16, 48, 6, 4
+    equal but where a rounding moved a value across a rounding boundary: one e4m3 step). `paged`:
+    the server's FP8 pool (1, kv_heads, slots, head_dim), a flat slot per row, through the same
+    staged write."""
+    heads, kv_heads, head_dim, hidden, slots = 4, 2, 16, 48, 6
     norm, projections = _attention_layers(heads, kv_heads, head_dim, hidden, torch.float32)
     x = torch.randn(rows, hidden).to(DEVICE)
     cos, sin = _rotary_tables(rows, head_dim, torch.float32)
     weight = torch.cat([layer.weight for layer in projections])
-    (keys, values), (key_scales, value_scales) = _fp8_cache(rows, kv_heads, slots, head_dim)
+    (keys, values), (key_scales, value_scales) = _fp8_cache(1 if paged else rows, kv_heads, slots, head_dim)
     expected_cache = [t.clone() for t in (keys, values, key_scales, value_scales)]
-    slot_tensor = torch.tensor([slot], device=DEVICE)
+    written = [4, 1, 5][:rows] if paged else [4]
+    slot_tensor = torch.tensor(written, device=DEVICE)
     with torch.no_grad():
         expected = gemv.norm_qkv_rotary(x, norm.weight, norm.eps, weight, None, cos, sin, *expected_cache[:2],
                                         slot_tensor, *expected_cache[2:])
@@ -377,5 +413,5 @@ def test_fp8_cache_through_the_kernel_matches_torch(rows, config, monkeypatch, o
         want = reference.float() * reference_scales[..., None]
         assert ((got - want).abs() <= want.abs() / 8 + 1e-6).all()
         assert (stored.view(torch.uint8) == reference.view(torch.uint8)).float().mean() > 0.95
-        others = [s for s in range(slots) if s != slot]
+        others = [s for s in range(slots) if s not in written]
         assert torch.equal(stored[:, :, others].view(torch.uint8), reference[:, :, others].view(torch.uint8))

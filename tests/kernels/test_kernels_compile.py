@@ -116,15 +116,22 @@ COMPILE_ALL = textwrap.dedent('''
                         dict(SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), DIM=dim, PDL=pdl),
                         num_warps=4, launch_pdl=pdl)
     # attention through a block table (the server's paged store)
-    paged_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "table_ptr": "*i32", "first_ptr": "*i64",
+    paged_signature = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "k_scale_ptr": "*bf16",
+                       "v_scale_ptr": "*bf16", "table_ptr": "*i32", "first_ptr": "*i64",
                        "length_ptr": "*i64", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
                        "part_sum_ptr": "*fp32", "kv_heads": "i32", "slots": "i32", "table_width": "i32",
                        "block_size": "i32", "scaling": "fp32"}
     for splits, group, dim in [(1, 4, 128), (8, 4, 128), (2, 5, 64)]:
         constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.plan_block(dim),
-                         PRECISION="tf32")
+                         PRECISION="tf32", FP8=False)
         compile_one(f"paged attention splits={splits} group={group} dim={dim}", paged_attention._paged_range_kernel,
                     paged_signature, constants, num_warps=4, num_stages=2)
+        # the FP8 KV cache in the server's pools (herd serve --kv-cache-dtype fp8): e4m3, float32 scales per slot
+        fp8_signature = {**paged_signature, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "k_scale_ptr": "*fp32",
+                         "v_scale_ptr": "*fp32"}
+        compile_one(f"paged attention fp8 cache splits={splits} group={group} dim={dim}",
+                    paged_attention._paged_range_kernel, fp8_signature, {**constants, "FP8": True}, num_warps=4,
+                    num_stages=2)
     # routed experts read as stored (int8 or FP8 data, float32 scales), rows in each activation dtype
     for (data, data_name), x in itertools.product([("*i8", "int8"), ("*fp8e4nv", "fp8")], ["*bf16", "*fp16", "*fp32"]):
         compile_one(f"expert_gemv {data_name} x={x}", expert_gemv._expert_gemv_kernel,
@@ -155,9 +162,10 @@ def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
     # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels, 3 paged
-    # attention kernels, 6 expert_gemv
-    assert len(compiled) >= 185
-    assert sum(label.startswith("paged attention") for label, _, _ in compiled) == 3
+    # attention kernels and their 3 FP8 ones, 6 expert_gemv
+    assert len(compiled) >= 188
+    assert sum(label.startswith("paged attention") for label, _, _ in compiled) == 6
+    assert sum(label.startswith("paged attention fp8 cache") for label, _, _ in compiled) == 3
     assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 6
     assert sum(label.startswith("attention fp8 cache") for label, _, _ in compiled) == 4
 

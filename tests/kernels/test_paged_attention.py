@@ -1,11 +1,13 @@
 """kernels/paged_attention.py: attention through a block table, kernel (Triton's interpreter on CPU)
-against a torch reference written here (each row's positions copied out of the pool one by one)."""
+against a torch reference written here (each row's positions copied out of the pool one by one);
+FP8 pools (the FP8 KV cache) against the torch arithmetic on the dequantized pool."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from herd.cache import fp8_dequantize, fp8_quantize
 from herd.kernels import paged_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,3 +90,63 @@ def test_positions_outside_the_window_are_never_read():
                 values[0, :, slot] = float("nan")
     out = paged_attention.launch(query.reshape(2, -1).contiguous(), keys, values, table, first, lengths, 4, 0.25)
     torch.testing.assert_close(out, expected)
+
+
+def _fp8_pool(keys, values):
+    """The pool as the FP8 KV cache stores it (cache.fp8_quantize): e4m3 bytes and a float32 scale
+    per (kv head, slot), (1, kv_heads, slots); and the pool dequantized to float32."""
+    (keys, key_scales), (values, value_scales) = (fp8_quantize(t * 3) for t in (keys, values))
+    dequantized = [fp8_dequantize(t, s, torch.float32) for t, s in ((keys, key_scales), (values, value_scales))]
+    return (keys, values, key_scales[..., 0], value_scales[..., 0]), dequantized
+
+
+def _seen_slots(table, first, lengths, block_size):
+    """The slots some row sees."""
+    return {int(table[row, p // block_size]) * block_size + p % block_size
+            for row in range(table.shape[0]) for p in range(int(first[row]), int(lengths[row]))}
+
+
+def test_fp8_torch_path_is_the_dequantized_pools():
+    """The torch arithmetic (here a head size of 24, which the kernel does not take) gathers the
+    bytes and their scales, and attends to them dequantized as the plain FP8 cache reads them."""
+    query, keys, values, table, first, lengths = _case(3, 4, 2, 24, 4, 12, 5, windowed=True)
+    fp8, dequantized = _fp8_pool(keys, values)
+    out = paged_attention.attend(query, fp8[0], fp8[1], table, first, lengths, 4, 0.3, *fp8[2:])
+    assert torch.equal(out, paged_attention.torch_paged_attend(query, *dequantized, table, first, lengths, 4, 0.3))
+    torch.testing.assert_close(out.double(), _reference(query, *dequantized, table, first, lengths, 4, 0.3),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,dim,block_size,blocks,width,splits,windowed,dtype",
+    [
+        (1, 4, 1, 16, 16, 8, 4, 1, False, torch.float32),  # one range: the first kernel writes the output
+        (4, 8, 2, 32, 4, 40, 16, 4, False, torch.float32),  # ragged rows over small pages, several ranges
+        (3, 5, 1, 16, 8, 30, 9, 3, True, torch.float32),  # windows (chunked layers): first position > 0
+        (3, 4, 2, 16, 4, 20, 6, 2, True, torch.float16),  # dequantized to a 16-bit query's dtype
+    ],
+)
+def test_fp8_kernel_matches_torch_on_the_dequantized_pool(batch, heads, kv_heads, dim, block_size, blocks, width,
+                                                         splits, windowed, dtype):
+    """e4m3 keys/values times each slot's scale after the load: the torch arithmetic on the pool
+    dequantized to the query's dtype. Slots no row sees are never read (NaN scales there change
+    nothing)."""
+    query, keys, values, table, first, lengths = _case(batch, heads, kv_heads, dim, block_size, blocks, width,
+                                                       windowed=windowed)
+    query = query.to(dtype)
+    (keys, values, key_scales, value_scales), _ = _fp8_pool(keys, values)
+    dequantized = [fp8_dequantize(t, s[..., None], dtype) for t, s in ((keys, key_scales), (values, value_scales))]
+    expected = paged_attention.torch_paged_attend(query, *dequantized, table, first, lengths, block_size, dim**-0.5)
+    unseen = sorted(set(range(blocks * block_size)) - _seen_slots(table, first, lengths, block_size))
+    key_scales[:, :, unseen] = float("nan")
+    value_scales[:, :, unseen] = float("nan")
+    query, keys, values, table, first, lengths, key_scales, value_scales = (
+        t.to(DEVICE) for t in (query, keys, values, table, first, lengths, key_scales, value_scales))
+    out = paged_attention.launch(query.reshape(batch, -1).contiguous(), keys, values, table, first, lengths,
+                                 block_size, dim**-0.5, splits=splits, key_scales=key_scales,
+                                 value_scales=value_scales)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+    else:  # the weights rounded to float16 before the product with the values (decode_attention's rounding)
+        torch.testing.assert_close(out.cpu(), expected, rtol=2e-3, atol=2e-3)

@@ -18,6 +18,8 @@ from herd.serving.engine import (
     EngineRequest,
     QueueFull,
     SamplingParams,
+    kv_block_bytes,
+    pool_blocks,
 )
 from herd.serving.paged import PrefillWork, prefill_batches
 from tests.conftest import reference_llama, save_reference
@@ -55,11 +57,11 @@ def _prompt(length: int, seed: int) -> list[int]:
     return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _expected(model, prompt: list[int], new: int) -> list[int]:
+def _expected(model, prompt: list[int], new: int, **options) -> list[int]:
     """model.generate()'s greedy tokens for the prompt alone (no eos: always `new` tokens); on a GPU
-    the plain path's (the reference forward)."""
+    the plain path's (the reference forward). `options`: more of generate()'s (cache_config)."""
     out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=new, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, disable_compile=True)
+                         eos_token_id=None, pad_token_id=0, disable_compile=True, **options)
     return out[0, len(prompt) :].tolist()
 
 
@@ -118,6 +120,86 @@ def test_concurrent_greedy_requests_get_generates_tokens(family, prefill_chunk, 
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
     assert stats["generated_tokens"] == sum(r.sampling.max_tokens for r in requests.values())
+
+
+@pytest.mark.parametrize("family, seed", [("llama", 1), ("llama4", 3)])
+def test_fp8_kv_cache_requests_get_generates_fp8_cache_tokens(family, seed, request, monkeypatch):
+    """kv_cache_dtype="fp8": the full-attention pools in e4m3 with a float32 scale per (kv head,
+    slot), Llama 4's chunked layers in the model's dtype (as generate()'s FP8 cache keeps them).
+    14 requests arriving at different steps, prompts longer than a step's 24 tokens chunked,
+    shorter ones batched: each gets generate()'s tokens with cache_config={"dtype": "fp8"}, which
+    for some differ from the model-dtype cache's (the FP8 rounding shows; the seeds are ones where
+    it does: Llama 4 has one FP8 layer of 4, whose rounding moves a greedy token less often)."""
+    model = request.getfixturevalue(family)
+    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=24, max_model_len=128,
+                    kv_cache_dtype="fp8")
+    kv = engine.runner.kv
+    for layer, kind in kv.kind_of.items():
+        fp8 = kind == "full"
+        assert kv.keys[layer].dtype == kv.values[layer].dtype == (torch.float8_e4m3fn if fp8 else model.dtype)
+        assert (layer in kv.key_scales and kv.value_scales[layer].shape == kv.keys[layer].shape[:3]) == fp8
+    batch_rows = []
+    prefill = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda works: batch_rows.append(len(works)) or prefill(works))
+    requests, arrivals = _concurrent_requests(14, seed=seed, longest=40, most_new=12)
+    events = _tokens(_run(engine, arrivals))
+    assert max(batch_rows) > 1 and max(len(r.prompt_ids) for r in requests.values()) > 24
+    differs = False
+    for request_id, queued in requests.items():
+        prompt, new = queued.prompt_ids, queued.sampling.max_tokens
+        expected = _expected(model, prompt, new, cache_config={"dtype": "fp8"})
+        assert events[request_id] == expected, request_id
+        differs |= expected != _expected(model, prompt, new)
+    assert differs
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_fp8_kv_cache_fits_twice_the_blocks(monkeypatch):
+    """The default pool (on CUDA: CUDA_MEMORY_FRACTION of the free memory) counts FP8 bytes and
+    scales: at head_dim 128 a full layer's block takes 132 bytes per head of each position where
+    bf16 takes 256, so 256 / 132 = 1.94 times the blocks fit; Llama 4's chunked layers' windows
+    stay in bf16 (taken first, as before)."""
+    from types import SimpleNamespace
+
+    from herd.models.llama import LlamaConfig
+    from herd.serving import engine as engine_module
+
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
+    plain = kv_block_bytes(config, 16, torch.bfloat16)
+    fp8 = kv_block_bytes(config, 16, torch.bfloat16, torch.float8_e4m3fn)
+    assert plain == {"full": 2 * 8 * 16 * 128 * 2, "chunked": 2 * 8 * 16 * 128 * 2}
+    assert fp8 == {"full": 2 * 8 * 16 * (128 + 4), "chunked": plain["chunked"]}
+    assert kv_block_bytes(config, 16, torch.bfloat16, torch.float8_e4m3fn, tp_size=2)["full"] == fp8["full"] // 2
+    budget = 100 * 2**30
+    assert pool_blocks(budget, {"full": 32}, plain, 0) == budget // (32 * plain["full"])
+    assert pool_blocks(budget, {"full": 32}, fp8, 0) == budget // (32 * fp8["full"])
+    scout = {"full": 12, "chunked": 36}  # the chunked layers' pool of 1000 blocks first, then the full layers'
+    assert pool_blocks(budget, scout, fp8, 1000) == (budget - 1000 * 36 * plain["chunked"]) // (12 * fp8["full"])
+
+    # the engine's own count, as on a GPU with 100 GiB free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (budget, 2 * budget))
+
+    def default_blocks(kv_cache_dtype):
+        engine = SimpleNamespace(model=SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16,
+                                                       config=config),
+                                 block_size=16, max_batch=256, kv_cache_dtype=kv_cache_dtype)
+        return Engine._default_blocks(engine, {"full": 32}, 2048, 0)
+
+    blocks, fp8_blocks = default_blocks(None), default_blocks(torch.float8_e4m3fn)
+    assert blocks == int(budget * engine_module.CUDA_MEMORY_FRACTION // (32 * plain["full"]))
+    assert fp8_blocks == int(budget * engine_module.CUDA_MEMORY_FRACTION // (32 * fp8["full"]))
+    assert fp8_blocks / blocks == pytest.approx(256 / 132, rel=1e-4)
+
+
+def test_kv_cache_dtype_spellings_and_refusal(llama):
+    for spelling in ("fp8", "fp8_e4m3", "float8_e4m3fn", torch.float8_e4m3fn):
+        engine = Engine(llama, max_batch=2, block_size=4, num_blocks=16, max_model_len=32, kv_cache_dtype=spelling)
+        assert engine.runner.kv.keys[0].dtype == torch.float8_e4m3fn
+    assert Engine(llama, max_batch=2, block_size=4, num_blocks=16, max_model_len=32).runner.kv.keys[0].dtype == \
+        llama.dtype
+    for bad in ("int8", "bf16", torch.bfloat16):
+        with pytest.raises(ValueError, match=r"kv_cache_dtype \(herd serve --kv-cache-dtype\) .* is not supported"):
+            Engine(llama, max_batch=2, block_size=4, num_blocks=16, max_model_len=32, kv_cache_dtype=bad)
 
 
 @pytest.mark.parametrize("family", ["llama", "llama4"])
@@ -497,31 +579,39 @@ def test_mllama_requests_with_images_among_text_requests(mllama, image_rows, mon
 
 
 @needs_cuda
+@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
 @pytest.mark.parametrize("family", ["llama", "llama4"])
-def test_on_cuda_compiled_and_captured_steps_give_generates_tokens(family, request):
+def test_on_cuda_compiled_and_captured_steps_give_generates_tokens(family, kv_cache_dtype, request):
     """On a GPU the decode step is compiled and captured per batch bucket (1..8 rows here: the
     few-row Triton kernels up to 4, the library matmuls above; the paged attention kernel):
-    float32 greedy tokens equal the reference forward's."""
+    float32 greedy tokens equal the reference forward's. With the FP8 KV cache (the staged
+    q/k/v write, the paged kernel's FP8 loads): the plain FP8 cache's."""
     model = copy.deepcopy(request.getfixturevalue(family)).to("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
-    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128)
+    engine = Engine(model, max_batch=8, block_size=4, num_blocks=200, prefill_chunk=16, max_model_len=128,
+                    kv_cache_dtype=kv_cache_dtype)
     assert engine.runner.capture and engine.runner.use_compile
     requests, arrivals = _concurrent_requests(14, seed=1, longest=40, most_new=12)
     events = _run(engine, arrivals)
+    options = {"cache_config": {"dtype": kv_cache_dtype}} if kv_cache_dtype else {}
     for request_id, queued in requests.items():
-        assert _tokens(events)[request_id] == _expected(model, queued.prompt_ids, queued.sampling.max_tokens), request_id
+        expected = _expected(model, queued.prompt_ids, queued.sampling.max_tokens, **options)
+        assert _tokens(events)[request_id] == expected, request_id
     assert {rows for rows, _ in engine.runner.graphs} >= {1, 8}
     assert engine.stats()["kv_blocks_used"] == 0
 
 
-@pytest.mark.parametrize("family", ["llama", "llama4", "mllama"])
-def test_the_decode_step_over_the_paged_store_traces_whole(family, request):
+@pytest.mark.parametrize("family, kv_cache_dtype", [("llama", None), ("llama4", None), ("mllama", None),
+                                                    ("llama", "fp8"), ("mllama", "fp8")])
+def test_the_decode_step_over_the_paged_store_traces_whole(family, kv_cache_dtype, request):
     """What the GPU compiles: each unit of the plan over a PagedKV traced as one graph (fullgraph;
-    Dynamo's tracing alone runs here, with the eager backend), giving the same tokens."""
+    Dynamo's tracing alone runs here, with the eager backend), giving the same tokens. With the
+    FP8 KV cache too (Mllama's image keys/values beside it in the model's dtype)."""
     import torch._dynamo
 
     model = request.getfixturevalue(family)
-    engine = Engine(model, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=16, max_model_len=64)
+    engine = Engine(model, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=16, max_model_len=64,
+                    kv_cache_dtype=kv_cache_dtype)
     torch._dynamo.reset()
     engine.runner.run = {name: torch.compile(fn, fullgraph=True, dynamic=False, backend="eager")
                          for name, fn in engine.runner.plan.units().items()}
@@ -533,8 +623,9 @@ def test_the_decode_step_over_the_paged_store_traces_whole(family, request):
         requests.append(EngineRequest("image", inputs.pop("input_ids")[0].tolist(),
                                       SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), model_inputs=inputs))
     events = _tokens(_run(engine, {0: requests}))
+    options = {"cache_config": {"dtype": kv_cache_dtype}} if kv_cache_dtype else {}
     for request_ in requests[:2]:
-        assert events[request_.request_id] == _expected(model, request_.prompt_ids, 4)
+        assert events[request_.request_id] == _expected(model, request_.prompt_ids, 4, **options)
     assert len(events) == len(requests)
 
 

@@ -24,7 +24,9 @@ ordinary Cache interface.
 every request, a block table per row, per-row slots and lengths. Its `layer(i)` hands the plan
 the pool, each row's flat slot and its table; `store_token` and `attend` below write and read
 either kind, so a plan runs unchanged over both. `PagedPrefillCache` is its Cache adapter for
-the reference forward (a chunk of one request's prompt).
+the reference forward (a chunk of one request's prompt). With the FP8 KV cache (herd serve
+--kv-cache-dtype fp8) its full-attention pools are e4m3 with a float32 scale per (kv head, slot),
+written and read by the same rule as ContiguousKV's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from ..kernels.gemv import store_key_value
 from .graphs import compiled_once
 from .visibility import kept_positions, visible
 
+# The attention kinds a layer's keys/values belong to: its own keys in a full cache, a ring of
+# chunk slots (Llama 4's chunked layers), or an image (Mllama's cross-attention layers)
+FULL, CHUNKED, CROSS = "full", "chunked", "cross"
+
 
 class LayerKV(NamedTuple):
     """What one layer's decode step reads: keys/values (batch, kv_heads, slots, head_dim), the slot
@@ -48,8 +54,8 @@ class LayerKV(NamedTuple):
     slot (batch,) each row's flat slot, allowed None; the row sees its positions
     [first_position, lengths) through block_table (batch, blocks per row).
 
-    FP8 (ContiguousKV with the FP8 KV cache): keys/values float8_e4m3fn, key_scales/value_scales
-    (batch, kv_heads, slots) float32 their scales."""
+    FP8 (the FP8 KV cache, ContiguousKV or PagedKV): keys/values float8_e4m3fn, key_scales/
+    value_scales float32 their scales, (batch, kv_heads, slots) or for a pool (1, kv_heads, slots)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -74,7 +80,7 @@ def attend(query: torch.Tensor, kv: LayerKV, scaling: float) -> torch.Tensor:
         return decode_attention.attend(query, kv.keys, kv.values, kv.allowed, kv.slot, scaling, kv.key_scales,
                                        kv.value_scales)
     return paged_attention.attend(query, kv.keys, kv.values, kv.block_table, kv.first_position, kv.lengths,
-                                  kv.block_size, scaling)
+                                  kv.block_size, scaling, kv.key_scales, kv.value_scales)
 
 
 def _buffers(layers, batch, kv_heads, slots, head_dim, dtype, device):
@@ -364,17 +370,28 @@ class PagedKV:
     `rows`): tokens, positions, per kind each row's flat slot, table and first visible position,
     and each row's length (position + 1). Block 0 of every pool is never handed to a request:
     padding rows write there.
+
+    `cache_dtype` FP8_KV_DTYPE: the FP8 KV cache. The full-attention pools hold e4m3 keys/values
+    and float32 scales (1, kv_heads, blocks * block_size) per layer, one per head of each slot
+    (cache.fp8_quantize's rule); the chunked layers' pools (short windows) stay in the model's
+    dtype, as the plain FP8 cache (cache.StaticCache) and the fast path's rings keep them.
     """
 
     def __init__(self, layers_by_kind: dict[str, list[int]], blocks: dict[str, int], block_size: int,
-                 kv_heads: int, head_dim: int, max_rows: int, table_width: int, dtype, device):
+                 kv_heads: int, head_dim: int, max_rows: int, table_width: int, dtype, device, cache_dtype=None):
         self.block_size, self.table_width = block_size, table_width
         self.kind_of = {index: kind for kind, layers in layers_by_kind.items() for index in layers}
         self.keys, self.values = {}, {}
+        self.key_scales, self.value_scales = {}, {}  # FP8 layers only
         for index, kind in self.kind_of.items():
-            shape = (1, kv_heads, blocks[kind] * block_size, head_dim)
-            self.keys[index] = torch.zeros(shape, dtype=dtype, device=device)
-            self.values[index] = torch.zeros(shape, dtype=dtype, device=device)
+            slots = blocks[kind] * block_size
+            fp8 = cache_dtype == FP8_KV_DTYPE and kind == FULL
+            stored_as = FP8_KV_DTYPE if fp8 else dtype
+            self.keys[index] = torch.zeros(1, kv_heads, slots, head_dim, dtype=stored_as, device=device)
+            self.values[index] = torch.zeros(1, kv_heads, slots, head_dim, dtype=stored_as, device=device)
+            if fp8:
+                self.key_scales[index] = torch.zeros(1, kv_heads, slots, dtype=torch.float32, device=device)
+                self.value_scales[index] = torch.zeros(1, kv_heads, slots, dtype=torch.float32, device=device)
         long = dict(dtype=torch.long, device=device)
         self.tokens = torch.zeros(max_rows, **long)
         self.positions = torch.zeros(max_rows, **long)
@@ -397,7 +414,8 @@ class PagedKV:
             return self.cross_store.layer(layer_idx)
         kind, rows = self.kind_of[layer_idx], self.rows
         return LayerKV(self.keys[layer_idx], self.values[layer_idx], self.slots[kind][:rows], None,
-                       self.tables[kind][:rows], self.first[kind][:rows], self.lengths[:rows], self.block_size)
+                       self.tables[kind][:rows], self.first[kind][:rows], self.lengths[:rows], self.block_size,
+                       self.key_scales.get(layer_idx), self.value_scales.get(layer_idx))
 
 
 class PagedCrossKV:
@@ -454,7 +472,12 @@ class PagedPrefillCache(Cache):
     right-padded to the longest chunk writes its padded positions to slot 0 of block 0, which no
     request holds); kept_from[kind]: the first position the chunk's queries can see (0 for full
     layers, the start of `start`'s attention chunk for chunked ones): update returns keys/values
-    from there on, and the mask is told so (kv_offset)."""
+    from there on, and the mask is told so (kv_offset).
+
+    An FP8 pool (PagedKV's FP8 KV cache) gets the chunk quantized per token and head
+    (cache.fp8_quantize) and returns what is visible dequantized in the chunk's dtype, as the plain
+    FP8 cache (cache.StaticCache) returns its whole cache: the chunk's own keys/values are read back
+    rounded through e4m3 too, so the prompt attends to what decoding will read."""
 
     def __init__(self, kv: PagedKV, slots: dict[str, torch.Tensor], start: int, kept_from: dict[str, int]):
         self.kv, self.slots, self.start, self.kept_from = kv, slots, start, kept_from
@@ -462,15 +485,34 @@ class PagedPrefillCache(Cache):
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         kind = self.kv.kind_of[layer_idx]
         slots = self.slots[kind]  # (rows, end)
-        keys, values = self.kv.keys[layer_idx][0], self.kv.values[layer_idx][0]  # (kv_heads, slots, head_dim)
         end = self.start + key_states.shape[-2]
         written = slots[:, self.start : end].reshape(-1)  # (rows * new,), row after row
+        visible = slots[:, self.kept_from[kind] : end]  # (rows, visible)
+        if layer_idx in self.kv.key_scales:
+            return tuple(self._update_fp8(pool, scales, states, written, visible) for pool, scales, states in (
+                (self.kv.keys[layer_idx], self.kv.key_scales[layer_idx], key_states),
+                (self.kv.values[layer_idx], self.kv.value_scales[layer_idx], value_states)))
+        keys, values = self.kv.keys[layer_idx][0], self.kv.values[layer_idx][0]  # (kv_heads, slots, head_dim)
         # (rows, kv_heads, new, head_dim) -> (kv_heads, rows * new, head_dim), rows in the same order
         keys.index_copy_(1, written, key_states.transpose(0, 1).flatten(1, 2).to(keys.dtype))
         values.index_copy_(1, written, value_states.transpose(0, 1).flatten(1, 2).to(values.dtype))
-        visible = slots[:, self.kept_from[kind] : end]  # (rows, visible)
         # (kv_heads, rows, visible, head_dim) -> (rows, kv_heads, visible, head_dim)
         return keys[:, visible].transpose(0, 1), values[:, visible].transpose(0, 1)
+
+    @staticmethod
+    def _update_fp8(pool, scales, states, written, visible):
+        """states (rows, kv_heads, new, head_dim) into an FP8 pool (1, kv_heads, slots, head_dim)
+        (bytes through a uint8 view: float8 has no index_copy_ on some torch versions) with its
+        scales (1, kv_heads, slots) at `written`; returns the `visible` slots (rows, visible)
+        dequantized, (rows, kv_heads, visible, head_dim) in the states' dtype."""
+        quantized, scale = fp8_quantize(states)  # (rows, kv_heads, new, head_dim), (rows, kv_heads, new, 1)
+        stored = pool.view(torch.uint8)[0]  # (kv_heads, slots, head_dim)
+        stored.index_copy_(1, written, quantized.view(torch.uint8).transpose(0, 1).flatten(1, 2))
+        scales[0].index_copy_(1, written, scale[..., 0].transpose(0, 1).flatten(1, 2))
+        # (kv_heads, rows, visible, head_dim) -> (rows, kv_heads, visible, head_dim)
+        seen = stored[:, visible].view(FP8_KV_DTYPE).transpose(0, 1)
+        seen_scales = scales[0][:, visible].transpose(0, 1)  # (rows, kv_heads, visible)
+        return fp8_dequantize(seen, seen_scales[..., None], states.dtype)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start

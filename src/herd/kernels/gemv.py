@@ -234,19 +234,24 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
                     value_scales: torch.Tensor | None = None) -> None:
     """key/value (rows, kv_heads, head_dim) into the caches: at slot (1,) of every row of
     (rows, kv_heads, slots, head_dim) caches, or at slot (rows,), one flat slot per row, of a paged
-    pool (1, kv_heads, slots, head_dim) (decoding/kv.PagedKV).
+    pool (1, kv_heads, slots, head_dim) (decoding/kv.PagedKV). (At one row both are the same write.)
 
-    An FP8 cache (float8_e4m3fn, with key_scales/value_scales (rows, kv_heads, slots) float32) gets
-    them quantized by the plain FP8 cache's rule (cache.fp8_quantize: a scale per head of the token)."""
+    An FP8 cache (float8_e4m3fn, with key_scales/value_scales (rows, kv_heads, slots) float32, a
+    pool's (1, kv_heads, slots)) gets them quantized by the plain FP8 cache's rule
+    (cache.fp8_quantize: a scale per head of the token). Its bytes are written through a uint8
+    view of the whole cache (float8 has no index_put on some torch versions)."""
+    paged = keys.shape[0] != key.shape[0]
     if key_scales is not None:
-        if keys.shape[0] != key.shape[0]:
-            raise NotImplementedError("the paged store keeps keys/values in the model's dtype, not FP8")
         for stored, scales, states in ((keys, key_scales, key), (values, value_scales, value)):
             quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
-            stored.view(torch.uint8)[:, :, slot] = quantized.view(torch.uint8)[:, :, None]  # (no float8 index_put)
-            scales[:, :, slot] = scale
+            if paged:  # into the pool as below: a view of the same shape is written in place when compiled
+                stored.view(torch.uint8).index_copy_(2, slot, quantized.view(torch.uint8).transpose(0, 1)[None])
+                scales.index_copy_(2, slot, scale[..., 0].transpose(0, 1)[None])
+            else:
+                stored.view(torch.uint8)[:, :, slot] = quantized.view(torch.uint8)[:, :, None]
+                scales[:, :, slot] = scale
         return
-    if keys.shape[0] == key.shape[0]:
+    if not paged:
         keys[:, :, slot] = key[:, :, None].to(keys.dtype)
         values[:, :, slot] = value[:, :, None].to(values.dtype)
     else:  # (1, kv_heads, slots, head_dim) pool, written at each row's slot

@@ -12,19 +12,26 @@ query heads that share it, keeps a running softmax, and decode_attention's merge
 the ranges. `attend` runs it for CUDA tensors (Triton installed, a power-of-two head size of at
 least 16) and otherwise the torch arithmetic (`torch_paged_attend`: the visible slots gathered,
 then decode_attention.torch_attend).
+
+FP8 pools (the FP8 KV cache, decoding/kv.PagedKV): keys/values float8_e4m3fn with a float32 scale
+per (kv head, slot), key_scales/value_scales (1, kv_heads, slots). The kernel loads each slot's
+bytes and scale through decode_attention's `_load_slots` (the FP8 constexpr: bytes times scale,
+rounded to the query's dtype as cache.fp8_dequantize rounds); the torch arithmetic gathers the
+bytes and scales and lets torch_attend dequantize them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..cache import FP8_KV_DTYPE
 from .decode_attention import applies, plan_block, plan_splits, torch_attend
 
 try:
     import triton
     import triton.language as tl
 
-    from .decode_attention import _attend_block, _merge_ranges_kernel
+    from .decode_attention import _attend_block, _load_slots, _merge_ranges_kernel
 except ImportError:
     triton = None
 
@@ -35,29 +42,41 @@ def gather_slots(block_table: torch.Tensor, block_size: int) -> torch.Tensor:
     return (block_table.long()[:, :, None] * block_size + offsets).flatten(1)
 
 
+def gather_pool(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool (1, kv_heads, slots, ...) at slots (batch, positions) -> (batch, kv_heads, positions, ...);
+    an FP8 pool through its bytes (float8 indexing is missing on some torch versions)."""
+    if pool.dtype == FP8_KV_DTYPE:
+        return gather_pool(pool.view(torch.uint8), slots).view(FP8_KV_DTYPE)
+    return pool[0][:, slots].transpose(0, 1)
+
+
 def torch_paged_attend(query, keys, values, block_table, first_position, lengths, block_size: int,
-                       scaling: float) -> torch.Tensor:
+                       scaling: float, key_scales=None, value_scales=None) -> torch.Tensor:
     """The arithmetic the kernel replaces: each row's positions gathered from the pool, the
-    invisible ones masked."""
+    invisible ones masked; an FP8 pool's with their scales, dequantized by torch_attend."""
     slots = gather_slots(block_table, block_size)  # (batch, positions)
-    row_keys = keys[0][:, slots].transpose(0, 1)  # (batch, kv_heads, positions, dim)
-    row_values = values[0][:, slots].transpose(0, 1)
+    row_keys, row_values = gather_pool(keys, slots), gather_pool(values, slots)  # (batch, kv_heads, positions, dim)
+    if key_scales is not None:  # (1, kv_heads, slots) -> (batch, kv_heads, positions)
+        key_scales, value_scales = gather_pool(key_scales, slots), gather_pool(value_scales, slots)
     position = torch.arange(slots.shape[1], device=slots.device)
     allowed = (position >= first_position[:, None]) & (position < lengths[:, None])  # (batch, positions)
-    return torch_attend(query, row_keys, row_values, allowed, scaling)
+    return torch_attend(query, row_keys, row_values, allowed, scaling, key_scales, value_scales)
 
 
-def attend(query, keys, values, block_table, first_position, lengths, block_size: int, scaling: float) -> torch.Tensor:
+def attend(query, keys, values, block_table, first_position, lengths, block_size: int, scaling: float,
+           key_scales=None, value_scales=None) -> torch.Tensor:
     """One query per row over its positions in a paged pool.
 
     query (batch, heads, 1, dim); keys/values (1, kv_heads, slots, dim); block_table (batch, blocks
     per row) int32; first_position, lengths (batch,): the row sees positions [first, length), at
-    least one. Returns (batch, heads * dim)."""
-    if not applies(query, keys):
-        return torch_paged_attend(query, keys, values, block_table, first_position, lengths, block_size, scaling)
+    least one. An FP8 pool comes with key_scales/value_scales (1, kv_heads, slots) float32.
+    Returns (batch, heads * dim)."""
+    if not applies(query, keys, key_scales):
+        return torch_paged_attend(query, keys, values, block_table, first_position, lengths, block_size, scaling,
+                                  key_scales, value_scales)
     batch, heads, _, dim = query.shape
     return torch.ops.herd.paged_attention(query.reshape(batch, heads * dim), keys, values, block_table,
-                                          first_position, lengths, block_size, scaling)
+                                          first_position, lengths, block_size, scaling, key_scales, value_scales)
 
 
 if triton is not None:
@@ -67,6 +86,8 @@ if triton is not None:
         q_ptr,  # (batch, heads * DIM)
         k_ptr,  # (1, kv_heads, slots, DIM)
         v_ptr,
+        k_scale_ptr,  # with FP8: (1, kv_heads, slots) float32 each (else any pointer, unread)
+        v_scale_ptr,
         table_ptr,  # (batch, table_width) int32
         first_ptr,  # (batch,)
         length_ptr,  # (batch,)
@@ -85,8 +106,9 @@ if triton is not None:
         SPLITS: tl.constexpr,
         BLOCK: tl.constexpr,
         PRECISION: tl.constexpr,
+        FP8: tl.constexpr = False,  # keys/values float8_e4m3fn with a float32 scale per slot
     ):
-        dtype = k_ptr.dtype.element_ty
+        dtype = q_ptr.dtype.element_ty  # the pool's dtype, or with FP8 what it dequantizes to
         row_head = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         row = row_head // kv_heads
@@ -114,8 +136,9 @@ if triton is not None:
             block = tl.load(table_ptr + row.to(tl.int64) * table_width + p // block_size, mask=p_ok, other=0)
             slot = block.to(tl.int64) * block_size + p % block_size
             kv_offsets = (head_base + slot)[:, None] * DIM + d[None, :]
-            key = tl.load(k_ptr + kv_offsets, mask=p_ok[:, None], other=0.0)  # (BLOCK, DIM)
-            value = tl.load(v_ptr + kv_offsets, mask=p_ok[:, None], other=0.0)
+            # (BLOCK, DIM) each; `first` False: the loads' default eviction, as this kernel always had
+            key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, head_base + slot, p_ok, dtype, FP8, False)
+            value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, head_base + slot, p_ok, dtype, FP8, False)
             running_max, running_sum, acc = _attend_block(query, key, value, p_ok, running_max, running_sum, acc,
                                                           scaling, dtype, PRECISION)
 
@@ -130,8 +153,9 @@ if triton is not None:
             tl.store(part_sum_ptr + part, running_sum, mask=g_ok)
 
     def launch(query, keys, values, block_table, first_position, lengths, block_size: int, scaling: float,
-               splits: int | None = None):
-        """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter."""
+               splits: int | None = None, key_scales=None, value_scales=None):
+        """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter.
+        key_scales/value_scales (1, kv_heads, slots) float32: the scales of an FP8 pool."""
         batch = query.shape[0]
         _, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
@@ -143,11 +167,13 @@ if triton is not None:
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
         part_max = query.new_empty((batch, heads, splits), dtype=torch.float32)
         part_sum = torch.empty_like(part_max)
+        fp8 = key_scales is not None
         _paged_range_kernel[(batch * kv_heads, splits)](
-            query, keys, values, block_table, first_position, lengths, out, part_out, part_max, part_sum,
+            query, keys, values, key_scales if fp8 else keys, value_scales if fp8 else values, block_table,
+            first_position, lengths, out, part_out, part_max, part_sum,
             kv_heads, slots, block_table.shape[1], block_size, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2,
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=4, num_stages=2,
         )  # fmt: skip
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](
@@ -159,10 +185,12 @@ if triton is not None:
     @torch.library.custom_op("herd::paged_attention", mutates_args=())
     def _paged_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_table: torch.Tensor,
                          first_position: torch.Tensor, lengths: torch.Tensor, block_size: int,
-                         scaling: float) -> torch.Tensor:
+                         scaling: float, key_scales: torch.Tensor | None = None,
+                         value_scales: torch.Tensor | None = None) -> torch.Tensor:
         return launch(query.contiguous(), keys, values, block_table.contiguous(), first_position.contiguous(),
-                      lengths.contiguous(), block_size, scaling)
+                      lengths.contiguous(), block_size, scaling, key_scales=key_scales, value_scales=value_scales)
 
     @_paged_attention.register_fake
-    def _(query, keys, values, block_table, first_position, lengths, block_size, scaling):
+    def _(query, keys, values, block_table, first_position, lengths, block_size, scaling, key_scales=None,
+          value_scales=None):
         return torch.empty_like(query, memory_format=torch.contiguous_format)

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..cache import FP8_KV_DTYPE, KV_CACHE_DTYPES
+from ..cache import kv_cache_dtype as storage_dtype
 from ..decoding.plans import CHUNKED, FULL
 from .paged import PagedRunner, PrefillWork, prefill_batches
 from .parallel import agreed_block_count
@@ -119,15 +121,51 @@ class _Pending:
     events: list = field(default_factory=list)
 
 
+def kv_block_bytes(text_config, block_size: int, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None,
+                   tp_size: int = 1) -> dict[str, int]:
+    """Bytes of one block in one layer, per paged kind: keys and values of `block_size` positions
+    of this rank's kv heads in `dtype`. With the FP8 KV cache a full-attention layer's are one byte
+    per element and a float32 scale per head of each position (half the bytes, plus 4 per
+    head_dim: 3% at head_dim 128); the chunked layers' windows stay in `dtype`."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    heads = 2 * (text_config.num_key_value_heads // tp_size) * block_size  # keys and values, every position
+    plain = heads * head_dim * dtype.itemsize
+    fp8 = heads * (head_dim * FP8_KV_DTYPE.itemsize + torch.float32.itemsize)
+    return {FULL: fp8 if kv_cache_dtype == FP8_KV_DTYPE else plain, CHUNKED: plain}
+
+
+def pool_blocks(budget: float, layers: dict[str, int], block_bytes: dict[str, int], window_blocks: int) -> int:
+    """Blocks of the full-attention pool that `budget` bytes hold, with `layers` layers of each kind
+    taking `block_bytes` per block each; the chunked layers' pool (at most `window_blocks` blocks)
+    is taken first where there is room for it, else both pools get as many."""
+    full_bytes = block_bytes[FULL] * layers.get(FULL, 0)
+    window_bytes = block_bytes[CHUNKED] * layers.get(CHUNKED, 0)
+    if window_bytes and budget > window_blocks * (full_bytes + window_bytes):
+        return int((budget - window_blocks * window_bytes) // max(full_bytes, 1))
+    return int(budget // max(full_bytes + window_bytes, 1))
+
+
 class Engine:
-    """Continuous batching over a paged KV store (synchronous core; one thread drives step())."""
+    """Continuous batching over a paged KV store (synchronous core; one thread drives step()).
+
+    `kv_cache_dtype` "fp8" (or another of cache.KV_CACHE_DTYPES' spellings): the FP8 KV cache in
+    the full-attention pools, e4m3 keys/values with a float32 scale per head of each position
+    (generate()'s cache_config={"dtype": "fp8"}: a greedy request gets its tokens), about twice the
+    blocks in the same memory."""
 
     def __init__(self, model, *, max_batch: int = 256, max_model_len: int | None = None, block_size: int = 16,
-                 num_blocks: int | None = None, max_waiting: int = 1024, prefill_chunk: int = DEFAULT_PREFILL_TOKENS):
+                 num_blocks: int | None = None, max_waiting: int = 1024, prefill_chunk: int = DEFAULT_PREFILL_TOKENS,
+                 kv_cache_dtype: str | torch.dtype | None = None):
         for name, value in (("max_batch", max_batch), ("block_size", block_size), ("max_waiting", max_waiting),
                             ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        try:
+            self.kv_cache_dtype = storage_dtype(kv_cache_dtype)
+        except ValueError:
+            raise ValueError(f"kv_cache_dtype (herd serve --kv-cache-dtype) {kv_cache_dtype!r} is not supported: use "
+                             f"{' / '.join(KV_CACHE_DTYPES)} (FP8 e4m3 keys/values with a scale per head) or leave it "
+                             "unset (the model's dtype)") from None
         self.model = model.eval()
         text_config = model.config.get_text_config()
         self.vocab_size = text_config.vocab_size
@@ -163,7 +201,7 @@ class Engine:
             image_rows = min(max_batch, MLLAMA_IMAGE_ROWS)
         self.runner = PagedRunner(model, max_rows=max_batch, block_size=block_size, blocks=blocks,
                                   table_width=table_width, image_rows=image_rows,
-                                  image_tokens=self.image_tokens_per_request)
+                                  image_tokens=self.image_tokens_per_request, kv_cache_dtype=self.kv_cache_dtype)
         self.scheduler = Scheduler(kinds=list(blocks), num_blocks=blocks, block_size=block_size, max_batch=max_batch,
                                    prefill_chunk=prefill_chunk, chunk_size=chunk_size, max_waiting=max_waiting,
                                    image_slots=image_rows)
@@ -176,21 +214,15 @@ class Engine:
 
     def _default_blocks(self, layers: dict[str, int], table_width: int, window_blocks: int) -> int:
         """Blocks of the full-attention pool: on CUDA what fits in CUDA_MEMORY_FRACTION of the free
-        memory (the chunked layers' pool, at most `window_blocks`, taken first); elsewhere enough
-        for CPU_DEFAULT_ROWS requests of max_model_len."""
+        memory (the chunked layers' pool, at most `window_blocks`, taken first; `pool_blocks`), in
+        FP8 with the FP8 KV cache; elsewhere enough for CPU_DEFAULT_ROWS requests of max_model_len."""
         model = self.model
         if model.device.type != "cuda":
             return min(self.max_batch, CPU_DEFAULT_ROWS) * table_width
-        config = model.config.get_text_config()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = config.num_key_value_heads // (getattr(model, "tp_size", None) or 1)  # this rank's share
-        per_layer = 2 * kv_heads * self.block_size * head_dim * model.dtype.itemsize
-        full_bytes, window_bytes = per_layer * layers.get(FULL, 0), per_layer * layers.get(CHUNKED, 0)
+        block_bytes = kv_block_bytes(model.config.get_text_config(), self.block_size, model.dtype, self.kv_cache_dtype,
+                                     getattr(model, "tp_size", None) or 1)  # this rank's share of the kv heads
         free, _ = torch.cuda.mem_get_info(model.device)
-        budget = free * CUDA_MEMORY_FRACTION
-        if window_bytes and budget > window_blocks * (full_bytes + window_bytes):
-            return int((budget - window_blocks * window_bytes) // max(full_bytes, 1))
-        return int(budget // max(full_bytes + window_bytes, 1))
+        return pool_blocks(free * CUDA_MEMORY_FRACTION, layers, block_bytes, window_blocks)
 
     def warm_up(self, progress=None) -> None:
         """Compile and capture the decode step of every batch bucket before the first request (on

@@ -151,11 +151,12 @@ class Prefilled(NamedTuple):
 class PagedRunner:
     """The model over a PagedKV: `prefill` (a chunk of one request) and `decode` (one token for
     each of several requests). Mllama's image keys/values go to `image_rows` slots of
-    `image_tokens` positions each (PagedCrossKV)."""
+    `image_tokens` positions each (PagedCrossKV). `kv_cache_dtype` FP8_KV_DTYPE: the FP8 KV cache
+    in the full-attention pools (PagedKV)."""
 
     def __init__(self, model, *, max_rows: int, block_size: int, blocks: dict[str, int], table_width: int,
                  image_rows: int = 0, image_tokens: int = 0, compile: bool | None = None,
-                 capture: bool | None = None):
+                 capture: bool | None = None, kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         if plan_for(model) is None:
             raise ValueError(f"{type(model).__name__} has no decode plan: the server runs Llama, Llama 4 and Mllama models")
@@ -172,8 +173,12 @@ class PagedRunner:
         kv_heads, head_dim = self.plan.kv_shape
         self.max_rows = batch_bucket(max_rows) if self.capture else max_rows
         self.kv = PagedKV(self.layers_by_kind, {kind: blocks[kind] + 1 for kind in self.layers_by_kind}, block_size,
-                          kv_heads, head_dim, self.max_rows, table_width, model.dtype, model.device)
+                          kv_heads, head_dim, self.max_rows, table_width, model.dtype, model.device,
+                          cache_dtype=kv_cache_dtype)
         cross_layers = [i for i, kind in enumerate(kinds) if kind == CROSS]
+        # Mllama's image keys/values stay in the model's dtype with the FP8 KV cache too, as
+        # generate()'s (cache_config's dtype is the self-attention layers' storage): written once
+        # per request, a few thousand positions, they are not what a decode step reads most
         if cross_layers and image_rows:
             self.kv.cross_store = PagedCrossKV(cross_layers, image_rows, image_tokens, kv_heads, head_dim,
                                                self.max_rows, model.dtype, model.device)

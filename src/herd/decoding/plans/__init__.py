@@ -17,10 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..kv import DecodeKV
-
-# What a layer attends with: its own keys in a full cache, a ring of chunk slots, or an image.
-FULL, CHUNKED, CROSS = "full", "chunked", "cross"
+# What a layer attends with: its own keys in a full cache, a ring of chunk slots, or an image
+# (named beside the stores, which keep the kinds apart: the FP8 KV cache is the full layers' alone)
+from ..kv import CHUNKED, CROSS, FULL, DecodeKV  # noqa: F401
 
 
 class DecodePlan:
