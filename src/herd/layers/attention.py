@@ -384,10 +384,12 @@ CUDNN_MIN_QUERIES = 4096
 def prefers_cudnn(query: torch.Tensor, plain_causal: bool) -> bool:
     """Whether sdpa should try cuDNN's attention first: a causal prefill without a mask tensor of
     at least CUDNN_MIN_QUERIES queries, in half precision on a GPU of compute capability 9.0 or
-    more (torch falls back to the next backend where cuDNN refuses the call)."""
+    more, for inference (no gradient: cuDNN's backward has had NaN bugs, pytorch#196678) (torch
+    falls back to the next backend where cuDNN refuses the call)."""
     return (
         plain_causal
         and query.is_cuda
+        and not query.requires_grad
         and query.dtype in (torch.float16, torch.bfloat16)
         and query.shape[-2] >= CUDNN_MIN_QUERIES
         and torch.backends.cudnn.is_available()
