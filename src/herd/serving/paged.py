@@ -8,9 +8,10 @@ released cached block is the first to be taken for new work (LRU eviction). Bloc
 pool is never handed out: rows that pad a captured batch write there.
 
 The model: prefill chunks go through the model's reference forward with `PagedPrefillCache`
-(chunks from the same position batched, right-padded: `prefill_batches`); decode steps run the family's decode plan (decoding/plans/) over a
-`PagedKV` for every running request at once, on CUDA compiled and captured as one CUDA graph
-per batch-size bucket (rows padded up to the bucket).
+(chunks from the same position as one right-padded batch: `prefill_batches`); decode steps run
+the family's decode plan (decoding/plans/) over a `PagedKV` for every running request at once,
+on CUDA compiled and captured as one CUDA graph per batch-size bucket (rows padded up to the
+bucket).
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ class Prefilled(NamedTuple):
 
 
 class PagedRunner:
-    """The model over a PagedKV: `prefill` (a chunk of one request) and `decode` (one token for
-    each of several requests). Mllama's image keys/values go to `image_rows` slots of
+    """The model over a PagedKV: `prefill` (chunks of one or more requests from one position) and
+    `decode` (one token for each of several requests). Mllama's image keys/values go to `image_rows` slots of
     `image_tokens` positions each (PagedCrossKV). `kv_cache_dtype` FP8_KV_DTYPE: the FP8 KV cache
     in the full-attention pools (PagedKV)."""
 
