@@ -1,6 +1,6 @@
 """Where a decode step's time goes: the captured graph's kernels, and the loop around it.
 
-    python bench/profile_decode.py llama3.2-1b [--batch 1] [--prefill 2048] [--out DIR]
+    python bench/profile_decode.py llama3.2-1b [--batch 1] [--prefill 2048] [--quantization int8] [--out DIR]
 
 Prints, for one named architecture (random weights, as `herd bench` builds it):
 - generate()'s decode ms/step (herd bench's protocol) and the captured graph's own replay time
@@ -68,9 +68,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--prefill", type=int, default=0)
     parser.add_argument("--out", default=".")
+    parser.add_argument("--quantization", default=None, help="int8, int4 or fp8: weights built quantized")
     args = parser.parse_args()
     device = torch.device("cuda")
-    model = build_model(args.model, torch.bfloat16, device, args.layers)
+    model = build_model(args.model, torch.bfloat16, device, args.layers, args.quantization)
     bandwidth = copy_bandwidth(device)
     weights, kv = decode_bytes(model, args.batch, 128 + 64)
     floor_ms = (weights + kv) / bandwidth * 1e3

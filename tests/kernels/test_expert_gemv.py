@@ -29,6 +29,12 @@ CASES = [
     (4, 100, 70, 2, [1, 0, 1, 1]),
 ]
 SMALL_BLOCKS = dict(block_n=16, block_k=16)  # several column blocks and loop steps at these widths
+# int4: pairs, in, out, experts, expert ids, group (a step is a group)
+INT4_CASES = [
+    (1, 64, 24, 3, [2], 32),
+    (3, 256, 300, 5, [4, 0, 4], 64),
+    (4, 128, 70, 2, [1, 0, 1, 1], 32),
+]
 
 
 def quantize_experts(weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +74,9 @@ def _check(out, exact, dtype):
         torch.testing.assert_close(out.double(), exact, rtol=1.01 * half_ulp, atol=1e-5)
 
 
-def _kernel(x, expert_ids, data, scale, **blocks):
-    return module.launch(x, expert_ids, data, scale, x.new_empty(x.shape[0], data.shape[2]), **blocks)
+def _kernel(x, expert_ids, data, scale, offset=None, **blocks):
+    """The kernel's partial sums over input-row ranges, summed and rounded as expert_gemv does."""
+    return module.launch(x, expert_ids, data, scale, offset, **blocks).sum(0).to(x.dtype)
 
 
 @needs_triton
@@ -81,6 +88,56 @@ def test_expert_kernel_equals_float64_math(kind, dtype, pairs, in_features, out_
     exact = _exact(x, expert_ids, data, scale)
     _check(_kernel(x, expert_ids, data, scale, **SMALL_BLOCKS), exact, dtype)
     _check(_kernel(x, expert_ids, data, scale), exact, dtype)  # the module's blocks
+
+
+@needs_triton
+@pytest.mark.parametrize("ranges", [1, 3, None])
+def test_expert_kernel_sums_input_row_ranges(ranges):
+    """Split into ranges of input rows (the last one shorter, or empty), the partials add up to
+    the whole product."""
+    x, expert_ids, data, scale = _inputs(*CASES[3], torch.float32, "int8", seed=3)
+    _check(_kernel(x, expert_ids, data, scale, ranges=ranges, **SMALL_BLOCKS), _exact(x, expert_ids, data, scale),
+           torch.float32)
+
+
+def test_plan_ranges_fills_the_grid_with_whole_steps():
+    # Scout's down_proj at one pair: 80 column blocks, 32 steps of 256 rows, 132 SMs -> 6 ranges wanted
+    ranges, per_range = module.plan_ranges(1, 5120, 32, 132)
+    assert (ranges, per_range) == (6, 6)
+    assert module.plan_ranges(1, 16384, 20, 132) == (2, 10)  # gate/up: 256 blocks
+    assert module.plan_ranges(4, 16384, 20, 132) == (1, 20)  # enough blocks already
+    assert module.plan_ranges(1, 64, 3, 132) == (3, 1)  # never more ranges than steps
+
+
+def _int4_inputs(pairs, in_features, out_features, experts, ids, group, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(pairs, in_features, generator=generator).to(DEVICE, dtype)
+    spread = torch.exp(torch.empty(experts, 1, out_features).uniform_(-1.6, 1.6, generator=generator))
+    weight = torch.randn(experts, in_features, out_features, generator=generator) * spread / in_features**0.5
+    stored = stored_experts(weight, Scheme("int4", group_size=group), torch.float32 if dtype == torch.float32 else dtype)
+    exact = torch.einsum("pk,pkn->pn", x.double().cpu(), _dequantized_by_hand(
+        {k: t.double() for k, t in stored.items()} | {"": stored[""]}, "int4").double()[torch.tensor(ids)])
+    return x, torch.tensor(ids, device=DEVICE), *(stored[k].to(DEVICE) for k in ("", "_scale", "_offset")), exact
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairs,in_features,out_features,experts,ids,group", INT4_CASES)
+def test_int4_expert_kernel_equals_float64_math(dtype, pairs, in_features, out_features, experts, ids, group):
+    """int4 pairs: the nibbles times the group's scale plus its offset, each row through its own expert."""
+    x, expert_ids, data, scale, offset, exact = _int4_inputs(pairs, in_features, out_features, experts, ids, group, dtype)
+    _check(_kernel(x, expert_ids, data, scale, offset, block_n=16).cpu(), exact, dtype)
+    _check(_kernel(x, expert_ids, data, scale, offset).cpu(), exact, dtype)
+    _check(module.torch_expert_gemv(x, expert_ids, data, scale, offset).cpu(), exact, dtype)
+
+
+def test_int4_kernel_applies_to_groups_of_at_least_32():
+    x, expert_ids, data, scale, offset, _ = _int4_inputs(*INT4_CASES[0], torch.float32)
+    on_gpu = module.triton is not None and x.is_cuda
+    assert module.kernel_applies(x, expert_ids, data, scale, offset) == on_gpu
+    small = torch.zeros(3, 4, 24, dtype=scale.dtype, device=DEVICE)  # groups of 16 rows
+    assert not module.kernel_applies(x, expert_ids, data, small, small)
+    assert not module.kernel_applies(x, expert_ids, data, scale, offset.half())
 
 
 @needs_triton
@@ -151,7 +208,7 @@ def test_quantized_routed_experts_equal_the_plain_path_on_dequantized_experts(ki
 def test_expert_op_compiles_whole():
     """The op as the compiled decode step calls it: one graph (its fake gives the shape), the kernel's result."""
     x, expert_ids, data, scale = _inputs(*CASES[3], torch.float32, "int8")
-    compiled = torch.compile(lambda x, ids: torch.ops.herd.expert_gemv(x, ids, data, scale) * 2, fullgraph=True,
+    compiled = torch.compile(lambda x, ids: torch.ops.herd.expert_gemv(x, ids, data, scale).sum(0) * 2, fullgraph=True,
                              backend="aot_eager")
     torch.testing.assert_close(compiled(x, expert_ids), 2 * _kernel(x, expert_ids, data, scale))
     fallback = torch.compile(expert_gemv, fullgraph=True, backend="aot_eager")  # CPU: the torch arithmetic

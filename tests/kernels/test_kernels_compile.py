@@ -132,12 +132,19 @@ COMPILE_ALL = textwrap.dedent('''
         compile_one(f"paged attention fp8 cache splits={splits} group={group} dim={dim}",
                     paged_attention._paged_range_kernel, fp8_signature, {**constants, "FP8": True}, num_warps=4,
                     num_stages=2)
-    # routed experts read as stored (int8 or FP8 data, float32 scales), rows in each activation dtype
-    for (data, data_name), x in itertools.product([("*i8", "int8"), ("*fp8e4nv", "fp8")], ["*bf16", "*fp16", "*fp32"]):
+    # routed experts read as stored (int8 / FP8 data with float32 scales, int4 pairs with scales and
+    # offsets in the rows' dtype), rows in each activation dtype; FP8 into bf16 products through inline asm
+    for (data, data_name), x in itertools.product([("*i8", "int8"), ("*fp8e4nv", "fp8"), ("*u8", "int4")],
+                                                  ["*bf16", "*fp16", "*fp32"]):
+        int4 = data_name == "int4"
+        scale = x if int4 else "*fp32"
         compile_one(f"expert_gemv {data_name} x={x}", expert_gemv._expert_gemv_kernel,
-                    {"x_ptr": x, "ids_ptr": "*i64", "data_ptr": data, "scale_ptr": "*fp32", "out_ptr": x, "K": "i32",
-                     "N": "i32"}, dict(BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=expert_gemv.BLOCK_K),
-                    num_warps=expert_gemv.WARPS, num_stages=expert_gemv.STAGES)
+                    {"x_ptr": x, "ids_ptr": "*i64", "data_ptr": data, "scale_ptr": scale, "offset_ptr": scale,
+                     "partial_ptr": "*fp32", "pairs": "i32", "K": "i32", "N": "i32", "steps_per_range": "i32"},
+                    dict(INT4=int4, GROUP=128 if int4 else 1, FP8_ASM=data_name == "fp8" and x == "*bf16",
+                         PRECISION="ieee" if x == "*fp32" else "tf32", BLOCK_N=expert_gemv.BLOCK_N,
+                         BLOCK_K=128 if int4 else expert_gemv.BLOCK_K, M=16),
+                    num_warps=expert_gemv.WARPS, num_stages=expert_gemv.INT4_STAGES if int4 else expert_gemv.STAGES)
     import multiprocessing, os
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # forked: the jobs list is shared
         results = pool.map(compile_job, range(len(jobs)), chunksize=1)
@@ -162,11 +169,11 @@ def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
     # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels, 3 paged
-    # attention kernels and their 3 FP8 ones, 6 expert_gemv
+    # attention kernels and their 3 FP8 ones, 9 expert_gemv
     assert len(compiled) >= 188
     assert sum(label.startswith("paged attention") for label, _, _ in compiled) == 6
     assert sum(label.startswith("paged attention fp8 cache") for label, _, _ in compiled) == 3
-    assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 6
+    assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 9
     assert sum(label.startswith("attention fp8 cache") for label, _, _ in compiled) == 4
 
 

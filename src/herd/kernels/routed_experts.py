@@ -11,13 +11,16 @@ which needs the group sizes on the host. A decode step must not wait for the hos
   weights read once.
 
 Quantized experts (int8 or FP8 with a float32 scale per expert and output column, int4 in groups
-of input rows with a scale and an offset) are dequantized by index on the first path, every
-expert once on the second.
+of input rows with a scale and an offset) are read as stored by `expert_gemv` on the first path
+(dequantized by index where its kernel does not apply: on a CPU), every expert dequantized once
+on the second.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .expert_gemv import expert_gemv, kernel_applies
 
 
 # Above this many (token, expert) rows, grouped matmuls (each expert read once) beat reading each
@@ -67,15 +70,16 @@ def dequantized_experts(data: torch.Tensor, scale: torch.Tensor, offset: torch.T
 
 
 def _quantized_routed_experts(routed_in, expert_ids, gate_up_proj: tuple, down_proj: tuple, activation):
-    """Each row's expert dequantized by index to the rows' dtype (what the compiled step fuses into
-    one gather-and-scale kernel per projection), or, for more rows than experts, every expert
-    dequantized once for one grouped matmul. `expert_gemv`, which reads the experts in place, is
-    not used yet: untuned, it measured slower (bench/RESULTS.md, 11-30: Scout FP8 28.95 ms a step
-    against 10.11 with this path)."""
+    """A few rows: each through its expert read as stored (`expert_gemv`, a byte or half a byte a
+    weight), or where that kernel does not apply, the expert dequantized by index to the rows'
+    dtype. More rows than experts: every expert dequantized once for one grouped matmul."""
     dtype = routed_in.dtype
     if uses_grouped_mm(routed_in) and routed_in.shape[0] > max(GATHERED_ROWS, gate_up_proj[0].shape[0]):
         return routed_experts(routed_in, expert_ids, dequantized_experts(*gate_up_proj, dtype=dtype),
                               dequantized_experts(*down_proj, dtype=dtype), activation)
+    if kernel_applies(routed_in, expert_ids, *gate_up_proj):
+        gate, up = expert_gemv(routed_in, expert_ids, *gate_up_proj).chunk(2, dim=-1)  # (pairs, inter) each
+        return expert_gemv(up * activation(gate), expert_ids, *down_proj)
     gate_up = dequantized_experts(*(t[expert_ids] for t in gate_up_proj), dtype=dtype)  # (pairs, hidden, 2 * inter)
     gate, up = torch.bmm(routed_in[:, None, :], gate_up).chunk(2, dim=-1)
     down = dequantized_experts(*(t[expert_ids] for t in down_proj), dtype=dtype)
