@@ -101,12 +101,16 @@ def test_expert_kernel_sums_input_row_ranges(ranges):
 
 
 def test_plan_ranges_fills_the_grid_with_whole_steps():
-    # Scout's down_proj at one pair: 80 column blocks, 32 steps of 256 rows, 132 SMs -> 6 ranges wanted
-    ranges, per_range = module.plan_ranges(1, 5120, 32, 132)
-    assert (ranges, per_range) == (6, 6)
-    assert module.plan_ranges(1, 16384, 20, 132) == (2, 10)  # gate/up: 256 blocks
-    assert module.plan_ranges(4, 16384, 20, 132) == (1, 20)  # enough blocks already
-    assert module.plan_ranges(1, 64, 3, 132) == (3, 1)  # never more ranges than steps
+    per_sm = module.PROGRAMS_PER_SM
+    # Scout's down_proj at one pair, 132 SMs: 80 column blocks of 64, 64 steps of 128 rows ->
+    # 132 * per_sm // 80 ranges wanted, of whole steps each
+    wanted = 132 * per_sm // 80
+    ranges, per_range = module.plan_ranges(1, 5120, 64, 132, block_n=64)
+    assert per_range == -(-64 // wanted) and ranges == -(-64 // per_range) and ranges * per_range >= 64
+    assert (ranges - 1) * per_range < 64  # no empty range
+    assert module.plan_ranges(1, 16384, 40, 132, block_n=64) == (132 * per_sm // 256, 40 // (132 * per_sm // 256))
+    assert module.plan_ranges(64, 16384, 40, 132, block_n=64) == (1, 40)  # enough blocks already
+    assert module.plan_ranges(1, 64, 3, 132, block_n=64) == (3, 1)  # never more ranges than steps
 
 
 def _int4_inputs(pairs, in_features, out_features, experts, ids, group, dtype, seed=0):

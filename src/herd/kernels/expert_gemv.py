@@ -43,15 +43,16 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton: the torch arithmetic runs instead
     triton = None
 
-# From bench/gemv_lab.py on the H200 (11-30): a (out, in) weight of 28672 x 4096 at one row read 3.2-3.5
-# TB/s with 64 output columns a program, 256 input rows a step, 3 stages (the experts' (in, out)
-# tiles are the same product with the other operand order; bench/quantized.py measures them whole).
+# Measured on the H200 (bench/expert_gemv_sweep.py, 11-30: Scout's experts at one pair, FP8 and
+# int4 in groups of 128; numbers in bench/RESULTS.md): 64 columns, 128 input rows a step (int4: a
+# group), 3 stages and about 8 programs per SM were within 5% of the best of 162 configurations
+# for every projection and format, 6-15% faster than the first guess (64, 256, 4 per SM).
 BLOCK_N = 64
-BLOCK_K = 256
+BLOCK_K = 128
 WARPS = 4
 STAGES = 3
-INT4_STAGES = 4  # int4 steps one group (G input rows, G // 2 bytes) at a time: shorter, so more in flight
-PROGRAMS_PER_SM = 4  # input-row ranges are added until the grid has about this many programs per SM
+INT4_STAGES = 3
+PROGRAMS_PER_SM = 8  # input-row ranges are added until the grid has about this many programs per SM
 MIN_GROUP = 32  # int4 groups the kernel takes (a product of 16 input rows per nibble at least)
 
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
