@@ -243,13 +243,12 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
     paged = keys.shape[0] != key.shape[0]
     if key_scales is not None:
         for stored, scales, states in ((keys, key_scales, key), (values, value_scales, value)):
+            if paged:  # an opaque op: compiled, the write through a uint8 view copied the whole pool
+                torch.ops.herd.store_fp8_slots(stored, scales, slot, states)
+                continue
             quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
-            if paged:  # into the pool as below: a view of the same shape is written in place when compiled
-                stored.view(torch.uint8).index_copy_(2, slot, quantized.view(torch.uint8).transpose(0, 1)[None])
-                scales.index_copy_(2, slot, scale[..., 0].transpose(0, 1)[None])
-            else:
-                stored.view(torch.uint8)[:, :, slot] = quantized.view(torch.uint8)[:, :, None]
-                scales[:, :, slot] = scale
+            stored.view(torch.uint8)[:, :, slot] = quantized.view(torch.uint8)[:, :, None]
+            scales[:, :, slot] = scale
         return
     if not paged:
         keys[:, :, slot] = key[:, :, None].to(keys.dtype)
@@ -259,6 +258,25 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
         # copy of the whole pool (every layer, every step)
         keys.index_copy_(2, slot, key.transpose(0, 1)[None].to(keys.dtype))
         values.index_copy_(2, slot, value.transpose(0, 1)[None].to(values.dtype))
+
+
+@torch.library.custom_op("herd::store_fp8_slots", mutates_args=("stored", "scales"))
+def _store_fp8_slots(stored: torch.Tensor, scales: torch.Tensor, slot: torch.Tensor, states: torch.Tensor) -> None:
+    """states (rows, kv_heads, head_dim) quantized (cache.fp8_quantize) into an FP8 pool (1,
+    kv_heads, slots, head_dim) and its scales (1, kv_heads, slots) at one flat slot per row.
+
+    An operator the compiler does not look into, as the bf16 pool's rotary kernel is: traced, the
+    same index_copy_ through a uint8 view of the pool (float8 has no index_copy) became a copy of
+    the whole pool every layer and step on the GPU (120 ms a step for the 8B at 64 rows, H200,
+    bench/serve_engine.py --kv-cache-dtype fp8, 11-30)."""
+    quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
+    stored.view(torch.uint8).index_copy_(2, slot, quantized.view(torch.uint8).transpose(0, 1)[None])
+    scales.index_copy_(2, slot, scale[..., 0].transpose(0, 1)[None])
+
+
+@_store_fp8_slots.register_fake
+def _(stored, scales, slot, states):
+    return None
 
 
 # --- public functions: kernel where it applies, torch otherwise ----------------------------------
