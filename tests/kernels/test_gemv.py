@@ -14,6 +14,7 @@ from herd.decoding.fusion import fuse
 from herd.kernels import gemv
 from herd.layers.mlp import GatedMLP
 from herd.layers.norm import RMSNorm, rms_norm
+from herd.quantization.formats import quantize_int8_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(gemv.triton is None, reason="needs Triton")
@@ -153,9 +154,14 @@ def test_kernel_applies_only_where_it_can():
     if gemv.triton is None or not torch.cuda.is_available():
         return
     norm, mlp = norm.cuda(), mlp.cuda()
-    x = x.cuda()
+    x = x[:1].cuda()
     assert gemv.kernel_applies(x, norm.weight, mlp.gate_proj.weight)
-    assert not gemv.kernel_applies(torch.randn(gemv.MAX_ROWS + 1, 32, device="cuda"), norm.weight, mlp.down_proj.weight)
+    # weights in x's dtype: one row; quantized ones up to MAX_ROWS
+    assert not gemv.kernel_applies(torch.randn(2, 32, device="cuda"), norm.weight, mlp.gate_proj.weight)
+    data, scale = quantize_int8_rows(mlp.gate_proj.weight)
+    int8 = gemv.QuantizedWeight(data, scale.view(-1))
+    assert gemv.kernel_applies(torch.randn(gemv.MAX_ROWS, 32, device="cuda"), norm.weight, int8)
+    assert not gemv.kernel_applies(torch.randn(gemv.MAX_ROWS + 1, 32, device="cuda"), norm.weight, int8)
     assert not gemv.kernel_applies(x.half(), norm.weight, mlp.down_proj.weight)  # dtypes disagree
     biased = nn.Linear(32, 32).cuda()
     assert not gemv.kernel_applies(x, biased.weight, bias=biased.bias)

@@ -21,8 +21,8 @@ few programs per SM, each looping over its share of the weight's row blocks and 
 next block's weights before the products of the current one, with x read and normed once per
 program.
 
-Each function runs its kernel for CUDA tensors of at most `MAX_ROWS` rows when Triton is
-installed, there is no bias and the dtypes agree; otherwise it runs the same arithmetic in
+Each function runs its kernel for CUDA tensors of one row (`PLAIN_MAX_ROWS`; quantized weights:
+up to `MAX_ROWS`) when Triton is installed, there is no bias and the dtypes agree; otherwise it runs the same arithmetic in
 torch (`torch_*`), rounded at the same points. The kernels accumulate in float32 and round where
 the torch code rounds: after the norm, after its weight, after each matmul, after the activation.
 
@@ -49,6 +49,11 @@ except ImportError:  # CPU builds of torch ship without Triton: the torch arithm
     triton = None
 
 MAX_ROWS = 4  # beyond a few rows the weight tile is reused enough for the library matmul to win
+# Weights in x's dtype: one row only. The configurations were measured at one row; at 2 and 4 rows
+# the captured 8B step took 5.90 and 8.54 ms where the library matmul's 8-row step took 5.07
+# (bench/RESULTS.md, 2026-11-30 third session: a row's whole x in registers, times the rows, spills).
+# Quantized weights keep the kernel up to MAX_ROWS: the library matmul would need them dequantized.
+PLAIN_MAX_ROWS = 1
 
 
 class QuantizedWeight(NamedTuple):
@@ -190,13 +195,14 @@ def _readable(x: torch.Tensor, tensor: torch.Tensor | QuantizedWeight | None) ->
 
 def kernel_applies(x: torch.Tensor, *tensors: torch.Tensor | QuantizedWeight | None,
                    bias: torch.Tensor | None = None) -> bool:
-    """The kernel handles x (rows <= MAX_ROWS, hidden) on CUDA with weights (and norm weights) of
-    x's dtype or quantized (`_readable`), and no bias."""
+    """The kernel handles x (rows, hidden) on CUDA with weights (and norm weights) of x's dtype
+    (one row: PLAIN_MAX_ROWS) or quantized (`_readable`; up to MAX_ROWS rows), and no bias."""
+    quantized = any(isinstance(tensor, QuantizedWeight) for tensor in tensors)
     return (
         triton is not None
         and x.is_cuda
         and x.dim() == 2
-        and x.shape[0] <= MAX_ROWS
+        and x.shape[0] <= (MAX_ROWS if quantized else PLAIN_MAX_ROWS)
         and bias is None
         and all(_readable(x, tensor) for tensor in tensors)
     )

@@ -1,6 +1,6 @@
 """Llama 1/2/3.x's decode step (and the self-attention layers of Mllama, which are Llama's).
 
-Per layer, at batch 1 to 4 on a GPU (kernels/gemv.py, kernels/decode_attention.py):
+Per layer, at batch 1 (quantized weights: 1 to 4) on a GPU (kernels/gemv.py, kernels/decode_attention.py):
 1. q/k/v of rms_norm(x) in one kernel, rotary and the cache write in its epilogue;
 2. split attention over the cache, each key/value read once for the query heads that share it;
 3. o with the residual add (under tensor parallel: o's partial products summed across ranks first);
