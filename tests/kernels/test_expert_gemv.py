@@ -88,6 +88,7 @@ def test_expert_kernel_equals_float64_math(kind, dtype, pairs, in_features, out_
     exact = _exact(x, expert_ids, data, scale)
     _check(_kernel(x, expert_ids, data, scale, **SMALL_BLOCKS), exact, dtype)
     _check(_kernel(x, expert_ids, data, scale), exact, dtype)  # the module's blocks
+    _check(_kernel(x, expert_ids, data, scale, tensor_cores=False, **SMALL_BLOCKS), exact, dtype)  # CUDA cores
 
 
 @needs_triton

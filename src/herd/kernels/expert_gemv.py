@@ -128,6 +128,8 @@ def plan_ranges(pairs: int, out_features: int, steps: int, multiprocessors_count
 
 
 if triton is not None:
+    from .gemv import _as_float
+
     # e4m3 (4 per register) -> bf16: the byte s eeee mmm moved to bf16 bits s000 0eee emmm 0000 is
     # the same number times 2**-120 (subnormals too), so one multiply by 2**120 finishes a pair;
     # Triton's own conversion goes through float16 and measured slower (bench/gemv_lab.py)
@@ -159,6 +161,7 @@ if triton is not None:
     @triton.jit
     def _expert_gemv_kernel(x_ptr, ids_ptr, data_ptr, scale_ptr, offset_ptr, partial_ptr, pairs, K, N, steps_per_range,
                             INT4: tl.constexpr, GROUP: tl.constexpr, FP8_ASM: tl.constexpr, PRECISION: tl.constexpr,
+                            TENSOR_CORES: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M: tl.constexpr):
         """partial[range, pair, n] for BLOCK_N columns n: the range's input rows of x[pair] through
         the pair's expert. int4: BLOCK_K == GROUP, one group a step. x's row sits in row 0 of an
@@ -176,6 +179,9 @@ if triton is not None:
         if PRECISION == "ieee":  # float32 products: float32 rows, or the interpreter
             dtype = tl.float32
         acc = tl.zeros((M, BLOCK_N), tl.float32)
+        # int8 / FP8 without the tensor cores: each weight converted to float32 and multiplied on
+        # the CUDA cores, summed over the rows of the tile once at the end
+        products = tl.zeros((1 if TENSOR_CORES else BLOCK_K, BLOCK_N), tl.float32)
         first = input_range * steps_per_range
         for step in range(first, first + steps_per_range):
             start = step * BLOCK_K
@@ -203,17 +209,25 @@ if triton is not None:
                 w = tl.load(data_ptr + expert * K * N + k[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :],
                             other=0.0)  # (BLOCK_K, BLOCK_N), contiguous along n
                 xv = tl.load(x_row + k, mask=k_ok, other=0.0)
-                rows = tl.where(first_row, xv[None, :], 0.0).to(dtype)  # (M, BLOCK_K)
-                acc = tl.dot(rows, _as_operand(w, dtype, FP8_ASM), acc, input_precision=PRECISION)
-        total = tl.sum(acc, axis=0)  # (BLOCK_N,): row 0, the others are zeros
+                if TENSOR_CORES:
+                    rows = tl.where(first_row, xv[None, :], 0.0).to(dtype)  # (M, BLOCK_K)
+                    acc = tl.dot(rows, _as_operand(w, dtype, FP8_ASM), acc, input_precision=PRECISION)
+                else:
+                    products += _as_float(w) * xv.to(tl.float32)[:, None]
+        if TENSOR_CORES:
+            total = tl.sum(acc, axis=0)  # (BLOCK_N,): row 0, the others are zeros
+        else:
+            total = tl.sum(products, axis=0)
         if not INT4:
             total = total * tl.load(scale_ptr + expert * N + n, mask=n_ok, other=0.0)
         tl.store(partial_ptr + (input_range * pairs + pair).to(tl.int64) * N + n, total, mask=n_ok)
 
     def launch(x, expert_ids, data, scale, offset=None, *, block_n=BLOCK_N, block_k=None, warps=WARPS, stages=None,
-               ranges=None):
+               ranges=None, tensor_cores=True):
         """(ranges, pairs, out) float32 partial sums from contiguous tensors; also runs in Triton's
-        interpreter (the CPU tests). `ranges`: how many input-row ranges (`plan_ranges` if None)."""
+        interpreter (the CPU tests). `ranges`: how many input-row ranges (`plan_ranges` if None).
+        `tensor_cores=False` (int8 / FP8): the products on the CUDA cores instead (a variant for
+        bench/expert_gemv_sweep.py to measure)."""
         pairs = x.shape[0]
         int4 = offset is not None
         in_features = data.shape[1] * (2 if int4 else 1)
@@ -233,7 +247,8 @@ if triton is not None:
         if pairs:
             _expert_gemv_kernel[(triton.cdiv(out_features, block_n), ranges, pairs)](
                 x, expert_ids, data, scale, offset if int4 else scale, partials, pairs, in_features, out_features,
-                per_range, INT4=int4, GROUP=group, FP8_ASM=fp8_asm, PRECISION=precision, BLOCK_N=block_n,
+                per_range, INT4=int4, GROUP=group, FP8_ASM=fp8_asm, PRECISION=precision,
+                TENSOR_CORES=tensor_cores or int4, BLOCK_N=block_n,
                 BLOCK_K=block_k, M=16, num_warps=warps, num_stages=stages or (INT4_STAGES if int4 else STAGES),
             )
         return partials
