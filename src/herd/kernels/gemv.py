@@ -248,13 +248,9 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
     view of the whole cache (float8 has no index_put on some torch versions)."""
     paged = keys.shape[0] != key.shape[0]
     if key_scales is not None:
-        for stored, scales, states in ((keys, key_scales, key), (values, value_scales, value)):
-            if paged:  # an opaque op: compiled, the write through a uint8 view copied the whole pool
-                torch.ops.herd.store_fp8_slots(stored, scales, slot, states)
-                continue
-            quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
-            stored.view(torch.uint8)[:, :, slot] = quantized.view(torch.uint8)[:, :, None]
-            scales[:, :, slot] = scale
+        # an opaque op: compiled, the write through a uint8 view copied the whole pool (`_store_fp8_slots`)
+        torch.ops.herd.store_fp8_slots(keys, key_scales, slot, key)
+        torch.ops.herd.store_fp8_slots(values, value_scales, slot, value)
         return
     if not paged:
         keys[:, :, slot] = key[:, :, None].to(keys.dtype)
@@ -268,16 +264,22 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
 
 @torch.library.custom_op("herd::store_fp8_slots", mutates_args=("stored", "scales"))
 def _store_fp8_slots(stored: torch.Tensor, scales: torch.Tensor, slot: torch.Tensor, states: torch.Tensor) -> None:
-    """states (rows, kv_heads, head_dim) quantized (cache.fp8_quantize) into an FP8 pool (1,
-    kv_heads, slots, head_dim) and its scales (1, kv_heads, slots) at one flat slot per row.
+    """states (rows, kv_heads, head_dim) quantized (cache.fp8_quantize) into an FP8 cache and its
+    scales (`store_key_value`): a cache (rows, kv_heads, slots, head_dim) with scales (rows,
+    kv_heads, slots) at slot (1,), or a paged pool (1, ...) at one flat slot (rows,) per row.
 
-    An operator the compiler does not look into, as the bf16 pool's rotary kernel is: traced, the
-    same index_copy_ through a uint8 view of the pool (float8 has no index_copy) became a copy of
-    the whole pool every layer and step on the GPU (120 ms a step for the 8B at 64 rows, H200,
-    bench/serve_engine.py --kv-cache-dtype fp8, 11-30)."""
+    An operator the compiler does not look into, as the bf16 caches' rotary kernel is: traced, the
+    pool's index_copy_ through a uint8 view (float8 has no index_copy) became a copy of the whole
+    pool every layer and step on the GPU (120 ms a step for the 8B at 64 rows, H200,
+    bench/serve_engine.py --kv-cache-dtype fp8, 11-30). generate()'s FP8 cache writes through the
+    same kind of view, so it takes the operator too."""
     quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
-    stored.view(torch.uint8).index_copy_(2, slot, quantized.view(torch.uint8).transpose(0, 1)[None])
-    scales.index_copy_(2, slot, scale[..., 0].transpose(0, 1)[None])
+    if stored.shape[0] != states.shape[0]:  # a paged pool, one flat slot per row
+        stored.view(torch.uint8).index_copy_(2, slot, quantized.view(torch.uint8).transpose(0, 1)[None])
+        scales.index_copy_(2, slot, scale[..., 0].transpose(0, 1)[None])
+    else:
+        stored.view(torch.uint8)[:, :, slot] = quantized.view(torch.uint8)[:, :, None]
+        scales[:, :, slot] = scale
 
 
 @_store_fp8_slots.register_fake
