@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quantized_gemv import timed  # noqa: E402
 
-from herd.kernels import gemv  # noqa: E402
+from herd.kernels import expert_gemv, gemv  # noqa: E402
 from herd.quantization.formats import quantize_fp8_rows, quantize_int4_groups, quantize_int8_rows  # noqa: E402
 
 BF16, INT8, FP8, FP8_ACT, INT4 = 0, 1, 2, 3, 4
@@ -54,25 +54,8 @@ prmt.b32 $0, f0, f1, 0x7632;
 prmt.b32 $1, f2, f3, 0x7632;
 }""")
 
-# e4m3 (4 per register) -> bf16: a byte s eeee mmm moved to bf16 bits s ... eeee mmm0000 is the
-# same number times 2**-120 (subnormals too), so one multiply by 2**120 finishes it
-FP8_ASM = tl.constexpr("""{
-.reg .b32 t0, t1, s0, s1, zero, scale;
-mov.b32 zero, 0;
-mov.b32 scale, 0x7B807B80;
-prmt.b32 t0, $2, zero, 0x1404;
-prmt.b32 t1, $2, zero, 0x3424;
-shr.b32 s0, t0, 4;
-shr.b32 s1, t1, 4;
-and.b32 s0, s0, 0x07F007F0;
-and.b32 s1, s1, 0x07F007F0;
-and.b32 t0, t0, 0x80008000;
-and.b32 t1, t1, 0x80008000;
-or.b32 s0, s0, t0;
-or.b32 s1, s1, t1;
-mul.rn.bf16x2 $0, s0, scale;
-mul.rn.bf16x2 $1, s1, scale;
-}""")
+# e4m3 -> bf16: herd's own conversion (kernels/expert_gemv.py)
+FP8_ASM = expert_gemv._FP8_TO_BF16
 
 # int4 (bytes: low nibble the even column, high the odd; 4 bytes per register) with a bf16 scale
 # and offset per byte -> the even columns' and the odd columns' bf16 weights: a nibble q in the

@@ -57,25 +57,35 @@ def main() -> None:
         for name, backend, grouped in CASES:
             keys, values = (key, value) if grouped else expanded
 
-            def run():
-                return F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=grouped)
-
-            try:
+            def run(keys=keys, values=values, backend=backend, grouped=grouped):
                 with sdpa_kernel([backend]):
-                    output = run()
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(args.repeats):
-                        run()
-                    torch.cuda.synchronize()
-                seconds = (time.perf_counter() - start) / args.repeats
-            except RuntimeError as error:  # a backend that refuses these inputs
-                print(f"| {length} | {name} | refused: {str(error)[:80]} | | |")
-                continue
-            first = output if first is None else first
-            difference = (output.float() - first.float()).abs().max().item()
-            print(f"| {length} | {name} | {1000 * seconds:.1f} | {flops / seconds / 1e12:.0f} | {difference:.3g} |",
-                  flush=True)
+                    return F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=grouped)
+
+            first = measured_row(length, name, run, args.repeats, flops, first)
+
+
+def measured_row(length: int, name: str, run, repeats: int, flops: float, first):
+    """Times run and prints its row; returns the first output of the table (the others' reference)."""
+    try:
+        output, seconds = timed(run, repeats)
+    except RuntimeError as error:  # a backend that refuses these inputs
+        print(f"| {length} | {name} | refused: {str(error)[:80]} | | |")
+        return first
+    first = output if first is None else first
+    difference = (output.float() - first.float()).abs().max().item()
+    print(f"| {length} | {name} | {1000 * seconds:.1f} | {flops / seconds / 1e12:.0f} | {difference:.3g} |", flush=True)
+    return first
+
+
+def timed(run, repeats: int):
+    """(the first output, seconds per call of the next `repeats`)."""
+    output = run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    torch.cuda.synchronize()
+    return output, (time.perf_counter() - start) / repeats
 
 
 def merged(parts) -> torch.Tensor:
@@ -125,21 +135,7 @@ def chunk_after_cache(args) -> None:
         first = None
         for name, run in (("flash, lower-right bias", lower_right), ("cuDNN, two parts merged", two_parts(cudnn)),
                           ("flash, two parts merged", two_parts(flash))):
-            try:
-                output = run()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(args.repeats):
-                    run()
-                torch.cuda.synchronize()
-                seconds = (time.perf_counter() - start) / args.repeats
-            except RuntimeError as error:
-                print(f"| {length} | {name} | refused: {str(error)[:80]} | | |")
-                continue
-            first = output if first is None else first
-            difference = (output.float() - first.float()).abs().max().item()
-            print(f"| {length} | {name} | {1000 * seconds:.1f} | {flops / seconds / 1e12:.0f} | {difference:.3g} |",
-                  flush=True)
+            first = measured_row(length, name, run, args.repeats, flops, first)
 
 
 if __name__ == "__main__":
