@@ -540,6 +540,10 @@ def _quantization_config(config: PretrainedConfig, asked: Any, device: torch.dev
     if uses_fp8 and device.type == "cuda" and not has_fp8_matmul(device):
         logger.warning("this GPU has no FP8 matmul (compute capability below 8.9): FP8 weights are "
                        "dequantized to the activations' dtype for each matmul (same memory, slower)")
+    elif uses_fp8 and device.type == "cpu":
+        logger.warning("FP8 weights on the CPU are converted to float32 for each matmul while they stay there "
+                       "(same memory, several times slower than bf16; a GPU with FP8 runs them as stored); int8 "
+                       "weights run torch's CPU kernel: TorchAoConfig(\"int8_weight_only\") on a float checkpoint")
     return chosen
 
 

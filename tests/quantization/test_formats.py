@@ -200,6 +200,21 @@ def test_load_quantized_save_and_load_back_unchanged(tiny_folder, tmp_path, name
                        model.generate(ids[:1], max_new_tokens=6, do_sample=False))
 
 
+def test_fp8_on_the_cpu_says_which_path_runs(tiny_folder, caplog):
+    """FP8 weights loaded for the CPU: a warning that each matmul converts them, and what runs
+    faster there (int8); int8 itself loads without it."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="herd"):
+        herd.LlamaForCausalLM.from_pretrained(tiny_folder, quantization_config=FbgemmFp8Config(), progress=False)
+    assert "FP8 weights on the CPU" in caplog.text and "int8_weight_only" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="herd"):
+        herd.LlamaForCausalLM.from_pretrained(tiny_folder, quantization_config=TorchAoConfig("int8_weight_only"),
+                                              progress=False)
+    assert "FP8" not in caplog.text
+
+
 def test_modules_to_not_convert_and_config_object_forms(tiny_folder):
     config = TorchAoConfig(Int4WeightOnlyConfig(group_size=64), modules_to_not_convert=["o_proj", "model.layers.1.mlp"])
     model = herd.LlamaForCausalLM.from_pretrained(tiny_folder, quantization_config=config, progress=False)
