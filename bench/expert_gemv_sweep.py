@@ -1,8 +1,9 @@
 """Configurations of kernels/expert_gemv.py on Llama-4-Scout's routed experts, one pair (batch 1).
 
 For each projection (gate_up: 16 experts of 5120 x 16384; down: 16 of 8192 x 5120) and format
-(FP8, int4 in groups of 128), times every configuration of a grid (int8 / FP8 with the products on
-the tensor cores and on the CUDA cores), back to back over copies of
+(FP8, int4 in groups of 128), times every configuration of a grid (FP8 with the products on the
+tensor cores or the CUDA cores, its bf16 conversion herd's or Triton's; int4 with each group's sum
+of x reduced across threads or taken from the tensor cores), back to back over copies of
 the experts (as the layers of a step follow each other, none served from L2), and prints the
 five fastest against the module's defaults.
 
@@ -29,7 +30,7 @@ from herd.quantization.formats import Scheme  # noqa: E402
 
 SHAPES = {"gate_up": (16, 5120, 16384), "down": (16, 8192, 5120)}
 GRID = dict(block_n=(32, 64, 128), block_k=(128, 256, 512), stages=(3, 4), warps=(4, 8), programs_per_sm=(4, 8),
-            tensor_cores=(True, False))
+            tensor_cores=(True, False), variant=("", "triton fp8 conversion", "int4 sums by dot"))
 
 
 def main() -> None:
@@ -52,15 +53,18 @@ def main() -> None:
         expected = module.torch_expert_gemv(x, ids, *copies[0])
         results = []
         int4 = fmt == "int4"
-        for block_n, block_k, stages, warps, per_sm, tensor_cores in itertools.product(*GRID.values()):
-            if int4 and (block_k != 128 or not tensor_cores):
+        for block_n, block_k, stages, warps, per_sm, tensor_cores, variant in itertools.product(*GRID.values()):
+            if int4 and (block_k != 128 or not tensor_cores or variant == "triton fp8 conversion"):
+                continue
+            if not int4 and (variant == "int4 sums by dot" or (variant and not tensor_cores)):
                 continue
             steps = -(-rows // block_k)
             blocks = -(-columns // block_n)
             wanted = max(1, min(steps, per_sm * sms // blocks))
             ranges = -(-steps // -(-steps // wanted))
             kwargs = dict(block_n=block_n, block_k=None if int4 else block_k, warps=warps, stages=stages, ranges=ranges,
-                          tensor_cores=tensor_cores)
+                          tensor_cores=tensor_cores, fp8_asm=variant != "triton fp8 conversion",
+                          sums_by_dot=variant == "int4 sums by dot")
             try:
                 got = module.launch(x, ids, *copies[0], **kwargs).sum(0).to(x.dtype)
                 error = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
@@ -71,12 +75,12 @@ def main() -> None:
             except Exception as failure:  # noqa: BLE001 - a configuration that fails is reported and skipped
                 print(f"  failed {kwargs}: {type(failure).__name__}", flush=True)
                 continue
-            results.append((us, (block_n, block_k, stages, warps, per_sm, ranges, tensor_cores)))
+            results.append((us, (block_n, block_k, stages, warps, per_sm, ranges, tensor_cores, variant)))
         default = timed(lambda: [module.launch(x, ids, *c) for c in copies], repeats=50) / len(copies)
         best = sorted(results)[:5]
         print(f"{name} {fmt} ({stored_bytes / 1e6:.0f} MB an expert): default {default:.1f} us "
               f"({stored_bytes / default / 1e6:.2f} TB/s); best " + "; ".join(
-                  f"{us:.1f} us ({stored_bytes / us / 1e6:.2f} TB/s) (block_n, block_k, stages, warps, per_sm, ranges, tensor_cores)={c}"
+                  f"{us:.1f} us ({stored_bytes / us / 1e6:.2f} TB/s) (block_n, block_k, stages, warps, per_sm, ranges, tensor_cores, variant)={c}"
                   for us, c in best), flush=True)
         del copies
 

@@ -90,6 +90,7 @@ def test_expert_kernel_equals_float64_math(kind, dtype, pairs, in_features, out_
     _check(_kernel(x, expert_ids, data, scale, **SMALL_BLOCKS), exact, dtype)
     _check(_kernel(x, expert_ids, data, scale), exact, dtype)  # the module's blocks
     _check(_kernel(x, expert_ids, data, scale, tensor_cores=False, **SMALL_BLOCKS), exact, dtype)  # CUDA cores
+    _check(_kernel(x, expert_ids, data, scale, fp8_asm=False), exact, dtype)  # Triton's FP8 conversion (GPU)
 
 
 @needs_triton
@@ -134,6 +135,7 @@ def test_int4_expert_kernel_equals_float64_math(dtype, pairs, in_features, out_f
     x, expert_ids, data, scale, offset, exact = _int4_inputs(pairs, in_features, out_features, experts, ids, group, dtype)
     _check(_kernel(x, expert_ids, data, scale, offset, block_n=16).cpu(), exact, dtype)
     _check(_kernel(x, expert_ids, data, scale, offset).cpu(), exact, dtype)
+    _check(_kernel(x, expert_ids, data, scale, offset, sums_by_dot=True).cpu(), exact, dtype)
     _check(module.torch_expert_gemv(x, expert_ids, data, scale, offset).cpu(), exact, dtype)
 
 

@@ -161,7 +161,7 @@ if triton is not None:
     @triton.jit
     def _expert_gemv_kernel(x_ptr, ids_ptr, data_ptr, scale_ptr, offset_ptr, partial_ptr, pairs, K, N, steps_per_range,
                             INT4: tl.constexpr, GROUP: tl.constexpr, FP8_ASM: tl.constexpr, PRECISION: tl.constexpr,
-                            TENSOR_CORES: tl.constexpr,
+                            TENSOR_CORES: tl.constexpr, SUMS_BY_DOT: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M: tl.constexpr):
         """partial[range, pair, n] for BLOCK_N columns n: the range's input rows of x[pair] through
         the pair's expert. int4: BLOCK_K == GROUP, one group a step. x's row sits in row 0 of an
@@ -201,8 +201,12 @@ if triton is not None:
                 group_ok = n_ok & (tl.zeros((BLOCK_N,), tl.int32) + group < K // GROUP)  # the last range may run past K
                 scale = tl.load(scale_ptr + at, mask=group_ok, other=0.0).to(tl.float32)
                 offset = tl.load(offset_ptr + at, mask=group_ok, other=0.0).to(tl.float32)
-                x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32))  # the group's offset multiplies it
-                acc += product * scale[None, :] + tl.where(first_row, x_sum, 0.0) * offset[None, :]
+                if SUMS_BY_DOT:  # the group's sum of x in every column, from the tensor cores: no reduction across threads
+                    ones = tl.full((BLOCK_K // 2, BLOCK_N), 1.0, dtype)
+                    x_sums = tl.dot(odd, ones, tl.dot(even, ones, input_precision=PRECISION), input_precision=PRECISION)
+                else:
+                    x_sums = tl.where(first_row, tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32)), 0.0)
+                acc += product * scale[None, :] + x_sums * offset[None, :]  # the group's offset multiplies the sum
             else:
                 k = start + tl.arange(0, BLOCK_K)
                 k_ok = k < K
@@ -223,11 +227,12 @@ if triton is not None:
         tl.store(partial_ptr + (input_range * pairs + pair).to(tl.int64) * N + n, total, mask=n_ok)
 
     def launch(x, expert_ids, data, scale, offset=None, *, block_n=BLOCK_N, block_k=None, warps=WARPS, stages=None,
-               ranges=None, tensor_cores=True):
+               ranges=None, tensor_cores=True, fp8_asm=None, sums_by_dot=False):
         """(ranges, pairs, out) float32 partial sums from contiguous tensors; also runs in Triton's
         interpreter (the CPU tests). `ranges`: how many input-row ranges (`plan_ranges` if None).
-        `tensor_cores=False` (int8 / FP8): the products on the CUDA cores instead (a variant for
-        bench/expert_gemv_sweep.py to measure)."""
+        Variants for bench/expert_gemv_sweep.py to measure: `tensor_cores=False` (int8 / FP8) the
+        products on the CUDA cores; `fp8_asm=False` Triton's own FP8 conversion; `sums_by_dot`
+        (int4) each group's sum of x from the tensor cores."""
         pairs = x.shape[0]
         int4 = offset is not None
         in_features = data.shape[1] * (2 if int4 else 1)
@@ -243,12 +248,13 @@ if triton is not None:
         partials = torch.empty((ranges, pairs, out_features), dtype=torch.float32, device=x.device)
         interpreted = _interpreted()
         precision = "ieee" if interpreted or x.dtype == torch.float32 else "tf32"  # tf32: unused by 16-bit products
-        fp8_asm = not interpreted and data.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16
+        fp8_asm = (fp8_asm is not False) and not interpreted and data.dtype == torch.float8_e4m3fn \
+            and x.dtype == torch.bfloat16
         if pairs:
             _expert_gemv_kernel[(triton.cdiv(out_features, block_n), ranges, pairs)](
                 x, expert_ids, data, scale, offset if int4 else scale, partials, pairs, in_features, out_features,
                 per_range, INT4=int4, GROUP=group, FP8_ASM=fp8_asm, PRECISION=precision,
-                TENSOR_CORES=tensor_cores or int4, BLOCK_N=block_n,
+                TENSOR_CORES=tensor_cores or int4, SUMS_BY_DOT=sums_by_dot, BLOCK_N=block_n,
                 BLOCK_K=block_k, M=16, num_warps=warps, num_stages=stages or (INT4_STAGES if int4 else STAGES),
             )
         return partials
