@@ -16,8 +16,7 @@ _COMMON = dict(deadline=None, database=None, print_blob=True,
                                       HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
 settings.register_profile("ci", derandomize=True, max_examples=120, **_COMMON)
 settings.register_profile("long", derandomize=False, max_examples=1000, **_COMMON)
-# The known-difference tests (issue 19 items 1-6) skip shrinking: while they are xfail a failure is expected, and
-# shrinking it would only spend the CI budget. "dev": the ci examples without shrinking, for quick iterations.
+# "dev": the ci examples without shrinking, for quick iterations.
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
 settings.register_profile("dev", derandomize=True, max_examples=5, phases=NO_SHRINK, **_COMMON)
 settings.register_profile("long-noshrink", derandomize=False, max_examples=1000, phases=NO_SHRINK, **_COMMON)
