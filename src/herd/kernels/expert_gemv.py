@@ -56,7 +56,6 @@ PROGRAMS_PER_SM = 8  # input-row ranges are added until the grid has about this 
 MIN_GROUP = 32  # int4 groups the kernel takes (a product of 16 input rows per nibble at least)
 
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-DATA_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.uint8)  # uint8: int4 pairs
 
 
 def _interpreted() -> bool:
@@ -131,8 +130,9 @@ if triton is not None:
     from .gemv import _as_float
 
     # e4m3 (4 per register) -> bf16: the byte s eeee mmm moved to bf16 bits s000 0eee emmm 0000 is
-    # the same number times 2**-120 (subnormals too), so one multiply by 2**120 finishes a pair;
-    # Triton's own conversion goes through float16 and measured slower (bench/gemv_lab.py)
+    # the same number times 2**-120 (subnormals too), so one multiply by 2**120 finishes a pair.
+    # Triton's own conversion goes through float16; the two have not been timed side by side yet
+    # (bench/expert_gemv_sweep.py's fp8_asm variant)
     _FP8_TO_BF16 = tl.constexpr("""{
     .reg .b32 t0, t1, s0, s1, zero, scale;
     mov.b32 zero, 0;

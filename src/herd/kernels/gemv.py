@@ -51,7 +51,8 @@ except ImportError:  # CPU builds of torch ship without Triton: the torch arithm
 MAX_ROWS = 4  # beyond a few rows the weight tile is reused enough for the library matmul to win
 # Weights in x's dtype: one row only. The configurations were measured at one row; at 2 and 4 rows
 # the captured 8B step took 5.90 and 8.54 ms where the library matmul's 8-row step took 5.07
-# (bench/RESULTS.md, 2026-11-30 third session: a row's whole x in registers, times the rows, spills).
+# (bench/RESULTS.md, 2026-11-30 third session; likely cause, not profiled: a row's whole x sits in
+# registers, times the rows).
 # Quantized weights keep the kernel up to MAX_ROWS: the library matmul would need them dequantized.
 PLAIN_MAX_ROWS = 1
 
