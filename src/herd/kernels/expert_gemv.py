@@ -116,6 +116,16 @@ def expert_gemv(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, s
     return torch_expert_gemv(x, expert_ids, data, scale, offset)
 
 
+def _input_steps(data: torch.Tensor, scale: torch.Tensor, int4: bool, block_k: int | None = None
+                 ) -> tuple[int, int, int, int]:
+    """(in features, int4 group (1 otherwise), input rows a step, steps) of stored experts: int4
+    steps one group at a time."""
+    in_features = data.shape[1] * (2 if int4 else 1)
+    group = in_features // scale.shape[1] if int4 else 1
+    block_k = group if int4 else (block_k or BLOCK_K)
+    return in_features, group, block_k, -(-in_features // block_k)
+
+
 def plan_ranges(pairs: int, out_features: int, steps: int, multiprocessors_count: int,
                 block_n: int = BLOCK_N) -> tuple[int, int]:
     """(ranges, steps per range): input rows split into ranges of whole steps until the grid has
@@ -235,11 +245,8 @@ if triton is not None:
         (int4) each group's sum of x from the tensor cores."""
         pairs = x.shape[0]
         int4 = offset is not None
-        in_features = data.shape[1] * (2 if int4 else 1)
         out_features = data.shape[2]
-        group = in_features // scale.shape[1] if int4 else 1
-        block_k = group if int4 else (block_k or BLOCK_K)
-        steps = triton.cdiv(in_features, block_k)
+        in_features, group, block_k, steps = _input_steps(data, scale, int4, block_k)
         if ranges is None:
             ranges, per_range = plan_ranges(pairs, out_features, steps, multiprocessors(x.device), block_n)
         else:
@@ -268,7 +275,6 @@ if triton is not None:
 
     @_expert_gemv.register_fake
     def _(x, expert_ids, data, scale, offset=None):
-        in_features = data.shape[1] * (2 if offset is not None else 1)
-        steps = triton.cdiv(in_features, in_features // scale.shape[1] if offset is not None else BLOCK_K)
+        steps = _input_steps(data, scale, offset is not None)[3]
         ranges, _ = plan_ranges(x.shape[0], data.shape[2], steps, multiprocessors(x.device))
         return x.new_empty((ranges, x.shape[0], data.shape[2]), dtype=torch.float32)

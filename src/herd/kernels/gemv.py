@@ -249,9 +249,10 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
     view of the whole cache (float8 has no index_put on some torch versions)."""
     paged = keys.shape[0] != key.shape[0]
     if key_scales is not None:
-        # an opaque op: compiled, the write through a uint8 view copied the whole pool (`_store_fp8_slots`)
-        torch.ops.herd.store_fp8_slots(keys, key_scales, slot, key)
-        torch.ops.herd.store_fp8_slots(values, value_scales, slot, value)
+        # quantized here (the compiled step fuses it); written by an opaque op (`_store_fp8_slots`)
+        for stored, scales, states in ((keys, key_scales, key), (values, value_scales, value)):
+            quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
+            torch.ops.herd.store_fp8_slots(stored, scales, slot, quantized, scale)
         return
     if not paged:
         keys[:, :, slot] = key[:, :, None].to(keys.dtype)
@@ -264,18 +265,20 @@ def store_key_value(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor
 
 
 @torch.library.custom_op("herd::store_fp8_slots", mutates_args=("stored", "scales"))
-def _store_fp8_slots(stored: torch.Tensor, scales: torch.Tensor, slot: torch.Tensor, states: torch.Tensor) -> None:
-    """states (rows, kv_heads, head_dim) quantized (cache.fp8_quantize) into an FP8 cache and its
-    scales (`store_key_value`): a cache (rows, kv_heads, slots, head_dim) with scales (rows,
-    kv_heads, slots) at slot (1,), or a paged pool (1, ...) at one flat slot (rows,) per row.
+def _store_fp8_slots(stored: torch.Tensor, scales: torch.Tensor, slot: torch.Tensor, quantized: torch.Tensor,
+                     scale: torch.Tensor) -> None:
+    """quantized (rows, kv_heads, head_dim) e4m3 and scale (rows, kv_heads, 1) (cache.fp8_quantize's)
+    into an FP8 cache and its scales (`store_key_value`): a cache (rows, kv_heads, slots, head_dim)
+    with scales (rows, kv_heads, slots) at slot (1,), or a paged pool (1, ...) at one flat slot
+    (rows,) per row.
 
     An operator the compiler does not look into, as the bf16 caches' rotary kernel is: traced, the
     pool's index_copy_ through a uint8 view (float8 has no index_copy) became a copy of the whole
     pool every layer and step on the GPU (120 ms a step for the 8B at 64 rows, H200,
     bench/serve_engine.py --kv-cache-dtype fp8, 11-30). generate()'s FP8 cache writes through the
-    same kind of view, so it takes the operator too."""
-    quantized, scale = fp8_quantize(states)  # (rows, kv_heads, head_dim), (rows, kv_heads, 1)
-    if stored.shape[0] != states.shape[0]:  # a paged pool, one flat slot per row
+    same kind of view, so it takes the operator too. Only the write is opaque: the quantization
+    before it stays in the compiled code, fused with what computes the keys and values."""
+    if stored.shape[0] != quantized.shape[0]:  # a paged pool, one flat slot per row
         stored.view(torch.uint8).index_copy_(2, slot, quantized.view(torch.uint8).transpose(0, 1)[None])
         scales.index_copy_(2, slot, scale[..., 0].transpose(0, 1)[None])
     else:
@@ -284,7 +287,7 @@ def _store_fp8_slots(stored: torch.Tensor, scales: torch.Tensor, slot: torch.Ten
 
 
 @_store_fp8_slots.register_fake
-def _(stored, scales, slot, states):
+def _(stored, scales, slot, quantized, scale):
     return None
 
 
