@@ -24,6 +24,7 @@ built and set up (`TensorParallel.finish`); a kind that does not apply is report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -34,8 +35,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from herd import bench  # noqa: E402
+from herd.decoding.decoders import fast_decoder  # noqa: E402
 from herd.parallel import symmetric, tensor_parallel  # noqa: E402
+
+from profile_decode import kernel_table  # noqa: E402
 
 
 def build(args, size: int, group, device: torch.device):
@@ -65,6 +71,25 @@ def measure(args, model, batch: int, device: torch.device) -> tuple[float, float
     return step * 1e3, (weight_bytes + kv_bytes) / args.bandwidth * 1e3
 
 
+def profile_step(args, model, rank: int, steps: int = 10) -> str | None:
+    """The kernels of the last measured batch's captured step (greedy graph), replayed `steps`
+    times on every rank (its all-reduces need them all), recorded on rank 0."""
+    from torch.profiler import ProfilerActivity, profile
+
+    entry = fast_decoder(model).entry
+    graph = next(captured for (greedy, _), captured in entry.graphs.items() if greedy)
+    entry.positions.fill_(args.prompt_length)  # each replay moves the positions on: start from the prompt's end
+    entry.cache_position.fill_(args.prompt_length)
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CUDA]) if rank == 0 else contextlib.nullcontext() as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    dist.barrier()
+    return kernel_table(prof, steps, limit=25) if rank == 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -72,6 +97,8 @@ def main() -> None:
     parser.add_argument("--allreduce", choices=["nccl", "oneshot", "both"], default=None,
                         help="the all-reduce of tp sizes above 1: NCCL, the one-shot kernel over symmetric memory for "
                              "sums up to 512 KB, or both side by side (default: both on GPUs, nccl on CPUs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each tp size above 1, the kernels of its last batch's step (torch.profiler)")
     args = parser.parse_args()
     args.dtype = args.dtype or "bfloat16"
     args.new_tokens = args.new_tokens or 128
@@ -107,6 +134,10 @@ def main() -> None:
                             f"{batch / ms * 1e3:,.0f} | {floor:.2f} | {speedup} | {gib:.1f} |")
                 if rank == 0:
                     print(rows[-1], flush=True)
+            if args.profile and size > 1 and not skip and device.type == "cuda":
+                table = profile_step(args, model, rank)
+                if rank == 0:
+                    print(f"tp {size}, {kind}, batch {args.batch_sizes[-1]}: {table}", flush=True)
             del model
             gc.collect()
             if device.type == "cuda":
