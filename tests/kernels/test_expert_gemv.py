@@ -221,3 +221,55 @@ def test_expert_op_compiles_whole():
     torch.testing.assert_close(compiled(x, expert_ids), 2 * _kernel(x, expert_ids, data, scale))
     fallback = torch.compile(expert_gemv, fullgraph=True, backend="aot_eager")  # CPU: the torch arithmetic
     torch.testing.assert_close(fallback(x, expert_ids, data, scale), torch_expert_gemv(x, expert_ids, data, scale))
+
+
+def _float_inputs(pairs, in_features, out_features, experts, ids, dtype, seed=0):
+    """x and unquantized experts in dtype (as a bf16 checkpoint stores them); float64 math on them."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(pairs, in_features, generator=generator).to(DEVICE, dtype)
+    data = (torch.randn(experts, in_features, out_features, generator=generator) / in_features**0.5).to(DEVICE, dtype)
+    expert_ids = torch.tensor(ids, device=DEVICE)
+    return x, expert_ids, data, torch.einsum("pk,pkn->pn", x.double(), data.double()[expert_ids])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairs,in_features,out_features,experts,ids", CASES)
+def test_float_expert_kernel_equals_float64_math(dtype, pairs, in_features, out_features, experts, ids):
+    """Unquantized experts (no scale): each pair's row through its own expert."""
+    x, expert_ids, data, exact = _float_inputs(pairs, in_features, out_features, experts, ids, dtype)
+    _check(_kernel(x, expert_ids, data, None, **SMALL_BLOCKS), exact, dtype)
+    _check(_kernel(x, expert_ids, data, None), exact, dtype)
+    _check(_kernel(x, expert_ids, data, None, ranges=3, **SMALL_BLOCKS), exact, dtype)
+    _check(torch_expert_gemv(x, expert_ids, data), exact, dtype)
+
+
+def test_float_experts_take_the_kernel_in_x_dtype_on_its_device():
+    x, expert_ids, data, _ = _float_inputs(*CASES[1], torch.float32)
+    on_gpu = module.triton is not None and x.is_cuda
+    assert module.kernel_applies(x, expert_ids, data) == on_gpu
+    assert not module.kernel_applies(x, expert_ids, data.half())  # would round x or the weights
+    assert not module.kernel_applies(x, expert_ids, data, torch.ones(4, 1, 128, device=DEVICE))  # float data, a scale
+    if on_gpu:
+        assert not module.kernel_applies(x, expert_ids, data.cpu())  # experts offloaded to the host
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or module.triton is None, reason="routed_experts takes the kernel on CUDA")
+@pytest.mark.parametrize("ids", [[2], [3, 0, 3, 1]])
+def test_routed_experts_read_float_experts_by_kernel_on_cuda(ids, monkeypatch):
+    """A decode step's few rows through bf16 experts: the kernel's answer equals the experts picked
+    by index (the path it replaced) within bf16 rounding, and the kernel did run."""
+    experts, hidden, intermediate = 4, 256, 128
+    generator = torch.Generator().manual_seed(4)
+    rows = torch.randn(len(ids), hidden, generator=generator).to(DEVICE, torch.bfloat16)
+    gate_up = (torch.randn(experts, hidden, 2 * intermediate, generator=generator) / hidden**0.5).to(DEVICE, torch.bfloat16)
+    down = (torch.randn(experts, intermediate, hidden, generator=generator) / intermediate**0.5).to(DEVICE, torch.bfloat16)
+    expert_ids = torch.tensor(ids, device=DEVICE)
+    calls = []
+    monkeypatch.setattr("herd.kernels.routed_experts.expert_gemv",
+                        lambda *args: calls.append(args[2].shape) or expert_gemv(*args))
+    got = routed_experts(rows, expert_ids, gate_up, down, torch.nn.functional.silu)
+    assert calls == [gate_up.shape, down.shape]
+    gate, up = torch.bmm(rows.float()[:, None], gate_up.float()[expert_ids]).chunk(2, dim=-1)
+    expected = torch.bmm(up * torch.nn.functional.silu(gate), down.float()[expert_ids]).squeeze(1)
+    torch.testing.assert_close(got.float(), expected, rtol=2**-6, atol=2e-2)

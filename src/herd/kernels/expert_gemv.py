@@ -1,10 +1,11 @@
-"""Quantized routed experts in a decode step: each (token, expert) pair's row times its expert's
-weights, read as stored (a byte or half a byte a weight), on the tensor cores.
+"""Routed experts in a decode step: each (token, expert) pair's row times its expert's weights,
+read as stored (two bytes, a byte or half a byte a weight), on the tensor cores.
 
 `expert_gemv(x, expert_ids, data, scale, offset=None)`: x (pairs, in) in bf16/fp16/fp32,
 expert_ids (pairs,) int64 (or int32) on x's device, the experts as checkpoints store them
 (quantization/experts.py, (experts, in, out), contiguous along out) -> out (pairs, out) in x's dtype:
 
+- float (bf16 / fp16 / fp32, x's dtype): data (experts, in, out), scale None;
 - int8 / FP8: data (experts, in, out), scale float32 (experts, 1, out), one per expert and
   output column: out[p, n] = (sum_k x[p, k] * data[e_p, k, n]) * scale[e_p, 0, n];
 - int4: data (experts, in / 2, out) uint8, input rows 2j and 2j + 1 in the low and high nibble
@@ -67,6 +68,8 @@ def _shapes_fit(x, expert_ids, data, scale, offset) -> bool:
     in_features = 2 * rows if offset is not None else rows
     if x.dim() != 2 or x.shape[1] != in_features or expert_ids.shape != (x.shape[0],):
         return False
+    if scale is None:
+        return offset is None
     if offset is None:
         return tuple(scale.shape) == (experts, 1, out_features)
     groups = scale.shape[1]
@@ -75,48 +78,59 @@ def _shapes_fit(x, expert_ids, data, scale, offset) -> bool:
             and group >= MIN_GROUP and group & (group - 1) == 0)
 
 
-def kernel_applies(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
+def _formats_fit(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None) -> bool:
+    """Float data in x's dtype (no scale), int8 or FP8 data with float32 scales, or int4 pairs with
+    scales and offsets of one float dtype."""
+    if scale is None:
+        return data.dtype == x.dtype
+    if offset is not None:
+        return data.dtype == torch.uint8 and scale.is_floating_point() and offset.dtype == scale.dtype
+    return data.dtype in (torch.int8, torch.float8_e4m3fn) and scale.dtype == torch.float32
+
+
+def kernel_applies(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None = None,
                    offset: torch.Tensor | None = None) -> bool:
-    """The kernel handles CUDA tensors with x in bf16/fp16/fp32, integer expert ids, int8 or FP8
-    data with float32 scales, or int4 pairs with scales and offsets in groups of a power of two of
-    at least MIN_GROUP input rows, when Triton is installed."""
-    int4 = offset is not None
+    """The kernel handles CUDA tensors with x in bf16/fp16/fp32, integer expert ids, float data in
+    x's dtype, int8 or FP8 data with float32 scales, or int4 pairs with scales and offsets in groups
+    of a power of two of at least MIN_GROUP input rows, when Triton is installed."""
     return (
         triton is not None
         and x.is_cuda
         and x.dtype in X_DTYPES
         and expert_ids.dtype in (torch.int64, torch.int32)
         and data.dim() == 3
-        and (data.dtype == torch.uint8 if int4 else data.dtype in (torch.int8, torch.float8_e4m3fn))
-        and (scale.is_floating_point() and offset.dtype == scale.dtype if int4 else scale.dtype == torch.float32)
+        and data.device == x.device
+        and _formats_fit(x, data, scale, offset)
         and _shapes_fit(x, expert_ids, data, scale, offset)
     )
 
 
-def torch_expert_gemv(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
+def torch_expert_gemv(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None = None,
                       offset: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's arithmetic in torch: each pair's expert gathered and read in float32, the sum
-    over in in float32 (int4: the weights dequantized in float32), times the expert's scale row,
-    rounded once to x's dtype."""
+    over in in float32 (int4: the weights dequantized in float32), times the expert's scale row
+    (if any), rounded once to x's dtype."""
     if offset is not None:
         from .routed_experts import dequantized_experts
 
         weights = dequantized_experts(data[expert_ids], scale[expert_ids], offset[expert_ids], dtype=torch.float32)
         return torch.bmm(x.float()[:, None, :], weights).squeeze(1).to(x.dtype)
     sums = torch.bmm(x.float()[:, None, :], data[expert_ids].float())  # (pairs, 1, out)
-    return (sums * scale[expert_ids]).squeeze(1).to(x.dtype)
+    if scale is not None:
+        sums = sums * scale[expert_ids]
+    return sums.squeeze(1).to(x.dtype)
 
 
-def expert_gemv(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
+def expert_gemv(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None = None,
                 offset: torch.Tensor | None = None) -> torch.Tensor:
-    """out (pairs, out) = x (pairs, in) through each pair's quantized expert (see the module docstring)."""
+    """out (pairs, out) = x (pairs, in) through each pair's expert (see the module docstring)."""
     if kernel_applies(x, expert_ids, data, scale, offset):
         partials = torch.ops.herd.expert_gemv(x, expert_ids, data, scale, offset)  # (ranges, pairs, out) float32
         return partials.sum(0).to(x.dtype)
     return torch_expert_gemv(x, expert_ids, data, scale, offset)
 
 
-def _input_steps(data: torch.Tensor, scale: torch.Tensor, int4: bool, block_k: int | None = None
+def _input_steps(data: torch.Tensor, scale: torch.Tensor | None, int4: bool, block_k: int | None = None
                  ) -> tuple[int, int, int, int]:
     """(in features, int4 group (1 otherwise), input rows a step, steps) of stored experts: int4
     steps one group at a time."""
@@ -170,7 +184,8 @@ if triton is not None:
 
     @triton.jit
     def _expert_gemv_kernel(x_ptr, ids_ptr, data_ptr, scale_ptr, offset_ptr, partial_ptr, pairs, K, N, steps_per_range,
-                            INT4: tl.constexpr, GROUP: tl.constexpr, FP8_ASM: tl.constexpr, PRECISION: tl.constexpr,
+                            INT4: tl.constexpr, SCALED: tl.constexpr, GROUP: tl.constexpr, FP8_ASM: tl.constexpr,
+                            PRECISION: tl.constexpr,
                             TENSOR_CORES: tl.constexpr, SUMS_BY_DOT: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, M: tl.constexpr):
         """partial[range, pair, n] for BLOCK_N columns n: the range's input rows of x[pair] through
@@ -232,11 +247,11 @@ if triton is not None:
             total = tl.sum(acc, axis=0)  # (BLOCK_N,): row 0, the others are zeros
         else:
             total = tl.sum(products, axis=0)
-        if not INT4:
+        if SCALED and not INT4:
             total = total * tl.load(scale_ptr + expert * N + n, mask=n_ok, other=0.0)
         tl.store(partial_ptr + (input_range * pairs + pair).to(tl.int64) * N + n, total, mask=n_ok)
 
-    def launch(x, expert_ids, data, scale, offset=None, *, block_n=BLOCK_N, block_k=None, warps=WARPS, stages=None,
+    def launch(x, expert_ids, data, scale=None, offset=None, *, block_n=BLOCK_N, block_k=None, warps=WARPS, stages=None,
                ranges=None, tensor_cores=True, fp8_asm=None, sums_by_dot=False):
         """(ranges, pairs, out) float32 partial sums from contiguous tensors; also runs in Triton's
         interpreter (the CPU tests). `ranges`: how many input-row ranges (`plan_ranges` if None).
@@ -259,8 +274,8 @@ if triton is not None:
             and x.dtype == torch.bfloat16
         if pairs:
             _expert_gemv_kernel[(triton.cdiv(out_features, block_n), ranges, pairs)](
-                x, expert_ids, data, scale, offset if int4 else scale, partials, pairs, in_features, out_features,
-                per_range, INT4=int4, GROUP=group, FP8_ASM=fp8_asm, PRECISION=precision,
+                x, expert_ids, data, data if scale is None else scale, offset if int4 else data, partials, pairs,
+                in_features, out_features, per_range, INT4=int4, SCALED=scale is not None, GROUP=group, FP8_ASM=fp8_asm, PRECISION=precision,
                 TENSOR_CORES=tensor_cores or int4, SUMS_BY_DOT=sums_by_dot, BLOCK_N=block_n,
                 BLOCK_K=block_k, M=16, num_warps=warps, num_stages=stages or (INT4_STAGES if int4 else STAGES),
             )
@@ -268,13 +283,13 @@ if triton is not None:
 
     # An opaque operator, as gemv's: the compiled step calls it and it is captured into the CUDA graph.
     @torch.library.custom_op("herd::expert_gemv", mutates_args=())
-    def _expert_gemv(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
+    def _expert_gemv(x: torch.Tensor, expert_ids: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None = None,
                      offset: torch.Tensor | None = None) -> torch.Tensor:
-        offset = offset.contiguous() if offset is not None else None
-        return launch(x.contiguous(), expert_ids.contiguous(), data.contiguous(), scale.contiguous(), offset)
+        scale, offset = (t.contiguous() if t is not None else None for t in (scale, offset))
+        return launch(x.contiguous(), expert_ids.contiguous(), data.contiguous(), scale, offset)
 
     @_expert_gemv.register_fake
-    def _(x, expert_ids, data, scale, offset=None):
+    def _(x, expert_ids, data, scale=None, offset=None):
         steps = _input_steps(data, scale, offset is not None)[3]
         ranges, _ = plan_ranges(x.shape[0], data.shape[2], steps, multiprocessors(x.device))
         return x.new_empty((ranges, x.shape[0], data.shape[2]), dtype=torch.float32)

@@ -4,9 +4,9 @@ The reference forward groups tokens by expert and loops over the experts that ha
 which needs the group sizes on the host. A decode step must not wait for the host, so:
 
 - up to `GATHERED_ROWS` rows (batch 1 to 4 of a top-1 model), and wherever grouped matmuls are
-  missing: each row's expert weights are picked by index and multiplied as a batched
-  matrix-vector product, which a compiled step turns into one kernel per projection that reads
-  the picked experts in place;
+  missing: each row through its own expert, read in place: on CUDA by `expert_gemv` (one kernel
+  per projection on the tensor cores), elsewhere the expert picked by index and multiplied as a
+  batched matrix-vector product;
 - more rows on a GPU: rows sorted by expert, one grouped matmul per projection, each expert's
   weights read once.
 
@@ -42,7 +42,11 @@ def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_pr
     dequantized by index (`_quantized_routed_experts`)."""
     if isinstance(gate_up_proj, tuple):
         return _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation)
-    if uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS:
+    grouped = uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS
+    if not grouped and kernel_applies(routed_in, expert_ids, gate_up_proj):  # (down falls back where it does not)
+        gate, up = expert_gemv(routed_in, expert_ids, gate_up_proj).chunk(2, dim=-1)  # (pairs, inter) each
+        return expert_gemv(up * activation(gate), expert_ids, down_proj)
+    if grouped:
         experts = gate_up_proj.shape[0]
         order = torch.argsort(expert_ids, stable=True)
         # (experts,): where each expert's rows end in the sorted order
