@@ -50,9 +50,9 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def project(x: torch.Tensor, weight) -> torch.Tensor:
-    """x @ weight.T for a plain weight (the compiled step fuses around it), or a quantized one
-    through the few-row kernels (kernels/gemv.py), which dequantize inside their loop."""
-    return nn.functional.linear(x, weight) if isinstance(weight, torch.Tensor) else gemv.linear(x, weight)
+    """x @ weight.T through the few-row kernels (kernels/gemv.py: one row for a plain weight, a few
+    for a quantized one, dequantized inside their loop), or the library matmul where they do not apply."""
+    return gemv.linear(x, weight)
 
 
 def gated_mlp(mlp, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
