@@ -274,3 +274,58 @@ def test_a_long_causal_prefill_on_the_gpu_equals_the_flash_kernels():
         expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
                                                                     scale=128**-0.5, enable_gqa=True)
     torch.testing.assert_close(output, expected.transpose(1, 2), rtol=2e-2, atol=2e-2)
+
+
+def _math_part(query, key, value, scaling, causal):
+    """attend_part in float64: the output and the log-sum-exp of the scores, top-left causal if asked."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.double().repeat_interleave(groups, 1), value.double().repeat_interleave(groups, 1)
+    scores = query.double() @ key.transpose(2, 3) * scaling  # (batch, heads, q, k)
+    if causal:
+        q, k = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(q, k, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ value, torch.logsumexp(scores, dim=-1)
+
+
+@pytest.mark.parametrize("past", [0, 1, 37])
+def test_a_chunk_after_a_cache_in_two_parts_equals_the_lower_right_causal_mask(past):
+    """The cached keys without a mask and the chunk's own keys under a top-left causal square,
+    merged by log-sum-exp: each query sees exactly the keys up to its own position."""
+    from herd.layers.attention import after_cache_in_two_parts
+
+    generator = torch.Generator().manual_seed(past)
+    new, heads, kv_heads, dim = 9, 4, 2, 8
+    query = torch.randn(1, heads, new, dim, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(1, kv_heads, past + new, dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    merged = after_cache_in_two_parts(query, key, value, 0.3, _math_part)
+    mask = build_attention_mask(None, batch_size=1, query_length=new, past_length=past, kv_length=past + new)
+    expected, _ = attention("eager", query, key, value, mask, 0.3)  # (batch, q, heads, dim)
+    torch.testing.assert_close(merged.transpose(1, 2), expected, rtol=1e-5, atol=1e-6)  # eager: float32 softmax
+    assert after_cache_in_two_parts(query, key, value, 0.3, lambda *args: None) is None  # a backend that refuses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="cuDNN's fused attention: a GPU of compute capability 9.0 or more")
+def test_a_long_chunk_after_a_cache_runs_on_cudnn_and_equals_the_flash_kernel(monkeypatch):
+    """4096 queries after 6000 cached keys: both parts through cuDNN (none refused), the merge equal
+    to flash's lower-right causal attention within bf16 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    from herd.layers import attention as attention_module
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    past, new, heads, kv_heads, dim = 6000, 4096, 8, 2, 128
+    query = torch.randn(1, heads, new, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    key, value = (torch.randn(1, kv_heads, past + new, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+                  for _ in range(2))
+    answered = []
+    real_part = attention_module.cudnn_part
+    monkeypatch.setattr(attention_module, "cudnn_part", lambda *args: answered.append(real_part(*args)) or answered[-1])
+    mask = build_attention_mask(None, batch_size=1, query_length=new, past_length=past, kv_length=past + new)
+    output, _ = attention("sdpa", query, key, value, mask, dim**-0.5)
+    assert len(answered) == 2 and all(part is not None for part in answered)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_lower_right(new, past + new), scale=dim**-0.5, enable_gqa=True)
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=2e-2, atol=2e-2)

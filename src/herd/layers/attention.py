@@ -346,6 +346,10 @@ def uses_lower_right_causal(mask: AttentionMask, device: torch.device) -> bool:
 
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling: float, dropout: float = 0.0, training: bool = False):
     enable_gqa = query.shape[1] != key.shape[1]
+    if uses_lower_right_causal(mask, query.device) and not training and prefers_cudnn(query, True):
+        output = after_cache_in_two_parts(query, key, value, scaling, cudnn_part)
+        if output is not None:
+            return output.transpose(1, 2).contiguous(), None
     if mask.is_plain_causal:
         # One query at the end needs no mask at all; a full prefill uses the built-in causal mask.
         attn_mask, is_causal = None, mask.query_length > 1
@@ -395,6 +399,44 @@ def prefers_cudnn(query: torch.Tensor, plain_causal: bool) -> bool:
         and torch.backends.cudnn.is_available()
         and torch.cuda.get_device_capability(query.device) >= (9, 0)
     )
+
+
+def after_cache_in_two_parts(query, key, value, scaling: float, attend_part) -> torch.Tensor | None:
+    """Causal queries continuing a cache (query i at key kv_length - q + i), as two attentions
+    without a bias: every query over the keys before its chunk (no mask), and over the chunk's own
+    keys (a top-left causal square), merged by their log-sum-exps. cuDNN's fused attention, twice
+    flash's rate on long prefills, takes only those two masks. attend_part(query, key, value,
+    scaling, causal) -> (output (batch, heads, q, dim), log-sum-exp (batch, heads, q)), or None
+    where the backend refuses; None then."""
+    own = query.shape[-2]
+    cached = key.shape[-2] - own
+    parts = [attend_part(query, key[:, :, cached:], value[:, :, cached:], scaling, True)]
+    if cached:
+        parts.append(attend_part(query, key[:, :, :cached], value[:, :, :cached], scaling, False))
+    if any(part is None for part in parts):
+        return None
+    if len(parts) == 1:
+        return parts[0][0]
+    (own_out, own_lse), (cached_out, cached_lse) = parts
+    own_lse, cached_lse = (lse.float().reshape(*own_out.shape[:3], 1) for lse in (own_lse, cached_lse))
+    top = torch.maximum(own_lse, cached_lse)
+    own_weight, cached_weight = torch.exp(own_lse - top), torch.exp(cached_lse - top)  # (batch, heads, q, 1)
+    merged = (own_weight * own_out.float() + cached_weight * cached_out.float()) / (own_weight + cached_weight)
+    return merged.to(query.dtype)
+
+
+def cudnn_part(query, key, value, scaling: float, causal: bool):
+    """One part of `after_cache_in_two_parts` through cuDNN (keys/values repeated per query head:
+    its op takes equal head counts); None where cuDNN refuses the call."""
+    groups = query.shape[1] // key.shape[1]
+    try:
+        output, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, repeat_kv(key, groups), repeat_kv(value, groups), None, True, 0.0, causal, False, scale=scaling)[:2]
+    except RuntimeError as error:
+        warnings.warn(f"cuDNN attention refused a prefill chunk after a cache ({str(error).splitlines()[0][:200]}); "
+                      "flash attention runs it", RuntimeWarning, stacklevel=2)
+        return None
+    return output, lse
 
 
 _compiled_flex = None
