@@ -1,12 +1,16 @@
 """Where a decode step's time goes: the captured graph's kernels, and the loop around it.
 
     python bench/profile_decode.py llama3.2-1b [--batch 1] [--prefill 2048] [--quantization int8] [--out DIR]
+    python bench/profile_decode.py llama4-scout-slice --layers 48 --quantization int4 --context 131072
 
 Prints, for one named architecture (random weights, as `herd bench` builds it):
 - generate()'s decode ms/step (herd bench's protocol) and the captured graph's own replay time
   (CUDA events around back-to-back replays): the difference is the host loop around the graph;
 - the kernels of one replay (torch.profiler), grouped by name, with count and time per step;
 - with --prefill N, the kernels of one N-token prefill forward.
+
+With --context N the prompt is N tokens (prefilled once, in chunks of --prefill-chunk-size), and
+generate()'s own timing is skipped (each of its calls would prefill again): the graph's replay only.
 """
 
 from __future__ import annotations
@@ -69,30 +73,40 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0)
     parser.add_argument("--out", default=".")
     parser.add_argument("--quantization", default=None, help="int8, int4 or fp8: weights built quantized")
+    parser.add_argument("--context", type=int, default=128, help="prompt tokens before the profiled steps")
+    parser.add_argument("--prefill-chunk-size", type=int, default=16384)
     args = parser.parse_args()
     device = torch.device("cuda")
     model = build_model(args.model, torch.bfloat16, device, args.layers, args.quantization)
     bandwidth = copy_bandwidth(device)
-    weights, kv = decode_bytes(model, args.batch, 128 + 64)
+    weights, kv = decode_bytes(model, args.batch, args.context + 64)
     floor_ms = (weights + kv) / bandwidth * 1e3
 
     def generate(inputs, n):
         with torch.no_grad():
             return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
+                                  pad_token_id=0, prefill_chunk_size=args.prefill_chunk_size)
 
     start = time.perf_counter()
-    step, first_call = measure_decode(generate, prompt_inputs(model, args.batch, 128, seed=args.batch), 128, device)
-    print(f"{args.model} batch {args.batch}: generate {step * 1e3:.3f} ms/step (floor {floor_ms:.3f} ms, "
-          f"{floor_ms / (step * 1e3):.0%}), first call {first_call:.1f} s, whole measurement {time.perf_counter() - start:.0f} s")
+    inputs = prompt_inputs(model, args.batch, args.context, seed=args.batch)
+    if args.context == 128:
+        step, first_call = measure_decode(generate, inputs, 128, device)
+        print(f"{args.model} batch {args.batch}: generate {step * 1e3:.3f} ms/step (floor {floor_ms:.3f} ms, "
+              f"{floor_ms / (step * 1e3):.0%}), first call {first_call:.1f} s, whole measurement "
+              f"{time.perf_counter() - start:.0f} s")
+    else:
+        generate(inputs, 128)  # one prefill; the decode steps capture the graph (a cache of 128 more slots)
+        step = None
+        print(f"{args.model} batch {args.batch}, context {args.context}: prefill and 128 steps "
+              f"{time.perf_counter() - start:.0f} s (floor {floor_ms:.3f} ms/step)")
 
     entry = fast_decoder(model).entry
     # greedy generate() replays the graph that also picks the token
     graph = next(captured for (greedy, _), captured in entry.graphs.items() if greedy)
 
     def rewind():  # each replay moves the positions on: start again from the prompt's end
-        entry.positions.fill_(128)
-        entry.cache_position.fill_(128)
+        entry.positions.fill_(args.context)
+        entry.cache_position.fill_(args.context)
 
     rewind()
     for _ in range(20):
@@ -107,8 +121,8 @@ def main() -> None:
     end.record()
     torch.cuda.synchronize()
     replay_ms = begin.elapsed_time(end) / replays
-    print(f"graph replay alone: {replay_ms:.3f} ms/step ({floor_ms / replay_ms:.0%} of floor); "
-          f"host loop adds {step * 1e3 - replay_ms:.3f} ms/step")
+    print(f"graph replay alone: {replay_ms:.3f} ms/step ({floor_ms / replay_ms:.0%} of floor)"
+          + (f"; host loop adds {step * 1e3 - replay_ms:.3f} ms/step" if step is not None else ""))
 
     steps = 10
     rewind()
