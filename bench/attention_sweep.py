@@ -49,10 +49,8 @@ def main() -> None:
         scaling = dim ** -0.5
         nbytes = 2 * keys.numel() * keys.element_size() + allowed.numel()
         reference = decode_attention.launch(query, keys, values, allowed, new_slot, scaling)
-        plan_splits, plan_block = (decode_attention.plan_splits(batch, kv_heads, context, decode_attention.plan_block(dim)),
-                                   decode_attention.plan_block(dim))
-        per_split = -(-context // (plan_splits * plan_block)) * plan_block
-        plan = (plan_splits, plan_block, 4, decode_attention.plan_stages(per_split))
+        plan = (decode_attention.plan_splits(batch, kv_heads, context, decode_attention.plan_block(dim)),
+                decode_attention.plan_block(dim), 4, 2)
         results = []
         for splits, block, warps, stages in itertools.product(*(map(int, getattr(args, name).split(","))
                                                                for name in ("splits", "blocks", "warps", "stages"))):

@@ -41,12 +41,6 @@ TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the gr
 # ranges read 3.75 TB/s where 16 read 2.5)
 LONG_RANGE_SLOTS = 1024
 LONG_CONTEXT_PROGRAMS = 512
-# Pipeline stages of a range's loop: 2 for short ranges (a few blocks each); 3 for ranges of
-# LONG_RANGE_SLOTS or more, where 16 ranges at 120k slots read in 198 µs at 3 stages against 244
-# at 2 (bench/RESULTS.md, 2026-11-30 third session). In a captured 8B step at 120k the 64 ranges
-# at 2 stages took 167 µs a layer where the sweep's best (64-128 ranges) was 134 (fifth session).
-STAGES = 2
-LONG_RANGE_STAGES = 3
 
 
 def plan_block(dim: int) -> int:
@@ -67,10 +61,6 @@ def plan_splits(batch: int, kv_heads: int, slots: int, block: int = BLOCK_SLOTS)
     if longer > splits:  # a power of two: few kernel variants as the cache grows
         splits = 1 << (longer.bit_length() - 1)
     return splits
-
-
-def plan_stages(slots_per_split: int) -> int:
-    return LONG_RANGE_STAGES if slots_per_split >= LONG_RANGE_SLOTS else STAGES
 
 
 def applies(query: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None = None) -> bool:
@@ -258,8 +248,7 @@ if triton is not None:
         tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
 
     def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None,
-               key_scales=None, value_scales=None, block: int | None = None, num_warps: int = 4,
-               num_stages: int | None = None):
+               key_scales=None, value_scales=None, block: int | None = None, num_warps: int = 4, num_stages: int = 2):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
         (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it.
         key_scales/value_scales (batch, kv_heads, slots) float32: the scales of an FP8 cache."""
@@ -270,7 +259,6 @@ if triton is not None:
         block = block or plan_block(dim)
         splits = splits or plan_splits(batch, kv_heads, slots, block)
         slots_per_split = (slots + splits * block - 1) // (splits * block) * block
-        num_stages = num_stages or plan_stages(slots_per_split)
         out = torch.empty_like(query)
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
         part_max = query.new_empty((batch, heads, splits), dtype=torch.float32)
