@@ -1,12 +1,15 @@
 """Measure kernels/gemv.py's kernel at the Llama widths over a grid of configurations (CUDA).
 
-    python bench/gemv_sweep.py [--archs llama3.2-1b,llama3.1-8b] [--rows 1] [--top 5]
+    python bench/gemv_sweep.py [--archs llama3.2-1b,llama3.1-8b] [--rows 1] [--top 5] [--tp 2]
 
 For each projection (q/k/v with the norm, gate/up with the norm and SwiGLU, o and down with the
 residual, the head) it times every configuration (rows of the weight per program, columns per
 step, the first read's width, warps) the way a decode step meets it: one launch per layer over as many distinct
 weight copies as the model has layers, captured in a CUDA graph, so the weights come from HBM
 and not from L2. Prints GB/s per configuration (best first) and the one `_config` picks today.
+`--tp N`: the shapes one rank of tensor parallel N holds (q/k/v and gate/up split by their
+outputs, o and down by their inputs, the head by vocabulary), where small matrices make each
+launch's fixed cost count more.
 """
 
 from __future__ import annotations
@@ -44,14 +47,15 @@ def candidate_configs(in_features: int) -> list[gemv.GemvConfig]:
     return sorted(configs, key=lambda c: (c.block_n, c.block_k, c.first_k or 0, c.warps))
 
 
-def projections(arch: str):
-    """(name, out features, in features, mode, layers): mode says what the kernel fuses."""
+def projections(arch: str, tp: int = 1):
+    """(name, out features, in features, mode, layers) of one rank of tensor parallel `tp`: mode
+    says what the kernel fuses."""
     hidden, inter, heads, kv_heads, dim, vocab, layers = ARCHS[arch]
-    yield "qkv", (heads + 2 * kv_heads) * dim, hidden, "norm", layers
-    yield "o", hidden, heads * dim, "residual", layers
-    yield "gate_up", inter, hidden, "gated", layers
-    yield "down", hidden, inter, "residual", layers
-    yield "head", vocab, hidden, "head", 1
+    yield "qkv", (heads + 2 * kv_heads) * dim // tp, hidden, "norm", layers
+    yield "o", hidden, heads * dim // tp, "residual", layers
+    yield "gate_up", inter // tp, hidden, "gated", layers
+    yield "down", hidden, inter // tp, "residual", layers
+    yield "head", -(-vocab // tp), hidden, "head", 1
 
 
 def launch_arguments(mode: str, rows: int, out_features: int, in_features: int, copies: int, dtype=torch.bfloat16):
@@ -115,14 +119,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--only", default="", help="comma-separated projections (qkv,o,gate_up,down,head)")
+    parser.add_argument("--tp", type=int, default=1, help="the shapes of one rank of this tensor-parallel size")
     args = parser.parse_args()
     torch.manual_seed(0)
     for arch in args.archs.split(","):
-        for name, out_features, in_features, mode, layers in projections(arch):
+        for name, out_features, in_features, mode, layers in projections(arch, args.tp):
             if args.only and name not in args.only.split(","):
                 continue
             copies = min(64, max(layers, -(-400_000_000 // (out_features * in_features * 2))))  # over 50 MB of L2
-            sweep(f"{arch} {name}", mode, args.rows, out_features, in_features, copies,
+            sweep(f"{arch}{f' tp {args.tp}' if args.tp > 1 else ''} {name}", mode, args.rows, out_features, in_features, copies,
                   candidate_configs(in_features), args.top)
 
 
