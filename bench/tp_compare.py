@@ -102,8 +102,9 @@ def main() -> None:
         modes = {"eager, dynamic cache": lambda m, n: {}, "static cache, compiled": static_compiled}
         rows += decode_rows(f"transformers {transformers.__version__}", reference, modes, args, device)
     if rank == 0:
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"\n{args.model} ({args.layers or 'all'} layers), bf16, tp {world}, prompt {args.prompt_length}, "
-              f"{args.new_tokens} new tokens, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}\n")
+              f"{args.new_tokens} new tokens, {machine}, torch {torch.__version__}\n")
         print("| library | mode | batch | ms/step | tok/s | first call s |\n|---|---|---|---|---|---|")
         print("\n".join(rows), flush=True)
     dist.destroy_process_group()

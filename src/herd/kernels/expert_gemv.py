@@ -275,8 +275,9 @@ if triton is not None:
         if pairs:
             _expert_gemv_kernel[(triton.cdiv(out_features, block_n), ranges, pairs)](
                 x, expert_ids, data, data if scale is None else scale, offset if int4 else data, partials, pairs,
-                in_features, out_features, per_range, INT4=int4, SCALED=scale is not None, GROUP=group, FP8_ASM=fp8_asm, PRECISION=precision,
-                TENSOR_CORES=tensor_cores or int4, SUMS_BY_DOT=sums_by_dot, BLOCK_N=block_n,
+                in_features, out_features, per_range, INT4=int4, SCALED=scale is not None, GROUP=group,
+                FP8_ASM=fp8_asm, PRECISION=precision, TENSOR_CORES=tensor_cores or int4, SUMS_BY_DOT=sums_by_dot,
+                BLOCK_N=block_n,
                 BLOCK_K=block_k, M=16, num_warps=warps, num_stages=stages or (INT4_STAGES if int4 else STAGES),
             )
         return partials

@@ -43,7 +43,7 @@ def routed_experts(routed_in: torch.Tensor, expert_ids: torch.Tensor, gate_up_pr
     if isinstance(gate_up_proj, tuple):
         return _quantized_routed_experts(routed_in, expert_ids, gate_up_proj, down_proj, activation)
     grouped = uses_grouped_mm(routed_in) and routed_in.shape[0] > GATHERED_ROWS
-    if not grouped and kernel_applies(routed_in, expert_ids, gate_up_proj):  # (down falls back where it does not)
+    if not grouped and kernel_applies(routed_in, expert_ids, gate_up_proj):  # expert_gemv checks down's inputs itself
         gate, up = expert_gemv(routed_in, expert_ids, gate_up_proj).chunk(2, dim=-1)  # (pairs, inter) each
         return expert_gemv(up * activation(gate), expert_ids, down_proj)
     if grouped:
