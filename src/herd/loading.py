@@ -5,6 +5,10 @@ shape, cast the dtype, place it on its device, assign it. Tensors stream from th
 device one at a time, so peak memory stays near the model's own size. Whatever does not fit
 (missing, unexpected or mismatched weights) is reported together as one `CheckpointError`.
 
+Llama 4's routed experts written one nn.Linear per expert and projection (LLM-Compressor's
+checkpoints, transformers' SequentialLlama4TextExperts) are read as the stacked tensors the model
+holds (`StackedExperts`).
+
 Only safetensors (and Llama GGUF files, through `quantization/gguf.py`) are read. Pickle-based files (`pytorch_model.bin`, `.pt`, `.pth`) can run code
 when loaded, so they are refused with a message on how to convert them; they are never opened.
 """
@@ -15,6 +19,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -183,18 +188,139 @@ def load_checkpoint(
     expected = dict(model.state_dict(keep_vars=True))
     report = LoadReport()
     loaded: set[str] = set()
-    total = 0
+    keys_by_file = {}
     for path in files:
         with _open(path) as reader:
-            total += len(reader.keys())
+            keys_by_file[path] = list(reader.keys())
+    stacks = expert_stacks(keys_by_file, lambda key: rename(key) in expected)
+    per_expert = {key for stack in stacks.values() for _, key in stack.values()}
+    total = sum(len(keys) for keys in keys_by_file.values()) - len(per_expert) + len(stacks)
+    one_by_one = (lambda key: None if key in per_expert else rename(key)) if per_expert else rename
     with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
         for path in files:
             # One shard open at a time: its mapped pages are released before the next (unless a
             # tensor kept on disk still maps them). A split model reads on the CPU, then places.
             with _open(path, device="cpu" if place is not None else str(device)) as reader:
-                _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place, shard)
+                _load_shard(reader, path, model, expected, one_by_one, dtype, device, report, loaded, bar, convert,
+                            place, shard)
+        if stacks:  # the per-expert tensors, each stack read from the files that hold its parts
+            with ExitStack() as opened:
+                readers = {path: opened.enter_context(_open(path)) for path in files
+                           if any(part_path == path for stack in stacks.values() for part_path, _ in stack.values())}
+                _load_shard(StackedExperts(stacks, readers), "the per-expert tensors", model, expected, rename, dtype,
+                            device, report, loaded, bar, convert, place, shard)
     report.missing = [name for name in expected if name not in loaded]
     return report
+
+
+# --- Llama 4's experts, one nn.Linear per expert and projection -------------------------------------
+
+# LLM-Compressor (and transformers, loading its checkpoints) turn Llama 4's stacked experts into
+# one nn.Linear per expert and projection: `<experts>.<e>.gate_proj.weight` (intermediate, hidden),
+# up_proj alike, down_proj (hidden, intermediate), each with a `weight_scale` when quantized (one
+# per row, or one for the tensor).
+PER_EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<projection>gate|up|down)_proj\."
+                            r"(?P<tensor>weight|weight_scale)$")
+
+
+def expert_stacks(keys_by_file: dict[Any, list[str]], wanted: Callable[[str], bool]
+                  ) -> dict[str, dict[tuple[int, str], tuple[Any, str]]]:
+    """Stacked key (`<experts>.gate_up_proj`, `<experts>.down_proj`, `_scale` for the scales) ->
+    {(expert, projection): (file, per-expert key)}, for the stacked keys the model holds (`wanted`)."""
+    stacks: dict[str, dict[tuple[int, str], tuple[Any, str]]] = {}
+    for path, keys in keys_by_file.items():
+        for key in keys:
+            match = PER_EXPERT_KEY.match(key)
+            if match is None:
+                continue
+            name = "down_proj" if match["projection"] == "down" else "gate_up_proj"
+            stacked = f"{match['experts']}.{name}{'_scale' if match['tensor'] == 'weight_scale' else ''}"
+            stacks.setdefault(stacked, {})[(int(match["expert"]), match["projection"])] = (path, key)
+    return {stacked: parts for stacked, parts in stacks.items() if wanted(stacked)}
+
+
+class StackedExperts:
+    """A reader (keys, get_slice, get_tensor, as safetensors' own) whose tensors are the stacks of
+    `expert_stacks`, each read from its per-expert parts: gate_up_proj (experts, hidden,
+    2 * intermediate), gate's columns then up's, each expert's Linear transposed; down_proj (experts,
+    intermediate, hidden); a `_scale` stack (experts, 1, columns) float32 from the rows' scales (a
+    tensor's one scale for each of its rows). transformers' FbgemmFp8Llama4TextExperts layout, which
+    the model and tensor parallel take. A slice reads only its part of each Linear."""
+
+    def __init__(self, stacks: dict[str, dict[tuple[int, str], tuple[Any, str]]], readers: dict[Any, Any]):
+        self.stacks, self.readers = stacks, readers
+
+    def keys(self) -> list[str]:
+        return list(self.stacks)
+
+    def get_slice(self, stacked: str) -> _Stack:
+        parts = self.stacks[stacked]
+        scale = stacked.endswith("_scale")
+        weights = self.stacks.get(stacked.removesuffix("_scale"), {})  # a scale stands for its weight's rows
+        experts_path, _, name = stacked.rpartition(".")
+        projections = ("down",) if name.startswith("down") else ("gate", "up")
+        columns = []
+        for expert in range(1 + max(expert for expert, _ in parts)):
+            row = []
+            for projection in projections:
+                for needed, holder in ((parts, stacked), (weights, stacked.removesuffix("_scale"))):
+                    if (expert, projection) not in needed:
+                        tensor = "weight_scale" if needed is parts and scale else "weight"
+                        raise CheckpointError(f"the checkpoint has per-expert tensors for {holder} but not "
+                                              f"{experts_path}.{expert}.{projection}_proj.{tensor}")
+                path, key = parts[(expert, projection)]
+                weight_path, weight_key = weights[(expert, projection)]
+                rows = self.readers[weight_path].get_slice(weight_key).get_shape()[0]
+                row.append((self.readers[path], key, rows))
+            columns.append(row)
+        return _Stack(columns, scale)
+
+    def get_tensor(self, stacked: str) -> torch.Tensor:
+        return self.get_slice(stacked)[:]
+
+
+class _Stack:
+    """One stacked tensor of `StackedExperts`, read on indexing: columns[expert] = [(reader, key,
+    rows of that Linear), ...] side by side."""
+
+    def __init__(self, columns: list[list[tuple[Any, str, int]]], scale: bool):
+        self.columns, self.scale = columns, scale
+        reader, key, _ = columns[0][0]
+        self.dtype = reader.get_slice(key).get_dtype()
+        self.inner = 1 if scale else reader.get_slice(key).get_shape()[1]
+        self.width = sum(rows for _, _, rows in columns[0])
+
+    def get_shape(self) -> list[int]:
+        return [len(self.columns), self.inner, self.width]
+
+    def get_dtype(self) -> str:
+        return "F32" if self.scale else self.dtype
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = (index if isinstance(index, tuple) else (index,)) + (slice(None),) * 3
+        experts, inner, columns = index[:3]
+        first, last, step = columns.indices(self.width)
+        if step != 1 or not all(isinstance(part, slice) for part in (experts, inner)):
+            raise ValueError("stacked experts are read in slices of columns, step 1")
+        stacked = []
+        for expert in range(len(self.columns))[experts]:
+            pieces, start = [], 0
+            for reader, key, rows in self.columns[expert]:
+                low, high = max(first, start), min(last, start + rows)
+                if low < high:
+                    pieces.append(self._read(reader, key, low - start, high - start, inner))
+                start += rows
+            stacked.append(torch.cat(pieces, dim=1))
+        return torch.stack(stacked)
+
+    def _read(self, reader, key: str, low: int, high: int, inner: slice) -> torch.Tensor:
+        """Rows low:high of one Linear as (inner, high - low) columns."""
+        if not self.scale:
+            return reader.get_slice(key)[low:high, inner].t()
+        scales = reader.get_tensor(key).float()
+        if scales.numel() == 1:  # one scale for the tensor: every row's
+            return scales.reshape(1, 1).expand(1, high - low)[inner]
+        return scales.reshape(1, -1)[:, low:high][inner]
 
 
 def _load_shard(reader, path, model, expected, rename, dtype, device, report, loaded, bar, convert, place, shard=None) -> None:

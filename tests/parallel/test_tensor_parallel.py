@@ -3,7 +3,8 @@
 One torchrun launch of 2 ranks runs every case (_tp_worker.py): tiny Llama (vocabulary not a
 multiple of 2, biases, tied embeddings), Llama 4 (MoE and dense layers, chunked attention with a
 prompt longer than a chunk), Mllama's text model (cross-attention layers fed image states), an
-int8 Llama, and FP8 Llama and Llama 4 with per-token activation scales (FbgemmFp8Config, emulated
+int8 Llama, a compressed-tensors FP8 Llama 4 in Maverick's layout (dense and MoE layers, experts
+one Linear each in the files), and FP8 Llama and Llama 4 with per-token activation scales (FbgemmFp8Config, emulated
 on the CPU: o, down and the experts' down, split by their inputs, must scale each token by the
 amax over every rank's columns; the decode kernels' scales are checked too). Each rank's logits
 must be within 1e-5 of one process's (float32), its greedy tokens equal to one process's on the
@@ -63,6 +64,8 @@ def _probe_rows() -> torch.Tensor:
 
 
 def _cases(root: Path) -> list[dict]:
+    from tests.quantization.test_compressed_tensors import write_llama4_per_expert_checkpoint
+
     ids, mask = left_padded_prompts((9, 5))
     # vocabulary 125: the last rank's rows are padded; biases: added once after the all-reduce
     llama = reference_llama(vocab_size=125, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
@@ -74,6 +77,8 @@ def _cases(root: Path) -> list[dict]:
     _mllama_reference().save_pretrained(root / "mllama")
     reference_llama(**WIDE_LLAMA).save_pretrained(root / "llama-wide")
     _llama4_reference(**WIDE_LLAMA4).save_pretrained(root / "llama4-wide")
+    # Maverick's FP8 release as LLM-Compressor writes it: experts one Linear each, read stacked
+    write_llama4_per_expert_checkpoint(root / "llama4-ct", ["lm_head", "re:.*router"])
     long_ids, long_mask = left_padded_prompts((13, 11))  # longer than a chunk of 8
     # more rows than the decode kernels take (gemv.MAX_ROWS): a GPU's fast path runs FP8 `_scaled_mm`
     many_ids, many_mask = left_padded_prompts((9, 5, 7, 3, 8, 6))
@@ -94,6 +99,7 @@ def _cases(root: Path) -> list[dict]:
              mask=many_long_mask, quantization=fp8, probe_rows=probe_rows),
         dict(name="mllama", cls="MllamaForCausalLM", folder=root / "mllama", ids=ids, mask=mask,
              forward={"cross_attention_states": image_states}),
+        dict(name="llama4-ct", cls="Llama4ForCausalLM", folder=root / "llama4-ct", ids=long_ids, mask=long_mask),
     ]
 
 
@@ -151,7 +157,7 @@ def runs(tmp_path_factory):
     return expected, _launch(2, cases, root)
 
 
-CASES = ["llama", "llama-int8", "llama-fp8", "llama4", "llama4-fp8", "mllama"]
+CASES = ["llama", "llama-int8", "llama-fp8", "llama4", "llama4-fp8", "mllama", "llama4-ct"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -237,6 +243,29 @@ def test_llama4_experts_split_along_their_intermediate_size(runs):
     assert held[f"{key}.gate_up_proj"] == (experts, hidden, double_inter // 2)
     assert held[f"{key}.down_proj"] == (experts, double_inter // 4, hidden)
     assert held["model.layers.1.feed_forward.router.weight"] == whole["model.layers.1.feed_forward.router.weight"]
+
+
+def test_maverick_layout_fp8_on_4_and_8_ranks(tmp_path):
+    """Issue 25's check at CPU scale: a compressed-tensors FP8 Llama 4 in Maverick's layout (dense
+    and MoE layers alternating, experts one Linear each in the files, 8 heads and 8 kv heads) at
+    tp 4 and tp 8 on gloo: every rank's logits within 1e-5 of one process's, the same greedy tokens
+    on both decoders, each rank holding its 1/4 or 1/8 of the experts."""
+    from tests.quantization.test_compressed_tensors import write_llama4_per_expert_checkpoint
+
+    folder = write_llama4_per_expert_checkpoint(tmp_path / "maverick", ["lm_head", "re:.*router"],
+                                                num_attention_heads=8, num_key_value_heads=8, head_dim=8)
+    ids, mask = left_padded_prompts((13, 11))
+    case = dict(name="maverick", cls="Llama4ForCausalLM", folder=folder, ids=ids, mask=mask)
+    expected = _one_process(case)
+    experts = "model.layers.1.feed_forward.experts.gate_up_proj"
+    for ranks in (4, 8):
+        for rank in _launch(ranks, [case], tmp_path):
+            held = rank["maverick"]
+            assert held["tp_size"] == ranks
+            assert max_abs_diff(held["logits"], expected["logits"]) < TOL
+            assert torch.equal(held["plain"], expected["tokens"]) and torch.equal(held["fast"], expected["fast_tokens"])
+            whole = expected["shapes"][experts]
+            assert held["shapes"][experts] == (*whole[:2], whole[2] // ranks)
 
 
 def _load_on_rank(rank: int, size: int, port: int, folder: Path, out: Path) -> None:

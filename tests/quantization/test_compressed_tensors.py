@@ -262,6 +262,138 @@ def test_greedy_tokens_match_reference(variant):
         assert got.tolist() == expected.tolist(), seed
 
 
+# --- Llama 4 (Maverick's layout): experts one Linear per expert and projection --------------------
+
+# ignore lists of LLM-Compressor's Llama 4 recipes: the router stays in float, and in the second
+# variant the routed experts too (float tensors in the per-expert layout)
+LLAMA4_VARIANTS = {"experts-fp8": ["lm_head", "re:.*router"],
+                   "experts-float": ["lm_head", "re:.*router", "re:.*feed_forward.experts.*"]}
+
+
+def write_llama4_per_expert_checkpoint(folder: Path, ignore: list[str], preset: str = "FP8_DYNAMIC", **overrides) -> Path:
+    """A tiny Maverick-like Llama 4 (dense and MoE layers alternating) written as LLM-Compressor
+    writes Llama 4: its stacked experts replaced by transformers' SequentialLlama4TextExperts (one
+    Llama4TextMLP per expert, the same weights), then quantized and saved."""
+    from transformers.quantizers.base import SequentialLlama4TextExperts
+
+    from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+    widths = dict(hidden_size=64, head_dim=16, intermediate_size=64, intermediate_size_mlp=64)
+    model = reference_llama4(interleave_moe_layer_step=2, **{**widths, **overrides})
+    inter = model.config.intermediate_size
+    for layer in model.model.layers:
+        stacked = getattr(layer.feed_forward, "experts", None)
+        if stacked is None:
+            continue
+        per_expert = SequentialLlama4TextExperts(model.config)
+        with torch.no_grad():
+            for expert, mlp in enumerate(per_expert):
+                mlp.gate_proj.weight.copy_(stacked.gate_up_proj[expert, :, :inter].t())
+                mlp.up_proj.weight.copy_(stacked.gate_up_proj[expert, :, inter:].t())
+                mlp.down_proj.weight.copy_(stacked.down_proj[expert].t())
+        layer.feed_forward.experts = per_expert
+    return write_compressed_checkpoint(model, folder, preset, ignore=list(ignore))
+
+
+def _rows_as_one_batch(mlp) -> None:
+    """compressed-tensors' reference quantizes a 2-D input per tensor (its "token" strategy reduces
+    the dimensions past the first two), and transformers' Llama 4 MoE feeds its shared expert and
+    each expert 2-D token rows; vLLM and herd scale each token. So the oracle's MoE MLPs get their
+    rows as one batch, (1, tokens, hidden): each token scaled on its own, as the checkpoint means."""
+    forward = mlp.forward
+    mlp.forward = lambda x: forward(x[None])[0] if x.dim() == 2 else forward(x)
+
+
+@pytest.fixture(scope="module", params=list(LLAMA4_VARIANTS))
+def llama4_variant(request, tmp_path_factory):
+    import transformers
+
+    folder = write_llama4_per_expert_checkpoint(tmp_path_factory.mktemp("ct-llama4") / request.param,
+                                                LLAMA4_VARIANTS[request.param])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    for layer in reference.model.layers:
+        if hasattr(layer.feed_forward, "experts"):
+            for mlp in [layer.feed_forward.shared_expert, *layer.feed_forward.experts]:
+                _rows_as_one_batch(mlp)
+    with torch.no_grad():
+        reference(_ids())
+    return request.param, folder, reference, herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_llama4_per_expert_tensors_load_stacked_as_stored(llama4_variant):
+    """Each expert's gate/up/down Linear (out, in) is its slice of the stacked (experts, in, out)
+    tensors, transposed, bit for bit; its scales (one per row) the stacked scale's columns."""
+    name, folder, _, ours = llama4_variant
+    experts = ours.model.layers[1].feed_forward.experts
+    quantized = name == "experts-fp8"
+    assert type(experts).__name__ == ("QuantizedExperts" if quantized else "Llama4TextExperts")
+    inter = ours.config.intermediate_size
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as reader:
+        for expert in range(ours.config.num_local_experts):
+            prefix = f"model.layers.1.feed_forward.experts.{expert}"
+            for projection, stacked, columns in (("gate", "gate_up_proj", slice(0, inter)),
+                                                 ("up", "gate_up_proj", slice(inter, 2 * inter)),
+                                                 ("down", "down_proj", slice(None))):
+                stored = reader.get_tensor(f"{prefix}.{projection}_proj.weight")
+                loaded = getattr(experts, stacked)[expert, :, columns]
+                assert loaded.dtype == stored.dtype
+                assert torch.equal(loaded.t().contiguous().view(torch.uint8), stored.view(torch.uint8))
+                if quantized:
+                    scale = reader.get_tensor(f"{prefix}.{projection}_proj.weight_scale")
+                    assert torch.equal(getattr(experts, stacked + "_scale")[expert, 0, columns], scale.float().flatten())
+
+
+def test_llama4_per_expert_checkpoint_matches_reference(llama4_variant):
+    """Logits and greedy tokens of the per-expert checkpoint as transformers (with compressed-tensors)
+    runs it: FP8 experts with per-token FP8 activations, or float experts."""
+    _, _, reference, ours = llama4_variant
+    ids = _ids()
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert max_abs_diff(logits, reference(ids).logits) < LOGITS_TOL  # measured: 2e-7
+        _set_oracle_quantization(reference, False)
+        try:  # the activations' FP8 rounding shows (0.03), so the check above sees it
+            assert max_abs_diff(logits, reference(ids).logits) > 10 * LOGITS_TOL
+        finally:
+            _set_oracle_quantization(reference, True)
+    for seed, length in ((11, 3), (13, 12)):
+        ids = _ids(seed, (1, length))
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                      pad_token_id=0)
+        got = ours.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+        assert got.tolist() == expected.tolist(), seed
+
+
+def test_llama4_missing_expert_tensor_is_named(tmp_path):
+    folder = write_llama4_per_expert_checkpoint(tmp_path / "model", LLAMA4_VARIANTS["experts-fp8"])
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as reader:
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    del tensors["model.layers.3.feed_forward.experts.2.up_proj.weight_scale"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3\.feed_forward\.experts\.2\.up_proj\.weight_scale"):
+        herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+
+
+def test_llama4_experts_with_static_activation_scales_are_refused(tmp_path):
+    """FP8 (per-tensor weights, static input_scale) on the experts: herd's stacked experts have no
+    static activation scales, so the load says so instead of running other arithmetic."""
+    from tests.models.llama4.test_modeling_llama4 import reference_llama4
+
+    folder = tmp_path / "model"
+    reference_llama4(interleave_moe_layer_step=2, hidden_size=64, head_dim=16, intermediate_size=64,
+                     intermediate_size_mlp=64).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8,
+                                                                         "strategy": "tensor"},
+                                      "input_activations": {"type": "float", "num_bits": 8, "strategy": "tensor",
+                                                            "dynamic": False}}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Llama 4 experts at model.layers.1.feed_forward.experts .*static input"):
+        herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
+
+
 # --- what herd refuses, and how it says so ---------------------------------------------------------
 
 

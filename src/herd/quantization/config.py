@@ -216,6 +216,21 @@ class CompressedTensorsConfig(QuantizationConfig):
                 return scheme
         return None
 
+    def experts_scheme(self, path: str) -> Scheme | None:
+        """Llama 4's experts: LLM-Compressor writes them one Linear per expert and projection
+        (`<path>.<e>.gate_proj`, ...; loading.StackedExperts reads them stacked), so the targets and
+        `ignore` of the first expert's gate_proj say their format. herd's stacked experts take FP8
+        with a scale per row (or per tensor) and per-token or no activation scales."""
+        scheme = self.scheme_for(f"{path}.0.gate_proj")
+        if scheme is not None and (scheme.block is not None or scheme.activations == "static"
+                                   or scheme.activation_group_size):
+            what = ("block scales" if scheme.block is not None else "static input scales"
+                    if scheme.activations == "static" else "activation scales per group")
+            raise ValueError(f"compressed-tensors: the Llama 4 experts at {path} are quantized with {what}, which "
+                             "herd's experts do not run (they take FP8 with channel or tensor weight scales and "
+                             "per-token or no activation quantization)")
+        return scheme
+
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": self.quant_method, **self.raw}
 
