@@ -311,3 +311,57 @@ def test_save_pretrained_over_its_own_source_folder(tmp_path):
         again = herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
         assert max_abs_diff(again(_ids()).logits, expected) < TOL
     assert not (folder / "model.safetensors").exists()  # the old single file is gone, the shards replace it
+
+
+def test_per_expert_linears_read_as_stacked_experts_in_any_slice(tmp_path):
+    """loading.StackedExperts over two shards: gate/up/down Linears (out, in) of 3 experts, one
+    with a per-tensor scale, read as (experts, in, out) stacks and their (experts, 1, out) scales;
+    any slice (experts, input rows, columns across gate and up) equals the same slice of the
+    stacks built by hand, and only the per-expert keys of stacks the model holds are taken."""
+    from safetensors import safe_open
+
+    from herd.loading import StackedExperts, expert_stacks
+
+    generator = torch.Generator().manual_seed(0)
+    hidden, inter, experts = 6, 4, 3
+    prefix = "model.layers.1.feed_forward.experts"
+    tensors = {}
+    for e in range(experts):
+        for projection, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+            tensors[f"{prefix}.{e}.{projection}_proj.weight"] = torch.randn(shape, generator=generator)
+            rows = shape[0]
+            scale = torch.rand(1, generator=generator) if e == 1 else torch.rand(rows, 1, generator=generator)
+            tensors[f"{prefix}.{e}.{projection}_proj.weight_scale"] = scale
+    keys = sorted(tensors)
+    files = {tmp_path / "a.safetensors": keys[: len(keys) // 2], tmp_path / "b.safetensors": keys[len(keys) // 2:]}
+    for path, part in files.items():
+        save_file({key: tensors[key] for key in part}, str(path))
+    held = {f"{prefix}.gate_up_proj", f"{prefix}.down_proj", f"{prefix}.gate_up_proj_scale", f"{prefix}.down_proj_scale"}
+    stacks = expert_stacks(files, lambda key: key in held)
+    assert set(stacks) == held
+    assert expert_stacks(files, lambda key: False) == {}  # a model without stacked experts: keys left alone
+
+    def by_hand(name: str, tensor: str) -> torch.Tensor:
+        parts = [("down",)] if name == "down_proj" else [("gate", "up")]
+        out = []
+        for e in range(experts):
+            columns = []
+            for projection in parts[0]:
+                value = tensors[f"{prefix}.{e}.{projection}_proj.{tensor}"]
+                rows = tensors[f"{prefix}.{e}.{projection}_proj.weight"].shape[0]
+                columns.append(value.t() if tensor == "weight" else value.reshape(1, -1).expand(1, rows))
+            out.append(torch.cat(columns, dim=1))
+        return torch.stack(out)
+
+    readers = {path: safe_open(str(path), framework="pt") for path in files}
+    reader = StackedExperts(stacks, readers)
+    for name in ("gate_up_proj", "down_proj"):
+        for suffix, tensor in (("", "weight"), ("_scale", "weight_scale")):
+            stacked = reader.get_slice(f"{prefix}.{name}{suffix}")
+            expected = by_hand(name, tensor)
+            assert list(expected.shape) == stacked.get_shape()
+            assert torch.equal(reader.get_tensor(f"{prefix}.{name}{suffix}"), expected)
+            width = expected.shape[2]
+            for index in [(slice(None), slice(None), slice(1, width - 1)), (slice(1, 3),), (slice(None), slice(0, 1)),
+                          (slice(None), slice(None), slice(width // 2, width))]:
+                assert torch.equal(stacked[index], expected[index]), (name, suffix, index)

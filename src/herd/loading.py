@@ -302,16 +302,20 @@ class _Stack:
         first, last, step = columns.indices(self.width)
         if step != 1 or not all(isinstance(part, slice) for part in (experts, inner)):
             raise ValueError("stacked experts are read in slices of columns, step 1")
-        stacked = []
-        for expert in range(len(self.columns))[experts]:
+        chosen = range(len(self.columns))[experts]
+        stacked = None  # filled expert by expert: one copy of the result in memory, not two
+        for position, expert in enumerate(chosen):
             pieces, start = [], 0
             for reader, key, rows in self.columns[expert]:
                 low, high = max(first, start), min(last, start + rows)
                 if low < high:
                     pieces.append(self._read(reader, key, low - start, high - start, inner))
                 start += rows
-            stacked.append(torch.cat(pieces, dim=1))
-        return torch.stack(stacked)
+            columns = torch.cat(pieces, dim=1)  # (inner, columns)
+            if stacked is None:
+                stacked = columns.new_empty((len(chosen), *columns.shape))
+            stacked[position] = columns
+        return stacked
 
     def _read(self, reader, key: str, low: int, high: int, inner: slice) -> torch.Tensor:
         """Rows low:high of one Linear as (inner, high - low) columns."""
