@@ -292,7 +292,8 @@ def test_bench_at_a_long_context_on_the_cpu(capsys, monkeypatch, kv_cache_dtype)
     row = next(line for line in out.splitlines() if line.startswith("| 300 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     ttft, tokens_per_s, decode_ms, decode_tokens_per_s = (float(cell) for cell in cells[1:5])
-    assert ttft > 0 and decode_ms > 0 and abs(300 / tokens_per_s - ttft) <= 6e-4  # ttft printed to the ms
+    # ttft printed to the ms, tokens/s to the unit: 300 / tokens/s is off by up to 0.5 * 300 / tokens/s^2
+    assert ttft > 0 and decode_ms > 0 and abs(300 / tokens_per_s - ttft) <= 6e-4 + 0.5 * 300 / tokens_per_s**2
     assert abs(decode_tokens_per_s - 1e3 / decode_ms) <= 0.01 * decode_tokens_per_s + 0.1
     config = bench.architecture_config("tiny-llama4")
     config.max_position_embeddings = 305  # raised for the prompt (random weights)

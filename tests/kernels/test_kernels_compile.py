@@ -141,7 +141,7 @@ COMPILE_ALL = textwrap.dedent('''
         compile_one(f"expert_gemv {data_name} x={x}", expert_gemv._expert_gemv_kernel,
                     {"x_ptr": x, "ids_ptr": "*i64", "data_ptr": data, "scale_ptr": scale, "offset_ptr": scale,
                      "partial_ptr": "*fp32", "pairs": "i32", "K": "i32", "N": "i32", "steps_per_range": "i32"},
-                    dict(INT4=int4, GROUP=128 if int4 else 1, FP8_ASM=data_name == "fp8" and x == "*bf16",
+                    dict(INT4=int4, SCALED=True, GROUP=128 if int4 else 1, FP8_ASM=data_name == "fp8" and x == "*bf16",
                          PRECISION="ieee" if x == "*fp32" else "tf32", TENSOR_CORES=True, SUMS_BY_DOT=False,
                          BLOCK_N=expert_gemv.BLOCK_N,
                          BLOCK_K=128 if int4 else expert_gemv.BLOCK_K, M=16),
@@ -149,15 +149,23 @@ COMPILE_ALL = textwrap.dedent('''
     compile_one("expert_gemv int4 sums by dot", expert_gemv._expert_gemv_kernel,  # a variant the sweep measures
                 {"x_ptr": "*bf16", "ids_ptr": "*i64", "data_ptr": "*u8", "scale_ptr": "*bf16", "offset_ptr": "*bf16",
                  "partial_ptr": "*fp32", "pairs": "i32", "K": "i32", "N": "i32", "steps_per_range": "i32"},
-                dict(INT4=True, GROUP=128, FP8_ASM=False, PRECISION="tf32", TENSOR_CORES=True, SUMS_BY_DOT=True,
+                dict(INT4=True, SCALED=True, GROUP=128, FP8_ASM=False, PRECISION="tf32", TENSOR_CORES=True, SUMS_BY_DOT=True,
                      BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=128, M=16),
                 num_warps=expert_gemv.WARPS, num_stages=expert_gemv.INT4_STAGES)
     for data, data_name in [("*i8", "int8"), ("*fp8e4nv", "fp8")]:  # the CUDA-core variant the sweep measures
         compile_one(f"expert_gemv {data_name} cuda cores", expert_gemv._expert_gemv_kernel,
                     {"x_ptr": "*bf16", "ids_ptr": "*i64", "data_ptr": data, "scale_ptr": "*fp32", "offset_ptr": "*fp32",
                      "partial_ptr": "*fp32", "pairs": "i32", "K": "i32", "N": "i32", "steps_per_range": "i32"},
-                    dict(INT4=False, GROUP=1, FP8_ASM=False, PRECISION="tf32", TENSOR_CORES=False, SUMS_BY_DOT=False,
-                         BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=expert_gemv.BLOCK_K, M=16),
+                    dict(INT4=False, SCALED=True, GROUP=1, FP8_ASM=False, PRECISION="tf32", TENSOR_CORES=False,
+                         SUMS_BY_DOT=False, BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=expert_gemv.BLOCK_K, M=16),
+                    num_warps=expert_gemv.WARPS, num_stages=expert_gemv.STAGES)
+    for x in ["*bf16", "*fp16", "*fp32"]:  # unquantized experts in the rows' dtype: no scale (data read as scale_ptr)
+        compile_one(f"expert_gemv float x={x}", expert_gemv._expert_gemv_kernel,
+                    {"x_ptr": x, "ids_ptr": "*i64", "data_ptr": x, "scale_ptr": x, "offset_ptr": x,
+                     "partial_ptr": "*fp32", "pairs": "i32", "K": "i32", "N": "i32", "steps_per_range": "i32"},
+                    dict(INT4=False, SCALED=False, GROUP=1, FP8_ASM=False, PRECISION="ieee" if x == "*fp32" else "tf32",
+                         TENSOR_CORES=True, SUMS_BY_DOT=False, BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=expert_gemv.BLOCK_K,
+                         M=16),
                     num_warps=expert_gemv.WARPS, num_stages=expert_gemv.STAGES)
     import multiprocessing, os
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # forked: the jobs list is shared
@@ -183,11 +191,11 @@ def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     failures = [f"{label}: {status}" for label, status, _ in compiled if status != "ok"]
     assert not failures, "\n".join(failures)
     # the gemv grid (2 x 4 x 7 x 2), 8 persistent, 52 quantized (4 x 4 x 3 + 4), the attention kernels, 3 paged
-    # attention kernels and their 3 FP8 ones, 12 expert_gemv
-    assert len(compiled) >= 188
+    # attention kernels and their 3 FP8 ones, 15 expert_gemv
+    assert len(compiled) >= 191
     assert sum(label.startswith("paged attention") for label, _, _ in compiled) == 6
     assert sum(label.startswith("paged attention fp8 cache") for label, _, _ in compiled) == 3
-    assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 12
+    assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 15
     assert sum(label.startswith("attention fp8 cache") for label, _, _ in compiled) == 4
 
 
