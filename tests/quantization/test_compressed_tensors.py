@@ -364,12 +364,17 @@ def test_llama4_per_expert_checkpoint_matches_reference(llama4_variant):
         assert got.tolist() == expected.tolist(), seed
 
 
+def _drop_tensor(folder: Path, key: str) -> Path:
+    """The folder's model.safetensors written again without `key`."""
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as reader:
+        tensors = {name: reader.get_tensor(name) for name in reader.keys() if name != key}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 def test_llama4_missing_expert_tensor_is_named(tmp_path):
     folder = write_llama4_per_expert_checkpoint(tmp_path / "model", LLAMA4_VARIANTS["experts-fp8"])
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as reader:
-        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    del tensors["model.layers.3.feed_forward.experts.2.up_proj.weight_scale"]
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _drop_tensor(folder, "model.layers.3.feed_forward.experts.2.up_proj.weight_scale")
     with pytest.raises(CheckpointError, match=r"model\.layers\.3\.feed_forward\.experts\.2\.up_proj\.weight_scale"):
         herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
 
@@ -411,11 +416,7 @@ def _copy_with_config(source: Path, folder: Path, edit) -> Path:
 
 
 def test_missing_weight_scale_is_named(dynamic_folder, tmp_path):
-    folder = shutil.copytree(dynamic_folder, tmp_path / "model")
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as reader:
-        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    del tensors["model.layers.0.mlp.down_proj.weight_scale"]
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    folder = _drop_tensor(shutil.copytree(dynamic_folder, tmp_path / "model"), "model.layers.0.mlp.down_proj.weight_scale")
     with pytest.raises(CheckpointError, match=r"missing weights \(1\): model\.layers\.0\.mlp\.down_proj\.weight_scale"):
         herd.AutoModelForCausalLM.from_pretrained(folder, progress=False)
 
