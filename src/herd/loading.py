@@ -204,9 +204,9 @@ def load_checkpoint(
                 _load_shard(reader, path, model, expected, one_by_one, dtype, device, report, loaded, bar, convert,
                             place, shard)
         if stacks:  # the per-expert tensors, each stack read from the files that hold its parts
+            holding = {path for stack in stacks.values() for path, _ in stack.values()}
             with ExitStack() as opened:
-                readers = {path: opened.enter_context(_open(path)) for path in files
-                           if any(part_path == path for stack in stacks.values() for part_path, _ in stack.values())}
+                readers = {path: opened.enter_context(_open(path)) for path in files if path in holding}
                 _load_shard(StackedExperts(stacks, readers), "the per-expert tensors", model, expected, rename, dtype,
                             device, report, loaded, bar, convert, place, shard)
     report.missing = [name for name in expected if name not in loaded]
@@ -263,10 +263,9 @@ class StackedExperts:
         for expert in range(1 + max(expert for expert, _ in parts)):
             row = []
             for projection in projections:
-                for needed, holder in ((parts, stacked), (weights, stacked.removesuffix("_scale"))):
+                for needed, tensor in ((weights, "weight"), (parts, "weight_scale" if scale else "weight")):
                     if (expert, projection) not in needed:
-                        tensor = "weight_scale" if needed is parts and scale else "weight"
-                        raise CheckpointError(f"the checkpoint has per-expert tensors for {holder} but not "
+                        raise CheckpointError(f"the checkpoint has per-expert tensors for {stacked} but not "
                                               f"{experts_path}.{expert}.{projection}_proj.{tensor}")
                 path, key = parts[(expert, projection)]
                 weight_path, weight_key = weights[(expert, projection)]
@@ -298,8 +297,8 @@ class _Stack:
 
     def __getitem__(self, index) -> torch.Tensor:
         index = (index if isinstance(index, tuple) else (index,)) + (slice(None),) * 3
-        experts, inner, columns = index[:3]
-        first, last, step = columns.indices(self.width)
+        experts, inner, wanted = index[:3]
+        first, last, step = wanted.indices(self.width)
         if step != 1 or not all(isinstance(part, slice) for part in (experts, inner)):
             raise ValueError("stacked experts are read in slices of columns, step 1")
         chosen = range(len(self.columns))[experts]

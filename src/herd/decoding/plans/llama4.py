@@ -49,15 +49,9 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
-def project(x: torch.Tensor, weight) -> torch.Tensor:
-    """x @ weight.T through the few-row kernels (kernels/gemv.py: one row for a plain weight, a few
-    for a quantized one, dequantized inside their loop), or the library matmul where they do not apply."""
-    return gemv.linear(x, weight)
-
-
 def gated_mlp(mlp, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    gate, up = project(x, gate_up).chunk(2, dim=-1)
-    return project(mlp.act_fn(gate) * up, down)
+    gate, up = gemv.linear(x, gate_up).chunk(2, dim=-1)
+    return gemv.linear(mlp.act_fn(gate) * up, down)
 
 
 def mixture_of_experts(moe, shared_gate_up: torch.Tensor, shared_down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +82,7 @@ def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.
     attn = layer.self_attn
     config = attn.config
     batch = hidden.shape[0]
-    projected = project(layer.input_layernorm(hidden), weights.qkv)
+    projected = gemv.linear(layer.input_layernorm(hidden), weights.qkv)
     # (batch, heads + 2 kv_heads, head_dim) -> query (batch, heads, head_dim), key/value (batch, kv_heads, head_dim);
     # the counts from the shapes: this rank's heads under tensor parallel
     kv_heads = kv.keys.shape[1]
@@ -105,7 +99,7 @@ def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.
         query = (query * scale.view(-1, 1, 1)).to(query.dtype)
     store_token(kv, key, value)
     attended = attend(query[:, :, None], kv, attn.scaling)
-    hidden = hidden + summed(project(attended.reshape(batch, -1), weights.o), attn.o_proj)
+    hidden = hidden + summed(gemv.linear(attended.reshape(batch, -1), weights.o), attn.o_proj)
     normed = layer.post_attention_layernorm(hidden)
     if layer.is_moe_layer:
         fed = mixture_of_experts(layer.feed_forward, weights.gate_up, weights.down, normed)
