@@ -2,6 +2,12 @@
 the bandwidth it reaches per launch configuration (ranges, keys per loop step, warps, stages).
 
     python bench/attention_sweep.py --contexts 4096,32768,122880 --batch-sizes 1
+    python bench/attention_sweep.py --contexts 32768,122880 --chain 32
+
+With --chain L: the plan's configuration over L layers' caches (each its own tensors, as in a
+step), launched back to back in one CUDA graph, with and without programmatic dependent launch,
+and with an o-projection-sized few-row matmul after each (what follows attention in the step):
+µs per layer, to compare with the kernel alone.
 
 Llama-3.1-8B's attention shape by default (32 query heads, 8 kv heads, 128 dimensions, bf16). A
 row per configuration; the plan's own choice (plan_splits, plan_block, 4 warps, 2 stages) is
@@ -33,7 +39,12 @@ def main() -> None:
     parser.add_argument("--blocks", default="64,128")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3,4")
+    parser.add_argument("--chain", type=int, default=0, help="layers' caches timed back to back in one graph")
     args = parser.parse_args()
+    if args.chain:
+        for context in map(int, args.contexts.split(",")):
+            chained(context, args.chain, args.heads, args.kv_heads, args.head_dim)
+        return
     import triton.testing
 
     device = torch.device("cuda")
@@ -73,6 +84,45 @@ def main() -> None:
         best = min(results)
         print(f"best at batch {batch}, context {context}: splits {best[1]}, block {best[2]}, warps {best[3]}, "
               f"stages {best[4]}: {best[0]:.1f} µs ({nbytes / best[0] / 1e3:.0f} GB/s)", flush=True)
+
+
+def chained(context: int, layers: int, heads: int, kv_heads: int, dim: int) -> None:
+    """µs per layer of the plan's attention over `layers` separate caches in one graph."""
+    import triton.testing
+
+    from herd.kernels import gemv
+
+    device = torch.device("cuda")
+    caches = [(torch.randn(1, kv_heads, context, dim, device=device, dtype=torch.bfloat16),
+               torch.randn(1, kv_heads, context, dim, device=device, dtype=torch.bfloat16)) for _ in range(layers)]
+    projections = [torch.randn(heads * dim, heads * dim, device=device, dtype=torch.bfloat16) * 0.02
+                   for _ in range(layers)]
+    query = torch.randn(1, heads * dim, device=device, dtype=torch.bfloat16)
+    allowed = torch.ones(1, context, dtype=torch.bool, device=device)
+    new_slot = torch.tensor([context - 1], device=device)
+    nbytes = 2 * caches[0][0].numel() * 2
+
+    def step(pdl: bool, with_matmul: bool, same_cache: bool):
+        x = query
+        for layer in range(layers):
+            keys, values = caches[0 if same_cache else layer]
+            x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl)
+            if with_matmul:
+                x = gemv.launch(x, projections[layer], torch.empty_like(x), pdl=pdl)
+        return x
+
+    for pdl, with_matmul, same_cache in itertools.product((True, False), (False, True), (False, True)):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            step(pdl, with_matmul, same_cache)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(pdl, with_matmul, same_cache)
+        microseconds = triton.testing.do_bench(graph.replay, warmup=5, rep=200, return_mode="median") * 1000 / layers
+        print(f"context {context}, {layers} layers chained, pdl {pdl}, o matmul after each {with_matmul}, "
+              f"one cache for all {same_cache}: {microseconds:.1f} µs a layer "
+              f"(attention bytes at {nbytes / microseconds / 1e3:.0f} GB/s)", flush=True)
 
 
 if __name__ == "__main__":
