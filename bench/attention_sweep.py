@@ -6,7 +6,8 @@ the bandwidth it reaches per launch configuration (ranges, keys per loop step, w
 
 With --chain L: the plan's configuration over L layers' caches (each its own tensors, as in a
 step), launched back to back in one CUDA graph, with and without programmatic dependent launch,
-and with an o-projection-sized few-row matmul after each (what follows attention in the step):
+the next kernels launched at the start or after the loop (`late_dependents`), and with an
+o-projection-sized few-row matmul after each (what follows attention in the step):
 µs per layer, to compare with the kernel alone.
 
 Llama-3.1-8B's attention shape by default (32 query heads, 8 kv heads, 128 dimensions, bf16). A
@@ -102,26 +103,26 @@ def chained(context: int, layers: int, heads: int, kv_heads: int, dim: int) -> N
     new_slot = torch.tensor([context - 1], device=device)
     nbytes = 2 * caches[0][0].numel() * 2
 
-    def step(pdl: bool, with_matmul: bool, same_cache: bool):
+    def step(pdl: bool, late: bool, with_matmul: bool):
         x = query
         for layer in range(layers):
-            keys, values = caches[0 if same_cache else layer]
-            x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl)
+            keys, values = caches[layer]
+            x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl, late_dependents=late)
             if with_matmul:
                 x = gemv.launch(x, projections[layer], torch.empty_like(x), pdl=pdl)
         return x
 
-    for pdl, with_matmul, same_cache in itertools.product((True, False), (False, True), (False, True)):
+    for (pdl, late), with_matmul in itertools.product(((True, False), (True, True), (False, False)), (False, True)):
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            step(pdl, with_matmul, same_cache)
+            step(pdl, late, with_matmul)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step(pdl, with_matmul, same_cache)
+            step(pdl, late, with_matmul)
         microseconds = triton.testing.do_bench(graph.replay, warmup=5, rep=200, return_mode="median") * 1000 / layers
-        print(f"context {context}, {layers} layers chained, pdl {pdl}, o matmul after each {with_matmul}, "
-              f"one cache for all {same_cache}: {microseconds:.1f} µs a layer "
+        print(f"context {context}, {layers} layers chained, pdl {pdl}, next kernels launched after the loop {late}, "
+              f"o matmul after each {with_matmul}: {microseconds:.1f} µs a layer "
               f"(attention bytes at {nbytes / microseconds / 1e3:.0f} GB/s)", flush=True)
 
 

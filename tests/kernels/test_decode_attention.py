@@ -105,6 +105,15 @@ def test_plan_splits():
     assert decode_attention.plan_splits(64, 8, 131072) == 1  # 512 programs already
 
 
+def test_plan_late_dependents():
+    # the next kernels launch after the loop only where the grid outgrows one program per SM
+    assert decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 122880))
+    assert decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 32768))
+    assert not decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 4096))
+    assert not decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 8192))  # chunked rings
+    assert not decode_attention.plan_late_dependents(16, 8, decode_attention.plan_splits(16, 8, 4096))
+
+
 def test_plan_block():
     assert decode_attention.plan_block(64) == 32  # Llama-3.2-1B's heads: shorter blocks, more ranges
     assert decode_attention.plan_block(128) == 64

@@ -63,6 +63,14 @@ def plan_splits(batch: int, kv_heads: int, slots: int, block: int = BLOCK_SLOTS)
     return splits
 
 
+def plan_late_dependents(batch: int, kv_heads: int, splits: int) -> bool:
+    """Whether the next kernels (the merge, then o) launch only after this one's ranges are read: for
+    grids larger than TARGET_PROGRAMS (long caches). Launched at the start, their programs waited
+    beside this kernel's and slowed it: 161 against 123 µs a layer at 120k slots (bench/RESULTS.md,
+    2026-11-30 sixth session)."""
+    return batch * kv_heads * splits > TARGET_PROGRAMS
+
+
 def applies(query: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None = None) -> bool:
     dim = keys.shape[-1]
     stored_as = FP8_KV_DTYPE if key_scales is not None else query.dtype
@@ -167,9 +175,10 @@ if triton is not None:
         PRECISION: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
         FP8: tl.constexpr = False,  # keys/values float8_e4m3fn with a float32 scale per slot
+        LATE_DEPENDENTS: tl.constexpr = False,  # with PDL: the next kernel launches after the loop, not at the start
     ):
         dtype = q_ptr.dtype.element_ty  # the cache's dtype, or with FP8 what it dequantizes to
-        if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
+        if PDL and not LATE_DEPENDENTS:  # the next kernel may launch now: it reads what this one writes after its gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         row_head = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
@@ -217,6 +226,8 @@ if triton is not None:
             running_max, running_sum, acc = _attend_block(query, key, value, visible, running_max, running_sum, acc,
                                                           scaling, dtype, PRECISION)
 
+        if PDL and LATE_DEPENDENTS:
+            tl.extra.cuda.gdc_launch_dependents()
         head = kv_head * GROUP + g  # (GROUP_PAD,)
         if SPLITS == 1:
             out = acc / running_sum[:, None]
@@ -248,16 +259,21 @@ if triton is not None:
         tl.store(out_ptr + row_head * DIM + d, out.to(out_ptr.dtype.element_ty))
 
     def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None,
-               key_scales=None, value_scales=None, block: int | None = None, num_warps: int = 4, num_stages: int = 2):
+               key_scales=None, value_scales=None, block: int | None = None, num_warps: int = 4, num_stages: int = 2,
+               late_dependents: bool | None = None):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
         (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it.
-        key_scales/value_scales (batch, kv_heads, slots) float32: the scales of an FP8 cache."""
+        key_scales/value_scales (batch, kv_heads, slots) float32: the scales of an FP8 cache.
+        `late_dependents`: with pdl, let the next kernels launch only after the ranges are read
+        (by default `plan_late_dependents`)."""
         pdl = programmatic_launch(query) if pdl is None else pdl
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
         group = heads // kv_heads
         block = block or plan_block(dim)
         splits = splits or plan_splits(batch, kv_heads, slots, block)
+        if late_dependents is None:
+            late_dependents = plan_late_dependents(batch, kv_heads, splits)
         slots_per_split = (slots + splits * block - 1) // (splits * block) * block
         out = torch.empty_like(query)
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
@@ -270,7 +286,7 @@ if triton is not None:
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl, FP8=fp8,
-            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+            LATE_DEPENDENTS=late_dependents, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
         )  # fmt: skip
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](
