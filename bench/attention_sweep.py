@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=0, help="layers' caches timed back to back in one graph")
     args = parser.parse_args()
     if args.chain:
-        for context in map(int, args.contexts.split(",")):
-            chained(context, args.chain, args.heads, args.kv_heads, args.head_dim)
+        for batch, context in itertools.product(map(int, args.batch_sizes.split(",")), map(int, args.contexts.split(","))):
+            chained(batch, context, args.chain, args.heads, args.kv_heads, args.head_dim)
         return
     import triton.testing
 
@@ -87,19 +87,19 @@ def main() -> None:
               f"stages {best[4]}: {best[0]:.1f} µs ({nbytes / best[0] / 1e3:.0f} GB/s)", flush=True)
 
 
-def chained(context: int, layers: int, heads: int, kv_heads: int, dim: int) -> None:
+def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, dim: int) -> None:
     """µs per layer of the plan's attention over `layers` separate caches in one graph."""
     import triton.testing
 
     from herd.kernels import gemv
 
     device = torch.device("cuda")
-    caches = [(torch.randn(1, kv_heads, context, dim, device=device, dtype=torch.bfloat16),
-               torch.randn(1, kv_heads, context, dim, device=device, dtype=torch.bfloat16)) for _ in range(layers)]
+    caches = [(torch.randn(batch, kv_heads, context, dim, device=device, dtype=torch.bfloat16),
+               torch.randn(batch, kv_heads, context, dim, device=device, dtype=torch.bfloat16)) for _ in range(layers)]
     projections = [torch.randn(heads * dim, heads * dim, device=device, dtype=torch.bfloat16) * 0.02
                    for _ in range(layers)]
-    query = torch.randn(1, heads * dim, device=device, dtype=torch.bfloat16)
-    allowed = torch.ones(1, context, dtype=torch.bool, device=device)
+    query = torch.randn(batch, heads * dim, device=device, dtype=torch.bfloat16)
+    allowed = torch.ones(batch, context, dtype=torch.bool, device=device)
     new_slot = torch.tensor([context - 1], device=device)
     nbytes = 2 * caches[0][0].numel() * 2
 
@@ -109,7 +109,8 @@ def chained(context: int, layers: int, heads: int, kv_heads: int, dim: int) -> N
             keys, values = caches[layer]
             x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl, late_dependents=late)
             if with_matmul:
-                x = gemv.launch(x, projections[layer], torch.empty_like(x), pdl=pdl)
+                x = gemv.launch(x, projections[layer], torch.empty_like(x), pdl=pdl) if batch == 1 \
+                    else x @ projections[layer].t()
         return x
 
     for (pdl, late), with_matmul in itertools.product(((True, False), (True, True), (False, False)), (False, True)):
@@ -121,7 +122,7 @@ def chained(context: int, layers: int, heads: int, kv_heads: int, dim: int) -> N
         with torch.cuda.graph(graph):
             step(pdl, late, with_matmul)
         microseconds = triton.testing.do_bench(graph.replay, warmup=5, rep=200, return_mode="median") * 1000 / layers
-        print(f"context {context}, {layers} layers chained, pdl {pdl}, next kernels launched after the loop {late}, "
+        print(f"batch {batch}, context {context}, {layers} layers chained, pdl {pdl}, next kernels launched after the loop {late}, "
               f"o matmul after each {with_matmul}: {microseconds:.1f} µs a layer "
               f"(attention bytes at {nbytes / microseconds / 1e3:.0f} GB/s)", flush=True)
 

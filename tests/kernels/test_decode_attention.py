@@ -111,7 +111,7 @@ def test_plan_late_dependents():
     assert decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 32768))
     assert not decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 4096))
     assert not decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 8192))  # chunked rings
-    assert not decode_attention.plan_late_dependents(16, 8, decode_attention.plan_splits(16, 8, 4096))
+    assert decode_attention.plan_late_dependents(16, 8, decode_attention.plan_splits(16, 8, 4096))  # 512 programs
 
 
 def test_plan_block():
