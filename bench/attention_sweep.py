@@ -6,7 +6,7 @@ the bandwidth it reaches per launch configuration (ranges, keys per loop step, w
 
 With --chain L: the plan's configuration over L layers' caches (each its own tensors, as in a
 step), launched back to back in one CUDA graph, with and without programmatic dependent launch,
-the next kernels launched at the start or after the loop (`late_dependents`), and with an
+the range kernel itself programmatic or as `plan_programmatic` says, and with an
 o-projection-sized few-row matmul after each (what follows attention in the step):
 µs per layer, to compare with the kernel alone.
 
@@ -103,26 +103,29 @@ def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, di
     new_slot = torch.tensor([context - 1], device=device)
     nbytes = 2 * caches[0][0].numel() * 2
 
-    def step(pdl: bool, late: bool, with_matmul: bool):
+    def step(pdl: bool, programmatic: bool | None, with_matmul: bool):
         x = query
         for layer in range(layers):
             keys, values = caches[layer]
-            x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl, late_dependents=late)
+            x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl,
+                                        programmatic=programmatic)
             if with_matmul:
                 x = gemv.launch(x, projections[layer], torch.empty_like(x), pdl=pdl) if batch == 1 \
                     else x @ projections[layer].t()
         return x
 
-    for (pdl, late), with_matmul in itertools.product(((True, False), (True, True), (False, False)), (False, True)):
+    # PDL everywhere; the plan's (the range kernel an ordinary launch for large grids); no PDL
+    for (pdl, programmatic), with_matmul in itertools.product(((True, True), (True, None), (False, False)), (False, True)):
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            step(pdl, late, with_matmul)
+            step(pdl, programmatic, with_matmul)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step(pdl, late, with_matmul)
+            step(pdl, programmatic, with_matmul)
         microseconds = triton.testing.do_bench(graph.replay, warmup=5, rep=200, return_mode="median") * 1000 / layers
-        print(f"batch {batch}, context {context}, {layers} layers chained, pdl {pdl}, next kernels launched after the loop {late}, "
+        print(f"batch {batch}, context {context}, {layers} layers chained, pdl {pdl}, range kernel programmatic "
+              f"{'as planned' if programmatic is None else programmatic}, "
               f"o matmul after each {with_matmul}: {microseconds:.1f} µs a layer "
               f"(attention bytes at {nbytes / microseconds / 1e3:.0f} GB/s)", flush=True)
 

@@ -105,13 +105,14 @@ def test_plan_splits():
     assert decode_attention.plan_splits(64, 8, 131072) == 1  # 512 programs already
 
 
-def test_plan_late_dependents():
-    # the next kernels launch after the loop only where the grid outgrows one program per SM
-    assert decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 122880))
-    assert decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 32768))
-    assert not decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 4096))
-    assert not decode_attention.plan_late_dependents(1, 8, decode_attention.plan_splits(1, 8, 8192))  # chunked rings
-    assert decode_attention.plan_late_dependents(16, 8, decode_attention.plan_splits(16, 8, 4096))  # 512 programs
+def test_plan_programmatic():
+    # the range kernel launches as a programmatic dependent up to 256 programs; larger grids after the previous kernel
+    plan = decode_attention.plan_programmatic
+    assert not plan(1, 8, decode_attention.plan_splits(1, 8, 122880))  # 512 programs
+    assert plan(1, 8, decode_attention.plan_splits(1, 8, 32768))  # 256
+    assert plan(1, 8, decode_attention.plan_splits(1, 8, 4096))
+    assert plan(1, 8, decode_attention.plan_splits(1, 8, 8192))  # chunked rings
+    assert not plan(16, 8, decode_attention.plan_splits(16, 8, 4096))  # 512
 
 
 def test_plan_block():

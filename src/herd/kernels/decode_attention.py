@@ -41,6 +41,7 @@ TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the gr
 # ranges read 3.75 TB/s where 16 read 2.5)
 LONG_RANGE_SLOTS = 1024
 LONG_CONTEXT_PROGRAMS = 512
+ORDINARY_LAUNCH_PROGRAMS = 256  # larger grids launch after the previous kernel ends (`plan_programmatic`)
 
 
 def plan_block(dim: int) -> int:
@@ -63,12 +64,13 @@ def plan_splits(batch: int, kv_heads: int, slots: int, block: int = BLOCK_SLOTS)
     return splits
 
 
-def plan_late_dependents(batch: int, kv_heads: int, splits: int) -> bool:
-    """Whether the next kernels (the merge, then o) launch only after this one's ranges are read: for
-    grids larger than TARGET_PROGRAMS (long caches). Launched at the start, their programs waited
-    beside this kernel's and slowed it: 161 against 123 µs a layer at 120k slots (bench/RESULTS.md,
-    2026-11-30 sixth session)."""
-    return batch * kv_heads * splits > TARGET_PROGRAMS
+def plan_programmatic(batch: int, kv_heads: int, splits: int) -> bool:
+    """Whether the range kernel launches as a programmatic dependent of the previous kernel (where
+    the device has it): not for grids beyond ORDINARY_LAUNCH_PROGRAMS. Launched while the previous
+    kernel still ran, such a grid read its cache at 3.1 TB/s where launched after it, it read 4.1
+    (120k slots at batch 1, 161 against 121 µs a layer; 16 rows of 4096 slots, 90 against 69;
+    bench/RESULTS.md, 2026-11-30 sixth session). The merge and the kernels after it keep theirs."""
+    return batch * kv_heads * splits <= ORDINARY_LAUNCH_PROGRAMS
 
 
 def applies(query: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None = None) -> bool:
@@ -173,12 +175,11 @@ if triton is not None:
         SPLITS: tl.constexpr,
         BLOCK: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
+        PDL: tl.constexpr,  # the device has programmatic dependent launch (this kernel may be launched with it)
         FP8: tl.constexpr = False,  # keys/values float8_e4m3fn with a float32 scale per slot
-        LATE_DEPENDENTS: tl.constexpr = False,  # with PDL: the next kernel launches after the loop, not at the start
     ):
         dtype = q_ptr.dtype.element_ty  # the cache's dtype, or with FP8 what it dequantizes to
-        if PDL and not LATE_DEPENDENTS:  # the next kernel may launch now: it reads what this one writes after its gdc_wait
+        if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
             tl.extra.cuda.gdc_launch_dependents()
         row_head = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
@@ -199,7 +200,7 @@ if triton is not None:
         scale_offsets = row_head.to(tl.int64) * slots + s
         key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)  # (BLOCK, DIM)
         value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
-        if PDL:
+        if PDL:  # returns at once where the kernel was launched as an ordinary one
             tl.extra.cuda.gdc_wait()
         newest = (s == tl.load(new_slot_ptr)) & s_ok
         key = tl.where(newest[:, None], _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, newest,
@@ -226,8 +227,6 @@ if triton is not None:
             running_max, running_sum, acc = _attend_block(query, key, value, visible, running_max, running_sum, acc,
                                                           scaling, dtype, PRECISION)
 
-        if PDL and LATE_DEPENDENTS:
-            tl.extra.cuda.gdc_launch_dependents()
         head = kv_head * GROUP + g  # (GROUP_PAD,)
         if SPLITS == 1:
             out = acc / running_sum[:, None]
@@ -260,20 +259,20 @@ if triton is not None:
 
     def launch(query, keys, values, allowed, new_slot, scaling: float, splits: int | None = None, pdl: bool | None = None,
                key_scales=None, value_scales=None, block: int | None = None, num_warps: int = 4, num_stages: int = 2,
-               late_dependents: bool | None = None):
+               programmatic: bool | None = None):
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
         (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it.
         key_scales/value_scales (batch, kv_heads, slots) float32: the scales of an FP8 cache.
-        `late_dependents`: with pdl, let the next kernels launch only after the ranges are read
-        (by default `plan_late_dependents`)."""
+        `programmatic`: with pdl, whether the range kernel itself launches as a programmatic
+        dependent (by default `plan_programmatic`); the merge does."""
         pdl = programmatic_launch(query) if pdl is None else pdl
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
         group = heads // kv_heads
         block = block or plan_block(dim)
         splits = splits or plan_splits(batch, kv_heads, slots, block)
-        if late_dependents is None:
-            late_dependents = plan_late_dependents(batch, kv_heads, splits)
+        if programmatic is None:
+            programmatic = plan_programmatic(batch, kv_heads, splits)
         slots_per_split = (slots + splits * block - 1) // (splits * block) * block
         out = torch.empty_like(query)
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
@@ -286,7 +285,7 @@ if triton is not None:
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl, FP8=fp8,
-            LATE_DEPENDENTS=late_dependents, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and programmatic,
         )  # fmt: skip
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](
