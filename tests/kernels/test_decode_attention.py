@@ -70,6 +70,19 @@ def test_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
 
 
 @needs_triton
+def test_a_grid_launched_as_an_ordinary_kernel_gives_the_same_output():
+    """Large grids launch after the previous kernel (plan_programmatic): the kernel's wait for it
+    then returns at once, and the output is the programmatic launch's."""
+    batch, heads, kv_heads, slots, dim = 16, 8, 2, 512, 16
+    assert not decode_attention.plan_programmatic(batch, kv_heads, 16)
+    query, keys, values, allowed = _case(batch, heads, kv_heads, slots, dim, torch.float32)
+    outs = [decode_attention.launch(query.reshape(batch, -1).contiguous(), keys, values, allowed, _slot(slots - 1),
+                                    dim**-0.5, splits=16, programmatic=programmatic) for programmatic in (None, True)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    _check(outs[0], query, keys, values, allowed, dim**-0.5)
+
+
+@needs_triton
 def test_a_range_with_nothing_visible_does_not_poison_the_merge():
     """Only the first slots are visible: the later ranges hold no allowed key at all."""
     query, keys, values, allowed = _case(1, 4, 2, 256, 16, torch.float32)
