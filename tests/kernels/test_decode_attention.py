@@ -71,8 +71,8 @@ def test_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
 
 @needs_triton
 def test_a_grid_launched_as_an_ordinary_kernel_gives_the_same_output():
-    """Large grids launch after the previous kernel (plan_programmatic): the kernel's wait for it
-    then returns at once, and the output is the programmatic launch's."""
+    """Large grids launch after the previous kernel (plan_programmatic), compiled without the
+    programmatic launch's wait: the output is the programmatic launch's."""
     batch, heads, kv_heads, slots, dim = 16, 8, 2, 512, 16
     assert not decode_attention.plan_programmatic(batch, kv_heads, 16)
     query, keys, values, allowed = _case(batch, heads, kv_heads, slots, dim, torch.float32)

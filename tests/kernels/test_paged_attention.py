@@ -77,7 +77,8 @@ def test_kernel_matches_the_reference(batch, heads, kv_heads, dim, block_size, b
 def test_positions_outside_the_window_are_never_read():
     """Blocks past a row's length or before its first position may hold anything (another request's
     keys, NaN in a freed block): the output does not change."""
-    query, keys, values, table, first, lengths = _case(2, 4, 2, 16, 4, 16, 6, windowed=True, seed=3)
+    query, keys, values, table, first, lengths = (t.to(DEVICE) for t in _case(2, 4, 2, 16, 4, 16, 6, windowed=True,
+                                                                               seed=3))
     expected = paged_attention.launch(query.reshape(2, -1).contiguous(), keys, values, table, first, lengths, 4, 0.25)
     for row in range(2):
         for p in [*range(int(first[row])), *range(int(lengths[row]), 6 * 4)]:

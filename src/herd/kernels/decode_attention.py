@@ -65,11 +65,11 @@ def plan_splits(batch: int, kv_heads: int, slots: int, block: int = BLOCK_SLOTS)
 
 
 def plan_programmatic(batch: int, kv_heads: int, splits: int) -> bool:
-    """Whether the range kernel launches as a programmatic dependent of the previous kernel (where
-    the device has it): not for grids beyond ORDINARY_LAUNCH_PROGRAMS. Launched while the previous
-    kernel still ran, such a grid read its cache at 3.1 TB/s where launched after it, it read 4.1
-    (120k slots at batch 1, 161 against 121 µs a layer; 16 rows of 4096 slots, 90 against 69;
-    bench/RESULTS.md, 2026-11-30 sixth session). The merge and the kernels after it keep theirs."""
+    """Whether the range kernel is compiled and launched for programmatic dependent launch (where
+    the device has it): not for grids beyond ORDINARY_LAUNCH_PROGRAMS. With it such a grid read its
+    cache at 3.1 TB/s, without it at 4.1 (120k slots at batch 1, 161 against 123 µs a layer; 16
+    rows of 4096 slots, 91 against 70; bench/RESULTS.md, 2026-11-30 sixth session). The merge
+    keeps it."""
     return batch * kv_heads * splits <= ORDINARY_LAUNCH_PROGRAMS
 
 
@@ -175,7 +175,7 @@ if triton is not None:
         SPLITS: tl.constexpr,
         BLOCK: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr,  # the device has programmatic dependent launch (this kernel may be launched with it)
+        PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
         FP8: tl.constexpr = False,  # keys/values float8_e4m3fn with a float32 scale per slot
     ):
         dtype = q_ptr.dtype.element_ty  # the cache's dtype, or with FP8 what it dequantizes to
@@ -200,7 +200,7 @@ if triton is not None:
         scale_offsets = row_head.to(tl.int64) * slots + s
         key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)  # (BLOCK, DIM)
         value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
-        if PDL:  # returns at once where the kernel was launched as an ordinary one
+        if PDL:
             tl.extra.cuda.gdc_wait()
         newest = (s == tl.load(new_slot_ptr)) & s_ok
         key = tl.where(newest[:, None], _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, newest,
@@ -263,8 +263,8 @@ if triton is not None:
         """query (batch, heads * dim) -> (batch, heads * dim); also runs in Triton's interpreter
         (the CPU tests). `pdl`: programmatic dependent launch, by default where the device has it.
         key_scales/value_scales (batch, kv_heads, slots) float32: the scales of an FP8 cache.
-        `programmatic`: with pdl, whether the range kernel itself launches as a programmatic
-        dependent (by default `plan_programmatic`); the merge does."""
+        `programmatic`: with pdl, whether the range kernel itself takes part (by default
+        `plan_programmatic`); the merge does."""
         pdl = programmatic_launch(query) if pdl is None else pdl
         batch, kv_heads, slots, dim = keys.shape
         heads = query.shape[1] // dim
@@ -273,6 +273,7 @@ if triton is not None:
         splits = splits or plan_splits(batch, kv_heads, slots, block)
         if programmatic is None:
             programmatic = plan_programmatic(batch, kv_heads, splits)
+        range_pdl = pdl and programmatic
         slots_per_split = (slots + splits * block - 1) // (splits * block) * block
         out = torch.empty_like(query)
         part_out = query.new_empty((batch, heads, splits, dim), dtype=torch.float32)
@@ -284,8 +285,8 @@ if triton is not None:
             part_out, part_max, part_sum,
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=pdl, FP8=fp8,
-            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and programmatic,
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=range_pdl, FP8=fp8,
+            num_warps=num_warps, num_stages=num_stages, launch_pdl=range_pdl,
         )  # fmt: skip
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](
