@@ -39,6 +39,14 @@ class MemoryPlan:
     max_new_tokens: int = field(default=256, repr=False)
     batch_size: int = field(default=1, repr=False)
     kv_cache_dtype: torch.dtype | None = field(default=None, repr=False)
+    prefill_chunk_size: int | None = field(default=None, repr=False)
+
+    def _replanned(self, **changes) -> MemoryPlan:
+        """The plan of the same generation with some arguments of plan_memory changed."""
+        arguments = dict(dtype=self.dtype, quantization=self.quantization, prompt_tokens=self.prompt_tokens,
+                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, tp=self.tp,
+                         kv_cache_dtype=self.kv_cache_dtype, prefill_chunk_size=self.prefill_chunk_size)
+        return plan_memory(self.config, **{**arguments, **changes})
 
     @property
     def total(self) -> int:
@@ -63,17 +71,14 @@ class MemoryPlan:
             start = 0 if current is None else QUANTIZATION_NAMES.index(current) + 1
             for name in QUANTIZATION_NAMES[start:]:
                 try:
-                    other = plan_memory(self.config, dtype=self.dtype, quantization=name, prompt_tokens=self.prompt_tokens,
-                                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, tp=self.tp,
-                                        kv_cache_dtype=self.kv_cache_dtype)
+                    other = self._replanned(quantization=name)
                 except ValueError:  # a format these widths do not take (int4's group size)
                     continue
                 if other.fits(capacity_bytes):
                     options.append(f"--quantization {name} ({other.per_device / GB:.1f} GB)")
                     break
         if self.kv_cache_dtype is None:
-            fp8_kv = replace(self, kv_cache=kv_cache_bytes(self.config, self.dtype, self.prompt_tokens + self.max_new_tokens,
-                                                           self.batch_size, "fp8"), kv_cache_dtype=torch.float8_e4m3fn)
+            fp8_kv = self._replanned(kv_cache_dtype=torch.float8_e4m3fn)
             if fp8_kv.fits(capacity_bytes):
                 options.append(f"--kv-cache-dtype fp8 ({fp8_kv.per_device / GB:.1f} GB)")
         for tp in (2, 4, 8):
@@ -107,8 +112,7 @@ class MemoryPlan:
 
 
 def _with_tp(plan: MemoryPlan, tp: int) -> MemoryPlan:
-    return MemoryPlan(plan.weights, plan.vision, plan.kv_cache, plan.activations, tp, plan.config, plan.dtype,
-                      plan.quantization, plan.prompt_tokens, plan.max_new_tokens, plan.batch_size, plan.kv_cache_dtype)
+    return replace(plan, tp=tp)
 
 
 def _model_class(config):
@@ -213,20 +217,51 @@ def layer_kv_bytes(config, dtype: torch.dtype, positions: int, batch_size: int =
 
 
 def activation_bytes(config, dtype: torch.dtype, prompt_tokens: int, batch_size: int = 1,
-                     prefill_chunk_size: int | None = None) -> int:
+                     prefill_chunk_size: int | None = None, kv_cache_dtype: torch.dtype | str | None = None,
+                     quantized_experts: bool = False) -> int:
     """An estimate of the prefill's peak activations: one prefill chunk (the prompt, at most
     `prefill_chunk_size` tokens: generate's, decoding.decoders.PREFILL_CHUNK by default on the
     fast path) of every row through one layer, holding the hidden
     state, the MLP's gate and up outputs (2 x the widest intermediate size) and the q/k/v
-    projections, in `dtype`; plus the float32 logits of the last position of each row."""
+    projections, in `dtype`; plus the float32 logits of the last position of each row; plus what
+    one layer holds for a moment while a chunk attends to the cache before it and while
+    quantized experts run a prefill (`_prefill_transient_bytes`)."""
     from .decoding.decoders import PREFILL_CHUNK
 
     text = config.get_text_config()
     head_dim = _head_dim(text)
     intermediate = max(getattr(text, "intermediate_size", 0) or 0, getattr(text, "intermediate_size_mlp", 0) or 0)
     qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * head_dim
-    tokens = min(prompt_tokens, prefill_chunk_size or PREFILL_CHUNK) * batch_size
-    return tokens * (text.hidden_size + 2 * intermediate + qkv) * dtype.itemsize + batch_size * text.vocab_size * 4
+    chunk = prefill_chunk_size or PREFILL_CHUNK
+    tokens = min(prompt_tokens, chunk) * batch_size
+    return (tokens * (text.hidden_size + 2 * intermediate + qkv) * dtype.itemsize + batch_size * text.vocab_size * 4
+            + _prefill_transient_bytes(text, dtype, prompt_tokens, batch_size, chunk, kv_cache_dtype, quantized_experts))
+
+
+def _prefill_transient_bytes(text, dtype: torch.dtype, prompt_tokens: int, batch_size: int, chunk: int,
+                             kv_cache_dtype, quantized_experts: bool) -> int:
+    """Short-lived tensors of one layer during a long prefill, in dtype: the last chunk's cached
+    keys and values repeated per query head for cuDNN (layers.attention.cudnn_part, chunks of
+    CUDNN_MIN_QUERIES+ after a cache on Hopper) and, with the FP8 KV cache, dequantized; a Llama 4
+    layer's quantized routed experts dequantized for the chunk's grouped matmul
+    (kernels.routed_experts). Their sum, not their maximum, is what closed the gap between plan
+    and measured peak (Scout int4 at 128k and 1M tokens, the 8B at 120k: bench/RESULTS.md,
+    2026-11-30 sixth session)."""
+    from .cache import FP8_KV_DTYPE, kv_cache_dtype as storage_dtype
+    from .layers.attention import CUDNN_MIN_QUERIES
+
+    head_dim, heads, kv_heads = _head_dim(text), text.num_attention_heads, text.num_key_value_heads
+    attention = 0
+    if prompt_tokens > chunk:  # a chunk after a cache
+        if chunk >= CUDNN_MIN_QUERIES and heads > kv_heads:
+            attention += 2 * batch_size * prompt_tokens * heads * head_dim * dtype.itemsize
+        if storage_dtype(kv_cache_dtype) == FP8_KV_DTYPE:
+            attention += 2 * batch_size * prompt_tokens * kv_heads * head_dim * dtype.itemsize
+    experts = 0
+    if quantized_experts and getattr(text, "num_local_experts", 0):
+        inter = text.intermediate_size
+        experts = text.num_local_experts * 3 * text.hidden_size * inter * dtype.itemsize  # gate, up and down
+    return attention + experts
 
 
 def plan_memory(config, *, dtype: torch.dtype = torch.bfloat16, quantization=None, prompt_tokens: int = 128,
@@ -248,9 +283,11 @@ def plan_memory(config, *, dtype: torch.dtype = torch.bfloat16, quantization=Non
 
     kv_cache_dtype = storage_dtype(kv_cache_dtype)
     kv = kv_cache_bytes(config, dtype, prompt_tokens + max_new_tokens, batch_size, kv_cache_dtype)
-    activations = activation_bytes(config, dtype, prompt_tokens, batch_size, prefill_chunk_size)
+    quantized = _quantization_config(_model_class(config)[1], quantization) is not None
+    activations = activation_bytes(config, dtype, prompt_tokens, batch_size, prefill_chunk_size, kv_cache_dtype,
+                                   quantized_experts=quantized)
     return MemoryPlan(weights, vision, kv, activations, tp, config, dtype, quantization, prompt_tokens,
-                      max_new_tokens, batch_size, kv_cache_dtype)
+                      max_new_tokens, batch_size, kv_cache_dtype, prefill_chunk_size)
 
 
 def table(plan: MemoryPlan) -> str:
