@@ -240,11 +240,11 @@ def activation_bytes(config, dtype: torch.dtype, prompt_tokens: int, batch_size:
 
 def _prefill_transient_bytes(text, dtype: torch.dtype, prompt_tokens: int, batch_size: int, chunk: int,
                              kv_cache_dtype, quantized_experts: bool) -> int:
-    """Short-lived tensors of one layer during a long prefill, in dtype: the last chunk's cached
-    keys and values repeated per query head for cuDNN (layers.attention.cudnn_part, chunks of
-    CUDNN_MIN_QUERIES+ after a cache on Hopper) and, with the FP8 KV cache, dequantized; a Llama 4
-    layer's quantized routed experts dequantized for the chunk's grouped matmul
-    (kernels.routed_experts). Their sum, not their maximum, is what closed the gap between plan
+    """Short-lived tensors of one layer during a long prefill: the last chunk's cached keys and
+    values repeated per query head for cuDNN (layers.attention.cudnn_part, chunks of
+    CUDNN_MIN_QUERIES+ after a cache on Hopper) and its two parts' outputs merged in float32; with
+    the FP8 KV cache, the cache dequantized; a Llama 4 layer's quantized routed experts dequantized
+    for the chunk's grouped matmul (kernels.routed_experts). Their sum, not their maximum, is what closed the gap between plan
     and measured peak (Scout int4 at 128k and 1M tokens, the 8B at 120k: bench/RESULTS.md,
     2026-11-30 sixth session)."""
     from .cache import FP8_KV_DTYPE, kv_cache_dtype as storage_dtype
@@ -253,8 +253,11 @@ def _prefill_transient_bytes(text, dtype: torch.dtype, prompt_tokens: int, batch
     head_dim, heads, kv_heads = _head_dim(text), text.num_attention_heads, text.num_key_value_heads
     attention = 0
     if prompt_tokens > chunk:  # a chunk after a cache
-        if chunk >= CUDNN_MIN_QUERIES and heads > kv_heads:
-            attention += 2 * batch_size * prompt_tokens * heads * head_dim * dtype.itemsize
+        if chunk >= CUDNN_MIN_QUERIES:
+            if heads > kv_heads:
+                attention += 2 * batch_size * prompt_tokens * heads * head_dim * dtype.itemsize
+            # the two parts' outputs merged in float32 (layers.attention.after_cache_in_two_parts): 4 at once
+            attention += 4 * batch_size * chunk * heads * head_dim * 4
         if storage_dtype(kv_cache_dtype) == FP8_KV_DTYPE:
             attention += 2 * batch_size * prompt_tokens * kv_heads * head_dim * dtype.itemsize
     experts = 0

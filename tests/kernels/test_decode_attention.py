@@ -71,13 +71,13 @@ def test_matches_torch(dtype, batch, heads, kv_heads, slots, dim, splits):
 
 @needs_triton
 def test_a_grid_launched_as_an_ordinary_kernel_gives_the_same_output():
-    """Large grids launch after the previous kernel (plan_programmatic), compiled without the
-    programmatic launch's wait: the output is the programmatic launch's."""
+    """Grids of long ranges launch after the previous kernel (plan_programmatic), compiled without
+    the programmatic launch's wait; forced here on a small case: the output is the programmatic
+    launch's."""
     batch, heads, kv_heads, slots, dim = 16, 8, 2, 512, 16
-    assert not decode_attention.plan_programmatic(batch, kv_heads, 16)
     query, keys, values, allowed = _case(batch, heads, kv_heads, slots, dim, torch.float32)
     outs = [decode_attention.launch(query.reshape(batch, -1).contiguous(), keys, values, allowed, _slot(slots - 1),
-                                    dim**-0.5, splits=16, programmatic=programmatic) for programmatic in (None, True)]
+                                    dim**-0.5, splits=16, programmatic=programmatic) for programmatic in (False, True)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     _check(outs[0], query, keys, values, allowed, dim**-0.5)
 
@@ -119,13 +119,16 @@ def test_plan_splits():
 
 
 def test_plan_programmatic():
-    # the range kernel launches as a programmatic dependent up to 256 programs; larger grids after the previous kernel
-    plan = decode_attention.plan_programmatic
-    assert not plan(1, 8, decode_attention.plan_splits(1, 8, 122880))  # 512 programs
-    assert plan(1, 8, decode_attention.plan_splits(1, 8, 32768))  # 256
-    assert plan(1, 8, decode_attention.plan_splits(1, 8, 4096))
-    assert plan(1, 8, decode_attention.plan_splits(1, 8, 8192))  # chunked rings
-    assert not plan(16, 8, decode_attention.plan_splits(16, 8, 4096))  # 512
+    """The range kernel is a programmatic dependent except in grids beyond 256 programs of ranges
+    of 1024+ slots."""
+    def plan(batch, slots):
+        return decode_attention.plan_programmatic(batch, 8, decode_attention.plan_splits(batch, 8, slots), slots)
+
+    assert not plan(1, 122880)  # 512 programs of 1920 slots
+    assert plan(1, 32768)  # 256 programs
+    assert plan(1, 4096) and plan(1, 8192)  # 128 programs (chunked rings)
+    assert not plan(16, 4096)  # 512 programs of 1024 slots
+    assert plan(64, 192)  # 512 programs of 192 slots
 
 
 def test_plan_block():

@@ -30,7 +30,11 @@ from .plans import CHUNKED, FULL, DecodePlan, plan_for
 logger = logging.getLogger("herd")
 
 SYNC_INTERVAL = 16  # tokens between host checks of "is every row done?" on the fast path
-PREFILL_CHUNK = 4096  # longer prompts are prefilled in pieces of this many tokens
+# Longer prompts are prefilled in pieces of this many tokens: activation memory bounded by the piece.
+# Larger pieces keep the matmuls and cuDNN's attention busier: Llama-3.1-8B's 122,880-token prompt
+# took 12.2 s in pieces of 4096, 11.3 in 8192, 10.8 in 16384, for 2.5 GiB more at its peak
+# (bench/RESULTS.md, 2026-11-30 sixth session).
+PREFILL_CHUNK = 16384
 # Devices on which generate() takes the fast path by default (tests add "cpu" to run it uncaptured).
 FAST_DEVICES = ("cuda",)
 # cache_implementation values that mean fixed shapes (None: the default, fast where it applies).

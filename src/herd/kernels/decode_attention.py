@@ -41,7 +41,7 @@ TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the gr
 # ranges read 3.75 TB/s where 16 read 2.5)
 LONG_RANGE_SLOTS = 1024
 LONG_CONTEXT_PROGRAMS = 512
-ORDINARY_LAUNCH_PROGRAMS = 256  # larger grids launch after the previous kernel ends (`plan_programmatic`)
+ORDINARY_LAUNCH_PROGRAMS = 256  # larger grids of long ranges launch after the previous kernel (`plan_programmatic`)
 
 
 def plan_block(dim: int) -> int:
@@ -64,13 +64,15 @@ def plan_splits(batch: int, kv_heads: int, slots: int, block: int = BLOCK_SLOTS)
     return splits
 
 
-def plan_programmatic(batch: int, kv_heads: int, splits: int) -> bool:
+def plan_programmatic(batch: int, kv_heads: int, splits: int, slots: int) -> bool:
     """Whether the range kernel is compiled and launched for programmatic dependent launch (where
-    the device has it): not for grids beyond ORDINARY_LAUNCH_PROGRAMS. With it such a grid read its
-    cache at 3.1 TB/s, without it at 4.1 (120k slots at batch 1, 161 against 123 µs a layer; 16
-    rows of 4096 slots, 91 against 70; bench/RESULTS.md, 2026-11-30 sixth session). The merge
-    keeps it."""
-    return batch * kv_heads * splits <= ORDINARY_LAUNCH_PROGRAMS
+    the device has it): not for grids beyond ORDINARY_LAUNCH_PROGRAMS whose ranges are long
+    (LONG_RANGE_SLOTS+). With it such a grid read its cache at 3.1 TB/s, without it at 4.1 (120k
+    slots at batch 1, 161 against 123 µs a layer; 16 rows of 4096 slots, 91 against 70). Short
+    ranges keep it: 64 rows of 192 slots took 5.46-5.63 ms a step with it, 5.64-5.74 without
+    (bench/RESULTS.md, 2026-11-30 sixth session). The merge keeps it."""
+    long_ranges = slots // splits >= LONG_RANGE_SLOTS
+    return batch * kv_heads * splits <= ORDINARY_LAUNCH_PROGRAMS or not long_ranges
 
 
 def applies(query: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor | None = None) -> bool:
@@ -272,7 +274,7 @@ if triton is not None:
         block = block or plan_block(dim)
         splits = splits or plan_splits(batch, kv_heads, slots, block)
         if programmatic is None:
-            programmatic = plan_programmatic(batch, kv_heads, splits)
+            programmatic = plan_programmatic(batch, kv_heads, splits, slots)
         range_pdl = pdl and programmatic
         slots_per_split = (slots + splits * block - 1) // (splits * block) * block
         out = torch.empty_like(query)
