@@ -195,6 +195,27 @@ def test_max_tokens_defaults_to_the_room_left(served):
     assert request.sampling.max_tokens == 512 - len(request.prompt_ids)
 
 
+def test_completion_max_tokens_defaults_to_16(served):
+    """OpenAI's /v1/completions gives 16 new tokens when max_tokens is left out (not the whole context)."""
+    assert post(served, "/v1/completions", {"prompt": "hi"}).status_code == 200
+    assert served.engine.requests_seen[-1].sampling.max_tokens == 16
+    post(served, "/v1/completions", {"prompt": "hi", "max_tokens": 40})
+    assert served.engine.requests_seen[-1].sampling.max_tokens == 40
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_usage_counts_every_prompt(served, tokenizer, stream):
+    """A list of prompts is several prompts: usage.prompt_tokens is their sum (each counted once, whatever n)."""
+    prompts = ["one two", "three four five six"]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 3, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    response = post(served, "/v1/completions", body)
+    usage = sse(response)[-1]["usage"] if stream else response.json()["usage"]
+    assert usage["prompt_tokens"] == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert usage["completion_tokens"] == 4 * 3 and usage["total_tokens"] == usage["prompt_tokens"] + 12
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -214,6 +235,8 @@ def tiny_png() -> str:
     (say("x", max_tokens="ten"), 400, "max_tokens", ["integer"]),
     (say("x", max_completion_tokens=1.5), 400, "max_completion_tokens", ["integer"]),
     (say("x", max_tokens=100_000), 400, "max_tokens", ["context of 512", "at most"]),
+    (say("x", max_completion_tokens=100_000), 400, "max_completion_tokens", ["context of 512", "at most"]),
+    (say("x", seed=2**64), 400, "seed", ["<= "]),
     (say("x", temperature=-0.1), 400, "temperature", [">= 0"]),
     (say("x", temperature=5), 400, "temperature", ["<= 2"]),
     (say("x", top_p=0), 400, "top_p", ["> 0"]),
@@ -233,6 +256,7 @@ def tiny_png() -> str:
     (say("x", tools=[{"type": "function"}]), 400, "tools[0]", []),
     ({"model": "llama", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", ["robot"]),
     ({"model": "llama", "messages": [{"role": "user"}]}, 400, "messages[0].content", ["missing"]),
+    ({"model": "llama", "messages": [{"role": "user", "content": []}]}, 400, "messages[0].content", ["empty list"]),
     ({"model": "llama", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400,
      "messages[0].content[0]", []),
     ({"model": "llama", "messages": [{"role": "user", "content": [

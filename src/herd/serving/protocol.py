@@ -17,6 +17,10 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+# seeds seed torch generators, which take 64-bit values (OpenAI's and vLLM's seed is an int64 too)
+SEED_RANGE = (-(2**63), 2**63 - 1)
+# /v1/completions' max_tokens when it is left out, as OpenAI's reference gives it (chat has no such default)
+COMPLETION_MAX_TOKENS = 16
 
 
 class APIError(Exception):
@@ -40,6 +44,8 @@ class Sampling:
     """The sampling fields shared by chat and completions, as the client sent them (None = not sent)."""
 
     max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # the field max_tokens came from, for errors about it
+    default_max_tokens: int | None = None  # when max_tokens is left out (None: the room left in the context)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -128,11 +134,12 @@ def _sampling(body: dict, logprobs: int | None) -> Sampling:
     top_k = _number(body, "top_k", low=-1, integer=True)
     return Sampling(
         max_tokens=completion_limit if completion_limit is not None else max_tokens,
+        max_tokens_param="max_completion_tokens" if completion_limit is not None else "max_tokens",
         temperature=_number(body, "temperature", low=0, high=2),
         top_p=_number(body, "top_p", low=0, high=1, low_open=True),
         top_k=None if top_k in (None, -1) else top_k,  # -1 is vLLM's "off", 0 is ours
         min_p=_number(body, "min_p", low=0, high=1),
-        seed=_number(body, "seed", integer=True),
+        seed=_number(body, "seed", low=SEED_RANGE[0], high=SEED_RANGE[1], integer=True),
         n=_number(body, "n", low=1, high=MAX_N, integer=True) or 1,
         stop=_stop(body),
         stop_token_ids=list(stop_ids),
@@ -210,6 +217,8 @@ def _message(message: Any, index: int) -> dict[str, Any]:
         raise bad(f"{where}.content", "must be a string or a list of content parts")
     parts = None
     if isinstance(content, list):
+        if not content:  # OpenAI refuses it too; the template would render an empty turn
+            raise bad(f"{where}.content", "must not be an empty list; send at least one content part")
         parts = [_content_part(part, f"{where}.content[{i}]") for i, part in enumerate(content)]
         if role != "user" and any(part["type"] == "image_url" for part in parts):
             raise bad(f"{where}.content", "images are allowed in user messages only")
@@ -311,5 +320,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise bad("suffix", "is not supported by Llama models; leave it out")
     logprobs = _number(body, "logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
     stream = _boolean(body, "stream")
-    return CompletionRequest(model=_model(body), prompts=prompts, sampling=_sampling(body, logprobs), stream=stream,
+    sampling = _sampling(body, logprobs)
+    sampling.default_max_tokens = COMPLETION_MAX_TOKENS
+    return CompletionRequest(model=_model(body), prompts=prompts, sampling=sampling, stream=stream,
                              include_usage=_stream_options(body, stream), response_format=_response_format(body))

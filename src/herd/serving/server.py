@@ -299,8 +299,10 @@ class Server:
         max_tokens = sampling.max_tokens
         if max_tokens is None:
             max_tokens = room if room is not None else 256
+            if sampling.default_max_tokens is not None:
+                max_tokens = min(max_tokens, sampling.default_max_tokens)
         elif room is not None and max_tokens > room:
-            name = "max_tokens"
+            name = sampling.max_tokens_param
             raise bad(name, f"the prompt is {prompt_length} tokens and {max_tokens} new tokens were asked for, over the "
                             f"model's context of {limit} tokens; ask for at most {room}")
         temperature = sampling.temperature if sampling.temperature is not None else defaults.get("temperature", 1.0)
@@ -535,11 +537,16 @@ class Server:
     def _finish(reason: str | None) -> str | None:
         return "stop" if reason == "abort" else reason
 
-    def _usage(self, choices: list[_Choice]) -> dict[str, Any]:
-        prompt = max((c.prompt_tokens for c in choices), default=0) or len(choices[0].request.prompt_ids)
+    def _usage(self, choices: list[_Choice], per_prompt: int | None = None) -> dict[str, Any]:
+        """Usage of the choices, `per_prompt` of them sampled from each prompt (default: all from one). A
+        prompt counts once however many choices it has; a list of prompts (/v1/completions) counts each."""
+        per_prompt = per_prompt or len(choices)
+        groups = [choices[i:i + per_prompt] for i in range(0, len(choices), per_prompt)]
+        prompt = sum(max(c.prompt_tokens for c in group) or len(group[0].request.prompt_ids) for group in groups)
+        cached = sum(max(c.cached_tokens for c in group) for group in groups)
         completion = sum(c.completion_tokens for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": max((c.cached_tokens for c in choices), default=0)}}
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _chat_stream(self, choices, chat, started, calls_wanted) -> AsyncIterator[bytes]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
@@ -638,7 +645,7 @@ class Server:
                 "logprobs": self._completion_logprobs(c.logprobs, 0) if completion.sampling.logprobs is not None
                 else None} for c in choices]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": _now(),
-                "model": self.model_name, "choices": out, "usage": self._usage(choices)}
+                "model": self.model_name, "choices": out, "usage": self._usage(choices, completion.sampling.n)}
 
     async def _completion_stream(self, choices, completion, started) -> AsyncIterator[bytes]:
         ident, created = f"cmpl-{uuid.uuid4().hex}", _now()
@@ -658,7 +665,7 @@ class Server:
             self.metrics.latency.observe(time.perf_counter() - started)
             if completion.include_usage:
                 yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
-                            "choices": [], "usage": self._usage(choices)})
+                            "choices": [], "usage": self._usage(choices, completion.sampling.n)})
             yield b"data: [DONE]\n\n"
         except Exception as error:  # noqa: BLE001 - the headers are sent: the error goes in the stream
             yield self._stream_error(error)
