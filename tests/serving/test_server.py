@@ -110,6 +110,7 @@ def assert_error(response, status, param, *words):
     ('Checking. [get_weather(city="Rome")]', "Checking.", [("get_weather", {"city": "Rome"})]),
     ('<|python_start|>[get_time(zone="CET")]<|python_end|>', None, [("get_time", {"zone": "CET"})]),
     ('[get_weather(city="Par', '[get_weather(city="Par', []),  # malformed: content, never a 500
+    ('{"name": "Alice", "age": 3}', '{"name": "Alice", "age": 3}', []),  # JSON data, not a call
     ("It is sunny.", "It is sunny.", []),
 ])
 @pytest.mark.parametrize("stream", [False, True])

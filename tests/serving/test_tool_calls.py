@@ -55,6 +55,9 @@ def test_formats(text, content, calls):
     "Here is a list: [1, 2, 3] and a dict {\"a\": 1}.",
     '{"name": "f", "parameters": {"x": 1}',  # cut off
     '{"name": 3, "parameters": {}}',  # not a name
+    '{"name": "Alice", "age": 3}',  # JSON data with a "name" key, not a call
+    '[{"name": "a", "parameters": {}}, {"name": "Paris", "population": 2}]',
+    '{"type": "function", "function": {"name": "f", "parameters": {}}, "extra": 1}',
     "[f(1, 2)]",  # positional arguments: not a call we can name
     "[f(x=open('/etc/passwd'))]",  # not a literal
     "[get_weather(city=\"Paris\"",  # cut off

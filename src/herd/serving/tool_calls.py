@@ -29,6 +29,9 @@ END_MARKERS = ("<|eom_id|>", "<|eot_id|>", "<|eot|>", "<|end_of_text|>", "<|eom|
 # Where to look for the start of a bare call: a JSON object or a pythonic list. At most this many
 # candidates are tried, so a long answer full of brackets costs little.
 MAX_START_CANDIDATES = 64
+# The keys a JSON call may have: Llama 3.1's name and parameters (or arguments), in OpenAI's wrapper or not.
+_CALL_KEYS = {"name", "parameters", "arguments", "type"}
+_WRAPPER_KEYS = {"id", "type", "function"}
 _LITERAL_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
 
 
@@ -63,10 +66,16 @@ def _strip_end(text: str) -> str:
 
 
 def _json_call(value: Any) -> ToolCall | None:
+    # Only a call's own keys: an object with others ({"name": "Alice", "age": 3}) is an answer written
+    # in JSON (response_format, the user's data), not a call to a function "Alice".
     if not isinstance(value, dict):
         return None
     if isinstance(value.get("function"), dict):  # {"type": "function", "function": {...}}
+        if not value.keys() <= _WRAPPER_KEYS:
+            return None
         value = value["function"]
+    if not value.keys() <= _CALL_KEYS:
+        return None
     name = value.get("name")
     arguments = value.get("parameters", value.get("arguments", {}))
     if isinstance(arguments, str):
