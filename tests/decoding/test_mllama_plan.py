@@ -9,7 +9,7 @@ import torch
 
 from herd.decoding import decoders
 from tests.conftest import max_abs_diff
-from tests.models.mllama.test_modeling_mllama import _inputs, pair  # noqa: F401  (the fixture)
+from tests.models.mllama.test_modeling_mllama import LEFT_PADDED_ROWS, _inputs, _left_padded, pair  # noqa: F401  (the fixture)
 
 
 @pytest.fixture
@@ -74,3 +74,15 @@ def test_fp8_cache_on_the_fast_path_equals_the_plain_paths(fast_on_cpu, pair):  
     kv = decoders.fast_decoder(model).entry.kv
     assert kv.full.keys and all(keys.dtype == torch.float8_e4m3fn for keys in kv.full.keys.values())
     assert all(keys.dtype == model.dtype for keys in kv.cross.keys.values())
+
+
+def test_left_padded_batch_mixing_image_and_text_rows(fast_on_cpu, pair):  # noqa: F811
+    """Rows padded by different amounts, one with text before its image, one text-only: the fast
+    path's tokens and logits equal the plain path's (itself checked against transformers and rows
+    alone in tests/models/mllama)."""
+    _, model, _ = pair
+    inputs, _ = _left_padded(LEFT_PADDED_ROWS)
+    fast, plain = _both(model, inputs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(fast.logits, plain.logits)) < 1e-4
+    assert decoders.fast_decoder(model).entry.kv.cross is not None  # the fast path really ran, with the images

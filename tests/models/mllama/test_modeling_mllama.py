@@ -360,3 +360,71 @@ def test_cached_decoding_with_sliced_cross_attention_masks(pair):
             got = ours(input_ids=new, cross_attention_mask=full[:, -1:], past_key_values=our_cache, use_cache=True)
             assert max_abs_diff(got.logits, expected.logits) < TOL, step
             ref_cache, our_cache = expected.past_key_values, got.past_key_values
+
+
+def _left_padded(rows, seed=3):
+    """rows: (length, tile counts of its images, where each image token sits) per row, () for a
+    text-only row. -> the left-padded batch (with attention_mask), and each row's own inputs as it
+    would be sent alone (a text-only row without any image input)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(length for length, _, _ in rows)
+    pixel_values, aspect_ids, aspect_mask = _images([list(tiles) for _, tiles, _ in rows])
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    cross = torch.zeros(len(rows), width, pixel_values.shape[1], 4, dtype=torch.long)
+    alone = []
+    for row, (length, tiles, places) in enumerate(rows):
+        start = width - length
+        ids[row, start:] = torch.randint(3, 128, (length,), generator=generator)
+        mask[row, start:] = 1
+        for image, (count, at) in enumerate(zip(tiles, places)):
+            ids[row, start + at] = IMAGE
+            cross[row, start + at :, image, :count] = 1
+        own = dict(input_ids=ids[row : row + 1, start:])
+        if tiles:
+            images = slice(0, len(tiles))
+            own.update(pixel_values=pixel_values[row : row + 1, images], aspect_ratio_ids=aspect_ids[row : row + 1, images],
+                       aspect_ratio_mask=aspect_mask[row : row + 1, images],
+                       cross_attention_mask=cross[row : row + 1, start:, images])
+        alone.append(own)
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, aspect_ratio_ids=aspect_ids,
+                 aspect_ratio_mask=aspect_mask, cross_attention_mask=cross)
+    return batch, alone
+
+
+# row 0: an image at the start; row 1: padded, text before its image; row 2: padded, text only
+LEFT_PADDED_ROWS = [(12, (4,), (0,)), (7, (2,), (2,)), (5, (), ())]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_left_padded_batch_mixing_image_and_text_rows(pair, attn):
+    """Padded positions and text before an image have fully masked cross-attention rows: no NaN
+    anywhere, on any backend. The batch gives the reference's logits and tokens (with Meta's row
+    masking) and each row the tokens it gets alone."""
+    reference, _, folder = pair
+    ours = MllamaForConditionalGeneration.from_pretrained(folder, attn_implementation=attn, progress=False)
+    inputs, alone = _left_padded(LEFT_PADDED_ROWS)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    seeing = inputs["cross_attention_mask"].flatten(2).any(-1).float()  # (batch, seq): 1 where a token sees an image
+    hooks = [layer.cross_attn.register_forward_hook(
+        lambda module, args, out: (out[0] * (seeing if out[0].shape[1] == seeing.shape[1] else seeing[:, -1:])[..., None],
+                                   out[1]))
+        for layer in reference.model.language_model.layers if hasattr(layer, "cross_attn")]
+    try:
+        with torch.no_grad():
+            expected = reference(**inputs).logits
+        expected_tokens = reference.generate(**inputs, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        got = ours(**inputs).logits
+    assert torch.isfinite(got).all()  # the padded positions' logits too
+    real = inputs["attention_mask"].bool()
+    assert max_abs_diff(got[real], expected[real]) < TOL
+    tokens = ours.generate(**inputs, **kwargs)
+    assert torch.equal(tokens, expected_tokens)
+    width = inputs["input_ids"].shape[1]
+    for row, own in enumerate(alone):
+        single = ours.generate(**own, **kwargs)
+        assert torch.equal(single[0, own["input_ids"].shape[1] :], tokens[row, width:]), row
