@@ -148,3 +148,20 @@ def test_left_padded_batch_of_image_and_text_rows(pair, attn):
     for row, (own_ids, own_pixels) in enumerate(alone):
         single = ours.generate(own_ids, pixel_values=own_pixels, **kwargs)
         assert torch.equal(single[0, own_ids.shape[1] :], tokens[row, ids.shape[1] :]), row
+
+
+def test_left_padded_batch_of_image_and_text_rows_on_the_fast_path(pair, monkeypatch):
+    """The fast decoding path (the default on CUDA; run here uncompiled) on the same batch: the
+    plain path's tokens and logits."""
+    from herd.decoding import decoders
+
+    monkeypatch.setattr(decoders, "FAST_DEVICES", ("cuda", "cpu"))
+    _, ours, _ = pair
+    ids, mask, pixels, _ = _left_padded_batch([(22, 2, 3), (11, 0, 0), (15, 1, 6)])
+    kwargs = dict(attention_mask=mask, pixel_values=pixels, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                  eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    fast = ours.generate(ids, **kwargs)
+    plain = ours.generate(ids, disable_compile=True, **kwargs)
+    assert decoders.fast_decoder(ours).entry is not None  # the fast path really ran
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert max(max_abs_diff(a, b) for a, b in zip(fast.logits, plain.logits)) < 1e-4
