@@ -249,3 +249,35 @@ def test_explicit_none_eos_disables_the_models_eos(pair):
         assert torch.equal(unstopped, free) and not torch.equal(stopped, free)
     finally:
         ours.generation_config.eos_token_id = reference.generation_config.eos_token_id = 2
+
+
+def test_every_eos_id_of_generation_config_json_stops_its_row(pair, tmp_path, monkeypatch):
+    """As Llama 3 Instruct ships it: config.json names one eos id, generation_config.json a list
+    (128001, 128008, 128009); a row that emits any id of the list stops there, on the plain and
+    the fast decoding path (the default on CUDA; run here uncompiled), as in the reference."""
+    import transformers
+
+    from herd.decoding import decoders
+
+    reference, _ = pair
+    ids, mask = _prompts()
+    free = reference.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, eos_token_id=None)
+    new = free[:, ids.shape[1] :]
+    stops = {0: 3, 1: 5, 2: 1}  # row -> the step whose token becomes an eos id: each row its own id
+    eos = [int(new[row, step]) for row, step in stops.items()]
+    assert len(set(eos)) == 3 and all(not torch.isin(new[row, :step], torch.tensor(eos)).any()
+                                      for row, step in stops.items())
+    folder = save_reference(reference, tmp_path / "ckpt")
+    GenerationConfig(eos_token_id=eos, pad_token_id=PAD, max_new_tokens=10).save_pretrained(folder)
+    assert transformers.LlamaConfig.from_pretrained(folder).eos_token_id == 2  # config.json: one id only
+    expected = transformers.LlamaForCausalLM.from_pretrained(folder).eval().generate(ids, attention_mask=mask)
+    ours = herd.LlamaForCausalLM.from_pretrained(folder, progress=False)
+    plain = ours.generate(ids, attention_mask=mask)
+    monkeypatch.setattr(decoders, "FAST_DEVICES", ("cuda", "cpu"))
+    fast = ours.generate(ids, attention_mask=mask)
+    assert decoders.fast_decoder(ours).entry is not None  # the fast path really ran
+    assert torch.equal(plain, expected) and torch.equal(fast, expected)
+    for row, step in stops.items():
+        tail = plain[row, ids.shape[1] :].tolist()
+        assert tail[step] == eos[row] and all(t == PAD for t in tail[step + 1 :]), row
+    assert plain.shape[1] == ids.shape[1] + max(stops.values()) + 1  # generation ends once every row is done
