@@ -508,6 +508,8 @@ def measure_context(args: argparse.Namespace, model, context: int, bandwidth: fl
     one generate(): time to first token (the prefill, in chunks of --prefill-chunk-size), decode
     ms per step at that context (from the arrival times of the new tokens after the first
     CAPTURE_STEPS), peak memory."""
+    from .decoding.decoders import PREFILL_CHUNK
+
     device = model.device
     weight_bytes, kv_bytes = decode_bytes(model, 1, context + args.new_tokens // 2)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
@@ -518,7 +520,7 @@ def measure_context(args: argparse.Namespace, model, context: int, bandwidth: fl
     if args.plain:
         kwargs["disable_compile"] = True
     # compile and capture on a short prompt first, so that the long run times the work itself
-    warm_length = min(context, 2 * (args.prefill_chunk_size or 4096))
+    warm_length = min(context, 2 * (args.prefill_chunk_size or PREFILL_CHUNK))
     with torch.no_grad():
         model.generate(**prompt_inputs(model, 1, warm_length, seed=1), max_new_tokens=4, min_new_tokens=4, **kwargs)
     inputs = prompt_inputs(model, 1, context, seed=context)
