@@ -142,6 +142,17 @@ def test_chat_logprobs_match_the_model(client, smollm2):
     assert "".join(plain.choices[0].logprobs.tokens) == plain.choices[0].text
 
 
+def test_logprob_bytes_rebuild_an_emoji(client):
+    """An emoji spans several byte-level tokens, each decoding alone to U+FFFD: their logprobs' `bytes`
+    are the tokens' own bytes, which join into the answer (OpenAI's reason for the field)."""
+    answer = chat(client, messages=[{"role": "user", "content": "Write three emoji of fruit, nothing else."}],
+                  logprobs=True, top_logprobs=1, max_tokens=12)  # 4 whole emoji
+    entries = answer.choices[0].logprobs.content
+    assert any(entry.token == "\ufffd" for entry in entries), [e.token for e in entries]
+    assert bytes(b for entry in entries for b in entry.bytes).decode() == answer.choices[0].message.content
+    assert all(entry.top_logprobs[0].bytes == entry.bytes for entry in entries)  # greedy: the best is the chosen
+
+
 def test_json_schema_output_parses_and_validates(client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                "population": {"type": "integer", "minimum": 0,

@@ -78,3 +78,20 @@ def test_streamed_pieces_are_the_whole_decode_for_any_tokens(folder):
             assembler = TextAssembler(tokenizer, skip_special_tokens=skip)
             streamed = "".join(assembler.add(token) for token in ids) + assembler.finish()
             assert streamed == tokenizer.decode(ids, skip_special_tokens=skip), (folder, ids)
+
+
+@pytest.mark.parametrize("folder", ["llama3.1", "spm-llama-style"])
+def test_token_bytes_rebuild_characters_split_over_tokens(folder):
+    """logprobs' `bytes`: a token holding part of an emoji decodes to U+FFFD, but its bytes are its
+    own (byte-level characters or a <0xNN> byte), so that the tokens' bytes join into the text."""
+    from herd import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / folder)
+    assembler = TextAssembler(tokenizer)
+    text = "🍨🐑Größe日本語"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in assembler.token_text(i) for i in ids)  # the case at stake: partial characters
+    joined = b"".join(assembler.token_bytes(i) for i in ids)
+    assert joined.decode().replace(" ", "") == text  # (a SentencePiece word start decodes alone without its space)
+    assert all(assembler.token_bytes(i) == assembler.token_text(i).encode() for i in ids
+               if "\ufffd" not in assembler.token_text(i))

@@ -398,12 +398,14 @@ class Server:
                 event = None
 
     def _logprob_entry(self, choice: _Choice, event: TokenEvent, logprob_format: str) -> dict[str, Any]:
-        token = choice.assembler.token_text(event.token_id)
-        top = [(choice.assembler.token_text(i), lp) for i, lp in (event.top_logprobs or [])]
+        assembler = choice.assembler
+        token = assembler.token_text(event.token_id)
+        top = [(i, assembler.token_text(i), lp) for i, lp in (event.top_logprobs or [])]
         if logprob_format == "chat":
-            return {"token": token, "logprob": event.logprob, "bytes": list(token.encode()),
-                    "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]}
-        return {"token": token, "logprob": event.logprob, "top": dict(top)}
+            return {"token": token, "logprob": event.logprob, "bytes": list(assembler.token_bytes(event.token_id)),
+                    "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(assembler.token_bytes(i))}
+                                     for i, t, lp in top]}
+        return {"token": token, "logprob": event.logprob, "top": {t: lp for _, t, lp in top}}
 
     async def _with_disconnect(self, request: Request, work) -> Any:
         """Run `work` (a coroutine); if the client disconnects first, cancel it (its choices are aborted)."""

@@ -13,9 +13,23 @@ SentencePiece word boundary) comes out as decoding the whole would give it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 _INCOMPLETE = "\ufffd"  # what a byte-level decode gives for a partial UTF-8 character
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: a byte-level token is a string of these
+    (the printable Latin-1 bytes stand for themselves, the others are shifted past 255)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
 
 
 class TextAssembler:
@@ -82,3 +96,17 @@ class TextAssembler:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (logprobs' `bytes`). A token holding part of a character (an emoji is
+        often 2-4 tokens) decodes to U+FFFD; clients join the tokens' bytes to rebuild the character,
+        so these come from the token itself: its byte-level characters or its <0xNN> byte."""
+        text = self.token_text(token_id)
+        if _INCOMPLETE not in text:
+            return text.encode()
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str) and (byte := _BYTE_TOKEN.fullmatch(piece)):
+            return bytes([int(byte.group(1), 16)])
+        if isinstance(piece, str) and piece and all(ch in _BYTE_LEVEL for ch in piece):
+            return bytes(_BYTE_LEVEL[ch] for ch in piece)
+        return text.encode()
