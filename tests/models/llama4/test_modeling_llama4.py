@@ -310,8 +310,9 @@ def test_nope_layer_at_positions_past_32k_matches_reference():
 def test_left_padded_greedy_generation_across_chunks_gives_each_row_its_tokens_alone(tmp_path, attn):
     """Prompts and continuations crossing several attention chunks, rows padded by different
     amounts: on every backend, the batch gives the reference's tokens and each row the tokens it
-    gets alone (chunks counted from each row's first real token, at prefill and at decode)."""
-    reference, ours = _pair(tmp_path, attn=attn, interleave_moe_layer_step=2, num_experts_per_tok=2, floor_scale=4)
+    gets alone (chunks counted from each row's first real token, at prefill and at decode). The
+    default floor_scale: temperature tuning does not bite in so few positions (see the next test)."""
+    reference, ours = _pair(tmp_path, attn=attn, interleave_moe_layer_step=2, num_experts_per_tok=2)
     ids, mask = _batch(lengths=(19, 9, 3), seed=11)
     kwargs = dict(max_new_tokens=2 * CHUNK + 5, do_sample=False, pad_token_id=0, eos_token_id=None)
     got = ours.generate(ids, attention_mask=mask, **kwargs)
@@ -321,3 +322,21 @@ def test_left_padded_greedy_generation_across_chunks_gives_each_row_its_tokens_a
     for row in range(ids.shape[0]):
         alone = ids[row : row + 1, mask[row].bool()]
         assert torch.equal(ours.generate(alone, **kwargs)[0, alone.shape[1] :], got[row, ids.shape[1] :]), row
+
+
+@pytest.mark.xfail(strict=True, reason="known deviation, kept to equal the reference: the NoPE layers' temperature "
+                   "counts positions from the cache's start, padding included (as transformers' cache_position), "
+                   "not from each row's first real token (as Meta's batches, which pad on the right)")
+def test_left_padded_row_equals_the_row_alone_where_temperature_tuning_bites(tmp_path):
+    """floor_scale 4: the temperature steps up every 4 positions, so a row padded by 10 scales its
+    NoPE layer's queries as positions 10 onwards. (Scout, floor_scale 8192: rows padded across a
+    multiple of 8192 positions.) The reference does the same; chunks, by contrast, count from each
+    row's first real token in both."""
+    reference, ours = _pair(tmp_path, interleave_moe_layer_step=2, num_experts_per_tok=2, floor_scale=4)
+    ids, mask = _batch(lengths=(19, 9), seed=11)
+    real = mask.bool()
+    with torch.no_grad():
+        batch = ours(ids, attention_mask=mask).logits
+        assert max_abs_diff(batch[real], reference(ids, attention_mask=mask).logits[real]) < TOL
+        alone = ours(ids[1:2, real[1]]).logits[0]
+    assert max_abs_diff(alone, batch[1][real[1]]) < 1e-6
