@@ -190,6 +190,22 @@ def test_sampling_fields_reach_the_engine(served):
     assert served.engine.requests_seen[-1].sampling.top_k == 0 and body["choices"][0]["message"]["content"] == "ok"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_on_the_last_token_finishes_with_stop(served, path, stream):
+    """"Hello world" is two tokens: with max_tokens 2 the stop string ends the answer on the token
+    that also reaches the limit, and finish_reason is "stop" (the stop string), not "length"."""
+    body = say("Hello world", stop="world", max_tokens=2, stream=stream)
+    if path == "/v1/completions":
+        body = {"prompt": "SAY:Hello world", "stop": "world", "max_tokens": 2, "stream": stream}
+    response = post(served, path, body)
+    assert response.status_code == 200, response.text
+    choices = [c for chunk in sse(response) for c in chunk["choices"]] if stream else response.json()["choices"]
+    assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["stop"]
+    texts = [c.get("text") or (c.get("delta") or c.get("message") or {}).get("content") or "" for c in choices]
+    assert "".join(texts) == "Hello "
+
+
 def test_max_tokens_defaults_to_the_room_left(served):
     post(served, "/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "SAY:x"}]})
     request = served.engine.requests_seen[-1]

@@ -382,9 +382,11 @@ class Server:
                 if event.logprob is not None:
                     entries.append(self._logprob_entry(choice, event, logprob_format))
             finish = event.finish_reason
-            if choice.assembler.stopped and finish is None:
+            if choice.assembler.stopped:
+                if finish is None:
+                    await self._close([choice])
+                # a stop string ends the answer even on its last allowed token, where the engine says "length"
                 finish = "stop"
-                await self._close([choice])
             if finish is not None:
                 choice.finished = True
                 text += choice.assembler.finish()
