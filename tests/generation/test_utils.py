@@ -281,3 +281,30 @@ def test_every_eos_id_of_generation_config_json_stops_its_row(pair, tmp_path, mo
         tail = plain[row, ids.shape[1] :].tolist()
         assert tail[step] == eos[row] and all(t == PAD for t in tail[step + 1 :]), row
     assert plain.shape[1] == ids.shape[1] + max(stops.values()) + 1  # generation ends once every row is done
+
+
+def test_a_batch_whose_padding_cannot_be_known_or_is_on_the_right_is_warned_about(pair, caplog):
+    """As transformers warns: without an attention_mask a batch's padding is unknown when there is
+    no pad id or the pad id is an eos id (Llama 3's pad_token = eos_token); right padding makes new
+    tokens follow padding. A left-padded batch with its mask, or one row, gets no such warning."""
+    _, ours = pair
+    ids, mask = _prompts()
+    kwargs = dict(max_new_tokens=2, do_sample=False)
+
+    def padding_warnings(**call):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="herd"):
+            ours.generate(**call, **kwargs)
+        return [r.getMessage() for r in caplog.records if "attention_mask" in r.getMessage()]
+
+    assert padding_warnings(input_ids=ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=2) == []
+    assert padding_warnings(input_ids=ids, pad_token_id=PAD, eos_token_id=2) == []  # the mask inferred from PAD
+    assert padding_warnings(input_ids=ids[:1], pad_token_id=2, eos_token_id=2) == []  # one row: nothing to infer
+    warned = padding_warnings(input_ids=ids, pad_token_id=PAD, eos_token_id=[2, PAD])
+    assert len(warned) == 1 and "cannot infer one (pad_token_id is an eos id)" in warned[0]
+    warned = padding_warnings(input_ids=ids, pad_token_id=None, eos_token_id=2)
+    assert len(warned) == 1 and "cannot infer one (there is no pad_token_id)" in warned[0]
+    right_ids, right_mask = ids.flip(1), mask.flip(1)
+    warned = padding_warnings(input_ids=right_ids, attention_mask=right_mask, pad_token_id=PAD, eos_token_id=2)
+    assert len(warned) == 1 and "padded on the right" in warned[0]
+    assert len(padding_warnings(input_ids=right_ids, pad_token_id=PAD, eos_token_id=2)) == 1  # inferred, on the right

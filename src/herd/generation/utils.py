@@ -174,6 +174,7 @@ class GenerationMixin:
         pad_token_id = config.pad_token_id
         if pad_token_id is None and eos_ids is not None:
             pad_token_id = int(eos_ids[0])
+        mask_given = attention_mask is not None
         if attention_mask is None:
             has_padding = config.pad_token_id is not None and bool((input_ids == config.pad_token_id).any())
             pad_is_eos = eos_ids is not None and config.pad_token_id is not None and config.pad_token_id in eos_ids.tolist()
@@ -181,6 +182,7 @@ class GenerationMixin:
         attention_mask = attention_mask.to(input_ids.device)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        _warn_about_padding(attention_mask, mask_given, config.pad_token_id, eos_ids)
 
         stop_strings = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
         # stop_checks: every per-token rule besides eos, or None (then greedy may run in blocks)
@@ -418,6 +420,24 @@ class GenerationMixin:
             beam_indices=origin,
             past_key_values=cache if config.use_cache is not False else None,  # as transformers
         )
+
+
+def _warn_about_padding(attention_mask: torch.Tensor, mask_given: bool, pad_token_id: int | None,
+                        eos_ids: torch.Tensor | None) -> None:
+    """A batch gives each row what it gets alone only with left padding and a known attention mask.
+    Where generate() cannot know which positions are padding (no mask, and no pad id, or a pad id
+    that is also an eos id, as with Llama 3's pad_token = eos_token), or the prompts are padded on
+    the right (new tokens then follow padding), it says so, as transformers does."""
+    if attention_mask.shape[0] < 2:
+        return
+    if not mask_given and (pad_token_id is None or (eos_ids is not None and pad_token_id in eos_ids.tolist())):
+        reason = "there is no pad_token_id" if pad_token_id is None else "pad_token_id is an eos id"
+        logger.warning("generate() got a batch without an attention_mask and cannot infer one (%s): every position "
+                       "counts as a real token. Pass the tokenizer's attention_mask so that padded rows give what "
+                       "they give alone.", reason)
+    elif bool((attention_mask[:, -1] == 0).any()):  # the mask given, or inferred from pad_token_id
+        logger.warning("generate() got prompts padded on the right (attention_mask ends in 0): new tokens would follow "
+                       "the padding. Pad on the left (tokenizer padding_side='left').")
 
 
 def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
