@@ -32,6 +32,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gemv_lab import timed_chain  # noqa: E402
+
 from herd.kernels import gemv  # noqa: E402
 from herd.quantization.formats import quantize_int4_groups, quantize_int8_rows  # noqa: E402
 
@@ -93,26 +95,6 @@ SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096), 
           "scout_gate_up": (16384, 5120), "scout_down": (5120, 8192), "scout_qkv": (7168, 5120),
           "scout_o": (5120, 5120)}
 GRID = dict(block_n=(8, 16, 32, 64), block_k=(256, 512, 1024), warps=(4, 8), stages=(1, 3), reduce=(True, False))
-
-
-def timed(fn, repeats: int = 50) -> float:
-    """Median microseconds of fn, replayed from a CUDA graph."""
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=repeats, return_mode="median") * 1000
-
-
-def timed_chain(calls) -> float:
-    """Microseconds per call, the calls back to back in one graph, each on its own copy of the weight."""
-    return timed(lambda: [call() for call in calls]) / len(calls)
 
 
 def check_on_cpu() -> None:
