@@ -73,19 +73,22 @@ def test_logits_match_reference_across_chunks(tmp_path, layout):
         assert max_abs_diff(ours(ids).logits, reference(ids).logits) < TOL
 
 
+# lengths ending inside a chunk, on a chunk's last position (16, 8), one token alone, a row of 3 chunks next to one token
+@pytest.mark.parametrize("lengths", [(21, 13, 5), (16, 8, 1), (24, 1)], ids=str)
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
-def test_left_padded_batch_on_every_backend(tmp_path, attn):
+def test_left_padded_batch_on_every_backend(tmp_path, attn, lengths):
     reference, ours = _pair(tmp_path, attn=attn, interleave_moe_layer_step=2, num_experts_per_tok=2)
-    ids, mask = _batch()
+    ids, mask = _batch(lengths)
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask).logits
     real = mask.bool()
     assert max_abs_diff(got[real], expected[real]) < TOL
     # a padded row gives what it gives alone: chunks start at its first real token
-    with torch.no_grad():
-        alone = ours(ids[1:2, mask[1].bool()]).logits[0]
-    assert max_abs_diff(alone, got[1][real[1]]) < TOL
+    for row in range(1, len(lengths)):
+        with torch.no_grad():
+            alone = ours(ids[row : row + 1, mask[row].bool()]).logits[0]
+        assert max_abs_diff(alone, got[row][real[row]]) < TOL, row
 
 
 def test_loads_text_part_of_full_checkpoint_without_reading_vision_weights(tmp_path, monkeypatch):
