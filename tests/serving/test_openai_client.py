@@ -97,6 +97,23 @@ def test_streaming_equals_non_streaming(client):
     assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
 
 
+def test_logit_bias_steers_the_real_model(client, smollm2):
+    """A bias of +100 on one token makes a greedy answer that token alone; -100 on the token the
+    model chose first makes it choose another."""
+    tokenizer = smollm2[1]
+    token = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=3, temperature=0,
+                                            logit_bias={str(token): 100})
+    assert answer.choices[0].message.content == tokenizer.decode([token] * 3)
+    plain = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=1, temperature=0)
+    first = tokenizer.encode(plain.choices[0].message.content, add_special_tokens=False)
+    assert len(first) == 1
+    avoided = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=1, temperature=0,
+                                             logit_bias={str(first[0]): -100})
+    assert avoided.choices[0].message.content != plain.choices[0].message.content
+
+
 def test_stop_strings_are_cut_out(client):
     full = chat(client).choices[0].message.content
     assert "of France" in full, full

@@ -29,6 +29,16 @@ def test_truncation_keeps_top_k_top_p_and_min_p_sets():
     assert torch.equal(kept[0, :2], logits[0, :2])  # kept logits unchanged
 
 
+def test_logit_bias_is_added_before_the_choice_and_the_logprobs():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0], [2.0, 1.0, 0.5, 0.0]])
+    rows = [_row(temperature=0.0, logit_bias=((0, -100.0), (3, 2.5)), logprobs=4), _row(temperature=0.0, logprobs=1)]
+    biased, plain = choose(logits, rows)
+    assert biased.token_id == 3 and plain.token_id == 0  # 0.0 + 2.5 beats 1.0; the other row untouched
+    expected = torch.log_softmax(torch.tensor([-98.0, 1.0, 0.5, 2.5]), -1)
+    assert math.isclose(biased.logprob, expected[3].item(), abs_tol=1e-6)
+    assert math.isclose(dict(biased.top_logprobs)[0], expected[0].item(), abs_tol=1e-4)
+
+
 def test_penalties_follow_transformers_and_openai():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     # 7: an id past the head's rows (Mllama's <|image|> in a prompt) is not penalised

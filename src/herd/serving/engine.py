@@ -55,6 +55,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k best
     stop_token_ids: tuple[int, ...] = ()  # ends with finish_reason "stop" (eos ids of the model are added unless ignore_eos)
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the model's logits first (OpenAI's)
 
 
 class TokenConstraint(Protocol):

@@ -59,6 +59,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k best
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass
@@ -124,6 +125,25 @@ def _stop(body: dict) -> list[str]:
     return strings
 
 
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias}, each bias a number in [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad("logit_bias", 'must be an object mapping token ids to biases, like {"1234": -100}')
+    biases = {}
+    for key, bias in value.items():
+        token = str(key).strip()
+        if not token.isdigit():
+            raise bad("logit_bias", f"keys must be token ids (integers >= 0), got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                or not -100 <= bias <= 100:
+            raise bad("logit_bias", f"the bias of token {key} must be a number in [-100, 100], got {bias!r}")
+        biases[int(token)] = float(bias)
+    return biases
+
+
 def _sampling(body: dict, logprobs: int | None) -> Sampling:
     max_tokens = _number(body, "max_tokens", low=1, integer=True)
     completion_limit = _number(body, "max_completion_tokens", low=1, integer=True)
@@ -148,6 +168,7 @@ def _sampling(body: dict, logprobs: int | None) -> Sampling:
         repetition_penalty=_number(body, "repetition_penalty", low=0, low_open=True) or 1.0,
         ignore_eos=_boolean(body, "ignore_eos"),
         logprobs=logprobs,
+        logit_bias=_logit_bias(body),
     )
 
 

@@ -1,6 +1,7 @@
 """Choosing each request's next token from a batch of logits, each row with its own settings.
 
 In order, per row (rows that ask for nothing skip each part):
+0. `logit_bias` (OpenAI's): each listed token's bias added to the model's logit;
 1. penalties: `repetition_penalty` as transformers applies it (over prompt and generated tokens:
    a positive logit divided by it, a negative one multiplied), then OpenAI's `frequency_penalty`
    (times each token's count among the generated tokens) and `presence_penalty` (once per
@@ -12,7 +13,7 @@ In order, per row (rows that ask for nothing skip each part):
    (an exact sample of probs). The noise is the only random number a step draws for a row, so a
    seeded request's tokens do not depend on what else is in the batch.
 
-Logprobs are log_softmax of the logits after steps 1, 2 and the temperature, before the
+Logprobs are log_softmax of the logits after steps 0, 1, 2 and the temperature, before the
 truncation of step 4 (so alternatives outside top-k/top-p keep a finite logprob): the
 distribution the request samples from, as processed. vLLM by default returns the raw model's
 logprobs instead; for greedy rows with no penalty both are the same.
@@ -48,6 +49,14 @@ class SamplingRow:
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_length :]
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for index, row in enumerate(rows):
+        bias = row.params.logit_bias
+        if bias:
+            ids = torch.tensor([token for token, _ in bias], device=logits.device)
+            logits[index, ids] += torch.tensor([value for _, value in bias], dtype=logits.dtype, device=logits.device)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -99,6 +108,7 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
     """logits (rows, vocab) float32 -> each row's token (and logprobs where asked)."""
     logits = logits.float().clone()
     device = logits.device
+    _apply_logit_bias(logits, rows)
     _apply_penalties(logits, rows)
     _apply_constraints(logits, rows)
     temperature = torch.tensor([row.params.temperature for row in rows], device=device)

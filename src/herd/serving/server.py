@@ -305,6 +305,9 @@ class Server:
             name = sampling.max_tokens_param
             raise bad(name, f"the prompt is {prompt_length} tokens and {max_tokens} new tokens were asked for, over the "
                             f"model's context of {limit} tokens; ask for at most {room}")
+        vocab = self.model.vocab_size
+        if vocab and any(token >= vocab for token in sampling.logit_bias):
+            raise bad("logit_bias", f"holds token ids outside the vocabulary of {vocab} tokens")
         temperature = sampling.temperature if sampling.temperature is not None else defaults.get("temperature", 1.0)
         return SamplingParams(
             max_tokens=max_tokens,
@@ -319,6 +322,7 @@ class Server:
             logprobs=sampling.logprobs,
             stop_token_ids=tuple(sampling.stop_token_ids),
             ignore_eos=sampling.ignore_eos,
+            logit_bias=tuple(sorted(sampling.logit_bias.items())),
         )
 
     def _choice(self, index: int, prompt_ids: list[int], sampling: Sampling, *, param: str, model_inputs=None,
