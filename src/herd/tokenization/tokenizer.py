@@ -503,6 +503,21 @@ class PreTrainedTokenizerFast:
     def num_special_tokens_to_add(self, pair: bool = False) -> int:
         return self._tokenizer.num_special_tokens_to_add(pair)
 
+    @property
+    def max_len_single_sentence(self) -> int:
+        """The longest text the model takes, once the special tokens are added."""
+        return self.model_max_length - self.num_special_tokens_to_add(pair=False)
+
+    @property
+    def max_len_sentences_pair(self) -> int:
+        """The longest pair of texts the model takes, once the special tokens are added."""
+        return self.model_max_length - self.num_special_tokens_to_add(pair=True)
+
+    @property
+    def decoder(self) -> Any:
+        """The backend's decoder (a `tokenizers.decoders` object)."""
+        return self._tokenizer.decoder
+
     def get_special_tokens_mask(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
     ) -> list[int]:
@@ -730,6 +745,60 @@ class PreTrainedTokenizerFast:
         self,
         text: str | list[str] | list[list[str]] | None = None,
         text_pair: str | list[str] | list[list[str]] | None = None,
+        text_target: str | list[str] | list[list[str]] | None = None,
+        text_pair_target: str | list[str] | list[list[str]] | None = None,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        is_split_into_words: bool = False,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        return_overflowing_tokens: bool = False,
+        return_special_tokens_mask: bool = False,
+        return_offsets_mapping: bool = False,
+        return_length: bool = False,
+        verbose: bool = True,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        split_special_tokens: bool | None = None,
+        max_target_length: int | None = None,
+    ) -> BatchEncoding:
+        """Tokenize a string (or a pair) or a batch of them, with optional padding, truncation and tensors.
+
+        As in transformers, `text_target` (and `text_pair_target`) are tokenized the same way (with
+        `max_target_length` as their max_length when given): alone they are the result, with `text`
+        their input_ids come back as "labels". `tokenizer_kwargs` entries override the arguments.
+        """
+        settings = dict(
+            add_special_tokens=add_special_tokens, padding=padding, truncation=truncation, max_length=max_length,
+            stride=stride, is_split_into_words=is_split_into_words, pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side, return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
+            return_attention_mask=return_attention_mask, return_overflowing_tokens=return_overflowing_tokens,
+            return_special_tokens_mask=return_special_tokens_mask, return_offsets_mapping=return_offsets_mapping,
+            return_length=return_length, verbose=verbose, split_special_tokens=split_special_tokens,
+        )
+        settings.update(tokenizer_kwargs or {})
+        if text is None and text_target is None:
+            raise ValueError("You need to specify `text` or `text_target`: a string or a list of strings")
+        encodings = None if text is None else self._encode_texts(text, text_pair, **settings)
+        if text_target is None:
+            return encodings
+        if max_target_length is not None:
+            settings["max_length"] = max_target_length
+        targets = self._encode_texts(text_target, text_pair_target, **settings)
+        if encodings is None:
+            return targets
+        encodings["labels"] = targets["input_ids"]
+        return encodings
+
+    def _encode_texts(
+        self,
+        text: str | list[str] | list[list[str]] | None = None,
+        text_pair: str | list[str] | list[list[str]] | None = None,
         add_special_tokens: bool = True,
         padding: bool | str = False,
         truncation: bool | str | None = None,
@@ -748,9 +817,7 @@ class PreTrainedTokenizerFast:
         verbose: bool = True,
         split_special_tokens: bool | None = None,
     ) -> BatchEncoding:
-        """Tokenize a string (or a pair) or a batch of them, with optional padding, truncation and tensors."""
-        if text is None:
-            raise ValueError("You need to specify `text`: a string or a list of strings")
+        """One __call__ encoding: of the texts, or of the targets."""
         for value, name in ((text, "text"), (text_pair, "text_pair")):
             if value is not None and not _is_text_input(value):
                 raise ValueError(
