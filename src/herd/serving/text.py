@@ -18,6 +18,7 @@ from typing import Any
 
 _INCOMPLETE = "\ufffd"  # what a byte-level decode gives for a partial UTF-8 character
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+_WORD_START = "\u2581"  # SentencePiece's mark of a space before a word
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -95,7 +96,14 @@ class TextAssembler:
         return self._take(len(self.text))
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
+        """The token alone as text (logprobs' `token`). A SentencePiece word start (a piece beginning
+        with U+2581) keeps its space: decoding one token alone strips it as the start of a text,
+        and the tokens of an answer would join without the spaces between words."""
+        text = self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str) and piece.startswith(_WORD_START) and not text.startswith(" "):
+            text = " " + text
+        return text
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes (logprobs' `bytes`). A token holding part of a character (an emoji is
