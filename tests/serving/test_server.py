@@ -280,6 +280,9 @@ def tiny_png() -> str:
     ({"model": "llama", "messages": [{"role": "user", "content": []}]}, 400, "messages[0].content", ["empty list"]),
     ({"model": "llama", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400,
      "messages[0].content[0]", []),
+    ({"model": "llama", "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}, 400,
+     "messages[0].content[0]", []),  # a refusal is an assistant's
+
     ({"model": "llama", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": tiny_png()}}]}]},
      400, "messages[0].content[1]", ["takes no images"]),
@@ -289,6 +292,23 @@ def tiny_png() -> str:
 ])
 def test_chat_errors_name_the_field(served, body, status, param, words):
     assert_error(post(served, "/v1/chat/completions", body), status, param, *words)
+
+
+@pytest.mark.parametrize("assistant", [
+    {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+    {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+])
+def test_a_replayed_refusal_is_the_assistant_turn_text(served, assistant):
+    """OpenAI's refusals, as clients replay the history: a refusal content part, or content null with
+    the refusal beside it. Both render as that text (the same prompt as a plain text answer)."""
+    def history(answer):
+        return {"model": "llama", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "SAY:one"}, answer, {"role": "user", "content": "SAY:two"}]}
+
+    replayed = post(served, "/v1/chat/completions", history(assistant))
+    plain = post(served, "/v1/chat/completions", history({"role": "assistant", "content": "I can't help with that."}))
+    assert replayed.status_code == plain.status_code == 200, replayed.text
+    assert replayed.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -208,7 +208,12 @@ def _response_format(body: dict) -> dict[str, Any] | None:
 # --- chat -----------------------------------------------------------------------------------------
 
 
-def _content_part(part: Any, where: str) -> dict[str, Any]:
+def _content_part(part: Any, where: str, role: str) -> dict[str, Any]:
+    if isinstance(part, dict) and part.get("type") == "refusal" and role == "assistant":
+        # an earlier answer the model refused, as the client replays it: its text
+        if not isinstance(part.get("refusal"), str):
+            raise bad(f"{where}.refusal", "must be a string")
+        return {"type": "text", "text": part["refusal"]}
     if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
         raise bad(where, 'a content part must be {"type": "text", "text": ...} or {"type": "image_url", '
                          '"image_url": {"url": ...}}')
@@ -232,6 +237,8 @@ def _message(message: Any, index: int) -> dict[str, Any]:
         raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
     content = message.get("content")
     tool_calls = message.get("tool_calls")
+    if content is None and role == "assistant" and isinstance(message.get("refusal"), str):
+        content = message["refusal"]  # OpenAI's answer when the model refused: content null, the refusal beside it
     if content is None and not (role == "assistant" and tool_calls):
         raise bad(f"{where}.content", "is missing (only an assistant message with tool_calls may leave it out)")
     if content is not None and not isinstance(content, (str, list)):
@@ -240,7 +247,7 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     if isinstance(content, list):
         if not content:  # OpenAI refuses it too; the template would render an empty turn
             raise bad(f"{where}.content", "must not be an empty list; send at least one content part")
-        parts = [_content_part(part, f"{where}.content[{i}]") for i, part in enumerate(content)]
+        parts = [_content_part(part, f"{where}.content[{i}]", role) for i, part in enumerate(content)]
         if role != "user" and any(part["type"] == "image_url" for part in parts):
             raise bad(f"{where}.content", "images are allowed in user messages only")
     checked: dict[str, Any] = {"role": "system" if role == "developer" else role,
