@@ -134,6 +134,21 @@ def test_tool_calls_in_each_format(served, answer, content, calls, stream):
     assert finish == ["tool_calls" if calls else "stop"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_parallel_tool_calls_false_keeps_the_first_call(served, stream):
+    body = say('[get_weather(city="Paris"), get_time()]', tools=TOOLS, stream=stream, parallel_tool_calls=False)
+    response = post(served, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    if stream:
+        calls = [call for c in sse(response) for call in c["choices"][0]["delta"].get("tool_calls", [])]
+    else:
+        calls = response.json()["choices"][0]["message"]["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Paris"})]
+    assert_error(post(served, "/v1/chat/completions", say("x", tools=TOOLS, parallel_tool_calls="no")), 400,
+                 "parallel_tool_calls")
+
+
 @pytest.mark.parametrize("answer", ["  The weather today is sunny and warm in Paris.  ", "Checking the weather. [get_weather(city=\"Rome\")]",
                                     "a <| b and more words here"])
 def test_with_tools_content_streams_before_the_end(served, answer):

@@ -72,6 +72,7 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] = "auto"
     response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # False: at most one call per answer (the first the model wrote)
 
 
 @dataclass
@@ -319,7 +320,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     return ChatRequest(
         model=_model(body), messages=checked, sampling=_sampling(body, (top or 0) if wants_logprobs else None),
         stream=stream, include_usage=_stream_options(body, stream), tools=tools,
-        tool_choice=_tool_choice(body, tools), response_format=_response_format(body))
+        tool_choice=_tool_choice(body, tools), response_format=_response_format(body),
+        parallel_tool_calls=_boolean(body, "parallel_tool_calls", default=True))
 
 
 # --- completions ----------------------------------------------------------------------------------

@@ -507,11 +507,12 @@ class Server:
                 self.in_flight -= 1
                 await self._close(choices)
 
-    def _tool_answer(self, text: str) -> tuple[str | None, list[dict] | None]:
+    def _tool_answer(self, text: str, chat) -> tuple[str | None, list[dict] | None]:
         parsed = parse_tool_calls(text)
         if not parsed.tool_calls:
             return parsed.content, None
-        return parsed.content, [call.to_openai() for call in parsed.tool_calls]
+        calls = parsed.tool_calls if chat.parallel_tool_calls else parsed.tool_calls[:1]
+        return parsed.content, [call.to_openai() for call in calls]
 
     async def _chat_collect(self, choices, chat, started, calls_wanted) -> dict[str, Any]:
         texts = {choice.index: [] for choice in choices}
@@ -525,7 +526,7 @@ class Server:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             finish = choice.finish_reason
             if calls_wanted:
-                content, calls = self._tool_answer(text)
+                content, calls = self._tool_answer(text, chat)
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
@@ -584,7 +585,7 @@ class Server:
                 if finish is None:
                     continue
                 if calls_wanted:
-                    content, calls = self._tool_answer(answers[choice.index].whole)
+                    content, calls = self._tool_answer(answers[choice.index].whole, chat)
                     delta: dict[str, Any] = {}
                     rest = answers[choice.index].rest_of(content)
                     if rest:
