@@ -41,3 +41,41 @@ def test_decoder_is_the_backends(llama31):
     ours, reference = llama31
     assert type(ours.decoder) is type(reference.decoder)
     assert ours.decoder.decode(["Hello", "Ġworld"]) == reference.decoder.decode(["Hello", "Ġworld"])
+
+
+# A chat template that marks the assistant's text with {% generation %} (as TRL's SFT templates do).
+GENERATION_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|eot_id|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|eot_id|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+MASK_CHAT = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "Six, of course."},
+]
+MASK_CASES = [
+    dict(conversation=MASK_CHAT),
+    dict(conversation=MASK_CHAT, return_tensors="pt"),
+    dict(conversation=[MASK_CHAT, MASK_CHAT[:2]], padding=True, return_tensors="pt"),
+    dict(conversation=[MASK_CHAT, MASK_CHAT[:2]]),
+    dict(conversation=MASK_CHAT, truncation=True, max_length=20),
+    dict(conversation=MASK_CHAT, truncation=True, max_length=8),
+    dict(conversation=MASK_CHAT, chat_template=None),  # the Llama 3.1 template: no generation blocks, all zeros
+    dict(conversation=MASK_CHAT, return_dict=False),
+    dict(conversation=MASK_CHAT[:2], continue_final_message=True),
+]
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda case: ",".join(f"{k}" for k in case if k != "conversation"))
+def test_return_assistant_tokens_mask(llama31_with_pad_token, case):
+    """`assistant_masks` marks the tokens of the template's generation blocks (for assistant-only losses)."""
+    ours, reference = llama31_with_pad_token
+    kwargs = {"chat_template": GENERATION_TEMPLATE, "date_string": "26 Jul 2024", **case}
+    conversation = kwargs.pop("conversation")
+    expected = outcome(reference.apply_chat_template, conversation, return_assistant_tokens_mask=True, **kwargs)
+    got = outcome(ours.apply_chat_template, conversation, return_assistant_tokens_mask=True, **kwargs)
+    assert got == expected

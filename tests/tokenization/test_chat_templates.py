@@ -259,8 +259,9 @@ def test_chat_argument_errors(llama31):
     for tok in (herd_tok, ref_tok):
         with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
             tok.apply_chat_template(SYSTEM_CHAT, add_generation_prompt=True, continue_final_message=True)
-    with pytest.raises(NotImplementedError, match="assistant token masks"):
-        herd_tok.apply_chat_template(SYSTEM_CHAT, return_assistant_tokens_mask=True)
+    for tok in (herd_tok, ref_tok):
+        with pytest.raises(ValueError, match="requires `return_dict=True`"):
+            tok.apply_chat_template(SYSTEM_CHAT, return_assistant_tokens_mask=True, return_dict=False)
     with pytest.raises(ValueError, match="tools must be a list"):
         herd_tok.apply_chat_template(SYSTEM_CHAT, tools=WEATHER_TOOL, tokenize=False)
     with pytest.raises(ValueError, match="each tool must be"):

@@ -8,6 +8,7 @@ so that prompts come out exactly as transformers 5.17 renders them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -100,13 +101,20 @@ def normalize_chat_template(template: Any) -> str | dict | None:
 
 
 class _GenerationBlock(jinja2.ext.Extension):
-    """Accepts `{% generation %}...{% endgeneration %}` (used to mark assistant text) and renders the body.
+    """`{% generation %}...{% endgeneration %}` marks assistant text: rendered unchanged, and its
+    [start, end) character span recorded while a tracker is active (return_assistant_tokens_mask).
 
-    Templates written for assistant-token masks use this tag; without the extension they would not
-    even compile. herd renders the body unchanged and does not compute the mask.
+    The span is measured as transformers measures it: the length of everything rendered before
+    the block, then of the block's own output.
     """
 
     tags = {"generation"}
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        environment.extend(track_generation_spans=self.track_generation_spans)
+        self._rendered: list[str] | None = None
+        self._spans: list[tuple[int, int]] | None = None
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
@@ -114,7 +122,22 @@ class _GenerationBlock(jinja2.ext.Extension):
         return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
 
     def _render_body(self, caller):
-        return caller()
+        text = caller()
+        if self._spans is not None:
+            start = len("".join(self._rendered))
+            self._spans.append((start, start + len(text)))
+        return text
+
+    @contextlib.contextmanager
+    def track_generation_spans(self, rendered: list[str], spans: list[tuple[int, int]]):
+        """While active, `rendered` must receive each chunk of `Template.generate()` as it comes."""
+        if self._spans is not None:
+            raise RuntimeError("a chat template is already being rendered with generation tracking")
+        self._rendered, self._spans = rendered, spans
+        try:
+            yield
+        finally:
+            self._rendered, self._spans = None, None
 
 
 def _raise_template_error(message: str):
@@ -417,12 +440,15 @@ def render_chat(
     documents: list | None = None,
     add_generation_prompt: bool = False,
     continue_final_message: bool | str = False,
+    generation_spans: list | None = None,
 ) -> tuple[list[str], bool]:
     """(the rendered text of each conversation, whether `conversation` was a batch of them).
 
     `variables` are the other template variables (special tokens, date_string=...). With
     `continue_final_message` (True for "content", or the name of the message field to continue),
-    each text ends inside its final message, open for the model to continue it.
+    each text ends inside its final message, open for the model to continue it. Given a list as
+    `generation_spans`, one list per conversation is appended to it: the character spans of its
+    `{% generation %}` blocks.
     """
     conversations, is_batched = _split_batch(conversation)
     for index, messages in enumerate(conversations):
@@ -442,12 +468,22 @@ def render_chat(
         final_text = None
         if continued_field is not None:
             messages, final_text = _mark_final_message(messages, continued_field, template)
-        text = compiled.render(
+        context = dict(
             messages=messages,
             tools=tool_schemas,
             documents=documents,
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
+        if generation_spans is None:
+            text = compiled.render(**context)
+        else:
+            chunks: list[str] = []
+            spans: list[tuple[int, int]] = []
+            with compiled.environment.track_generation_spans(chunks, spans):
+                for chunk in compiled.generate(**context):
+                    chunks.append(chunk)
+            text = "".join(chunks)
+            generation_spans.append(spans)
         rendered.append(_cut_at_mark(text, final_text) if final_text is not None else text)
     return rendered, is_batched

@@ -122,6 +122,28 @@ def _to_python(value: Any) -> Any:
     return value
 
 
+def _assistant_masks(encoded: BatchEncoding, generation_spans: list, batched_rows: bool) -> list[list[int]]:
+    """Per row, 1 on the tokens of the template's `{% generation %}` blocks (the assistant's text), 0 elsewhere.
+
+    As transformers computes it: a span covers the tokens from the one holding its first character
+    to the one holding its last; a span whose start was truncated away ends the row's marking, and
+    one whose end was truncated (or falls on token 0) runs to the end of the row.
+    """
+    rows = encoded["input_ids"] if batched_rows else [encoded["input_ids"]]
+    masks = []
+    for index, row in enumerate(rows):
+        mask = [0] * len(row)
+        for start_char, end_char in generation_spans[index]:
+            start = encoded.char_to_token(index, start_char)
+            end = encoded.char_to_token(index, end_char - 1)
+            if start is None:
+                break
+            for position in range(start, end + 1 if end else len(row)):
+                mask[position] = 1
+        masks.append(mask)
+    return masks
+
+
 # ----------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------
@@ -1125,17 +1147,20 @@ class PreTrainedTokenizerFast:
         special tokens (BOS included), so it is tokenized with add_special_tokens=False. Extra
         keyword arguments (date_string=..., tools_in_user_message=...) become template variables.
         """
-        if return_assistant_tokens_mask:
-            raise NotImplementedError("herd does not compute assistant token masks (return_assistant_tokens_mask)")
         if not tokenize:
             return_dict = False
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise ValueError("`return_assistant_tokens_mask=True` requires `return_dict=True` and `tokenize=True`")
         if continue_final_message and add_generation_prompt:
             raise ValueError(
                 "continue_final_message and add_generation_prompt are not compatible: continue_final_message "
                 "leaves the final message open for the model to continue, add_generation_prompt starts a new "
                 "assistant message."
             )
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
         template = self.get_chat_template(chat_template, tools)
+        generation_spans = [] if return_assistant_tokens_mask else None
         rendered, is_batched = render_chat(
             template,
             conversation,
@@ -1144,6 +1169,7 @@ class PreTrainedTokenizerFast:
             documents=documents,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            generation_spans=generation_spans,
         )
         prompt = rendered if is_batched else rendered[0]
         if not tokenize:
@@ -1157,6 +1183,11 @@ class PreTrainedTokenizerFast:
             return_tensors=return_tensors,
             **(tokenizer_kwargs or {}),
         )
+        if generation_spans is not None:
+            masks = _assistant_masks(encoded, generation_spans, batched_rows=is_batched or bool(return_tensors))
+            encoded["assistant_masks"] = masks if is_batched or return_tensors else masks[0]
+            if return_tensors:
+                encoded.convert_to_tensors(tensor_type=return_tensors)
         return encoded if return_dict else encoded["input_ids"]
 
     # -- saving --
