@@ -77,3 +77,48 @@ def test_pipeline_errors(chat_model_folder, pipes):
         ours([42])
     with pytest.raises(ValueError, match="role"):
         ours([{"content": "no role"}], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(stop_sequence=" the"),
+    dict(return_type="new_text"),
+    dict(return_tensors=True),
+    dict(tokenizer_encode_kwargs={"add_special_tokens": False}),
+    dict(max_length=5, truncation=True, max_new_tokens=None),
+    dict(handle_long_generation="hole"),
+    dict(return_full_text=True, return_tensors=True),
+    dict(return_full_text=False, return_text=True),
+    dict(handle_long_generation="middle"),
+], ids=str)
+def test_call_options_match_reference(pipes, kwargs):
+    """The reference pipeline's call options: stop_sequence, return_type, tokenizer_encode_kwargs, max_length
+    (which also truncates the prompt), handle_long_generation, and its conflicting-flag errors."""
+    from transformers.pipelines.text_generation import ReturnType
+
+    reference, ours = pipes
+    kwargs = {"max_new_tokens": 6, "do_sample": False, **kwargs}
+    if kwargs.get("max_new_tokens") is None:
+        kwargs.pop("max_new_tokens")
+    if kwargs.get("return_type") == "new_text":
+        kwargs["return_type"] = ReturnType.NEW_TEXT
+    prompt = "Hello there my friend how are you"
+    try:
+        expected = reference(prompt, **kwargs)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=str(error)[:20]):
+            ours(prompt, **kwargs)
+        return
+    assert ours(prompt, **kwargs) == expected
+
+
+def test_pipeline_arguments_are_call_defaults(chat_model_folder):
+    """pipeline(..., return_full_text=False, max_new_tokens=...) sets defaults for every call, as in the reference."""
+    import transformers
+
+    kwargs = dict(dtype=torch.float32, return_full_text=False, max_new_tokens=4, do_sample=False)
+    reference = transformers.pipeline("text-generation", model=str(chat_model_folder), **kwargs)
+    ours = herd.pipeline("text-generation", model=str(chat_model_folder), **kwargs)
+    assert ours("Hello") == reference("Hello")
+    assert ours("Hello", return_full_text=True) == reference("Hello", return_full_text=True)
+    assert ours.task == reference.task == "text-generation"
+    assert ours.dtype == reference.dtype == torch.float32

@@ -9,6 +9,7 @@ With return_full_text=False, "generated_text" holds only the new text.
 from __future__ import annotations
 
 import copy
+import enum
 from typing import Any
 
 import torch
@@ -28,34 +29,106 @@ def _is_chat_object(value: Any) -> bool:
     return isinstance(value, dict) and "messages" in value  # {"messages": [...]} as some datasets store chats
 
 
+class ReturnType(enum.Enum):
+    """What each record holds (transformers' `return_type=`): token ids, the new text, or prompt + new text."""
+
+    TENSORS = 0
+    NEW_TEXT = 1
+    FULL_TEXT = 2
+
+
+def _return_type(return_full_text, return_tensors, return_text, return_type) -> ReturnType:
+    """The record kind from the call's flags, with transformers' precedence and conflicts."""
+    if return_type is not None:
+        return ReturnType(getattr(return_type, "value", return_type))  # herd's or transformers' enum
+    if return_full_text is not None:
+        if return_text is not None:
+            raise ValueError("`return_text` is mutually exclusive with `return_full_text`")
+        if return_tensors is not None:
+            raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`")
+        return ReturnType.FULL_TEXT if return_full_text else ReturnType.NEW_TEXT
+    if return_tensors is not None:
+        if return_text is not None:
+            raise ValueError("`return_text` is mutually exclusive with `return_tensors`")
+        return ReturnType.TENSORS
+    return ReturnType.FULL_TEXT
+
+
 class TextGenerationPipeline:
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 1, **generate_defaults: Any):
+    task = "text-generation"
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 1, **call_defaults: Any):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.generation_config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
         if self.generation_config.max_new_tokens is None:
             self.generation_config.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS
-        self.generate_defaults = generate_defaults
+        # Keyword arguments given to pipeline(): defaults of every call, pipeline options
+        # (return_full_text=False, prefix=...) and generation arguments alike, as in transformers.
+        self.generate_defaults = call_defaults
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return getattr(self.model, "dtype", None)
+
+    torch_dtype = dtype  # transformers' older name
+
     def __call__(
         self,
         text_inputs: Any,
         *,
-        return_full_text: bool = True,
-        return_tensors: bool = False,
-        return_text: bool = True,
-        clean_up_tokenization_spaces: bool = True,
-        skip_special_tokens: bool = True,
+        return_full_text: bool | None = None,
+        return_tensors: bool | None = None,
+        return_text: bool | None = None,
+        return_type: Any = None,
+        clean_up_tokenization_spaces: bool | None = None,
+        skip_special_tokens: bool | None = None,
         continue_final_message: bool | None = None,
-        prefix: str = "",
+        prefix: str | None = None,
+        handle_long_generation: str | None = None,
+        stop_sequence: str | None = None,
+        tokenizer_encode_kwargs: dict | None = None,
         batch_size: int | None = None,
         tools: list | None = None,
         documents: list | None = None,
+        **generate_kwargs: Any,
+    ):
+        options = dict(
+            return_full_text=return_full_text, return_tensors=return_tensors, return_text=return_text,
+            return_type=return_type, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            skip_special_tokens=skip_special_tokens, continue_final_message=continue_final_message, prefix=prefix,
+            handle_long_generation=handle_long_generation, stop_sequence=stop_sequence,
+            tokenizer_encode_kwargs=tokenizer_encode_kwargs, batch_size=batch_size, tools=tools,
+            documents=documents,
+        )
+        # A call's own options win over pipeline() defaults; options it leaves unset (None) do not.
+        given = {key: value for key, value in options.items() if value is not None}
+        merged = {**dict.fromkeys(options), **self.generate_defaults, **given, **generate_kwargs}
+        return self._generate_records(text_inputs, **merged)
+
+    def _generate_records(
+        self,
+        text_inputs: Any,
+        *,
+        return_full_text: bool | None,
+        return_tensors: bool | None,
+        return_text: bool | None,
+        return_type: Any,
+        clean_up_tokenization_spaces: bool,
+        skip_special_tokens: bool,
+        continue_final_message: bool | None,
+        prefix: str,
+        handle_long_generation: str | None,
+        stop_sequence: str | None,
+        tokenizer_encode_kwargs: dict | None,
+        batch_size: int | None,
+        tools: list | None,
+        documents: list | None,
         **generate_kwargs: Any,
     ):
         single = isinstance(text_inputs, str) or _is_chat(text_inputs) or _is_chat_object(text_inputs)
@@ -69,8 +142,22 @@ class TextGenerationPipeline:
                     "each prompt must be a string or a chat (a list of {'role': ..., 'content': ...} dicts), "
                     f"got {type(prompt).__name__}"
                 )
-        tokenizer_kwargs = {k: generate_kwargs.pop(k) for k in _TOKENIZER_KWARGS if k in generate_kwargs and k != "max_length"}
-        generate_kwargs = {**self.generate_defaults, **generate_kwargs}
+        if handle_long_generation not in (None, "hole"):
+            raise ValueError(
+                f"{handle_long_generation} is not a valid value for `handle_long_generation` parameter expected"
+                " [None, 'hole']"
+            )
+        kind = _return_type(return_full_text, return_tensors, return_text, return_type)
+        prefix = prefix or ""
+        skip_special_tokens = True if skip_special_tokens is None else skip_special_tokens
+        clean_up_tokenization_spaces = True if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        # As in transformers, max_length limits both the prompt's tokenization and generation.
+        tokenizer_kwargs = {k: generate_kwargs.pop(k) if k != "max_length" else generate_kwargs[k]
+                            for k in _TOKENIZER_KWARGS if k in generate_kwargs}
+        tokenizer_kwargs.update(tokenizer_encode_kwargs or {})
+        if stop_sequence is not None:
+            # Every token of the stop sequence ends generation, as transformers' eos_token_id override does.
+            generate_kwargs["eos_token_id"] = self.tokenizer.encode(stop_sequence, add_special_tokens=False)
         generate_kwargs.setdefault("generation_config", self.generation_config)
         if "tokenizer" not in generate_kwargs and generate_kwargs.get("stop_strings"):
             generate_kwargs["tokenizer"] = self.tokenizer
@@ -80,6 +167,8 @@ class TextGenerationPipeline:
         for start in range(0, len(prompts), size):
             group = prompts[start : start + size]
             encoded = [self._encode(p, prefix, continue_final_message, tools, documents, tokenizer_kwargs) for p in group]
+            if handle_long_generation == "hole":
+                encoded = [self._keep_room_for_new_tokens(ids, generate_kwargs) for ids in encoded]
             input_ids, attention_mask = self._left_pad(encoded)
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
             sequences = output.sequences if hasattr(output, "sequences") else output
@@ -88,16 +177,33 @@ class TextGenerationPipeline:
                 records = []
                 for sequence in sequences[row * per_prompt : (row + 1) * per_prompt]:
                     new_ids = sequence[input_ids.shape[1] :].tolist()
-                    if return_tensors:
+                    if kind is ReturnType.TENSORS:
                         records.append({"generated_token_ids": sequence.tolist()})
                         continue
                     text = self.tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens,
                                                  clean_up_tokenization_spaces=clean_up_tokenization_spaces)
-                    if return_full_text:
+                    if kind is ReturnType.FULL_TEXT:
                         text = self._full_text(prompt, prefix, text, continue_final_message)
                     records.append({"generated_text": text})
                 results.append(records)
         return results[0] if single else results
+
+    def _keep_room_for_new_tokens(self, ids: list[int], generate_kwargs: dict) -> list[int]:
+        """handle_long_generation="hole": drop the prompt's start so that prompt + new tokens fit model_max_length."""
+        if "max_new_tokens" in generate_kwargs:
+            new_tokens = generate_kwargs["max_new_tokens"]
+        else:
+            new_tokens = generate_kwargs.get("max_length", self.generation_config.max_length) - len(ids)
+            if new_tokens < 0:
+                raise ValueError("We cannot infer how many new tokens are expected")
+        if len(ids) + new_tokens <= self.tokenizer.model_max_length:
+            return ids
+        keep_length = self.tokenizer.model_max_length - new_tokens
+        if keep_length <= 0:
+            raise ValueError(
+                "We cannot use `hole` to handle this generation the number of desired tokens exceeds the models max length"
+            )
+        return ids[-keep_length:]
 
     def _encode(self, prompt, prefix, continue_final_message, tools, documents, tokenizer_kwargs) -> list[int]:
         if isinstance(prompt, str):
