@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .generation import GenerationConfig
+from .image_utils import load_images
 
 # The reference pipeline's default when the model's generation config sets no length.
 _DEFAULT_MAX_NEW_TOKENS = 256
@@ -254,7 +255,151 @@ class TextGenerationPipeline:
         return list(prompt) + [{"role": "assistant", "content": new_text}]
 
 
-SUPPORTED_TASKS = {"text-generation": TextGenerationPipeline}
+class ImageTextToTextPipeline:
+    """`pipeline("image-text-to-text", ...)`: images + text, or chats with image items, in; text out.
+
+    As the reference pipeline:
+    - a chat (messages whose content lists {"type": "image", ...} and {"type": "text", ...} items)
+      -> [{"input_text": messages, "generated_text": messages + [assistant reply]}]; a list of chats
+      -> a list of such lists
+    - images= and text= (a string, or lists of them: one batch) -> [{"input_text": text,
+      "generated_text": text + new text}], one record per text
+    With return_full_text=False, "generated_text" holds only the new text.
+    """
+
+    task = "image-text-to-text"
+
+    def __init__(self, model: Any, processor: Any, batch_size: int = 1, **call_defaults: Any):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.batch_size = batch_size
+        self.generation_config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+        if self.generation_config.max_new_tokens is None:
+            self.generation_config.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS
+        self.call_defaults = call_defaults
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return getattr(self.model, "dtype", None)
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any):
+        kwargs = {**self.call_defaults, **kwargs}
+        if images is None and text is None:
+            raise ValueError("You must at least provide either text or images.")
+        if _is_chat_input(text) or (text is None and _is_chat_input(images)):
+            if text is not None and images is not None:
+                raise ValueError(
+                    "Invalid input: you passed `chat` and `images` as separate input arguments. Images must be placed "
+                    "inside the chat message's `content`, e.g. {'type': 'image', 'url': 'image_url'}"
+                )
+            chats = text if text is not None else images
+            if isinstance(chats[0], dict):
+                return self._run({"chat": chats}, **kwargs)
+            return [self._run({"chat": chat}, **kwargs) for chat in chats]
+        if images is not None and text is None:
+            raise ValueError("You must provide text for this pipeline.")
+        return self._run({"images": images, "text": text}, **kwargs)
+
+    def _run(
+        self,
+        inputs: dict,
+        *,
+        max_new_tokens: int | None = None,
+        generate_kwargs: dict | None = None,
+        timeout: float | None = None,
+        return_full_text: bool | None = None,
+        return_tensors: bool | None = None,
+        return_type: Any = None,
+        clean_up_tokenization_spaces: bool | None = None,
+        stop_sequence: str | list[str] | None = None,
+        continue_final_message: bool | None = None,
+        skip_special_tokens: bool | None = None,
+        processor_kwargs: dict | None = None,
+        **processing_kwargs: Any,
+    ) -> list[dict]:
+        """One input (a chat, or images + text) through the processor, generate() and decoding."""
+        if return_full_text is not None and return_type is None and return_tensors is not None:
+            raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`")
+        kind = _return_type(return_full_text, return_tensors, None, return_type)
+        generate_kwargs = dict(generate_kwargs or {})
+        if stop_sequence is not None:
+            generate_kwargs["stop_strings"] = [stop_sequence] if isinstance(stop_sequence, str) else stop_sequence
+            generate_kwargs["tokenizer"] = self.tokenizer
+        if max_new_tokens is not None:
+            if "max_new_tokens" in generate_kwargs:
+                raise ValueError(
+                    "'max_new_tokens' is defined twice, once in 'generate_kwargs' and once as a direct parameter, "
+                    "please use only one"
+                )
+            generate_kwargs["max_new_tokens"] = max_new_tokens
+        generate_kwargs.setdefault("generation_config", self.generation_config)
+
+        chat = inputs.get("chat")
+        if chat is not None:
+            if continue_final_message is None:
+                continue_final_message = chat[-1]["role"] == "assistant"
+            model_inputs = self.processor.apply_chat_template(
+                chat, continue_final_message=continue_final_message, add_generation_prompt=not continue_final_message,
+                tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs=processor_kwargs or {},
+                **processing_kwargs,
+            )
+            prompts = [chat]
+        else:
+            call_kwargs = processor_kwargs if processor_kwargs is not None else processing_kwargs
+            text = inputs["text"]
+            if isinstance(text, (list, tuple)) and len(text) > 1:
+                call_kwargs = {"padding": True, **call_kwargs}  # a batch of prompts is padded by default
+            images = None if inputs["images"] is None else load_images(inputs["images"], timeout=timeout)
+            model_inputs = self.processor(images=images, text=text, return_tensors="pt", **call_kwargs)
+            prompts = [text] if isinstance(text, str) else list(text)
+        model_inputs = model_inputs.to(self.device).to(self.dtype) if self.dtype is not None else model_inputs
+        input_ids = model_inputs["input_ids"]
+        generated = self.model.generate(**model_inputs, **generate_kwargs)
+        generated = generated.sequences if hasattr(generated, "sequences") else generated
+        if kind is ReturnType.TENSORS:
+            return [{"input_text": prompt, "generated_token_ids": generated[i]} for i, prompt in enumerate(prompts)]
+        decode = dict(skip_special_tokens=True if skip_special_tokens is None else skip_special_tokens)
+        if clean_up_tokenization_spaces is not None:
+            decode["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+        texts = self.processor.post_process_image_text_to_text(generated, **decode)
+        decoded_inputs = self.processor.post_process_image_text_to_text(input_ids, **decode)
+        texts = [_without_prompt(text, prompt) for text, prompt in zip(texts, decoded_inputs)]
+        if kind is ReturnType.FULL_TEXT:
+            texts = [_with_prompt(prompt, text, continue_final_message) for prompt, text in zip(prompts, texts)]
+        return [{"input_text": prompt, "generated_text": text} for prompt, text in zip(prompts, texts)]
+
+
+def _is_chat_input(value: Any) -> bool:
+    """A chat (a list of message dicts) or a list of chats, as the reference tells them from images and texts."""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple, dict))
+
+
+def _without_prompt(generated_text: str, decoded_prompt: str) -> str:
+    """The new text: the decoded prompt is cut when it starts the decoded output (up to 2 characters in)."""
+    index = generated_text.find(decoded_prompt)
+    return generated_text[index + len(decoded_prompt) :] if 0 <= index <= 2 else generated_text
+
+
+def _with_prompt(prompt: Any, new_text: str, continue_final_message: bool | None) -> Any:
+    """The prompt with the new text: appended to a string, or as the chat's next (or continued) message."""
+    if isinstance(prompt, str):
+        return prompt + new_text
+    if continue_final_message is None:
+        continue_final_message = prompt[-1]["role"] == "assistant"
+    if continue_final_message:
+        last = prompt[-1]
+        continued = {**last["content"][-1], "text": last["content"][-1]["text"] + new_text}
+        return list(prompt[:-1]) + [{"role": last["role"], "content": list(last["content"][:-1]) + [continued]}]
+    return list(prompt) + [{"role": "assistant", "content": new_text}]
+
+
+SUPPORTED_TASKS = {"text-generation": TextGenerationPipeline, "image-text-to-text": ImageTextToTextPipeline}
 
 
 def pipeline(
@@ -262,13 +407,14 @@ def pipeline(
     model: Any = None,
     tokenizer: Any = None,
     *,
+    processor: Any = None,
     dtype: Any = "auto",
     device: Any = None,
     device_map: Any = None,
     batch_size: int = 1,
     model_kwargs: dict[str, Any] | None = None,
     **generate_defaults: Any,
-) -> TextGenerationPipeline:
+) -> TextGenerationPipeline | ImageTextToTextPipeline:
     """Build a pipeline. `model` is a folder, a Hub id, or an already loaded herd model."""
     if task not in SUPPORTED_TASKS:
         raise ValueError(f"unsupported pipeline task {task!r}; herd has: {', '.join(SUPPORTED_TASKS)}")
@@ -281,6 +427,9 @@ def pipeline(
     if isinstance(device, int):
         device = torch.device("cuda", device) if device >= 0 else torch.device("cpu")
     placement = device_map if device_map is not None else device
+    if task == "image-text-to-text":
+        return _image_text_to_text_pipeline(model, processor, dtype, placement, batch_size, model_kwargs,
+                                            generate_defaults)
     from .auto import AutoModelForCausalLM
     from .tokenization import AutoTokenizer
 
@@ -299,3 +448,25 @@ def pipeline(
     elif isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     return SUPPORTED_TASKS[task](model, tokenizer, batch_size=batch_size, **generate_defaults)
+
+
+def _image_text_to_text_pipeline(model, processor, dtype, placement, batch_size, model_kwargs, call_defaults):
+    """The model (AutoModelForImageTextToText) and its processor (AutoProcessor), from a folder or as given."""
+    from .auto import AutoModelForImageTextToText, AutoProcessor
+
+    if isinstance(model, str) or hasattr(model, "__fspath__"):
+        source = model
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=placement,
+                                                            **(model_kwargs or {}))
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(source)
+    elif placement is not None:
+        model = model.to(torch.device(placement) if not isinstance(placement, torch.device) else placement)
+    if processor is None:
+        source = getattr(model.config, "name_or_path", "")
+        if not source:
+            raise ValueError("pipeline() got a model object without a processor: pass processor=")
+        processor = AutoProcessor.from_pretrained(source)
+    elif isinstance(processor, str):
+        processor = AutoProcessor.from_pretrained(processor)
+    return ImageTextToTextPipeline(model, processor, batch_size=batch_size, **call_defaults)
