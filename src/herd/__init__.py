@@ -74,7 +74,7 @@ from .models.mllama import (
     MllamaVisionConfig,
     MllamaVisionModel,
 )
-from .pipelines import TextGenerationPipeline, pipeline
+from .pipelines import ImageTextToTextPipeline, TextGenerationPipeline, pipeline
 from .quantization import CompressedTensorsConfig, FbgemmFp8Config, TorchAoConfig
 from .seeding import set_seed
 from .tokenization import AutoTokenizer, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
@@ -150,6 +150,7 @@ __all__ = [
     "PreTrainedTokenizerFast",
     "PretrainedConfig",
     "StaticCache",
+    "ImageTextToTextPipeline",
     "TextGenerationPipeline",
     "TextIteratorStreamer",
     "TextStreamer",

@@ -135,9 +135,9 @@ class BaseImageProcessor:
     # -- loading --
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], **kwargs: Any) -> BaseImageProcessor:
-        """An image processor from a config dict, with keyword arguments overriding it."""
-        return cls(**{**config, **kwargs})
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs: Any) -> BaseImageProcessor:
+        """An image processor from a config dict, with keyword arguments overriding it (transformers' names)."""
+        return cls(**{**image_processor_dict, **kwargs})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> BaseImageProcessor:
