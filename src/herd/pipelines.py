@@ -55,8 +55,11 @@ def _return_type(return_full_text, return_tensors, return_text, return_type) -> 
     return ReturnType.FULL_TEXT
 
 
-class TextGenerationPipeline:
-    task = "text-generation"
+class _GenerationPipeline:
+    """What the generating pipelines share: the model, its generation config (with the reference
+    pipeline's default length), the batch size, and the keyword arguments given to pipeline(),
+    defaults of every call (pipeline options such as return_full_text=False and generation
+    arguments alike, as in transformers)."""
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 1, **call_defaults: Any):
         self.model = model
@@ -65,9 +68,7 @@ class TextGenerationPipeline:
         self.generation_config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
         if self.generation_config.max_new_tokens is None:
             self.generation_config.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS
-        # Keyword arguments given to pipeline(): defaults of every call, pipeline options
-        # (return_full_text=False, prefix=...) and generation arguments alike, as in transformers.
-        self.generate_defaults = call_defaults
+        self.call_defaults = call_defaults
 
     @property
     def device(self) -> torch.device:
@@ -78,6 +79,10 @@ class TextGenerationPipeline:
         return getattr(self.model, "dtype", None)
 
     torch_dtype = dtype  # transformers' older name
+
+
+class TextGenerationPipeline(_GenerationPipeline):
+    task = "text-generation"
 
     def __call__(
         self,
@@ -109,7 +114,7 @@ class TextGenerationPipeline:
         )
         # A call's own options win over pipeline() defaults; options it leaves unset (None) do not.
         given = {key: value for key, value in options.items() if value is not None}
-        merged = {**dict.fromkeys(options), **self.generate_defaults, **given, **generate_kwargs}
+        merged = {**dict.fromkeys(options), **self.call_defaults, **given, **generate_kwargs}
         return self._generate_records(text_inputs, **merged)
 
     def _generate_records(
@@ -255,7 +260,7 @@ class TextGenerationPipeline:
         return list(prompt) + [{"role": "assistant", "content": new_text}]
 
 
-class ImageTextToTextPipeline:
+class ImageTextToTextPipeline(_GenerationPipeline):
     """`pipeline("image-text-to-text", ...)`: images + text, or chats with image items, in; text out.
 
     As the reference pipeline:
@@ -270,23 +275,9 @@ class ImageTextToTextPipeline:
     task = "image-text-to-text"
 
     def __init__(self, model: Any, processor: Any, batch_size: int = 1, **call_defaults: Any):
-        self.model = model
+        super().__init__(model, processor.tokenizer, batch_size, **call_defaults)
         self.processor = processor
-        self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
-        self.batch_size = batch_size
-        self.generation_config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
-        if self.generation_config.max_new_tokens is None:
-            self.generation_config.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS
-        self.call_defaults = call_defaults
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return getattr(self.model, "dtype", None)
 
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any):
         kwargs = {**self.call_defaults, **kwargs}
