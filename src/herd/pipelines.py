@@ -418,46 +418,33 @@ def pipeline(
     if isinstance(device, int):
         device = torch.device("cuda", device) if device >= 0 else torch.device("cpu")
     placement = device_map if device_map is not None else device
-    if task == "image-text-to-text":
-        return _image_text_to_text_pipeline(model, processor, dtype, placement, batch_size, model_kwargs,
-                                            generate_defaults)
-    from .auto import AutoModelForCausalLM
+    from .auto import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
     from .tokenization import AutoTokenizer
 
-    if isinstance(model, str) or hasattr(model, "__fspath__"):
-        source = model
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=placement, **(model_kwargs or {}))
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-    elif placement is not None:
-        model = model.to(torch.device(placement) if not isinstance(placement, torch.device) else placement)
-    if tokenizer is None:
-        source = getattr(model.config, "name_or_path", "")
-        if not source:
-            raise ValueError("pipeline() got a model object without a tokenizer: pass tokenizer=")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    elif isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if task == "image-text-to-text":
+        model, processor = _model_and_companion(model, processor, AutoModelForImageTextToText, AutoProcessor,
+                                                "processor", dtype, placement, model_kwargs)
+        return ImageTextToTextPipeline(model, processor, batch_size=batch_size, **generate_defaults)
+    model, tokenizer = _model_and_companion(model, tokenizer, AutoModelForCausalLM, AutoTokenizer, "tokenizer", dtype,
+                                            placement, model_kwargs)
     return SUPPORTED_TASKS[task](model, tokenizer, batch_size=batch_size, **generate_defaults)
 
 
-def _image_text_to_text_pipeline(model, processor, dtype, placement, batch_size, model_kwargs, call_defaults):
-    """The model (AutoModelForImageTextToText) and its processor (AutoProcessor), from a folder or as given."""
-    from .auto import AutoModelForImageTextToText, AutoProcessor
-
+def _model_and_companion(model, companion, model_class, companion_class, name: str, dtype, placement, model_kwargs):
+    """(model, its tokenizer or processor): loaded from a folder or Hub id, or as given (a loaded
+    model moved to the placement; its companion from the model's own folder where none is given)."""
     if isinstance(model, str) or hasattr(model, "__fspath__"):
         source = model
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=placement,
-                                                            **(model_kwargs or {}))
-        if processor is None:
-            processor = AutoProcessor.from_pretrained(source)
+        model = model_class.from_pretrained(source, dtype=dtype, device_map=placement, **(model_kwargs or {}))
+        if companion is None:
+            companion = companion_class.from_pretrained(source)
     elif placement is not None:
         model = model.to(torch.device(placement) if not isinstance(placement, torch.device) else placement)
-    if processor is None:
+    if companion is None:
         source = getattr(model.config, "name_or_path", "")
         if not source:
-            raise ValueError("pipeline() got a model object without a processor: pass processor=")
-        processor = AutoProcessor.from_pretrained(source)
-    elif isinstance(processor, str):
-        processor = AutoProcessor.from_pretrained(processor)
-    return ImageTextToTextPipeline(model, processor, batch_size=batch_size, **call_defaults)
+            raise ValueError(f"pipeline() got a model object without a {name}: pass {name}=")
+        companion = companion_class.from_pretrained(source)
+    elif isinstance(companion, str):
+        companion = companion_class.from_pretrained(companion)
+    return model, companion
