@@ -48,7 +48,7 @@ FIELDS = (
     "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
-    "disable_compile", "prefill_chunk_size", "watermarking_config", "cache_config",
+    "disable_compile", "prefill_chunk_size", "watermarking_config", "cache_config", "max_time",
 )
 _REMOVED = "was removed from transformers 5's generate() (it lives on as a Hub custom_generate method)"
 _NOT_IMPLEMENTED = "is not implemented by herd"
@@ -105,8 +105,13 @@ class GenerationConfig:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
         return cls(**{**values, **kwargs})
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> GenerationConfig:
+        return cls(**{**config_dict, **kwargs})
+
     def to_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
+        """Every field, unset ones as None (as transformers' to_dict); to_diff_dict drops those."""
+        out = {name: getattr(self, name) for name in FIELDS}
         if isinstance(out.get("sequence_bias"), dict):  # JSON has no tuple keys: the list form [[ids], bias]
             out["sequence_bias"] = [[list(ids), bias] for ids, bias in out["sequence_bias"].items()]
         if isinstance(out.get("watermarking_config"), BaseWatermarkingConfig):  # saved as its dict
@@ -116,10 +121,20 @@ class GenerationConfig:
             out["_from_model_config"] = True
         return dict(sorted(out.items()))
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The fields that are set: what generation_config.json holds."""
+        return {key: value for key, value in self.to_dict().items() if value is not None}
+
+    def to_json_string(self, use_diff: bool = True, ignore_metadata: bool = False) -> str:
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        Path(json_file_path).write_text(self.to_json_string(use_diff=use_diff))
+
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None, **kwargs: Any) -> None:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / (config_file_name or hub.GENERATION_CONFIG_NAME)).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (folder / (config_file_name or hub.GENERATION_CONFIG_NAME)).write_text(json.dumps(self.to_diff_dict(), indent=2) + "\n")
 
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """Set the fields named in kwargs; return the kwargs that are not generation fields."""
@@ -248,7 +263,7 @@ class GenerationConfig:
         return kv_cache_dtype((self.cache_config or {}).get("dtype"))
 
     def __repr__(self) -> str:
-        return f"GenerationConfig {json.dumps(self.to_dict(), indent=2)}"
+        return f"GenerationConfig {json.dumps(self.to_diff_dict(), indent=2)}"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GenerationConfig) and self.to_dict() == other.to_dict()

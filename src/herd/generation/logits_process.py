@@ -389,6 +389,10 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
         processors.append(suppress_eos_before(config.min_length, eos_ids))
     if eos_ids is not None and config.min_new_tokens:
         processors.append(suppress_eos_before(config.min_new_tokens, eos_ids, prompt_length))
+    # generate(prefix_allowed_tokens_fn=...), at transformers' place in the order
+    prefix_allowed_tokens_fn = getattr(config, "_prefix_allowed_tokens_fn", None)
+    if prefix_allowed_tokens_fn is not None:
+        processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, config.num_beams))
     if config.forced_bos_token_id is not None:
         processors.append(force_tokens_at(1, config.forced_bos_token_id))
     if config.forced_eos_token_id is not None:
@@ -440,3 +444,217 @@ def apply_processors(processors: list[Processor], input_ids: torch.Tensor, score
     for process in processors:
         scores = process(input_ids, scores)
     return scores
+
+
+# --- transformers' named processor classes -------------------------------------------------------
+# Users build these themselves (LogitsProcessorList([TopKLogitsWarper(10), ...]) passed as
+# generate(logits_processor=...)): each wraps the function above that generate() uses, with
+# transformers' constructor arguments.
+
+
+def _ids_list(eos_token_id) -> list[int]:
+    if isinstance(eos_token_id, torch.Tensor):
+        return eos_token_id.flatten().tolist()
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+class _FunctionProcessor(LogitsProcessor):
+    """A LogitsProcessor running one of the functions above; `filter_value` replaces its -inf."""
+
+    _process: Processor
+    filter_value: float = FILTERED
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        processed = self._process(input_ids, scores)
+        if self.filter_value != FILTERED:
+            processed = processed.masked_fill(torch.isneginf(processed) & ~torch.isneginf(scores), self.filter_value)
+        return processed
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` has to be a strictly positive integer, but is {value}")
+
+
+class RepetitionPenaltyLogitsProcessor(_FunctionProcessor):
+    def __init__(self, penalty: float, prompt_ignore_length: int | None = None):
+        if not isinstance(penalty, float) or not penalty > 0:
+            raise ValueError(f"`penalty` has to be a strictly positive float, but is {penalty}")
+        self.penalty, self.prompt_ignore_length = penalty, prompt_ignore_length
+        process = repetition_penalty(penalty)
+        # prompt_ignore_length: the first tokens (the prompt) are not penalised
+        self._process = (process if not prompt_ignore_length
+                         else lambda ids, scores: process(ids[:, prompt_ignore_length:], scores))
+
+
+class TemperatureLogitsWarper(_FunctionProcessor):
+    def __init__(self, temperature: float):
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float")
+        self.temperature = temperature
+        self._process = globals()["temperature"](temperature)
+
+
+class TopKLogitsWarper(_FunctionProcessor):
+    def __init__(self, top_k: int, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+        _positive_int("top_k", top_k)
+        self.top_k, self.filter_value = max(top_k, min_tokens_to_keep), filter_value
+        self._process = top_k_function(top_k, min_tokens_to_keep)
+
+
+class TopPLogitsWarper(_FunctionProcessor):
+    def __init__(self, top_p: float, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+        top_p = float(top_p)
+        if not 0 <= top_p <= 1.0:
+            raise ValueError(f"`top_p` has to be a float >= 0 and <= 1, but is {top_p}")
+        _positive_int("min_tokens_to_keep", min_tokens_to_keep)
+        self.top_p, self.filter_value, self.min_tokens_to_keep = top_p, filter_value, min_tokens_to_keep
+        self._process = top_p_function(top_p, min_tokens_to_keep)
+
+
+class MinPLogitsWarper(_FunctionProcessor):
+    def __init__(self, min_p: float, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+        if not 0 <= min_p <= 1.0:
+            raise ValueError(f"`min_p` has to be a float in the [0, 1] interval, but is {min_p}")
+        _positive_int("min_tokens_to_keep", min_tokens_to_keep)
+        self.min_p, self.filter_value, self.min_tokens_to_keep = min_p, filter_value, min_tokens_to_keep
+        self._process = min_p_function(min_p, min_tokens_to_keep)
+
+
+class TypicalLogitsWarper(_FunctionProcessor):
+    def __init__(self, mass: float = 0.9, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+        mass = float(mass)
+        if not 0 < mass < 1:
+            raise ValueError(f"`typical_p` has to be a float > 0 and < 1, but is {mass}")
+        _positive_int("min_tokens_to_keep", min_tokens_to_keep)
+        self.mass, self.filter_value, self.min_tokens_to_keep = mass, filter_value, min_tokens_to_keep
+        self._process = typical_p(mass, min_tokens_to_keep)
+
+
+class EpsilonLogitsWarper(_FunctionProcessor):
+    def __init__(self, epsilon: float, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+        epsilon = float(epsilon)
+        if not 0 < epsilon < 1:
+            raise ValueError(f"`epsilon_cutoff` has to be a float > 0 and < 1, but is {epsilon}")
+        _positive_int("min_tokens_to_keep", min_tokens_to_keep)
+        self.epsilon, self.filter_value, self.min_tokens_to_keep = epsilon, filter_value, min_tokens_to_keep
+        self._process = epsilon_cutoff(epsilon, min_tokens_to_keep)
+
+
+class EtaLogitsWarper(_FunctionProcessor):
+    def __init__(self, epsilon: float, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1,
+                 device: str = "cpu"):
+        epsilon = float(epsilon)
+        if not 0 < epsilon < 1:
+            raise ValueError(f"`eta_cutoff` has to be a float > 0 and < 1, but is {epsilon}")
+        _positive_int("min_tokens_to_keep", min_tokens_to_keep)
+        self.epsilon, self.filter_value, self.min_tokens_to_keep = epsilon, filter_value, min_tokens_to_keep
+        self._process = eta_cutoff(epsilon, min_tokens_to_keep)
+
+
+class TopHLogitsWarper(_FunctionProcessor):
+    def __init__(self, top_h: float, filter_value: float = -float("inf")):
+        if not 0.0 < top_h <= 1.0:
+            raise ValueError(f"`top_h` has to be a float in the (0, 1] interval, but is {top_h}")
+        self.top_h, self.filter_value = top_h, filter_value
+        self._process = globals()["top_h"](top_h)  # (the argument hides the function)
+
+
+class NoRepeatNGramLogitsProcessor(_FunctionProcessor):
+    def __init__(self, ngram_size: int):
+        _positive_int("ngram_size", ngram_size)
+        self.ngram_size = ngram_size
+        self._process = no_repeat_ngram(ngram_size)
+
+
+class MinLengthLogitsProcessor(_FunctionProcessor):
+    def __init__(self, min_length: int, eos_token_id, device: str = "cpu"):
+        self.min_length, self.eos_token_id = min_length, torch.tensor(_ids_list(eos_token_id), device=device)
+        self._process = suppress_eos_before(min_length, self.eos_token_id)
+
+
+class MinNewTokensLengthLogitsProcessor(_FunctionProcessor):
+    def __init__(self, prompt_length_to_skip: int, min_new_tokens: int, eos_token_id, device: str = "cpu"):
+        self.prompt_length_to_skip, self.min_new_tokens = prompt_length_to_skip, min_new_tokens
+        self.eos_token_id = torch.tensor(_ids_list(eos_token_id), device=device)
+        self._process = suppress_eos_before(min_new_tokens, self.eos_token_id, prompt_length_to_skip)
+
+
+class NoBadWordsLogitsProcessor(_FunctionProcessor):
+    def __init__(self, bad_words_ids: list[list[int]], eos_token_id=None):
+        self.bad_word_ids = bad_words_ids
+        eos = None if eos_token_id is None else torch.tensor(_ids_list(eos_token_id))
+        self._process = bad_words(bad_words_ids, eos)
+
+
+class SequenceBiasLogitsProcessor(_FunctionProcessor):
+    def __init__(self, sequence_bias):
+        self.sequence_bias = sequence_bias
+        self._process = globals()["sequence_bias"](_as_bias_dict(sequence_bias))
+
+
+class SuppressTokensLogitsProcessor(_FunctionProcessor):
+    def __init__(self, suppress_tokens, device: str = "cpu"):
+        self.suppress_tokens = torch.tensor(list(suppress_tokens), device=device)
+        self._process = globals()["suppress_tokens"](list(suppress_tokens))
+
+
+class SuppressTokensAtBeginLogitsProcessor(_FunctionProcessor):
+    def __init__(self, begin_suppress_tokens, begin_index, device: str = "cpu"):
+        self.begin_suppress_tokens = torch.tensor(list(begin_suppress_tokens), device=device)
+        self.begin_index = begin_index
+        self._process = suppress_tokens(list(begin_suppress_tokens), at_length=begin_index)
+
+
+class ForcedBOSTokenLogitsProcessor(_FunctionProcessor):
+    def __init__(self, bos_token_id: int):
+        self.bos_token_id = bos_token_id
+        self._process = force_tokens_at(1, bos_token_id)
+
+
+class ForcedEOSTokenLogitsProcessor(_FunctionProcessor):
+    def __init__(self, max_length: int, eos_token_id, device: str = "cpu"):
+        self.max_length, self.eos_token_id = max_length, torch.tensor(_ids_list(eos_token_id), device=device)
+        self._process = force_tokens_at(max_length - 1, _ids_list(eos_token_id))
+
+
+class InfNanRemoveLogitsProcessor(_FunctionProcessor):
+    _process = staticmethod(remove_invalid_values)
+
+
+class LogitNormalization(_FunctionProcessor):
+    _process = staticmethod(renormalize)
+
+
+class ExponentialDecayLengthPenalty(_FunctionProcessor):
+    def __init__(self, exponential_decay_length_penalty: tuple[int, float], eos_token_id, input_ids_seq_length: int):
+        self.regulation_start = exponential_decay_length_penalty[0] + input_ids_seq_length
+        self.regulation_factor = exponential_decay_length_penalty[1]
+        start, factor = exponential_decay_length_penalty
+        self._process = exponential_decay_length_penalty_function(
+            start, factor, torch.tensor(_ids_list(eos_token_id)), input_ids_seq_length)
+
+
+class PrefixConstrainedLogitsProcessor(LogitsProcessor):
+    """generate(prefix_allowed_tokens_fn=...): at each step only the tokens that
+    `prefix_allowed_tokens_fn(batch_id, input_ids_of_the_row)` returns are allowed (the rest -inf)."""
+
+    def __init__(self, prefix_allowed_tokens_fn, num_beams: int):
+        self._prefix_allowed_tokens_fn, self._num_beams = prefix_allowed_tokens_fn, num_beams
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        mask = torch.full_like(scores, FILTERED)
+        rows = input_ids.view(-1, self._num_beams, input_ids.shape[-1])
+        for batch_id, beams in enumerate(rows):
+            for beam_id, sent in enumerate(beams):
+                allowed = self._prefix_allowed_tokens_fn(batch_id, sent)
+                if len(allowed) == 0:
+                    raise ValueError(
+                        f"`prefix_allowed_tokens_fn` returned an empty list for batch ID {batch_id}: no token is allowed")
+                mask[batch_id * self._num_beams + beam_id, allowed] = 0
+        return scores + mask
+
+
+# (the classes above take the functions' names for their arguments)
+top_k_function, top_p_function, min_p_function = top_k, top_p, min_p
+exponential_decay_length_penalty_function = exponential_decay_length_penalty

@@ -74,8 +74,8 @@ class StoppingCriteriaList(list):
 class MaxLengthCriteria(StoppingCriteria):
     """Rows are done once the sequence holds `max_length` tokens (prompt included)."""
 
-    def __init__(self, max_length: int):
-        self.max_length = max_length
+    def __init__(self, max_length: int, max_position_embeddings: int | None = None):
+        self.max_length, self.max_position_embeddings = max_length, max_position_embeddings
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.max_length, device=input_ids.device)
@@ -95,6 +95,30 @@ class MaxTimeCriteria(StoppingCriteria):
 
         elapsed = time.time() - self.initial_timestamp > self.max_time
         return torch.full((input_ids.shape[0],), elapsed, device=input_ids.device)
+
+
+class EosTokenCriteria(StoppingCriteria):
+    """Rows are done when their last token is one of `eos_token_id` (an id, a list or a tensor of ids)."""
+
+    def __init__(self, eos_token_id: int | list[int] | torch.Tensor):
+        if not isinstance(eos_token_id, torch.Tensor):
+            eos_token_id = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return ends_with_eos(input_ids, self.eos_token_id)
+
+
+class StopStringCriteria(StoppingCriteria):
+    """Rows are done when a stop string ends in the newest token's text (generate(stop_strings=...) as a
+    criteria object the user builds, as in transformers)."""
+
+    def __init__(self, tokenizer: Any, stop_strings: str | list[str]):
+        self._stop = StopStrings(tokenizer, stop_strings)
+        self.stop_strings = self._stop.stop_strings
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self._stop(input_ids)
 
 
 class StopChecks:

@@ -91,6 +91,41 @@ class TextIteratorStreamer(TextStreamer):
         return value
 
 
+class AsyncTextIteratorStreamer(TextStreamer):
+    """Text pieces for `async for`: generate() runs in a thread (asyncio.to_thread or an executor)
+    and hands each piece to the event loop that created this streamer, as transformers does."""
+
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any):
+        import asyncio
+
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
+        self.text_queue = asyncio.Queue()
+        self.stop_signal = None
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()  # (raises outside a running loop, as transformers')
+        self.has_asyncio_timeout = hasattr(asyncio, "timeout")
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        # every piece, an empty one included, as transformers' async streamer queues them
+        self.loop.call_soon_threadsafe(self.text_queue.put_nowait, text)
+        if stream_end:
+            self.loop.call_soon_threadsafe(self.text_queue.put_nowait, self.stop_signal)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        import asyncio
+
+        try:
+            value = await asyncio.wait_for(self.text_queue.get(), timeout=self.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError() from None
+        if value is self.stop_signal:
+            raise StopAsyncIteration()
+        return value
+
+
 def _is_cjk(char: str) -> bool:
     code = ord(char)
     return any(

@@ -27,7 +27,7 @@ from ..parallel.offload import before_generate
 from ..parallel import same_tokens_on_every_rank
 from .configuration import GenerationConfig
 from .logits_process import apply_processors, build_logits_processors, classifier_free_guidance
-from .stopping import StopChecks, StopStrings, ends_with_eos
+from .stopping import MaxTimeCriteria, StopChecks, StopStrings, ends_with_eos
 
 logger = logging.getLogger("herd")
 
@@ -138,17 +138,35 @@ class GenerationMixin:
         self,
         inputs: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
+        logits_processor: Any = None,
+        stopping_criteria: Any = None,
+        prefix_allowed_tokens_fn: Any = None,
+        synced_gpus: bool | None = None,
+        assistant_model: Any = None,
         streamer: Any = None,
+        negative_prompt_ids: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        custom_generate: Any = None,
         tokenizer: Any = None,
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ):
         """Generate continuations of `inputs` (batch, prompt) and return prompt + new tokens.
 
-        Arguments and outputs follow transformers' `generate`; `generator` (a seeded
-        torch.Generator) makes sampling reproducible without touching the global seed.
+        Arguments (transformers' names and order) and outputs follow transformers' `generate`;
+        `generator` (a seeded torch.Generator) makes sampling reproducible without touching the
+        global seed. synced_gpus is accepted and unused: herd's ranks always step together.
         """
+        # Refused by name rather than run some other way: herd has no assisted decoding and no Hub code.
+        if assistant_model is not None:
+            raise NotImplementedError("generate(assistant_model=...): assisted decoding is not implemented by herd")
+        if custom_generate is not None:
+            raise NotImplementedError("generate(custom_generate=...): herd does not run custom generation methods")
+        kwargs.update(logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                      negative_prompt_ids=negative_prompt_ids,
+                      negative_prompt_attention_mask=negative_prompt_attention_mask)
         config, model_kwargs = self._generation_setup(generation_config, kwargs)
+        config._prefix_allowed_tokens_fn = prefix_allowed_tokens_fn
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the prompt tokens)")
@@ -167,6 +185,8 @@ class GenerationMixin:
         custom_processors = list(model_kwargs.pop("logits_processor", None) or [])
         negative_prompt = model_kwargs.pop("negative_prompt_ids", None), model_kwargs.pop("negative_prompt_attention_mask", None)
         stopping_criteria = list(model_kwargs.pop("stopping_criteria", None) or [])
+        if config.max_time is not None:  # generate(max_time=seconds), as transformers adds it
+            stopping_criteria.append(MaxTimeCriteria(config.max_time))
         if model_kwargs:
             raise TypeError(f"generate() got arguments it does not know: {', '.join(sorted(model_kwargs))}")
 
