@@ -29,6 +29,9 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "pad_token_id": None,
     "bos_token_id": None,
     "eos_token_id": None,
+    # transformers keeps these two on every config (and in config.json); user code reads them.
+    "is_encoder_decoder": False,
+    "chunk_size_feed_forward": 0,
 }
 # Keys of config.json that describe the file, not the model.
 _IGNORED_KEYS = {"transformers_version", "herd_version", "_name_or_path", "_commit_hash", "model_type"}
@@ -100,8 +103,22 @@ class PretrainedConfig:
     def torch_dtype(self):
         return self.dtype
 
+    @property
+    def use_return_dict(self) -> bool:
+        # Deprecated in transformers in favour of `return_dict`, but still read by user code.
+        return self.return_dict
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set each key of `config_dict` as an attribute, as transformers' `PretrainedConfig.update`."""
+        for key, value in config_dict.items():
+            setattr(self, key, value)
+
     # --- composite configs ---------------------------------------------------------------------
-    def get_text_config(self, decoder: bool = False) -> PretrainedConfig:
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        # transformers' arguments: `encoder=True` alone asks for a text *encoder* config, which
+        # none of the Llama family has, so the config itself comes back, as there.
+        if encoder and not decoder:
+            return self
         return getattr(self, "text_config", None) or self
 
     # --- serialisation ----------------------------------------------------------------------
@@ -115,25 +132,45 @@ class PretrainedConfig:
             elif isinstance(value, torch.dtype):
                 value = str(value).removeprefix("torch.")
             out[key] = copy.deepcopy(value)
-        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        # int keys, as transformers' to_dict; JSON writes them as strings.
+        out["id2label"] = dict(self.id2label)
         out["model_type"] = self.model_type
         from . import __version__
 
         out["herd_version"] = __version__
         return dict(sorted(out.items()))
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_diff_dict(self) -> dict[str, Any]:
+        """to_dict() less the values equal to a default-built config's, as transformers' to_diff_dict
+        (model_type and version always stay)."""
+        full = self.to_dict()
+        try:
+            defaults = type(self)().to_dict()
+        except Exception:  # a config class that cannot be built without arguments: keep everything
+            return full
+        keep = ("model_type", "herd_version")
+        return {k: v for k, v in full.items() if k in keep or k not in defaults or defaults[k] != v}
 
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_json_string())
+    def to_json_string(self, use_diff: bool = True) -> str:
+        # transformers' default is use_diff=True for to_json_string/to_json_file, but its
+        # save_pretrained writes the full dict; herd always wrote (and still writes) the full dict
+        # from save_pretrained.
+        data = self.to_diff_dict() if use_diff else self.to_dict()
+        return json.dumps({str(k): v for k, v in data.items()}, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        Path(json_file_path).write_text(self.to_json_string(use_diff=use_diff))
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> PretrainedConfig:
+        return cls(**json.loads(Path(json_file).read_text()))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         folder = Path(save_directory)
         if folder.is_file():
             raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")
         folder.mkdir(parents=True, exist_ok=True)
-        self.to_json_file(folder / hub.CONFIG_NAME)
+        self.to_json_file(folder / hub.CONFIG_NAME, use_diff=False)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:

@@ -7,6 +7,7 @@ backend, and which loading problems are errors.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -72,6 +73,22 @@ def _set_attn_implementation(config: PretrainedConfig, name: str | None, only_un
         if part is not None and not (only_unset and part._attn_implementation is not None):
             part._attn_implementation = config._attn_implementation
 
+class GradientCheckpointingLayer(nn.Module):
+    """A layer that `PreTrainedModel.gradient_checkpointing_enable` can checkpoint (transformers'
+    name): in training with grad on, its forward runs under torch.utils.checkpoint."""
+
+    gradient_checkpointing = False
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            options = getattr(self, "_gradient_checkpointing_kwargs", {"use_reentrant": True})
+            # Keyword arguments ride in a partial: a reentrant checkpoint takes positional ones only.
+            return checkpoint(functools.partial(super().__call__, **kwargs), *args, **options)
+        return super().__call__(*args, **kwargs)
+
+
 class PreTrainedModel(nn.Module):
     config_class: type[PretrainedConfig] = PretrainedConfig
     base_model_prefix = "model"
@@ -91,10 +108,90 @@ class PreTrainedModel(nn.Module):
         _set_attn_implementation(config, config._attn_implementation, only_unset=True)
         self.config = config
         self.name_or_path = config.name_or_path
-        if getattr(self, "can_generate", None) is not None:
+        # As transformers: a GenerationConfig on models that generate, None on the others.
+        self.generation_config = None
+        if self.can_generate():
             from .generation import GenerationConfig
 
             self.generation_config = GenerationConfig.from_model_config(config)
+
+    # The argument `generate` and the pipelines read inputs from (transformers' name).
+    main_input_name = "input_ids"
+    # Every herd model's decoder/encoder layers are GradientCheckpointingLayer.
+    supports_gradient_checkpointing = True
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True for the models with a `generate` (those that mix in GenerationMixin), as transformers."""
+        from .generation import GenerationMixin
+
+        return issubclass(cls, GenerationMixin)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The backbone (`self.model` etc.), or the model itself when it is the backbone."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_decoder(self) -> nn.Module:
+        """The text decoder, found as transformers' `get_decoder` finds it (used by PEFT and user
+        code): a `language_model` child, else the backbone's decoder, else the model itself."""
+        if "language_model" in self._modules:
+            return self.language_model
+        base = self.base_model
+        if base is not self and hasattr(base, "get_decoder"):
+            return base.get_decoder()
+        return self
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        if "language_model" in self._modules:
+            self.language_model = decoder
+            return
+        base = self.base_model
+        if base is self:
+            raise NotImplementedError(f"{type(self).__name__} is itself the decoder; it has none to replace")
+        if isinstance(base, PreTrainedModel) and base.get_decoder() is not base:
+            base.set_decoder(decoder)
+        else:
+            setattr(self, self.base_model_prefix, decoder)
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers), as transformers' get_memory_footprint."""
+        size = sum(p.nelement() * p.element_size() for p in self.parameters())
+        if return_buffers:
+            size += sum(b.nelement() * b.element_size() for b in self.buffers())
+        return size
+
+    # --- gradient checkpointing ------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (training only).
+        The cache is switched off while checkpointing in training, as in transformers."""
+        kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+        kwargs.setdefault("use_reentrant", True)  # transformers' default
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.gradient_checkpointing = True
+                module._gradient_checkpointing_kwargs = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules()
+                   if isinstance(m, GradientCheckpointingLayer))
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad (for adapters over frozen embeddings)."""
+        def make_inputs_require_grads(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
+
+    def disable_input_require_grads(self) -> None:
+        self._require_grads_hook.remove()
+        self._require_grads_hook = None
 
     # --- basics -------------------------------------------------------------------------------
     @property
@@ -432,7 +529,7 @@ class PreTrainedModel(nn.Module):
         self,
         save_directory: str | os.PathLike,
         *,
-        max_shard_size: int | str = "5GB",
+        max_shard_size: int | str = "50GB",  # transformers 5's default
         safe_serialization: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
@@ -661,6 +758,11 @@ def prepare_decoder_step(model: nn.Module, embed_tokens: nn.Embedding, *, input_
         raise ValueError(f"inputs_embeds must be (batch, seq, {config.hidden_size}), got {tuple(inputs_embeds.shape)}")
     seq = inputs_embeds.shape[1]
     use_cache = flag(use_cache, config.use_cache)
+    if use_cache and model.training and getattr(model, "is_gradient_checkpointing", False):
+        # A checkpointed layer runs twice (forward, then again in backward): a cache would be
+        # written twice. transformers switches it off the same way.
+        logger.warning("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+        use_cache = False
     past_key_values = as_cache(past_key_values)
     if use_cache and past_key_values is None:
         past_key_values = DynamicCache(config)

@@ -30,6 +30,7 @@ from ...modeling_outputs import (
     TokenClassifierOutput,
 )
 from ...modeling_utils import (
+    GradientCheckpointingLayer,
     CausalLMForward,
     DecoderStep,
     TextDecoderForward,
@@ -91,7 +92,7 @@ class LlamaAttention(nn.Module):
         return output, weights
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)

@@ -32,6 +32,7 @@ from ...layers.norm import RMSNorm
 from ...layers.rope import ComplexRotaryEmbedding, apply_complex_rotary, derived_from_config
 from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, ModelOutput
 from ...modeling_utils import (
+    GradientCheckpointingLayer,
     CausalLMForward,
     DecoderStep,
     TextDecoderForward,
@@ -183,7 +184,7 @@ class Llama4TextAttention(nn.Module):
         return self.o_proj(output.reshape(batch, seq, -1)), weights
 
 
-class Llama4TextDecoderLayer(nn.Module):
+class Llama4TextDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: Llama4TextConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Llama4TextAttention(config, layer_idx)
@@ -346,7 +347,7 @@ class Llama4VisionMLP(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(hidden_states)))
 
 
-class Llama4VisionEncoderLayer(nn.Module):
+class Llama4VisionEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: Llama4VisionConfig):
         super().__init__()
         self.self_attn = Llama4VisionAttention(config)

@@ -33,6 +33,7 @@ from ...layers.norm import RMSNorm
 from ...layers.rope import RotaryEmbedding
 from ...modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, CausalLMOutputWithPast
 from ...modeling_utils import (
+    GradientCheckpointingLayer,
     PreTrainedModel,
     flag,
     language_model_output,
@@ -131,7 +132,7 @@ def _dense_backend(config) -> str:
     return "sdpa" if implementation == "flex_attention" else implementation
 
 
-class MllamaVisionEncoderLayer(nn.Module):
+class MllamaVisionEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MllamaVisionConfig, is_gated: bool = False):
         super().__init__()
         self.is_gated = is_gated
@@ -310,7 +311,7 @@ class MllamaTextCrossAttention(nn.Module):
         return self.o_proj(output.reshape(batch, seq, -1)), weights
 
 
-class MllamaCrossAttentionDecoderLayer(nn.Module):
+class MllamaCrossAttentionDecoderLayer(GradientCheckpointingLayer):
     """Reads the image: tanh-gated cross-attention, then a tanh-gated MLP."""
 
     def __init__(self, config: MllamaTextConfig, layer_idx: int):
