@@ -197,3 +197,24 @@ def test_async_text_iterator_streamer():
         return pieces
 
     assert asyncio.run(collect(hg)) == asyncio.run(collect(transformers))
+
+
+# --- output classes ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [{}, {"num_beams": 2}], ids=["greedy", "beams"])
+def test_generate_output_fields_with_every_output_flag(tmp_path, extra):
+    reference = reference_llama(attn_implementation="eager")  # sdpa has no attention weights
+    ours = herd.LlamaForCausalLM.from_pretrained(save_reference(reference, tmp_path / "m")).eval()
+    ids = torch.tensor([[5, 6, 7], [9, 10, 11]])
+    kwargs = dict(max_new_tokens=3, return_dict_in_generate=True, output_scores=True, output_logits=True,
+                  output_attentions=True, output_hidden_states=True, **extra)
+    expected, got = reference.generate(ids, **kwargs), ours.generate(ids, **kwargs)
+    assert type(got).__name__ == type(expected).__name__
+    assert list(got.keys()) == list(expected.keys())
+    torch.testing.assert_close(got.sequences, expected.sequences)
+    for name in ("attentions", "hidden_states"):
+        assert len(getattr(got, name)) == len(getattr(expected, name))
+        for step_got, step_expected in zip(getattr(got, name), getattr(expected, name)):
+            assert len(step_got) == len(step_expected)
+            for ours_t, theirs_t in zip(step_got, step_expected):
+                torch.testing.assert_close(ours_t, theirs_t, atol=1e-5, rtol=1e-4)

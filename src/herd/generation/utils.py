@@ -351,7 +351,11 @@ class GenerationMixin:
 
         flat_ids = input_ids.repeat_interleave(num_beams, dim=0)  # (batch * beams, prompt)
         attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
-        decoder = PlainDecoder(self, config, past_key_values, {})
+        # output_attentions / output_hidden_states: each step's, for every beam row, as transformers returns them
+        want = config.return_dict_in_generate
+        forward_kwargs = {name: True for name in ("output_attentions", "output_hidden_states")
+                          if want and getattr(config, name)}
+        decoder = PlainDecoder(self, config, past_key_values, forward_kwargs)
         cache = decoder.start(batch_size * num_beams, max_length)
 
         running = torch.full((batch_size, num_beams, max_length), fill_value, dtype=torch.long, device=device)
@@ -364,10 +368,10 @@ class GenerationMixin:
         can_improve = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
         running_origin = torch.full((batch_size, num_beams, max_length - prompt_length), -1, dtype=torch.long, device=device)
         finished_origin = running_origin.clone()
-        all_scores, raw_logits = [], []
+        all_scores, raw_logits, attentions, hidden_states = [], [], [], []
 
         cur_len = prompt_length
-        logits, _ = decoder.prefill(flat_ids, attention_mask, extra)
+        logits, outputs = decoder.prefill(flat_ids, attention_mask, extra)
         while True:
             log_probs = nn.functional.log_softmax(logits, dim=-1)
             flat_running = running[:, :, :cur_len].reshape(batch_size * num_beams, cur_len)
@@ -375,6 +379,8 @@ class GenerationMixin:
             if config.return_dict_in_generate:
                 all_scores.append(log_probs) if config.output_scores else None
                 raw_logits.append(logits) if config.output_logits else None
+                attentions.append(outputs.attentions) if config.output_attentions else None
+                hidden_states.append(outputs.hidden_states) if config.output_hidden_states else None
             # (batch, beams * vocab): every continuation of every beam, with its running score
             candidates = (log_probs.view(batch_size, num_beams, vocab_size) + running_scores[:, :, None]).view(batch_size, -1)
             if config.do_sample:
@@ -422,7 +428,7 @@ class GenerationMixin:
             exists_open_beam = not (bool(is_finished.all()) and early_stopping is True)
             if not bool(can_improve.any()) or not exists_open_beam or bool(stops.all()):
                 break
-            logits, _ = decoder.step(running[:, :, cur_len - 1].reshape(-1))
+            logits, outputs = decoder.step(running[:, :, cur_len - 1].reshape(-1))
 
         keep_n = config.num_return_sequences
         sequences = finished[:, :keep_n].reshape(batch_size * keep_n, -1)
@@ -438,6 +444,8 @@ class GenerationMixin:
             scores=tuple(all_scores) if config.output_scores else None,
             logits=tuple(raw_logits) if config.output_logits else None,
             beam_indices=origin,
+            attentions=tuple(attentions) if config.output_attentions else None,
+            hidden_states=tuple(hidden_states) if config.output_hidden_states else None,
             past_key_values=cache if config.use_cache is not False else None,  # as transformers
         )
 
