@@ -79,6 +79,9 @@ def test_completion_equals_generate(client, smollm2):
     assert answer.choices[0].text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 12
     assert answer.object == "text_completion"
+    echoed = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=12,
+                                       temperature=0, echo=True)
+    assert echoed.choices[0].text == "The capital of France is" + answer.choices[0].text
 
 
 def test_streaming_equals_non_streaming(client):

@@ -248,6 +248,28 @@ def test_completion_usage_counts_every_prompt(served, tokenizer, stream):
     assert usage["completion_tokens"] == 4 * 3 and usage["total_tokens"] == usage["prompt_tokens"] + 12
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_echo_puts_the_prompt_before_the_text(served, tokenizer, stream):
+    """OpenAI's echo: each choice's text starts with its prompt (a token-id prompt decoded)."""
+    ids = tokenizer("SAY:one two")["input_ids"]
+
+    def texts(body):
+        response = post(served, "/v1/completions", {**body, "max_tokens": 4, "temperature": 0, "stream": stream})
+        assert response.status_code == 200, response.text
+        if not stream:
+            return [c["text"] for c in response.json()["choices"]]
+        joined = {}
+        for chunk in sse(response):
+            for choice in chunk["choices"]:
+                joined[choice["index"]] = joined.get(choice["index"], "") + choice["text"]
+        return [joined[i] for i in sorted(joined)]
+
+    prompts = ["SAY:hello there", ids]
+    plain, echoed = texts({"prompt": prompts}), texts({"prompt": prompts, "echo": True})
+    assert echoed == ["SAY:hello there" + plain[0], tokenizer.decode(ids) + plain[1]]
+    assert all(plain)  # answers there, so the echo is checked before something
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -330,7 +352,8 @@ def test_a_replayed_refusal_is_the_assistant_turn_text(served, assistant):
     ({"model": "llama", "prompt": ""}, 400, "prompt"),
     ({"model": "llama", "prompt": 3}, 400, "prompt"),
     ({"model": "llama", "prompt": [1, 2, 999_999]}, 400, "prompt"),
-    ({"model": "llama", "prompt": "hi", "echo": True}, 400, "echo"),
+    ({"model": "llama", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"model": "llama", "prompt": "hi", "echo": "yes"}, 400, "echo"),
     ({"model": "llama", "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ({"model": "other", "prompt": "hi"}, 404, "model"),
 ])

@@ -83,6 +83,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     response_format: dict[str, Any] | None = None
+    echo: bool = False  # the prompt's text before each choice's text
 
 
 # --- field checks ---------------------------------------------------------------------------------
@@ -344,8 +345,10 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise bad("prompt", "must be a string, a list of strings, a list of token ids or a list of such lists")
     if any(p == "" for p in prompts):
         raise bad("prompt", "must not be empty")
-    if body.get("echo"):
-        raise bad("echo", "is not supported; leave it out")
+    echo = _boolean(body, "echo")
+    if echo and body.get("logprobs") is not None:
+        raise bad("echo", "with logprobs would need the prompt tokens' logprobs, which herd does not compute; "
+                          "leave one of them out")
     if body.get("suffix") is not None:
         raise bad("suffix", "is not supported by Llama models; leave it out")
     logprobs = _number(body, "logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
@@ -353,4 +356,5 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     sampling = _sampling(body, logprobs)
     sampling.default_max_tokens = COMPLETION_MAX_TOKENS
     return CompletionRequest(model=_model(body), prompts=prompts, sampling=sampling, stream=stream,
-                             include_usage=_stream_options(body, stream), response_format=_response_format(body))
+                             include_usage=_stream_options(body, stream), response_format=_response_format(body),
+                             echo=echo)

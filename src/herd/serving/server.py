@@ -617,6 +617,7 @@ class Server:
         completion = parse_completion_request(body)
         self._check_model(completion.model)
         choices = []
+        echoes = {}  # choice index -> the prompt's text, with echo
         for p, prompt in enumerate(completion.prompts):
             ids = self.prompts.completion(prompt)
             vocab = self.model.vocab_size
@@ -631,9 +632,11 @@ class Server:
                 choice.request.sampling.seed = None if completion.sampling.seed is None else \
                     completion.sampling.seed + j * SEED_STRIDE
                 choices.append(choice)
+                if completion.echo:
+                    echoes[choice.index] = prompt if isinstance(prompt, str) else self.model.tokenizer.decode(prompt)
         return await self._respond(request, choices, completion.stream,
-                                   lambda: self._completion_stream(choices, completion, started),
-                                   lambda: self._completion_collect(choices, completion, started))
+                                   lambda: self._completion_stream(choices, completion, started, echoes),
+                                   lambda: self._completion_collect(choices, completion, started, echoes))
 
     @staticmethod
     def _completion_logprobs(entries: list[dict], offset: int) -> dict[str, Any]:
@@ -644,8 +647,8 @@ class Server:
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
                 "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
 
-    async def _completion_collect(self, choices, completion, started) -> dict[str, Any]:
-        texts = {choice.index: [] for choice in choices}
+    async def _completion_collect(self, choices, completion, started, echoes) -> dict[str, Any]:
+        texts = {choice.index: [echoes.get(choice.index, "")] for choice in choices}
         async for choice, text, entries, finish in self._merged(choices, started, "completion"):
             texts[choice.index].append(text)
             choice.logprobs += entries
@@ -656,11 +659,15 @@ class Server:
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": _now(),
                 "model": self.model_name, "choices": out, "usage": self._usage(choices, completion.sampling.n)}
 
-    async def _completion_stream(self, choices, completion, started) -> AsyncIterator[bytes]:
+    async def _completion_stream(self, choices, completion, started, echoes) -> AsyncIterator[bytes]:
         ident, created = f"cmpl-{uuid.uuid4().hex}", _now()
         usage_field = {"usage": None} if completion.include_usage else {}
         offsets = {choice.index: 0 for choice in choices}
         try:
+            for index, prompt in echoes.items():  # echo: each choice's stream starts with its prompt
+                yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
+                            "choices": [{"index": index, "text": prompt, "logprobs": None, "finish_reason": None}],
+                            **usage_field})
             async for choice, text, entries, finish in self._merged(choices, started, "completion"):
                 if not text and not entries and finish is None:
                     continue
