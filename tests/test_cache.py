@@ -195,3 +195,18 @@ def test_fp8_cache_through_generate(tmp_path, monkeypatch):
     monkeypatch.setattr(decoders, "FAST_DEVICES", ("cuda", "cpu"))
     assert decoders.why_not_fast(model, herd.GenerationConfig(cache_config={"dtype": "fp8"}), past_key_values=None,
                                  extra_outputs=False) is None
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_a_reset_cache_serves_another_sequence_as_a_new_one(pair, cache_kind):
+    _, model = pair
+    first, second = (torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    cache = DynamicCache() if cache_kind == "dynamic" else StaticCache(model.config, max_cache_len=16)
+    with torch.no_grad():
+        _run_incrementally(model, first, cache)
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        again, _ = _run_incrementally(model, second, cache)
+        fresh = DynamicCache() if cache_kind == "dynamic" else StaticCache(model.config, max_cache_len=16)
+        expected, _ = _run_incrementally(model, second, fresh)
+    assert torch.equal(again, expected)

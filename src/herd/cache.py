@@ -185,6 +185,10 @@ class DynamicCache(Cache):
     def kv_offset(self, layer_idx: int) -> int:
         return self.get_seq_length(layer_idx) - self.stored_length(layer_idx)
 
+    def reset(self) -> None:
+        """Empty again, for another sequence (its layers' windows kept)."""
+        self.key_cache, self.value_cache, self._seen = [], [], []
+
     def crop(self, max_length: int) -> None:
         """Keep only the first `max_length` positions (negative: drop that many from the end)."""
         if any(self.windows):
