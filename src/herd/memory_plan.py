@@ -244,9 +244,9 @@ def _prefill_transient_bytes(text, dtype: torch.dtype, prompt_tokens: int, batch
     values repeated per query head for cuDNN (layers.attention.cudnn_part, chunks of
     CUDNN_MIN_QUERIES+ after a cache on Hopper) and its two parts' outputs merged in float32; with
     the FP8 KV cache, the cache dequantized; a Llama 4 layer's quantized routed experts dequantized
-    for the chunk's grouped matmul (kernels.routed_experts). Their sum, not their maximum, is what closed the gap between plan
-    and measured peak (Scout int4 at 128k and 1M tokens, the 8B at 120k: bench/RESULTS.md,
-    2026-11-30 sixth session)."""
+    for the chunk's grouped matmul (kernels.routed_experts). Their sum, not their maximum, is what
+    closed the gap between plan and measured peak (Scout int4 at 128k and 1M tokens, the 8B at
+    120k: bench/RESULTS.md, 2026-11-30 sixth session)."""
     from .cache import FP8_KV_DTYPE, kv_cache_dtype as storage_dtype
     from .layers.attention import CUDNN_MIN_QUERIES
 

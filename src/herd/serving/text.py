@@ -95,13 +95,18 @@ class TextAssembler:
         self.final_text = self.text
         return self._take(len(self.text))
 
-    def token_text(self, token_id: int) -> str:
+    def _piece(self, token_id: int) -> str | None:
+        """The token's vocabulary entry (a string, or None where the tokenizer has none)."""
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        return piece if isinstance(piece, str) else None
+
+    def token_text(self, token_id: int, piece: str | None = None) -> str:
         """The token alone as text (logprobs' `token`). A SentencePiece word start (a piece beginning
         with U+2581) keeps its space: decoding one token alone strips it as the start of a text,
         and the tokens of an answer would join without the spaces between words."""
         text = self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
-        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
-        if isinstance(piece, str) and piece.startswith(_WORD_START) and not text.startswith(" "):
+        piece = piece if piece is not None else self._piece(token_id)
+        if piece is not None and piece.startswith(_WORD_START) and not text.startswith(" "):
             text = " " + text
         return text
 
@@ -109,12 +114,12 @@ class TextAssembler:
         """The token's own bytes (logprobs' `bytes`). A token holding part of a character (an emoji is
         often 2-4 tokens) decodes to U+FFFD; clients join the tokens' bytes to rebuild the character,
         so these come from the token itself: its byte-level characters or its <0xNN> byte."""
-        text = self.token_text(token_id)
+        piece = self._piece(token_id)
+        text = self.token_text(token_id, piece)
         if _INCOMPLETE not in text:
             return text.encode()
-        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
-        if isinstance(piece, str) and (byte := _BYTE_TOKEN.fullmatch(piece)):
+        if piece is not None and (byte := _BYTE_TOKEN.fullmatch(piece)):
             return bytes([int(byte.group(1), 16)])
-        if isinstance(piece, str) and piece and all(ch in _BYTE_LEVEL for ch in piece):
+        if piece and all(ch in _BYTE_LEVEL for ch in piece):
             return bytes(_BYTE_LEVEL[ch] for ch in piece)
         return text.encode()
