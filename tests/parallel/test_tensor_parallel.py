@@ -143,10 +143,23 @@ def _launch(ranks: int, cases: list[dict], folder: Path, cuda: bool = False) -> 
         env["CUDA_VISIBLE_DEVICES"] = ""
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                           str(WORKER), str(cases_path), str(out)], env=env, capture_output=True, text=True, timeout=300)
-    if run.returncode != 0:  # the ranks' own errors first (torchrun's summary only names the signal)
+    results = [out / f"rank{rank}.pt" for rank in range(ranks)]
+    if run.returncode != 0 and not _aborted_after_the_work(run.stderr, results):
+        # the ranks' own errors first (torchrun's summary only names the signal)
         causes = [line for line in run.stderr.splitlines() if "rror" in line or "terminate" in line or "what()" in line]
         pytest.fail("\n".join(causes[:40]) + "\n" + run.stderr[-6000:])
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(ranks)]
+    return [torch.load(path, weights_only=True) for path in results]
+
+
+def _aborted_after_the_work(stderr: str, results: list[Path]) -> bool:
+    """Every rank wrote its results, and the only failure is a C++ `terminate called without an
+    active exception` abort: a rank tearing down its threads after the work. Seen about once in
+    five full CI runs at 4-8 gloo ranks on 2 cores (never alone); the results are still checked."""
+    aborts = [line for line in stderr.splitlines() if "terminate called" in line or "what()" in line]
+    errors = [line for line in stderr.splitlines()
+              if "Error" in line and "ChildFailedError" not in line and "FutureWarning" not in line]
+    return all(path.exists() for path in results) and bool(aborts) and \
+        all("without an active exception" in line for line in aborts) and not errors
 
 
 @pytest.fixture(scope="module")
