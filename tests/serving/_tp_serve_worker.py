@@ -3,7 +3,8 @@
 
 Every rank loads the tiny Llama with tp_plan="auto" and builds the same Engine; rank 0 leads
 (serving/parallel.py) and runs the case's requests through the engine (arriving at the steps the
-case gives), then one completion over HTTP from a live Server, then shuts the followers down.
+case gives), then one completion over HTTP from a live Server (echo + logprobs: the prompt's
+logprobs too), then shuts the followers down.
 Rank 1 follows until then. Each rank writes what it saw to OUT/rank{RANK}.pt.
 """
 
@@ -31,7 +32,9 @@ def lead(engine, case: dict) -> dict:
     info = ModelInfo(tokenizer=tokenizer, vocab_size=engine.vocab_size, max_model_len=engine.max_model_len)
     server = Server(model_name="tiny", engine=AsyncEngine(engine), model=info)
     with live(server) as running:
-        body = {"model": "tiny", "prompt": case["http_prompt"], "max_tokens": case["http_new"], "temperature": 0}
+        # echo + logprobs: the prompt's chunks keep every position's logits, on both ranks
+        body = {"model": "tiny", "prompt": case["http_prompt"], "max_tokens": case["http_new"], "temperature": 0,
+                "echo": True, "logprobs": 1}
         answer = httpx.post(f"{running.url}/v1/completions", json=body, timeout=60).json()
     engine.runner.shutdown()
     return {"tokens": tokens, "stats": stats, "http": answer, "steps": engine.runner.steps}

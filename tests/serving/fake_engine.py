@@ -98,10 +98,16 @@ class FakeEngine:
         events = []
         for token in self.script(request):
             events.append(TokenEvent(token, prompt_tokens=len(request.prompt_ids)))
+            if sampling.logprobs is not None:  # made-up values: the n-th token's is -n/8, alone in its top list
+                logprob = -len(events) / 8
+                events[-1].logprob, events[-1].top_logprobs = logprob, [(token, logprob)][: sampling.logprobs]
             if token in stop_ids or len(events) == sampling.max_tokens:
                 break
         if events:
             events[-1].finish_reason = "stop" if events[-1].token_id in stop_ids else "length"
+            if getattr(sampling, "prompt_logprobs", None) is not None:  # the same made-up rule over the prompt
+                events[0].prompt_logprobs = [None] + [(-n / 8, [(token, -n / 8)][: sampling.prompt_logprobs])
+                                                      for n, token in enumerate(request.prompt_ids[1:], 1)]
         return events
 
 

@@ -395,6 +395,38 @@ def test_logprobs_are_the_processed_distributions(llama):
         assert [value for _, value in event.top_logprobs] == pytest.approx(values.tolist(), abs=1e-5)
 
 
+def test_prompt_logprobs_are_the_models_log_softmax_over_the_prompt(llama):
+    """sampling.prompt_logprobs: on the first token's event, None for the first prompt token, then each
+    token's logprob and the k best from log_softmax of the model's logits one position before (with
+    a temperature and a bias that the generated tokens' logprobs use, not the prompt's). The same
+    in chunks of 3 (collected chunk by chunk), with the prompt's blocks in the prefix cache (not read
+    for it) and beside a request that does not ask."""
+    prompt = _prompt(13, 21)
+    expected = torch.log_softmax(llama(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for chunk in (3, 64):
+        engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=chunk, max_model_len=64)
+        _run(engine, {0: [_greedy(prompt, 2, "warm")]})  # the prompt's blocks are cached now
+        params = SamplingParams(max_tokens=2, temperature=0.7, seed=1, prompt_logprobs=3, logit_bias=((5, 3.0),))
+        events = _run(engine, {0: [EngineRequest("r", prompt, params), _greedy(prompt, 2, "plain")]})
+        first, second = events["r"]
+        assert first.cached_prompt_tokens == 0 and events["plain"][0].cached_prompt_tokens == 12
+        assert second.prompt_logprobs is None and events["plain"][0].prompt_logprobs is None
+        entries = first.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for position, (logprob, top) in enumerate(entries[1:]):
+            row = expected[position]
+            assert logprob == pytest.approx(row[prompt[position + 1]].item(), abs=1e-5)
+            values, ids = row.topk(3)
+            assert [token for token, _ in top] == ids.tolist()
+            assert [value for _, value in top] == pytest.approx(values.tolist(), abs=1e-5)
+    engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64)
+    alone = _run(engine, {0: [_greedy(prompt[:1], 1, "one", prompt_logprobs=0)]})["one"][0]
+    assert alone.prompt_logprobs == [None]
+    engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64)
+    none = _run(engine, {0: [_greedy(prompt, 1, "k0", prompt_logprobs=0)]})["k0"][0].prompt_logprobs
+    assert [top for _, top in none[1:]] == [[]] * 12 and none[5][0] == pytest.approx(entries[5][0], abs=1e-5)
+
+
 class EvenTokensThenStop:
     """A constraint: only even ids; finished after three tokens."""
 

@@ -162,6 +162,71 @@ def test_chat_logprobs_match_the_model(client, smollm2):
     assert "".join(plain.choices[0].logprobs.tokens) == plain.choices[0].text
 
 
+def test_echo_logprobs_are_the_models_log_softmax_over_the_prompt(client, smollm2):
+    """echo + logprobs: the prompt's tokens first (the first null), each the log_softmax of the model's
+    logits one position before, with the 2 best; then the same tokens and logprobs as without echo;
+    max_tokens 0 gives the prompt's part alone; a stream gives the same lists."""
+    model, tokenizer = smollm2
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    options = {"model": "smollm2", "prompt": prompt, "temperature": 0, "logprobs": 2}
+    plain = client.completions.create(max_tokens=3, **options).choices[0]
+    echoed = client.completions.create(max_tokens=3, echo=True, **options).choices[0]
+    logprobs, n = echoed.logprobs, len(ids)
+    assert echoed.text == prompt + plain.text
+    assert logprobs.tokens[:n] == [tokenizer.decode([i]) for i in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for position in range(1, n):
+        best = expected[position - 1].topk(2)
+        assert logprobs.token_logprobs[position] == pytest.approx(expected[position - 1, ids[position]].item(),
+                                                                  abs=1e-4)
+        assert list(logprobs.top_logprobs[position]) == [tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert list(logprobs.top_logprobs[position].values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert logprobs.tokens[n:] == plain.logprobs.tokens
+    assert logprobs.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+    assert "".join(logprobs.tokens) == echoed.text  # no special token in this prompt: offsets are the sums
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    alone = client.completions.create(max_tokens=0, echo=True, **options).choices[0]
+    assert (alone.text, alone.finish_reason, alone.logprobs.tokens) == (prompt, "length", logprobs.tokens[:n])
+    assert alone.logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:n], abs=1e-5)
+    chunks = [c.choices[0] for c in client.completions.create(max_tokens=3, echo=True, stream=True, **options)]
+    assert "".join(c.text for c in chunks) == echoed.text
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == logprobs.tokens
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == logprobs.text_offset
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_stop_with_the_text_at_a_stop_string(client, stream):
+    """A stop string cuts the answer: in chat between two tokens, and the logprob tokens join into
+    exactly the returned text; in a completion inside a token (" answer", stop "answer"), which
+    keeps its entry, whole, the last one."""
+    full = chat(client).choices[0].message.content
+    stop = " of"
+    assert stop in full, full
+    answer = chat(client, stop=stop, logprobs=True, stream=stream)
+    if stream:
+        chunks = [c.choices[0] for c in answer if c.choices]
+        text = "".join(c.delta.content or "" for c in chunks)
+        tokens = [e.token for c in chunks if c.logprobs for e in c.logprobs.content]
+    else:
+        text, tokens = answer.choices[0].message.content, [e.token for e in answer.choices[0].logprobs.content]
+    assert text == full[: full.index(stop)] and "".join(tokens) == text
+    prompt = "The capital of France is"
+    whole = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    stop = "answer"
+    assert " answer" in whole, whole
+    answer = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0, logprobs=1,
+                                       stop=stop, stream=stream)
+    chunks = list(answer) if stream else [answer]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert text == whole[: whole.index(stop)] and "".join(tokens) == text + stop and tokens[-1] == " answer"
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))] and offsets[-1] == len(text) - 1
+
+
 def test_logprob_bytes_rebuild_an_emoji(client):
     """An emoji spans several byte-level tokens, each decoding alone to U+FFFD: their logprobs' `bytes`
     are the tokens' own bytes, which join into the answer (OpenAI's reason for the field)."""

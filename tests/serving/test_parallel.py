@@ -1,7 +1,7 @@
 """serving/parallel.py: a tensor-parallel engine (2 ranks, gloo on CPUs, one torchrun launch:
 _tp_serve_worker.py) gives the one-process Engine's greedy tokens for concurrent requests of
 different lengths, through chunked prefill and preemption; one HTTP completion from rank 0's
-server gives the one-process answer; the follower ran every call the leader announced and
+server gives the one-process answer (its prompt's logprobs too); the follower ran every call the leader announced and
 returned at shutdown; the KV pools are the same size on both ranks. In one process: every kind of
 call (two paged kinds, image tensors, image rows) reaches the follower's runner as the leader made
 it. (`herd serve --tp` itself: test_cli_serve.py.)"""
@@ -50,16 +50,18 @@ def _one_process(model, case: dict) -> tuple[dict, dict]:
     return tokens, engine.stats()
 
 
-def _http_expected(model, case: dict) -> tuple[str, int]:
-    """The completion text and token count the one-process engine gives the HTTP request (greedy,
-    stopping at the model's eos as the server does)."""
+def _http_expected(model, case: dict) -> tuple[str, int, list]:
+    """The completion text (after the echoed prompt), token count and prompt logprobs the one-process
+    engine gives the HTTP request (greedy, stopping at the model's eos as the server does)."""
     engine = Engine(model, **case["engine"])
     engine.add_request(EngineRequest("http", case["http_prompt"],
-                                     SamplingParams(max_tokens=case["http_new"], temperature=0.0)))
-    tokens = [event.token_id for event in engine.run_to_completion()["http"]]
+                                     SamplingParams(max_tokens=case["http_new"], temperature=0.0, prompt_logprobs=1)))
+    events = engine.run_to_completion()["http"]
+    tokens = [event.token_id for event in events]
     text_tokens = tokens[:-1] if tokens[-1] in engine.eos_ids else tokens
     tokenizer = herd.AutoTokenizer.from_pretrained(TOKENIZER)
-    return tokenizer.decode(text_tokens), len(tokens)
+    prompt = tokenizer.decode(case["http_prompt"])
+    return prompt + tokenizer.decode(text_tokens), len(tokens), events[0].prompt_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +95,14 @@ def test_tensor_parallel_engine_gives_the_one_process_tokens(served):
 
 
 def test_http_completion_from_rank_0_gives_the_one_process_answer(served):
-    _, (leader, _), _, (text, count) = served
+    """With echo + logprobs: the prompt's logprobs (every position's logits, gathered from both ranks'
+    halves of the vocabulary) are the one-process engine's."""
+    case, (leader, _), _, (text, count, prompt_logprobs) = served
     answer = leader["http"]
     assert answer["choices"][0]["text"] == text
     assert answer["usage"]["completion_tokens"] == count
+    got = answer["choices"][0]["logprobs"]["token_logprobs"][: len(case["http_prompt"])]
+    assert got[0] is None and got[1:] == pytest.approx([logprob for logprob, _ in prompt_logprobs[1:]], abs=1e-4)
 
 
 def test_follower_ran_every_call_and_returned_at_shutdown(served):

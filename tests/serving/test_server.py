@@ -270,6 +270,105 @@ def test_completion_echo_puts_the_prompt_before_the_text(served, tokenizer, stre
     assert all(plain)  # answers there, so the echo is checked before something
 
 
+# --- logprobs: stop strings, echo -----------------------------------------------------------------
+# (the scripted engine's made-up logprobs: the n-th generated token's is -n/8, and with
+# prompt_logprobs the n-th prompt token's after the first is -n/8, each alone in its top list)
+
+
+def _one_choice(served, path, body, stream):
+    """(text, logprob tokens, text offsets or None, finish_reason) of the answer's one choice, the
+    chunks of a stream joined."""
+    response = post(served, path, {**body, "stream": stream})
+    assert response.status_code == 200, response.text
+    choices = [c for chunk in sse(response) for c in chunk["choices"]] if stream else response.json()["choices"]
+    text, tokens, offsets, finish = "", [], [], None
+    for choice in choices:
+        finish = choice["finish_reason"] or finish
+        if path == "/v1/completions":
+            text += choice["text"]
+            if choice["logprobs"]:
+                tokens += choice["logprobs"]["tokens"]
+                offsets += choice["logprobs"]["text_offset"]
+        else:
+            text += (choice.get("delta") or choice.get("message") or {}).get("content") or ""
+            tokens += [entry["token"] for entry in (choice["logprobs"] or {}).get("content") or []]
+    return text, tokens, offsets if path == "/v1/completions" else None, finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(("stop", "text", "tokens"), [
+    (", how", "Hello world", ["Hello", " world"]),  # the cut between two tokens: the tokens join into the text
+    ("orld", "Hello w", ["Hello", " world"]),  # the cut inside " world": its entry stays, whole
+    ("Hello", "", []),
+    ("never", "Hello world, how are you", ["Hello", " world", ",", " how", " are", " you", "<|eot_id|>"]),
+])
+def test_logprobs_end_where_a_stop_string_cuts_the_text(served, path, stream, stop, text, tokens):
+    """The answer "Hello world, how are you" (6 tokens, then <|eot_id|>): after a stop string's cut no
+    token that begins at or after the cut has an entry, streamed or not (a stream holds an entry
+    back with its token's text); text_offset is where each token begins in the text."""
+    if path == "/v1/completions":
+        body = {"prompt": "SAY:Hello world, how are you", "logprobs": 1, "stop": stop, "max_tokens": 50}
+    else:
+        body = say("Hello world, how are you", logprobs=True, top_logprobs=1, stop=stop)
+    got_text, got_tokens, offsets, finish = _one_choice(served, path, body, stream)
+    assert (got_text, got_tokens, finish) == (text, tokens, "stop")
+    if stop == ", how":
+        assert "".join(got_tokens) == got_text
+    if offsets is not None:
+        starts = [len("".join(tokens[:i])) for i in range(len(tokens))]
+        assert offsets == starts and all(offset < len(text) for offset in offsets[:2])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_gives_the_prompt_tokens_first(served, tokenizer, stream):
+    """echo + logprobs: the prompt's tokens (the first with null logprob and top_logprobs: nothing
+    comes before it), then the generated ones; text_offset counts in the returned text (<|begin_of_text|>
+    is not in it: the token after it starts at 0 too). Asked of the engine once per prompt, whatever n."""
+    body = {"prompt": "SAY:Hello world", "logprobs": 1, "echo": True, "max_tokens": 50, "n": 2, "stream": stream}
+    response = post(served, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    first, second = served.engine.requests_seen[-2:]
+    assert (first.sampling.prompt_logprobs, second.sampling.prompt_logprobs) == (1, None)
+    choices = [c for chunk in sse(response) for c in chunk["choices"]] if stream else response.json()["choices"]
+    for index in (0, 1):
+        mine = [c for c in choices if c["index"] == index]
+        text = "".join(c["text"] for c in mine)
+        lists = {key: [v for c in mine if c["logprobs"] for v in c["logprobs"][key]]
+                 for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        assert text == "SAY:Hello worldHello world"
+        assert lists["tokens"] == ["<|begin_of_text|>", "S", "AY", ":", "Hello", " world", "Hello", " world",
+                                   "<|eot_id|>"]
+        assert lists["token_logprobs"] == [None, -1 / 8, -2 / 8, -3 / 8, -4 / 8, -5 / 8, -1 / 8, -2 / 8, -3 / 8]
+        assert lists["top_logprobs"][0] is None and lists["top_logprobs"][1] == {"S": -1 / 8}
+        assert lists["top_logprobs"][7] == {" world": -2 / 8}
+        assert lists["text_offset"] == [0, 0, 1, 3, 4, 9, 15, 20, 26]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_answers_the_prompt_alone(served, stream):
+    """vLLM's echo without generation: the prompt alone (its logprobs when asked), finish_reason
+    "length", no completion tokens counted; without echo, max_tokens 0 is refused (above)."""
+    body = {"prompt": "SAY:Hello world", "echo": True, "max_tokens": 0, "stream": stream}
+    for logprobs in (None, 2):
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        response = post(served, "/v1/completions", {**body, "logprobs": logprobs})
+        assert response.status_code == 200, response.text
+        chunks = sse(response) if stream else [response.json()]
+        choices = [c for chunk in chunks for c in chunk["choices"]]
+        assert "".join(c["text"] for c in choices) == "SAY:Hello world"
+        assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["length"]
+        assert chunks[-1]["usage"]["completion_tokens"] == 0
+        tokens = [t for c in choices if c["logprobs"] for t in c["logprobs"]["tokens"]]
+        values = [v for c in choices if c["logprobs"] for v in c["logprobs"]["token_logprobs"]]
+        if logprobs is None:
+            assert all(c["logprobs"] is None for c in choices)
+        else:
+            assert tokens == ["<|begin_of_text|>", "S", "AY", ":", "Hello", " world"]
+            assert values == [None, -1 / 8, -2 / 8, -3 / 8, -4 / 8, -5 / 8]
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -352,7 +451,7 @@ def test_a_replayed_refusal_is_the_assistant_turn_text(served, assistant):
     ({"model": "llama", "prompt": ""}, 400, "prompt"),
     ({"model": "llama", "prompt": 3}, 400, "prompt"),
     ({"model": "llama", "prompt": [1, 2, 999_999]}, 400, "prompt"),
-    ({"model": "llama", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"model": "llama", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo
     ({"model": "llama", "prompt": "hi", "echo": "yes"}, 400, "echo"),
     ({"model": "llama", "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ({"model": "other", "prompt": "hi"}, 404, "model"),

@@ -39,6 +39,7 @@ MLLAMA_MAX_IMAGES = 2  # Llama 3.2 Vision: images per request (each up to max_nu
 # prompt tokens per step: the 8B's prefill runs at 17k tok/s in 512-token forwards and 34k in 2048
 # (H200, bench/RESULTS.md 2026-11-30 third session)
 DEFAULT_PREFILL_TOKENS = 2048
+PROMPT_LOGPROB_ROWS = 256  # prompt positions whose log-softmax is taken at once (prompt logprobs)
 
 
 @dataclass
@@ -56,6 +57,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # ends with finish_reason "stop" (eos ids of the model are added unless ignore_eos)
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the model's logits first (OpenAI's)
+    # None: none; k >= 0: each prompt token's logprob and the k best at its position, from the model's
+    # own log-softmax (no bias, penalty or temperature: what the model thinks of the text, as vLLM's
+    # prompt_logprobs), on the first token's event. Such a prompt is not read from the prefix cache.
+    prompt_logprobs: int | None = None
 
 
 class TokenConstraint(Protocol):
@@ -85,6 +90,9 @@ class TokenEvent:
     finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    # with sampling.prompt_logprobs, on the first token's event: per prompt token (logprob, [(id,
+    # logprob) of the k best]), None for the first token (nothing comes before it)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 class QueueFull(Exception):
@@ -262,6 +270,9 @@ class Engine:
             ("repetition_penalty", params.repetition_penalty > 0, "> 0"),
             ("logprobs", params.logprobs is None or (isinstance(params.logprobs, int)
                                                      and 0 <= params.logprobs <= self.vocab_size), "None or >= 0"),
+            ("prompt_logprobs", params.prompt_logprobs is None or (
+                isinstance(params.prompt_logprobs, int) and 0 <= params.prompt_logprobs <= self.vocab_size),
+             "None or >= 0"),
             ("stop_token_ids", all(isinstance(t, int) for t in params.stop_token_ids), "token ids"),
         ]
         for name, ok, expected in checks:
@@ -325,11 +336,37 @@ class Engine:
     # --- one step ------------------------------------------------------------------------------
 
     def _event(self, sequence: Sequence, choice, finish_reason: str | None):
+        prompt_logprobs = None
+        if choice and sequence.request.sampling.prompt_logprobs is not None and not sequence.prompt_logprobs_sent:
+            prompt_logprobs = [None, *sequence.prompt_logprobs]
+            sequence.prompt_logprobs_sent = True
         return TokenEvent(token_id=choice.token_id if choice else None,
                           logprob=choice.logprob if choice else None,
                           top_logprobs=choice.top_logprobs if choice else None,
                           finish_reason=finish_reason, prompt_tokens=sequence.prompt_length,
-                          cached_prompt_tokens=sequence.cached_tokens)
+                          cached_prompt_tokens=sequence.cached_tokens, prompt_logprobs=prompt_logprobs)
+
+    def _collect_prompt_logprobs(self, sequence: Sequence, start: int, logits: torch.Tensor) -> None:
+        """The prompt entries a chunk's logits give: the logits at position p (p = start, ...) are the
+        model's prediction of token p + 1; the positions already collected (a chunk computed again
+        after a preemption) and the prompt's last position (it predicts the first new token) are
+        skipped. Log-softmax in slices of PROMPT_LOGPROB_ROWS positions (a float32 copy of a whole
+        chunk's logits would be prefill_chunk x vocab x 4 bytes)."""
+        collected, k = sequence.prompt_logprobs, sequence.request.sampling.prompt_logprobs
+        first, end = len(collected), min(start + logits.shape[0], sequence.prompt_length - 1)
+        if first < start:
+            raise RuntimeError(f"prompt logprobs of positions {first}..{start - 1} were never computed")
+        vocab = logits.shape[1]
+        for piece in range(first, end, PROMPT_LOGPROB_ROWS):
+            stop = min(piece + PROMPT_LOGPROB_ROWS, end)
+            rows = logits[piece - start : stop - start].float().log_softmax(dim=-1)
+            targets = torch.tensor(sequence.tokens[piece + 1 : stop + 1], device=rows.device)
+            inside = targets < vocab  # Mllama's <|image|> is past the head's rows: no logprob of its own
+            own = rows.gather(1, targets.clamp(max=vocab - 1)[:, None]).squeeze(1)
+            own = own.masked_fill(~inside, float("-inf")).tolist()
+            values, ids = rows.topk(k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
+            for logprob, top_ids, top_values in zip(own, ids.tolist(), values.tolist()):
+                collected.append((logprob, list(zip(top_ids, top_values))))
 
     def step(self) -> list[tuple[str, TokenEvent]]:
         """One scheduler iteration: a token for every running request past its prompt, the next
@@ -356,7 +393,7 @@ class Engine:
                 slots, kept_from = scheduler.prefill_slots(chunk)
                 works.append(PrefillWork(sequence.tokens[: chunk.end], chunk.start, slots, kept_from,
                                          sequence.request.model_inputs if chunk.start == 0 else None,
-                                         sequence.image_slot))
+                                         sequence.image_slot, every_logits=sequence.needs_prompt_logits))
             prefilled = [None] * len(works)
             for batch in prefill_batches(works):
                 for index, result in zip(batch, runner.prefill([works[i] for i in batch])):
@@ -365,6 +402,8 @@ class Engine:
                 sequence = chunk.sequence
                 if result.image_tokens is not None:
                     sequence.image_tokens = result.image_tokens
+                if result.every is not None:
+                    self._collect_prompt_logprobs(sequence, chunk.start, result.every)
                 sequence.computed = chunk.end
                 scheduler.after_compute(sequence)
                 if chunk.finishes_prompt:

@@ -109,7 +109,8 @@ class PrefillWork(NamedTuple):
     """A prompt chunk of one request: its tokens up to the chunk's end, the chunk's first
     position, per kind the flat slot of each position up to the end (serving/scheduler.py) and
     the first position the chunk's queries can see, its images (a first chunk) and Mllama's
-    image slot."""
+    image slot; `every_logits`: the logits of every position of the chunk are kept, not only the
+    last one's (a request asking for its prompt's logprobs)."""
 
     tokens: list[int]
     start: int
@@ -117,15 +118,17 @@ class PrefillWork(NamedTuple):
     kept_from: dict[str, int]
     model_inputs: dict[str, Any] | None = None
     image_slot: int | None = None
+    every_logits: bool = False
 
 
 def prefill_batches(works: list[PrefillWork], max_padding: float = 0.25) -> list[list[int]]:
     """Which chunks go through the model together (indices into works): those from the same
     position, longest first, while the padding stays within `max_padding` of the real tokens; a
-    request with images alone."""
+    request with images alone, and one whose every position's logits are kept (the others keep
+    only their last position's)."""
     batches, groups = [], {}
     for index, work in enumerate(works):
-        if work.model_inputs:
+        if work.model_inputs or work.every_logits:
             batches.append([index])
         else:
             groups.setdefault((work.start, tuple(sorted(work.kept_from.items()))), []).append(index)
@@ -147,6 +150,7 @@ def prefill_batches(works: list[PrefillWork], max_padding: float = 0.25) -> list
 class Prefilled(NamedTuple):
     logits: torch.Tensor  # (vocab,) float32: the chunk's last token's
     image_tokens: int | None  # Mllama: the image tokens kept for the request's new tokens (None: no image)
+    every: torch.Tensor | None = None  # (chunk tokens, vocab) in the model's dtype, with every_logits
 
 
 class PagedRunner:
@@ -225,8 +229,11 @@ class PagedRunner:
             for kind, row_slots in work.slots.items():
                 slots[kind][row, : len(row_slots)] = torch.tensor(row_slots)
         cache = PagedPrefillCache(self.kv, {kind: t.to(device) for kind, t in slots.items()}, start, kept_from)
-        # each row's last token: the logits kept (one column per distinct chunk length)
+        # each row's last token: the logits kept (one column per distinct chunk length); every
+        # position's where a row asks for them
         last = sorted({len(work.tokens) - 1 - start for work in works})
+        if any(work.every_logits for work in works):
+            last = list(range(end - start))
         work = works[0]
         extra = {}
         if work.model_inputs:
@@ -241,7 +248,8 @@ class PagedRunner:
                 image_tokens = self.kv.cross_store.fill(work.image_slot, image_keys_values,
                                                         _visible_image_tokens(image_keys_values, extra))
         logits = outputs.logits  # (rows, kept, vocab)
-        return [Prefilled(logits[row, last.index(len(work.tokens) - 1 - start)].float(), image_tokens)
+        return [Prefilled(logits[row, last.index(len(work.tokens) - 1 - start)].float(), image_tokens,
+                          logits[row, : len(work.tokens) - start] if work.every_logits else None)
                 for row, work in enumerate(works)]
 
     def decode(self, tokens: list[int], positions: list[int], slots: dict[str, list[int]],

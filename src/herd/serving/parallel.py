@@ -33,7 +33,8 @@ from .paged import PrefillWork
 HEADER_SIZE = 8
 SHUTDOWN, PREFILL, DECODE = 0, 1, 2
 # header fields: [kind, then per kind:
-#   PREFILL: rows, start, image slot (-1: none), kept_from per paged kind (2 at most)
+#   PREFILL: rows, start, image slot (-1: none), kept_from per paged kind (2 at most), every
+#            position's logits kept (1) or the last one's (0)
 #   DECODE:  rows, has images, table width per paged kind (2 at most)
 # ..., payload length (the last field)]
 
@@ -110,6 +111,8 @@ class Leader:
         first = works[0]
         header = [PREFILL, len(works), first.start, -1 if first.image_slot is None else first.image_slot]
         header += [first.kept_from[kind] for kind in self.kinds]
+        # the logits kept decide the vocabulary-parallel head's gather: the same on every rank
+        header.append(int(any(work.every_logits for work in works)))
         payload = [[len(work.tokens) for work in works], *(work.tokens for work in works)]
         payload += [work.slots[kind] for kind in self.kinds for work in works]
         self.channel.send(header, payload)
@@ -178,6 +181,7 @@ class Follower:
     def _prefill(self, header: list[int], payload: numpy.ndarray) -> None:
         rows, start, image_slot = header[1:4]
         kept_from = dict(zip(self.kinds, header[4 : 4 + len(self.kinds)]))
+        every = bool(header[4 + len(self.kinds)])
         ends = payload[:rows].tolist()
         at, tokens, slots = rows, [], {kind: [] for kind in self.kinds}
         for end in ends:
@@ -188,7 +192,8 @@ class Follower:
                 slots[kind].append(payload[at : at + end].tolist())
                 at += end
         self.runner.prefill([PrefillWork(tokens[row], start, {kind: slots[kind][row] for kind in self.kinds}, kept_from,
-                                         image_slot=None if image_slot < 0 else image_slot) for row in range(rows)])
+                                         image_slot=None if image_slot < 0 else image_slot, every_logits=every)
+                             for row in range(rows)])
 
     def _decode(self, header: list[int], payload: numpy.ndarray) -> None:
         rows, has_images = header[1:3]

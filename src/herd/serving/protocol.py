@@ -83,7 +83,8 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     response_format: dict[str, Any] | None = None
-    echo: bool = False  # the prompt's text before each choice's text
+    echo: bool = False  # the prompt's text (and its tokens' logprobs) before each choice's
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated and dropped, as vLLM)
 
 
 # --- field checks ---------------------------------------------------------------------------------
@@ -346,9 +347,10 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if any(p == "" for p in prompts):
         raise bad("prompt", "must not be empty")
     echo = _boolean(body, "echo")
-    if echo and body.get("logprobs") is not None:
-        raise bad("echo", "with logprobs would need the prompt tokens' logprobs, which herd does not compute; "
-                          "leave one of them out")
+    # echo with max_tokens 0 answers the prompt alone (OpenAI's and vLLM's way to score a text)
+    prompt_only = echo and type(body.get("max_tokens")) is int and body["max_tokens"] == 0
+    if prompt_only:
+        body = {**body, "max_tokens": 1}
     if body.get("suffix") is not None:
         raise bad("suffix", "is not supported by Llama models; leave it out")
     logprobs = _number(body, "logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
@@ -357,4 +359,4 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     sampling.default_max_tokens = COMPLETION_MAX_TOKENS
     return CompletionRequest(model=_model(body), prompts=prompts, sampling=sampling, stream=stream,
                              include_usage=_stream_options(body, stream), response_format=_response_format(body),
-                             echo=echo)
+                             echo=echo, prompt_only=prompt_only)

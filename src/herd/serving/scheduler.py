@@ -49,6 +49,10 @@ class Sequence:
     admitted: bool = False
     image_slot: int | None = None  # Mllama: where its image keys/values are kept while it runs
     image_tokens: int | None = None  # Mllama: how many image tokens its new tokens see (None: none)
+    # prompt logprobs (sampling.prompt_logprobs): the entry of each prompt token after the first,
+    # collected chunk by chunk, and whether the first token's event has carried them
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def request_id(self) -> str:
@@ -65,6 +69,13 @@ class Sequence:
     @property
     def has_images(self) -> bool:
         return bool(self.request.model_inputs)
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """The request asks for its prompt's logprobs and they are not all collected: its prompt
+        is computed position by position, none taken from the prefix cache."""
+        wanted = getattr(getattr(self.request, "sampling", None), "prompt_logprobs", None) is not None
+        return wanted and not self.prompt_logprobs_sent and len(self.prompt_logprobs) < self.prompt_length - 1
 
 
 @dataclass
@@ -140,8 +151,10 @@ class Scheduler:
     def _reuse_prefix(self, sequence: Sequence) -> int:
         """Take the cached blocks of the sequence's longest cached prefix; returns its tokens."""
         pool = self.pools.get(FULL)
-        if pool is None or not pool.caching or sequence.has_images:
-            return 0  # a prompt with images is prefilled whole: its image features go in with it
+        if pool is None or not pool.caching or sequence.has_images or sequence.needs_prompt_logits:
+            # a prompt with images is prefilled whole: its image features go in with it; one whose
+            # logprobs are asked for needs the logits of every position (vLLM skips the cache for it too)
+            return 0
         size = self.block_size
         parent, taken = b"", []
         for index in range((len(sequence.tokens) - 1) // size):  # at least one token left to compute

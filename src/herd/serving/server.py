@@ -6,6 +6,18 @@ derived from the request's, tool-call parsing (tool_calls.py), JSON grammars (st
 the OpenAI response and SSE chunk formats. A request that fails gets OpenAI's error body with a
 4xx naming the bad field; the others go on.
 
+Logprobs describe the returned text: a token's entry is handed out with the text it begins (a
+token whose text is held back, as the possible start of a stop string, waits with it). When a stop
+string cuts the text, the tokens that begin at or after the cut get no entry (chat's
+`logprobs.content` and completions' legacy lists alike, streamed or not); the token the cut falls
+inside keeps its entry, whole (its text and logprob are the whole token's), as vLLM returns the
+token that ends its text. Completions' `text_offset` is where each token's text begins in the
+choice's `text` (the echoed prompt included), so a token the text does not show (a skipped special
+token) has the offset of the text after it. With `echo` and `logprobs` the prompt's tokens come
+first, the first with a null logprob and null top_logprobs, the others from the model's
+log-softmax over the prompt (the engine's prompt_logprobs, as vLLM's); `echo` with `max_tokens`
+0 answers the prompt alone.
+
 States: "loading" (503 until `attach` gives it an engine), "ready", "draining" (503 for new
 requests while the in-flight ones finish, on shutdown).
 """
@@ -63,6 +75,17 @@ class ModelInfo:
 
 
 @dataclass
+class _Echo:
+    """A completion prompt echoed before each of its choices: its text, its ids, and the choice
+    whose request computes the prompt's logprobs (the first of its n; its first event carries them)."""
+
+    text: str
+    ids: list[int]
+    source: Any  # a _Choice
+    entries: list[dict[str, Any]] | None = None  # its legacy logprob entries, once made
+
+
+@dataclass
 class _Choice:
     """One engine request of an API request, and the text made of its tokens."""
 
@@ -78,6 +101,8 @@ class _Choice:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # logprob entries not handed out yet, each with where its token's text begins in the answer
+    pending: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
 
 def _now() -> int:
@@ -86,6 +111,12 @@ def _now() -> int:
 
 def _sse(payload: Any) -> bytes:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+def _finite(logprob: float | None) -> float | None:
+    """A logprob JSON can carry: -inf (a token masked by a grammar, a prompt id past the head) is
+    -9999.0, as vLLM and OpenAI write it."""
+    return None if logprob is None else max(logprob, -9999.0)
 
 
 class _ToolStream:
@@ -375,16 +406,16 @@ class Server:
                 event = TokenEvent(None, finish_reason="abort")
             choice.prompt_tokens = event.prompt_tokens or choice.prompt_tokens
             choice.cached_tokens = event.cached_prompt_tokens or choice.cached_tokens
-            entries: list = []
             text = ""
             if event.token_id is not None:
                 if choice.completion_tokens == 0:
                     self.metrics.ttft.observe(time.perf_counter() - started)
                 choice.completion_tokens += 1
                 self.metrics.count_tokens()
+                begins = len(choice.assembler.text)  # where this token's text will begin
                 text = choice.assembler.add(event.token_id)
                 if event.logprob is not None:
-                    entries.append(self._logprob_entry(choice, event, logprob_format))
+                    choice.pending.append((begins, self._logprob_entry(choice, event, logprob_format, begins)))
             finish = event.finish_reason
             if choice.assembler.stopped:
                 if finish is None:
@@ -395,23 +426,43 @@ class Server:
                 choice.finished = True
                 text += choice.assembler.finish()
                 choice.finish_reason = finish
-                yield text, entries, finish
+                yield text, self._ready_entries(choice, final=True), finish
                 return
-            yield text, entries, None
+            yield text, self._ready_entries(choice, final=False), None
             try:
                 event = await choice.events.__anext__()
             except StopAsyncIteration:
                 event = None
 
-    def _logprob_entry(self, choice: _Choice, event: TokenEvent, logprob_format: str) -> dict[str, Any]:
+    @staticmethod
+    def _ready_entries(choice: _Choice, final: bool) -> list[dict[str, Any]]:
+        """The pending logprob entries whose tokens begin in the text handed out so far; at the end,
+        all of them, except after a stop string: those beginning at or after the cut are dropped."""
+        assembler = choice.assembler
+        if final and not assembler.stopped:
+            ready, choice.pending = choice.pending, []
+        else:
+            count = 0
+            while count < len(choice.pending) and choice.pending[count][0] < assembler.sent:
+                count += 1
+            ready, choice.pending = choice.pending[:count], choice.pending[count:]
+            if final:
+                choice.pending = []
+        return [entry for _, entry in ready]
+
+    @staticmethod
+    def _logprob_entry(choice: _Choice, event: TokenEvent, logprob_format: str, offset: int = 0) -> dict[str, Any]:
         assembler = choice.assembler
         token = assembler.token_text(event.token_id)
-        top = [(i, assembler.token_text(i), lp) for i, lp in (event.top_logprobs or [])]
+        top = [(i, assembler.token_text(i), _finite(lp)) for i, lp in (event.top_logprobs or [])]
         if logprob_format == "chat":
-            return {"token": token, "logprob": event.logprob, "bytes": list(assembler.token_bytes(event.token_id)),
+            return {"token": token, "logprob": _finite(event.logprob),
+                    "bytes": list(assembler.token_bytes(event.token_id)),
                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(assembler.token_bytes(i))}
                                      for i, t, lp in top]}
-        return {"token": token, "logprob": event.logprob, "top": {t: lp for _, t, lp in top}}
+        # offset: where the token's text begins in the choice's generated text
+        return {"token": token, "logprob": _finite(event.logprob), "top": {t: lp for _, t, lp in top},
+                "offset": offset}
 
     async def _with_disconnect(self, request: Request, work) -> Any:
         """Run `work` (a coroutine); if the client disconnects first, cancel it (its choices are aborted)."""
@@ -617,7 +668,8 @@ class Server:
         completion = parse_completion_request(body)
         self._check_model(completion.model)
         choices = []
-        echoes = {}  # choice index -> the prompt's text, with echo
+        echoes = {}  # choice index -> _Echo, with echo
+        wants_logprobs = completion.sampling.logprobs is not None
         for p, prompt in enumerate(completion.prompts):
             ids = self.prompts.completion(prompt)
             vocab = self.model.vocab_size
@@ -633,48 +685,97 @@ class Server:
                     completion.sampling.seed + j * SEED_STRIDE
                 choices.append(choice)
                 if completion.echo:
-                    echoes[choice.index] = prompt if isinstance(prompt, str) else self.model.tokenizer.decode(prompt)
+                    if j == 0:  # the prompt's logprobs are computed once, by its first choice's request
+                        if wants_logprobs:
+                            choice.request.sampling.prompt_logprobs = completion.sampling.logprobs
+                        text = prompt if isinstance(prompt, str) else self.model.tokenizer.decode(prompt)
+                        echo = _Echo(text, ids, choice)
+                    echoes[choice.index] = echo
         return await self._respond(request, choices, completion.stream,
                                    lambda: self._completion_stream(choices, completion, started, echoes),
                                    lambda: self._completion_collect(choices, completion, started, echoes))
 
     @staticmethod
-    def _completion_logprobs(entries: list[dict], offset: int) -> dict[str, Any]:
-        offsets, position = [], offset
-        for entry in entries:
-            offsets.append(position)
-            position += len(entry["token"])
+    def _completion_logprobs(entries: list[dict], base: int = 0) -> dict[str, Any]:
+        """The legacy logprobs lists of `entries`, whose offsets count from `base` in the choice's text."""
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [e["top"] for e in entries], "text_offset": offsets}
+                "top_logprobs": [e["top"] for e in entries], "text_offset": [base + e["offset"] for e in entries]}
+
+    def _prompt_entries(self, echo: _Echo) -> list[dict[str, Any]]:
+        """The prompt's tokens as legacy logprob entries: the first (and any the engine gave no
+        logprobs for, an aborted request) with null logprob and top_logprobs; offsets where each
+        token's text begins in the decoded prompt. Made once per prompt, whatever n."""
+        if echo.entries is not None:
+            return echo.entries
+        scored = echo.source.first.prompt_logprobs if echo.source.first is not None else None
+        scored = scored or [None] * len(echo.ids)
+        positions = TextAssembler(self.model.tokenizer)
+        entries = []
+        for token, score in zip(echo.ids, scored):
+            begins = len(positions.text)
+            positions.add(token)
+            entry = {"token": positions.token_text(token), "logprob": None, "top": None, "offset": begins}
+            if score is not None:
+                logprob, top = score
+                entry["logprob"] = _finite(logprob)
+                entry["top"] = {positions.token_text(i): _finite(value) for i, value in top}
+            entries.append(entry)
+        echo.entries = entries
+        return entries
+
+    @staticmethod
+    def _prompt_only(choice: _Choice) -> None:
+        """echo with max_tokens 0: the one token generated is not part of the answer."""
+        choice.finish_reason, choice.completion_tokens = "length", 0
 
     async def _completion_collect(self, choices, completion, started, echoes) -> dict[str, Any]:
-        texts = {choice.index: [echoes.get(choice.index, "")] for choice in choices}
+        texts = {choice.index: [] for choice in choices}
         async for choice, text, entries, finish in self._merged(choices, started, "completion"):
             texts[choice.index].append(text)
             choice.logprobs += entries
         self.metrics.latency.observe(time.perf_counter() - started)
-        out = [{"index": c.index, "text": "".join(texts[c.index]), "finish_reason": self._finish(c.finish_reason),
-                "logprobs": self._completion_logprobs(c.logprobs, 0) if completion.sampling.logprobs is not None
-                else None} for c in choices]
+        wants_logprobs = completion.sampling.logprobs is not None
+        out = []
+        for c in choices:
+            echo = echoes.get(c.index)
+            text, logprobs = "".join(texts[c.index]), None
+            if completion.prompt_only:
+                self._prompt_only(c)
+                text, c.logprobs = "", []
+            if wants_logprobs:
+                logprobs = self._completion_logprobs(c.logprobs, len(echo.text) if echo else 0)
+            if echo is not None:
+                text = echo.text + text
+                if wants_logprobs:
+                    prompt = self._completion_logprobs(self._prompt_entries(echo))
+                    logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
+            out.append({"index": c.index, "text": text, "finish_reason": self._finish(c.finish_reason),
+                        "logprobs": logprobs})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": _now(),
                 "model": self.model_name, "choices": out, "usage": self._usage(choices, completion.sampling.n)}
 
     async def _completion_stream(self, choices, completion, started, echoes) -> AsyncIterator[bytes]:
         ident, created = f"cmpl-{uuid.uuid4().hex}", _now()
         usage_field = {"usage": None} if completion.include_usage else {}
-        offsets = {choice.index: 0 for choice in choices}
+        wants_logprobs = completion.sampling.logprobs is not None
         try:
-            for index, prompt in echoes.items():  # echo: each choice's stream starts with its prompt
+            for index, echo in echoes.items():  # echo: each choice's stream starts with its prompt
+                logprobs = self._completion_logprobs(self._prompt_entries(echo)) if wants_logprobs else None
                 yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
-                            "choices": [{"index": index, "text": prompt, "logprobs": None, "finish_reason": None}],
-                            **usage_field})
+                            "choices": [{"index": index, "text": echo.text, "logprobs": logprobs,
+                                         "finish_reason": None}], **usage_field})
             async for choice, text, entries, finish in self._merged(choices, started, "completion"):
+                if completion.prompt_only:
+                    text, entries = "", []
+                    if finish is not None:
+                        self._prompt_only(choice)
+                        finish = choice.finish_reason
                 if not text and not entries and finish is None:
                     continue
                 logprobs = None
-                if completion.sampling.logprobs is not None:
-                    logprobs = self._completion_logprobs(entries, offsets[choice.index])
-                offsets[choice.index] += len(text)
+                if wants_logprobs:
+                    echo = echoes.get(choice.index)
+                    logprobs = self._completion_logprobs(entries, len(echo.text) if echo else 0)
                 yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
                             "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
                                          "finish_reason": self._finish(finish)}], **usage_field})
