@@ -1,7 +1,7 @@
 """Decode speed under tensor parallel: one process per GPU, started by torchrun.
 
     torchrun --nproc-per-node 2 bench/tp.py llama3.1-8b --batch-sizes 1,64 --tp-sizes 1,2
-    torchrun --nproc-per-node 2 bench/tp.py llama3.1-8b --batch-sizes 1,64 --allreduce both
+    torchrun --nproc-per-node 2 bench/tp.py llama3.1-8b --batch-sizes 1,64 --allreduce all
     torchrun --nproc-per-node 2 bench/tp.py llama4-scout-slice --layers 48 --batch-sizes 1,4 --tp-sizes 2
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 bench/tp.py ...
 
@@ -14,11 +14,12 @@ ms/step as `herd bench` measures it (greedy, fast path: compiled, CUDA-graph cap
 all-reduces inside the graph), timed on rank 0; the floor is one rank's weight + KV bytes over
 the copy bandwidth (the all-reduces' time is not in it).
 
-`--allreduce nccl|oneshot|both` (default: both where the one-shot path applies, GPUs of one host)
-runs each tp size above 1 once per kind of all-reduce, a row each: `nccl` every sum through NCCL,
-`oneshot` the sums of up to 512 KB through torch's one-shot kernel over symmetric memory
-(parallel/symmetric.py). The kind is $HERD_TP_ALLREDUCE, set before the model of that kind is
-built and set up (`TensorParallel.finish`); a kind that does not apply is reported and skipped.
+`--allreduce nccl|oneshot|lamport|all` (comma-separated; default: all three on GPUs) runs each tp
+size above 1 once per kind of all-reduce, a row each: `nccl` every sum through NCCL, `oneshot` the
+sums of up to 512 KB through torch's one-shot kernel over symmetric memory, `lamport` through
+herd's (kernels/all_reduce.py; parallel/symmetric.py chooses). The kind is $HERD_TP_ALLREDUCE, set
+before the model of that kind is built and set up (`TensorParallel.finish`); a kind that does not
+apply is reported and skipped.
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     parser.add_argument("--tp-sizes", type=bench._int_list, default=None, help="comma-separated (default: 1 and the world size)")
-    parser.add_argument("--allreduce", choices=["nccl", "oneshot", "both"], default=None,
-                        help="the all-reduce of tp sizes above 1: NCCL, the one-shot kernel over symmetric memory for "
-                             "sums up to 512 KB, or both side by side (default: both on GPUs, nccl on CPUs)")
+    parser.add_argument("--allreduce", default=None,
+                        help="the all-reduce of tp sizes above 1, comma-separated: nccl, oneshot (torch's kernel over "
+                             "symmetric memory for sums up to 512 KB), lamport (herd's), or all (default: all on GPUs, "
+                             "nccl on CPUs)")
     parser.add_argument("--profile", action="store_true",
                         help="after each tp size above 1, the kernels of its last batch's step (torch.profiler)")
     args = parser.parse_args()
@@ -107,8 +109,11 @@ def main() -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     device = tensor_parallel._device_for(dist.get_backend())
     sizes = args.tp_sizes or sorted({1, world})
-    kinds = {"nccl": ["nccl"], "oneshot": ["oneshot"], "both": ["nccl", "oneshot"],
-             None: ["nccl", "oneshot"] if device.type == "cuda" else ["nccl"]}[args.allreduce]
+    every = ["nccl", "oneshot", "lamport"]
+    asked = args.allreduce or ("all" if device.type == "cuda" else "nccl")
+    kinds = every if asked == "all" else asked.split(",")
+    if set(kinds) - set(every):
+        raise ValueError(f"--allreduce {asked}: use nccl, oneshot, lamport (comma-separated) or all")
     args.bandwidth = bench.copy_bandwidth(device)
     rows, baseline = [], {}
     for size in sizes:
@@ -121,9 +126,9 @@ def main() -> None:
             if size > 1:
                 os.environ[symmetric.ENV] = kind  # read when the model is set up (TensorParallel.finish)
             model = build(args, size, group, device)
-            skip = kind == "oneshot" and not symmetric.is_on(group.group_name)
+            skip = kind in ("oneshot", "lamport") and symmetric.kernel(group.group_name) != kind
             if skip and rank == 0:
-                print(f"tp {size}: no one-shot all-reduce ({symmetric.why_off(group.group_name)}); skipped", flush=True)
+                print(f"tp {size}: no {kind} all-reduce ({symmetric.why_off(group.group_name)}); skipped", flush=True)
             gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
             for batch in [] if skip else args.batch_sizes:
                 ms, floor = measure(args, model, batch, device)

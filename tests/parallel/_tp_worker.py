@@ -5,7 +5,7 @@ For each case of CASES (a torch.save'd list), the model loads with tp_plan="auto
 joins the group from torchrun's environment, as a user's script does) and records its logits,
 greedy tokens on the plain and the fast decoder (uncompiled on the CPU), sampled tokens drawn
 with a different seed on each rank (cases that ask), the shapes it holds, which all-reduce its
-sums took ("one-shot" over symmetric memory, else why not: symmetric.py), and for FP8 cases the
+sums took ("lamport" or "oneshot" over symmetric memory, else why not: symmetric.py), and for FP8 cases the
 decode kernels' per-token activation scales of the rank's slice of given rows (traced by dynamo
 as the compiled step is); or the error message the load raised. Written to OUT/rank{RANK}.pt for the test to compare with one process.
 """
@@ -55,7 +55,7 @@ def run_case(case: dict, rank: int) -> dict:
         return {"error": str(error)}
     device = model.device  # cuda:LOCAL_RANK under NCCL
     group_name = tensor_parallel_of(model).group_name
-    all_reduce = "one-shot" if symmetric.is_on(group_name) else symmetric.why_off(group_name)  # the sums' path
+    all_reduce = symmetric.kernel(group_name) or symmetric.why_off(group_name)  # the sums' path
     ids, mask = case["ids"].to(device), case["mask"].to(device)
     forward = {name: value.to(device) for name, value in case.get("forward", {}).items()}
     with torch.no_grad():

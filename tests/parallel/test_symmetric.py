@@ -1,11 +1,13 @@
-"""The one-shot all-reduce over symmetric memory (parallel/symmetric.py).
+"""The all-reduce over symmetric memory (parallel/symmetric.py: herd's lamport kernel or torch's one-shot).
 
-On CPUs: the choice (never on CPU tensors or gloo, $HERD_TP_ALLREDUCE=nccl turns it off, the size
-cap), the op's fake and dynamo tracing it into a graph (fake CUDA tensors), and two forked gloo
-ranks whose sums stay on gloo. On 2 GPUs: the one-shot sum equals NCCL's bit for bit (bfloat16,
-float32, sizes up to the cap, odd layouts), eagerly, compiled and inside a CUDA graph; and a tiny
-Llama and Llama 4 under tp 2, their sums one-shot, give one GPU's greedy tokens on the fast path
-(compiled, captured) and NCCL's logits exactly.
+On CPUs: the choice (never on CPU tensors or gloo, $HERD_TP_ALLREDUCE picks the kernel or turns it
+off, the size cap), the op's fake and dynamo tracing it into a graph (fake CUDA tensors), and two
+forked gloo ranks whose sums stay on gloo. On 2 GPUs, for each kernel: the sum equals NCCL's bit
+for bit (bfloat16, float32 (and float16 for lamport), sizes up to the cap, odd layouts, with and
+without the residual add), eagerly, compiled and inside a CUDA graph replayed many times; and a
+tiny Llama and Llama 4 under tp 2 give one GPU's greedy tokens on the fast path (compiled,
+captured) and NCCL's logits exactly. (The lamport kernel's own protocol on one CPU process:
+tests/kernels/test_all_reduce.py.)
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ CUDA_PAIR = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CU
 
 def test_environment_switch(monkeypatch):
     monkeypatch.delenv(symmetric.ENV, raising=False)
-    assert symmetric.requested()
-    for value, wanted in (("oneshot", True), ("ONESHOT", True), ("nccl", False), (" nccl ", False)):
+    assert symmetric.requested() is None
+    for value, wanted in (("oneshot", "oneshot"), ("ONESHOT", "oneshot"), ("lamport", "lamport"), ("nccl", "nccl"),
+                          (" nccl ", "nccl"), ("", None)):
         monkeypatch.setenv(symmetric.ENV, value)
-        assert symmetric.requested() is wanted, value
+        assert symmetric.requested() == wanted, value
     monkeypatch.setenv(symmetric.ENV, "mpi")
-    with pytest.raises(ValueError, match=r"HERD_TP_ALLREDUCE='mpi': use one of oneshot, nccl"):
+    with pytest.raises(ValueError, match=r"HERD_TP_ALLREDUCE='mpi': use one of lamport, oneshot, nccl"):
         symmetric.requested()
 
 
@@ -56,7 +59,7 @@ def test_size_cap():
 
 
 def test_only_prepared_cuda_sums_within_the_cap_go_one_shot(monkeypatch):
-    monkeypatch.setitem(symmetric._active, "tp", (torch.bfloat16,))
+    monkeypatch.setitem(symmetric._active, "tp", ("oneshot", (torch.bfloat16,)))
     assert not symmetric.takes(torch.ones(8, dtype=torch.bfloat16), "tp")  # a CPU tensor
     with FakeTensorMode():  # CUDA tensors without a GPU
         small = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
@@ -68,21 +71,25 @@ def test_only_prepared_cuda_sums_within_the_cap_go_one_shot(monkeypatch):
 
 
 def test_the_op_is_traced_whole_into_the_graph(monkeypatch):
-    """dynamo (strict export) sees tensor_parallel.all_reduce take the one-shot op for a prepared
-    group's CUDA tensor: one opaque node, its output of the input's shape (the fake)."""
-    monkeypatch.setitem(symmetric._active, "tp", (torch.bfloat16,))
+    """dynamo (strict export) sees tensor_parallel.all_reduce take the symmetric op for a prepared
+    group's CUDA tensor: one opaque node, its output of the input's shape (the fake); a residual of
+    the sum's shape and dtype goes into the op, one that only broadcasts is added after it."""
+    monkeypatch.setitem(symmetric._active, "tp", ("lamport", (torch.bfloat16,)))
 
     class Step(torch.nn.Module):
-        def forward(self, x):
-            return tensor_parallel.all_reduce(x * 2, "tp") + 1
+        def forward(self, x, residual, row):
+            fused = tensor_parallel.all_reduce(x * 2, "tp", residual=residual)
+            return tensor_parallel.all_reduce(fused, "tp", residual=row) + 1
 
     with FakeTensorMode():
-        x = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
-        exported = torch.export.export(Step(), (x,), strict=True)
-        summed = torch.ops.herd.one_shot_all_reduce(x.t(), "tp")
-    calls = [node for node in exported.graph.nodes if node.target is torch.ops.herd.one_shot_all_reduce.default]
-    assert len(calls) == 1 and calls[0].args[1] == "tp"
-    assert summed.shape == (4096, 1) and summed.is_contiguous() and summed.dtype == torch.bfloat16
+        x = torch.empty(2, 4096, dtype=torch.bfloat16, device="cuda")
+        row = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+        exported = torch.export.export(Step(), (x, torch.empty_like(x), row), strict=True)
+        summed = torch.ops.herd.symmetric_all_reduce(x.t(), None, "tp")
+    calls = [node for node in exported.graph.nodes if node.target is torch.ops.herd.symmetric_all_reduce.default]
+    assert len(calls) == 2 and all(call.args[2] == "tp" for call in calls)
+    assert calls[0].args[1] is not None and calls[1].args[1] is None  # the (1, 4096) row: added outside
+    assert summed.shape == (4096, 2) and summed.is_contiguous() and summed.dtype == torch.bfloat16
 
 
 def _gloo_rank(rank: int, size: int, port: int, out: Path) -> None:
@@ -116,20 +123,22 @@ def test_gloo_ranks_keep_their_sums_on_gloo(tmp_path):
 # --- 2 GPUs ----------------------------------------------------------------------------------------
 
 
-def _gpu_rank(rank: int, size: int, port: int) -> None:
-    """A spawned NCCL rank: the one-shot sums against NCCL's (funcol's) ones, bit for bit."""
+def _gpu_rank(rank: int, size: int, port: int, kernel_name: str) -> None:
+    """A spawned NCCL rank: the kernel's sums against NCCL's (funcol's) ones, bit for bit."""
     import torch.distributed as dist
     from torch.distributed import _functional_collectives as funcol
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.pop(symmetric.ENV, None)
+    os.environ[symmetric.ENV] = kernel_name
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", device_id=device)
     try:
         group = dist.group.WORLD
         name = group.group_name
-        assert symmetric.prepare(group, device, [torch.bfloat16, torch.float32]) is None, symmetric.why_off(name)
+        dtypes = symmetric.KERNEL_DTYPES[kernel_name]
+        assert symmetric.prepare(group, device, dtypes) is None, symmetric.why_off(name)
+        assert symmetric.kernel(name) == kernel_name
         buffers = {key: buffer.data_ptr() for key, buffer in symmetric._buffers.items()}
         generator = torch.Generator(device).manual_seed(rank)
 
@@ -142,14 +151,17 @@ def _gpu_rank(rank: int, size: int, port: int) -> None:
             dist.all_gather(everyone, x.contiguous())
             return all(torch.equal(other, everyone[0]) for other in everyone)
 
-        for dtype in symmetric.DTYPES:
+        for dtype in dtypes:
             at_cap = symmetric.MAX_BYTES // dtype.itemsize
-            for shape in ((1, 4096), (3, 5, 64), (64, 4096 * 2 // dtype.itemsize), (at_cap,)):
+            for shape in ((1, 4096), (3, 5, 64), (64, 4096 * 2 // dtype.itemsize), (at_cap,), (1, 4096), (2,)):
                 x = torch.randn(shape, generator=generator, device=device).to(dtype)
+                x.view(-1)[:2] = torch.tensor([-0.0, 0.0])  # -0.0 is the lamport kernel's "not written yet"
                 assert symmetric.takes(x, name), (dtype, shape)
                 summed = tensor_parallel.all_reduce(x, name)
                 assert torch.equal(summed, nccl(x)), (dtype, shape)
                 assert same_on_every_rank(summed), (dtype, shape)
+                residual = torch.randn(shape, generator=generator, device=device).to(dtype)
+                assert torch.equal(tensor_parallel.all_reduce(x, name, residual=residual), residual + nccl(x))
             columns = torch.randn(48, 64, generator=generator, device=device).to(dtype).t()  # not contiguous
             assert torch.equal(tensor_parallel.all_reduce(columns, name), nccl(columns.contiguous()))
             shifted = torch.randn(1 + 4096, generator=generator, device=device).to(dtype)[1:]  # offset by 1 element
@@ -158,26 +170,37 @@ def _gpu_rank(rank: int, size: int, port: int) -> None:
             assert not symmetric.takes(large, name)
             assert torch.equal(tensor_parallel.all_reduce(large, name), nccl(large))
 
-        # compiled (the op opaque in the graph) and captured in a CUDA graph, replayed on new inputs
-        def step(x):
+        # compiled (the op opaque in the graph) and captured in a CUDA graph, replayed on new inputs:
+        # seven sums a replay, so the lamport kernel's generations come round at every position
+        def step(x, residual):
+            for _ in range(6):
+                x = tensor_parallel.all_reduce(x * 0.5, name, residual=residual)
             return tensor_parallel.all_reduce(x * 2, name) + 1
 
+        def eager(x, residual):
+            for _ in range(6):
+                x = residual + nccl(x * 0.5)
+            return nccl(x * 2) + 1
+
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
-        for dtype in symmetric.DTYPES:
+        for dtype in dtypes:
             static = torch.randn(4, 4096, generator=generator, device=device).to(dtype)
+            static_residual = torch.randn(4, 4096, generator=generator, device=device).to(dtype)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    compiled(static)
+                    compiled(static, static_residual)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                captured = compiled(static)
-            for _ in range(3):
+                captured = compiled(static, static_residual)
+            for replay in range(5):
                 static.copy_(torch.randn(4, 4096, generator=generator, device=device).to(dtype))
                 graph.replay()
-                assert torch.equal(captured, nccl(static * 2) + 1), dtype
+                if replay % 2:  # eager sums between replays move the generations on by one
+                    tensor_parallel.all_reduce(static[:1], name)
+                assert torch.equal(captured, eager(static, static_residual)), dtype
                 assert same_on_every_rank(captured), dtype
         torch.cuda.synchronize()
         assert {key: buffer.data_ptr() for key, buffer in symmetric._buffers.items()} == buffers  # no new buffers
@@ -186,29 +209,30 @@ def _gpu_rank(rank: int, size: int, port: int) -> None:
 
 
 @CUDA_PAIR
-def test_one_shot_sums_equal_nccl_on_two_gpus():
+@pytest.mark.parametrize("kernel_name", ["lamport", "oneshot"])
+def test_symmetric_sums_equal_nccl_on_two_gpus(kernel_name):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_gpu_rank, args=(2, free_port()), nprocs=2, start_method="spawn")
+    mp.start_processes(_gpu_rank, args=(2, free_port(), kernel_name), nprocs=2, start_method="spawn")
 
 
 @CUDA_PAIR
-def test_fast_path_with_one_shot_sums_gives_the_one_gpu_tokens(tmp_path, monkeypatch):
-    """Tiny Llama and Llama 4 (float32) under tp 2 with their sums one-shot: the fast path
-    (compiled, captured) and the plain one give one GPU's greedy tokens, and the logits are exactly
-    those of the same run with every sum on NCCL."""
+def test_fast_path_with_symmetric_sums_gives_the_one_gpu_tokens(tmp_path, monkeypatch):
+    """Tiny Llama and Llama 4 (float32) under tp 2 with their sums over symmetric memory (each
+    kernel): the fast path (compiled, captured) and the plain one give one GPU's greedy tokens, and
+    the logits are exactly those of the same run with every sum on NCCL."""
     cases = [case for case in _cases(tmp_path) if case["name"] in ("llama", "llama4")]
     expected = {case["name"]: _one_process(case, "cuda:0") for case in cases}
     runs = {}
-    for kind in ("oneshot", "nccl"):  # the ranks read the switch from the environment torchrun passes on
+    for kind in ("lamport", "oneshot", "nccl"):  # the ranks read the switch from the environment torchrun passes on
         monkeypatch.setenv(symmetric.ENV, kind)
         (tmp_path / kind).mkdir()
         runs[kind] = _launch(2, cases, tmp_path / kind, cuda=True)
-    one_shot, nccl = runs["oneshot"], runs["nccl"]
-    for rank, on_nccl in zip(one_shot, nccl):
-        for name, one_gpu in expected.items():
-            assert rank[name]["all_reduce"] == "one-shot", (name, rank[name]["all_reduce"])
-            assert on_nccl[name]["all_reduce"] == "HERD_TP_ALLREDUCE=nccl", name
-            assert torch.equal(rank[name]["fast"], one_gpu["tokens"]), name
-            assert torch.equal(rank[name]["plain"], one_gpu["tokens"]), name
-            assert torch.equal(rank[name]["logits"], on_nccl[name]["logits"]), name
+    for kind in ("lamport", "oneshot"):
+        for rank, on_nccl in zip(runs[kind], runs["nccl"]):
+            for name, one_gpu in expected.items():
+                assert rank[name]["all_reduce"] == kind, (name, rank[name]["all_reduce"])
+                assert on_nccl[name]["all_reduce"] == "HERD_TP_ALLREDUCE=nccl", name
+                assert torch.equal(rank[name]["fast"], one_gpu["tokens"]), (kind, name)
+                assert torch.equal(rank[name]["plain"], one_gpu["tokens"]), (kind, name)
+                assert torch.equal(rank[name]["logits"], on_nccl[name]["logits"]), (kind, name)

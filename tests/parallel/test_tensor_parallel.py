@@ -64,7 +64,10 @@ def _probe_rows() -> torch.Tensor:
 
 
 def _cases(root: Path) -> list[dict]:
-    from tests.quantization.test_compressed_tensors import write_llama4_per_expert_checkpoint
+    try:
+        from tests.quantization.test_compressed_tensors import write_llama4_per_expert_checkpoint
+    except pytest.skip.Exception:  # compressed-tensors not installed (the GPU machine): its case is left out
+        write_llama4_per_expert_checkpoint = None
 
     ids, mask = left_padded_prompts((9, 5))
     # vocabulary 125: the last rank's rows are padded; biases: added once after the all-reduce
@@ -78,7 +81,8 @@ def _cases(root: Path) -> list[dict]:
     reference_llama(**WIDE_LLAMA).save_pretrained(root / "llama-wide")
     _llama4_reference(**WIDE_LLAMA4).save_pretrained(root / "llama4-wide")
     # Maverick's FP8 release as LLM-Compressor writes it: experts one Linear each, read stacked
-    write_llama4_per_expert_checkpoint(root / "llama4-ct", ["lm_head", "re:.*router"])
+    if write_llama4_per_expert_checkpoint is not None:
+        write_llama4_per_expert_checkpoint(root / "llama4-ct", ["lm_head", "re:.*router"])
     long_ids, long_mask = left_padded_prompts((13, 11))  # longer than a chunk of 8
     # more rows than the decode kernels take (gemv.MAX_ROWS): a GPU's fast path runs FP8 `_scaled_mm`
     many_ids, many_mask = left_padded_prompts((9, 5, 7, 3, 8, 6))
@@ -89,7 +93,7 @@ def _cases(root: Path) -> list[dict]:
     # must scale each token by its amax over every rank's columns, as one process does
     fp8 = "fp8"  # FbgemmFp8Config()
     probe_rows = _probe_rows()
-    return [
+    cases = [
         dict(name="llama", cls="LlamaForCausalLM", folder=root / "llama", ids=ids.clamp(max=124), mask=mask),
         dict(name="llama-int8", cls="LlamaForCausalLM", folder=root / "llama-int8", ids=ids, mask=mask, quantization=int8),
         dict(name="llama-fp8", cls="LlamaForCausalLM", folder=root / "llama-wide", ids=many_ids, mask=many_mask,
@@ -99,8 +103,11 @@ def _cases(root: Path) -> list[dict]:
              mask=many_long_mask, quantization=fp8, probe_rows=probe_rows),
         dict(name="mllama", cls="MllamaForCausalLM", folder=root / "mllama", ids=ids, mask=mask,
              forward={"cross_attention_states": image_states}),
-        dict(name="llama4-ct", cls="Llama4ForCausalLM", folder=root / "llama4-ct", ids=long_ids, mask=long_mask),
     ]
+    if write_llama4_per_expert_checkpoint is not None:
+        cases.append(dict(name="llama4-ct", cls="Llama4ForCausalLM", folder=root / "llama4-ct", ids=long_ids,
+                          mask=long_mask))
+    return cases
 
 
 def _one_process(case: dict, device: str = "cpu") -> dict:

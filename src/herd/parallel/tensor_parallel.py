@@ -12,16 +12,16 @@
    hook: for each checkpoint tensor, the rank's part read straight from the safetensors file
    (`get_slice(key)[...]`), so no rank ever holds the whole model.
 3. After loading, `finish()` keeps a split linear's bias on rank 0 only (the all-reduce adds it once)
-   and sets up the one-shot all-reduce over symmetric memory where it applies (symmetric.py).
+   and sets up the all-reduce over symmetric memory where it applies (symmetric.py).
 
 The model's forward is unchanged: its views use `-1` heads or the attention module's own counts,
 and its caches take their sizes from the keys. The decode plans (decoding/plans/) read
 `reduce_group()` and `gather_logits()` to put the same collectives into the compiled, captured
 step. Collectives are torch.distributed's functional ones (traceable by torch.compile, capturable
 in a CUDA graph), so multi-node runs need nothing more than torchrun's own rendezvous; on the GPUs
-of one host, sums of up to 512 KB (a decode step's) go instead through torch's one-shot kernel over
-symmetric memory, a custom op as traceable and capturable (symmetric.py; HERD_TP_ALLREDUCE=nccl
-keeps every sum on NCCL).
+of one host, sums of up to 512 KB (a decode step's) go instead through a kernel over symmetric
+memory (herd's own, the residual add fused in, or torch's one-shot), a custom op as traceable and
+capturable (symmetric.py; HERD_TP_ALLREDUCE=nccl keeps every sum on NCCL).
 
 Every rank computes the same logits (the lm_head's logits are gathered, then identical), so
 greedy decoding agrees without communication; sampled tokens are broadcast from rank 0
@@ -67,18 +67,22 @@ _FLOAT_STORED = ("F64", "F32", "F16", "BF16")
 # --- collectives (the same calls on the plain path and inside the compiled step) -------------------
 
 
-def all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
-    """The sum of `tensor` over the group's ranks (every rank gets it): small CUDA messages through
-    the one-shot kernel over symmetric memory where the group was prepared for it (symmetric.py),
-    the rest through NCCL (or gloo)."""
+def all_reduce(tensor: torch.Tensor, group_name: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum of `tensor` over the group's ranks (every rank gets it), plus `residual` when given
+    (added once, after the sum): small CUDA messages through a kernel over symmetric memory where
+    the group was prepared for it (symmetric.py; herd's own fuses the residual add), the rest
+    through NCCL (or gloo)."""
     if symmetric.takes(tensor, group_name):
-        return torch.ops.herd.one_shot_all_reduce(tensor, group_name)  # symmetric.one_shot_all_reduce
-    return funcol.all_reduce(tensor, "sum", group_name)
+        fusable = residual is not None and residual.shape == tensor.shape and residual.dtype == tensor.dtype
+        summed = torch.ops.herd.symmetric_all_reduce(tensor, residual if fusable else None, group_name)
+        return summed if residual is None or fusable else residual + summed
+    summed = funcol.all_reduce(tensor, "sum", group_name)
+    return summed if residual is None else residual + summed
 
 
 def all_reduce_max(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
     """The elementwise maximum of `tensor` over the group's ranks (every rank gets it); always
-    through NCCL (torch's one-shot kernel only sums)."""
+    through NCCL (the symmetric-memory kernels only sum)."""
     return funcol.all_reduce(tensor, "max", group_name)
 
 
@@ -407,7 +411,7 @@ class TensorParallel:
     # --- after loading ------------------------------------------------------------------------------
     def finish(self, model: nn.Module) -> None:
         """A linear split by its input features adds its bias on rank 0 only: the all-reduce of the
-        partial products then adds it once. Then the one-shot all-reduce is set up for the model's
+        partial products then adds it once. Then the all-reduce over symmetric memory is set up for the model's
         dtype where it applies (symmetric.py: a collective, so here, eagerly, on every rank, never
         inside a traced or captured step)."""
         if self.rank != 0:

@@ -86,14 +86,17 @@ def project_add(x: torch.Tensor, weight, residual: torch.Tensor, linear) -> torc
     it, the residual add is fused into the matmul kernel."""
     if reduce_group(linear) is None:
         return gemv.linear_add(x, weight, residual, linear.bias)
-    return residual + summed(gemv.linear(x, weight, linear.bias), linear)  # the bias: rank 0's alone
+    return summed(gemv.linear(x, weight, linear.bias), linear, residual)  # the bias: rank 0's alone
 
 
-def summed(partial: torch.Tensor, module) -> torch.Tensor:
+def summed(partial: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
     """A module's output, all-reduced where tensor parallel makes it a partial sum (a linear split
-    by its input features, Llama 4's feed-forward block); as it is otherwise."""
+    by its input features, Llama 4's feed-forward block); as it is otherwise. Plus `residual`
+    when given (under tensor parallel added after the sum, in the same kernel where it can)."""
     group = reduce_group(module)
-    return partial if group is None else all_reduce(partial, group)
+    if group is None:
+        return partial if residual is None else residual + partial
+    return all_reduce(partial, group, residual=residual)
 
 
 def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:

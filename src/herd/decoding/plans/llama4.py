@@ -99,13 +99,13 @@ def llama4_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.
         query = (query * scale.view(-1, 1, 1)).to(query.dtype)
     store_token(kv, key, value)
     attended = attend(query[:, :, None], kv, attn.scaling)
-    hidden = hidden + summed(gemv.linear(attended.reshape(batch, -1), weights.o), attn.o_proj)
+    hidden = summed(gemv.linear(attended.reshape(batch, -1), weights.o), attn.o_proj, hidden)
     normed = layer.post_attention_layernorm(hidden)
     if layer.is_moe_layer:
         fed = mixture_of_experts(layer.feed_forward, weights.gate_up, weights.down, normed)
     else:
         fed = gated_mlp(layer.feed_forward, weights.gate_up, weights.down, normed)
-    return hidden + summed(fed, layer.feed_forward)  # tensor parallel: one all-reduce per feed-forward block
+    return summed(fed, layer.feed_forward, hidden)  # tensor parallel: one all-reduce per feed-forward block
 
 
 def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:

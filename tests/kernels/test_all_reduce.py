@@ -1,0 +1,83 @@
+"""The lamport all-reduce kernel's protocol (kernels/all_reduce.py), one rank in one process.
+
+On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), over
+buffers that stand in for every rank's symmetric buffer. The test plays the peers: before each
+call it writes their values into this rank's buffer where they would have written them, then
+checks what the kernel did: the sum (plus the residual), this rank's values (-0.0 made +0.0)
+written into every peer's buffer at this rank's slot of the current generation, the previous
+generation emptied as far as its call wrote (so each generation is wholly empty again when the
+peers next write it), and the generation moved on by one, over more calls than there are
+generations, in sums of different sizes. (Between GPUs, against NCCL: tests/parallel/test_symmetric.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd.kernels import all_reduce
+
+pytestmark = pytest.mark.skipif(all_reduce.triton is None, reason="needs Triton")
+
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def _empty(count: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((count,), -0.0, dtype=dtype).view(_BITS[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("world, rank", [(2, 0), (3, 1)])
+def test_one_rank_of_a_sum(dtype, world, rank):
+    slot = 2 * all_reduce.BLOCK + 64
+    buffers = [torch.full((all_reduce.buffer_elements(world, slot),), -0.0, dtype=dtype) for _ in range(world)]
+    pointers = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
+    state = torch.zeros(all_reduce.STATE_LENGTH, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(world * 10 + rank)
+    # 7 calls over 3 generations, longer and shorter than the call before: a generation's next
+    # call must find it empty as far as its last call wrote, not only as far as the call before
+    for call, n in enumerate([3, 2 * all_reduce.BLOCK + 5, 100, all_reduce.BLOCK, 7, slot, 5]):
+        generation = int(state[0])
+        previous = (generation + all_reduce.PHASES - 1) % all_reduce.PHASES
+        previous_written = int(state[2 + previous])
+        for peer in range(world):  # this rank's buffer as the peers find it: emptied where they write
+            if peer != rank:
+                start = (generation * world + peer) * slot
+                region = buffers[rank][start : start + slot].view(_BITS[dtype])
+                assert torch.equal(region, _empty(slot, dtype)), (call, peer)
+        values = [torch.randn(n, generator=generator).to(dtype) for _ in range(world)]
+        values[rank][: min(n, 2)] = -0.0
+        for peer in range(world):
+            if peer != rank:  # the peer's write into this rank's buffer
+                start = (generation * world + peer) * slot
+                buffers[rank][start : start + n] = values[peer]
+        residual = torch.randn(n, generator=generator).to(dtype) if call % 2 else None
+        out = all_reduce.launch(values[rank], pointers, state, rank, world, slot, residual=residual)
+
+        exact = sum(value.double() for value in values) + (residual.double() if residual is not None else 0)
+        # float32 sums in rank order, rounded once (and again after the residual): within a unit
+        # of the dtype's last place of the largest term (the interpreter rounds toward zero)
+        terms = sum(value.double().abs() for value in values) + (residual.double().abs() if residual is not None else 0)
+        ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-22}[dtype]
+        assert out.shape == (n,) and out.dtype == dtype
+        assert ((out.double() - exact).abs() <= 2 * ulp * terms).all(), (call, dtype)
+
+        written = values[rank].clone()
+        written[written == 0] = 0.0  # +0.0: -0.0 would read as "not written yet"
+        for peer in range(world):
+            start = (generation * world + rank) * slot
+            if peer == rank:
+                continue
+            assert torch.equal(buffers[peer][start : start + n].view(_BITS[dtype]), written.view(_BITS[dtype])), peer
+        for source in range(world):  # all the previous call wrote, whether this call is shorter or longer
+            start = (previous * world + source) * slot
+            emptied = buffers[rank][start : start + slot].view(_BITS[dtype])
+            assert torch.equal(emptied, _empty(slot, dtype)), (call, source)
+        written = state[2:].tolist()
+        assert written[generation] == n and state[:2].tolist() == [(generation + 1) % all_reduce.PHASES, 0]
+
+
+def test_too_many_elements_is_refused():
+    with pytest.raises(ValueError, match="5 elements do not fit the all-reduce's slots of 4"):
+        all_reduce.launch(torch.ones(5), torch.zeros(2, dtype=torch.int64),
+                          torch.zeros(all_reduce.STATE_LENGTH, dtype=torch.int32), 0, 2, 4)
