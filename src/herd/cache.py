@@ -18,21 +18,56 @@ FP8 keys/values: `StaticCache(..., dtype=torch.float8_e4m3fn)` (from generate():
 element, with a float32 scale per key/value head of each token (`fp8_quantize`); the chunked
 layers' short windows stay in the model's dtype. Attention reads them dequantized.
 
+Offloading (`offloading=True`, transformers' argument): a layer's keys/values wait in CPU memory
+between two of its updates and come back to the device of the new keys when the layer runs, so
+the accelerator holds about one layer's cache at a time (`offload_only_non_sliding`: the small
+chunked-layer windows stay put). The copy back starts when the layer's update comes, not ahead
+of it on a side stream as transformers does, and the copy out is waited for: the same memory
+saving, more waiting.
+
+The constructors take transformers 5.17's arguments (`DynamicCache(ddp_cache_data, config=,
+offloading=, offload_only_non_sliding=)`, `StaticCache(config, max_cache_len, offloading=,
+offload_only_non_sliding=)`), plus StaticCache's older `max_batch_size` / `device` / `dtype`.
+
 Later kinds (Mllama's cross-attention cache, a paged cache) plug in by implementing the same
 methods.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from .decoding.visibility import kept_positions
 
+logger = logging.getLogger(__name__)
+
 
 class Cache:
     """The interface every cache implements."""
+
+    # Kinds that do not call Cache.__init__ (the fast path's prefill caches) never offload.
+    offloading: bool = False
+    only_non_sliding: bool = True
+
+    def __init__(
+        self,
+        layers: list | None = None,
+        layer_class_to_replicate: type | None = None,
+        offloading: bool = False,
+        offload_only_non_sliding: bool = True,
+    ):
+        if layers is not None or layer_class_to_replicate is not None:
+            name = "layers" if layers is not None else "layer_class_to_replicate"
+            raise ValueError(f"herd's caches are not built from per-layer cache objects ({name}=...): build a "
+                             "DynamicCache(config=...) or StaticCache(config=..., max_cache_len=...) instead")
+        if type(self) is Cache:
+            raise TypeError("Cache is the interface herd's caches share: build a DynamicCache(config=...) or a "
+                            "StaticCache(config=..., max_cache_len=...)")
+        self.offloading = bool(offloading)
+        self.only_non_sliding = bool(offload_only_non_sliding)
 
     def update(
         self,
@@ -92,6 +127,31 @@ class Cache:
                 if tensor is not None:
                     store[i] = tensor[indices]
 
+    # Offloading: a layer's stored tensors move to the CPU after its update and back before the next.
+    def _is_windowed(self, layer_idx: int) -> bool:
+        return False
+
+    def _update(self, key_states, value_states, layer_idx, cache_kwargs):
+        raise NotImplementedError
+
+    def _update_offloaded(self, key_states, value_states, layer_idx, cache_kwargs):
+        """`_update` with the layer's stored tensors on the keys' device, and back in CPU memory
+        after when this layer is offloaded."""
+        offloaded = self.offloading and not (self.only_non_sliding and self._is_windowed(layer_idx))
+        if offloaded:
+            self._move_layer(layer_idx, key_states.device)
+        keys, values = self._update(key_states, value_states, layer_idx, cache_kwargs)
+        if offloaded:
+            self._move_layer(layer_idx, torch.device("cpu"))
+        return keys, values
+
+    def _move_layer(self, layer_idx: int, device: torch.device) -> None:
+        for store in self._tensors():
+            if layer_idx < len(store) and store[layer_idx] is not None and store[layer_idx].device != device:
+                # Back to the device without waiting; to the CPU waiting for the copy, so that
+                # the host may read the CPU tensor (beam reordering) at once.
+                store[layer_idx] = store[layer_idx].to(device, non_blocking=device.type != "cpu")
+
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
 # Spellings of the FP8 KV cache's dtype: torch's name, and vLLM's kv_cache_dtype names.
@@ -144,16 +204,44 @@ class DynamicCache(Cache):
     `attention_chunk_size` (their window), however long the sequence grows.
     """
 
-    def __init__(self, config: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        ddp_cache_data: Any = None,
+        config: Any = None,
+        offloading: bool = False,
+        offload_only_non_sliding: bool = False,
+    ):
+        """`ddp_cache_data`: (keys, values) or (keys, values, window) per layer to start from, as
+        transformers takes it (a window, without a config, makes that layer keep only its last
+        `window` positions). `config`: the model's config, whose chunked layers then keep only their
+        window. A config given first, `DynamicCache(model.config)`, is taken as `config` (herd's
+        earlier spelling; in transformers the first argument is ddp_cache_data)."""
+        if config is None and hasattr(ddp_cache_data, "get_text_config"):
+            ddp_cache_data, config = None, ddp_cache_data
+        super().__init__(offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
         self.key_cache: list[torch.Tensor] = []
         self.value_cache: list[torch.Tensor] = []
         self.windows = layer_windows(config)
         self._seen: list[int] = []
+        for layer_idx, entry in enumerate(ddp_cache_data or ()):
+            key_states, value_states = entry[0], entry[1]
+            window = entry[2] if len(entry) > 2 else None
+            if config is None and window is not None:
+                self.windows += [None] * (layer_idx + 1 - len(self.windows))
+                self.windows[layer_idx] = int(window)
+            if key_states is not None and value_states is not None:
+                self.update(key_states, value_states, layer_idx)
 
     def _window(self, layer_idx: int) -> int | None:
         return self.windows[layer_idx] if layer_idx < len(self.windows) else None
 
+    def _is_windowed(self, layer_idx: int) -> bool:
+        return self._window(layer_idx) is not None
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return self._update_offloaded(key_states, value_states, layer_idx, cache_kwargs)
+
+    def _update(self, key_states, value_states, layer_idx, cache_kwargs):
         while len(self.key_cache) <= layer_idx:
             self.key_cache.append(None)
             self.value_cache.append(None)
@@ -215,28 +303,31 @@ class DynamicCache(Cache):
 
     @classmethod
     def from_legacy_cache(cls, past_key_values) -> DynamicCache:
-        cache = cls()  # no config: every layer is a full layer
-        for layer_idx, (keys, values) in enumerate(past_key_values or ()):
-            cache.update(keys, values, layer_idx)
-        return cache
+        return cls(past_key_values)  # no config: every layer is a full layer
 
 
 class StaticCache(Cache):
     """A cache preallocated to `max_cache_len` positions; writes go to `cache_position`.
 
     Buffers are allocated at the first update, from the keys' batch size, heads, dtype and device,
-    unless `max_batch_size` / `dtype` / `device` are given up front.
+    unless `max_batch_size` / `dtype` / `device` are given up front (transformers 5 ignores those
+    three; herd keeps their earlier meaning, and `dtype="fp8"` is the FP8 cache). Other keyword
+    arguments are ignored, as transformers ignores them, with a warning naming them.
     """
 
     def __init__(
         self,
         config: Any = None,
         max_cache_len: int | None = None,
+        offloading: bool = False,
+        offload_only_non_sliding: bool = True,
+        *,
         max_batch_size: int | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ):
+        super().__init__(offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
         max_cache_len = max_cache_len or kwargs.pop("max_length", None)
         if max_cache_len is None:
             raise ValueError("StaticCache needs max_cache_len (prompt length + max_new_tokens)")
@@ -244,6 +335,8 @@ class StaticCache(Cache):
             raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
         self.max_cache_len = int(max_cache_len)
         self.max_batch_size = max_batch_size or kwargs.pop("batch_size", None)
+        if kwargs:
+            logger.warning("StaticCache ignores the arguments %s (transformers ignores them too)", sorted(kwargs))
         self.device = torch.device(device) if device is not None else None
         self.dtype = kv_cache_dtype(dtype) if isinstance(dtype, str) else dtype
         # FP8 storage: the full-attention layers' scales (batch, kv_heads, max_cache_len, 1), by layer
@@ -257,7 +350,8 @@ class StaticCache(Cache):
         # Chunked layers keep their bounded window in a dynamic cache of their own (the fast path's
         # decoding/kv.py keeps them in a fixed ring of slots instead).
         self.windows = layer_windows(config)
-        self._windowed = DynamicCache(config)
+        self._windowed = DynamicCache(config=config, offloading=self.offloading,
+                                      offload_only_non_sliding=self.only_non_sliding)
 
     def _is_windowed(self, layer_idx: int) -> bool:
         return layer_idx < len(self.windows) and self.windows[layer_idx] is not None
@@ -285,6 +379,9 @@ class StaticCache(Cache):
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if self._is_windowed(layer_idx):
             return self._windowed.update(key_states, value_states, layer_idx, cache_kwargs)
+        return self._update_offloaded(key_states, value_states, layer_idx, cache_kwargs)
+
+    def _update(self, key_states, value_states, layer_idx, cache_kwargs):
         if layer_idx >= len(self.key_cache) or self.key_cache[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         keys, values = self.key_cache[layer_idx], self.value_cache[layer_idx]
@@ -312,6 +409,8 @@ class StaticCache(Cache):
         keys.index_copy_(2, cache_position.to(keys.device), key_states.to(keys.dtype))
         values.index_copy_(2, cache_position.to(values.device), value_states.to(values.dtype))
         self._seen[layer_idx] = start + new_tokens
+        if keys.dtype != key_states.dtype:  # stored in another dtype (dtype=...): attention gets its own
+            return keys.to(key_states.dtype), values.to(value_states.dtype)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -352,8 +451,7 @@ class StaticCache(Cache):
                 if tensor is not None:
                     tensor.zero_()
         self._seen = [0] * len(self._seen)
-        self._windowed = DynamicCache()
-        self._windowed.windows = self.windows
+        self._windowed.reset()
 
 
 def as_cache(past_key_values: Any) -> Cache | None:

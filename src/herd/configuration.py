@@ -49,7 +49,7 @@ def dtype_from_name(value: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-class PretrainedConfig:
+class PretrainedConfig(hub.PushToHubMixin):
     model_type: str = ""
     # Sub-configs (name -> class) for composite models such as Mllama and Llama 4.
     sub_configs: dict[str, type[PretrainedConfig]] = {}
@@ -170,7 +170,10 @@ class PretrainedConfig:
         if folder.is_file():
             raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")
         folder.mkdir(parents=True, exist_ok=True)
+        push = hub.push_request(folder, kwargs)
         self.to_json_file(folder / hub.CONFIG_NAME, use_diff=False)
+        if push is not None:
+            push.upload(self)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:

@@ -86,7 +86,7 @@ def _json_ready(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-class BaseImageProcessor:
+class BaseImageProcessor(hub.PushToHubMixin):
     """Settings from `defaults`, folder I/O, and `__call__` = `preprocess`."""
 
     # Setting name -> default; a subclass lists every setting it saves.
@@ -127,9 +127,12 @@ class BaseImageProcessor:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
         """Write preprocessor_config.json into `save_directory` (created if needed)."""
-        folder = hub.save_folder(save_directory, kwargs)
+        folder = hub.save_folder(save_directory)
+        push = hub.push_request(folder, kwargs)
         path = folder / IMAGE_PROCESSOR_FILE
         path.write_text(self.to_json_string(), encoding="utf-8")
+        if push is not None:
+            push.upload(self)
         return [str(path)]
 
     # -- loading --

@@ -89,7 +89,7 @@ class GradientCheckpointingLayer(nn.Module):
         return super().__call__(*args, **kwargs)
 
 
-class PreTrainedModel(nn.Module):
+class PreTrainedModel(nn.Module, hub.PushToHubMixin):
     config_class: type[PretrainedConfig] = PretrainedConfig
     base_model_prefix = "model"
     # Parameter name -> the parameter it shares storage with when config.tie_word_embeddings.
@@ -543,6 +543,7 @@ class PreTrainedModel(nn.Module):
         if folder.is_file():
             raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")
         folder.mkdir(parents=True, exist_ok=True)
+        push = hub.push_request(folder, kwargs)
         if state_dict is None:
             tied = self._tied_names()
             state_dict = {k: v for k, v in self.state_dict().items() if k not in tied}
@@ -554,6 +555,8 @@ class PreTrainedModel(nn.Module):
         if generation_config is not None:
             generation_config.save_pretrained(folder)
         loading.save_checkpoint(state_dict, folder, max_shard_size)
+        if push is not None:
+            push.upload(self, model_card=True)
 
 
 def _split_placement(model, device_map, max_memory, dtype, config, quantization, files, rename, gguf_file,
@@ -765,7 +768,7 @@ def prepare_decoder_step(model: nn.Module, embed_tokens: nn.Embedding, *, input_
         use_cache = False
     past_key_values = as_cache(past_key_values)
     if use_cache and past_key_values is None:
-        past_key_values = DynamicCache(config)
+        past_key_values = DynamicCache(config=config)
     past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
     if cache_position is None:
         cache_position = torch.arange(past_length, past_length + seq, device=inputs_embeds.device)

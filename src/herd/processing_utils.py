@@ -8,6 +8,7 @@ A family's processor subclasses `ProcessorMixin`, names its `image_processor_cla
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import logging
@@ -20,7 +21,7 @@ from . import hub
 from .configuration import pop_hub_kwargs
 from .image_processing_utils import IMAGE_PROCESSOR_FILE, PROCESSOR_FILE, read_image_processor_config
 from .tokenization import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JSON_FILE, AutoTokenizer
-from .tokenization.chat_templates import read_chat_template, template_variables
+from .tokenization.chat_templates import read_chat_template, render_chat, template_variables
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +140,38 @@ def _images_of_conversation(conversation: list) -> list:
     return images
 
 
-class ProcessorMixin:
+def _as_list(value: Any) -> list:
+    return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _assistant_mask(offsets: list, length: int, spans: list[tuple[int, int]]) -> list[int]:
+    """1 on the tokens of one row that fall in the `{% generation %}` character spans, as
+    transformers' processors place them.
+
+    A span starts at the first token whose offset starts at or after its first character, and is
+    skipped unless that token holds that character (its start cut by truncation, or falling inside
+    a token); it runs up to the first token starting at or after its end, or to the row's end when
+    that is token 0. The offsets are those of the text the tokenizer got: a processor that expands
+    image tokens in the text (Llama 4) shifts them against the template's spans, as in transformers.
+    """
+    starts = [start for start, _ in offsets]
+    mask = [0] * length
+    for span_start, span_end in spans:
+        first = bisect.bisect_left(starts, span_start)
+        if first >= len(offsets) or not offsets[first][0] <= span_start < offsets[first][1]:
+            continue
+        last = min(bisect.bisect_left(starts, span_end), length)
+        for position in range(first, last or length):
+            mask[position] = 1
+    return mask
+
+
+class ProcessorMixin(hub.PushToHubMixin):
     """Decode, chat templates and folder I/O for a tokenizer + image processor pair."""
 
     image_processor_class: Any = None
+    # The chat template of a processor whose folder has none (Llama 4's format; None: the tokenizer's).
+    default_chat_template: str | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}:\n- image_processor: {self.image_processor!r}\n- tokenizer: {self.tokenizer!r}\n"
@@ -216,14 +245,16 @@ class ProcessorMixin:
         return_dict=True gives the processor's full output, else only input_ids. Keyword arguments
         that the template does not read (padding=..., max_image_tiles=...) go to the processor,
         together with `processor_kwargs`; the others are template variables (date_string=...).
+        return_assistant_tokens_mask=True (with tokenize=True, return_dict=True) adds
+        `assistant_masks`: 1 on the tokens of the template's `{% generation %}` blocks.
         """
-        if return_assistant_tokens_mask:
-            raise NotImplementedError("herd does not compute assistant token masks (return_assistant_tokens_mask)")
         if continue_final_message and add_generation_prompt:
             raise ValueError(
                 "continue_final_message and add_generation_prompt are not compatible: use continue_final_message "
                 "to continue the final message, add_generation_prompt to start a new assistant message."
             )
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
         template = self._resolve_chat_template(chat_template)
         call_kwargs = dict(processor_kwargs or {})
         variables = template_variables(template)
@@ -241,15 +272,17 @@ class ProcessorMixin:
         conversations = [getattr(item, "messages", item) for item in conversation] if is_batched else [conversation]
         conversations = [_normalized_conversation(list(messages)) for messages in conversations]
 
-        rendered = self.tokenizer.apply_chat_template(
+        generation_spans = [] if return_assistant_tokens_mask else None
+        rendered, _ = render_chat(
+            template,
             conversations,
+            # explicit template variables win over the special tokens of the same name
+            {**self.tokenizer.special_tokens_map, **{key: value for key, value in kwargs.items() if key in variables}},
             tools=tools,
             documents=documents,
-            chat_template=template,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
-            tokenize=False,
-            **{key: value for key, value in kwargs.items() if key in variables},
+            generation_spans=generation_spans,
         )
         prompt = rendered if is_batched else rendered[0]
         if not tokenize:
@@ -262,9 +295,20 @@ class ProcessorMixin:
             call_kwargs["add_special_tokens"] = False
         if return_tensors:
             call_kwargs["return_tensors"] = return_tensors
+        if generation_spans is not None:
+            call_kwargs["return_offsets_mapping"] = True  # token boundaries, to place the spans
         has_images = any(images for images in batch_images)
         outputs = self(text=prompt, images=batch_images if has_images else None, **call_kwargs)
-        return outputs if return_dict else outputs["input_ids"]
+        if not return_dict:
+            return outputs["input_ids"]
+        if generation_spans is not None:
+            offsets = outputs.pop("offset_mapping")
+            outputs["assistant_masks"] = [
+                _assistant_mask(_as_list(row_offsets), len(row_ids), spans)
+                for row_offsets, row_ids, spans in zip(offsets, outputs["input_ids"], generation_spans)
+            ]
+            outputs.convert_to_tensors(tensor_type=return_tensors)
+        return outputs
 
     # -- saving and loading --
 
@@ -277,7 +321,8 @@ class ProcessorMixin:
         processor_config.json holds the image processor settings under "image_processor";
         transformers' AutoProcessor and herd's from_pretrained both read it.
         """
-        folder = hub.save_folder(save_directory, kwargs)
+        folder = hub.save_folder(save_directory)
+        push = hub.push_request(folder, kwargs)
         self.tokenizer.save_pretrained(folder)
         written = []
         templates = self.chat_template
@@ -295,6 +340,8 @@ class ProcessorMixin:
             written.append(str(path))
         config_path = folder / PROCESSOR_FILE
         config_path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if push is not None:
+            push.upload(self)
         return [str(config_path), *written]
 
     @classmethod
@@ -303,7 +350,8 @@ class ProcessorMixin:
 
         The image processor comes from processor_config.json ("image_processor") or
         preprocessor_config.json; the chat template from chat_template.json, else
-        chat_template.jinja (plus additional_chat_templates/), else the tokenizer's. Keyword
+        chat_template.jinja (plus additional_chat_templates/), else the family's built-in one
+        (`default_chat_template`: Llama 4), else the tokenizer's. Keyword
         arguments: hub ones (revision, cache_dir, token, local_files_only, subfolder),
         chat_template=..., image processor settings (max_image_tiles=...) and tokenizer settings.
         """
@@ -325,5 +373,7 @@ class ProcessorMixin:
         if chat_template is None:
             chat_template = read_chat_template(folder, PROCESSOR_TEMPLATE_SOURCES)
         if chat_template is None:
-            chat_template = tokenizer.chat_template
+            # A family with a built-in template (Llama 4) falls back to it, as in transformers; the
+            # others to the tokenizer's (transformers' would have none).
+            chat_template = cls.default_chat_template or tokenizer.chat_template
         return cls(image_processor, tokenizer, chat_template=copy.deepcopy(chat_template))

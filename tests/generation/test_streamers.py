@@ -49,3 +49,79 @@ def test_streamer_refuses_batches(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match="one row"):
         model.generate(torch.tensor([[1, 5], [1, 6]]), max_new_tokens=2, streamer=TextStreamer(tokenizer))
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact pieces, against transformers' streamers
+# ----------------------------------------------------------------------------------------------
+
+TEXTS = [
+    "Hello world, this is a test.",
+    "Line one\nLine two\n\nThree words here",
+    "Emoji 🦙🦙 and accents: café, naïve — done",
+    "中文字符测试 mixed with English words",
+    "trailing spaces   ",
+]
+
+
+def _drain(streamer, tokens, prompt_length):
+    """Every item an iterator streamer yields for a prompt put whole, then one token at a time."""
+    streamer.put(torch.tensor([tokens[:prompt_length]]))
+    for token in tokens[prompt_length:]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    return list(streamer)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["spm-llama-style", "llama3.1"])
+@pytest.mark.parametrize("options", [{}, {"skip_prompt": True}, {"skip_prompt": True, "skip_special_tokens": True}],
+                         ids=str)
+def test_iterator_streamer_yields_what_transformers_yields(tokenizer_name, options):
+    import transformers
+
+    folder = SHARED_DATA / "tokenizers" / tokenizer_name
+    ours, theirs = herd.AutoTokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS:
+        tokens = theirs(text).input_ids + [theirs.eos_token_id]
+        assert ours(text).input_ids == tokens[:-1]
+        for prompt_length in (1, 3):
+            expected = _drain(transformers.TextIteratorStreamer(theirs, **options), tokens, prompt_length)
+            got = _drain(TextIteratorStreamer(ours, **options), tokens, prompt_length)
+            assert got == expected, (text, prompt_length)
+            assert "" in got  # transformers yields the empty pieces too
+
+
+def test_iterator_streamer_through_generate_matches_transformers(model_and_tokenizer, tmp_path):
+    """Several generations (prompt shown or skipped, stopped by eos or by length) stream the same items."""
+    import transformers
+
+    model, tokenizer = model_and_tokenizer
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "spm-llama-style")
+    model.save_pretrained(tmp_path / "ckpt")
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+
+    def stream(generating_model, streamer, ids, **kwargs):
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(out=generating_model.generate(
+            ids, streamer=streamer, do_sample=False, pad_token_id=0, **kwargs)))
+        thread.start()
+        items = list(streamer)
+        thread.join()
+        return items, result["out"]
+
+    for prompt in ("Once upon a time", "The weather today is"):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        first, _ = stream(model, TextIteratorStreamer(tokenizer, timeout=60), ids, max_new_tokens=12)
+        plain, _ = stream(reference, transformers.TextIteratorStreamer(reference_tokenizer, timeout=60), ids,
+                          max_new_tokens=12)
+        assert first == plain
+        greedy = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        for options, kwargs in (({"skip_prompt": True}, {"max_new_tokens": 12}),
+                                ({"skip_prompt": True, "skip_special_tokens": True},
+                                 {"max_new_tokens": 12, "eos_token_id": greedy[4]}),  # stops after 5 tokens
+                                ({}, {"max_new_tokens": 1})):
+            expected, expected_ids = stream(reference, transformers.TextIteratorStreamer(
+                reference_tokenizer, timeout=60, **options), ids, **kwargs)
+            got, got_ids = stream(model, TextIteratorStreamer(tokenizer, timeout=60, **options), ids, **kwargs)
+            assert torch.equal(got_ids, expected_ids)
+            assert got == expected, (prompt, options, kwargs)

@@ -63,7 +63,7 @@ UNSUPPORTED = {
 _OFF_VALUES = (None, 0, 0.0, 1.0, False, [], "")
 
 
-class GenerationConfig:
+class GenerationConfig(hub.PushToHubMixin):
     def __init__(self, **kwargs: Any):
         for name in FIELDS:
             setattr(self, name, kwargs.pop(name, None))
@@ -134,7 +134,10 @@ class GenerationConfig:
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None, **kwargs: Any) -> None:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
+        push = hub.push_request(folder, kwargs)
         (folder / (config_file_name or hub.GENERATION_CONFIG_NAME)).write_text(json.dumps(self.to_diff_dict(), indent=2) + "\n")
+        if push is not None:
+            push.upload(self)
 
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """Set the fields named in kwargs; return the kwargs that are not generation fields."""

@@ -19,8 +19,10 @@ class BaseStreamer:
 class TextStreamer(BaseStreamer):
     """Prints whole words as soon as they are complete (one row only, as in the reference).
 
-    Text is held back until a space or newline ends it, so that a word split over tokens, or a
-    character split over byte tokens, is never printed half.
+    Text is held back until a space or newline ends it (a CJK character goes at once), so that a
+    word split over tokens, or a character split over byte tokens (decoded as "\ufffd" until its
+    last byte comes), is not printed half. Each `put` hands `on_finalized_text` one piece, empty
+    when nothing is complete yet, and `end` the rest, as transformers' streamer does.
     """
 
     def __init__(self, tokenizer: Any, skip_prompt: bool = False, **decode_kwargs: Any):
@@ -46,8 +48,6 @@ class TextStreamer(BaseStreamer):
         elif text and _is_cjk(text[-1]):
             printable = text[self.print_len :]
             self.print_len += len(printable)
-        elif text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-            printable = ""
         else:
             printable = text[self.print_len : text.rfind(" ") + 1]
             self.print_len += len(printable)
@@ -67,7 +67,11 @@ class TextStreamer(BaseStreamer):
 
 
 class TextIteratorStreamer(TextStreamer):
-    """Text pieces through a queue: run generate() in a thread and iterate over this object."""
+    """Text pieces through a queue: run generate() in a thread and iterate over this object.
+
+    It yields what transformers' yields: one piece per `put` (the prompt's included unless
+    skip_prompt), empty strings among them while a word is incomplete, then the rest at `end`
+    (an empty string when nothing was held back)."""
 
     def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any):
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
@@ -76,8 +80,7 @@ class TextIteratorStreamer(TextStreamer):
         self.timeout = timeout
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.text_queue.put(text, timeout=self.timeout)
+        self.text_queue.put(text, timeout=self.timeout)
         if stream_end:
             self.text_queue.put(self.stop_signal, timeout=self.timeout)
 

@@ -54,6 +54,13 @@ class GenerateBeamDecoderOnlyOutput(ModelOutput):
     past_key_values: Cache | None = None
 
 
+# Inputs prepare_inputs_for_generation passes only at the first iteration (or without a cache): the
+# cache holds what they produced. transformers' MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL names.
+_PREFILL_ONLY_INPUTS = ("pixel_values", "pixel_mask", "input_features", "input_features_mask", "pixel_values_videos",
+                        "num_local_patches", "high_res_pixel_values", "image_patches_indices", "image_patches",
+                        "image_sizes", "image_sizes_videos", "pixel_attention_mask", "pixel_values_images")
+
+
 class GenerationMixin:
     """Adds `generate()` to a causal language model."""
 
@@ -63,6 +70,55 @@ class GenerationMixin:
     @classmethod
     def can_generate(cls) -> bool:
         return True
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The forward's keyword arguments for one generation step, as transformers 5.17 builds them.
+
+        The last `next_sequence_length` tokens (all of them when None) as `input_ids`, or at the first
+        iteration the prompt's `inputs_embeds` when given (`input_ids` then None); `past_key_values`
+        when given; `position_ids` / `token_type_ids` when given, cut to the same length;
+        `attention_mask` as given; then every other keyword argument (`use_cache`,
+        `logits_to_keep`...) except `labels`, and the images (`pixel_values`) only at the first
+        iteration or without a cache. Tensors move to the model's device. No `cache_position`:
+        transformers 5.17 no longer makes one (herd's forwards derive it from the cache). Unlike
+        transformers, a compilable (static) cache keeps the 2D attention_mask rather than a 4D one:
+        herd's attention builds its mask from the 2D description.
+        """
+        inputs: dict[str, Any] = {}
+        if inputs_embeds is not None and is_first_iteration:
+            first = inputs_embeds if next_sequence_length is None else inputs_embeds[:, -next_sequence_length:, :]
+            inputs["input_ids"] = None
+            inputs["inputs_embeds"] = first = first.clone(memory_format=torch.contiguous_format)
+        else:
+            first = input_ids if next_sequence_length is None else input_ids[:, -next_sequence_length:]
+            inputs["input_ids"] = first = first.clone(memory_format=torch.contiguous_format)
+        length = first.shape[1]
+        if past_key_values is not None:
+            inputs["past_key_values"] = past_key_values
+        for name in ("position_ids", "token_type_ids"):
+            value = kwargs.pop(name, None)
+            if value is not None:  # (batch, seq) or (..., seq): the last `length` positions
+                inputs[name] = value if value.shape[-1] == length else \
+                    value[..., -length:].clone(memory_format=torch.contiguous_format)
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        images_now = is_first_iteration or not kwargs.get("use_cache", True)
+        for key, value in kwargs.items():
+            if key in ("labels", "next_sequence_length") or (key in _PREFILL_ONLY_INPUTS and not images_now):
+                continue
+            inputs.setdefault(key, value)
+        if self.device.type != "meta" and first.device != self.device:
+            inputs = {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+        return inputs
 
     def _inputs_for_step(self, extra: dict[str, Any], first_step: bool, total_length: int) -> dict[str, Any]:
         """What of `extra` the model gets at a step: by default everything at prefill, nothing after

@@ -172,7 +172,7 @@ def _special_token_id_property(name: str) -> property:
     return property(get, set, doc=f"The id of the {name.replace('_', ' ')}, or None.")
 
 
-class PreTrainedTokenizerFast:
+class PreTrainedTokenizerFast(hub.PushToHubMixin):
     """A `tokenizers.Tokenizer` with the transformers tokenizer API (call, encode, decode, pad, chat templates).
 
     Load one with `from_pretrained(folder_or_hub_id)`, or build one from a `tokenizers.Tokenizer`
@@ -1240,10 +1240,10 @@ class PreTrainedTokenizerFast:
         """Write tokenizer.json, tokenizer_config.json and the chat template(s) (chat_template.jinja)."""
         kwargs.pop("legacy_format", None)
         kwargs.pop("save_jinja_files", None)
-        unexpected = sorted(set(kwargs) - {"push_to_hub"})
-        if unexpected:
-            raise TypeError(f"save_pretrained() got unexpected arguments {unexpected}")
-        folder = hub.save_folder(save_directory, kwargs)
+        push = hub.push_request(save_directory, kwargs)
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected arguments {sorted(kwargs)}")
+        folder = hub.save_folder(save_directory)
         prefix = f"{filename_prefix}-" if filename_prefix else ""
         config_path = folder / f"{prefix}{TOKENIZER_CONFIG_FILE}"
         config_text = json.dumps(self._config_to_save(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -1255,6 +1255,8 @@ class PreTrainedTokenizerFast:
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         self._tokenizer.save(str(tokenizer_path))
+        if push is not None:
+            push.upload(self)
         return tuple(str(path) for path in (config_path, *template_paths, tokenizer_path))
 
 

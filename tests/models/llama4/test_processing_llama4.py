@@ -190,3 +190,210 @@ def test_matches_the_recorded_reference_processor(folder, name):
     recorded = safe_open(str(fixtures), "pt")
     for key in ("input_ids", "attention_mask", "pixel_values"):
         assert torch.equal(torch.as_tensor(out[key]), recorded.get_tensor(f"{name}/{key}")), key
+
+
+# --- the built-in chat template and assistant masks, against transformers' Llama4Processor ------------
+
+
+class _ImageProcessorForReference:
+    """herd's image processor (bit-exact with transformers', test_image_processing_llama4) behind the two
+    methods transformers' Llama4Processor calls, since transformers' own needs torchvision here."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, *args, **kwargs):
+        return self.image_processor(*args, **kwargs)
+
+    def fetch_images(self, images):
+        from herd.image_utils import fetch_images
+
+        return fetch_images(images)
+
+
+@pytest.fixture(scope="module")
+def bare_folder(tmp_path_factory):
+    """The Llama 4-like folder without any chat template (no chat_template.jinja, none in tokenizer_config.json)."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("llama4_no_template")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})
+    tokenizer.pad_token = "<|end_of_text|>"
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    assert not list(path.glob("*.jinja"))
+    Llama4ImageProcessorFast(size={"height": 56, "width": 56}, max_patches=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bare_processor(bare_folder):
+    return herd.AutoProcessor.from_pretrained(bare_folder)
+
+
+@pytest.fixture(scope="module")
+def reference_processor(bare_folder):
+    """transformers' Llama4Processor with its default arguments (so its built-in chat template)."""
+    from unittest import mock
+
+    import transformers
+    from transformers.models.llama4.processing_llama4 import Llama4Processor as Reference
+
+    transformers.logging.set_verbosity_error()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bare_folder)
+    image_processor = _ImageProcessorForReference(Llama4ImageProcessorFast(size={"height": 56, "width": 56},
+                                                                           max_patches=4))
+    with mock.patch.object(transformers.ProcessorMixin, "check_argument_for_proper_class", lambda *args: None):
+        return Reference(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _get_weather(city: str) -> str:
+    """The weather in a city.
+
+    Args:
+        city: Where.
+    """
+    return "sunny"
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather, ünïcode", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ONE_CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+TWO_CALLS = {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+    {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+CONVERSATIONS = {
+    "user": [{"role": "user", "content": "Hello!"}],
+    "system": [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}],
+    "system_items_and_image": [
+        {"role": "system", "content": [{"type": "text", "text": "You see images. "}]},
+        {"role": "user", "content": [{"type": "image", "path": str(PHOTOS["chelsea"])},
+                                     {"type": "text", "text": "What is it?"}]}],
+    "two_images": MESSAGES["two_images"] + [{"role": "assistant", "content": [{"type": "text", "text": "Both red."}]}],
+    "tool_round_trip": [
+        {"role": "system", "content": "You help."}, {"role": "user", "content": "Weather in Paris?"}, ONE_CALL,
+        {"role": "tool", "content": "22 C"}, {"role": "tool", "content": {"temperature": 22}},
+        {"role": "ipython", "content": ["a", 1]}, {"role": "assistant", "content": "It is 22 C."}],
+    "two_calls": [{"role": "user", "content": "Paris and Rome?"}, TWO_CALLS, {"role": "tool", "content": 5}],
+    "no_calls": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "tool_calls": []}],
+    "chat": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+             {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Why did the llama cross?"}],
+}
+OPTIONS = {
+    "plain": {},
+    "generation_prompt": {"add_generation_prompt": True},
+    "tools_in_user_message": {"tools": [WEATHER_TOOL]},
+    "tools_in_system_message": {"tools": [WEATHER_TOOL], "tools_in_user_message": False},
+    "function_tool": {"tools": [_get_weather], "add_generation_prompt": True},
+    "custom_tools": {"custom_tools": [WEATHER_TOOL], "date_string": "1 Jan 2025"},
+}
+
+
+def test_built_in_template_without_a_folder_template(bare_folder, folder, reference_processor):
+    from herd.models.llama4.processing_llama4 import DEFAULT_CHAT_TEMPLATE
+
+    processor = herd.AutoProcessor.from_pretrained(bare_folder)
+    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE != reference_processor.chat_template  # our own text
+    assert Llama4Processor(processor.image_processor, processor.tokenizer).chat_template == DEFAULT_CHAT_TEMPLATE
+    assert Llama4Processor(processor.image_processor, processor.tokenizer, chat_template=None).chat_template is None
+    assert herd.AutoProcessor.from_pretrained(bare_folder, chat_template="{{ 'x' }}").chat_template == "{{ 'x' }}"
+    assert herd.AutoProcessor.from_pretrained(folder).chat_template == (folder / "chat_template.jinja").read_text()
+
+
+def test_built_in_template_wins_over_the_tokenizer_config_template(bare_folder, tmp_path):
+    """transformers' processor reads no template from tokenizer_config.json: its built-in one applies."""
+    import json
+    import shutil
+
+    from herd.models.llama4.processing_llama4 import DEFAULT_CHAT_TEMPLATE
+
+    shutil.copytree(bare_folder, tmp_path / "folder")
+    config_path = tmp_path / "folder" / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": "{{ 'tokenizer' }}"}))
+    processor = herd.AutoProcessor.from_pretrained(tmp_path / "folder")
+    assert processor.tokenizer.chat_template == "{{ 'tokenizer' }}"
+    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_built_in_template_renders_as_transformers(bare_processor, reference_processor, conversation, options):
+    processor = bare_processor
+    messages, kwargs = CONVERSATIONS[conversation], OPTIONS[options]
+    expected = reference_processor.apply_chat_template(messages, **kwargs)
+    assert processor.apply_chat_template(messages, **kwargs) == expected
+
+
+def test_built_in_template_errors_and_batches(bare_processor, reference_processor):
+    processor = bare_processor
+    system_only = [{"role": "system", "content": "Alone."}]
+    for candidate in (reference_processor, processor):  # tools in the first user message need one
+        with pytest.raises(Exception, match="no first user message"):
+            candidate.apply_chat_template(system_only, tools=[WEATHER_TOOL])
+    batch = [CONVERSATIONS["system"], CONVERSATIONS["tool_round_trip"]]
+    assert processor.apply_chat_template(batch) == reference_processor.apply_chat_template(batch)
+
+
+@pytest.mark.parametrize("conversation", ["two_images", "system"])
+def test_built_in_template_tokenized_as_transformers(bare_processor, reference_processor, conversation):
+    processor = bare_processor
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    expected = reference_processor.apply_chat_template(CONVERSATIONS[conversation], **kwargs)
+    got = processor.apply_chat_template(CONVERSATIONS[conversation], **kwargs)
+    assert list(got) == list(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+# Llama 4's format with each assistant turn in a {% generation %} block.
+GENERATION_TEMPLATE = r"""{{- bos_token }}
+{%- for message in messages %}
+    {{- '<|header_start|>' + message['role'] + '<|header_end|>\n\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {%- generation %}
+            {{- message['content'] if message['content'] is string else message['content'][0]['text'] }}
+            {{- '<|eot|>' }}
+        {%- endgeneration %}
+    {%- else %}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for item in message['content'] %}
+                {{- '<|image|>' if item['type'] == 'image' else item['text'] }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|eot|>' }}
+    {%- endif %}
+{%- endfor %}"""
+
+
+@pytest.mark.parametrize(
+    "conversation, kwargs",
+    [
+        ("system", {}),
+        ("system", {"return_tensors": "pt"}),
+        ("chat", {"processor_kwargs": {"truncation": True, "max_length": 36}}),  # cuts the second answer
+        ("two_images", {"return_tensors": "pt"}),
+        (["system", "chat"], {"processor_kwargs": {"padding": True}}),
+    ],
+    ids=["text", "text-pt", "truncated", "images-pt", "batch-left-padded"],
+)
+def test_assistant_masks_match_transformers(bare_processor, reference_processor, conversation, kwargs):
+    """As transformers places them. With images, the spans are those of the template's text and
+    the token offsets those of the text with each <|image|> expanded into its tiles, in both."""
+    processor = bare_processor
+    messages = [CONVERSATIONS[name] for name in conversation] if isinstance(conversation, list) \
+        else CONVERSATIONS[conversation]
+    arguments = dict(chat_template=GENERATION_TEMPLATE, tokenize=True, return_dict=True,
+                     return_assistant_tokens_mask=True, **kwargs)
+    expected = reference_processor.apply_chat_template(messages, **arguments)
+    got = processor.apply_chat_template(messages, **arguments)
+    assert list(got) == list(expected)
+    for key in ("input_ids", "attention_mask", "assistant_masks"):
+        assert type(got[key]) is type(expected[key]), key
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
+    if conversation != "two_images":
+        assert torch.as_tensor(got["assistant_masks"]).any()

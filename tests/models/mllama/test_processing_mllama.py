@@ -671,3 +671,80 @@ def test_a_text_only_prompt_in_a_batch_with_images(processor, reference, photos)
 def test_images_must_be_nested_per_sample_with_a_text_only_prompt(processor, photos):
     with pytest.raises(ValueError, match="for a text-only sample"):
         processor(text=["<|image|>hi", "no image"], images=[photos["astronaut"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Assistant token masks
+# ----------------------------------------------------------------------------------------------
+
+# Llama 3.2 Vision's format with each assistant turn in a {% generation %} block, as training
+# templates mark them (the published template has none).
+GENERATION_TEMPLATE = r"""{{- bos_token }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {%- generation %}
+            {{- message['content'] if message['content'] is string else message['content'][0]['text'] }}
+            {{- '<|eot_id|>' }}
+        {%- endgeneration %}
+    {%- else %}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for item in message['content'] %}
+                {{- '<|image|>' if item['type'] == 'image' else item['text'] }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}"""
+
+TWO_TURNS = [
+    {"role": "user", "content": [{"type": "image", "path": str(IMAGES / "chelsea.png")},
+                                 {"type": "text", "text": "What is it?"}]},
+    {"role": "assistant", "content": "A cat, sitting down."},
+    {"role": "user", "content": "Sure?"},
+    {"role": "assistant", "content": [{"type": "text", "text": "Yes, a cat."}]},
+]
+TEXT_ONLY = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "\n\nHello there"},  # the block starts inside the "\n\n\n\n" token
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Bye!"},
+]
+
+
+@pytest.mark.parametrize(
+    "conversation, kwargs",
+    [
+        (TWO_TURNS, {}),
+        (TWO_TURNS, {"return_tensors": "pt"}),
+        (TWO_TURNS, {"add_generation_prompt": True, "return_tensors": "np"}),
+        (TEXT_ONLY, {}),
+        (TEXT_ONLY, {"processor_kwargs": {"truncation": True, "max_length": 35}}),  # cuts the second answer
+        ([TEXT_ONLY, TEXT_ONLY[:3]], {"processor_kwargs": {"padding": True}}),  # padded on the right
+        ([TEXT_ONLY[:3], TEXT_ONLY], {"processor_kwargs": {"padding": True, "padding_side": "left"},
+                                      "return_tensors": "pt"}),
+    ],
+    ids=["images", "images-pt", "generation-prompt-np", "text", "truncated", "batch-right-padded", "batch-left-pt"],
+)
+def test_assistant_masks_match_reference(processor, reference, conversation, kwargs):
+    expected, got = chat_both(reference, processor, conversation, chat_template=GENERATION_TEMPLATE, tokenize=True,
+                              return_dict=True, return_assistant_tokens_mask=True, **kwargs)
+    assert_same_outputs(expected, got)
+    assert np.asarray(got["assistant_masks"]).any()
+
+
+def test_assistant_masks_only_with_a_dict(processor, reference):
+    """Without return_dict the ids alone, without tokenize the text: the flag changes neither."""
+    for kwargs in ({"tokenize": True}, {}):
+        expected, got = chat_both(reference, processor, TEXT_ONLY, chat_template=GENERATION_TEMPLATE,
+                                  return_assistant_tokens_mask=True, **kwargs)
+        assert got == expected
+    with pytest.raises(ValueError, match="continue_final_message is not compatible"):
+        processor.apply_chat_template(TEXT_ONLY, chat_template=GENERATION_TEMPLATE, continue_final_message=True,
+                                      return_assistant_tokens_mask=True)

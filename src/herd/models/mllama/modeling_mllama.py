@@ -594,6 +594,22 @@ class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
         )
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict, ignore_labels_past_vocab=True)
 
+    def prepare_inputs_for_generation(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                                      pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
+                                      cross_attention_mask=None, past_key_values=None, use_cache=False,
+                                      logits_to_keep=0, is_first_iteration=False, **kwargs: Any) -> dict[str, Any]:
+        """GenerationMixin's, with use_cache, logits_to_keep and the image inputs always among the
+        keys (as transformers): after the first iteration with a cache, pixel_values,
+        aspect_ratio_ids and aspect_ratio_mask are None (the cache holds the image's keys/values)."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
+            position_ids=position_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+            cross_attention_mask=cross_attention_mask, logits_to_keep=logits_to_keep,
+            is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and use_cache:
+            inputs.update(pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None)
+        return inputs
 
     def _inputs_for_step(self, extra: dict[str, Any], first_step: bool, total_length: int) -> dict[str, Any]:
         """The image is encoded once, at prefill; later steps reuse the cached cross keys/values.
