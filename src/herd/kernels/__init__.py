@@ -5,7 +5,9 @@
 - `decode_attention.py`: one query per row over a preallocated cache (flash decoding);
 - `routed_experts.py`: Llama 4's routed experts, each row through its own expert, no host sync;
 - `expert_gemv.py`: a few rows, each through its own quantized expert (int8, FP8 or int4) read as
-  stored, on the tensor cores (routed_experts calls it).
+  stored, on the tensor cores (routed_experts calls it);
+- `all_reduce.py`: tensor parallel's small sums across the GPUs of one host, each rank writing
+  into its peers' symmetric-memory buffers (parallel/symmetric.py calls it).
 
 A kernel takes tensors and returns tensors; it never imports a model block. Each public
 function runs its Triton kernel where it applies (CUDA tensors, Triton installed, the shapes
