@@ -21,20 +21,28 @@ LLAMA4_TOKENS = ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "
 PHOTOS = {p.stem: p for p in sorted((SHARED_DATA / "images").iterdir())}
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A Llama 4-like processor folder: the Llama 3.1 vocabulary plus Llama 4's special tokens and chat template."""
+def _processor_folder(path, chat_template: str | None):
+    """A Llama 4-like processor folder: the Llama 3.1 vocabulary plus Llama 4's special tokens,
+    `chat_template` in chat_template.jinja (None: no template anywhere, tokenizer_config.json included)."""
     import transformers
-    from transformers.models.llama4 import processing_llama4
 
-    path = tmp_path_factory.mktemp("llama4_processor")
     tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
     tokenizer.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})
     tokenizer.pad_token = "<|end_of_text|>"
+    tokenizer.chat_template = None
     tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(processing_llama4.chat_template)
+    if chat_template is not None:
+        (path / "chat_template.jinja").write_text(chat_template)
     Llama4ImageProcessorFast(size={"height": 56, "width": 56}, max_patches=4).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The folder with Llama 4's chat template."""
+    from transformers.models.llama4 import processing_llama4
+
+    return _processor_folder(tmp_path_factory.mktemp("llama4_processor"), processing_llama4.chat_template)
 
 
 @pytest.fixture(scope="module")
@@ -214,16 +222,8 @@ class _ImageProcessorForReference:
 @pytest.fixture(scope="module")
 def bare_folder(tmp_path_factory):
     """The Llama 4-like folder without any chat template (no chat_template.jinja, none in tokenizer_config.json)."""
-    import transformers
-
-    path = tmp_path_factory.mktemp("llama4_no_template")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "llama3.1")
-    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA4_TOKENS})
-    tokenizer.pad_token = "<|end_of_text|>"
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(path)
+    path = _processor_folder(tmp_path_factory.mktemp("llama4_no_template"), None)
     assert not list(path.glob("*.jinja"))
-    Llama4ImageProcessorFast(size={"height": 56, "width": 56}, max_patches=4).save_pretrained(path)
     return path
 
 
