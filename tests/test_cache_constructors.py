@@ -111,6 +111,33 @@ def test_dynamic_cache_from_ddp_data_continues_as_transformers(models):
     assert windowed.windows == [4] and windowed.stored_length(0) == 4 and windowed.get_seq_length(0) == 6
 
 
+def test_iteration_gives_transformers_triples(models):
+    """Iterating a DynamicCache gives (keys, values, window or None) per layer as transformers' does
+    (Llama 4: its chunked layers' window), and those triples build the same cache again."""
+    import transformers
+
+    reference, model = models["llama4"]
+    ids = torch.randint(3, 128, (1, CHUNK + 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = list(reference(ids, past_key_values=transformers.DynamicCache(config=reference.config)).past_key_values)
+        ours = model(ids, past_key_values=DynamicCache(config=model.config)).past_key_values
+    got = list(ours)
+    assert len(got) == len(expected) and all(len(entry) == 3 for entry in got)
+    for (keys, values, window), (ref_keys, ref_values, ref_window) in zip(got, expected):
+        assert (window is None) == (ref_window is None)
+        if window is not None:
+            assert window.dtype == ref_window.dtype and int(window) == int(ref_window) == CHUNK
+        # a chunked layer keeps its whole window, transformers' one position fewer: the last ones agree
+        kept = ref_keys.shape[-2]
+        assert keys.shape[-2] in (kept, kept + 1) and keys.shape[:2] == ref_keys.shape[:2]
+        assert max_abs_diff(keys[..., -kept:, :], ref_keys) < TOL
+        assert max_abs_diff(values[..., -kept:, :], ref_values) < TOL
+    again = DynamicCache(got)
+    assert [again._window(i) for i in range(len(got))] == [ours._window(i) for i in range(len(got))]
+    assert all(torch.equal(again[i][0], keys) for i, (keys, _, _) in enumerate(got))
+    assert [len(pair) for pair in ours.to_legacy_cache()] == [2] * len(got)
+
+
 def test_config_given_first_is_the_config(models):
     """herd's earlier spelling, DynamicCache(model.config), still means config= (in transformers the
     first argument is ddp_cache_data)."""

@@ -288,7 +288,9 @@ class DynamicCache(Cache):
                 store[i] = tensor[..., :max_length, :]
         self._seen = [min(seen, max_length) for seen in self._seen]
 
-    # The tuple-of-(key, value)-per-layer format older code passes around.
+    # Iterating gives transformers' triples, (keys, values, the layer's window as a long tensor or
+    # None), what DynamicCache(ddp_cache_data) takes back; indexing and the legacy format give the
+    # tuple-of-(key, value)-per-layer older code passes around.
     def __len__(self) -> int:
         return len(self.key_cache)
 
@@ -296,10 +298,12 @@ class DynamicCache(Cache):
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
     def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        for layer_idx in range(len(self)):
+            window = self._window(layer_idx)
+            yield *self[layer_idx], None if window is None else torch.tensor(window, dtype=torch.long)
 
     def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        return tuple(self)
+        return tuple(self[layer_idx] for layer_idx in range(len(self)))
 
     @classmethod
     def from_legacy_cache(cls, past_key_values) -> DynamicCache:
