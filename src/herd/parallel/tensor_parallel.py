@@ -504,6 +504,10 @@ def _init_from_environment() -> None:
         dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     else:
         dist.init_process_group("gloo")
+    # Every rank past its connections before any goes on: a rank that then refuses the model (a size
+    # that does not divide the heads) and exits must not close a connection another is still making
+    # (seen under load at 3 gloo ranks: the slow rank got "Connection closed by peer", not the refusal).
+    dist.barrier()
 
 
 def _device_for(backend: str) -> torch.device:
