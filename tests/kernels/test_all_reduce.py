@@ -81,3 +81,45 @@ def test_too_many_elements_is_refused():
     with pytest.raises(ValueError, match="5 elements do not fit the all-reduce's slots of 4"):
         all_reduce.launch(torch.ones(5), torch.zeros(2, dtype=torch.int64),
                           torch.zeros(all_reduce.STATE_LENGTH, dtype=torch.int32), 0, 2, 4)
+
+
+# --- two ranks at once -------------------------------------------------------------------------------
+
+SIZES = [5, 2 * all_reduce.BLOCK + 50, 64, 3 * all_reduce.BLOCK, 7, all_reduce.BLOCK, 3 * all_reduce.BLOCK + 64]
+
+
+def _values(rank: int, call: int, n: int) -> torch.Tensor:
+    values = torch.randn(n, generator=torch.Generator().manual_seed(100 * call + rank))
+    values[:2] = -0.0  # the "not written yet" pattern, which must still arrive as a value
+    return values
+
+
+def _rank(rank: int, world: int, slot: int, buffers: list, states: list, out) -> None:
+    """A forked rank: the buffers were shared before the fork, so every process addresses them alike."""
+    torch.set_num_threads(1)
+    pointers = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
+    results = []
+    for call, n in enumerate(SIZES):
+        residual = torch.full((n,), 0.25) if call % 2 else None
+        summed = all_reduce.launch(_values(rank, call, n), pointers, states[rank], rank, world, slot, residual=residual)
+        expected = sum(_values(peer, call, n) for peer in range(world))  # float32, in rank order
+        if residual is not None:
+            expected = residual + expected
+        results.append(bool(torch.equal(summed, expected)))
+    (out / f"rank{rank}.txt").write_text(repr(results))
+
+
+def test_two_ranks_in_two_processes_sum_every_call(tmp_path):
+    """Two forked processes run the kernel at the same time (Triton's interpreter on the CPU), each
+    writing into the other's buffer and waiting for the other's values: seven float32 sums of
+    sizes up and down, so every generation is reused after a longer and after a shorter call; each
+    equals the sum computed here exactly (float32, two terms: one rounding, as torch's)."""
+    import torch.multiprocessing as mp
+
+    world, slot = 2, 3 * all_reduce.BLOCK + 64
+    buffers = [torch.full((all_reduce.buffer_elements(world, slot),), -0.0).share_memory_() for _ in range(world)]
+    states = [torch.zeros(all_reduce.STATE_LENGTH, dtype=torch.int32).share_memory_() for _ in range(world)]
+    mp.start_processes(_rank, args=(world, slot, buffers, states, tmp_path), nprocs=world, start_method="fork")
+    for rank in range(world):
+        assert eval((tmp_path / f"rank{rank}.txt").read_text()) == [True] * len(SIZES), rank  # noqa: S307 - ours
+        assert states[rank][0] == len(SIZES) % all_reduce.PHASES

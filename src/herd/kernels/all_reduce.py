@@ -49,23 +49,12 @@ PHASES = 3  # generations of each buffer (see the module docstring)
 STATE_LENGTH = 2 + PHASES
 BLOCK = 1024  # elements per program
 WARPS = 4
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _EMPTY_BITS = {16: -(1 << 15), 32: -(1 << 31)}  # -0.0 as a signed integer of the dtype's width
 
 
 def buffer_elements(world: int, slot_elements: int) -> int:
     """The length of each rank's buffer: PHASES generations of `world` slots."""
     return PHASES * world * slot_elements
-
-
-def applies(tensor: torch.Tensor) -> bool:
-    return triton is not None and tensor.dtype in DTYPES and (tensor.is_cuda or _interpreted())
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
