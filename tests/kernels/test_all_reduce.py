@@ -12,6 +12,8 @@ generations, in sums of different sizes. (Between GPUs, against NCCL: tests/para
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -119,7 +121,14 @@ def test_two_ranks_in_two_processes_sum_every_call(tmp_path):
     world, slot = 2, 3 * all_reduce.BLOCK + 64
     buffers = [torch.full((all_reduce.buffer_elements(world, slot),), -0.0).share_memory_() for _ in range(world)]
     states = [torch.zeros(all_reduce.STATE_LENGTH, dtype=torch.int32).share_memory_() for _ in range(world)]
-    mp.start_processes(_rank, args=(world, slot, buffers, states, tmp_path), nprocs=world, start_method="fork")
+    ranks = mp.start_processes(_rank, args=(world, slot, buffers, states, tmp_path), nprocs=world,
+                               start_method="fork", join=False)
+    deadline = time.monotonic() + 120  # a rank left waiting for the other (a broken protocol) must fail, not hang
+    while not ranks.join(timeout=1):  # False until every rank has been joined (an error is raised)
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish in 120 s: one waits for values the other never wrote")
     for rank in range(world):
         assert eval((tmp_path / f"rank{rank}.txt").read_text()) == [True] * len(SIZES), rank  # noqa: S307 - ours
         assert states[rank][0] == len(SIZES) % all_reduce.PHASES
