@@ -120,6 +120,105 @@ def test_gloo_ranks_keep_their_sums_on_gloo(tmp_path):
         assert results == {"reason": "tensors on cpu, not CUDA", "on": False, "small": True, "large": True}
 
 
+def _lamport_rank(rank: int, size: int, port: int, folders: dict, buffers: list, states: list, out: Path) -> None:
+    """A forked gloo rank whose sums go through herd's kernel (Triton's interpreter) over buffers
+    shared before the fork, as symmetric memory would give them on GPUs: each tiny model's logits
+    and greedy tokens (plain path, and the decode plans on the CPU, their residual adds fused into
+    the sums), then the same with every sum on gloo; and how many sums the kernel made."""
+    import torch.distributed as dist
+
+    import herd
+    from herd.decoding import decoders
+    from herd.kernels import all_reduce
+    from tests.conftest import left_padded_prompts
+
+    torch.set_num_threads(1)  # forked: the parent's OpenMP threads are not here (a parallel op would wait for them)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    launches = {"sums": 0, "with residual": 0}
+    launch = all_reduce.launch
+
+    def counted(*args, residual=None, **kwargs):
+        launches["sums"] += 1
+        launches["with residual"] += residual is not None
+        return launch(*args, residual=residual, **kwargs)
+
+    all_reduce.launch = counted
+    # the GPU rule, CPU tensors allowed
+    symmetric.takes = lambda tensor, group_name: (
+        symmetric.kernel(group_name) is not None and tensor.dtype in symmetric._active[group_name][1]
+        and symmetric.fits(tensor))
+    try:
+        slot = symmetric.MAX_BYTES // 4
+        pointers = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
+        ids, mask = left_padded_prompts((11, 6))
+        greedy = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        results = {}
+        for name, (cls, folder) in folders.items():
+            model = getattr(herd, cls).from_pretrained(folder, tp_plan="auto", progress=False)
+            group_name = dist.group.WORLD.group_name
+            for kind in ("lamport", "gloo"):
+                if kind == "lamport":
+                    symmetric._active[group_name] = ("lamport", (torch.float32,))
+                    symmetric._lamport[(group_name, torch.float32)] = symmetric.Lamport(
+                        buffers[rank], pointers, states[rank], rank, size, slot)
+                else:
+                    symmetric._active.pop(group_name)
+                before = dict(launches)
+                with torch.no_grad():
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                plain = model.generate(ids, disable_compile=True, **greedy)
+                decoders.FAST_DEVICES = ("cuda", "cpu")
+                try:
+                    fast = model.generate(ids, **greedy)
+                finally:
+                    decoders.FAST_DEVICES = ("cuda",)
+                made = {key: launches[key] - before[key] for key in launches}
+                results[(name, kind)] = (logits, plain, fast, made)
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lamport_sums_give_gloo_logits_and_tokens_in_forked_cpu_ranks(tmp_path):
+    """Herd's all-reduce kernel inside real models, on CPUs: two forked ranks (gloo for the rest)
+    sum through the kernel in Triton's interpreter, over buffers shared before the fork. Tiny Llama
+    and Llama 4 (float32) then give gloo's logits and greedy tokens exactly, on the plain path and
+    through the decode plans (where the residual add is fused into the sum); a call left unmade on
+    one rank would hang them (not fail), so the two ranks' work is bounded by the launcher's join."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from herd.kernels import all_reduce
+    from tests.conftest import reference_llama
+    from tests.parallel.test_tensor_parallel import _llama4_reference
+
+    reference_llama().save_pretrained(tmp_path / "llama")
+    _llama4_reference().save_pretrained(tmp_path / "llama4")
+    folders = {"llama": ("LlamaForCausalLM", tmp_path / "llama"), "llama4": ("Llama4ForCausalLM", tmp_path / "llama4")}
+    slot = symmetric.MAX_BYTES // 4
+    buffers = [torch.full((all_reduce.buffer_elements(2, slot),), -0.0).share_memory_() for _ in range(2)]
+    states = [torch.zeros(all_reduce.STATE_LENGTH, dtype=torch.int32).share_memory_() for _ in range(2)]
+    ranks = mp.start_processes(_lamport_rank, args=(2, free_port(), folders, buffers, states, tmp_path), nprocs=2,
+                               start_method="fork", join=False)
+    deadline = time.monotonic() + 300
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish in 300 s: one waits for a sum the other never made")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for name in folders:
+        for rank in results:
+            logits, plain, fast, made = rank[(name, "lamport")]
+            gloo_logits, gloo_plain, gloo_fast, gloo_made = rank[(name, "gloo")]
+            assert made["sums"] > 0 and made["with residual"] > 0 and gloo_made["sums"] == 0, (name, made, gloo_made)
+            assert torch.equal(logits, gloo_logits), name
+            assert torch.equal(plain, gloo_plain) and torch.equal(fast, gloo_fast), name
+        assert results[0][(name, "lamport")][3] == results[1][(name, "lamport")][3]  # the same sums on both ranks
+
+
 # --- 2 GPUs ----------------------------------------------------------------------------------------
 
 
