@@ -72,12 +72,21 @@ class Terminal:
                 stopped = self.read_until("(stopped)", start, timeout=3)
             except AssertionError:
                 if "\n> " in self.output[start:]:
-                    raise AssertionError(f"the answer ended, not stopped:\n{self.output[-3000:]}") from None
+                    raise AssertionError(f"the answer ended, not stopped ({self.signal_state()}):\n"
+                                         f"{self.output[-3000:]}") from None
                 continue
             if "\n> " in self.output[start:stopped]:
                 raise AssertionError(f"the answer ended before Ctrl-C stopped it:\n{self.output[-3000:]}")
             return stopped
-        raise AssertionError(f"{attempts} Ctrl-C did not stop the answer:\n{self.output[-3000:]}")
+        raise AssertionError(f"{attempts} Ctrl-C did not stop the answer ({self.signal_state()}):\n{self.output[-3000:]}")
+
+    def signal_state(self) -> str:
+        """The child's blocked, ignored and caught signal masks (Linux), for a failure's message."""
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                return "; ".join(line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+        except OSError:
+            return "no /proc"
 
     def line(self, text: str) -> int:
         """Type a line; returns the position where the answer to it starts."""

@@ -243,9 +243,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _line_editing() -> None:
-    """Arrow keys and the session's history for input(), where the terminal allows."""
+    """Arrow keys and the session's history for input(), where the terminal allows; and Ctrl-C as
+    KeyboardInterrupt even when the process was started with SIGINT ignored or blocked (a parent's
+    disposition survives exec), since Ctrl-C is how an answer is stopped."""
     if not sys.stdin.isatty():
         return
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         import readline  # noqa: F401 - importing it is what makes input() edit lines
     except ImportError:  # Windows, or a Python built without it: plain input()
