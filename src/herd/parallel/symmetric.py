@@ -44,6 +44,8 @@ from typing import Any, Iterable, NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..kernels import all_reduce, programmatic_launch
+
 ENV = "HERD_TP_ALLREDUCE"  # "lamport", "oneshot", "nccl"; unset: the first kernel that applies
 CHOICES = ("lamport", "oneshot", "nccl")
 MAX_BYTES = 512 * 1024  # the largest sum that goes over symmetric memory, and each slot's size
@@ -157,8 +159,6 @@ def _local_reason(group: Any, device: torch.device, kernel_name: str, dtypes: tu
     except ImportError:
         return "this torch has no symmetric memory (torch.distributed._symmetric_memory)"
     if kernel_name == "lamport":
-        from ..kernels import all_reduce
-
         if all_reduce.triton is None:
             return "Triton is not installed (the lamport kernel is Triton's)"
     elif not torch._C._dispatch_has_kernel_for_dispatch_key(TORCH_OP, "CUDA"):
@@ -191,8 +191,6 @@ def _allocate(group: Any, device: torch.device, kernel_name: str, dtypes: tuple[
     per rank and generation, emptied), allocated then rendezvoused in the same order on every
     rank; a failure on any rank is every rank's reason (collective)."""
     from torch.distributed import _symmetric_memory as symm_mem
-
-    from ..kernels import all_reduce
 
     name = group.group_name
     world = dist.get_world_size(group)
@@ -253,8 +251,6 @@ def symmetric_all_reduce(tensor: torch.Tensor, residual: torch.Tensor | None, gr
     given), through the group's symmetric buffers (prepared: `takes` said yes). A fresh contiguous
     tensor of `tensor`'s shape."""
     if kernel(group_name) == "lamport":
-        from ..kernels import all_reduce, programmatic_launch
-
         buffers = _lamport[(group_name, tensor.dtype)]
         return all_reduce.launch(tensor, buffers.pointers, buffers.state, buffers.rank, buffers.world, buffers.slot,
                                  residual=residual, pdl=programmatic_launch(tensor))
