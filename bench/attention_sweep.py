@@ -41,10 +41,13 @@ def main() -> None:
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3,4")
     parser.add_argument("--chain", type=int, default=0, help="layers' caches timed back to back in one graph")
+    parser.add_argument("--chain-splits", default="", help="with --chain: these range counts (comma-separated) "
+                        "instead of the plan's, each with PDL as plan_programmatic says and without")
     args = parser.parse_args()
     if args.chain:
         for batch, context in itertools.product(map(int, args.batch_sizes.split(",")), map(int, args.contexts.split(","))):
-            chained(batch, context, args.chain, args.heads, args.kv_heads, args.head_dim)
+            for splits in [int(n) for n in args.chain_splits.split(",") if n] or [None]:
+                chained(batch, context, args.chain, args.heads, args.kv_heads, args.head_dim, splits)
         return
     import triton.testing
 
@@ -87,8 +90,8 @@ def main() -> None:
               f"stages {best[4]}: {best[0]:.1f} µs ({nbytes / best[0] / 1e3:.0f} GB/s)", flush=True)
 
 
-def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, dim: int) -> None:
-    """µs per layer of the plan's attention over `layers` separate caches in one graph."""
+def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, dim: int, splits: int | None = None) -> None:
+    """µs per layer of the plan's attention (or `splits` ranges) over `layers` separate caches in one graph."""
     import triton.testing
 
     from herd.kernels import gemv
@@ -108,7 +111,7 @@ def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, di
         for layer in range(layers):
             keys, values = caches[layer]
             x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl,
-                                        programmatic=programmatic)
+                                        programmatic=programmatic, splits=splits)
             if with_matmul:
                 x = gemv.launch(x, projections[layer], torch.empty_like(x), pdl=pdl) if batch == 1 \
                     else x @ projections[layer].t()
@@ -124,7 +127,7 @@ def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, di
         with torch.cuda.graph(graph):
             step(pdl, programmatic, with_matmul)
         microseconds = triton.testing.do_bench(graph.replay, warmup=5, rep=200, return_mode="median") * 1000 / layers
-        print(f"batch {batch}, context {context}, {layers} layers chained, pdl {pdl}, range kernel programmatic "
+        print(f"batch {batch}, context {context}, {splits or 'plan'} ranges, {layers} layers chained, pdl {pdl}, range kernel programmatic "
               f"{'as planned' if programmatic is None else programmatic}, "
               f"o matmul after each {with_matmul}: {microseconds:.1f} µs a layer "
               f"(attention bytes at {nbytes / microseconds / 1e3:.0f} GB/s)", flush=True)

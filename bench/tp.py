@@ -14,7 +14,8 @@ ms/step as `herd bench` measures it (greedy, fast path: compiled, CUDA-graph cap
 all-reduces inside the graph), timed on rank 0; the floor is one rank's weight + KV bytes over
 the copy bandwidth (the all-reduces' time is not in it).
 
-`--allreduce nccl|oneshot|lamport|all` (comma-separated; default: all three on GPUs) runs each tp
+`--allreduce nccl|oneshot|lamport|all` (comma-separated; default: all three on GPUs; also
+`lamport-unfused`: herd's kernel without the next RMSNorm in its sums) runs each tp
 size above 1 once per kind of all-reduce, a row each: `nccl` every sum through NCCL, `oneshot` the
 sums of up to 512 KB through torch's one-shot kernel over symmetric memory, `lamport` through
 herd's (kernels/all_reduce.py; parallel/symmetric.py chooses). The kind is $HERD_TP_ALLREDUCE, set
@@ -43,6 +44,9 @@ from herd.decoding.decoders import fast_decoder  # noqa: E402
 from herd.parallel import symmetric, tensor_parallel  # noqa: E402
 
 from profile_decode import kernel_table  # noqa: E402
+
+
+UNFUSED = "lamport-unfused"
 
 
 def build(args, size: int, group, device: torch.device):
@@ -112,8 +116,9 @@ def main() -> None:
     every = ["nccl", "oneshot", "lamport"]
     asked = args.allreduce or ("all" if device.type == "cuda" else "nccl")
     kinds = every if asked == "all" else asked.split(",")
-    if set(kinds) - set(every):
-        raise ValueError(f"--allreduce {asked}: use nccl, oneshot, lamport (comma-separated) or all")
+    if set(kinds) - {*every, UNFUSED}:
+        raise ValueError(f"--allreduce {asked}: use nccl, oneshot, lamport, {UNFUSED} (comma-separated) or all")
+    fuses_norm = symmetric.fuses_norm
     args.bandwidth = bench.copy_bandwidth(device)
     rows, baseline = [], {}
     for size in sizes:
@@ -123,10 +128,12 @@ def main() -> None:
         for kind in kinds if size > 1 else ["-"]:  # tp 1 has no all-reduce
             if rank >= size:
                 continue
-            if size > 1:
-                os.environ[symmetric.ENV] = kind  # read when the model is set up (TensorParallel.finish)
+            if size > 1:  # read when the model is set up (TensorParallel.finish)
+                os.environ[symmetric.ENV] = "lamport" if kind == UNFUSED else kind
+            # UNFUSED: the lamport kernel without the RMSNorm in its sums (the step before they took it)
+            symmetric.fuses_norm = (lambda tensor, group_name: False) if kind == UNFUSED else fuses_norm
             model = build(args, size, group, device)
-            skip = kind in ("oneshot", "lamport") and symmetric.kernel(group.group_name) != kind
+            skip = kind in ("oneshot", "lamport", UNFUSED) and symmetric.kernel(group.group_name) != kind.split("-")[0]
             if skip and rank == 0:
                 print(f"tp {size}: no {kind} all-reduce ({symmetric.why_off(group.group_name)}); skipped", flush=True)
             gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

@@ -12,6 +12,7 @@ generations, in sums of different sizes. (Between GPUs, against NCCL: tests/para
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -28,9 +29,19 @@ def _empty(count: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((count,), -0.0, dtype=dtype).view(_BITS[dtype])
 
 
+# (rows, width) of the calls that normalise too: widths of a power of two and not, rows more and
+# fewer than a program holds (all_reduce.norm_rows)
+NORM_SHAPES = {2: (3, 48), 4: (30, 64), 6: (1, 100)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("world, rank", [(2, 0), (3, 1)])
-def test_one_rank_of_a_sum(dtype, world, rank):
+@pytest.mark.parametrize("norm", [False, True], ids=["sum", "sum-norm"])
+def test_one_rank_of_a_sum(dtype, world, rank, norm):
+    """With `norm`, calls 2, 4 and 6 are `launch_norm`'s (residual + the sum, then its RMSNorm):
+    the same protocol, interleaved with the plain kernel's calls as a decode step makes them."""
+    from herd.kernels.gemv import torch_rms_norm
+
     slot = 2 * all_reduce.BLOCK + 64
     buffers = [torch.full((all_reduce.buffer_elements(world, slot),), -0.0, dtype=dtype) for _ in range(world)]
     pointers = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
@@ -38,7 +49,10 @@ def test_one_rank_of_a_sum(dtype, world, rank):
     generator = torch.Generator().manual_seed(world * 10 + rank)
     # 7 calls over 3 generations, longer and shorter than the call before: a generation's next
     # call must find it empty as far as its last call wrote, not only as far as the call before
-    for call, n in enumerate([3, 2 * all_reduce.BLOCK + 5, 100, all_reduce.BLOCK, 7, slot, 5]):
+    sizes = [3, 2 * all_reduce.BLOCK + 5, 100, all_reduce.BLOCK, 7, slot, 5]
+    if norm:
+        sizes = [math.prod(NORM_SHAPES[call]) if call in NORM_SHAPES else n for call, n in enumerate(sizes)]
+    for call, n in enumerate(sizes):
         generation = int(state[0])
         previous = (generation + all_reduce.PHASES - 1) % all_reduce.PHASES
         previous_written = int(state[2 + previous])
@@ -54,7 +68,19 @@ def test_one_rank_of_a_sum(dtype, world, rank):
                 start = (generation * world + peer) * slot
                 buffers[rank][start : start + n] = values[peer]
         residual = torch.randn(n, generator=generator).to(dtype) if call % 2 else None
-        out = all_reduce.launch(values[rank], pointers, state, rank, world, slot, residual=residual)
+        if norm and call in NORM_SHAPES:
+            shape = NORM_SHAPES[call]
+            residual = torch.randn(n, generator=generator).to(dtype)
+            norm_weight = torch.randn(shape[1], generator=generator).to(dtype)
+            out, normed = all_reduce.launch_norm(values[rank].view(shape), pointers, state, rank, world, slot,
+                                                 residual.view(shape), norm_weight, 1e-5)
+            expected = torch_rms_norm(out, norm_weight, 1e-5)  # of the kernel's own sum: the norm alone
+            tolerance = {torch.float32: 1e-5}.get(dtype, 2 ** -6)  # a rounding apart, in x's dtype
+            assert normed.shape == shape and torch.allclose(normed.float(), expected.float(), rtol=tolerance,
+                                                            atol=tolerance), (call, dtype)
+            out = out.view(-1)
+        else:
+            out = all_reduce.launch(values[rank], pointers, state, rank, world, slot, residual=residual)
 
         exact = sum(value.double() for value in values) + (residual.double() if residual is not None else 0)
         # float32 sums in rank order, rounded once (and again after the residual): within a unit

@@ -107,11 +107,13 @@ def test_plan_splits():
     assert decode_attention.plan_splits(1, 8, 4096) == 16  # about one program per SM
     assert decode_attention.plan_splits(1, 8, 256) == 4  # no range shorter than a block of 64 slots
     assert decode_attention.plan_splits(1, 8, 65) == 2
-    assert decode_attention.plan_splits(4, 8, 4096) == 4
+    assert decode_attention.plan_splits(4, 8, 4096) == 8  # 256 programs of 512 slots
     assert decode_attention.plan_splits(64, 8, 4096) == 1  # the batch fills the GPU already
     assert decode_attention.plan_splits(1, 8, 256, block=32) == 8
-    # long caches: up to 512 programs, ranges of at least 1024 slots, a power of two of them
-    assert decode_attention.plan_splits(1, 8, 32768) == 32
+    # long caches: up to 512 programs, ranges of at least 512 slots, a power of two of them
+    assert decode_attention.plan_splits(1, 8, 32768) == 64
+    assert decode_attention.plan_splits(1, 8, 16384) == 32
+    assert decode_attention.plan_splits(1, 8, 12288) == 16  # 24 ranges' worth: the power of two below
     assert decode_attention.plan_splits(1, 8, 122880) == 64
     assert decode_attention.plan_splits(1, 8, 8192) == 16
     assert decode_attention.plan_splits(4, 8, 32768) == 16
@@ -120,12 +122,13 @@ def test_plan_splits():
 
 def test_plan_programmatic():
     """The range kernel is a programmatic dependent except in grids beyond 256 programs of ranges
-    of 1024+ slots."""
+    of 512+ slots."""
     def plan(batch, slots):
         return decode_attention.plan_programmatic(batch, 8, decode_attention.plan_splits(batch, 8, slots), slots)
 
     assert not plan(1, 122880)  # 512 programs of 1920 slots
-    assert plan(1, 32768)  # 256 programs
+    assert not plan(1, 32768)  # 512 programs of 512 slots
+    assert plan(1, 16384)  # 256 programs
     assert plan(1, 4096) and plan(1, 8192)  # 128 programs (chunked rings)
     assert not plan(16, 4096)  # 512 programs of 1024 slots
     assert plan(64, 192)  # 512 programs of 192 slots

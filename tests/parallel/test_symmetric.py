@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from herd.kernels import gemv
 from herd.parallel import symmetric, tensor_parallel
 from tests.parallel.test_tensor_parallel import _cases, _launch, _one_process, free_port
 
@@ -77,17 +78,21 @@ def test_the_op_is_traced_whole_into_the_graph(monkeypatch):
     monkeypatch.setitem(symmetric._active, "tp", ("lamport", (torch.bfloat16,)))
 
     class Step(torch.nn.Module):
-        def forward(self, x, residual, row):
+        def forward(self, x, residual, row, norm_weight):
             fused = tensor_parallel.all_reduce(x * 2, "tp", residual=residual)
-            return tensor_parallel.all_reduce(fused, "tp", residual=row) + 1
+            hidden, normed = tensor_parallel.all_reduce_norm(fused, "tp", residual, norm_weight, 1e-5)
+            return tensor_parallel.all_reduce(hidden + normed, "tp", residual=row) + 1
 
     with FakeTensorMode():
         x = torch.empty(2, 4096, dtype=torch.bfloat16, device="cuda")
         row = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
-        exported = torch.export.export(Step(), (x, torch.empty_like(x), row), strict=True)
+        norm_weight = torch.empty(4096, dtype=torch.bfloat16, device="cuda")
+        exported = torch.export.export(Step(), (x, torch.empty_like(x), row, norm_weight), strict=True)
         summed = torch.ops.herd.symmetric_all_reduce(x.t(), None, "tp")
     calls = [node for node in exported.graph.nodes if node.target is torch.ops.herd.symmetric_all_reduce.default]
     assert len(calls) == 2 and all(call.args[2] == "tp" for call in calls)
+    norms = [node for node in exported.graph.nodes if node.target is torch.ops.herd.symmetric_all_reduce_norm.default]
+    assert len(norms) == 1 and norms[0].args[3:] == (1e-5, "tp")
     assert calls[0].args[1] is not None and calls[1].args[1] is None  # the (1, 4096) row: added outside
     assert summed.shape == (4096, 2) and summed.is_contiguous() and summed.dtype == torch.bfloat16
 
@@ -124,7 +129,7 @@ def _lamport_rank(rank: int, size: int, port: int, folders: dict, buffers: list,
     """A forked gloo rank whose sums go through herd's kernel (Triton's interpreter) over buffers
     shared before the fork, as symmetric memory would give them on GPUs: each tiny model's logits
     and greedy tokens (plain path, and the decode plans on the CPU, their residual adds fused into
-    the sums), then the same with every sum on gloo; and how many sums the kernel made."""
+    the sums, Llama's next RMSNorm too), then the same with every sum on gloo; and how many sums the kernel made."""
     import torch.distributed as dist
 
     import herd
@@ -135,15 +140,20 @@ def _lamport_rank(rank: int, size: int, port: int, folders: dict, buffers: list,
     torch.set_num_threads(1)  # forked: the parent's OpenMP threads are not here (a parallel op would wait for them)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    launches = {"sums": 0, "with residual": 0}
-    launch = all_reduce.launch
+    launches = {"sums": 0, "with residual": 0, "with norm": 0}
+    launch, launch_norm = all_reduce.launch, all_reduce.launch_norm
 
     def counted(*args, residual=None, **kwargs):
         launches["sums"] += 1
         launches["with residual"] += residual is not None
         return launch(*args, residual=residual, **kwargs)
 
-    all_reduce.launch = counted
+    def counted_norm(*args, **kwargs):
+        launches["sums"] += 1
+        launches["with norm"] += 1
+        return launch_norm(*args, **kwargs)
+
+    all_reduce.launch, all_reduce.launch_norm = counted, counted_norm
     # the GPU rule, CPU tensors allowed
     symmetric.takes = lambda tensor, group_name: (
         symmetric.kernel(group_name) is not None and tensor.dtype in symmetric._active[group_name][1]
@@ -213,7 +223,11 @@ def test_lamport_sums_give_gloo_logits_and_tokens_in_forked_cpu_ranks(tmp_path):
         for rank in results:
             logits, plain, fast, made = rank[(name, "lamport")]
             gloo_logits, gloo_plain, gloo_fast, gloo_made = rank[(name, "gloo")]
-            assert made["sums"] > 0 and made["with residual"] > 0 and gloo_made["sums"] == 0, (name, made, gloo_made)
+            assert made["sums"] > 0 and gloo_made["sums"] == 0, (name, made, gloo_made)
+            # the decode plans fuse the residual add into the sums; Llama's the next RMSNorm too,
+            # beyond one row (on the CPU, where the few-row kernel never runs, at every row count)
+            assert made["with residual" if name == "llama4" else "with norm"] > 0, (name, made)
+            assert (made["with norm"] > 0) == (name == "llama"), (name, made)
             assert torch.equal(logits, gloo_logits), name
             assert torch.equal(plain, gloo_plain) and torch.equal(fast, gloo_fast), name
         assert results[0][(name, "lamport")][3] == results[1][(name, "lamport")][3]  # the same sums on both ranks
@@ -268,6 +282,20 @@ def _gpu_rank(rank: int, size: int, port: int, kernel_name: str) -> None:
             large = torch.randn(at_cap * 2, generator=generator, device=device).to(dtype)
             assert not symmetric.takes(large, name)
             assert torch.equal(tensor_parallel.all_reduce(large, name), nccl(large))
+            shared = torch.Generator(device).manual_seed(7)  # the residual stream and the norm: every rank's alike
+            for rows, width in ((1, 4096), (64, 4096), (5, 5120), (3, 48)):  # sums that also normalise
+                x = torch.randn(rows, width, generator=generator, device=device).to(dtype)
+                residual = torch.randn(rows, width, generator=shared, device=device).to(dtype)
+                norm_weight = torch.randn(width, generator=shared, device=device).to(dtype)
+                fused = tensor_parallel.all_reduce_norm(x, name, residual, norm_weight, 1e-5)
+                assert (fused is not None) == (kernel_name == "lamport" and symmetric.fits(x)), (dtype, rows, width)
+                if fused is not None:
+                    out, normed = fused
+                    assert torch.equal(out, residual + nccl(x)), (dtype, rows, width)
+                    reference = gemv.torch_rms_norm(out, norm_weight, 1e-5)
+                    tolerance = {torch.float32: 1e-5}.get(dtype, 2 ** -7)  # a rounding apart at most
+                    assert torch.allclose(normed.float(), reference.float(), rtol=tolerance, atol=tolerance)
+                    assert same_on_every_rank(normed), (dtype, rows, width)
 
         # compiled (the op opaque in the graph) and captured in a CUDA graph, replayed on new inputs:
         # seven sums a replay, so the lamport kernel's generations come round at every position

@@ -38,8 +38,9 @@ BLOCK_SLOTS = 64  # keys read per loop step (32 for heads of at most 64 dimensio
 TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the grid is this large
 # Long caches: ranges of at least LONG_RANGE_SLOTS slots, up to LONG_CONTEXT_PROGRAMS programs (several
 # per SM keep more reads in flight; bench/RESULTS.md, 2026-11-30 third session: at 120k slots 64-128
-# ranges read 3.75 TB/s where 16 read 2.5)
-LONG_RANGE_SLOTS = 1024
+# ranges read 3.75 TB/s where 16 read 2.5; eighth session: ranges of 512 rather than 1024 slots took
+# the 8B's step at 16k from 5.71-5.88 to 5.16-5.21 ms, at 32k from 5.79-5.86 to 5.60-5.71)
+LONG_RANGE_SLOTS = 512
 LONG_CONTEXT_PROGRAMS = 512
 ORDINARY_LAUNCH_PROGRAMS = 256  # larger grids of long ranges launch after the previous kernel (`plan_programmatic`)
 

@@ -225,9 +225,9 @@ def torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot, key_scales=None,
-                          value_scales=None):
+                          value_scales=None, normed=None):
     rows, head_dim, kv_heads = x.shape[0], keys.shape[-1], keys.shape[1]
-    qkv = torch_linear(torch_rms_norm(x, norm_weight, eps), weight, bias)  # (rows, (heads + 2 kv_heads) * head_dim)
+    qkv = torch_linear(torch_rms_norm(x, norm_weight, eps) if normed is None else normed, weight, bias)  # (rows, (heads + 2 kv_heads) * head_dim)
     # -> query (rows, heads, head_dim), key/value (rows, kv_heads, head_dim)
     query, key, value = qkv.view(rows, -1, head_dim).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
     cos, sin = cos.view(rows, 1, head_dim), sin.view(rows, 1, head_dim)
@@ -295,20 +295,22 @@ def _(stored, scales, slot, quantized, scale):
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor | QuantizedWeight,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                normed: torch.Tensor | None = None) -> torch.Tensor:
     """x (rows, in) -> weight @ rms_norm(x) (rows, out), in out_dtype (x's unless given: the head
-    asks for float32)."""
-    if kernel_applies(x, norm_weight, weight, bias=bias):
+    asks for float32). `normed`: rms_norm(x) when already computed (by the sum that made x:
+    decoding/plans/llama.project_add_norm), then the library matmul."""
+    if normed is None and kernel_applies(x, norm_weight, weight, bias=bias):
         data, scale, offset = _op_weight(weight)
         return torch.ops.herd.norm_linear(x, norm_weight, eps, data, out_dtype or x.dtype, scale, offset)
-    out = torch_linear(torch_rms_norm(x, norm_weight, eps), weight, bias)
+    out = torch_linear(torch_rms_norm(x, norm_weight, eps) if normed is None else normed, weight, bias)
     return out if out_dtype is None else out.to(out_dtype)
 
 
 def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor | QuantizedWeight,
                     bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                     values: torch.Tensor, slot: torch.Tensor, key_scales: torch.Tensor | None = None,
-                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
+                    value_scales: torch.Tensor | None = None, normed: torch.Tensor | None = None) -> torch.Tensor:
     """The attention input of one new token per row: x (rows, hidden) -> query (rows, heads * head_dim),
     rotated; the rotated key and the value go into keys/values (rows, kv_heads, slots, head_dim) at
     slot (1,), or into a paged pool (1, kv_heads, slots, head_dim) at slot (rows,) (`store_key_value`). weight: q, k and v stacked ((heads + 2 kv_heads) * head_dim, hidden). cos/sin
@@ -321,7 +323,8 @@ def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     (its block of rows covers part of a head)."""
     fp8 = key_scales is not None
     if (
-        kernel_applies(x, norm_weight, weight, cos, sin, *((keys, values) if not fp8 else ()), bias=bias)
+        normed is None
+        and kernel_applies(x, norm_weight, weight, cos, sin, *((keys, values) if not fp8 else ()), bias=bias)
         and keys.is_contiguous()
         and values.is_contiguous()
         and keys.shape[-1] % 2 == 0
@@ -340,18 +343,19 @@ def norm_qkv_rotary(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
             store_key_value(keys, values, slot, kernel_keys[:, :, 0], kernel_values[:, :, 0], key_scales, value_scales)
         return query
     return torch_norm_qkv_rotary(x, norm_weight, eps, weight, bias, cos, sin, keys, values, slot, key_scales,
-                                 value_scales)
+                                 value_scales, normed)
 
 
 def norm_gated_activation(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                           gate_up_weight: torch.Tensor | QuantizedWeight, activation,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
+                          bias: torch.Tensor | None = None, normed: torch.Tensor | None = None) -> torch.Tensor:
     """act(gate(n)) * up(n) with n = rms_norm(x): x (rows, hidden) -> (rows, intermediate);
-    gate_up_weight (2 * intermediate, hidden), gate rows first. One kernel for SiLU (every Llama)."""
-    if activation is nn.functional.silu and kernel_applies(x, norm_weight, gate_up_weight, bias=bias):
+    gate_up_weight (2 * intermediate, hidden), gate rows first. One kernel for SiLU (every Llama).
+    `normed`: n when already computed (as `norm_linear`'s)."""
+    if normed is None and activation is nn.functional.silu and kernel_applies(x, norm_weight, gate_up_weight, bias=bias):
         data, scale, offset = _op_weight(gate_up_weight)
         return torch.ops.herd.norm_swiglu(x, norm_weight, eps, data, scale, offset)
-    gate_up = torch_linear(torch_rms_norm(x, norm_weight, eps), gate_up_weight, bias)
+    gate_up = torch_linear(torch_rms_norm(x, norm_weight, eps) if normed is None else normed, gate_up_weight, bias)
     gate, up = gate_up.chunk(2, dim=-1)
     return activation(gate) * up
 

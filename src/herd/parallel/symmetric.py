@@ -266,3 +266,25 @@ def symmetric_all_reduce(tensor: torch.Tensor, residual: torch.Tensor | None, gr
 @symmetric_all_reduce.register_fake
 def _(tensor: torch.Tensor, residual: torch.Tensor | None, group_name: str) -> torch.Tensor:
     return tensor.new_empty(tensor.shape)
+
+
+@torch.library.custom_op("herd::symmetric_all_reduce_norm", mutates_args=(),
+                         schema="(Tensor tensor, Tensor residual, Tensor norm_weight, float eps, str group_name) -> (Tensor, Tensor)")
+def symmetric_all_reduce_norm(tensor: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                              group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + the sum of `tensor` (rows, width) over the group's ranks, its RMSNorm by
+    `norm_weight`) in one kernel: the lamport kernel's rows variant (`fuses_norm` said yes)."""
+    buffers = _lamport[(group_name, tensor.dtype)]
+    return all_reduce.launch_norm(tensor, buffers.pointers, buffers.state, buffers.rank, buffers.world, buffers.slot,
+                                  residual, norm_weight, eps, pdl=programmatic_launch(tensor))
+
+
+@symmetric_all_reduce_norm.register_fake
+def _(tensor, residual, norm_weight, eps, group_name):
+    return tensor.new_empty(tensor.shape), tensor.new_empty(tensor.shape)
+
+
+def fuses_norm(tensor: torch.Tensor, group_name: str) -> bool:
+    """Whether the sum of `tensor` (rows, width) can also normalise its rows in the same kernel
+    (the lamport kernel's rows variant): `takes`, and the lamport kernel."""
+    return takes(tensor, group_name) and kernel(group_name) == "lamport" and tensor.dim() == 2

@@ -80,6 +80,18 @@ def all_reduce(tensor: torch.Tensor, group_name: str, residual: torch.Tensor | N
     return summed if residual is None else residual + summed
 
 
+def all_reduce_norm(tensor: torch.Tensor, group_name: str, residual: torch.Tensor, norm_weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(residual + the sum of `tensor` (rows, width) over the group's ranks, that RMSNorm'd by
+    `norm_weight`) from one kernel where herd's symmetric-memory kernel takes the sum; None
+    elsewhere (the caller sums with `all_reduce` and normalises apart, which the compiled step
+    fuses its own way)."""
+    if (residual.shape != tensor.shape or residual.dtype != tensor.dtype or norm_weight.dtype != tensor.dtype
+            or not symmetric.fuses_norm(tensor, group_name)):
+        return None
+    return torch.ops.herd.symmetric_all_reduce_norm(tensor, residual, norm_weight, eps, group_name)
+
+
 def all_reduce_max(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
     """The elementwise maximum of `tensor` over the group's ranks (every rank gets it); always
     through NCCL (the symmetric-memory kernels only sum)."""

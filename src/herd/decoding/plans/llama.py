@@ -3,7 +3,8 @@
 Per layer, at batch 1 (quantized weights: 1 to 4) on a GPU (kernels/gemv.py, kernels/decode_attention.py):
 1. q/k/v of rms_norm(x) in one kernel, rotary and the cache write in its epilogue;
 2. split attention over the cache, each key/value read once for the query heads that share it;
-3. o with the residual add (under tensor parallel: o's partial products summed across ranks first);
+3. o with the residual add (under tensor parallel: o's partial products summed across ranks first;
+   beyond one row the sum's kernel also normalises for the next projection: `project_add_norm`);
 4. gate/up of rms_norm(x) with SiLU(gate) * up, in one kernel;
 5. down with the residual add (likewise).
 Elsewhere the same arithmetic in torch, which the compiled step fuses its own way.
@@ -16,7 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ...kernels import gemv
-from ...parallel.tensor_parallel import all_reduce, gather_logits, reduce_group
+from ...parallel.tensor_parallel import all_reduce, all_reduce_norm, gather_logits, reduce_group
 from ..fusion import Fused, fuse, kernel_weight
 from ..kv import DecodeKV, LayerKV, attend
 from . import FULL, DecodePlan
@@ -64,19 +65,26 @@ def embed(text_model, tokens: torch.Tensor, positions: torch.Tensor):
 
 
 def llama_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: LayerKV) -> torch.Tensor:
-    """LlamaDecoderLayer.forward for one token per row: hidden (batch, hidden) -> (batch, hidden)."""
+                kv: LayerKV, normed: torch.Tensor | None = None, next_norm=None,
+                next_weight=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LlamaDecoderLayer.forward for one token per row: hidden (batch, hidden) -> (batch, hidden),
+    and its RMSNorm by `next_norm` (the next layer's input norm or the final norm, feeding
+    `next_weight`) where tensor parallel's sum computes it (`project_add_norm`), else None.
+    `normed`: this layer's input normalised by the previous layer's sum, or None."""
     attn, mlp = layer.self_attn, layer.mlp
     norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     batch = hidden.shape[0]
     query = gemv.norm_qkv_rotary(hidden, norm.weight, norm.eps, weights.qkv, weights.qkv_bias, cos, sin,
-                                 kv.keys, kv.values, kv.slot, kv.key_scales, kv.value_scales)  # (batch, heads * head_dim)
+                                 kv.keys, kv.values, kv.slot, kv.key_scales, kv.value_scales,
+                                 normed=normed)  # (batch, heads * head_dim)
     query = query.view(batch, attn.num_heads, 1, attn.head_dim)
     attended = attend(query, kv, attn.scaling)
-    hidden = project_add(attended, weights.o, hidden, attn.o_proj)
+    hidden, post_normed = project_add_norm(attended, weights.o, hidden, attn.o_proj, post_norm, weights.gate_up)
     activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up,
-                                           mlp.act_fn, weights.gate_up_bias)  # (batch, intermediate)
-    return project_add(activated, weights.down, hidden, mlp.down_proj)
+                                           mlp.act_fn, weights.gate_up_bias, normed=post_normed)  # (batch, intermediate)
+    if next_norm is None:
+        return project_add(activated, weights.down, hidden, mlp.down_proj), None
+    return project_add_norm(activated, weights.down, hidden, mlp.down_proj, next_norm, next_weight)
 
 
 def project_add(x: torch.Tensor, weight, residual: torch.Tensor, linear) -> torch.Tensor:
@@ -89,6 +97,20 @@ def project_add(x: torch.Tensor, weight, residual: torch.Tensor, linear) -> torc
     return summed(gemv.linear(x, weight, linear.bias), linear, residual)  # the bias: rank 0's alone
 
 
+def project_add_norm(x: torch.Tensor, weight, residual: torch.Tensor, linear, norm,
+                     next_weight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(project_add's result, its RMSNorm by `norm`) where tensor parallel's sum can normalise in
+    the same kernel and the next projection (`next_weight`) would not fuse the norm itself (more
+    rows than the few-row kernel takes: the library matmul's input is normalised apart, one
+    kernel per norm); else (project_add's result, None)."""
+    group = reduce_group(linear)
+    if group is None or gemv.kernel_applies(residual, norm.weight, next_weight):
+        return project_add(x, weight, residual, linear), None
+    partial = gemv.linear(x, weight, linear.bias)
+    fused = all_reduce_norm(partial, group, residual, norm.weight, norm.eps)
+    return fused if fused is not None else (summed(partial, linear, residual), None)
+
+
 def summed(partial: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
     """A module's output, all-reduced where tensor parallel makes it a partial sum (a linear split
     by its input features, Llama 4's feed-forward block); as it is otherwise. Plus `residual`
@@ -99,10 +121,11 @@ def summed(partial: torch.Tensor, module, residual: torch.Tensor | None = None) 
     return all_reduce(partial, group, residual=residual)
 
 
-def head(norm, lm_head, hidden: torch.Tensor) -> torch.Tensor:
+def head(norm, lm_head, hidden: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, hidden) -> float32 logits (batch, vocab) (under tensor parallel this rank's
-    vocabulary rows, gathered)."""
-    logits = gemv.norm_linear(hidden, norm.weight, norm.eps, lm_head.weight, lm_head.bias, out_dtype=torch.float32)
+    vocabulary rows, gathered). `normed`: norm(hidden) when the last sum computed it."""
+    logits = gemv.norm_linear(hidden, norm.weight, norm.eps, lm_head.weight, lm_head.bias, out_dtype=torch.float32,
+                              normed=normed)
     return gather_logits(lm_head, logits)
 
 
@@ -126,6 +149,11 @@ class LlamaPlan(DecodePlan):
 
     def step(self, run, tokens, positions, kv: DecodeKV) -> torch.Tensor:
         hidden, cos, sin = run["embed"](self.text_model, tokens, positions)
-        for index, layer in enumerate(self.text_model.layers):
-            hidden = run["layer"](layer, self.weights[index], hidden, cos, sin, kv.layer(index))
-        return run["head"](self.text_model.norm, self.model.lm_head, hidden)
+        layers, normed = self.text_model.layers, None
+        for index, layer in enumerate(layers):
+            # the norm that follows and the weight it feeds: tensor parallel's sums may compute it
+            following = ((layers[index + 1].input_layernorm, self.weights[index + 1].qkv) if index + 1 < len(layers)
+                         else (self.text_model.norm, self.model.lm_head.weight))
+            hidden, normed = run["layer"](layer, self.weights[index], hidden, cos, sin, kv.layer(index), normed,
+                                          *following)
+        return run["head"](self.text_model.norm, self.model.lm_head, hidden, normed)

@@ -103,7 +103,7 @@ class MllamaPlan(DecodePlan):
         hidden, cos, sin = run["embed"](self.text_model, tokens, positions)
         for index, layer in enumerate(self.text_model.layers):
             if index not in self.cross_layers:
-                hidden = run["layer"](layer, self.weights[index], hidden, cos, sin, kv.layer(index))
+                hidden, _ = run["layer"](layer, self.weights[index], hidden, cos, sin, kv.layer(index))
             elif kv.cross is not None:
                 hidden = run["cross_attention_layer"](layer, self.weights[index], hidden, kv.layer(index),
                                                       kv.cross.row_sees_image)
