@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -41,12 +42,25 @@ def fp8_activation_probe(model, rows: torch.Tensor, rank: int) -> dict:
     return probed
 
 
+_STARTED = time.monotonic()
+_progress_path: str | None = None
+
+
+def progress(message: str) -> None:
+    """A line in OUT/progress-rank{RANK}.txt with the seconds since start: what a test that times
+    out reports (which stage a rank was in)."""
+    if _progress_path is not None:
+        with open(_progress_path, "a") as file:
+            file.write(f"{time.monotonic() - _STARTED:7.1f} s  {message}\n")
+
+
 def run_case(case: dict, rank: int) -> dict:
     import herd
     from herd.quantization import config_from_name
     from herd.decoding import decoders
     from herd.parallel import symmetric, tensor_parallel_of
 
+    progress(f"{case['name']}: loading")
     try:
         quantization = config_from_name(case.get("quantization"))  # a name: the cases file holds no objects
         model = getattr(herd, case["class"]).from_pretrained(case["folder"], tp_plan="auto", progress=False,
@@ -58,21 +72,26 @@ def run_case(case: dict, rank: int) -> dict:
     all_reduce = symmetric.kernel(group_name) or symmetric.why_off(group_name)  # the sums' path
     ids, mask = case["ids"].to(device), case["mask"].to(device)
     forward = {name: value.to(device) for name, value in case.get("forward", {}).items()}
+    progress(f"{case['name']}: forward (sums: {all_reduce})")
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, **forward).logits.cpu()
+    progress(f"{case['name']}: plain generate")
     greedy = dict(attention_mask=mask, max_new_tokens=case["new_tokens"], do_sample=False, pad_token_id=0,
                   eos_token_id=None)
     plain = model.generate(ids, disable_compile=True, **greedy)
     decoders.FAST_DEVICES = ("cuda", "cpu")  # the decode plan, uncompiled and uncaptured on the CPU
+    progress(f"{case['name']}: fast generate")
     try:
         fast = model.generate(ids, **greedy)
     finally:
         decoders.FAST_DEVICES = ("cuda",)
     sampled = None
     if case["sample"]:
+        progress(f"{case['name']}: sampled generate")
         torch.manual_seed(1000 + rank)  # each rank its own draws: rank 0's must win
         sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0,
                                  eos_token_id=None, disable_compile=True).cpu()
+    progress(f"{case['name']}: save_pretrained")
     try:
         model.save_pretrained(os.path.join(case["folder"], f"saved-by-rank{rank}"))
         saved = "saved"
@@ -86,10 +105,13 @@ def run_case(case: dict, rank: int) -> dict:
 
 
 def main(cases_path: str, out_dir: str) -> None:
+    global _progress_path
     torch.set_num_threads(1)
     cases = torch.load(cases_path, weights_only=True)
     rank = int(os.environ["RANK"])
+    _progress_path = os.path.join(out_dir, f"progress-rank{rank}.txt")
     results = {case["name"]: run_case(case, rank) for case in cases}
+    progress("done")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still talks to it
