@@ -501,3 +501,17 @@ def test_fusing_again_after_the_weights_were_replaced(fast_on_cpu, llama_folder)
     attn = model.model.layers[0].self_attn
     assert decoders.fast_decoder(model).plan.fused[0].qkv.weight.dtype == torch.float64
     assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 8
+
+
+@needs_cuda
+def test_released_graphs_are_captured_again(llama_folder):
+    """graphs.release_captured (what tensor parallel runs before destroy_process_group) frees every
+    captured step; the next generate() captures again and gives the same tokens."""
+    model = herd.LlamaForCausalLM.from_pretrained(llama_folder, device_map="cuda", progress=False)
+    ids, mask = _prompts(2, 11)
+    greedy = dict(attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    first = model.generate(ids.cuda(), **greedy)
+    captures = decoders.fast_decoder(model).captures
+    assert captures >= 1 and graphs.release_captured() >= 1
+    assert torch.equal(model.generate(ids.cuda(), **greedy), first)
+    assert decoders.fast_decoder(model).captures > captures

@@ -556,3 +556,36 @@ def test_llama4_quantized_experts_split_exactly(tmp_path, format):
     o = "model.layers.1.self_attn.o_proj"
     assert torch.equal(bits(held[f"{o}.weight"]), bits(whole[f"{o}.weight"][:, 16:]))
     assert torch.equal(held[f"{o}.weight_scale"], whole[f"{o}.weight_scale"])
+
+
+def test_destroying_the_process_group_releases_captured_graphs_first(monkeypatch, tmp_path):
+    """A CUDA graph that captured NCCL collectives makes destroy_process_group() hang while it
+    lives (pytorch/pytorch#115388): once a tensor-parallel model is set up, destroying the group
+    releases herd's captured steps first (the group still up when they go), under either name a
+    script calls, and the wrapper is installed once."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    from herd.decoding import graphs
+    from herd.parallel import tensor_parallel
+
+    original = distributed_c10d.destroy_process_group
+    monkeypatch.setattr(distributed_c10d, "destroy_process_group", original)  # restored after the test
+    monkeypatch.setattr(dist, "destroy_process_group", original)
+    events = []
+
+    class Step:  # stands in for a CapturedStep (CUDA only): what release_captured calls
+        released = False
+
+        def release(self):
+            events.append(("released", dist.is_initialized()))
+
+    monkeypatch.setattr(graphs, "_captured", {Step()})
+    tensor_parallel.release_graphs_on_destroy()
+    tensor_parallel.release_graphs_on_destroy()  # a second model: not wrapped twice
+    wrapped = dist.destroy_process_group
+    assert wrapped is distributed_c10d.destroy_process_group and wrapped.__wrapped__ is original
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    wrapped()
+    assert events == [("released", True)] and not dist.is_initialized()
+    assert not graphs._captured

@@ -308,7 +308,7 @@ class FastDecoder:
         """The captured step (greedy: the step and the choice of its token) for the current shape."""
         entry = self.entry
         key = (greedy, self.plan.shape_key(entry.kv))
-        if key not in entry.graphs:
+        if key not in entry.graphs or entry.graphs[key].released:  # released: see graphs.release_captured
             self._mark_dynamic()
             saved = entry.tokens.clone(), entry.positions.clone(), entry.cache_position.clone()
 

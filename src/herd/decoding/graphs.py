@@ -16,6 +16,7 @@ memory: the plain forward launches hundreds of small kernels and syncs with the 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Callable
 
 import torch
@@ -89,6 +90,7 @@ class CapturedStep:
     """
 
     def __init__(self, run: Callable[[], torch.Tensor | None], rewind: Callable[[], None], pool=None):
+        self.released = False
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -101,7 +103,34 @@ class CapturedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):
             self.output = run()
+        _captured.add(self)
 
     def replay(self) -> torch.Tensor | None:
+        if self.released:
+            raise RuntimeError("this decode step's CUDA graph was released (`release_captured`): capture it again")
         self.graph.replay()
         return self.output
+
+    def release(self) -> None:
+        """Free the graph now (what it captured, collectives included), not when it is collected."""
+        if not self.released:
+            self.released = True
+            self.graph.reset()
+
+
+# Every live captured step. A graph that captured NCCL collectives (tensor parallel's sums and
+# gathers) makes torch.distributed.destroy_process_group() hang in ncclCommDestroy while it exists
+# (pytorch/pytorch#115388, still open): parallel/tensor_parallel.py releases them all first. The
+# decoders capture a released step again when it is next needed.
+_captured: weakref.WeakSet = weakref.WeakSet()
+
+
+def release_captured() -> int:
+    """Release every live captured step (`CapturedStep.release`); how many there were."""
+    steps = list(_captured)
+    if steps and torch.cuda.is_available():
+        torch.cuda.synchronize()  # none may be replaying
+    for step in steps:
+        step.release()
+    _captured.clear()
+    return len(steps)

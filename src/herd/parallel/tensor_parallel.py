@@ -431,10 +431,37 @@ class TensorParallel:
                 for name in self.rank0_biases:
                     model.get_parameter(name).zero_()
         symmetric.prepare(self.group, self.device, [model.dtype])
+        release_graphs_on_destroy()
 
     def same_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
         return tokens
+
+
+def release_graphs_on_destroy() -> None:
+    """Make torch.distributed.destroy_process_group() release herd's captured decode steps first.
+
+    A CUDA graph that captured NCCL collectives (the fast path's gathers, and its sums where they
+    take NCCL) makes destroy_process_group() hang in ncclCommDestroy for as long as the graph lives
+    (pytorch/pytorch#115388); a user's script that ends the way torchrun's examples do would
+    never exit. Installed once, on the names scripts call (`dist.destroy_process_group` and
+    distributed_c10d's); the model cannot decode under tensor parallel after it anyway."""
+    from torch.distributed import distributed_c10d
+
+    original = distributed_c10d.destroy_process_group
+    if getattr(original, "releases_herd_graphs", False):
+        return
+
+    @functools.wraps(original)
+    def destroy_process_group(*args, **kwargs):
+        from ..decoding.graphs import release_captured
+
+        release_captured()
+        return original(*args, **kwargs)
+
+    destroy_process_group.releases_herd_graphs = True
+    distributed_c10d.destroy_process_group = destroy_process_group
+    dist.destroy_process_group = destroy_process_group
 
 
 def tensor_parallel_of(model: nn.Module) -> TensorParallel | None:

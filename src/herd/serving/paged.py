@@ -290,7 +290,7 @@ class PagedRunner:
         with torch.no_grad():
             if not self.capture:
                 return self._step()[:rows]
-            if key not in self.graphs:
+            if key not in self.graphs or self.graphs[key].released:  # released: see graphs.release_captured
                 self.graphs[key] = CapturedStep(self._step, lambda: None, self.pool)
                 self.pool = self.graphs[key].pool
             return self.graphs[key].replay()[:rows].clone()
