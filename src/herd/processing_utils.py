@@ -176,6 +176,16 @@ class ProcessorMixin(hub.PushToHubMixin):
     def __repr__(self) -> str:
         return f"{type(self).__name__}:\n- image_processor: {self.image_processor!r}\n- tokenizer: {self.tokenizer!r}\n"
 
+    def _check_image_tokens_kept(self, texts: list[str], input_ids: Any) -> None:
+        """Truncation must not cut image tokens: each would lose its image."""
+        in_ids = [list(row).count(self.image_token_id) for row in input_ids]
+        in_text = [item.count(self.image_token) for item in texts]
+        if in_ids != in_text:
+            raise ValueError(
+                f"Mismatch in `image` token count between text and `input_ids`: ids={in_ids}, text={in_text}. "
+                "Likely due to truncation (truncation=True / max_length): disable it or increase max_length."
+            )
+
     def decode(self, *args: Any, **kwargs: Any) -> Any:
         """The tokenizer's decode."""
         return self.tokenizer.decode(*args, **kwargs)

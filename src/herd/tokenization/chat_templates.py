@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -300,9 +301,14 @@ def _json_schema_for_type(hint: Any) -> dict:
             return {}
         if hint in _BASIC_JSON_TYPES:
             return {"type": _BASIC_JSON_TYPES[hint]}
-        if hint is list or hint is tuple:
-            return {"type": "array"}
-        return {"type": "object"}  # dicts and other classes, as transformers maps them
+        # transformers' two media types (a hint naming either means its module is already imported).
+        torch, pil_image = sys.modules.get("torch"), sys.modules.get("PIL.Image")
+        if torch is not None and hint is torch.Tensor:
+            return {"type": "audio"}
+        if pil_image is not None and hint is pil_image.Image:
+            return {"type": "image"}
+        # Bare list, tuple, dict and any other class: "object", as transformers maps them.
+        return {"type": "object"}
     if origin is typing.Union or origin is types.UnionType:
         members = [_json_schema_for_type(arg) for arg in args if arg is not type(None)]
         if len(members) == 1:

@@ -877,6 +877,16 @@ class PreTrainedTokenizerFast(hub.PushToHubMixin):
             )
         except Exception as error:  # tokenizers raises bare Exceptions (e.g. impossible truncation)
             raise ValueError(f"tokenization failed: {error}") from error
+        except BaseException as error:
+            # tokenizers panics (a pyo3 PanicException, no Exception subclass) when the overflow stride is not
+            # below the room truncation leaves a sequence; callers catching Exception would miss it.
+            if type(error).__name__ != "PanicException":
+                raise
+            raise ValueError(
+                f"tokenization failed: stride={stride} is not below the tokens truncation to max_length={max_length} "
+                "leaves a sequence (less special tokens and, for pairs, the other text's share): use a smaller "
+                f"stride or a larger max_length (tokenizers: {str(error).splitlines()[0]}...)"
+            ) from None
 
         fields, flat = self._encodings_to_dict(
             encodings,
@@ -1044,6 +1054,8 @@ class PreTrainedTokenizerFast(hub.PushToHubMixin):
     ) -> str | list[str]:
         """The text of a sequence of ids (ints, a list, a tensor or an array); a batch gives a list of texts."""
         kwargs.pop("use_source_tokenizer", None)
+        # Slow tokenizers' option; transformers' fast (tokenizers-backed) decode ignores it, and so does herd.
+        kwargs.pop("spaces_between_special_tokens", None)
         if kwargs:
             raise TypeError(f"decode() got unexpected arguments {sorted(kwargs)}")
         token_ids = _to_python(token_ids)

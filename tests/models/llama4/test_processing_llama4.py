@@ -397,3 +397,47 @@ def test_assistant_masks_match_transformers(bare_processor, reference_processor,
         assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
     if conversation != "two_images":
         assert torch.as_tensor(got["assistant_masks"]).any()
+
+
+MULTI_TURN_IMAGES = [
+    {"role": "user", "content": [{"type": "image", "path": str(PHOTOS["chelsea"])}, {"type": "text", "text": "What?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    {"role": "user", "content": [{"type": "image", "path": str(PHOTOS["coffee"])},
+                                 {"type": "image", "path": str(PHOTOS["camera"])}, {"type": "text", "text": "And?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A cup and "}]},
+]
+
+
+@pytest.mark.parametrize("return_tensors", [None, "pt"])
+def test_pixel_values_without_return_tensors_are_a_list_per_image(bare_processor, reference_processor, return_tensors):
+    """As transformers: with return_tensors=None one tensor of tiles per image in a list, else one tensor."""
+    kwargs = dict(tokenize=True, return_dict=True, continue_final_message=True, return_tensors=return_tensors,
+                  padding=True)
+    expected = reference_processor.apply_chat_template([MULTI_TURN_IMAGES, MULTI_TURN_IMAGES[:1]], **kwargs)
+    got = bare_processor.apply_chat_template([MULTI_TURN_IMAGES, MULTI_TURN_IMAGES[:1]], **kwargs)
+    assert list(got) == list(expected)
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])) if return_tensors \
+            else got[key] == expected[key], key
+    assert type(got["pixel_values"]) is type(expected["pixel_values"])
+    if return_tensors is None:
+        assert len(got["pixel_values"]) == len(expected["pixel_values"]) == 4
+        for mine, theirs in zip(got["pixel_values"], expected["pixel_values"]):
+            assert torch.equal(mine, theirs)
+    else:
+        assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    text = bare_processor.apply_chat_template(MULTI_TURN_IMAGES, continue_final_message=True)
+    assert text == reference_processor.apply_chat_template(MULTI_TURN_IMAGES, continue_final_message=True)
+    assert text.endswith("assistant<|header_end|>\n\nA cup and ")
+
+
+def test_truncation_that_cuts_an_image_is_an_error(bare_processor, reference_processor):
+    """As transformers: an image whose <|image|> token is truncated away is an error, not a silent loss."""
+    images = [Image.open(PHOTOS["coffee"])]
+    kwargs = dict(text=["<|image|>Describe"], images=images, truncation=True, return_tensors="pt")
+    for candidate in (reference_processor, bare_processor):
+        with pytest.raises(ValueError, match="Mismatch in `image` token count"):
+            candidate(**kwargs, max_length=5)
+    expected = reference_processor(**kwargs, max_length=28)  # cuts "Describe" only
+    got = bare_processor(**kwargs, max_length=28)
+    assert got["input_ids"].shape[1] == 28 and torch.equal(got["input_ids"], expected["input_ids"])

@@ -182,14 +182,20 @@ class Llama4Processor(ProcessorMixin):
             )
         image_inputs: dict[str, Any] = {}
         if flat_images:
-            processed = self.image_processor(flat_images, return_tensors="pt", **images_kwargs)
-            tile_height, tile_width = processed["pixel_values"].shape[-2:]
+            # As in transformers: without return_tensors, pixel_values is a list with one tensor of tiles per
+            # image; with it, all the images' tiles in one tensor.
+            processed = self.image_processor(flat_images, return_tensors="pt" if return_tensors else None,
+                                             **images_kwargs)
+            tile_height, tile_width = processed["pixel_values"][0].shape[-2:]
             tokens_per_tile = (tile_height // self.patch_size) * (tile_width // self.patch_size) // self.downsample_ratio
-            layouts = iter(self.image_layout(tuple(r), tokens_per_tile) for r in processed["aspect_ratios"].tolist())
+            aspect_ratios = processed["aspect_ratios"]
+            aspect_ratios = aspect_ratios.tolist() if hasattr(aspect_ratios, "tolist") else aspect_ratios
+            layouts = iter(self.image_layout(tuple(r), tokens_per_tile) for r in aspect_ratios)
             texts = ["".join(piece if i == 0 else next(layouts) + piece
                              for i, piece in enumerate(item.split(self.fake_image_token))) for item in texts]
             image_inputs = {"pixel_values": processed["pixel_values"]}
         text_inputs = dict(self.tokenizer(texts, **text_kwargs))
+        self._check_image_tokens_kept(texts, text_inputs["input_ids"])
         return BatchFeature({**text_inputs, **image_inputs}, tensor_type=return_tensors)
 
 

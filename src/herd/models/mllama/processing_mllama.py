@@ -229,15 +229,5 @@ class MllamaProcessor(ProcessorMixin):
             )
         return BatchFeature({**text_inputs, **image_inputs}, tensor_type=return_tensors)
 
-    def _check_image_tokens_kept(self, texts: list[str], input_ids: Any) -> None:
-        """Truncation must not cut image tokens: each would lose its image."""
-        in_ids = [list(row).count(self.image_token_id) for row in input_ids]
-        in_text = [item.count(self.image_token) for item in texts]
-        if in_ids != in_text:
-            raise ValueError(
-                f"Mismatch in `image` token count between text and `input_ids`: ids={in_ids}, text={in_text}. "
-                "Likely due to truncation (truncation=True / max_length): disable it or increase max_length."
-            )
-
 
 __all__ = ["MllamaProcessor"]
