@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..cache import Cache
-from ..decoding.decoders import PlainDecoder, choose_decoder
+from ..decoding.decoders import PlainDecoder, choose_decoder, positions_from_mask
 from ..modeling_outputs import ModelOutput
 from ..parallel.offload import before_generate
 from ..parallel import same_tokens_on_every_rank
@@ -140,27 +140,44 @@ class GenerationMixin:
         # Per-call arguments win last, an explicit None included (eos_token_id=None: never stop early).
         model_kwargs = config.update(**kwargs)
         config = config.merged_with(None)
+        # ...also over a global default: top_k=None turns top-k filtering off (as in transformers),
+        # where the default would filter to the 50 best tokens.
+        if "top_k" in kwargs and kwargs["top_k"] is None:
+            config.top_k = None
         config._default_max_length, config._default_min_length = default_max_length, default_min_length
         config.validate()
         return config, model_kwargs
 
-    def _check_lengths(self, config: GenerationConfig, prompt_length: int) -> int:
+    def _check_lengths(self, config: GenerationConfig, prompt_length: int, embeds_length: int | None = None) -> int:
         """The final length (prompt + new tokens), refused when the model cannot see that far.
 
         Like the reference: max_new_tokens wins; a max_length nobody set means the default number
         of NEW tokens (20), capped at the context; a max_length someone set is the total. Sets
         config.max_length and config.min_length (min_new_tokens wins over min_length) to the totals
         the logits processors use.
+
+        Lengths count the prompt's ids; `embeds_length`: the positions of generate(inputs_embeds=...)'s
+        prompt. When they differ (no input_ids: no prompt ids), a max_length or min_length someone set
+        counts the embeddings too, as in the reference.
         """
         text_config = self.config.get_text_config()
         context = getattr(text_config, "max_position_embeddings", None)
+        embeds_length = prompt_length if embeds_length is None else embeds_length
+        extra = embeds_length - prompt_length  # positions beyond the ids'
+        if context is not None:
+            context -= extra
         if config.max_new_tokens is not None:
             max_length = prompt_length + config.max_new_tokens
+        elif extra and not getattr(config, "_default_max_length", False):
+            max_length = config.max_length - embeds_length
         elif getattr(config, "_default_max_length", False):
             max_length = prompt_length + config.max_length
             max_length = min(max_length, context) if context is not None else max_length
         else:
             max_length = config.max_length
+        if max_length <= prompt_length and extra:  # (a max_length someone set, less the embeddings)
+            raise ValueError(f"max_length ({config.max_length}) leaves no new tokens after the prompt's {embeds_length} "
+                             f"inputs_embeds positions and {prompt_length} input_ids; set max_new_tokens instead")
         if max_length <= prompt_length:
             raise ValueError(
                 f"the prompt has {prompt_length} tokens and max_length is {max_length}: nothing is left to "
@@ -170,14 +187,14 @@ class GenerationMixin:
         if context is not None and rope_type != "dynamic" and max_length > context:
             if prompt_length >= context:
                 raise ValueError(
-                    f"the prompt has {prompt_length} tokens, {prompt_length - context + 1} more than the model's "
-                    f"context of {context} positions (max_position_embeddings) leaves room for one new token; "
+                    f"the prompt has {embeds_length} tokens, {prompt_length - context + 1} more than the model's "
+                    f"context of {context + extra} positions (max_position_embeddings) leaves room for one new token; "
                     "shorten the prompt"
                 )
             # As transformers users expect: generate up to the context (the answer ends for length).
             logger.warning("prompt (%d tokens) + %d new tokens exceeds the model's context of %d positions: "
-                           "generating at most %d new tokens", prompt_length, max_length - prompt_length, context,
-                           context - prompt_length)
+                           "generating at most %d new tokens", embeds_length, max_length - prompt_length,
+                           context + extra, context - prompt_length)
             max_length = context
         if config.min_new_tokens and config.min_new_tokens > max_length - prompt_length:
             raise ValueError(f"min_new_tokens ({config.min_new_tokens}) exceeds the number of new tokens allowed ({max_length - prompt_length})")
@@ -186,6 +203,8 @@ class GenerationMixin:
                 logger.warning("both min_new_tokens (=%s) and min_length (=%s) are set: min_new_tokens takes precedence",
                                config.min_new_tokens, config.min_length)
             config.min_length = prompt_length + config.min_new_tokens
+        elif extra:
+            config.min_length = max(config.min_length - embeds_length, 0)
         config.max_length = max_length
         return max_length
 
@@ -224,8 +243,17 @@ class GenerationMixin:
         config, model_kwargs = self._generation_setup(generation_config, kwargs)
         config._prefix_allowed_tokens_fn = prefix_allowed_tokens_fn
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        inputs_embeds = model_kwargs.pop("inputs_embeds", None)
+        if inputs_embeds is not None:
+            # As transformers: the embeddings go through the model at prefill, the tokens after them as ids;
+            # without input_ids the prompt is no tokens at all (the output holds only the new ones).
+            if inputs_embeds.dim() != 3:
+                raise ValueError(f"inputs_embeds must be (batch, seq, hidden), got {tuple(inputs_embeds.shape)}")
+            if input_ids is None:
+                input_ids = torch.ones((inputs_embeds.shape[0], 0), dtype=torch.long, device=self.device)
+            config.use_cache = True  # (as transformers: the embeddings are only for the first forward)
         if input_ids is None:
-            raise ValueError("generate() needs input_ids (the prompt tokens)")
+            raise ValueError("generate() needs input_ids (the prompt tokens) or inputs_embeds")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         input_ids = input_ids.to(self.device)
@@ -234,6 +262,10 @@ class GenerationMixin:
         extra = {name: model_kwargs.pop(name) for name in self._generation_input_names if model_kwargs.get(name) is not None}
         for name in self._generation_input_names:
             model_kwargs.pop(name, None)
+        if inputs_embeds is not None:  # (a per-row input: repeated for each beam or returned sequence with the rest)
+            extra["inputs_embeds"] = inputs_embeds.to(self.device)
+        # the prompt's positions: the embeddings', when given
+        prompt_shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         # (use_cache is a generation field: config.update took it, the decoders read it)
         for key in ("output_attentions", "output_hidden_states", "return_dict"):
             model_kwargs.pop(key, None)
@@ -255,16 +287,20 @@ class GenerationMixin:
             has_padding = config.pad_token_id is not None and bool((input_ids == config.pad_token_id).any())
             pad_is_eos = eos_ids is not None and config.pad_token_id is not None and config.pad_token_id in eos_ids.tolist()
             attention_mask = (input_ids != config.pad_token_id).long() if has_padding and not pad_is_eos else torch.ones_like(input_ids)
+            if inputs_embeds is not None:  # no ids to find padding in
+                attention_mask = torch.ones(prompt_shape, dtype=torch.long, device=input_ids.device)
         attention_mask = attention_mask.to(input_ids.device)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if attention_mask.shape != prompt_shape:
+            what = "input_ids" if inputs_embeds is None else "inputs_embeds' (batch, seq)"
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match {what} {tuple(prompt_shape)}")
         _warn_about_padding(attention_mask, mask_given, config.pad_token_id, eos_ids)
 
         stop_strings = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
         # stop_checks: every per-token rule besides eos, or None (then greedy may run in blocks)
         stop_checks = StopChecks(stop_strings, stopping_criteria) if stop_strings or stopping_criteria else None
-        max_length = self._check_lengths(config, input_ids.shape[1])
-        before_generate(self, input_ids.shape[0] * max(config.num_beams, 1), max_length, input_ids.shape[1])
+        max_length = self._check_lengths(config, input_ids.shape[1], prompt_shape[1])
+        extra_positions = prompt_shape[1] - input_ids.shape[1]  # the embeddings' beyond the ids (inputs_embeds)
+        before_generate(self, input_ids.shape[0] * max(config.num_beams, 1), max_length + extra_positions, prompt_shape[1])
         # Classifier-free guidance runs first, as in transformers: the others see its log-probabilities.
         guidance = []
         if config.guidance_scale is not None and config.guidance_scale != 1:
@@ -296,8 +332,8 @@ class GenerationMixin:
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
         processors = [*config._leading_processors,
-                      *build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask), input_ids,
-                                               self.config.get_text_config().vocab_size, input_ids.device),
+                      *build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask, prompt_length),
+                                               input_ids, self.config.get_text_config().vocab_size, input_ids.device),
                       *config._custom_processors]
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
@@ -306,7 +342,11 @@ class GenerationMixin:
             forward_kwargs["output_attentions"] = True
         if want and config.output_hidden_states:
             forward_kwargs["output_hidden_states"] = True
-        decoder = choose_decoder(self, config, past_key_values=past_key_values, forward_kwargs=forward_kwargs)
+        if "inputs_embeds" in extra:
+            decoder = _EmbedsDecoder(self, config, past_key_values, forward_kwargs,
+                                     extra["inputs_embeds"].shape[1] - prompt_length)
+        else:
+            decoder = choose_decoder(self, config, past_key_values=past_key_values, forward_kwargs=forward_kwargs)
         cache = decoder.start(input_ids.shape[0], max_length)
         # The host asks "is every row done?" only every few tokens on the fast path (each question
         # waits for the device); rows that finished meanwhile get padding, trimmed off at the end.
@@ -321,7 +361,7 @@ class GenerationMixin:
         # Plain greedy decoding chooses tokens in blocks of sync_interval (on the fast path inside
         # the captured graph: a block is that many replays and nothing else).
         greedy_blocks = (not config.do_sample and not processors and streamer is None and not keep_logits
-                         and stop_checks is None)
+                         and stop_checks is None and not forward_kwargs)  # (blocks keep no attentions)
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         any_unfinished = []  # per new token: was some row still running after it? (device scalars)
         # Tokens the cache has not seen yet: the whole prompt.
@@ -399,7 +439,7 @@ class GenerationMixin:
         # (batch * beams,): the processors see every beam of a row as a row of its own
         processors = [*config._leading_processors,
                       *build_logits_processors(config, eos_ids, prompt_length,
-                                               _left_padding(attention_mask.repeat_interleave(num_beams, dim=0)),
+                                               _left_padding(attention_mask.repeat_interleave(num_beams, dim=0), prompt_length),
                                                input_ids.repeat_interleave(num_beams, dim=0), vocab_size, device),
                       *config._custom_processors]
         # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
@@ -411,7 +451,11 @@ class GenerationMixin:
         want = config.return_dict_in_generate
         forward_kwargs = {name: True for name in ("output_attentions", "output_hidden_states")
                           if want and getattr(config, name)}
-        decoder = PlainDecoder(self, config, past_key_values, forward_kwargs)
+        if "inputs_embeds" in extra:
+            decoder = _EmbedsDecoder(self, config, past_key_values, forward_kwargs,
+                                     extra["inputs_embeds"].shape[1] - prompt_length)
+        else:
+            decoder = PlainDecoder(self, config, past_key_values, forward_kwargs)
         cache = decoder.start(batch_size * num_beams, max_length)
 
         running = torch.full((batch_size, num_beams, max_length), fill_value, dtype=torch.long, device=device)
@@ -422,7 +466,8 @@ class GenerationMixin:
         finished_scores = torch.full((batch_size, num_beams), -1e9, device=device)
         is_finished = torch.zeros(batch_size, num_beams, dtype=torch.bool, device=device)
         can_improve = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
-        running_origin = torch.full((batch_size, num_beams, max_length - prompt_length), -1, dtype=torch.long, device=device)
+        # int32, as transformers returns beam_indices
+        running_origin = torch.full((batch_size, num_beams, max_length - prompt_length), -1, dtype=torch.int32, device=device)
         finished_origin = running_origin.clone()
         all_scores, raw_logits, attentions, hidden_states = [], [], [], []
 
@@ -477,7 +522,7 @@ class GenerationMixin:
             finished_origin = _gather(torch.cat([finished_origin, picked_origin], dim=1), best)
             is_finished = _gather(torch.cat([is_finished, just_finished], dim=1), best)
 
-            cache.reorder_cache(running_origin[:, :, cur_len - prompt_length].reshape(-1))
+            cache.reorder_cache(running_origin[:, :, cur_len - prompt_length].reshape(-1).long())
             cur_len += 1
             can_improve = _can_still_improve(can_improve, running_scores, finished_scores, is_finished, cur_len,
                                              max_length, prompt_length, early_stopping, length_penalty)
@@ -506,6 +551,31 @@ class GenerationMixin:
         )
 
 
+class _EmbedsDecoder(PlainDecoder):
+    """generate(inputs_embeds=...): the plain decoder, whose prefill runs the prompt's embeddings
+    (extra["inputs_embeds"], (rows, positions, hidden)) rather than its ids; the cache holds their
+    positions besides those of the ids that follow."""
+
+    def __init__(self, model, config, past_key_values, forward_kwargs, embeds_beyond_ids: int):
+        super().__init__(model, config, past_key_values, forward_kwargs)
+        self.embeds_beyond_ids = embeds_beyond_ids
+
+    def start(self, batch: int, max_length: int):
+        return super().start(batch, max_length + self.embeds_beyond_ids)
+
+    def prefill(self, tokens, attention_mask, extra: dict[str, Any]):
+        extra = dict(extra)
+        embeds = extra.pop("inputs_embeds")
+        self.attention_mask, self.extra = attention_mask, extra
+        embeds = embeds[:, self.cache.get_seq_length() :]  # (a cache passed in holds the first ones)
+        step_inputs = self.model._inputs_for_step(extra, True, attention_mask.shape[1])
+        positions = positions_from_mask(attention_mask)[:, -embeds.shape[1] :]
+        outputs = self.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                             position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                             return_dict=True, **step_inputs, **self.forward_kwargs)
+        return outputs.logits[:, -1, :].to(torch.float32), outputs
+
+
 def _warn_about_padding(attention_mask: torch.Tensor, mask_given: bool, pad_token_id: int | None,
                         eos_ids: torch.Tensor | None) -> None:
     """A batch gives each row what it gets alone only with left padding and a known attention mask.
@@ -524,8 +594,11 @@ def _warn_about_padding(attention_mask: torch.Tensor, mask_given: bool, pad_toke
                        "the padding. Pad on the left (tokenizer padding_side='left').")
 
 
-def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """(batch,): how many leading positions of each row are padding, or None when no row has any."""
+def _left_padding(attention_mask: torch.Tensor, prompt_length: int | None = None) -> torch.Tensor | None:
+    """(batch,): how many leading positions of each row are padding, or None when no row has any (or
+    when the mask is not the prompt ids' (`prompt_length`): inputs_embeds without their ids)."""
+    if prompt_length is not None and attention_mask.shape[-1] != prompt_length:
+        return None
     leading = (attention_mask.long().cumsum(dim=-1) == 0).sum(dim=-1)
     return leading if bool(leading.any()) else None
 

@@ -1,0 +1,160 @@
+"""generate() against transformers where a differential audit found differences: per-step attentions and
+hidden states of greedy decoding, beam_indices' dtype, top_k=None in the call, and inputs_embeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from tests.conftest import left_padded_prompts, reference_llama, save_reference
+
+PAD = 0
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, herd model), both with eager attention (transformers' sdpa returns no attentions)."""
+    import transformers
+
+    reference = reference_llama(vocab_size=VOCAB, max_position_embeddings=128, seed=7)
+    folder = save_reference(reference, tmp_path_factory.mktemp("inputs_outputs") / "ckpt")
+    reference = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return reference, herd.LlamaForCausalLM.from_pretrained(folder, progress=False, attn_implementation="eager")
+
+
+def _prompts():
+    return left_padded_prompts((9, 5, 2), VOCAB, 0, PAD)
+
+
+def _both(pair, seed=0, **kwargs):
+    outputs = []
+    for model in pair:
+        torch.manual_seed(seed)
+        outputs.append(model.generate(pad_token_id=PAD, **kwargs))
+    return outputs
+
+
+def _flat(nested):
+    return [t for step in nested for t in step]
+
+
+def _same_tensors(got, expected, what):
+    assert len(got) == len(expected), what
+    for mine, theirs in zip(got, expected):
+        assert mine.shape == theirs.shape, what
+        assert torch.equal(torch.isfinite(mine), torch.isfinite(theirs)), what
+        finite = torch.isfinite(theirs)
+        assert (mine[finite] - theirs[finite]).abs().max().item() < 1e-4, what
+
+
+@pytest.mark.parametrize("mode", [{}, dict(num_beams=2)])
+def test_every_steps_attentions_and_hidden_states_as_in_transformers(pair, mode):
+    """Greedy decoding without output_scores once ran its steps in blocks that keep no model outputs:
+    only the prompt's attentions and hidden states came back."""
+    ids, mask = _prompts()
+    expected, got = _both(pair, input_ids=ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True,
+                          output_attentions=True, output_hidden_states=True, **mode)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.attentions) == len(got.hidden_states) == 4
+    for name in ("attentions", "hidden_states"):
+        assert [len(step) for step in getattr(got, name)] == [len(step) for step in getattr(expected, name)], name
+        _same_tensors(_flat(getattr(got, name)), _flat(getattr(expected, name)), name)
+    if mode:
+        assert got.beam_indices.dtype == expected.beam_indices.dtype == torch.int32
+        assert torch.equal(got.beam_indices, expected.beam_indices)
+
+
+def test_top_k_none_in_the_call_turns_top_k_off(pair):
+    """top_k=None passed to generate() is no top-k filtering, as in transformers, not the default 50."""
+    ids, mask = _prompts()
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=3, return_dict_in_generate=True,
+                  output_scores=True)
+    expected, got = _both(pair, seed=4, top_k=None, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    _same_tensors(got.scores, expected.scores, "scores")
+    assert all(bool(torch.isfinite(step).all()) for step in got.scores)  # nothing filtered
+    default = pair[1].generate(pad_token_id=PAD, **kwargs)
+    assert all(int(torch.isfinite(step).sum(dim=-1).max()) == 50 for step in default.scores)  # top_k 50 by default
+
+
+def _embeds(pair, ids):
+    return pair[0].get_input_embeddings()(ids).detach()
+
+
+EMBEDS_CASES = {
+    "greedy": dict(max_new_tokens=6),
+    "sampling": dict(max_new_tokens=5, do_sample=True, num_return_sequences=2, top_k=0),
+    "beams": dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, eos_token_id="produced",
+                  return_dict_in_generate=True, output_scores=True),
+    "penalties": dict(max_new_tokens=6, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=3,
+                      eos_token_id="produced"),
+    # a max_length / min_length someone set counts the embeddings' positions too
+    "max_and_min_length": dict(max_length=16, min_length=13, eos_token_id="produced"),
+    "static_cache_no_mask": dict(max_new_tokens=4, cache_implementation="static", attention_mask=None),
+    "with_input_ids": dict(max_new_tokens=4, ids=True, repetition_penalty=1.5),
+    "with_fewer_input_ids": dict(max_length=15, min_length=14, ids=3, eos_token_id="produced"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDS_CASES))
+def test_inputs_embeds_match_transformers(pair, case):
+    """generate(inputs_embeds=...): the prompt as embeddings (without input_ids the output holds only
+    the new tokens), the tokens after it as ids, the lengths counted as transformers counts them."""
+    ids, mask = _prompts()
+    kwargs = dict(EMBEDS_CASES[case])
+    kwargs.setdefault("attention_mask", mask)
+    if kwargs.get("eos_token_id") == "produced":  # an eos the model does produce, so that rows finish early
+        free = pair[0].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=6, eos_token_id=None)
+        kwargs["eos_token_id"] = [int(free[1, ids.shape[1] + 2]), int(free[2, ids.shape[1] + 3])]
+    with_ids = kwargs.pop("ids", False)
+    if with_ids:
+        kwargs["input_ids"] = ids if with_ids is True else ids[:, -with_ids:]
+    if kwargs["attention_mask"] is None:
+        del kwargs["attention_mask"]
+    expected, got = _both(pair, seed=2, inputs_embeds=_embeds(pair, ids), **kwargs)
+    if isinstance(expected, torch.Tensor):
+        assert got.shape == expected.shape and torch.equal(got, expected)
+        if with_ids:  # the ids, then the new tokens
+            assert torch.equal(got[:, : kwargs["input_ids"].shape[1]], kwargs["input_ids"])
+        else:  # only the new tokens
+            assert got.shape[1] <= 7
+        return
+    assert torch.equal(got.sequences, expected.sequences)
+    _same_tensors(got.scores, expected.scores, "scores")
+    assert (got.sequences_scores - expected.sequences_scores).abs().max() < 1e-4
+    assert torch.equal(got.beam_indices, expected.beam_indices)
+
+
+def test_inputs_embeds_continue_from_a_cache_as_in_transformers(pair):
+    """A second generate() over the whole embedded conversation, given the first call's cache, runs only
+    the embeddings the cache has not seen and gives what a fresh call gives."""
+    reference, ours = pair
+    ids, mask = _prompts()
+    embeds = _embeds(pair, ids)
+    firsts = [model.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=PAD, max_new_tokens=3,
+                             return_dict_in_generate=True) for model in pair]
+    assert torch.equal(firsts[1].sequences, firsts[0].sequences)
+    longer = torch.cat([embeds, _embeds(pair, firsts[0].sequences)], dim=1)
+    longer_mask = torch.cat([mask, torch.ones_like(firsts[0].sequences)], dim=1)
+    expected, got = (model.generate(inputs_embeds=longer, attention_mask=longer_mask, past_key_values=first.past_key_values,
+                                    pad_token_id=PAD, max_new_tokens=4) for model, first in zip(pair, firsts))
+    assert torch.equal(got, expected)
+    assert torch.equal(got, ours.generate(inputs_embeds=longer, attention_mask=longer_mask, pad_token_id=PAD,
+                                          max_new_tokens=4))
+
+
+def test_inputs_embeds_errors(pair):
+    _, ours = pair
+    ids, mask = _prompts()
+    embeds = _embeds(pair, ids)
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, seq, hidden\), got \(9, 32\)"):
+        ours.generate(inputs_embeds=embeds[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask \(3, 8\) must match inputs_embeds' \(batch, seq\) \(3, 9\)"):
+        ours.generate(inputs_embeds=embeds, attention_mask=mask[:, 1:], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"max_length \(10\) leaves no new tokens after the prompt's 9 inputs_embeds "
+                                         r"positions and 3 input_ids; set max_new_tokens instead"):
+        ours.generate(ids[:, -3:], inputs_embeds=embeds, attention_mask=mask, max_length=10)
+    with pytest.raises(ValueError, match="needs input_ids .* or inputs_embeds"):
+        ours.generate(max_new_tokens=2)
