@@ -351,3 +351,23 @@ def test_fuzz_encode_decode_as_transformers(text, folder, add_special_tokens, sk
         assert herd_tok.decode(ids, skip_special_tokens=skip) == ref_tok.decode(ids, skip_special_tokens=skip)
     assert herd_tok.convert_ids_to_tokens(ids) == ref_tok.convert_ids_to_tokens(ids)
     assert herd_tok.tokenize(text) == ref_tok.tokenize(text)
+
+
+_MESSAGE = st.builds(
+    lambda role, text: {"role": role, "content": text}, st.sampled_from(["system", "user", "assistant", "tool"]), ODD_TEXT
+)
+
+
+@settings(max_examples=150, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(
+    conversation=st.lists(_MESSAGE, min_size=1, max_size=4),
+    template=st.sampled_from([None, LLAMA31_CHAT_TEMPLATE, CONTENT_LIST_TEMPLATE]),
+    mode=st.sampled_from(["add_generation_prompt", "continue_final_message", None]),
+    tokenize=st.booleans(),
+)
+def test_fuzz_chats_as_transformers(conversation, template, mode, tokenize):
+    herd_tok, ref_tok = shared("llama3.1")
+    kwargs = dict(chat_template=template, tokenize=tokenize, **({mode: True} if mode else {}))
+    assert outcome(herd_tok.apply_chat_template, conversation, **kwargs) == outcome(
+        ref_tok.apply_chat_template, conversation, **kwargs
+    )
