@@ -371,3 +371,45 @@ def test_fuzz_chats_as_transformers(conversation, template, mode, tokenize):
     assert outcome(herd_tok.apply_chat_template, conversation, **kwargs) == outcome(
         ref_tok.apply_chat_template, conversation, **kwargs
     )
+
+
+def _outcome_of_call(tok, *args, **kwargs):
+    try:
+        return outcome(tok, *args, **kwargs)
+    except BaseException as error:  # tokenizers' panic (a too large stride): herd raises a ValueError instead
+        if type(error).__name__ != "PanicException":
+            raise
+        return ("error", "ValueError")
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(
+    texts=st.lists(ODD_TEXT, min_size=1, max_size=3),
+    with_pairs=st.booleans(),
+    folder=st.sampled_from(FOLDERS),
+    truncation=st.sampled_from([False, True, "only_first", "only_second", "longest_first"]),
+    max_length=st.one_of(st.none(), st.integers(0, 12)),
+    padding=st.sampled_from([False, True, "max_length"]),
+    padding_side=st.sampled_from(["left", "right"]),
+    pad_to_multiple_of=st.one_of(st.none(), st.integers(1, 5)),
+    stride=st.one_of(st.none(), st.integers(0, 3)),
+    flags=st.fixed_dictionaries({"return_offsets_mapping": st.booleans(), "add_special_tokens": st.booleans()}),
+    return_tensors=st.sampled_from([None, "pt", "np"]),
+)
+def test_fuzz_call_options_as_transformers(
+    texts, with_pairs, folder, truncation, max_length, padding, padding_side, pad_to_multiple_of, stride, flags,
+    return_tensors,
+):  # fmt: skip
+    herd_tok, ref_tok = shared(folder)
+    kwargs = dict(truncation=truncation, max_length=max_length, padding=padding, padding_side=padding_side,
+                  pad_to_multiple_of=pad_to_multiple_of, return_tensors=return_tensors, **flags)  # fmt: skip
+    if stride is not None:
+        kwargs.update(return_overflowing_tokens=True, stride=stride)
+    args = (texts, texts[::-1]) if with_pairs else (texts,)
+    try:
+        herd_tok.pad_token, ref_tok.pad_token = herd_tok.eos_token, ref_tok.eos_token
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert _outcome_of_call(herd_tok, *args, **kwargs) == _outcome_of_call(ref_tok, *args, **kwargs)
+    finally:
+        herd_tok.pad_token = ref_tok.pad_token = None

@@ -114,6 +114,11 @@ class BatchDict(dict):
             try:
                 self[key] = convert(value)
             except (ValueError, TypeError) as error:
+                if "BFloat16" in str(error):
+                    raise ValueError(
+                        f"Unable to create a numpy array from `{key}`: numpy has no bfloat16 type; pass "
+                        "return_tensors='pt' instead"
+                    ) from error
                 raise ValueError(
                     f"Unable to create a tensor from `{key}`: its rows probably have different lengths. Pass "
                     "padding=True (and truncation=True if needed) to get batched tensors of one length."

@@ -441,3 +441,12 @@ def test_truncation_that_cuts_an_image_is_an_error(bare_processor, reference_pro
     expected = reference_processor(**kwargs, max_length=28)  # cuts "Describe" only
     got = bare_processor(**kwargs, max_length=28)
     assert got["input_ids"].shape[1] == 28 and torch.equal(got["input_ids"], expected["input_ids"])
+
+
+def test_numpy_outputs_of_bfloat16_pixels_are_an_error_that_says_so(bare_processor, reference_processor):
+    """Llama 4's pixels are bfloat16, which numpy lacks: both refuse return_tensors='np'; herd says why."""
+    kwargs = dict(text="<|image|>x", images=[Image.open(PHOTOS["coffee"])], return_tensors="np")
+    with pytest.raises(ValueError, match="BFloat16"):
+        reference_processor(**kwargs)
+    with pytest.raises(ValueError, match="`pixel_values`: numpy has no bfloat16 type; pass return_tensors='pt'"):
+        bare_processor(**kwargs)
