@@ -298,7 +298,8 @@ def _tool_choice(body: dict, tools: list | None) -> str | dict[str, Any]:
         if choice == "required" and not tools:
             raise bad("tool_choice", '"required" needs tools')
         return choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise bad("tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
     if not any(tool["function"]["name"] == name for tool in tools or []):
@@ -315,7 +316,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     checked = [_message(message, i) for i, message in enumerate(messages)]
     wants_logprobs = _boolean(body, "logprobs")
     top = _number(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
-    if top is not None and not wants_logprobs:
+    if top and not wants_logprobs:  # 0 asks for nothing more: accepted alone, as vLLM does
         raise bad("top_logprobs", "needs logprobs: true")
     stream = _boolean(body, "stream")
     tools = _tools(body)
@@ -357,6 +358,11 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     stream = _boolean(body, "stream")
     sampling = _sampling(body, logprobs)
     sampling.default_max_tokens = COMPLETION_MAX_TOKENS
+    best_of = _number(body, "best_of", low=1, integer=True)
+    if best_of is not None and best_of != sampling.n:
+        # the n samples come back as they are, never the best n of more: another best_of would be silently ignored
+        raise bad("best_of", f"is not supported (the n samples are returned as they are); leave it out or set it "
+                             f"equal to n, got best_of {best_of} with n {sampling.n}")
     return CompletionRequest(model=_model(body), prompts=prompts, sampling=sampling, stream=stream,
                              include_usage=_stream_options(body, stream), response_format=_response_format(body),
                              echo=echo, prompt_only=prompt_only)

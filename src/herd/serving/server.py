@@ -25,6 +25,7 @@ requests while the in-flight ones finish, on shutdown).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -311,6 +312,9 @@ class Server:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise APIError(400, f"the request body is not valid JSON: {error}") from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise APIError(400, "the request body is nested too deeply to parse; send a flatter JSON object") \
+                from None
 
     @property
     def grammar(self) -> GrammarCompiler:
@@ -369,22 +373,42 @@ class Server:
     # -- running choices --
 
     async def _start(self, choices: list[_Choice]) -> bool:
-        """Send every choice to the engine and wait for each one's first event (so that a full queue or a
-        refused prompt is a 429/400 before any response starts)."""
+        """Send every choice to the engine, then wait for each one's first event (so that a full queue or a
+        refused prompt is a 429/400 before any response starts). The choices are queued before any first
+        event is awaited, so that the n choices (and the prompts of a list) are prefilled together, not one
+        behind the other's first token; when the waiting queue fills up, the next one is queued once an
+        earlier one of the request has started (a request larger than the queue is never its own 429)."""
+
+        def refused(choice: _Choice, error: Exception) -> APIError:
+            choice.finished = True
+            if isinstance(error, QueueFull):
+                return APIError(429, "the server is busy (its request queue is full); retry later",
+                                type="rate_limit_exceeded", code="queue_full")
+            return APIError(400, f"{choice.param}: {error}", param=choice.param)
+
+        async def first_event(choice: _Choice) -> None:
+            try:
+                choice.first = await choice.events.__anext__()
+            except (QueueFull, ValueError) as error:
+                raise refused(choice, error) from None
+            except StopAsyncIteration:
+                choice.finished = True
+
+        queued: collections.deque[_Choice] = collections.deque()  # queued, first event not awaited yet
         try:
             for choice in choices:
-                try:
-                    choice.events = self.engine.generate(choice.request)
-                    choice.first = await choice.events.__anext__()
-                except QueueFull:
-                    choice.finished = True
-                    raise APIError(429, "the server is busy (its request queue is full); retry later",
-                                   type="rate_limit_exceeded", code="queue_full") from None
-                except ValueError as error:
-                    choice.finished = True
-                    raise APIError(400, f"{choice.param}: {error}", param=choice.param) from None
-                except StopAsyncIteration:
-                    choice.finished = True
+                while choice.events is None:
+                    try:
+                        choice.events = self.engine.generate(choice.request)
+                    except QueueFull as error:
+                        if not queued:
+                            raise refused(choice, error) from None
+                        await first_event(queued.popleft())  # one of ours leaves the waiting queue
+                    except ValueError as error:
+                        raise refused(choice, error) from None
+                queued.append(choice)
+            while queued:
+                await first_event(queued.popleft())
         except BaseException:
             await self._close(choices)
             raise
