@@ -1,5 +1,6 @@
 """generate() against transformers where a differential audit found differences: per-step attentions and
-hidden states of greedy decoding, beam_indices' dtype, top_k=None in the call, and inputs_embeds."""
+hidden states of greedy decoding, beam_indices' dtype, top_k=None in the call, inputs_embeds, and where
+the user's logits processors go among generate()'s own."""
 
 from __future__ import annotations
 
@@ -158,3 +159,34 @@ def test_inputs_embeds_errors(pair):
         ours.generate(ids[:, -3:], inputs_embeds=embeds, attention_mask=mask, max_length=10)
     with pytest.raises(ValueError, match="needs input_ids .* or inputs_embeds"):
         ours.generate(max_new_tokens=2)
+
+
+USER_PROCESSOR_CASES = {
+    # a user's processor of a class generate() also makes from its options takes that one's place
+    "replaces_repetition_penalty": (lambda lib: [lib.RepetitionPenaltyLogitsProcessor(3.0)], dict(repetition_penalty=1.3)),
+    "replaces_min_length": (lambda lib: [lib.MinLengthLogitsProcessor(11, [5, 9])],
+                            dict(min_length=14, eos_token_id=[5, 9])),
+    # the others run before the sampling warpers ...
+    "before_the_warpers": (lambda lib: [lib.TopPLogitsWarper(0.5), lib.TemperatureLogitsWarper(3.0)],
+                           dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=0)),
+    # ... and before renormalisation
+    "before_renormalising": (lambda lib: [lib.SuppressTokensLogitsProcessor([7, 8, 9])],
+                             dict(renormalize_logits=True, num_beams=2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_PROCESSOR_CASES))
+def test_user_processors_merge_into_generates_own_as_in_transformers(pair, case):
+    import transformers
+
+    ids, mask = _prompts()
+    make, options = USER_PROCESSOR_CASES[case]
+    outputs = []
+    for model, lib in zip(pair, (transformers, herd)):
+        torch.manual_seed(5)
+        outputs.append(model.generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=5,
+                                      logits_processor=lib.LogitsProcessorList(make(lib)), return_dict_in_generate=True,
+                                      output_scores=True, **options))
+    expected, got = outputs
+    assert torch.equal(got.sequences, expected.sequences)
+    _same_tensors(got.scores, expected.scores, "scores")

@@ -6,11 +6,14 @@ tokens get -inf, as in the reference.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from .configuration import GenerationConfig
+
+logger = logging.getLogger("herd")
 
 # What herd's own processors are: plain callables of (input_ids, scores) -> scores.
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -356,12 +359,39 @@ def classifier_free_guidance(scale: float, model, negative_ids: torch.Tensor | N
     return process
 
 
+def _as(reference_class: str, process: Processor) -> Processor:
+    """Name the transformers class a processor of build_logits_processors stands for: a user's
+    processor of that class takes its place (see _merge_user_processors)."""
+    process.reference_class = reference_class
+    return process
+
+
+def _merge_user_processors(processors: list, custom: list) -> list:
+    """As the reference merges generate(logits_processor=...) into its own list: a user's processor of
+    the same class as one of generate()'s takes that one's place (a warning says so); the others
+    follow generate()'s, before the sampling warpers (which a user's processor never replaces)."""
+    merged = []
+    for default in processors:
+        name = getattr(default, "reference_class", type(default).__name__)
+        same = next((c for c in custom if type(c).__name__ == name), None)
+        if same is not None:
+            logger.warning("generate(logits_processor=...) has a %s, which generate() also makes from its options: "
+                           "the one passed in is used instead", name)
+        merged.append(default if same is None else same)
+    return merged + [c for c in custom if not any(c is m for m in merged)]
+
+
 def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | None, prompt_length: int,
                             left_padding: torch.Tensor | None = None,
                             prompt_ids: torch.Tensor | None = None, vocab_size: int | None = None,
-                            device: torch.device | None = None) -> list[Processor]:
+                            device: torch.device | None = None, *, leading: list | tuple = (),
+                            custom: list | tuple = ()) -> list[Processor]:
     """The processors `config` asks for, in the reference's order (_get_logits_processor): the order
     changes the scores (e.g. a bias before or after a penalty), so it is kept exactly.
+
+    `leading`: what runs first (classifier-free guidance); `custom`: the user's
+    generate(logits_processor=...), merged in as the reference does (_merge_user_processors): after
+    the processors, before the sampling warpers, watermarking and renormalisation.
 
     vocab_size (the model's, from its text config) and device (the prompt's) are what a watermark
     needs: its green lists are drawn over that vocabulary, with a generator on that device.
@@ -369,47 +399,52 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
     `config.max_length` is the final length (prompt included) and `config.min_length` already
     accounts for min_new_tokens (see GenerationMixin._check_lengths).
     """
-    processors: list[Processor] = []
+    processors: list[Processor] = [_as("UnbatchedClassifierFreeGuidanceLogitsProcessor", p) for p in leading]
     if config.sequence_bias is not None:
-        processors.append(sequence_bias(_as_bias_dict(config.sequence_bias)))
+        processors.append(_as("SequenceBiasLogitsProcessor", sequence_bias(_as_bias_dict(config.sequence_bias))))
     # prompt_ids (rows, prompt): a decoder-only model's "encoder input" is its prompt
     if config.encoder_repetition_penalty is not None and config.encoder_repetition_penalty != 1.0:
-        processors.append(prompt_repetition_reward(config.encoder_repetition_penalty, prompt_ids))
+        processors.append(_as("EncoderRepetitionPenaltyLogitsProcessor",
+                              prompt_repetition_reward(config.encoder_repetition_penalty, prompt_ids)))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-        processors.append(repetition_penalty(config.repetition_penalty, left_padding))
+        processors.append(_as("RepetitionPenaltyLogitsProcessor", repetition_penalty(config.repetition_penalty, left_padding)))
     if config.no_repeat_ngram_size:
-        processors.append(no_repeat_ngram(config.no_repeat_ngram_size))
+        processors.append(_as("NoRepeatNGramLogitsProcessor", no_repeat_ngram(config.no_repeat_ngram_size)))
     if config.encoder_no_repeat_ngram_size:
-        processors.append(prompt_no_repeat_ngram(config.encoder_no_repeat_ngram_size, prompt_ids))
+        processors.append(_as("EncoderNoRepeatNGramLogitsProcessor",
+                              prompt_no_repeat_ngram(config.encoder_no_repeat_ngram_size, prompt_ids)))
     if config.bad_words_ids is not None:
-        processors.append(bad_words(config.bad_words_ids, eos_ids))
+        processors.append(_as("NoBadWordsLogitsProcessor", bad_words(config.bad_words_ids, eos_ids)))
     # A min_length the prompt already reaches bans nothing (min_new_tokens=0 gives one): left out so that
     # plain greedy decoding keeps its processor-free fast path.
     if eos_ids is not None and config.min_length and config.min_length > prompt_length:
-        processors.append(suppress_eos_before(config.min_length, eos_ids))
+        processors.append(_as("MinLengthLogitsProcessor", suppress_eos_before(config.min_length, eos_ids)))
     if eos_ids is not None and config.min_new_tokens:
-        processors.append(suppress_eos_before(config.min_new_tokens, eos_ids, prompt_length))
+        processors.append(_as("MinNewTokensLengthLogitsProcessor",
+                              suppress_eos_before(config.min_new_tokens, eos_ids, prompt_length)))
     # generate(prefix_allowed_tokens_fn=...), at transformers' place in the order
     prefix_allowed_tokens_fn = getattr(config, "_prefix_allowed_tokens_fn", None)
     if prefix_allowed_tokens_fn is not None:
         processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, config.num_beams))
     if config.forced_bos_token_id is not None:
-        processors.append(force_tokens_at(1, config.forced_bos_token_id))
+        processors.append(_as("ForcedBOSTokenLogitsProcessor", force_tokens_at(1, config.forced_bos_token_id)))
     if config.forced_eos_token_id is not None:
-        processors.append(force_tokens_at(config.max_length - 1, config.forced_eos_token_id))
+        processors.append(_as("ForcedEOSTokenLogitsProcessor",
+                              force_tokens_at(config.max_length - 1, config.forced_eos_token_id)))
     if config.remove_invalid_values is True:
-        processors.append(remove_invalid_values)
+        processors.append(_as("InfNanRemoveLogitsProcessor", remove_invalid_values))
     if config.exponential_decay_length_penalty is not None:
         if eos_ids is None:
             raise ValueError("exponential_decay_length_penalty needs an eos_token_id (it raises the eos scores)")
         start, factor = config.exponential_decay_length_penalty
-        processors.append(exponential_decay_length_penalty(start, factor, eos_ids, prompt_length))
+        processors.append(_as("ExponentialDecayLengthPenalty", exponential_decay_length_penalty(start, factor, eos_ids, prompt_length)))
     if config.suppress_tokens is not None:
-        processors.append(suppress_tokens(config.suppress_tokens))
+        processors.append(_as("SuppressTokensLogitsProcessor", suppress_tokens(config.suppress_tokens)))
     if config.begin_suppress_tokens is not None:
         # The first new token; one later when a forced bos takes that place after a one-token prompt.
         begin = prompt_length + (1 if prompt_length == 1 and config.forced_bos_token_id is not None else 0)
-        processors.append(suppress_tokens(config.begin_suppress_tokens, at_length=begin))
+        processors.append(_as("SuppressTokensAtBeginLogitsProcessor", suppress_tokens(config.begin_suppress_tokens, at_length=begin)))
+    processors = _merge_user_processors(processors, list(custom))
     if config.do_sample:
         # Beam sampling keeps one more candidate than there are eos ids, so a beam can continue.
         keep = 1 if config.num_beams == 1 else (len(eos_ids) + 1 if eos_ids is not None else 2)

@@ -269,7 +269,8 @@ class GenerationMixin:
         # (use_cache is a generation field: config.update took it, the decoders read it)
         for key in ("output_attentions", "output_hidden_states", "return_dict"):
             model_kwargs.pop(key, None)
-        # The user's own processors (run after herd's, as transformers appends them) and stopping criteria.
+        # The user's own processors (merged into herd's as transformers merges them: build_logits_processors)
+        # and stopping criteria.
         custom_processors = list(model_kwargs.pop("logits_processor", None) or [])
         negative_prompt = model_kwargs.pop("negative_prompt_ids", None), model_kwargs.pop("negative_prompt_attention_mask", None)
         stopping_criteria = list(model_kwargs.pop("stopping_criteria", None) or [])
@@ -331,10 +332,9 @@ class GenerationMixin:
     def _sample(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                 past_key_values, streamer, generator, extra):
         prompt_length = input_ids.shape[1]
-        processors = [*config._leading_processors,
-                      *build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask, prompt_length),
-                                               input_ids, self.config.get_text_config().vocab_size, input_ids.device),
-                      *config._custom_processors]
+        processors = build_logits_processors(config, eos_ids, prompt_length, _left_padding(attention_mask, prompt_length),
+                                             input_ids, self.config.get_text_config().vocab_size, input_ids.device,
+                                             leading=config._leading_processors, custom=config._custom_processors)
         want = config.return_dict_in_generate
         scores, raw_logits, attentions, hidden_states = [], [], [], []
         forward_kwargs = {}
@@ -437,11 +437,10 @@ class GenerationMixin:
         beams_to_keep = max(2, 1 + (len(eos_ids) if eos_ids is not None else 0)) * num_beams
         is_top_beam = torch.arange(beams_to_keep, device=device) < num_beams  # (beams_to_keep,)
         # (batch * beams,): the processors see every beam of a row as a row of its own
-        processors = [*config._leading_processors,
-                      *build_logits_processors(config, eos_ids, prompt_length,
-                                               _left_padding(attention_mask.repeat_interleave(num_beams, dim=0), prompt_length),
-                                               input_ids.repeat_interleave(num_beams, dim=0), vocab_size, device),
-                      *config._custom_processors]
+        processors = build_logits_processors(config, eos_ids, prompt_length,
+                                             _left_padding(attention_mask.repeat_interleave(num_beams, dim=0), prompt_length),
+                                             input_ids.repeat_interleave(num_beams, dim=0), vocab_size, device,
+                                             leading=config._leading_processors, custom=config._custom_processors)
         # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
         fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
 
