@@ -190,3 +190,56 @@ def test_user_processors_merge_into_generates_own_as_in_transformers(pair, case)
     expected, got = outputs
     assert torch.equal(got.sequences, expected.sequences)
     _same_tensors(got.scores, expected.scores, "scores")
+
+
+def test_rows_a_users_eos_criteria_ended_are_padded_as_in_transformers(pair):
+    """A user's EosTokenCriteria makes eos one of the stopping rules (transformers: a criteria with an
+    eos_token_id): a row it ends gets padding afterwards, as with generate(eos_token_id=...)."""
+    import transformers
+
+    ids, mask = _prompts()
+    free = pair[0].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=6, eos_token_id=None)
+    eos = int(free[1, ids.shape[1] + 2])  # row 1's third new token
+    assert eos not in free[0, ids.shape[1]:].tolist()  # (row 0 runs to the end)
+    outputs = [model.generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=6, eos_token_id=None,
+                              stopping_criteria=lib.StoppingCriteriaList([lib.EosTokenCriteria(eos)]))
+               for model, lib in zip(pair, (transformers, herd))]
+    expected, got = outputs
+    assert torch.equal(got, expected)
+    assert got[1, ids.shape[1] + 3 :].tolist() == [PAD] * 3
+
+
+def test_model_inputs_transformers_accepts_give_its_tokens(pair):
+    """labels, logits_to_keep and the mask's own position_ids, which transformers' generate() takes."""
+    ids, mask = _prompts()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for extra in (dict(labels=ids), dict(logits_to_keep=1), dict(position_ids=positions)):
+        expected, got = _both(pair, input_ids=ids, attention_mask=mask, max_new_tokens=3, **extra)
+        assert torch.equal(got, expected), extra
+    with pytest.raises(NotImplementedError, match=r"generate\(position_ids=\.\.\.\) other than the attention mask's "
+                                                  r"positions .* leave position_ids out"):
+        pair[1].generate(ids, attention_mask=mask, position_ids=positions + 1, max_new_tokens=2)
+
+
+def test_unknown_arguments_are_a_value_error_as_in_transformers_and_name_the_likely_one(pair):
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match=r"does not know: max_new_token \(did you mean max_new_tokens\?\)$"):
+        pair[1].generate(ids, attention_mask=mask, max_new_token=2)
+    with pytest.raises(TypeError, match=r"does not know: colour, temprature \(did you mean temperature\?\)$"):
+        pair[1].generate(ids, attention_mask=mask, colour="red", temprature=0.5)
+    with pytest.raises(ValueError):  # (transformers' own error for the same call)
+        pair[0].generate(ids, attention_mask=mask, max_new_token=2)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=True, num_return_sequences=2), dict(num_beams=2)])
+def test_min_new_tokens_beyond_the_length_limit_runs_as_in_transformers(pair, mode, caplog):
+    """transformers warns ("Unfeasible length constraints") and generates to the limit, eos suppressed."""
+    ids, mask = _prompts()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=3, eos_token_id=[5, 9],
+                  return_dict_in_generate=True, output_scores=True, **mode)
+    with caplog.at_level("WARNING", logger="herd"):
+        expected, got = _both(pair, seed=3, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    _same_tensors(got.scores, expected.scores, "scores")
+    assert all(bool(torch.isneginf(step[:, [5, 9]]).all()) for step in got.scores)
+    assert "min_new_tokens (3) exceeds the 2 new tokens the length limit allows" in caplog.text

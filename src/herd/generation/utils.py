@@ -25,7 +25,7 @@ from ..decoding.decoders import PlainDecoder, choose_decoder, positions_from_mas
 from ..modeling_outputs import ModelOutput
 from ..parallel.offload import before_generate
 from ..parallel import same_tokens_on_every_rank
-from .configuration import GenerationConfig
+from .configuration import FIELDS, GenerationConfig
 from .logits_process import apply_processors, build_logits_processors, classifier_free_guidance
 from .stopping import MaxTimeCriteria, StopChecks, StopStrings, ends_with_eos
 
@@ -197,7 +197,10 @@ class GenerationMixin:
                            context + extra, context - prompt_length)
             max_length = context
         if config.min_new_tokens and config.min_new_tokens > max_length - prompt_length:
-            raise ValueError(f"min_new_tokens ({config.min_new_tokens}) exceeds the number of new tokens allowed ({max_length - prompt_length})")
+            # as transformers: generation runs (to the length limit, eos suppressed throughout), with a warning
+            logger.warning("min_new_tokens (%d) exceeds the %d new tokens the length limit allows: no eos will be "
+                           "generated; lower min_new_tokens or raise max_new_tokens", config.min_new_tokens,
+                           max_length - prompt_length)
         if config.min_new_tokens is not None:
             if not getattr(config, "_default_min_length", True):
                 logger.warning("both min_new_tokens (=%s) and min_length (=%s) are set: min_new_tokens takes precedence",
@@ -267,8 +270,10 @@ class GenerationMixin:
         # the prompt's positions: the embeddings', when given
         prompt_shape = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         # (use_cache is a generation field: config.update took it, the decoders read it)
-        for key in ("output_attentions", "output_hidden_states", "return_dict"):
+        # (labels: not an input of generation; logits_to_keep: herd keeps the last position's anyway)
+        for key in ("output_attentions", "output_hidden_states", "return_dict", "labels", "logits_to_keep"):
             model_kwargs.pop(key, None)
+        position_ids = model_kwargs.pop("position_ids", None)
         # The user's own processors (merged into herd's as transformers merges them: build_logits_processors)
         # and stopping criteria.
         custom_processors = list(model_kwargs.pop("logits_processor", None) or [])
@@ -277,7 +282,7 @@ class GenerationMixin:
         if config.max_time is not None:  # generate(max_time=seconds), as transformers adds it
             stopping_criteria.append(MaxTimeCriteria(config.max_time))
         if model_kwargs:
-            raise TypeError(f"generate() got arguments it does not know: {', '.join(sorted(model_kwargs))}")
+            raise UnknownGenerateArguments(sorted(model_kwargs))
 
         eos_ids = _as_id_tensor(config.eos_token_id, input_ids.device)
         pad_token_id = config.pad_token_id
@@ -295,6 +300,12 @@ class GenerationMixin:
             what = "input_ids" if inputs_embeds is None else "inputs_embeds' (batch, seq)"
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match {what} {tuple(prompt_shape)}")
         _warn_about_padding(attention_mask, mask_given, config.pad_token_id, eos_ids)
+        if position_ids is not None:  # herd derives positions from the attention mask: only those are accepted
+            real = attention_mask.bool()
+            derived = positions_from_mask(attention_mask)
+            if position_ids.shape != attention_mask.shape or not torch.equal(position_ids.to(derived.device)[real], derived[real]):
+                raise NotImplementedError("generate(position_ids=...) other than the attention mask's positions (0, 1, ... "
+                                          "from each row's first real token) is not supported by herd: leave position_ids out")
 
         stop_strings = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
         # stop_checks: every per-token rule besides eos, or None (then greedy may run in blocks)
@@ -355,6 +366,10 @@ class GenerationMixin:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         can_finish = eos_ids is not None or stop_checks is not None  # else every row runs to max_length
+        # as transformers: finished rows get padding when an eos is one of the rules (the user's
+        # EosTokenCriteria counts too)
+        pad_finished = eos_ids is not None or (stop_checks is not None and any(
+            hasattr(criteria, "eos_token_id") for criteria in stop_checks.criteria))
         # The fast path's logits live in the graph's output until the next step; keep a copy only
         # where they outlive it.
         keep_logits = want and (config.output_scores or config.output_logits)
@@ -384,7 +399,7 @@ class GenerationMixin:
                     attentions.append(outputs.attentions) if config.output_attentions else None
                     hidden_states.append(outputs.hidden_states) if config.output_hidden_states else None
             if can_finish:
-                block, unfinished = _finish_rows(block, unfinished, eos_ids, pad_token_id, any_unfinished)
+                block, unfinished = _finish_rows(block, unfinished, eos_ids, pad_token_id, any_unfinished, pad_finished)
             input_ids = torch.cat([input_ids, block], dim=-1)
             if streamer is not None:
                 streamer.put(block[:, 0].cpu())
@@ -550,6 +565,21 @@ class GenerationMixin:
         )
 
 
+class UnknownGenerateArguments(TypeError, ValueError):
+    """generate() got arguments that are neither generation options nor model inputs (a TypeError, as
+    Python's own for unknown keywords, and a ValueError, as transformers raises)."""
+
+    def __init__(self, names: list[str]):
+        import difflib
+        import inspect
+
+        known = [*FIELDS, *inspect.signature(GenerationMixin.generate).parameters, "attention_mask", "input_ids",
+                 "inputs_embeds", "past_key_values", "output_attentions", "output_hidden_states"]
+        hints = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1, cutoff=0.8)) else name
+                 for name in names]
+        super().__init__(f"generate() got arguments it does not know: {', '.join(hints)}")
+
+
 class _EmbedsDecoder(PlainDecoder):
     """generate(inputs_embeds=...): the plain decoder, whose prefill runs the prompt's embeddings
     (extra["inputs_embeds"], (rows, positions, hidden)) rather than its ids; the cache holds their
@@ -602,14 +632,15 @@ def _left_padding(attention_mask: torch.Tensor, prompt_length: int | None = None
     return leading if bool(leading.any()) else None
 
 
-def _finish_rows(block: torch.Tensor, unfinished: torch.Tensor, eos_ids, pad_token_id, any_unfinished: list):
+def _finish_rows(block: torch.Tensor, unfinished: torch.Tensor, eos_ids, pad_token_id, any_unfinished: list,
+                 pad_finished: bool | None = None):
     """Stopping at eos for a block of new tokens (batch, steps): tokens after a row's first eos (in
     this block or before it) become padding. Returns the block and which rows still run after it;
     appends, per token, whether any row still ran (device scalars: no host sync)."""
     eos_so_far = torch.isin(block, eos_ids).long().cumsum(dim=1) > 0 if eos_ids is not None else torch.zeros_like(block, dtype=torch.bool)
-    if pad_token_id is not None and eos_ids is not None:
+    if pad_token_id is not None and (eos_ids is not None if pad_finished is None else pad_finished):
         # as transformers: finished rows are padded only when eos is one of the stopping rules (rows
-        # that only a stop string or a user's criteria ended run on until every row is done)
+        # that only a stop string or a user's other criteria ended run on until every row is done)
         eos_before = torch.cat([torch.zeros_like(eos_so_far[:, :1]), eos_so_far[:, :-1]], dim=1)
         block = torch.where(~unfinished[:, None] | eos_before, pad_token_id, block)
     running = unfinished[:, None] & ~eos_so_far  # (batch, steps)
