@@ -243,3 +243,22 @@ def test_min_new_tokens_beyond_the_length_limit_runs_as_in_transformers(pair, mo
     _same_tensors(got.scores, expected.scores, "scores")
     assert all(bool(torch.isneginf(step[:, [5, 9]]).all()) for step in got.scores)
     assert "min_new_tokens (3) exceeds the 2 new tokens the length limit allows" in caplog.text
+
+
+@pytest.mark.parametrize("normalize_logits", [False, True])
+@pytest.mark.parametrize("mode", [dict(do_sample=True, num_return_sequences=2, top_k=10), dict(num_beams=3, num_return_sequences=2)])
+def test_compute_transition_scores_as_in_transformers(pair, mode, normalize_logits):
+    """Each chosen token's score, per step; after beam search through beam_indices, 0 once a beam is done."""
+    ids, mask = _prompts()
+    free = pair[0].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=6, eos_token_id=None)
+    eos = [int(free[1, ids.shape[1] + 1]), int(free[2, ids.shape[1] + 3])]  # so that beams end at different steps
+    expected, got = _both(pair, seed=6, input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos,
+                          return_dict_in_generate=True, output_scores=True, **mode)
+    assert torch.equal(got.sequences, expected.sequences)
+    transitions = [model.compute_transition_scores(out.sequences, out.scores, out.get("beam_indices"),
+                                                   normalize_logits=normalize_logits)
+                   for model, out in zip(pair, (expected, got))]
+    assert transitions[1].shape == transitions[0].shape
+    _same_tensors([transitions[1]], [transitions[0]], "transition scores")
+    if "num_beams" in mode:
+        assert (transitions[1] == 0).any()  # a beam that finished early

@@ -436,6 +436,27 @@ class GenerationMixin:
             past_key_values=cache if config.use_cache is not False else None,  # as transformers
         )
 
+    def compute_transition_scores(self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...],
+                                  beam_indices: torch.Tensor | None = None, normalize_logits: bool = False) -> torch.Tensor:
+        """(rows, steps): the score each generated token had when it was chosen, from generate()'s
+        `sequences` and `scores` (return_dict_in_generate=True, output_scores=True), and after beam
+        search its `beam_indices` (which beam row each step of a sequence came from). With
+        normalize_logits the scores are log-softmaxed over the vocabulary first. Steps after a beam
+        finished are 0; as transformers computes them.
+        """
+        per_step = torch.stack(tuple(scores), dim=1)  # (scored rows, steps, vocab)
+        if normalize_logits:
+            per_step = nn.functional.log_softmax(per_step, dim=-1)
+        if beam_indices is None:  # greedy or sampling: each sequence is its own row at every step
+            beam_indices = torch.arange(per_step.shape[0], device=per_step.device)[:, None].expand(-1, len(scores))
+        beam_indices = beam_indices.to(per_step.device)
+        ran = beam_indices >= 0
+        steps = int(ran.sum(dim=-1).max())
+        rows, ran = beam_indices[:, :steps].clamp(min=0).long(), ran[:, :steps]
+        tokens = sequences[:, sequences.shape[-1] - steps :].to(per_step.device)
+        chosen = per_step[rows, torch.arange(steps, device=per_step.device)[None, :], tokens]
+        return chosen.masked_fill(~ran, 0)
+
     # --- beam search --------------------------------------------------------------------------
     def _beam_search(self, input_ids, attention_mask, config, eos_ids, pad_token_id, max_length, stop_checks,
                      past_key_values, generator, extra):
