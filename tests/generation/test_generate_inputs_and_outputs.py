@@ -15,14 +15,21 @@ VOCAB = 128
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(transformers model, herd model), both with eager attention (transformers' sdpa returns no attentions)."""
+def checkpoint(tmp_path_factory):
+    reference = reference_llama(vocab_size=VOCAB, max_position_embeddings=128, seed=7)
+    return save_reference(reference, tmp_path_factory.mktemp("inputs_outputs") / "ckpt")
+
+
+def _reference(checkpoint):
     import transformers
 
-    reference = reference_llama(vocab_size=VOCAB, max_position_embeddings=128, seed=7)
-    folder = save_reference(reference, tmp_path_factory.mktemp("inputs_outputs") / "ckpt")
-    reference = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-    return reference, herd.LlamaForCausalLM.from_pretrained(folder, progress=False, attn_implementation="eager")
+    return transformers.LlamaForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    """(transformers model, herd model), both with eager attention (transformers' sdpa returns no attentions)."""
+    return _reference(checkpoint), herd.LlamaForCausalLM.from_pretrained(checkpoint, progress=False, attn_implementation="eager")
 
 
 def _prompts():
@@ -262,3 +269,16 @@ def test_compute_transition_scores_as_in_transformers(pair, mode, normalize_logi
     _same_tensors([transitions[1]], [transitions[0]], "transition scores")
     if "num_beams" in mode:
         assert (transitions[1] == 0).any()  # a beam that finished early
+
+
+@pytest.mark.parametrize("mode", [{}, dict(num_beams=2)])
+def test_a_static_cache_is_sized_as_in_transformers(pair, checkpoint, mode):
+    """max_length - 1 positions (the last token never goes in): the attentions over it, and the cache
+    returned, have transformers' shapes. (A fresh reference: transformers reuses a static cache an
+    earlier call made when it is large enough.)"""
+    ids, mask = _prompts()
+    expected, got = _both((_reference(checkpoint), pair[1]), input_ids=ids, attention_mask=mask, max_new_tokens=3, cache_implementation="static",
+                          return_dict_in_generate=True, output_attentions=True, **mode)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert got.past_key_values.get_max_cache_shape() == expected.past_key_values.get_max_cache_shape() == ids.shape[1] + 2
+    _same_tensors(_flat(got.attentions), _flat(expected.attentions), "attentions")

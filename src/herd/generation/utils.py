@@ -358,7 +358,8 @@ class GenerationMixin:
                                      extra["inputs_embeds"].shape[1] - prompt_length)
         else:
             decoder = choose_decoder(self, config, past_key_values=past_key_values, forward_kwargs=forward_kwargs)
-        cache = decoder.start(input_ids.shape[0], max_length)
+        # a static cache of max_length - 1 positions, as transformers sizes it (the last token never goes in)
+        cache = decoder.start(input_ids.shape[0], max_length - 1 if isinstance(decoder, PlainDecoder) else max_length)
         # The host asks "is every row done?" only every few tokens on the fast path (each question
         # waits for the device); rows that finished meanwhile get padding, trimmed off at the end.
         sync_interval = decoder.sync_interval if stop_checks is None and streamer is None else 1
@@ -491,7 +492,7 @@ class GenerationMixin:
                                      extra["inputs_embeds"].shape[1] - prompt_length)
         else:
             decoder = PlainDecoder(self, config, past_key_values, forward_kwargs)
-        cache = decoder.start(batch_size * num_beams, max_length)
+        cache = decoder.start(batch_size * num_beams, max_length - 1)  # (as in _sample)
 
         running = torch.full((batch_size, num_beams, max_length), fill_value, dtype=torch.long, device=device)
         running[:, :, :prompt_length] = flat_ids.view(batch_size, num_beams, -1)
