@@ -441,8 +441,9 @@ def build_logits_processors(config: GenerationConfig, eos_ids: torch.Tensor | No
     if config.suppress_tokens is not None:
         processors.append(_as("SuppressTokensLogitsProcessor", suppress_tokens(config.suppress_tokens)))
     if config.begin_suppress_tokens is not None:
-        # The first new token; one later when a forced bos takes that place after a one-token prompt.
-        begin = prompt_length + (1 if prompt_length == 1 and config.forced_bos_token_id is not None else 0)
+        # The first new token; one later when a forced bos takes that place after a prompt of one token
+        # (or none: inputs_embeds alone).
+        begin = prompt_length + (1 if prompt_length <= 1 and config.forced_bos_token_id is not None else 0)
         processors.append(_as("SuppressTokensAtBeginLogitsProcessor", suppress_tokens(config.begin_suppress_tokens, at_length=begin)))
     processors = _merge_user_processors(processors, list(custom))
     if config.do_sample:
