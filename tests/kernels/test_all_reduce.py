@@ -30,7 +30,7 @@ def _empty(count: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 # (rows, width) of the calls that normalise too: widths of a power of two and not, rows more and
-# fewer than a program holds (all_reduce.norm_rows)
+# fewer than a program holds (all_reduce.NORM_ELEMENTS)
 NORM_SHAPES = {2: (3, 48), 4: (30, 64), 6: (1, 100)}
 
 

@@ -225,7 +225,7 @@ def launch_norm(tensor: torch.Tensor, pointers: torch.Tensor, state: torch.Tenso
     """(residual + the sum of `tensor` (rows, width) over the ranks, that RMSNorm'd by
     `norm_weight` (width,)): the next layer's residual and its normalised input from one kernel
     (`launch`, then the reference RMSNorm of the result: normalised in float32, rounded to the
-    dtype, times the weight). Whole rows per program: `norm_rows` rows of `width`."""
+    dtype, times the weight). Whole rows per program."""
     x = tensor.contiguous()
     rows, width = x.shape
     if x.numel() > slot:
@@ -234,18 +234,11 @@ def launch_norm(tensor: torch.Tensor, pointers: torch.Tensor, state: torch.Tenso
     if x.numel() == 0:
         return out, normed
     bits = x.element_size() * 8
-    per_program, warps = norm_rows(width)
+    block_w = triton.next_power_of_2(width)
+    per_program = max(1, NORM_ELEMENTS // block_w)  # whole rows, about NORM_ELEMENTS elements (one row at least)
     _all_reduce_norm_kernel[(triton.cdiv(rows, per_program),)](
         x, residual.contiguous(), norm_weight, out, normed, pointers, state, rows, width, eps, slot, rank,
-        WORLD=world, BITS=bits, EMPTY=_EMPTY_BITS[bits], ROWS=per_program, BLOCK_W=triton.next_power_of_2(width),
-        PDL=pdl, PHASES=PHASES, num_warps=warps, launch_pdl=pdl,
+        WORLD=world, BITS=bits, EMPTY=_EMPTY_BITS[bits], ROWS=per_program, BLOCK_W=block_w,
+        PDL=pdl, PHASES=PHASES, num_warps=NORM_WARPS, launch_pdl=pdl,
     )  # fmt: skip
     return out, normed
-
-
-def norm_rows(width: int) -> tuple[int, int]:
-    """(rows per program, warps) of the norm kernel: whole rows, about NORM_ELEMENTS elements a
-    program (one row at least)."""
-    block_w = 1 << max(width - 1, 0).bit_length()
-    per_program = max(1, NORM_ELEMENTS // block_w)
-    return per_program, NORM_WARPS
