@@ -135,7 +135,8 @@ class Llama4TextConfig(PretrainedConfig):
         if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
             raise ValueError(f"layer_types must list one of {LAYER_TYPES} per layer, got {self.layer_types}")
         if "chunked_attention" in self.layer_types and self.attention_chunk_size is None:
-            raise ValueError("layer_types has chunked_attention layers but attention_chunk_size is None")
+            raise ValueError("layer_types has chunked_attention layers but attention_chunk_size is None; set "
+                             "attention_chunk_size (Llama 4 uses 8192) or make those layers full_attention in layer_types")
 
 
 

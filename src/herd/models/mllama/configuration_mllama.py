@@ -53,9 +53,11 @@ class MllamaVisionConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         if self.supported_aspect_ratios == DEFAULT_ASPECT_RATIOS and max_num_tiles != 4:
             raise ValueError("max_num_tiles must be 4 for the default supported_aspect_ratios")
-        bad = [i for i in self.intermediate_layers_indices if not 0 <= i < num_hidden_layers]
+        # Python indices into the per-layer outputs: negative ones count from the last layer, as in transformers.
+        bad = [i for i in self.intermediate_layers_indices if not -num_hidden_layers <= i < num_hidden_layers]
         if bad:
-            raise ValueError(f"intermediate_layers_indices {bad} are outside the {num_hidden_layers} vision layers")
+            raise ValueError(f"intermediate_layers_indices {bad} are outside the {num_hidden_layers} vision layers; "
+                             f"use indices in [-{num_hidden_layers}, {num_hidden_layers - 1}]")
         if hidden_size % attention_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of attention_heads ({attention_heads})")
         super().__init__(**kwargs)

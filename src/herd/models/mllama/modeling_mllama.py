@@ -374,6 +374,10 @@ class MllamaTextModel(MllamaPreTrainedModel):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
+        # The cache's positions are read from a self-attention layer: a cross-attention layer stores
+        # none in it (config with cross_attention_layers starting at layer 0).
+        self._first_self_attention_layer = next(
+            (i for i in range(config.num_hidden_layers) if i not in self.cross_attention_layers), 0)
         self.post_init()
 
     def forward(
@@ -400,8 +404,17 @@ class MllamaTextModel(MllamaPreTrainedModel):
             use_cache=use_cache, position_ids=position_ids, cache_position=cache_position,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
         )
+        first_self = self._first_self_attention_layer
+        if first_self and step.past_key_values is not None:
+            past = step.past_key_values.get_seq_length(first_self)
+            if past != step.past_length:  # layer 0 is a cross-attention layer: its count of positions is 0
+                if cache_position is None:
+                    step.cache_position = step.cache_position + (past - step.past_length)
+                    if position_ids is None:
+                        step.position_ids = step.cache_position.unsqueeze(0)
+                step.past_length = past
         batch, seq, past_key_values = step.batch, step.seq, step.past_key_values
-        mask = step.self_attention_mask(attention_mask)
+        mask = step.self_attention_mask(attention_mask, first_self)
         cross_mask = None
         if cross_attention_mask is not None:
             cross_mask = AttentionMask(seq, cross_attention_mask.shape[-1], causal=False, custom=cross_attention_mask)
@@ -532,7 +545,8 @@ class MllamaModel(MllamaPreTrainedModel):
             # The mask covers the whole sequence so far (herd's generate) or only this call's tokens
             # (transformers' generate after prefill): keep the rows of this call's tokens.
             if cross_attention_mask.shape[2] != tokens.shape[1]:
-                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                past_length = 0 if past_key_values is None else past_key_values.get_seq_length(
+                    self.language_model._first_self_attention_layer)
                 current = torch.arange(tokens.shape[1], device=tokens.device) + past_length
                 cross_attention_mask = cross_attention_mask[:, :, current]
                 rows_seeing_images = rows_seeing_images[:, :, current]
