@@ -151,9 +151,9 @@ def test_config_update_and_json_files(tmp_path):
     for config in (ours, theirs):
         config.update({"hidden_size": 24, "output_hidden_states": True})
         assert config.hidden_size == 24 and config.output_hidden_states
-    # to_diff_dict: only what differs from the defaults (vocab_size is 64, not the default).
+    # to_diff_dict: transformers 5's rule (the base class's keys only when they differ; the model's own keys stay).
     assert ours.to_diff_dict()["vocab_size"] == 64 == theirs.to_diff_dict()["vocab_size"]
-    assert "rms_norm_eps" not in ours.to_diff_dict()
+    assert "rms_norm_eps" in ours.to_diff_dict() and "id2label" not in ours.to_diff_dict()
     assert json.loads(ours.to_json_string(use_diff=False))["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
     ours.to_json_file(json_file_path=tmp_path / "ours.json", use_diff=False)
     theirs.to_json_file(json_file_path=tmp_path / "theirs.json", use_diff=False)

@@ -134,6 +134,7 @@ class _AutoModel:
             hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, gguf_file=kwargs.get("gguf_file"),
                                                 **hub_kwargs)
+            config._from_auto = True  # the folder's own config, not one the caller chose
         return cls._class_for(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
     @classmethod

@@ -33,8 +33,12 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "is_encoder_decoder": False,
     "chunk_size_feed_forward": 0,
 }
+# Common keys that transformers 5 leaves to each model's config (not its base class's): to_diff_dict keeps them.
+_MODEL_OWN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
 # Keys of config.json that describe the file, not the model.
 _IGNORED_KEYS = {"transformers_version", "herd_version", "_name_or_path", "_commit_hash", "model_type"}
+# Keyword arguments of from_dict/from_pretrained that always reach the config (transformers' list).
+_ALWAYS_CONFIG_KWARGS = ("num_labels", "attn_implementation", "output_attentions", "torch_dtype", "dtype", "name_or_path")
 _VALID_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
@@ -141,20 +145,27 @@ class PretrainedConfig(hub.PushToHubMixin):
         return dict(sorted(out.items()))
 
     def to_diff_dict(self) -> dict[str, Any]:
-        """to_dict() less the values equal to a default-built config's, as transformers' to_diff_dict
-        (model_type and version always stay)."""
+        """to_dict() less what a config need not say, as transformers' to_diff_dict: a key of the
+        base class stays when its value differs from the base's default or this class's default;
+        the class's own keys always stay; a part (text_config, ...) keeps what differs from its
+        class's defaults, and its model_type."""
         full = self.to_dict()
-        try:
-            defaults = type(self)().to_dict()
-        except Exception:  # a config class that cannot be built without arguments: keep everything
-            return full
-        keep = ("model_type", "herd_version")
-        return {k: v for k, v in full.items() if k in keep or k not in defaults or defaults[k] != v}
+        base = {k: v for k, v in PretrainedConfig().to_dict().items() if k not in _MODEL_OWN_KEYS}
+        own = _default_dict(type(self))
+        out: dict[str, Any] = {}
+        for key, value in full.items():
+            part = getattr(self, key, None)
+            if isinstance(part, PretrainedConfig) and isinstance(own.get(key), dict):
+                out[key] = _diff_part(value, base, part)
+                if "model_type" in value:
+                    out[key]["model_type"] = value["model_type"]
+            elif key not in base or key == "herd_version" or value != base[key] or value != own.get(key, value):
+                out[key] = value
+        return out
 
     def to_json_string(self, use_diff: bool = True) -> str:
-        # transformers' default is use_diff=True for to_json_string/to_json_file, but its
-        # save_pretrained writes the full dict; herd always wrote (and still writes) the full dict
-        # from save_pretrained.
+        # transformers' default is use_diff=True, as here; herd's save_pretrained writes the full
+        # dict (transformers' writes the diff: the same config once read back, fewer keys).
         data = self.to_diff_dict() if use_diff else self.to_dict()
         return json.dumps({str(k): v for k, v in data.items()}, indent=2, sort_keys=True) + "\n"
 
@@ -177,7 +188,13 @@ class PretrainedConfig(hub.PushToHubMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
-        merged = {**config_dict, **kwargs}
+        """The config of `config_dict`, as transformers' from_dict: keyword arguments naming a field
+        of the config (or num_labels, attn_implementation, dtype, name_or_path) override it; the
+        others are left out, and returned as a dict beside the config when return_unused_kwargs=True."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        for key in ("_from_auto", "_from_pipeline"):
+            kwargs.pop(key, None)
+        merged = dict(config_dict)
         model_type = merged.get("model_type")
         if cls.base_config_key and model_type != cls.model_type and isinstance(merged.get(cls.base_config_key), dict):
             # A composite config.json (llama4, mllama) loaded for one of its parts: take that part.
@@ -190,7 +207,20 @@ class PretrainedConfig(hub.PushToHubMixin):
             raise ValueError(
                 f"config has model_type {model_type!r}, but {cls.__name__} expects {cls.model_type!r}"
             )
-        return cls(**merged)
+        plain = cls(**merged)
+        used, unused = {}, {}
+        for key, value in kwargs.items():
+            if key in ("dtype", "torch_dtype") and value == "auto":
+                continue  # "auto" keeps the file's dtype
+            if key in _ALWAYS_CONFIG_KWARGS or hasattr(plain, key):
+                current = getattr(plain, key, None)
+                if isinstance(current, PretrainedConfig) and isinstance(value, dict):
+                    value = {**current.to_dict(), **value}  # a part given as a dict updates that part
+                used["dtype" if key == "torch_dtype" else "_name_or_path" if key == "name_or_path" else key] = value
+            else:
+                unused[key] = value
+        config = cls(**{**merged, **used}) if used else plain
+        return (config, unused) if return_unused_kwargs else config
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
@@ -221,6 +251,26 @@ class PretrainedConfig(hub.PushToHubMixin):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _default_dict(config_class: type[PretrainedConfig]) -> dict[str, Any]:
+    try:
+        return config_class().to_dict()
+    except Exception:  # a config class that cannot be built without arguments
+        return {}
+
+
+def _diff_part(values: dict[str, Any], base: dict[str, Any], part: PretrainedConfig) -> dict[str, Any]:
+    """A part's entries that differ from its class's defaults (those the base class lacks always stay)."""
+    defaults = _default_dict(type(part))
+    diff = {}
+    for key, value in values.items():
+        inner = getattr(part, key, None)
+        if isinstance(inner, PretrainedConfig) and isinstance(base.get(key), dict):
+            diff[key] = _diff_part(value, base[key], inner)
+        elif key not in base or key not in defaults or value != defaults[key]:
+            diff[key] = value
+    return diff
 
 
 def check_attention_sizes(config: Any, size_fields: tuple[str, ...]) -> None:

@@ -126,7 +126,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
-    def raise_if_any(self, where: str, model_name: str) -> None:
+    def raise_if_any(self, where: str, model_name: str, ignore_mismatched_hint: bool = False) -> None:
         problems = []
         if self.missing:
             problems.append(f"missing weights ({len(self.missing)}): {', '.join(self.missing)}")
@@ -135,9 +135,11 @@ class LoadReport:
         for name, expected, found in self.mismatched:
             problems.append(f"shape mismatch for {name}: the model expects {list(expected)}, the checkpoint has {list(found)}")
         if problems:
+            hint = (" (or pass ignore_mismatched_sizes=True to initialise the weights of another shape anew)"
+                    if ignore_mismatched_hint and self.mismatched else "")
             raise CheckpointError(
                 f"the checkpoint in {where} does not fit {model_name}:\n  - " + "\n  - ".join(problems)
-                + "\nCheck that config.json matches the weights (sizes, vocabulary, tie_word_embeddings)."
+                + f"\nCheck that config.json matches the weights (sizes, vocabulary, tie_word_embeddings){hint}."
             )
 
 

@@ -7,6 +7,7 @@ backend, and which loading problems are errors.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -244,7 +245,7 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
         self.set_input_embeddings(new)
         text_config = self.config.get_text_config()
         text_config.vocab_size = new_num_tokens
-        if getattr(text_config, "tie_word_embeddings", False) and self.get_output_embeddings() is not None:
+        if self.get_output_embeddings() is not None:  # tied or not, as transformers: the lm_head follows
             self.set_output_embeddings(self._get_resized_lm_head(self.get_output_embeddings(), new_num_tokens,
                                                                   mean_resizing=mean_resizing))
             self.tie_weights()
@@ -397,6 +398,13 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
             kwargs.pop(key, None)
         if "device" in kwargs and device_map is None:
             device_map = kwargs.pop("device")
+        if kwargs.pop("use_safetensors", None) is False and kwargs.get("gguf_file") is None:
+            raise ValueError("use_safetensors=False asks for pickle weights (pytorch_model.bin), which herd never loads: "
+                             "drop the argument and load the model's safetensors files")
+        # As transformers: return (model, {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}),
+        # with missing weights initialised and unexpected ones left out (warned) instead of an error.
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         tensor_parallel = None
         if any(kwargs.get(key) is not None for key in ("tp_plan", "tp_size", "device_mesh")):
             from .parallel import tensor_parallel as tp
@@ -413,16 +421,21 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
         gguf_file = gguf_path(pretrained_model_name_or_path, kwargs.pop("gguf_file", None))
         folder = gguf_file.parent if gguf_file else hub.resolve(pretrained_model_name_or_path, **hub_kwargs)
 
+        # the caller's own sizes, perhaps fewer layers (not the folder's config an Auto class read)
+        config_given = isinstance(config, PretrainedConfig) and not config.__dict__.pop("_from_auto", False)
         if gguf_file is not None and config is None:
             config = cls.config_class.from_dict(open_gguf(gguf_file).config_dict())
         elif config is None or isinstance(config, (str, os.PathLike)):
             config = cls.config_class.from_pretrained(config or folder)
+        else:
+            config = copy.deepcopy(config)  # the caller's config stays as it was, as in transformers
         if not isinstance(config, cls.config_class) and isinstance(config.get_text_config(), cls.config_class):
             outer = config
             config = config.get_text_config()  # e.g. the text model of a multimodal checkpoint
             if getattr(outer, "quantization_config", None) is not None:
                 config.quantization_config = outer.quantization_config
         config.name_or_path = str(pretrained_model_name_or_path)
+        overrides = set(kwargs)
         _apply_config_overrides(config, kwargs)
         config = cls._prepare_config(config, attn_implementation)
 
@@ -460,7 +473,13 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
         if tensor_parallel is not None:  # each rank's shapes on the meta model, and the loader's slicing
             shard, convert = tensor_parallel.split_model(model, tp_plan, convert)
         module_keys = set(model.state_dict().keys())
-        rename = lambda key: model._checkpoint_key_to_module_key(key, module_keys)
+        other_heads: set[str] = set()  # another task head's weights: left out, reported as unexpected
+
+        def rename(key: str) -> str | None:
+            name = model._checkpoint_key_to_module_key(key, module_keys)
+            if name is None and model._is_other_head_key(key):
+                other_heads.add(key)
+            return name
         placement, one_device = _split_placement(model, device_map, max_memory, torch_dtype, config, quantization, files,
                                                  rename, gguf_file, offload_folder)
         if placement is None:
@@ -477,10 +496,32 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
             place=_placer(placement, offload_folder),
             shard=shard,
         )
+        mismatched_names = {rename(key) for key, _, _ in report.mismatched}
+        report.missing = [name for name in report.missing if name not in mismatched_names]  # named once, as mismatched
+        model._settle_tied_weights(report)
         tied = model._tied_names()
         report.missing = [name for name in report.missing if name not in tied]
-        model._initialise_missing_heads(report, device if placement is None else torch.device("cpu"), torch_dtype)
-        report.raise_if_any(str(gguf_file or folder), cls.__name__)
+        init_device = device if placement is None else torch.device("cpu")
+        info = {"missing_keys": set(report.missing), "unexpected_keys": set(report.unexpected) | other_heads,
+                "mismatched_keys": {(key, torch.Size(found), torch.Size(wanted)) for key, wanted, found in report.mismatched},
+                "error_msgs": []}
+        if "num_hidden_layers" in overrides or config_given:  # layers a config made smaller leaves out: no error
+            report.unexpected = _beyond_last_layer(report.unexpected, config.get_text_config().num_hidden_layers,
+                                                   lambda key: rename(key) in module_keys)
+        if ignore_mismatched_sizes and report.mismatched:
+            logger.warning("%s: weights of another shape are newly initialised (ignore_mismatched_sizes=True): %s",
+                           cls.__name__, ", ".join(f"{key} {list(found)} -> {list(wanted)}"
+                                                  for key, wanted, found in report.mismatched))
+            model._initialise_weights([rename(key) for key, _, _ in report.mismatched], init_device, torch_dtype)
+            report.mismatched = []
+        model._initialise_missing_heads(report, init_device, torch_dtype)
+        if output_loading_info and (report.missing or report.unexpected) and not report.mismatched:
+            logger.warning("%s: newly initialised weights (missing from the checkpoint): %s; weights left out "
+                           "(unexpected): %s", cls.__name__, ", ".join(report.missing) or "none",
+                           ", ".join(report.unexpected) or "none")
+            model._initialise_weights(report.missing, init_device, torch_dtype)
+            report.missing, report.unexpected = [], []
+        report.raise_if_any(str(gguf_file or folder), cls.__name__, ignore_mismatched_hint=not ignore_mismatched_sizes)
         model.tie_weights()
         if placement is not None:  # each part where the map puts it, with the hooks that run it there
             from .parallel.offload import dispatch
@@ -499,7 +540,52 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
         model.eval()
         if gguf_file is None:  # a GGUF file's generation settings (bos/eos/pad) come with its config
             model._after_load(folder)
-        return model
+        return (model, info) if output_loading_info else model
+
+    def _settle_tied_weights(self, report: loading.LoadReport) -> None:
+        """Tied weights as transformers 5 reads them: a checkpoint holding only the tied copy
+        (lm_head.weight, no embed_tokens.weight) fills both; one holding both with different values
+        keeps them apart (warned: config.json should say tie_word_embeddings=False)."""
+        missing = set(report.missing)
+        for target, source in list(self._tied_names() and self._tied_weights_keys.items()):
+            try:
+                a, b = self.get_parameter(source), self.get_parameter(target)
+            except AttributeError:  # a quantized head holds other tensors: tied as before
+                continue
+            if source in missing and target not in missing:
+                owner, _, leaf = source.rpartition(".")
+                self.get_submodule(owner)._parameters[leaf] = b
+                report.missing = [name for name in report.missing if name != source]
+            elif source not in missing and target not in missing:
+                # (tensor-parallel shards of the two may differ in shape: those stay tied, as before)
+                if a is b or "meta" in (a.device.type, b.device.type) or a.shape != b.shape or torch.equal(a, b):
+                    continue
+                logger.warning("the config ties %s to %s, but the checkpoint holds both with different values: they "
+                               "are not tied (set tie_word_embeddings=False in config.json to silence this)", target, source)
+                self._tied_weights_keys = {k: v for k, v in self._tied_weights_keys.items() if k != target}
+
+    def _initialise_weights(self, names: list[str], device: torch.device, dtype: torch.dtype) -> None:
+        """Fresh weights for `names` (missing or of another shape): each module's own initialisation,
+        the loaded weights beside them kept."""
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        by_module: dict[str, list[str]] = {}
+        for name in names:
+            module_name, _, leaf = name.rpartition(".")
+            by_module.setdefault(module_name, []).append(leaf)
+        for module_name, leaves in by_module.items():
+            module = self.get_submodule(module_name)
+            kept = {k: v for k, v in module._parameters.items() if k not in leaves and v is not None}
+            for leaf in leaves:
+                old = module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
+                fresh = torch.empty(old.shape, device=device, dtype=dtype if old.is_floating_point() else old.dtype)
+                with torch.no_grad():
+                    fresh.normal_(0.0, std) if fresh.is_floating_point() else fresh.zero_()
+                if leaf in module._parameters:
+                    module._parameters[leaf] = nn.Parameter(fresh, requires_grad=old.requires_grad)
+                else:
+                    module._buffers[leaf] = fresh
+            self._init_weights(module)
+            module._parameters.update(kept)  # _init_weights resets a whole module: what was loaded stays
 
     def _after_load(self, folder: Path) -> None:
         """Read what a model keeps beside its weights: generation_config.json."""
@@ -656,6 +742,20 @@ def _saved_quantization(quantization) -> dict[str, Any]:
         return HerdQuantConfig(quantization.format, quantization.group_size,
                                quantization.modules_to_not_convert).to_dict()
     return quantization.to_dict()
+
+
+def _beyond_last_layer(keys: list[str], layers: int, expected: Any) -> list[str]:
+    """`keys` less those of decoder layers past the last of `layers` (from_pretrained(...,
+    num_hidden_layers=1)), known by the key their layer 0 would have (`expected`)."""
+    kept = []
+    for key in keys:
+        match = re.search(r"(^|\.)layers\.(\d+)\.", key)
+        if match and int(match[2]) >= layers and expected(key[:match.start(2)] + "0" + key[match.end(2):]):
+            continue
+        kept.append(key)
+    if len(kept) < len(keys):
+        logger.info("the checkpoint's layers past the first %d are not loaded (num_hidden_layers=%d)", layers, layers)
+    return kept
 
 
 def _rename_prefix(key: str, renames: tuple[tuple[str, str], ...]) -> str:
