@@ -416,3 +416,95 @@ def test_sentencepiece_vocabulary_matches_reference(tmp_path):
         assert ids[0] == 1 and ids[1:] == reference(text).input_ids, text
         if "<" not in text:
             assert ours.decode(ids, skip_special_tokens=True) == text
+
+
+# --- other tensor types and metadata ----------------------------------------------------------------
+
+
+def _with_metadata(source, path, extra: dict) -> None:
+    """A copy of the GGUF file `source` with the key-values of `extra` ({key: (value, GGUFValueType)}) set."""
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in extra:
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_array(field.name, field.contents())
+        else:
+            writer.add_key_value(field.name, field.contents(), field.types[0])
+    for key, (value, value_type) in extra.items():
+        writer.add_key_value(key, value, value_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)  # bytes as stored
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_f16_bf16_q5_q8_tensors_and_metadata_match_reference(tmp_path):
+    """F16, BF16, Q5_0, Q5_1 and Q8_0 tensors (embeddings and head too) dequantize as gguf and
+    transformers read them, in float32 and bfloat16; rope theta, eps, context length and the
+    bos/eos/pad ids come from the metadata as transformers reads them."""
+    import transformers
+
+    Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
+    reference = reference_llama(tie_word_embeddings=False)
+    types = {"blk.0.attn_q.weight": Q.F16, "blk.0.attn_k.weight": Q.BF16, "blk.0.attn_v.weight": Q.Q5_0,
+             "blk.0.attn_output.weight": Q.Q5_1, "blk.0.ffn_gate.weight": Q.Q8_0, "blk.1.attn_k.weight": Q.Q5_1,
+             "blk.1.ffn_down.weight": Q.Q5_0, "token_embd.weight": Q.F16, "output.weight": Q.BF16}
+    _write_quantized_tiny_llama(tmp_path / "types.gguf", reference, types)
+    _with_metadata(tmp_path / "types.gguf", tmp_path / "m.gguf", {
+        "tokenizer.ggml.padding_token_id": (1, V.UINT32), "llama.rope.freq_base": (500000.0, V.FLOAT32),
+        "llama.attention.layer_norm_rms_epsilon": (1e-5, V.FLOAT32), "llama.context_length": (4096, V.UINT32)})
+    expected = _gguf_dequantized(tmp_path / "m.gguf", reference.config)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = herd.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=dtype, progress=False)
+        oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=dtype).eval()
+        assert getattr(ours.config, "quantization_config", None) is None  # no Q4 linear: nothing kept quantized
+        for name, tensor in oracle.state_dict().items():
+            assert ours.state_dict()[name].dtype == dtype and torch.equal(ours.state_dict()[name], tensor), name
+        for module_path, (weight, tensor_type) in expected.items():
+            assert torch.equal(ours.get_submodule(module_path).weight, weight.to(dtype)), (module_path, tensor_type)
+    for field in CONFIG_FIELDS:
+        assert getattr(ours.config, field) == getattr(oracle.config, field), field
+    assert (ours.config.pad_token_id, ours.config.max_position_embeddings) == (1, 4096)
+    assert ours.config.rms_norm_eps == pytest.approx(1e-5)
+    assert ours.config.rope_parameters == oracle.config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
+    ids = torch.tensor([[0, 5, 9, 3, 70, 2]])
+    assert ours.generate(ids, max_new_tokens=4, do_sample=False).tolist() == \
+        oracle.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("kind, extra, expected", [
+    ("linear", {}, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    ("yarn", {"llama.rope.scaling.original_context_length": 32},
+     {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}),
+])
+def test_rope_scaling_metadata_is_read_as_llama_cpp_applies_it(tmp_path, kind, extra, expected):
+    # transformers' GGUF reader drops llama.rope.scaling.* (its config says "default"); llama.cpp
+    # applies it, and so does herd: hand-written expectation
+    V = gguf.GGUFValueType
+    _write_tiny_llama(tmp_path / "plain.gguf", reference_llama(), tied=True)
+    _with_metadata(tmp_path / "plain.gguf", tmp_path / "m.gguf", {
+        "llama.rope.scaling.type": (kind, V.STRING), "llama.rope.scaling.factor": (4.0, V.FLOAT32),
+        **{key: (value, V.UINT32) for key, value in extra.items()}})
+    assert herd.AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf").rope_parameters == expected
+
+
+MORE_TEXTS = ["  multiple   spaces  ", "A\u00a0non-breaking space", "x\u200by zero width", "emoji 🧑\u200d💻 zwj",
+              "'quotes' \"double\" `back`", "CAPS AND lower MiXeD", "url https://example.com/a?b=c&d=e", "中文字符和日本語のテキスト",
+              "\t\t\n \n", "", "ok<|im_end|>more", "!!!???...", "über-straße", "I'M YOU'RE", "a\r\nb\rc"]
+
+
+def test_more_texts_encode_and_decode_as_reference(real):
+    """Unicode spaces, zero-width joiners, CJK, CR, special tokens inside text (no digits: herd splits
+    them as llama.cpp does, see test_digits_are_split_like_llama_cpp)."""
+    _, reference_tokenizer, _, tokenizer = real
+    for text in MORE_TEXTS:
+        ids = reference_tokenizer(text).input_ids
+        assert tokenizer(text).input_ids == ids, text
+        assert tokenizer.convert_ids_to_tokens(ids) == reference_tokenizer.convert_ids_to_tokens(ids), text
+        for skip in (False, True):
+            assert tokenizer.decode(ids, skip_special_tokens=skip) == \
+                reference_tokenizer.decode(ids, skip_special_tokens=skip), text

@@ -29,14 +29,30 @@ ALWAYS_KEPT = ("lm_head",)
 
 def _matches(path: str, patterns: list[str] | None) -> bool:
     """Whether a module path is named by one of `patterns`, as transformers' quantizers read
-    modules_to_not_convert (a regular expression matching the path's start, or the path's end) or
-    compressed-tensors reads `ignore` (`re:` + a regular expression, or a name); a pattern that is one
-    whole component of the path ("self_attn") names everything under it too."""
+    modules_to_not_convert (a regular expression matching the path's start, or the path's end); a
+    pattern that is one whole component of the path ("self_attn") names everything under it too
+    (herd's addition). `re:` + a regular expression is read too."""
     for pattern in patterns or ():
         if pattern.startswith("re:"):
             if re.match(pattern[3:], path):
                 return True
         elif re.match(pattern, path) or path.endswith(pattern) or pattern in path.split("."):
+            return True
+    return False
+
+
+def _compressed_matches(path: str, names: list[str]) -> bool:
+    """Whether compressed-tensors' `ignore` or `targets` name the Linear at `path`: `re:` + a regular
+    expression matching the path's start, the class name "Linear", or a module's name, which names
+    that module only (compressed-tensors matches names whole: "model.layers.1" is not a Linear and
+    names none of layer 1's or layer 10's linears). A name may carry a prefix the model's path does
+    not, or the reverse (`language_model.lm_head` / `lm_head`: herd renames some checkpoint prefixes),
+    so one ending with the other at a dot counts as the same module."""
+    for name in names:
+        if name.startswith("re:"):
+            if re.match(name[3:], path):
+                return True
+        elif name == "Linear" or name == path or path.endswith("." + name) or name.endswith("." + path):
             return True
     return False
 
@@ -59,10 +75,34 @@ class QuantizationConfig:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.to_dict()})"
 
-    def to_json_string(self) -> str:
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as transformers writes it: JSON, keys sorted, indent 2, a final newline."""
         import json
 
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as file:
+            file.write(self.to_json_string())
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """`cls(**config_dict)`, as transformers' from_dict: keyword arguments naming an attribute
+        set it; the others are returned with return_unused_kwargs=True. A `quant_method` naming
+        another config is an error naming both."""
+        config_dict = dict(config_dict)
+        method = config_dict.pop("quant_method", cls.quant_method)
+        if method != cls.quant_method:
+            raise ValueError(f"{cls.__name__}.from_dict: quant_method {method!r} is not {cls.quant_method!r}; "
+                             "read a checkpoint's quantization_config with herd.quantization.from_dict")
+        config = cls(**config_dict)
+        unused = {}
+        for key, value in kwargs.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
 
 
 class FbgemmFp8Config(QuantizationConfig):
@@ -113,8 +153,15 @@ class TorchAoConfig(QuantizationConfig):
 
     quant_method = "torchao"
 
-    def __init__(self, quant_type: Any, modules_to_not_convert: list[str] | None = None, **kwargs):
+    def __init__(self, quant_type: Any, modules_to_not_convert: list[str] | None = None,
+                 include_input_output_embeddings: bool = False, untie_embedding_weights: bool = False, **kwargs):
         self.modules_to_not_convert = modules_to_not_convert
+        if include_input_output_embeddings:
+            # transformers then quantizes the embeddings and lm_head too; herd keeps them in float
+            raise ValueError("TorchAoConfig(include_input_output_embeddings=True): herd never quantizes the "
+                             "embeddings or lm_head; leave it False (the default)")
+        self.include_input_output_embeddings = False
+        self.untie_embedding_weights = bool(untie_embedding_weights)
         if isinstance(quant_type, str):
             if quant_type not in _TORCHAO_STRINGS:
                 raise ValueError(f"TorchAoConfig({quant_type!r}): herd runs {', '.join(_TORCHAO_STRINGS)}")
@@ -144,7 +191,9 @@ class TorchAoConfig(QuantizationConfig):
 
     def to_dict(self) -> dict[str, Any]:
         out = {"quant_method": self.quant_method, "quant_type": f"{self.format}_weight_only",
-               "modules_to_not_convert": self.modules_to_not_convert}
+               "modules_to_not_convert": self.modules_to_not_convert,
+               "include_input_output_embeddings": self.include_input_output_embeddings,
+               "untie_embedding_weights": self.untie_embedding_weights}
         if self.format == "int4":
             out["group_size"] = self.group_size
         return out
@@ -209,10 +258,10 @@ class CompressedTensorsConfig(QuantizationConfig):
             self.groups.append((group.get("targets") or ["Linear"], _compressed_scheme(name, group)))
 
     def scheme_for(self, path: str) -> Scheme | None:
-        if _matches(path, self.ignore):
+        if _compressed_matches(path, self.ignore):
             return None
         for targets, scheme in self.groups:
-            if any(t == "Linear" or _matches(path, [t]) for t in targets):
+            if _compressed_matches(path, targets):
                 return scheme
         return None
 
