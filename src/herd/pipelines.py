@@ -4,6 +4,8 @@
 - a chat (list of {"role", "content"} messages) -> [{"generated_text": messages + [assistant reply]}]
 - a list of either -> a list of such lists
 With return_full_text=False, "generated_text" holds only the new text.
+As transformers' pipeline, text-generation samples (temperature 0.7, 256 new tokens) unless the model's
+generation config or the call says otherwise; pass do_sample=False for greedy text.
 """
 
 from __future__ import annotations
@@ -61,13 +63,21 @@ class _GenerationPipeline:
     defaults of every call (pipeline options such as return_full_text=False and generation
     arguments alike, as in transformers)."""
 
+    _default_generation: dict[str, Any] = {"max_new_tokens": _DEFAULT_MAX_NEW_TOKENS}
+
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 1, **call_defaults: Any):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.generation_config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
-        if self.generation_config.max_new_tokens is None:
-            self.generation_config.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS
+        config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+        # The reference pipeline's defaults fill only what the model's generation config leaves unset.
+        for key, value in self._default_generation.items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, value)
+        # A model's own max_length (not the global 20) wins over the default length, as in transformers.
+        if config.max_new_tokens == _DEFAULT_MAX_NEW_TOKENS and config.max_length not in (None, 20):
+            config.max_new_tokens = None
+        self.generation_config = config
         self.call_defaults = call_defaults
 
     @property
@@ -83,6 +93,8 @@ class _GenerationPipeline:
 
 class TextGenerationPipeline(_GenerationPipeline):
     task = "text-generation"
+    # As transformers' text-generation pipeline: free-form text is sampled unless the model's config says otherwise.
+    _default_generation = {"max_new_tokens": _DEFAULT_MAX_NEW_TOKENS, "do_sample": True, "temperature": 0.7}
 
     def __call__(
         self,
@@ -168,6 +180,10 @@ class TextGenerationPipeline(_GenerationPipeline):
         if "tokenizer" not in generate_kwargs and generate_kwargs.get("stop_strings"):
             generate_kwargs["tokenizer"] = self.tokenizer
 
+        if not single:
+            # transformers runs a list through a torch DataLoader, whose iterator draws one base seed from the
+            # global generator first: drawing it too keeps seeded sampling over a list the same as there.
+            torch.empty((), dtype=torch.int64).random_()
         size = batch_size or self.batch_size
         results = []
         for start in range(0, len(prompts), size):
@@ -393,8 +409,34 @@ def _with_prompt(prompt: Any, new_text: str, continue_final_message: bool | None
 SUPPORTED_TASKS = {"text-generation": TextGenerationPipeline, "image-text-to-text": ImageTextToTextPipeline}
 
 
+class UnknownTaskError(ValueError, KeyError):
+    """An unknown pipeline task: a ValueError, and a KeyError as transformers raises for it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# Model types whose checkpoints take images: a pipeline without task= runs them as image-text-to-text.
+_IMAGE_TEXT_MODEL_TYPES = ("mllama", "llama4")
+
+
+def _infer_task(model: Any) -> str:
+    """The task of a model (a loaded one, or a folder / Hub id read through its config): what transformers
+    reads from the Hub's pipeline tag, from the model's own config here."""
+    config = getattr(model, "config", None)
+    if config is None:
+        from .auto import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    model_type = getattr(config, "model_type", None)
+    architectures = getattr(config, "architectures", None) or []
+    if model_type in _IMAGE_TEXT_MODEL_TYPES or any(a.endswith("ForConditionalGeneration") for a in architectures):
+        return "image-text-to-text"
+    return "text-generation"
+
+
 def pipeline(
-    task: str,
+    task: str | None = None,
     model: Any = None,
     tokenizer: Any = None,
     *,
@@ -406,13 +448,35 @@ def pipeline(
     model_kwargs: dict[str, Any] | None = None,
     **generate_defaults: Any,
 ) -> TextGenerationPipeline | ImageTextToTextPipeline:
-    """Build a pipeline. `model` is a folder, a Hub id, or an already loaded herd model."""
+    """Build a pipeline. `model` is a folder, a Hub id, or an already loaded herd model; without task=,
+    the task is read from the model's config (image-text-to-text for Mllama / Llama 4, else text-generation)."""
+    if task is None:
+        if model is None:
+            raise ValueError("pipeline() needs task= or model=: pass e.g. pipeline('text-generation', model=folder)")
+        task = _infer_task(model)
     if task not in SUPPORTED_TASKS:
-        raise ValueError(f"unsupported pipeline task {task!r}; herd has: {', '.join(SUPPORTED_TASKS)}")
+        raise UnknownTaskError(f"unsupported pipeline task {task!r}; herd has: {', '.join(SUPPORTED_TASKS)}")
     if model is None:
         raise ValueError("pipeline() needs model= (a folder, a Hub id or a loaded model): herd picks no default model")
-    if "torch_dtype" in generate_defaults:
-        dtype = generate_defaults.pop("torch_dtype")
+    # As transformers: torch_dtype (the older name) is used only where dtype keeps its default "auto";
+    # a dtype in model_kwargs is used where dtype= is not given, and refused where it is.
+    torch_dtype = generate_defaults.pop("torch_dtype", None)
+    if torch_dtype is not None and dtype == "auto":
+        dtype = torch_dtype
+    model_kwargs = dict(model_kwargs or {})
+    if "torch_dtype" in model_kwargs or "dtype" in model_kwargs:
+        if dtype != "auto":
+            raise ValueError(
+                "pipeline() got dtype= and model_kwargs={'dtype': ...}: pass the dtype in only one of them"
+            )
+        torch_dtype = model_kwargs.pop("torch_dtype", None)
+        dtype = model_kwargs.pop("dtype", torch_dtype)
+    if "device_map" in model_kwargs:
+        if device_map is not None:
+            raise ValueError(
+                "pipeline() got device_map= and model_kwargs={'device_map': ...}: pass it in only one of them"
+            )
+        device_map = model_kwargs.pop("device_map")
     if device is not None and device_map is not None:
         raise ValueError("pass device or device_map, not both")
     if isinstance(device, int):
