@@ -15,32 +15,19 @@ import pytest
 
 from herd.serving.server import ModelInfo, Server
 
-from .conftest import engine_server, live
+from .conftest import Recording, engine_server, live
 from .fake_engine import FakeAsyncEngine, FakeEngine
 from .test_server import EOS_IDS, TOOLS, assert_error, post, say, scripted, tokenizer  # noqa: F401 - a fixture
 
 openai = pytest.importorskip("openai")
 
 
-class OrderLog:
+class OrderLog(Recording):
     """An AsyncEngine that notes, in order, each generate() call and each event it hands out."""
 
     def __init__(self, inner):
-        self.inner = inner
+        super().__init__(inner)
         self.log: list[tuple[str, str]] = []
-
-    @property
-    def engine(self):
-        return self.inner.engine
-
-    async def start(self):
-        await self.inner.start()
-
-    async def stop(self):
-        await self.inner.stop()
-
-    def stats(self):
-        return self.inner.stats()
 
     def generate(self, request):
         self.log.append(("generate", request.request_id))
