@@ -82,8 +82,6 @@ def llama_layer(layer, weights: LayerWeights, hidden: torch.Tensor, cos: torch.T
     hidden, post_normed = project_add_norm(attended, weights.o, hidden, attn.o_proj, post_norm, weights.gate_up)
     activated = gemv.norm_gated_activation(hidden, post_norm.weight, post_norm.eps, weights.gate_up,
                                            mlp.act_fn, weights.gate_up_bias, normed=post_normed)  # (batch, intermediate)
-    if next_norm is None:
-        return project_add(activated, weights.down, hidden, mlp.down_proj), None
     return project_add_norm(activated, weights.down, hidden, mlp.down_proj, next_norm, next_weight)
 
 
@@ -102,9 +100,9 @@ def project_add_norm(x: torch.Tensor, weight, residual: torch.Tensor, linear, no
     """(project_add's result, its RMSNorm by `norm`) where tensor parallel's sum can normalise in
     the same kernel and the next projection (`next_weight`) would not fuse the norm itself (more
     rows than the few-row kernel takes: the library matmul's input is normalised apart, one
-    kernel per norm); else (project_add's result, None)."""
+    kernel per norm); else, or without a `norm`, (project_add's result, None)."""
     group = reduce_group(linear)
-    if group is None or gemv.kernel_applies(residual, norm.weight, next_weight):
+    if group is None or norm is None or gemv.kernel_applies(residual, norm.weight, next_weight):
         return project_add(x, weight, residual, linear), None
     partial = gemv.linear(x, weight, linear.bias)
     fused = all_reduce_norm(partial, group, residual, norm.weight, norm.eps)
