@@ -5,6 +5,9 @@ one after another, the previous model freed first), so that the formats share th
 GPU's state and the bandwidth measurement.
 
     python bench/quantized.py llama3.1-8b --batch-sizes 1,64 --formats bf16,int8,int4,fp8
+
+`fp8-scaled-mm`: FP8 with `_scaled_mm` at every row count past the few-row kernel's (the path before
+kernels/fp8_matmul.py), for the side-by-side.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from herd import bench  # noqa: E402
+from herd.kernels import fp8_matmul  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +34,10 @@ def main() -> None:
     args.dtype = args.dtype or "bfloat16"
     args.new_tokens = args.new_tokens or 128
     bandwidth = bench.copy_bandwidth(device)
+    max_rows = fp8_matmul.MAX_ROWS
     for name in args.formats.split(","):
-        args.quantization = None if name == "bf16" else name
+        args.quantization = None if name == "bf16" else name.removesuffix("-scaled-mm")
+        fp8_matmul.MAX_ROWS = 0 if name.endswith("-scaled-mm") else max_rows
         model = bench.build_model(args.model, getattr(torch, args.dtype), device, args.layers, args.quantization)
         print(bench.bench_model(args, model, bandwidth), flush=True)
         if device.type == "cuda":

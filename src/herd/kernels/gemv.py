@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..cache import fp8_quantize
-from . import multiprocessors, programmatic_launch
+from . import fp8_matmul, multiprocessors, programmatic_launch
 
 try:
     import triton
@@ -159,8 +159,12 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: 
         if weight.fp8_activations and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) \
                 and x.shape[1] % 16 == 0 and weight.data.shape[0] % 16 == 0:
             x_q, x_scale = fp8_activation_rows(x, weight.activation_scale_ub, weight.reduce_activation_amax)
-            out = torch._scaled_mm(x_q, weight.data.t(), scale_a=x_scale, scale_b=weight.scale[None, :],
-                                   out_dtype=x.dtype)
+            if fp8_matmul.kernel_applies(x_q, weight.data):  # 5-64 rows: the tiles of _scaled_mm idle most SMs
+                product = fp8_matmul.fp8_rows_partials(x_q, weight.data).sum(0)  # (rows, out) float32
+                out = (product * x_scale * weight.scale[None, :]).to(x.dtype)
+            else:
+                out = torch._scaled_mm(x_q, weight.data.t(), scale_a=x_scale, scale_b=weight.scale[None, :],
+                                       out_dtype=x.dtype)
             return out if bias is None else out + bias
     return nn.functional.linear(x, _dense(weight, x.dtype), bias)
 

@@ -1,0 +1,136 @@
+"""FP8 activations times FP8 weights for a few rows (5 to 64), on the tensor cores.
+
+`fp8_rows_partials(x_q, data, split=None)`: x_q (rows, in) float8_e4m3fn, data (out, in)
+float8_e4m3fn -> float32 partial sums (split, rows, out) whose sum over the first dimension is
+x_q @ data.T, accumulated in float32 from the exact FP8 inputs. The caller applies the row and
+column scales (and the cast) in torch, where the compiled step fuses them, with the sum of the
+partials, into whatever follows (the residual add, the activation): what `_scaled_mm` with
+row-wise scales computes, `(x_q @ data.T) * x_scale * w_scale`, rounded once.
+
+Why not `_scaled_mm` at these rows: its tiles span 128 output columns and every input column, so
+a 4096-column output (the o and down projections of Llama-3.1-8B) is 32 programs on a 132-SM GPU,
+and most of the weight bandwidth goes unused. Here a program takes BLOCK_N output columns and one
+of `split` ranges of the input columns, and the grid is sized to the device (`PROGRAMS_PER_SM`).
+
+Runs for CUDA tensors when Triton is installed (`kernel_applies`); `torch_fp8_rows_partials`
+computes the same in torch. In Triton's interpreter (the CPU tests) the tiles multiply in
+float32: it has no FP8 products.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import multiprocessors
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch ship without Triton: the torch arithmetic runs instead
+    triton = None
+
+MIN_ROWS = 5  # up to 4 rows the few-row kernel (gemv.py) reads FP8 weights with its fused neighbours
+MAX_ROWS = 64  # beyond, the weight tile is reused enough for `_scaled_mm`'s large tiles
+BLOCK_N = 64
+BLOCK_K = 128
+WARPS = 4
+STAGES = 4
+PROGRAMS_PER_SM = 2  # input-column ranges are added until the grid has about this many programs per SM
+MAX_SPLIT = 8
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_applies(x_q: torch.Tensor, data: torch.Tensor) -> bool:
+    """FP8 rows (MIN_ROWS to MAX_ROWS) and an FP8 (out, in) weight on CUDA, in whole BLOCK_K steps."""
+    return (triton is not None and x_q.is_cuda and x_q.dim() == 2 and data.dim() == 2
+            and x_q.dtype == data.dtype == torch.float8_e4m3fn and MIN_ROWS <= x_q.shape[0] <= MAX_ROWS
+            and x_q.shape[1] == data.shape[1] and x_q.shape[1] % BLOCK_K == 0)
+
+
+def split_for(out_features: int, in_features: int, device: torch.device, block_n: int = BLOCK_N,
+              block_k: int = BLOCK_K, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """How many input-column ranges: doubled while the grid has fewer than programs_per_sm programs
+    per SM and each range keeps whole BLOCK_K steps."""
+    column_blocks = -(-out_features // block_n)
+    wanted = programs_per_sm * multiprocessors(device)
+    split = 1
+    while (column_blocks * split * 2 <= wanted and split * 2 <= MAX_SPLIT
+           and in_features % (split * 2 * block_k) == 0):
+        split *= 2
+    return split
+
+
+def torch_fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor, split: int = 1) -> torch.Tensor:
+    """The same partial sums in torch: float32 products of the exact FP8 inputs."""
+    x_parts = x_q.float().reshape(x_q.shape[0], split, -1).transpose(0, 1)  # (split, rows, in / split)
+    w_parts = data.float().reshape(data.shape[0], split, -1).transpose(0, 1)  # (split, out, in / split)
+    return torch.bmm(x_parts, w_parts.transpose(1, 2))  # (split, rows, out)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_rows_kernel(x_ptr, w_ptr, partial_ptr, rows, N, K, K_PER_SPLIT,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         INTERPRETED: tl.constexpr):
+        column_block = tl.program_id(0)
+        split = tl.program_id(1)
+        m = tl.arange(0, BLOCK_M)
+        n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = m < rows
+        n_ok = n < N
+        k = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
+        x_at = x_ptr + m[:, None] * K + k[None, :]  # (BLOCK_M, BLOCK_K)
+        w_at = w_ptr + n.to(tl.int64)[:, None] * K + k[None, :]  # (BLOCK_N, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K_PER_SPLIT, BLOCK_K):
+            x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            if INTERPRETED:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+            x_at += BLOCK_K
+            w_at += BLOCK_K
+        out_at = partial_ptr + (split * rows + m[:, None]) * N + n[None, :]
+        tl.store(out_at, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    def launch(x_q: torch.Tensor, data: torch.Tensor, split: int | None = None, block_n: int = BLOCK_N,
+               block_k: int = BLOCK_K, warps: int = WARPS, stages: int = STAGES,
+               programs_per_sm: int = PROGRAMS_PER_SM) -> torch.Tensor:
+        rows, in_features = x_q.shape
+        out_features = data.shape[0]
+        if split is None:
+            split = split_for(out_features, in_features, x_q.device, block_n, block_k, programs_per_sm)
+        if in_features % (split * block_k):
+            raise ValueError(f"{in_features} input columns do not split into {split} ranges of whole {block_k}-column steps")
+        partials = torch.empty((split, rows, out_features), device=x_q.device, dtype=torch.float32)
+        grid = (triton.cdiv(out_features, block_n), split)
+        _fp8_rows_kernel[grid](x_q, data, partials, rows, out_features, in_features, in_features // split,
+                               BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
+                               INTERPRETED=_interpreted(), num_warps=warps, num_stages=stages)
+        return partials
+
+    # An opaque operator: the compiled step calls it (as gemv.py's), and fuses the partials' sum and
+    # the scales into the next kernel.
+    @torch.library.custom_op("herd::fp8_rows_partials", mutates_args=())
+    def _fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor, split: int) -> torch.Tensor:
+        return launch(x_q.contiguous(), data, split)
+
+    @_fp8_rows_partials.register_fake
+    def _(x_q, data, split):
+        return x_q.new_empty((split, x_q.shape[0], data.shape[0]), dtype=torch.float32)
+
+
+def fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor, split: int | None = None) -> torch.Tensor:
+    """(split, rows, out) float32 partial sums of x_q @ data.T (the module docstring)."""
+    if split is None:
+        split = split_for(data.shape[0], data.shape[1], x_q.device) if x_q.is_cuda else 1
+    if kernel_applies(x_q, data) and data.is_contiguous():
+        return torch.ops.herd.fp8_rows_partials(x_q, data, split)
+    return torch_fp8_rows_partials(x_q, data, split)
