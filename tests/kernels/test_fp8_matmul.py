@@ -35,13 +35,14 @@ def _inputs(rows, in_features, out_features, seed=0):
         _fp8(out_features, in_features, generator=generator, spread=spread * 30).to(DEVICE)
 
 
-def _exact(x_q, data):
-    return x_q.double() @ data.double().T
-
-
-def _close(product, exact):
+def _close(product, x_q, data):
+    """Within 2**-12 of the sum of the products' sizes (on the GPU, Hopper's FP8 sums keep about 14
+    bits between their float32 promotions); a wrong column or range is off by the whole sum."""
     assert product.dtype == torch.float32
-    torch.testing.assert_close(product.double(), exact, rtol=1e-5, atol=1e-3)
+    exact = x_q.double() @ data.double().T
+    bound = 2.0**-12 * (x_q.double().abs() @ data.double().abs().T) + 1e-6
+    excess = ((product.double() - exact).abs() - bound).max().item()
+    assert excess <= 0, f"off by {excess:.3g} beyond the bound"
 
 
 @needs_triton
@@ -51,16 +52,16 @@ def test_partials_sum_to_the_fp8_product(rows, in_features, out_features, split)
     x_q, data = _inputs(rows, in_features, out_features)
     partials = module.launch(x_q, data, split=split, **SMALL)
     assert partials.shape == (split, rows, out_features)
-    _close(partials.sum(0), _exact(x_q, data))
+    _close(partials.sum(0), x_q, data)
     # each range is its own columns' product, not a share of the whole
     half = in_features // split
-    _close(partials[-1], _exact(x_q[:, -half:], data[:, -half:]))
+    _close(partials[-1], x_q[:, -half:], data[:, -half:])
 
 
 @needs_triton
 def test_module_blocks_and_planned_split():
     x_q, data = _inputs(8, 1024, 200, seed=1)
-    _close(module.launch(x_q, data).sum(0), _exact(x_q, data))
+    _close(module.launch(x_q, data).sum(0), x_q, data)
 
 
 @needs_triton
@@ -74,7 +75,7 @@ def test_torch_partials_equal_the_product():
     x_q, data = _inputs(7, 64, 24, seed=2)
     partials = module.torch_fp8_rows_partials(x_q.cpu(), data.cpu(), split=4)
     assert partials.shape == (4, 7, 24)
-    _close(partials.sum(0), _exact(x_q.cpu(), data.cpu()))
+    _close(partials.sum(0), x_q.cpu(), data.cpu())
 
 
 def test_split_fills_the_grid_with_whole_steps(monkeypatch):

@@ -171,7 +171,8 @@ COMPILE_ALL = textwrap.dedent('''
         compile_one(f"fp8 rows {block_m}", fp8_matmul._fp8_rows_kernel,
                     {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "partial_ptr": "*fp32", "rows": "i32", "N": "i32",
                      "K": "i32", "K_PER_SPLIT": "i32"},
-                    dict(BLOCK_M=block_m, BLOCK_N=fp8_matmul.BLOCK_N, BLOCK_K=fp8_matmul.BLOCK_K, INTERPRETED=False),
+                    dict(BLOCK_M=block_m, BLOCK_N=fp8_matmul.BLOCK_N, BLOCK_K=fp8_matmul.BLOCK_K,
+                         PRECISE_COLUMNS=fp8_matmul.PRECISE_COLUMNS, INTERPRETED=False),
                     num_warps=fp8_matmul.WARPS, num_stages=fp8_matmul.STAGES)
     import multiprocessing, os
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # forked: the jobs list is shared

@@ -36,7 +36,11 @@ MAX_ROWS = 64  # beyond, the weight tile is reused enough for `_scaled_mm`'s lar
 BLOCK_N = 64
 BLOCK_K = 128
 WARPS = 4
-STAGES = 4
+STAGES = 3
+# Hopper's FP8 tensor-core sums keep about 14 bits; Triton lets them run over a whole dot unless told
+# otherwise. Sums of this many input columns are added to a float32 accumulator instead (as
+# cuBLAS does for `_scaled_mm` without fast accumulation).
+PRECISE_COLUMNS = 32
 PROGRAMS_PER_SM = 2  # input-column ranges are added until the grid has about this many programs per SM
 MAX_SPLIT = 8
 
@@ -77,7 +81,7 @@ if triton is not None:
     @triton.jit
     def _fp8_rows_kernel(x_ptr, w_ptr, partial_ptr, rows, N, K, K_PER_SPLIT,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         INTERPRETED: tl.constexpr):
+                         PRECISE_COLUMNS: tl.constexpr, INTERPRETED: tl.constexpr):
         column_block = tl.program_id(0)
         split = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
@@ -94,7 +98,7 @@ if triton is not None:
             if INTERPRETED:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=PRECISE_COLUMNS)
             x_at += BLOCK_K
             w_at += BLOCK_K
         out_at = partial_ptr + (split * rows + m[:, None]) * N + n[None, :]
@@ -102,7 +106,7 @@ if triton is not None:
 
     def launch(x_q: torch.Tensor, data: torch.Tensor, split: int | None = None, block_n: int = BLOCK_N,
                block_k: int = BLOCK_K, warps: int = WARPS, stages: int = STAGES,
-               programs_per_sm: int = PROGRAMS_PER_SM) -> torch.Tensor:
+               programs_per_sm: int = PROGRAMS_PER_SM, precise_columns: int = PRECISE_COLUMNS) -> torch.Tensor:
         rows, in_features = x_q.shape
         out_features = data.shape[0]
         if split is None:
@@ -113,7 +117,8 @@ if triton is not None:
         grid = (triton.cdiv(out_features, block_n), split)
         _fp8_rows_kernel[grid](x_q, data, partials, rows, out_features, in_features, in_features // split,
                                BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-                               INTERPRETED=_interpreted(), num_warps=warps, num_stages=stages)
+                               PRECISE_COLUMNS=precise_columns, INTERPRETED=_interpreted(), num_warps=warps,
+                               num_stages=stages)
         return partials
 
     # An opaque operator: the compiled step calls it (as gemv.py's), and fuses the partials' sum and
