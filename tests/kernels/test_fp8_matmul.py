@@ -59,9 +59,11 @@ def test_partials_sum_to_the_fp8_product(rows, in_features, out_features, split)
 
 
 @needs_triton
-def test_module_blocks_and_planned_split():
+@pytest.mark.parametrize("pdl", [False, True] if DEVICE == "cuda" else [False])
+def test_module_blocks_and_planned_split(pdl):
+    """The module's blocks, the planned split and, on a GPU, launched as a programmatic dependent."""
     x_q, data = _inputs(8, 1024, 200, seed=1)
-    _close(module.launch(x_q, data).sum(0), x_q, data)
+    _close(module.launch(x_q, data, pdl=pdl).sum(0), x_q, data)
 
 
 @needs_triton

@@ -167,13 +167,13 @@ COMPILE_ALL = textwrap.dedent('''
                          TENSOR_CORES=True, SUMS_BY_DOT=False, BLOCK_N=expert_gemv.BLOCK_N, BLOCK_K=expert_gemv.BLOCK_K,
                          M=16),
                     num_warps=expert_gemv.WARPS, num_stages=expert_gemv.STAGES)
-    for block_m in [16, 32, 64]:  # FP8 rows 5-64 on the tensor cores
-        compile_one(f"fp8 rows {block_m}", fp8_matmul._fp8_rows_kernel,
+    for block_m, pdl in itertools.product([16, 32, 64], [False, True]):  # FP8 rows 5-64 on the tensor cores
+        compile_one(f"fp8 rows {block_m} pdl={pdl}", fp8_matmul._fp8_rows_kernel,
                     {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "partial_ptr": "*fp32", "rows": "i32", "N": "i32",
                      "K": "i32", "K_PER_SPLIT": "i32"},
                     dict(BLOCK_M=block_m, BLOCK_N=fp8_matmul.BLOCK_N, BLOCK_K=fp8_matmul.BLOCK_K,
-                         PRECISE_COLUMNS=fp8_matmul.PRECISE_COLUMNS, INTERPRETED=False),
-                    num_warps=fp8_matmul.WARPS, num_stages=fp8_matmul.STAGES)
+                         PRECISE_COLUMNS=fp8_matmul.PRECISE_COLUMNS, PDL=pdl, INTERPRETED=False),
+                    num_warps=fp8_matmul.WARPS, num_stages=fp8_matmul.STAGES, launch_pdl=pdl)
     import multiprocessing, os
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # forked: the jobs list is shared
         results = pool.map(compile_job, range(len(jobs)), chunksize=1)
@@ -204,7 +204,7 @@ def test_every_decode_kernel_variant_compiles_for_hopper(compiled):
     assert sum(label.startswith("paged attention fp8 cache") for label, _, _ in compiled) == 3
     assert sum(label.startswith("expert_gemv") for label, _, _ in compiled) == 15
     assert sum(label.startswith("attention fp8 cache") for label, _, _ in compiled) == 4
-    assert sum(label.startswith("fp8 rows") for label, _, _ in compiled) == 3
+    assert sum(label.startswith("fp8 rows") for label, _, _ in compiled) == 6
 
 
 def test_programmatic_launch_is_compiled_in_when_asked(compiled):

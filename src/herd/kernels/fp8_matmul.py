@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from . import multiprocessors
+from . import multiprocessors, programmatic_launch
 
 try:
     import triton
@@ -81,7 +81,9 @@ if triton is not None:
     @triton.jit
     def _fp8_rows_kernel(x_ptr, w_ptr, partial_ptr, rows, N, K, K_PER_SPLIT,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PRECISE_COLUMNS: tl.constexpr, INTERPRETED: tl.constexpr):
+                         PRECISE_COLUMNS: tl.constexpr, PDL: tl.constexpr, INTERPRETED: tl.constexpr):
+        if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
+            tl.extra.cuda.gdc_launch_dependents()
         column_block = tl.program_id(0)
         split = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
@@ -91,10 +93,16 @@ if triton is not None:
         k = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
         x_at = x_ptr + m[:, None] * K + k[None, :]  # (BLOCK_M, BLOCK_K)
         w_at = w_ptr + n.to(tl.int64)[:, None] * K + k[None, :]  # (BLOCK_N, BLOCK_K)
+        # The first weight tile does not depend on the previous kernel: with PDL it is requested
+        # while that kernel's last programs run, and only then does this program wait for it.
+        w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x below is the previous kernel's output
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K_PER_SPLIT, BLOCK_K):
+        for step in range(0, K_PER_SPLIT, BLOCK_K):
+            if step > 0:
+                w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             if INTERPRETED:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
             else:
@@ -106,36 +114,40 @@ if triton is not None:
 
     def launch(x_q: torch.Tensor, data: torch.Tensor, split: int | None = None, block_n: int = BLOCK_N,
                block_k: int = BLOCK_K, warps: int = WARPS, stages: int = STAGES,
-               programs_per_sm: int = PROGRAMS_PER_SM, precise_columns: int = PRECISE_COLUMNS) -> torch.Tensor:
+               programs_per_sm: int = PROGRAMS_PER_SM, precise_columns: int = PRECISE_COLUMNS,
+               pdl: bool | None = None) -> torch.Tensor:
+        """The partials (the module docstring); split None: `split_for`; pdl None: where the device
+        has programmatic dependent launch (kernels.programmatic_launch)."""
         rows, in_features = x_q.shape
         out_features = data.shape[0]
         if split is None:
             split = split_for(out_features, in_features, x_q.device, block_n, block_k, programs_per_sm)
         if in_features % (split * block_k):
             raise ValueError(f"{in_features} input columns do not split into {split} ranges of whole {block_k}-column steps")
+        pdl = programmatic_launch(x_q) if pdl is None else pdl
         partials = torch.empty((split, rows, out_features), device=x_q.device, dtype=torch.float32)
         grid = (triton.cdiv(out_features, block_n), split)
         _fp8_rows_kernel[grid](x_q, data, partials, rows, out_features, in_features, in_features // split,
                                BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-                               PRECISE_COLUMNS=precise_columns, INTERPRETED=_interpreted(), num_warps=warps,
-                               num_stages=stages)
+                               PRECISE_COLUMNS=precise_columns, PDL=pdl, INTERPRETED=_interpreted(),
+                               num_warps=warps, num_stages=stages, launch_pdl=pdl)
         return partials
 
     # An opaque operator: the compiled step calls it (as gemv.py's), and fuses the partials' sum and
-    # the scales into the next kernel.
+    # the scales into the next kernel. It launches through Triton's own launcher, which keeps the
+    # programmatic-launch attribute. The split is planned here, outside the traced code.
     @torch.library.custom_op("herd::fp8_rows_partials", mutates_args=())
-    def _fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor, split: int) -> torch.Tensor:
-        return launch(x_q.contiguous(), data, split)
+    def _fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        return launch(x_q.contiguous(), data)
 
     @_fp8_rows_partials.register_fake
-    def _(x_q, data, split):
+    def _(x_q, data):
+        split = split_for(data.shape[0], data.shape[1], x_q.device)
         return x_q.new_empty((split, x_q.shape[0], data.shape[0]), dtype=torch.float32)
 
 
-def fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor, split: int | None = None) -> torch.Tensor:
+def fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """(split, rows, out) float32 partial sums of x_q @ data.T (the module docstring)."""
-    if split is None:
-        split = split_for(data.shape[0], data.shape[1], x_q.device) if x_q.is_cuda else 1
     if kernel_applies(x_q, data) and data.is_contiguous():
-        return torch.ops.herd.fp8_rows_partials(x_q, data, split)
-    return torch_fp8_rows_partials(x_q, data, split)
+        return torch.ops.herd.fp8_rows_partials(x_q, data)
+    return torch_fp8_rows_partials(x_q, data)
