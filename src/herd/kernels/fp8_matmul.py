@@ -40,7 +40,7 @@ STAGES = 3
 # Hopper's FP8 tensor-core sums keep about 14 bits; Triton lets them run over a whole dot unless told
 # otherwise. Sums of this many input columns are added to a float32 accumulator instead (as
 # cuBLAS does for `_scaled_mm` without fast accumulation).
-PRECISE_COLUMNS = 32
+PRECISE_COLUMNS = 128
 PROGRAMS_PER_SM = 2  # input-column ranges are added until the grid has about this many programs per SM
 MAX_SPLIT = 8
 
@@ -79,6 +79,15 @@ def torch_fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor, split: int = 
 if triton is not None:
 
     @triton.jit
+    def _accumulate(acc, x, w, PRECISE_COLUMNS: tl.constexpr, INTERPRETED: tl.constexpr):
+        """acc + x @ w.T: x (BLOCK_M, BLOCK_K), w (BLOCK_N, BLOCK_K) FP8, acc float32."""
+        if INTERPRETED:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=PRECISE_COLUMNS)
+        return acc
+
+    @triton.jit
     def _fp8_rows_kernel(x_ptr, w_ptr, partial_ptr, rows, N, K, K_PER_SPLIT,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PRECISE_COLUMNS: tl.constexpr, PDL: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -94,21 +103,20 @@ if triton is not None:
         x_at = x_ptr + m[:, None] * K + k[None, :]  # (BLOCK_M, BLOCK_K)
         w_at = w_ptr + n.to(tl.int64)[:, None] * K + k[None, :]  # (BLOCK_N, BLOCK_K)
         # The first weight tile does not depend on the previous kernel: with PDL it is requested
-        # while that kernel's last programs run, and only then does this program wait for it.
+        # while that kernel's last programs run, and only then does this program wait for it. (The
+        # first step stays outside the loop: a load under a branch in the loop is not pipelined.)
         w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
         if PDL:
             tl.extra.cuda.gdc_wait()  # x below is the previous kernel's output
+        x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(0, K_PER_SPLIT, BLOCK_K):
-            if step > 0:
-                w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
-            if INTERPRETED:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-            else:
-                acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=PRECISE_COLUMNS)
+        acc = _accumulate(acc, x, w, PRECISE_COLUMNS, INTERPRETED)
+        for _ in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
             x_at += BLOCK_K
             w_at += BLOCK_K
+            w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
+            acc = _accumulate(acc, x, w, PRECISE_COLUMNS, INTERPRETED)
         out_at = partial_ptr + (split * rows + m[:, None]) * N + n[None, :]
         tl.store(out_at, acc, mask=m_ok[:, None] & n_ok[None, :])
 
