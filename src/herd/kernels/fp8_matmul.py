@@ -40,7 +40,7 @@ STAGES = 3
 # Hopper's FP8 tensor-core sums keep about 14 bits; Triton lets them run over a whole dot unless told
 # otherwise. Sums of this many input columns are added to a float32 accumulator instead (as
 # cuBLAS does for `_scaled_mm` without fast accumulation).
-PRECISE_COLUMNS = 128
+PRECISE_COLUMNS = 32
 PROGRAMS_PER_SM = 2  # input-column ranges are added until the grid has about this many programs per SM
 MAX_SPLIT = 8
 
@@ -102,21 +102,15 @@ if triton is not None:
         k = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
         x_at = x_ptr + m[:, None] * K + k[None, :]  # (BLOCK_M, BLOCK_K)
         w_at = w_ptr + n.to(tl.int64)[:, None] * K + k[None, :]  # (BLOCK_N, BLOCK_K)
-        # The first weight tile does not depend on the previous kernel: with PDL it is requested
-        # while that kernel's last programs run, and only then does this program wait for it. (The
-        # first step stays outside the loop: a load under a branch in the loop is not pipelined.)
-        w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x below is the previous kernel's output
-        x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
+        if PDL:  # with PDL only the launch overlaps the previous kernel: reading the first weight tile
+            tl.extra.cuda.gdc_wait()  # before this wait took the loop out of Triton's pipelining
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _accumulate(acc, x, w, PRECISE_COLUMNS, INTERPRETED)
-        for _ in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
-            x_at += BLOCK_K
-            w_at += BLOCK_K
+        for _ in range(0, K_PER_SPLIT, BLOCK_K):
             w = tl.load(w_at, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_at, mask=m_ok[:, None], other=0.0)
             acc = _accumulate(acc, x, w, PRECISE_COLUMNS, INTERPRETED)
+            x_at += BLOCK_K
+            w_at += BLOCK_K
         out_at = partial_ptr + (split * rows + m[:, None]) * N + n[None, :]
         tl.store(out_at, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -137,7 +131,7 @@ if triton is not None:
         grid = (triton.cdiv(out_features, block_n), split)
         _fp8_rows_kernel[grid](x_q, data, partials, rows, out_features, in_features, in_features // split,
                                BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-                               PRECISE_COLUMNS=precise_columns, PDL=pdl, INTERPRETED=_interpreted(),
+                               PRECISE_COLUMNS=min(precise_columns, block_k), PDL=pdl, INTERPRETED=_interpreted(),
                                num_warps=warps, num_stages=stages, launch_pdl=pdl)
         return partials
 
