@@ -36,11 +36,13 @@ def _inputs(rows, in_features, out_features, seed=0):
 
 
 def _close(product, x_q, data):
-    """Within 2**-12 of the sum of the products' sizes (on the GPU, Hopper's FP8 sums keep about 14
-    bits between their float32 promotions); a wrong column or range is off by the whole sum."""
+    """Within a bound of the sum of the products' sizes: float32's rounding over the sum in the
+    interpreter; on a GPU, Hopper's FP8 sums keep about 14 bits at each of the in / 32 steps of its
+    products. A wrong column or range is off by a large share of the whole sum."""
     assert product.dtype == torch.float32
     exact = x_q.double() @ data.double().T
-    bound = 2.0**-12 * (x_q.double().abs() @ data.double().abs().T) + 1e-6
+    steps = x_q.shape[1] // 32 + 1 if product.is_cuda else 1
+    bound = steps * 2.0**-14 * (x_q.double().abs() @ data.double().abs().T) + 1e-6
     excess = ((product.double() - exact).abs() - bound).max().item()
     assert excess <= 0, f"off by {excess:.3g} beyond the bound"
 
@@ -105,9 +107,10 @@ def test_kernel_applies_only_to_fp8_rows_in_range():
 
 @pytest.mark.skipif(DEVICE != "cuda" or module.triton is None, reason="the kernel runs inside torch_linear on CUDA")
 @pytest.mark.parametrize("rows", [5, 8, 37, 64, 65])
-def test_torch_linear_equals_scaled_mm(rows):
-    """FP8 weights with FP8 activations: the kernel's rows (5-64) equal `_scaled_mm`'s result within a
-    bf16 rounding (the float32 sums differ in order only), and 65 rows still take `_scaled_mm`."""
+def test_torch_linear_is_as_close_as_fbgemms_arithmetic(rows):
+    """FP8 weights with FP8 activations (FbgemmFp8Config): the kernel's rows (5-64) are as close to the
+    exact product of the FP8 values as `_scaled_mm` with fast accumulation (FBGEMM's arithmetic,
+    which transformers runs) within a bf16 rounding; 65 rows take `_scaled_mm` itself."""
     generator = torch.Generator().manual_seed(rows)
     weight = (torch.randn(4096, 4096, generator=generator) * 0.02).to(DEVICE, torch.bfloat16)
     data, scale = quantize_fp8_rows(weight)
@@ -115,5 +118,9 @@ def test_torch_linear_equals_scaled_mm(rows):
     x = torch.randn(rows, 4096, generator=generator).to(DEVICE, torch.bfloat16)
     out = gemv.torch_linear(x, quantized)
     x_q, x_scale = gemv.fp8_activation_rows(x, quantized.activation_scale_ub)
-    expected = torch._scaled_mm(x_q, data.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16)
-    torch.testing.assert_close(out, expected, rtol=2.0**-7, atol=1e-3)
+    exact = (x_q.double() @ data.double().T) * x_scale.double() * scale.double().view(1, -1)
+    fbgemm_like = torch._scaled_mm(x_q, data.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16,
+                                   use_fast_accum=True)
+    library_error = (fbgemm_like.double() - exact).abs().max().item()
+    error = (out.double() - exact).abs().max().item()
+    assert error <= 1.5 * library_error + 2.0**-8 * exact.abs().max().item(), (error, library_error)

@@ -37,10 +37,12 @@ BLOCK_N = 64
 BLOCK_K = 128
 WARPS = 4
 STAGES = 3
-# Hopper's FP8 tensor-core sums keep about 14 bits; Triton lets them run over a whole dot unless told
-# otherwise. Sums of this many input columns are added to a float32 accumulator instead (as
-# cuBLAS does for `_scaled_mm` without fast accumulation).
-PRECISE_COLUMNS = 32
+# Hopper's FP8 tensor-core sums keep about 14 bits. FBGEMM's row-wise FP8 matmul, which transformers
+# runs for FbgemmFp8Config (`use_fast_accum=True`), lets them run over the whole input, and so does
+# this kernel by default (0). A positive count adds the sums of that many input columns to a float32
+# accumulator instead, as `_scaled_mm` without fast accumulation does: 5% slower at 64 rows on
+# Llama-3.1-8B (bench/RESULTS.md).
+PRECISE_COLUMNS = 0
 PROGRAMS_PER_SM = 2  # input-column ranges are added until the grid has about this many programs per SM
 MAX_SPLIT = 8
 
@@ -83,6 +85,8 @@ if triton is not None:
         """acc + x @ w.T: x (BLOCK_M, BLOCK_K), w (BLOCK_N, BLOCK_K) FP8, acc float32."""
         if INTERPRETED:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        elif PRECISE_COLUMNS == 0:
+            acc = tl.dot(x, tl.trans(w), acc)
         else:
             acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=PRECISE_COLUMNS)
         return acc
@@ -116,7 +120,7 @@ if triton is not None:
 
     def launch(x_q: torch.Tensor, data: torch.Tensor, split: int | None = None, block_n: int = BLOCK_N,
                block_k: int = BLOCK_K, warps: int = WARPS, stages: int = STAGES,
-               programs_per_sm: int = PROGRAMS_PER_SM, precise_columns: int = PRECISE_COLUMNS,
+               programs_per_sm: int = PROGRAMS_PER_SM, precise_columns: int | None = None,
                pdl: bool | None = None) -> torch.Tensor:
         """The partials (the module docstring); split None: `split_for`; pdl None: where the device
         has programmatic dependent launch (kernels.programmatic_launch)."""
@@ -127,6 +131,7 @@ if triton is not None:
         if in_features % (split * block_k):
             raise ValueError(f"{in_features} input columns do not split into {split} ranges of whole {block_k}-column steps")
         pdl = programmatic_launch(x_q) if pdl is None else pdl
+        precise_columns = PRECISE_COLUMNS if precise_columns is None else precise_columns
         partials = torch.empty((split, rows, out_features), device=x_q.device, dtype=torch.float32)
         grid = (triton.cdiv(out_features, block_n), split)
         _fp8_rows_kernel[grid](x_q, data, partials, rows, out_features, in_features, in_features // split,
