@@ -6,6 +6,8 @@
 - `routed_experts.py`: Llama 4's routed experts, each row through its own expert, no host sync;
 - `expert_gemv.py`: a few rows, each through its own quantized expert (int8, FP8 or int4) read as
   stored, on the tensor cores (routed_experts calls it);
+- `fp8_matmul.py`: FP8 rows times FP8 weights at 5-64 rows, on the tensor cores, in partial sums
+  the compiled step adds up (gemv.torch_linear calls it in place of `_scaled_mm`);
 - `all_reduce.py`: tensor parallel's small sums across the GPUs of one host, each rank writing
   into its peers' symmetric-memory buffers (parallel/symmetric.py calls it).
 

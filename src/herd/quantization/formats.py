@@ -18,7 +18,7 @@ it like any Linear. Formats (weights are (out features, in features), as nn.Line
           model, since bf16 would round them (quantization/gguf.py).
 
 Which kernel multiplies: on a GPU with FP8 (compute capability >= 8.9) FP8 runs `_scaled_mm`
-with row-wise scales; int8 and int4 run torch's weight-only CPU kernels on the CPU (with bf16
+with row-wise scales (the decode step at 5-64 rows: kernels/fp8_matmul.py); int8 and int4 run torch's weight-only CPU kernels on the CPU (with bf16
 activations: 5-8x faster than a float32 matmul on two cores, see bench/RESULTS.md); elsewhere the
 weight is dequantized to the activations' dtype for the matmul. The decode step's few-row
 kernels (kernels/gemv.py) read `kernel_weight()` and dequantize inside their loop.
