@@ -7,7 +7,8 @@ GPU's state and the bandwidth measurement.
     python bench/quantized.py llama3.1-8b --batch-sizes 1,64 --formats bf16,int8,int4,fp8
 
 `fp8-scaled-mm`: FP8 with `_scaled_mm` at every row count past the few-row kernel's (the path before
-kernels/fp8_matmul.py), for the side-by-side.
+kernels/fp8_matmul.py); `fp8-precise`: that kernel adding its FP8 sums to float32 every 32 input
+columns (`fp8_matmul.PRECISE_COLUMNS`) instead of FBGEMM's sums over the whole input.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def main() -> None:
     args.dtype = args.dtype or "bfloat16"
     args.new_tokens = args.new_tokens or 128
     bandwidth = bench.copy_bandwidth(device)
-    max_rows = fp8_matmul.MAX_ROWS
+    max_rows, precise_columns = fp8_matmul.MAX_ROWS, fp8_matmul.PRECISE_COLUMNS
     for name in args.formats.split(","):
-        args.quantization = None if name == "bf16" else name.removesuffix("-scaled-mm")
+        args.quantization = None if name == "bf16" else name.removesuffix("-scaled-mm").removesuffix("-precise")
         fp8_matmul.MAX_ROWS = 0 if name.endswith("-scaled-mm") else max_rows
+        fp8_matmul.PRECISE_COLUMNS = 32 if name.endswith("-precise") else precise_columns
         model = bench.build_model(args.model, getattr(torch, args.dtype), device, args.layers, args.quantization)
         print(bench.bench_model(args, model, bandwidth), flush=True)
         if device.type == "cuda":
