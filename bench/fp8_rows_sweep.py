@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quantized_gemv import timed  # noqa: E402
 
 from herd.kernels import fp8_matmul  # noqa: E402
 from herd.quantization.formats import quantize_fp8_rows  # noqa: E402
@@ -26,20 +29,6 @@ from herd.quantization.formats import quantize_fp8_rows  # noqa: E402
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 GRID = dict(block_n=(32, 64, 128), block_k=(128, 256), stages=(3, 5), warps=(4,), programs_per_sm=(1, 2, 4))
 COPIES = 8
-
-
-def timed(fn, repeats_ms: int = 60) -> float:
-    """Median µs of fn, replayed from a CUDA graph."""
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=repeats_ms, return_mode="median") * 1000
 
 
 def main() -> None:
@@ -70,10 +59,10 @@ def main() -> None:
                     fp8_matmul.launch(x_q, data, **config)
             return run
 
-        reference = timed(scaled_mm) / COPIES
-        module = timed(ours()) / COPIES
-        fast = timed(ours(precise_columns=128)) / COPIES
-        no_pdl = timed(ours(pdl=False)) / COPIES
+        reference = timed(scaled_mm, 60) / COPIES
+        module = timed(ours(), 60) / COPIES
+        every_128 = timed(ours(precise_columns=128), 60) / COPIES
+        no_pdl = timed(ours(pdl=False), 60) / COPIES
         results = []
         if not args.quick:
             for values in itertools.product(*GRID.values()):
@@ -81,14 +70,14 @@ def main() -> None:
                 if in_features % config["block_k"]:
                     continue
                 try:
-                    results.append((timed(ours(**config)) / COPIES, config))
+                    results.append((timed(ours(**config), 60) / COPIES, config))
                 except Exception as error:  # a configuration that does not fit the shared memory
                     print(f"  {config}: {type(error).__name__}", file=sys.stderr)
         results.sort(key=lambda item: item[0])
         best = "; ".join(f"{us:.1f} ({c['block_n']}, {c['block_k']}, {c['stages']} st, {c['programs_per_sm']}/SM)"
                          for us, c in results[:5])
         print(f"| {name} {out_features}x{in_features} | {rows} | {reference:.1f} ({gb / reference * 1e3:.2f}) "
-              f"| {module:.1f} ({gb / module * 1e3:.2f}) | {fast:.1f} | {no_pdl:.1f} | {best} |", flush=True)
+              f"| {module:.1f} ({gb / module * 1e3:.2f}) | {every_128:.1f} | {no_pdl:.1f} | {best} |", flush=True)
         data, scale = weights[0]
         expected = torch._scaled_mm(x_q, data.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16)
         got = (fp8_matmul.launch(x_q, data).sum(0) * x_scale * scale.view(1, -1)).to(torch.bfloat16)

@@ -23,6 +23,7 @@ as a programmatic dependent of the one before.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -55,3 +56,9 @@ def programmatic_launch(tensor: torch.Tensor) -> bool:
     kernel keeps one rule: before its wait it reads only what no kernel of the step writes, and it
     writes only after its wait. (bench/RESULTS.md has what it gained.)"""
     return tensor.is_cuda and _device_has_pdl(_cuda_index(tensor.device))
+
+
+def interpreted() -> bool:
+    """Whether Triton runs its interpreter (the CPU tests): kernels multiply in float32 there, which
+    has no bf16 or FP8 products."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -32,11 +32,9 @@ tests) the tiles multiply in float32: it has no bf16 products.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import multiprocessors
+from . import interpreted, multiprocessors
 
 try:
     import triton
@@ -57,10 +55,6 @@ PROGRAMS_PER_SM = 8  # input-row ranges are added until the grid has about this 
 MIN_GROUP = 32  # int4 groups the kernel takes (a product of 16 input rows per nibble at least)
 
 X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _shapes_fit(x, expert_ids, data, scale, offset) -> bool:
@@ -268,9 +262,9 @@ if triton is not None:
             per_range = triton.cdiv(steps, ranges)
             ranges = triton.cdiv(steps, per_range)
         partials = torch.empty((ranges, pairs, out_features), dtype=torch.float32, device=x.device)
-        interpreted = _interpreted()
-        precision = "ieee" if interpreted or x.dtype == torch.float32 else "tf32"  # tf32: unused by 16-bit products
-        fp8_asm = (fp8_asm is not False) and not interpreted and data.dtype == torch.float8_e4m3fn \
+        in_interpreter = interpreted()
+        precision = "ieee" if in_interpreter or x.dtype == torch.float32 else "tf32"  # tf32: unused by 16-bit products
+        fp8_asm = (fp8_asm is not False) and not in_interpreter and data.dtype == torch.float8_e4m3fn \
             and x.dtype == torch.bfloat16
         if pairs:
             _expert_gemv_kernel[(triton.cdiv(out_features, block_n), ranges, pairs)](

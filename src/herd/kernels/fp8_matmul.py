@@ -19,11 +19,9 @@ float32: it has no FP8 products.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import multiprocessors, programmatic_launch
+from . import interpreted, multiprocessors, programmatic_launch
 
 try:
     import triton
@@ -45,10 +43,6 @@ STAGES = 3
 PRECISE_COLUMNS = 0
 PROGRAMS_PER_SM = 2  # input-column ranges are added until the grid has about this many programs per SM
 MAX_SPLIT = 8
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_applies(x_q: torch.Tensor, data: torch.Tensor) -> bool:
@@ -136,7 +130,7 @@ if triton is not None:
         grid = (triton.cdiv(out_features, block_n), split)
         _fp8_rows_kernel[grid](x_q, data, partials, rows, out_features, in_features, in_features // split,
                                BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-                               PRECISE_COLUMNS=min(precise_columns, block_k), PDL=pdl, INTERPRETED=_interpreted(),
+                               PRECISE_COLUMNS=min(precise_columns, block_k), PDL=pdl, INTERPRETED=interpreted(),
                                num_warps=warps, num_stages=stages, launch_pdl=pdl)
         return partials
 
