@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,30 @@ UNSUPPORTED = {
 }
 # Values of unsupported fields that mean "off", as written in many generation_config.json files.
 _OFF_VALUES = (None, 0, 0.0, 1.0, False, [], "")
+# Arguments of generate() itself, refused inside a GenerationConfig (as the reference refuses them).
+_GENERATE_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                       "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask")
+# Flags only sampling uses, with the value that means "off" (None: any value is on).
+_SAMPLING_ONLY = (("temperature", 1.0), ("top_p", 1.0), ("min_p", None), ("top_h", None), ("typical_p", 1.0),
+                  ("top_k", 50), ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0))
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
+
+logger = logging.getLogger("herd")
+_warned: set[str] = set()  # warnings already given (each once per process, as the reference's warning_once)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _should_warn(outer: str, inner: str, user_set: set[str] | None) -> bool:
+    """Whether a flag (`inner`) that `outer` makes useless deserves a warning: not when the caller set
+    `outer` and left `inner` as it came (from the model's generation_config.json, say)."""
+    if user_set is None:
+        return True
+    return not (outer in user_set and inner not in user_set)
 
 
 class GenerationConfig(hub.PushToHubMixin):
@@ -74,6 +99,8 @@ class GenerationConfig(hub.PushToHubMixin):
         self._from_model_config = kwargs.pop("_from_model_config", False)
         # Unknown entries are kept (and written back) but not used.
         self._extra = kwargs
+        # The fields the last update() set: validate() warns only about flags someone set (see update)
+        self._user_set_attributes: set[str] | None = None
 
     def __getattr__(self, name: str) -> Any:
         extra = self.__dict__.get("_extra", {})
@@ -94,7 +121,9 @@ class GenerationConfig(hub.PushToHubMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, config_file_name: str | None = None,
-                        **kwargs: Any) -> GenerationConfig:
+                        **kwargs: Any) -> GenerationConfig | tuple[GenerationConfig, dict[str, Any]]:
+        """The config in `config_file_name` (generation_config.json); kwargs override its values. With
+        return_unused_kwargs=True, (config, unused kwargs), as from_dict."""
         folder = hub.resolve(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
         path = folder / (config_file_name or hub.GENERATION_CONFIG_NAME)
         if not path.is_file():
@@ -103,11 +132,18 @@ class GenerationConfig(hub.PushToHubMixin):
             values = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls(**{**values, **kwargs})
+        return cls.from_dict(values, **kwargs)
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> GenerationConfig:
-        return cls(**{**config_dict, **kwargs})
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> GenerationConfig | tuple[GenerationConfig, dict[str, Any]]:
+        """A config from a dict; kwargs override its values. return_unused_kwargs=True returns (config,
+        unused): as in the reference every keyword becomes an entry of the config (unknown ones are kept
+        as extra entries), so nothing is left unused."""
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        for telemetry in ("_from_auto", "_from_pipeline", "_commit_hash"):
+            kwargs.pop(telemetry, None)
+        config = cls(**{**config_dict, **kwargs})
+        return (config, {}) if return_unused else config
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, unset ones as None (as transformers' to_dict); to_diff_dict drops those."""
@@ -132,7 +168,15 @@ class GenerationConfig(hub.PushToHubMixin):
         Path(json_file_path).write_text(self.to_json_string(use_diff=use_diff))
 
     def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None, **kwargs: Any) -> None:
+        """Write the set fields to generation_config.json. As the reference, a config that validate(strict=True)
+        refuses (a flag its mode ignores, such as temperature without do_sample) is not saved."""
+        try:
+            self._check(strict=True, user_set=None, refuse_unsupported=False)
+        except ValueError as error:
+            raise ValueError(f"{error}\n\nFix these issues to save the configuration.") from None
         folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"save_pretrained needs a folder, but {folder} is a file")
         folder.mkdir(parents=True, exist_ok=True)
         push = hub.push_request(folder, kwargs)
         (folder / (config_file_name or hub.GENERATION_CONFIG_NAME)).write_text(json.dumps(self.to_diff_dict(), indent=2) + "\n")
@@ -140,18 +184,26 @@ class GenerationConfig(hub.PushToHubMixin):
             push.upload(self)
 
     def update(self, **kwargs: Any) -> dict[str, Any]:
-        """Set the fields named in kwargs; return the kwargs that are not generation fields."""
-        unused = {}
+        """Set the fields named in kwargs; return the kwargs that are not generation fields.
+
+        As the reference, flags made useless by the mode (temperature without do_sample...) get a warning
+        when this call set them; the fields set are remembered, so that a later validate() (generate()'s)
+        says nothing about flags that only came from the model's generation_config.json."""
+        unused, used = {}, set()
         for key, value in kwargs.items():
             if key == "watermarking_config":
                 self.watermarking_config = as_watermarking_config(value)
+                used.add(key)
             elif key in FIELDS:
                 setattr(self, key, value)
+                used.add(key)
             elif key in UNSUPPORTED:
                 if value not in _OFF_VALUES:
                     raise NotImplementedError(f"generate({key}=...): {key} {UNSUPPORTED[key]}")
             else:
                 unused[key] = value
+        self._user_set_attributes = used
+        self._report(self._minor_issues(used), strict=False)
         return unused
 
     def merged_with(self, fallback: GenerationConfig | None) -> GenerationConfig:
@@ -165,11 +217,63 @@ class GenerationConfig(hub.PushToHubMixin):
         return merged
 
     # --- checks -------------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Clear errors for values generate() cannot honour."""
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
+        """Clear errors for values generate() cannot honour, and, as the reference, a warning (once) for
+        flags the mode ignores: sampling flags without do_sample=True, beam flags with one beam, output_*
+        without return_dict_in_generate, cache settings with use_cache=False, a negative pad_token_id.
+        strict=True makes those an error (ValueError) too.
+
+        user_set_attributes: the fields the caller set; a flag inherited while the caller set the mode
+        (do_sample=False over a model's temperature) gets no warning. None: the fields the last update()
+        set, or every field when there was none."""
+        user_set = user_set_attributes if user_set_attributes is not None else getattr(self, "_user_set_attributes", None)
+        self._check(strict, user_set, refuse_unsupported=True)
+
+    def _minor_issues(self, user_set: set[str] | None) -> dict[str, str]:
+        """{flag: why it has no effect}, the reference's "minor issues"."""
+        issues = {}
+        if isinstance(self.pad_token_id, int) and self.pad_token_id < 0:
+            issues["pad_token_id"] = (f"pad_token_id should be positive but is {self.pad_token_id}: batches with "
+                                      "padding will fail; set pad_token_id explicitly")
+        if self.do_sample is not True:
+            for name, off in _SAMPLING_ONLY:
+                value = getattr(self, name)
+                if value is not None and value != off and _should_warn("do_sample", name, user_set):
+                    issues[name] = (f"do_sample is not True, but {name} is {value!r}: it is only used when sampling; "
+                                    f"set do_sample=True or unset {name}")
+        if self.num_beams is None or self.num_beams == 1:
+            for name, off in (("early_stopping", False), ("length_penalty", 1.0)):
+                value = getattr(self, name)
+                if value is not None and value is not off and value != off and _should_warn("num_beams", name, user_set):
+                    issues[name] = (f"num_beams is {self.num_beams}, but {name} is {value!r}: it is only used by beam "
+                                    f"search; set num_beams > 1 or unset {name}")
+        if self.use_cache is False:
+            for name in ("cache_implementation", "cache_config"):
+                if getattr(self, name) is not None:
+                    issues[name] = f"use_cache is False, but {name} is {getattr(self, name)!r}: it has no effect"
+        if self.return_dict_in_generate is not True:
+            for name in _OUTPUT_FLAGS:
+                if getattr(self, name) is True:
+                    issues[name] = f"return_dict_in_generate is not True, but {name} is: {name} is ignored"
+        return issues
+
+    @staticmethod
+    def _report(issues: dict[str, str], strict: bool) -> None:
+        if not issues:
+            return
+        details = "\n".join(f"- {name}: {why}" for name, why in issues.items())
+        if strict:
+            raise ValueError(f"GenerationConfig is invalid:\n{details}")
+        _warn_once(f"The following generation flags are not valid and may be ignored: {list(issues)}\n{details}")
+
+    def _check(self, strict: bool, user_set: set[str] | None, refuse_unsupported: bool) -> None:
         for key, value in self._extra.items():
-            if key in UNSUPPORTED and value not in _OFF_VALUES:
+            if refuse_unsupported and key in UNSUPPORTED and value not in _OFF_VALUES:
                 raise NotImplementedError(f"generation option {key}={value!r}: {key} {UNSUPPORTED[key]}")
+            if key in _GENERATE_ARGUMENTS:
+                raise ValueError(f"{key} is not a GenerationConfig field: pass it to generate() itself")
+        num_beams = 1 if self.num_beams is None else self.num_beams
+        num_return_sequences = 1 if self.num_return_sequences is None else self.num_return_sequences
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
@@ -181,22 +285,22 @@ class GenerationConfig(hub.PushToHubMixin):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+        if not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
-        if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
+        if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
-        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+        if num_beams == 1 and not self.do_sample and num_return_sequences > 1:
             raise ValueError(
                 "greedy decoding gives one sequence per prompt: num_return_sequences > 1 needs do_sample=True or num_beams > 1"
             )
-        if self.num_return_sequences > self.num_beams > 1:
+        if num_return_sequences > num_beams > 1:
             raise ValueError(f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.length_penalty is not None and not isinstance(self.length_penalty, (int, float)):
             raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
         if self.do_sample:
-            if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            if self.temperature is not None and (not isinstance(self.temperature, (int, float)) or not self.temperature > 0):
                 raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r} (use do_sample=False for greedy)")
             if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
                 raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
@@ -233,7 +337,7 @@ class GenerationConfig(hub.PushToHubMixin):
                 raise ValueError(f"{name} must be a token id (or a list of ids for forced_eos_token_id), got {value!r}")
             if value is not None and self.suppress_tokens and set(ids) <= set(self.suppress_tokens):
                 raise ValueError(f"every token of {name} ({sorted(set(ids))}) is also in suppress_tokens: all scores would be -inf")
-        if self.early_stopping not in (True, False, "never"):
+        if self.early_stopping not in (None, True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.cache_implementation not in (None, "dynamic", "static", "hybrid"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}")
@@ -242,6 +346,7 @@ class GenerationConfig(hub.PushToHubMixin):
         self.watermarking_config = as_watermarking_config(self.watermarking_config)
         if self.watermarking_config is not None:
             self.watermarking_config.validate()
+        self._report(self._minor_issues(user_set), strict)
 
     def _validate_cache_config(self) -> None:
         """cache_config={"dtype": "float8_e4m3fn"} (or "fp8"): the FP8 KV cache, a static cache."""

@@ -74,17 +74,17 @@ def temperature(value: float) -> Processor:
     return lambda input_ids, scores: scores / value
 
 
-def top_k(k: int, min_tokens_to_keep: int = 1) -> Processor:
+def top_k(k: int, min_tokens_to_keep: int = 1, filter_value: float = FILTERED) -> Processor:
     k = max(k, min_tokens_to_keep)
 
     def process(input_ids, scores):
         kth_best = torch.topk(scores, min(k, scores.shape[-1]))[0][..., -1, None]
-        return scores.masked_fill(scores < kth_best, FILTERED)
+        return scores.masked_fill(scores < kth_best, filter_value)
 
     return process
 
 
-def top_p(p: float, min_tokens_to_keep: int = 1) -> Processor:
+def top_p(p: float, min_tokens_to_keep: int = 1, filter_value: float = FILTERED) -> Processor:
     """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
 
     def process(input_ids, scores):
@@ -93,12 +93,12 @@ def top_p(p: float, min_tokens_to_keep: int = 1) -> Processor:
         remove_sorted = cumulative <= (1 - p)
         remove_sorted[..., -min_tokens_to_keep:] = False
         remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
-        return scores.masked_fill(remove, FILTERED)
+        return scores.masked_fill(remove, filter_value)
 
     return process
 
 
-def min_p(p: float, min_tokens_to_keep: int = 1) -> Processor:
+def min_p(p: float, min_tokens_to_keep: int = 1, filter_value: float = FILTERED) -> Processor:
     """Drop tokens less likely than p times the most likely one."""
 
     def process(input_ids, scores):
@@ -106,12 +106,12 @@ def min_p(p: float, min_tokens_to_keep: int = 1) -> Processor:
         remove = probs < p * probs.amax(dim=-1, keepdim=True)
         keep = torch.topk(probs, min(min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
         remove.scatter_(-1, keep, False)
-        return scores.masked_fill(remove, FILTERED)
+        return scores.masked_fill(remove, filter_value)
 
     return process
 
 
-def typical_p(mass: float, min_tokens_to_keep: int = 1) -> Processor:
+def typical_p(mass: float, min_tokens_to_keep: int = 1, filter_value: float = FILTERED) -> Processor:
     """Keep the tokens whose surprise is closest to the distribution's entropy, until they hold `mass`."""
 
     def process(input_ids, scores):
@@ -123,19 +123,19 @@ def typical_p(mass: float, min_tokens_to_keep: int = 1) -> Processor:
         last_kept = (cumulative < mass).sum(dim=1).clamp(max=scores.shape[-1] - 1)
         remove_sorted = sorted_distance > sorted_distance.gather(1, last_kept[:, None])
         remove_sorted[..., :min_tokens_to_keep] = False
-        return scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), FILTERED)
+        return scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), filter_value)
 
     return process
 
 
-def _drop_below(threshold, scores: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
+def _drop_below(threshold, scores: torch.Tensor, min_tokens_to_keep: int, filter_value: float = FILTERED) -> torch.Tensor:
     """Filter tokens with probability under `threshold`, sparing the `min_tokens_to_keep` best."""
     kth_best = torch.topk(scores, min(min_tokens_to_keep, scores.shape[-1]))[0][..., -1, None]
-    return scores.masked_fill((scores.softmax(dim=-1) < threshold) & (scores < kth_best), FILTERED)
+    return scores.masked_fill((scores.softmax(dim=-1) < threshold) & (scores < kth_best), filter_value)
 
 
-def epsilon_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> Processor:
-    return lambda input_ids, scores: _drop_below(epsilon, scores, min_tokens_to_keep)
+def epsilon_cutoff(epsilon: float, min_tokens_to_keep: int = 1, filter_value: float = FILTERED) -> Processor:
+    return lambda input_ids, scores: _drop_below(epsilon, scores, min_tokens_to_keep, filter_value)
 
 
 def _entropy(scores: torch.Tensor) -> torch.Tensor:
@@ -143,19 +143,19 @@ def _entropy(scores: torch.Tensor) -> torch.Tensor:
     return torch.distributions.Categorical(logits=scores).entropy()
 
 
-def eta_cutoff(epsilon: float, min_tokens_to_keep: int = 1) -> Processor:
+def eta_cutoff(epsilon: float, min_tokens_to_keep: int = 1, filter_value: float = FILTERED) -> Processor:
     """Epsilon cutoff whose threshold shrinks with the entropy: min(eps, sqrt(eps) * exp(-entropy))."""
     epsilon_tensor = torch.tensor(epsilon)
 
     def process(input_ids, scores):
         eps = epsilon_tensor.to(scores.device)
         eta = torch.min(eps, eps.sqrt() * torch.exp(-_entropy(scores)))[..., None]
-        return _drop_below(eta, scores, min_tokens_to_keep)
+        return _drop_below(eta, scores, min_tokens_to_keep, filter_value)
 
     return process
 
 
-def top_h(fraction: float, candidates: int = 100) -> Processor:
+def top_h(fraction: float, candidates: int = 100, filter_value: float = FILTERED) -> Processor:
     """Among the best `candidates` tokens, keep the most likely ones while their summed entropy terms stay
     within `fraction` of the candidates' entropy (the best token always)."""
 
@@ -167,7 +167,7 @@ def top_h(fraction: float, candidates: int = 100) -> Processor:
         keep_best = (-probs * probs.log()).cumsum(dim=-1) <= budget
         keep_best[:, 0] = True
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, best_ids, keep_best)
-        return scores.masked_fill(~keep, FILTERED)
+        return scores.masked_fill(~keep, filter_value)
 
     return process
 
@@ -495,16 +495,13 @@ def _ids_list(eos_token_id) -> list[int]:
 
 
 class _FunctionProcessor(LogitsProcessor):
-    """A LogitsProcessor running one of the functions above; `filter_value` replaces its -inf."""
+    """A LogitsProcessor running one of the functions above (a warper's `filter_value` goes to its function:
+    every token the warper removes gets it, one already at -inf included, as in the reference)."""
 
     _process: Processor
-    filter_value: float = FILTERED
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        processed = self._process(input_ids, scores)
-        if self.filter_value != FILTERED:
-            processed = processed.masked_fill(torch.isneginf(processed) & ~torch.isneginf(scores), self.filter_value)
-        return processed
+        return self._process(input_ids, scores)
 
 
 def _positive_int(name: str, value) -> None:
@@ -535,7 +532,7 @@ class TopKLogitsWarper(_FunctionProcessor):
     def __init__(self, top_k: int, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
         _positive_int("top_k", top_k)
         self.top_k, self.filter_value = max(top_k, min_tokens_to_keep), filter_value
-        self._process = top_k_function(top_k, min_tokens_to_keep)
+        self._process = top_k_function(top_k, min_tokens_to_keep, filter_value)
 
 
 class TopPLogitsWarper(_FunctionProcessor):
@@ -545,7 +542,7 @@ class TopPLogitsWarper(_FunctionProcessor):
             raise ValueError(f"`top_p` has to be a float >= 0 and <= 1, but is {top_p}")
         _positive_int("min_tokens_to_keep", min_tokens_to_keep)
         self.top_p, self.filter_value, self.min_tokens_to_keep = top_p, filter_value, min_tokens_to_keep
-        self._process = top_p_function(top_p, min_tokens_to_keep)
+        self._process = top_p_function(top_p, min_tokens_to_keep, filter_value)
 
 
 class MinPLogitsWarper(_FunctionProcessor):
@@ -554,7 +551,7 @@ class MinPLogitsWarper(_FunctionProcessor):
             raise ValueError(f"`min_p` has to be a float in the [0, 1] interval, but is {min_p}")
         _positive_int("min_tokens_to_keep", min_tokens_to_keep)
         self.min_p, self.filter_value, self.min_tokens_to_keep = min_p, filter_value, min_tokens_to_keep
-        self._process = min_p_function(min_p, min_tokens_to_keep)
+        self._process = min_p_function(min_p, min_tokens_to_keep, filter_value)
 
 
 class TypicalLogitsWarper(_FunctionProcessor):
@@ -564,7 +561,7 @@ class TypicalLogitsWarper(_FunctionProcessor):
             raise ValueError(f"`typical_p` has to be a float > 0 and < 1, but is {mass}")
         _positive_int("min_tokens_to_keep", min_tokens_to_keep)
         self.mass, self.filter_value, self.min_tokens_to_keep = mass, filter_value, min_tokens_to_keep
-        self._process = typical_p(mass, min_tokens_to_keep)
+        self._process = typical_p(mass, min_tokens_to_keep, filter_value)
 
 
 class EpsilonLogitsWarper(_FunctionProcessor):
@@ -574,7 +571,7 @@ class EpsilonLogitsWarper(_FunctionProcessor):
             raise ValueError(f"`epsilon_cutoff` has to be a float > 0 and < 1, but is {epsilon}")
         _positive_int("min_tokens_to_keep", min_tokens_to_keep)
         self.epsilon, self.filter_value, self.min_tokens_to_keep = epsilon, filter_value, min_tokens_to_keep
-        self._process = epsilon_cutoff(epsilon, min_tokens_to_keep)
+        self._process = epsilon_cutoff(epsilon, min_tokens_to_keep, filter_value)
 
 
 class EtaLogitsWarper(_FunctionProcessor):
@@ -585,7 +582,7 @@ class EtaLogitsWarper(_FunctionProcessor):
             raise ValueError(f"`eta_cutoff` has to be a float > 0 and < 1, but is {epsilon}")
         _positive_int("min_tokens_to_keep", min_tokens_to_keep)
         self.epsilon, self.filter_value, self.min_tokens_to_keep = epsilon, filter_value, min_tokens_to_keep
-        self._process = eta_cutoff(epsilon, min_tokens_to_keep)
+        self._process = eta_cutoff(epsilon, min_tokens_to_keep, filter_value)
 
 
 class TopHLogitsWarper(_FunctionProcessor):
@@ -593,7 +590,7 @@ class TopHLogitsWarper(_FunctionProcessor):
         if not 0.0 < top_h <= 1.0:
             raise ValueError(f"`top_h` has to be a float in the (0, 1] interval, but is {top_h}")
         self.top_h, self.filter_value = top_h, filter_value
-        self._process = globals()["top_h"](top_h)  # (the argument hides the function)
+        self._process = globals()["top_h"](top_h, filter_value=filter_value)  # (the argument hides the function)
 
 
 class NoRepeatNGramLogitsProcessor(_FunctionProcessor):
