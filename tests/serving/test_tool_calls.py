@@ -89,3 +89,130 @@ def test_call_ids_are_distinct_and_openai_shaped():
 ])
 def test_where_a_call_may_start(text, start):
     assert call_may_start(text) == start
+
+
+# --- arguments: nested, quoted, escaped, unicode; strict JSON -----------------------------------------
+
+
+@pytest.mark.parametrize("text, name, arguments", [
+    # commas, brackets, quotes, escapes and unicode inside strings do not split or end the call
+    ('[f(s="a, b [c] {d} \\"e\\" ü 😀\\n", t=\'it\\\'s\')]', "f",
+     '{"s": "a, b [c] {d} \\"e\\" ü 😀\\n", "t": "it\'s"}'),
+    ('{"name": "f", "parameters": {"s": "x), g(y=1", "n": [-1, 2.5e-3, {"k": [true, null]}]}}', "f",
+     '{"s": "x), g(y=1", "n": [-1, 0.0025, {"k": [true, null]}]}'),
+    ('[f(a=-3, b=-0.5, c=1e3, d=(1, "x"), e={"k": [None, False]})]', "f",
+     '{"a": -3, "b": -0.5, "c": 1000.0, "d": [1, "x"], "e": {"k": [null, false]}}'),
+    # a lone surrogate written as an escape cannot be sent as UTF-8: it stays an escape in the JSON
+    ('[f(x="\\ud800")]', "f", '{"x": "\\ud800"}'),
+    ('{"name": "f", "parameters": {"x": "\\ud800"}}', "f", '{"x": "\\ud800"}'),
+])
+def test_arguments_are_the_exact_json_string(text, name, arguments):
+    parsed = parse_tool_calls(text)
+    assert [(call.name, call.arguments) for call in parsed.tool_calls] == [(name, arguments)]
+    assert parsed.content is None
+    parsed.tool_calls[0].arguments.encode("utf-8")  # what the server sends must be UTF-8
+    json.loads(arguments)
+
+
+@pytest.mark.parametrize("text", [
+    # NaN / Infinity are not JSON: OpenAI clients (JSON.parse, strict parsers) cannot read them
+    "[f(x=1e999)]",
+    '{"name": "f", "parameters": {"x": NaN}}',
+    '{"name": "f", "parameters": {"x": -Infinity}}',
+    '{"name": "f", "arguments": "{\\"x\\": NaN}"}',
+    # JSON data that is not a call: no parameters / arguments, a name that is not a function's, a type
+    '{"name": "Alice"}',
+    '[{"name": "Alice"}, {"name": "Bob"}]',
+    '{"name": "Alice Smith", "parameters": {}}',
+    '{"type": "person", "name": "f", "parameters": {}}',
+    # a call inside a truncated or malformed call is that call's argument, not a call of its own
+    '[send(msgs=[note(text="hi")]',
+    '{"name": "f", "parameters": {"x": {"name": "g", "parameters": {}}',
+    '{"name": "f", "parameters": {"note": "[g(x=1)]',
+    "[f(x=1)] and then [g(y=[h(z=2)]",
+    # nested past Python's recursion limit: content, never an exception
+    "[" * 5000 + "]" * 5000,
+    '{"name": "f", "parameters": ' + "[" * 5000 + "]" * 5000 + "}",
+    '[{"name": "f", "parameters": {"x": ' + "[" * 5000 + "]" * 5000 + "}}]",
+    "[f(x=" + "[" * 500 + "]" * 500 + ")]",
+    # brackets in prose, a call mentioned but not made
+    "Call get_weather(city=\"Paris\") to get it.",
+    "Use [get_weather(city=\"Paris\")] when asked, then reply.",
+    "Sets look like {1, 2} and lists like [1, 2].",
+])
+def test_not_a_call_stays_content(text):
+    parsed = parse_tool_calls(text)
+    assert parsed.tool_calls == []
+    assert parsed.content == text
+
+
+def test_many_brackets_in_prose_before_a_call():
+    prose = "See [1], [2] and {x}. " * 40  # 120 brackets before the call: none can start one
+    parsed = parse_tool_calls(prose + '[get_weather(city="Paris")]')
+    assert parsed.content == prose.strip()
+    assert [(call.name, call.arguments) for call in parsed.tool_calls] == [("get_weather", '{"city": "Paris"}')]
+
+
+def test_a_call_after_a_finished_nested_structure_still_counts():
+    text = 'Data: {"a": [1, {"b": "]"}]}. Now: {"name": "f", "parameters": {"q": "x"}}'
+    assert calls_of(text) == ('Data: {"a": [1, {"b": "]"}]}. Now:', [("f", {"q": "x"})])
+
+
+# --- <|python_tag|> and <|python_start|> ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    # a truncated call or broken code after the tag is content (the tag dropped, as decoding does)
+    ('<|python_tag|>{"name": "f", "parameters": {"x": 1', '{"name": "f", "parameters": {"x": 1', []),
+    ('Let me run it.<|python_tag|>def f(:', "Let me run it.def f(:", []),
+    # code with a dotted call is code, Llama 3.1's tool.call(...) is the built-in tool
+    ("<|python_tag|>plt.show()<|eom_id|>", None, [("code_interpreter", {"code": "plt.show()"})]),
+    ('<|python_tag|>wolfram_alpha.call(query="2+2")<|eom_id|>', None, [("wolfram_alpha", {"query": "2+2"})]),
+    ('Searching.<|python_tag|>brave_search.call(query="a, \\"b\\" [c]")', "Searching.",
+     [("brave_search", {"query": 'a, "b" [c]'})]),
+    # a failed Llama 4 block: the end markers go, the text stays
+    ("<|python_start|>[f(x=]<|python_end|><|eot|>", "[f(x=]", []),
+    ('Checking.<|python_start|>[get_weather(city="Paris, FR"), get_time(zone="CET")]<|python_end|><|eot|>',
+     "Checking.", [("get_weather", {"city": "Paris, FR"}), ("get_time", {"zone": "CET"})]),
+])
+def test_tagged_answers(text, content, calls):
+    assert calls_of(text) == (content, calls)
+
+
+def test_the_parser_never_raises(monkeypatch):
+    import herd.serving.tool_calls as module
+
+    def broken(text):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(module, "parse_pythonic_calls", broken)
+    parsed = parse_tool_calls('Sure. <|python_start|>[f(x=1)]<|python_end|><|eot|>')
+    assert parsed.tool_calls == [] and parsed.content == "Sure. [f(x=1)]"
+
+
+def test_ids_are_unique_across_answers():
+    ids = [call.id for _ in range(50) for call in parse_tool_calls("[a(), b()]").tool_calls]
+    assert len(set(ids)) == 100 and all(i.startswith("call_") for i in ids)
+
+
+# --- streaming: what is sent before the end plus the rest is the whole answer's content ---------------
+
+
+@pytest.mark.parametrize("text", [
+    'I will check. [get_weather(city="Paris")]',
+    "Here is a list: [1, 2, 3] and a dict {\"a\": 1}.",
+    "See [1]. " * 5 + '{"name": "f", "parameters": {"s": "a, [b]"}}',
+    '[send(msgs=[note(text="hi")]',
+    'Let me run it.<|python_tag|>{"name": "f", "param',
+    'Sure.<|python_start|>[f(x="é")]<|python_end|>',
+    "a < b and <|pyth is not a tag",
+])
+def test_streamed_content_matches(text):
+    from herd.serving.server import _ToolStream
+
+    stream = _ToolStream()
+    sent = "".join(stream.add(text[i:i + 3]) for i in range(0, len(text), 3))
+    parsed = parse_tool_calls(stream.whole)
+    assert sent + stream.rest_of(parsed.content) == (parsed.content or "")
+    for call in parsed.tool_calls:  # no call's text was sent as content
+        assert call.name not in sent

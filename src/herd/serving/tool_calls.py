@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +33,30 @@ MAX_START_CANDIDATES = 64
 # The keys a JSON call may have: Llama 3.1's name and parameters (or arguments), in OpenAI's wrapper or not.
 _CALL_KEYS = {"name", "parameters", "arguments", "type"}
 _WRAPPER_KEYS = {"id", "type", "function"}
+logger = logging.getLogger(__name__)
 _LITERAL_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+# Where a bare call may begin: a JSON object (`{"`) or a pythonic / JSON list (`[f(`, `[{"`). Only these
+# count as candidates (and against MAX_START_CANDIDATES): prose brackets ("[1]", "{braces}") cannot.
+_PLAUSIBLE_START = re.compile(r'(?=\{\s*"|\[\s*(?:\{\s*"|[^\W\d][\w.]*\s*\())')
+_CLOSERS = {"[": "]", "{": "}", "(": ")"}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's json reads them, clients' parsers do not
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _encode_arguments(arguments: dict) -> str:
+    """Strict JSON (no NaN / Infinity: raises ValueError), UTF-8 kept as is; a lone surrogate (an escape
+    such as "\\ud800" in the model's text) stays escaped, as it cannot be sent in UTF-8."""
+    encoded = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+    try:
+        encoded.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded = json.dumps(arguments, allow_nan=False)
+    return encoded
 
 
 @dataclass
@@ -74,23 +98,40 @@ def _json_call(value: Any) -> ToolCall | None:
         if not value.keys() <= _WRAPPER_KEYS:
             return None
         value = value["function"]
-    if not value.keys() <= _CALL_KEYS:
+    # A call names its arguments (Llama 3.1 writes "parameters": {} for a function without any), as
+    # vLLM's llama3_json parser requires: {"name": "Alice"} alone is data.
+    if not value.keys() <= _CALL_KEYS or not value.keys() & {"parameters", "arguments"}:
+        return None
+    if value.get("type", "function") != "function":
         return None
     name = value.get("name")
-    arguments = value.get("parameters", value.get("arguments", {}))
+    arguments = value["parameters"] if "parameters" in value else value["arguments"]
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
+            arguments = _DECODER.decode(arguments)
+        except ValueError:
             return None
-    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+    if not _valid_name(name) or not isinstance(arguments, dict):
         return None
-    return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+    try:
+        return ToolCall(name, _encode_arguments(arguments))
+    except ValueError:
+        return None
+
+
+def _valid_name(name: Any) -> bool:
+    """A function's name: a non-empty string without white space or control characters, sendable as UTF-8."""
+    if not isinstance(name, str) or not name or any(not ch.isprintable() or ch.isspace() for ch in name):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_json_calls(text: str) -> list[ToolCall] | None:
     """Calls from JSON objects (one, several separated by ; or white space, or a list), or None."""
-    decoder = json.JSONDecoder()
     calls: list[ToolCall] = []
     position = 0
     while True:
@@ -99,8 +140,8 @@ def parse_json_calls(text: str) -> list[ToolCall] | None:
         if position == len(text):
             break
         try:
-            value, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+            value, position = _DECODER.raw_decode(text, position)
+        except (ValueError, RecursionError):  # not JSON, NaN / Infinity, nested past Python's stack
             return None
         values = value if isinstance(value, list) else [value]
         for item in values:
@@ -146,7 +187,7 @@ def parse_pythonic_calls(text: str) -> list[ToolCall] | None:
     """Calls from `[f(a=1), g(b="x")]` (or a single bare `f(a=1)`), keyword arguments only, or None."""
     try:
         tree = ast.parse(text.strip(), mode="eval").body
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
     calls = []
@@ -158,8 +199,9 @@ def parse_pythonic_calls(text: str) -> list[ToolCall] | None:
             return None
         try:
             arguments = {keyword.arg: _literal(keyword.value) for keyword in node.keywords}
-            encoded = json.dumps(arguments, ensure_ascii=False)
-        except (ValueError, TypeError, SyntaxError):
+            encoded = _encode_arguments(arguments)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            # not a literal, not JSON (a set, bytes, 1e999 as Infinity), nested past Python's stack
             return None
         calls.append(ToolCall(name, encoded))
     return calls or None
@@ -197,7 +239,64 @@ def call_may_start(text: str) -> int | None:
 
 def parse_tool_calls(text: str) -> ParsedAnswer:
     """The answer's content and tool calls. `text` is decoded with its special tokens kept (the
-    markers above tell the formats apart); the answer is all content when it holds no valid call."""
+    markers above tell the formats apart); the answer is all content when it holds no valid call.
+    Never raises: whatever goes wrong, the answer is content."""
+    try:
+        return _parse(text)
+    except Exception:  # noqa: BLE001 - a model's answer must never become a 500
+        logger.warning("tool-call parsing failed; the answer is returned as content", exc_info=True)
+        return ParsedAnswer(_content(_strip_end(text).replace(PYTHON_START, "").replace(PYTHON_END, "")
+                                     .replace(PYTHON_TAG, "")), [])
+
+
+def _is_python(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+def _tagged_calls(code: str) -> list[ToolCall] | None:
+    """Calls after <|python_tag|>: JSON ones, a pythonic list, or one bare call. A bare call with a
+    dotted name other than Llama 3.1's `tool.call(...)` (`plt.show()`, `os.listdir(path=".")`) is
+    code for code_interpreter, not a tool."""
+    found = parse_json_calls(code)
+    if found:
+        return found
+    found = parse_pythonic_calls(code)
+    if found and not code.startswith("[") and any("." in call.name for call in found):
+        return None
+    return found
+
+
+def _structure_end(text: str, start: int) -> int:
+    """Where the bracket structure opened at text[start] stops: the index of its closing bracket, of
+    the first closer that does not match (it was prose), or len(text) when it never closes. Quoted
+    strings (either quote, backslash escapes) are skipped."""
+    stack: list[str] = []
+    quote = None
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch in _CLOSERS:
+            stack.append(_CLOSERS[ch])
+        elif ch in ")]}":
+            if not stack or stack.pop() != ch or not stack:
+                return i
+        i += 1
+    return len(text)
+
+
+def _parse(text: str) -> ParsedAnswer:
     answer = _strip_end(text)
     if PYTHON_START in answer:
         before, _, rest = answer.partition(PYTHON_START)
@@ -207,7 +306,7 @@ def parse_tool_calls(text: str) -> ParsedAnswer:
             block, _, after = blocks.pop().partition(PYTHON_END)
             found = parse_pythonic_calls(block) or parse_json_calls(block.strip())
             if found is None or (after.strip() and PYTHON_START not in after):
-                return ParsedAnswer(_content(text.replace(PYTHON_START, "").replace(PYTHON_END, "")), [])
+                return ParsedAnswer(_content(answer.replace(PYTHON_START, "").replace(PYTHON_END, "")), [])
             calls += found
             if PYTHON_START in after:
                 blocks.append(after.partition(PYTHON_START)[2])
@@ -215,14 +314,32 @@ def parse_tool_calls(text: str) -> ParsedAnswer:
     if PYTHON_TAG in answer:
         before, _, code = answer.partition(PYTHON_TAG)
         code = code.strip()
-        found = parse_json_calls(code) or parse_pythonic_calls(code)
-        if found is None and code:
+        found = _tagged_calls(code)
+        if found is None and code and _is_python(code):
             # Llama 3.1's code_interpreter: the tag followed by plain Python code
-            found = [ToolCall("code_interpreter", json.dumps({"code": code}, ensure_ascii=False))]
-        return ParsedAnswer(_content(before), found or [])
-    candidates = [match.start() for match in re.finditer(r"[\[{]", answer)][:MAX_START_CANDIDATES]
-    for start in candidates:
-        found = _calls(answer[start:])
+            found = [ToolCall("code_interpreter", _encode_arguments({"code": code}))]
         if found:
+            return ParsedAnswer(_content(before), found)
+        # not a call, not code (a truncated call, prose): all content, as without tools
+        return ParsedAnswer(_content(answer.replace(PYTHON_TAG, "")), [])
+    # A bare call runs to the end of the answer: it ends with "]" or "}".
+    if not answer.endswith(("]", "}")):
+        return ParsedAnswer(_content(answer), [])
+    candidates = [match.start() for match in _PLAUSIBLE_START.finditer(answer)][:MAX_START_CANDIDATES]
+    ends: dict[int, int] = {}
+    for n, start in enumerate(candidates):
+        found = _calls(answer[start:])
+        if not found:
+            continue
+        # A call inside an earlier structure that never closes (a truncated or malformed call:
+        # `[send(msgs=[note(text="hi")]`) is an argument of that one, not a call of its own.
+        enclosed = False
+        for earlier in candidates[:n]:
+            if earlier not in ends:
+                ends[earlier] = _structure_end(answer, earlier)
+            if ends[earlier] > start:
+                enclosed = True
+                break
+        if not enclosed:
             return ParsedAnswer(_content(answer[:start]), found)
     return ParsedAnswer(_content(answer), [])
