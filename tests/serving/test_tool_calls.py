@@ -174,6 +174,14 @@ def test_a_call_after_a_finished_nested_structure_still_counts():
     ("<|python_start|>[f(x=]<|python_end|><|eot|>", "[f(x=]", []),
     ('Checking.<|python_start|>[get_weather(city="Paris, FR"), get_time(zone="CET")]<|python_end|><|eot|>',
      "Checking.", [("get_weather", {"city": "Paris, FR"}), ("get_time", {"zone": "CET"})]),
+    # the shape Llama 4's chat template gives an assistant turn with calls (its content in the block, the
+    # calls as JSON after it), which the model copies
+    ('<|python_start|>Let me check.<|python_end|>{"name": "f", "parameters": {"x": 1}}{"name": "g", "parameters": {}}'
+     '<|eot|>', "Let me check.", [("f", {"x": 1}), ("g", {})]),
+    ('<|python_start|><|python_end|>{"name": "f", "parameters": {"s": "a]"}}', None, [("f", {"s": "a]"})]),
+    ('Sure. <|python_start|>Let me check.<|python_end|>[f(x=1)]', "Sure. Let me check.", [("f", {"x": 1})]),
+    ('<|python_start|>Let me check.<|python_end|>{"name": "f", "para', 'Let me check.{"name": "f", "para', []),
+    ("<|python_start|>[f(x=1)]<|python_end|> and more text", "[f(x=1)] and more text", []),
 ])
 def test_tagged_answers(text, content, calls):
     assert calls_of(text) == (content, calls)

@@ -10,6 +10,12 @@
 The formats are told apart by the text, not by the model (fine-tunes mix them up: vllm#16214,
 #22917). Text before a call stays as content. An answer that is not a well-formed call is content,
 never an error: the parser never raises.
+
+What counts as a call: a JSON object with only a call's keys, a name and its "parameters" (or
+"arguments"), as vLLM's llama3_json parser asks; pythonic calls with keyword arguments that are
+literals. `arguments` is strict JSON (no NaN / Infinity, which clients cannot read; such a call is
+content). A bare call runs to the end of the answer, and one inside an earlier structure that never
+closes (`[send(msgs=[note(text="hi")]`, cut off) is that structure's argument, not a call.
 """
 
 from __future__ import annotations
@@ -296,21 +302,42 @@ def _structure_end(text: str, start: int) -> int:
     return len(text)
 
 
+def _parse_blocks(answer: str) -> ParsedAnswer:
+    """Llama 4's `<|python_start|>...<|python_end|>` blocks. A block holds calls, or text: the chat
+    template (transformers') renders an assistant turn with calls as `<|python_start|>` + its content +
+    `<|python_end|>` followed by the calls as JSON objects, and models copy it. Calls in the blocks or
+    right after the last one; text before, or in a block that is not a call, is content. Text after
+    the calls, or no call at all: the whole answer is content."""
+    fallback = ParsedAnswer(_content(answer.replace(PYTHON_START, "").replace(PYTHON_END, "")), [])
+    before, _, rest = answer.partition(PYTHON_START)
+    content = [before]
+    calls: list[ToolCall] = []
+    while True:
+        block, _, after = rest.partition(PYTHON_END)
+        found = parse_pythonic_calls(block) or parse_json_calls(block.strip())
+        if found:
+            calls += found
+        elif calls:
+            return fallback  # text after a call
+        else:
+            content.append(block)
+        if PYTHON_START not in after:
+            break
+        between, _, rest = after.partition(PYTHON_START)
+        if between.strip():
+            return fallback
+    if after.strip():
+        found = _calls(after)
+        if not found:
+            return fallback
+        calls += found
+    return ParsedAnswer(_content("".join(content)), calls) if calls else fallback
+
+
 def _parse(text: str) -> ParsedAnswer:
     answer = _strip_end(text)
     if PYTHON_START in answer:
-        before, _, rest = answer.partition(PYTHON_START)
-        blocks = [rest]
-        calls: list[ToolCall] = []
-        while blocks:
-            block, _, after = blocks.pop().partition(PYTHON_END)
-            found = parse_pythonic_calls(block) or parse_json_calls(block.strip())
-            if found is None or (after.strip() and PYTHON_START not in after):
-                return ParsedAnswer(_content(answer.replace(PYTHON_START, "").replace(PYTHON_END, "")), [])
-            calls += found
-            if PYTHON_START in after:
-                blocks.append(after.partition(PYTHON_START)[2])
-        return ParsedAnswer(_content(before), calls)
+        return _parse_blocks(answer)
     if PYTHON_TAG in answer:
         before, _, code = answer.partition(PYTHON_TAG)
         code = code.strip()
