@@ -90,6 +90,7 @@ def _should_warn(outer: str, inner: str, user_set: set[str] | None) -> bool:
 
 class GenerationConfig(hub.PushToHubMixin):
     def __init__(self, **kwargs: Any):
+        given = set(kwargs)
         for name in FIELDS:
             setattr(self, name, kwargs.pop(name, None))
         # a dict (as generation_config.json holds it) becomes its config object, as in transformers
@@ -101,6 +102,8 @@ class GenerationConfig(hub.PushToHubMixin):
         self._extra = kwargs
         # The fields the last update() set: validate() warns only about flags someone set (see update)
         self._user_set_attributes: set[str] | None = None
+        # as the reference: flags the mode ignores, among those given, get a warning (once)
+        self._report(self._minor_issues(given), strict=False)
 
     def __getattr__(self, name: str) -> Any:
         extra = self.__dict__.get("_extra", {})
