@@ -71,6 +71,16 @@ _CONFIG_KEYS_NOT_SAVED = {
 }
 
 
+# The options of one tokenizer call's encoding (the parameters of _encode_texts but the texts).
+_ENCODING_OPTIONS = frozenset(
+    (
+        "add_special_tokens", "padding", "truncation", "max_length", "stride", "is_split_into_words",
+        "pad_to_multiple_of", "padding_side", "return_tensors", "return_token_type_ids", "return_attention_mask",
+        "return_overflowing_tokens", "return_special_tokens_mask", "return_offsets_mapping", "return_length",
+        "verbose", "split_special_tokens",
+    )
+)  # fmt: skip
+
 # ----------------------------------------------------------------------------------------------
 # Padding and truncation options
 # ----------------------------------------------------------------------------------------------
@@ -788,12 +798,16 @@ class PreTrainedTokenizerFast(hub.PushToHubMixin):
         tokenizer_kwargs: dict[str, Any] | None = None,
         split_special_tokens: bool | None = None,
         max_target_length: int | None = None,
+        **kwargs: Any,
     ) -> BatchEncoding:
         """Tokenize a string (or a pair) or a batch of them, with optional padding, truncation and tensors.
 
         As in transformers, `text_target` (and `text_pair_target`) are tokenized the same way (with
         `max_target_length` as their max_length when given): alone they are the result, with `text`
         their input_ids come back as "labels". `tokenizer_kwargs` entries override the arguments.
+        Other keyword arguments (and tokenizer_kwargs entries) are a TypeError: transformers ignores
+        them silently, so that a misspelled option, or `truncation_side=` (an attribute, not a call
+        option), would change nothing without a word.
         """
         settings = dict(
             add_special_tokens=add_special_tokens, padding=padding, truncation=truncation, max_length=max_length,
@@ -804,6 +818,16 @@ class PreTrainedTokenizerFast(hub.PushToHubMixin):
             return_length=return_length, verbose=verbose, split_special_tokens=split_special_tokens,
         )
         settings.update(tokenizer_kwargs or {})
+        settings.update(kwargs)
+        unknown = sorted(key for key in settings if key not in _ENCODING_OPTIONS)
+        if unknown:
+            hint = ""
+            if "truncation_side" in unknown:
+                hint = " truncation_side is not a call option: set tokenizer.truncation_side before the call."
+            raise TypeError(
+                f"The tokenizer call got unexpected arguments {unknown} (transformers would ignore them without "
+                f"a word).{hint}"
+            )
         if text is None and text_target is None:
             raise ValueError("You need to specify `text` or `text_target`: a string or a list of strings")
         encodings = None if text is None else self._encode_texts(text, text_pair, **settings)
@@ -1068,7 +1092,10 @@ class PreTrainedTokenizerFast(hub.PushToHubMixin):
     def _decode_one(self, ids: Any, skip_special_tokens: bool, clean_up_tokenization_spaces: bool | None) -> str:
         if isinstance(ids, int):
             ids = [ids]
-        text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        for i in ids:
+            if not isinstance(i, int):  # as transformers: float ids are an error, not rounded
+                raise TypeError(f"token ids must be integers, got {type(i).__name__} {i!r}")
+        text = self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         clean_up = (
             self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         )
