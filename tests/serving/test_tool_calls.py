@@ -86,9 +86,23 @@ def test_call_ids_are_distinct_and_openai_shaped():
     ("Let me look. <|pyth", 13),  # a marker's first characters wait for the next ones
     ("a < b", None),
     ("Before<|python_tag|>brave_search", 6),
+    # prose brackets open no call: their first characters, or text after they close, rule them out
+    ("See [1] and [a link](http://x) then {braces}.", None),
+    ('Data {"a": 1} and more', None),
+    ('Data {"a": 1} ; {"name"', 5),  # JSON calls may follow one another
+    ("[f(x='it]s')] ", 0),
+    ("[f(x='it]s')] ok", None),
+    ("[a] [b(x=1)]", 4),
+    ("Here [get_w", 5),
+    ("Here {", 5),
 ])
 def test_where_a_call_may_start(text, start):
     assert call_may_start(text) == start
+    # looking again from an earlier answer's first candidate finds the same place
+    for cut in range(1, len(text)):
+        earlier = call_may_start(text[:cut])
+        if earlier is not None and not text.startswith(("<|python_start|>", "<|python_tag|>"), earlier):
+            assert call_may_start(text, earlier) == start
 
 
 # --- arguments: nested, quoted, escaped, unicode; strict JSON -----------------------------------------
@@ -224,3 +238,21 @@ def test_streamed_content_matches(text):
     assert sent + stream.rest_of(parsed.content) == (parsed.content or "")
     for call in parsed.tool_calls:  # no call's text was sent as content
         assert call.name not in sent
+
+
+@pytest.mark.parametrize("text, sent", [
+    ("See [1] and [a link](http://x.org). Then {braces} too. The end.",
+     "See [1] and [a link](http://x.org). Then {braces} too. The end."),
+    ('Data: {"a": 1} as asked. Done', 'Data: {"a": 1} as asked. Done'),
+    ('Notes [1]. Now [get_weather(city="Paris")]', "Notes [1]. Now"),
+    ('Checking {"name": "f", "parameters": {}}', "Checking"),
+])
+def test_prose_brackets_stream_before_the_end(text, sent):
+    """A streamed answer is held at a `[` or `{` only while it may open a call: prose brackets are
+    sent as they come, a call is never sent as content."""
+    from herd.serving.server import _ToolStream
+
+    stream = _ToolStream()
+    assert "".join(stream.add(ch) for ch in text) == sent
+    parsed = parse_tool_calls(text)
+    assert (parsed.content or "") == sent + stream.rest_of(parsed.content)

@@ -123,21 +123,24 @@ def _finite(logprob: float | None) -> float | None:
 class _ToolStream:
     """A streamed answer that may hold tool calls: text is sent up to where a call may start
     (tool_calls.call_may_start), without the leading and trailing white space the non-streamed
-    content loses; the rest waits for the whole answer."""
+    content loses. From a call marker the rest waits for the whole answer; from a `[` or `{` only
+    until the answer shows it opens no call (prose brackets: "[1]", "[a link](url)")."""
 
     def __init__(self):
         self.whole = ""  # the answer so far
         self.sent = ""  # the content sent so far
-        self.holding = False  # a call may have started: nothing more is sent before the end
+        self.candidate = 0  # where the last look found the first place a call may start
+        self.holding = False  # a call marker came: nothing more is sent before the end
 
     def add(self, text: str) -> str:
         """The content to send now, after `text`."""
         self.whole += text
         if self.holding:
             return ""
-        start = call_may_start(self.whole)
-        if start is not None and (self.whole[start] in "[{" or self.whole.startswith(CALL_MARKERS, start)):
-            self.holding = True  # an opener or a whole marker; a marker's first characters only wait
+        start = call_may_start(self.whole, self.candidate)
+        if start is not None:
+            self.candidate = start
+            self.holding = self.whole.startswith(CALL_MARKERS, start)  # a marker's first characters only wait
         # white space at the ends waits: the non-streamed content is stripped
         ready = self.whole[: len(self.whole) if start is None else start].strip()
         if not ready.startswith(self.sent):

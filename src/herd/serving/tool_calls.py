@@ -45,6 +45,7 @@ _LITERAL_NAMES = {"true": True, "false": False, "null": None, "True": True, "Fal
 # count as candidates (and against MAX_START_CANDIDATES): prose brackets ("[1]", "{braces}") cannot.
 _PLAUSIBLE_START = re.compile(r'(?=\{\s*"|\[\s*(?:\{\s*"|[^\W\d][\w.]*\s*\())')
 _CLOSERS = {"[": "]", "{": "}", "(": ")"}
+_OPENER = re.compile(r"[\[{]")
 
 
 def _reject_constant(name: str) -> Any:
@@ -230,16 +231,42 @@ def _content(text: str) -> str | None:
     return text or None
 
 
-def call_may_start(text: str) -> int | None:
-    """Where in `text` (an answer so far) a tool call may begin: the first `[`, `{` or call marker,
-    or a marker's first characters at the very end; None when none can. A streamed answer is sent
-    up to there and held from there until the whole answer says whether it is a call."""
-    starts = [index for index in (text.find(opener) for opener in ("[", "{", *CALL_MARKERS)) if index >= 0]
+# What the first characters of a call look like (`_PLAUSIBLE_START`), where the text may still end:
+# `{"`, `[{"`, `[name(`, or a prefix of one of them at the end of the answer so far.
+_OPENING_PREFIX = re.compile(r'\{\s*(?:"|\Z)|\[\s*(?:\Z|\{\s*(?:"|\Z)|[^\W\d][\w.]*\s*(?:\(|\Z))')
+
+
+def _could_open_call(text: str, start: int) -> bool:
+    """Whether the `[` or `{` at text[start] (an answer so far) may still open a call: its first
+    characters may (not "[1]", "[a link](url)", "{braces}"), and once its brackets close, only white
+    space, another call or an end marker follows (a bare call runs to the end of the answer).
+    Once False, it stays False however the answer goes on."""
+    if not _OPENING_PREFIX.match(text, start):
+        return False
+    end = _structure_end(text, start)
+    if end >= len(text):
+        return True  # still open
+    tail = text[end + 1:].lstrip(" \t\r\n;,")
+    return not tail or tail[0] in "{[<"
+
+
+def call_may_start(text: str, after: int = 0) -> int | None:
+    """Where in `text` (an answer so far), at `after` or later, a tool call may begin: the first call
+    marker (or a marker's first characters at the very end), or the first `[` / `{` that may still
+    open a call (`_could_open_call`); None when none can. A streamed answer is sent up to there and
+    held from there: from a marker to the end, from an opener until the answer rules it out.
+    `after`: where an earlier look at a shorter answer found its first candidate (those before
+    it stay ruled out)."""
+    starts = [index for index in (text.find(marker, after) for marker in CALL_MARKERS) if index >= 0]
     for marker in CALL_MARKERS:
         for size in range(min(len(marker) - 1, len(text)), 0, -1):
             if text.endswith(marker[:size]):
                 starts.append(len(text) - size)
                 break
+    first_marker = min(starts, default=len(text))
+    for match in _OPENER.finditer(text, after, first_marker):
+        if _could_open_call(text, match.start()):
+            return match.start()
     return min(starts, default=None)
 
 
