@@ -75,7 +75,9 @@ class PromptBuilder:
                 message["content"] = "\n".join(part["text"] for part in content)
         elif content is None:
             message["content"] = ""
-        if "tool_calls" in message:  # the templates write arguments with tojson: they want a dict
+        if not message.get("tool_calls"):  # an empty list would make the templates skip the whole turn
+            message.pop("tool_calls", None)
+        else:  # the templates write arguments with tojson: they want a dict
             message["tool_calls"] = [{**call, "function": {**call["function"],
                                                            "arguments": _arguments(call["function"]["arguments"])}}
                                      for call in message["tool_calls"]]
@@ -88,6 +90,9 @@ class PromptBuilder:
 
 
 def _arguments(arguments: Any) -> Any:
+    """A call's arguments as the templates render them (with tojson): an object, {} for none (as vLLM)."""
+    if arguments is None or arguments == "":
+        return {}
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)

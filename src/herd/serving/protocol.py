@@ -3,19 +3,24 @@
 Every bad field is an `APIError` whose message and `param` name the field (`messages[1].content`,
 `max_tokens`), answered as `{"error": {"message", "type", "param", "code"}}` with its 4xx status.
 Parsing is plain dict checking rather than a schema library, so each message can say what to send
-instead. Unknown fields are ignored, as OpenAI-compatible servers do.
+instead. Fields that cannot change the answer (`user`, `metadata`, `store`, `service_tier`, ...) and
+fields nobody knows are ignored, as OpenAI-compatible servers do; fields known to change the answer
+that herd does not implement (the deprecated `functions`, audio output, vLLM's `guided_json`,
+`min_tokens`, ...) are a 400 naming them unless they carry their no-op value, never silently dropped.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# The roles a chat message may have (developer is OpenAI's newer name for system).
-ROLES = ("system", "developer", "user", "assistant", "tool")
+# The roles a chat message may have (developer is OpenAI's newer name for system; function is the
+# deprecated functions API's tool result, rendered as a tool message).
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_N = 128
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 4  # OpenAI's limit ("up to 4 sequences")
 MAX_TOP_LOGPROBS = 20
 # seeds seed torch generators, which take 64-bit values (OpenAI's and vLLM's seed is an int64 too)
 SEED_RANGE = (-(2**63), 2**63 - 1)
@@ -208,6 +213,62 @@ def _response_format(body: dict) -> dict[str, Any] | None:
     return value
 
 
+# --- fields that change the answer and are not implemented ----------------------------------------
+
+_NO_GUIDED = "send response_format (json_object or json_schema) instead"
+_NO_VLLM = "a vLLM extension herd does not implement; leave it out"
+# field -> (the values that change nothing, what to send instead); None (left out) always passes
+_SHARED_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    "min_tokens": ((0,), _NO_VLLM),
+    "use_beam_search": ((False,), "beam search is not implemented; leave it out"),
+    "length_penalty": ((1, 1.0), "beam search is not implemented; leave it out"),
+    "guided_json": ((), _NO_GUIDED),
+    "guided_regex": ((), "regular-expression constraints are not implemented; leave it out"),
+    "guided_choice": ((), "choice constraints are not implemented; leave it out"),
+    "guided_grammar": ((), "grammar constraints are not implemented; leave it out"),
+    "structured_outputs": ((), _NO_GUIDED),
+    "include_stop_str_in_output": ((False,), "stop strings are always removed from the answer; leave it out"),
+    "skip_special_tokens": ((True,), "special tokens are always skipped; leave it out"),
+    "spaces_between_special_tokens": ((True,), _NO_VLLM),
+    "truncate_prompt_tokens": ((), "prompts are never truncated; shorten the prompt instead"),
+    "prompt_logprobs": ((), "prompt logprobs come with echo and logprobs on /v1/completions"),
+    "bad_words": (([],), _NO_VLLM),
+    "allowed_token_ids": ((), "use logit_bias instead"),
+    "logits_processors": (([],), _NO_VLLM),
+    "return_tokens_as_token_ids": ((False,), _NO_VLLM),
+}
+_CHAT_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    **_SHARED_UNSUPPORTED,
+    "functions": (([],), "the deprecated functions API is not supported; send tools instead"),
+    "function_call": (("none", "auto"), "the deprecated functions API is not supported; send tool_choice instead"),
+    "audio": ((), "audio output is not supported: this model answers in text"),
+    "modalities": ((["text"],), 'this model answers in text only: send ["text"] or leave it out'),
+    "web_search_options": ((), "web search is not supported; leave it out"),
+    "reasoning_effort": (("none",), "this model does not reason before answering; leave it out"),
+    "verbosity": (("medium",), "the answer's length follows max_tokens only; leave it out"),
+    "best_of": ((1,), "the n samples are returned as they are, never the best of more; leave it out"),
+    "echo": ((False,), "echo is supported on /v1/completions only"),
+    "add_generation_prompt": ((True,), "the prompt always ends with the assistant's header; leave it out"),
+    "continue_final_message": ((False,), "continuing the final message is not implemented; leave it out"),
+    "chat_template": ((), "the model's own chat template is always used; leave it out"),
+    "chat_template_kwargs": (({},), "the chat template takes no extra arguments here; leave it out"),
+    "documents": (([],), "documents are not supported; put them in a message"),
+    "mm_processor_kwargs": (({},), _NO_VLLM),
+}
+_COMPLETION_UNSUPPORTED: dict[str, tuple[tuple, str]] = {
+    **_SHARED_UNSUPPORTED,
+    "add_special_tokens": ((True,), "the tokenizer's special tokens are always added; leave it out"),
+}
+
+
+def _refuse_unsupported(body: dict, table: dict[str, tuple[tuple, str]]) -> None:
+    for name, (harmless, advice) in table.items():
+        value = body.get(name)
+        if value is None or any(type(value) is type(h) and value == h for h in harmless):
+            continue
+        raise bad(name, f"is not supported by this server: {advice} (got {json.dumps(value)[:80]})")
+
+
 # --- chat -----------------------------------------------------------------------------------------
 
 
@@ -218,8 +279,9 @@ def _content_part(part: Any, where: str, role: str) -> dict[str, Any]:
             raise bad(f"{where}.refusal", "must be a string")
         return {"type": "text", "text": part["refusal"]}
     if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+        seen = f"a part of type {part.get('type')!r}" if isinstance(part, dict) else f"{type(part).__name__} {part!r:.40}"
         raise bad(where, 'a content part must be {"type": "text", "text": ...} or {"type": "image_url", '
-                         '"image_url": {"url": ...}}')
+                         f'"image_url": {{"url": ...}}}}, got {seen}')
     if part["type"] == "text":
         if not isinstance(part.get("text"), str):
             raise bad(f"{where}.text", "must be a string")
@@ -231,6 +293,13 @@ def _content_part(part: Any, where: str, role: str) -> dict[str, Any]:
     return {"type": "image_url", "url": url}
 
 
+def _optional_string(message: dict, name: str, where: str) -> str | None:
+    value = message.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad(f"{where}.{name}", f"must be a string, got {value!r}")
+    return value
+
+
 def _message(message: Any, index: int) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
@@ -238,11 +307,25 @@ def _message(message: Any, index: int) -> dict[str, Any]:
     role = message.get("role")
     if role not in ROLES:
         raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+    name = _optional_string(message, "name", where)
+    if role == "function" and not name:
+        raise bad(f"{where}.name", "is missing: a function message names the function whose result it holds")
     content = message.get("content")
     tool_calls = message.get("tool_calls")
+    if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
+        raise bad(f"{where}.tool_calls", "must be a list, in an assistant message")
+    calls = [_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(tool_calls or [])]
+    function_call = message.get("function_call")
+    if function_call is not None:  # the deprecated functions API's call: one tool call without an id
+        if role != "assistant":
+            raise bad(f"{where}.function_call", "is only allowed in an assistant message")
+        if calls:
+            raise bad(f"{where}.function_call", "send either tool_calls or the deprecated function_call, not both")
+        calls = [_tool_call({"type": "function", "function": function_call}, f"{where}.function_call",
+                            function_only=True)]
     if content is None and role == "assistant" and isinstance(message.get("refusal"), str):
         content = message["refusal"]  # OpenAI's answer when the model refused: content null, the refusal beside it
-    if content is None and not (role == "assistant" and tool_calls):
+    if content is None and not calls:
         raise bad(f"{where}.content", "is missing (only an assistant message with tool_calls may leave it out)")
     if content is not None and not isinstance(content, (str, list)):
         raise bad(f"{where}.content", "must be a string or a list of content parts")
@@ -253,25 +336,40 @@ def _message(message: Any, index: int) -> dict[str, Any]:
         parts = [_content_part(part, f"{where}.content[{i}]", role) for i, part in enumerate(content)]
         if role != "user" and any(part["type"] == "image_url" for part in parts):
             raise bad(f"{where}.content", "images are allowed in user messages only")
-    checked: dict[str, Any] = {"role": "system" if role == "developer" else role,
+    checked: dict[str, Any] = {"role": {"developer": "system", "function": "tool"}.get(role, role),
                                "content": parts if parts is not None else content}
-    if tool_calls is not None:
-        if role != "assistant" or not isinstance(tool_calls, list):
-            raise bad(f"{where}.tool_calls", "must be a list, in an assistant message")
-        checked["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(tool_calls)]
+    if calls:  # an empty list is no call: the templates would otherwise drop the whole turn
+        checked["tool_calls"] = calls
     if role == "tool":
-        checked["tool_call_id"] = message.get("tool_call_id")
-    if isinstance(message.get("name"), str):
-        checked["name"] = message["name"]
+        checked["tool_call_id"] = _optional_string(message, "tool_call_id", where)
+    if name is not None:
+        checked["name"] = name
     return checked
 
 
-def _tool_call(call: Any, where: str) -> dict[str, Any]:
+def _tool_call(call: Any, where: str, function_only: bool = False) -> dict[str, Any]:
+    """A tool call of an earlier assistant turn, its arguments parsed to the object the chat templates
+    render (as vLLM hands them over): a JSON object string, or empty/null for no arguments."""
     function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+            call.get("type", "function") != "function":
+        if function_only:
+            raise bad(where, 'must be {"name": ..., "arguments": "{...}"}')
         raise bad(where, 'must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": "{...}"}}')
-    return {"id": call.get("id"), "type": "function",
-            "function": {"name": function["name"], "arguments": function.get("arguments", "{}")}}
+    ident = None if function_only else _optional_string(call, "id", where)
+    arguments = function.get("arguments")
+    param = f"{where}.arguments" if function_only else f"{where}.function.arguments"
+    if arguments is None or arguments == "":
+        arguments = {}
+    elif isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except (json.JSONDecodeError, RecursionError):
+            raise bad(param, f"must be a JSON object as a string, like '{{\"city\": \"Paris\"}}', got "
+                             f"{function['arguments'][:80]!r}") from None
+    if not isinstance(arguments, dict):
+        raise bad(param, f"must be a JSON object (the call's arguments by name), got {function['arguments']!r:.80}")
+    return {"id": ident, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 def _tools(body: dict) -> list[dict[str, Any]] | None:
@@ -285,7 +383,7 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict) \
                 or not isinstance(function.get("name"), str) or not function["name"]:
             raise bad(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ..., "parameters": {...}}}')
-        if not isinstance(function.get("parameters", {}), dict):
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
             raise bad(f"tools[{i}].function.parameters", "must be a JSON schema object")
     return tools or None
 
@@ -314,6 +412,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "must be a non-empty list of messages")
     checked = [_message(message, i) for i, message in enumerate(messages)]
+    _refuse_unsupported(body, _CHAT_UNSUPPORTED)
     wants_logprobs = _boolean(body, "logprobs")
     top = _number(body, "top_logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
     if top and not wants_logprobs:  # 0 asks for nothing more: accepted alone, as vLLM does
@@ -352,7 +451,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     prompt_only = echo and type(body.get("max_tokens")) is int and body["max_tokens"] == 0
     if prompt_only:
         body = {**body, "max_tokens": 1}
-    if body.get("suffix") is not None:
+    _refuse_unsupported(body, _COMPLETION_UNSUPPORTED)
+    if body.get("suffix") not in (None, ""):  # an empty suffix asks for nothing
         raise bad("suffix", "is not supported by Llama models; leave it out")
     logprobs = _number(body, "logprobs", low=0, high=MAX_TOP_LOGPROBS, integer=True)
     stream = _boolean(body, "stream")
