@@ -148,8 +148,9 @@ def resize_channels_first(image: np.ndarray, height: int, width: int, resample: 
     transformers, which is why the result is exactly the reference's.
     """
     channels = image.shape[0]
-    if channels not in (1, 3, 4):
-        raise ValueError(f"cannot resize an image with {channels} channels: PIL handles 1, 3 or 4 channels")
+    # 2 channels (an LA or PA image kept as it is with do_convert_rgb=False) resize as PIL's LA mode.
+    if channels not in (1, 2, 3, 4):
+        raise ValueError(f"cannot resize an image with {channels} channels: PIL handles 1 to 4 channels")
     pixels = np.transpose(image, (1, 2, 0))
     if channels == 1:
         pixels = pixels[..., 0]

@@ -23,6 +23,11 @@ from .image_processing_mllama import MllamaImageProcessor
 
 logger = logging.getLogger(__name__)
 
+# Further text inputs the tokenizer call takes, passed on as they are (as in transformers): a second
+# sequence of each pair, and targets returned as "labels". The BOS and image-token handling applies
+# to `text` only; an image token in text_pair has no image and fails the token-count check.
+_TEXT_INPUTS = ("text_pair", "text_target", "text_pair_target")
+
 # ----------------------------------------------------------------------------------------------
 # Prompts and the cross-attention mask
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +113,11 @@ def _check_image_counts(tokens_per_text: list[int], images_per_sample: list[int]
                 f"were given: pass images=..., one image per {image_token} token"
             )
         return
+    if sum(tokens_per_text) == 0 and sum(images_per_sample) == 0:
+        raise ValueError(
+            f"images holds only empty lists (images per sample: {images_per_sample}), so no images were given: "
+            "pass images=None for text-only input"
+        )
     if sum(tokens_per_text) == 0:
         raise ValueError(
             f"{sum(images_per_sample)} image(s) were given but the text has no {image_token} token: put one "
@@ -205,7 +215,9 @@ class MllamaProcessor(ProcessorMixin):
                 self.image_token,
             )
 
-        text_kwargs, images_kwargs = merge_kwargs(kwargs, TEXT_KWARGS, tuple(self.image_processor.valid_kwargs), type(self).__name__)
+        text_kwargs, images_kwargs = merge_kwargs(
+            kwargs, TEXT_KWARGS + _TEXT_INPUTS, tuple(self.image_processor.valid_kwargs), type(self).__name__
+        )
         return_tensors = text_kwargs.pop("return_tensors", None)
 
         text_inputs: dict[str, Any] = {}
