@@ -30,8 +30,14 @@ logger = logging.getLogger(__name__)
 # another order (herd.tokenization.chat_templates).
 PROCESSOR_TEMPLATE_SOURCES = (CHAT_TEMPLATE_JSON_FILE, CHAT_TEMPLATE_FILE, PROCESSOR_FILE, IMAGE_PROCESSOR_FILE)
 
-# Keyword arguments the processor passes on to the tokenizer call.
+# Keyword arguments the processor passes on to the tokenizer call: its options, and (as in
+# transformers) its further text inputs, the second sequence of each pair and targets returned as
+# "labels". A processor's image handling applies to `text` only: an image token in text_pair has no
+# image and fails the processor's token-count check.
 TEXT_KWARGS = (
+    "text_pair",
+    "text_target",
+    "text_pair_target",
     "add_special_tokens",
     "padding",
     "truncation",

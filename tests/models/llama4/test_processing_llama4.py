@@ -450,3 +450,15 @@ def test_numpy_outputs_of_bfloat16_pixels_are_an_error_that_says_so(bare_process
         reference_processor(**kwargs)
     with pytest.raises(ValueError, match="`pixel_values`: numpy has no bfloat16 type; pass return_tensors='pt'"):
         bare_processor(**kwargs)
+
+
+def test_text_pairs_and_targets_reach_the_tokenizer(bare_processor, reference_processor):
+    """text_pair, text_target and text_pair_target go to the tokenizer as in transformers: the pair's
+    tokens in input_ids, the targets as labels."""
+    kwargs = dict(text=["Hello there", "Hi"], text_pair=["a second part", "b"], text_target=["x y", "z"],
+                  text_pair_target=["w", "v v"], padding=True)
+    ours = bare_processor(**kwargs)
+    reference = reference_processor(**kwargs)
+    assert set(ours) == set(reference) and "labels" in ours
+    for key in reference:
+        assert list(ours[key]) == list(reference[key]), key

@@ -23,11 +23,6 @@ from .image_processing_mllama import MllamaImageProcessor
 
 logger = logging.getLogger(__name__)
 
-# Further text inputs the tokenizer call takes, passed on as they are (as in transformers): a second
-# sequence of each pair, and targets returned as "labels". The BOS and image-token handling applies
-# to `text` only; an image token in text_pair has no image and fails the token-count check.
-_TEXT_INPUTS = ("text_pair", "text_target", "text_pair_target")
-
 # ----------------------------------------------------------------------------------------------
 # Prompts and the cross-attention mask
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +211,7 @@ class MllamaProcessor(ProcessorMixin):
             )
 
         text_kwargs, images_kwargs = merge_kwargs(
-            kwargs, TEXT_KWARGS + _TEXT_INPUTS, tuple(self.image_processor.valid_kwargs), type(self).__name__
+            kwargs, TEXT_KWARGS, tuple(self.image_processor.valid_kwargs), type(self).__name__
         )
         return_tensors = text_kwargs.pop("return_tensors", None)
 
