@@ -38,6 +38,9 @@ def test_round_trip_keeps_every_field(tmp_path, cls):
         assert getattr(loaded, name) == value, name
     assert loaded.to_dict() == processor.to_dict()
     assert loaded.to_dict()["my_unknown_setting"] == {"kept": [1, 2]}
+    assert loaded.my_unknown_setting == {"kept": [1, 2]}  # an attribute too, as in transformers
+    with pytest.raises(AttributeError, match="no attribute 'not_a_setting'"):
+        loaded.not_a_setting
     assert repr(loaded).startswith(f"{cls.__name__} {{")
 
 

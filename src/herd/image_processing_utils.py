@@ -104,6 +104,13 @@ class BaseImageProcessor(hub.PushToHubMixin):
         # Unknown settings of a saved config are kept (and saved back), as transformers does.
         self._extra_settings = kwargs
 
+    def __getattr__(self, name: str) -> Any:
+        """A saved config's unknown setting reads as an attribute, as in transformers."""
+        extra = self.__dict__.get("_extra_settings", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __call__(self, images: Any, **kwargs: Any) -> Any:
         return self.preprocess(images, **kwargs)
 
