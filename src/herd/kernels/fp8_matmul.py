@@ -1,8 +1,8 @@
 """FP8 activations times FP8 weights for a few rows (5 to 64), on the tensor cores.
 
-`fp8_rows_partials(x_q, data, split=None)`: x_q (rows, in) float8_e4m3fn, data (out, in)
-float8_e4m3fn -> float32 partial sums (split, rows, out) whose sum over the first dimension is
-x_q @ data.T, accumulated in float32 from the exact FP8 inputs. The caller applies the row and
+`fp8_rows_partials(x_q, data)`: x_q (rows, in) float8_e4m3fn, data (out, in) float8_e4m3fn ->
+float32 partial sums (split, rows, out) whose sum over the first dimension is x_q @ data.T, from the
+exact FP8 products, summed as the tensor cores sum them (`PRECISE_COLUMNS`). The caller applies the row and
 column scales (and the cast) in torch, where the compiled step fuses them, with the sum of the
 partials, into whatever follows (the residual add, the activation): what `_scaled_mm` with
 row-wise scales computes, `(x_q @ data.T) * x_scale * w_scale`, rounded once.
