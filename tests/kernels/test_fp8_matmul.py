@@ -103,6 +103,10 @@ def test_kernel_applies_only_to_fp8_rows_in_range():
     assert not module.kernel_applies(big, data)
     odd, odd_data = _inputs(5, 96, 16)
     assert not module.kernel_applies(odd, odd_data)  # 96 columns: not whole 128-column steps
+    _, wide_data = _inputs(5, 256, 16)
+    strided = wide_data[:, ::2]  # (16, 128), every other column: _scaled_mm takes it
+    assert module.kernel_applies(x_q, strided.contiguous()) == on_gpu
+    assert not module.kernel_applies(x_q, strided)
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or module.triton is None, reason="the kernel runs inside torch_linear on CUDA")

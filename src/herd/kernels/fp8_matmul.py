@@ -46,10 +46,10 @@ MAX_SPLIT = 8
 
 
 def kernel_applies(x_q: torch.Tensor, data: torch.Tensor) -> bool:
-    """FP8 rows (MIN_ROWS to MAX_ROWS) and an FP8 (out, in) weight on CUDA, in whole BLOCK_K steps."""
+    """FP8 rows (MIN_ROWS to MAX_ROWS) and a contiguous FP8 (out, in) weight on CUDA, in whole BLOCK_K steps."""
     return (triton is not None and x_q.is_cuda and x_q.dim() == 2 and data.dim() == 2
             and x_q.dtype == data.dtype == torch.float8_e4m3fn and MIN_ROWS <= x_q.shape[0] <= MAX_ROWS
-            and x_q.shape[1] == data.shape[1] and x_q.shape[1] % BLOCK_K == 0)
+            and x_q.shape[1] == data.shape[1] and x_q.shape[1] % BLOCK_K == 0 and data.is_contiguous())
 
 
 def split_for(out_features: int, in_features: int, device: torch.device, block_n: int = BLOCK_N,
@@ -149,6 +149,6 @@ if triton is not None:
 
 def fp8_rows_partials(x_q: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """(split, rows, out) float32 partial sums of x_q @ data.T (the module docstring)."""
-    if kernel_applies(x_q, data) and data.is_contiguous():
+    if kernel_applies(x_q, data):
         return torch.ops.herd.fp8_rows_partials(x_q, data)
     return torch_fp8_rows_partials(x_q, data)
