@@ -200,7 +200,7 @@ def explicit_placement(model: nn.Module, device_map: dict[str, Any]) -> Placemen
         raise ValueError(f"device_map key {key!r} is not a module of {type(model).__name__} "
                          f"(its parts are named like {examples})")
     found = units(model)
-    unit_devices, inner, unplaced = {}, {}, []
+    unit_devices, inner, unplaced, unsaved = {}, {}, [], []
     for unit in found:
         device = lookup(devices, unit.name)
         within = {key: value for key, value in devices.items() if key.startswith(unit.name + ".")}
@@ -209,18 +209,59 @@ def explicit_placement(model: nn.Module, device_map: dict[str, Any]) -> Placemen
             # covered by keys inside it only: every one of its weights must be
             names = [f"{unit.name}.{n}" for n, _ in [*unit.module.named_parameters(), *unit.module.named_buffers()]]
             covered = [lookup(within, name) for name in names]
+            if not unit.module.state_dict():  # nothing read from a checkpoint (the rotary embedding's inv_freq)
+                unsaved.append(unit.name)
+                continue
             if not names or any(d is None for d in covered):
                 unplaced.append(unit.name)
                 continue
             device = covered[0]
         unit_devices[unit.name] = device
+    # A module with nothing in the state dict need not be named, as transformers checks only the
+    # state dict's tensors (accelerate's check_device_map): it goes where cpu and disk parts compute.
+    # When the map is refused for a weight it leaves out, the error lists these too (every module the
+    # map does not name, in the model's order).
+    gpus = sorted(d for d in [*unit_devices.values(), *inner.values()] if isinstance(d, int))
+    for name in unsaved:
+        unit_devices[name] = gpus[0] if gpus else "cpu"
+    unit_devices = {unit.name: unit_devices[unit.name] for unit in found if unit.name in unit_devices}
     if unplaced:
+        unplaced = [unit.name for unit in found if unit.name in unplaced or unit.name in unsaved]
         raise ValueError(f"device_map leaves {len(unplaced)} module(s) of {type(model).__name__} without a device: "
                          f"{', '.join(unplaced)}; add them to the map, or a key '' for everything not named")
     return Placement(unit_devices, inner, hf_device_map=dict(device_map))
 
 
 # --- strategies -------------------------------------------------------------------------------
+
+
+# accelerate's units for max_memory (convert_file_size_to_int): the binary ones first, as "GIB" ends like "B"
+_SIZE_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+
+
+def memory_size(size: Any, where: str) -> float:
+    """A max_memory value in bytes, by accelerate's rules: a number is bytes; a string needs a unit,
+    KB/MB/GB in powers of 1000 and KiB/MiB/GiB in powers of 1024 (any case), and a decimal unit
+    written with a lowercase b ("8Gb") counts bits, an eighth of it. Anything else (a bare number
+    in a string, "5G", "1TB", a negative size) is an error, as in accelerate."""
+    value: float | None = None
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        value = float(size)
+    elif isinstance(size, str):
+        upper = size.upper()
+        for unit, scale in _SIZE_UNITS:
+            if upper.endswith(unit):
+                try:
+                    value = int(float(size[:-len(unit)]) * scale)
+                except ValueError:
+                    break
+                if unit[1] != "I" and size.endswith("b"):
+                    value = value // 8
+                break
+    if value is None or value < 0:
+        raise ValueError(f"{where} = {size!r} is not a size: use a number of bytes or a number with a unit, "
+                         "'500MB', '1GB' (powers of 1000) or '10GiB' (powers of 1024), as accelerate reads them")
+    return float(value)
 
 
 def available_cpu_memory() -> int:
@@ -238,8 +279,6 @@ def available_cpu_memory() -> int:
 def capacities(max_memory: dict | None) -> dict[Device, float]:
     """Bytes each device may hold: max_memory as given (only the devices it names; disk is never
     limited), or 90% of every GPU's free memory and of the available CPU memory."""
-    from ..loading import parse_size
-
     if max_memory is None:
         found: dict[Device, float] = {}
         for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
@@ -250,10 +289,14 @@ def capacities(max_memory: dict | None) -> dict[Device, float]:
         raise TypeError(f"max_memory must be a dict such as {{0: '10GiB', 'cpu': '30GiB'}}, got {type(max_memory).__name__}")
     found = {}
     for key, size in max_memory.items():
-        device = normalize_device(key, f"the max_memory key {key!r}")
+        try:
+            device = normalize_device(key, "")
+        except ValueError:
+            raise ValueError(f"max_memory key {key!r} is not a device: use a GPU index (0), 'cpu' or 'disk'") from None
         check_gpus({f"max_memory[{key!r}]": device})
+        bytes_ = memory_size(size, f"max_memory[{key!r}]")
         if device != "disk":
-            found[device] = float(size if isinstance(size, (int, float)) else parse_size(size))
+            found[device] = bytes_
     return dict(sorted(found.items(), key=lambda item: (not isinstance(item[0], int), str(item[0]))))
 
 
@@ -389,10 +432,17 @@ def infer_placement(model: nn.Module, strategy: str, max_memory: dict | None, dt
             placed[s.name] = placed[s.follows]
     unit_devices = {s.name: placed[s.name] for s in sized}
     recorded = {}
-    for s in sized:  # each layer's experts right after it, as accelerate lists a split module's parts
+    # each layer's experts right after it, as accelerate lists a split module's parts; a tied head
+    # right after the embeddings it shares, as accelerate places tied modules together
+    followers = {s.follows: [f.name for f in sized if f.follows == s.follows] for s in sized if s.follows}
+    for s in sized:
+        if s.follows:
+            continue
         recorded[s.name] = placed[s.name]
         if s.experts in inner:
             recorded[s.experts] = inner[s.experts]
+        for name in followers.get(s.name, ()):
+            recorded[name] = placed[name]
     return Placement(unit_devices, inner, hf_device_map=clean_device_map(recorded))
 
 
@@ -420,15 +470,15 @@ def _experts_on_host(placed_units: list[_Sized], gpus: list[int], budgets: dict,
 
 def clean_device_map(device_map: dict[str, Device], module_name: str = "") -> dict[str, Device]:
     """Group the keys under a module that all share one device into that module's key (accelerate's
-    clean_device_map): {"model.a": 0, "model.b": 0} -> {"model": 0}."""
+    clean_device_map): {"model.a": 0, "model.b": 0} -> {"model": 0}, the grouped key moved to the
+    end of the map as accelerate moves it (accelerate visits sibling groups in a set's order,
+    which varies between runs; herd visits them in the map's order)."""
     prefix = f"{module_name}." if module_name else ""
     values = [value for key, value in device_map.items() if key.startswith(prefix)]
     if len(values) > 1 and len(set(values)) == 1:
-        position = next(i for i, key in enumerate(device_map) if key.startswith(prefix))
-        kept = [(k, v) for k, v in device_map.items() if not k.startswith(prefix)]
-        kept.insert(position, (module_name, values[0]))
-        device_map.clear()
-        device_map.update(kept)
+        for key in [key for key in device_map if key.startswith(prefix)]:
+            del device_map[key]
+        device_map[module_name] = values[0]  # last, where accelerate writes the grouped key
         return device_map
     depth = len(module_name.split(".")) + 1 if module_name else 1
     children = dict.fromkeys(".".join(key.split(".")[:depth]) for key in device_map
@@ -449,7 +499,29 @@ def resolve_placement(model: nn.Module, device_map: Any, max_memory: dict | None
         return explicit_placement(model, device_map)
     if isinstance(device_map, str) and device_map in STRATEGIES:
         return infer_placement(model, device_map, max_memory, dtype)
+    if device_map is None:
+        return None
+    check_single_device(device_map)
     return None
+
+
+def check_single_device(device_map: Any) -> None:
+    """A device_map that names one device (0, "cuda:1", "cpu", torch.device): one that herd can
+    load the whole model onto, and a GPU that exists."""
+    if isinstance(device_map, str) and device_map == "disk":
+        # transformers refuses it too: a string must be a torch device or a strategy
+        raise ValueError("device_map='disk' is not a device name; to read every weight from the checkpoint in place "
+                         "write device_map={'': 'disk'}")
+    if str(device_map) == "meta":
+        raise ValueError(f"device_map={device_map!r} would load no weights; from_pretrained reads the checkpoint, "
+                         "so for an empty model build it under `with torch.device('meta'): Model(config)`")
+    label = f"device_map={device_map!r}"
+    try:
+        device = normalize_device(device_map, label)
+    except ValueError:
+        raise ValueError(f"{label} is not a device herd loads onto: use a GPU index (0), 'cuda:N', 'cpu', a "
+                         "strategy ('auto', ...) or a dict of module path -> device") from None
+    check_gpus({label: device})
 
 
 def split_reason(model: nn.Module) -> str | None:
