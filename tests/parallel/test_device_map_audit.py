@@ -140,12 +140,14 @@ def test_one_device_maps_are_not_split(llama, device_map):
         assert torch.equal(model(_prompts()).logits, one_device(_prompts()).logits)
 
 
-def test_a_map_may_leave_out_the_rotary_embedding_as_transformers(llama):
+@pytest.mark.parametrize("device_map", [
+    {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"},
+    {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"},
+])
+def test_a_map_may_leave_out_the_rotary_embedding_as_transformers(llama, device_map):
     """transformers checks only the state dict's tensors; the rotary embedding has none (inv_freq
     is not saved)."""
     folder, one_device = llama
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                  "lm_head": "cpu"}
     reference = theirs(folder, device_map=device_map)
     model = herd.LlamaForCausalLM.from_pretrained(folder, device_map=device_map, progress=False)
     assert hf_map(model) == hf_map(reference) == device_map
@@ -177,6 +179,15 @@ def test_a_whole_model_and_a_head_on_disk_as_transformers(llama):
     assert_same_run(model, one_device, input_ids=_prompts())
     with torch.no_grad():
         torch.testing.assert_close(model(_prompts()).logits, reference(_prompts()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_device_values_in_a_split_map(llama):
+    """transformers 5.17 fails on this map (safetensors is handed the torch.device); herd reads it."""
+    folder, one_device = llama
+    device_map = {"model": torch.device("cpu"), "lm_head": "disk"}
+    model = herd.LlamaForCausalLM.from_pretrained(folder, device_map=device_map, progress=False)
+    assert hf_map(model) == device_map and model._offload.placement.unit_devices["lm_head"] == "disk"
+    assert_same_run(model, one_device, input_ids=_prompts())
 
 
 @pytest.mark.parametrize("device_map", [
