@@ -47,6 +47,8 @@ def resolve_device(device_map: Any) -> torch.device:
             return Placement({key: normalize_device(value, key) for key, value in device_map.items()}).compute_device
         return resolve_device(devices.pop())
     if isinstance(device_map, int):
+        if device_map < 0:
+            raise ValueError(f"device_map={device_map} is not a GPU index: use 0 or above, 'cpu' or 'auto'")
         return torch.device("cuda", device_map)
     if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,7 +63,6 @@ def resolve_device(device_map: Any) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device_map={device_map!r} asks for CUDA, but torch sees no CUDA device")
     return device
-
 
 
 def _set_attn_implementation(config: PretrainedConfig, name: str | None, only_unset: bool = False) -> None:

@@ -140,6 +140,7 @@ def test_quantized_while_loading_to_disk_needs_the_offload_folder(llama, tmp_pat
     ({"": "cpu", "model.layer.0": "disk"}, ValueError, "'model.layer.0' is not a module of LlamaForCausalLM"),
     ({"": "cpu", "lm_head.weight": "disk"}, ValueError, "names a weight; name the module that holds it"),
     ("everywhere", ValueError, "is not a strategy"),
+    (-1, ValueError, "device_map=-1 is not a GPU index: use 0 or above"),
 ])
 def test_map_errors(llama, device_map, error, message):
     folder, _ = llama
