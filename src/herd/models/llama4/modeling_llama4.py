@@ -45,6 +45,19 @@ from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionCo
 
 
 @dataclass(repr=False)
+class Llama4TextModelOutputWithPast(BaseModelOutputWithPast):
+    """The text decoder's output; router_logits (one (batch * seq, experts) tensor per MoE layer)
+    when output_router_logits asks for them. Keys (and the tuple form) in transformers' order for
+    Llama4TextModel: attentions before hidden_states, router_logits last."""
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+    def keys(self) -> list[str]:
+        order = ("last_hidden_state", "past_key_values", "attentions", "hidden_states", "router_logits")
+        return [key for key in order if getattr(self, key) is not None]
+
+
+@dataclass(repr=False)
 class Llama4CausalLMOutputWithPast(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -238,6 +251,30 @@ class Llama4TextModel(TextDecoderForward, Llama4PreTrainedModel):
             self.first_layer_of_kind.setdefault(layer.uses_chunked_attention, index)
         self.post_init()
 
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None,
+                output_router_logits: bool | None = None, **kwargs: Any):
+        """TextDecoderForward's forward, and with output_router_logits (or the config's) each MoE
+        layer's router logits (before top-k), in `router_logits`; the output in transformers' key
+        order for this model (Llama4TextModelOutputWithPast)."""
+        arguments = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         cache_position=cache_position, **kwargs)
+        router_logits: list[torch.Tensor] = []
+        hooks, wanted = [], flag(output_router_logits, self.config.output_router_logits)
+        if wanted:
+            hooks = [layer.feed_forward.router.register_forward_hook(lambda _m, _i, out: router_logits.append(out[2]))
+                     for layer in self.layers if layer.is_moe_layer]
+        try:
+            output = super().forward(return_dict=True, **arguments)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        output = Llama4TextModelOutputWithPast(**{key: getattr(output, key) for key in output.keys()},
+                                               router_logits=tuple(router_logits) if wanted else None)
+        return output if flag(return_dict, self.config.return_dict) else output.to_tuple()
+
     def forward_layers(self, step: DecoderStep, attention_mask: torch.Tensor | None) -> BaseModelOutputWithPast | tuple:
         """forward() once its arguments are resolved (modeling_utils.TextDecoderForward)."""
         # One mask description per attention kind present, each as the cache holds its first layer.
@@ -266,6 +303,18 @@ class Llama4ForCausalLM(CausalLMForward, Llama4PreTrainedModel, GenerationMixin)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                cache_position=None, logits_to_keep: int | torch.Tensor = 0, output_router_logits: bool | None = None,
+                **kwargs: Any):
+        """CausalLMForward's forward. output_router_logits is accepted and changes nothing, as in
+        transformers: its Llama4ForCausalLM returns neither the router logits nor an auxiliary loss."""
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                               use_cache=use_cache, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict,
+                               cache_position=cache_position, logits_to_keep=logits_to_keep, **kwargs)
 
 
 __all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
@@ -502,8 +551,10 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor, vision_feature_select_strategy: str | None = None,
                            **kwargs: Any):
-        """The vision tower's output (before the projector), as the reference returns it."""
-        return self.vision_model(pixel_values, return_dict=True, **kwargs)
+        """The vision tower's output (before the projector), as the reference returns it (a tuple
+        with return_dict=False)."""
+        kwargs.setdefault("return_dict", True)
+        return self.vision_model(pixel_values, **kwargs)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """(batch, seq, 1) True at image placeholder tokens; their count must match the image feature rows."""
@@ -525,7 +576,8 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, vision_feature_select_strategy=None, labels=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any):
+                logits_to_keep: int | torch.Tensor = 0, output_router_logits: bool | None = None, **kwargs: Any):
+        # output_router_logits changes nothing here, as in transformers (no router logits, no auxiliary loss).
         reject_unknown_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
