@@ -237,8 +237,10 @@ def test_parse_size():
     assert parse_size("10KiB") == 10 * 1024
     assert parse_size("200MB") == 200_000_000
     assert parse_size(123) == 123
-    with pytest.raises(ValueError):
-        parse_size("lots")
+    assert parse_size("8Gb") == 1_000_000_000  # a lowercase b counts bits, as transformers reads it
+    for bad in ("lots", "5G", "1000", "-1GB"):
+        with pytest.raises(ValueError, match=r"max_shard_size = .* is not a size"):
+            parse_size(bad)
 
 
 # --- memory ------------------------------------------------------------------------------------

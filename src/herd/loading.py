@@ -373,16 +373,34 @@ def _load_shard(reader, path, model, expected, rename, dtype, device, report, lo
             loaded.add(piece_name)
 
 
-def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / '10KiB' / 1000 -> bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", size.upper().replace("IB", "iB"))
-    if not match:
-        raise ValueError(f"cannot read the size {size!r}; use e.g. '5GB' or a number of bytes")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit or " "))
+# Size units as transformers and accelerate read them (convert_file_size_to_int): the binary ones first,
+# as "GIB" ends like "B"
+_SIZE_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+
+
+def parse_size(size: Any, where: str = "max_shard_size") -> int | float:
+    """A size in bytes, by transformers' and accelerate's rules: a number is bytes; a string needs a
+    unit, KB/MB/GB in powers of 1000 and KiB/MiB/GiB in powers of 1024 (any case), and a decimal unit
+    written with a lowercase b ("8Gb") counts bits, an eighth of it. Anything else (a bare number in
+    a string, "5G", "1TB", a negative size) is an error naming `where`."""
+    value: int | float | None = None
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        upper = size.upper()
+        for unit, scale in _SIZE_UNITS:
+            if upper.endswith(unit):
+                try:
+                    value = int(float(size[:-len(unit)]) * scale)
+                except ValueError:
+                    break
+                if unit[1] != "I" and size.endswith("b"):
+                    value = value // 8
+                break
+    if value is None or value < 0:
+        raise ValueError(f"{where} = {size!r} is not a size: use a number of bytes or a number with a unit, "
+                         "'500MB', '1GB' (powers of 1000) or '10GiB' (powers of 1024), as transformers reads them")
+    return value
 
 
 def save_checkpoint(state_dict: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> list[Path]:

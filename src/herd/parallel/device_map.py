@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..loading import parse_size
+
 Device = int | str  # a GPU index, "cpu" or "disk"
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 HOST_DEVICES = ("cpu", "disk")
@@ -235,33 +237,9 @@ def explicit_placement(model: nn.Module, device_map: dict[str, Any]) -> Placemen
 # --- strategies -------------------------------------------------------------------------------
 
 
-# accelerate's units for max_memory (convert_file_size_to_int): the binary ones first, as "GIB" ends like "B"
-_SIZE_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
-
-
 def memory_size(size: Any, where: str) -> float:
-    """A max_memory value in bytes, by accelerate's rules: a number is bytes; a string needs a unit,
-    KB/MB/GB in powers of 1000 and KiB/MiB/GiB in powers of 1024 (any case), and a decimal unit
-    written with a lowercase b ("8Gb") counts bits, an eighth of it. Anything else (a bare number
-    in a string, "5G", "1TB", a negative size) is an error, as in accelerate."""
-    value: float | None = None
-    if isinstance(size, (int, float)) and not isinstance(size, bool):
-        value = float(size)
-    elif isinstance(size, str):
-        upper = size.upper()
-        for unit, scale in _SIZE_UNITS:
-            if upper.endswith(unit):
-                try:
-                    value = int(float(size[:-len(unit)]) * scale)
-                except ValueError:
-                    break
-                if unit[1] != "I" and size.endswith("b"):
-                    value = value // 8
-                break
-    if value is None or value < 0:
-        raise ValueError(f"{where} = {size!r} is not a size: use a number of bytes or a number with a unit, "
-                         "'500MB', '1GB' (powers of 1000) or '10GiB' (powers of 1024), as accelerate reads them")
-    return float(value)
+    """A max_memory value in bytes, by accelerate's rules (loading.parse_size)."""
+    return float(parse_size(size, where))
 
 
 def available_cpu_memory() -> int:
