@@ -108,6 +108,11 @@ def _download(name: str) -> Path:
         raise
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """A name that cannot be a Hub id: it starts like a path or has more than one separator."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def _model_path(name: str) -> str:
     """A local folder holding config.json, or a .gguf file (left to its loader), for a model argument."""
     if name.lower().endswith(".gguf"):
@@ -117,6 +122,8 @@ def _model_path(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_file():
         raise CLIError(f"{name} is a file; pass a model folder (config.json + weights), a .gguf file or a Hub id")
+    if not path.exists() and _looks_like_a_path(name):  # never a Hub id (org/name): no cache or network to ask
+        raise CLIError(f"{name}: no such folder; check the path (a model folder, a .gguf file or a Hub id org/name)")
     folder = path if path.is_dir() else _download(name)
     if not (folder / "config.json").is_file():
         raise CLIError(f"{name} has no config.json, so it is not a model folder; pass a folder holding config.json, "
@@ -138,8 +145,12 @@ def _load(args: argparse.Namespace):
     path = _model_path(args.model)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if getattr(args, "needs_chat_template", None) and getattr(tokenizer, "chat_template", None) is None:
+        raise CLIError(f"{args.model} has no chat template, which {args.needs_chat_template} needs; "
+                       + ("leave out --chat and --system to continue plain text" if args.command == "generate"
+                          else "use `herd generate` for plain text"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=_device(args),
-                                                 quantization_config=_quantization(args))
+                                                 quantization_config=_quantization(args, path))
     if getattr(args, "verbose", False):
         print(f"herd: loaded {args.model} in {time.perf_counter() - start:.2f} s "
               f"({model.dtype}, {model.device})", file=sys.stderr, flush=True)
@@ -205,9 +216,25 @@ def _first_line(error: BaseException) -> str:
 # --- commands -------------------------------------------------------------------------------------
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt argument, or with `-` the text on stdin (`- < prompt.txt`), its trailing newlines dropped."""
+    if args.prompt != "-":
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise CLIError("the prompt `-` reads stdin, which is a terminal here; pipe the prompt in "
+                       "(`herd generate MODEL - < prompt.txt`) or pass it as an argument")
+    try:
+        return sys.stdin.read().rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise CLIError(f"the prompt on stdin is not valid text ({error.reason}); pass UTF-8 text") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     _check_generation_options(args)
     kwargs = _generate_kwargs(args)
+    args.prompt = _read_prompt(args)
+    if args.chat or args.system:
+        args.needs_chat_template = "--chat" if args.chat else "--system"
     model, tokenizer = _load(args)
     if args.chat or args.system:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -218,6 +245,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(model.device)
     context = _context_length(model)
     length = input_ids.shape[1]
+    if length == 0:
+        raise CLIError("the prompt is empty (no tokens, and this tokenizer adds no BOS token); give some text, "
+                       "or use --chat to send it through the chat template")
     if context is not None and length >= context:
         raise CLIError(f"the prompt is {length} tokens, {length - context + 1} more than the model's context of "
                        f"{context} tokens leaves room for (one new token at least); shorten the prompt")
@@ -289,6 +319,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         raise CLIError("herd chat needs a model (a folder, a .gguf file or a Hub id), or --url of a running server")
     _check_generation_options(args)
     kwargs = _generate_kwargs(args)
+    args.needs_chat_template = "herd chat"
     model, tokenizer = _load(args)
     if getattr(tokenizer, "chat_template", None) is None:
         raise CLIError(f"{args.model} has no chat template; use `herd generate` for plain text")
@@ -350,9 +381,19 @@ def _cmd_chat_remote(args: argparse.Namespace) -> int:
     """`herd chat --url`: the same conversation, answered by a running server (herd serve or any
     OpenAI-compatible one). A turn the server refuses for the context drops the oldest turns, as the
     local chat does."""
+    from urllib.parse import urlsplit
+
     from .serving.client import ChatClient, ServerError
 
     _check_generation_options(args)
+    if urlsplit(args.url).scheme not in ("http", "https") or not urlsplit(args.url).netloc:
+        raise CLIError(f"--url {args.url} is not an http(s) URL; pass the server's address, e.g. --url http://127.0.0.1:8000")
+    local = [flag for flag, given in (("--dtype", args.dtype != "auto"), ("--device", args.device is not None),
+                                      ("--quantization", args.quantization is not None)) if given]
+    if local:
+        raise CLIError(f"{', '.join(local)} load{'s' if len(local) == 1 else ''} a local model and "
+                       f"do{'es' if len(local) == 1 else ''} not go with --url (the server has loaded its model); "
+                       f"leave {'it' if len(local) == 1 else 'them'} out, or leave out --url to chat with a local model")
     client = ChatClient(args.url, api_key=args.api_key or os.environ.get("HERD_API_KEY"))
     try:
         name = args.model or client.model_name()
@@ -414,24 +455,45 @@ def _weight_formats(model) -> str:
     return f"{dict(quantization).get('quant_method')} quantization: {counts} layers; the rest {str(model.dtype).removeprefix('torch.')}"
 
 
+def _parameter_count(model) -> int:
+    """The model's parameters as published: a quantized layer's weight (a buffer of packed bytes, not a
+    parameter) counts as its in x out entries, as a float checkpoint's does."""
+    from .quantization import quantized_modules
+
+    total = model.num_parameters()
+    for module in quantized_modules(model):
+        if hasattr(module, "in_features"):  # QuantizedLinear
+            total += module.in_features * module.out_features
+        else:  # QuantizedExperts: gate_up (hidden x 2 intermediate) and down (intermediate x hidden) per expert
+            total += module.num_experts * 3 * module.hidden_size * module.intermediate_size
+    return total
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .auto import AutoConfig, AutoModelForCausalLM
     from .tokenization import AutoTokenizer
 
     ids = None
-    if args.ids:
+    if args.ids is not None:
         try:
             ids = [int(i) for i in args.ids.split(",") if i.strip()]
         except ValueError:
-            raise CLIError(f"--ids takes comma-separated token ids, e.g. --ids 1,2,3 (got {args.ids!r})") from None
+            ids = None
+        if not ids:
+            raise CLIError(f"--ids takes comma-separated token ids, e.g. --ids 1,2,3 (got {args.ids!r})")
     path = _model_path(args.model)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=_device(args),
-                                                 quantization_config=_quantization(args))
     text_config = config.get_text_config()
+    if ids:  # before loading the weights
+        vocab = text_config.vocab_size
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if outside:
+            raise CLIError(f"--ids {outside[0]} is outside the vocabulary; token ids go from 0 to {vocab - 1}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device_map=_device(args),
+                                                 quantization_config=_quantization(args, path))
     print(f"model_type:        {config.model_type}")
     print(f"class:             {type(model).__name__}")
-    print(f"parameters:        {model.num_parameters():,}")
+    print(f"parameters:        {_parameter_count(model):,}")
     print(f"dtype / device:    {model.dtype} / {model.device}")
     print(f"layers x hidden:   {text_config.num_hidden_layers} x {text_config.hidden_size}")
     print(f"heads (kv heads):  {text_config.num_attention_heads} ({text_config.num_key_value_heads})")
@@ -440,10 +502,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"rope:              {text_config.rope_parameters}")
     print(f"weights:           {_weight_formats(model)}")
     if ids:
-        vocab = text_config.vocab_size
-        outside = [i for i in ids if not 0 <= i < vocab]
-        if outside:
-            raise CLIError(f"--ids {outside[0]} is outside the vocabulary; token ids go from 0 to {vocab - 1}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (ValueError, OSError) as error:
@@ -468,6 +526,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                ("--batch-size", args.batch_size, 1), ("--tp", args.tp, 1)):
         if value < least:
             raise CLIError(f"{flag} must be >= {least}")
+    if args.prefill_chunk_size is not None and args.prefill_chunk_size < 1:
+        raise CLIError("--prefill-chunk-size must be >= 1 (prompt tokens per prefill step); leave it out for 4096")
     if args.model in bench.ARCHITECTURES:
         config = bench.architecture_config(args.model, args.layers)
     else:
@@ -475,7 +535,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise CLIError("--layers applies to a named architecture only; a checkpoint's config gives its layers")
         from .auto import AutoConfig
 
-        config = AutoConfig.from_pretrained(_model_path(args.model))
+        config = AutoConfig.from_pretrained(_checkpoint_or_architecture(args.model))
+    if args.tp > 1:  # as from_pretrained(tp_plan="auto") would refuse it
+        from .parallel.tensor_parallel import check_sizes
+
+        try:
+            check_sizes(config.get_text_config(), args.tp)
+        except ValueError as error:
+            raise CLIError(str(error).replace("tp_size=", "--tp ").replace("use a tp_size in", "use --tp in")) from None
     if args.dtype == "auto":
         from .configuration import dtype_from_name
 
@@ -534,7 +601,7 @@ def _load_for_serving(path: str, args: argparse.Namespace):
     )
     from .tokenization import AutoTokenizer
 
-    kwargs = dict(dtype=args.dtype, device_map=_device(args), quantization_config=_quantization(args))
+    kwargs = dict(dtype=args.dtype, device_map=_device(args), quantization_config=_quantization(args, path))
     if args.tp > 1:  # this rank's slice, on its own device (herd.parallel.tensor_parallel)
         kwargs.update(device_map=None, tp_plan="auto", tp_size=args.tp)
     folder = Path(path)
@@ -677,23 +744,47 @@ def _add_model_options(parser: argparse.ArgumentParser, optional: bool = False) 
                         help="cpu, cuda, cuda:N or auto (default: cuda where there is a GPU, else cpu)")
     parser.add_argument("--quantization", default=None, choices=("fp8", "int8", "int4"),
                         help="quantize the weights while loading: fp8 = FbgemmFp8Config(), int8 / int4 = "
-                             "TorchAoConfig('int8_weight_only') / ('int4_weight_only', group_size=128)")
+                             "TorchAoConfig('int8_weight_only') / ('int4_weight_only', group_size=128; 64 or 32 "
+                             "where 128 does not divide the layers)")
 
 
-def _quantization(args: argparse.Namespace):
-    from .quantization import config_from_name
+def _int4_group_size(path: str) -> int:
+    """128, else the largest of 64 and 32 that divides every quantized layer's input features (SmolLM2's
+    576 takes 64); 128 where none does (from_pretrained then names the layer)."""
+    from .auto import AutoConfig
 
-    return config_from_name(getattr(args, "quantization", None))
+    text = AutoConfig.from_pretrained(path).get_text_config()
+    heads = getattr(text, "num_attention_heads", None) or 1
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    features = [text.hidden_size, heads * head_dim] + [
+        value for value in (getattr(text, "intermediate_size", None), getattr(text, "intermediate_size_mlp", None))
+        if isinstance(value, int)]
+    return next((size for size in (128, 64, 32) if all(f % size == 0 for f in features)), 128)
+
+
+def _quantization(args: argparse.Namespace, path: str | None = None):
+    """--quantization's config; int4's group size is 128 unless the model's layers need 64 or 32 (said on stderr)."""
+    from .quantization import TorchAoConfig, config_from_name
+
+    name = getattr(args, "quantization", None)
+    if name == "int4" and path is not None:
+        group_size = _int4_group_size(path)
+        if group_size != 128:
+            print(f"herd: note: --quantization int4 uses group_size {group_size}: 128 does not divide this model's "
+                  "layers", file=sys.stderr, flush=True)
+            return TorchAoConfig("int4_weight_only", group_size=group_size)
+    return config_from_name(name)
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="new tokens per answer at most (default 256; fewer where the context ends)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 for greedy; default: the model's (a sampling flag without it samples)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (implies sampling)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (implies sampling)")
     parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability (implies sampling)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed the sampling (the same seed, the same text)")
     parser.add_argument("--system", default=None, help="a system prompt (uses the chat template)")
 
 
@@ -704,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
     _add_model_options(generate)
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="the text to continue (printed before the continuation), or the user "
+                          "message with --chat / --system; - reads it from stdin (- < prompt.txt)")
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     generate.add_argument("--verbose", action="store_true", help="print the load time and the prompt and decode speeds")
     _add_generation_options(generate)
@@ -725,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="decode and prefill speed (GPU, or CPU), optionally against transformers")
     add_bench_arguments(bench)
-    bench.set_defaults(handler=run_bench_command)
+    bench.set_defaults(handler=_cmd_bench)
 
     plan = commands.add_parser("plan", help="the memory a model needs (weights, KV cache, activations), from its config")
     plan.add_argument("model", help="a model folder or Hub id (only config.json is read), or one of: "
@@ -772,6 +864,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """`herd bench`: its numbers and model checked here (one-line errors naming the fix), then bench.main."""
+    from .bench import REFERENCES
+
+    if args.compare and args.compare not in REFERENCES:
+        raise CLIError(f"--compare {args.compare}: no reference is registered and herd never imports other libraries; "
+                       f"run `python bench/compare.py {args.model} --compare {args.compare} ...` from the repository")
+    for flag, values in (("--batch-sizes", args.batch_sizes), ("--prefill-lengths", args.prefill_lengths),
+                         ("--prompt-length", [args.prompt_length]), ("--layers", [args.layers])):
+        bad = [value for value in values if value is not None and value < 1]
+        if bad:
+            raise CLIError(f"{flag} must be >= 1, got {bad[0]}")
+    if args.model not in ARCHITECTURE_NAMES:
+        if args.layers is not None:
+            raise CLIError("--layers applies to a named architecture only; a checkpoint's config gives its layers")
+        args.model = _checkpoint_or_architecture(args.model)
+    return run_bench_command(args)
+
+
+def _checkpoint_or_architecture(name: str) -> str:
+    """_model_path for `herd plan` / `herd bench`, whose MODEL may also be a named architecture: a plain
+    name that is no folder is most likely a mistyped one, and the error lists them."""
+    try:
+        return _model_path(name)
+    except CLIError as error:
+        if "/" in name or Path(name).expanduser().exists():
+            raise
+        raise CLIError(f"{name} is not a named architecture ({', '.join(ARCHITECTURE_NAMES)}), a model folder, "
+                       f"a .gguf file or a Hub id in reach ({error}); check the name") from None
+
+
 def _check_device(args: argparse.Namespace) -> None:
     device = getattr(args, "device", None)
     if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
@@ -792,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(error, (CLIError, ValueError, FileNotFoundError, NotImplementedError)):
             text = " ".join(str(error).split())
+            if getattr(args, "quantization", None) == "int4" and "group_size" in text and "does not divide" in text:
+                text += "; on the command line use --quantization int8 or fp8 for this model"
         else:
             text = " ".join(_first_line(error).split()) + " (HERD_DEBUG=1 shows the traceback)"
         print(f"herd: error: {text}", file=sys.stderr)
