@@ -249,3 +249,18 @@ def test_multimodal_tuple_form_router_flag_and_continuation_match_reference(mult
         expected = reference(inputs_embeds=reference.get_input_embeddings()(text), attention_mask=mask).logits
         got = ours(inputs_embeds=ours.get_input_embeddings()(text), attention_mask=mask).logits
         assert max_abs_diff(got[real], expected[real]) < TOL
+
+
+def test_flex_attention_small_chunks_odd_head_dim_and_bias_match_reference(tmp_path):
+    """herd's flex_attention (uncompiled on the CPU) against the reference's sdpa: transformers'
+    flex path compiles with inductor, which this CPU image cannot build."""
+    reference, _ = _text_pair(tmp_path / "sdpa", attention_chunk_size=3, head_dim=12, attention_bias=True, floor_scale=2)
+    ours = herd.Llama4ForCausalLM.from_pretrained(tmp_path / "sdpa", attn_implementation="flex_attention", progress=False)
+    ids, mask = _batch((13, 9, 4), seed=5)
+    real = mask.bool()
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        assert max_abs_diff(ours(ids, attention_mask=mask).logits[real], expected[real]) < TOL
+        first = ours(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        rest = ours(ids[:, 7:], attention_mask=mask, past_key_values=first.past_key_values)
+        assert max_abs_diff(torch.cat([first.logits, rest.logits], dim=1)[real], expected[real]) < TOL
