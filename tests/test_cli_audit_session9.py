@@ -258,3 +258,22 @@ def test_help_describes_every_generation_option(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--max-new-tokens MAX_NEW_TOKENS new tokens per answer at most (default 256" in text
     assert "- reads it from stdin" in text and "--seed SEED seed the sampling" in text
+
+
+def test_seed_out_of_torchs_range_is_refused_before_loading(capsys, tmp_path):
+    assert _error(capsys, "generate", tmp_path / "nothing", "hi", "--seed", str(2**64)) == (
+        f"--seed {2**64} is out of range; use a number from 0 to 2**64 - 1")
+
+
+def test_a_closed_pipe_ends_quietly(capsys, monkeypatch, folder, library):
+    """`herd generate ... | head -c 5`: the reader left; no error line, SIGPIPE's exit code."""
+    model, tokenizer = library
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_load", lambda args: (model, tokenizer))
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert cli.main(["generate", str(folder), "The sea is", "--max-new-tokens", "3", "--temperature", "0"]) == 141
+    assert capsys.readouterr().err == ""

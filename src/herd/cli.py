@@ -7,6 +7,7 @@ with exit code 2 (never a traceback; HERD_DEBUG=1 shows the traceback of an unex
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -177,6 +178,8 @@ def _check_generation_options(args: argparse.Namespace) -> None:
         raise CLIError("--top-k must be >= 0; use --top-k 0 to turn it off")
     if args.min_p is not None and not 0 <= args.min_p <= 1:
         raise CLIError("--min-p must be in [0, 1]; use --min-p 0 to turn it off")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:
+        raise CLIError(f"--seed {args.seed} is out of range; use a number from 0 to 2**64 - 1")
 
 
 def _generate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -910,6 +913,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nherd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `herd generate ... | head`: the reader has what it wanted; stop quietly, as SIGPIPE would
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush of stdout does not fail again
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+        return 141
     except Exception as error:
         if os.environ.get("HERD_DEBUG"):
             raise
