@@ -8,13 +8,26 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Next-token cross entropy: logits at position t predict labels at t + 1."""
-    # Shift by padding the labels on the right, so logits keep their length.
-    shifted = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(logits.device)
-    return nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=ignore_index
-    )
+# What trainers pass to a causal LM's forward for its loss (transformers' loss kwargs).
+CAUSAL_LM_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                   num_items_in_batch: int | torch.Tensor | None = None,
+                   shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross entropy: logits at position t predict labels at t + 1 (or `shift_labels` at
+    t, already shifted). With `num_items_in_batch` (a trainer accumulating gradients over several
+    batches) the sum over the batch's tokens divided by it, else the mean."""
+    if shift_labels is None:
+        # Shift by padding the labels on the right, so logits keep their length.
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                       shift_labels.reshape(-1).to(logits.device), ignore_index=ignore_index,
+                                       reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return loss
 
 
 def sequence_classification_loss(pooled_logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:

@@ -924,8 +924,11 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def reject_unknown_kwargs(kwargs: dict[str, Any]) -> None:
-    # num_items_in_batch is passed by trainers for the loss; harmless to ignore here.
-    unknown = [key for key in kwargs if key not in ("num_items_in_batch",)]
+    """Only the loss's keyword arguments (which trainers pass: losses.CAUSAL_LM_LOSS_KWARGS) may be left
+    in a forward's **kwargs; the language model heads take them (`language_model_output`)."""
+    from .losses import CAUSAL_LM_LOSS_KWARGS
+
+    unknown = [key for key in kwargs if key not in CAUSAL_LM_LOSS_KWARGS]
     if unknown:
         raise TypeError(f"forward() got unexpected arguments: {', '.join(unknown)}")
 
@@ -937,8 +940,10 @@ def backbone_call(model: PreTrainedModel, **kwargs: Any):
 
 
 def language_model_output(model: nn.Module, outputs: Any, labels: torch.Tensor | None, logits_to_keep: int | torch.Tensor,
-                          return_dict: bool | None, *, float_logits: bool = False, ignore_labels_past_vocab: bool = False):
-    """The lm_head over the kept positions, the next-token loss, and a CausalLMOutputWithPast."""
+                          return_dict: bool | None, *, float_logits: bool = False, ignore_labels_past_vocab: bool = False,
+                          loss_kwargs: dict[str, Any] | None = None):
+    """The lm_head over the kept positions, the next-token loss (with the trainer's `loss_kwargs`:
+    losses.causal_lm_loss), and a CausalLMOutputWithPast."""
     from .losses import causal_lm_loss
     from .modeling_outputs import CausalLMOutputWithPast
 
@@ -951,7 +956,7 @@ def language_model_output(model: nn.Module, outputs: Any, labels: torch.Tensor |
     if labels is not None:
         if ignore_labels_past_vocab:  # Mllama: labels on image tokens (past the lm_head) are ignored
             labels = labels.masked_fill(labels >= logits.shape[-1], -100)
-        loss = causal_lm_loss(logits, labels)
+        loss = causal_lm_loss(logits, labels, **(loss_kwargs or {}))
     output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return output if flag(return_dict, model.config.return_dict) else output.to_tuple()
@@ -1012,4 +1017,4 @@ class CausalLMForward:
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, cache_position=cache_position,
         )
-        return language_model_output(self, outputs, labels, logits_to_keep, return_dict)
+        return language_model_output(self, outputs, labels, logits_to_keep, return_dict, loss_kwargs=kwargs)

@@ -191,6 +191,29 @@ def test_labels_loss_ignores_minus_100(tmp_path):
     assert abs(got.loss.item() - by_hand.item()) < 1e-5
 
 
+@pytest.mark.parametrize("loss_kwargs", [
+    dict(num_items_in_batch=7),  # a trainer accumulating gradients: the sum over tokens divided by it
+    dict(num_items_in_batch=torch.tensor(11)),
+    dict(ignore_index=5),
+    dict(shift_labels="given"),
+])
+def test_trainers_loss_arguments_as_transformers(tmp_path, loss_kwargs):
+    reference, ours = _load_pair(tmp_path)
+    ids = _ids(batch=2, seq=8)
+    labels = ids.clone()
+    labels[0, :3] = loss_kwargs.get("ignore_index", -100)
+    if loss_kwargs.get("shift_labels") == "given":
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].clone()
+        shifted[1, 2] = -100
+        loss_kwargs = dict(shift_labels=shifted)
+    with torch.no_grad():
+        got, expected = ours(ids, labels=labels, **loss_kwargs), reference(ids, labels=labels, **loss_kwargs)
+    assert abs(got.loss.item() - expected.loss.item()) < TOL
+    # each argument changes the loss (ignore_index: against the same labels with 5 a class like others)
+    plain = ours(ids, labels=labels.masked_fill(labels == 5, 4) if "ignore_index" in loss_kwargs else labels).loss
+    assert abs(got.loss.item() - plain.item()) > 1e-3
+
+
 def test_logits_to_keep(tmp_path):
     reference, ours = _load_pair(tmp_path)
     ids = _ids(batch=2, seq=8)

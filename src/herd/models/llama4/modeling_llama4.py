@@ -597,7 +597,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, labels=labels, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, cache_position=cache_position, logits_to_keep=logits_to_keep,
-            return_dict=True,
+            return_dict=True, **kwargs,  # the loss's keyword arguments
         )
         output = Llama4CausalLMOutputWithPast(
             loss=outputs.loss, logits=outputs.logits, past_key_values=outputs.past_key_values,

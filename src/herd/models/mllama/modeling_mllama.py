@@ -476,7 +476,7 @@ class MllamaForCausalLM(MllamaPreTrainedModel, GenerationMixin):
         )
         # The reference returns float32 logits for this class.
         return language_model_output(self, outputs, labels, logits_to_keep, return_dict, float_logits=True,
-                                     ignore_labels_past_vocab=True)
+                                     ignore_labels_past_vocab=True, loss_kwargs=kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,7 +606,8 @@ class MllamaForConditionalGeneration(MllamaPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, cache_position=cache_position, return_dict=True,
         )
-        return language_model_output(self, outputs, labels, logits_to_keep, return_dict, ignore_labels_past_vocab=True)
+        return language_model_output(self, outputs, labels, logits_to_keep, return_dict, ignore_labels_past_vocab=True,
+                                     loss_kwargs=kwargs)
 
     def prepare_inputs_for_generation(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
                                       pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
