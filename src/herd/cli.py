@@ -459,17 +459,8 @@ def _weight_formats(model) -> str:
 
 
 def _parameter_count(model) -> int:
-    """The model's parameters as published: a quantized layer's weight (a buffer of packed bytes, not a
-    parameter) counts as its in x out entries, as a float checkpoint's does."""
-    from .quantization import quantized_modules
-
-    total = model.num_parameters()
-    for module in quantized_modules(model):
-        if hasattr(module, "in_features"):  # QuantizedLinear
-            total += module.in_features * module.out_features
-        else:  # QuantizedExperts: gate_up (hidden x 2 intermediate) and down (intermediate x hidden) per expert
-            total += module.num_experts * 3 * module.hidden_size * module.intermediate_size
-    return total
+    """The model's parameters as published (quantized layers at their in x out entries)."""
+    return model.num_parameters()
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

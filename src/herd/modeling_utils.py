@@ -208,6 +208,10 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
         return torch.get_default_dtype()
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The parameters as published: a quantized layer's weight (packed bytes kept as a buffer, never
+        trainable) counts as its in x out entries, as transformers counts quantized weights."""
+        from .quantization import quantized_modules
+
         seen, total = set(), 0
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
         for parameter in self.parameters():
@@ -215,6 +219,12 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
                 continue
             seen.add(id(parameter))
             total += parameter.numel()
+        if not only_trainable:
+            for module in quantized_modules(self):
+                if hasattr(module, "in_features"):  # QuantizedLinear
+                    total += module.in_features * module.out_features
+                else:  # QuantizedExperts: gate_up (hidden x 2 intermediate) and down (intermediate x hidden) per expert
+                    total += module.num_experts * 3 * module.hidden_size * module.intermediate_size
         return total
 
     # A decoder's embeddings are its `embed_tokens`; a head model's are its backbone's. The output

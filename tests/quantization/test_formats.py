@@ -259,6 +259,10 @@ def test_llama4_experts_in_fp8_and_int8(tmp_path):
         reference = plain(ids).logits
         assert (model(ids).logits - reference).abs().max() < 0.1 * reference.abs().max()
         assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 16)
+        # counted as published, experts included; none of the quantized weights is trainable
+        assert model.num_parameters() == plain.num_parameters()
+        quantized_entries = sum(p.numel() for p in plain.parameters()) - sum(p.numel() for p in model.parameters())
+        assert model.num_parameters(only_trainable=True) == plain.num_parameters() - quantized_entries
         model.save_pretrained(tmp_path / type(config).__name__)
         again = herd.Llama4ForCausalLM.from_pretrained(tmp_path / type(config).__name__, progress=False)
         assert torch.equal(again.model.layers[0].feed_forward.experts.down_proj, experts.down_proj)
