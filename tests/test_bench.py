@@ -110,7 +110,8 @@ def test_compare_with_an_unregistered_reference_points_to_the_script(capsys, mon
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cli.main(["bench", "llama3.2-1b", "--compare", "vllm"]) == 2
-    assert "bench/compare.py" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "bench/compare.py" in captured.err and not captured.out  # an error: on stderr
 
 
 # --- Llama 3.2 Vision (Mllama) -------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_plan_numbers_by_hand(capsys, folder):
     (["llama3.1-8b", "--tp", "3"], "--tp 3 does not divide num_attention_heads=32 of this model: each rank must hold "
                                    "whole heads and equal slices; use --tp in [1, 2, 4, 8]"),
     (["llama3.1-8b", "--prefill-chunk-size", "0"], "--prefill-chunk-size must be >= 1 (prompt tokens per prefill "
-                                                   "step); leave it out for 4096"),
+                                                   "step); leave it out for 16384"),
     (["llama3.1-8b", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_plan_refuses_what_cannot_run(capsys, argv, message):

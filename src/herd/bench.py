@@ -723,7 +723,11 @@ def dtype_name(text: str) -> str:
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers: write them comma-separated, "
+                                         "e.g. 1,16,64") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -521,7 +521,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if value < least:
             raise CLIError(f"{flag} must be >= {least}")
     if args.prefill_chunk_size is not None and args.prefill_chunk_size < 1:
-        raise CLIError("--prefill-chunk-size must be >= 1 (prompt tokens per prefill step); leave it out for 4096")
+        from .decoding.decoders import PREFILL_CHUNK
+
+        raise CLIError(f"--prefill-chunk-size must be >= 1 (prompt tokens per prefill step); leave it out for {PREFILL_CHUNK}")
     if args.model in bench.ARCHITECTURES:
         config = bench.architecture_config(args.model, args.layers)
     else:
@@ -827,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
                       help="FP8 keys/values for the full-attention layers (generate's cache_config={'dtype': 'fp8'})")
     plan.add_argument("--prefill-chunk-size", type=int, default=None,
-                      help="prefill this many prompt tokens at a time (activations; default 4096)")
+                      help="prefill this many prompt tokens at a time (activations; default: generate's, 16384)")
     plan.set_defaults(handler=_cmd_plan)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible server (chat, completions, images, tools, /metrics)")
