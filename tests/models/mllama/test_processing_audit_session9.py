@@ -339,18 +339,10 @@ def test_settings_round_trip_both_ways(tmp_path):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    import transformers
+    from tests.models.mllama.test_processing_mllama import write_processor_folder
 
-    path = tmp_path_factory.mktemp("mllama_audit")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
-    tokenizer.pad_token = "<|end_of_text|>"
-    tokenizer.save_pretrained(path)
-    transformers.MllamaImageProcessor(size=TILE, max_image_tiles=4).save_pretrained(path)
-    config = path / "preprocessor_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "processor_class": "MllamaProcessor"}))
-    (path / "chat_template.jinja").write_text(TEMPLATE)
-    return path
+    assert TILE["height"] == TILE["width"]
+    return write_processor_folder(tmp_path_factory.mktemp("mllama_audit"), TILE["height"], TEMPLATE)
 
 
 @pytest.fixture(scope="module")

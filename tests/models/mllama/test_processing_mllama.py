@@ -161,23 +161,27 @@ def quiet_loggers():
     logging.getLogger("herd.image_utils").setLevel(logging.ERROR)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A Llama 3.2 Vision-like processor folder, written with transformers."""
+def write_processor_folder(path: Path, tile: int = 56, chat_template: str | None = None) -> Path:
+    """A Llama 3.2 Vision-like processor folder, written with transformers: the Llama 3.1 tokenizer
+    with <|image|>, an image processor of tile x tile tiles (4 at most), a chat template."""
     import transformers
 
-    path = tmp_path_factory.mktemp("mllama_processor")
     tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
     assert tokenizer.convert_tokens_to_ids("<|image|>") == 128256
     tokenizer.pad_token = "<|end_of_text|>"
     tokenizer.save_pretrained(path)
-    transformers.MllamaImageProcessor(size={"height": 56, "width": 56}, max_image_tiles=4).save_pretrained(path)
+    transformers.MllamaImageProcessor(size={"height": tile, "width": tile}, max_image_tiles=4).save_pretrained(path)
     # As in the Llama 3.2 Vision repositories: preprocessor_config.json names the processor class.
     config_path = path / "preprocessor_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "processor_class": "MllamaProcessor"}))
-    (path / "chat_template.jinja").write_text(LLAMA_32_VISION_CHAT_TEMPLATE)
+    (path / "chat_template.jinja").write_text(chat_template or LLAMA_32_VISION_CHAT_TEMPLATE)
     return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_processor_folder(tmp_path_factory.mktemp("mllama_processor"))
 
 
 @pytest.fixture(scope="module")
