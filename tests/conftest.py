@@ -38,7 +38,12 @@ def reference_llama(cls_name: str = "LlamaForCausalLM", seed: int = 0, **overrid
     config = transformers.LlamaConfig(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(config)
-    # Random norms and biases too, so that a wrong or missing one shows in the outputs.
+    return randomize_norms_and_biases(model)
+
+
+def randomize_norms_and_biases(model):
+    """Random norm weights and biases too (transformers initialises them to ones and zeros), so that
+    a wrong or missing one shows in the outputs; the model in eval mode."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import herd
-from tests.conftest import max_abs_diff
+from tests.conftest import max_abs_diff, randomize_norms_and_biases
 
 TOL = 1e-5
 IMAGE = 127
@@ -37,21 +37,11 @@ VISION = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, interm
 TOKENS_PER_IMAGE = 4  # 16 patches, pixel shuffle 0.5
 
 
-def _randomize(model):
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                parameter.normal_(0, 0.1)
-    return model.eval()
-
-
 def _text_pair(folder, attn="sdpa", **overrides):
     import transformers
 
     torch.manual_seed(0)
-    _randomize(transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**{**TEXT, **overrides}))).save_pretrained(folder)
+    randomize_norms_and_biases(transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**{**TEXT, **overrides}))).save_pretrained(folder)
     reference = transformers.Llama4ForCausalLM.from_pretrained(folder, attn_implementation=attn).eval()
     return reference, herd.Llama4ForCausalLM.from_pretrained(folder, attn_implementation=attn, progress=False)
 
@@ -201,7 +191,7 @@ def multimodal(tmp_path_factory):
     text = {**TEXT, "interleave_moe_layer_step": 2, "num_experts_per_tok": 2, "floor_scale": 4}
     config = transformers.Llama4Config(text_config=text, vision_config=VISION, image_token_index=IMAGE)
     folder = tmp_path_factory.mktemp("llama4mm")
-    _randomize(transformers.Llama4ForConditionalGeneration(config)).save_pretrained(folder)
+    randomize_norms_and_biases(transformers.Llama4ForConditionalGeneration(config)).save_pretrained(folder)
     reference = transformers.Llama4ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
     ours = herd.Llama4ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager", progress=False)
     ids, mask = _batch((20, 14), seed=1)
