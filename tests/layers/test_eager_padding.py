@@ -45,3 +45,23 @@ def test_eager_padded_rows_match_reference_eager(tmp_path, family):
     real = mask.bool()
     assert max_abs_diff(outputs["eager"][real], outputs["sdpa"][real]) < 1e-4
     assert max_abs_diff(outputs["eager"][~real], outputs["sdpa"][~real]) > 1e-3
+
+
+def test_eager_gradients_of_padded_rows_match_reference(tmp_path):
+    """Training on a left-padded batch: the last pad position predicts the first real label, so a
+    query that sees no key is in the loss; its gradient goes through the masked scores as in the
+    reference (an added mask), not nowhere (a filled one)."""
+    import transformers
+
+    reference_llama().save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    labels = ids.clone()
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager")
+    ours = herd.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager", progress=False)
+    reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ours_grads = dict(ours.named_parameters())
+    for name, parameter in reference.named_parameters():
+        assert max_abs_diff(ours_grads[name].grad, parameter.grad) < 1e-5, name

@@ -329,7 +329,10 @@ def eager_attention(query, key, value, mask: AttentionMask, scaling: float, drop
     if not (mask.is_plain_causal and mask.query_length == 1):
         allowed = mask.boolean(query.device)
         if allowed.dtype == torch.bool:
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            # added, not filled in, as the reference does: the same softmax, and a query that may see
+            # no key (a padded row) still passes gradient to its scores, as the reference's does
+            bias = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            scores = scores + bias
         else:
             scores = scores + allowed.to(scores.dtype)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
