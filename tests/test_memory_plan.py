@@ -239,6 +239,7 @@ def test_from_pretrained_refuses_weights_bigger_than_the_gpus_free_memory_before
 
     folder = save_reference(reference_llama(hidden_size=64, intermediate_size=128, vocab_size=128), tmp_path / "ckpt")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100_000, 80_000_000_000))
     monkeypatch.setattr(loading, "load_checkpoint", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(torch.OutOfMemoryError, match=r"LlamaForCausalLM needs 0\.\d GB for its weights \(float32\) and "
