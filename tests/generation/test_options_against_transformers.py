@@ -1,4 +1,4 @@
-"""Audit of less common generate() options and of GenerationConfig, against transformers (the oracle).
+"""Less common generate() options and GenerationConfig, against transformers (the oracle).
 
 Tiny float32 Llama on the CPU, greedy and seeded sampling: tokens and processed scores (output_scores)
 and raw logits (output_logits) equal; the warpers' filter_value; GenerationConfig's validate()

@@ -1,4 +1,4 @@
-"""Llama 4 audit (session 9): herd against transformers over configurations and arguments that
+"""Llama 4 against transformers over configurations and arguments that
 tests/models/llama4/test_modeling_llama4*.py do not reach.
 
 - Llama4TextModel's output with both output_attentions and output_hidden_states: transformers

@@ -1,4 +1,4 @@
-"""Ninth-session differential audit against transformers 5.17: what the earlier audits left out.
+"""Tokenizers against transformers 5.17, past the basics of test_differential.py:
 
 - BatchEncoding's alignment methods (token_to_chars, token_to_word, token_to_sequence, char_to_word,
   word_to_tokens, word_to_chars), which herd lacked, on texts, pairs, batches and pre-tokenized words;

@@ -1,4 +1,4 @@
-"""Audit (session 9) of MllamaImageProcessor and MllamaProcessor against transformers on the CPU.
+"""MllamaImageProcessor and MllamaProcessor against transformers on the CPU, over unusual inputs.
 
 The oracle is transformers' PIL image processor (MllamaImageProcessorPil: torchvision is not
 installed here, so no torchvision path is exercised) and its MllamaProcessor loaded from the same

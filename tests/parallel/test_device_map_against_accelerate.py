@@ -1,4 +1,4 @@
-"""device_map audit against transformers + accelerate on the CPU: every form of device_map and
+"""device_map against transformers + accelerate on the CPU: every form of device_map and
 max_memory that transformers reads, the maps it writes to `hf_device_map`, the errors, and the
 one-device logits and greedy tokens for each valid map. GPU maps are checked at the planning level
 with torch told there are two GPUs (no GPU is used)."""

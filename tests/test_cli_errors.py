@@ -1,4 +1,4 @@
-"""herd's command line used as a user would (audit, session 9): paths that are not models, bad numbers,
+"""herd's command line used as a user would: paths that are not models, bad numbers,
 contradictory flags, prompts from stdin, info on a quantized checkpoint, plan's checks, greedy output
 against the library's generate(). In process (cli.main), on a tiny checkpoint."""
 
