@@ -54,13 +54,14 @@ def _pair(tmp_path, attn="sdpa", **overrides):
     return reference, herd.Llama4ForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation=attn, progress=False)
 
 
-def _batch(lengths=(21, 13, 5), seed=0):
+def _batch(lengths=(21, 13, 5), seed=0, vocab=128):
+    """Left-padded rows of these lengths: ids (random in 3..vocab) and their attention mask."""
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)
     ids = torch.zeros((len(lengths), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, length in enumerate(lengths):
-        ids[row, width - length :] = torch.randint(3, 128, (length,), generator=generator)
+        ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=generator)
         mask[row, width - length :] = 1
     return ids, mask
 

@@ -25,6 +25,7 @@ import torch
 
 import herd
 from tests.conftest import max_abs_diff, randomize_norms_and_biases
+from tests.models.llama4.test_modeling_llama4 import _batch as left_padded_batch
 
 TOL = 1e-5
 IMAGE = 127
@@ -47,14 +48,7 @@ def _text_pair(folder, attn="sdpa", **overrides):
 
 
 def _batch(lengths, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros((len(lengths), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, width - length :] = torch.randint(3, 120, (length,), generator=generator)
-        mask[row, width - length :] = 1
-    return ids, mask
+    return left_padded_batch(lengths, seed, vocab=120)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +161,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_config_forward_continuation_and_greedy_match_reference(tmp_path, name):
-    reference, ours = _text_pair(tmp_path, **CONFIGS[name])
-    ids, mask = _batch((13, 9, 4), seed=5)
+def _check_forward_and_continuation(reference, ours, ids, mask):
+    """One forward over left-padded rows, and a 7-token prefill continued from its cache, give the
+    reference's logits at the real positions."""
     real = mask.bool()
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask).logits
@@ -178,6 +171,13 @@ def test_config_forward_continuation_and_greedy_match_reference(tmp_path, name):
         first = ours(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
         rest = ours(ids[:, 7:], attention_mask=mask, past_key_values=first.past_key_values)
         assert max_abs_diff(torch.cat([first.logits, rest.logits], dim=1)[real], expected[real]) < TOL
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_forward_continuation_and_greedy_match_reference(tmp_path, name):
+    reference, ours = _text_pair(tmp_path, **CONFIGS[name])
+    ids, mask = _batch((13, 9, 4), seed=5)
+    _check_forward_and_continuation(reference, ours, ids, mask)
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours.generate(ids, attention_mask=mask, **greedy),
                        reference.generate(ids, attention_mask=mask, **greedy))
@@ -247,10 +247,4 @@ def test_flex_attention_small_chunks_odd_head_dim_and_bias_match_reference(tmp_p
     reference, _ = _text_pair(tmp_path / "sdpa", attention_chunk_size=3, head_dim=12, attention_bias=True, floor_scale=2)
     ours = herd.Llama4ForCausalLM.from_pretrained(tmp_path / "sdpa", attn_implementation="flex_attention", progress=False)
     ids, mask = _batch((13, 9, 4), seed=5)
-    real = mask.bool()
-    with torch.no_grad():
-        expected = reference(ids, attention_mask=mask).logits
-        assert max_abs_diff(ours(ids, attention_mask=mask).logits[real], expected[real]) < TOL
-        first = ours(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
-        rest = ours(ids[:, 7:], attention_mask=mask, past_key_values=first.past_key_values)
-        assert max_abs_diff(torch.cat([first.logits, rest.logits], dim=1)[real], expected[real]) < TOL
+    _check_forward_and_continuation(reference, ours, ids, mask)
