@@ -201,6 +201,8 @@ def outcome(function, *args, **kwargs):
         return ("error", "ValueError" if type(error) is Exception else type(error).__name__)
     if hasattr(result, "keys"):
         return ("ok", plain(result))
+    if isinstance(result, tuple) and hasattr(result, "_fields"):  # CharSpan, TokenSpan: the class's name too
+        return ("ok", type(result).__name__, tuple(result))
     if isinstance(result, (torch.Tensor, np.ndarray)):
         return ("ok", type(result).__name__, result.tolist())
     return ("ok", result)

@@ -32,17 +32,6 @@ SECONDS = ["Second one here and more words", "日本", " y", ""]
 WORDS = [["Hello", "world"], ["naïve", " café", "日本", ""], ["a"]]
 
 
-def _attempt(function, *args, **kwargs):
-    """The result (spans as (type name, tuple)), or the class name of the error."""
-    try:
-        result = function(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - comparing which error
-        return ("error", type(error).__name__)
-    if isinstance(result, tuple):
-        return (type(result).__name__, tuple(result))
-    return result
-
-
 def _alignment(encoding, rows: int, texts: list[str], seconds: list[str] | None, words: int) -> list:
     """Every alignment query of an encoding (batch form), as plain values."""
     out = []
@@ -52,9 +41,9 @@ def _alignment(encoding, rows: int, texts: list[str], seconds: list[str] | None,
             out.append(
                 (
                     token,
-                    _attempt(encoding.token_to_chars, row, token),
-                    _attempt(encoding.token_to_word, row, token),
-                    _attempt(encoding.token_to_sequence, row, token),
+                    outcome(encoding.token_to_chars, row, token),
+                    outcome(encoding.token_to_word, row, token),
+                    outcome(encoding.token_to_sequence, row, token),
                 )
             )
         for sequence, text in enumerate([texts[row]] + ([seconds[row]] if seconds else [])):
@@ -63,8 +52,8 @@ def _alignment(encoding, rows: int, texts: list[str], seconds: list[str] | None,
                     (
                         sequence,
                         char,
-                        _attempt(encoding.char_to_token, row, char, sequence),
-                        _attempt(encoding.char_to_word, row, char, sequence),
+                        outcome(encoding.char_to_token, row, char, sequence),
+                        outcome(encoding.char_to_word, row, char, sequence),
                     )
                 )
             for word in range(words):
@@ -72,8 +61,8 @@ def _alignment(encoding, rows: int, texts: list[str], seconds: list[str] | None,
                     (
                         sequence,
                         word,
-                        _attempt(encoding.word_to_tokens, row, word, sequence),
-                        _attempt(encoding.word_to_chars, row, word, sequence),
+                        outcome(encoding.word_to_tokens, row, word, sequence),
+                        outcome(encoding.word_to_chars, row, word, sequence),
                     )
                 )
     return out
@@ -96,14 +85,14 @@ def test_alignment_methods_single_call_form(pair):
     ours, theirs = herd_tok(TEXTS[0], SECONDS[0]), ref_tok(TEXTS[0], SECONDS[0])
     for token in range(len(theirs["input_ids"])):
         for name in ("token_to_chars", "token_to_word", "token_to_sequence"):
-            assert _attempt(getattr(ours, name), token) == _attempt(getattr(theirs, name), token), (name, token)
+            assert outcome(getattr(ours, name), token) == outcome(getattr(theirs, name), token), (name, token)
     for char in range(len(TEXTS[0])):
         for name in ("char_to_token", "char_to_word"):
-            assert _attempt(getattr(ours, name), char) == _attempt(getattr(theirs, name), char), (name, char)
+            assert outcome(getattr(ours, name), char) == outcome(getattr(theirs, name), char), (name, char)
     for word in range(8):
         for name in ("word_to_tokens", "word_to_chars"):
-            assert _attempt(getattr(ours, name), word) == _attempt(getattr(theirs, name), word), (name, word)
-            assert _attempt(getattr(ours, name), word, sequence_index=1) == _attempt(
+            assert outcome(getattr(ours, name), word) == outcome(getattr(theirs, name), word), (name, word)
+            assert outcome(getattr(ours, name), word, sequence_index=1) == outcome(
                 getattr(theirs, name), word, sequence_index=1
             )
     span = ours.token_to_chars(1)
@@ -119,11 +108,11 @@ def test_alignment_methods_on_pretokenized_words(pair):
         theirs = ref_tok(WORDS, is_split_into_words=True, **kwargs)
         for row, words in enumerate(WORDS):
             for word in range(len(words) + 1):
-                assert _attempt(ours.word_to_tokens, row, word) == _attempt(theirs.word_to_tokens, row, word)
-                assert _attempt(ours.word_to_chars, row, word) == _attempt(theirs.word_to_chars, row, word)
+                assert outcome(ours.word_to_tokens, row, word) == outcome(theirs.word_to_tokens, row, word)
+                assert outcome(ours.word_to_chars, row, word) == outcome(theirs.word_to_chars, row, word)
             for token in range(len(theirs["input_ids"][row])):
-                assert _attempt(ours.token_to_word, row, token) == _attempt(theirs.token_to_word, row, token)
-                assert _attempt(ours.token_to_chars, row, token) == _attempt(theirs.token_to_chars, row, token)
+                assert outcome(ours.token_to_word, row, token) == outcome(theirs.token_to_word, row, token)
+                assert outcome(ours.token_to_chars, row, token) == outcome(theirs.token_to_chars, row, token)
 
 
 def test_alignment_of_overflow_rows(llama31):
@@ -134,8 +123,8 @@ def test_alignment_of_overflow_rows(llama31):
     assert len(ours["input_ids"]) == rows
     for row in range(rows):
         for token in range(len(theirs["input_ids"][row])):
-            assert _attempt(ours.token_to_chars, row, token) == _attempt(theirs.token_to_chars, row, token)
-            assert _attempt(ours.token_to_word, row, token) == _attempt(theirs.token_to_word, row, token)
+            assert outcome(ours.token_to_chars, row, token) == outcome(theirs.token_to_chars, row, token)
+            assert outcome(ours.token_to_word, row, token) == outcome(theirs.token_to_word, row, token)
 
 
 def test_negative_indices(llama31):
@@ -152,7 +141,7 @@ def test_negative_indices(llama31):
     assert ours.token_to_sequence(0, -1) == theirs.token_to_sequence(0, last)
     with pytest.raises(AttributeError):
         theirs.token_to_word(0, -1)
-    assert _attempt(ours.token_to_chars, 0, -1) == _attempt(theirs.token_to_chars, 0, -1) == ("error", "OverflowError")
+    assert outcome(ours.token_to_chars, 0, -1) == outcome(theirs.token_to_chars, 0, -1) == ("error", "OverflowError")
 
 
 def test_alignment_needs_encodings():
