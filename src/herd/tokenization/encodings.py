@@ -220,18 +220,18 @@ class BatchEncoding(BatchDict):
             raise ValueError("this BatchEncoding was not made by a tokenizer call, so it has no token alignment")
         return self._encodings[batch_index]
 
-    def _locate(self, batch_or_index: int, index: int | None) -> tuple[Encoding, int]:
-        """(encoding, index inside it) for the "(index)" and "(batch_index, index)" call forms.
-
-        Negative indices count from the end (of the batch, and of the encoding's tokens): transformers
-        5.17 means to do the same in token_to_sequence and token_to_word, but fails with an
-        AttributeError on them (it reads attributes BatchEncoding does not have).
-        """
+    def _at(self, batch_or_index: int, index: int | None) -> tuple[Encoding, int]:
+        """(encoding, index inside it) for the "(index)" and "(batch_index, index)" call forms."""
         batch_index, index = (0, batch_or_index) if index is None else (batch_or_index, index)
-        encoding = self._encoding(batch_index)
-        if index < 0:
-            index += len(encoding)
-        return encoding, index
+        return self._encoding(batch_index), index
+
+    def _locate(self, batch_or_index: int, index: int | None) -> tuple[Encoding, int]:
+        """`_at`, with negative token indices counting from the end (of the batch, and of the
+        encoding's tokens): transformers 5.17 means to do the same in token_to_sequence and
+        token_to_word, but fails with an AttributeError on them (it reads attributes BatchEncoding
+        does not have)."""
+        encoding, index = self._at(batch_or_index, index)
+        return encoding, index + len(encoding) if index < 0 else index
 
     def tokens(self, batch_index: int = 0) -> list[str]:
         return self._encoding(batch_index).tokens
@@ -256,33 +256,28 @@ class BatchEncoding(BatchDict):
         self, batch_or_word_index: int, word_index: int | None = None, sequence_index: int = 0
     ) -> TokenSpan | None:
         """The tokens of a word of text `sequence_index`, as a TokenSpan; None when no token holds it."""
-        batch_index, word_index = (0, batch_or_word_index) if word_index is None else (batch_or_word_index, word_index)
-        span = self._encoding(batch_index).word_to_tokens(word_index, sequence_index)
+        encoding, word_index = self._at(batch_or_word_index, word_index)
+        span = encoding.word_to_tokens(word_index, sequence_index)
         return None if span is None else TokenSpan(*span)
 
     def token_to_chars(self, batch_or_token_index: int, token_index: int | None = None) -> CharSpan | None:
         """The characters of its text a token covers, as a CharSpan; None for added special tokens."""
-        batch_index, token_index = (
-            (0, batch_or_token_index) if token_index is None else (batch_or_token_index, token_index)
-        )
         # As transformers: a negative token index is handed to tokenizers as it is (an OverflowError).
-        span = self._encoding(batch_index).token_to_chars(token_index)
+        encoding, token_index = self._at(batch_or_token_index, token_index)
+        span = encoding.token_to_chars(token_index)
         return None if span is None else CharSpan(*span)
 
     def char_to_token(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0):
         """The token holding a character of text `sequence_index`; None for characters no token holds."""
-        if char_index is None:
-            batch_index, char_index = 0, batch_or_char_index
-        else:
-            batch_index = batch_or_char_index
-        return self._encoding(batch_index).char_to_token(char_index, sequence_index)
+        encoding, char_index = self._at(batch_or_char_index, char_index)
+        return encoding.char_to_token(char_index, sequence_index)
 
     def word_to_chars(
         self, batch_or_word_index: int, word_index: int | None = None, sequence_index: int = 0
     ) -> CharSpan:
         """The characters of a word of text `sequence_index`, as a CharSpan."""
-        batch_index, word_index = (0, batch_or_word_index) if word_index is None else (batch_or_word_index, word_index)
-        span = self._encoding(batch_index).word_to_chars(word_index, sequence_index)
+        encoding, word_index = self._at(batch_or_word_index, word_index)
+        span = encoding.word_to_chars(word_index, sequence_index)
         if span is None:
             # transformers fails here too, with a TypeError (it unpacks None into a CharSpan).
             raise TypeError(f"word {word_index} is not in sequence {sequence_index} of this encoding")
@@ -290,11 +285,8 @@ class BatchEncoding(BatchDict):
 
     def char_to_word(self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0):
         """The word of text `sequence_index` a character is part of; None for characters of no word."""
-        if char_index is None:
-            batch_index, char_index = 0, batch_or_char_index
-        else:
-            batch_index = batch_or_char_index
-        return self._encoding(batch_index).char_to_word(char_index, sequence_index)
+        encoding, char_index = self._at(batch_or_char_index, char_index)
+        return encoding.char_to_word(char_index, sequence_index)
 
     def to(self, device: Any, *, non_blocking: bool = False) -> BatchEncoding:
         """Move every torch tensor to `device` (other values are left as they are); returns self."""
