@@ -9,7 +9,6 @@ only (never as a client-chosen path or URL).
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,7 @@ class PromptBuilder:
             getattr(self.tokenizer, "chat_template", None) is not None
 
     async def chat(self, messages: list[dict[str, Any]], tools: list[dict] | None) -> tuple[list[int], dict | None]:
-        """(prompt ids, model inputs for the images or None)."""
+        """(prompt ids, model inputs for the images or None) of messages checked by protocol.parse_chat_request."""
         if not self.has_chat_template():
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         image_parts = [(i, j, part["url"]) for i, message in enumerate(messages)
@@ -75,27 +74,10 @@ class PromptBuilder:
                 message["content"] = "\n".join(part["text"] for part in content)
         elif content is None:
             message["content"] = ""
-        if not message.get("tool_calls"):  # an empty list would make the templates skip the whole turn
-            message.pop("tool_calls", None)
-        else:  # the templates write arguments with tojson: they want a dict
-            message["tool_calls"] = [{**call, "function": {**call["function"],
-                                                           "arguments": _arguments(call["function"]["arguments"])}}
-                                     for call in message["tool_calls"]]
+        # tool_calls come checked (protocol._message): never an empty list, arguments already objects
         return message
 
     def completion(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
             return list(prompt)
         return list(self.tokenizer(prompt)["input_ids"])
-
-
-def _arguments(arguments: Any) -> Any:
-    """A call's arguments as the templates render them (with tojson): an object, {} for none (as vLLM)."""
-    if arguments is None or arguments == "":
-        return {}
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except json.JSONDecodeError:
-            return arguments
-    return arguments

@@ -264,7 +264,10 @@ class Llama4TextModel(TextDecoderForward, Llama4PreTrainedModel):
         router_logits: list[torch.Tensor] = []
         hooks, wanted = [], flag(output_router_logits, self.config.output_router_logits)
         if wanted:
-            hooks = [layer.feed_forward.router.register_forward_hook(lambda _m, _i, out: router_logits.append(out[2]))
+            def keep_logits(_module, _inputs, routed):  # the router returns (expert_ids, expert_scores, logits)
+                router_logits.append(routed[2])
+
+            hooks = [layer.feed_forward.router.register_forward_hook(keep_logits)
                      for layer in self.layers if layer.is_moe_layer]
         try:
             output = super().forward(return_dict=True, **arguments)
