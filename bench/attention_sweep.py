@@ -3,6 +3,7 @@ the bandwidth it reaches per launch configuration (ranges, keys per loop step, w
 
     python bench/attention_sweep.py --contexts 4096,32768,122880 --batch-sizes 1
     python bench/attention_sweep.py --contexts 32768,122880 --chain 32
+    python bench/attention_sweep.py --contexts 32768 --chain 32 --chain-splits 48,64 --chain-launches 64:4:2,32:4:3
 
 With --chain L: the plan's configuration over L layers' caches (each its own tensors, as in a
 step), launched back to back in one CUDA graph, with and without programmatic dependent launch,
@@ -43,11 +44,20 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=0, help="layers' caches timed back to back in one graph")
     parser.add_argument("--chain-splits", default="", help="with --chain: these range counts (comma-separated) "
                         "instead of the plan's, each with PDL as plan_programmatic says and without")
+    parser.add_argument("--chain-launches", default="", help="with --chain: keys per loop step, warps and stages as "
+                        "block:warps:stages (comma-separated) instead of the plan's; only the planned launch, "
+                        "with the o matmul after each layer")
     args = parser.parse_args()
     if args.chain:
+        launches = [tuple(int(v) for v in item.split(":")) for item in args.chain_launches.split(",") if item]
         for batch, context in itertools.product(map(int, args.batch_sizes.split(",")), map(int, args.contexts.split(","))):
             for splits in [int(n) for n in args.chain_splits.split(",") if n] or [None]:
-                chained(batch, context, args.chain, args.heads, args.kv_heads, args.head_dim, splits)
+                if launches:
+                    for block, warps, stages in launches:
+                        chained(batch, context, args.chain, args.heads, args.kv_heads, args.head_dim, splits,
+                                launch=dict(block=block, num_warps=warps, num_stages=stages))
+                else:
+                    chained(batch, context, args.chain, args.heads, args.kv_heads, args.head_dim, splits)
         return
     import triton.testing
 
@@ -90,8 +100,11 @@ def main() -> None:
               f"stages {best[4]}: {best[0]:.1f} µs ({nbytes / best[0] / 1e3:.0f} GB/s)", flush=True)
 
 
-def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, dim: int, splits: int | None = None) -> None:
-    """µs per layer of the plan's attention (or `splits` ranges) over `layers` separate caches in one graph."""
+def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, dim: int, splits: int | None = None,
+            launch: dict | None = None) -> None:
+    """µs per layer of the plan's attention (or `splits` ranges) over `layers` separate caches in one graph.
+    `launch`: block, num_warps and num_stages for decode_attention.launch; then only the planned
+    launch with the o matmul after each layer is timed."""
     import triton.testing
 
     from herd.kernels import gemv
@@ -111,14 +124,17 @@ def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, di
         for layer in range(layers):
             keys, values = caches[layer]
             x = decode_attention.launch(x, keys, values, allowed, new_slot, dim ** -0.5, pdl=pdl,
-                                        programmatic=programmatic, splits=splits)
+                                        programmatic=programmatic, splits=splits, **(launch or {}))
             if with_matmul:
                 x = gemv.launch(x, projections[layer], torch.empty_like(x), pdl=pdl) if batch == 1 \
                     else x @ projections[layer].t()
         return x
 
     # PDL everywhere; the plan's (the range kernel an ordinary launch for large grids); no PDL
-    for (pdl, programmatic), with_matmul in itertools.product(((True, True), (True, None), (False, False)), (False, True)):
+    variants = itertools.product(((True, True), (True, None), (False, False)), (False, True))
+    if launch:
+        variants = [((True, None), True)]
+    for (pdl, programmatic), with_matmul in variants:
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
             step(pdl, programmatic, with_matmul)
@@ -127,7 +143,7 @@ def chained(batch: int, context: int, layers: int, heads: int, kv_heads: int, di
         with torch.cuda.graph(graph):
             step(pdl, programmatic, with_matmul)
         microseconds = triton.testing.do_bench(graph.replay, warmup=5, rep=200, return_mode="median") * 1000 / layers
-        print(f"batch {batch}, context {context}, {splits or 'plan'} ranges, {layers} layers chained, pdl {pdl}, range kernel programmatic "
+        print(f"batch {batch}, context {context}, {splits or 'plan'} ranges, launch {launch or 'plan'}, {layers} layers chained, pdl {pdl}, range kernel programmatic "
               f"{'as planned' if programmatic is None else programmatic}, "
               f"o matmul after each {with_matmul}: {microseconds:.1f} µs a layer "
               f"(attention bytes at {nbytes / microseconds / 1e3:.0f} GB/s)", flush=True)

@@ -267,13 +267,14 @@ def test_the_comparison_catches_a_misread_weight(mistake):
 
 def test_quantized_configurations_are_valid():
     for out_features, in_features in [(3072, 2048), (128256, 4096), (14336, 4096), (4096, 14336), (2048, 8192),
-                                      (8192, 28672), (5, 32)]:
+                                      (8192, 28672), (5, 32), (7168, 5120), (5120, 8192), (4096, 11008)]:
         for gated in (False, True):
             for bits in (8, 4):
                 config = gemv._config(out_features, in_features, gated, bits)
                 for power_of_two in (config.block_n, config.block_k, config.warps, config.first_k or 1):
                     assert power_of_two & (power_of_two - 1) == 0, config
                 assert config.block_n >= 2  # rotary pairs rows
+                assert (config.first_k or config.block_k) >= config.block_k or config.programs_per_sm
                 if config.programs_per_sm:  # persistent programs read whole rows
                     assert config.first_k >= in_features
 
