@@ -48,24 +48,25 @@ prmt.b32 $3, u, magic, 0x7443;
 }""")
 
 
+HERDS_AS_FLOAT = gemv._as_float  # other formats than int8 keep herd's conversion
+
+
 @triton.jit
 def _as_float_permuted(w):
     if w.dtype == tl.int8:  # 0x4B0000 and the byte of w + 128: the float 2**23 + w + 128
         f = tl.inline_asm_elementwise(BYTE_PERMUTE, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True,
                                       pack=4) - 8388736.0
-    elif w.dtype == tl.uint8:
-        f = (w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
-        f = w.to(tl.float32)
+        f = HERDS_AS_FLOAT(w)
     return f
 
 
 @triton.jit
 def _as_float_converted(w):
-    if w.dtype == tl.uint8:
-        f = (w.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    else:
+    if w.dtype == tl.int8:
         f = w.to(tl.float32)
+    else:
+        f = HERDS_AS_FLOAT(w)
     return f
 
 
