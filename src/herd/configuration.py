@@ -81,6 +81,10 @@ class PretrainedConfig(hub.PushToHubMixin):
         self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in self.id2label.items()}
         if self.problem_type not in _VALID_PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {_VALID_PROBLEM_TYPES}, got {self.problem_type!r}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            # a cross entropy over one class is always 0: nothing would train (refused as in the reference)
+            raise ValueError('problem_type="single_label_classification" needs num_labels > 1: use num_labels=2 for '
+                             'a binary classifier, or problem_type="regression" for one output')
 
         # Which attention backend the model runs; chosen at load, never saved.
         self._attn_implementation = kwargs.pop("attn_implementation", None)
@@ -207,6 +211,12 @@ class PretrainedConfig(hub.PushToHubMixin):
             raise ValueError(
                 f"config has model_type {model_type!r}, but {cls.__name__} expects {cls.model_type!r}"
             )
+        if "num_labels" in kwargs and "id2label" not in kwargs and merged.get("id2label") is not None \
+                and len(merged["id2label"]) != kwargs["num_labels"]:
+            # another number of labels than the file's (a head to fine-tune anew): fresh LABEL_i names,
+            # as the reference's num_labels setter gives
+            merged.pop("id2label")
+            merged.pop("label2id", None)
         plain = cls(**merged)
         used, unused = {}, {}
         for key, value in kwargs.items():

@@ -50,6 +50,10 @@ def standardize_rope_parameters(
 ) -> dict[str, Any]:
     """Return one complete rope_parameters dict from the new or the legacy config keys."""
     params = dict(rope_scaling or rope_parameters or {})
+    if rope_scaling and rope_theta is None and rope_parameters:
+        # rope_scaling given over a transformers 5 config (from_pretrained(..., rope_scaling=...)):
+        # the scaling changes, the model's theta stays.
+        rope_theta = rope_parameters.get("rope_theta")
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params["type"]
     params.pop("type", None)
@@ -102,8 +106,14 @@ def compute_inv_freq(
     if rope_type == "dynamic":
         # NTK-aware: the base grows once the sequence outgrows the trained length.
         factor = params["factor"]
-        seq_len = max(seq_len or 0, max_position_embeddings)
-        theta = theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        if seq_len is None or seq_len <= max_position_embeddings:
+            length = max_position_embeddings  # the trained length: the base stays theta (times 1.0)
+        else:
+            # The grown base in float32 tensor arithmetic, as the reference computes it from the call's
+            # (tensor) positions: Python float64 arithmetic differs from it by an ulp at some lengths,
+            # which at tens of thousands of positions is a visible angle error.
+            length = torch.tensor(seq_len, dtype=torch.int64, device="cpu")
+        theta = theta * ((factor * length / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
         return _default_inv_freq(theta, head_dim), 1.0
     if rope_type == "llama3":
         return _llama3_inv_freq(params, head_dim), 1.0
@@ -215,6 +225,11 @@ class RotaryEmbedding(nn.Module):
             return self.inv_freq, self.attention_scaling
         seq_len = int(position_ids.max()) + 1
         if self.rope_parameters["rope_type"] == "dynamic" and seq_len <= self.max_position_embeddings:
+            return self.inv_freq, self.attention_scaling
+        if self.rope_parameters["rope_type"] == "longrope" and \
+                seq_len <= self.rope_parameters["original_max_position_embeddings"]:
+            # The short factors: the buffer, in the dtype the module was cast to (model.half()), as
+            # the reference's; only the long factors are computed afresh, in float32 (there too).
             return self.inv_freq, self.attention_scaling
         inv_freq, scaling = compute_inv_freq(self.rope_parameters, self.head_dim, self.max_position_embeddings, seq_len)
         return inv_freq.to(self.inv_freq.device), scaling

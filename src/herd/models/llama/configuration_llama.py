@@ -79,10 +79,29 @@ class LlamaConfig(PretrainedConfig):
     def rope_theta(self) -> float:
         return self.rope_parameters["rope_theta"]
 
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        # `config.rope_theta = ...` and from_pretrained(..., rope_theta=...), as Llama 2 era code writes them
+        self.rope_parameters = {**self.rope_parameters, "rope_theta": value}
+
     @property
     def rope_scaling(self) -> dict[str, Any] | None:
         """The legacy spelling: None for plain rope, else the scaling dict."""
         return None if self.rope_parameters["rope_type"] == "default" else dict(self.rope_parameters)
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict[str, Any] | None) -> None:
+        # `config.rope_scaling = {"type": "dynamic", "factor": 2.0}` and the same as a from_pretrained
+        # argument (how Llama 2 contexts were extended): the rope of a config.json with that
+        # rope_scaling and this config's rope_theta.
+        self.rope_parameters = standardize_rope_parameters(
+            None,
+            rope_theta=self.rope_theta,
+            rope_scaling=value,
+            max_position_embeddings=self.max_position_embeddings,
+            original_max_position_embeddings=getattr(self, "original_max_position_embeddings", None),
+            head_dim=self.head_dim,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
