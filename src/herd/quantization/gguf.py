@@ -33,11 +33,18 @@ What is notable:
   kept Q4 weight, on the rows of its data, scales and offsets alike).
 - Shapes: GGUF lists dimensions fastest-first (ggml's `ne`), the reverse of torch's order.
 - Tied embeddings: a file without `output.weight` ties the lm_head to `token_embd.weight`.
+- Rope scaling: `llama.rope.scaling.*` is read (transformers' GGUF reader drops it). Llama 3.1's
+  scaling is stored only as per-frequency divisors (the `rope_freqs.weight` tensor that llama.cpp
+  applies); herd turns them back into rope_type "llama3" parameters that give the same divisors.
+- Tensor types: whatever the `gguf` package dequantizes, plus F64; any other type is refused by name.
 - Tokenizer: `tokenizer.ggml.model == "gpt2"` (SmolLM2, Llama 3) is byte-level BPE, rebuilt with
   the `tokenizers` library from the vocabulary and merges; control tokens (token type 3) become
   special added tokens. The pre-tokenizer follows `tokenizer.ggml.pre` as llama.cpp does (SmolLM's
-  single digits, Llama 3's split pattern). SentencePiece vocabularies ("llama", Llama 2) become BPE
-  with byte fallback, their merges derived from the pieces' scores (GGUF stores no merges).
+  single digits, Llama 3's split pattern, where a piece that is itself a token stays whole:
+  ignore_merges); other pre-tokenizers are refused by name. SentencePiece vocabularies ("llama",
+  Llama 2) become BPE with byte fallback, their merges derived from the pieces' scores (GGUF stores
+  no merges). Without `tokenizer.ggml.add_bos_token`, BOS is added where llama.cpp adds it by default
+  (SentencePiece and the Llama 3 family); transformers' GGUF tokenizer never adds it.
 - Only `general.architecture == "llama"` is read; other architectures are refused by name.
 """
 
@@ -45,9 +52,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +97,25 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    """How llama.cpp (llama-vocab.cpp) treats a byte-level BPE vocabulary of one tokenizer.ggml.pre."""
+
+    split: str  # "gpt2": GPT-2's pattern; "digits": each digit alone, then GPT-2's; "llama3": _LLAMA3_PATTERN
+    whole_words: bool = False  # a split piece that is itself a token is kept whole (ignore_merges)
+    adds_bos: bool = False  # BOS added when the file has no tokenizer.ggml.add_bos_token
+
+
+_LLAMA3_FAMILY = _PreTokenizer("llama3", whole_words=True, adds_bos=True)
+# tokenizer.ggml.pre -> its treatment; None (no key) and "default" read as GPT-2's pattern.
+_PRE_TOKENIZERS = {
+    **dict.fromkeys((None, "default", "gpt-2", "phi-2", "mpt", "olmo"), _PreTokenizer("gpt2")),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "minerva-7b"), _PreTokenizer("digits")),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "midm-2.0"), _LLAMA3_FAMILY),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), _PreTokenizer("llama3")),
+}
 
 
 class GGUFError(ValueError):
@@ -132,6 +160,49 @@ def _reverse_rotary_permutation(weight: np.ndarray, n_heads: int) -> np.ndarray:
     the Hugging Face rotate-half layout is (2, half): first halves, then second halves."""
     half = weight.shape[0] // n_heads // 2
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: float) -> np.ndarray:
+    """The divisor of each rotary frequency under Llama 3.1's rope scaling, as llama.cpp's converter
+    computes them into rope_freqs.weight: 1 for short wavelengths, `factor` for long ones, a ramp between."""
+    wavelen = 2 * math.pi / inv_freq
+    with np.errstate(divide="ignore", invalid="ignore"):  # off the ramp its formula is not used
+        smooth = (original / wavelen - low) / (high - low)
+        ramp = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, ramp))
+
+
+def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict[str, Any]:
+    """rope_parameters of rope_type "llama3" that give the divisors `factors` (rope_freqs.weight).
+
+    GGUF keeps Llama 3.1's rope scaling only as these divisors, not as its parameters. Llama 3.1,
+    3.2 and 3.3 use low_freq_factor 1, high_freq_factor 4 and 8192 original positions, the
+    converter's defaults, tried first; other parameters are fitted to the ramp's divisors (only the
+    two boundary wavelengths, original / high and original / low, matter, so 8192 original positions
+    with the fitted factors give the same frequencies).
+    """
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv_freq.shape:
+        raise GGUFError(f"{path}: rope_freqs.weight has {factors.size} values, not head_dim / 2 = {inv_freq.size}")
+    factor = float(factors.max())
+    original = 8192
+    candidates = [(1.0, 4.0)]
+    on_ramp = (factors > 1) & (factors < factor)
+    if on_ramp.sum() >= 2 and factor > 1:
+        # on the ramp, s = (1/divisor - 1/factor) / (1 - 1/factor) is linear in 1/wavelength:
+        # s = original / (high - low) * (1/wavelength) - low / (high - low)
+        share = (1 / factors[on_ramp] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inv_freq[on_ramp] / (2 * math.pi), share, 1)
+        width = original / slope  # high - low
+        low = -intercept * width
+        candidates += [(float(f"{low:.6g}"), float(f"{low + width:.6g}")), (low, low + width)]
+    for low, high in candidates:
+        if 0 < low <= high and np.allclose(_llama3_factors(inv_freq, factor, low, high, original), factors,
+                                           rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise GGUFError(f"{path}: rope_freqs.weight does not follow Llama 3.1's rope scaling, the only per-frequency "
+                    "scaling herd reads; load the original checkpoint instead")
 
 
 _LINEAR_MODULES = frozenset(_LAYER_NAMES[part] for part in _LINEARS)  # "self_attn.q_proj", ...
@@ -191,32 +262,52 @@ class GGUFFile:
     def _llama(self, key: str, default: Any = None) -> Any:
         return self._value(f"llama.{key}", default)
 
+    def _llama_int(self, key: str, default: int | None = None) -> int:
+        """An integer llama.* value; a per-layer list must hold one value (herd's Llama has no per-layer sizes)."""
+        value = self._llama(key, default)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise GGUFError(f"{self.path}: llama.{key} differs between layers ({sorted(set(value))}); "
+                                "herd's Llama has one value for all layers")
+            value = value[0]
+        if value is None:
+            raise GGUFError(f"{self.path} has no llama.{key}, which a Llama model needs; the file is incomplete")
+        return int(value)
+
     def config_dict(self) -> dict[str, Any]:
         """LlamaConfig arguments from the llama.* and tokenizer.ggml.* metadata."""
-        hidden_size = int(self._llama("embedding_length"))
-        heads = int(self._llama("attention.head_count"))
+        hidden_size = self._llama_int("embedding_length")
+        heads = self._llama_int("attention.head_count")
         head_dim = self._llama("attention.key_length") or self._llama("rope.dimension_count") or hidden_size // heads
         vocab_size = self._llama("vocab_size")
         if vocab_size is None:
-            vocab_size = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+            tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+            vocab_size = len(tokens.data) if tokens is not None else self._stored_shape("model.embed_tokens.weight")[0]
         config: dict[str, Any] = {
             "model_type": "llama",
             "architectures": ["LlamaForCausalLM"],
             "vocab_size": int(vocab_size),
             "hidden_size": hidden_size,
-            "intermediate_size": int(self._llama("feed_forward_length")),
-            "num_hidden_layers": int(self._llama("block_count")),
+            "intermediate_size": self._llama_int("feed_forward_length"),
+            "num_hidden_layers": self._llama_int("block_count"),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self._llama("attention.head_count_kv", heads)),
+            "num_key_value_heads": self._llama_int("attention.head_count_kv", heads),
             "head_dim": int(head_dim),
             "max_position_embeddings": int(self._llama("context_length", 2048)),
-            "rms_norm_eps": float(self._llama("attention.layer_norm_rms_epsilon", 1e-5)),
+            # llama.cpp requires the key; without it, LlamaConfig's default (1e-6), as transformers reads it
+            "rms_norm_eps": float(self._llama("attention.layer_norm_rms_epsilon", 1e-6)),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
         }
         rope = {"rope_type": "default", "rope_theta": float(self._llama("rope.freq_base", 10000.0))}
         scaling = self._llama("rope.scaling.type")
-        if scaling not in (None, "none"):
+        factors = self._rope_factors()
+        if factors is not None and scaling not in (None, "none"):
+            raise GGUFError(f"{self.path} has both rope_freqs.weight and llama.rope.scaling.type={scaling!r}; "
+                            "herd reads one rope scaling; load the original checkpoint instead")
+        if factors is not None:
+            rope.update(_llama3_rope_from_factors(factors, rope["rope_theta"], int(head_dim), self.path))
+        elif scaling not in (None, "none"):
             rope["rope_type"] = scaling
             rope["factor"] = float(self._llama("rope.scaling.factor", 1.0))
             original = self._llama("rope.scaling.original_context_length")
@@ -225,6 +316,15 @@ class GGUFFile:
         config["rope_parameters"] = rope
         config.update(self.special_token_ids())
         return config
+
+    def _rope_factors(self) -> np.ndarray | None:
+        """llama.cpp's per-frequency rope divisors (rope_freqs.weight, Llama 3.1 and later), or None
+        when the file has none or they are all 1."""
+        tensor = self._tensors.get("rope_freqs.weight")
+        if tensor is None:
+            return None
+        factors = np.asarray(self._dequantized(tensor), dtype=np.float64).reshape(-1)
+        return None if np.all(factors == 1.0) else factors
 
     def special_token_ids(self) -> dict[str, int]:
         """bos/eos/pad/unk token ids, the generation config's as well as the tokenizer's."""
@@ -248,9 +348,12 @@ class GGUFFile:
             raise GGUFError(f"{self.path} holds no tokenizer (no tokenizer.ggml.tokens)")
         types = self._value("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
         if kind == "gpt2":
-            backend = self._byte_level_bpe(tokens)
+            pre = self._pre_tokenizer()
+            backend = self._byte_level_bpe(tokens, pre)
+            adds_bos = pre.adds_bos
         elif kind == "llama":
             backend = self._sentencepiece_bpe(tokens, types)
+            adds_bos = True  # llama.cpp's default for SentencePiece vocabularies
         else:
             raise GGUFError(
                 f"{self.path} has a {kind!r} tokenizer; herd reads GGUF tokenizers of kind 'gpt2' (byte-level "
@@ -264,7 +367,8 @@ class GGUFFile:
         ])
 
         settings: dict[str, Any] = {
-            "add_bos_token": bool(self._value("tokenizer.ggml.add_bos_token", False)),
+            # without the key, llama.cpp's default for the vocabulary (Llama 3 and SentencePiece: BOS)
+            "add_bos_token": bool(self._value("tokenizer.ggml.add_bos_token", adds_bos)),
             "add_eos_token": bool(self._value("tokenizer.ggml.add_eos_token", False)),
         }
         for name, token_id in self.special_token_ids().items():
@@ -278,18 +382,29 @@ class GGUFFile:
             settings["model_max_length"] = int(context)
         return backend, settings
 
-    def _byte_level_bpe(self, tokens: list[str]) -> Any:
-        """GPT-2-style BPE over bytes mapped to printable characters, split first by llama.cpp's pattern."""
+    def _pre_tokenizer(self) -> _PreTokenizer:
+        pre = self._value("tokenizer.ggml.pre")
+        if pre not in _PRE_TOKENIZERS:
+            known = ", ".join(sorted(name for name in _PRE_TOKENIZERS if name))
+            raise GGUFError(
+                f"{self.path} has a byte-level BPE tokenizer with pre-tokenizer {pre!r}, which herd does not "
+                f"rebuild (it does {known}); load the tokenizer from the model's tokenizer.json instead"
+            )
+        return _PRE_TOKENIZERS[pre]
+
+    def _byte_level_bpe(self, tokens: list[str], pre: _PreTokenizer) -> Any:
+        """GPT-2-style BPE over bytes mapped to printable characters, split first as llama.cpp splits
+        for the file's tokenizer.ggml.pre (SmolLM's single digits, Llama 3's pattern)."""
         from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
         from tokenizers.models import BPE
 
         merges = [tuple(merge.split(" ", 1)) for merge in self._value("tokenizer.ggml.merges", [])]
-        backend = Tokenizer(BPE({token: i for i, token in enumerate(tokens)}, merges, fuse_unk=False))
+        vocab = {token: i for i, token in enumerate(tokens)}
+        backend = Tokenizer(BPE(vocab, merges, fuse_unk=False, ignore_merges=pre.whole_words))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
-        pre = self._value("tokenizer.ggml.pre")
-        if pre == "smollm":  # llama.cpp: every digit on its own, then GPT-2's pattern
+        if pre.split == "digits":
             backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        elif pre in ("llama-bpe", "llama3"):
+        elif pre.split == "llama3":
             backend.pre_tokenizer = pre_tokenizers.Sequence([
                 pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
@@ -420,15 +535,28 @@ class GGUFFile:
         return rows
 
     def get_tensor(self, key: str) -> torch.Tensor:
-        import gguf
-
         packed = self._packed_part(key)
         if packed is not None:
             return torch.from_numpy(np.ascontiguousarray(self._hf_rows(key, self._q4_part(*packed))))
-        tensor = self._tensors[key]
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(self._stored_shape(key))
+        weight = self._dequantized(self._tensors[key]).reshape(self._stored_shape(key))
         weight = self._hf_rows(key, weight)
         return torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the file is mapped read-only
+
+    def _dequantized(self, tensor: Any) -> np.ndarray:
+        """A tensor's values as gguf dequantizes them (F64 read as it is); a type gguf cannot
+        dequantize is named, with what to do."""
+        import gguf
+
+        if tensor.tensor_type == gguf.GGMLQuantizationType.F64:
+            return np.asarray(tensor.data, dtype=np.float64)
+        try:
+            return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise GGUFError(
+                f"{self.path}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf "
+                f"package cannot dequantize; quantize the model to a readable type (F32, F16, BF16, Q8_0, "
+                f"Q4_0, Q4_1, Q5_0, Q5_1, a K-quant or an IQ type) or load the original checkpoint"
+            ) from None
 
     def _q4_part(self, key: str, part: str) -> np.ndarray:
         """One of herd's int4 tensors of the Q4_0/Q4_1 weight `key`, from its blocks (in the file's
