@@ -186,16 +186,35 @@ def test_q4_1_linears_kept_4bit_in_bf16_dequantize_exactly(kept):
 
 def test_q4_kept_model_generates_as_the_bf16_dequantized_model(real, kept):
     """The int4 model (torch's CPU kernel, bf16 activations) and the same weights dequantized to a
-    bf16 model give the same greedy answer to a chat prompt."""
+    bf16 model make the same choices wherever the float32 model's choice is clear. Both round in
+    bf16, and how (AMX or not, the kernel's sum order) depends on the CPU: on an AMX Xeon the first
+    answer token of this chat is a near tie (float32 logits 25.33 against 25.24) that the int4
+    model takes the other way, so exact greedy equality would test the CPU, not the weights."""
     import copy
 
     _, _, ours, tokenizer = real
     dequantized = copy.deepcopy(ours).to(torch.bfloat16)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = kept.generate(ids, max_new_tokens=20, do_sample=False)
-    assert out.tolist() == dequantized.generate(ids, max_new_tokens=20, do_sample=False).tolist()
-    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = dequantized.generate(ids, max_new_tokens=20, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, ids.shape[1]:], skip_special_tokens=True)
+    with torch.no_grad():  # teacher-forced on the dequantized model's answer: (positions, vocab) each
+        kept_logits, dequantized_logits, exact = (model(answer).logits[0, ids.shape[1] - 1:-1].float()
+                                                  for model in (kept, dequantized, ours))
+    top2 = exact.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.5  # bf16 moves these logits by about 1.2 at most here
+    assert clear.sum() >= 5  # of the 8 answer tokens ("The capital of France is Paris." and its end)
+    assert torch.equal(kept_logits.argmax(-1)[clear], dequantized_logits.argmax(-1)[clear])
+    # and the kept model's own greedy decoding (prefill, then one row a step through the cache)
+    # follows its forward over the whole sequence where the choice is clear (the CPU kernel's
+    # rounding depends on the row count: this chat's near tie may go either way)
+    out = kept.generate(ids, max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        forward = kept(out).logits[0, ids.shape[1] - 1:-1].float()
+        top2 = ours(out).logits[0, ids.shape[1] - 1:-1].float().topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.5
+    assert clear.sum() >= 6
+    assert torch.equal(out[0, ids.shape[1]:][clear], forward.argmax(-1)[clear])
 
 
 def _write_quantized_tiny_llama(path, reference, types: dict[str, "gguf.GGMLQuantizationType"]) -> None:
