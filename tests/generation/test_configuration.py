@@ -35,7 +35,7 @@ def test_user_values_win_over_model_defaults():
     (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
     (dict(do_sample=True, top_p=1.5), "top_p must be in"),
-    (dict(do_sample=True, top_p=0.0), "top_p must be in"),
+    (dict(do_sample=True, top_p=-0.1), "top_p must be in"),
     (dict(do_sample=True, top_k=-1), "top_k must be a non-negative"),
     (dict(do_sample=True, min_p=2.0), "min_p must be in"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),

@@ -171,8 +171,8 @@ def test_inputs_embeds_errors(pair):
     with pytest.raises(ValueError, match=r"max_length \(10\) leaves no new tokens after the prompt's 9 inputs_embeds "
                                          r"positions and 3 input_ids; set max_new_tokens instead"):
         ours.generate(ids[:, -3:], inputs_embeds=embeds, attention_mask=mask, max_length=10)
-    with pytest.raises(ValueError, match="needs input_ids .* or inputs_embeds"):
-        ours.generate(max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs input_ids .* or inputs_embeds, or a bos_token_id"):
+        ours.generate(max_new_tokens=2, bos_token_id=None)  # (with a bos id, generation starts from it)
 
 
 USER_PROCESSOR_CASES = {

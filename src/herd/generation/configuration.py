@@ -80,6 +80,13 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
+def _same_value(value: Any, default: Any) -> bool:
+    """value == default, where True is not 1 and False is not 0."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return value == default
+
+
 def _should_warn(outer: str, inner: str, user_set: set[str] | None) -> bool:
     """Whether a flag (`inner`) that `outer` makes useless deserves a warning: not when the caller set
     `outer` and left `inner` as it came (from the model's generation_config.json, say)."""
@@ -114,13 +121,23 @@ class GenerationConfig(hub.PushToHubMixin):
     # --- building -----------------------------------------------------------------------------
     @classmethod
     def from_model_config(cls, config: Any) -> GenerationConfig:
+        """The special tokens of the model's (text) config, and, as transformers, the generation options an
+        old config.json may hold (max_length, num_beams, repetition_penalty...): the outer config's, then
+        its text config's for those it leaves unset. Values equal to the global defaults change nothing and
+        are left out; an output_* flag set to True turns on return_dict_in_generate, as in transformers."""
         text_config = config.get_text_config()
-        return cls(
-            bos_token_id=getattr(text_config, "bos_token_id", None),
-            eos_token_id=getattr(text_config, "eos_token_id", None),
-            pad_token_id=getattr(text_config, "pad_token_id", None),
-            _from_model_config=True,
-        )
+        values: dict[str, Any] = {}
+        for source in (config, text_config):
+            for name in FIELDS:
+                value = getattr(source, name, None)
+                if name not in values and value is not None and not _same_value(value, GLOBAL_DEFAULTS.get(name)):
+                    values[name] = value
+        values.update(bos_token_id=getattr(text_config, "bos_token_id", None),
+                      eos_token_id=getattr(text_config, "eos_token_id", None),
+                      pad_token_id=getattr(text_config, "pad_token_id", None))
+        if any(values.get(name) is True for name in _OUTPUT_FLAGS):
+            values["return_dict_in_generate"] = True
+        return cls(**values, _from_model_config=True)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, config_file_name: str | None = None,
@@ -307,8 +324,9 @@ class GenerationConfig(hub.PushToHubMixin):
                 raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r} (use do_sample=False for greedy)")
             if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
                 raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-            if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-                raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            # (top_p=0 keeps only the most likely token, as in transformers)
+            if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
+                raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
             if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
                 raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
             if self.top_h is not None and not 0.0 < self.top_h <= 1.0:

@@ -54,10 +54,13 @@ class StopStrings:
 
 
 class StoppingCriteria:
-    """A user's rule for when rows are done, as in transformers: `__call__(input_ids (batch, seq),
-    scores (batch, vocab) or None)` returns a bool tensor (batch,) (or one bool for every row)."""
+    """A user's rule for when rows are done, as in transformers: `__call__(input_ids (batch, seq), scores)`
+    returns a bool tensor (batch,) (or one bool for every row). `scores` is what generate() hands over, as
+    transformers does: the tuple of every step's processed scores so far ((rows, vocab) each) when it returns
+    them (return_dict_in_generate and output_scores), else None."""
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs: Any) -> torch.Tensor | bool:
+    def __call__(self, input_ids: torch.Tensor, scores: tuple[torch.Tensor, ...] | None,
+                 **kwargs: Any) -> torch.Tensor | bool:
         raise NotImplementedError(f"{type(self).__name__} must define __call__(input_ids, scores)")
 
 
@@ -128,7 +131,7 @@ class StopChecks:
         self.stop_strings = stop_strings
         self.criteria = StoppingCriteriaList(criteria or [])
 
-    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         done = self.criteria(sequences, scores)
         if self.stop_strings is not None:
             done = done | self.stop_strings(sequences)

@@ -148,6 +148,18 @@ class GenerationMixin:
         config.validate()
         return config, model_kwargs
 
+    def _bos_prompt(self, config: GenerationConfig, model_kwargs: dict[str, Any]) -> torch.LongTensor:
+        """generate() without input_ids or inputs_embeds starts every row from bos_token_id, as transformers
+        does: one row, or as many as the first tensor among the model inputs has (images, say)."""
+        if config.bos_token_id is None:
+            raise ValueError("generate() needs input_ids (the prompt tokens) or inputs_embeds, or a bos_token_id "
+                             "to start from")
+        generate_arguments = ("logits_processor", "stopping_criteria", "negative_prompt_ids",
+                              "negative_prompt_attention_mask")
+        batch_size = next((value.shape[0] for name, value in model_kwargs.items()
+                           if name not in generate_arguments and torch.is_tensor(value)), 1)
+        return torch.full((batch_size, 1), int(config.bos_token_id), dtype=torch.long, device=self.device)
+
     def _check_lengths(self, config: GenerationConfig, prompt_length: int, embeds_length: int | None = None) -> int:
         """The final length (prompt + new tokens), refused when the model cannot see that far.
 
@@ -256,7 +268,7 @@ class GenerationMixin:
                 input_ids = torch.ones((inputs_embeds.shape[0], 0), dtype=torch.long, device=self.device)
             config.use_cache = True  # (as transformers: the embeddings are only for the first forward)
         if input_ids is None:
-            raise ValueError("generate() needs input_ids (the prompt tokens) or inputs_embeds")
+            input_ids = self._bos_prompt(config, model_kwargs)
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         input_ids = input_ids.to(self.device)
@@ -405,7 +417,9 @@ class GenerationMixin:
             if streamer is not None:
                 streamer.put(block[:, 0].cpu())
             if stop_checks is not None:  # one token per step here: a stop string ends the row after it
-                unfinished &= ~stop_checks(input_ids, None if logits is None else next_scores)
+                # (the criteria get what transformers hands them: every step's scores so far when
+                # they are returned (output_scores), else None)
+                unfinished &= ~stop_checks(input_ids, tuple(scores) if want and config.output_scores else None)
                 any_unfinished[-1] = unfinished.any()
             new_tokens = input_ids.shape[1] - prompt_length
             if input_ids.shape[1] >= max_length:
@@ -478,8 +492,9 @@ class GenerationMixin:
                                              _left_padding(attention_mask.repeat_interleave(num_beams, dim=0), prompt_length),
                                              input_ids.repeat_interleave(num_beams, dim=0), vocab_size, device,
                                              leading=config._leading_processors, custom=config._custom_processors)
-        # The reference fills unused positions with pad, or with eos when pad is 0 or unset.
-        fill_value = pad_token_id if pad_token_id else (int(eos_ids[0]) if eos_ids is not None else -1)
+        # The reference fills unused positions with pad (eos when pad is 0 or unset), and with -1 when there is
+        # no eos (then only stop strings or the user's criteria end beams early), whatever the pad.
+        fill_value = (int(pad_token_id) if pad_token_id else int(eos_ids[0])) if eos_ids is not None else -1
 
         flat_ids = input_ids.repeat_interleave(num_beams, dim=0)  # (batch * beams, prompt)
         attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
@@ -536,7 +551,7 @@ class GenerationMixin:
             flat_picked = picked_sequences[:, :, : cur_len + 1].reshape(-1, cur_len + 1)
             stops = ends_with_eos(flat_picked, eos_ids)
             if stop_checks is not None:
-                stops |= stop_checks(flat_picked)
+                stops |= stop_checks(flat_picked, tuple(all_scores) if want and config.output_scores else None)
             if cur_len + 1 >= max_length:
                 stops[:] = True
             stops = stops.view(batch_size, beams_to_keep)
@@ -697,8 +712,11 @@ def _expand_rows(extra: dict[str, Any], batch_size: int, repeats: int) -> dict[s
     }
 
 
-def _as_id_tensor(ids: int | list[int] | None, device: torch.device) -> torch.Tensor | None:
+def _as_id_tensor(ids: int | list[int] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """(ids,): an id, a list of ids or a tensor of them (0-d included, as transformers takes them); None when none."""
     if ids is None:
         return None
+    if torch.is_tensor(ids):
+        ids = ids.reshape(-1).tolist()
     ids = [ids] if isinstance(ids, int) else list(ids)
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
