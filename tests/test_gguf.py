@@ -301,6 +301,16 @@ def _permute_like_llama_cpp(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+
+def add_byte_level_vocab(writer, tokens: list[str], merges: list[str]) -> None:
+    """A gpt2-style (byte-level BPE) vocabulary: tokens 0 and 1 the control tokens <s> (bos) and </s> (eos)."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+
 def _write_tiny_llama(path, reference, *, tied: bool) -> None:
     config = reference.config
     writer = gguf.GGUFWriter(str(path), arch="llama")
@@ -314,13 +324,8 @@ def _write_tiny_llama(path, reference, *, tied: bool) -> None:
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(config.vocab_size)
-    tokens = ["<s>", "</s>"] + [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(config.vocab_size - 2)]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))
-    writer.add_token_merges(["a a"])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
+    add_byte_level_vocab(writer, ["<s>", "</s>"] + [chr(ord("a") + i % 26) * (1 + i // 26)
+                                                    for i in range(config.vocab_size - 2)], ["a a"])
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}

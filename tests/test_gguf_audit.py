@@ -21,6 +21,7 @@ import torch
 import herd
 from herd.quantization.gguf import GGUFError
 from tests.conftest import SHARED_DATA, randomize_norms_and_biases
+from tests.test_gguf import add_byte_level_vocab
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -86,13 +87,7 @@ def _write(path, model, *, random_types=(), tokens=None, rope_freqs=None, skip=(
     for name, value in meta:
         if name not in skip:
             getattr(writer, f"add_{name}")(value)
-    tokens = tokens or ["<s>", "</s>"] + [f"t{i}" for i in range(config.vocab_size - 2)]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))
-    writer.add_token_merges(["t 1"])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
+    add_byte_level_vocab(writer, tokens or ["<s>", "</s>"] + [f"t{i}" for i in range(config.vocab_size - 2)], ["t 1"])
     rng = np.random.default_rng(0)
     random_types = dict(random_types)
 
