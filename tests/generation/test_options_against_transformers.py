@@ -168,19 +168,17 @@ def test_filter_value_replaces_every_removed_token(name, args):
 
 # --- GenerationConfig ----------------------------------------------------------------------------
 
-def _reference_issues(config) -> set[str]:
+# how each library's strict validation names a field in its error: "- `name`" (transformers), "- name:" (herd)
+REFERENCE_ISSUE = r"^- `(\w+)`"
+OUR_ISSUE = r"^- (\w+):"
+
+
+def _issues(config, pattern: str) -> set[str]:
+    """The fields that config.validate(strict=True) names in its error (none when it passes)."""
     try:
         config.validate(strict=True)
     except ValueError as error:
-        return set(re.findall(r"^- `(\w+)`", str(error), flags=re.M))
-    return set()
-
-
-def _our_issues(config) -> set[str]:
-    try:
-        config.validate(strict=True)
-    except ValueError as error:
-        return set(re.findall(r"^- (\w+):", str(error), flags=re.M))
+        return set(re.findall(pattern, str(error), flags=re.M))
     return set()
 
 
@@ -202,9 +200,9 @@ CONTRADICTIONS = [
 def test_validate_flags_what_the_reference_flags(kwargs, caplog):
     import transformers
 
-    expected = _reference_issues(transformers.GenerationConfig(**kwargs))
+    expected = _issues(transformers.GenerationConfig(**kwargs), REFERENCE_ISSUE)
     config = GenerationConfig(**kwargs)
-    assert _our_issues(config) == expected
+    assert _issues(config, OUR_ISSUE) == expected
     herd_configuration._warned.clear()
     with caplog.at_level(logging.WARNING, logger="herd"):
         config.validate()  # not strict: a warning, no error

@@ -22,6 +22,11 @@ import torch
 
 from herd.models.mllama import MllamaImageProcessor, MllamaProcessor
 from herd.models.mllama import image_processing_mllama as herd_images
+from tests.models.mllama.test_processing_mllama import (  # noqa: F401  (processor, reference: fixtures over this module's folder)
+    processor,
+    reference,
+    write_processor_folder,
+)
 
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
 TOKENIZER = SHARED / "tokenizers" / "llama3.1"
@@ -339,24 +344,8 @@ def test_settings_round_trip_both_ways(tmp_path):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from tests.models.mllama.test_processing_mllama import write_processor_folder
-
     assert TILE["height"] == TILE["width"]
     return write_processor_folder(tmp_path_factory.mktemp("mllama_audit"), TILE["height"], TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def reference(folder):
-    import transformers
-
-    processor = transformers.AutoProcessor.from_pretrained(folder)
-    assert type(processor).__name__ == "MllamaProcessor"
-    return processor
-
-
-@pytest.fixture(scope="module")
-def processor(folder):
-    return MllamaProcessor.from_pretrained(folder)
 
 
 def compare_calls(reference, processor, **kwargs):
