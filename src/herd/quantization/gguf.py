@@ -162,14 +162,16 @@ def _reverse_rotary_permutation(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: float) -> np.ndarray:
-    """The divisor of each rotary frequency under Llama 3.1's rope scaling, as llama.cpp's converter
-    computes them into rope_freqs.weight: 1 for short wavelengths, `factor` for long ones, a ramp between."""
-    wavelen = 2 * math.pi / inv_freq
-    with np.errstate(divide="ignore", invalid="ignore"):  # off the ramp its formula is not used
-        smooth = (original / wavelen - low) / (high - low)
-        ramp = 1 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, ramp))
+def _llama3_factors(theta: float, head_dim: int, parameters: dict[str, Any]) -> np.ndarray:
+    """The divisor of each rotary frequency under Llama 3.1's rope scaling with these parameters (what
+    llama.cpp's converter writes into rope_freqs.weight): herd's own llama3 frequencies against the
+    plain ones."""
+    from ..layers.rope import compute_inv_freq
+
+    original = parameters["original_max_position_embeddings"]
+    plain, _ = compute_inv_freq({"rope_type": "default", "rope_theta": theta}, head_dim, original)
+    scaled, _ = compute_inv_freq({**parameters, "rope_theta": theta}, head_dim, original)
+    return (plain.double() / scaled.double()).numpy()
 
 
 def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict[str, Any]:
@@ -197,10 +199,10 @@ def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int, 
         low = -intercept * width
         candidates += [(float(f"{low:.6g}"), float(f"{low + width:.6g}")), (low, low + width)]
     for low, high in candidates:
-        if 0 < low <= high and np.allclose(_llama3_factors(inv_freq, factor, low, high, original), factors,
-                                           rtol=1e-5, atol=0):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                    "original_max_position_embeddings": original}
+        parameters = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                      "original_max_position_embeddings": original}
+        if 0 < low <= high and np.allclose(_llama3_factors(theta, head_dim, parameters), factors, rtol=1e-5, atol=0):
+            return parameters
     raise GGUFError(f"{path}: rope_freqs.weight does not follow Llama 3.1's rope scaling, the only per-frequency "
                     "scaling herd reads; load the original checkpoint instead")
 
