@@ -751,7 +751,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated prompt lengths: time to first token, decode speed at that context and "
                              "peak memory against the memory plan, one prompt (batch 1) each")
     parser.add_argument("--prefill-chunk-size", type=int, default=None,
-                        help="with --context: prefill the prompt this many tokens at a time (default 4096)")
+                        help="with --context: prefill the prompt this many tokens at a time (default: "
+                             "generate()'s, decoding.decoders.PREFILL_CHUNK)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
                         help="with --context: FP8 keys/values for the full-attention layers (plain decoder)")
 

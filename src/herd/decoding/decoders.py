@@ -272,7 +272,8 @@ class FastDecoder:
         with the whole prompt."""
         step_inputs = self.model._inputs_for_step(extra, True, attention_mask.shape[1])
         cache = self.prefill_cache
-        outputs = prefill_tokens(self.model, tokens, attention_mask, cache, self.prefill_chunk, **step_inputs)
+        with self.plan.prefilling():
+            outputs = prefill_tokens(self.model, tokens, attention_mask, cache, self.prefill_chunk, **step_inputs)
         kv = self.entry.kv
         kv.mark_prompt(attention_mask)
         self.plan.after_prefill(kv, cache, step_inputs)

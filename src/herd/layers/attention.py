@@ -352,7 +352,7 @@ def sdpa_attention(query, key, value, mask: AttentionMask, scaling: float, dropo
     if uses_lower_right_causal(mask, query.device) and not training and prefers_cudnn(query, True):
         output = after_cache_in_two_parts(query, key, value, scaling, cudnn_part)
         if output is not None:
-            return output.transpose(1, 2).contiguous(), None
+            return output, None
     if mask.is_plain_causal:
         # One query at the end needs no mask at all; a full prefill uses the built-in causal mask.
         attn_mask, is_causal = None, mask.query_length > 1
@@ -404,13 +404,15 @@ def prefers_cudnn(query: torch.Tensor, plain_causal: bool) -> bool:
     )
 
 
-def after_cache_in_two_parts(query, key, value, scaling: float, attend_part) -> torch.Tensor | None:
+def after_cache_in_two_parts(query, key, value, scaling: float, attend_part, merge=None) -> torch.Tensor | None:
     """Causal queries continuing a cache (query i at key kv_length - q + i), as two attentions
     without a bias: every query over the keys before its chunk (no mask), and over the chunk's own
     keys (a top-left causal square), merged by their log-sum-exps. cuDNN's fused attention, twice
     flash's rate on long prefills, takes only those two masks. attend_part(query, key, value,
     scaling, causal) -> (output (batch, heads, q, dim), log-sum-exp (batch, heads, q)), or None
-    where the backend refuses; None then."""
+    where the backend refuses; None then. `merge(own_out, own_lse, cached_out, cached_lse)`: the
+    merge (`merge_by_log_sum_exp` by default; the decode plans' prompt pass passes a kernel's).
+    Returns (batch, q, heads, dim), contiguous."""
     own = query.shape[-2]
     cached = key.shape[-2] - own
     parts = [attend_part(query, key[:, :, cached:], value[:, :, cached:], scaling, True)]
@@ -419,13 +421,20 @@ def after_cache_in_two_parts(query, key, value, scaling: float, attend_part) -> 
     if any(part is None for part in parts):
         return None
     if len(parts) == 1:
-        return parts[0][0]
+        return parts[0][0].transpose(1, 2).contiguous()
     (own_out, own_lse), (cached_out, cached_lse) = parts
+    return (merge or merge_by_log_sum_exp)(own_out, own_lse, cached_out, cached_lse)
+
+
+def merge_by_log_sum_exp(own_out, own_lse, cached_out, cached_lse) -> torch.Tensor:
+    """Two attentions of the same queries over disjoint keys, outputs (batch, heads, q, dim) and
+    natural log-sum-exps (batch, heads, q), as one: each weighted by its share of the softmax's
+    denominator, in float32. Returns (batch, q, heads, dim), contiguous, in the outputs' dtype."""
     own_lse, cached_lse = (lse.float().reshape(*own_out.shape[:3], 1) for lse in (own_lse, cached_lse))
     top = torch.maximum(own_lse, cached_lse)
     own_weight, cached_weight = torch.exp(own_lse - top), torch.exp(cached_lse - top)  # (batch, heads, q, 1)
     merged = (own_weight * own_out.float() + cached_weight * cached_out.float()) / (own_weight + cached_weight)
-    return merged.to(query.dtype)
+    return merged.to(own_out.dtype).transpose(1, 2).contiguous()
 
 
 def cudnn_part(query, key, value, scaling: float, causal: bool):

@@ -239,7 +239,7 @@ class PagedRunner:
         if work.model_inputs:
             extra = self.model._inputs_for_step(_on(work.model_inputs, self.model), True, len(work.tokens))
         mask = torch.ones(len(works), end, dtype=torch.long, device=device)
-        with torch.no_grad():
+        with torch.no_grad(), self.plan.prefilling():
             outputs = forward_tokens(self.model, tokens.to(device), mask, cache,
                                      logits_to_keep=torch.tensor(last, device=device), **extra)
             image_tokens = None

@@ -6,13 +6,16 @@ A plan reads the model's modules (the model never imports it) and says:
 - `step(run, tokens, positions, kv)`: one new token per row -> float32 logits (batch, vocab),
   with `run` the units (compiled or not) and `kv` the step's key/value stores;
 - `attention_kinds()`: per layer, which store its keys/values live in;
-- `after_prefill(...)`: what the step needs from the prompt besides the cache (Mllama's image).
+- `after_prefill(...)`: what the step needs from the prompt besides the cache (Mllama's image);
+- `prefilling()`: a context in which the model's forward prefills the plan's way (Llama's prompt
+  pass; the reference forward by default).
 
 A new family adds one module here and one line to `PLANS`.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -54,6 +57,10 @@ class DecodePlan:
 
     def after_prefill(self, kv: DecodeKV, prefill_cache: Any, step_inputs: dict[str, Any]) -> None:
         """Nothing beyond the cache, for text-only families."""
+
+    def prefilling(self):
+        """The reference forward prefills (a family whose plan has a prompt pass replaces this)."""
+        return nullcontext()
 
     def shape_key(self, kv: DecodeKV) -> tuple:
         """What besides (batch, cache length) a captured graph depends on."""

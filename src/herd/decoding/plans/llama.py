@@ -8,15 +8,24 @@ Per layer, at batch 1 (quantized weights: 1 to 4) on a GPU (kernels/gemv.py, ker
 4. gate/up of rms_norm(x) with SiLU(gate) * up, in one kernel;
 5. down with the residual add (likewise).
 Elsewhere the same arithmetic in torch, which the compiled step fuses its own way.
+
+The prompt pass (`LlamaPlan.prefilling`): while the fast decoder or the server prefills, the
+reference forward's layers run as `llama_prefill_layer`: the same arithmetic, rounded at the same
+points, with the fused q/k/v and gate/up weights as single library matmuls and the elementwise work
+between them in kernels/prefill.py (residual add + RMSNorm, rotary, SiLU * up, the two-part
+attention's merge), instead of a dozen separate torch ops per layer over every prompt token.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 import torch
+from torch import nn
 
-from ...kernels import gemv
+from ...kernels import gemv, prefill
+from ...layers.attention import after_cache_in_two_parts, attention, cudnn_part, prefers_cudnn, uses_lower_right_causal
 from ...parallel.tensor_parallel import all_reduce, all_reduce_norm, gather_logits, reduce_group
 from ..fusion import Fused, fuse, kernel_weight
 from ..kv import DecodeKV, LayerKV, attend
@@ -119,6 +128,42 @@ def summed(partial: torch.Tensor, module, residual: torch.Tensor | None = None) 
     return all_reduce(partial, group, residual=residual)
 
 
+def llama_prefill_layer(layer, weights: LayerWeights, hidden: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, mask, cache, cache_position: torch.Tensor, next_norm,
+                        kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LlamaDecoderLayer.forward for a prompt chunk: hidden (batch, seq, hidden) and `normed`, its
+    input norm -> (the layer's output, its norm by `next_norm`: the next layer's input norm or the
+    final norm). Keys/values go to `cache` as the reference's do (its update gives back what the
+    chunk attends to); `kv_heads`: this rank's key (= value) heads."""
+    attn, mlp = layer.self_attn, layer.mlp
+    batch, seq, width = hidden.shape
+    head_dim = attn.head_dim
+    qkv = gemv.linear(normed.view(-1, width), weights.qkv, weights.qkv_bias).view(batch, seq, -1, head_dim)
+    query, key, value = qkv.split([qkv.shape[2] - 2 * kv_heads, kv_heads, kv_heads], dim=2)  # (batch, seq, heads, dim)
+    query, key = prefill.rotary(query, key, cos, sin)  # (batch, heads, seq, head_dim)
+    key, value = cache.update(key, value.transpose(1, 2), attn.layer_idx, {"cache_position": cache_position})
+    attended = prompt_attention(attn, query, key, value, mask)  # (batch, seq, heads, head_dim)
+    attended = summed(gemv.linear(attended.reshape(batch * seq, -1), weights.o, attn.o_proj.bias), attn.o_proj)
+    post_norm = layer.post_attention_layernorm
+    hidden, normed = prefill.add_rms_norm(hidden, attended.view(batch, seq, width), post_norm.weight, post_norm.eps)
+    gate_up = gemv.linear(normed.view(-1, width), weights.gate_up, weights.gate_up_bias)  # (tokens, 2 * intermediate)
+    gate, up = gate_up.chunk(2, dim=-1)
+    activated = prefill.silu_mul(gate, up) if isinstance(mlp.act_fn, nn.SiLU) else mlp.act_fn(gate) * up
+    down = summed(gemv.linear(activated, weights.down, mlp.down_proj.bias), mlp.down_proj)
+    return prefill.add_rms_norm(hidden, down.view(batch, seq, width), next_norm.weight, next_norm.eps)
+
+
+def prompt_attention(attn, query, key, value, mask) -> torch.Tensor:
+    """The reference attention of a prompt chunk -> (batch, seq, heads, head_dim); a long chunk
+    after a cache on cuDNN has its two parts merged by one kernel (kernels/prefill.py)."""
+    implementation = attn.config._attn_implementation
+    if implementation == "sdpa" and uses_lower_right_causal(mask, query.device) and prefers_cudnn(query, True):
+        output = after_cache_in_two_parts(query, key, value, attn.scaling, cudnn_part, prefill.merge_attention_parts)
+        if output is not None:
+            return output
+    return attention(implementation, query, key, value, mask, attn.scaling)[0]
+
+
 def head(norm, lm_head, hidden: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, hidden) -> float32 logits (batch, vocab) (under tensor parallel this rank's
     vocabulary rows, gathered). `normed`: norm(hidden) when the last sum computed it."""
@@ -144,6 +189,41 @@ class LlamaPlan(DecodePlan):
 
     def units(self) -> dict[str, Callable]:
         return {"embed": embed, "layer": llama_layer, "head": head}
+
+    @contextmanager
+    def prefilling(self):
+        """While inside, the text model's forward runs its layers as `prefill_layers` (an instance
+        attribute over LlamaModel.forward_layers: the model file stays the reference)."""
+        text_model = self.text_model
+        plain = all(isinstance(weight, torch.Tensor) for weights in self.weights
+                    for weight in (weights.qkv, weights.gate_up, weights.o, weights.down))
+        if not self.weights or not plain or "forward_layers" in vars(text_model):
+            yield  # quantized weights: their modules' own arithmetic (the reference forward)
+            return
+        text_model.forward_layers = self.prefill_layers
+        try:
+            yield
+        finally:
+            del text_model.forward_layers
+
+    def prefill_layers(self, step, attention_mask: torch.Tensor | None):
+        """LlamaModel.forward_layers with `llama_prefill_layer`; the reference's own where a
+        forward asks for more than the last hidden state (attention weights, every layer's input)
+        or runs in training mode."""
+        text_model = self.text_model
+        if step.output_attentions or step.output_hidden_states or text_model.training:
+            return type(text_model).forward_layers(text_model, step, attention_mask)
+        mask = step.self_attention_mask(attention_mask)
+        cos, sin = text_model.rotary_emb(step.position_ids, step.inputs_embeds.dtype)  # (batch, seq, head_dim)
+        layers = text_model.layers
+        first = layers[0].input_layernorm
+        hidden, normed = prefill.add_rms_norm(step.inputs_embeds, None, first.weight, first.eps)
+        for index, layer in enumerate(layers):
+            following = layers[index + 1].input_layernorm if index + 1 < len(layers) else text_model.norm
+            hidden, normed = llama_prefill_layer(layer, self.weights[index], hidden, normed, cos, sin, mask,
+                                                 step.past_key_values, step.cache_position, following,
+                                                 self.kv_shape[0])
+        return step.collector().output(normed)
 
     def step(self, run, tokens, positions, kv: DecodeKV) -> torch.Tensor:
         hidden, cos, sin = run["embed"](self.text_model, tokens, positions)
