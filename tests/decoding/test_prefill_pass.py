@@ -11,6 +11,7 @@ import torch
 import herd
 from herd.cache import DynamicCache
 from herd.decoding.decoders import fast_decoder, forward_tokens
+from herd.kernels import prefill
 from herd.models.llama import modeling_llama
 from tests.conftest import reference_llama, save_reference
 
@@ -69,12 +70,15 @@ def test_the_prompt_pass_equals_the_reference_forward(tmp_path, overrides, piece
 
 def test_the_prompt_pass_runs_inside_the_context_and_only_there(tmp_path, monkeypatch):
     model, plan = _model(tmp_path)
-    calls = []
+    calls, fused = [], []
     real = modeling_llama.LlamaDecoderLayer.forward
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_silu_mul = prefill.silu_mul
+    monkeypatch.setattr(prefill, "silu_mul", lambda *a: fused.append(1) or real_silu_mul(*a))
     ids, mask = _inputs(1, 6, model.config.vocab_size)
     _prefill(model, ids, mask, (6,), plan)
     assert calls == []  # the plan's layers ran, not the reference's
+    assert len(fused) == model.config.num_hidden_layers  # SiLU * up in one kernel
     assert "forward_layers" not in vars(model.model)
     _prefill(model, ids, mask, (6,))
     assert len(calls) == model.config.num_hidden_layers

@@ -438,17 +438,22 @@ def merge_by_log_sum_exp(own_out, own_lse, cached_out, cached_lse) -> torch.Tens
 
 
 def cudnn_part(query, key, value, scaling: float, causal: bool):
-    """One part of `after_cache_in_two_parts` through cuDNN (keys/values repeated per query head:
-    its op takes equal head counts); None where cuDNN refuses the call."""
+    """One part of `after_cache_in_two_parts` through cuDNN; None where cuDNN refuses the call.
+    Keys/values go in as stored (fewer heads than the queries: cuDNN 9 reads grouped-query
+    attention itself, the same outputs as with them repeated per query head); repeated where a
+    cuDNN refuses that."""
     groups = query.shape[1] // key.shape[1]
-    try:
-        output, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            query, repeat_kv(key, groups), repeat_kv(value, groups), None, True, 0.0, causal, False, scale=scaling)[:2]
-    except RuntimeError as error:
-        warnings.warn(f"cuDNN attention refused a prefill chunk after a cache ({str(error).splitlines()[0][:200]}); "
-                      "flash attention runs it", RuntimeWarning, stacklevel=2)
-        return None
-    return output, lse
+    attempts = [(key, value)] + ([(repeat_kv(key, groups), repeat_kv(value, groups))] if groups > 1 else [])
+    for index, (keys, values) in enumerate(attempts):
+        try:
+            output, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                query, keys, values, None, True, 0.0, causal, False, scale=scaling)[:2]
+            return output, lse
+        except RuntimeError as error:
+            if index == len(attempts) - 1:
+                warnings.warn(f"cuDNN attention refused a prefill chunk after a cache ({str(error).splitlines()[0][:200]}); "
+                              "flash attention runs it", RuntimeWarning, stacklevel=2)
+    return None
 
 
 _compiled_flex = None

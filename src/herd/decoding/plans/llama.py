@@ -148,7 +148,7 @@ def llama_prefill_layer(layer, weights: LayerWeights, hidden: torch.Tensor, norm
     hidden, normed = prefill.add_rms_norm(hidden, attended.view(batch, seq, width), post_norm.weight, post_norm.eps)
     gate_up = gemv.linear(normed.view(-1, width), weights.gate_up, weights.gate_up_bias)  # (tokens, 2 * intermediate)
     gate, up = gate_up.chunk(2, dim=-1)
-    activated = prefill.silu_mul(gate, up) if isinstance(mlp.act_fn, nn.SiLU) else mlp.act_fn(gate) * up
+    activated = prefill.silu_mul(gate, up) if mlp.act_fn is nn.functional.silu else mlp.act_fn(gate) * up
     down = summed(gemv.linear(activated, weights.down, mlp.down_proj.bias), mlp.down_proj)
     return prefill.add_rms_norm(hidden, down.view(batch, seq, width), next_norm.weight, next_norm.eps)
 
