@@ -61,13 +61,15 @@ def make_engine(model, max_batch: int, args) -> Engine:
     return engine
 
 
-def run_level(engine: Engine, concurrency: int, args) -> dict:
+def run_level(engine: Engine, concurrency: int, args, run: int = 0) -> dict:
+    """One level's requests (prompts of their own: `run` tells apart repeated levels, so that no
+    prompt is a prefix-cache hit)."""
     model, vocab = engine.model, engine.vocab_size
     preempted_before = engine.stats()["preemptions"]
     added, first_token = {}, {}
     start = time.perf_counter()
-    for request in _requests(concurrency, args.prompt_length, args.new_tokens, vocab, seed=2 + concurrency,
-                             tag=f"r{concurrency}-"):
+    for request in _requests(concurrency, args.prompt_length, args.new_tokens, vocab, seed=2 + concurrency + 1000 * run,
+                             tag=f"r{run}-{concurrency}-"):
         engine.add_request(request)
         added[request.request_id] = time.perf_counter()
     steps, decode_steps, generated = 0, 0, 0
@@ -107,8 +109,9 @@ def main() -> None:
     parser.add_argument("--dtype", type=dtype_name, default="bfloat16")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the architecture (a quick run)")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_TOKENS,
-                        help="prompt tokens per step (the engine's prefill_chunk, herd serve's --max-num-batched-tokens)")
+    parser.add_argument("--prefill-chunk", default=str(DEFAULT_PREFILL_TOKENS),
+                        help="prompt tokens per step (the engine's prefill_chunk, herd serve's --max-num-batched-tokens); "
+                             "comma-separated: every level at each, one engine built for the largest")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from free GPU memory)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
                         help="the FP8 KV cache in the engine's pools (herd serve --kv-cache-dtype)")
@@ -117,22 +120,26 @@ def main() -> None:
     parser.add_argument("--compare", choices=["transformers"], default=None,
                         help="then transformers' continuous batching (generate_batch) on the same weights and requests")
     args = parser.parse_args()
+    budgets = [int(c) for c in args.prefill_chunk.split(",")]
+    args.prefill_chunk = max(budgets)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.model, getattr(torch, args.dtype), device, num_layers=args.layers)
     kv = f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype else ""
     print(f"{args.model} ({args.layers or 'all'} layers, {args.dtype}{kv}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
           f"prompts of {args.prompt_length}, {args.new_tokens} new tokens, greedy, eos ignored")
-    print("| concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | ms/step | preemptions | KV blocks |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| prompt tokens a step | concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | "
+          "ms/step | preemptions | KV blocks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     levels = [int(c) for c in args.concurrency.split(",")]
     start = time.perf_counter()
     engine = make_engine(model, max(levels), args)
     print(f"(engine built and warmed up, every bucket up to {max(levels)} rows: {time.perf_counter() - start:.1f} s)")
     herd_rates = {}
-    for concurrency in levels:
-        row = run_level(engine, concurrency, args)
+    for run, (budget, concurrency) in enumerate((budget, level) for budget in budgets for level in levels):
+        engine.scheduler.prefill_chunk = budget
+        row = run_level(engine, concurrency, args, run)
         herd_rates[concurrency] = row["tok_s"]
-        print(f"| {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
+        print(f"| {budget} | {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
               f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
               f"{row['preemptions']} | {row['blocks']} |", flush=True)
     if args.step_times:
