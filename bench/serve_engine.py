@@ -72,13 +72,18 @@ def run_level(engine: Engine, concurrency: int, args, run: int = 0) -> dict:
                              tag=f"r{run}-{concurrency}-"):
         engine.add_request(request)
         added[request.request_id] = time.perf_counter()
-    steps, decode_steps, generated = 0, 0, 0
+    steps, generated = 0, 0
+    decode_only = []  # (rows, seconds) of the steps without prompt work
     while engine.has_work():
-        running_before = sum(1 for s in engine.scheduler.running if not s.in_prefill)
+        scheduler = engine.scheduler
+        prompt_work = bool(scheduler.waiting or engine._pending.sequences or any(s.in_prefill for s in scheduler.running))
+        rows = len(scheduler.running)
+        before = time.perf_counter()
         events = engine.step()
         now = time.perf_counter()
         steps += 1
-        decode_steps += running_before > 0
+        if not prompt_work:
+            decode_only.append((rows, now - before))
         for request_id, event in events:
             generated += event.token_id is not None
             first_token.setdefault(request_id, now)
@@ -95,6 +100,10 @@ def run_level(engine: Engine, concurrency: int, args, run: int = 0) -> dict:
         "ttft_p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
         "steps": steps,
         "step_ms": 1000 * elapsed / max(steps, 1),
+        # steps without prompt work: how many, their share of the wall time, ms each at the most rows
+        "decode_only": len(decode_only),
+        "decode_only_s": sum(t for _, t in decode_only),
+        "full_step_ms": 1000 * statistics.median([t for r, t in decode_only if r == concurrency] or [0.0]),
         "preemptions": stats["preemptions"] - preempted_before,
         "blocks": stats["kv_blocks_total"],
     }
@@ -128,8 +137,8 @@ def main() -> None:
     print(f"{args.model} ({args.layers or 'all'} layers, {args.dtype}{kv}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
           f"prompts of {args.prompt_length}, {args.new_tokens} new tokens, greedy, eos ignored")
     print("| prompt tokens a step | concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | "
-          "ms/step | preemptions | KV blocks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "ms/step | decode-only steps (s) | ms/step at all rows | preemptions | KV blocks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     levels = [int(c) for c in args.concurrency.split(",")]
     start = time.perf_counter()
     engine = make_engine(model, max(levels), args)
@@ -141,6 +150,7 @@ def main() -> None:
         herd_rates[concurrency] = row["tok_s"]
         print(f"| {budget} | {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
               f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
+              f"{row['decode_only']} ({row['decode_only_s']:.2f}) | {row['full_step_ms']:.2f} | "
               f"{row['preemptions']} | {row['blocks']} |", flush=True)
     if args.step_times:
         step_times(engine, args.prompt_length + args.new_tokens // 2)

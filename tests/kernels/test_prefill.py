@@ -358,3 +358,20 @@ def test_fallback_equals_the_reference(torch_only):
         parts = [cpu(t) for t in _parts(2, 4, 7, 16, dtype)]
         merged = prefill.merge_attention_parts(*parts)
         assert merged.is_contiguous() and torch.equal(merged, _reference_merge(*parts))
+
+
+def test_tensor_subclasses_take_the_torch_arithmetic():
+    """A tensor subclass (tensor parallel's AsyncCollectiveTensor holds a sum that may not have
+    arrived) is never handed to a kernel: torch's ops, which know the subclass, run instead."""
+
+    class Pending(torch.Tensor):
+        pass
+
+    hidden = torch.randn(3, 8)
+    delta = torch.randn(3, 8).as_subclass(Pending)
+    weight = torch.rand(8) + 0.5
+    assert not prefill._kernel_runs(hidden, delta, weight)
+    summed, normed = prefill.add_rms_norm(hidden, delta, weight, 1e-6)
+    expected_summed, expected_normed = prefill.torch_add_rms_norm(hidden, delta.as_subclass(torch.Tensor), weight, 1e-6)
+    assert torch.equal(summed.as_subclass(torch.Tensor), expected_summed)
+    assert torch.equal(normed.as_subclass(torch.Tensor), expected_normed)

@@ -56,6 +56,8 @@ def _kernel_runs(*tensors: torch.Tensor | None) -> bool:
     first = present[0]
     if triton is None or any(t.device != first.device for t in present):
         return False
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in present):
+        return False  # a subclass (an AsyncCollectiveTensor's data may not be there yet): torch's ops
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
     if first.is_cuda:

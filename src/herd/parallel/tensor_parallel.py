@@ -80,6 +80,12 @@ def all_reduce(tensor: torch.Tensor, group_name: str, residual: torch.Tensor | N
     return summed if residual is None else residual + summed
 
 
+def settled(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor with its collective waited for: funcol's results are AsyncCollectiveTensors, which
+    torch's ops wait for by themselves and a Triton kernel would read before the data arrives."""
+    return funcol.wait_tensor(tensor) if isinstance(tensor, funcol.AsyncCollectiveTensor) else tensor
+
+
 def all_reduce_norm(tensor: torch.Tensor, group_name: str, residual: torch.Tensor, norm_weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(residual + the sum of `tensor` (rows, width) over the group's ranks, that RMSNorm'd by

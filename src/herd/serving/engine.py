@@ -36,9 +36,9 @@ CUDA_MEMORY_FRACTION = 0.9  # of the free GPU memory after loading, for the KV p
 CPU_DEFAULT_ROWS = 16  # without num_blocks off the GPU: pools for this many requests of max_model_len
 MLLAMA_IMAGE_ROWS = 8  # Llama 3.2 Vision: requests with images running at once (their image keys/values)
 MLLAMA_MAX_IMAGES = 2  # Llama 3.2 Vision: images per request (each up to max_num_tiles tiles)
-# prompt tokens per step: the 8B's prefill runs at 17k tok/s in 512-token forwards and 34k in 2048
-# (H200, bench/RESULTS.md 2026-11-30 third session)
-DEFAULT_PREFILL_TOKENS = 2048
+# prompt tokens per step: 256 prompts of 512 tokens into the 8B took 7.43 s at 2048 a step and 7.04 at
+# 8192 (H200, bench/RESULTS.md 2026-12-01), vLLM's throughput default; fewer keep running answers flowing
+DEFAULT_PREFILL_TOKENS = 8192
 PROMPT_LOGPROB_ROWS = 256  # prompt positions whose log-softmax is taken at once (prompt logprobs)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ...kernels import gemv, prefill
 from ...layers.attention import after_cache_in_two_parts, attention, cudnn_part, prefers_cudnn, uses_lower_right_causal
-from ...parallel.tensor_parallel import all_reduce, all_reduce_norm, gather_logits, reduce_group
+from ...parallel.tensor_parallel import all_reduce, all_reduce_norm, gather_logits, reduce_group, settled
 from ..fusion import Fused, fuse, kernel_weight
 from ..kv import DecodeKV, LayerKV, attend
 from . import FULL, DecodePlan
@@ -143,13 +143,13 @@ def llama_prefill_layer(layer, weights: LayerWeights, hidden: torch.Tensor, norm
     query, key = prefill.rotary(query, key, cos, sin)  # (batch, heads, seq, head_dim)
     key, value = cache.update(key, value.transpose(1, 2), attn.layer_idx, {"cache_position": cache_position})
     attended = prompt_attention(attn, query, key, value, mask)  # (batch, seq, heads, head_dim)
-    attended = summed(gemv.linear(attended.reshape(batch * seq, -1), weights.o, attn.o_proj.bias), attn.o_proj)
+    attended = settled(summed(gemv.linear(attended.reshape(batch * seq, -1), weights.o, attn.o_proj.bias), attn.o_proj))
     post_norm = layer.post_attention_layernorm
     hidden, normed = prefill.add_rms_norm(hidden, attended.view(batch, seq, width), post_norm.weight, post_norm.eps)
     gate_up = gemv.linear(normed.view(-1, width), weights.gate_up, weights.gate_up_bias)  # (tokens, 2 * intermediate)
     gate, up = gate_up.chunk(2, dim=-1)
     activated = prefill.silu_mul(gate, up) if mlp.act_fn is nn.functional.silu else mlp.act_fn(gate) * up
-    down = summed(gemv.linear(activated, weights.down, mlp.down_proj.bias), mlp.down_proj)
+    down = settled(summed(gemv.linear(activated, weights.down, mlp.down_proj.bias), mlp.down_proj))
     return prefill.add_rms_norm(hidden, down.view(batch, seq, width), next_norm.weight, next_norm.eps)
 
 
