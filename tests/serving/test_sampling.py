@@ -88,3 +88,16 @@ def test_constraint_mask_applies_before_the_choice():
     logits = torch.tensor([[5.0, 4.0, 3.0, -1.0]])
     choice = choose(logits, [_row(temperature=0.0, constraint=OnlyThree(), logprobs=1)])[0]
     assert choice.token_id == 3 and choice.logprob == 0.0 and choice.top_logprobs == [(3, 0.0)]
+
+
+def test_the_callers_logits_stay_as_they_were():
+    """choose edits a copy where a row's bias or penalties change its logits; greedy rows without
+    logprobs read the logits as given (no copy, no scaling) and get their argmax."""
+    logits = torch.tensor([[0.1, 2.0, 0.3, -1.0], [1.5, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 3.0]])
+    kept = logits.clone()
+    rows = [_row(temperature=0.0), _row(generated=[0], temperature=0.0, presence_penalty=2.0),
+            _row(temperature=0.0, logit_bias=((0, 100.0),), logprobs=1)]
+    choices = choose(logits, rows)
+    assert torch.equal(logits, kept)
+    assert [c.token_id for c in choices] == [1, 1, 0]
+    assert [c.token_id for c in choose(logits[:1], rows[:1])] == [1]

@@ -104,18 +104,29 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 
 
+def _edits_logits(row: SamplingRow) -> bool:
+    """Whether steps 0-2 change the row's logits."""
+    params = row.params
+    return bool(params.logit_bias or params.repetition_penalty != 1.0 or params.frequency_penalty
+                or params.presence_penalty or row.constraint is not None)
+
+
 def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
     """logits (rows, vocab) float32 -> each row's token (and logprobs where asked)."""
-    logits = logits.float().clone()
+    logits = logits.float()
     device = logits.device
-    _apply_logit_bias(logits, rows)
-    _apply_penalties(logits, rows)
-    _apply_constraints(logits, rows)
-    temperature = torch.tensor([row.params.temperature for row in rows], device=device)
-    greedy = temperature <= 0
+    if any(_edits_logits(row) for row in rows):
+        logits = logits.clone()  # the caller's stays as it was
+        _apply_logit_bias(logits, rows)
+        _apply_penalties(logits, rows)
+        _apply_constraints(logits, rows)
     chosen = logits.argmax(dim=-1)
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
     sampled_rows = [index for index, row in enumerate(rows) if row.params.temperature > 0]
+    wants = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
+    scaled = logits
+    if sampled_rows or wants:  # greedy rows without logprobs never look at the scaled logits
+        temperature = torch.tensor([row.params.temperature for row in rows], device=device)
+        scaled = logits / torch.where(temperature <= 0, 1.0, temperature)[:, None]
     if sampled_rows:
         index = torch.tensor(sampled_rows, device=device)
         params = [rows[i].params for i in sampled_rows]
@@ -128,7 +139,6 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
         noise = torch.stack([torch.empty(logits.shape[1], device=device).exponential_(generator=rows[i].generator)
                              for i in sampled_rows])
         chosen[index] = (probs / noise).argmax(dim=-1)
-    wants = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
     chosen_ids = chosen.tolist()
     choices = [Choice(token) for token in chosen_ids]
     if wants:

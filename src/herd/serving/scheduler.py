@@ -218,13 +218,19 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         preempted_before = self.preemptions
+        preempted: set[int] = set()  # ids of the sequences this call preempted (running shrinks from its end)
+
+        def preempt(victim: Sequence) -> None:
+            self._preempt(victim)
+            preempted.add(id(victim))
+
         decode: list[Sequence] = []
         for sequence in list(self.running):  # oldest first
-            if sequence not in self.running or sequence.in_prefill:
+            if id(sequence) in preempted or sequence.in_prefill:
                 continue
             while not self._grow(sequence, sequence.computed + 1):
                 victim = self.running[-1]
-                self._preempt(victim)
+                preempt(victim)
                 if victim is sequence:
                     break
             else:
@@ -234,11 +240,11 @@ class Scheduler:
         for sequence in list(self.running):
             if budget <= 0:
                 break
-            if sequence not in self.running or not sequence.in_prefill:
+            if id(sequence) in preempted or not sequence.in_prefill:
                 continue
             chunk = self._prefill_chunk(sequence, budget)
             while chunk is None and not decode and not prefill and self.running[-1] is not sequence:
-                self._preempt(self.running[-1])  # nothing else can move: make room
+                preempt(self.running[-1])  # nothing else can move: make room
                 chunk = self._prefill_chunk(sequence, budget)
             if chunk is None:
                 break
