@@ -97,6 +97,9 @@ def test_the_prompt_pass_leaves_attention_weights_and_hidden_states_to_the_refer
     assert len(out.attentions) == len(expected.attentions) == model.config.num_hidden_layers
     assert torch.equal(out.logits, expected.logits)
     assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, expected.hidden_states))
+    with torch.no_grad(), plan.prefilling():  # no cache kept: the reference's layers too
+        uncached = model(ids, attention_mask=mask, use_cache=False)
+    assert torch.equal(uncached.logits, expected.logits)
 
 
 def test_quantized_weights_keep_the_reference_forward(tmp_path):

@@ -208,10 +208,10 @@ class LlamaPlan(DecodePlan):
 
     def prefill_layers(self, step, attention_mask: torch.Tensor | None):
         """LlamaModel.forward_layers with `llama_prefill_layer`; the reference's own where a
-        forward asks for more than the last hidden state (attention weights, every layer's input)
-        or runs in training mode."""
+        forward asks for more than the last hidden state (attention weights, every layer's input),
+        keeps no cache or runs in training mode."""
         text_model = self.text_model
-        if step.output_attentions or step.output_hidden_states or text_model.training:
+        if step.output_attentions or step.output_hidden_states or text_model.training or step.past_key_values is None:
             return type(text_model).forward_layers(text_model, step, attention_mask)
         mask = step.self_attention_mask(attention_mask)
         cos, sin = text_model.rotary_emb(step.position_ids, step.inputs_embeds.dtype)  # (batch, seq, head_dim)
