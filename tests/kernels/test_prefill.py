@@ -71,6 +71,13 @@ class _Launches:
         return self.kernel[grid]
 
 
+@pytest.fixture(autouse=True)
+def interpret_on_cpu(monkeypatch):
+    """These tests run the kernels on CPU tensors too (Triton's interpreter), which the library
+    leaves to the torch arithmetic elsewhere (prefill.INTERPRET_ON_CPU)."""
+    monkeypatch.setattr(prefill, "INTERPRET_ON_CPU", True)
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """name -> _Launches of each of the module's kernels."""

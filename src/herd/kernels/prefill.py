@@ -42,6 +42,10 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton: the torch arithmetic runs instead
     triton = None
 
+# CPU tensors go through the kernels under Triton's interpreter only where a test asks for it
+# (tests/kernels/test_prefill.py): a prompt's every row through the interpreter takes seconds, and the
+# other CPU tests (the server's, generate()'s) prefill through the prompt pass with the torch arithmetic
+INTERPRET_ON_CPU = False
 MAX_NORM_WIDTH = 16384  # a row is held whole in registers (one masked block of the next power of two)
 SILU_BLOCK = 1024  # elements of a row per program
 ROTARY_ELEMENTS = 2048  # up to this many elements (heads * head_dim) per rotary program
@@ -62,7 +66,7 @@ def _kernel_runs(*tensors: torch.Tensor | None) -> bool:
         return False
     if first.is_cuda:
         dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    elif first.device.type == "cpu" and interpreted():
+    elif first.device.type == "cpu" and interpreted() and INTERPRET_ON_CPU:
         dtypes = (torch.float32, torch.float16)
     else:
         return False
