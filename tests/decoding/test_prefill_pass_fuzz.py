@@ -2,8 +2,9 @@
 random tiny Llama configs and left-padded prompts fed in pieces, the pass against the reference
 forward (herd's modeling_llama, the same weights) in float32 on the CPU: every real position's
 logits and every layer's cached keys/values, to the fused matmuls' rounding (1e-5). The kernels
-of kernels/prefill.py run in Triton's interpreter here (tests/conftest.py sets it), where their
-shapes let them (rotary: head_dim a power of two of at least 16; below that, torch's code).
+of kernels/prefill.py run in Triton's interpreter here (tests/conftest.py sets it; the test turns
+on prefill.INTERPRET_ON_CPU), where their shapes let them (rotary: head_dim a power of two of at
+least 16; below that, torch's code).
 
 Plus one config drawn by hand, checked against transformers' own forward (the oracle).
 
@@ -28,6 +29,7 @@ import herd
 from herd.cache import DynamicCache
 from herd.decoding.decoders import fast_decoder, forward_tokens, positions_from_mask
 from herd.decoding.plans import llama as llama_plan
+from herd.kernels import prefill as prefill_kernels
 from tests.conftest import reference_llama, save_reference
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -156,7 +158,9 @@ def prefill(model, ids, mask, pieces, plan=None):
     real_layer = llama_plan.llama_prefill_layer
     counting = mock.patch.object(llama_plan, "llama_prefill_layer",
                                  lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k))
-    with torch.no_grad(), counting:
+    # the kernels themselves, in Triton's interpreter (the library leaves CPU tensors to torch's code)
+    interpreted = mock.patch.object(prefill_kernels, "INTERPRET_ON_CPU", True)
+    with torch.no_grad(), counting, interpreted:
         for end in pieces:
             if plan is None:
                 out = forward_tokens(model, ids[:, start:end], mask[:, :end], cache, logits_to_keep=0)
