@@ -76,7 +76,7 @@ def run_level(engine: Engine, concurrency: int, args, run: int = 0) -> dict:
     decode_only = []  # (rows, seconds) of the steps without prompt work
     while engine.has_work():
         scheduler = engine.scheduler
-        prompt_work = bool(scheduler.waiting or engine._pending.sequences or any(s.in_prefill for s in scheduler.running))
+        prompt_work = bool(engine.stats()["waiting"] or any(s.in_prefill for s in scheduler.running))
         rows = len(scheduler.running)
         before = time.perf_counter()
         events = engine.step()

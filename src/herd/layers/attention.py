@@ -349,10 +349,9 @@ def uses_lower_right_causal(mask: AttentionMask, device: torch.device) -> bool:
 
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling: float, dropout: float = 0.0, training: bool = False):
     enable_gqa = query.shape[1] != key.shape[1]
-    if uses_lower_right_causal(mask, query.device) and not training and prefers_cudnn(query, True):
-        output = after_cache_in_two_parts(query, key, value, scaling, cudnn_part)
-        if output is not None:
-            return output, None
+    output = cudnn_after_cache(query, key, value, mask, scaling, training)
+    if output is not None:
+        return output, None
     if mask.is_plain_causal:
         # One query at the end needs no mask at all; a full prefill uses the built-in causal mask.
         attn_mask, is_causal = None, mask.query_length > 1
@@ -402,6 +401,16 @@ def prefers_cudnn(query: torch.Tensor, plain_causal: bool) -> bool:
         and torch.backends.cudnn.is_available()
         and torch.cuda.get_device_capability(query.device) >= (9, 0)
     )
+
+
+def cudnn_after_cache(query, key, value, mask: AttentionMask, scaling: float, training: bool = False,
+                      merge=None) -> torch.Tensor | None:
+    """A long causal chunk after a cache through cuDNN in two parts (`after_cache_in_two_parts`),
+    (batch, q, heads, dim); None where that does not apply (not CUDA, short, training, another mask)
+    or cuDNN refuses. `merge`: as after_cache_in_two_parts takes it."""
+    if not (uses_lower_right_causal(mask, query.device) and not training and prefers_cudnn(query, True)):
+        return None
+    return after_cache_in_two_parts(query, key, value, scaling, cudnn_part, merge)
 
 
 def after_cache_in_two_parts(query, key, value, scaling: float, attend_part, merge=None) -> torch.Tensor | None:

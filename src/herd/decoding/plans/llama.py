@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...kernels import gemv, prefill
-from ...layers.attention import after_cache_in_two_parts, attention, cudnn_part, prefers_cudnn, uses_lower_right_causal
+from ...layers.attention import attention, cudnn_after_cache
 from ...parallel.tensor_parallel import all_reduce, all_reduce_norm, gather_logits, reduce_group, settled
 from ..fusion import Fused, fuse, kernel_weight
 from ..kv import DecodeKV, LayerKV, attend
@@ -157,8 +157,8 @@ def prompt_attention(attn, query, key, value, mask) -> torch.Tensor:
     """The reference attention of a prompt chunk -> (batch, seq, heads, head_dim); a long chunk
     after a cache on cuDNN has its two parts merged by one kernel (kernels/prefill.py)."""
     implementation = attn.config._attn_implementation
-    if implementation == "sdpa" and uses_lower_right_causal(mask, query.device) and prefers_cudnn(query, True):
-        output = after_cache_in_two_parts(query, key, value, attn.scaling, cudnn_part, prefill.merge_attention_parts)
+    if implementation == "sdpa":
+        output = cudnn_after_cache(query, key, value, mask, attn.scaling, merge=prefill.merge_attention_parts)
         if output is not None:
             return output
     return attention(implementation, query, key, value, mask, attn.scaling)[0]
@@ -178,6 +178,7 @@ class LlamaPlan(DecodePlan):
         self.text_model = model.model
         self.fused: list[FusedLayer | None] = [None] * len(self.text_model.layers)
         self.weights: list[LayerWeights] = []
+        self.prompt_pass = False  # `prefilling` replaces the reference's layers (set by prepare)
 
     def attention_kinds(self) -> list[str]:
         return [FULL] * len(self.text_model.layers)
@@ -186,6 +187,10 @@ class LlamaPlan(DecodePlan):
         self.fused = [fuse_layer(layer.self_attn, layer.mlp, previous)
                       for layer, previous in zip(self.text_model.layers, self.fused)]
         self.weights = [fused.weights for fused in self.fused]
+        # the prompt pass multiplies plain weights; quantized ones keep their modules' arithmetic
+        self.prompt_pass = bool(self.weights) and all(
+            isinstance(weight, torch.Tensor) for weights in self.weights
+            for weight in (weights.qkv, weights.gate_up, weights.o, weights.down))
 
     def units(self) -> dict[str, Callable]:
         return {"embed": embed, "layer": llama_layer, "head": head}
@@ -195,10 +200,8 @@ class LlamaPlan(DecodePlan):
         """While inside, the text model's forward runs its layers as `prefill_layers` (an instance
         attribute over LlamaModel.forward_layers: the model file stays the reference)."""
         text_model = self.text_model
-        plain = all(isinstance(weight, torch.Tensor) for weights in self.weights
-                    for weight in (weights.qkv, weights.gate_up, weights.o, weights.down))
-        if not self.weights or not plain or "forward_layers" in vars(text_model):
-            yield  # quantized weights: their modules' own arithmetic (the reference forward)
+        if not self.prompt_pass or "forward_layers" in vars(text_model):
+            yield  # not prepared, quantized weights, or already inside: the reference forward
             return
         text_model.forward_layers = self.prefill_layers
         try:
