@@ -8,6 +8,8 @@ launch per graph of one weight reads it from L2 after the first replay and misle
     python bench/few_row_chain.py --model scout --formats fp8 --configs "4,1024,4,1,4096;4,4096,4,1,4096"
     python bench/few_row_chain.py --formats int8 --int8-conversion i2f
 
+`int8-exact` / `int4-exact`: the kernel converting each weight exactly instead of multiplying it
+as a float in [1, 2) (`gemv.FRACTION_PRODUCTS`).
 `--configs`: GemvConfig fields (block_n, block_k, warps, stages, first_k) tried beside the plan's.
 `int4-tinygemm`: torch's `_weight_int4pack_mm` on the same shapes (no norm, activation or
 residual), the path herd takes for int4 on CUDA. `--int8-conversion`: how int8 weights become
@@ -88,6 +90,7 @@ def timed_chain(calls) -> float:
 
 
 def _weight(weight: torch.Tensor, fmt: str):
+    fmt = fmt.removesuffix("-exact")
     if fmt == "bf16":
         return weight
     if fmt in ("int4", "int4-tinygemm"):
@@ -124,6 +127,7 @@ def main() -> None:
     configs = [None] + [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";") if c]
     layer = {}
     for fmt in args.formats.split(","):
+        gemv.FRACTION_PRODUCTS = not fmt.endswith("-exact")  # read at launch: each graph keeps its own
         for name, out_features, in_features, gated, has_residual in SHAPES[args.model]:
             weights = [_weight(torch.randn(out_features * (2 if gated else 1), in_features, device="cuda",
                                            dtype=torch.bfloat16) * 0.02, fmt) for _ in range(args.copies)]

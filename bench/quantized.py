@@ -9,6 +9,9 @@ GPU's state and the bandwidth measurement.
 `fp8-scaled-mm`: FP8 with `_scaled_mm` at every row count past the few-row kernel's (the path before
 kernels/fp8_matmul.py); `fp8-precise`: that kernel adding its FP8 sums to float32 every 32 input
 columns (`fp8_matmul.PRECISE_COLUMNS`) instead of FBGEMM's sums over the whole input.
+`int8-exact` / `int4-exact`: the few-row kernel converting each weight exactly instead of
+multiplying it as a float in [1, 2) (`gemv.FRACTION_PRODUCTS`); `int4-kernel`: int4 through the
+few-row kernel instead of torch's tinygemm (`gemv.INT4_TINYGEMM`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from herd import bench  # noqa: E402
-from herd.kernels import fp8_matmul  # noqa: E402
+from herd.kernels import fp8_matmul, gemv  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +40,9 @@ def main() -> None:
     bandwidth = bench.copy_bandwidth(device)
     max_rows, precise_columns = fp8_matmul.MAX_ROWS, fp8_matmul.PRECISE_COLUMNS
     for name in args.formats.split(","):
-        args.quantization = None if name == "bf16" else name.removesuffix("-scaled-mm").removesuffix("-precise")
+        args.quantization = None if name == "bf16" else name.split("-")[0]
+        gemv.FRACTION_PRODUCTS = not name.endswith("-exact")
+        gemv.INT4_TINYGEMM = not name.endswith("-kernel")
         fp8_matmul.MAX_ROWS = 0 if name.endswith("-scaled-mm") else max_rows
         fp8_matmul.PRECISE_COLUMNS = 32 if name.endswith("-precise") else precise_columns
         model = bench.build_model(args.model, getattr(torch, args.dtype), device, args.layers, args.quantization)

@@ -55,6 +55,9 @@ MAX_ROWS = 4  # beyond a few rows the weight tile is reused enough for the libra
 # registers, times the rows).
 # Quantized weights keep the kernel up to MAX_ROWS: the library matmul would need them dequantized.
 PLAIN_MAX_ROWS = 1
+# int8 and int4 weights with 16-bit x: multiplied as floats in [1, 2) (`_tile_product`), fewer
+# instructions a weight than the exact conversion; False for the exact conversion (bench labs)
+FRACTION_PRODUCTS = True
 
 
 class QuantizedWeight(NamedTuple):
@@ -88,6 +91,8 @@ TINYGEMM_INNER_K_TILES = 8
 # tinygemm is made for a few rows: at 64 it took 32.7 ms for an 8B step where dequantizing each weight
 # for the library matmul costs a few (H200, 11-30, bench/quantized.py)
 TINYGEMM_ROWS = 16
+# int4 on CUDA through tinygemm (`int4_tiles`); False: the few-row kernel reads herd's own layout
+INT4_TINYGEMM = True
 
 
 def int4_tiles(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
@@ -96,7 +101,7 @@ def int4_tiles(data: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
     tinygemm computes (q - 8) * scale + zero, so zero = offset + 8 * scale; its packing takes the
     even column in the high nibble."""
     out_features, half = data.shape
-    if not data.is_cuda or out_features % 8 or (2 * half) % (16 * TINYGEMM_INNER_K_TILES):
+    if not INT4_TINYGEMM or not data.is_cuda or out_features % 8 or (2 * half) % (16 * TINYGEMM_INNER_K_TILES):
         return None, None
     swapped = (data << 4) | (data >> 4)  # herd keeps the even column low
     tiles = torch._convert_weight_to_int4pack(swapped.contiguous(), TINYGEMM_INNER_K_TILES)
@@ -564,6 +569,20 @@ if triton is not None:
         return f
 
     @triton.jit
+    def _byte_fraction(b):
+        """A signed byte b as the float 1 + (b + 128) / 256 (`_tile_product`): its bits are
+        (b << 15) + base, base being 1.0's bits plus 128 units of bit 15, so b + 128 lands in
+        mantissa bits 15-22. One integer multiply-add, no conversion and no subtraction."""
+        return ((b.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _nibble_fraction(byte, shift: tl.constexpr):
+        """The nibble of a byte that `byte << shift` puts in mantissa bits 19-22 (19: the low one,
+        15: the high one) as the float 1 + q / 16 (`_tile_product`): masked and or-ed into 1.0's bits
+        (measured faster than masking the nibble first and adding)."""
+        return (((byte.to(tl.int32) << shift) & 0x00780000) ^ 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _grouped(q, scale, offset):
         """q (BLOCK_N, B) float32 nibbles, scale and offset (BLOCK_N, G) of G groups of B // G
         columns -> q * scale + offset of their group, float32 (the exact weight: not rounded to
@@ -576,17 +595,53 @@ if triton is not None:
         return tl.reshape(w, (block_n, width))
 
     @triton.jit
-    def _tile_product(x_low, x_high, tile, QUANT: tl.constexpr):
+    def _tile_product(x_low, x_high, tile, QUANT: tl.constexpr, FRACTIONS: tl.constexpr):
         """(ROWS, BLOCK_N) float32: the tile's columns of x (`_x_columns`: (1, width) for one row,
-        (ROWS, 1, width) for more) times the weight (row-scaled: before the scale)."""
+        (ROWS, 1, width) for more) times the weight (row-scaled: before the scale).
+
+        FRACTIONS (int8 and int4 with 16-bit x): each weight is multiplied as a float in [1, 2)
+        (`_byte_fraction`, `_nibble_fraction`): int8 b as 1 + (b + 128) / 256, a nibble q as 1 + q / 16, and the
+        sums correct for it, sum(b x) = 256 (sum(f x) - sum(x)) - 128 sum(x) and sum(q x) =
+        16 (sum(f x) - sum(x)). That saves the exact conversion's float subtraction (`_as_float`)
+        a weight (8B's four projections at one row, µs a layer: int8 77.8 -> 76.2, int4 116.0 ->
+        91.7; bench/RESULTS.md, 2026-12-01); the products are exact for bf16
+        x (9 bits times 8) and the sums lose about 2**-16 of their size, far below x's rounding.
+        float32 x keeps the exact conversion."""
         w, scale, offset = tile
-        if QUANT == 2:
+        if QUANT == 2 and FRACTIONS:
+            low = _nibble_fraction(w, 19)  # (BLOCK_N, width // 2): 1 + q / 16
+            high = _nibble_fraction(w, 15)
+            groups: tl.constexpr = scale.shape[1]
+            block_n: tl.constexpr = w.shape[0]
+            width: tl.constexpr = w.shape[1]
+            if len(x_low.shape) == 2:  # one row: (BLOCK_N, width // 2) products, (1, groups) x sums
+                sums = tl.sum(tl.reshape(x_low * low + x_high * high, (block_n, groups, width // groups)), axis=2)
+                x_sums = tl.sum(tl.reshape(x_low + x_high, (1, groups, width // groups)), axis=2)
+                q_sums = 16.0 * (sums - x_sums)  # (BLOCK_N, groups): sum(q x) per group
+                product = tl.sum(q_sums * scale.to(tl.float32) + offset.to(tl.float32) * x_sums, axis=1)[None, :]
+            else:  # (ROWS, BLOCK_N, width // 2) products
+                rows: tl.constexpr = x_low.shape[0]
+                sums = tl.sum(tl.reshape(x_low * low[None, :, :] + x_high * high[None, :, :],
+                                         (rows, block_n, groups, width // groups)), axis=3)
+                x_sums = tl.sum(tl.reshape(x_low + x_high, (rows, 1, groups, width // groups)), axis=3)
+                q_sums = 16.0 * (sums - x_sums)  # (ROWS, BLOCK_N, groups)
+                product = tl.sum(q_sums * scale.to(tl.float32)[None, :, :] + offset.to(tl.float32)[None, :, :] * x_sums,
+                                 axis=2)
+        elif QUANT == 2:
             low = _grouped(_as_float(w & 0xF), scale, offset)
             high = _grouped(_as_float(w >> 4), scale, offset)
             if len(x_low.shape) == 2:
                 product = tl.sum(x_low * low + x_high * high, axis=1)[None, :]
             else:
                 product = tl.sum(x_low * low[None, :, :] + x_high * high[None, :, :], axis=2)
+        elif QUANT == 1 and FRACTIONS and w.dtype == tl.int8:
+            f = _byte_fraction(w)  # 1 + (b + 128) / 256
+            if len(x_low.shape) == 2:
+                x_sum = tl.sum(x_low, axis=1)  # (1,)
+                product = (256.0 * (tl.sum(x_low * f, axis=1) - x_sum) - 128.0 * x_sum)[None, :]
+            else:
+                x_sum = tl.sum(x_low, axis=2)  # (ROWS, 1)
+                product = 256.0 * (tl.sum(x_low * f[None, :, :], axis=2) - x_sum) - 128.0 * x_sum
         elif len(x_low.shape) == 2:
             product = tl.sum(x_low * _as_float(w), axis=1)[None, :]
         else:
@@ -645,17 +700,17 @@ if triton is not None:
                       residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, per_row_slot,
                       r, r_ok, N, K, q_rows, kv_rows, slots, dtype: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                       RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT: tl.constexpr,
-                      GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      FIRST_K: tl.constexpr):
+                      GROUP: tl.constexpr, FRACTIONS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, FIRST_K: tl.constexpr):
         """The outputs of one block of weight rows: first/first_up its tiles (`_load_tile`) of the
         first FIRST_K columns, already read; x_low/x_high x's first columns, normed, float32
         (`_x_columns`)."""
         n = _block_rows(block, ROTARY, BLOCK_N, HEAD_DIM)  # (BLOCK_N,) output features
         n_ok = n < N
-        acc = _tile_product(x_low, x_high, first, QUANT)  # (ROWS, BLOCK_N)
+        acc = _tile_product(x_low, x_high, first, QUANT, FRACTIONS)  # (ROWS, BLOCK_N)
         acc_up = acc
         if GATED:
-            acc_up = _tile_product(x_low, x_high, first_up, QUANT)
+            acc_up = _tile_product(x_low, x_high, first_up, QUANT, FRACTIONS)
         for start in range(FIRST_K, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
             k_ok = k < K
@@ -663,9 +718,9 @@ if triton is not None:
                                                      NORM, dtype), QUANT)
             tile, tile_up = _load_rows(w_ptr, scale_ptr, offset_ptr, n, n_ok, N, K, start, BLOCK_K, GATED, QUANT, GROUP,
                                        False)
-            acc += _tile_product(step_low, step_high, tile, QUANT)
+            acc += _tile_product(step_low, step_high, tile, QUANT, FRACTIONS)
             if GATED:
-                acc_up += _tile_product(step_low, step_high, tile_up, QUANT)
+                acc_up += _tile_product(step_low, step_high, tile_up, QUANT, FRACTIONS)
         if QUANT == 1:  # row-scaled: each row's sum times its scale
             acc = acc * first[1][None, :]
             if GATED:
@@ -715,6 +770,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         QUANT: tl.constexpr,  # PLAIN (w in x's dtype), ROW_SCALED (int8/FP8 times a scale per row), INT4 (in groups)
         GROUP: tl.constexpr,  # int4: columns per scale and offset (a power of two)
+        FRACTIONS: tl.constexpr,  # int8/int4 weights multiplied as floats in [1, 2) (`_tile_product`)
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
         ROWS: tl.constexpr,  # rows rounded up to a power of two
         PERSISTENT: tl.constexpr,  # fewer programs than blocks, each looping over its share (FIRST_K >= K)
@@ -766,13 +822,13 @@ if triton is not None:
                 _block_output(block, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
                               residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr,
                               per_row_slot, r, r_ok, N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT,
-                              GROUP, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
+                              GROUP, FRACTIONS, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
                 first, first_up = following_tiles
         else:
             _block_output(program, first, first_up, x_low, x_high, x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
                           residual_ptr, norm_w_ptr, inv_rms, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr,
                           per_row_slot, r, r_ok, N, K, q_rows, kv_rows, slots, dtype, GATED, NORM, RESIDUAL, ROTARY, HEAD_DIM, QUANT, GROUP,
-                          ROWS, BLOCK_N, BLOCK_K, FIRST_K)
+                          FRACTIONS, ROWS, BLOCK_N, BLOCK_K, FIRST_K)
 
     def launch(x, weight, out, *, norm_weight=None, eps=0.0, residual=None, gated=False, rotary=None, config=None,
                pdl=None):
@@ -809,7 +865,8 @@ if triton is not None:
             cos, sin, keys, values, slot, per_row_slot,
             rows, out_features, in_features, eps, out_features - 2 * kv_heads * head_dim, kv_heads * head_dim, slots,
             NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, ROTARY=rotary is not None,
-            HEAD_DIM=head_dim, QUANT=quant, GROUP=group, PDL=pdl, ROWS=triton.next_power_of_2(rows),
+            HEAD_DIM=head_dim, QUANT=quant, GROUP=group,
+            FRACTIONS=FRACTION_PRODUCTS and x.dtype != torch.float32, PDL=pdl, ROWS=triton.next_power_of_2(rows),
             PERSISTENT=programs < blocks, BLOCK_N=block_n, BLOCK_K=block_k,
             FIRST_K=first_k, num_warps=warps, num_stages=stages, launch_pdl=pdl,
         )  # fmt: skip
