@@ -572,7 +572,7 @@ if triton is not None:
     def _byte_fraction(b):
         """A signed byte b as the float 1 + (b + 128) / 256 (`_tile_product`): its bits are
         (b << 15) + base, base being 1.0's bits plus 128 units of bit 15, so b + 128 lands in
-        mantissa bits 15-22. One integer multiply-add, no conversion and no subtraction."""
+        mantissa bits 15-22. One shift-and-add instruction, no conversion and no subtraction."""
         return ((b.to(tl.int32) << 15) + 0x3FC00000).to(tl.float32, bitcast=True)
 
     @triton.jit
@@ -600,12 +600,12 @@ if triton is not None:
         (ROWS, 1, width) for more) times the weight (row-scaled: before the scale).
 
         FRACTIONS (int8 and int4 with 16-bit x): each weight is multiplied as a float in [1, 2)
-        (`_byte_fraction`, `_nibble_fraction`): int8 b as 1 + (b + 128) / 256, a nibble q as 1 + q / 16, and the
-        sums correct for it, sum(b x) = 256 (sum(f x) - sum(x)) - 128 sum(x) and sum(q x) =
-        16 (sum(f x) - sum(x)). That saves the exact conversion's float subtraction (`_as_float`)
-        a weight (8B's four projections at one row, µs a layer: int8 77.8 -> 76.2, int4 116.0 ->
-        91.7; bench/RESULTS.md, 2026-12-01); the products are exact for bf16
-        x (9 bits times 8) and the sums lose about 2**-16 of their size, far below x's rounding.
+        (`_byte_fraction`, `_nibble_fraction`): int8 b as 1 + (b + 128) / 256, a nibble q as
+        1 + q / 16, and the sums correct for it: sum(b x) = 256 (sum(f x) - sum(x)) - 128 sum(x),
+        sum(q x) = 16 (sum(f x) - sum(x)). That saves the exact conversion's float subtraction
+        (`_as_float`) a weight (8B's four projections at one row, µs a layer: int8 77.8 -> 76.2,
+        int4 116.0 -> 91.7; bench/RESULTS.md, 2026-12-01). The products are exact for bf16 x (9 or 5
+        bits times 8) and the sums lose about 2**-16 of their size, far below x's rounding.
         float32 x keeps the exact conversion."""
         w, scale, offset = tile
         if QUANT == 2 and FRACTIONS:
