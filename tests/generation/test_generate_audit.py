@@ -201,3 +201,52 @@ def test_generation_options_of_an_old_config_json(checkpoint, tmp_path):
     plain = GenerationConfig.from_model_config(herd.LlamaConfig(use_cache=True, output_attentions=False))
     assert {key for key in plain.to_diff_dict() if not key.startswith("_")} <= {"bos_token_id", "eos_token_id",
                                                                                 "pad_token_id"}
+
+
+@pytest.mark.parametrize("mode", [{}, dict(num_beams=2)], ids=["greedy", "beams"])
+@pytest.mark.parametrize("max_cache_len", [30, 5])
+def test_max_cache_len_sizes_a_static_cache(pair, mode, max_cache_len):
+    """generate(max_cache_len=N) with a static cache: sized max(N, max_length - 1) as transformers sizes it
+    (herd refused the argument as unknown). The reference is made fresh: it keeps the largest size of its
+    earlier calls (herd sizes each call's cache from that call)."""
+    pair[0].__dict__.pop("_previous_max_cache_length", None)
+    ids, mask = _prompts()
+    expected, got = _both(pair, input_ids=ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=3,
+                          cache_implementation="static", max_cache_len=max_cache_len, **mode, **SCORES)
+    _same(got, expected)
+    size = got.past_key_values.get_max_cache_shape()
+    assert size == expected.past_key_values.get_max_cache_shape() == max(max_cache_len, ids.shape[1] + 2)
+
+
+def test_max_cache_len_without_a_static_cache_warns(pair, caplog):
+    ids, mask = _prompts()
+    expected = pair[0].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=3)
+    with caplog.at_level("WARNING", logger="herd"):
+        got = pair[1].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=3, max_cache_len=40)
+    assert torch.equal(got, expected)
+    assert "max_cache_len" in caplog.text
+    with pytest.raises(ValueError, match="max_cache_len must be a positive integer"):
+        pair[1].generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static", max_cache_len=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(trust_remote_code=True), dict(decoder_start_token_id=3)],
+                         ids=["trust_remote_code", "decoder_start_token_id"])
+def test_arguments_transformers_ignores_for_a_decoder_only_model(pair, kwargs):
+    """Accepted with transformers' tokens (herd refused them as unknown arguments)."""
+    ids, mask = _prompts()
+    expected, got = _both(pair, input_ids=ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=3, **kwargs)
+    _same(got, expected)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("num_assistant_tokens", 4), ("assistant_confidence_threshold", 0.3), ("max_matching_ngram_size", 2),
+    ("token_healing", True), ("use_mtp", True), ("low_memory", True), ("compile_config", object()),
+    ("constraints", True), ("force_words_ids", [[5]]),
+])
+def test_transformers_options_herd_does_not_implement_are_refused_by_name(pair, name, value):
+    """A one-line NotImplementedError naming the option (True is not the "off" value 1: token_healing=True
+    and constraints=True ran as if unset)."""
+    ids, mask = _prompts()
+    with pytest.raises(NotImplementedError, match=rf"^generate\({name}=\.\.\.\): {name} [^\n]+$"):
+        pair[1].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2, **{name: value})
+    pair[1].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2, **{name: None})  # None: off

@@ -49,7 +49,7 @@ FIELDS = (
     "begin_suppress_tokens", "renormalize_logits", "length_penalty", "num_return_sequences",
     "pad_token_id", "bos_token_id", "eos_token_id", "stop_strings", "use_cache", "cache_implementation",
     "output_scores", "output_logits", "output_attentions", "output_hidden_states", "return_dict_in_generate",
-    "disable_compile", "prefill_chunk_size", "watermarking_config", "cache_config", "max_time",
+    "disable_compile", "prefill_chunk_size", "watermarking_config", "cache_config", "max_time", "max_cache_len",
 )
 _REMOVED = "was removed from transformers 5's generate() (it lives on as a Hub custom_generate method)"
 _NOT_IMPLEMENTED = "is not implemented by herd"
@@ -60,8 +60,34 @@ UNSUPPORTED = {
     "assistant_model": _NOT_IMPLEMENTED,
     "prompt_lookup_num_tokens": _NOT_IMPLEMENTED,
 }
+# transformers' options of assisted (speculative) decoding and others herd does not implement, refused
+# when a generate() call sets them (a generation_config.json's copy is kept, as transformers ignores
+# them without an assistant model).
+_ASSISTED = "is an option of assisted decoding, which herd does not implement"
+PER_CALL_UNSUPPORTED = {
+    **{name: _ASSISTED for name in (
+        "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+        "max_matching_ngram_size", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+        "assistant_ensemble_weight", "speculation_type", "is_assistant")},
+    "use_mtp": "(multi-token prediction) is not implemented by herd: Llama models have no MTP layers",
+    "token_healing": _NOT_IMPLEMENTED,
+    "compile_config": "is not supported by herd: its fast path compiles its own way (disable_compile=True turns it off)",
+    "continuous_batching_config": "is not supported by generate(): herd's continuous batching is herd.serving.Engine",
+    # (transformers 5.17 ignores it when decoding one row at a time and refuses it in beam search)
+    "low_memory": "(sequential beam search) is not implemented by herd",
+}
+# transformers' fields that change nothing for a decoder-only model in transformers 5.17 either (the
+# first token of an encoder-decoder's decoder): accepted in a call and dropped.
+NO_EFFECT = ("decoder_start_token_id",)
 # Values of unsupported fields that mean "off", as written in many generation_config.json files.
 _OFF_VALUES = (None, 0, 0.0, 1.0, False, [], "")
+
+
+def _is_off(value: Any) -> bool:
+    """An unsupported field's value that means "off" (True is not 1: token_healing=True is on)."""
+    if isinstance(value, bool):
+        return value is False
+    return any(value == off and not isinstance(off, bool) for off in _OFF_VALUES) or value is None
 # Arguments of generate() itself, refused inside a GenerationConfig (as the reference refuses them).
 _GENERATE_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                        "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask")
@@ -217,9 +243,12 @@ class GenerationConfig(hub.PushToHubMixin):
             elif key in FIELDS:
                 setattr(self, key, value)
                 used.add(key)
-            elif key in UNSUPPORTED:
-                if value not in _OFF_VALUES:
-                    raise NotImplementedError(f"generate({key}=...): {key} {UNSUPPORTED[key]}")
+            elif key in UNSUPPORTED or key in PER_CALL_UNSUPPORTED:
+                if not _is_off(value):
+                    why = UNSUPPORTED.get(key) or PER_CALL_UNSUPPORTED[key]
+                    raise NotImplementedError(f"generate({key}=...): {key} {why}")
+            elif key in NO_EFFECT:
+                pass
             else:
                 unused[key] = value
         self._user_set_attributes = used
@@ -271,6 +300,10 @@ class GenerationConfig(hub.PushToHubMixin):
             for name in ("cache_implementation", "cache_config"):
                 if getattr(self, name) is not None:
                     issues[name] = f"use_cache is False, but {name} is {getattr(self, name)!r}: it has no effect"
+        if self.max_cache_len is not None and self.cache_implementation not in ("static", "hybrid") \
+                and not self.cache_config:  # (cache_config's FP8 cache is a static one)
+            issues["max_cache_len"] = (f"max_cache_len is only used with a static cache; it is ignored with "
+                                       f"cache_implementation={self.cache_implementation!r}")
         if self.return_dict_in_generate is not True:
             for name in _OUTPUT_FLAGS:
                 if getattr(self, name) is True:
@@ -288,7 +321,7 @@ class GenerationConfig(hub.PushToHubMixin):
 
     def _check(self, strict: bool, user_set: set[str] | None, refuse_unsupported: bool) -> None:
         for key, value in self._extra.items():
-            if refuse_unsupported and key in UNSUPPORTED and value not in _OFF_VALUES:
+            if refuse_unsupported and key in UNSUPPORTED and not _is_off(value):
                 raise NotImplementedError(f"generation option {key}={value!r}: {key} {UNSUPPORTED[key]}")
             if key in _GENERATE_ARGUMENTS:
                 raise ValueError(f"{key} is not a GenerationConfig field: pass it to generate() itself")
@@ -301,6 +334,9 @@ class GenerationConfig(hub.PushToHubMixin):
         chunk = self.prefill_chunk_size
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ValueError(f"prefill_chunk_size must be a positive integer (tokens per prefill forward), got {chunk!r}")
+        if self.max_cache_len is not None and (not isinstance(self.max_cache_len, int) or isinstance(self.max_cache_len, bool)
+                                               or self.max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be a positive integer (the static cache's positions), got {self.max_cache_len!r}")
         for name in ("min_new_tokens", "min_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):

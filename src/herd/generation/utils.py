@@ -252,6 +252,8 @@ class GenerationMixin:
             raise NotImplementedError("generate(assistant_model=...): assisted decoding is not implemented by herd")
         if custom_generate is not None:
             raise NotImplementedError("generate(custom_generate=...): herd does not run custom generation methods")
+        # (a permission for Hub code, which herd never runs: the modes that would need it are refused by name)
+        kwargs.pop("trust_remote_code", None)
         kwargs.update(logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                       negative_prompt_ids=negative_prompt_ids,
                       negative_prompt_attention_mask=negative_prompt_attention_mask)
@@ -371,7 +373,7 @@ class GenerationMixin:
         else:
             decoder = choose_decoder(self, config, past_key_values=past_key_values, forward_kwargs=forward_kwargs)
         # a static cache of max_length - 1 positions, as transformers sizes it (the last token never goes in)
-        cache = decoder.start(input_ids.shape[0], max_length - 1 if isinstance(decoder, PlainDecoder) else max_length)
+        cache = decoder.start(input_ids.shape[0], _cache_length(config, max_length - 1 if isinstance(decoder, PlainDecoder) else max_length))
         # The host asks "is every row done?" only every few tokens on the fast path (each question
         # waits for the device); rows that finished meanwhile get padding, trimmed off at the end.
         sync_interval = decoder.sync_interval if stop_checks is None and streamer is None else 1
@@ -507,7 +509,7 @@ class GenerationMixin:
                                      extra["inputs_embeds"].shape[1] - prompt_length)
         else:
             decoder = PlainDecoder(self, config, past_key_values, forward_kwargs)
-        cache = decoder.start(batch_size * num_beams, max_length - 1)  # (as in _sample)
+        cache = decoder.start(batch_size * num_beams, _cache_length(config, max_length - 1))  # (as in _sample)
 
         running = torch.full((batch_size, num_beams, max_length), fill_value, dtype=torch.long, device=device)
         running[:, :, :prompt_length] = flat_ids.view(batch_size, num_beams, -1)
@@ -683,6 +685,14 @@ def _finish_rows(block: torch.Tensor, unfinished: torch.Tensor, eos_ids, pad_tok
     running = unfinished[:, None] & ~eos_so_far  # (batch, steps)
     any_unfinished.extend(running.any(dim=0).unbind(0))
     return block, running[:, -1]
+
+
+def _cache_length(config: GenerationConfig, length: int) -> int:
+    """The positions a fresh cache is sized for: `length`, or max_cache_len when that is larger and the
+    cache is a static one (cache_implementation "static"/"hybrid" or cache_config's FP8), as transformers
+    sizes it (a dynamic cache grows as it needs and ignores max_cache_len, with a warning at validate())."""
+    static = config.cache_implementation in ("static", "hybrid") or config.kv_cache_dtype is not None
+    return max(length, config.max_cache_len) if static and config.max_cache_len is not None else length
 
 
 def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
