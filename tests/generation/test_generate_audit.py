@@ -250,3 +250,12 @@ def test_transformers_options_herd_does_not_implement_are_refused_by_name(pair, 
     with pytest.raises(NotImplementedError, match=rf"^generate\({name}=\.\.\.\): {name} [^\n]+$"):
         pair[1].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2, **{name: value})
     pair[1].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2, **{name: None})  # None: off
+
+
+def test_prefill_chunk_size_without_a_cache_is_refused(pair):
+    """transformers refuses chunked prefill with use_cache=False; herd ran the prompt whole, ignoring it."""
+    ids, mask = _prompts()
+    for model in pair:
+        with pytest.raises(ValueError, match="(?i)prefill chunking without a cache|prefill_chunk_size needs a cache"):
+            model.generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2, prefill_chunk_size=2,
+                           use_cache=False)

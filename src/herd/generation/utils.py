@@ -259,6 +259,9 @@ class GenerationMixin:
                       negative_prompt_attention_mask=negative_prompt_attention_mask)
         config, model_kwargs = self._generation_setup(generation_config, kwargs)
         config._prefix_allowed_tokens_fn = prefix_allowed_tokens_fn
+        if config.prefill_chunk_size is not None and config.use_cache is False:
+            # (as transformers: chunks of the prompt go through the model only into a cache)
+            raise ValueError("prefill_chunk_size needs a cache to prefill into: it cannot be used with use_cache=False")
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         inputs_embeds = model_kwargs.pop("inputs_embeds", None)
         if inputs_embeds is not None:
