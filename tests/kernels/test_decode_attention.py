@@ -185,6 +185,21 @@ def test_fp8_cache_matches_torch(dtype, batch, heads, kv_heads, slots, dim, spli
         _check(out, query, *dequantized, allowed, dim**-0.5)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+def test_fp8_slots_nobody_sees_change_nothing(dtype):
+    """With a 16-bit query (scales applied per slot), masked slots of an FP8 cache may hold any
+    scales, NaN included: the output is the one with those slots' scales zeroed."""
+    query, keys, values, allowed, key_scales, value_scales = _fp8_case(2, 8, 2, 200, 32, dtype)
+    run = lambda ks, vs: decode_attention.launch(query.reshape(2, -1).contiguous(), keys, values, allowed,  # noqa: E731
+                                                 _slot(0), 32**-0.5, splits=3, key_scales=ks, value_scales=vs)
+    hidden = ~allowed[:, None, :].expand_as(key_scales)
+    zeroed = run(key_scales.masked_fill(hidden, 0.0), value_scales.masked_fill(hidden, 0.0))
+    poisoned = run(key_scales.masked_fill(hidden, float("nan")), value_scales.masked_fill(hidden, float("nan")))
+    assert torch.isfinite(zeroed).all()
+    torch.testing.assert_close(poisoned, zeroed, rtol=0, atol=0)
+
+
 def test_fp8_cache_scales_matter():
     """The torch fallback reads the scales: a slot's scale doubled doubles what its value contributes."""
     query, keys, values, allowed, key_scales, value_scales = _fp8_case(1, 2, 1, 8, 16, torch.float32)

@@ -15,10 +15,16 @@ product with the values (they are divided out at the end), which moves bf16 resu
 in the last place at most.
 
 FP8 caches (the FP8 KV cache, cache.fp8_quantize): keys/values float8_e4m3fn with a float32 scale
-per (row, kv head, slot), `key_scales`/`value_scales` (batch, kv_heads, slots). The kernel loads
-the bytes and multiplies each slot by its scale right after the load, rounding to the query's
-dtype as the plain cache's `fp8_dequantize` does; the rest is the same arithmetic (a constexpr
-switch: the model-dtype variant compiles as before).
+per (row, kv head, slot), `key_scales`/`value_scales` (batch, kv_heads, slots). With a 16-bit
+query the e4m3 values go to the tensor cores as float16 (exact) and the scales apply per slot,
+not per value (`_attend_block`): a key's scale to its score, a value's to its softmax weight.
+Multiplying every value by its scale in float32 and rounding it back (the plain cache's
+`fp8_dequantize`) made the kernel slower than with a bf16 cache despite half the bytes; per slot
+it is 21% faster (the paged kernel at the 8B server's 256 rows: 264 -> 209 us), still slower than
+bf16 (148 us; bench/paged_attention_sweep.py, bench/RESULTS.md 2026-12-01). The query is rounded
+to float16 for the product (queries beyond float16's range would overflow: attention queries are
+far inside it). A float32 query keeps the dequantizing arithmetic, rounded as `fp8_dequantize`
+rounds.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ TARGET_PROGRAMS = 128  # about one program per SM: ranges are added until the gr
 LONG_RANGE_SLOTS = 512
 LONG_CONTEXT_PROGRAMS = 512
 ORDINARY_LAUNCH_PROGRAMS = 256  # larger grids of long ranges launch after the previous kernel (`plan_programmatic`)
+# FP8 values with a 16-bit query: each slot's softmax weight times its value scale, times this
+# power of two, is what multiplies the e4m3 values in float16: weights near 1 times scales of
+# amax / 448 land mid-range instead of among float16's subnormals (divided out exactly at the end)
+VALUE_LIFT = 256.0
 
 
 def plan_block(dim: int) -> int:
@@ -122,13 +132,18 @@ def attend(query, keys, values, allowed, new_slot, scaling: float, key_scales=No
 
 
 if triton is not None:
+    _LIFT = tl.constexpr(VALUE_LIFT)  # what the kernels read (a global of a jit function is a constexpr)
 
     @triton.jit
     def _attend_block(query, key, value, visible, running_max, running_sum, acc, scaling, dtype: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, key_scale, value_scale, SCALED: tl.constexpr):
         """One block of slots into the running softmax: query (GROUP_PAD, DIM), key/value (BLOCK, DIM),
-        visible (BLOCK,). Returns the new running max and sum (GROUP_PAD,) and acc (GROUP_PAD, DIM)."""
+        visible (BLOCK,). Returns the new running max and sum (GROUP_PAD,) and acc (GROUP_PAD, DIM).
+        SCALED: key/value are e4m3 values as float16 with a scale per slot, key_scale/value_scale
+        (BLOCK,); acc then holds VALUE_LIFT times the sums (the kernel divides it out at the end)."""
         scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)  # (GROUP_PAD, BLOCK)
+        if SCALED:
+            scores = scores * key_scale[None, :]
         scores = (scores.to(dtype).to(tl.float32) * scaling).to(tl.float32)  # compile passes floats as float64
         scores = tl.where(visible[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -136,24 +151,34 @@ if triton is not None:
         weights = tl.exp(scores - shift[:, None])
         rescale = tl.exp(running_max - shift)
         running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(dtype), value, input_precision=PRECISION)
+        if SCALED:  # a slot nobody sees adds nothing, whatever its scale holds
+            lift = tl.where(visible, value_scale, 0.0) * _LIFT
+            products = tl.dot((weights * lift[None, :]).to(tl.float16), value, input_precision=PRECISION)
+        else:
+            products = tl.dot(weights.to(dtype), value, input_precision=PRECISION)
+        acc = acc * rescale[:, None] + products
         return new_max, running_sum, acc
 
     @triton.jit
     def _load_slots(ptr, scale_ptr, offsets, scale_offsets, slot_ok, dtype: tl.constexpr, FP8: tl.constexpr,
-                    first: tl.constexpr):
+                    SCALED: tl.constexpr, first: tl.constexpr):
         """(BLOCK, DIM) keys or values of the slots whose offsets are given, zero where not slot_ok
-        (BLOCK,), in dtype: with FP8 the stored bytes times each slot's scale (at scale_offsets
-        (BLOCK,)), rounded to dtype as fp8_dequantize rounds. `first`: read once (evicted first),
-        else a re-read of the newest slot."""
+        (BLOCK,), and their scales (BLOCK,) (FP8; else slot_ok, unread). FP8 and SCALED: the e4m3
+        values as float16, the scales apart (`_attend_block`); FP8 alone: the bytes times each
+        slot's scale (at scale_offsets), rounded to dtype as fp8_dequantize rounds. `first`: read
+        once (evicted first), else a re-read of the newest slot."""
         if first:
             stored = tl.load(ptr + offsets, mask=slot_ok[:, None], other=0.0, eviction_policy="evict_first")
         else:
             stored = tl.load(ptr + offsets, mask=slot_ok[:, None], other=0.0)
+        scale = slot_ok
         if FP8:
             scale = tl.load(scale_ptr + scale_offsets, mask=slot_ok, other=0.0)  # (BLOCK,)
-            stored = (stored.to(tl.float32) * scale[:, None]).to(dtype)
-        return stored
+            if SCALED:
+                stored = stored.to(tl.float16)  # exact
+            else:
+                stored = (stored.to(tl.float32) * scale[:, None]).to(dtype)
+        return stored, scale
 
     @triton.jit
     def _attend_range_kernel(
@@ -180,6 +205,7 @@ if triton is not None:
         PRECISION: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent of the previous kernel
         FP8: tl.constexpr = False,  # keys/values float8_e4m3fn with a float32 scale per slot
+        SCALED: tl.constexpr = False,  # FP8 with a 16-bit query: float16 products, scales per slot (`_attend_block`)
     ):
         dtype = q_ptr.dtype.element_ty  # the cache's dtype, or with FP8 what it dequantizes to
         if PDL:  # the next kernel may launch now: it only reads what this one writes after its own gdc_wait
@@ -201,34 +227,46 @@ if triton is not None:
         s_ok = s < end
         kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
         scale_offsets = row_head.to(tl.int64) * slots + s
-        key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)  # (BLOCK, DIM)
-        value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
+        key, key_scale = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, SCALED,
+                                     True)  # (BLOCK, DIM), (BLOCK,)
+        value, value_scale = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, SCALED, True)
         if PDL:
             tl.extra.cuda.gdc_wait()
         newest = (s == tl.load(new_slot_ptr)) & s_ok
-        key = tl.where(newest[:, None], _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, newest,
-                                                    dtype, FP8, False), key)
-        value = tl.where(newest[:, None], _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, newest,
-                                                      dtype, FP8, False), value)
+        new_key, new_key_scale = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, newest, dtype, FP8, SCALED,
+                                             False)
+        new_value, new_value_scale = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, newest, dtype, FP8,
+                                                 SCALED, False)
+        key = tl.where(newest[:, None], new_key, key)
+        value = tl.where(newest[:, None], new_value, value)
+        if FP8:
+            key_scale = tl.where(newest, new_key_scale, key_scale)
+            value_scale = tl.where(newest, new_value_scale, value_scale)
 
         g = tl.arange(0, GROUP_PAD)
         g_ok = g < GROUP
         q_offsets = (row * heads + kv_head * GROUP + g)[:, None] * DIM + d[None, :]
         query = tl.load(q_ptr + q_offsets, mask=g_ok[:, None], other=0.0)  # (GROUP_PAD, DIM)
+        if SCALED:
+            query = query.to(tl.float16)
         visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
         running_max, running_sum, acc = _attend_block(
             query, key, value, visible, tl.full((GROUP_PAD,), float("-inf"), tl.float32),
-            tl.zeros((GROUP_PAD,), tl.float32), tl.zeros((GROUP_PAD, DIM), tl.float32), scaling, dtype, PRECISION)
+            tl.zeros((GROUP_PAD,), tl.float32), tl.zeros((GROUP_PAD, DIM), tl.float32), scaling, dtype, PRECISION,
+            key_scale, value_scale, SCALED)
         for block_start in range(start + BLOCK, end, BLOCK):
             s = block_start + tl.arange(0, BLOCK)
             s_ok = s < end
             kv_offsets = cache_base + s[:, None] * DIM + d[None, :]
             scale_offsets = row_head.to(tl.int64) * slots + s
-            key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
-            value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, True)
+            key, key_scale = _load_slots(k_ptr, k_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, SCALED, True)
+            value, value_scale = _load_slots(v_ptr, v_scale_ptr, kv_offsets, scale_offsets, s_ok, dtype, FP8, SCALED,
+                                             True)
             visible = tl.load(allowed_ptr + row * slots + s, mask=s_ok, other=0) != 0
             running_max, running_sum, acc = _attend_block(query, key, value, visible, running_max, running_sum, acc,
-                                                          scaling, dtype, PRECISION)
+                                                          scaling, dtype, PRECISION, key_scale, value_scale, SCALED)
+        if SCALED:
+            acc = acc * (1.0 / _LIFT)
 
         head = kv_head * GROUP + g  # (GROUP_PAD,)
         if SPLITS == 1:
@@ -289,7 +327,7 @@ if triton is not None:
             kv_heads, slots, slots_per_split, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PDL=range_pdl, FP8=fp8,
-            num_warps=num_warps, num_stages=num_stages, launch_pdl=range_pdl,
+            SCALED=fp8 and query.dtype != torch.float32, num_warps=num_warps, num_stages=num_stages, launch_pdl=range_pdl,
         )  # fmt: skip
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](

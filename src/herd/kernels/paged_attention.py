@@ -15,9 +15,9 @@ then decode_attention.torch_attend).
 
 FP8 pools (the FP8 KV cache, decoding/kv.PagedKV): keys/values float8_e4m3fn with a float32 scale
 per (kv head, slot), key_scales/value_scales (1, kv_heads, slots). The kernel loads each slot's
-bytes and scale through decode_attention's `_load_slots` (the FP8 constexpr: bytes times scale,
-rounded to the query's dtype as cache.fp8_dequantize rounds); the torch arithmetic gathers the
-bytes and scales and lets torch_attend dequantize them.
+bytes and scale through decode_attention's `_load_slots` and attends as decode_attention does
+(with a 16-bit query: float16 products, the scales applied per slot); the torch arithmetic
+gathers the bytes and scales and lets torch_attend dequantize them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .decode_attention import _attend_block, _load_slots, _merge_ranges_kernel
+    from .decode_attention import _LIFT, _attend_block, _load_slots, _merge_ranges_kernel
 except ImportError:
     triton = None
 
@@ -107,6 +107,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         PRECISION: tl.constexpr,
         FP8: tl.constexpr = False,  # keys/values float8_e4m3fn with a float32 scale per slot
+        SCALED: tl.constexpr = False,  # FP8 with a 16-bit query (decode_attention._attend_block)
     ):
         dtype = q_ptr.dtype.element_ty  # the pool's dtype, or with FP8 what it dequantizes to
         row_head = tl.program_id(0)  # row * kv_heads + kv head
@@ -126,6 +127,8 @@ if triton is not None:
         g_ok = g < GROUP
         q_offsets = (row * heads + kv_head * GROUP + g)[:, None] * DIM + d[None, :]
         query = tl.load(q_ptr + q_offsets, mask=g_ok[:, None], other=0.0)  # (GROUP_PAD, DIM)
+        if SCALED:
+            query = query.to(tl.float16)
         running_max = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         running_sum = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
@@ -137,10 +140,14 @@ if triton is not None:
             slot = block.to(tl.int64) * block_size + p % block_size
             kv_offsets = (head_base + slot)[:, None] * DIM + d[None, :]
             # (BLOCK, DIM) each; `first` False: the loads' default eviction, as this kernel always had
-            key = _load_slots(k_ptr, k_scale_ptr, kv_offsets, head_base + slot, p_ok, dtype, FP8, False)
-            value = _load_slots(v_ptr, v_scale_ptr, kv_offsets, head_base + slot, p_ok, dtype, FP8, False)
+            key, key_scale = _load_slots(k_ptr, k_scale_ptr, kv_offsets, head_base + slot, p_ok, dtype, FP8, SCALED,
+                                         False)
+            value, value_scale = _load_slots(v_ptr, v_scale_ptr, kv_offsets, head_base + slot, p_ok, dtype, FP8,
+                                             SCALED, False)
             running_max, running_sum, acc = _attend_block(query, key, value, p_ok, running_max, running_sum, acc,
-                                                          scaling, dtype, PRECISION)
+                                                          scaling, dtype, PRECISION, key_scale, value_scale, SCALED)
+        if SCALED:
+            acc = acc * (1.0 / _LIFT)
 
         head = kv_head * GROUP + g
         if SPLITS == 1:
@@ -161,6 +168,11 @@ if triton is not None:
         heads = query.shape[1] // dim
         group = heads // kv_heads
         block = plan_block(dim)
+        scaled = key_scales is not None and query.dtype != torch.float32
+        if scaled and dim > 64:
+            # FP8 pools: blocks of 128 slots (the 8B server's 256 rows: 185 against 209 us with 64;
+            # bench/paged_attention_sweep.py)
+            block *= 2
         # ranges planned for the longest row the table can hold: a fixed grid, captured once per batch size
         splits = splits or plan_splits(batch, kv_heads, block_table.shape[1] * block_size, block)
         out = torch.empty_like(query)
@@ -173,7 +185,8 @@ if triton is not None:
             first_position, lengths, out, part_out, part_max, part_sum,
             kv_heads, slots, block_table.shape[1], block_size, scaling,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK=block,
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=4, num_stages=2,
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FP8=fp8,
+            SCALED=scaled, num_warps=4, num_stages=2,
         )  # fmt: skip
         if splits > 1:
             _merge_ranges_kernel[(batch * heads,)](
