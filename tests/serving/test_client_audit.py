@@ -181,3 +181,22 @@ def test_a_request_of_more_choices_than_the_waiting_queue_holds_is_answered(smol
         prompts = [f"Story number {i} is about" for i in range(5)]
         answer = http.completions.create(model="smollm2", prompt=prompts, max_tokens=2, temperature=0)
         assert len(answer.choices) == 5 and all(c.finish_reason == "length" for c in answer.choices)
+
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_extreme_sampling_values_are_answered_without_failing_the_batch(real, client):
+    """A top_k or repetition_penalty past 64 bits reached the sampler as a Python int and failed the
+    engine's step: a 500 for that request and for every request decoded beside it. A temperature of
+    1e-300 divided the logits into infinities and drew garbage; below 1e-5 it is greedy (as vLLM)."""
+    greedy = client.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=8, temperature=0)
+    beside = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=16, temperature=0,
+                                            stream=True)  # started first, decoding while the others come
+    for extreme in ({"top_k": 10**30, "temperature": 1.0}, {"repetition_penalty": 10**30, "temperature": 1.0}):
+        answer = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=2,
+                                                extra_body=extreme)
+        assert answer.choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in beside if c.choices)
+    tiny = client.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=8, temperature=1e-300)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content

@@ -22,6 +22,9 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_N = 128
 MAX_STOP_STRINGS = 4  # OpenAI's limit ("up to 4 sequences")
 MAX_TOP_LOGPROBS = 20
+# a top_k past any vocabulary keeps every token (vLLM takes any top_k and clamps it to the vocabulary);
+# off before it reaches the engine, where a value past 64 bits would fail the whole batch's step
+MAX_TOP_K = 2**31 - 1
 # seeds seed torch generators, which take 64-bit values (OpenAI's and vLLM's seed is an int64 too)
 SEED_RANGE = (-(2**63), 2**63 - 1)
 # /v1/completions' max_tokens when it is left out, as OpenAI's reference gives it (chat has no such default)
@@ -107,7 +110,9 @@ def _number(body: dict, name: str, *, low: float | None = None, high: float | No
         raise bad(name, f"must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:
         raise bad(name, f"must be <= {high}, got {value}")
-    return value
+    # a number field sent as a JSON integer (10**30 included) is a float from here on: the engine turns it
+    # into a tensor, where a Python int past 64 bits fails the whole batch's step
+    return value if integer else float(value)
 
 
 def _boolean(body: dict, name: str, default: bool = False) -> bool:
@@ -160,6 +165,8 @@ def _sampling(body: dict, logprobs: int | None) -> Sampling:
                                                  for i in stop_ids):
         raise bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
     top_k = _number(body, "top_k", low=-1, integer=True)
+    if top_k is not None and top_k > MAX_TOP_K:  # as many as the vocabulary: the same as off
+        top_k = 0
     return Sampling(
         max_tokens=completion_limit if completion_limit is not None else max_tokens,
         max_tokens_param="max_completion_tokens" if completion_limit is not None else "max_tokens",

@@ -60,6 +60,8 @@ logger = logging.getLogger("herd.serving")
 # Seeds of the n choices of one request: choice i gets seed + i * SEED_STRIDE (distinct samples,
 # each reproducible alone).
 SEED_STRIDE = 1_000_003
+# A temperature below this is greedy (vLLM's sampling epsilon): dividing the logits by less overflows.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -347,6 +349,8 @@ class Server:
         if vocab and any(token >= vocab for token in sampling.logit_bias):
             raise bad("logit_bias", f"holds token ids outside the vocabulary of {vocab} tokens")
         temperature = sampling.temperature if sampling.temperature is not None else defaults.get("temperature", 1.0)
+        if temperature < GREEDY_BELOW:  # logits / 1e-300 are infinite: the draw would be NaN
+            temperature = 0.0
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
