@@ -160,6 +160,10 @@ def test_chat_logprobs_match_the_model(client, smollm2):
                                       temperature=0, logprobs=2)
     assert len(plain.choices[0].logprobs.tokens) == 3 and len(plain.choices[0].logprobs.top_logprobs[0]) == 2
     assert "".join(plain.choices[0].logprobs.tokens) == plain.choices[0].text
+    # logprobs 0: each top_logprobs entry holds the chosen token alone (it was empty)
+    zero = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=3,
+                                     temperature=1.0, seed=3, logprobs=0).choices[0].logprobs
+    assert zero.top_logprobs == [{token: value} for token, value in zip(zero.tokens, zero.token_logprobs)]
 
 
 def test_echo_logprobs_are_the_models_log_softmax_over_the_prompt(client, smollm2):
@@ -178,12 +182,18 @@ def test_echo_logprobs_are_the_models_log_softmax_over_the_prompt(client, smollm
     assert echoed.text == prompt + plain.text
     assert logprobs.tokens[:n] == [tokenizer.decode([i]) for i in ids]
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    outside = 0
     for position in range(1, n):
         best = expected[position - 1].topk(2)
-        assert logprobs.token_logprobs[position] == pytest.approx(expected[position - 1, ids[position]].item(),
-                                                                  abs=1e-4)
-        assert list(logprobs.top_logprobs[position]) == [tokenizer.decode([i]) for i in best.indices.tolist()]
-        assert list(logprobs.top_logprobs[position].values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+        chosen = expected[position - 1, ids[position]].item()
+        assert logprobs.token_logprobs[position] == pytest.approx(chosen, abs=1e-4)
+        # the 2 best and the prompt's own token (up to logprobs + 1 entries, as OpenAI's reference and vLLM)
+        want = dict(zip([tokenizer.decode([i]) for i in best.indices.tolist()], best.values.tolist()))
+        outside += tokenizer.decode([ids[position]]) not in want
+        want.setdefault(tokenizer.decode([ids[position]]), chosen)
+        assert list(logprobs.top_logprobs[position]) == list(want)
+        assert list(logprobs.top_logprobs[position].values()) == pytest.approx(list(want.values()), abs=1e-4)
+    assert outside  # " capital" after "The" is not among the 2 best: its entry has 3
     assert logprobs.tokens[n:] == plain.logprobs.tokens
     assert logprobs.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
     assert "".join(logprobs.tokens) == echoed.text  # no special token in this prompt: offsets are the sums

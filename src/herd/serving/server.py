@@ -16,7 +16,8 @@ choice's `text` (the echoed prompt included), so a token the text does not show 
 token) has the offset of the text after it. With `echo` and `logprobs` the prompt's tokens come
 first, the first with a null logprob and null top_logprobs, the others from the model's
 log-softmax over the prompt (the engine's prompt_logprobs, as vLLM's); `echo` with `max_tokens`
-0 answers the prompt alone.
+0 answers the prompt alone. Completions' `top_logprobs` hold the k most likely tokens and the
+chosen one (up to k + 1 entries, as OpenAI's reference says and vLLM returns); chat's hold the k.
 
 States: "loading" (503 until `attach` gives it an engine), "ready", "draining" (503 for new
 requests while the in-flight ones finish, on shutdown).
@@ -120,6 +121,14 @@ def _finite(logprob: float | None) -> float | None:
     """A logprob JSON can carry: -inf (a token masked by a grammar, a prompt id past the head) is
     -9999.0, as vLLM and OpenAI write it."""
     return None if logprob is None else max(logprob, -9999.0)
+
+
+def _with_chosen(top: dict[str, float | None], token: str, logprob: float | None) -> dict[str, float | None]:
+    """A legacy (completions) top_logprobs entry: the k most likely tokens and the chosen one, up to
+    k + 1 entries, as OpenAI's reference says and vLLM returns (logprobs 0: the chosen token alone)."""
+    if token not in top:
+        top[token] = logprob
+    return top
 
 
 class _ToolStream:
@@ -492,8 +501,8 @@ class Server:
                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(assembler.token_bytes(i))}
                                      for i, t, lp in top]}
         # offset: where the token's text begins in the choice's generated text
-        return {"token": token, "logprob": _finite(event.logprob), "top": {t: lp for _, t, lp in top},
-                "offset": offset}
+        return {"token": token, "logprob": _finite(event.logprob),
+                "top": _with_chosen({t: lp for _, t, lp in top}, token, _finite(event.logprob)), "offset": offset}
 
     async def _with_disconnect(self, request: Request, work) -> Any:
         """Run `work` (a coroutine); if the client disconnects first, cancel it (its choices are aborted)."""
@@ -749,7 +758,8 @@ class Server:
             if score is not None:
                 logprob, top = score
                 entry["logprob"] = _finite(logprob)
-                entry["top"] = {positions.token_text(i): _finite(value) for i, value in top}
+                entry["top"] = _with_chosen({positions.token_text(i): _finite(value) for i, value in top},
+                                            entry["token"], entry["logprob"])
             entries.append(entry)
         echo.entries = entries
         return entries
