@@ -511,15 +511,19 @@ def test_disconnect_aborts_the_request(tokenizer):
     # one token per 50 ms: the client leaves after a few tokens, the engine must forget the request
     engine = FakeEngine(script=lambda request: [1] * 400, step_delay_s=0.05)
     with live(make_server(tokenizer, engine=engine)) as server:
+        def in_flight():
+            return metric(httpx.get(server.url + "/metrics").text, "herd_http_requests_in_flight")
+
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=say("x", stream=True, max_tokens=400),
                           timeout=30) as response:
             lines = response.iter_lines()
             for _ in range(4):
                 next(lines)
+            assert in_flight() == 1  # the gauge was never set: always 0
         deadline = time.monotonic() + 10
-        while engine.stats()["running"] and time.monotonic() < deadline:
+        while (engine.stats()["running"] or in_flight()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.stats()["running"] == 0 and engine.stats()["kv_blocks_used"] == 0
+        assert engine.stats()["running"] == 0 and engine.stats()["kv_blocks_used"] == 0 and in_flight() == 0
         assert engine.generated_tokens < 200
         # and a non-streaming client that gives up
         with pytest.raises(httpx.ReadTimeout):
@@ -532,6 +536,7 @@ def test_disconnect_aborts_the_request(tokenizer):
 
 def test_metrics(served):
     post(served, "/v1/chat/completions", say("counted"))
+    post(served, "/v1/chat/completions", {"messages": []})  # a 400 of its own (not one left by other tests)
     text = httpx.get(served.url + "/metrics").text
     for name in ("herd_requests_running", "herd_requests_waiting", "herd_kv_blocks_used",
                  "herd_prefix_cache_hits_total", "herd_time_to_first_token_seconds_bucket",
@@ -540,6 +545,18 @@ def test_metrics(served):
     assert "# TYPE herd_requests_running gauge" in text
     assert 'herd_http_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert 'status="400"' in text
+    # paths a client makes up share one label (a label each would grow /metrics without bound)
+    for path in ("/v1/made-up-1", "/v1/models/made-up-2"):
+        httpx.get(served.url + path)
+    text = httpx.get(served.url + "/metrics").text
+    assert "made-up" not in text
+    assert 'endpoint="other",status="404"' in text and 'endpoint="/v1/models/{model}",status="404"' in text
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, name
+    return values[0]
 
 
 def test_an_engine_failure_mid_stream_is_an_error_event(tokenizer):

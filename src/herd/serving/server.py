@@ -166,9 +166,20 @@ class _ToolStream:
         return content[len(self.sent):] if content.startswith(self.sent) else ""
 
 
+# The endpoints /metrics counts by name; any other path under /v1 counts as "other" (a label per path a
+# client made up would grow the registry without bound).
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
+def _endpoint(path: str) -> str:
+    if path in _ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
 class _StatusCounter:
-    """Counts the /v1 answers by path and status (plain ASGI: it leaves the request's receive alone, which
-    the disconnect watch reads)."""
+    """Counts the /v1 answers by endpoint and status (plain ASGI: it leaves the request's receive alone,
+    which the disconnect watch reads)."""
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -179,7 +190,7 @@ class _StatusCounter:
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+                self.metrics.requests.labels(_endpoint(scope["path"]), str(message["status"])).inc()
             await send(message)
 
         return await self.app(scope, receive, counting_send)
@@ -199,7 +210,8 @@ class Server:
         self._pending = (engine, model) if engine is not None else None
         self.created = _now()
         self.metrics = ServerMetrics(self._engine_stats)
-        self.in_flight = 0
+        self.in_flight = 0  # requests started and not yet answered to the end (streams included)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.app = self._build_app()
 
