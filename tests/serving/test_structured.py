@@ -98,3 +98,31 @@ def test_bad_schema_is_a_400_naming_the_field(compiler):
     with pytest.raises(APIError) as caught:
         compiler.for_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
     assert caught.value.status == 400 and caught.value.param == "response_format.json_schema.schema"
+
+
+def allowed_after(constraint, tokenizer, prefix: str) -> set[str]:
+    for token in tokenizer.encode(prefix, add_special_tokens=False):
+        constraint.accept(token)
+    assert not constraint.matcher.is_error(), prefix
+    allowed = torch.ones(len(tokenizer), dtype=torch.bool)
+    constraint.fill_allowed(allowed)
+    return {tokenizer.decode([i]) for i in allowed.nonzero().flatten().tolist()}
+
+
+def test_objects_that_list_their_properties_get_no_others(compiler, tokenizer):
+    """A schema without additionalProperties let SmolLM2 call get_time(zone=..., description=...), an
+    argument the function does not take; vLLM's default backend (xgrammar, strict) allows none."""
+    inner = {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}
+    schema = {"type": "object", "properties": {"a": inner, "n": {"enum": [{"properties": 1}]}}, "required": ["a"]}
+    starts = allowed_after(compiler.json_schema(schema), tokenizer, '{"a":{"b":1')
+    assert not any(text.lstrip().startswith(",") for text in starts) and any(t.startswith("}") for t in starts)
+    # the top level too: after "a", only "n" may follow
+    starts = allowed_after(compiler.json_schema(schema), tokenizer, '{"a":{"b":1},"')
+    assert starts and all("n".startswith(text[:1]) for text in starts if text), sorted(starts)[:20]
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}]
+    starts = allowed_after(compiler.for_tool_call(tools), tokenizer, '{"name":"get_time","parameters":{"zone":"CET"')
+    assert not any(text.lstrip().startswith(",") for text in starts)
+    # what the schema says of others is kept
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "integer"}}
+    assert any(t.startswith(",") for t in allowed_after(compiler.json_schema(schema), tokenizer, '{"a":1'))

@@ -6,6 +6,7 @@ says when the document is complete (the engine then ends the request with "stop"
 chosen over xgrammar by measurement (bench/RESULTS.md, 2026-11-30): masks of the same order,
 no dependencies. The llguidance tokenizer is built once per server from the tokenizer's own
 `tokenizers` JSON (about half a second for a 128k vocabulary); a schema compiles in about 1 ms.
+Object schemas that list their properties refuse others unless they say otherwise (closed_objects).
 """
 
 from __future__ import annotations
@@ -21,6 +22,36 @@ from .protocol import APIError, bad
 # Compact JSON: no free-running white space between tokens (a weak model could otherwise spend its
 # whole budget on spaces).
 _JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+# Keys whose values are data, never schemas (an enum of objects with a "properties" key stays as written).
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples", "required", "title", "description"})
+# Keys whose values map names to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where every object schema that lists its properties and says nothing of
+    others (no additionalProperties, patternProperties or unevaluatedProperties) refuses others, as
+    vLLM's default grammar backend (xgrammar's strict mode) generates: a weak model otherwise invents
+    arguments (`get_time(zone=..., description=...)`) that break the client's function call. The
+    parts of an allOf are left as written (each may add properties the other lists)."""
+    if isinstance(schema, list):
+        return [closed_objects(part) for part in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYS or key == "allOf":
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(part) for name, part in value.items()}
+        else:
+            out[key] = closed_objects(value)
+    if isinstance(out.get("properties"), dict) and \
+            not out.keys() & {"additionalProperties", "patternProperties", "unevaluatedProperties"}:
+        out["additionalProperties"] = False
+    return out
 
 
 def _llguidance():
@@ -68,7 +99,7 @@ class GrammarCompiler:
     def json_schema(self, schema: dict[str, Any] | None, *, param: str = "response_format") -> JsonConstraint:
         """A constraint for a document matching `schema` (None: any JSON object); APIError for a bad schema."""
         grammar = self._llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps({"type": "object"} if schema is None else schema), defaults=_JSON_OPTIONS)
+            json.dumps({"type": "object"} if schema is None else closed_objects(schema)), defaults=_JSON_OPTIONS)
         matcher = self._llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise bad(param, f"is not a JSON schema this server can enforce: {matcher.get_error()}")
