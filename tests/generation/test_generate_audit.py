@@ -259,3 +259,22 @@ def test_prefill_chunk_size_without_a_cache_is_refused(pair):
         with pytest.raises(ValueError, match="(?i)prefill chunking without a cache|prefill_chunk_size needs a cache"):
             model.generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2, prefill_chunk_size=2,
                            use_cache=False)
+
+
+@pytest.mark.parametrize("warper", [{}, dict(eta_cutoff=0.02)], ids=["plain_sampling", "eta_cutoff"])
+def test_fast_path_sampling_past_a_finished_batch(pair, monkeypatch, warper):
+    """The fast path checks whether every row finished only every few tokens, and samples on in between.
+    There forced_eos_token_id at the last position with exponential_decay_length_penalty gives the
+    finished rows NaN scores (-inf + inf): the draw (and eta_cutoff's entropy) failed where transformers,
+    stopping as soon as every row is done, gives its tokens."""
+    from herd.decoding import decoders
+
+    monkeypatch.setattr(decoders, "FAST_DEVICES", ("cuda", "cpu"))
+    ids, mask = _prompts()
+    kwargs = dict(input_ids=ids, attention_mask=mask, pad_token_id=PAD, do_sample=True, max_new_tokens=3,
+                  eos_token_id=list(range(1, VOCAB)), forced_eos_token_id=9,  # rows end at their first non-pad token
+                  exponential_decay_length_penalty=(1, 1.5), **warper)
+    expected, got = _both(pair, seed=1, **kwargs)
+    _same(got, expected)
+    assert got.shape[1] < ids.shape[1] + 3  # every row finished before the last position
+    assert decoders.fast_decoder(pair[1]).entry is not None  # the fast path ran

@@ -139,8 +139,10 @@ def epsilon_cutoff(epsilon: float, min_tokens_to_keep: int = 1, filter_value: fl
 
 
 def _entropy(scores: torch.Tensor) -> torch.Tensor:
-    # torch's Categorical, as the reference uses, so the arithmetic (clamping -inf) is identical.
-    return torch.distributions.Categorical(logits=scores).entropy()
+    # torch's Categorical, as the reference uses, so the arithmetic (clamping -inf) is identical; without
+    # its argument check, so that a finished row's invalid (NaN) scores do not fail the call (generate()
+    # draws padding for it; a running row's NaN still fails at the draw, as in transformers).
+    return torch.distributions.Categorical(logits=scores, validate_args=False).entropy()
 
 
 def eta_cutoff(epsilon: float, min_tokens_to_keep: int = 1, filter_value: float = FILTERED) -> Processor:
@@ -161,7 +163,7 @@ def top_h(fraction: float, candidates: int = 100, filter_value: float = FILTERED
 
     def process(input_ids, scores):
         best_scores, best_ids = torch.topk(scores, min(candidates, scores.shape[-1]), dim=-1)
-        distribution = torch.distributions.Categorical(logits=best_scores)
+        distribution = torch.distributions.Categorical(logits=best_scores, validate_args=False)  # (as _entropy)
         probs = distribution.probs
         budget = (distribution.entropy() * fraction)[:, None]
         keep_best = (-probs * probs.log()).cumsum(dim=-1) <= budget

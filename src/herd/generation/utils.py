@@ -407,6 +407,8 @@ class GenerationMixin:
                 next_scores = apply_processors(processors, input_ids, logits)
                 if config.do_sample:
                     probs = nn.functional.softmax(next_scores, dim=-1)
+                    if can_finish:
+                        probs = _drawable(probs, unfinished)
                     block = torch.multinomial(probs, num_samples=1, generator=generator)
                     block = same_tokens_on_every_rank(self, block)  # tensor parallel: rank 0's draw
                 else:
@@ -696,6 +698,19 @@ def _cache_length(config: GenerationConfig, length: int) -> int:
     sizes it (a dynamic cache grows as it needs and ignores max_cache_len, with a warning at validate())."""
     static = config.cache_implementation in ("static", "hybrid") or config.kv_cache_dtype is not None
     return max(length, config.max_cache_len) if static and config.max_cache_len is not None else length
+
+
+def _drawable(probs: torch.Tensor, unfinished: torch.Tensor) -> torch.Tensor:
+    """probs (rows, vocab) that torch.multinomial accepts in the rows that already finished: their draw
+    becomes padding, but their scores can be all -inf or NaN (forced_eos_token_id at the last position
+    with exponential_decay_length_penalty gives -inf + inf), and the fast path steps on past a batch's
+    end until its next check. Such a row draws token 0 instead of failing the call; a running row's
+    probabilities are left as they are (an invalid one fails, as in transformers), and every row's draw
+    is the same as without this (one uniform number per row)."""
+    invalid = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)) & ~unfinished
+    fallback = torch.zeros_like(probs[:1])
+    fallback[0, 0] = 1.0
+    return torch.where(invalid[:, None], fallback, probs)
 
 
 def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
