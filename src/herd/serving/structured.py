@@ -26,6 +26,8 @@ _JSON_OPTIONS = {"whitespace_flexible": False}
 
 # Keys whose values are data, never schemas (an enum of objects with a "properties" key stays as written).
 _DATA_KEYS = frozenset({"const", "enum", "default", "examples", "required", "title", "description"})
+# Keys whose schemas are left as written: closing them would change what the whole accepts.
+_AS_WRITTEN = frozenset({"allOf", "not", "if"})
 # Keys whose values map names to schemas.
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
@@ -35,14 +37,15 @@ def closed_objects(schema: Any) -> Any:
     others (no additionalProperties, patternProperties or unevaluatedProperties) refuses others, as
     vLLM's default grammar backend (xgrammar's strict mode) generates: a weak model otherwise invents
     arguments (`get_time(zone=..., description=...)`) that break the client's function call. The
-    parts of an allOf are left as written (each may add properties the other lists)."""
+    parts of an allOf are left as written (each may add properties the other lists), and so are
+    `not` and `if` (closing them would change what the whole accepts)."""
     if isinstance(schema, list):
         return [closed_objects(part) for part in schema]
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
     for key, value in schema.items():
-        if key in _DATA_KEYS or key == "allOf":
+        if key in _DATA_KEYS or key in _AS_WRITTEN:
             out[key] = value
         elif key in _SCHEMA_MAPS and isinstance(value, dict):
             out[key] = {name: closed_objects(part) for name, part in value.items()}
