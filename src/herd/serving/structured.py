@@ -28,6 +28,10 @@ _JSON_OPTIONS = {"whitespace_flexible": False}
 _DATA_KEYS = frozenset({"const", "enum", "default", "examples", "required", "title", "description"})
 # Keys whose schemas are left as written: closing them would change what the whole accepts.
 _AS_WRITTEN = frozenset({"allOf", "not", "if"})
+# An object schema beside these says itself what else it takes, or takes properties from a combined
+# part (allOf / anyOf / oneOf / $ref beside its own properties): left open.
+_OPEN_BESIDE = frozenset({"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf",
+                          "oneOf", "$ref"})
 # Keys whose values map names to schemas.
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
@@ -51,8 +55,7 @@ def closed_objects(schema: Any) -> Any:
             out[key] = {name: closed_objects(part) for name, part in value.items()}
         else:
             out[key] = closed_objects(value)
-    if isinstance(out.get("properties"), dict) and \
-            not out.keys() & {"additionalProperties", "patternProperties", "unevaluatedProperties"}:
+    if isinstance(out.get("properties"), dict) and not out.keys() & _OPEN_BESIDE:
         out["additionalProperties"] = False
     return out
 
