@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -315,7 +316,8 @@ class Server:
         if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        # in constant time: how long a comparison takes says nothing of how much of the key was right
+        if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError(401, "invalid or missing API key: send the header Authorization: Bearer <key>",
                            code="invalid_api_key")
 
