@@ -107,3 +107,33 @@ def test_sampling_after_set_seed_gives_the_reference_tokens(pair):
         outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0,
                                       pad_token_id=PAD, eos_token_id=None))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_encoder_and_guidance_processor_classes_as_in_transformers(pair):
+    """EncoderRepetitionPenaltyLogitsProcessor, EncoderNoRepeatNGramLogitsProcessor (its n-grams per
+    input row, under beams too) and UnbatchedClassifierFreeGuidanceLogitsProcessor, built by the user and
+    passed to generate(), give transformers' tokens and scores (herd did not have these classes)."""
+    import transformers
+
+    reference, ours = pair
+    ids, mask = _prompts()
+    base = dict(attention_mask=mask, pad_token_id=PAD, eos_token_id=None, max_new_tokens=5, return_dict_in_generate=True,
+                output_scores=True)
+
+    def build(library, beams):
+        rows = ids.repeat_interleave(beams, dim=0)
+        return [library.EncoderRepetitionPenaltyLogitsProcessor(1.7, rows),
+                library.EncoderNoRepeatNGramLogitsProcessor(2, ids),
+                library.UnbatchedClassifierFreeGuidanceLogitsProcessor(1.5, reference if library is transformers else ours)]
+
+    for beams in (1, 2):
+        got, expected = (model.generate(ids, num_beams=beams, logits_processor=library.LogitsProcessorList(build(library, beams)),
+                                        **base)
+                         for model, library in ((ours, herd), (reference, transformers)))
+        assert torch.equal(got.sequences, expected.sequences), beams
+        for mine, theirs in zip(got.scores, expected.scores):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="strictly positive float"):
+        herd.EncoderRepetitionPenaltyLogitsProcessor(1, ids)
+    with pytest.raises(ValueError, match="strictly positive integer"):
+        herd.EncoderNoRepeatNGramLogitsProcessor(0, ids)

@@ -2,6 +2,8 @@
 
 from .configuration import GenerationConfig
 from .logits_process import (
+    EncoderNoRepeatNGramLogitsProcessor,
+    EncoderRepetitionPenaltyLogitsProcessor,
     EpsilonLogitsWarper,
     EtaLogitsWarper,
     ExponentialDecayLengthPenalty,
@@ -26,6 +28,7 @@ from .logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
 from .stopping import (
     EosTokenCriteria,
@@ -53,6 +56,8 @@ __all__ = [
     "BaseStreamer",
     "BaseWatermarkingConfig",
     "EosTokenCriteria",
+    "EncoderNoRepeatNGramLogitsProcessor",
+    "EncoderRepetitionPenaltyLogitsProcessor",
     "EpsilonLogitsWarper",
     "EtaLogitsWarper",
     "ExponentialDecayLengthPenalty",
@@ -91,6 +96,7 @@ __all__ = [
     "TopKLogitsWarper",
     "TopPLogitsWarper",
     "TypicalLogitsWarper",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor",
     "WatermarkDetector",
     "WatermarkDetectorOutput",
     "WatermarkLogitsProcessor",

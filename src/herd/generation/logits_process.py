@@ -602,6 +602,49 @@ class NoRepeatNGramLogitsProcessor(_FunctionProcessor):
         self._process = no_repeat_ngram(ngram_size)
 
 
+class EncoderRepetitionPenaltyLogitsProcessor(_FunctionProcessor):
+    """encoder_repetition_penalty as a class: the tokens of `encoder_input_ids` (rows, length; for a
+    decoder-only model, the prompt) rewarded by `penalty` (a penalty above 1 favours them)."""
+
+    def __init__(self, penalty: float, encoder_input_ids: torch.LongTensor):
+        if not isinstance(penalty, float) or not penalty > 0:
+            raise ValueError(f"`penalty` has to be a strictly positive float, but is {penalty}")
+        self.penalty, self.encoder_input_ids = 1 / penalty, encoder_input_ids
+        self._process = prompt_repetition_reward(penalty, encoder_input_ids)
+
+
+class EncoderNoRepeatNGramLogitsProcessor(_FunctionProcessor):
+    """encoder_no_repeat_ngram_size as a class: no n-gram of `encoder_input_ids` (rows, length) is
+    completed; with several rows (beams) per input row, each row's own input's n-grams."""
+
+    def __init__(self, encoder_ngram_size: int, encoder_input_ids: torch.LongTensor):
+        if not isinstance(encoder_ngram_size, int) or isinstance(encoder_ngram_size, bool) or encoder_ngram_size < 1:
+            raise ValueError(f"`encoder_ngram_size` has to be a strictly positive integer, but is {encoder_ngram_size}")
+        if encoder_input_ids.dim() == 1:
+            encoder_input_ids = encoder_input_ids.unsqueeze(0)
+        self.ngram_size, self.batch_size = encoder_ngram_size, encoder_input_ids.shape[0]
+        self.encoder_input_ids = encoder_input_ids
+        self._by_rows: dict[int, Processor] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = scores.shape[0]
+        if rows not in self._by_rows:
+            repeated = self.encoder_input_ids.repeat_interleave(rows // self.batch_size, dim=0).to(scores.device)
+            self._by_rows[rows] = prompt_no_repeat_ngram(self.ngram_size, repeated)
+        return self._by_rows[rows](input_ids, scores)
+
+
+class UnbatchedClassifierFreeGuidanceLogitsProcessor(_FunctionProcessor):
+    """guidance_scale as a class: the scores mixed with an unconditional run of `model` that starts
+    from `unconditional_ids` (a negative prompt) or the last prompt token (see classifier_free_guidance)."""
+
+    def __init__(self, guidance_scale: float, model, unconditional_ids: torch.LongTensor | None = None,
+                 unconditional_attention_mask: torch.LongTensor | None = None, use_cache: bool = True):
+        self.guidance_scale, self.model = guidance_scale, model
+        self._process = classifier_free_guidance(guidance_scale, model, unconditional_ids, unconditional_attention_mask,
+                                                 use_cache)
+
+
 class MinLengthLogitsProcessor(_FunctionProcessor):
     def __init__(self, min_length: int, eos_token_id, device: str = "cpu"):
         self.min_length, self.eos_token_id = min_length, torch.tensor(_ids_list(eos_token_id), device=device)
