@@ -72,3 +72,28 @@ def test_unsupported_options_are_refused_not_ignored(option, value, why):
     with pytest.raises(NotImplementedError, match=f"{option}.*{why}"):
         GenerationConfig(**{option: value}).validate()
     GenerationConfig().update(**{option: 0})  # "off" is fine
+
+
+def test_get_generation_mode_as_in_transformers():
+    """GenerationConfig.get_generation_mode() (herd had none): the same GenerationMode for every mix of
+    the flags that choose it, the modes herd refuses included."""
+    import itertools
+    import logging
+
+    import transformers
+
+    from herd.generation import GenerationMode
+
+    flags = dict(num_beams=[1, 3], do_sample=[None, True], top_k=[None, 4], penalty_alpha=[None, 0.6],
+                 num_beam_groups=[None, 3], force_words_ids=[None, [[3]]], prompt_lookup_num_tokens=[None, 3],
+                 dola_layers=[None, "low"])
+    logging.disable(logging.WARNING)
+    try:
+        for values in itertools.product(*flags.values()):
+            kwargs = {name: value for name, value in zip(flags, values) if value is not None}
+            expected = transformers.GenerationConfig(**kwargs).get_generation_mode()
+            got = GenerationConfig(**kwargs).get_generation_mode()
+            assert isinstance(got, GenerationMode) and got == expected.value, kwargs
+        assert GenerationConfig().get_generation_mode(assistant_model=object()) == "assisted_generation"
+    finally:
+        logging.disable(logging.NOTSET)

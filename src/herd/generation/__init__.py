@@ -1,6 +1,6 @@
 """Generation: configuration, logits processors, stopping, streamers and the decoding loop."""
 
-from .configuration import GenerationConfig
+from .configuration import GenerationConfig, GenerationMode
 from .logits_process import (
     EncoderNoRepeatNGramLogitsProcessor,
     EncoderRepetitionPenaltyLogitsProcessor,
@@ -66,6 +66,7 @@ __all__ = [
     "GenerateBeamDecoderOnlyOutput",
     "GenerateDecoderOnlyOutput",
     "GenerationConfig",
+    "GenerationMode",
     "GenerationMixin",
     "InfNanRemoveLogitsProcessor",
     "LogitNormalization",

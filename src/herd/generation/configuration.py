@@ -7,6 +7,7 @@ the reference's global defaults (max_length 20, top_k 50, ...), exactly as trans
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import logging
 import os
@@ -97,6 +98,26 @@ _SAMPLING_ONLY = (("temperature", 1.0), ("top_p", 1.0), ("min_p", None), ("top_h
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
 
 logger = logging.getLogger("herd")
+
+
+class GenerationMode(str, enum.Enum):
+    """The decoding method a GenerationConfig asks for (transformers' names and values). herd runs greedy
+    search, sampling, beam search and beam sampling; generate() refuses the others by name."""
+
+    CONTRASTIVE_SEARCH = "contrastive_search"
+    GREEDY_SEARCH = "greedy_search"
+    SAMPLE = "sample"
+    ASSISTED_GENERATION = "assisted_generation"
+    DOLA_GENERATION = "dola_generation"
+    BEAM_SEARCH = "beam_search"
+    BEAM_SAMPLE = "beam_sample"
+    CONSTRAINED_BEAM_SEARCH = "constrained_beam_search"
+    GROUP_BEAM_SEARCH = "group_beam_search"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 _warned: set[str] = set()  # warnings already given (each once per process, as the reference's warning_once)
 
 
@@ -264,6 +285,31 @@ class GenerationConfig(hub.PushToHubMixin):
             if getattr(merged, name) is None and name in GLOBAL_DEFAULTS:
                 setattr(merged, name, GLOBAL_DEFAULTS[name])
         return merged
+
+    def get_generation_mode(self, assistant_model: Any = None) -> GenerationMode:
+        """The decoding method these flags select, as transformers decides it: beams or not, sampling or
+        not; the modes herd refuses (constraints, contrastive search, beam groups, assisted decoding, DoLa)
+        named too."""
+        extra = self.__dict__.get("_extra", {})
+        beams = self.num_beams is not None and self.num_beams > 1
+        if extra.get("constraints") is not None or extra.get("force_words_ids") is not None:
+            return GenerationMode.CONSTRAINED_BEAM_SEARCH
+        if beams:
+            if (extra.get("num_beam_groups") or 1) > 1:
+                return GenerationMode.GROUP_BEAM_SEARCH
+            return GenerationMode.BEAM_SAMPLE if self.do_sample is True else GenerationMode.BEAM_SEARCH
+        if self.do_sample is True:
+            mode = GenerationMode.SAMPLE
+        elif self.top_k is not None and self.top_k > 1 and (extra.get("penalty_alpha") or 0) > 0:
+            return GenerationMode.CONTRASTIVE_SEARCH
+        else:
+            mode = GenerationMode.GREEDY_SEARCH
+        if (assistant_model is not None or extra.get("use_mtp") or extra.get("prompt_lookup_num_tokens") is not None
+                or extra.get("assistant_early_exit") is not None):
+            return GenerationMode.ASSISTED_GENERATION
+        if extra.get("dola_layers") is not None:
+            return GenerationMode.DOLA_GENERATION
+        return mode
 
     # --- checks -------------------------------------------------------------------------------
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
