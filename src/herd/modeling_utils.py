@@ -397,6 +397,9 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
     ):
         if model_args:
             raise TypeError("from_pretrained takes no positional arguments besides the model folder or id")
+        # as transformers: a GenerationConfig given here replaces the folder's generation_config.json (a model
+        # that generates; the others have none)
+        given_generation_config = kwargs.pop("generation_config", None)
         if "torch_dtype" in kwargs:
             dtype = kwargs.pop("torch_dtype")
         for key in _UNSUPPORTED_LOAD_KWARGS:
@@ -551,6 +554,8 @@ class PreTrainedModel(nn.Module, hub.PushToHubMixin):
         model.eval()
         if gguf_file is None:  # a GGUF file's generation settings (bos/eos/pad) come with its config
             model._after_load(folder)
+        if given_generation_config is not None and getattr(model, "generation_config", None) is not None:
+            model.generation_config = copy.deepcopy(given_generation_config)
         return (model, info) if output_loading_info else model
 
     def _settle_tied_weights(self, report: loading.LoadReport) -> None:

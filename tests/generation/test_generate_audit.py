@@ -278,3 +278,24 @@ def test_fast_path_sampling_past_a_finished_batch(pair, monkeypatch, warper):
     _same(got, expected)
     assert got.shape[1] < ids.shape[1] + 3  # every row finished before the last position
     assert decoders.fast_decoder(pair[1]).entry is not None  # the fast path ran
+
+
+def test_from_pretrained_takes_a_generation_config(checkpoint, tmp_path):
+    """from_pretrained(folder, generation_config=GenerationConfig(...)) replaces generation_config.json, as in
+    transformers (herd refused the argument)."""
+    import transformers
+
+    from herd.generation import GenerationConfig
+
+    folder = tmp_path / "with_json"
+    shutil.copytree(checkpoint, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 3, "max_new_tokens": 9}))
+    reference = transformers.LlamaForCausalLM.from_pretrained(
+        folder, generation_config=transformers.GenerationConfig(max_new_tokens=4, num_beams=2)).eval()
+    given = GenerationConfig(max_new_tokens=4, num_beams=2)
+    ours = herd.LlamaForCausalLM.from_pretrained(folder, generation_config=given, progress=False)
+    assert ours.generation_config == given and ours.generation_config is not given  # (a copy)
+    ids = torch.tensor([[5, 9, 17, 3, 8]])
+    expected, got = _both((reference, ours), input_ids=ids)
+    _same(got, expected)
+    assert got.shape == (1, 9)
