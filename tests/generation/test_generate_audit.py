@@ -252,6 +252,18 @@ def test_transformers_options_herd_does_not_implement_are_refused_by_name(pair, 
     pair[1].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2, **{name: None})  # None: off
 
 
+@pytest.mark.parametrize("name", ["token_healing", "use_mtp"])
+def test_options_that_change_the_tokens_are_refused_in_a_generation_config_too(pair, name):
+    """transformers heals the prompt's last token or runs multi-token prediction wherever the flag is set
+    (a generation_config.json, a GenerationConfig given): herd kept it as an unknown entry and ignored it."""
+    from herd.generation import GenerationConfig
+
+    ids, mask = _prompts()
+    with pytest.raises(NotImplementedError, match=f"{name}=True: {name} "):
+        pair[1].generate(ids, attention_mask=mask, pad_token_id=PAD, max_new_tokens=2,
+                         generation_config=GenerationConfig(**{name: True}))
+
+
 def test_prefill_chunk_size_without_a_cache_is_refused(pair):
     """transformers refuses chunked prefill with use_cache=False; herd ran the prompt whole, ignoring it."""
     ids, mask = _prompts()

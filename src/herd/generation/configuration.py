@@ -60,6 +60,9 @@ UNSUPPORTED = {
     "penalty_alpha": _REMOVED, "dola_layers": _REMOVED,
     "assistant_model": _NOT_IMPLEMENTED,
     "prompt_lookup_num_tokens": _NOT_IMPLEMENTED,
+    # (these change transformers' tokens wherever they are set: refused in a generation_config.json too)
+    "token_healing": _NOT_IMPLEMENTED,
+    "use_mtp": "(multi-token prediction) is not implemented by herd: Llama models have no MTP layers",
 }
 # transformers' options of assisted (speculative) decoding and others herd does not implement, refused
 # when a generate() call sets them (a generation_config.json's copy is kept, as transformers ignores
@@ -70,8 +73,6 @@ PER_CALL_UNSUPPORTED = {
         "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
         "max_matching_ngram_size", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
         "assistant_ensemble_weight", "speculation_type", "is_assistant")},
-    "use_mtp": "(multi-token prediction) is not implemented by herd: Llama models have no MTP layers",
-    "token_healing": _NOT_IMPLEMENTED,
     "compile_config": "is not supported by herd: its fast path compiles its own way (disable_compile=True turns it off)",
     "continuous_batching_config": "is not supported by generate(): herd's continuous batching is herd.serving.Engine",
     # (transformers 5.17 ignores it when decoding one row at a time and refuses it in beam search)
