@@ -107,8 +107,12 @@ def test_dynamic_cache_from_ddp_data_continues_as_transformers(models):
             assert all(torch.equal(cache[i][0], keys) for i, (keys, _) in enumerate(data))
             assert max_abs_diff(model(ids[:, 6:], past_key_values=cache).logits, expected) < TOL
     keys, values = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
-    windowed = DynamicCache([(keys, values, torch.tensor(4))])  # that layer keeps its last 4 positions
-    assert windowed.windows == [4] and windowed.stored_length(0) == 4 and windowed.get_seq_length(0) == 6
+    # that layer keeps its last window - 1 positions, as transformers' sliding-window layer does
+    windowed = DynamicCache([(keys, values, torch.tensor(4))])
+    reference_windowed = transformers.DynamicCache([(keys, values, torch.tensor(4))])
+    assert windowed.windows == [4] and windowed.get_seq_length(0) == 6
+    assert windowed.stored_length(0) == reference_windowed.layers[0].keys.shape[-2] == 3
+    assert torch.equal(windowed[0][0], reference_windowed.layers[0].keys)
 
 
 def test_iteration_gives_transformers_triples(models):

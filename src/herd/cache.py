@@ -201,7 +201,8 @@ class DynamicCache(Cache):
     """A cache that grows by one concatenation per step.
 
     Full-attention layers hold every position; chunked layers hold only the last
-    `attention_chunk_size` (their window), however long the sequence grows.
+    `attention_chunk_size` - 1 (what a later query sees besides its own key, as transformers'
+    chunked layers keep), however long the sequence grows.
     """
 
     def __init__(
@@ -213,7 +214,7 @@ class DynamicCache(Cache):
     ):
         """`ddp_cache_data`: (keys, values) or (keys, values, window) per layer to start from, as
         transformers takes it (a window, without a config, makes that layer keep only its last
-        `window` positions). `config`: the model's config, whose chunked layers then keep only their
+        `window` - 1 positions). `config`: the model's config, whose chunked layers then keep only their
         window. A config given first, `DynamicCache(model.config)`, is taken as `config` (herd's
         earlier spelling; in transformers the first argument is ddp_cache_data)."""
         if config is None and hasattr(ddp_cache_data, "get_text_config"):
@@ -252,9 +253,12 @@ class DynamicCache(Cache):
             keys = torch.cat([self.key_cache[layer_idx], key_states], dim=-2)
             values = torch.cat([self.value_cache[layer_idx], value_states], dim=-2)
         self._seen[layer_idx] += key_states.shape[-2]
-        # A windowed layer keeps only what a later query can still see; this call's queries
-        # still get everything, since a long prefill needs keys older than the window.
-        dropped = keys.shape[-2] - kept_positions(keys.shape[-2], self._window(layer_idx))
+        # A windowed layer keeps only what a later query can still see besides its own key: the
+        # last window - 1 (transformers' dynamic chunked layers keep as many, so a decode step's
+        # attention has the same columns); this call's queries still get everything, since a long
+        # prefill needs keys older than the window.
+        window = self._window(layer_idx)
+        dropped = keys.shape[-2] - kept_positions(keys.shape[-2], None if window is None else max(window - 1, 0))
         self.key_cache[layer_idx] = keys[..., dropped:, :]
         self.value_cache[layer_idx] = values[..., dropped:, :]
         return keys, values

@@ -203,17 +203,39 @@ def test_chunked_layers_cache_stays_bounded(tmp_path, cache_kind):
             windowed = cache._windowed if cache_kind == "static" else cache
             for layer, kind in enumerate(config.layer_types):
                 if kind == "chunked_attention":
-                    assert windowed.stored_length(layer) <= CHUNK
+                    assert windowed.stored_length(layer) <= CHUNK - 1  # a later query's chunk, its own key aside
     seen = prompt + new
     per_position = batch * config.num_key_value_heads * config.head_dim * 2 * 4  # keys + values, float32
     full_layers = config.layer_types.count("full_attention")
     chunked_layers = config.layer_types.count("chunked_attention")
-    expected = full_layers * per_position * (seen if cache_kind == "dynamic" else prompt + new) + chunked_layers * per_position * CHUNK
+    expected = full_layers * per_position * (seen if cache_kind == "dynamic" else prompt + new) + chunked_layers * per_position * (CHUNK - 1)
     tensors = [t for t in cache.key_cache + cache.value_cache if t is not None]
     if cache_kind == "static":
         tensors += [t for t in cache._windowed.key_cache + cache._windowed.value_cache if t is not None]
     assert sum(t.numel() * t.element_size() for t in tensors) == expected
     assert cache.get_seq_length() == seen
+
+
+def test_decode_attentions_past_a_chunk_equal_the_reference(tmp_path):
+    """Eager attention weights of decode steps past a chunk, with dynamic caches: the chunked
+    layers keep window - 1 positions as transformers' do, so every layer's weights have
+    transformers' columns and values."""
+    import transformers
+
+    reference, ours = _pair(tmp_path, attn="eager")
+    reference.config._attn_implementation = "eager"
+    ids = torch.randint(3, 128, (2, CHUNK + 3), generator=torch.Generator().manual_seed(2))
+    caches = transformers.DynamicCache(config=reference.config), DynamicCache(ours.config)
+    with torch.no_grad():
+        expected = reference(ids, past_key_values=caches[0], use_cache=True)
+        got = ours(ids, past_key_values=caches[1], use_cache=True)
+        for _ in range(CHUNK + 2):  # past the next chunk boundary
+            token = expected.logits[:, -1:].argmax(-1)
+            expected = reference(token, past_key_values=caches[0], use_cache=True, output_attentions=True)
+            got = ours(token, past_key_values=caches[1], use_cache=True, output_attentions=True)
+            assert [a.shape for a in got.attentions] == [a.shape for a in expected.attentions]
+            assert max(max_abs_diff(a, b) for a, b in zip(got.attentions, expected.attentions)) < TOL
+            assert max_abs_diff(got.logits, expected.logits) < TOL
 
 
 def test_incremental_decoding_equals_full_forward(tmp_path):
