@@ -410,6 +410,7 @@ def tiny_png() -> str:
     (say("x", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), 400, "tool_choice",
      ["nope"]),
     (say("x", tool_choice="required"), 400, "tool_choice", ["needs tools"]),
+    (say("x", tool_choice="auto"), 400, "tool_choice", ["needs tools"]),  # vLLM's and OpenAI's answer
     (say("x", tools=[{"type": "function"}]), 400, "tools[0]", []),
     ({"model": "llama", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", ["robot"]),
     ({"model": "llama", "messages": [{"role": "user"}]}, 400, "messages[0].content", ["missing"]),

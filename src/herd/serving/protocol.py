@@ -400,8 +400,8 @@ def _tool_choice(body: dict, tools: list | None) -> str | dict[str, Any]:
     if choice is None:
         return "auto" if tools else "none"
     if choice in ("none", "auto", "required"):
-        if choice == "required" and not tools:
-            raise bad("tool_choice", '"required" needs tools')
+        if choice != "none" and not tools:  # as vLLM and OpenAI answer
+            raise bad("tool_choice", f'"{choice}" needs tools: send tools, or leave tool_choice out')
         return choice
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
