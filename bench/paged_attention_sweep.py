@@ -21,28 +21,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import triton  # noqa: E402
-import triton.testing  # noqa: E402
+from few_row_chain import timed_chain as graph_time  # noqa: E402  (µs per call, replayed from one graph)
 
 from herd.cache import fp8_quantize  # noqa: E402
 from herd.kernels import decode_attention, paged_attention  # noqa: E402
 
 KV_HEADS, HEADS, DIM, BLOCK_SIZE = 8, 32, 128, 16
-
-
-def graph_time(calls) -> float:
-    """Median µs per call, the calls replayed back to back from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1000 / len(calls)
 
 
 def pools(rows: int, positions: int):
