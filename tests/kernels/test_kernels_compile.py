@@ -56,7 +56,7 @@ COMPILE_ALL = textwrap.dedent('''
         config = gemv._config(out_features, in_features, gated)
         first_k = min(config.first_k or config.block_k, triton.next_power_of_2(in_features))
         constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=128 if rotary else 2,
-                         QUANT=0, GROUP=1, PDL=pdl, ROWS=rows, PERSISTENT=False, BLOCK_N=config.block_n,
+                         QUANT=0, GROUP=1, FRACTIONS=False, PDL=pdl, ROWS=rows, PERSISTENT=False, BLOCK_N=config.block_n,
                          BLOCK_K=config.block_k, FIRST_K=first_k)
         compile_one(f"gemv pdl={pdl} norm={norm} gated={gated} residual={residual} rotary={rotary} "
                     f"{in_features}->{out_features} rows={rows}",
@@ -67,7 +67,8 @@ COMPILE_ALL = textwrap.dedent('''
     for (norm, gated, residual, rotary), (in_features, out_features, block_n, warps) in itertools.product(
             modes, [(2048, 3072, 4, 4), (8192, 2048, 2, 8)]):
         constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=64 if rotary else 2,
-                         QUANT=0, GROUP=1, PDL=True, ROWS=1, PERSISTENT=True, BLOCK_N=block_n, BLOCK_K=2048,
+                         QUANT=0, GROUP=1, FRACTIONS=False, PDL=True, ROWS=1, PERSISTENT=True, BLOCK_N=block_n,
+                         BLOCK_K=2048,
                          FIRST_K=in_features)
         compile_one(f"gemv pdl=True persistent norm={norm} gated={gated} residual={residual} rotary={rotary} "
                     f"{in_features}->{out_features}", gemv._few_row_linear_kernel, gemv_signature, constants,
@@ -85,7 +86,8 @@ COMPILE_ALL = textwrap.dedent('''
         first_k = min(config.first_k or config.block_k, triton.next_power_of_2(in_features))
         persistent = bool(config.programs_per_sm) and first_k >= in_features
         constants = dict(NORM=norm, GATED=gated, RESIDUAL=residual, ROTARY=rotary, HEAD_DIM=128 if rotary else 2,
-                         QUANT=quant, GROUP=group, PDL=True, ROWS=rows, PERSISTENT=persistent, BLOCK_N=config.block_n,
+                         QUANT=quant, GROUP=group, FRACTIONS=True, PDL=True, ROWS=rows, PERSISTENT=persistent,
+                         BLOCK_N=config.block_n,
                          BLOCK_K=config.block_k, FIRST_K=first_k)
         signature = {**gemv_signature, "w_ptr": data, "scale_ptr": scale, "offset_ptr": scale}
         compile_one(f"gemv pdl=True {name} persistent={persistent} norm={norm} gated={gated} residual={residual} "
@@ -100,16 +102,16 @@ COMPILE_ALL = textwrap.dedent('''
                            "scaling": "fp32"}
     for pdl, splits, group, dim in [(True, 16, 4, 128), (False, 1, 8, 64), (True, 4, 5, 128), (True, 8, 4, 64)]:
         constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.plan_block(dim),
-                         PRECISION="tf32", PDL=pdl, FP8=False)
+                         PRECISION="tf32", PDL=pdl, FP8=False, SCALED=False)
         compile_one(f"attention pdl={pdl} splits={splits} group={group} dim={dim}",
                     decode_attention._attend_range_kernel, attention_signature, constants, num_warps=4,
                     num_stages=2, launch_pdl=pdl)
-        # the FP8 KV cache: e4m3 keys/values, float32 scales per slot
+        # the FP8 KV cache: e4m3 keys/values, float32 scales per slot (applied per slot: a bf16 query)
         fp8_signature = {**attention_signature, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "k_scale_ptr": "*fp32",
                          "v_scale_ptr": "*fp32"}
         compile_one(f"attention fp8 cache pdl={pdl} splits={splits} group={group} dim={dim}",
-                    decode_attention._attend_range_kernel, fp8_signature, {**constants, "FP8": True}, num_warps=4,
-                    num_stages=2, launch_pdl=pdl)
+                    decode_attention._attend_range_kernel, fp8_signature, {**constants, "FP8": True, "SCALED": True},
+                    num_warps=4, num_stages=2, launch_pdl=pdl)
         if splits > 1:
             compile_one(f"merge pdl={pdl} splits={splits}", decode_attention._merge_ranges_kernel,
                         {"part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": "*bf16"},
@@ -123,15 +125,16 @@ COMPILE_ALL = textwrap.dedent('''
                        "block_size": "i32", "scaling": "fp32"}
     for splits, group, dim in [(1, 4, 128), (8, 4, 128), (2, 5, 64)]:
         constants = dict(GROUP=group, GROUP_PAD=16, DIM=dim, SPLITS=splits, BLOCK=decode_attention.plan_block(dim),
-                         PRECISION="tf32", FP8=False)
+                         PRECISION="tf32", FP8=False, SCALED=False)
         compile_one(f"paged attention splits={splits} group={group} dim={dim}", paged_attention._paged_range_kernel,
                     paged_signature, constants, num_warps=4, num_stages=2)
         # the FP8 KV cache in the server's pools (herd serve --kv-cache-dtype fp8): e4m3, float32 scales per slot
         fp8_signature = {**paged_signature, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "k_scale_ptr": "*fp32",
                          "v_scale_ptr": "*fp32"}
+        block = decode_attention.plan_block(dim) * (2 if dim > 64 else 1)  # as the launch plans FP8 pools
         compile_one(f"paged attention fp8 cache splits={splits} group={group} dim={dim}",
-                    paged_attention._paged_range_kernel, fp8_signature, {**constants, "FP8": True}, num_warps=4,
-                    num_stages=2)
+                    paged_attention._paged_range_kernel, fp8_signature,
+                    {**constants, "FP8": True, "SCALED": True, "BLOCK": block}, num_warps=4, num_stages=2)
     # routed experts read as stored (int8 / FP8 data with float32 scales, int4 pairs with scales and
     # offsets in the rows' dtype), rows in each activation dtype; FP8 into bf16 products through inline asm
     for (data, data_name), x in itertools.product([("*i8", "int8"), ("*fp8e4nv", "fp8"), ("*u8", "int4")],
