@@ -87,9 +87,7 @@ _OFF_VALUES = (None, 0, 0.0, 1.0, False, [], "")
 
 def _is_off(value: Any) -> bool:
     """An unsupported field's value that means "off" (True is not 1: token_healing=True is on)."""
-    if isinstance(value, bool):
-        return value is False
-    return any(value == off and not isinstance(off, bool) for off in _OFF_VALUES) or value is None
+    return value is False if isinstance(value, bool) else value in _OFF_VALUES
 # Arguments of generate() itself, refused inside a GenerationConfig (as the reference refuses them).
 _GENERATE_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                        "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask")

@@ -701,16 +701,15 @@ def _cache_length(config: GenerationConfig, length: int) -> int:
 
 
 def _drawable(probs: torch.Tensor, unfinished: torch.Tensor) -> torch.Tensor:
-    """probs (rows, vocab) that torch.multinomial accepts in the rows that already finished: their draw
-    becomes padding, but their scores can be all -inf or NaN (forced_eos_token_id at the last position
-    with exponential_decay_length_penalty gives -inf + inf), and the fast path steps on past a batch's
-    end until its next check. Such a row draws token 0 instead of failing the call; a running row's
-    probabilities are left as they are (an invalid one fails, as in transformers), and every row's draw
-    is the same as without this (one uniform number per row)."""
-    invalid = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)) & ~unfinished
-    fallback = torch.zeros_like(probs[:1])
-    fallback[0, 0] = 1.0
-    return torch.where(invalid[:, None], fallback, probs)
+    """probs (rows, vocab) that torch.multinomial accepts in the rows that already finished: their
+    draw becomes padding, but their scores can be all -inf or NaN (forced_eos_token_id at the last
+    position with exponential_decay_length_penalty gives -inf + inf), and the fast path steps on past
+    a batch's end until its next check. A finished row draws from token 0 alone; a running row's
+    probabilities are left as they are (an invalid one fails, as in transformers), and every row's
+    draw takes the same random numbers as without this (one uniform number per row)."""
+    only_first = torch.zeros_like(probs[:1])
+    only_first[0, 0] = 1.0
+    return torch.where(unfinished[:, None], probs, only_first)
 
 
 def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
