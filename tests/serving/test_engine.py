@@ -454,6 +454,77 @@ def test_a_constraint_masks_tokens_and_finishes_the_request(llama):
     assert [e.finish_reason for e in events] == [None, None, "stop"]
 
 
+class FailsAfter(EvenTokensThenStop):
+    """A constraint whose grammar raises in `method` once it has accepted `count` tokens."""
+
+    def __init__(self, method: str, count: int):
+        super().__init__()
+        self.method, self.count = method, count
+
+    def fill_allowed(self, allowed):
+        if self.method == "fill_allowed" and len(self.accepted) >= self.count:
+            raise RuntimeError("grammar exploded")
+
+    def accept(self, token_id):
+        if self.method == "accept" and len(self.accepted) >= self.count:
+            raise RuntimeError("grammar exploded")
+        self.accepted.append(token_id)
+
+    def is_finished(self):
+        return False
+
+
+@pytest.mark.parametrize("method", ["fill_allowed", "accept"])
+def test_a_failing_constraint_ends_its_request_only(llama, method):
+    """A request whose grammar raises ends with an "error" event naming the failure, its blocks go
+    back, and the requests batched with it get their tokens as if it had never been there."""
+    prompts = {"a": _prompt(5, 40), "b": _prompt(9, 41)}
+    engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, max_model_len=64)
+    bad = EngineRequest("bad", _prompt(6, 42), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                        constraint=FailsAfter(method, 2))
+    events = _run(engine, {0: [bad, *(_greedy(prompt, 6, name) for name, prompt in prompts.items())]})
+    failed = events["bad"]
+    assert [e.finish_reason for e in failed] == [None, None, "error"] and failed[-1].token_id is None
+    assert "grammar exploded" in failed[-1].error
+    for name, prompt in prompts.items():
+        assert [e.token_id for e in events[name]] == _expected(llama, prompt, 6)
+    assert engine.stats()["kv_blocks_used"] == 0 and not engine.sequences
+
+
+def test_a_failing_model_run_fails_its_own_rows_and_the_engine_goes_on(llama, monkeypatch):
+    """A prefill batch that raises fails the requests in it (an "error" event each), the decode rows
+    of the same step keep their tokens, and the engine serves later requests; the AsyncEngine hands
+    the failure to that request's stream as an exception."""
+    engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, max_model_len=64)
+    prefill = engine.runner.prefill
+    doomed = _prompt(7, 44)
+
+    def failing_prefill(works):
+        if any(work.tokens[: len(doomed)] == doomed for work in works):
+            raise torch.cuda.OutOfMemoryError("out of memory in the prefill")
+        return prefill(works)
+
+    monkeypatch.setattr(engine.runner, "prefill", failing_prefill)
+    early, late = _prompt(5, 45), _prompt(6, 46)
+    events = _run(engine, {0: [_greedy(early, 6, "early")], 2: [_greedy(doomed, 6, "doomed")],
+                           4: [_greedy(late, 3, "late")]})
+    assert [e.finish_reason for e in events["doomed"]] == ["error"] and "OutOfMemoryError" in events["doomed"][0].error
+    assert [e.token_id for e in events["early"]] == _expected(llama, early, 6)
+    assert [e.token_id for e in events["late"]] == _expected(llama, late, 3)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+    async def main():
+        front = AsyncEngine(engine)
+        await front.start()
+        with pytest.raises(RuntimeError, match="the request failed: OutOfMemoryError"):
+            [event async for event in front.generate(_greedy(doomed, 3, "again"))]
+        kept = [event.token_id async for event in front.generate(_greedy(late, 3, "after"))]
+        await front.stop()
+        return kept
+
+    assert asyncio.run(main()) == _expected(llama, late, 3)
+
+
 def test_eos_ids_of_the_generation_config_and_stop_token_ids_end_a_request(llama):
     prompt = _prompt(7, 6)
     free = _expected(llama, prompt, 6)

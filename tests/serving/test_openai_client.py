@@ -94,6 +94,25 @@ def test_streaming_equals_non_streaming(client):
         [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far (completion
+    tokens never going down, the prompt's counted from the first), the last the whole request's."""
+    whole = chat(client, max_tokens=16)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(chat(client, max_tokens=16, stream=True, stream_options=options))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == whole.usage.completion_tokens and counts[-2] == counts[-1]
+    assert all(c.usage.prompt_tokens == whole.usage.prompt_tokens for c in chunks[1:])
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    streamed = list(client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10,
+                                              temperature=0, stream=True, stream_options=options))
+    counts = [c.usage.completion_tokens for c in streamed]
+    assert counts == sorted(counts) and counts[-1] == 10 and counts[0] >= 1
+    # without include_usage the option asks for nothing (as vLLM)
+    plain = list(chat(client, max_tokens=4, stream=True, stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is None for c in plain)
     text = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10, temperature=0)
     streamed = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10, temperature=0,
                                          stream=True)

@@ -87,12 +87,13 @@ class TokenEvent:
     token_id: int | None  # None only on a final event without a token (abort)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort" | "error"
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     # with sampling.prompt_logprobs, on the first token's event: per prompt token (logprob, [(id,
     # logprob) of the k best]), None for the first token (nothing comes before it)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    error: str | None = None  # finish_reason "error": what failed (its step's model run, its grammar)
 
 
 class QueueFull(Exception):
@@ -382,11 +383,15 @@ class Engine:
             logits = []
             if plan.decode:
                 images = [(s.image_slot, s.image_tokens) if s.image_tokens else None for s in plan.decode]
-                logits.append(runner.decode(*scheduler.decode_inputs(plan.decode), images=images))
-                for sequence in plan.decode:
-                    sequence.computed += 1
-                    scheduler.after_compute(sequence)
-                sampled += plan.decode
+                try:
+                    logits.append(runner.decode(*scheduler.decode_inputs(plan.decode), images=images))
+                except Exception as error:  # noqa: BLE001 - the rows of this run fail, the engine goes on
+                    events += [self._fail(sequence, error) for sequence in plan.decode]
+                else:
+                    for sequence in plan.decode:
+                        sequence.computed += 1
+                        scheduler.after_compute(sequence)
+                    sampled += plan.decode
             works = []
             for chunk in plan.prefill:
                 sequence = chunk.sequence
@@ -396,10 +401,15 @@ class Engine:
                                          sequence.image_slot, every_logits=sequence.needs_prompt_logits))
             prefilled = [None] * len(works)
             for batch in prefill_batches(works):
-                for index, result in zip(batch, runner.prefill([works[i] for i in batch])):
-                    prefilled[index] = result
+                try:
+                    for index, result in zip(batch, runner.prefill([works[i] for i in batch])):
+                        prefilled[index] = result
+                except Exception as error:  # noqa: BLE001 - this batch's requests fail, the others go on
+                    events += [self._fail(plan.prefill[index].sequence, error) for index in batch]
             for chunk, result in zip(plan.prefill, prefilled):
                 sequence = chunk.sequence
+                if result is None:  # failed above
+                    continue
                 if result.image_tokens is not None:
                     sequence.image_tokens = result.image_tokens
                 if result.every is not None:
@@ -413,17 +423,31 @@ class Engine:
                 rows = [SamplingRow(s.request.sampling, s.tokens, s.prompt_length, s.generator, s.request.constraint)
                         for s in sampled]
                 for sequence, choice in zip(sampled, choose(torch.cat(logits), rows)):
-                    events.append((sequence.request_id, self._advance(sequence, choice)))
+                    events.append(self._fail(sequence, choice.error) if choice.error is not None
+                                  else (sequence.request_id, self._advance(sequence, choice)))
             return events
+
+    def _fail(self, sequence: Sequence, error: Exception) -> tuple[str, TokenEvent]:
+        """End a request whose own part of a step failed (its batch's model run, its constraint):
+        its blocks go back, its final event says why; the engine and the other requests go on."""
+        with self._inbox_lock:
+            self.sequences.pop(sequence.request_id, None)
+        self.scheduler.remove(sequence)
+        event = self._event(sequence, None, "error")
+        event.error = f"{type(error).__name__}: {error}"
+        return sequence.request_id, event
 
     def _advance(self, sequence: Sequence, choice) -> TokenEvent:
         """The chosen token into the sequence; ends it where a stop condition holds."""
         token = choice.token_id
-        sequence.tokens.append(token)
-        self.generated_tokens += 1
         constraint = sequence.request.constraint
         if constraint is not None:
-            constraint.accept(token)
+            try:
+                constraint.accept(token)
+            except Exception as error:  # noqa: BLE001 - a grammar that fails ends its own request only
+                return self._fail(sequence, error)[1]
+        sequence.tokens.append(token)
+        self.generated_tokens += 1
         finish = None
         if token in sequence.stop_ids or (constraint is not None and constraint.is_finished()):
             finish = "stop"
@@ -564,7 +588,7 @@ class AsyncEngine:
                 continue
             try:
                 events = engine.step()
-            except Exception as error:  # a failed step fails its requests, not the server
+            except Exception as error:  # the scheduler itself failed (a request's own failure is its event)
                 self._loop.call_soon_threadsafe(self._fail_all, error)
                 for request_id in list(engine.sequences):
                     engine.abort(request_id)
@@ -576,7 +600,8 @@ class AsyncEngine:
         for request_id, event in events:
             queue = self._streams.get(request_id)
             if queue is not None:
-                queue.put_nowait(event)
+                failed = event.finish_reason == "error"
+                queue.put_nowait(RuntimeError(f"the request failed: {event.error}") if failed else event)
                 if event.finish_reason is not None:
                     del self._streams[request_id]
 

@@ -77,6 +77,7 @@ class ChatRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): usage so far on every chunk
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] = "auto"
     response_format: dict[str, Any] | None = None
@@ -90,6 +91,7 @@ class CompletionRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): usage so far on every chunk
     response_format: dict[str, Any] | None = None
     echo: bool = False  # the prompt's text (and its tokens' logprobs) before each choice's
     prompt_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated and dropped, as vLLM)
@@ -187,15 +189,18 @@ def _sampling(body: dict, logprobs: int | None) -> Sampling:
     )
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stream_options(body: dict, stream: bool) -> dict[str, bool]:
+    """include_usage (a last chunk with the usage) and continuous_usage (vLLM's continuous_usage_stats:
+    the usage so far on every chunk as well; as vLLM, only together with include_usage)."""
     options = body.get("stream_options")
     if options is None:
-        return False
+        return {"include_usage": False, "continuous_usage": False}
     if not isinstance(options, dict):
         raise bad("stream_options", 'must be an object like {"include_usage": true}')
     if not stream:
         raise bad("stream_options", "is only allowed with stream: true")
-    return _boolean(options, "include_usage") if "include_usage" in options else False
+    include, continuous = _boolean(options, "include_usage"), _boolean(options, "continuous_usage_stats")
+    return {"include_usage": include, "continuous_usage": include and continuous}
 
 
 def _model(body: dict) -> str | None:
@@ -428,7 +433,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     tools = _tools(body)
     return ChatRequest(
         model=_model(body), messages=checked, sampling=_sampling(body, (top or 0) if wants_logprobs else None),
-        stream=stream, include_usage=_stream_options(body, stream), tools=tools,
+        stream=stream, **_stream_options(body, stream), tools=tools,
         tool_choice=_tool_choice(body, tools), response_format=_response_format(body),
         parallel_tool_calls=_boolean(body, "parallel_tool_calls", default=True))
 
@@ -471,5 +476,5 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise bad("best_of", f"is not supported (the n samples are returned as they are); leave it out or set it "
                              f"equal to n, got best_of {best_of} with n {sampling.n}")
     return CompletionRequest(model=_model(body), prompts=prompts, sampling=sampling, stream=stream,
-                             include_usage=_stream_options(body, stream), response_format=_response_format(body),
+                             **_stream_options(body, stream), response_format=_response_format(body),
                              echo=echo, prompt_only=prompt_only)

@@ -33,6 +33,7 @@ class Choice:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    error: Exception | None = None  # the row's constraint failed: no token for it (the engine ends it)
 
 
 @dataclass
@@ -76,15 +77,23 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             logits[index, ids] -= params.frequency_penalty * times + params.presence_penalty
 
 
-def _apply_constraints(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+def _apply_constraints(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, Exception]:
+    """The constrained rows' disallowed tokens at -inf; returns the rows whose constraint raised
+    (their row is left as it was: the caller fails those requests, not the batch)."""
     constrained = [index for index, row in enumerate(rows) if row.constraint is not None]
+    errors: dict[int, Exception] = {}
     if not constrained:
-        return
+        return errors
     allowed = torch.ones(len(constrained), logits.shape[1], dtype=torch.bool)
     for mask_row, index in enumerate(constrained):
-        rows[index].constraint.fill_allowed(allowed[mask_row])
+        try:
+            rows[index].constraint.fill_allowed(allowed[mask_row])
+        except Exception as error:  # noqa: BLE001 - one request's grammar failing is that request's failure
+            errors[index] = error
+            allowed[mask_row] = True
     index = torch.tensor(constrained, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return errors
 
 
 def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -115,11 +124,12 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
     """logits (rows, vocab) float32 -> each row's token (and logprobs where asked)."""
     logits = logits.float()
     device = logits.device
+    errors: dict[int, Exception] = {}
     if any(_edits_logits(row) for row in rows):
         logits = logits.clone()  # the caller's stays as it was
         _apply_logit_bias(logits, rows)
         _apply_penalties(logits, rows)
-        _apply_constraints(logits, rows)
+        errors = _apply_constraints(logits, rows)
     chosen = logits.argmax(dim=-1)
     sampled_rows = [index for index, row in enumerate(rows) if row.params.temperature > 0]
     wants = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
@@ -140,7 +150,7 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
                              for i in sampled_rows])
         chosen[index] = (probs / noise).argmax(dim=-1)
     chosen_ids = chosen.tolist()
-    choices = [Choice(token) for token in chosen_ids]
+    choices = [Choice(token, error=errors.get(index)) for index, token in enumerate(chosen_ids)]
     if wants:
         index = torch.tensor(wants, device=device)
         logprobs = scaled[index].log_softmax(dim=-1)

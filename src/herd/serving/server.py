@@ -662,14 +662,19 @@ class Server:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
+    def _chunk_usage(self, request, choices: list[_Choice], per_prompt: int | None = None) -> dict[str, Any]:
+        """The usage field of a streamed chunk: none without include_usage; null until the last
+        chunk; with continuous_usage_stats (vLLM's), the usage so far."""
+        if not request.include_usage:
+            return {}
+        return {"usage": self._usage(choices, per_prompt) if request.continuous_usage else None}
+
     async def _chat_stream(self, choices, chat, started, calls_wanted) -> AsyncIterator[bytes]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
-        usage_field = {"usage": None} if chat.include_usage else {}
-
         def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> bytes:
             return _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                         **usage_field})
+                         **self._chunk_usage(chat, choices)})
 
         answers = {choice.index: _ToolStream() for choice in choices}
         try:
@@ -811,14 +816,17 @@ class Server:
 
     async def _completion_stream(self, choices, completion, started, echoes) -> AsyncIterator[bytes]:
         ident, created = f"cmpl-{uuid.uuid4().hex}", _now()
-        usage_field = {"usage": None} if completion.include_usage else {}
         wants_logprobs = completion.sampling.logprobs is not None
+
+        def usage() -> dict[str, Any]:
+            return self._chunk_usage(completion, choices, completion.sampling.n)
+
         try:
             for index, echo in echoes.items():  # echo: each choice's stream starts with its prompt
                 logprobs = self._completion_logprobs(self._prompt_entries(echo)) if wants_logprobs else None
                 yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
                             "choices": [{"index": index, "text": echo.text, "logprobs": logprobs,
-                                         "finish_reason": None}], **usage_field})
+                                         "finish_reason": None}], **usage()})
             async for choice, text, entries, finish in self._merged(choices, started, "completion"):
                 if completion.prompt_only:
                     text, entries = "", []
@@ -833,7 +841,7 @@ class Server:
                     logprobs = self._completion_logprobs(entries, len(echo.text) if echo else 0)
                 yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
                             "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": self._finish(finish)}], **usage_field})
+                                         "finish_reason": self._finish(finish)}], **usage()})
             self.metrics.latency.observe(time.perf_counter() - started)
             if completion.include_usage:
                 yield _sse({"id": ident, "object": "text_completion", "created": created, "model": self.model_name,
