@@ -2,6 +2,7 @@
 
     python bench/serve_engine.py llama3.1-8b --concurrency 16,64,256 --prompt-length 512 --new-tokens 256
     python bench/serve_engine.py llama3.1-8b --concurrency 64,256 --kv-cache-dtype fp8   # the FP8 KV cache
+    python bench/serve_engine.py llama3.1-8b --scheduling async,sync   # with and without async scheduling
 
 Builds the named architecture with random weights (as `herd bench` does; bf16 on the GPU), and for
 each concurrency C runs C requests of `--prompt-length` random tokens and `--new-tokens` new
@@ -124,6 +125,10 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: from free GPU memory)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
                         help="the FP8 KV cache in the engine's pools (herd serve --kv-cache-dtype)")
+    parser.add_argument("--scheduling", default="async",
+                        help="async (the engine's default on a GPU: the host prepares a step while the one before "
+                             "runs) and/or sync (herd serve --no-async-scheduling); comma-separated: every level at "
+                             "each, on one engine")
     parser.add_argument("--step-times", action="store_true",
                         help="then the captured decode step alone per batch bucket, rows at the mean context")
     parser.add_argument("--compare", choices=["transformers"], default=None,
@@ -136,19 +141,24 @@ def main() -> None:
     kv = f", {args.kv_cache_dtype} KV cache" if args.kv_cache_dtype else ""
     print(f"{args.model} ({args.layers or 'all'} layers, {args.dtype}{kv}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
           f"prompts of {args.prompt_length}, {args.new_tokens} new tokens, greedy, eos ignored")
-    print("| prompt tokens a step | concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | "
+    schedulings = args.scheduling.split(",")
+    if not set(schedulings) <= {"async", "sync"}:
+        parser.error(f"--scheduling takes async and/or sync, got {args.scheduling!r}")
+    print("| prompt tokens a step | scheduling | concurrent | output tok/s | wall s | TTFT mean s | TTFT p50 s | TTFT p99 s | steps | "
           "ms/step | decode-only steps (s) | ms/step at all rows | preemptions | KV blocks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     levels = [int(c) for c in args.concurrency.split(",")]
     start = time.perf_counter()
     engine = make_engine(model, max(levels), args)
     print(f"(engine built and warmed up, every bucket up to {max(levels)} rows: {time.perf_counter() - start:.1f} s)")
     herd_rates = {}
-    for run, (budget, concurrency) in enumerate((budget, level) for budget in budgets for level in levels):
+    runs = ((budget, scheduling, level) for budget in budgets for scheduling in schedulings for level in levels)
+    for run, (budget, scheduling, concurrency) in enumerate(runs):
         engine.scheduler.prefill_chunk = budget
+        engine.async_scheduling = scheduling == "async"  # between levels nothing is in flight
         row = run_level(engine, concurrency, args, run)
         herd_rates[concurrency] = row["tok_s"]
-        print(f"| {budget} | {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
+        print(f"| {budget} | {scheduling} | {row['concurrency']} | {row['tok_s']:.0f} | {row['elapsed']:.2f} | {row['ttft_mean']:.3f} | "
               f"{row['ttft_p50']:.3f} | {row['ttft_p99']:.3f} | {row['steps']} | {row['step_ms']:.2f} | "
               f"{row['decode_only']} ({row['decode_only_s']:.2f}) | {row['full_step_ms']:.2f} | "
               f"{row['preemptions']} | {row['blocks']} |", flush=True)

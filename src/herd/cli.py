@@ -629,7 +629,8 @@ def _serving_engine(model, args: argparse.Namespace):
     from .serving.engine import Engine
 
     return Engine(model, max_batch=args.max_batch, max_model_len=args.max_model_len, max_waiting=args.max_waiting,
-                  prefill_chunk=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype)
+                  prefill_chunk=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
+                  async_scheduling=False if args.no_async_scheduling else None)
 
 
 def _follow(path: str, args: argparse.Namespace) -> int:
@@ -850,6 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-dtype", default=None, choices=["fp8"],
                        help="FP8 keys/values in the full-attention layers' KV pools (a float32 scale per head of "
                             "each token): about twice the requests fit, attention reads half the bytes")
+    serve.add_argument("--no-async-scheduling", action="store_true",
+                       help="wait for each step's tokens before preparing the next (by default on a GPU the host "
+                            "prepares a step while the one before runs; never under --tp)")
     serve.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer ...); "
                        "default: $HERD_API_KEY, else none")
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")

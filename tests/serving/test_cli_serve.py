@@ -179,3 +179,16 @@ def test_serve_tp_2_answers_like_one_process_and_stops_every_rank(tp_chat_model_
     # torchrun itself reports the Ctrl-C it got (a SignalException); the ranks stop without errors
     assert "herd: rank 1 stopped with rank 0" in stderr and "herd: error" not in stderr, stderr[-4000:]
     assert stderr.count("Traceback") == stderr.count("SignalException: Process"), stderr[-4000:]
+
+
+
+def test_no_async_scheduling_reaches_the_engine(monkeypatch):
+    """--no-async-scheduling builds the engine with async scheduling off; without it the engine
+    decides (on a GPU on, except under --tp)."""
+    import herd.serving.engine
+
+    seen = []
+    monkeypatch.setattr(herd.serving.engine, "Engine", lambda model, **options: seen.append(options))
+    for flags in ([], ["--no-async-scheduling"]):
+        cli._serving_engine(None, cli.build_parser().parse_args(["serve", "model", *flags]))
+    assert [options["async_scheduling"] for options in seen] == [None, False]

@@ -22,6 +22,7 @@ from herd.serving.engine import (
     pool_blocks,
 )
 from herd.serving.paged import PrefillWork, prefill_batches
+from herd.serving.scheduler import PLACEHOLDER
 from tests.conftest import reference_llama, save_reference
 from tests.models.llama4.test_modeling_llama4 import reference_llama4
 
@@ -51,6 +52,20 @@ def llama4_vision(tmp_path_factory):
     from tests.models.llama4.test_modeling_llama4_multimodal import pair
 
     return pair.__wrapped__(tmp_path_factory)
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def scheduling(request, monkeypatch):
+    """Engines built in the test with async scheduling off, then on (the CPU's default is off; on
+    a GPU it is on): the tokens must not depend on it."""
+    original = Engine.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("async_scheduling", request.param)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    return request.param
 
 
 def _prompt(length: int, seed: int) -> list[int]:
@@ -99,7 +114,7 @@ def _concurrent_requests(count: int, seed: int, longest: int, most_new: int):
 
 @pytest.mark.parametrize("family", ["llama", "llama4", "mllama"])
 @pytest.mark.parametrize("prefill_chunk", [16, 128])
-def test_concurrent_greedy_requests_get_generates_tokens(family, prefill_chunk, request, monkeypatch):
+def test_concurrent_greedy_requests_get_generates_tokens(family, prefill_chunk, request, monkeypatch, scheduling):
     """14 requests of random lengths arriving at different steps, prompts chunked (llama4: longer
     than its 8-position attention chunks), small blocks: each request gets generate()'s tokens.
     With room for several prompts a step, their chunks go through the model as one padded batch."""
@@ -286,7 +301,7 @@ def test_chunked_prefill_gives_the_unchunked_tokens_and_logprobs(llama4):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
 
 
-def test_preemption_under_a_tiny_pool_gives_the_same_tokens(llama):
+def test_preemption_under_a_tiny_pool_gives_the_same_tokens(llama, scheduling):
     """20 blocks of 4 positions for 8 requests that need up to 11 each: the newest are preempted and
     recomputed, and every request still gets generate()'s tokens."""
     engine = Engine(llama, max_batch=8, block_size=4, num_blocks=16, prefill_chunk=64, max_model_len=64)
@@ -302,7 +317,7 @@ def test_preemption_under_a_tiny_pool_gives_the_same_tokens(llama):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
-def test_prefix_blocks_are_shared_and_counted(llama):
+def test_prefix_blocks_are_shared_and_counted(llama, scheduling):
     engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
     shared = _prompt(18, 7)
     first = _greedy(shared + [5, 6], 3, "first")
@@ -321,7 +336,7 @@ def test_prefix_blocks_are_shared_and_counted(llama):
     assert [e.token_id for e in events["second"]][-2:] == _expected(llama, second.prompt_ids, 3)[-2:]
 
 
-def test_a_prefix_hit_gives_the_same_tokens_as_a_cold_run(llama):
+def test_a_prefix_hit_gives_the_same_tokens_as_a_cold_run(llama, scheduling):
     prompt = _prompt(23, 8)
     engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
     cold = _tokens(_run(engine, {0: [_greedy(prompt, 8, "cold")]}))["cold"]
@@ -339,7 +354,7 @@ def test_llama4_prefix_hits_are_whole_attention_chunks(llama4):
     assert [e.token_id for e in warm["warm"]] == cold == _expected(llama4, prompt, 8)
 
 
-def test_abort_frees_blocks_at_once(llama):
+def test_abort_frees_blocks_at_once(llama, scheduling):
     engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, prefill_chunk=64, max_model_len=64)
     for index in range(3):
         engine.add_request(_greedy(_prompt(9, index), 30, f"r{index}"))
@@ -360,7 +375,7 @@ def test_abort_frees_blocks_at_once(llama):
     assert not engine.has_work()
 
 
-def test_a_seeded_sampled_request_is_the_same_alone_and_in_a_batch(llama):
+def test_a_seeded_sampled_request_is_the_same_alone_and_in_a_batch(llama, scheduling):
     params = dict(max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
     prompt = _prompt(11, 3)
 
@@ -475,7 +490,7 @@ class FailsAfter(EvenTokensThenStop):
 
 
 @pytest.mark.parametrize("method", ["fill_allowed", "accept"])
-def test_a_failing_constraint_ends_its_request_only(llama, method):
+def test_a_failing_constraint_ends_its_request_only(llama, method, scheduling):
     """A request whose grammar raises ends with an "error" event naming the failure, its blocks go
     back, and the requests batched with it get their tokens as if it had never been there."""
     prompts = {"a": _prompt(5, 40), "b": _prompt(9, 41)}
@@ -491,7 +506,7 @@ def test_a_failing_constraint_ends_its_request_only(llama, method):
     assert engine.stats()["kv_blocks_used"] == 0 and not engine.sequences
 
 
-def test_a_failing_model_run_fails_its_own_rows_and_the_engine_goes_on(llama, monkeypatch):
+def test_a_failing_model_run_fails_its_own_rows_and_the_engine_goes_on(llama, monkeypatch, scheduling):
     """A prefill batch that raises fails the requests in it (an "error" event each), the decode rows
     of the same step keep their tokens, and the engine serves later requests; the AsyncEngine hands
     the failure to that request's stream as an exception."""
@@ -525,7 +540,47 @@ def test_a_failing_model_run_fails_its_own_rows_and_the_engine_goes_on(llama, mo
     assert asyncio.run(main()) == _expected(llama, late, 3)
 
 
-def test_eos_ids_of_the_generation_config_and_stop_token_ids_end_a_request(llama):
+def test_async_scheduling_returns_a_steps_tokens_with_the_next_step(llama):
+    """Async scheduling: a step's tokens stay on the device (a placeholder in the sequence) and come
+    out of the next step, which has already read them there; the CPU's default is off."""
+    assert Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64).async_scheduling is False
+    prompt = _prompt(6, 60)
+    engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=64, async_scheduling=True)
+    engine.add_request(_greedy(prompt, 3, "r"))
+    assert engine.step() == []  # the prompt, its first token still in flight
+    assert engine.sequences["r"].tokens[-1] == PLACEHOLDER
+    expected = _expected(llama, prompt, 3)
+    steps = [engine.step() for _ in range(3)]
+    assert [[(i, e.token_id) for i, e in events] for events in steps] == [[("r", t)] for t in expected]
+    assert steps[-1][0][1].finish_reason == "length" and not engine.has_work()
+
+
+def test_async_scheduling_with_an_eos_and_host_drawn_rows_gives_the_sync_tokens(llama):
+    """Requests that stop at an eos (one more row computed and dropped), requests whose rows the host
+    draws (penalties, logprobs: those steps wait for the tokens before them) and plain ones, arriving
+    at different steps: the same events as without async scheduling, every block back at the end."""
+    prompts = [_prompt(5 + 3 * i, 80 + i) for i in range(6)]
+    stop_at = _expected(llama, prompts[0], 8)[2]
+
+    def requests():
+        options = [dict(stop_token_ids=(stop_at,)), dict(repetition_penalty=1.3), dict(logprobs=2),
+                   dict(frequency_penalty=0.5), {}, dict(stop_token_ids=(stop_at,))]
+        return {step: [EngineRequest(f"r{i}", prompts[i], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                                          **options[i]))
+                       for i in range(6) if i % 3 == step] for step in range(3)}
+
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, max_model_len=64, async_scheduling=overlap)
+        events = _run(engine, requests())
+        runs[overlap] = {name: [(e.token_id, e.finish_reason, e.logprob) for e in got] for name, got in events.items()}
+        assert engine.stats()["kv_blocks_used"] == 0 and not engine.sequences
+        assert engine.generated_tokens == sum(len(got) for got in events.values())
+    assert runs[True] == runs[False]
+    assert runs[True]["r0"][-1][:2] == (stop_at, "stop") and len(runs[True]["r0"]) == 3
+
+
+def test_eos_ids_of_the_generation_config_and_stop_token_ids_end_a_request(llama, scheduling):
     prompt = _prompt(7, 6)
     free = _expected(llama, prompt, 6)
     original = llama.generation_config.eos_token_id
@@ -545,7 +600,7 @@ def test_eos_ids_of_the_generation_config_and_stop_token_ids_end_a_request(llama
     assert [e.token_id for e in by_id] == free[: free.index(free[1]) + 1] and by_id[-1].finish_reason == "stop"
 
 
-def test_the_context_ends_a_request_with_length(llama):
+def test_the_context_ends_a_request_with_length(llama, scheduling):
     engine = Engine(llama, max_batch=2, block_size=4, num_blocks=64, max_model_len=16)
     events = _run(engine, {0: [_greedy(_prompt(12, 1), 50, "r")]})["r"]
     assert len(events) == 4 and events[-1].finish_reason == "length"
@@ -577,7 +632,7 @@ def test_queue_full_and_bad_requests(llama):
         Engine(llama, block_size=4, num_blocks=3, max_model_len=32)
 
 
-def test_async_engine_streams_and_cancellation_frees_blocks(llama):
+def test_async_engine_streams_and_cancellation_frees_blocks(llama, scheduling):
     prompts = {f"r{i}": _prompt(5 + 4 * i, 30 + i) for i in range(3)}
 
     async def main():
@@ -622,7 +677,7 @@ def test_async_engine_streams_and_cancellation_frees_blocks(llama):
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
 
 
-def test_llama4_requests_with_images_among_text_requests(llama4_vision):
+def test_llama4_requests_with_images_among_text_requests(llama4_vision, scheduling):
     """Llama 4 with images: each image request's features go in with its whole prompt; the
     tokens equal generate()'s with the same image, text requests batched alongside."""
     from tests.models.llama4.test_modeling_llama4_multimodal import (
@@ -654,7 +709,7 @@ def mllama(tmp_path_factory):
 
 
 @pytest.mark.parametrize("image_rows", [8, 1])
-def test_mllama_requests_with_images_among_text_requests(mllama, image_rows, monkeypatch):
+def test_mllama_requests_with_images_among_text_requests(mllama, image_rows, monkeypatch, scheduling):
     """Llama 3.2 Vision: each request's image keys/values kept in its own slot outside the pages;
     text before the first image sees nothing; rows with and without images in one decode batch.
     With one image slot, image requests wait for it. Each request gets generate()'s tokens."""

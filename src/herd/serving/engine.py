@@ -28,8 +28,8 @@ from ..cache import kv_cache_dtype as storage_dtype
 from ..decoding.plans import CHUNKED, FULL
 from .paged import PagedRunner, PrefillWork, prefill_batches
 from .parallel import agreed_block_count
-from .sampling import SamplingRow, choose
-from .scheduler import Scheduler, Sequence
+from .sampling import Choice, SamplingRow, choose, draw, draws_on_device
+from .scheduler import PLACEHOLDER, Scheduler, Sequence
 
 DEFAULT_MAX_MODEL_LEN = 32768  # when the config allows more (Llama 4 says 10M): the block tables' width
 CUDA_MEMORY_FRACTION = 0.9  # of the free GPU memory after loading, for the KV pools when num_blocks is not given
@@ -131,6 +131,38 @@ class _Pending:
     events: list = field(default_factory=list)
 
 
+@dataclass
+class _InFlight:
+    """A step's tokens still on their way from the GPU (async scheduling): `chosen` (rows,) on the
+    device, read by the next step's decode for these rows; `host` its copy (pinned) once `ready`
+    has passed; `rows` each row's sequence and the index of its placeholder in sequence.tokens."""
+
+    chosen: torch.Tensor
+    host: torch.Tensor
+    ready: Any  # torch.cuda.Event, or None on the CPU (host is chosen itself)
+    rows: list[tuple[Sequence, int]]
+    row_of: dict[int, int]  # id(sequence) -> its row in chosen
+
+    @classmethod
+    def launch(cls, chosen: torch.Tensor, sequences: list[Sequence]) -> _InFlight:
+        host, ready = chosen, None
+        if chosen.is_cuda:
+            host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            host.copy_(chosen, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        rows = []
+        for sequence in sequences:
+            rows.append((sequence, len(sequence.tokens)))
+            sequence.tokens.append(PLACEHOLDER)
+        return cls(chosen, host, ready, rows, {id(sequence): row for row, sequence in enumerate(sequences)})
+
+    def tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 def kv_block_bytes(text_config, block_size: int, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None,
                    tp_size: int = 1) -> dict[str, int]:
     """Bytes of one block in one layer, per paged kind: keys and values of `block_size` positions
@@ -165,7 +197,7 @@ class Engine:
 
     def __init__(self, model, *, max_batch: int = 256, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_waiting: int = 1024, prefill_chunk: int = DEFAULT_PREFILL_TOKENS,
-                 kv_cache_dtype: str | torch.dtype | None = None):
+                 kv_cache_dtype: str | torch.dtype | None = None, async_scheduling: bool | None = None):
         for name, value in (("max_batch", max_batch), ("block_size", block_size), ("max_waiting", max_waiting),
                             ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
@@ -216,6 +248,10 @@ class Engine:
                                    prefill_chunk=prefill_chunk, chunk_size=chunk_size, max_waiting=max_waiting,
                                    image_slots=image_rows)
         self.max_waiting = max_waiting
+        if async_scheduling is None:  # on a GPU, without tensor parallel (the followers need the tokens)
+            async_scheduling = model.device.type == "cuda" and (getattr(model, "tp_size", None) or 1) == 1
+        self.async_scheduling = async_scheduling
+        self._in_flight: _InFlight | None = None
         self.sequences: dict[str, Sequence] = {}
         self.generated_tokens = 0
         self._pending = _Pending()
@@ -302,8 +338,10 @@ class Engine:
             generator = torch.Generator(device=self.model.device)
             generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(63))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        sequence = Sequence(request=request, arrival=0, tokens=list(request.prompt_ids),
-                            prompt_length=len(request.prompt_ids), generator=generator, stop_ids=stop_ids)
+        prompt_length = len(request.prompt_ids)
+        sequence = Sequence(request=request, arrival=0, tokens=list(request.prompt_ids), prompt_length=prompt_length,
+                            generator=generator, stop_ids=stop_ids,
+                            limit=min(prompt_length + params.max_tokens, self.max_model_len))
         with self._inbox_lock:
             if request.request_id in self.sequences:
                 raise ValueError(f"request_id {request.request_id!r} is already running: ids must be unique")
@@ -326,7 +364,8 @@ class Engine:
             self._pending.events.append((request_id, self._event(sequence, None, "abort")))
 
     def has_work(self) -> bool:
-        return bool(self._pending.sequences or self._pending.events or self.scheduler.waiting or self.scheduler.running)
+        return bool(self._pending.sequences or self._pending.events or self.scheduler.waiting or self.scheduler.running
+                    or self._in_flight is not None)
 
     def stats(self) -> dict[str, float]:
         stats = self.scheduler.stats()
@@ -371,7 +410,14 @@ class Engine:
 
     def step(self) -> list[tuple[str, TokenEvent]]:
         """One scheduler iteration: a token for every running request past its prompt, the next
-        prompt chunks, and the events of what happened (aborts since the last step first)."""
+        prompt chunks, and the events of what happened (aborts since the last step first).
+
+        With async scheduling a step whose rows all draw on the device (sampling.draws_on_device)
+        leaves its tokens on the GPU: each sequence gets a placeholder, the next step's decode
+        reads the token from the device, and that next step, once it has launched its own work,
+        waits for these tokens and returns their events. The GPU runs one step while the host
+        finishes the one before; a request that stops (an eos) has one more row computed and
+        dropped. Steps with other rows wait for the tokens before them and return their own."""
         with self._lock:
             with self._inbox_lock:
                 events, self._pending.events = self._pending.events, []
@@ -384,7 +430,8 @@ class Engine:
             if plan.decode:
                 images = [(s.image_slot, s.image_tokens) if s.image_tokens else None for s in plan.decode]
                 try:
-                    logits.append(runner.decode(*scheduler.decode_inputs(plan.decode), images=images))
+                    logits.append(runner.decode(*scheduler.decode_inputs(plan.decode), images=images,
+                                                carried=self._carried(plan.decode)))
                 except Exception as error:  # noqa: BLE001 - the rows of this run fail, the engine goes on
                     events += [self._fail(sequence, error) for sequence in plan.decode]
                 else:
@@ -419,20 +466,67 @@ class Engine:
                 if chunk.finishes_prompt:
                     logits.append(result.logits[None])
                     sampled.append(sequence)
-            if sampled:
-                rows = [SamplingRow(s.request.sampling, s.tokens, s.prompt_length, s.generator, s.request.constraint)
-                        for s in sampled]
-                for sequence, choice in zip(sampled, choose(torch.cat(logits), rows)):
+            launched = None
+            rows = [SamplingRow(s.request.sampling, s.tokens, s.prompt_length, s.generator, s.request.constraint)
+                    for s in sampled]
+            if rows and self.async_scheduling and all(draws_on_device(row) for row in rows):
+                launched = _InFlight.launch(draw(torch.cat(logits), rows), sampled)
+            events += self._settle()  # the step before's tokens (its GPU work is done or nearly)
+            self._in_flight = launched
+            if rows and launched is None:
+                choices = choose(torch.cat(logits), rows)
+                for sequence, choice in zip(sampled, choices):
+                    if not self._is_live(sequence):  # ended by the tokens just settled (an eos)
+                        continue
                     events.append(self._fail(sequence, choice.error) if choice.error is not None
                                   else (sequence.request_id, self._advance(sequence, choice)))
             return events
 
-    def _fail(self, sequence: Sequence, error: Exception) -> tuple[str, TokenEvent]:
-        """End a request whose own part of a step failed (its batch's model run, its constraint):
-        its blocks go back, its final event says why; the engine and the other requests go on."""
+    def _is_live(self, sequence: Sequence) -> bool:
+        return self.sequences.get(sequence.request_id) is sequence
+
+    def _carried(self, sequences: list[Sequence]) -> tuple[torch.Tensor, list[int]] | None:
+        """For a decode over `sequences`: the tokens of the step in flight (on the device) and, per
+        row, the row of it holding this row's token (-1: the token is on the host)."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return None
+        sources = [in_flight.row_of[id(s)] if s.tokens[s.computed] == PLACEHOLDER else -1 for s in sequences]
+        return in_flight.chosen, sources
+
+    def _settle(self) -> list[tuple[str, TokenEvent]]:
+        """The tokens of the step in flight into their sequences (waiting for them) and their events;
+        sequences aborted or ended since are skipped."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return []
+        events = []
+        for (sequence, index), token in zip(in_flight.rows, in_flight.tokens()):
+            if not self._is_live(sequence):
+                continue
+            sequence.tokens[index] = token
+            self.generated_tokens += 1
+            if sequence.blocks:  # (not when preempted since) blocks whose last token this was are registered now
+                self.scheduler.after_compute(sequence)
+            finish = None
+            if token in sequence.stop_ids:
+                finish = "stop"
+            elif index + 1 >= sequence.limit:
+                finish = "length"
+            if finish is not None:
+                self._finish(sequence)
+            events.append((sequence.request_id, self._event(sequence, Choice(token), finish)))
+        return events
+
+    def _finish(self, sequence: Sequence) -> None:
         with self._inbox_lock:
             self.sequences.pop(sequence.request_id, None)
         self.scheduler.remove(sequence)
+
+    def _fail(self, sequence: Sequence, error: Exception) -> tuple[str, TokenEvent]:
+        """End a request whose own part of a step failed (its batch's model run, its constraint):
+        its blocks go back, its final event says why; the engine and the other requests go on."""
+        self._finish(sequence)
         event = self._event(sequence, None, "error")
         event.error = f"{type(error).__name__}: {error}"
         return sequence.request_id, event
@@ -451,13 +545,10 @@ class Engine:
         finish = None
         if token in sequence.stop_ids or (constraint is not None and constraint.is_finished()):
             finish = "stop"
-        elif (len(sequence.tokens) - sequence.prompt_length >= sequence.request.sampling.max_tokens
-              or len(sequence.tokens) >= self.max_model_len):
+        elif len(sequence.tokens) >= sequence.limit:
             finish = "length"
         if finish is not None:
-            with self._inbox_lock:
-                self.sequences.pop(sequence.request_id, None)
-            self.scheduler.remove(sequence)
+            self._finish(sequence)
         return self._event(sequence, choice, finish)
 
     def run_to_completion(self) -> dict[str, list[TokenEvent]]:

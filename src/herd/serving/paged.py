@@ -254,11 +254,14 @@ class PagedRunner:
 
     def decode(self, tokens: list[int], positions: list[int], slots: dict[str, list[int]],
                tables: dict[str, list[list[int]]], first: dict[str, list[int]],
-               images: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+               images: list[tuple[int, int] | None] | None = None,
+               carried: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         """One token per row: tokens/positions (rows,), per kind each row's flat slot for its new
         key/value, its block table and its first visible position; images (Mllama): per row its
-        (image slot, image tokens) or None. Returns logits (rows, vocab), float32 (a copy: the
-        captured graph's output is overwritten by the next step)."""
+        (image slot, image tokens) or None; carried (async scheduling): the tokens a step before
+        chose, still on the device, and per row the one of them that is its token (-1: the row's
+        token is in `tokens`). Returns logits (rows, vocab), float32 (a copy: the captured graph's
+        output is overwritten by the next step)."""
         rows = len(tokens)
         padded = batch_bucket(rows) if self.capture else rows
         if padded > self.max_rows:
@@ -266,11 +269,18 @@ class PagedRunner:
         pad = padded - rows
         kv = self.kv
         # padding rows: token 0 at position 0 in block 0 (never handed to a request), seeing only itself
-        host = [tokens + [0] * pad, positions + [0] * pad, [p + 1 for p in positions] + [1] * pad]
+        host = [[max(token, 0) for token in tokens] + [0] * pad, positions + [0] * pad,
+                [p + 1 for p in positions] + [1] * pad]
         for kind in self.layers_by_kind:
             host += [slots[kind] + [0] * pad, first[kind] + [0] * pad]
-        host = torch.tensor(host, dtype=torch.long)
+        if carried is not None:
+            host.append(carried[1] + [-1] * pad)
+        host = _staged(torch.tensor(host, dtype=torch.long), kv.tokens)
         kv.tokens[:padded].copy_(host[0], non_blocking=True)
+        if carried is not None:  # the rows whose token never came to the host
+            source = host[-1].to(kv.tokens.device, non_blocking=True)
+            chosen = carried[0][source.clamp(min=0)]
+            kv.tokens[:padded].copy_(torch.where(source >= 0, chosen, kv.tokens[:padded]))
         kv.positions[:padded].copy_(host[1], non_blocking=True)
         kv.lengths[:padded].copy_(host[2], non_blocking=True)
         for index, kind in enumerate(self.layers_by_kind):
@@ -281,7 +291,7 @@ class PagedRunner:
             table = numpy.zeros((padded, used), dtype=numpy.int32)
             for row, blocks in enumerate(tables[kind]):
                 table[row, : len(blocks)] = blocks
-            kv.tables[kind][:padded, :used].copy_(torch.from_numpy(table), non_blocking=True)
+            kv.tables[kind][:padded, :used].copy_(_staged(torch.from_numpy(table), kv.tokens), non_blocking=True)
         kv.rows = padded
         kv.cross = None
         if images is not None and any(images):
@@ -319,6 +329,12 @@ class PagedRunner:
     def _step(self) -> torch.Tensor:
         kv = self.kv
         return self.plan.step(self.run, kv.tokens[: kv.rows], kv.positions[: kv.rows], kv)
+
+
+def _staged(host: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
+    """`host` in pinned memory when it goes to a GPU: the copy then never waits for the GPU's
+    queue, so the host prepares a step while the one before runs (async scheduling)."""
+    return host.pin_memory() if destination.is_cuda else host
 
 
 def _visible_image_tokens(image_keys_values: dict, step_inputs: dict[str, Any]) -> torch.Tensor:

@@ -121,7 +121,9 @@ class Leader:
 
     def decode(self, tokens: list[int], positions: list[int], slots: dict[str, list[int]],
                tables: dict[str, list[list[int]]], first: dict[str, list[int]],
-               images: list[tuple[int, int] | None] | None = None) -> torch.Tensor:
+               images: list[tuple[int, int] | None] | None = None, carried=None) -> torch.Tensor:
+        if carried is not None:  # the followers would need the tokens on their own GPUs
+            raise ValueError("tensor parallel serving runs without async scheduling: its tokens go to every rank")
         self._check_running()
         rows = len(tokens)
         has_images = images is not None and any(images)

@@ -120,9 +120,45 @@ def _edits_logits(row: SamplingRow) -> bool:
                 or params.presence_penalty or row.constraint is not None)
 
 
+def draws_on_device(row: SamplingRow) -> bool:
+    """Whether `draw` alone gives the row's token: no penalty or constraint (they read the tokens
+    so far on the host) and no logprobs. Such rows' tokens can stay on the GPU until later (the
+    engine's async scheduling)."""
+    params = row.params
+    return (row.constraint is None and params.logprobs is None and params.repetition_penalty == 1.0
+            and not params.frequency_penalty and not params.presence_penalty)
+
+
+def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's token (rows,) on the logits' device, without waiting for the device: for rows
+    that `draws_on_device` (the others' penalties, constraints and logprobs are `choose`'s)."""
+    chosen, _, _ = _draw(logits.float(), rows)
+    return chosen
+
+
 def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
     """logits (rows, vocab) float32 -> each row's token (and logprobs where asked)."""
-    logits = logits.float()
+    chosen, scaled, errors = _draw(logits.float(), rows)
+    chosen_ids = chosen.tolist()
+    choices = [Choice(token, error=errors.get(index)) for index, token in enumerate(chosen_ids)]
+    wants = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
+    if wants:
+        index = torch.tensor(wants, device=logits.device)
+        logprobs = scaled[index].log_softmax(dim=-1)
+        most = max(rows[i].params.logprobs for i in wants)
+        own = logprobs.gather(1, chosen[index][:, None]).squeeze(1).tolist()
+        top_values, top_ids = (logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long()))
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for j, i in enumerate(wants):
+            k = rows[i].params.logprobs
+            choices[i].logprob = own[j]
+            choices[i].top_logprobs = list(zip(top_ids[j][:k], top_values[j][:k]))
+    return choices
+
+
+def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor, dict[int, Exception]]:
+    """Steps 0-5: (each row's token (rows,), the logits after steps 0-2 and the temperature (what
+    logprobs are taken from), the rows whose constraint raised)."""
     device = logits.device
     errors: dict[int, Exception] = {}
     if any(_edits_logits(row) for row in rows):
@@ -149,17 +185,4 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
         noise = torch.stack([torch.empty(logits.shape[1], device=device).exponential_(generator=rows[i].generator)
                              for i in sampled_rows])
         chosen[index] = (probs / noise).argmax(dim=-1)
-    chosen_ids = chosen.tolist()
-    choices = [Choice(token, error=errors.get(index)) for index, token in enumerate(chosen_ids)]
-    if wants:
-        index = torch.tensor(wants, device=device)
-        logprobs = scaled[index].log_softmax(dim=-1)
-        most = max(rows[i].params.logprobs for i in wants)
-        own = logprobs.gather(1, chosen[index][:, None]).squeeze(1).tolist()
-        top_values, top_ids = (logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long()))
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        for j, i in enumerate(wants):
-            k = rows[i].params.logprobs
-            choices[i].logprob = own[j]
-            choices[i].top_logprobs = list(zip(top_ids[j][:k], top_values[j][:k]))
-    return choices
+    return chosen, scaled, errors

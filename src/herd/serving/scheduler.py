@@ -31,6 +31,10 @@ import torch
 from ..decoding.plans import CHUNKED, FULL
 from .paged import BlockPool, block_digest
 
+# a generated token still on the GPU (the engine's async scheduling): the next decode step reads it
+# there; the engine writes the real id in once it has it. No block holding one is registered.
+PLACEHOLDER = -1
+
 
 @dataclass(eq=False)  # one request is one object: membership tests compare identity, not every field
 class Sequence:
@@ -42,6 +46,7 @@ class Sequence:
     prompt_length: int
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    limit: int | None = None  # tokens (prompt and generated) at which it ends: max_tokens or the context
     computed: int = 0  # positions whose keys/values are stored
     blocks: dict[str, list[int]] = field(default_factory=dict)  # per kind: the block of each logical block (0: released)
     digests: list[bytes] = field(default_factory=list)  # digests of the full blocks registered so far
@@ -65,6 +70,10 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.computed < len(self.tokens) - 1 or (self.computed == 0 and len(self.tokens) == 1)
+
+    @property
+    def at_limit(self) -> bool:
+        return self.limit is not None and len(self.tokens) >= self.limit
 
     @property
     def has_images(self) -> bool:
@@ -183,7 +192,10 @@ class Scheduler:
             while (len(sequence.digests) + 1) * size <= sequence.computed:
                 index = len(sequence.digests)
                 parent = sequence.digests[-1] if sequence.digests else b""
-                digest = block_digest(parent, sequence.tokens[index * size : (index + 1) * size])
+                tokens = sequence.tokens[index * size : (index + 1) * size]
+                if PLACEHOLDER in tokens:  # registered once the engine has the token
+                    break
+                digest = block_digest(parent, tokens)
                 pool.register(sequence.blocks[FULL][index], digest)
                 sequence.digests.append(digest)
         if CHUNKED in self.pools:
@@ -226,8 +238,8 @@ class Scheduler:
 
         decode: list[Sequence] = []
         for sequence in list(self.running):  # oldest first
-            if id(sequence) in preempted or sequence.in_prefill:
-                continue
+            if id(sequence) in preempted or sequence.in_prefill or sequence.at_limit:
+                continue  # at its limit: its last token is still on the GPU (async scheduling) and ends it
             while not self._grow(sequence, sequence.computed + 1):
                 victim = self.running[-1]
                 preempt(victim)
