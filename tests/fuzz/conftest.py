@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, Phase, settings
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
-settings.register_profile("ci", derandomize=True, max_examples=120, **_COMMON)
+settings.register_profile("ci", derandomize=True, max_examples=80, **_COMMON)
 settings.register_profile("long", derandomize=False, max_examples=1000, **_COMMON)
 # "dev": the ci examples without shrinking, for quick iterations.
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]

@@ -61,6 +61,9 @@ def quantize_int4(weight: torch.Tensor, group: int, dtype: torch.dtype) -> Quant
 
 
 FORMATS = ["int8", "fp8", "int4/32", "int4/64", "int4/128"]
+# the epilogue tests' cross products (dtype x shape x epilogue): groups of 64 run the same code as 32 and
+# 128 with another GROUP, which every configuration test and the quantizer tests keep
+EPILOGUE_FORMATS = [fmt for fmt in FORMATS if fmt != "int4/64"]
 
 
 def quantize(weight: torch.Tensor, fmt: str, dtype: torch.dtype) -> QuantizedWeight:
@@ -144,7 +147,7 @@ SHAPES = [(1, 24, 128), (2, 64, 256), (3, 33, 384), (4, 40, 640), (2, 20, 96)]
 
 
 def _cases():
-    for fmt in FORMATS:
+    for fmt in EPILOGUE_FORMATS:
         for shape in SHAPES:
             if shape[2] % _group(fmt) == 0:
                 yield fmt, *shape
@@ -204,7 +207,7 @@ def test_every_configuration_computes_the_same(fmt, config, one_multiprocessor):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EPILOGUE_FORMATS)
 @pytest.mark.parametrize(
     "rows,heads,kv_heads,head_dim,hidden,slot,config",
     [
