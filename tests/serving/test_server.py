@@ -586,3 +586,47 @@ def test_a_prompt_the_engine_refuses_is_a_400_on_its_field(tokenizer):
         assert_error(post(server, "/v1/completions", {"prompt": "one two three four five six"}), 400, "prompt",
                      "max_model_len")
         assert_error(post(server, "/v1/chat/completions", say("hello")), 400, "messages", "max_model_len")
+
+
+class _AllAtOnce:
+    """A request's events all waiting already (a server behind its engine): `ready()` says so, as
+    the AsyncEngine's RequestStream does."""
+
+    def __init__(self, inner):
+        self._inner, self._events = inner, None
+
+    def ready(self):
+        return bool(self._events)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._events is None:  # the whole answer first, then one event at a time
+            self._events = [event async for event in self._inner]
+        if not self._events:
+            raise StopAsyncIteration
+        return self._events.pop(0)
+
+    async def aclose(self):
+        self._events = []
+
+
+def test_tokens_already_waiting_go_out_in_one_chunk(tokenizer):
+    """When a stream's next tokens are already there, they leave together: one content chunk with
+    every token's text and logprob entry, the same answer as without streaming."""
+    class Behind(FakeAsyncEngine):
+        def generate(self, request):
+            return _AllAtOnce(super().generate(request))
+
+    server = make_server(tokenizer)
+    server._pending = (Behind(server._pending[0].engine), server._pending[1])
+    with live(server) as running:
+        whole = post(running, "/v1/chat/completions", say("one two three four", logprobs=True)).json()
+        response = post(running, "/v1/chat/completions", say("one two three four", stream=True, logprobs=True))
+        chunks = [json.loads(line[len("data: "):]) for line in response.text.split("\n\n")
+                  if line.startswith("data: {")]
+    content = [c["choices"][0] for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert len(content) == 1 and content[0]["delta"]["content"] == whole["choices"][0]["message"]["content"]
+    assert content[0]["logprobs"]["content"] == whole["choices"][0]["logprobs"]["content"]
+    assert len(whole["choices"][0]["logprobs"]["content"]) > 3

@@ -593,6 +593,10 @@ class RequestStream:
             self._done = True
         return event
 
+    def ready(self) -> bool:
+        """Whether the next event is already here (the reader can take it without waiting)."""
+        return not self._done and not self._queue.empty()
+
     def aclose_now(self) -> None:
         if not self._done:
             self._done = True

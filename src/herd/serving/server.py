@@ -453,8 +453,12 @@ class Server:
                     await choice.events.aclose()
 
     async def _pieces(self, choice: _Choice, started: float, logprob_format: str) -> AsyncIterator[tuple[str, list, str | None]]:
-        """(text, logprob entries, finish_reason) as the choice's tokens come; the last one has a finish_reason."""
+        """(text, logprob entries, finish_reason) as the choice's tokens come; the last one has a finish_reason.
+        Tokens that are already waiting when one is handed out go out together (one chunk of a stream):
+        when the server falls behind the engine it sends fewer, longer chunks instead of falling further
+        behind."""
         event = choice.first
+        waiting = ""  # text of tokens taken together with the next one
         while True:
             if event is None:
                 event = TokenEvent(None, finish_reason="abort")
@@ -476,13 +480,18 @@ class Server:
                     await self._close([choice])
                 # a stop string ends the answer even on its last allowed token, where the engine says "length"
                 finish = "stop"
+            text, waiting = waiting + text, ""
             if finish is not None:
                 choice.finished = True
                 text += choice.assembler.finish()
                 choice.finish_reason = finish
                 yield text, self._ready_entries(choice, final=True), finish
                 return
-            yield text, self._ready_entries(choice, final=False), None
+            ready = getattr(choice.events, "ready", None)
+            if ready is not None and ready():
+                waiting = text
+            else:
+                yield text, self._ready_entries(choice, final=False), None
             try:
                 event = await choice.events.__anext__()
             except StopAsyncIteration:
