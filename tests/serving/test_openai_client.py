@@ -302,6 +302,33 @@ def test_concurrent_requests_equal_single_ones(client):
     assert together == singles
 
 
+def test_async_scheduling_serves_the_same_answers(smollm2, client):
+    """A server whose engine schedules asynchronously (a GPU's default; here forced on the CPU):
+    concurrent streamed and plain answers, an eos-ended one among them, equal this server's; the
+    engine ends with every block back."""
+    prompts = PROMPTS[:6]
+    expected = [chat(client, messages=[{"role": "user", "content": p}], max_tokens=12).choices[0].message.content
+                for p in prompts]
+    model, tokenizer = smollm2
+    server = engine_server(model, tokenizer, name="smollm2", engine_kwargs={"async_scheduling": True})
+    with live(server) as running:
+        other = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def answer(index_prompt):
+            index, prompt = index_prompt
+            messages = [{"role": "user", "content": prompt}]
+            if index % 2:
+                return chat(other, messages=messages, max_tokens=12).choices[0].message.content
+            return "".join(c.choices[0].delta.content or "" for c in
+                           chat(other, messages=messages, max_tokens=12, stream=True) if c.choices)
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(answer, enumerate(prompts)))
+        engine = server.engine.engine
+        assert engine.async_scheduling and engine.stats()["kv_blocks_used"] == 0
+    assert together == expected
+
+
 def test_models_list(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["smollm2"] and models.data[0].object == "model"
