@@ -555,10 +555,38 @@ def test_async_scheduling_returns_a_steps_tokens_with_the_next_step(llama):
     assert steps[-1][0][1].finish_reason == "length" and not engine.has_work()
 
 
+def test_async_scheduling_takes_logprobs_on_the_device(llama):
+    """Rows asking for logprobs stay asynchronous (the logprobs are copied with the tokens): the same
+    tokens, logprobs and top alternatives as the synchronous engine's, sampled rows included."""
+    from herd.serving import engine as module
+
+    launched = []
+    launch = module._InFlight.launch.__func__
+
+    def counting(cls, drawn, *args):
+        launched.append(drawn.own is not None)
+        return launch(cls, drawn, *args)
+
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(llama, max_batch=4, block_size=4, num_blocks=64, max_model_len=64, async_scheduling=overlap)
+        requests = [EngineRequest("greedy", _prompt(7, 90), SamplingParams(max_tokens=6, temperature=0, logprobs=3,
+                                                                          ignore_eos=True)),
+                    EngineRequest("sampled", _prompt(5, 91), SamplingParams(max_tokens=6, temperature=0.8, seed=5,
+                                                                           logprobs=0, ignore_eos=True))]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(module._InFlight, "launch", classmethod(counting))
+            events = _run(engine, {0: requests})
+        runs[overlap] = {name: [(e.token_id, e.logprob, e.top_logprobs) for e in got] for name, got in events.items()}
+    assert runs[True] == runs[False] and launched and all(launched)
+    assert all(len(top) == 3 for _, _, top in runs[True]["greedy"]) and runs[True]["sampled"][0][2] == []
+
+
 def test_async_scheduling_with_an_eos_and_host_drawn_rows_gives_the_sync_tokens(llama):
     """Requests that stop at an eos (one more row computed and dropped), requests whose rows the host
-    draws (penalties, logprobs: those steps wait for the tokens before them) and plain ones, arriving
-    at different steps: the same events as without async scheduling, every block back at the end."""
+    draws (penalties: those steps wait for the tokens before them), logprobs (taken on the device,
+    copied with the tokens) and plain ones, arriving at different steps: the same events as without
+    async scheduling, logprobs included, every block back at the end."""
     prompts = [_prompt(5 + 3 * i, 80 + i) for i in range(6)]
     stop_at = _expected(llama, prompts[0], 8)[2]
 

@@ -101,3 +101,24 @@ def test_the_callers_logits_stay_as_they_were():
     assert torch.equal(logits, kept)
     assert [c.token_id for c in choices] == [1, 1, 0]
     assert [c.token_id for c in choose(logits[:1], rows[:1])] == [1]
+
+
+def test_drawn_copies_give_the_same_choices():
+    """What async scheduling does with a batch's draw: its tensors copied elsewhere (pinned host
+    memory on a GPU) and put back in `tensors()`'s order give the same choices, logprobs included,
+    as `choose`; rows without logprobs carry none."""
+    from herd.serving.sampling import draw
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    rows = [_row(temperature=0, logprobs=3), _row(temperature=0), _row(seed=7, temperature=0.7, logprobs=0),
+            _row(seed=8, temperature=1.0, logprobs=5)]
+    drawn = draw(logits, rows)
+    copied = drawn.with_tensors([tensor.clone() for tensor in drawn.tensors()]).choices(rows)
+    rows_again = [_row(temperature=0, logprobs=3), _row(temperature=0), _row(seed=7, temperature=0.7, logprobs=0),
+                  _row(seed=8, temperature=1.0, logprobs=5)]
+    assert copied == choose(logits, rows_again)
+    assert [len(c.top_logprobs) if c.top_logprobs is not None else None for c in copied] == [3, None, 0, 5]
+    assert copied[1].logprob is None and copied[0].token_id == logits[0].argmax().item()
+    plain = draw(logits, [_row(temperature=0)] * 4)
+    assert plain.with_tensors([t.clone() for t in plain.tensors()]).choices([_row(temperature=0)] * 4) == \
+        choose(logits, [_row(temperature=0)] * 4)

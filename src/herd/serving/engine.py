@@ -28,7 +28,7 @@ from ..cache import kv_cache_dtype as storage_dtype
 from ..decoding.plans import CHUNKED, FULL
 from .paged import PagedRunner, PrefillWork, prefill_batches
 from .parallel import agreed_block_count
-from .sampling import Choice, SamplingRow, choose, draw, draws_on_device
+from .sampling import Choice, Drawn, SamplingRow, choose, draw, draws_on_device
 from .scheduler import PLACEHOLDER, Scheduler, Sequence
 
 DEFAULT_MAX_MODEL_LEN = 32768  # when the config allows more (Llama 4 says 10M): the block tables' width
@@ -133,34 +133,38 @@ class _Pending:
 
 @dataclass
 class _InFlight:
-    """A step's tokens still on their way from the GPU (async scheduling): `chosen` (rows,) on the
-    device, read by the next step's decode for these rows; `host` its copy (pinned) once `ready`
-    has passed; `rows` each row's sequence and the index of its placeholder in sequence.tokens."""
+    """A step's tokens (and logprobs) still on their way from the GPU (async scheduling): `drawn` on
+    the device, whose tokens the next step's decode reads for these rows; `host` its copy (pinned)
+    once `ready` has passed; `rows` each row's sequence and the index of its placeholder in
+    sequence.tokens."""
 
-    chosen: torch.Tensor
-    host: torch.Tensor
-    ready: Any  # torch.cuda.Event, or None on the CPU (host is chosen itself)
+    drawn: Drawn
+    host: Drawn
+    ready: Any  # torch.cuda.Event, or None on the CPU (host is drawn itself)
+    samplings: list[SamplingRow]
     rows: list[tuple[Sequence, int]]
-    row_of: dict[int, int]  # id(sequence) -> its row in chosen
+    row_of: dict[int, int]  # id(sequence) -> its row in drawn.tokens
 
     @classmethod
-    def launch(cls, chosen: torch.Tensor, sequences: list[Sequence]) -> _InFlight:
-        host, ready = chosen, None
-        if chosen.is_cuda:
-            host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
-            host.copy_(chosen, non_blocking=True)
+    def launch(cls, drawn: Drawn, samplings: list[SamplingRow], sequences: list[Sequence]) -> _InFlight:
+        host, ready = drawn, None
+        if drawn.tokens.is_cuda:
+            copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in drawn.tensors()]
+            for copy, tensor in zip(copies, drawn.tensors()):
+                copy.copy_(tensor, non_blocking=True)
+            host = drawn.with_tensors(copies)
             ready = torch.cuda.Event()
             ready.record()
         rows = []
         for sequence in sequences:
             rows.append((sequence, len(sequence.tokens)))
             sequence.tokens.append(PLACEHOLDER)
-        return cls(chosen, host, ready, rows, {id(sequence): row for row, sequence in enumerate(sequences)})
+        return cls(drawn, host, ready, samplings, rows, {id(sequence): row for row, sequence in enumerate(sequences)})
 
-    def tokens(self) -> list[int]:
+    def choices(self) -> list[Choice]:
         if self.ready is not None:
             self.ready.synchronize()
-        return self.host.tolist()
+        return self.host.choices(self.samplings)
 
 
 def kv_block_bytes(text_config, block_size: int, dtype: torch.dtype, kv_cache_dtype: torch.dtype | None = None,
@@ -470,7 +474,7 @@ class Engine:
             rows = [SamplingRow(s.request.sampling, s.tokens, s.prompt_length, s.generator, s.request.constraint)
                     for s in sampled]
             if rows and self.async_scheduling and all(draws_on_device(row) for row in rows):
-                launched = _InFlight.launch(draw(torch.cat(logits), rows), sampled)
+                launched = _InFlight.launch(draw(torch.cat(logits), rows), rows, sampled)
             events += self._settle()  # the step before's tokens (its GPU work is done or nearly)
             self._in_flight = launched
             if rows and launched is None:
@@ -492,7 +496,7 @@ class Engine:
         if in_flight is None:
             return None
         sources = [in_flight.row_of[id(s)] if s.tokens[s.computed] == PLACEHOLDER else -1 for s in sequences]
-        return in_flight.chosen, sources
+        return in_flight.drawn.tokens, sources
 
     def _settle(self) -> list[tuple[str, TokenEvent]]:
         """The tokens of the step in flight into their sequences (waiting for them) and their events;
@@ -501,10 +505,10 @@ class Engine:
         if in_flight is None:
             return []
         events = []
-        for (sequence, index), token in zip(in_flight.rows, in_flight.tokens()):
+        for (sequence, index), choice in zip(in_flight.rows, in_flight.choices()):
             if not self._is_live(sequence):
                 continue
-            sequence.tokens[index] = token
+            token = sequence.tokens[index] = choice.token_id
             self.generated_tokens += 1
             if sequence.blocks:  # (not when preempted since) blocks whose last token this was are registered now
                 self.scheduler.after_compute(sequence)
@@ -515,7 +519,7 @@ class Engine:
                 finish = "length"
             if finish is not None:
                 self._finish(sequence)
-            events.append((sequence.request_id, self._event(sequence, Choice(token), finish)))
+            events.append((sequence.request_id, self._event(sequence, choice, finish)))
         return events
 
     def _finish(self, sequence: Sequence) -> None:

@@ -22,7 +22,7 @@ logprobs instead; for greedy rows with no penalty both are the same.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -121,39 +121,65 @@ def _edits_logits(row: SamplingRow) -> bool:
 
 
 def draws_on_device(row: SamplingRow) -> bool:
-    """Whether `draw` alone gives the row's token: no penalty or constraint (they read the tokens
-    so far on the host) and no logprobs. Such rows' tokens can stay on the GPU until later (the
-    engine's async scheduling)."""
+    """Whether `draw` alone gives the row's token and logprobs: no penalty or constraint (they read
+    the tokens so far on the host). Such rows can stay on the GPU until later (the engine's async
+    scheduling)."""
     params = row.params
-    return (row.constraint is None and params.logprobs is None and params.repetition_penalty == 1.0
-            and not params.frequency_penalty and not params.presence_penalty)
+    return (row.constraint is None and params.repetition_penalty == 1.0 and not params.frequency_penalty
+            and not params.presence_penalty)
 
 
-def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Each row's token (rows,) on the logits' device, without waiting for the device: for rows
-    that `draws_on_device` (the others' penalties, constraints and logprobs are `choose`'s)."""
-    chosen, _, _ = _draw(logits.float(), rows)
-    return chosen
+@dataclass
+class Drawn:
+    """A batch's tokens and logprobs as `draw` leaves them, on the logits' device (or copied to the
+    host): `tokens` (rows,); for the rows in `wants` (those asking for logprobs) the chosen token's
+    logprob (wants,) and the best `top_values` / `top_ids` (wants, the largest k asked)."""
+
+    tokens: torch.Tensor
+    wants: list[int]
+    own: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    errors: dict[int, Exception] = field(default_factory=dict)  # rows whose constraint raised
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.tokens, self.own, self.top_values, self.top_ids) if t is not None]
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> Drawn:
+        """The same with its tensors replaced (in `tensors()`'s order): copies on the host."""
+        tokens, *rest = tensors
+        logprobs = dict(zip(("own", "top_values", "top_ids"), rest)) if self.own is not None else {}
+        return Drawn(tokens, self.wants, errors=self.errors, **logprobs)
+
+    def choices(self, rows: list[SamplingRow]) -> list[Choice]:
+        """Each row's Choice (reads the tensors: waits for the device where they are on one)."""
+        choices = [Choice(token, error=self.errors.get(index)) for index, token in enumerate(self.tokens.tolist())]
+        if self.wants:
+            own, top_values, top_ids = self.own.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+            for j, i in enumerate(self.wants):
+                k = rows[i].params.logprobs
+                choices[i].logprob = own[j]
+                choices[i].top_logprobs = list(zip(top_ids[j][:k], top_values[j][:k]))
+        return choices
+
+
+def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> Drawn:
+    """Each row's token, and logprobs where asked, without waiting for the device."""
+    chosen, scaled, errors = _draw(logits.float(), rows)
+    wants = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wants:
+        return Drawn(chosen, wants, errors=errors)
+    index = torch.tensor(wants, device=logits.device)
+    logprobs = scaled[index].log_softmax(dim=-1)
+    most = max(rows[i].params.logprobs for i in wants)
+    own = logprobs.gather(1, chosen[index][:, None]).squeeze(1)
+    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    return Drawn(chosen, wants, own, top_values, top_ids, errors)
 
 
 def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Choice]:
     """logits (rows, vocab) float32 -> each row's token (and logprobs where asked)."""
-    chosen, scaled, errors = _draw(logits.float(), rows)
-    chosen_ids = chosen.tolist()
-    choices = [Choice(token, error=errors.get(index)) for index, token in enumerate(chosen_ids)]
-    wants = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
-    if wants:
-        index = torch.tensor(wants, device=logits.device)
-        logprobs = scaled[index].log_softmax(dim=-1)
-        most = max(rows[i].params.logprobs for i in wants)
-        own = logprobs.gather(1, chosen[index][:, None]).squeeze(1).tolist()
-        top_values, top_ids = (logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long()))
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        for j, i in enumerate(wants):
-            k = rows[i].params.logprobs
-            choices[i].logprob = own[j]
-            choices[i].top_logprobs = list(zip(top_ids[j][:k], top_values[j][:k]))
-    return choices
+    return draw(logits, rows).choices(rows)
 
 
 def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor, dict[int, Exception]]:
