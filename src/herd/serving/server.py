@@ -680,6 +680,7 @@ class Server:
 
     async def _chat_stream(self, choices, chat, started, calls_wanted) -> AsyncIterator[bytes]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
+
         def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> bytes:
             return _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
