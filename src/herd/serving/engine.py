@@ -508,19 +508,24 @@ class Engine:
         for (sequence, index), choice in zip(in_flight.rows, in_flight.choices()):
             if not self._is_live(sequence):
                 continue
-            token = sequence.tokens[index] = choice.token_id
-            self.generated_tokens += 1
+            sequence.tokens[index] = choice.token_id
             if sequence.blocks:  # (not when preempted since) blocks whose last token this was are registered now
                 self.scheduler.after_compute(sequence)
-            finish = None
-            if token in sequence.stop_ids:
-                finish = "stop"
-            elif index + 1 >= sequence.limit:
-                finish = "length"
-            if finish is not None:
-                self._finish(sequence)
-            events.append((sequence.request_id, self._event(sequence, choice, finish)))
+            events.append((sequence.request_id, self._conclude(sequence, choice, index + 1)))
         return events
+
+    def _conclude(self, sequence: Sequence, choice: Choice, length: int, constraint_done: bool = False) -> TokenEvent:
+        """The event of a token now in sequence.tokens, whose first `length` tokens are its own; ends
+        the sequence at a stop token, a finished constraint or its length limit."""
+        self.generated_tokens += 1
+        finish = None
+        if choice.token_id in sequence.stop_ids or constraint_done:
+            finish = "stop"
+        elif length >= sequence.limit:
+            finish = "length"
+        if finish is not None:
+            self._finish(sequence)
+        return self._event(sequence, choice, finish)
 
     def _finish(self, sequence: Sequence) -> None:
         with self._inbox_lock:
@@ -545,15 +550,8 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - a grammar that fails ends its own request only
                 return self._fail(sequence, error)[1]
         sequence.tokens.append(token)
-        self.generated_tokens += 1
-        finish = None
-        if token in sequence.stop_ids or (constraint is not None and constraint.is_finished()):
-            finish = "stop"
-        elif len(sequence.tokens) >= sequence.limit:
-            finish = "length"
-        if finish is not None:
-            self._finish(sequence)
-        return self._event(sequence, choice, finish)
+        return self._conclude(sequence, choice, len(sequence.tokens),
+                              constraint_done=constraint is not None and constraint.is_finished())
 
     def run_to_completion(self) -> dict[str, list[TokenEvent]]:
         """Step until every queued request is done; each request's events (a convenience for

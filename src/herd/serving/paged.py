@@ -269,8 +269,8 @@ class PagedRunner:
         pad = padded - rows
         kv = self.kv
         # padding rows: token 0 at position 0 in block 0 (never handed to a request), seeing only itself
-        host = [[max(token, 0) for token in tokens] + [0] * pad, positions + [0] * pad,
-                [p + 1 for p in positions] + [1] * pad]
+        # (a carried row's placeholder token is overwritten on the device below)
+        host = [tokens + [0] * pad, positions + [0] * pad, [p + 1 for p in positions] + [1] * pad]
         for kind in self.layers_by_kind:
             host += [slots[kind] + [0] * pad, first[kind] + [0] * pad]
         if carried is not None:

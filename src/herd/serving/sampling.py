@@ -113,20 +113,23 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 
 
+def _reads_tokens(row: SamplingRow) -> bool:
+    """Whether steps 1-2 read the row's tokens so far (penalties, a constraint)."""
+    params = row.params
+    return bool(params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+                or row.constraint is not None)
+
+
 def _edits_logits(row: SamplingRow) -> bool:
     """Whether steps 0-2 change the row's logits."""
-    params = row.params
-    return bool(params.logit_bias or params.repetition_penalty != 1.0 or params.frequency_penalty
-                or params.presence_penalty or row.constraint is not None)
+    return bool(row.params.logit_bias) or _reads_tokens(row)
 
 
 def draws_on_device(row: SamplingRow) -> bool:
-    """Whether `draw` alone gives the row's token and logprobs: no penalty or constraint (they read
-    the tokens so far on the host). Such rows can stay on the GPU until later (the engine's async
+    """Whether `draw` gives the row's token and logprobs without its tokens so far on the host (no
+    penalty or constraint). Such rows can stay on the GPU until later (the engine's async
     scheduling)."""
-    params = row.params
-    return (row.constraint is None and params.repetition_penalty == 1.0 and not params.frequency_penalty
-            and not params.presence_penalty)
+    return not _reads_tokens(row)
 
 
 @dataclass
